@@ -1,0 +1,3 @@
+"""ferry command line (placeholder until the CLI lands)."""
+def main() -> int:
+    return 0

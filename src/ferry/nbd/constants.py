@@ -1,0 +1,169 @@
+"""Numbers of the NBD protocol, named as the specification names them.
+
+Source: https://github.com/NetworkBlockDevice/nbd/blob/master/doc/proto.md
+Only what ferry speaks is here; the names drop the ``NBD_`` prefix because
+the module already says it.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Final
+
+# -- handshake ---------------------------------------------------------------
+NBDMAGIC: Final = 0x4E42444D41474943  # b"NBDMAGIC"
+IHAVEOPT: Final = 0x49484156454F5054  # b"IHAVEOPT"
+CLISERV_MAGIC: Final = 0x00420281861253  # oldstyle second magic
+OPTION_REPLY_MAGIC: Final = 0x3E889045565A9
+
+# -- transmission -------------------------------------------------------------
+REQUEST_MAGIC: Final = 0x25609513
+SIMPLE_REPLY_MAGIC: Final = 0x67446698
+STRUCTURED_REPLY_MAGIC: Final = 0x668E33EF
+
+# Wire layouts (all big-endian).  Named once so parser and builder agree.
+GREETING_NEWSTYLE: Final = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
+GREETING_OLDSTYLE: Final = struct.Struct(">QQQI124x")  # NBDMAGIC, CLISERV, size, flags
+CLIENT_FLAGS: Final = struct.Struct(">I")
+OPTION_HEADER: Final = struct.Struct(">QII")  # IHAVEOPT, option, length
+OPTION_REPLY_HEADER: Final = struct.Struct(">QIII")  # magic, option, reply type, length
+EXPORT_NAME_REPLY: Final = struct.Struct(">QH")  # size, transmission flags (+124 zeroes)
+REQUEST: Final = struct.Struct(">IHHQQI")  # magic, flags, type, handle, offset, length
+SIMPLE_REPLY: Final = struct.Struct(">IIQ")  # magic, error, handle
+STRUCTURED_REPLY: Final = struct.Struct(">IHHQI")  # magic, flags, type, handle, length
+BLOCK_DESCRIPTOR: Final = struct.Struct(">II")  # length, status flags
+
+EXPORT_NAME_PADDING: Final = 124
+MAX_OPTION_LENGTH: Final = 64 * 1024  # cap on one option's payload from an untrusted client
+MAX_STRING_LENGTH: Final = 4096  # NBD strings (names, queries) are at most 4096 bytes
+
+# Limits ferry applies to transmission; the block-size info advertises them.
+MAX_REQUEST_SIZE: Final = 32 * 1024 * 1024
+MIN_BLOCK_SIZE: Final = 1
+PREFERRED_BLOCK_SIZE: Final = 4096
+
+
+class HandshakeFlag(enum.IntFlag):
+    FIXED_NEWSTYLE = 1 << 0
+    NO_ZEROES = 1 << 1
+
+
+class ClientFlag(enum.IntFlag):
+    FIXED_NEWSTYLE = 1 << 0
+    NO_ZEROES = 1 << 1
+
+
+class TransmissionFlag(enum.IntFlag):
+    HAS_FLAGS = 1 << 0
+    READ_ONLY = 1 << 1
+    SEND_FLUSH = 1 << 2
+    SEND_FUA = 1 << 3
+    ROTATIONAL = 1 << 4
+    SEND_TRIM = 1 << 5
+    SEND_WRITE_ZEROES = 1 << 6
+    SEND_DF = 1 << 7
+    CAN_MULTI_CONN = 1 << 8
+    SEND_RESIZE = 1 << 9
+    SEND_CACHE = 1 << 10
+    SEND_FAST_ZERO = 1 << 11
+
+
+class Option(enum.IntEnum):
+    EXPORT_NAME = 1
+    ABORT = 2
+    LIST = 3
+    STARTTLS = 5
+    INFO = 6
+    GO = 7
+    STRUCTURED_REPLY = 8
+    LIST_META_CONTEXT = 9
+    SET_META_CONTEXT = 10
+    EXTENDED_HEADERS = 11
+
+
+_REP_ERR = 1 << 31
+
+
+class OptionReply(enum.IntEnum):
+    ACK = 1
+    SERVER = 2
+    INFO = 3
+    META_CONTEXT = 4
+    ERR_UNSUP = _REP_ERR | 1
+    ERR_POLICY = _REP_ERR | 2
+    ERR_INVALID = _REP_ERR | 3
+    ERR_PLATFORM = _REP_ERR | 4
+    ERR_TLS_REQD = _REP_ERR | 5
+    ERR_UNKNOWN = _REP_ERR | 6
+    ERR_SHUTDOWN = _REP_ERR | 7
+    ERR_BLOCK_SIZE_REQD = _REP_ERR | 8
+    ERR_TOO_BIG = _REP_ERR | 9
+
+    @property
+    def is_error(self) -> bool:
+        return bool(self & _REP_ERR)
+
+
+class Info(enum.IntEnum):
+    EXPORT = 0
+    NAME = 1
+    DESCRIPTION = 2
+    BLOCK_SIZE = 3
+
+
+class Command(enum.IntEnum):
+    READ = 0
+    WRITE = 1
+    DISC = 2
+    FLUSH = 3
+    TRIM = 4
+    CACHE = 5
+    WRITE_ZEROES = 6
+    BLOCK_STATUS = 7
+
+
+class CommandFlag(enum.IntFlag):
+    FUA = 1 << 0
+    NO_HOLE = 1 << 1
+    DF = 1 << 2
+    REQ_ONE = 1 << 3
+    FAST_ZERO = 1 << 4
+
+
+class ReplyFlag(enum.IntFlag):
+    DONE = 1 << 0
+
+
+class ReplyType(enum.IntEnum):
+    NONE = 0
+    OFFSET_DATA = 1
+    OFFSET_HOLE = 2
+    BLOCK_STATUS = 5
+    ERROR = (1 << 15) | 1
+    ERROR_OFFSET = (1 << 15) | 2
+
+
+class BlockState(enum.IntFlag):
+    """Flags of a ``base:allocation`` extent."""
+
+    DATA = 0
+    HOLE = 1 << 0
+    ZERO = 1 << 1
+
+
+BASE_ALLOCATION: Final = "base:allocation"
+
+
+class Errno(enum.IntEnum):
+    """The error values NBD carries on the wire (fixed by the protocol, not by the host)."""
+
+    OK = 0
+    EPERM = 1
+    EIO = 5
+    ENOMEM = 12
+    EINVAL = 22
+    ENOSPC = 28
+    EOVERFLOW = 75
+    ENOTSUP = 95
+    ESHUTDOWN = 108

@@ -1,0 +1,156 @@
+"""What the sans-IO connections report: small frozen value objects.
+
+A server connection turns client bytes into the events in the first half of
+this module; a client connection turns server bytes into those of the second
+half.  Every event is immutable and validated where it is built, so the
+layers above can trust its fields (h11's ``_events.py`` is the model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ferry.nbd.constants import BlockState, Command, CommandFlag, Errno, OptionReply
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol's framing; the connection must be closed.
+
+    Raised by ``receive_data``.  It is the only exception either connection
+    raises for bad input, whatever the bytes.
+    """
+
+
+# -- the server's side --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ExportInfo:
+    """What the handshake tells a client about one export."""
+
+    name: str
+    size: int
+    read_only: bool = False
+    description: str = ""
+    min_block_size: int = 1
+    preferred_block_size: int = 4096
+    max_block_size: int = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a named export cannot be had now (not there, not yet in control, ...)."""
+
+    error: OptionReply
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeComplete:
+    """The client chose an export; transmission starts with the next byte."""
+
+    export: ExportInfo
+    structured_replies: bool
+    meta_contexts: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeAborted:
+    """The client gave up during negotiation (NBD_OPT_ABORT, or EXPORT_NAME of nothing)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A well-formed, in-range transmission request the export should perform.
+
+    ``data`` is the payload of a WRITE and empty otherwise.
+    """
+
+    handle: int
+    command: Command
+    flags: CommandFlag
+    offset: int
+    length: int
+    data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedRequest:
+    """A well-framed request that must be answered with ``error`` and not performed.
+
+    Out of range, too large, a flag not allowed for the command, a write to a
+    read-only export, an unknown command: the connection goes on.
+    """
+
+    handle: int
+    command: int
+    offset: int
+    length: int
+    error: Errno
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """NBD_CMD_DISC: the client will send nothing more."""
+
+
+# -- the client's side --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiated:
+    """The server accepted our export; requests may be sent."""
+
+    export_name: str
+    size: int
+    transmission_flags: int
+    structured_replies: bool
+    meta_contexts: dict[str, int] = field(default_factory=dict)
+    oldstyle: bool = False
+    min_block_size: int = 1
+    preferred_block_size: int = 4096
+    max_block_size: int = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class NegotiationFailed:
+    """The server refused us during the handshake."""
+
+    error: OptionReply
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    length: int
+    flags: BlockState
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The complete answer to one request (all structured chunks gathered).
+
+    ``data`` holds what a READ returned (holes filled with zeroes);
+    ``extents`` what a BLOCK_STATUS returned, keyed by meta context id.
+    """
+
+    handle: int
+    error: Errno
+    data: bytes = b""
+    extents: dict[int, tuple[Extent, ...]] = field(default_factory=dict)
+    message: str = ""
+
+
+Event = (
+    HandshakeComplete
+    | HandshakeAborted
+    | Request
+    | RejectedRequest
+    | Disconnect
+    | Negotiated
+    | NegotiationFailed
+    | Reply
+)
