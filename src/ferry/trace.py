@@ -1,0 +1,287 @@
+"""A record of every state-machine transition, and a check that it was legal.
+
+Every machine built by :func:`ferry.statecharts.build` hands each event it
+processes, legal or not, to a :class:`Tracer` as one :class:`TraceRecord`.
+The tracer fans it out to its sinks: a :class:`TraceFile` of JSON lines now,
+live subscribers of the control socket later.
+
+A trace is worth having only if it can be believed, so :func:`replay` reads
+one back and checks each line against the statecharts' YAML: a record that
+the YAML does not allow means either the trace was edited or the program
+moved a machine behind ``transitions``' back.  Replay judges the records
+against :meth:`Statechart.next_state` directly rather than by driving real
+machines, so it never needs ``set_state`` and runs on a trace from any
+process, including one that has crashed.
+
+Records, invariants (checked when a record is built or parsed):
+
+- ``ok`` is true exactly when ``error`` is None.
+- ``time`` is a finite number of seconds from the machine's clock.
+- a record whose ``event`` is :data:`CREATED` marks a machine being built in
+  its initial state (``source == dest``): a trace file is appended to by
+  successive runs, and the same export may get a fresh machine, so replay
+  needs to know where an instance starts again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any
+
+from twisted.logger import Logger
+
+if TYPE_CHECKING:
+    from ferry.statecharts import Statechart
+
+__all__ = [
+    "CREATED",
+    "ReplayError",
+    "ReplayResult",
+    "Sink",
+    "TraceFile",
+    "TraceFormatError",
+    "TraceRecord",
+    "Tracer",
+    "replay",
+]
+
+_log = Logger()
+
+CREATED = "__created__"
+"""The ``event`` of the record a machine writes when it is built.
+
+Not a valid trigger name (the loader refuses triggers that start with ``_``),
+so it cannot be confused with a real event.
+"""
+
+_FIELDS = ("time", "machine", "instance", "event", "source", "dest", "ok", "error")
+
+
+class TraceFormatError(ValueError):
+    """A trace record, or the JSON line it came from, is not well-formed."""
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRecord:
+    """One event processed by one machine: where it was, where it went, and whether it worked.
+
+    ``ok`` false with ``source == dest`` is an event that was refused (an
+    illegal trigger) or failed before the state changed; ``ok`` false with
+    ``source != dest`` is a transition whose callbacks raised after the state
+    had already changed, so the machine *is* in ``dest``.
+    """
+
+    time: float
+    machine: str
+    instance: str
+    event: str
+    source: str
+    dest: str
+    ok: bool
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.time, bool) or not isinstance(self.time, int | float):
+            raise TraceFormatError(f"time must be a number, not {self.time!r}")
+        if not math.isfinite(self.time):
+            raise TraceFormatError(f"time must be finite, not {self.time!r}")
+        for name in ("machine", "instance", "event", "source", "dest"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise TraceFormatError(f"{name} must be a non-empty string, not {value!r}")
+        if not isinstance(self.ok, bool):
+            raise TraceFormatError(f"ok must be true or false, not {self.ok!r}")
+        if self.ok and self.error is not None:
+            raise TraceFormatError("a record with ok=true carries no error")
+        if not self.ok and not (isinstance(self.error, str) and self.error):
+            raise TraceFormatError("a record with ok=false must say what the error was")
+
+    def to_json(self) -> str:
+        """One line of JSON, keys in field order, so traces diff and grep well."""
+        return json.dumps(
+            {name: getattr(self, name) for name in _FIELDS},
+            allow_nan=False,
+        )
+
+    @classmethod
+    def from_json(cls, line: str) -> TraceRecord:
+        try:
+            obj: Any = json.loads(line)
+        except ValueError as err:
+            raise TraceFormatError(f"not JSON: {err}") from None
+        if not isinstance(obj, dict):
+            raise TraceFormatError(f"expected a JSON object, not {type(obj).__name__}")
+        missing = [name for name in _FIELDS[:-1] if name not in obj]
+        if missing:
+            raise TraceFormatError(f"missing {', '.join(missing)}")
+        unknown = sorted(set(obj) - set(_FIELDS))
+        if unknown:
+            raise TraceFormatError(f"unknown field {', '.join(unknown)}")
+        return cls(**obj)
+
+
+Sink = Callable[[TraceRecord], None]
+"""Anything that takes records: a :class:`TraceFile`, ``list.append``, a live subscriber."""
+
+
+class Tracer:
+    """Hands every record to every sink.
+
+    A sink that raises is logged and skipped, and the others still get the
+    record: a full disk or a broken subscriber must not change what the
+    control plane does (``transitions`` would swallow the error from its
+    ``finalize_event`` hook anyway, only less visibly).
+    """
+
+    def __init__(self, *sinks: Sink) -> None:
+        self._sinks: list[Sink] = list(sinks)
+
+    def record(self, rec: TraceRecord) -> None:
+        # Iterate over a copy: a sink may unsubscribe itself, or another.
+        for sink in tuple(self._sinks):
+            try:
+                sink(rec)
+            except Exception:
+                _log.failure("trace sink {sink!r} failed on {event}", sink=sink, event=rec.event)
+
+    def subscribe(self, sink: Sink) -> Callable[[], None]:
+        """Add ``sink``; the function returned removes it (calling it twice is harmless)."""
+        self._sinks.append(sink)
+
+        def unsubscribe() -> None:
+            # Remove this subscription by identity, not equality: bound
+            # methods of one object compare equal.
+            for i, existing in enumerate(self._sinks):
+                if existing is sink:
+                    del self._sinks[i]
+                    return
+
+        return unsubscribe
+
+
+class TraceFile:
+    """A trace sink appending JSON lines to a file.
+
+    Each line is flushed as it is written, so a process that crashes leaves
+    a trace that ends at its last transition, which is when it is wanted.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file: IO[str] | None = self.path.open("a", encoding="utf-8", buffering=1)
+
+    def write(self, rec: TraceRecord) -> None:
+        if self._file is None:
+            raise ValueError(f"trace file {self.path} is closed")
+        self._file.write(rec.to_json() + "\n")
+        self._file.flush()
+
+    __call__ = write
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> TraceFile:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@dataclass
+class ReplayResult:
+    """Where each machine instance ended up, and how many records were replayed."""
+
+    final_states: dict[tuple[str, str], str] = field(default_factory=dict)
+    lines: int = 0
+    """Records replayed (blank lines are not counted)."""
+
+
+class ReplayError(Exception):
+    """A trace line that is malformed or that the statecharts do not allow."""
+
+    def __init__(self, line_number: int, line: str, reason: str) -> None:
+        super().__init__(line_number, line, reason)
+        self.line_number = line_number
+        self.line = line
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"line {self.line_number}: {self.reason}"
+
+
+def replay(lines: Iterable[str], charts: Mapping[str, Statechart]) -> ReplayResult:
+    """Check a trace against the statecharts and return where every instance ended.
+
+    Each (machine, instance) starts in its chart's initial state (again at
+    each :data:`CREATED` record).  A record with ``ok`` true must start where
+    the instance is and take a transition the YAML has; one with ``ok`` false
+    must start where the instance is and either stay there or have reached
+    the transition's legal destination before a callback raised.  The first
+    record that breaks this raises :class:`ReplayError` naming its line.
+    """
+    result = ReplayResult()
+    current = result.final_states
+    for number, raw in enumerate(lines, start=1):
+        line = raw.rstrip("\r\n")
+        if not line.strip():
+            continue
+        try:
+            rec = TraceRecord.from_json(line)
+        except TraceFormatError as err:
+            raise ReplayError(number, line, str(err)) from None
+        reason = _judge(rec, charts, current)
+        if reason is not None:
+            raise ReplayError(number, line, f"{rec.machine}/{rec.instance}: {reason}")
+        result.lines += 1
+    return result
+
+
+def _judge(
+    rec: TraceRecord,
+    charts: Mapping[str, Statechart],
+    current: dict[tuple[str, str], str],
+) -> str | None:
+    """Why ``rec`` cannot follow the states in ``current``, or None (and ``current`` moves on)."""
+    chart = charts.get(rec.machine)
+    if chart is None:
+        return f"unknown machine {rec.machine!r}"
+    key = (rec.machine, rec.instance)
+
+    if rec.event == CREATED:
+        if not (rec.source == rec.dest == chart.initial and rec.ok):
+            return (
+                f"a machine is created in its initial state {chart.initial!r}, "
+                f"not {rec.source!r} -> {rec.dest!r}"
+            )
+        current[key] = chart.initial
+        return None
+
+    here = current.get(key, chart.initial)
+    if rec.source != here:
+        return f"record starts in {rec.source!r} but the machine is in {here!r}"
+    if rec.event not in chart.triggers():
+        return f"no trigger {rec.event!r} in {chart.name}"
+    legal = chart.next_state(rec.source, rec.event)
+    if rec.ok:
+        if legal is None:
+            return f"no transition {rec.event!r} from {rec.source!r}"
+        if rec.dest != legal:
+            return f"{rec.event!r} from {rec.source!r} goes to {legal!r}, not {rec.dest!r}"
+    elif rec.dest not in (rec.source, legal):
+        expected = repr(rec.source) if legal is None else f"{rec.source!r} or {legal!r}"
+        return f"failed {rec.event!r} left the machine in {rec.dest!r}; expected {expected}"
+    current[key] = rec.dest
+    return None
