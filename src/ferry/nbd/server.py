@@ -1,0 +1,858 @@
+"""The server side of NBD, sans-IO: client bytes in, events and server bytes out.
+
+The connection keeps these invariants, whatever the client sends:
+
+1. Every ``Request`` it returns may be performed as it stands: a known
+   command, only flags that were advertised and are defined for that
+   command, ``offset + length <= export.size``, offset and length aligned to
+   the export's minimum block size, at most ``max_request_size`` for a READ
+   or WRITE, and a WRITE's ``data`` is exactly ``length`` bytes of ``bytes``.
+   A well-framed request that breaks any of these becomes a
+   ``RejectedRequest`` carrying the errno to answer, and the connection goes
+   on.
+2. What it holds from the peer is bounded: one option (``MAX_OPTION_LENGTH``),
+   less than one request header, and the payload of one WRITE that will be
+   performed (at most ``max_request_size``).  The payload of a WRITE that will
+   be rejected is counted off as it streams past, never stored, so a client
+   cannot make us buffer a 4 GiB write it is not allowed to do -- and since
+   skipping costs no memory, no WRITE length is a framing error, however
+   absurd: the spec wants the connection to survive an oversized request.
+3. Broken framing -- a bad magic, client flags we do not know, an option too
+   long to buffer -- raises ``ProtocolError``, the only exception
+   ``receive_data`` raises for any input.  The connection is then broken and
+   every later call raises again: after a framing error nothing in the stream
+   can be trusted to be where the peer meant it.
+4. Events come out in the order of the bytes that caused them, and the same
+   bytes give the same events however they are split into chunks.
+5. Handshake output (greeting, option replies, export information) is queued
+   in order and drained by ``data_to_send``; the caller writes it before any
+   reply to a request returned by the same ``receive_data`` call.
+   Transmission replies are never queued: ``reply_*`` build and return them,
+   so requests may be answered out of order and a READ's data is never copied
+   through this object.
+6. After ``HandshakeAborted`` or ``Disconnect`` the connection is closed and
+   further input is ignored, not an error: the session is over (the client
+   ended it, or chose an export we cannot serve and cannot be told why), and
+   the caller is closing the transport, so stray bytes are nobody's concern.
+
+States, and what moves the connection between them::
+
+    state         on                                   -> state         event
+    ------------  -----------------------------------  -- ------------  ----------------
+    CLIENT_FLAGS  known flags with FIXED_NEWSTYLE      -> OPTIONS
+    OPTIONS       EXPORT_NAME / GO of a served export  -> TRANSMISSION  HandshakeComplete
+                  EXPORT_NAME we cannot serve, ABORT   -> CLOSED        HandshakeAborted
+                  any other option (answered)          -> OPTIONS
+    TRANSMISSION  a request, or a WRITE with payload   -> TRANSMISSION  Request|Rejected
+                  a WRITE whose payload is not here    -> PAYLOAD
+                  DISC                                 -> CLOSED        Disconnect
+    PAYLOAD       the last byte of that payload        -> TRANSMISSION  Request|Rejected
+    (any)         broken framing                       -> BROKEN        ProtocolError
+
+An oldstyle connection starts in TRANSMISSION (or, when the default export is
+refused, in CLOSED) and has its ``HandshakeComplete`` (or ``HandshakeAborted``)
+waiting for the first ``receive_data`` call, which may be ``receive_data(b"")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import struct
+import types
+from collections.abc import Callable, Sequence
+from typing import Final, NoReturn, Protocol
+
+from ferry.nbd.constants import (
+    BASE_ALLOCATION,
+    BLOCK_DESCRIPTOR,
+    CLIENT_FLAGS,
+    CLISERV_MAGIC,
+    EXPORT_NAME_PADDING,
+    EXPORT_NAME_REPLY,
+    GREETING_NEWSTYLE,
+    GREETING_OLDSTYLE,
+    IHAVEOPT,
+    MAX_OPTION_LENGTH,
+    MAX_REQUEST_SIZE,
+    MAX_STRING_LENGTH,
+    NBDMAGIC,
+    OPTION_HEADER,
+    OPTION_REPLY_HEADER,
+    OPTION_REPLY_MAGIC,
+    REQUEST,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY,
+    STRUCTURED_REPLY_MAGIC,
+    ClientFlag,
+    Command,
+    CommandFlag,
+    Errno,
+    HandshakeFlag,
+    Info,
+    Option,
+    OptionReply,
+    ReplyFlag,
+    ReplyType,
+    TransmissionFlag,
+)
+from ferry.nbd.events import (
+    Disconnect,
+    Event,
+    ExportInfo,
+    Extent,
+    HandshakeAborted,
+    HandshakeComplete,
+    ProtocolError,
+    Refusal,
+    RejectedRequest,
+    Request,
+)
+
+__all__ = ["BASE_ALLOCATION_ID", "ExportCatalog", "ServerConnection", "transmission_flags"]
+
+#: The id ferry gives ``base:allocation`` when a client selects it.  Ids are
+#: per connection and opaque to the client; ferry has only one context.
+BASE_ALLOCATION_ID: Final = 1
+
+_HEADER_SIZE: Final = REQUEST.size
+_NO_LIMIT: Final = 1 << 64  # longer than any u32 length: "no cap but the export size"
+
+_U16: Final = struct.Struct(">H")
+_U32: Final = struct.Struct(">I")
+_U64: Final = struct.Struct(">Q")
+_INFO_EXPORT: Final = struct.Struct(">HQH")  # type, size, transmission flags
+_INFO_BLOCK_SIZE: Final = struct.Struct(">HIII")  # type, minimum, preferred, maximum
+_ERROR_PAYLOAD: Final = struct.Struct(">IH")  # error, message length
+
+_COMMANDS: Final[dict[int, Command]] = {int(c): c for c in Command}
+# CommandFlag(n) builds a pseudo-member each time; a request passes its flags
+# through here on the hot path, so every combination of the five defined bits
+# is made once.
+_FLAGS: Final = tuple(CommandFlag(n) for n in range(1 << len(CommandFlag)))
+_WRITING: Final = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
+_CAPPED: Final = frozenset({Command.READ, Command.WRITE})  # their lengths are payloads
+_FILLING: Final = frozenset({Command.WRITE, Command.WRITE_ZEROES})  # past the end: ENOSPC
+_ZERO_PADDING: Final = bytes(EXPORT_NAME_PADDING)
+
+# What every export offers, and what only a writable one adds.
+_ALWAYS: Final = (
+    TransmissionFlag.HAS_FLAGS
+    | TransmissionFlag.SEND_FLUSH
+    | TransmissionFlag.SEND_CACHE
+    | TransmissionFlag.CAN_MULTI_CONN
+)
+_WRITABLE: Final = (
+    TransmissionFlag.SEND_FUA
+    | TransmissionFlag.SEND_TRIM
+    | TransmissionFlag.SEND_WRITE_ZEROES
+    | TransmissionFlag.SEND_FAST_ZERO
+)
+_KNOWN_CLIENT_FLAGS: Final = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
+
+
+class ExportCatalog(Protocol):
+    """Where the handshake finds exports; the data plane's server implements it."""
+
+    def lookup(self, name: str) -> ExportInfo | Refusal:
+        """The export a client may use under ``name`` ("" is the default), or why not."""
+        ...
+
+    def listing(self) -> Sequence[ExportInfo]:
+        """The exports NBD_OPT_LIST shows."""
+        ...
+
+
+def transmission_flags(export: ExportInfo, structured: bool) -> TransmissionFlag:
+    """The flags that advertise exactly what ferry performs on ``export``.
+
+    DF is only meaningful with structured replies (the spec forbids it
+    otherwise); a read-only export advertises no write-ish command, so a
+    well-behaved client never sends one.
+    """
+    flags = _ALWAYS | (TransmissionFlag.READ_ONLY if export.read_only else _WRITABLE)
+    if structured:
+        flags |= TransmissionFlag.SEND_DF
+    return flags
+
+
+def _request_builder() -> Callable[[int, Command, CommandFlag, int, int, bytes], Request]:
+    """A constructor for ``Request`` that skips the frozen dataclass ``__init__``.
+
+    That ``__init__`` sets each of six fields through ``object.__setattr__``,
+    and on the hot path it cost more than all the parsing around it (about
+    2.5 times what storing the slots directly costs).  The shortcut is only
+    taken while ``Request`` is exactly what it assumes -- these six slots, in
+    this order, and no ``__post_init__`` to validate them -- so a change to
+    the event falls back to the real constructor instead of skipping its checks.
+    """
+    names = tuple(field.name for field in dataclasses.fields(Request))
+    slots = [vars(Request).get(name) for name in names]
+    if (
+        names != ("handle", "command", "flags", "offset", "length", "data")
+        or hasattr(Request, "__post_init__")
+        or not all(isinstance(slot, types.MemberDescriptorType) for slot in slots)
+    ):
+        return Request
+    new = object.__new__
+    set_handle, set_command, set_flags, set_offset, set_length, set_data = (
+        slot.__set__  # type: ignore[union-attr]
+        for slot in slots
+    )
+
+    def build(
+        handle: int, command: Command, flags: CommandFlag, offset: int, length: int, data: bytes
+    ) -> Request:
+        request: Request = new(Request)
+        set_handle(request, handle)
+        set_command(request, command)
+        set_flags(request, flags)
+        set_offset(request, offset)
+        set_length(request, length)
+        set_data(request, data)
+        return request
+
+    return build
+
+
+_build_request: Final = _request_builder()
+
+
+class _State(enum.Enum):
+    CLIENT_FLAGS = "client flags"
+    OPTIONS = "options"
+    TRANSMISSION = "transmission"
+    PAYLOAD = "write payload"
+    CLOSED = "closed"
+    BROKEN = "broken"
+
+
+class _Invalid(Exception):
+    """An option payload that does not parse: answered with ERR_INVALID, not a close."""
+
+
+class _Reader:
+    """Reads the fields of one option payload, failing with ``_Invalid``."""
+
+    __slots__ = ("_data", "_pos")
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    def u16(self) -> int:
+        return int(self._unpack(_U16))
+
+    def u32(self) -> int:
+        return int(self._unpack(_U32))
+
+    def string(self, length: int) -> str:
+        if length > MAX_STRING_LENGTH:
+            raise _Invalid(f"string of {length} bytes is over the limit of {MAX_STRING_LENGTH}")
+        end = self._pos + length
+        if end > len(self._data):
+            raise _Invalid("string runs past the end of the option")
+        raw = self._data[self._pos : end]
+        self._pos = end
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Invalid("string is not UTF-8") from None
+
+    def end(self) -> None:
+        if self._pos != len(self._data):
+            raise _Invalid(
+                f"{len(self._data) - self._pos} bytes left over at the end of the option"
+            )
+
+    def _unpack(self, layout: struct.Struct) -> int:
+        if self._pos + layout.size > len(self._data):
+            raise _Invalid("option is shorter than its fields")
+        (value,) = layout.unpack_from(self._data, self._pos)
+        self._pos += layout.size
+        return int(value)
+
+
+def _option_name(option: int) -> str:
+    try:
+        return f"NBD_OPT_{Option(option).name}"
+    except ValueError:
+        return f"option {option}"
+
+
+def _encode_message(message: str) -> bytes:
+    """A human-readable message cut to the protocol's string limit on a character boundary."""
+    raw = message.encode("utf-8", "replace")
+    if len(raw) > MAX_STRING_LENGTH:
+        raw = raw[:MAX_STRING_LENGTH].decode("utf-8", "ignore").encode("utf-8")
+    return raw
+
+
+class ServerConnection:
+    """One client's NBD session, from greeting to disconnect, without any I/O.
+
+    ``receive_data`` turns the client's bytes into events; ``data_to_send``
+    drains what the handshake has to say; ``reply_*`` build transmission
+    replies for the caller to write whenever each request is done.
+
+    With ``oldstyle=True`` there is no negotiation: the default export ("") is
+    looked up at once and the 152-byte oldstyle greeting queued.  The
+    ``HandshakeComplete`` is then waiting for the first ``receive_data`` call
+    (``receive_data(b"")`` is enough), so the caller handles it where it
+    handles every other event.  If the catalog refuses the default export,
+    nothing is queued to send, the connection is closed at once, and that
+    first call returns ``[HandshakeAborted(reason)]``: oldstyle has no way to
+    tell the client why, and raising from ``__init__`` would make the caller
+    handle one refusal in two places.
+    """
+
+    def __init__(
+        self,
+        catalog: ExportCatalog,
+        *,
+        oldstyle: bool = False,
+        max_request_size: int = MAX_REQUEST_SIZE,
+    ) -> None:
+        if not 0 < max_request_size < 1 << 32:
+            raise ValueError(f"max_request_size must be in 1..2**32-1, not {max_request_size}")
+        self._catalog = catalog
+        self._max_request_size = max_request_size
+        self._state = _State.CLIENT_FLAGS
+        self._broken_reason = ""
+        self._buffer = b""  # unparsed input: part of a header or of an option
+        self._pending: list[Event] = []  # events waiting for the next receive_data
+        self._out = bytearray()
+
+        self._no_zeroes = False
+        self._structured = False
+        # What SET_META_CONTEXT chose, and for which export (its canonical name):
+        # the contexts only hold if the client then goes to that same export.
+        self._meta_contexts: dict[int, str] = {}
+        self._meta_export: str | None = None
+
+        self._export: ExportInfo | None = None
+        self._handshake_done = False
+        self._flags = TransmissionFlag(0)
+
+        # Set when transmission starts; see _start_transmission.
+        self._size = 0
+        self._align_mask = 0
+        self._forbidden: dict[Command, int] = {}  # flag bits each command may not carry
+        self._fast: dict[int, tuple[int, int]] = {}
+
+        # A WRITE whose payload is still arriving: either its fields and the
+        # chunks so far (it will be performed), or the rejection to emit once
+        # the payload has streamed past (it will not).
+        self._need = 0
+        self._write: tuple[int, int, int, int] | None = None
+        self._chunks: list[bytes] = []
+        self._held: RejectedRequest | None = None
+
+        if oldstyle:
+            self._begin_oldstyle()
+        else:
+            self._out += GREETING_NEWSTYLE.pack(
+                NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+            )
+
+    # -- what the caller may look at ---------------------------------------------
+
+    @property
+    def handshake_done(self) -> bool:
+        """True from the moment transmission starts (and after it ends)."""
+        return self._handshake_done
+
+    @property
+    def closed(self) -> bool:
+        """True once nothing more will be parsed: aborted, disconnected or broken."""
+        return self._state is _State.CLOSED or self._state is _State.BROKEN
+
+    @property
+    def export(self) -> ExportInfo | None:
+        """The export chosen by the handshake; None before it completes."""
+        return self._export
+
+    @property
+    def structured_replies(self) -> bool:
+        return self._structured
+
+    @property
+    def flags(self) -> TransmissionFlag:
+        """The transmission flags sent to the client (0 before the handshake is done)."""
+        return self._flags
+
+    # -- bytes in, events out --------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Parse ``data`` (any split of the stream) and return the events it completes.
+
+        Raises ``ProtocolError`` on broken framing, and on every call after one.
+        Events already parsed from the same call are dropped with the error:
+        none of them has been answered, and the connection is going away.
+        """
+        state = self._state
+        if state is _State.BROKEN:
+            raise ProtocolError(f"connection already broken: {self._broken_reason}")
+        events = self._pending
+        self._pending = []
+        if state is _State.CLOSED or not data:
+            return events
+        if type(data) is not bytes:
+            data = bytes(data)
+        if self._buffer:
+            data = self._buffer + data
+            self._buffer = b""
+        pos = 0
+        end = len(data)
+        while pos < end:
+            if state is _State.TRANSMISSION:
+                pos = self._parse_requests(data, pos, events)
+                if self._state is _State.TRANSMISSION:
+                    break  # less than a header left
+            elif state is _State.PAYLOAD:
+                pos = self._take_payload(data, pos, events)
+            elif state is _State.OPTIONS:
+                if end - pos < OPTION_HEADER.size:
+                    break
+                magic, option, length = OPTION_HEADER.unpack_from(data, pos)
+                if magic != IHAVEOPT:
+                    self._fail(f"option magic {magic:#x} is not IHAVEOPT")
+                if length > MAX_OPTION_LENGTH:
+                    self._fail(
+                        f"{_option_name(option)} of {length} bytes is over {MAX_OPTION_LENGTH}"
+                    )
+                start = pos + OPTION_HEADER.size
+                if end - start < length:
+                    break
+                pos = start + length
+                self._option(option, data[start:pos], events)
+            elif state is _State.CLIENT_FLAGS:
+                if end - pos < CLIENT_FLAGS.size:
+                    break
+                (flags,) = CLIENT_FLAGS.unpack_from(data, pos)
+                pos += CLIENT_FLAGS.size
+                self._client_flags(flags)
+            else:  # CLOSED: what follows an abort or a DISC is ignored
+                pos = end
+            state = self._state
+        if pos < end:
+            self._buffer = data[pos:]
+        return events
+
+    def data_to_send(self) -> bytes:
+        """Drain the handshake output queued so far (empty once it is all sent)."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    # -- transmission replies: built on demand, never queued ---------------------
+
+    def reply_ok(self, handle: int) -> bytes:
+        """Success without data (with structured replies: a NONE chunk with DONE)."""
+        if self._structured:
+            return STRUCTURED_REPLY.pack(
+                STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.NONE, handle, 0
+            )
+        return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)
+
+    def reply_error(self, handle: int, error: Errno, message: str = "") -> bytes:
+        """A failure; with structured replies the message reaches the client's user."""
+        if error == Errno.OK:
+            raise ValueError("an error reply needs a non-zero error")
+        if not self._structured:
+            return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
+        text = _encode_message(message)
+        return (
+            STRUCTURED_REPLY.pack(
+                STRUCTURED_REPLY_MAGIC,
+                ReplyFlag.DONE,
+                ReplyType.ERROR,
+                handle,
+                _ERROR_PAYLOAD.size + len(text),
+            )
+            + _ERROR_PAYLOAD.pack(error, len(text))
+            + text
+        )
+
+    def reply_read(self, handle: int, offset: int, data: bytes) -> list[bytes]:
+        """A successful READ as ``[header, data]``, for ``writeSequence`` without a copy.
+
+        With structured replies it is one OFFSET_DATA chunk marked DONE: the
+        data is already read, so no error can follow it.  A zero-length read
+        has no content chunk to send (OFFSET_DATA must carry a byte), so it
+        gets a NONE chunk.
+        """
+        if not self._structured:
+            return [SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle), data]
+        if not data:
+            return [self.reply_ok(handle), b""]
+        length = _U64.size + len(data)
+        if length >= 1 << 32:
+            raise ValueError(f"{len(data)} bytes do not fit in one structured chunk")
+        header = STRUCTURED_REPLY.pack(
+            STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.OFFSET_DATA, handle, length
+        )
+        return [header + _U64.pack(offset), data]
+
+    def reply_block_status(self, handle: int, context_id: int, extents: Sequence[Extent]) -> bytes:
+        """The BLOCK_STATUS chunk (marked DONE) for ferry's one metadata context."""
+        if not self._structured:
+            raise ValueError("BLOCK_STATUS needs structured replies")
+        if not extents:
+            raise ValueError("a block status reply needs at least one extent")
+        body = b"".join([BLOCK_DESCRIPTOR.pack(e.length, e.flags) for e in extents])
+        return (
+            STRUCTURED_REPLY.pack(
+                STRUCTURED_REPLY_MAGIC,
+                ReplyFlag.DONE,
+                ReplyType.BLOCK_STATUS,
+                handle,
+                _U32.size + len(body),
+            )
+            + _U32.pack(context_id)
+            + body
+        )
+
+    # -- handshake ----------------------------------------------------------------------
+
+    def _fail(self, reason: str) -> NoReturn:
+        self._state = _State.BROKEN
+        self._broken_reason = reason
+        self._buffer = b""
+        self._chunks = []
+        raise ProtocolError(reason)
+
+    def _begin_oldstyle(self) -> None:
+        found = self._catalog.lookup("")
+        if isinstance(found, Refusal):
+            self._state = _State.CLOSED
+            self._pending.append(HandshakeAborted(f"default export refused: {found.message}"))
+            return
+        self._out += GREETING_OLDSTYLE.pack(
+            NBDMAGIC, CLISERV_MAGIC, found.size, transmission_flags(found, False)
+        )
+        self._start_transmission(found, self._pending)
+
+    def _client_flags(self, flags: int) -> None:
+        unknown = flags & ~_KNOWN_CLIENT_FLAGS
+        if unknown:
+            self._fail(f"unknown client flags {unknown:#x}")
+        if not flags & ClientFlag.FIXED_NEWSTYLE:
+            self._fail("client does not speak fixed newstyle")
+        self._no_zeroes = bool(flags & ClientFlag.NO_ZEROES)
+        self._state = _State.OPTIONS
+
+    def _reply(self, option: int, reply: OptionReply, payload: bytes = b"") -> None:
+        self._out += OPTION_REPLY_HEADER.pack(OPTION_REPLY_MAGIC, option, reply, len(payload))
+        self._out += payload
+
+    def _error(self, option: int, reply: OptionReply, message: str) -> None:
+        self._reply(option, reply, _encode_message(message))
+
+    def _option(self, option: int, payload: bytes, events: list[Event]) -> None:
+        try:
+            if option == Option.EXPORT_NAME:
+                self._export_name(payload, events)
+            elif option == Option.ABORT:
+                # The spec asks servers to ignore data sent with ABORT.
+                self._reply(option, OptionReply.ACK)
+                self._state = _State.CLOSED
+                events.append(HandshakeAborted("client sent NBD_OPT_ABORT"))
+            elif option == Option.LIST:
+                self._list(payload)
+            elif option == Option.INFO or option == Option.GO:
+                self._info(option, payload, events)
+            elif option == Option.STRUCTURED_REPLY:
+                self._structured_reply(payload)
+            elif option == Option.LIST_META_CONTEXT or option == Option.SET_META_CONTEXT:
+                self._meta_context(option, payload)
+            else:
+                # STARTTLS, EXTENDED_HEADERS and numbers we have never heard of.
+                self._error(
+                    option, OptionReply.ERR_UNSUP, f"{_option_name(option)} is not supported"
+                )
+        except _Invalid as invalid:
+            self._error(option, OptionReply.ERR_INVALID, f"{_option_name(option)}: {invalid}")
+
+    def _export_name(self, payload: bytes, events: list[Event]) -> None:
+        # EXPORT_NAME has no error reply: all we can do with a bad one is close.
+        try:
+            name = _Reader(payload).string(len(payload))
+        except _Invalid as invalid:
+            self._abort_handshake(f"NBD_OPT_EXPORT_NAME: {invalid}", events)
+            return
+        found = self._catalog.lookup(name)
+        if isinstance(found, Refusal):
+            self._abort_handshake(f"export {name!r} refused: {found.message}", events)
+            return
+        flags = transmission_flags(found, self._structured)
+        self._out += EXPORT_NAME_REPLY.pack(found.size, flags)
+        if not self._no_zeroes:
+            self._out += _ZERO_PADDING
+        self._start_transmission(found, events)
+
+    def _abort_handshake(self, reason: str, events: list[Event]) -> None:
+        self._state = _State.CLOSED
+        events.append(HandshakeAborted(reason))
+
+    def _list(self, payload: bytes) -> None:
+        if payload:
+            raise _Invalid("NBD_OPT_LIST takes no data")
+        for export in self._catalog.listing():
+            name = export.name.encode("utf-8")
+            self._reply(Option.LIST, OptionReply.SERVER, _U32.pack(len(name)) + name)
+        self._reply(Option.LIST, OptionReply.ACK)
+
+    def _info(self, option: int, payload: bytes, events: list[Event]) -> None:
+        reader = _Reader(payload)
+        name = reader.string(reader.u32())
+        count = reader.u16()
+        requests = [reader.u16() for _ in range(count)]
+        reader.end()
+        found = self._catalog.lookup(name)
+        if isinstance(found, Refusal):
+            self._error(option, found.error, found.message)
+            return
+        flags = transmission_flags(found, self._structured)
+        self._reply(option, OptionReply.INFO, _INFO_EXPORT.pack(Info.EXPORT, found.size, flags))
+        if Info.NAME in requests:
+            self._reply(option, OptionReply.INFO, _U16.pack(Info.NAME) + found.name.encode())
+        if Info.DESCRIPTION in requests and found.description:
+            description = _encode_message(found.description)
+            self._reply(option, OptionReply.INFO, _U16.pack(Info.DESCRIPTION) + description)
+        # Always sent: clients that did not ask still learn our limits, and
+        # the maximum is what this connection enforces, not just the export's.
+        self._reply(
+            option,
+            OptionReply.INFO,
+            _INFO_BLOCK_SIZE.pack(
+                Info.BLOCK_SIZE,
+                found.min_block_size,
+                found.preferred_block_size,
+                min(found.max_block_size, self._max_request_size),
+            ),
+        )
+        self._reply(option, OptionReply.ACK)
+        if option == Option.GO:
+            self._start_transmission(found, events)
+
+    def _structured_reply(self, payload: bytes) -> None:
+        if payload:
+            raise _Invalid("NBD_OPT_STRUCTURED_REPLY takes no data")
+        if self._structured:
+            raise _Invalid("structured replies are already negotiated")
+        self._structured = True
+        self._reply(Option.STRUCTURED_REPLY, OptionReply.ACK)
+
+    def _meta_context(self, option: int, payload: bytes) -> None:
+        setting = option == Option.SET_META_CONTEXT
+        if setting:
+            # SET replaces the selection even when it fails.
+            self._meta_contexts = {}
+            self._meta_export = None
+        reader = _Reader(payload)
+        name = reader.string(reader.u32())
+        count = reader.u32()
+        queries = [reader.string(reader.u32()) for _ in range(count)]
+        reader.end()
+        if setting and not self._structured:
+            raise _Invalid("metadata contexts need structured replies first")
+        found = self._catalog.lookup(name)
+        if isinstance(found, Refusal):
+            self._error(option, found.error, found.message)
+            return
+        if setting:
+            # "base:" is a wildcard only for LIST; SET must ignore it.
+            chosen = BASE_ALLOCATION in queries
+        else:
+            chosen = not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries)
+        if chosen:
+            context_id = BASE_ALLOCATION_ID if setting else 0  # LIST ids are reserved: 0
+            self._reply(
+                option,
+                OptionReply.META_CONTEXT,
+                _U32.pack(context_id) + BASE_ALLOCATION.encode(),
+            )
+        if setting:
+            self._meta_export = found.name
+            if chosen:
+                self._meta_contexts = {BASE_ALLOCATION_ID: BASE_ALLOCATION}
+        self._reply(option, OptionReply.ACK)
+
+    def _start_transmission(self, export: ExportInfo, events: list[Event]) -> None:
+        meta = self._meta_contexts if self._meta_export == export.name else {}
+        self._meta_contexts = dict(meta)
+        self._export = export
+        self._handshake_done = True
+        self._flags = flags = transmission_flags(export, self._structured)
+        self._size = export.size
+        self._align_mask = export.min_block_size - 1 if export.min_block_size > 1 else 0
+
+        # FUA is "valid for all commands" once advertised: the server must
+        # accept it anywhere (clients are known to set it on reads and flushes).
+        # Masks are plain ints: ~ on an IntFlag only complements its defined
+        # bits, which would let undefined bits from the wire through.
+        fua = int(CommandFlag.FUA) if flags & TransmissionFlag.SEND_FUA else 0
+        zeroes = 0
+        if flags & TransmissionFlag.SEND_WRITE_ZEROES:
+            zeroes = int(CommandFlag.NO_HOLE)
+            if flags & TransmissionFlag.SEND_FAST_ZERO:
+                zeroes |= int(CommandFlag.FAST_ZERO)
+        df = int(CommandFlag.DF) if flags & TransmissionFlag.SEND_DF else 0
+        allowed = {
+            Command.READ: fua | df,
+            Command.WRITE: fua,
+            Command.FLUSH: fua,
+            Command.TRIM: fua,
+            Command.CACHE: fua,
+            Command.WRITE_ZEROES: fua | zeroes,
+            Command.BLOCK_STATUS: fua | int(CommandFlag.REQ_ONE),
+        }
+        self._forbidden = {command: 0xFFFF & ~mask for command, mask in allowed.items()}
+        # The hot path: commands whose every rule is "allowed flags, length cap,
+        # in range, aligned" -- a request passing those four is accepted without
+        # going through _judge.  Whatever _judge treats specially stays out.
+        fast = {Command.READ: self._max_request_size, Command.CACHE: _NO_LIMIT}
+        if not export.read_only:
+            fast[Command.WRITE] = self._max_request_size
+            fast[Command.TRIM] = _NO_LIMIT
+            fast[Command.WRITE_ZEROES] = _NO_LIMIT
+        self._fast = {
+            int(command): (self._forbidden[command], limit) for command, limit in fast.items()
+        }
+        self._state = _State.TRANSMISSION
+        events.append(HandshakeComplete(export, self._structured, dict(self._meta_contexts)))
+
+    # -- transmission ----------------------------------------------------------------
+
+    def _judge(self, cmd: int, flags: int, offset: int, length: int) -> tuple[Errno, str] | None:
+        """Every rule a request must pass, in the order they are reported; None to accept.
+
+        DISC never reaches here.  The fast path in _parse_requests accepts a
+        subset of what this accepts, for speed; this is the definition.
+        """
+        command = _COMMANDS.get(cmd)
+        if command is None:
+            return Errno.EINVAL, f"unknown command {cmd}"
+        if command in _WRITING and self._flags & TransmissionFlag.READ_ONLY:
+            return Errno.EPERM, "the export is read-only"
+        bad = flags & self._forbidden[command]
+        if bad:
+            return Errno.EINVAL, f"flags {bad:#x} are not allowed on {command.name}"
+        if command is Command.FLUSH:
+            if offset or length:
+                return Errno.EINVAL, "FLUSH must have offset and length 0"
+            return None
+        if command is Command.BLOCK_STATUS:
+            if not self._meta_contexts:
+                return Errno.EINVAL, "no metadata context was negotiated"
+            if not length:
+                return Errno.EINVAL, "BLOCK_STATUS of 0 bytes"
+        if length > self._max_request_size and command in _CAPPED:
+            error = Errno.EINVAL
+            if command is Command.READ and self._structured:
+                error = Errno.EOVERFLOW
+            return error, f"{length} bytes is over the limit of {self._max_request_size}"
+        if offset + length > self._size:
+            error = Errno.ENOSPC if command in _FILLING else Errno.EINVAL
+            return error, f"{offset}+{length} is beyond the end of the export ({self._size})"
+        if (offset | length) & self._align_mask:
+            return Errno.EINVAL, f"not aligned to {self._align_mask + 1} bytes"
+        return None
+
+    def _parse_requests(self, data: bytes, pos: int, events: list[Event]) -> int:
+        """Parse requests from ``data[pos:]``; returns where it stopped.
+
+        Stops with the state still TRANSMISSION when less than a header is
+        left, or after a state change (PAYLOAD, CLOSED).
+        """
+        end = len(data)
+        unpack = REQUEST.unpack_from
+        fast = self._fast
+        size = self._size
+        align = self._align_mask
+        append = events.append
+        build = _build_request
+        while end - pos >= _HEADER_SIZE:
+            magic, flags, cmd, handle, offset, length = unpack(data, pos)
+            if magic != REQUEST_MAGIC:
+                self._fail(f"request magic {magic:#x} is not {REQUEST_MAGIC:#x}")
+            pos += _HEADER_SIZE
+            rule = fast.get(cmd)
+            if (
+                rule is not None
+                and not flags & rule[0]
+                and length <= rule[1]
+                and offset + length <= size
+                and not (offset | length) & align
+            ):
+                if cmd != 1:  # Command.WRITE
+                    append(build(handle, _COMMANDS[cmd], _FLAGS[flags], offset, length, b""))
+                    continue
+                if end - pos >= length:
+                    stop = pos + length
+                    payload = data[pos:stop]
+                    append(build(handle, Command.WRITE, _FLAGS[flags], offset, length, payload))
+                    pos = stop
+                    continue
+                self._write = (handle, flags, offset, length)
+                self._chunks = [data[pos:]] if pos < end else []
+                self._need = length - (end - pos)
+                self._state = _State.PAYLOAD
+                return end
+            if cmd == Command.DISC:
+                self._state = _State.CLOSED
+                append(Disconnect())
+                return end
+            verdict = self._judge(cmd, flags, offset, length)
+            if verdict is None:
+                append(build(handle, _COMMANDS[cmd], _FLAGS[flags], offset, length, b""))
+                continue
+            rejection = RejectedRequest(
+                handle, _COMMANDS.get(cmd, cmd), offset, length, verdict[0], verdict[1]
+            )
+            if cmd != Command.WRITE or not length:
+                append(rejection)
+                continue
+            # The payload is on the wire whatever we think of the request:
+            # count it off, then answer.
+            if end - pos >= length:
+                pos += length
+                append(rejection)
+                continue
+            self._held = rejection
+            self._write = None
+            self._need = length - (end - pos)
+            self._state = _State.PAYLOAD
+            return end
+        return pos
+
+    def _take_payload(self, data: bytes, pos: int, events: list[Event]) -> int:
+        """Feed ``data[pos:]`` to the WRITE payload in progress; returns where it stopped."""
+        available = len(data) - pos
+        write = self._write
+        if available < self._need:
+            if write is not None:
+                self._chunks.append(data[pos:] if pos else data)
+            self._need -= available
+            return len(data)
+        stop = pos + self._need
+        self._need = 0
+        self._state = _State.TRANSMISSION
+        if write is None:
+            held = self._held
+            assert held is not None
+            self._held = None
+            events.append(held)
+            return stop
+        chunks = self._chunks
+        chunks.append(data[pos:stop])
+        self._chunks = []
+        self._write = None
+        handle, flags, offset, length = write
+        events.append(
+            _build_request(handle, Command.WRITE, _FLAGS[flags], offset, length, b"".join(chunks))
+        )
+        return stop

@@ -1,0 +1,1208 @@
+"""The sans-IO NBD server: handshake answers byte for byte, request validation, framing.
+
+No sockets and no reactor: bytes go in, events and bytes come out.  The
+frames on the client's side and the layouts of the server's answers come from
+``nbd_frames``, which is written from the protocol document and shares no code
+with ``ferry.nbd``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+import tracemalloc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from ferry.nbd.constants import (
+    MAX_OPTION_LENGTH,
+    BlockState,
+    Command,
+    CommandFlag,
+    Errno,
+    OptionReply,
+    TransmissionFlag,
+)
+from ferry.nbd.events import (
+    Disconnect,
+    Event,
+    ExportInfo,
+    Extent,
+    HandshakeAborted,
+    HandshakeComplete,
+    ProtocolError,
+    Refusal,
+    RejectedRequest,
+    Request,
+)
+from ferry.nbd.server import ServerConnection, transmission_flags
+
+from . import nbd_frames as f
+
+SIZE = 1 << 20
+MIB = 1 << 20
+
+WRITABLE_FLAGS = (
+    f.HAS_FLAGS
+    | f.SEND_FLUSH
+    | f.SEND_FUA
+    | f.SEND_TRIM
+    | f.SEND_WRITE_ZEROES
+    | f.CAN_MULTI_CONN
+    | f.SEND_CACHE
+    | f.SEND_FAST_ZERO
+)
+READ_ONLY_FLAGS = f.HAS_FLAGS | f.READ_ONLY | f.SEND_FLUSH | f.CAN_MULTI_CONN | f.SEND_CACHE
+
+
+@dataclass
+class Catalog:
+    """An ExportCatalog over a dict; "" finds the export named "disk"."""
+
+    exports: dict[str, ExportInfo] = field(
+        default_factory=lambda: {
+            "disk": ExportInfo("disk", SIZE, description="the test disk"),
+            "ro": ExportInfo("ro", SIZE, read_only=True),
+        }
+    )
+    refusals: dict[str, Refusal] = field(default_factory=dict)
+
+    def lookup(self, name: str) -> ExportInfo | Refusal:
+        if name in self.refusals:
+            return self.refusals[name]
+        found = self.exports.get(name or "disk")
+        if found is None:
+            return Refusal(OptionReply.ERR_UNKNOWN, f"no export {name!r}")
+        return found
+
+    def listing(self) -> Sequence[ExportInfo]:
+        return list(self.exports.values())
+
+
+def connect(catalog: Catalog | None = None, **kwargs: int) -> ServerConnection:
+    """A newstyle connection with its greeting checked and drained."""
+    conn = ServerConnection(catalog or Catalog(), **kwargs)  # type: ignore[arg-type]
+    assert conn.data_to_send() == f.newstyle_greeting()
+    return conn
+
+
+def negotiate(conn: ServerConnection, *frames: bytes, flags: bytes | None = None) -> list[Event]:
+    return conn.receive_data((f.client_flags() if flags is None else flags) + b"".join(frames))
+
+
+def replies(conn: ServerConnection) -> list[f.OptionReply]:
+    return f.option_replies(conn.data_to_send())
+
+
+def rep(opt: int, kind: int, data: bytes = b"") -> f.OptionReply:
+    return f.OptionReply(opt, kind, data)
+
+
+def transmitting(
+    export: str = "disk",
+    *,
+    structured: bool = False,
+    meta: bool = False,
+    catalog: Catalog | None = None,
+    **kwargs: int,
+) -> ServerConnection:
+    """A connection past NBD_OPT_GO, with its handshake output drained."""
+    conn = connect(catalog, **kwargs)
+    frames = []
+    if structured:
+        frames.append(f.option(f.OPT_STRUCTURED_REPLY))
+    if meta:
+        frames.append(f.option(f.OPT_SET_META_CONTEXT, f.meta_data(export, "base:allocation")))
+    frames.append(f.option(f.OPT_GO, f.info_data(export)))
+    events = negotiate(conn, *frames)
+    assert [type(e) for e in events] == [HandshakeComplete]
+    conn.data_to_send()
+    return conn
+
+
+def only(events: list[Event]) -> Event:
+    assert len(events) == 1, events
+    return events[0]
+
+
+# -- greeting and client flags ----------------------------------------------------------
+
+
+def test_greeting_is_fixed_newstyle_with_no_zeroes() -> None:
+    conn = ServerConnection(Catalog())
+    out = conn.data_to_send()
+    assert out == b"NBDMAGIC" + b"IHAVEOPT" + b"\x00\x03"
+    assert conn.data_to_send() == b""
+    assert not conn.handshake_done and not conn.closed and conn.export is None
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [0, f.FLAG_C_NO_ZEROES, f.FLAG_C_FIXED_NEWSTYLE | 4, 1 << 31, 0xFFFFFFFF],
+    ids=["none", "no-zeroes-only", "unknown-bit-2", "unknown-bit-31", "all"],
+)
+def test_client_flags_unknown_or_not_fixed_newstyle_break_the_connection(flags: int) -> None:
+    conn = connect()
+    with pytest.raises(ProtocolError):
+        conn.receive_data(struct.pack(">I", flags))
+    assert conn.closed
+    with pytest.raises(ProtocolError):
+        conn.receive_data(b"")
+    with pytest.raises(ProtocolError):
+        conn.receive_data(f.option(f.OPT_LIST))
+
+
+def test_client_flags_may_arrive_a_byte_at_a_time() -> None:
+    conn = connect()
+    for byte in f.client_flags(f.FLAG_C_FIXED_NEWSTYLE):
+        assert conn.receive_data(bytes([byte])) == []
+    conn.receive_data(f.option(f.OPT_LIST))
+    assert replies(conn)[-1] == rep(f.OPT_LIST, f.REP_ACK)
+
+
+def test_bad_option_magic_breaks_the_connection() -> None:
+    conn = connect()
+    with pytest.raises(ProtocolError):
+        negotiate(conn, b"IHAVEOPX" + struct.pack(">II", f.OPT_LIST, 0))
+    with pytest.raises(ProtocolError):
+        conn.receive_data(f.option(f.OPT_LIST))
+
+
+def test_option_longer_than_the_cap_breaks_at_its_header() -> None:
+    conn = connect()
+    with pytest.raises(ProtocolError):
+        negotiate(conn, b"IHAVEOPT" + struct.pack(">II", f.OPT_LIST, MAX_OPTION_LENGTH + 1))
+
+
+def test_option_at_the_cap_is_buffered_and_answered() -> None:
+    conn = connect()
+    negotiate(conn, f.option(999, bytes(MAX_OPTION_LENGTH)))
+    [reply] = replies(conn)
+    assert (reply.option, reply.type) == (999, f.REP_ERR_UNSUP)
+
+
+# -- NBD_OPT_EXPORT_NAME -------------------------------------------------------------------
+
+
+def test_export_name_with_no_zeroes_sends_size_and_flags_only() -> None:
+    conn = connect()
+    events = negotiate(conn, f.option(f.OPT_EXPORT_NAME, b"disk"))
+    assert conn.data_to_send() == struct.pack(">QH", SIZE, WRITABLE_FLAGS)
+    assert events == [HandshakeComplete(Catalog().exports["disk"], False, {})]
+    assert conn.handshake_done and conn.export == Catalog().exports["disk"]
+    assert not conn.structured_replies
+
+
+def test_export_name_without_no_zeroes_pads_124_zero_bytes() -> None:
+    conn = connect()
+    negotiate(conn, f.option(f.OPT_EXPORT_NAME, b""), flags=f.client_flags(f.FLAG_C_FIXED_NEWSTYLE))
+    assert conn.data_to_send() == struct.pack(">QH", SIZE, WRITABLE_FLAGS) + bytes(124)
+
+
+def test_export_name_read_only_export() -> None:
+    conn = connect()
+    negotiate(conn, f.option(f.OPT_EXPORT_NAME, b"ro"))
+    assert conn.data_to_send() == struct.pack(">QH", SIZE, READ_ONLY_FLAGS)
+
+
+def test_export_name_after_structured_reply_advertises_df() -> None:
+    conn = connect()
+    events = negotiate(conn, f.option(f.OPT_STRUCTURED_REPLY), f.option(f.OPT_EXPORT_NAME, b"disk"))
+    out = conn.data_to_send()
+    assert f.option_replies(out[:20]) == [rep(f.OPT_STRUCTURED_REPLY, f.REP_ACK)]
+    assert out[20:] == struct.pack(">QH", SIZE, WRITABLE_FLAGS | f.SEND_DF)
+    assert events == [HandshakeComplete(Catalog().exports["disk"], True, {})]
+
+
+@pytest.mark.parametrize(
+    "name", [b"nosuch", b"\xff\xfe", b"x" * 4097], ids=["unknown", "not-utf8", "too-long"]
+)
+def test_export_name_that_cannot_be_served_aborts_without_a_reply(name: bytes) -> None:
+    conn = connect()
+    events = negotiate(conn, f.option(f.OPT_EXPORT_NAME, name), f.option(f.OPT_LIST))
+    assert [type(e) for e in events] == [HandshakeAborted]
+    assert conn.data_to_send() == b""
+    assert conn.closed and not conn.handshake_done
+    assert conn.receive_data(f.option(f.OPT_LIST)) == []  # ignored, not an error
+    assert conn.data_to_send() == b""
+
+
+def test_export_name_refused_by_the_catalog_aborts() -> None:
+    catalog = Catalog(refusals={"disk": Refusal(OptionReply.ERR_POLICY, "not in control")})
+    conn = connect(catalog)
+    [event] = negotiate(conn, f.option(f.OPT_EXPORT_NAME, b"disk"))
+    assert isinstance(event, HandshakeAborted) and "not in control" in event.reason
+
+
+# -- NBD_OPT_ABORT, NBD_OPT_LIST, unsupported options -----------------------------------
+
+
+@pytest.mark.parametrize("data", [b"", b"ignored"])
+def test_abort_is_acked_and_ends_the_session(data: bytes) -> None:
+    conn = connect()
+    events = negotiate(conn, f.option(f.OPT_ABORT, data), f.option(f.OPT_LIST))
+    assert [type(e) for e in events] == [HandshakeAborted]
+    assert replies(conn) == [rep(f.OPT_ABORT, f.REP_ACK)]
+    assert conn.closed
+    assert conn.receive_data(b"anything at all") == []
+
+
+def test_list_sends_one_server_reply_per_export_then_ack() -> None:
+    conn = connect()
+    assert negotiate(conn, f.option(f.OPT_LIST)) == []
+    assert replies(conn) == [
+        rep(f.OPT_LIST, f.REP_SERVER, struct.pack(">I", 4) + b"disk"),
+        rep(f.OPT_LIST, f.REP_SERVER, struct.pack(">I", 2) + b"ro"),
+        rep(f.OPT_LIST, f.REP_ACK),
+    ]
+
+
+def test_list_with_data_is_invalid_and_negotiation_goes_on() -> None:
+    conn = connect()
+    events = negotiate(conn, f.option(f.OPT_LIST, b"x"), f.option(f.OPT_GO, f.info_data("disk")))
+    out = replies(conn)
+    assert (out[0].option, out[0].type) == (f.OPT_LIST, f.REP_ERR_INVALID)
+    assert out[-1] == rep(f.OPT_GO, f.REP_ACK)
+    assert [type(e) for e in events] == [HandshakeComplete]
+
+
+@pytest.mark.parametrize(
+    "opt",
+    [f.OPT_STARTTLS, f.OPT_EXTENDED_HEADERS, 4, 12, 0x7FFFFFFF, 0xFFFFFFFF],
+    ids=["starttls", "extended-headers", "peek-export", "12", "big", "max"],
+)
+def test_unsupported_options_are_answered_err_unsup(opt: int) -> None:
+    conn = connect()
+    events = negotiate(conn, f.option(opt, b"some data"), f.option(f.OPT_GO, f.info_data("")))
+    out = replies(conn)
+    assert (out[0].option, out[0].type) == (opt, f.REP_ERR_UNSUP)
+    assert out[0].data  # a message for the human
+    assert [type(e) for e in events] == [HandshakeComplete]
+
+
+# -- NBD_OPT_INFO and NBD_OPT_GO ------------------------------------------------------------
+
+
+def test_info_replies_export_and_block_size_then_ack_and_stays_in_negotiation() -> None:
+    conn = connect()
+    assert negotiate(conn, f.option(f.OPT_INFO, f.info_data("disk"))) == []
+    assert replies(conn) == [
+        rep(f.OPT_INFO, f.REP_INFO, f.info_export(SIZE, WRITABLE_FLAGS)),
+        rep(f.OPT_INFO, f.REP_INFO, f.info_block_size(1, 4096, 32 * MIB)),
+        rep(f.OPT_INFO, f.REP_ACK),
+    ]
+    assert not conn.handshake_done and not conn.closed
+
+
+def test_info_sends_name_and_description_when_asked() -> None:
+    conn = connect()
+    negotiate(conn, f.option(f.OPT_INFO, f.info_data("", f.INFO_NAME, f.INFO_DESCRIPTION, 77)))
+    assert replies(conn) == [
+        rep(f.OPT_INFO, f.REP_INFO, f.info_export(SIZE, WRITABLE_FLAGS)),
+        rep(f.OPT_INFO, f.REP_INFO, struct.pack(">H", f.INFO_NAME) + b"disk"),
+        rep(f.OPT_INFO, f.REP_INFO, struct.pack(">H", f.INFO_DESCRIPTION) + b"the test disk"),
+        rep(f.OPT_INFO, f.REP_INFO, f.info_block_size(1, 4096, 32 * MIB)),
+        rep(f.OPT_INFO, f.REP_ACK),
+    ]
+
+
+def test_go_answers_like_info_then_starts_transmission() -> None:
+    conn = connect()
+    events = negotiate(
+        conn, f.option(f.OPT_STRUCTURED_REPLY), f.option(f.OPT_GO, f.info_data("ro"))
+    )
+    assert replies(conn) == [
+        rep(f.OPT_STRUCTURED_REPLY, f.REP_ACK),
+        rep(f.OPT_GO, f.REP_INFO, f.info_export(SIZE, READ_ONLY_FLAGS | f.SEND_DF)),
+        rep(f.OPT_GO, f.REP_INFO, f.info_block_size(1, 4096, 32 * MIB)),
+        rep(f.OPT_GO, f.REP_ACK),
+    ]
+    assert events == [HandshakeComplete(Catalog().exports["ro"], True, {})]
+    assert conn.handshake_done and conn.structured_replies
+
+
+def test_go_advertises_the_connections_request_cap() -> None:
+    conn = connect(max_request_size=65536)
+    negotiate(conn, f.option(f.OPT_GO, f.info_data("disk")))
+    assert rep(f.OPT_GO, f.REP_INFO, f.info_block_size(1, 4096, 65536)) in replies(conn)
+
+
+@pytest.mark.parametrize("opt", [f.OPT_INFO, f.OPT_GO])
+def test_info_and_go_of_an_unknown_export_are_err_unknown(opt: int) -> None:
+    conn = connect()
+    assert negotiate(conn, f.option(opt, f.info_data("nosuch"))) == []
+    [reply] = replies(conn)
+    assert (reply.option, reply.type) == (opt, f.REP_ERR_UNKNOWN)
+    assert b"nosuch" in reply.data
+    assert not conn.handshake_done and not conn.closed
+
+
+def test_go_refused_by_the_catalog_carries_its_error_and_message() -> None:
+    catalog = Catalog(refusals={"disk": Refusal(OptionReply.ERR_SHUTDOWN, "going away")})
+    conn = connect(catalog)
+    negotiate(conn, f.option(f.OPT_GO, f.info_data("disk")))
+    assert replies(conn) == [rep(f.OPT_GO, f.REP_ERR_SHUTDOWN, b"going away")]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x00\x00",
+        struct.pack(">I", 10) + b"disk" + struct.pack(">H", 0),  # name runs past the end
+        f.string("disk") + struct.pack(">H", 2) + struct.pack(">H", 1),  # fewer infos than said
+        f.string("disk") + struct.pack(">H", 0) + b"\x00",  # a byte left over
+        f.string("disk") + b"\x00",  # count cut short
+        struct.pack(">I", 4097) + b"x" * 4097 + struct.pack(">H", 0),  # name too long
+        struct.pack(">I", 2) + b"\xc3\x28" + struct.pack(">H", 0),  # not UTF-8
+        struct.pack(">I", 0xFFFFFFFF) + struct.pack(">H", 0),
+    ],
+    ids=[
+        "empty",
+        "short-length",
+        "name-past-end",
+        "fewer-infos",
+        "left-over",
+        "no-count",
+        "name-too-long",
+        "not-utf8",
+        "huge-length",
+    ],
+)
+@pytest.mark.parametrize("opt", [f.OPT_INFO, f.OPT_GO])
+def test_malformed_info_and_go_are_err_invalid_and_negotiation_goes_on(
+    opt: int, data: bytes
+) -> None:
+    conn = connect()
+    events = negotiate(conn, f.option(opt, data), f.option(f.OPT_GO, f.info_data("disk")))
+    out = replies(conn)
+    assert (out[0].option, out[0].type) == (opt, f.REP_ERR_INVALID)
+    assert [type(e) for e in events] == [HandshakeComplete]
+
+
+def test_go_then_requests_in_the_same_chunk() -> None:
+    conn = connect()
+    events = negotiate(
+        conn, f.option(f.OPT_GO, f.info_data("disk")), f.read(7, 0, 512), f.write(8, 512, b"ab")
+    )
+    assert [type(e) for e in events] == [HandshakeComplete, Request, Request]
+    assert events[1] == Request(7, Command.READ, CommandFlag(0), 0, 512)
+    assert events[2] == Request(8, Command.WRITE, CommandFlag(0), 512, 2, b"ab")
+
+
+# -- NBD_OPT_STRUCTURED_REPLY --------------------------------------------------------------
+
+
+def test_structured_reply_acked_once_then_invalid() -> None:
+    conn = connect()
+    negotiate(conn, f.option(f.OPT_STRUCTURED_REPLY), f.option(f.OPT_STRUCTURED_REPLY))
+    out = replies(conn)
+    assert out[0] == rep(f.OPT_STRUCTURED_REPLY, f.REP_ACK)
+    assert (out[1].option, out[1].type) == (f.OPT_STRUCTURED_REPLY, f.REP_ERR_INVALID)
+    assert conn.structured_replies
+
+
+def test_structured_reply_with_data_is_invalid_and_not_negotiated() -> None:
+    conn = connect()
+    negotiate(conn, f.option(f.OPT_STRUCTURED_REPLY, b"\x00"))
+    [reply] = replies(conn)
+    assert reply.type == f.REP_ERR_INVALID
+    assert not conn.structured_replies
+
+
+# -- metadata contexts ------------------------------------------------------------------------
+
+ALLOCATION = b"base:allocation"
+
+
+@pytest.mark.parametrize(
+    "queries",
+    [(), ("base:",), ("base:allocation",), ("qemu:dirty-bitmap:a", "base:")],
+    ids=["all", "base-wildcard", "exact", "with-unknown-namespace"],
+)
+def test_list_meta_context_finds_base_allocation(queries: tuple[str, ...]) -> None:
+    conn = connect()
+    negotiate(
+        conn,
+        f.option(f.OPT_STRUCTURED_REPLY),
+        f.option(f.OPT_LIST_META_CONTEXT, f.meta_data("disk", *queries)),
+    )
+    assert replies(conn)[1:] == [
+        rep(f.OPT_LIST_META_CONTEXT, f.REP_META_CONTEXT, struct.pack(">I", 0) + ALLOCATION),
+        rep(f.OPT_LIST_META_CONTEXT, f.REP_ACK),
+    ]
+
+
+@pytest.mark.parametrize("queries", [("qemu:dirty-bitmap:a",), ("base:nosuch",), ("nocolon",)])
+def test_list_meta_context_matching_nothing_is_a_bare_ack(queries: tuple[str, ...]) -> None:
+    conn = connect()
+    negotiate(
+        conn,
+        f.option(f.OPT_STRUCTURED_REPLY),
+        f.option(f.OPT_LIST_META_CONTEXT, f.meta_data("disk", *queries)),
+    )
+    assert replies(conn)[1:] == [rep(f.OPT_LIST_META_CONTEXT, f.REP_ACK)]
+
+
+def test_set_meta_context_selects_base_allocation_for_go() -> None:
+    conn = connect()
+    events = negotiate(
+        conn,
+        f.option(f.OPT_STRUCTURED_REPLY),
+        f.option(f.OPT_SET_META_CONTEXT, f.meta_data("disk", "base:allocation", "x-foo:bar")),
+        f.option(f.OPT_GO, f.info_data("disk")),
+    )
+    assert replies(conn)[1:3] == [
+        rep(f.OPT_SET_META_CONTEXT, f.REP_META_CONTEXT, struct.pack(">I", 1) + ALLOCATION),
+        rep(f.OPT_SET_META_CONTEXT, f.REP_ACK),
+    ]
+    [event] = events
+    assert isinstance(event, HandshakeComplete)
+    assert event.meta_contexts == {1: "base:allocation"}
+
+
+def test_set_meta_context_default_name_matches_the_canonical_name() -> None:
+    conn = connect()
+    [event] = negotiate(
+        conn,
+        f.option(f.OPT_STRUCTURED_REPLY),
+        f.option(f.OPT_SET_META_CONTEXT, f.meta_data("", "base:allocation")),
+        f.option(f.OPT_EXPORT_NAME, b"disk"),
+    )
+    assert isinstance(event, HandshakeComplete) and event.meta_contexts == {1: "base:allocation"}
+
+
+def test_set_meta_context_needs_structured_replies() -> None:
+    conn = connect()
+    [event] = negotiate(
+        conn,
+        f.option(f.OPT_SET_META_CONTEXT, f.meta_data("disk", "base:allocation")),
+        f.option(f.OPT_GO, f.info_data("disk")),
+    )
+    first = replies(conn)[0]
+    assert (first.option, first.type) == (f.OPT_SET_META_CONTEXT, f.REP_ERR_INVALID)
+    assert isinstance(event, HandshakeComplete) and event.meta_contexts == {}
+
+
+def test_set_meta_context_of_an_unknown_export_is_err_unknown() -> None:
+    conn = connect()
+    negotiate(
+        conn,
+        f.option(f.OPT_STRUCTURED_REPLY),
+        f.option(f.OPT_SET_META_CONTEXT, f.meta_data("nosuch", "base:allocation")),
+    )
+    reply = replies(conn)[1]
+    assert (reply.option, reply.type) == (f.OPT_SET_META_CONTEXT, f.REP_ERR_UNKNOWN)
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        f.meta_data("disk"),  # no queries selects nothing
+        f.meta_data("disk", "base:"),  # the wildcard is ignored by SET
+        f.meta_data("nosuch", "base:allocation"),  # a failed SET still replaces
+        b"\x00\x00\x00\x09disk",  # so does a malformed one
+    ],
+    ids=["no-queries", "wildcard", "failed", "malformed"],
+)
+def test_set_meta_context_replaces_the_earlier_selection(second: bytes) -> None:
+    conn = connect()
+    [event] = negotiate(
+        conn,
+        f.option(f.OPT_STRUCTURED_REPLY),
+        f.option(f.OPT_SET_META_CONTEXT, f.meta_data("disk", "base:allocation")),
+        f.option(f.OPT_SET_META_CONTEXT, second),
+        f.option(f.OPT_GO, f.info_data("disk")),
+    )
+    assert isinstance(event, HandshakeComplete) and event.meta_contexts == {}
+
+
+def test_set_meta_context_for_another_export_does_not_carry_over() -> None:
+    conn = connect()
+    [event] = negotiate(
+        conn,
+        f.option(f.OPT_STRUCTURED_REPLY),
+        f.option(f.OPT_SET_META_CONTEXT, f.meta_data("ro", "base:allocation")),
+        f.option(f.OPT_GO, f.info_data("disk")),
+    )
+    assert isinstance(event, HandshakeComplete) and event.meta_contexts == {}
+
+
+@pytest.mark.parametrize("opt", [f.OPT_LIST_META_CONTEXT, f.OPT_SET_META_CONTEXT])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        f.string("disk"),  # no query count
+        f.string("disk") + struct.pack(">I", 2) + f.string("base:"),  # fewer queries than said
+        f.string("disk") + struct.pack(">I", 1) + struct.pack(">I", 99) + b"base:",
+        f.string("disk") + struct.pack(">I", 0) + b"\x00",
+        f.string("disk") + struct.pack(">I", 1) + f.string("q" * 4097),
+    ],
+    ids=["empty", "no-count", "fewer-queries", "query-past-end", "left-over", "query-too-long"],
+)
+def test_malformed_meta_context_options_are_err_invalid(opt: int, data: bytes) -> None:
+    conn = connect()
+    negotiate(conn, f.option(f.OPT_STRUCTURED_REPLY), f.option(opt, data))
+    reply = replies(conn)[1]
+    assert (reply.option, reply.type) == (opt, f.REP_ERR_INVALID)
+
+
+# -- transmission flags ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("read_only", "structured", "expected"),
+    [
+        (False, False, WRITABLE_FLAGS),
+        (False, True, WRITABLE_FLAGS | f.SEND_DF),
+        (True, False, READ_ONLY_FLAGS),
+        (True, True, READ_ONLY_FLAGS | f.SEND_DF),
+    ],
+)
+def test_transmission_flags(read_only: bool, structured: bool, expected: int) -> None:
+    flags = transmission_flags(ExportInfo("x", 1, read_only=read_only), structured)
+    assert isinstance(flags, TransmissionFlag)
+    assert flags == expected
+
+
+# -- oldstyle ---------------------------------------------------------------------------------
+
+
+def test_oldstyle_greeting_layout_and_handshake_available_at_once() -> None:
+    conn = ServerConnection(Catalog(), oldstyle=True)
+    out = conn.data_to_send()
+    assert len(out) == 152
+    assert out == f.oldstyle_greeting(SIZE, WRITABLE_FLAGS)
+    assert out[:8] == b"NBDMAGIC" and out[8:16] == bytes.fromhex("0000420281861253")
+    assert conn.handshake_done and conn.export == Catalog().exports["disk"]
+    assert conn.receive_data(b"") == [HandshakeComplete(Catalog().exports["disk"], False, {})]
+    assert conn.receive_data(b"") == []
+    assert conn.receive_data(f.read(3, 0, 512)) == [
+        Request(3, Command.READ, CommandFlag(0), 0, 512)
+    ]
+
+
+def test_oldstyle_handshake_is_returned_before_the_first_requests() -> None:
+    conn = ServerConnection(Catalog(), oldstyle=True)
+    events = conn.receive_data(f.read(3, 0, 512))
+    assert [type(e) for e in events] == [HandshakeComplete, Request]
+
+
+def test_oldstyle_refused_default_export_aborts_on_the_first_call() -> None:
+    catalog = Catalog(refusals={"": Refusal(OptionReply.ERR_POLICY, "no control yet")})
+    conn = ServerConnection(catalog, oldstyle=True)
+    assert conn.data_to_send() == b""
+    assert conn.closed and not conn.handshake_done
+    [event] = conn.receive_data(b"")
+    assert isinstance(event, HandshakeAborted) and "no control yet" in event.reason
+    assert conn.receive_data(f.read(1, 0, 1)) == []
+
+
+def test_oldstyle_read_only_flags_in_32_bits() -> None:
+    catalog = Catalog(exports={"disk": ExportInfo("disk", 4096, read_only=True)})
+    out = ServerConnection(catalog, oldstyle=True).data_to_send()
+    assert struct.unpack_from(">QI", out, 16) == (4096, READ_ONLY_FLAGS)
+
+
+# -- requests -------------------------------------------------------------------------------------
+
+
+def test_request_fields_and_types() -> None:
+    conn = transmitting()
+    [event] = conn.receive_data(f.request(f.CMD_WRITE_ZEROES, 2**64 - 1, 4096, 8192, 3))
+    assert event == Request(
+        2**64 - 1, Command.WRITE_ZEROES, CommandFlag.FUA | CommandFlag.NO_HOLE, 4096, 8192
+    )
+    assert isinstance(event, Request)
+    assert type(event.command) is Command and type(event.flags) is CommandFlag
+
+
+def test_many_requests_from_one_chunk_in_order() -> None:
+    conn = transmitting()
+    stream = b"".join(
+        f.write(h, h * 16, bytes([h]) * 16) if h % 2 else f.read(h, h * 16, 16) for h in range(100)
+    )
+    events = conn.receive_data(stream)
+    assert [e.handle for e in events] == list(range(100))  # type: ignore[union-attr]
+    for e in events:
+        assert isinstance(e, Request)
+        if e.command is Command.WRITE:
+            assert type(e.data) is bytes and e.data == bytes([e.handle]) * 16
+        else:
+            assert e.data == b""
+
+
+def test_write_payload_split_anywhere() -> None:
+    payload = bytes(range(256)) * 64
+    stream = f.write(5, 0, payload) + f.read(6, 0, 1)
+    for cut in (1, 27, 28, 29, 100, len(stream) - 29, len(stream) - 28, len(stream) - 1):
+        conn = transmitting()
+        events = conn.receive_data(stream[:cut]) + conn.receive_data(stream[cut:])
+        assert events == [
+            Request(5, Command.WRITE, CommandFlag(0), 0, len(payload), payload),
+            Request(6, Command.READ, CommandFlag(0), 0, 1),
+        ]
+
+
+def test_large_write_in_network_sized_chunks() -> None:
+    conn = transmitting(catalog=Catalog(exports={"disk": ExportInfo("disk", 64 * MIB)}))
+    payload = bytes(32 * MIB)
+    stream = f.write(1, 0, payload) + f.request(f.CMD_FLUSH, 2)
+    events: list[Event] = []
+    for start in range(0, len(stream), 65536):
+        events += conn.receive_data(stream[start : start + 65536])
+    assert [type(e) for e in events] == [Request, Request]
+    assert isinstance(events[0], Request) and events[0].data == payload
+    assert type(events[0].data) is bytes
+
+
+def test_zero_length_write_takes_no_payload() -> None:
+    conn = transmitting()
+    events = conn.receive_data(f.write(1, SIZE, b"") + f.read(2, 0, 1))
+    assert events == [
+        Request(1, Command.WRITE, CommandFlag(0), SIZE, 0, b""),
+        Request(2, Command.READ, CommandFlag(0), 0, 1),
+    ]
+
+
+def test_bad_request_magic_breaks_the_connection() -> None:
+    conn = transmitting()
+    with pytest.raises(ProtocolError):
+        conn.receive_data(f.read(1, 0, 1) + f.request(f.CMD_READ, magic=0x25609514))
+    assert conn.closed
+    with pytest.raises(ProtocolError):
+        conn.receive_data(f.read(1, 0, 1))
+
+
+def test_disconnect_ends_parsing_and_everything_after_is_ignored() -> None:
+    conn = transmitting()
+    events = conn.receive_data(f.read(1, 0, 1) + f.request(f.CMD_DISC, 2) + b"garbage" * 10)
+    assert events == [Request(1, Command.READ, CommandFlag(0), 0, 1), Disconnect()]
+    assert conn.closed and conn.handshake_done
+    assert conn.receive_data(f.request(f.CMD_READ, magic=0)) == []
+
+
+def test_disconnect_with_odd_fields_is_still_a_disconnect() -> None:
+    conn = transmitting()
+    assert conn.receive_data(f.request(f.CMD_DISC, 1, 5, 5, 0xFFFF)) == [Disconnect()]
+
+
+def test_oversized_write_payload_is_skipped_and_the_next_request_parses() -> None:
+    conn = transmitting(max_request_size=4096)
+    payload = b"\xaa" * 5000
+    stream = f.write(1, 0, payload) + f.read(2, 0, 4096)
+    events: list[Event] = []
+    for start in range(0, len(stream), 100):
+        chunk_events = conn.receive_data(stream[start : start + 100])
+        if start + 100 < 28 + len(payload):
+            assert chunk_events == []  # nothing until the payload has gone by
+        events += chunk_events
+    assert events == [
+        RejectedRequest(1, Command.WRITE, 0, 5000, Errno.EINVAL, events[0].reason),  # type: ignore[union-attr]
+        Request(2, Command.READ, CommandFlag(0), 0, 4096),
+    ]
+
+
+def test_oversized_write_is_not_buffered() -> None:
+    conn = transmitting(catalog=Catalog(exports={"disk": ExportInfo("disk", 1 << 40)}))
+    length = 0xFFFFFFFF
+    chunk = bytes(1 << 20)
+    conn.receive_data(f.request(f.CMD_WRITE, 1, 0, length))
+    sent = 0
+    tracemalloc.start()
+    try:
+        while sent + len(chunk) < length:
+            assert conn.receive_data(chunk) == []
+            sent += len(chunk)
+            if sent >= 64 * MIB:
+                break
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024, peak
+    rest = length - sent
+    while rest > len(chunk):
+        conn.receive_data(chunk)
+        rest -= len(chunk)
+    events = conn.receive_data(chunk[:rest] + f.read(2, 0, 1))
+    assert [type(e) for e in events] == [RejectedRequest, Request]
+    assert isinstance(events[0], RejectedRequest) and events[0].error is Errno.EINVAL
+
+
+def test_rejected_write_payload_in_the_same_chunk_is_skipped() -> None:
+    conn = transmitting("ro")
+    events = conn.receive_data(f.write(1, 0, b"x" * 100) + f.read(2, 0, 1))
+    assert [type(e) for e in events] == [RejectedRequest, Request]
+    assert isinstance(events[0], RejectedRequest) and events[0].error is Errno.EPERM
+
+
+# -- validation --------------------------------------------------------------------------------
+
+R, W, D, FL, T, C, WZ, BS = range(8)
+FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO = 1, 2, 4, 8, 16
+
+
+@pytest.mark.parametrize(
+    ("conn_kind", "cmd", "flags", "offset", "length", "expected"),
+    [
+        # unknown commands and flags
+        ("rw", 8, 0, 0, 1, Errno.EINVAL),
+        ("rw", 0xFFFF, 0, 0, 1, Errno.EINVAL),
+        ("rw", R, 1 << 5, 0, 1, Errno.EINVAL),
+        ("rw", R, 1 << 15, 0, 1, Errno.EINVAL),
+        ("rw", W, NO_HOLE, 0, 1, Errno.EINVAL),
+        ("rw", W, FAST_ZERO, 0, 1, Errno.EINVAL),
+        ("rw", T, NO_HOLE, 0, 1, Errno.EINVAL),
+        ("rw", R, REQ_ONE, 0, 1, Errno.EINVAL),
+        ("rw", R, DF, 0, 1, Errno.EINVAL),  # DF without structured replies
+        ("sr", R, DF, 0, 1, None),
+        ("sr", W, DF, 0, 1, Errno.EINVAL),
+        ("meta", BS, REQ_ONE, 0, 1, None),
+        ("meta", BS, DF, 0, 1, Errno.EINVAL),
+        ("rw", WZ, FUA | NO_HOLE | FAST_ZERO, 0, 1, None),
+        # FUA is valid on every command once advertised
+        ("rw", W, FUA, 0, 1, None),
+        ("rw", T, FUA, 0, 1, None),
+        ("rw", R, FUA, 0, 1, None),
+        ("rw", FL, FUA, 0, 0, None),
+        ("rw", C, FUA, 0, 1, None),
+        ("ro", R, FUA, 0, 1, Errno.EINVAL),  # not advertised on a read-only export
+        # read-only
+        ("ro", W, 0, 0, 1, Errno.EPERM),
+        ("ro", T, 0, 0, 1, Errno.EPERM),
+        ("ro", WZ, 0, 0, 1, Errno.EPERM),
+        ("ro", WZ, FUA, SIZE, 1, Errno.EPERM),
+        ("ro", R, 0, 0, 1, None),
+        ("ro", C, 0, 0, 1, None),
+        ("ro", FL, 0, 0, 0, None),
+        # range
+        ("rw", R, 0, SIZE - 1, 1, None),
+        ("rw", R, 0, SIZE - 1, 2, Errno.EINVAL),
+        ("rw", R, 0, 2**64 - 1, 1, Errno.EINVAL),
+        ("rw", W, 0, SIZE, 1, Errno.ENOSPC),
+        ("rw", WZ, 0, SIZE - 1, 2, Errno.ENOSPC),
+        ("rw", T, 0, SIZE - 1, 2, Errno.EINVAL),
+        ("rw", C, 0, SIZE, 1, Errno.EINVAL),
+        ("meta", BS, 0, SIZE, 1, Errno.EINVAL),
+        # zero lengths
+        ("rw", R, 0, SIZE, 0, None),
+        ("rw", W, 0, SIZE, 0, None),
+        ("rw", T, 0, SIZE, 0, None),
+        ("rw", WZ, 0, SIZE, 0, None),
+        ("rw", C, 0, SIZE, 0, None),
+        ("rw", R, 0, SIZE + 1, 0, Errno.EINVAL),
+        ("rw", W, 0, SIZE + 1, 0, Errno.ENOSPC),
+        ("meta", BS, 0, 0, 0, Errno.EINVAL),
+        # size caps: READ and WRITE only
+        ("small", R, 0, 0, 4096, None),
+        ("small", R, 0, 0, 4097, Errno.EINVAL),
+        ("small-sr", R, 0, 0, 4097, Errno.EOVERFLOW),
+        ("small", W, 0, 0, 4097, Errno.EINVAL),
+        ("small-sr", W, 0, 0, 4097, Errno.EINVAL),
+        ("small", T, 0, 0, 8192, None),
+        ("small", WZ, 0, 0, 8192, None),
+        ("small", C, 0, 0, 8192, None),
+        # FLUSH
+        ("rw", FL, 0, 0, 0, None),
+        ("rw", FL, 0, 1, 0, Errno.EINVAL),
+        ("rw", FL, 0, 0, 1, Errno.EINVAL),
+        # BLOCK_STATUS needs a metadata context
+        ("rw", BS, 0, 0, 1, Errno.EINVAL),
+        ("sr", BS, 0, 0, 1, Errno.EINVAL),
+        ("meta", BS, 0, 0, SIZE, None),
+        # alignment to the minimum block size
+        ("aligned", R, 0, 512, 512, None),
+        ("aligned", R, 0, 512, 511, Errno.EINVAL),
+        ("aligned", T, 0, 1, 512, Errno.EINVAL),
+        ("aligned", W, 0, 0, 0, None),
+    ],
+)
+def test_validation(
+    conn_kind: str, cmd: int, flags: int, offset: int, length: int, expected: Errno | None
+) -> None:
+    conn = _conn(conn_kind)
+    data = bytes(length) if cmd == W and length <= 8192 else b""
+    # a follow-up request shows the framing held, whatever happened to the first
+    events = conn.receive_data(f.request(cmd, 42, offset, length, flags, data) + f.read(43, 0, 0))
+    assert events[-1] == Request(43, Command.READ, CommandFlag(0), 0, 0)
+    event = events[0]
+    if expected is None:
+        assert event == Request(42, Command(cmd), CommandFlag(flags), offset, length, data)
+    else:
+        assert isinstance(event, RejectedRequest)
+        assert (event.handle, event.command, event.offset, event.length) == (
+            42,
+            cmd,
+            offset,
+            length,
+        )
+        assert event.error is expected and event.reason
+
+
+def _conn(kind: str) -> ServerConnection:
+    if kind == "aligned":
+        catalog = Catalog(exports={"disk": ExportInfo("disk", SIZE, min_block_size=512)})
+        return transmitting(catalog=catalog)
+    return {
+        "rw": lambda: transmitting(),
+        "ro": lambda: transmitting("ro"),
+        "sr": lambda: transmitting(structured=True),
+        "meta": lambda: transmitting(structured=True, meta=True),
+        "small": lambda: transmitting(max_request_size=4096),
+        "small-sr": lambda: transmitting(structured=True, max_request_size=4096),
+    }[kind]()
+
+
+def test_rejected_unknown_command_keeps_its_number() -> None:
+    conn = transmitting()
+    [event] = conn.receive_data(f.request(99, 1, 0, 1))
+    assert isinstance(event, RejectedRequest) and event.command == 99
+
+
+# -- replies -----------------------------------------------------------------------------------
+
+
+def test_simple_replies() -> None:
+    conn = transmitting()
+    assert conn.reply_ok(7) == f.simple_reply(7)
+    assert conn.reply_error(7, Errno.EIO, "ignored") == f.simple_reply(7, 5)
+    assert conn.reply_read(2**64 - 1, 4096, b"data") == [f.simple_reply(2**64 - 1), b"data"]
+
+
+def test_structured_replies() -> None:
+    conn = transmitting(structured=True)
+    assert conn.reply_ok(7) == f.structured_chunk(7, f.REPLY_TYPE_NONE)
+    assert conn.reply_error(7, Errno.ENOSPC, "full") == f.structured_chunk(
+        7, f.REPLY_TYPE_ERROR, struct.pack(">IH", 28, 4) + b"full"
+    )
+    assert conn.reply_error(7, Errno.EIO) == f.structured_chunk(
+        7, f.REPLY_TYPE_ERROR, struct.pack(">IH", 5, 0)
+    )
+    header, data = conn.reply_read(9, 4096, b"abc")
+    assert data == b"abc"
+    assert header + data == f.structured_chunk(
+        9, f.REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", 4096) + b"abc"
+    )
+
+
+def test_structured_zero_length_read_is_a_none_chunk() -> None:
+    conn = transmitting(structured=True)
+    assert b"".join(conn.reply_read(9, 0, b"")) == f.structured_chunk(9, f.REPLY_TYPE_NONE)
+
+
+def test_structured_error_message_is_cut_to_4096_bytes_on_a_character() -> None:
+    conn = transmitting(structured=True)
+    reply = conn.reply_error(1, Errno.EINVAL, "é" * 3000)
+    (length,) = struct.unpack_from(">H", reply, 20 + 4)
+    assert length == 4096
+    assert reply[26:].decode() == "é" * 2048
+
+
+def test_error_reply_needs_an_error() -> None:
+    with pytest.raises(ValueError):
+        transmitting().reply_error(1, Errno.OK)
+
+
+def test_block_status_reply() -> None:
+    conn = transmitting(structured=True, meta=True)
+    extents = [Extent(4096, BlockState.DATA), Extent(8192, BlockState.HOLE | BlockState.ZERO)]
+    assert conn.reply_block_status(3, 1, extents) == f.structured_chunk(
+        3, f.REPLY_TYPE_BLOCK_STATUS, struct.pack(">IIIII", 1, 4096, 0, 8192, 3)
+    )
+    with pytest.raises(ValueError):
+        conn.reply_block_status(3, 1, [])
+    with pytest.raises(ValueError):
+        transmitting().reply_block_status(3, 1, extents)
+
+
+# -- properties: chunking, garbage, invariants ----------------------------------------------------
+
+
+def _preamble() -> bytes:
+    return f.client_flags() + b"".join(
+        [
+            f.option(f.OPT_LIST),
+            f.option(f.OPT_STARTTLS),
+            f.option(f.OPT_STRUCTURED_REPLY),
+            f.option(f.OPT_INFO, f.info_data("disk", f.INFO_NAME)),
+            f.option(f.OPT_LIST_META_CONTEXT, f.meta_data("disk")),
+            f.option(f.OPT_SET_META_CONTEXT, f.meta_data("disk", "base:allocation")),
+            f.option(f.OPT_GO, f.info_data("disk", f.INFO_BLOCK_SIZE)),
+        ]
+    )
+
+
+requests_strategy = st.lists(
+    st.one_of(
+        st.builds(
+            lambda h, o, d, fl: f.write(h, o, d, fl),
+            st.integers(0, 2**64 - 1),
+            st.integers(0, SIZE + 10),
+            st.binary(max_size=300),
+            st.sampled_from([0, FUA, NO_HOLE]),
+        ),
+        st.builds(
+            lambda c, h, o, n, fl: f.request(c, h, o, n, fl),
+            st.sampled_from([R, FL, T, C, WZ, BS, 8]),
+            st.integers(0, 2**64 - 1),
+            st.integers(0, SIZE + 10),
+            st.integers(0, 8192),
+            st.sampled_from([0, FUA, DF, REQ_ONE, NO_HOLE | FAST_ZERO, 0x8000]),
+        ),
+        # a write rejected for its size: its payload must be skipped
+        st.builds(
+            lambda h, n: f.request(W, h, 0, n, 0, b"\x55" * n),
+            st.integers(0, 100),
+            st.integers(4097, 6000),
+        ),
+    ),
+    max_size=12,
+)
+
+
+def _run(chunks: list[bytes]) -> tuple[list[Event], bytes]:
+    conn = ServerConnection(Catalog(), max_request_size=4096)
+    out = conn.data_to_send()
+    events: list[Event] = []
+    for chunk in chunks:
+        events += conn.receive_data(chunk)
+        out += conn.data_to_send()
+    return events, out
+
+
+def _stream(requests: list[bytes], disc: bool) -> bytes:
+    return _preamble() + b"".join(requests) + (f.request(D, 0) + b"trailing" if disc else b"")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests_strategy, st.booleans(), st.data())
+def test_any_chunking_gives_the_same_events(
+    requests: list[bytes], disc: bool, data: st.DataObject
+) -> None:
+    stream = _stream(requests, disc)
+    whole = _run([stream])
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=20)))
+    bounds = [0, *cuts, len(stream)]
+    chunks = [stream[a:b] for a, b in itertools.pairwise(bounds)]
+    assert _run(chunks) == whole
+
+
+def test_every_split_point_gives_the_same_events() -> None:
+    requests = [
+        f.write(1, 0, b"hello world"),
+        f.read(2, 512, 1024, DF),
+        f.request(W, 3, 0, 5000, 0, b"\x01" * 5000),
+        f.request(BS, 4, 0, 4096, REQ_ONE),
+        f.request(WZ, 5, 4096, 4096, FUA | NO_HOLE),
+        f.write(6, SIZE - 1, b"xy"),
+        f.request(FL, 7),
+    ]
+    stream = _stream(requests, disc=True)
+    whole = _run([stream])
+    assert [type(e) for e in whole[0]] == [
+        HandshakeComplete,
+        Request,
+        Request,
+        RejectedRequest,
+        Request,
+        Request,
+        RejectedRequest,
+        Request,
+        Disconnect,
+    ]
+    for cut in range(len(stream) + 1):
+        assert _run([stream[:cut], stream[cut:]]) == whole, cut
+    small = _stream(requests[:2] + requests[3:], disc=True)
+    assert _run([bytes([b]) for b in small]) == _run([small])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400), st.booleans())
+def test_garbage_after_the_greeting_only_raises_protocol_error(garbage: bytes, flags: bool) -> None:
+    conn = ServerConnection(Catalog())
+    try:
+        conn.receive_data((f.client_flags() if flags else b"") + garbage)
+        conn.data_to_send()
+    except ProtocolError:
+        assert conn.closed
+
+
+garbage_options = st.builds(
+    lambda opt, data: f.option(opt, data),
+    st.one_of(st.integers(0, 12), st.integers(0, 2**32 - 1)),
+    st.one_of(
+        st.binary(max_size=64),
+        st.builds(
+            lambda name, n, rest: struct.pack(">I", n) + name + rest,
+            st.binary(max_size=8),
+            st.integers(0, 2**32 - 1),
+            st.binary(max_size=16),
+        ),
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(garbage_options, max_size=6), st.binary(max_size=64))
+def test_garbage_options_only_raise_protocol_error(options: list[bytes], tail: bytes) -> None:
+    conn = ServerConnection(Catalog())
+    try:
+        events = conn.receive_data(f.client_flags() + b"".join(options) + tail)
+    except ProtocolError:
+        assert conn.closed
+        return
+    for event in events:
+        assert isinstance(event, HandshakeComplete | HandshakeAborted | Request | RejectedRequest)
+    if not conn.handshake_done:  # then everything sent was option replies
+        f.option_replies(conn.data_to_send()[18:])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400), st.booleans())
+def test_garbage_in_transmission_only_raises_protocol_error(garbage: bytes, magic: bool) -> None:
+    conn = transmitting(structured=True, meta=True)
+    if magic:  # start with a real magic so the rest of the header is random
+        garbage = struct.pack(">I", f.REQUEST_MAGIC) + garbage
+    try:
+        for event in conn.receive_data(garbage):
+            _check_invariants(event, SIZE, 32 * MIB)
+    except ProtocolError:
+        assert conn.closed
+
+
+def _check_invariants(event: Event, size: int, cap: int) -> None:
+    if isinstance(event, Request):
+        assert event.offset + event.length <= size
+        assert type(event.command) is Command and event.command is not Command.DISC
+        assert type(event.data) is bytes
+        if event.command is Command.WRITE:
+            assert len(event.data) == event.length
+        else:
+            assert event.data == b""
+        if event.command in (Command.READ, Command.WRITE):
+            assert event.length <= cap
+    else:
+        assert isinstance(event, RejectedRequest | Disconnect)
+
+
+def _oracle(
+    cmd: int, flags: int, offset: int, length: int, *, read_only: bool, structured: bool, cap: int
+) -> Errno | None:
+    """What the request must get, written from the rules, not from the code."""
+    if cmd > BS:
+        return Errno.EINVAL
+    if read_only and cmd in (W, T, WZ):
+        return Errno.EPERM
+    fua = 0 if read_only else FUA
+    allowed = {
+        R: fua | (DF if structured else 0),
+        W: fua,
+        FL: fua,
+        T: fua,
+        C: fua,
+        WZ: fua | NO_HOLE | FAST_ZERO,
+        BS: fua | REQ_ONE,
+    }[cmd]
+    if flags & ~allowed:
+        return Errno.EINVAL
+    if cmd == FL:
+        return Errno.EINVAL if offset or length else None
+    if cmd == BS and (not structured or length == 0):
+        return Errno.EINVAL
+    if cmd in (R, W) and length > cap:
+        return Errno.EOVERFLOW if cmd == R and structured else Errno.EINVAL
+    if offset + length > SIZE:
+        return Errno.ENOSPC if cmd in (W, WZ) else Errno.EINVAL
+    return None
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.sampled_from(["disk", "ro"]),
+    st.booleans(),
+    st.lists(
+        st.tuples(
+            st.integers(0, 9).filter(lambda c: c != D),
+            st.one_of(st.integers(0, 31), st.integers(0, 0xFFFF)),
+            st.one_of(
+                st.integers(0, SIZE + 1),
+                st.integers(SIZE - 5000, SIZE + 5000),
+                st.integers(0, 2**64 - 1),
+            ),
+            st.one_of(st.integers(0, 5000), st.integers(0, 2**32 - 1)),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_requests_obey_the_rules_and_never_exceed_the_export(
+    export: str, structured: bool, requests: list[tuple[int, int, int, int]]
+) -> None:
+    cap = 4096
+    conn = transmitting(export, structured=structured, meta=structured, max_request_size=cap)
+    for handle, (cmd, flags, offset, length) in enumerate(requests):
+        # keep payloads small: a long WRITE is only sent when it will be rejected
+        assume(cmd != W or length <= 6000)
+        data = b"\x5a" * length if cmd == W else b""
+        events = conn.receive_data(f.request(cmd, handle, offset, length, flags, data))
+        event = only(events)
+        _check_invariants(event, SIZE, cap)
+        expected = _oracle(
+            cmd, flags, offset, length, read_only=export == "ro", structured=structured, cap=cap
+        )
+        if expected is None:
+            assert event == Request(handle, Command(cmd), CommandFlag(flags), offset, length, data)
+        else:
+            assert isinstance(event, RejectedRequest) and event.error is expected, (event, expected)
+
+
+# -- the shortcut that builds Request events -------------------------------------------------
+
+
+def test_request_shortcut_builds_the_same_event() -> None:
+    from ferry.nbd import server
+
+    assert server._build_request is not Request  # the shortcut is in use for today's Request
+    built = server._build_request(1, Command.WRITE, CommandFlag.FUA, 2, 3, b"abc")
+    assert type(built) is Request
+    assert built == Request(1, Command.WRITE, CommandFlag.FUA, 2, 3, b"abc")
+    assert hash(built) == hash(Request(1, Command.WRITE, CommandFlag.FUA, 2, 3, b"abc"))
+    with pytest.raises(AttributeError):
+        built.length = 4  # type: ignore[misc]  # still frozen
+
+
+def test_request_shortcut_steps_aside_for_a_validating_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ferry.nbd import server
+
+    @dataclass(frozen=True, slots=True)
+    class Checked:
+        handle: int
+        command: Command
+        flags: CommandFlag
+        offset: int
+        length: int
+        data: bytes = b""
+
+        def __post_init__(self) -> None:
+            if self.length < 0:
+                raise ValueError("negative length")
+
+    monkeypatch.setattr(server, "Request", Checked)
+    assert server._request_builder() is Checked  # type: ignore[comparison-overlap]
+
+
+def test_list_meta_context_is_answered_even_before_structured_replies() -> None:
+    # The spec says a server MAY refuse it; listing changes nothing, so ferry answers.
+    conn = connect()
+    negotiate(conn, f.option(f.OPT_LIST_META_CONTEXT, f.meta_data("disk")))
+    assert replies(conn) == [
+        rep(f.OPT_LIST_META_CONTEXT, f.REP_META_CONTEXT, struct.pack(">I", 0) + ALLOCATION),
+        rep(f.OPT_LIST_META_CONTEXT, f.REP_ACK),
+    ]
