@@ -1,3 +1,355 @@
-"""ferry command line (placeholder until the CLI lands)."""
-def main() -> int:
+"""The ``ferry`` command.
+
+Modes and options follow flexnbd's (``serve --addr --port --file --sock
+--default-deny``, ``read --from --size``, ...) so its operators and scripts
+carry over.  Every user error ends in one line on stderr and a non-zero
+exit status, never a traceback: exit 1 for a problem with the world (a
+missing file, a port in use), 2 for a problem with the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import socket
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from ferry import __version__
+
+SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class UserError(Exception):
+    """Shown as ``ferry: <message>`` with exit status 1."""
+
+
+def byte_count(text: str) -> int:
+    """``4096``, ``64k``, ``1M``, ``2G``: binary multiples."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)i?b?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r}")
+    return int(match.group(1)) * SIZE_SUFFIXES[match.group(2).lower()]
+
+
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range: {port}")
+    return port
+
+
+def host_and_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"expected ADDR:PORT, got {text!r}")
+    return host.strip("[]"), port_number(port)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"ferry {self.prog.split()[-1]}: {message}\n")
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="ferry",
+        description="Serve a disk image over NBD and move it live to another host.",
+    )
+    parser.add_argument("--version", action="version", version=f"ferry {__version__}")
+    modes = parser.add_subparsers(dest="mode", metavar="MODE", parser_class=Parser)
+
+    serve = modes.add_parser("serve", help="serve an image file over NBD")
+    _network(serve, required=True)
+    serve.add_argument("-f", "--file", required=True, help="the image file (or block device)")
+    _control_sock(serve, required=False)
+    serve.add_argument(
+        "-d",
+        "--default-deny",
+        action="store_true",
+        help="an empty ACL admits no one (without it, an empty ACL admits everyone)",
+    )
+    serve.add_argument("--oldstyle", action="store_true", help="speak the oldstyle handshake")
+    serve.add_argument("-r", "--read-only", action="store_true", help="refuse writes (EPERM)")
+    serve.add_argument("-n", "--name", default="", help="export name (default: the file's name)")
+    serve.add_argument(
+        "--metrics", type=host_and_port, metavar="ADDR:PORT", help="serve Prometheus /metrics"
+    )
+    serve.add_argument("--trace", metavar="FILE", help="append every state transition as JSON")
+    _verbosity(serve)
+    serve.add_argument("acl", nargs="*", metavar="ACL_ENTRY", help="address or CIDR allowed in")
+    serve.set_defaults(run=run_serve)
+
+    status = modes.add_parser("status", help="print a server's status line")
+    _control_sock(status, required=True)
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(run=run_status)
+
+    acl = modes.add_parser("acl", help="replace a server's access control list")
+    _control_sock(acl, required=True)
+    acl.add_argument("acl", nargs="*", metavar="ACL_ENTRY")
+    acl.set_defaults(run=run_acl)
+
+    for name, helptext in (
+        ("read", "read bytes from an NBD server to stdout"),
+        ("write", "write bytes from stdin to an NBD server"),
+    ):
+        mode = modes.add_parser(name, help=helptext)
+        _network(mode, required=True)
+        mode.add_argument("-F", "--from", dest="offset", type=byte_count, required=True)
+        mode.add_argument("-S", "--size", type=byte_count, required=True)
+        mode.add_argument("-b", "--bind", help="local address to connect from")
+        mode.add_argument("-n", "--name", default="", help="export name (default export if empty)")
+        mode.set_defaults(run=run_read if name == "read" else run_write)
+
+    trace = modes.add_parser("trace", help="work with transition traces")
+    trace_modes = trace.add_subparsers(dest="trace_mode", metavar="ACTION", parser_class=Parser)
+    replay = trace_modes.add_parser("replay", help="check a trace against the statecharts")
+    replay.add_argument("file")
+    replay.set_defaults(run=run_trace_replay)
+
+    charts = modes.add_parser("statecharts", help="work with the statechart files")
+    chart_modes = charts.add_subparsers(dest="chart_mode", metavar="ACTION", parser_class=Parser)
+    render = chart_modes.add_parser("render", help="write .dot and .mmd beside each YAML")
+    render.add_argument("--dir", type=Path, help="directory of the YAML files")
+    render.add_argument(
+        "--check", action="store_true", help="write nothing; fail if a diagram is stale"
+    )
+    render.set_defaults(run=run_render)
+
+    helper = modes.add_parser("help", help="show help for a mode")
+    helper.add_argument("topic", nargs="?", metavar="MODE")
+    helper.set_defaults(run=lambda args: run_help(parser, modes.choices, args))
+    return parser
+
+
+def _network(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument("-l", "--addr", required=required, help="IP address")
+    parser.add_argument("-p", "--port", type=port_number, required=required, help="TCP port")
+
+
+def _control_sock(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument("-s", "--sock", required=required, help="control socket path")
+
+
+def _verbosity(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", help="log every connection")
+    group.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+
+
+# -- modes ----------------------------------------------------------------------
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from twisted.internet import reactor
+
+    from ferry.logs import start_logging
+    from ferry.node import Node, ServeConfig, StartupError
+
+    start_logging(verbose=args.verbose, quiet=args.quiet)
+    config = ServeConfig(
+        file=args.file,
+        addr=args.addr,
+        port=args.port,
+        name=args.name,
+        sock=args.sock,
+        acl=tuple(args.acl),
+        default_deny=args.default_deny,
+        oldstyle=args.oldstyle,
+        read_only=args.read_only,
+        metrics=args.metrics,
+        trace=args.trace,
+    )
+    node = Node(reactor, config)
+    try:
+        node.start()
+    except StartupError as error:
+        raise UserError(str(error)) from None
+    reactor.addSystemEventTrigger("before", "shutdown", node.shutdown)
+    reactor.run()
     return 0
+
+
+def control_request(path: str, lines: Sequence[str]) -> tuple[int, str]:
+    """Send one flexnbd-form command; return its status and text."""
+    request = "".join(f"{line}\n" for line in lines) + "\n"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(30)
+            conn.connect(path)
+            conn.sendall(request.encode("utf-8"))
+            chunks = []
+            while chunk := conn.recv(65536):
+                chunks.append(chunk)
+    except OSError as error:
+        raise UserError(f"control socket {path}: {error.strerror or error}") from None
+    reply = b"".join(chunks).decode("utf-8", "replace").strip()
+    status, sep, text = reply.partition(": ")
+    if not sep or not status.isdigit():
+        raise UserError(f"control socket {path}: unexpected reply {reply!r}")
+    return int(status), text
+
+
+def run_status(args: argparse.Namespace) -> int:
+    status, text = control_request(args.sock, ["status"])
+    if status != 0:
+        raise UserError(text)
+    if args.json:
+        from ferry.control.status import parse_line
+
+        print(json.dumps(parse_line(text), indent=2))
+    else:
+        print(text)
+    return 0
+
+
+def run_acl(args: argparse.Namespace) -> int:
+    status, text = control_request(args.sock, ["acl", *args.acl])
+    if status != 0:
+        raise UserError(text)
+    return 0
+
+
+def run_read(args: argparse.Namespace) -> int:
+    from ferry.remote import RemoteExport
+
+    out = sys.stdout.buffer
+    with _remote(args, RemoteExport) as remote:
+        _check_range(args, remote.size)
+        for offset, length in _chunks(args.offset, args.size):
+            out.write(remote.pread(offset, length))
+    out.flush()
+    return 0
+
+
+def run_write(args: argparse.Namespace) -> int:
+    from ferry.remote import RemoteExport
+
+    source = sys.stdin.buffer
+    with _remote(args, RemoteExport) as remote:
+        _check_range(args, remote.size)
+        for offset, length in _chunks(args.offset, args.size):
+            data = source.read(length)
+            if len(data) != length:
+                got = offset - args.offset + len(data)
+                raise UserError(f"stdin ended after {got} of {args.size} bytes")
+            remote.pwrite(data, offset)
+        remote.flush()
+    return 0
+
+
+def _remote(args: argparse.Namespace, remote_type: Any) -> Any:
+    from ferry.remote import NegotiationError, RemoteError
+
+    try:
+        return _Guarded(
+            remote_type.connect(args.addr, args.port, export_name=args.name, bind=args.bind),
+            (RemoteError, NegotiationError),
+        )
+    except NegotiationError as error:
+        raise UserError(f"{args.addr}:{args.port}: {error}") from None
+    except OSError as error:
+        raise UserError(f"{args.addr}:{args.port}: {error.strerror or error}") from None
+
+
+class _Guarded:
+    """Context manager that turns the remote's errors into one-line user errors."""
+
+    def __init__(self, remote: Any, errors: tuple[type[BaseException], ...]) -> None:
+        self._remote = remote
+        self._errors = errors
+
+    def __enter__(self) -> Any:
+        return self._remote
+
+    def __exit__(self, kind: Any, error: Any, tb: Any) -> None:
+        with contextlib.suppress(Exception):
+            self._remote.close()
+        if error is not None and isinstance(error, (*self._errors, OSError)):
+            raise UserError(str(error)) from None
+
+
+CHUNK = 4 << 20
+
+
+def _chunks(start: int, size: int) -> list[tuple[int, int]]:
+    return [
+        (offset, min(CHUNK, start + size - offset)) for offset in range(start, start + size, CHUNK)
+    ]
+
+
+def _check_range(args: argparse.Namespace, size: int) -> None:
+    if args.offset + args.size > size:
+        raise UserError(
+            f"range {args.offset}+{args.size} is past the end of the export ({size} bytes)"
+        )
+
+
+def run_trace_replay(args: argparse.Namespace) -> int:
+    from ferry import statecharts
+    from ferry.trace import ReplayError, replay
+
+    try:
+        with open(args.file, encoding="utf-8") as lines:
+            result = replay(lines, statecharts.load_all())
+    except OSError as error:
+        raise UserError(f"trace {args.file}: {error.strerror}") from None
+    except ReplayError as error:
+        raise UserError(f"{args.file}: {error}") from None
+    for (machine, instance), state in sorted(result.final_states.items()):
+        print(f"{machine} {instance} {state}")
+    return 0
+
+
+def run_render(args: argparse.Namespace) -> int:
+    from ferry import statecharts
+
+    if args.check:
+        stale = statecharts.stale_diagrams(args.dir)
+        if stale:
+            names = ", ".join(str(p) for p in stale)
+            raise UserError(f"stale diagrams: {names}; run `ferry statecharts render`")
+        return 0
+    for path in statecharts.render_all(args.dir):
+        print(path)
+    return 0
+
+
+def run_help(
+    parser: argparse.ArgumentParser,
+    modes: Mapping[str, argparse.ArgumentParser],
+    args: argparse.Namespace,
+) -> int:
+    if args.topic is None:
+        parser.print_help()
+    elif args.topic in modes:
+        modes[args.topic].print_help()
+    else:
+        raise UserError(f"no mode named {args.topic!r} (modes: {', '.join(modes)})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run: Callable[[argparse.Namespace], int] | None = getattr(args, "run", None)
+    if run is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return run(args)
+    except UserError as error:
+        print(f"ferry: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1

@@ -1,0 +1,178 @@
+"""The control socket: a Unix socket speaking flexnbd's protocol, and JSON-RPC.
+
+flexnbd form: one command per connection: the command and its arguments one
+per line, a blank line, then the reply line ``N: text`` and the server
+closes.  A connection whose first byte is ``{`` speaks JSON lines instead:
+``{"id": 1, "method": "status", "params": {...}}`` in, one JSON object out
+per request, and the connection stays open.
+
+The socket file is created with mode 0600 (the umask is narrowed around
+``bind`` so there is no window in which it is wider).  A socket file left by
+a dead process is replaced; one that a live server answers on is not stolen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+from typing import Any, Final
+
+from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort, IReactorUNIX
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ferry.control.commands import Commands
+
+log = Logger()
+
+# What one control client may make us buffer, and how many argument lines
+# (flexnbd reads at most 256).
+MAX_COMMAND_BYTES: Final = 64 * 1024
+MAX_LINES: Final = 256
+
+
+class ControlSocketError(Exception):
+    """The socket path cannot be used; the message says why, in one line."""
+
+
+@implementer(IHalfCloseableProtocol)
+class ControlProtocol(Protocol):
+    def __init__(self, commands: Commands) -> None:
+        self._commands = commands
+        self._buffer = b""
+        self._json: bool | None = None
+        self._answered = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._answered:
+            return
+        self._buffer += data
+        if self._json is None and self._buffer:
+            self._json = self._buffer.startswith(b"{")
+        if len(self._buffer) > MAX_COMMAND_BYTES:
+            self._reply_line(f"1: command longer than {MAX_COMMAND_BYTES} bytes\n")
+            return
+        if self._json:
+            self._json_requests()
+        else:
+            self._flexnbd_command(at_eof=False)
+
+    def readConnectionLost(self) -> None:
+        # A client that half-closes after its last line has said all it will.
+        if not self._json and not self._answered:
+            self._flexnbd_command(at_eof=True)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    # -- flexnbd lines ----------------------------------------------------------
+
+    def _flexnbd_command(self, *, at_eof: bool) -> None:
+        text = self._buffer.replace(b"\r\n", b"\n")
+        if text.startswith(b"\n"):
+            lines: list[bytes] = []
+        elif b"\n\n" in text:
+            lines = text.split(b"\n\n", 1)[0].split(b"\n")
+        elif at_eof:
+            lines = [line for line in text.split(b"\n") if line]
+        else:
+            return
+        if len(lines) > MAX_LINES:
+            self._reply_line(f"1: more than {MAX_LINES} lines\n")
+            return
+        try:
+            words = [line.decode("utf-8") for line in lines]
+        except UnicodeDecodeError:
+            self._reply_line("1: command is not UTF-8\n")
+            return
+        name, args = (words[0], words[1:]) if words else ("", [])
+        reply = self._commands.run(name, args)
+        self._reply_line(reply.line())
+
+    def _reply_line(self, line: str) -> None:
+        self._answered = True
+        assert self.transport is not None
+        self.transport.write(line.encode("utf-8"))
+        self.transport.loseConnection()
+
+    # -- JSON lines ---------------------------------------------------------------
+
+    def _json_requests(self) -> None:
+        while b"\n" in self._buffer:
+            raw, self._buffer = self._buffer.split(b"\n", 1)
+            if raw.strip():
+                self._send_json(self._json_answer(raw))
+
+    def _json_answer(self, raw: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(raw)
+        except ValueError as error:
+            return {"id": None, "error": {"code": -32700, "message": f"not JSON: {error}"}}
+        if not isinstance(request, dict) or not isinstance(request.get("method"), str):
+            return {
+                "id": None,
+                "error": {"code": -32600, "message": "expected an object with a method"},
+            }
+        request_id = request.get("id")
+        params = request.get("params", {})
+        args = params.get("args", []) if isinstance(params, dict) else params
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            return {"id": request_id, "error": {"code": -32602, "message": "args must be strings"}}
+        reply = self._commands.run(request["method"], args)
+        if reply.status == 10:
+            return {"id": request_id, "error": {"code": -32601, "message": reply.text}}
+        if reply.status != 0:
+            return {"id": request_id, "error": {"code": reply.status, "message": reply.text}}
+        value = reply.value if reply.value is not None else reply.text
+        return {"id": request_id, "result": value}
+
+    def _send_json(self, answer: dict[str, Any]) -> None:
+        assert self.transport is not None
+        self.transport.write(json.dumps(answer).encode("utf-8") + b"\n")
+
+
+class ControlFactory(Factory):
+    def __init__(self, commands: Commands) -> None:
+        self.commands = commands
+
+    def buildProtocol(self, addr: Any) -> ControlProtocol:
+        return ControlProtocol(self.commands)
+
+
+def claim_socket_path(path: str) -> None:
+    """Make ``path`` free for a new control socket, or say why it cannot be.
+
+    A leftover socket that refuses connections belonged to a dead process
+    and is removed; one that accepts them belongs to a live server.
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise ControlSocketError(f"control socket {path}: exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    except OSError as error:
+        raise ControlSocketError(f"control socket {path}: {error.strerror}") from None
+    finally:
+        probe.close()
+    raise ControlSocketError(f"control socket {path}: in use by a running server")
+
+
+def listen_control(reactor: IReactorUNIX, path: str, commands: Commands) -> IListeningPort:
+    claim_socket_path(path)
+    old_umask = os.umask(0o177)
+    try:
+        return reactor.listenUNIX(path, ControlFactory(commands), mode=0o600)
+    except Exception as error:
+        raise ControlSocketError(f"control socket {path}: {error}") from None
+    finally:
+        os.umask(old_umask)

@@ -1,0 +1,169 @@
+"""Prometheus exposition: every status field, the request counters, and /metrics.
+
+The collector renders the same :class:`~ferry.control.status.StatusSnapshot`
+as the status line, so a field exists in one place only.  Scrapes are
+answered by a Twisted resource on the reactor thread (prometheus_client's
+own ``MetricsResource`` renders in a thread pool, where it would race the
+live state it reads; Synapse's ``_twisted_exposition.py`` makes the same
+choice).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Final, Protocol
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from ferry import statecharts
+from ferry.control.status import StatusSnapshot
+from ferry.serve.stats import LATENCY_BUCKETS, RequestStats
+
+PREFIX: Final = "ferry_"
+
+
+class Observable(Protocol):
+    """What the collector needs of an export (``ferry.serve.export.Export`` fits)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def stats(self) -> RequestStats: ...
+
+    def snapshot(self) -> StatusSnapshot: ...
+
+
+class FerryCollector(Collector):
+    def __init__(self, exports: Callable[[], Iterable[Observable]]) -> None:
+        self._exports = exports
+
+    def collect(self) -> Iterator[Metric]:
+        exports = list(self._exports())
+        yield from _status_metrics([e.snapshot() for e in exports])
+        yield from _request_metrics(exports)
+
+
+def _status_metrics(snapshots: list[StatusSnapshot]) -> Iterator[Metric]:
+    gauges: dict[str, GaugeMetricFamily] = {}
+    states = GaugeMetricFamily(
+        PREFIX + "state",
+        "State machines by state: 1 for the current state, 0 for the others",
+        labels=["export", "machine", "state"],
+    )
+    for snapshot in snapshots:
+        for name, value, spec in snapshot.fields():
+            if spec.kind == "state":
+                for state in _states_of(spec.metric, str(value)):
+                    states.add_metric(
+                        [snapshot.export, spec.metric, state], 1.0 if state == value else 0.0
+                    )
+                continue
+            family = gauges.get(name)
+            if family is None:
+                family = gauges[name] = GaugeMetricFamily(
+                    PREFIX + spec.metric, spec.help, labels=["export"]
+                )
+            family.add_metric([snapshot.export], float(value) * spec.scale)
+    yield from gauges.values()
+    yield states
+
+
+def _states_of(machine: str, current: str) -> list[str]:
+    """Every state of a machine, so a state set has a series per state."""
+    try:
+        names = [state.name for state in statecharts.load(machine).states]
+    except statecharts.StatechartError:
+        names = []
+    return names if current in names else [*names, current]
+
+
+def _request_metrics(exports: list[Observable]) -> Iterator[Metric]:
+    requests = CounterMetricFamily(
+        PREFIX + "requests", "NBD requests answered, by command", labels=["export", "command"]
+    )
+    errors = CounterMetricFamily(
+        PREFIX + "request_errors",
+        "NBD requests answered with an error, by NBD errno",
+        labels=["export", "errno"],
+    )
+    read = CounterMetricFamily(PREFIX + "read_bytes", "Bytes read by clients", labels=["export"])
+    written = CounterMetricFamily(
+        PREFIX + "written_bytes", "Bytes written by clients", labels=["export"]
+    )
+    connections = CounterMetricFamily(
+        PREFIX + "connections", "Client connections that completed the handshake", labels=["export"]
+    )
+    protocol_errors = CounterMetricFamily(
+        PREFIX + "protocol_errors",
+        "Connections closed because the client broke the protocol",
+        labels=["export"],
+    )
+    latency = HistogramMetricFamily(
+        PREFIX + "request_duration_seconds",
+        "Time from dispatching a request to queueing its reply",
+        labels=["export", "command"],
+    )
+    for export in exports:
+        stats = export.stats
+        for command, count in sorted(stats.requests.items()):
+            requests.add_metric([export.name, command], count)
+        for errno, count in sorted(stats.errors.items()):
+            errors.add_metric([export.name, errno], count)
+        read.add_metric([export.name], stats.bytes_read)
+        written.add_metric([export.name], stats.bytes_written)
+        connections.add_metric([export.name], stats.connections)
+        protocol_errors.add_metric([export.name], stats.protocol_errors)
+        for command, histogram in sorted(stats.latency.items()):
+            cumulative = 0
+            buckets = []
+            for bound, count in zip(
+                [*LATENCY_BUCKETS, float("inf")], histogram.counts, strict=True
+            ):
+                cumulative += count
+                buckets.append((_bucket_label(bound), float(cumulative)))
+            latency.add_metric([export.name, command], buckets, histogram.total)
+    yield from (requests, errors, read, written, connections, protocol_errors, latency)
+
+
+def _bucket_label(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+def make_registry(exports: Callable[[], Iterable[Observable]]) -> CollectorRegistry:
+    """A registry of ferry's own metrics only (never the process-global one)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FerryCollector(exports))
+    return registry
+
+
+class MetricsResource(Resource):
+    """``GET /metrics`` rendered synchronously on the reactor thread."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(  # type: ignore[no-untyped-call]
+            b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii")
+        )
+        return generate_latest(self._registry)
+
+
+def metrics_root(registry: CollectorRegistry) -> Resource:
+    root = Resource()  # type: ignore[no-untyped-call]
+    root.putChild(b"metrics", MetricsResource(registry))
+    return root

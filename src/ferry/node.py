@@ -1,0 +1,186 @@
+"""A running ferry node: the composition root that wires the parts together.
+
+Everything that needs a reactor, a clock or a file on disk is made here and
+handed to the parts, which never reach for globals: the tests build the
+same parts with a fake clock and an in-memory transport.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer, threads
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from ferry.clock import ReactorClock
+from ferry.control.commands import Commands
+from ferry.control.server import listen_control
+from ferry.metrics import make_registry, metrics_root
+from ferry.serve.acl import Acl
+from ferry.serve.export import Export
+from ferry.serve.server import NBDServer
+from ferry.storage import Image
+from ferry.trace import TraceFile, Tracer
+
+log = Logger()
+
+
+class StartupError(Exception):
+    """A problem the operator must fix before the node can run; one clear line."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    file: str
+    addr: str = "0.0.0.0"
+    port: int = 10809
+    name: str = ""
+    sock: str | None = None
+    acl: tuple[str, ...] = ()
+    default_deny: bool = False
+    oldstyle: bool = False
+    read_only: bool = False
+    metrics: tuple[str, int] | None = None
+    trace: str | None = None
+    description: str = field(default="")
+
+
+class Node:
+    """One export served on one port, with its control socket and metrics."""
+
+    def __init__(self, reactor: Any, config: ServeConfig) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.clock = ReactorClock(reactor)
+        self.tracer = Tracer()
+        self._trace_file: TraceFile | None = None
+        self._ports: list[IListeningPort] = []
+        self.image: Image | None = None
+        self.export: Export | None = None
+        self.server: NBDServer | None = None
+        self.nbd_port: IListeningPort | None = None
+        self.metrics_port: IListeningPort | None = None
+        self._stopped = False
+
+    def run_blocking(self, work: Callable[[], object]) -> defer.Deferred[Any]:
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
+
+    def start(self) -> None:
+        """Open everything, in an order that leaves nothing half-open on failure."""
+        config = self.config
+        try:
+            self._start(config)
+        except Exception:
+            self._close_now()
+            raise
+
+    def _start(self, config: ServeConfig) -> None:
+        from ferry.serve.acl import AclError
+        from ferry.storage import ImageError
+
+        try:
+            acl = Acl.parse(config.acl, default_deny=config.default_deny)
+        except AclError as error:
+            raise StartupError(str(error)) from None
+        if config.trace:
+            try:
+                self._trace_file = TraceFile(config.trace)
+            except OSError as error:
+                raise StartupError(f"trace file {config.trace}: {error.strerror}") from None
+            self.tracer.subscribe(self._trace_file.write)
+        try:
+            self.image = Image.open(config.file, read_only=config.read_only)
+        except ImageError as error:
+            raise StartupError(str(error)) from None
+        name = config.name or os.path.basename(config.file)
+        self.export = Export(
+            name, self.image, clock=self.clock, tracer=self.tracer, description=config.description
+        )
+        self.server = NBDServer(
+            [self.export],
+            clock=self.clock,
+            run_blocking=self.run_blocking,
+            acl=acl,
+            oldstyle=config.oldstyle,
+        )
+        if config.sock:
+            from ferry.control.server import ControlSocketError
+
+            try:
+                self._ports.append(
+                    listen_control(
+                        self.reactor,
+                        config.sock,
+                        Commands(self.server, default_deny=config.default_deny),
+                    )
+                )
+            except ControlSocketError as error:
+                raise StartupError(str(error)) from None
+        if config.metrics:
+            host, port = config.metrics
+            registry = make_registry(lambda: [self.export] if self.export else [])
+            site = Site(metrics_root(registry))  # type: ignore[no-untyped-call]
+            self.metrics_port = self._listen_tcp(port, site, host, "metrics")
+            log.info(
+                "metrics at http://{host}:{port}/metrics",
+                host=host,
+                port=self.metrics_port.getHost().port,  # type: ignore[attr-defined]
+            )
+        self.nbd_port = self._listen_tcp(config.port, self.server, config.addr, "NBD")
+        self.export.trigger("serve")
+        log.info(
+            "serving {file} ({size} bytes) as {name!r} on {addr}:{port}",
+            file=config.file,
+            size=self.image.size,
+            name=name,
+            addr=config.addr,
+            port=self.nbd_port.getHost().port,  # type: ignore[attr-defined]
+        )
+
+    def _listen_tcp(self, port: int, factory: Any, host: str, what: str) -> IListeningPort:
+        try:
+            listening: IListeningPort = self.reactor.listenTCP(port, factory, interface=host)
+        except CannotListenError as error:
+            reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
+            raise StartupError(f"cannot listen for {what} on {host}:{port}: {reason}") from None
+        self._ports.append(listening)
+        return listening
+
+    @defer.inlineCallbacks
+    def shutdown(self) -> Any:
+        """Stop accepting, finish requests in flight, flush, and close.
+
+        Registered as a 'before shutdown' trigger, so SIGINT and SIGTERM
+        (which Twisted turns into ``reactor.stop()``) wait for it.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        log.info("shutting down: finishing requests in flight")
+        if self.server is not None:
+            self.server.accepting = False
+        for port in self._ports:
+            yield port.stopListening()
+        if self.server is not None:
+            yield self.server.drain()
+        if self.image is not None:
+            image = self.image
+            yield self.run_blocking(image.flush)
+        if self.export is not None:
+            self.export.trigger("shutdown")
+        self.clock.cancel_all()
+        self._close_now()
+        log.info("stopped")
+
+    def _close_now(self) -> None:
+        if self.image is not None:
+            self.image.close()
+        if self._trace_file is not None:
+            self._trace_file.close()
+            self._trace_file = None

@@ -1,0 +1,383 @@
+"""One client connection: the NBD protocol driven by Twisted.
+
+The byte-level protocol lives in :mod:`ferry.nbd.server`; this module only
+moves bytes between it, the socket and the image.
+
+Invariants:
+
+* Every parsed request gets exactly one reply, unless the connection is lost.
+* Requests are *performed* in the order they arrive; replies may complete
+  out of order (a FLUSH or FUA write waits on a thread while later reads are
+  answered).
+* The connection is a push producer for its transport.  When the transport
+  says "pause" (its write buffer is full), the connection stops reading from
+  the socket *and* stops dispatching requests it has already parsed, so a
+  client that pipelines reads without reading the replies cannot make the
+  server buffer without bound (the reasoning of Twisted's
+  ``HTTPChannel.pauseProducing``).
+* Nothing a client sends can raise out of ``dataReceived``: a broken frame
+  closes this connection and no other.
+"""
+
+from __future__ import annotations
+
+import errno as os_errno
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ferry.nbd.constants import BlockState, Command, CommandFlag, Errno
+from ferry.nbd.events import (
+    Disconnect,
+    Extent,
+    HandshakeAborted,
+    HandshakeComplete,
+    ProtocolError,
+    RejectedRequest,
+    Request,
+)
+from ferry.nbd.server import ServerConnection
+from ferry.storage import ZeroingNotFast
+
+if TYPE_CHECKING:
+    from ferry.serve.export import Export
+    from ferry.serve.server import NBDServer
+
+log = Logger()
+
+# Most extents one BLOCK_STATUS reply describes; a fragmented file could
+# otherwise make one reply enormous.  Clients ask again from where it ends.
+MAX_EXTENTS_PER_REPLY: Final = 1024
+
+# How an operating-system error becomes an NBD error.  Anything unlisted is
+# reported as EIO: the client must not mistake it for a usage error.
+_OS_TO_NBD: Final = {
+    os_errno.ENOSPC: Errno.ENOSPC,
+    os_errno.EDQUOT: Errno.ENOSPC,
+    os_errno.EFBIG: Errno.ENOSPC,
+    os_errno.EPERM: Errno.EPERM,
+    os_errno.EACCES: Errno.EPERM,
+    os_errno.EROFS: Errno.EPERM,
+    os_errno.EBADF: Errno.EPERM,
+    os_errno.ENOMEM: Errno.ENOMEM,
+    os_errno.EINVAL: Errno.EINVAL,
+    os_errno.EOPNOTSUPP: Errno.ENOTSUP,
+}
+
+
+def nbd_errno(error: OSError) -> Errno:
+    return _OS_TO_NBD.get(error.errno or 0, Errno.EIO)
+
+
+RunBlocking = Callable[[Callable[[], object]], "defer.Deferred[Any]"]
+
+
+@implementer(IPushProducer)
+class NBDServerProtocol(Protocol):
+    def __init__(self, server: NBDServer) -> None:
+        self._server = server
+        self._nbd: ServerConnection | None = None
+        self._export: Export | None = None
+        self._queue: deque[Request | RejectedRequest] = deque()
+        self._paused = False
+        self._in_flight = 0
+        self._closing = False
+        self._lost = False
+        self._drained: list[defer.Deferred[None]] = []
+        self._handshake_timer: Any = None
+        self._context_id = 0
+        self.peer_host = ""
+
+    # -- Twisted protocol -------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.peer_host = getattr(self.transport.getPeer(), "host", "")  # type: ignore[union-attr]
+        if not self._server.acl.allows(self.peer_host):
+            log.info("refused {peer}: not in the ACL", peer=self.peer_host)
+            self._abort()
+            return
+        self._server.connection_opened(self)
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        self._handshake_timer = self._server.clock.call_later(
+            self._server.handshake_timeout, self._handshake_expired
+        )
+        self._nbd = ServerConnection(self._server, oldstyle=self._server.oldstyle)
+        # An oldstyle server has chosen its export before the client speaks.
+        self._receive(b"")
+
+    def dataReceived(self, data: bytes) -> None:
+        self._receive(data)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._lost = True
+        self._queue.clear()
+        self._cancel_handshake_timer()
+        if self._export is not None:
+            self._export.detach(self)
+        self._server.connection_closed(self)
+        self._fire_drained()
+
+    # -- IPushProducer -----------------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self.transport is not None and not self._closing:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self._dispatch()
+
+    def stopProducing(self) -> None:
+        self._abort()
+
+    # -- the control plane's handles -----------------------------------------------
+
+    def disconnect(self, reason: str) -> None:
+        """Close this client at once (ACL change, handoff, fencing)."""
+        log.info("disconnecting {peer}: {reason}", peer=self.peer_host, reason=reason)
+        self._abort()
+
+    def drain(self) -> defer.Deferred[None]:
+        """Stop reading, finish every request already received, then close.
+
+        Used at shutdown: nothing the client was told "done" is lost, and
+        nothing it sent is silently dropped.
+        """
+        d: defer.Deferred[None] = defer.Deferred()
+        if self._lost:
+            d.callback(None)
+            return d
+        self._drained.append(d)
+        self._closing = True
+        if self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._maybe_close()
+        return d
+
+    # -- receiving -------------------------------------------------------------------
+
+    def _receive(self, data: bytes) -> None:
+        assert self._nbd is not None
+        try:
+            events = self._nbd.receive_data(data)
+        except ProtocolError as error:
+            log.warn("closing {peer}: {error}", peer=self.peer_host, error=error)
+            if self._export is not None:
+                self._export.stats.protocol_errors += 1
+            self._flush_handshake()
+            self._abort()
+            return
+        self._flush_handshake()
+        for event in events:
+            kind = type(event)
+            if kind is Request or kind is RejectedRequest:
+                self._queue.append(event)  # type: ignore[arg-type]
+            elif kind is HandshakeComplete:
+                self._handshake_complete(event)  # type: ignore[arg-type]
+            elif kind is Disconnect:
+                self._closing = True
+            elif kind is HandshakeAborted:
+                self._flush_handshake()
+                self._lose()
+                return
+        self._dispatch()
+
+    def _flush_handshake(self) -> None:
+        if self._nbd is not None and self.transport is not None:
+            out = self._nbd.data_to_send()
+            if out:
+                self.transport.write(out)
+
+    def _handshake_complete(self, event: HandshakeComplete) -> None:
+        self._cancel_handshake_timer()
+        export = self._server.export_named(event.export.name)
+        if export is None or not export.clients_allowed:
+            # The export went away or lost control between INFO and GO.
+            self._lose()
+            return
+        self._export = export
+        self._context_id = next(iter(event.meta_contexts), 0)
+        export.attach(self)
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        log.info("closing {peer}: no handshake in time", peer=self.peer_host)
+        self._abort()
+
+    def _cancel_handshake_timer(self) -> None:
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+
+    # -- performing --------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        queue = self._queue
+        while queue and not self._paused and not self._lost:
+            event = queue.popleft()
+            if type(event) is Request:
+                self._perform(event)
+            else:
+                self._reject(event)  # type: ignore[arg-type]
+        self._maybe_close()
+
+    def _reject(self, event: RejectedRequest) -> None:
+        assert self._nbd is not None and self._export is not None
+        self._export.stats.errors[event.error.name] += 1
+        self._export.stats.requests[_command_name(event.command)] += 1
+        self.transport.write(  # type: ignore[union-attr]
+            self._nbd.reply_error(event.handle, event.error, event.reason)
+        )
+
+    def _perform(self, request: Request) -> None:
+        export = self._export
+        nbd = self._nbd
+        assert export is not None and nbd is not None
+        command = request.command
+        started = time.perf_counter()  # latency is observed, never used for decisions
+        image = export.image
+        try:
+            if command is Command.READ:
+                data = image.pread(request.offset, request.length)
+                export.stats.bytes_read += request.length
+                self.transport.writeSequence(  # type: ignore[union-attr]
+                    nbd.reply_read(request.handle, request.offset, data)
+                )
+            elif command is Command.WRITE:
+                image.pwrite(request.data, request.offset)
+                export.stats.bytes_written += request.length
+                export.note_write(request.offset, request.length)
+                if request.flags & CommandFlag.FUA:
+                    self._later(request, started, image.flush)
+                    return
+                self.transport.write(nbd.reply_ok(request.handle))  # type: ignore[union-attr]
+            elif command is Command.FLUSH:
+                self._later(request, started, image.flush)
+                return
+            elif command is Command.TRIM:
+                image.punch_hole(request.offset, request.length)
+                export.note_write(request.offset, request.length)
+                if request.flags & CommandFlag.FUA:
+                    self._later(request, started, image.flush)
+                    return
+                self.transport.write(nbd.reply_ok(request.handle))  # type: ignore[union-attr]
+            elif command is Command.WRITE_ZEROES:
+                image.write_zeroes(
+                    request.offset,
+                    request.length,
+                    may_trim=not request.flags & CommandFlag.NO_HOLE,
+                    fast_only=bool(request.flags & CommandFlag.FAST_ZERO),
+                )
+                export.note_write(request.offset, request.length)
+                if request.flags & CommandFlag.FUA:
+                    self._later(request, started, image.flush)
+                    return
+                self.transport.write(nbd.reply_ok(request.handle))  # type: ignore[union-attr]
+            elif command is Command.CACHE:
+                os.posix_fadvise(
+                    image.fileno(), request.offset, request.length, os.POSIX_FADV_WILLNEED
+                )
+                self.transport.write(nbd.reply_ok(request.handle))  # type: ignore[union-attr]
+            elif command is Command.BLOCK_STATUS:
+                self.transport.write(self._block_status(request))  # type: ignore[union-attr]
+            else:  # the parser only emits known commands; DISC is an event of its own
+                self._fail(request, Errno.EINVAL, "unsupported command")
+                return
+        except ZeroingNotFast:
+            self._fail(request, Errno.ENOTSUP, "zeroing would not be fast")
+            return
+        except OSError as error:
+            log.warn(
+                "{command} at {offset}+{length} failed: {error}",
+                command=command.name,
+                offset=request.offset,
+                length=request.length,
+                error=error,
+            )
+            self._fail(request, nbd_errno(error), os.strerror(error.errno or os_errno.EIO))
+            return
+        export.stats.observe(command.name, time.perf_counter() - started)
+
+    def _block_status(self, request: Request) -> bytes:
+        assert self._nbd is not None and self._export is not None
+        found = self._export.image.extents(request.offset, request.length)
+        if request.flags & CommandFlag.REQ_ONE:
+            found = found[:1]
+        extents = [
+            Extent(e.length, BlockState.HOLE | BlockState.ZERO if e.hole else BlockState.DATA)
+            for e in found[:MAX_EXTENTS_PER_REPLY]
+        ]
+        return self._nbd.reply_block_status(request.handle, self._context_id, extents)
+
+    def _fail(self, request: Request, error: Errno, message: str) -> None:
+        assert self._nbd is not None and self._export is not None
+        self._export.stats.errors[error.name] += 1
+        self._export.stats.requests[request.command.name] += 1
+        if not self._lost:
+            self.transport.write(  # type: ignore[union-attr]
+                self._nbd.reply_error(request.handle, error, message)
+            )
+
+    def _later(self, request: Request, started: float, work: Callable[[], None]) -> None:
+        """Finish ``request`` on a worker thread (fsync): later requests go on meanwhile."""
+        self._in_flight += 1
+        d = self._server.run_blocking(work)
+
+        def done(_: object) -> None:
+            assert self._nbd is not None and self._export is not None
+            self._export.stats.observe(request.command.name, time.perf_counter() - started)
+            if not self._lost:
+                self.transport.write(self._nbd.reply_ok(request.handle))  # type: ignore[union-attr]
+
+        def failed(failure: Failure) -> None:
+            error = failure.value
+            if isinstance(error, OSError):
+                self._fail(request, nbd_errno(error), os.strerror(error.errno or os_errno.EIO))
+            else:
+                log.failure("{command} failed", failure, command=request.command.name)
+                self._fail(request, Errno.EIO, "internal error")
+
+        def settle(_: object) -> None:
+            self._in_flight -= 1
+            self._maybe_close()
+
+        d.addCallbacks(done, failed)
+        d.addBoth(settle)
+
+    # -- closing ------------------------------------------------------------------------
+
+    def _maybe_close(self) -> None:
+        if self._closing and not self._queue and self._in_flight == 0 and not self._lost:
+            self._lose()
+
+    def _lose(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _fire_drained(self) -> None:
+        drained, self._drained = self._drained, []
+        for d in drained:
+            d.callback(None)
+
+
+def _command_name(command: int) -> str:
+    try:
+        return Command(command).name
+    except ValueError:
+        return "UNKNOWN"

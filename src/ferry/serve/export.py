@@ -1,0 +1,142 @@
+"""An export: one image served under one name, and the role it plays.
+
+The export owns the role machine (``statecharts/role.yaml``).  Whether the
+export has control of the image, and whether it admits new clients, are
+properties of the role state written in that YAML, never flags kept beside
+it, so the status line, the handshake and the trace cannot disagree.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ferry import statecharts
+from ferry.clock import Clock
+from ferry.control.status import StatusSnapshot
+from ferry.nbd.constants import MAX_REQUEST_SIZE, MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE
+from ferry.nbd.events import ExportInfo
+from ferry.serve.stats import RequestStats
+from ferry.storage import Image
+
+if TYPE_CHECKING:
+    from ferry.trace import Tracer
+
+WriteObserver = Callable[[int, int], None]
+
+
+class Attached(Protocol):
+    """A client connection in transmission with this export."""
+
+    def disconnect(self, reason: str) -> None: ...
+
+
+class Role:
+    """The model the role machine drives; ``transitions`` adds ``state`` and the triggers."""
+
+    state: str
+
+
+class Export:
+    def __init__(
+        self,
+        name: str,
+        image: Image,
+        *,
+        clock: Clock,
+        tracer: Tracer | None = None,
+        description: str = "",
+    ) -> None:
+        self.name = name
+        self.image = image
+        self.description = description
+        self.stats = RequestStats()
+        self.role = Role()
+        self._chart = statecharts.load("role")
+        statecharts.build(self._chart, self.role, instance=name, tracer=tracer, clock=clock)
+        self._clients: set[Attached] = set()
+        self._write_observers: list[WriteObserver] = []
+
+    # -- role ---------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self.role.state
+
+    def trigger(self, event: str) -> None:
+        """Fire a role event; an illegal one raises ``transitions.MachineError``."""
+        machine_model: Any = self.role
+        machine_model.trigger(event)
+
+    @property
+    def has_control(self) -> bool:
+        return bool(self._chart.property(self.state, "has_control"))
+
+    @property
+    def clients_allowed(self) -> bool:
+        return bool(self._chart.property(self.state, "clients_allowed"))
+
+    # -- what the handshake tells clients -------------------------------------
+
+    @property
+    def read_only(self) -> bool:
+        return self.image.read_only
+
+    def info(self) -> ExportInfo:
+        return ExportInfo(
+            name=self.name,
+            size=self.image.size,
+            read_only=self.image.read_only,
+            description=self.description,
+            min_block_size=MIN_BLOCK_SIZE,
+            preferred_block_size=PREFERRED_BLOCK_SIZE,
+            max_block_size=MAX_REQUEST_SIZE,
+        )
+
+    # -- clients --------------------------------------------------------------
+
+    def attach(self, client: Attached) -> None:
+        self._clients.add(client)
+        self.stats.connections += 1
+
+    def detach(self, client: Attached) -> None:
+        self._clients.discard(client)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self._clients)
+
+    def disconnect_all(self, reason: str) -> None:
+        for client in list(self._clients):
+            client.disconnect(reason)
+
+    # -- writes ---------------------------------------------------------------
+
+    def observe_writes(self, observer: WriteObserver) -> Callable[[], None]:
+        """Call ``observer(offset, length)`` after every write; returns the undo.
+
+        A migration registers its dirty map here, so every byte a client
+        changes while a pass runs is copied again by the next one.
+        """
+        self._write_observers.append(observer)
+        return lambda: self._write_observers.remove(observer)
+
+    def note_write(self, offset: int, length: int) -> None:
+        for observer in self._write_observers:
+            observer(offset, length)
+
+    # -- status -----------------------------------------------------------------
+
+    def snapshot(self) -> StatusSnapshot:
+        return StatusSnapshot(
+            export=self.name,
+            pid=os.getpid(),
+            size=self.image.size,
+            is_mirroring=False,
+            clients_allowed=self.clients_allowed,
+            num_clients=self.num_clients,
+            has_control=self.has_control,
+            is_migrating=False,
+            state=self.state,
+        )

@@ -1,0 +1,173 @@
+"""Test support shared by the suites: real ferry processes and real peers.
+
+Everything waits on an event with a deadline (a log line, a port that
+accepts, a process that exits); nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+DEADLINE = 30.0
+FERRY = [sys.executable, "-m", "ferry"]
+# nbdsh is a Debian script that runs `python3 -m nbd`; the libnbd bindings
+# live in Debian's Python, which may not be first on PATH.
+NBDSH = ["/usr/bin/python3", "-m", "nbd"]
+
+
+class Deadline:
+    def __init__(self, seconds: float = DEADLINE) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.end
+
+
+def read_line(stream: IO[bytes], deadline: Deadline) -> bytes:
+    """One line from a pipe, or b"" at EOF; TimeoutError past the deadline."""
+    fd = stream.fileno()
+    buf = b""
+    while not buf.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], deadline.left())
+        if not ready:
+            raise TimeoutError(f"no complete line in time (got {buf!r})")
+        chunk = os.read(fd, 1)
+        if not chunk:
+            return buf
+        buf += chunk
+    return buf
+
+
+class FerryProcess:
+    """``ferry serve`` in a child process; knows its port once it says it serves."""
+
+    SERVING = re.compile(rb"serving .* on (?P<addr>\S+):(?P<port>\d+)")
+
+    def __init__(self, args: Sequence[str], *, env: dict[str, str] | None = None) -> None:
+        self.args = [*FERRY, *args]
+        self.proc = subprocess.Popen(
+            self.args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        self.log: list[str] = []
+        self.port = 0
+
+    def wait_serving(self, deadline: Deadline | None = None) -> FerryProcess:
+        deadline = deadline or Deadline()
+        assert self.proc.stderr is not None
+        while True:
+            line = read_line(self.proc.stderr, deadline)
+            if not line:
+                self.proc.wait(timeout=deadline.left())
+                raise RuntimeError(f"ferry exited {self.proc.returncode}: {''.join(self.log)}")
+            self.log.append(line.decode(errors="replace"))
+            match = self.SERVING.search(line)
+            if match:
+                self.port = int(match.group("port"))
+                return self
+
+    def uri(self, name: str = "") -> str:
+        return f"nbd://127.0.0.1:{self.port}/{name}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = DEADLINE) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        return self.proc.returncode
+
+    def stderr_text(self) -> str:
+        """Everything logged so far, including after wait_serving (process must have exited)."""
+        assert self.proc.stderr is not None
+        rest = (
+            self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else ""
+        )
+        return "".join(self.log) + rest
+
+
+def serve(image: Path, *extra: str, env: dict[str, str] | None = None) -> FerryProcess:
+    return FerryProcess(
+        ["serve", "--addr", "127.0.0.1", "--port", "0", "--file", str(image), *extra], env=env
+    ).wait_serving()
+
+
+def run(
+    cmd: Sequence[str],
+    *,
+    input: bytes | None = None,
+    timeout: float = 120,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    result = subprocess.run(list(cmd), input=input, capture_output=True, timeout=timeout, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {result.returncode}\nstdout: {result.stdout[-2000:]!r}\n"
+            f"stderr: {result.stderr[-2000:]!r}"
+        )
+    return result
+
+
+def nbdsh(
+    uri: str, script: str, *, base_allocation: bool = False, **kwargs: Any
+) -> subprocess.CompletedProcess[bytes]:
+    extra = ["--base-allocation"] if base_allocation else []
+    return run([*NBDSH, *extra, "-u", uri, "-c", script], **kwargs)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def random_file(path: Path, size: int, seed: int = 1) -> Path:
+    """Incompressible, reproducible content (no /dev/urandom: reruns must match)."""
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 1 << 20)
+            f.write(rng.randbytes(n))
+            left -= n
+    return path
+
+
+def sparse_file(path: Path, size: int, data_at: Sequence[tuple[int, int]] = ()) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, length in data_at:
+            f.seek(offset)
+            f.write(b"\xa5" * length)
+    return path
+
+
+def connect_raw(port: int, deadline: Deadline | None = None) -> socket.socket:
+    deadline = deadline or Deadline()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=deadline.left())
+    return sock

@@ -1,0 +1,231 @@
+"""The Twisted data plane with Twisted's own test doubles: no sockets, a fake clock.
+
+The client side is ferry's sans-IO client, so these tests exercise the
+whole request path (handshake, dispatch, replies) deterministically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+
+from ferry.clock import ReactorClock
+from ferry.nbd.client import ClientConnection
+from ferry.nbd.constants import Command, CommandFlag, Errno, OptionReply
+from ferry.nbd.events import Negotiated, NegotiationFailed, Reply
+from ferry.serve.acl import Acl
+from ferry.serve.connection import NBDServerProtocol
+from ferry.serve.export import Export
+from ferry.serve.server import HANDSHAKE_TIMEOUT, NBDServer
+from ferry.storage import Image
+
+SIZE = 1 << 20
+
+
+class Blocking:
+    """A run_blocking that holds each job until the test releases it."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[[], object], defer.Deferred[Any]]] = []
+
+    def __call__(self, work: Callable[[], object]) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.jobs.append((work, d))
+        return d
+
+    def release_all(self) -> None:
+        jobs, self.jobs = self.jobs, []
+        for work, d in jobs:
+            d.callback(work())
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, *, acl: Acl | None = None, serve: bool = True) -> None:
+        path = tmp_path / "disk.img"
+        with open(path, "wb") as f:
+            f.truncate(SIZE)
+        self.image = Image.open(path)
+        self.reactor = task.Clock()
+        self.clock = ReactorClock(self.reactor)
+        self.export = Export("disk", self.image, clock=self.clock)
+        self.export.trigger("serve" if serve else "listen")
+        self.blocking = Blocking()
+        self.server = NBDServer(
+            [self.export], clock=self.clock, run_blocking=self.blocking, acl=acl
+        )
+
+    def connect(self, host: str = "127.0.0.1") -> Peer:
+        protocol = self.server.buildProtocol(None)
+        assert protocol is not None
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
+        protocol.makeConnection(transport)
+        return Peer(protocol, transport)
+
+
+class Peer:
+    """A client connection: ferry's sans-IO client wired to a StringTransport."""
+
+    def __init__(self, protocol: NBDServerProtocol, transport: StringTransport) -> None:
+        self.protocol = protocol
+        self.transport = transport
+        self.client = ClientConnection("disk")
+        self.events: list[Any] = []
+
+    def pump(self) -> list[Any]:
+        """Move bytes both ways until neither side has anything to say."""
+        while True:
+            to_client = self.transport.value()
+            self.transport.clear()
+            if to_client:
+                self.events.extend(self.client.receive_data(to_client))
+            to_server = self.client.data_to_send()
+            if to_server:
+                self.protocol.dataReceived(to_server)
+            if not to_client and not to_server:
+                return self.events
+
+    def negotiate(self) -> Negotiated:
+        self.pump()
+        negotiated = self.client.negotiated
+        assert negotiated is not None, self.events
+        self.events.clear()
+        return negotiated
+
+    def replies(self) -> dict[int, Reply]:
+        self.pump()
+        return {e.handle: e for e in self.events if isinstance(e, Reply)}
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Harness:
+    return Harness(tmp_path)
+
+
+def test_pipelined_requests_are_all_answered(harness: Harness) -> None:
+    peer = harness.connect()
+    peer.negotiate()
+    write = peer.client.request(Command.WRITE, 4096, 5, data=b"hello")
+    read = peer.client.request(Command.READ, 4096, 5)
+    past = peer.client.request(Command.READ, SIZE - 1, 2)
+    replies = peer.replies()
+    assert replies[write].error == Errno.OK
+    assert replies[read].data == b"hello"
+    assert replies[past].error == Errno.EINVAL
+    assert harness.export.num_clients == 1
+    assert harness.export.stats.requests["READ"] == 2
+    assert harness.export.stats.errors["EINVAL"] == 1
+
+
+def test_paused_transport_stops_dispatching(harness: Harness) -> None:
+    peer = harness.connect()
+    peer.negotiate()
+    peer.protocol.pauseProducing()
+    assert peer.transport.producerState == "paused"
+    handles = [peer.client.request(Command.READ, i * 512, 512) for i in range(3)]
+    assert peer.replies() == {}  # parsed, queued, not performed
+    peer.protocol.resumeProducing()
+    assert peer.transport.producerState == "producing"
+    assert sorted(peer.replies()) == sorted(handles)
+
+
+def test_a_flush_completes_after_later_requests(harness: Harness) -> None:
+    peer = harness.connect()
+    peer.negotiate()
+    flush = peer.client.request(Command.FLUSH)
+    fua = peer.client.request(Command.WRITE, 0, 3, data=b"abc", flags=CommandFlag.FUA)
+    read = peer.client.request(Command.READ, 0, 3)
+    replies = peer.replies()
+    assert set(replies) == {read}  # the flush and the FUA write wait on a thread
+    harness.blocking.release_all()
+    replies = peer.replies()
+    assert replies[flush].error == Errno.OK and replies[fua].error == Errno.OK
+
+
+def test_a_bad_magic_aborts_only_that_connection(harness: Harness) -> None:
+    good, bad = harness.connect(), harness.connect()
+    good.negotiate()
+    bad.negotiate()
+    bad.protocol.dataReceived(b"\xde\xad\xbe\xef" * 7)
+    assert bad.transport.disconnecting
+    assert not good.transport.disconnecting
+    handle = good.client.request(Command.READ, 0, 1)
+    assert good.replies()[handle].error == Errno.OK
+
+
+def test_the_handshake_must_finish_in_time(harness: Harness) -> None:
+    peer = harness.connect()
+    harness.reactor.advance(HANDSHAKE_TIMEOUT - 0.1)
+    assert not peer.transport.disconnecting
+    harness.reactor.advance(0.2)
+    assert peer.transport.disconnecting
+
+
+def test_a_negotiated_client_has_no_handshake_deadline(harness: Harness) -> None:
+    peer = harness.connect()
+    peer.negotiate()
+    harness.reactor.advance(HANDSHAKE_TIMEOUT * 10)
+    assert not peer.transport.disconnecting
+
+
+def test_the_acl_refuses_at_connect_and_on_replacement(tmp_path: Path) -> None:
+    harness = Harness(tmp_path, acl=Acl.parse(["10.0.0.0/8"]))
+    outsider = harness.connect("192.0.2.1")
+    assert outsider.transport.disconnecting and outsider.transport.value() == b""
+    insider = harness.connect("10.1.2.3")
+    insider.negotiate()
+    assert harness.server.replace_acl(Acl.parse(["10.9.0.0/16"])) == 1
+    assert insider.transport.disconnecting
+
+
+def test_an_export_without_control_refuses_clients_with_a_reason(tmp_path: Path) -> None:
+    harness = Harness(tmp_path, serve=False)
+    peer = harness.connect()
+    events = peer.pump()
+    failed = [e for e in events if isinstance(e, NegotiationFailed)]
+    assert failed and failed[0].error == OptionReply.ERR_POLICY
+    assert "listening" in failed[0].message
+
+
+def test_drain_finishes_what_was_received_then_closes(harness: Harness) -> None:
+    peer = harness.connect()
+    peer.negotiate()
+    flush = peer.client.request(Command.FLUSH)
+    peer.pump()
+    drained = harness.server.drain()
+    assert not drained.called and not peer.transport.disconnecting
+    harness.blocking.release_all()
+    assert peer.replies()[flush].error == Errno.OK
+    assert peer.transport.disconnecting
+    peer.protocol.connectionLost(None)
+    assert drained.called
+    assert harness.server.buildProtocol(None) is None
+
+
+def test_disc_closes_after_the_replies(harness: Harness) -> None:
+    peer = harness.connect()
+    peer.negotiate()
+    read = peer.client.request(Command.READ, 0, 8)
+    peer.client.request(Command.DISC)
+    assert peer.replies()[read].error == Errno.OK
+    assert peer.transport.disconnecting
+
+
+def test_writes_are_observed_for_the_dirty_map(harness: Harness) -> None:
+    seen: list[tuple[int, int]] = []
+    undo = harness.export.observe_writes(lambda offset, length: seen.append((offset, length)))
+    peer = harness.connect()
+    peer.negotiate()
+    peer.client.request(Command.WRITE, 100, 3, data=b"xyz")
+    peer.client.request(Command.TRIM, 8192, 4096)
+    peer.client.request(Command.WRITE_ZEROES, 65536, 512)
+    peer.replies()
+    undo()
+    peer.client.request(Command.WRITE, 0, 1, data=b"q")
+    peer.replies()
+    assert seen == [(100, 3), (8192, 4096), (65536, 512)]
