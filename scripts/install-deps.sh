@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 debian=(libnbd-bin)
 extras=""
 if [[ "${1:-}" == "--test" ]]; then
-    debian+=(python3-libnbd qemu-utils nbdkit nbd-server prometheus fio)
+    debian+=(python3-libnbd qemu-utils nbdkit nbd-server prometheus fio curl)
     extras="[test,lint]"
 fi
 

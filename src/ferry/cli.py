@@ -15,6 +15,7 @@ import json
 import re
 import socket
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -90,6 +91,13 @@ def build_parser() -> Parser:
     status = modes.add_parser("status", help="print a server's status line")
     _control_sock(status, required=True)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="if the server is not up yet, keep trying this long (for scripts)",
+    )
     status.set_defaults(run=run_status)
 
     acl = modes.add_parser("acl", help="replace a server's access control list")
@@ -199,7 +207,15 @@ def control_request(path: str, lines: Sequence[str]) -> tuple[int, str]:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    status, text = control_request(args.sock, ["status"])
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            status, text = control_request(args.sock, ["status"])
+            break
+        except UserError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)  # polling a server that is still starting
     if status != 0:
         raise UserError(text)
     if args.json:

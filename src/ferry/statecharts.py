@@ -579,7 +579,7 @@ def render_mermaid(chart: Statechart) -> str:
         lines.append(f"    {source} --> {dest}: {', '.join(triggers)}")
     controlled = [s.name for s in chart.states if _has_control(s)]
     if controlled:
-        lines.append(f"    class {', '.join(controlled)} control")
+        lines.append(f"    class {','.join(controlled)} control")
     return "\n".join(lines) + "\n"
 
 

@@ -567,7 +567,7 @@ def test_diagrams_are_deterministic_and_mark_control(role: Statechart) -> None:
     mermaid = render_mermaid(role)
     assert mermaid == render_mermaid(load_file(REPO / "statecharts" / "role.yaml"))
     assert mermaid.splitlines()[3] == "stateDiagram-v2"
-    assert "    class serving, migrating, quiescing, handing_off control" in mermaid
+    assert "    class serving,migrating,quiescing,handing_off control" in mermaid
     assert "    [*] --> starting" in mermaid
 
 

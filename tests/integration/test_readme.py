@@ -1,0 +1,64 @@
+"""The README stays true: its commands are run here, as they are written."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from support import run
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+README = (REPO / "README.md").read_text()
+
+
+def fenced_block(heading: str, language: str) -> str:
+    section = README.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    match = re.search(rf"```{language}\n(.*?)```", section, re.DOTALL)
+    assert match, f"no {language} block under {heading}"
+    return match.group(1)
+
+
+def test_the_quick_start_is_two_commands_and_ci_runs_the_second() -> None:
+    commands = [
+        line.split("#")[0].strip() for line in fenced_block("Quick start", "sh").splitlines()
+    ]
+    assert commands == ["bash scripts/demo.sh", "bash scripts/test.sh"]
+    assert "scripts/test.sh" in (REPO / ".ci" / "run").read_text()
+
+
+def test_the_demo_runs_and_verifies_the_copy() -> None:
+    env = dict(os.environ, FERRY_SKIP_INSTALL="1")
+    result = run(["bash", str(REPO / "scripts" / "demo.sh")], env=env, timeout=120)
+    out = result.stdout.decode()
+    assert "byte for byte identical" in out
+    assert "state=serving" in out
+    assert "ferry stopped cleanly" in out
+
+
+def test_the_session_in_using_it_runs_as_written(tmp_path: Path) -> None:
+    lines = [line[2:] for line in fenced_block("Using it", "console").splitlines()]
+    script = "set -euo pipefail\n" + "\n".join(lines) + "\n"
+    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, timeout=120)
+    out = result.stdout.decode()
+    log = (tmp_path / "ferry.log").read_text()
+    assert result.returncode == 0, out + result.stderr.decode() + log
+    assert "state=serving" in out
+    assert "ab ab ab ab" in out  # ferry read shows what qemu-io wrote
+    assert 'ferry_state{export="disk",machine="role",state="serving"} 1.0' in out
+    assert out.rstrip().endswith("role disk stopped")
+    assert (tmp_path / "disk.img").read_bytes()[4096:4101] == b"hello"
+
+
+def test_the_readme_diagram_matches_the_generated_one() -> None:
+    generated = set((REPO / "statecharts" / "role.mmd").read_text().splitlines())
+    shown = fenced_block("State machines and traces", "mermaid").splitlines()
+    missing = [line for line in shown if line not in generated]
+    assert not missing, f"README diagram lines not in role.mmd: {missing}"
+    edges = {line for line in generated if "-->" in line and "shutdown" not in line}
+    assert edges <= set(shown), "README diagram lost an edge of role.mmd"
