@@ -224,3 +224,35 @@ assert len(seen[0]) == 2, seen
 print("ok")
 """
     assert nbdsh(server.uri("disk"), script, base_allocation=True).stdout.strip() == b"ok"
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 1 MiB tmpfs: the disk that fills up under a sparse 8 MiB image."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    run(["mount", "-t", "tmpfs", "-o", "size=1m", "ferry-test", str(mount_point)])
+    yield mount_point
+    run(["umount", "--lazy", str(mount_point)])
+
+
+def test_a_full_disk_is_enospc_and_loses_nothing(tiny_filesystem: Path) -> None:
+    image = sparse_file(tiny_filesystem / "disk.img", 8 * MiB)
+    proc = serve(image)
+    try:
+        script = """
+import errno
+h.pwrite(b"\\x42" * 262144, 0)
+try:
+    h.pwrite(b"\\x17" * (4 << 20), 1 << 20)
+    raise SystemExit("a 4 MiB write fitted on a 1 MiB file system")
+except nbd.Error as e:
+    assert e.errnum == errno.ENOSPC, e
+assert h.pread(262144, 0) == b"\\x42" * 262144
+h.flush()
+print("ok")
+"""
+        assert nbdsh(proc.uri(), script).stdout.strip() == b"ok"
+        assert nbdsh(proc.uri(), "print(h.pread(4, 0).hex())").stdout.strip() == b"42424242"
+    finally:
+        assert proc.stop() == 0
