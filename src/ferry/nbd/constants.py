@@ -167,3 +167,31 @@ class Errno(enum.IntEnum):
     EOVERFLOW = 75
     ENOTSUP = 95
     ESHUTDOWN = 108
+
+
+# -- ferry's migration extension -------------------------------------------------
+#
+# Between two ferry nodes the migration stream is ordinary NBD (WRITE,
+# WRITE_ZEROES, TRIM, FLUSH) plus two additions that only a ferry listener
+# understands; any other NBD server answers the option with ERR_UNSUP, which
+# tells the source it is mirroring into a plain NBD target (no handoff).
+#
+# FERRY_OPT_MIGRATE, sent during option haggling before GO: "I am the
+# migration source for this export".  Payload: FERRY_MIGRATE_REQUEST.
+# A listening ferry answers ACK and then admits this connection (only this
+# one) to an export that refuses ordinary clients; ERR_POLICY with a message
+# when it is not listening or already has a sender.
+#
+# FERRY_CMD_COMMIT, a transmission command: "you have it all; take control".
+# The offset field carries the lease's fencing token, length is 0.  The
+# destination fsyncs, takes control (and the lease), and only then replies;
+# the reply is the acknowledgement of the two-phase commit.  An error reply
+# means it did not take control; no reply means the outcome is unknown.
+FERRY_OPT_MIGRATE: Final = 0x46455201  # b"FER\x01"
+FERRY_MIGRATE_VERSION: Final = 1
+FERRY_MIGRATE_REQUEST: Final = struct.Struct(">IQ")  # protocol version, image size
+FERRY_CMD_COMMIT: Final = 0xF001
+
+# flexnbd-compatible mirroring: oldstyle hello, every write carries this
+# handle, and NBD_CMD_DISC after the last write means "take control".
+FLEXNBD_MIRROR_HANDLE: Final = int.from_bytes(b".MIRROR.", "big")
