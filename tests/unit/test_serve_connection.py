@@ -229,3 +229,43 @@ def test_writes_are_observed_for_the_dirty_map(harness: Harness) -> None:
     peer.client.request(Command.WRITE, 0, 1, data=b"q")
     peer.replies()
     assert seen == [(100, 3), (8192, 4096), (65536, 512)]
+
+
+def test_a_hold_queues_requests_and_release_answers_them(harness: Harness) -> None:
+    peer = harness.connect()
+    peer.negotiate()
+    held = harness.export.hold()
+    assert held.called  # writes are performed before their reply: nothing in flight to wait for
+    write = peer.client.request(Command.WRITE, 0, 4, data=b"held")
+    read = peer.client.request(Command.READ, 0, 4)
+    assert peer.replies() == {}
+    assert harness.image.pread(0, 4) == bytes(4)  # not performed while held
+    harness.reactor.advance(0.25)
+    harness.export.release()
+    replies = peer.replies()
+    assert replies[write].error == Errno.OK and replies[read].data == b"held"
+    assert harness.export.longest_hold == pytest.approx(0.25)
+    assert not peer.transport.disconnecting
+
+
+def test_the_write_cap_delays_writes_in_order(harness: Harness) -> None:
+    harness.export.set_write_cap(64 * 1024)
+    peer = harness.connect()
+    peer.negotiate()
+    handles = [
+        peer.client.request(Command.WRITE, i * 65536, 65536, data=bytes([i + 1]) * 65536)
+        for i in range(4)
+    ]
+    read = peer.client.request(Command.READ, 0, 1)
+    answered_at: dict[int, float] = {}
+    for _ in range(40):
+        for handle in peer.replies():
+            answered_at.setdefault(handle, harness.reactor.seconds())
+        harness.reactor.advance(0.25)
+    assert set(answered_at) == {*handles, read}
+    times = [answered_at[h] for h in [*handles, read]]
+    assert times == sorted(times)  # performed in arrival order, the read behind the writes
+    # 256 KiB at 64 KiB/s: about four seconds, less the limiter's small burst.
+    assert 3.5 <= answered_at[handles[-1]] <= 4.25
+    harness.export.set_write_cap(None)
+    assert harness.export.write_limiter is None

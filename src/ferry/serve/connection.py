@@ -17,6 +17,11 @@ Invariants:
   ``HTTPChannel.pauseProducing``).
 * Nothing a client sends can raise out of ``dataReceived``: a broken frame
   closes this connection and no other.
+* Replies go through the connection's :class:`~ferry.serve.outbox.Outbox`:
+  those of one batch of requests leave together (one ``sendmsg``, without a
+  copy, when the transport holds nothing), and the outbox is flushed before
+  control returns to the reactor -- at the end of ``_dispatch``, after a
+  thread's result, after handshake output.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from ferry.nbd.events import (
     Request,
 )
 from ferry.nbd.server import ServerConnection
+from ferry.serve.outbox import Outbox, tune
 from ferry.storage import ZeroingNotFast
 
 if TYPE_CHECKING:
@@ -74,6 +80,23 @@ _OS_TO_NBD: Final = {
 }
 
 
+# The hot path compares against these rather than ``Command.READ`` and
+# ``request.flags & CommandFlag.FUA``: an enum member lookup costs ~130 ns,
+# IntFlag's ``&`` ~850 ns and ``.name`` ~290 ns, against a few microseconds
+# for a whole 4 KiB read.
+_READ: Final = Command.READ
+_WRITE: Final = Command.WRITE
+_FLUSH: Final = Command.FLUSH
+_TRIM: Final = Command.TRIM
+_WRITE_ZEROES: Final = Command.WRITE_ZEROES
+_CACHE: Final = Command.CACHE
+_BLOCK_STATUS: Final = Command.BLOCK_STATUS
+_FUA: Final = int(CommandFlag.FUA)
+_NO_HOLE: Final = int(CommandFlag.NO_HOLE)
+_FAST_ZERO: Final = int(CommandFlag.FAST_ZERO)
+_NAMES: Final = {command: command.name for command in Command}
+
+
 def nbd_errno(error: OSError) -> Errno:
     return _OS_TO_NBD.get(error.errno or 0, Errno.EIO)
 
@@ -88,12 +111,16 @@ class NBDServerProtocol(Protocol):
         self._nbd: ServerConnection | None = None
         self._export: Export | None = None
         self._queue: deque[Request | RejectedRequest] = deque()
+        self._outbox: Outbox | None = None
         self._paused = False
         self._in_flight = 0
         self._closing = False
         self._lost = False
         self._drained: list[defer.Deferred[None]] = []
         self._handshake_timer: Any = None
+        self._throttle_timer: Any = None  # a write waiting for the auto-converge cap
+        self._write_charged = False  # the head write has already paid the cap
+        self._held_since: float | None = None  # first request queued behind a hold
         self._context_id = 0
         self.peer_host = ""
 
@@ -106,6 +133,8 @@ class NBDServerProtocol(Protocol):
             self._abort()
             return
         self._server.connection_opened(self)
+        tune(self.transport)
+        self._outbox = Outbox(self.transport)
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self._handshake_timer = self._server.clock.call_later(
             self._server.handshake_timeout, self._handshake_expired
@@ -120,7 +149,12 @@ class NBDServerProtocol(Protocol):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._lost = True
         self._queue.clear()
+        if self._outbox is not None:
+            self._outbox.discard()
         self._cancel_handshake_timer()
+        if self._throttle_timer is not None and self._throttle_timer.active():
+            self._throttle_timer.cancel()
+        self._throttle_timer = None
         if self._export is not None:
             self._export.detach(self)
         self._server.connection_closed(self)
@@ -195,10 +229,11 @@ class NBDServerProtocol(Protocol):
         self._dispatch()
 
     def _flush_handshake(self) -> None:
-        if self._nbd is not None and self.transport is not None:
+        if self._nbd is not None and self._outbox is not None:
             out = self._nbd.data_to_send()
             if out:
-                self.transport.write(out)
+                self._outbox.add(out)
+                self._outbox.flush()
 
     def _handshake_complete(self, event: HandshakeComplete) -> None:
         self._cancel_handshake_timer()
@@ -224,74 +259,112 @@ class NBDServerProtocol(Protocol):
     # -- performing --------------------------------------------------------------------
 
     def _dispatch(self) -> None:
+        """Perform queued requests until none is left or the transport pauses us.
+
+        Replies collect in the outbox and go out in one batch at the end (or
+        sooner, when the batch is full; a flush that fills the transport's
+        buffer pauses us, which ends the loop).
+        """
         queue = self._queue
-        while queue and not self._paused and not self._lost:
-            event = queue.popleft()
+        export = self._export
+        while queue and not self._paused and not self._lost and self._throttle_timer is None:
+            if export is not None and export.held:
+                # A switchover holds client requests: queued, not failed.
+                if self._held_since is None:
+                    self._held_since = export.clock.seconds()
+                break
+            event = queue[0]
             if type(event) is Request:
+                if (
+                    event.command is _WRITE
+                    and export is not None
+                    and export.write_limiter is not None
+                    and not self._write_charged
+                ):
+                    delay = export.write_limiter.reserve(event.length)
+                    if delay > 0:
+                        self._write_charged = True
+                        self._throttle_timer = export.clock.call_later(delay, self._unthrottle)
+                        break
+                self._write_charged = False
+                queue.popleft()
                 self._perform(event)
             else:
+                queue.popleft()
                 self._reject(event)  # type: ignore[arg-type]
+        if self._outbox is not None and not self._lost:
+            self._outbox.flush()
         self._maybe_close()
+
+    def _unthrottle(self) -> None:
+        self._throttle_timer = None
+        self._dispatch()
+
+    def resume_dispatch(self) -> None:
+        """The export released its hold: account for the wait, then go on."""
+        if self._held_since is not None and self._export is not None:
+            self._export.note_hold(self._export.clock.seconds() - self._held_since)
+            self._held_since = None
+        self._dispatch()
 
     def _reject(self, event: RejectedRequest) -> None:
         assert self._nbd is not None and self._export is not None
         self._export.stats.errors[event.error.name] += 1
         self._export.stats.requests[_command_name(event.command)] += 1
-        self.transport.write(  # type: ignore[union-attr]
-            self._nbd.reply_error(event.handle, event.error, event.reason)
-        )
+        self._send(self._nbd.reply_error(event.handle, event.error, event.reason))
 
     def _perform(self, request: Request) -> None:
         export = self._export
         nbd = self._nbd
-        assert export is not None and nbd is not None
+        outbox = self._outbox
+        assert export is not None and nbd is not None and outbox is not None
         command = request.command
+        fua = int(request.flags) & _FUA
         started = time.perf_counter()  # latency is observed, never used for decisions
         image = export.image
         try:
-            if command is Command.READ:
+            if command is _READ:
                 data = image.pread(request.offset, request.length)
                 export.stats.bytes_read += request.length
-                self.transport.writeSequence(  # type: ignore[union-attr]
-                    nbd.reply_read(request.handle, request.offset, data)
-                )
-            elif command is Command.WRITE:
+                outbox.add_all(nbd.reply_read(request.handle, request.offset, data))
+            elif command is _WRITE:
                 image.pwrite(request.data, request.offset)
                 export.stats.bytes_written += request.length
                 export.note_write(request.offset, request.length)
-                if request.flags & CommandFlag.FUA:
+                if fua:
                     self._later(request, started, image.flush)
                     return
-                self.transport.write(nbd.reply_ok(request.handle))  # type: ignore[union-attr]
-            elif command is Command.FLUSH:
+                outbox.add(nbd.reply_ok(request.handle))
+            elif command is _FLUSH:
                 self._later(request, started, image.flush)
                 return
-            elif command is Command.TRIM:
+            elif command is _TRIM:
                 image.punch_hole(request.offset, request.length)
                 export.note_write(request.offset, request.length)
-                if request.flags & CommandFlag.FUA:
+                if fua:
                     self._later(request, started, image.flush)
                     return
-                self.transport.write(nbd.reply_ok(request.handle))  # type: ignore[union-attr]
-            elif command is Command.WRITE_ZEROES:
+                outbox.add(nbd.reply_ok(request.handle))
+            elif command is _WRITE_ZEROES:
+                flags = int(request.flags)
                 image.write_zeroes(
                     request.offset,
                     request.length,
-                    may_trim=not request.flags & CommandFlag.NO_HOLE,
-                    fast_only=bool(request.flags & CommandFlag.FAST_ZERO),
+                    may_trim=not flags & _NO_HOLE,
+                    fast_only=bool(flags & _FAST_ZERO),
                 )
                 export.note_write(request.offset, request.length)
-                if request.flags & CommandFlag.FUA:
+                if fua:
                     self._later(request, started, image.flush)
                     return
-                self.transport.write(nbd.reply_ok(request.handle))  # type: ignore[union-attr]
-            elif command is Command.CACHE:
+                outbox.add(nbd.reply_ok(request.handle))
+            elif command is _CACHE:
                 os.posix_fadvise(
                     image.fileno(), request.offset, request.length, os.POSIX_FADV_WILLNEED
                 )
-                self.transport.write(nbd.reply_ok(request.handle))  # type: ignore[union-attr]
-            elif command is Command.BLOCK_STATUS:
-                self.transport.write(self._block_status(request))  # type: ignore[union-attr]
+                outbox.add(nbd.reply_ok(request.handle))
+            elif command is _BLOCK_STATUS:
+                outbox.add(self._block_status(request))
             else:  # the parser only emits known commands; DISC is an event of its own
                 self._fail(request, Errno.EINVAL, "unsupported command")
                 return
@@ -308,7 +381,7 @@ class NBDServerProtocol(Protocol):
             )
             self._fail(request, nbd_errno(error), os.strerror(error.errno or os_errno.EIO))
             return
-        export.stats.observe(command.name, time.perf_counter() - started)
+        export.stats.observe(_NAMES[command], time.perf_counter() - started)
 
     def _block_status(self, request: Request) -> bytes:
         assert self._nbd is not None and self._export is not None
@@ -326,9 +399,12 @@ class NBDServerProtocol(Protocol):
         self._export.stats.errors[error.name] += 1
         self._export.stats.requests[request.command.name] += 1
         if not self._lost:
-            self.transport.write(  # type: ignore[union-attr]
-                self._nbd.reply_error(request.handle, error, message)
-            )
+            self._send(self._nbd.reply_error(request.handle, error, message))
+
+    def _send(self, reply: bytes) -> None:
+        """Add ``reply`` to the batch; _dispatch or the caller flushes it."""
+        assert self._outbox is not None
+        self._outbox.add(reply)
 
     def _later(self, request: Request, started: float, work: Callable[[], None]) -> None:
         """Finish ``request`` on a worker thread (fsync): later requests go on meanwhile."""
@@ -339,7 +415,7 @@ class NBDServerProtocol(Protocol):
             assert self._nbd is not None and self._export is not None
             self._export.stats.observe(request.command.name, time.perf_counter() - started)
             if not self._lost:
-                self.transport.write(self._nbd.reply_ok(request.handle))  # type: ignore[union-attr]
+                self._send(self._nbd.reply_ok(request.handle))
 
         def failed(failure: Failure) -> None:
             error = failure.value
@@ -351,6 +427,8 @@ class NBDServerProtocol(Protocol):
 
         def settle(_: object) -> None:
             self._in_flight -= 1
+            if self._outbox is not None and not self._lost:
+                self._outbox.flush()
             self._maybe_close()
 
         d.addCallbacks(done, failed)

@@ -12,9 +12,12 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from twisted.internet import defer
+
 from ferry import statecharts
 from ferry.clock import Clock
 from ferry.control.status import StatusSnapshot
+from ferry.migrate.ratelimit import RateLimiter
 from ferry.nbd.constants import MAX_REQUEST_SIZE, MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE
 from ferry.nbd.events import ExportInfo
 from ferry.serve.stats import RequestStats
@@ -30,6 +33,10 @@ class Attached(Protocol):
     """A client connection in transmission with this export."""
 
     def disconnect(self, reason: str) -> None: ...
+
+    def resume_dispatch(self) -> None:
+        """Dispatch what was queued while the export held client requests."""
+        ...
 
 
 class Role:
@@ -57,6 +64,10 @@ class Export:
         statecharts.build(self._chart, self.role, instance=name, tracer=tracer, clock=clock)
         self._clients: set[Attached] = set()
         self._write_observers: list[WriteObserver] = []
+        self._clock = clock
+        self._held = False
+        self.longest_hold = 0.0
+        self.write_limiter: RateLimiter | None = None
 
     # -- role ---------------------------------------------------------------
 
@@ -110,6 +121,46 @@ class Export:
     def disconnect_all(self, reason: str) -> None:
         for client in list(self._clients):
             client.disconnect(reason)
+
+    # -- the migration's hold on client I/O (its ClientGate) -----------------------
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def hold(self) -> defer.Deferred[None]:
+        """Hold new client requests (queued, not failed) for a switchover.
+
+        Fires once every client write already dispatched has landed in the
+        image.  Writes are performed on the reactor thread before their
+        reply is queued, so by the time this runs they all have: it fires
+        at once.  (A write still waiting on FUA's fsync has reached the
+        page cache, which is what the last pass reads.)
+        """
+        self._held = True
+        return defer.succeed(None)
+
+    def release(self) -> None:
+        self._held = False
+        for client in list(self._clients):
+            client.resume_dispatch()
+
+    def note_hold(self, seconds: float) -> None:
+        """A client request waited ``seconds`` behind a hold: keep the longest."""
+        self.longest_hold = max(self.longest_hold, seconds)
+
+    def set_write_cap(self, bytes_per_second: int | None) -> None:
+        """Throttle client writes (auto-converge); None lifts the cap."""
+        if bytes_per_second is None:
+            self.write_limiter = None
+        elif self.write_limiter is None:
+            self.write_limiter = RateLimiter(self._clock, bytes_per_second)
+        else:
+            self.write_limiter.set_limit(bytes_per_second)
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
 
     # -- writes ---------------------------------------------------------------
 
