@@ -21,6 +21,7 @@ from ferry.nbd.events import (
     Extent,
     Negotiated,
     NegotiationFailed,
+    OptionAnswered,
     ProtocolError,
     Reply,
 )
@@ -174,6 +175,82 @@ def test_newstyle_handshake_sends_each_option_after_the_previous_reply() -> None
             max_block_size=32 * 1024 * 1024,
         )
     ]
+    assert conn.data_to_send() == b""
+
+
+OPT_FERRY_MIGRATE = 0x46455201  # b"FER\x01", ferry's migration option
+
+
+@pytest.mark.parametrize(
+    ("rtype", "message", "expected"),
+    [
+        (REP_ACK, b"", OptionAnswered(OPT_FERRY_MIGRATE, OptionReply.ACK)),
+        (REP_ERR_UNSUP, b"", OptionAnswered(OPT_FERRY_MIGRATE, OptionReply.ERR_UNSUP)),
+        (
+            REP_ERR_POLICY,
+            b"already has a sender",
+            OptionAnswered(OPT_FERRY_MIGRATE, OptionReply.ERR_POLICY, "already has a sender"),
+        ),
+        (
+            2**31 + 99,
+            b"odd",
+            OptionAnswered(
+                OPT_FERRY_MIGRATE, OptionReply.ERR_INVALID, "unknown option error 0x80000063: odd"
+            ),
+        ),
+    ],
+)
+def test_extra_options_go_first_and_every_answer_is_reported(
+    rtype: int, message: bytes, expected: OptionAnswered
+) -> None:
+    conn = ClientConnection("disk", extra_options=[(OPT_FERRY_MIGRATE, b"payload")])
+    assert conn.receive_data(greeting(3)) == []
+    assert conn.data_to_send() == struct.pack(">I", 3) + opt(OPT_FERRY_MIGRATE, b"payload")
+    assert conn.receive_data(rep(OPT_FERRY_MIGRATE, rtype, message)) == [expected]
+    # Whatever the answer, the usual handshake goes on.
+    assert conn.data_to_send() == opt(OPT_STRUCTURED_REPLY)
+    events = conn.receive_data(rep(OPT_STRUCTURED_REPLY, REP_ERR_UNSUP) + go_success(name=b"disk"))
+    assert [type(e) for e in events] == [Negotiated]
+
+
+def test_two_extra_options_one_at_a_time() -> None:
+    conn = ClientConnection(
+        "", structured_replies=False, extra_options=[(0x1000, b""), (0x1001, b"x")]
+    )
+    conn.receive_data(greeting(3))
+    assert conn.data_to_send() == struct.pack(">I", 3) + opt(0x1000)
+    assert conn.receive_data(rep(0x1000, REP_ACK)) == [OptionAnswered(0x1000, OptionReply.ACK)]
+    assert conn.data_to_send() == opt(0x1001, b"x")
+    assert conn.receive_data(rep(0x1001, REP_ERR_UNSUP)) == [
+        OptionAnswered(0x1001, OptionReply.ERR_UNSUP)
+    ]
+    assert conn.data_to_send() == opt(OPT_GO, go_payload(b""))
+
+
+def test_extra_option_shutdown_fails_and_odd_replies_break() -> None:
+    conn = ClientConnection("", extra_options=[(0x1000, b"")])
+    conn.receive_data(greeting(3))
+    events = conn.receive_data(rep(0x1000, REP_ERR_SHUTDOWN))
+    assert events == [NegotiationFailed(OptionReply.ERR_SHUTDOWN, "ERR_SHUTDOWN")]
+    conn = ClientConnection("", extra_options=[(0x1000, b"")])
+    conn.receive_data(greeting(3))
+    with pytest.raises(ProtocolError, match="unexpected reply"):
+        conn.receive_data(rep(0x1000, REP_INFO, b"\x00\x00"))
+    conn = ClientConnection("", extra_options=[(0x1000, b"")])
+    conn.receive_data(greeting(3))
+    with pytest.raises(ProtocolError, match="ACK to option 0x1000 with a payload"):
+        conn.receive_data(rep(0x1000, REP_ACK, b"x"))
+
+
+def test_extra_options_must_be_non_standard() -> None:
+    with pytest.raises(ValueError, match="standard option"):
+        ClientConnection("", extra_options=[(OPT_GO, b"")])
+
+
+def test_oldstyle_server_answers_no_extra_option() -> None:
+    conn = ClientConnection("", extra_options=[(0x1000, b"")])
+    events = conn.receive_data(oldstyle(4096, 1))
+    assert [type(e) for e in events] == [Negotiated]
     assert conn.data_to_send() == b""
 
 
@@ -363,6 +440,25 @@ def test_caller_chosen_handle_such_as_flexnbd_mirror() -> None:
         conn.request(Command.FLUSH, handle=mirror)
     assert conn.receive_data(simple(mirror)) == [Reply(mirror, Errno.OK)]
     assert conn.in_flight() == 0
+
+
+def test_ferry_commit_carries_the_token_in_the_offset() -> None:
+    conn = negotiated()
+    handle = conn.commit(0x1234)
+    assert conn.data_to_send() == request_bytes(0xF001, handle, 0x1234, 0)
+    assert conn.receive_data(simple(handle)) == [Reply(handle, Errno.OK)]
+    handle = conn.commit(7)
+    conn.data_to_send()
+    assert conn.receive_data(error_chunk(handle, 1, b"no lease")) == [
+        Reply(handle, Errno.EPERM, message="no lease")
+    ]
+    with pytest.raises(ValueError, match="not a u64"):
+        conn.commit(-1)
+    conn.request(Command.DISC)
+    with pytest.raises(RuntimeError, match="DISC"):
+        conn.commit(1)
+    with pytest.raises(RuntimeError, match="GREETING"):
+        ClientConnection("").commit(1)
 
 
 def test_automatic_handles_skip_those_in_flight() -> None:

@@ -38,11 +38,21 @@ OPTION GO          INFO                            same (remember the info)
 OPTION GO          ACK                             TRANSMISSION (Negotiated)
 OPTION GO          ERR_UNSUP                       EXPORT_NAME
 OPTION GO          other error                     FAILED (NegotiationFailed)
+OPTION extra       ACK / any other error           OPTION (next extra, else as
+                                                   after the greeting)
+                                                   (OptionAnswered)
 OPTION any         ERR_SHUTDOWN / ERR_TLS_REQD     FAILED (NegotiationFailed)
 EXPORT_NAME        size + flags                    TRANSMISSION (Negotiated)
 EXPORT_NAME        end of stream                   FAILED (NegotiationFailed)
 TRANSMISSION       end of stream, nothing pending  CLOSED
 =================  ==============================  ===========================
+
+``extra_options`` are sent first, after the client flags, one at a time;
+each answer (ACK or error) becomes an ``OptionAnswered`` event and the
+handshake goes on either way: the caller decides what a refusal means
+(ferry's migration source sends ``FERRY_OPT_MIGRATE`` this way; ERR_UNSUP
+says the server is a plain NBD server).  An oldstyle server cannot be asked
+anything, so then no ``OptionAnswered`` comes before ``Negotiated``.
 
 Entering FAILED from an option queues ``NBD_OPT_ABORT`` (the soft disconnect
 the spec asks of a client that gives up); whatever the server sends after
@@ -65,6 +75,7 @@ from ferry.nbd.constants import (
     CLISERV_MAGIC,
     EXPORT_NAME_PADDING,
     EXPORT_NAME_REPLY,
+    FERRY_CMD_COMMIT,
     GREETING_NEWSTYLE,
     GREETING_OLDSTYLE,
     IHAVEOPT,
@@ -97,6 +108,7 @@ from ferry.nbd.events import (
     Extent,
     Negotiated,
     NegotiationFailed,
+    OptionAnswered,
     ProtocolError,
     Reply,
 )
@@ -239,6 +251,7 @@ class ClientConnection:
         structured_replies: bool = True,
         meta_contexts: Sequence[str] = (BASE_ALLOCATION,),
         max_reply_size: int = MAX_REQUEST_SIZE + 4096,
+        extra_options: Sequence[tuple[int, bytes]] = (),
     ) -> None:
         if isinstance(meta_contexts, str):
             raise TypeError("meta_contexts is a sequence of names, not one name")
@@ -250,6 +263,13 @@ class ClientConnection:
             raise ValueError("a meta context query is empty or too long")
         if max_reply_size < 4096:
             raise ValueError("max_reply_size below 4096 cannot carry an error message")
+        known = {int(o) for o in Option}
+        for option, payload in extra_options:
+            if option in known or not 0 <= option <= _U32_MAX:
+                raise ValueError(f"extra option {option:#x} is a standard option or not a u32")
+            if len(payload) > MAX_OPTION_REPLY_LENGTH:
+                raise ValueError(f"extra option {option:#x} payload of {len(payload)} bytes")
+        self._extra = [(int(o), bytes(p)) for o, p in extra_options]
         self.export_name = export_name
         self.want_structured_replies = structured_replies
         self.max_reply_size = max_reply_size
@@ -262,7 +282,8 @@ class ClientConnection:
 
         # Handshake results.
         self._no_zeroes = False
-        self._option: Option | None = None
+        self._option: int | None = None  # the option awaiting its reply
+        self._extra_next = 0  # index in self._extra of the next one to send
         self._structured = False
         self._contexts: dict[str, int] = {}
         self._context_ids: set[int] = set()
@@ -368,6 +389,24 @@ class ClientConnection:
             self._pending[handle] = _Pending(int(command), CommandFlag(flags), offset, length)
         return handle
 
+    def commit(self, token: int) -> int:
+        """Queue ferry's ``FERRY_CMD_COMMIT`` carrying the fencing ``token``; its handle.
+
+        Only a ferry listener that ACKed ``FERRY_OPT_MIGRATE`` knows it: the
+        reply is the destination's acknowledgement of the two-phase commit
+        (see ``constants.py``).  The token travels in the offset field.
+        """
+        if self._state is not _State.TRANSMISSION:
+            raise RuntimeError(f"cannot send a request in state {self._state.name}")
+        if self._disc_sent:
+            raise RuntimeError("NBD_CMD_DISC was sent; nothing may follow it")
+        if not 0 <= token <= _U64_MAX:
+            raise ValueError(f"fencing token {token} is not a u64")
+        handle = self._allocate_handle()
+        self._out.append(REQUEST.pack(REQUEST_MAGIC, 0, FERRY_CMD_COMMIT, handle, token, 0))
+        self._pending[handle] = _Pending(FERRY_CMD_COMMIT, _NO_FLAGS, token, 0)
+        return handle
+
     # -- plumbing ------------------------------------------------------------
 
     def _allocate_handle(self) -> int:
@@ -469,13 +508,24 @@ class ClientConnection:
             client_flags |= ClientFlag.NO_ZEROES
             self._no_zeroes = True
         self._out.append(CLIENT_FLAGS.pack(client_flags))
-        if self.want_structured_replies:
+        self._next_option()
+        return True
+
+    def _next_option(self) -> None:
+        """After the greeting or an extra option's answer: the next extra, else the usual."""
+        if self._extra_next < len(self._extra):
+            option, payload = self._extra[self._extra_next]
+            self._extra_next += 1
+            self._send_option(option, payload)
+        elif self.want_structured_replies:
             self._send_option(Option.STRUCTURED_REPLY)
         else:
             self._send_go()
-        return True
 
-    def _send_option(self, option: Option, payload: bytes = b"") -> None:
+    def _is_extra(self, option: int) -> bool:
+        return any(option == o for o, _ in self._extra[: self._extra_next])
+
+    def _send_option(self, option: int, payload: bytes = b"") -> None:
         self._out.append(OPTION_HEADER.pack(IHAVEOPT, option, len(payload)))
         if payload:
             self._out.append(payload)
@@ -529,7 +579,9 @@ class ClientConnection:
             return False
         self._pos += header.size
         payload = self._take(length)
-        if rtype & _OPTION_ERROR_BIT:
+        if self._is_extra(option):
+            self._extra_reply(events, option, rtype, payload)
+        elif rtype & _OPTION_ERROR_BIT:
             self._option_error(events, option, rtype, payload)
         elif option == Option.STRUCTURED_REPLY:
             if rtype != OptionReply.ACK or length:
@@ -541,6 +593,26 @@ class ClientConnection:
         else:
             self._go_reply(events, rtype, payload)
         return True
+
+    def _extra_reply(self, events: list[Event], option: int, rtype: int, payload: bytes) -> None:
+        if rtype == OptionReply.ACK:
+            if payload:
+                raise ProtocolError(f"ACK to option {option:#x} with a payload")
+            events.append(OptionAnswered(option, OptionReply.ACK))
+        elif rtype & _OPTION_ERROR_BIT:
+            message = _text(payload)
+            if rtype in _KNOWN_OPTION_REPLIES:
+                error = OptionReply(rtype)
+            else:
+                error = OptionReply.ERR_INVALID
+                message = f"unknown option error {rtype:#x}" + (f": {message}" if message else "")
+            if error in (OptionReply.ERR_SHUTDOWN, OptionReply.ERR_TLS_REQD):
+                self._fail(events, error, message or error.name)
+                return
+            events.append(OptionAnswered(option, error, message))
+        else:
+            raise ProtocolError(f"unexpected reply {rtype:#x} to option {option:#x}")
+        self._next_option()
 
     def _after_structured_reply(self) -> None:
         if self._structured and self._queries:

@@ -124,6 +124,20 @@ class NegotiationFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class OptionAnswered:
+    """The server's answer to one of the caller's ``extra_options`` (ACK or an error).
+
+    ``option`` is the number as sent (ferry's own options are not in
+    ``Option``); ``reply`` is ``ACK`` or an error such as ``ERR_UNSUP``, the
+    answer of a server that does not know the option.
+    """
+
+    option: int
+    reply: OptionReply
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Extent:
     length: int
     flags: BlockState
@@ -152,5 +166,6 @@ Event = (
     | Disconnect
     | Negotiated
     | NegotiationFailed
+    | OptionAnswered
     | Reply
 )

@@ -1,0 +1,164 @@
+"""The migration stream's connection: ferry's sans-IO NBD client on a Twisted transport.
+
+:class:`MirrorProtocol` only moves bytes: what the destination sends goes
+into a :class:`ferry.nbd.client.ClientConnection`, the events it completes
+go to a :class:`WireHandler`, and whatever the connection queued (option
+requests, requests, the ABORT of a failed handshake) is written at once.
+Timeouts, the job and every decision live in :mod:`ferry.migrate.source`.
+
+The source asks for ``FERRY_OPT_MIGRATE`` (payload: protocol version and
+image size) before anything else; a ferry listener answers ACK, any other
+NBD server ERR_UNSUP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
+
+from ferry.nbd.client import ClientConnection
+from ferry.nbd.constants import (
+    FERRY_MIGRATE_REQUEST,
+    FERRY_MIGRATE_VERSION,
+    FERRY_OPT_MIGRATE,
+    Command,
+    CommandFlag,
+)
+from ferry.nbd.events import Event, ProtocolError
+
+__all__ = ["MirrorProtocol", "MirrorProtocolFactory", "WireHandler", "migrate_option"]
+
+_NO_FLAGS = CommandFlag(0)
+
+
+def migrate_option(size: int) -> tuple[int, bytes]:
+    """The ``FERRY_OPT_MIGRATE`` option for an image of ``size`` bytes."""
+    return FERRY_OPT_MIGRATE, FERRY_MIGRATE_REQUEST.pack(FERRY_MIGRATE_VERSION, size)
+
+
+class WireHandler(TypingProtocol):
+    """Who hears what happens on one migration connection."""
+
+    def wire_connected(self, wire: MirrorProtocol) -> None: ...
+
+    def wire_events(self, wire: MirrorProtocol, events: list[Event]) -> None: ...
+
+    def wire_broken(self, wire: MirrorProtocol, reason: str) -> None:
+        """The destination broke the protocol; the connection is being closed."""
+        ...
+
+    def wire_lost(self, wire: MirrorProtocol, reason: str) -> None:
+        """The connection is gone (however it went); called once, last."""
+        ...
+
+
+class MirrorProtocol(Protocol):
+    """One connection to the destination; see the module doc."""
+
+    def __init__(self, handler: WireHandler, client: ClientConnection) -> None:
+        self.handler = handler
+        self.client = client
+        self.closing = False
+        self.closed: Deferred[None] = Deferred()  # fires once the connection is gone
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        if ITCPTransport.providedBy(transport):
+            # Small requests (FLUSH, the commit) must not wait for Nagle.
+            transport.setTcpNoDelay(True)
+        self.handler.wire_connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            events = self.client.receive_data(data)
+        except ProtocolError as exc:
+            self._broken(str(exc))
+            return
+        self.flush()
+        if events:
+            self.handler.wire_events(self, events)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.closing:
+            # A clean end of stream with nothing in flight is CLOSED for the
+            # client; anything else is a ProtocolError.  Either way the
+            # handler decides what the loss means.
+            try:
+                events = self.client.receive_data(b"")
+            except ProtocolError:
+                events = []
+            if events:
+                self.handler.wire_events(self, events)
+        self.closing = True
+        self.handler.wire_lost(self, reason.getErrorMessage())
+        self.closed.callback(None)
+
+    def _broken(self, reason: str) -> None:
+        self.handler.wire_broken(self, reason)
+        self.abort()
+
+    # -- what the source sends ----------------------------------------------------
+
+    def flush(self) -> None:
+        out = self.client.data_to_send()
+        if out and self.transport is not None and not self.closing:
+            self.transport.write(out)
+
+    def request(
+        self,
+        command: Command,
+        offset: int = 0,
+        length: int = 0,
+        *,
+        data: bytes = b"",
+        flags: CommandFlag = _NO_FLAGS,
+    ) -> int:
+        handle = self.client.request(command, offset, length, data=data, flags=flags)
+        self.flush()
+        return handle
+
+    def commit(self, token: int) -> int:
+        handle = self.client.commit(token)
+        self.flush()
+        return handle
+
+    def disconnect(self) -> None:
+        """Say goodbye (NBD_CMD_DISC) and close once the bytes are out."""
+        if self.closing or self.transport is None:
+            return
+        with contextlib.suppress(RuntimeError):  # not in transmission: just close
+            self.client.request(Command.DISC)
+        self.flush()
+        self.closing = True
+        self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Drop the connection now, unsent bytes and all."""
+        if self.transport is None:
+            return
+        self.closing = True
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+class MirrorProtocolFactory(Factory):
+    """Builds the one :class:`MirrorProtocol` of an attempt."""
+
+    def __init__(self, handler: WireHandler, size: int, export_name: str = "") -> None:
+        self.handler = handler
+        self.size = size
+        self.export_name = export_name
+
+    def buildProtocol(self, addr: object) -> MirrorProtocol:
+        client = ClientConnection(
+            self.export_name, meta_contexts=(), extra_options=[migrate_option(self.size)]
+        )
+        protocol = MirrorProtocol(self.handler, client)
+        protocol.factory = self
+        return protocol

@@ -1,0 +1,550 @@
+"""MirrorSource against scripted fake destinations over loopback TCP.
+
+The bytes go over real sockets on the test reactor (pytest-twisted); the
+source's timers (hello, reply, retry, pacing) run on a ``task.Clock`` the
+test advances, so a 60 s reply timeout takes no time and nothing sleeps.
+Every wait is on a Deferred with a deadline.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor as _reactor
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+
+from fakes.destination import Commit, FakeDestination, Hello, Migrate, Script
+from fakes.gate import FakeGate
+from ferry import statecharts
+from ferry.clock import ReactorClock
+from ferry.migrate.source import (
+    FAILED_TO_CONNECT,
+    MIRROR_STARTED,
+    NO_HELLO,
+    REJECTED,
+    SIZE_MISMATCH,
+    CannotBreak,
+    Destination,
+    FinishAction,
+    MirrorOptions,
+    MirrorResult,
+    MirrorSource,
+    NotMirroring,
+    StartOutcome,
+    tcp_connector,
+)
+from ferry.serve.export import Export
+from ferry.trace import CREATED, Tracer, TraceRecord, replay
+
+from .migrate_support import KIB, MIB, sparse_image
+
+reactor: Any = _reactor
+SIZE = 4 * MIB
+DEADLINE = 10.0
+DATA = [(0, b"a" * MIB), (3 * MIB, b"b" * 512 * KIB)]
+
+
+def within(d: Deferred[Any]) -> Deferred[Any]:
+    return d.addTimeout(DEADLINE, reactor)
+
+
+class Rig:
+    """An export serving a sparse image, a fake gate, and a source aimed at ``port``."""
+
+    def __init__(self, tmp_path: Path, port: int, *, connector: Any = None, **options: Any) -> None:
+        self.path = tmp_path / "src.img"
+        self.image = sparse_image(self.path, SIZE, DATA)
+        self.original = self.path.read_bytes()
+        self.clock = task.Clock()
+        self.rclock = ReactorClock(self.clock)
+        self.records: list[TraceRecord] = []
+        self.tracer = Tracer(self.records.append)
+        self.export = Export("disk", self.image, clock=self.rclock, tracer=self.tracer)
+        self.export.trigger("serve")
+        self.gate = FakeGate(self.export, self.rclock)
+        self.stopped = 0
+        options.setdefault("action", FinishAction.NOTHING)
+        self.source = MirrorSource(
+            self.export,
+            Destination("127.0.0.1", port),
+            gate=self.gate,
+            clock=self.rclock,
+            connector=connector or tcp_connector(reactor),
+            options=MirrorOptions(**options),
+            tracer=self.tracer,
+            stop_process=self._stop,
+        )
+
+    def _stop(self) -> None:
+        self.stopped += 1
+
+    def reached(self, machine: str, state: str) -> Deferred[TraceRecord]:
+        """Fires when ``machine`` enters ``state`` (at once if it is there now)."""
+        d: Deferred[TraceRecord] = Deferred()
+        current = self.source.state if machine == "migration" else self.export.state
+        if current == state:
+            d.callback(self.records[-1])
+            return within(d)
+
+        def sink(rec: TraceRecord) -> None:
+            if rec.machine == machine and rec.dest == state and rec.ok and not d.called:
+                unsubscribe()
+                # Resume the test after the transition, not inside its trace hook.
+                reactor.callLater(0, d.callback, rec)
+
+        unsubscribe = self.tracer.subscribe(sink)
+        return within(d)
+
+    def states(self, machine: str) -> list[str]:
+        return [
+            r.dest for r in self.records if r.machine == machine and r.ok and r.event != CREATED
+        ]
+
+    def replays(self) -> None:
+        result = replay([r.to_json() for r in self.records], statecharts.load_all())
+        assert result.final_states[("role", "disk")] == self.export.state
+        assert result.final_states[("migration", "disk")] == self.source.state
+
+    def untouched(self) -> bool:
+        return self.path.read_bytes() == self.original
+
+
+@pytest.fixture
+def listen() -> Iterator[Any]:
+    ports: list[IListeningPort] = []
+
+    def start(factory: Factory) -> int:
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        ports.append(port)
+        return int(port.getHost().port)
+
+    yield start
+    for port in ports:
+        port.stopListening()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- success ------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_migration_while_a_client_writes(tmp_path: Path, listen: Any) -> None:
+    fake = FakeDestination(SIZE)
+    rig = Rig(tmp_path, listen(fake))
+    outcome = await within(rig.source.start())
+    assert outcome == StartOutcome(True, MIRROR_STARTED, plain_target=False)
+    assert outcome.reply == "0: Mirror started"
+    assert rig.export.state == "migrating"
+    # The bulk pass is on the wire; a client writes behind and ahead of it.
+    assert rig.gate.write(3 * MIB + 4096, b"c" * 4096)
+    assert rig.gate.write(2 * MIB, b"d" * 100)  # into a hole
+    await rig.reached("migration", "dirty_pass")
+    assert rig.gate.write(0, b"e" * 8192)
+    # A write dispatched before the switchover that lands only once it began.
+    token = rig.gate.begin_write(MIB + 512, b"f" * 512)
+    await rig.reached("role", "quiescing")
+    assert rig.source.state == "quiescing" and rig.source.job.plan is None
+    assert not rig.gate.write(5, b"held")  # held, not failed
+    rig.clock.advance(0.02)
+    rig.gate.finish_write(token)
+    result: MirrorResult = await within(rig.source.finished)
+    assert result == MirrorResult(
+        "completed", True, "handed over to 127.0.0.1:" + str(rig.source.destination.port)
+    )
+    await within(fake.sessions[-1].lost)
+    expected = bytearray(rig.original)
+    for offset, data in [
+        (3 * MIB + 4096, b"c" * 4096),
+        (2 * MIB, b"d" * 100),
+        (0, b"e" * 8192),
+        (MIB + 512, b"f" * 512),
+    ]:
+        expected[offset : offset + len(data)] = data
+    assert rig.path.read_bytes() == bytes(expected)
+    assert fake.disk == expected  # the held write never reached either side
+    assert rig.gate.dropped and rig.gate.dropped[0][:2] == (5, b"held")
+    assert rig.export.state == "handed_off" and not rig.export.has_control
+    assert rig.gate.disconnected == [f"the image was handed over to {rig.source.destination}"]
+    session = fake.sessions[-1]
+    assert session.migrate_request == (1, SIZE)
+    assert session.commit_token == 0
+    assert session.commands[-3:] == ["FLUSH", "COMMIT", "DISC"]
+    assert fake.committed and rig.stopped == 0
+    assert rig.states("role") == ["serving", "migrating", "quiescing", "handing_off", "handed_off"]
+    migration = rig.states("migration")
+    assert migration[:3] == ["negotiating", "bulk_pass", "dirty_pass"]
+    assert migration[-3:] == ["quiescing", "committing", "completed"]
+    progress = rig.source.progress()
+    assert progress.is_migrating is False and progress.last_downtime_ms == 20
+    rig.replays()
+    with pytest.raises(NotMirroring):
+        rig.source.cancel()
+
+
+@pytest_twisted.ensureDeferred
+async def test_mirror_into_a_plain_nbd_server_keeps_serving(tmp_path: Path, listen: Any) -> None:
+    fake = FakeDestination(SIZE, [Script(migrate=Migrate.UNSUPPORTED)])
+    rig = Rig(tmp_path, listen(fake))
+    outcome = await within(rig.source.start())
+    assert outcome.ok and outcome.plain_target
+    result = await within(rig.source.finished)
+    assert result == MirrorResult("completed", False, "mirrored to a plain NBD server")
+    await within(fake.sessions[-1].lost)
+    assert bytes(fake.disk) == rig.original
+    assert rig.export.state == "serving" and rig.export.has_control
+    assert rig.gate.releases == 1 and rig.gate.disconnected == []
+    assert fake.sessions[-1].commands[-2:] == ["FLUSH", "DISC"]
+    assert "COMMIT" not in fake.sessions[-1].commands
+    # Holes went as WRITE_ZEROES, not as data.
+    assert rig.source.counters.data_bytes == MIB + 512 * KIB
+    assert fake.sessions[-1].data_bytes == MIB + 512 * KIB
+    rig.replays()
+
+
+@pytest_twisted.ensureDeferred
+async def test_exit_and_unlink_actions(tmp_path: Path, listen: Any) -> None:
+    for action in (FinishAction.EXIT, FinishAction.UNLINK):
+        fake = FakeDestination(SIZE)
+        rig = Rig(tmp_path, listen(fake), action=action)
+        await within(rig.source.start())
+        await within(rig.source.finished)
+        assert (rig.stopped, rig.path.exists()) == (
+            (1, True) if action is FinishAction.EXIT else (0, False)
+        )
+
+
+# -- failures before a good negotiation: the job ends with flexnbd's reply ----------
+
+
+@pytest.mark.parametrize(
+    ("script", "message"),
+    [
+        (Script(hello=Hello.CLOSE_AT_ONCE), REJECTED),
+        (Script(hello=Hello.CLOSE_AFTER_HELLO), REJECTED),
+        (Script(hello=Hello.WRONG_MAGIC), REJECTED),
+        (Script(migrate=Migrate.REFUSE), REJECTED),
+        (Script(size=SIZE + 4096), SIZE_MISMATCH),
+        (Script(size=SIZE - 4096, migrate=Migrate.UNSUPPORTED), SIZE_MISMATCH),
+    ],
+    ids=["accept-close", "close-after-hello", "wrong-magic", "refused", "bigger", "smaller"],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_bad_first_negotiation_ends_the_job(
+    tmp_path: Path, listen: Any, script: Script, message: str
+) -> None:
+    fake = FakeDestination(SIZE, [script])
+    rig = Rig(tmp_path, listen(fake))
+    outcome = await within(rig.source.start())
+    assert (outcome.ok, outcome.message) == (False, message)
+    assert outcome.reply == f"1: {message}"
+    await assert_failed_and_serving(rig)
+    assert len(fake.sessions) == 1
+
+
+async def assert_failed_and_serving(rig: Rig) -> None:
+    result = await within(rig.source.finished)
+    assert result.state == "failed" and not result.handed_off
+    assert rig.source.state == "failed"
+    assert rig.export.state == "serving"
+    assert rig.untouched()
+    assert rig.clock.getDelayedCalls() == []  # no retry
+    rig.replays()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_refused(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, free_port())
+    outcome = await within(rig.source.start())
+    assert outcome.reply == f"1: {FAILED_TO_CONNECT}"
+    await assert_failed_and_serving(rig)
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_hello_within_five_seconds(tmp_path: Path, listen: Any) -> None:
+    fake = FakeDestination(SIZE, [Script(hello=Hello.SILENT)])
+    rig = Rig(tmp_path, listen(fake))
+    started = rig.source.start()
+    await rig.reached("migration", "negotiating")
+    rig.clock.advance(4.99)
+    assert not started.called
+    rig.clock.advance(0.01)
+    outcome = await within(started)
+    assert outcome.reply == f"1: {NO_HELLO}"
+    await assert_failed_and_serving(rig)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_plain_target_refuses_a_handoff_action(tmp_path: Path, listen: Any) -> None:
+    fake = FakeDestination(SIZE, [Script(migrate=Migrate.UNSUPPORTED)])
+    rig = Rig(tmp_path, listen(fake), action=FinishAction.UNLINK)
+    outcome = await within(rig.source.start())
+    assert outcome.message == REJECTED and "plain NBD server" in outcome.detail
+    await assert_failed_and_serving(rig)
+
+
+# -- failures after one: retry from scratch with backoff ----------------------------
+
+
+async def fail_then_retry(rig: Rig, fake: FakeDestination, trigger: Any = None) -> None:
+    """Drive the first attempt to its failure, check retry_wait, and let the retry run."""
+    outcome = await within(rig.source.start())
+    assert outcome.ok
+    if trigger is not None:
+        await trigger()
+    await rig.reached("migration", "retry_wait")
+    assert rig.export.state == "migrating"
+    assert rig.untouched()
+    (retry,) = [c for c in rig.clock.getDelayedCalls() if c.active()]
+    assert retry.getTime() - rig.clock.seconds() == pytest.approx(1.0)
+    rig.clock.advance(0.999)
+    assert rig.source.state == "retry_wait"
+    rig.clock.advance(0.001)
+    result = await within(rig.source.finished)
+    assert result.state == "completed" and result.handed_off
+    assert rig.source.job.attempts == 2
+    assert len(fake.sessions) == 2
+    assert bytes(fake.disk) == rig.original
+    assert rig.export.state == "handed_off"
+    migration = rig.states("migration")
+    assert migration[migration.index("retry_wait") :][:4] == [
+        "retry_wait",
+        "reconnecting",
+        "renegotiating",
+        "bulk_pass",
+    ]
+    rig.replays()
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        Script(error_on_write=2),
+        Script(close_on_write=2),
+        Script(error_on_flush=True),
+        Script(commit=Commit.REJECT),
+    ],
+    ids=["error-reply", "close-before-reply", "flush-error", "commit-rejected"],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_failed_attempt_retries_then_succeeds(
+    tmp_path: Path, listen: Any, script: Script
+) -> None:
+    fake = FakeDestination(SIZE, [script, Script()])
+    rig = Rig(tmp_path, listen(fake))
+    await fail_then_retry(rig, fake)
+    if script.error_on_flush or script.commit is Commit.REJECT:
+        # The switchover had begun: clients were held, then released, then held again.
+        assert rig.gate.holds == 2 and rig.gate.releases == 1
+        assert "retry_migration" in [r.event for r in rig.records if r.machine == "role"]
+    if script.commit is Commit.REJECT:
+        assert rig.states("role")[:5] == [
+            "serving",
+            "migrating",
+            "quiescing",
+            "handing_off",
+            "migrating",
+        ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_reply_within_the_timeout_is_a_failure(tmp_path: Path, listen: Any) -> None:
+    fake = FakeDestination(SIZE, [Script(hang_from_write=2), Script()])
+    rig = Rig(tmp_path, listen(fake), reply_timeout=30.0)
+
+    async def hang() -> None:
+        await within(fake.next_connection() if not fake.sessions else succeed(fake.sessions[0]))
+        await within(fake.sessions[0].hung)
+        rig.clock.advance(29.9)
+        assert rig.source.state == "bulk_pass"
+        rig.clock.advance(0.1)
+
+    await fail_then_retry(rig, fake, hang)
+    assert "no reply within 30.0 s" in rig.source.last_error
+
+
+def succeed(value: Any) -> Deferred[Any]:
+    d: Deferred[Any] = Deferred()
+    d.callback(value)
+    return d
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_reconnect_backs_off_doubling(tmp_path: Path, listen: Any) -> None:
+    fake = FakeDestination(
+        SIZE, [Script(error_on_write=1), Script(hello=Hello.CLOSE_AT_ONCE), Script()]
+    )
+    rig = Rig(tmp_path, listen(fake))
+    await within(rig.source.start())
+    await rig.reached("migration", "retry_wait")
+    rig.clock.advance(1.0)
+    await rig.reached("migration", "renegotiating")
+    # The second attempt is thrown out during its handshake: 2 s this time.
+    await rig.reached("migration", "retry_wait")
+    (retry,) = [c for c in rig.clock.getDelayedCalls() if c.active()]
+    assert retry.getTime() - rig.clock.seconds() == pytest.approx(2.0)
+    rig.clock.advance(2.0)
+    result = await within(rig.source.finished)
+    assert result.handed_off and rig.source.job.attempts == 2  # attempts count bulk passes
+    assert bytes(fake.disk) == rig.original
+    rig.replays()
+
+
+# -- the commit's outcome unknown -------------------------------------------------
+
+
+@pytest.mark.parametrize("commit", [Commit.CLOSE, Commit.HANG])
+@pytest_twisted.ensureDeferred
+async def test_a_lost_ack_is_in_doubt(tmp_path: Path, listen: Any, commit: Commit) -> None:
+    fake = FakeDestination(SIZE, [Script(commit=commit)])
+    rig = Rig(tmp_path, listen(fake))
+    await within(rig.source.start())
+    await rig.reached("migration", "committing")
+    assert rig.export.state == "handing_off"
+    with pytest.raises(CannotBreak):
+        rig.source.cancel()
+    await within(fake.sessions[0].hung)
+    if commit is Commit.HANG:
+        rig.clock.advance(60.0)
+    await rig.reached("migration", "in_doubt")
+    assert rig.export.state == "in_doubt" and not rig.export.has_control
+    assert rig.gate.holding and rig.gate.disconnected == []
+    assert not rig.source.finished.called
+    with pytest.raises(CannotBreak, match="in_doubt"):
+        rig.source.cancel()
+    rig.source.resolve(handed_off=False)
+    result = await within(rig.source.finished)
+    assert result.state == "failed"
+    assert rig.export.state == "serving" and not rig.gate.holding
+    rig.replays()
+
+
+# -- break ------------------------------------------------------------------------
+
+
+class StallingConnector:
+    """Connects for real, except the attempts listed, which never connect."""
+
+    def __init__(self, stall: set[int]) -> None:
+        self.stall = stall
+        self.calls = 0
+        self.real = tcp_connector(reactor)
+
+    def __call__(self, destination: Destination, factory: Factory, timeout: float) -> Any:
+        self.calls += 1
+        if self.calls in self.stall:
+            return Deferred()
+        return self.real(destination, factory, timeout)
+
+
+async def to_state(rig: Rig, fake: FakeDestination, state: str) -> None:
+    rig.source.start()
+    if state == "dirty_pass":
+        await rig.reached("migration", "bulk_pass")
+        rig.gate.write(0, b"x")
+    if state == "quiescing":
+        await rig.reached("migration", "bulk_pass")
+        rig.gate.begin_write(0, b"x")  # never lands: the hold never fires
+    if state == "reconnecting":
+        await rig.reached("migration", "retry_wait")
+        rig.clock.advance(1.0)
+    if state == "renegotiating":
+        await rig.reached("migration", "retry_wait")
+        rig.clock.advance(1.0)
+    await rig.reached("migration", state)
+
+
+BREAKABLE: dict[str, tuple[list[Script], set[int]]] = {
+    "connecting": ([Script()], {1}),
+    "negotiating": ([Script(hello=Hello.SILENT)], set()),
+    "bulk_pass": ([Script(hang_from_write=1)], set()),
+    "dirty_pass": ([Script(hang_from_write=5)], set()),  # bulk: 4 writes
+    "quiescing": ([Script()], set()),
+    "retry_wait": ([Script(error_on_write=1)], set()),
+    "reconnecting": ([Script(error_on_write=1)], {2}),
+    "renegotiating": ([Script(error_on_write=1), Script(hello=Hello.SILENT)], set()),
+}
+
+
+@pytest.mark.parametrize("state", list(BREAKABLE))
+@pytest_twisted.ensureDeferred
+async def test_break_in_every_breakable_state(tmp_path: Path, listen: Any, state: str) -> None:
+    scripts, stall = BREAKABLE[state]
+    fake = FakeDestination(SIZE, scripts)
+    rig = Rig(tmp_path, listen(fake), connector=StallingConnector(stall))
+    await to_state(rig, fake, state)
+    holding = rig.gate.holding
+    rig.source.cancel()
+    result = await within(rig.source.finished)
+    assert result == MirrorResult("cancelled", False, "break")
+    assert rig.source.state == "cancelled"
+    assert rig.export.state == "serving"
+    assert not rig.gate.holding and rig.gate.releases == (1 if holding else 0)
+    assert [c for c in rig.clock.getDelayedCalls() if c.active()] == []
+    assert rig.untouched() or state in ("dirty_pass", "quiescing")
+    if rig.source.outcome is not None and not rig.source.outcome.ok:
+        assert rig.source.outcome.message == "Mirror was cancelled"
+    with pytest.raises(NotMirroring):
+        rig.source.cancel()
+    with pytest.raises(NotMirroring):
+        rig.source.set_max_bps(1)
+    rig.replays()
+
+
+@pytest_twisted.ensureDeferred
+async def test_break_refused_while_committing(tmp_path: Path, listen: Any) -> None:
+    fake = FakeDestination(SIZE, [Script(commit=Commit.HANG)])
+    rig = Rig(tmp_path, listen(fake))
+    rig.source.start()
+    await rig.reached("migration", "committing")
+    with pytest.raises(CannotBreak, match="committing"):
+        rig.source.cancel()
+    assert rig.source.state == "committing" and rig.export.state == "handing_off"
+
+
+# -- the bandwidth limit on the simulated clock ----------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_limit_paces_requests_and_can_change_mid_run(tmp_path: Path, listen: Any) -> None:
+    fake = FakeDestination(SIZE)
+    rig = Rig(tmp_path, listen(fake), max_bps=MIB, max_data_length=256 * KIB)
+    await within(rig.source.start())
+    # A 100 ms burst, then one 256 KiB request every 0.25 s.
+    (pace,) = [c for c in rig.clock.getDelayedCalls() if c.active()]
+    assert pace.getTime() - rig.clock.seconds() == pytest.approx(0.25 - 0.1)
+    rig.source.set_max_bps(4 * MIB)  # the waiting request is repaid at the new rate
+    assert pace.getTime() - rig.clock.seconds() == pytest.approx((0.25 - 0.1) / 4)
+    assert rig.source.progress().migration_speed_limit == 4 * MIB
+    rig.source.set_max_bps(None)
+    assert pace.getTime() == rig.clock.seconds()
+    rig.clock.advance(0)
+    result = await within(rig.source.finished)
+    assert result.handed_off and bytes(fake.disk) == rig.original
+
+
+def test_start_refuses_an_export_that_is_not_serving(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, 1)
+    rig.export.trigger("migrate")
+    with pytest.raises(Exception, match="not serving"):
+        rig.source.start()
+    with pytest.raises(ValueError, match="stop_process"):
+        MirrorSource(
+            rig.export,
+            Destination("h", 1),
+            gate=rig.gate,
+            clock=rig.rclock,
+            connector=tcp_connector(reactor),
+        )
