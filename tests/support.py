@@ -55,7 +55,9 @@ def read_line(stream: IO[bytes], deadline: Deadline) -> bytes:
 class FerryProcess:
     """``ferry serve`` in a child process; knows its port once it says it serves."""
 
-    SERVING = re.compile(rb"serving .* on (?P<addr>\S+):(?P<port>\d+)")
+    SERVING = re.compile(
+        rb"(?:serving|listening for a migration of) .* on (?P<addr>\S+):(?P<port>\d+)"
+    )
 
     def __init__(self, args: Sequence[str], *, env: dict[str, str] | None = None) -> None:
         self.args = [*FERRY, *args]

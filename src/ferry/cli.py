@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import json
 import re
-import socket
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -67,26 +66,80 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"ferry {__version__}")
     modes = parser.add_subparsers(dest="mode", metavar="MODE", parser_class=Parser)
 
-    serve = modes.add_parser("serve", help="serve an image file over NBD")
-    _network(serve, required=True)
-    serve.add_argument("-f", "--file", required=True, help="the image file (or block device)")
-    _control_sock(serve, required=False)
-    serve.add_argument(
-        "-d",
-        "--default-deny",
-        action="store_true",
-        help="an empty ACL admits no one (without it, an empty ACL admits everyone)",
+    for name, helptext in (
+        ("serve", "serve an image file over NBD"),
+        ("listen", "wait for a migration of an image, then serve it on the same port"),
+    ):
+        serve = modes.add_parser(name, help=helptext)
+        _network(serve, required=True)
+        serve.add_argument("-f", "--file", required=True, help="the image file (or block device)")
+        _control_sock(serve, required=False)
+        serve.add_argument(
+            "-d",
+            "--default-deny",
+            action="store_true",
+            help="an empty ACL admits no one (without it, an empty ACL admits everyone)",
+        )
+        serve.add_argument("--oldstyle", action="store_true", help="speak the oldstyle handshake")
+        if name == "serve":
+            serve.add_argument(
+                "-r", "--read-only", action="store_true", help="refuse writes (EPERM)"
+            )
+        serve.add_argument(
+            "-n", "--name", default="", help="export name (default: the file's name)"
+        )
+        serve.add_argument(
+            "--metrics", type=host_and_port, metavar="ADDR:PORT", help="serve Prometheus /metrics"
+        )
+        serve.add_argument("--trace", metavar="FILE", help="append every state transition as JSON")
+        _verbosity(serve)
+        serve.add_argument("acl", nargs="*", metavar="ACL_ENTRY", help="address or CIDR allowed in")
+        serve.set_defaults(run=run_serve, listen=name == "listen")
+
+    mirror = modes.add_parser(
+        "mirror", help="migrate a running server's image to a listener (or any NBD server)"
     )
-    serve.add_argument("--oldstyle", action="store_true", help="speak the oldstyle handshake")
-    serve.add_argument("-r", "--read-only", action="store_true", help="refuse writes (EPERM)")
-    serve.add_argument("-n", "--name", default="", help="export name (default: the file's name)")
-    serve.add_argument(
-        "--metrics", type=host_and_port, metavar="ADDR:PORT", help="serve Prometheus /metrics"
+    _network(mirror, required=True)
+    _control_sock(mirror, required=True)
+    mirror.add_argument("-b", "--bind", help="local address to connect from")
+    mirror.add_argument(
+        "-m", "--max-bps", type=byte_count, default=0, help="bandwidth limit, bytes per second"
     )
-    serve.add_argument("--trace", metavar="FILE", help="append every state transition as JSON")
-    _verbosity(serve)
-    serve.add_argument("acl", nargs="*", metavar="ACL_ENTRY", help="address or CIDR allowed in")
-    serve.set_defaults(run=run_serve)
+    mirror.add_argument(
+        "--max-downtime",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="switch over when the rest can be sent in this long (default 0.3)",
+    )
+    mirror.add_argument(
+        "--max-passes",
+        type=int,
+        default=None,
+        help="passes before client writes are throttled (default 30)",
+    )
+    mirror.add_argument(
+        "--action",
+        choices=["exit", "unlink", "nothing"],
+        default=None,
+        help="what the source does after the handoff (default exit)",
+    )
+    mirror.add_argument("-u", "--unlink", action="store_true", help="same as --action unlink")
+    mirror.add_argument(
+        "-w", "--wait", action="store_true", help="show progress until the end; exit 0 on success"
+    )
+    mirror.set_defaults(run=run_mirror)
+
+    breaker = modes.add_parser("break", help="stop a running migration; the source keeps serving")
+    _control_sock(breaker, required=True)
+    breaker.set_defaults(run=lambda args: run_simple(args, ["break"]))
+
+    max_bps = modes.add_parser(
+        "mirror-max-bps", help="change a running migration's bandwidth limit"
+    )
+    _control_sock(max_bps, required=True)
+    max_bps.add_argument("bps", metavar="N", help="bytes per second (0: no limit)")
+    max_bps.set_defaults(run=lambda args: run_simple(args, ["mirror_max_bps", args.bps]))
 
     status = modes.add_parser("status", help="print a server's status line")
     _control_sock(status, required=True)
@@ -172,9 +225,10 @@ def run_serve(args: argparse.Namespace) -> int:
         acl=tuple(args.acl),
         default_deny=args.default_deny,
         oldstyle=args.oldstyle,
-        read_only=args.read_only,
+        read_only=getattr(args, "read_only", False),
         metrics=args.metrics,
         trace=args.trace,
+        listen=args.listen,
     )
     node = Node(reactor, config)
     try:
@@ -187,23 +241,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def control_request(path: str, lines: Sequence[str]) -> tuple[int, str]:
-    """Send one flexnbd-form command; return its status and text."""
-    request = "".join(f"{line}\n" for line in lines) + "\n"
+    """Send one flexnbd-form command; a failure to reach the server is a UserError."""
+    from ferry.control.client import ControlError, line_command
+
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(30)
-            conn.connect(path)
-            conn.sendall(request.encode("utf-8"))
-            chunks = []
-            while chunk := conn.recv(65536):
-                chunks.append(chunk)
-    except OSError as error:
-        raise UserError(f"control socket {path}: {error.strerror or error}") from None
-    reply = b"".join(chunks).decode("utf-8", "replace").strip()
-    status, sep, text = reply.partition(": ")
-    if not sep or not status.isdigit():
-        raise UserError(f"control socket {path}: unexpected reply {reply!r}")
-    return int(status), text
+        return line_command(path, list(lines))
+    except ControlError as error:
+        raise UserError(str(error)) from None
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -232,6 +276,54 @@ def run_acl(args: argparse.Namespace) -> int:
     if status != 0:
         raise UserError(text)
     return 0
+
+
+def run_simple(args: argparse.Namespace, lines: list[str]) -> int:
+    """A control command whose answer is printed as it comes (``break``, ...)."""
+    status, text = control_request(args.sock, lines)
+    print(text)
+    return 0 if status == 0 else 1
+
+
+def run_mirror(args: argparse.Namespace) -> int:
+    from ferry.control.client import ControlError
+
+    try:
+        return _mirror(args)
+    except ControlError as error:
+        raise UserError(str(error)) from None
+
+
+def _mirror(args: argparse.Namespace) -> int:
+    from ferry.control.client import JsonControl
+
+    action = "unlink" if args.unlink else (args.action or "exit")
+    params: dict[str, Any] = {
+        "args": [args.addr, str(args.port), action, args.bind or "", str(args.max_bps)]
+    }
+    if args.max_downtime is not None:
+        params["max_downtime"] = args.max_downtime
+    if args.max_passes is not None:
+        params["max_passes"] = args.max_passes
+    with JsonControl(args.sock) as control:
+        answer = control.call("mirror", params)
+        if "error" in answer:
+            raise UserError(answer["error"]["message"])
+        print(answer["result"]["message"], flush=True)
+        if not args.wait:
+            return 0
+        result = control.follow(lambda line: print(line, flush=True))
+    if result is None:
+        raise UserError("lost contact with the source before the migration ended")
+    state = result.get("state")
+    if state == "completed":
+        where = f"{args.addr}:{args.port}"
+        if result.get("handed_off"):
+            print(f"migration completed: {where} has control of the image")
+        else:
+            print(f"mirror completed: {where} holds a flushed copy")
+        return 0
+    raise UserError(f"migration ended {state}: {result.get('reason') or 'no reason given'}")
 
 
 def run_read(args: argparse.Namespace) -> int:

@@ -21,14 +21,37 @@ from twisted.web.server import Site
 from ferry.clock import ReactorClock
 from ferry.control.commands import Commands
 from ferry.control.server import listen_control
+from ferry.control.status import StatusSnapshot
 from ferry.metrics import make_registry, metrics_root
+from ferry.migrate.manager import MirrorManager
+from ferry.migrate.source import tcp_connector
 from ferry.serve.acl import Acl
 from ferry.serve.export import Export
 from ferry.serve.server import NBDServer
+from ferry.serve.stats import RequestStats
 from ferry.storage import Image
 from ferry.trace import TraceFile, Tracer
 
 log = Logger()
+
+
+class ObservedExport:
+    """An export as the metrics see it: its status includes the migration's fields."""
+
+    def __init__(self, export: Export, mirrors: MirrorManager) -> None:
+        self._export = export
+        self._mirrors = mirrors
+
+    @property
+    def name(self) -> str:
+        return self._export.name
+
+    @property
+    def stats(self) -> RequestStats:
+        return self._export.stats
+
+    def snapshot(self) -> StatusSnapshot:
+        return self._mirrors.snapshot()
 
 
 class StartupError(Exception):
@@ -49,6 +72,7 @@ class ServeConfig:
     metrics: tuple[str, int] | None = None
     trace: str | None = None
     description: str = field(default="")
+    listen: bool = False  # wait for a migration instead of serving at once
 
 
 class Node:
@@ -65,6 +89,7 @@ class Node:
         self.export: Export | None = None
         self.server: NBDServer | None = None
         self.nbd_port: IListeningPort | None = None
+        self.mirrors: MirrorManager | None = None
         self.metrics_port: IListeningPort | None = None
         self._stopped = False
 
@@ -109,6 +134,14 @@ class Node:
             acl=acl,
             oldstyle=config.oldstyle,
         )
+        self.mirrors = MirrorManager(
+            self.export,
+            gate=self.export,
+            clock=self.clock,
+            connector=tcp_connector(self.reactor),
+            tracer=self.tracer,
+            stop_process=self._stop_after_handoff,
+        )
         if config.sock:
             from ferry.control.server import ControlSocketError
 
@@ -117,14 +150,16 @@ class Node:
                     listen_control(
                         self.reactor,
                         config.sock,
-                        Commands(self.server, default_deny=config.default_deny),
+                        Commands(
+                            self.server, default_deny=config.default_deny, mirrors=self.mirrors
+                        ),
                     )
                 )
             except ControlSocketError as error:
                 raise StartupError(str(error)) from None
         if config.metrics:
             host, port = config.metrics
-            registry = make_registry(lambda: [self.export] if self.export else [])
+            registry = make_registry(self._observed)
             site = Site(metrics_root(registry))  # type: ignore[no-untyped-call]
             self.metrics_port = self._listen_tcp(port, site, host, "metrics")
             log.info(
@@ -133,15 +168,30 @@ class Node:
                 port=self.metrics_port.getHost().port,  # type: ignore[attr-defined]
             )
         self.nbd_port = self._listen_tcp(config.port, self.server, config.addr, "NBD")
-        self.export.trigger("serve")
+        self.export.trigger("listen" if config.listen else "serve")
         log.info(
-            "serving {file} ({size} bytes) as {name!r} on {addr}:{port}",
+            "{doing} {file} ({size} bytes) as {name!r} on {addr}:{port}",
+            doing="listening for a migration of" if config.listen else "serving",
             file=config.file,
             size=self.image.size,
             name=name,
             addr=config.addr,
             port=self.nbd_port.getHost().port,  # type: ignore[attr-defined]
         )
+
+    def _observed(self) -> list[ObservedExport]:
+        if self.export is None or self.mirrors is None:
+            return []
+        return [ObservedExport(self.export, self.mirrors)]
+
+    def _stop_after_handoff(self) -> None:
+        """The ``exit`` action: stop once the mirror's end has been reported.
+
+        Called inside the handoff; the process stops on a later turn of the
+        reactor, after waiters on the control socket have had their answer.
+        """
+        assert self.mirrors is not None
+        self.mirrors.finished().addBoth(lambda _: self.reactor.callLater(0, self.reactor.stop))
 
     def _listen_tcp(self, port: int, factory: Any, host: str, what: str) -> IListeningPort:
         try:

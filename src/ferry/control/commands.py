@@ -1,20 +1,35 @@
 """The control commands, independent of how they arrive.
 
 Both wire forms of the control socket (flexnbd's lines and JSON-RPC) call
-these.  A command answers a :class:`Reply`: an exit status and a text, as
-flexnbd's ``N: text`` line, plus a JSON value for the RPC.
+these.  A command answers a :class:`Reply` (or a Deferred of one, for
+``mirror``, which answers after the destination's hello): an exit status
+and a text, as flexnbd's ``N: text`` line, plus a JSON value for the RPC.
+The argument checks and their words are flexnbd's, so its tooling can tell
+the failures apart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import ipaddress
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.defer import Deferred
+
+from ferry.control.status import StatusSnapshot
+from ferry.migrate.manager import CannotBreak, MirrorBusy, MirrorManager, NotMirroring
+from ferry.migrate.source import (
+    Destination,
+    FinishAction,
+    MirrorError,
+    MirrorOptions,
+    StartOutcome,
+)
 from ferry.serve.acl import Acl, AclError
 from ferry.serve.server import NBDServer
 
-NOT_YET = "live migration is not available in this version of ferry"
+Params = Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,48 +42,180 @@ class Reply:
         return f"{self.status}: {self.text}\n"
 
 
+Command = Callable[[Sequence[str], Params], "Reply | Deferred[Reply]"]
+
+
 class Commands:
     """The commands a running ferry node accepts, by name."""
 
-    def __init__(self, server: NBDServer, *, default_deny: bool) -> None:
+    def __init__(
+        self, server: NBDServer, *, default_deny: bool, mirrors: MirrorManager | None = None
+    ) -> None:
         self._server = server
         self._default_deny = default_deny
-        self.table: dict[str, Callable[[Sequence[str]], Reply]] = {
+        self._mirrors = mirrors
+        self.table: dict[str, Command] = {
             "status": self.status,
             "acl": self.acl,
-            "mirror": self.not_yet,
-            "break": self.not_yet,
-            "mirror_max_bps": self.not_yet,
+            "mirror": self.mirror,
+            "break": self.break_mirror,
+            "mirror_max_bps": self.mirror_max_bps,
+            "migration": self.migration,
+            "wait": self.wait,
         }
 
-    def run(self, name: str, args: Sequence[str]) -> Reply:
+    def run(
+        self, name: str, args: Sequence[str], params: Params | None = None
+    ) -> Reply | Deferred[Reply]:
         if not name:
             return Reply(9, "missing command")
         command = self.table.get(name)
         if command is None:
             return Reply(10, "unknown command")
-        return command(args)
+        return command(args, params or {})
 
-    def status(self, args: Sequence[str]) -> Reply:
-        snapshot = self._server.default_export.snapshot()
+    def snapshot(self) -> StatusSnapshot:
+        if self._mirrors is not None:
+            return self._mirrors.snapshot()
+        return self._server.default_export.snapshot()
+
+    # -- always ---------------------------------------------------------------------
+
+    def status(self, args: Sequence[str], params: Params) -> Reply:
+        snapshot = self.snapshot()
         return Reply(0, snapshot.to_line(), snapshot.to_dict())
 
-    def acl(self, args: Sequence[str]) -> Reply:
-        try:
-            acl = Acl.parse(args, default_deny=self._default_deny)
-        except AclError:
-            bad = next(entry for entry in args if not _is_network(entry))
-            return Reply(1, f"bad spec: {bad}")
+    def acl(self, args: Sequence[str], params: Params) -> Reply:
+        for entry in args:
+            try:
+                Acl.parse([entry])
+            except AclError:
+                return Reply(1, f"bad spec: {entry}")
+        acl = Acl.parse(args, default_deny=self._default_deny)
         disconnected = self._server.replace_acl(acl)
         return Reply(0, "updated", {"acl": acl.entries(), "disconnected": disconnected})
 
-    def not_yet(self, args: Sequence[str]) -> Reply:
-        return Reply(1, NOT_YET)
+    # -- migration ----------------------------------------------------------------------
+
+    def mirror(self, args: Sequence[str], params: Params) -> Reply | Deferred[Reply]:
+        """``mirror IP PORT [exit|unlink|nothing] [BIND] [MAX_BPS]``; JSON may add
+        ``max_downtime`` (seconds) and ``max_passes``."""
+        if self._mirrors is None:
+            return Reply(1, "this server cannot mirror")
+        parsed = _parse_mirror(args, params)
+        if isinstance(parsed, Reply):
+            return parsed
+        destination, options = parsed
+        try:
+            started = self._mirrors.mirror(destination, options)
+        except MirrorBusy:
+            return Reply(1, "mirror already running")
+        except MirrorError as error:
+            return Reply(1, str(error))
+
+        def answer(outcome: StartOutcome) -> Reply:
+            value = {"ok": outcome.ok, "message": outcome.message, "detail": outcome.detail}
+            return Reply(0 if outcome.ok else 1, outcome.message, value)
+
+        return started.addCallback(answer)
+
+    def break_mirror(self, args: Sequence[str], params: Params) -> Reply:
+        if self._mirrors is None:
+            return Reply(1, "not mirroring")
+        try:
+            self._mirrors.cancel()
+        except NotMirroring:
+            return Reply(1, "not mirroring")
+        except CannotBreak as error:
+            return Reply(1, str(error))
+        return Reply(0, "mirror stopped")
+
+    def mirror_max_bps(self, args: Sequence[str], params: Params) -> Reply:
+        if self._mirrors is None or not self._mirrors.running:
+            return Reply(1, "Not currently mirroring")
+        if len(args) != 1:
+            return Reply(1, "Bad format")
+        limit = _byte_rate(args[0])
+        if limit is None:
+            return Reply(1, "max_bps couldn't be parsed")
+        try:
+            self._mirrors.set_max_bps(limit or None)
+        except NotMirroring:
+            return Reply(1, "Not currently mirroring")
+        return Reply(0, "updated")
+
+    def migration(self, args: Sequence[str], params: Params) -> Reply:
+        """JSON: the progress of the current (or last) migration."""
+        if self._mirrors is None:
+            return Reply(0, "not migrating", {"running": False})
+        progress = self._mirrors.progress()
+        return Reply(0, str(progress["line"]), progress)
+
+    def wait(self, args: Sequence[str], params: Params) -> Reply | Deferred[Reply]:
+        """JSON: answers when the current migration has ended, with how it ended."""
+        if self._mirrors is None:
+            return Reply(0, "not migrating", {"running": False})
+        return self._mirrors.finished().addCallback(lambda _: self.migration(args, params))
 
 
-def _is_network(entry: str) -> bool:
+def _parse_mirror(args: Sequence[str], params: Params) -> Reply | tuple[Destination, MirrorOptions]:
+    if len(args) < 2:
+        return Reply(1, "mirror takes at least two parameters")
+    if len(args) > 5:
+        return Reply(1, "unrecognised parameters to mirror")
+    if not _is_ip(args[0]):
+        return Reply(1, "bad IP address")
     try:
-        Acl.parse([entry])
-    except AclError:
+        port = int(args[1])
+    except ValueError:
+        return Reply(1, "bad IP port number")
+    if not 0 < port <= 65535:
+        return Reply(1, "bad IP port number")
+    action = FinishAction.EXIT
+    if len(args) > 2:
+        try:
+            action = FinishAction(args[2])
+        except ValueError:
+            return Reply(1, "action must be 'exit', 'unlink' or 'nothing'")
+    bind = None
+    if len(args) > 3 and args[3]:
+        if not _is_ip(args[3]):
+            return Reply(1, "bad bind address")
+        bind = args[3]
+    max_bps = None
+    if len(args) > 4:
+        max_bps = _byte_rate(args[4])
+        if max_bps is None:
+            return Reply(1, "max_bps couldn't be parsed")
+    extra: dict[str, Any] = {}
+    for key, kind in (("max_downtime", float), ("max_passes", int), ("reply_timeout", float)):
+        if key in params:
+            try:
+                value = kind(params[key])
+            except (TypeError, ValueError):
+                return Reply(1, f"bad {key}: {params[key]!r}")
+            if value <= 0:
+                return Reply(1, f"bad {key}: must be positive")
+            extra[key] = value
+    try:
+        options = MirrorOptions(max_bps=max_bps or None, action=action, **extra)
+    except ValueError as error:
+        return Reply(1, str(error))
+    return Destination(args[0], port, bind=bind), options
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
         return False
     return True
+
+
+def _byte_rate(text: str) -> int | None:
+    """A non-negative integer of bytes per second; 0 means no limit."""
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return value if value >= 0 else None

@@ -17,14 +17,17 @@ import json
 import os
 import socket
 import stat
+from collections.abc import Callable
 from typing import Any, Final
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort, IReactorUNIX
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ferry.control.commands import Commands
+from ferry.control.commands import Commands, Reply
 
 log = Logger()
 
@@ -45,6 +48,7 @@ class ControlProtocol(Protocol):
         self._buffer = b""
         self._json: bool | None = None
         self._answered = False
+        self._lost = False
 
     def dataReceived(self, data: bytes) -> None:
         if self._answered:
@@ -89,14 +93,18 @@ class ControlProtocol(Protocol):
             self._reply_line("1: command is not UTF-8\n")
             return
         name, args = (words[0], words[1:]) if words else ("", [])
-        reply = self._commands.run(name, args)
-        self._reply_line(reply.line())
+        self._answered = True  # read nothing more; the reply may come later
+        _settle(self._commands.run(name, args), lambda reply: self._reply_line(reply.line()))
 
     def _reply_line(self, line: str) -> None:
         self._answered = True
-        assert self.transport is not None
+        if self.transport is None or self._lost:
+            return
         self.transport.write(line.encode("utf-8"))
         self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
 
     # -- JSON lines ---------------------------------------------------------------
 
@@ -104,34 +112,64 @@ class ControlProtocol(Protocol):
         while b"\n" in self._buffer:
             raw, self._buffer = self._buffer.split(b"\n", 1)
             if raw.strip():
-                self._send_json(self._json_answer(raw))
+                self._json_request(raw)
 
-    def _json_answer(self, raw: bytes) -> dict[str, Any]:
+    def _json_request(self, raw: bytes) -> None:
         try:
             request = json.loads(raw)
         except ValueError as error:
-            return {"id": None, "error": {"code": -32700, "message": f"not JSON: {error}"}}
+            self._send_json(
+                {"id": None, "error": {"code": -32700, "message": f"not JSON: {error}"}}
+            )
+            return
         if not isinstance(request, dict) or not isinstance(request.get("method"), str):
-            return {
-                "id": None,
-                "error": {"code": -32600, "message": "expected an object with a method"},
-            }
+            self._send_json(
+                {
+                    "id": None,
+                    "error": {"code": -32600, "message": "expected an object with a method"},
+                }
+            )
+            return
         request_id = request.get("id")
         params = request.get("params", {})
         args = params.get("args", []) if isinstance(params, dict) else params
         if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-            return {"id": request_id, "error": {"code": -32602, "message": "args must be strings"}}
-        reply = self._commands.run(request["method"], args)
-        if reply.status == 10:
-            return {"id": request_id, "error": {"code": -32601, "message": reply.text}}
-        if reply.status != 0:
-            return {"id": request_id, "error": {"code": reply.status, "message": reply.text}}
-        value = reply.value if reply.value is not None else reply.text
-        return {"id": request_id, "result": value}
+            self._send_json(
+                {"id": request_id, "error": {"code": -32602, "message": "args must be strings"}}
+            )
+            return
+        options = params if isinstance(params, dict) else {}
+        _settle(
+            self._commands.run(request["method"], args, options),
+            lambda reply: self._send_json(_json_answer(request_id, reply)),
+        )
 
     def _send_json(self, answer: dict[str, Any]) -> None:
-        assert self.transport is not None
+        if self.transport is None or self._lost:
+            return
         self.transport.write(json.dumps(answer).encode("utf-8") + b"\n")
+
+
+def _settle(reply: Reply | Deferred[Reply], deliver: Callable[[Reply], None]) -> None:
+    """Deliver a reply now, or when its Deferred fires; a failure is a reply too."""
+    if isinstance(reply, Reply):
+        deliver(reply)
+        return
+
+    def failed(failure: Failure) -> None:
+        log.failure("control command failed", failure)
+        deliver(Reply(1, f"internal error: {failure.getErrorMessage()}"))
+
+    reply.addCallbacks(deliver, failed)
+
+
+def _json_answer(request_id: Any, reply: Reply) -> dict[str, Any]:
+    if reply.status == 10:
+        return {"id": request_id, "error": {"code": -32601, "message": reply.text}}
+    if reply.status != 0:
+        return {"id": request_id, "error": {"code": reply.status, "message": reply.text}}
+    value = reply.value if reply.value is not None else reply.text
+    return {"id": request_id, "result": value}
 
 
 class ControlFactory(Factory):

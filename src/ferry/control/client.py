@@ -1,0 +1,140 @@
+"""Clients of the control socket, for the CLI and for scripts.
+
+``line_command`` speaks flexnbd's form (one command, one reply line);
+:class:`JsonControl` keeps one JSON-lines connection open, which
+``ferry mirror --wait`` needs: it asks for progress while a ``wait``
+request is outstanding, and the answer to ``wait`` is how the job ended.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import select
+import socket
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Final
+
+# How often ``follow`` asks for progress: often enough to watch, rarely
+# enough not to matter to the server.
+PROGRESS_INTERVAL: Final = 0.5
+
+
+class ControlError(Exception):
+    """The control socket could not be reached or answered nonsense; one clear line."""
+
+
+def line_command(path: str, lines: list[str], *, timeout: float = 30.0) -> tuple[int, str]:
+    """Send one flexnbd-form command; return its status and text."""
+    request = "".join(f"{line}\n" for line in lines) + "\n"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(timeout)
+            conn.connect(path)
+            conn.sendall(request.encode("utf-8"))
+            chunks = []
+            while chunk := conn.recv(65536):
+                chunks.append(chunk)
+    except OSError as error:
+        raise ControlError(f"control socket {path}: {error.strerror or error}") from None
+    reply = b"".join(chunks).decode("utf-8", "replace").strip()
+    status, sep, text = reply.partition(": ")
+    if not sep or not status.isdigit():
+        raise ControlError(f"control socket {path}: unexpected reply {reply!r}")
+    return int(status), text
+
+
+class JsonControl:
+    def __init__(self, path: str, *, timeout: float = 60.0) -> None:
+        self._path = path
+        self._timeout = timeout
+        self._ids = itertools.count(1)
+        self._buffer = b""
+        try:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sock.connect(path)
+        except OSError as error:
+            raise ControlError(f"control socket {path}: {error.strerror or error}") from None
+
+    def __enter__(self) -> JsonControl:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._sock.close()
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One request, its answer (``result`` or ``error``)."""
+        request_id = next(self._ids)
+        self._send(request_id, method, params)
+        deadline = time.monotonic() + self._timeout
+        while True:
+            answer = self._next(deadline - time.monotonic())
+            if answer is None:
+                raise ControlError(f"control socket {self._path}: closed before answering")
+            if answer.get("id") == request_id:
+                return answer
+
+    def follow(self, show: Callable[[str], None]) -> dict[str, Any] | None:
+        """Show progress lines until the migration ends; return how it ended.
+
+        None if the server went away first (a source that exits after a
+        handoff answers ``wait`` before it stops, so None means trouble).
+        """
+        self._send("wait", "wait", None)
+        last = ""
+        while True:
+            self._send(next(self._ids), "migration", None)
+            deadline = time.monotonic() + PROGRESS_INTERVAL
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    answer = self._next(left)
+                except TimeoutError:
+                    break
+                if answer is None:
+                    return None
+                result = answer.get("result")
+                if not isinstance(result, dict):
+                    continue
+                if answer.get("id") == "wait":
+                    final = result.get("result")
+                    return final if isinstance(final, dict) else {"state": result.get("phase")}
+                line = str(result.get("line", ""))
+                if line and line != last:
+                    show(line)
+                    last = line
+
+    def _send(self, request_id: object, method: str, params: dict[str, Any] | None) -> None:
+        request = {"id": request_id, "method": method, "params": params or {}}
+        try:
+            self._sock.sendall(json.dumps(request).encode("utf-8") + b"\n")
+        except OSError as error:
+            raise ControlError(f"control socket {self._path}: {error.strerror or error}") from None
+
+    def _next(self, timeout: float) -> dict[str, Any] | None:
+        """The next answer; None at EOF; TimeoutError if none comes in time."""
+        while b"\n" not in self._buffer:
+            ready, _, _ = select.select([self._sock], [], [], max(timeout, 0.0))
+            if not ready:
+                raise TimeoutError("no answer in time")
+            try:
+                chunk = self._sock.recv(65536)
+            except OSError:
+                return None
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            raise ControlError(f"control socket {self._path}: not JSON: {line[:80]!r}") from None
+        if not isinstance(answer, dict):
+            raise ControlError(f"control socket {self._path}: unexpected answer {answer!r}")
+        return answer
