@@ -46,12 +46,32 @@ class Refusal:
 
 
 @dataclass(frozen=True, slots=True)
+class MigrationRequest:
+    """The payload of ferry's ``FERRY_OPT_MIGRATE``: "I am the migration source"."""
+
+    version: int
+    size: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.version < 1 << 32:
+            raise ValueError(f"migration version {self.version} is not a u32")
+        if not 0 <= self.size < 1 << 64:
+            raise ValueError(f"image size {self.size} is not a u64")
+
+
+@dataclass(frozen=True, slots=True)
 class HandshakeComplete:
-    """The client chose an export; transmission starts with the next byte."""
+    """The client chose an export; transmission starts with the next byte.
+
+    ``migration`` is set when the export was acquired as a migration sender
+    (``FERRY_OPT_MIGRATE`` was acknowledged on this connection): the
+    connection may then send ``Commit``.
+    """
 
     export: ExportInfo
     structured_replies: bool
     meta_contexts: dict[int, str] = field(default_factory=dict)
+    migration: MigrationRequest | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +110,20 @@ class RejectedRequest:
     length: int
     error: Errno
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """``FERRY_CMD_COMMIT`` from the migration sender: "you have it all; take control".
+
+    Only a connection whose ``HandshakeComplete`` carried ``migration`` emits
+    it (elsewhere the command is a ``RejectedRequest`` with EINVAL).  The
+    answer -- ``reply_ok`` once the image is durable and this node has
+    control, ``reply_error`` otherwise -- is the two-phase commit's ack.
+    """
+
+    handle: int
+    token: int  # the lease's fencing token, from the request's offset field
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +197,7 @@ Event = (
     | HandshakeAborted
     | Request
     | RejectedRequest
+    | Commit
     | Disconnect
     | Negotiated
     | NegotiationFailed

@@ -47,10 +47,28 @@ States, and what moves the connection between them::
                   EXPORT_NAME we cannot serve, ABORT   -> CLOSED        HandshakeAborted
                   any other option (answered)          -> OPTIONS
     TRANSMISSION  a request, or a WRITE with payload   -> TRANSMISSION  Request|Rejected
+                  FERRY_CMD_COMMIT from the sender     -> TRANSMISSION  Commit|Rejected
                   a WRITE whose payload is not here    -> PAYLOAD
                   DISC                                 -> CLOSED        Disconnect
     PAYLOAD       the last byte of that payload        -> TRANSMISSION  Request|Rejected
     (any)         broken framing                       -> BROKEN        ProtocolError
+
+ferry's migration extension (``constants.py``), with a ``MigrationCatalog``:
+
+    FERRY_OPT_MIGRATE   answer                        the connection afterwards
+    ------------------  ----------------------------  -------------------------------------
+    data not 12 bytes   ERR_INVALID                   as before
+    a second time       ERR_INVALID                   still the sender
+    unknown version     ERR_UNSUP, with a message     as before (a plain client)
+    catalog refuses     its error and message         as before (a plain client)
+    catalog admits      ACK                           the sender: lookups go through
+                                                      ``lookup_sender``, ``HandshakeComplete``
+                                                      carries ``migration``, and
+                                                      FERRY_CMD_COMMIT is a ``Commit``
+
+Elsewhere (no catalog, or no ACK) FERRY_OPT_MIGRATE is ERR_UNSUP and
+FERRY_CMD_COMMIT a ``RejectedRequest`` with EINVAL.  The commit never takes
+the fast path of READ and WRITE: it is tested only after that path missed.
 
 An oldstyle connection starts in TRANSMISSION (or, when the default export is
 refused, in CLOSED) and has its ``HandshakeComplete`` (or ``HandshakeAborted``)
@@ -73,6 +91,10 @@ from ferry.nbd.constants import (
     CLISERV_MAGIC,
     EXPORT_NAME_PADDING,
     EXPORT_NAME_REPLY,
+    FERRY_CMD_COMMIT,
+    FERRY_MIGRATE_REQUEST,
+    FERRY_MIGRATE_VERSION,
+    FERRY_OPT_MIGRATE,
     GREETING_NEWSTYLE,
     GREETING_OLDSTYLE,
     IHAVEOPT,
@@ -102,19 +124,27 @@ from ferry.nbd.constants import (
     TransmissionFlag,
 )
 from ferry.nbd.events import (
+    Commit,
     Disconnect,
     Event,
     ExportInfo,
     Extent,
     HandshakeAborted,
     HandshakeComplete,
+    MigrationRequest,
     ProtocolError,
     Refusal,
     RejectedRequest,
     Request,
 )
 
-__all__ = ["BASE_ALLOCATION_ID", "ExportCatalog", "ServerConnection", "transmission_flags"]
+__all__ = [
+    "BASE_ALLOCATION_ID",
+    "ExportCatalog",
+    "MigrationCatalog",
+    "ServerConnection",
+    "transmission_flags",
+]
 
 #: The id ferry gives ``base:allocation`` when a client selects it.  Ids are
 #: per connection and opaque to the client; ferry has only one context.
@@ -165,6 +195,9 @@ _WRITABLE: Final = (
     | TransmissionFlag.SEND_FAST_ZERO
 )
 _KNOWN_CLIENT_FLAGS: Final = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
+# The only flag a commit may carry: FUA is "valid for all commands" once
+# advertised, and a commit is durable anyway.
+_COMMIT_FLAGS: Final = int(CommandFlag.FUA)
 
 
 class ExportCatalog(Protocol):
@@ -176,6 +209,27 @@ class ExportCatalog(Protocol):
 
     def listing(self) -> Sequence[ExportInfo]:
         """The exports NBD_OPT_LIST shows."""
+        ...
+
+
+class MigrationCatalog(Protocol):
+    """What a ferry listener adds to the catalog: admitting a migration sender.
+
+    A connection given one answers ``FERRY_OPT_MIGRATE``; without one it
+    answers ERR_UNSUP, as any NBD server does.
+    """
+
+    def admit_migration(self, request: MigrationRequest) -> Refusal | None:
+        """None to acknowledge ``FERRY_OPT_MIGRATE``, or why this node takes no migration now."""
+        ...
+
+    def lookup_sender(self, name: str) -> ExportInfo | Refusal:
+        """The export under ``name`` as the acknowledged migration sender sees it, or why not.
+
+        Used instead of ``ExportCatalog.lookup`` for every export lookup of
+        a connection whose ``FERRY_OPT_MIGRATE`` was acknowledged, so a
+        listening export, which refuses ordinary clients, admits its sender.
+        """
         ...
 
 
@@ -290,6 +344,8 @@ class _Reader:
 
 
 def _option_name(option: int) -> str:
+    if option == FERRY_OPT_MIGRATE:
+        return "FERRY_OPT_MIGRATE"
     try:
         return f"NBD_OPT_{Option(option).name}"
     except ValueError:
@@ -320,18 +376,31 @@ class ServerConnection:
     first call returns ``[HandshakeAborted(reason)]``: oldstyle has no way to
     tell the client why, and raising from ``__init__`` would make the caller
     handle one refusal in two places.
+
+    With a ``migration`` catalog the connection speaks ferry's migration
+    extension: it answers ``FERRY_OPT_MIGRATE`` (ACK when the catalog admits
+    the sender, its refusal otherwise), looks every export up through
+    ``lookup_sender`` from then on, reports the sender in
+    ``HandshakeComplete.migration``, and turns ``FERRY_CMD_COMMIT`` into a
+    ``Commit`` event.  Without one, the option is ERR_UNSUP and the command
+    an unknown one, as on any NBD server.
     """
 
     def __init__(
         self,
         catalog: ExportCatalog,
         *,
+        migration: MigrationCatalog | None = None,
         oldstyle: bool = False,
         max_request_size: int = MAX_REQUEST_SIZE,
     ) -> None:
         if not 0 < max_request_size < 1 << 32:
             raise ValueError(f"max_request_size must be in 1..2**32-1, not {max_request_size}")
         self._catalog = catalog
+        self._migration_catalog = migration
+        # The FERRY_OPT_MIGRATE request acknowledged on this connection: from
+        # then on it is the migration sender.
+        self._sender: MigrationRequest | None = None
         self._max_request_size = max_request_size
         self._state = _State.CLIENT_FLAGS
         self._broken_reason = ""
@@ -391,6 +460,11 @@ class ServerConnection:
     @property
     def structured_replies(self) -> bool:
         return self._structured
+
+    @property
+    def migration(self) -> MigrationRequest | None:
+        """The acknowledged ``FERRY_OPT_MIGRATE``: set once this connection is the sender."""
+        return self._sender
 
     @property
     def flags(self) -> TransmissionFlag:
@@ -582,6 +656,8 @@ class ServerConnection:
                 self._structured_reply(payload)
             elif option == Option.LIST_META_CONTEXT or option == Option.SET_META_CONTEXT:
                 self._meta_context(option, payload)
+            elif option == FERRY_OPT_MIGRATE and self._migration_catalog is not None:
+                self._migrate(payload)
             else:
                 # STARTTLS, EXTENDED_HEADERS and numbers we have never heard of.
                 self._error(
@@ -597,7 +673,7 @@ class ServerConnection:
         except _Invalid as invalid:
             self._abort_handshake(f"NBD_OPT_EXPORT_NAME: {invalid}", events)
             return
-        found = self._catalog.lookup(name)
+        found = self._lookup(name)
         if isinstance(found, Refusal):
             self._abort_handshake(f"export {name!r} refused: {found.message}", events)
             return
@@ -606,6 +682,37 @@ class ServerConnection:
         if not self._no_zeroes:
             self._out += _ZERO_PADDING
         self._start_transmission(found, events)
+
+    def _lookup(self, name: str) -> ExportInfo | Refusal:
+        """The export under ``name`` as this connection may have it (as the sender, once acked)."""
+        if self._sender is not None and self._migration_catalog is not None:
+            return self._migration_catalog.lookup_sender(name)
+        return self._catalog.lookup(name)
+
+    def _migrate(self, payload: bytes) -> None:
+        """``FERRY_OPT_MIGRATE``: validate, then let the catalog admit or refuse the sender."""
+        option = FERRY_OPT_MIGRATE
+        if len(payload) != FERRY_MIGRATE_REQUEST.size:
+            raise _Invalid(f"{len(payload)} bytes of data, not {FERRY_MIGRATE_REQUEST.size}")
+        if self._sender is not None:
+            raise _Invalid("already acknowledged on this connection")
+        version, size = FERRY_MIGRATE_REQUEST.unpack(payload)
+        if version != FERRY_MIGRATE_VERSION:
+            self._error(
+                option,
+                OptionReply.ERR_UNSUP,
+                f"migration protocol version {version} is not supported "
+                f"(this node speaks version {FERRY_MIGRATE_VERSION})",
+            )
+            return
+        request = MigrationRequest(version, size)
+        assert self._migration_catalog is not None
+        refusal = self._migration_catalog.admit_migration(request)
+        if refusal is not None:
+            self._error(option, refusal.error, refusal.message)
+            return
+        self._sender = request
+        self._reply(option, OptionReply.ACK)
 
     def _abort_handshake(self, reason: str, events: list[Event]) -> None:
         self._state = _State.CLOSED
@@ -625,7 +732,7 @@ class ServerConnection:
         count = reader.u16()
         requests = [reader.u16() for _ in range(count)]
         reader.end()
-        found = self._catalog.lookup(name)
+        found = self._lookup(name)
         if isinstance(found, Refusal):
             self._error(option, found.error, found.message)
             return
@@ -673,7 +780,7 @@ class ServerConnection:
         reader.end()
         if setting and not self._structured:
             raise _Invalid("metadata contexts need structured replies first")
-        found = self._catalog.lookup(name)
+        found = self._lookup(name)
         if isinstance(found, Refusal):
             self._error(option, found.error, found.message)
             return
@@ -737,7 +844,9 @@ class ServerConnection:
             int(command): (self._forbidden[command], limit) for command, limit in fast.items()
         }
         self._state = _State.TRANSMISSION
-        events.append(HandshakeComplete(export, self._structured, dict(self._meta_contexts)))
+        events.append(
+            HandshakeComplete(export, self._structured, dict(self._meta_contexts), self._sender)
+        )
 
     # -- transmission ----------------------------------------------------------------
 
@@ -749,6 +858,8 @@ class ServerConnection:
         """
         command = _COMMANDS.get(cmd)
         if command is None:
+            if cmd == FERRY_CMD_COMMIT:
+                return Errno.EINVAL, "FERRY_CMD_COMMIT is only for a migration sender's connection"
             return Errno.EINVAL, f"unknown command {cmd}"
         if command in _WRITING and self._flags & TransmissionFlag.READ_ONLY:
             return Errno.EPERM, "the export is read-only"
@@ -822,6 +933,9 @@ class ServerConnection:
                 self._state = _State.CLOSED
                 append(Disconnect())
                 return end
+            if cmd == FERRY_CMD_COMMIT and self._sender is not None:
+                append(self._commit(handle, flags, offset, length))
+                continue
             verdict = self._judge(cmd, flags, offset, length)
             if verdict is None:
                 append(build(handle, _COMMANDS[cmd], _FLAGS[flags], offset, length, b""))
@@ -844,6 +958,16 @@ class ServerConnection:
             self._state = _State.PAYLOAD
             return end
         return pos
+
+    def _commit(self, handle: int, flags: int, token: int, length: int) -> Commit | RejectedRequest:
+        """The sender's commit, or its rejection; it has no payload, so nothing follows."""
+        if length:
+            reason = f"FERRY_CMD_COMMIT carries no data, not {length} bytes"
+        elif flags & ~_COMMIT_FLAGS:
+            reason = f"flags {flags & ~_COMMIT_FLAGS:#x} are not allowed on FERRY_CMD_COMMIT"
+        else:
+            return Commit(handle, token)
+        return RejectedRequest(handle, FERRY_CMD_COMMIT, token, length, Errno.EINVAL, reason)
 
     def _take_payload(self, data: bytes, pos: int, events: list[Event]) -> int:
         """Feed ``data[pos:]`` to the WRITE payload in progress; returns where it stopped."""

@@ -22,6 +22,28 @@ Invariants:
   copy, when the transport holds nothing), and the outbox is flushed before
   control returns to the reactor -- at the end of ``_dispatch``, after a
   thread's result, after handshake output.
+
+The migration sender (a connection whose ``FERRY_OPT_MIGRATE`` was
+acknowledged, see ``ferry.serve.server``) is served like any client -- its
+WRITE, WRITE_ZEROES and TRIM go to the image in order, out of range is
+ENOSPC or EINVAL with its handle -- but it is the export's *sender*, not one
+of its clients, and three things are its own:
+
+* its handshake makes a listening export ``receiving`` (``sender_connected``);
+  a sender announcing another image size is closed instead, after the GO
+  reply that lets the source see the mismatch;
+* its ``Commit``, performed in order after everything it sent before:
+  role ``commit`` (-> committing), the fencing token recorded, fdatasync on
+  the thread pool, then role ``committed`` (-> serving: control, clients
+  allowed) and only then the OK reply, the two-phase commit's ack.  If the
+  fsync fails the reply is EIO -- the source takes it as a definite no --
+  the role goes back to ``listening`` (``sender_lost``) and the connection
+  is closed: what was written cannot be trusted, so the next sender starts
+  over.  A commit in any other state is EINVAL and changes nothing;
+* its end, however it comes (lost, closed, refused, before or after any
+  request, during the fsync) while ``receiving`` or ``committing``: role
+  ``sender_lost`` (-> listening), and an fsync still running is never
+  acknowledged.
 """
 
 from __future__ import annotations
@@ -42,6 +64,7 @@ from zope.interface import implementer
 
 from ferry.nbd.constants import BlockState, Command, CommandFlag, Errno
 from ferry.nbd.events import (
+    Commit,
     Disconnect,
     Extent,
     HandshakeAborted,
@@ -110,11 +133,12 @@ class NBDServerProtocol(Protocol):
         self._server = server
         self._nbd: ServerConnection | None = None
         self._export: Export | None = None
-        self._queue: deque[Request | RejectedRequest] = deque()
+        self._queue: deque[Request | RejectedRequest | Commit] = deque()
         self._outbox: Outbox | None = None
         self._paused = False
         self._in_flight = 0
         self._closing = False
+        self._refused = False  # refused after GO: nothing more it sends is looked at
         self._lost = False
         self._drained: list[defer.Deferred[None]] = []
         self._handshake_timer: Any = None
@@ -139,7 +163,9 @@ class NBDServerProtocol(Protocol):
         self._handshake_timer = self._server.clock.call_later(
             self._server.handshake_timeout, self._handshake_expired
         )
-        self._nbd = ServerConnection(self._server, oldstyle=self._server.oldstyle)
+        self._nbd = ServerConnection(
+            self._server, migration=self._server, oldstyle=self._server.oldstyle
+        )
         # An oldstyle server has chosen its export before the client speaks.
         self._receive(b"")
 
@@ -183,6 +209,13 @@ class NBDServerProtocol(Protocol):
         log.info("disconnecting {peer}: {reason}", peer=self.peer_host, reason=reason)
         self._abort()
 
+    def _close_after_replies(self) -> None:
+        """Read and perform nothing more; close once what is in flight is answered."""
+        self._closing = True
+        self._queue.clear()
+        if self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
     def drain(self) -> defer.Deferred[None]:
         """Stop reading, finish every request already received, then close.
 
@@ -204,6 +237,8 @@ class NBDServerProtocol(Protocol):
 
     def _receive(self, data: bytes) -> None:
         assert self._nbd is not None
+        if self._refused:
+            return
         try:
             events = self._nbd.receive_data(data)
         except ProtocolError as error:
@@ -219,7 +254,10 @@ class NBDServerProtocol(Protocol):
             if kind is Request or kind is RejectedRequest:
                 self._queue.append(event)  # type: ignore[arg-type]
             elif kind is HandshakeComplete:
-                self._handshake_complete(event)  # type: ignore[arg-type]
+                if not self._handshake_complete(event):  # type: ignore[arg-type]
+                    return  # refused and closing: what followed GO is not performed
+            elif kind is Commit:
+                self._queue.append(event)  # type: ignore[arg-type]
             elif kind is Disconnect:
                 self._closing = True
             elif kind is HandshakeAborted:
@@ -235,16 +273,46 @@ class NBDServerProtocol(Protocol):
                 self._outbox.add(out)
                 self._outbox.flush()
 
-    def _handshake_complete(self, event: HandshakeComplete) -> None:
+    def _handshake_complete(self, event: HandshakeComplete) -> bool:
+        """Attach to the chosen export; False if refused after all (the connection closes)."""
         self._cancel_handshake_timer()
         export = self._server.export_named(event.export.name)
+        if event.migration is not None:
+            return self._become_sender(export, event)
         if export is None or not export.clients_allowed:
             # The export went away or lost control between INFO and GO.
-            self._lose()
-            return
+            self._refuse()
+            return False
         self._export = export
         self._context_id = next(iter(event.meta_contexts), 0)
         export.attach(self)
+        return True
+
+    def _become_sender(self, export: Export | None, event: HandshakeComplete) -> bool:
+        assert event.migration is not None
+        if export is None or export.state != "listening":
+            # Cannot happen while lookup_sender and this run in one call; be safe.
+            log.warn("closing sender {peer}: the export is not listening", peer=self.peer_host)
+            self._refuse()
+            return False
+        if event.migration.size != export.image.size:
+            log.warn(
+                "closing sender {peer}: it sends {theirs} bytes, {name} has {ours}",
+                peer=self.peer_host,
+                theirs=event.migration.size,
+                name=export.name,
+                ours=export.image.size,
+            )
+            self._refuse()  # after the GO reply: the source sees the size itself
+            return False
+        self._export = export
+        export.sender_connected(self)
+        log.info("receiving {name} from {peer}", name=export.name, peer=self.peer_host)
+        return True
+
+    def _refuse(self) -> None:
+        self._refused = self._closing = True
+        self._lose()
 
     def _handshake_expired(self) -> None:
         self._handshake_timer = None
@@ -291,7 +359,10 @@ class NBDServerProtocol(Protocol):
                 self._perform(event)
             else:
                 queue.popleft()
-                self._reject(event)  # type: ignore[arg-type]
+                if type(event) is Commit:
+                    self._commit(event)
+                else:
+                    self._reject(event)  # type: ignore[arg-type]
         if self._outbox is not None and not self._lost:
             self._outbox.flush()
         self._maybe_close()
@@ -382,6 +453,55 @@ class NBDServerProtocol(Protocol):
             self._fail(request, nbd_errno(error), os.strerror(error.errno or os_errno.EIO))
             return
         export.stats.observe(_NAMES[command], time.perf_counter() - started)
+
+    def _commit(self, event: Commit) -> None:
+        """The sender's FERRY_CMD_COMMIT; see the module doc for what it promises."""
+        export = self._export
+        nbd = self._nbd
+        assert export is not None and nbd is not None
+        export.stats.requests["COMMIT"] += 1
+        if export.sender is not self or export.state != "receiving":
+            export.stats.errors["EINVAL"] += 1
+            self._send(
+                nbd.reply_error(event.handle, Errno.EINVAL, f"nothing to commit: {export.state}")
+            )
+            return
+        export.begin_commit(self, event.token)
+        log.info(
+            "{name}: commit from {peer} with token {token}; syncing",
+            name=export.name,
+            peer=self.peer_host,
+            token=event.token,
+        )
+        self._in_flight += 1
+        d = self._server.run_blocking(export.image.flush)
+
+        def synced(_: object) -> None:
+            if not export.committed(self):
+                log.warn("{name}: commit abandoned: the sender went away", name=export.name)
+                return
+            log.info("{name}: committed; serving with control", name=export.name)
+            if not self._lost:
+                self._send(nbd.reply_ok(event.handle))
+
+        def failed(failure: Failure) -> None:
+            error = failure.value
+            why = os.strerror(error.errno or os_errno.EIO) if isinstance(error, OSError) else ""
+            log.error("{name}: commit failed, fsync: {why}", name=export.name, why=why or error)
+            export.stats.errors["EIO"] += 1
+            export.sender_lost(self)
+            if not self._lost:
+                self._send(nbd.reply_error(event.handle, Errno.EIO, f"fsync failed: {why}"))
+                self._close_after_replies()
+
+        def settle(_: object) -> None:
+            self._in_flight -= 1
+            if self._outbox is not None and not self._lost:
+                self._outbox.flush()
+            self._maybe_close()
+
+        d.addCallbacks(synced, failed)
+        d.addBoth(settle)
 
     def _block_status(self, request: Request) -> bytes:
         assert self._nbd is not None and self._export is not None

@@ -4,13 +4,20 @@ The export owns the role machine (``statecharts/role.yaml``).  Whether the
 export has control of the image, and whether it admits new clients, are
 properties of the role state written in that YAML, never flags kept beside
 it, so the status line, the handshake and the trace cannot disagree.
+
+On the listening side (``trigger("listen")``) the export also knows its one
+migration *sender*: the connection whose handshake made it ``receiving``.
+Only that connection moves it on (``commit``, ``committed``), and only its
+end (lost, refused, a failed fsync) sends it back to ``listening`` --
+a stale callback of an earlier sender finds it is no longer the sender and
+changes nothing.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from twisted.internet import defer
 
@@ -37,6 +44,10 @@ class Attached(Protocol):
     def resume_dispatch(self) -> None:
         """Dispatch what was queued while the export held client requests."""
         ...
+
+
+#: The role states in which a migration sender is writing the image here.
+RECEIVING_STATES: Final = frozenset({"receiving", "committing"})
 
 
 class Role:
@@ -68,6 +79,10 @@ class Export:
         self._held = False
         self.longest_hold = 0.0
         self.write_limiter: RateLimiter | None = None
+        self._sender: Attached | None = None
+        # The fencing token of the commit that gave (or is giving) this
+        # export control; None until a sender commits.  The lease takes it.
+        self.fencing_token: int | None = None
 
     # -- role ---------------------------------------------------------------
 
@@ -112,7 +127,10 @@ class Export:
         self.stats.connections += 1
 
     def detach(self, client: Attached) -> None:
+        """``client``'s connection is gone; if it was the sender, its migration is over."""
         self._clients.discard(client)
+        if client is self._sender:
+            self.sender_lost(client)
 
     @property
     def num_clients(self) -> int:
@@ -121,6 +139,50 @@ class Export:
     def disconnect_all(self, reason: str) -> None:
         for client in list(self._clients):
             client.disconnect(reason)
+
+    # -- the listening side: one migration sender ------------------------------------
+
+    @property
+    def sender(self) -> Attached | None:
+        """The connection sending the image here (``receiving``, ``committing``), or None."""
+        return self._sender
+
+    def sender_connected(self, sender: Attached) -> None:
+        """``sender`` finished its handshake as the migration source: listening -> receiving.
+
+        Raises ``transitions.MachineError`` unless the export is listening.
+        """
+        self.trigger("sender_connected")
+        self._sender = sender
+
+    def begin_commit(self, sender: Attached, token: int) -> None:
+        """The sender's FERRY_CMD_COMMIT: receiving -> committing, ``token`` recorded."""
+        if sender is not self._sender:
+            raise ValueError("only the migration sender may commit")
+        self.trigger("commit")
+        self.fencing_token = token
+
+    def committed(self, sender: Attached) -> bool:
+        """The image is durable: committing -> serving, with control.  False if too late.
+
+        False when ``sender``'s attempt ended meanwhile (its connection was
+        lost during the fsync, and the export is listening again or has a
+        new sender): the commit did not happen and must not be acknowledged.
+        """
+        if sender is not self._sender or self.state != "committing":
+            return False
+        self._sender = None
+        self.trigger("committed")
+        return True
+
+    def sender_lost(self, sender: Attached) -> None:
+        """``sender``'s attempt ended without a commit: back to listening, for a new one."""
+        if sender is not self._sender:
+            return
+        self._sender = None
+        self.fencing_token = None
+        if self.state in RECEIVING_STATES:
+            self.trigger("sender_lost")
 
     # -- the migration's hold on client I/O (its ClientGate) -----------------------
 

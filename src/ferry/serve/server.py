@@ -5,6 +5,27 @@ handshake consults.  The catalog refuses an export whose role does not
 admit clients (a listener waiting for a migration, an export being handed
 off) with an NBD error *and a message*, so a client sees why, instead of a
 bare disconnect.
+
+It is also the migration catalog (``ferry.nbd.server.MigrationCatalog``):
+``FERRY_OPT_MIGRATE`` is acknowledged while an export is ``listening``, and
+the acknowledged connection then finds that export although it refuses
+ordinary clients.  One sender at a time: once a sender's handshake has made
+the export ``receiving``, every other sender is refused with ERR_POLICY ("a
+migration is already being received") at the option, or at GO if it was
+acknowledged before.  (Both happen on the reactor thread, and the first
+sender's ``HandshakeComplete`` is handled in the same call that looked the
+export up for it, so two senders can never both get through GO.)
+
+The image size is *not* checked here: the sender's GO is answered with this
+export's size, and a source that finds a different one says so in flexnbd's
+words ("Remote size does not match local size"); the connection then closes
+without ever becoming the sender (see ``NBDServerProtocol``).
+
+Not yet: a flexnbd source (``ferry listen --oldstyle``).  Its hello is
+oldstyle, so no option can say "I am the sender"; the seam is
+``ServerConnection(oldstyle=True)`` looking the default export up through
+``lookup_sender`` when the export is listening, writes whose handle is
+``FLEXNBD_MIRROR_HANDLE``, and NBD_CMD_DISC meaning the commit.
 """
 
 from __future__ import annotations
@@ -19,10 +40,10 @@ from twisted.logger import Logger
 
 from ferry.clock import Clock
 from ferry.nbd.constants import OptionReply
-from ferry.nbd.events import ExportInfo, Refusal
+from ferry.nbd.events import ExportInfo, MigrationRequest, Refusal
 from ferry.serve.acl import Acl
 from ferry.serve.connection import NBDServerProtocol
-from ferry.serve.export import Export
+from ferry.serve.export import RECEIVING_STATES, Export
 
 log = Logger()
 
@@ -93,14 +114,40 @@ class NBDServer(Factory):
         if not self.accepting:
             return Refusal(OptionReply.ERR_SHUTDOWN, "server is shutting down")
         if not export.clients_allowed:
-            return Refusal(
-                OptionReply.ERR_POLICY,
-                f"export {export.name!r} does not accept clients while {export.state}",
-            )
+            state = export.state
+            if state == "listening":
+                why = "is listening for a migration and accepts clients once it has control"
+            elif state in RECEIVING_STATES:
+                why = f"is {state} a migration and accepts clients once it has control"
+            else:
+                why = f"does not accept clients while {state}"
+            return Refusal(OptionReply.ERR_POLICY, f"export {export.name!r} {why}")
         return export.info()
 
     def listing(self) -> Sequence[ExportInfo]:
         return [export.info() for export in self.exports.values()]
+
+    # -- MigrationCatalog ------------------------------------------------------------
+
+    def admit_migration(self, request: MigrationRequest) -> Refusal | None:
+        if not self.accepting:
+            return Refusal(OptionReply.ERR_SHUTDOWN, "server is shutting down")
+        # The option names no export (GO does): any listening one will do here.
+        exports = list(self.exports.values())
+        if any(export.state == "listening" for export in exports):
+            return None
+        busy = [export for export in exports if export.state in RECEIVING_STATES]
+        return _not_listening(busy[0] if busy else self.default_export)
+
+    def lookup_sender(self, name: str) -> ExportInfo | Refusal:
+        export = self.export_named(name)
+        if export is None:
+            return Refusal(OptionReply.ERR_UNKNOWN, f"no export named {name!r}")
+        if not self.accepting:
+            return Refusal(OptionReply.ERR_SHUTDOWN, "server is shutting down")
+        if export.state != "listening":
+            return _not_listening(export)
+        return export.info()
 
     # -- the control plane's handles -------------------------------------------------
 
@@ -116,3 +163,13 @@ class NBDServer(Factory):
         """Stop admitting clients and let every connection finish what it received."""
         self.accepting = False
         return defer.DeferredList([c.drain() for c in list(self.connections)])
+
+
+def _not_listening(export: Export) -> Refusal:
+    """Why ``export`` takes no migration sender now."""
+    if export.state in RECEIVING_STATES:
+        return Refusal(OptionReply.ERR_POLICY, "a migration is already being received")
+    return Refusal(
+        OptionReply.ERR_POLICY,
+        f"export {export.name!r} is {export.state}: it is not listening for a migration",
+    )

@@ -1,0 +1,485 @@
+"""The listening side on Twisted's test doubles: one migration sender, its lifecycle, its commit.
+
+No sockets and a fake clock, as in ``test_serve_connection``: each peer is
+ferry's sans-IO client wired to a ``StringTransport``; a sender is that
+client with ``FERRY_OPT_MIGRATE`` among its options, as the migration
+source sends it.  The fsync of a commit runs on a ``run_blocking`` the test
+releases (or fails) by hand, so "before the fsync is done" is a state a
+test can stand in, not a race.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from ferry import statecharts
+from ferry.clock import ReactorClock
+from ferry.migrate.wire import migrate_option
+from ferry.nbd.client import ClientConnection
+from ferry.nbd.constants import (
+    FERRY_CMD_COMMIT,
+    FERRY_OPT_MIGRATE,
+    Command,
+    Errno,
+    OptionReply,
+)
+from ferry.nbd.events import Negotiated, NegotiationFailed, OptionAnswered, Reply
+from ferry.serve.connection import NBDServerProtocol
+from ferry.serve.export import Export
+from ferry.serve.server import NBDServer
+from ferry.storage import Image
+from ferry.trace import CREATED, Tracer, TraceRecord, replay
+
+from . import nbd_frames as f
+
+SIZE = 1 << 20
+TOKEN = 0x0123456789ABCDEF
+ALREADY = "a migration is already being received"
+
+
+class Blocking:
+    """A run_blocking that holds each job until the test releases or fails it."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[[], object], defer.Deferred[Any]]] = []
+
+    def __call__(self, work: Callable[[], object]) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.jobs.append((work, d))
+        return d
+
+    def release_all(self) -> None:
+        jobs, self.jobs = self.jobs, []
+        for work, d in jobs:
+            d.callback(work())
+
+    def fail_all(self, error: Exception) -> None:
+        jobs, self.jobs = self.jobs, []
+        for _, d in jobs:
+            d.errback(Failure(error))
+
+
+class WatchingTransport(StringTransport):
+    """Remembers the export's role at each write, to show what was true when a reply left."""
+
+    def __init__(self, export: Export) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        self.export = export
+        self.states_at_write: list[str] = []
+
+    def write(self, data: bytes) -> None:
+        self.states_at_write.append(self.export.state)
+        super().write(data)
+
+    def writeSequence(self, seq: Any) -> None:
+        self.states_at_write.append(self.export.state)
+        super().writeSequence(seq)
+
+
+class Peer:
+    """One connection: ferry's sans-IO client wired to a StringTransport."""
+
+    def __init__(
+        self, protocol: NBDServerProtocol, transport: WatchingTransport, client: ClientConnection
+    ) -> None:
+        self.protocol = protocol
+        self.transport = transport
+        self.client = client
+        self.events: list[Any] = []
+
+    def pump(self) -> list[Any]:
+        while True:
+            to_client = self.transport.value()
+            self.transport.clear()
+            if to_client:
+                self.events.extend(self.client.receive_data(to_client))
+            to_server = self.client.data_to_send()
+            if to_server and not self.transport.disconnecting:
+                self.protocol.dataReceived(to_server)
+            if not to_client and not to_server:
+                return self.events
+
+    def send_raw(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    @property
+    def negotiated(self) -> Negotiated | None:
+        return self.client.negotiated
+
+    def failed(self) -> NegotiationFailed:
+        self.pump()
+        [failed] = [e for e in self.events if isinstance(e, NegotiationFailed)]
+        return failed
+
+    def answer(self) -> OptionAnswered:
+        self.pump()
+        [answer] = [e for e in self.events if isinstance(e, OptionAnswered)]
+        assert answer.option == FERRY_OPT_MIGRATE
+        return answer
+
+    def replies(self) -> dict[int, Reply]:
+        self.pump()
+        return {e.handle: e for e in self.events if isinstance(e, Reply)}
+
+    def lose(self) -> None:
+        """The TCP connection goes (however it went: the protocol sees connectionLost)."""
+        self.protocol.connectionLost(None)
+
+
+class Listener:
+    """A listening export behind an NBDServer, a traced role, a hand-run fsync."""
+
+    def __init__(self, tmp_path: Path, *, role: str = "listen") -> None:
+        path = tmp_path / "dest.img"
+        with open(path, "wb") as f:
+            f.truncate(SIZE)
+        self.image = Image.open(path)
+        self.reactor = task.Clock()
+        self.clock = ReactorClock(self.reactor)
+        self.records: list[TraceRecord] = []
+        self.export = Export(
+            "disk", self.image, clock=self.clock, tracer=Tracer(self.records.append)
+        )
+        self.export.trigger(role)
+        self.blocking = Blocking()
+        self.server = NBDServer([self.export], clock=self.clock, run_blocking=self.blocking)
+
+    def connect(self, client: ClientConnection) -> Peer:
+        protocol = self.server.buildProtocol(None)
+        assert protocol is not None
+        transport = WatchingTransport(self.export)
+        protocol.makeConnection(transport)
+        return Peer(protocol, transport, client)
+
+    def sender(self, size: int = SIZE) -> Peer:
+        return self.connect(
+            ClientConnection("", meta_contexts=(), extra_options=[migrate_option(size)])
+        )
+
+    def client(self) -> Peer:
+        return self.connect(ClientConnection("disk"))
+
+    def roles(self) -> list[str]:
+        return [r.dest for r in self.records if r.machine == "role" and r.ok and r.event != CREATED]
+
+    def replays(self) -> None:
+        result = replay([r.to_json() for r in self.records], statecharts.load_all())
+        assert result.final_states[("role", "disk")] == self.export.state
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Listener:
+    return Listener(tmp_path)
+
+
+def receiving(listener: Listener) -> Peer:
+    sender = listener.sender()
+    sender.pump()
+    assert sender.negotiated is not None, sender.events
+    assert listener.export.state == "receiving"
+    return sender
+
+
+# -- before any sender ------------------------------------------------------------------
+
+
+def test_a_listening_export_refuses_ordinary_clients_with_a_message(listener: Listener) -> None:
+    failed = listener.client().failed()
+    assert failed.error == OptionReply.ERR_POLICY
+    assert failed.message == (
+        "export 'disk' is listening for a migration and accepts clients once it has control"
+    )
+    assert listener.export.state == "listening" and listener.export.num_clients == 0
+
+
+def test_a_serving_export_refuses_a_sender_at_the_option(tmp_path: Path) -> None:
+    listener = Listener(tmp_path, role="serve")
+    sender = listener.sender()
+    answer = sender.answer()
+    assert answer.reply == OptionReply.ERR_POLICY
+    assert answer.message == "export 'disk' is serving: it is not listening for a migration"
+    assert sender.negotiated is not None  # then it is a plain client of a serving export
+    assert listener.export.state == "serving" and listener.export.sender is None
+
+
+# -- the sender's lifecycle -------------------------------------------------------------------
+
+
+def test_the_senders_handshake_makes_the_export_receiving(listener: Listener) -> None:
+    sender = listener.sender()
+    assert sender.answer().reply == OptionReply.ACK
+    assert sender.negotiated is not None and sender.negotiated.size == SIZE
+    export = listener.export
+    assert export.state == "receiving" and not export.has_control
+    assert export.sender is sender.protocol
+    assert export.num_clients == 0  # the sender is not a client
+    # Its writes, zeroes and trims go to the image.
+    write = sender.client.request(Command.WRITE, 4096, 5, data=b"hello")
+    zero = sender.client.request(Command.WRITE_ZEROES, 8192, 4096)
+    trim = sender.client.request(Command.TRIM, 65536, 4096)
+    past = sender.client.request(Command.WRITE, SIZE - 2, 4, data=b"over")
+    replies = sender.replies()
+    assert [replies[h].error for h in (write, zero, trim)] == [Errno.OK] * 3
+    assert replies[past].error == Errno.ENOSPC  # same handle, the connection goes on
+    assert listener.image.pread(4096, 5) == b"hello"
+    assert export.state == "receiving" and not sender.transport.disconnecting
+    # Ordinary clients are still refused while it receives.
+    failed = listener.client().failed()
+    assert failed.error == OptionReply.ERR_POLICY and "receiving a migration" in failed.message
+
+
+def test_a_sender_lost_before_the_commit_sends_the_export_back_to_listening(
+    listener: Listener,
+) -> None:
+    first = receiving(listener)
+    first.client.request(Command.WRITE, 0, 3, data=b"abc")
+    first.pump()
+    first.lose()
+    assert listener.export.state == "listening" and listener.export.sender is None
+    # The next sender starts over.
+    second = receiving(listener)
+    assert listener.export.sender is second.protocol
+    assert listener.roles() == ["listening", "receiving", "listening", "receiving"]
+    listener.replays()
+
+
+def test_a_second_sender_at_once_is_refused_at_the_option(listener: Listener) -> None:
+    first = receiving(listener)
+    second = listener.sender()
+    answer = second.answer()
+    assert (answer.reply, answer.message) == (OptionReply.ERR_POLICY, ALREADY)
+    failed = second.failed()  # its GO then finds an export that refuses clients
+    assert failed.error == OptionReply.ERR_POLICY
+    second.lose()
+    assert listener.export.state == "receiving" and listener.export.sender is first.protocol
+    handle = first.client.request(Command.WRITE, 0, 1, data=b"x")
+    assert first.replies()[handle].error == Errno.OK
+
+
+def test_two_senders_acked_together_only_the_first_through_go_is_the_sender(
+    listener: Listener,
+) -> None:
+    one, two = listener.sender(), listener.sender()
+    # Both have their option acknowledged before either sends GO.
+    for peer in (one, two):
+        peer.client.receive_data(peer.transport.value())  # the greeting
+        peer.transport.clear()
+        peer.protocol.dataReceived(peer.client.data_to_send())  # client flags + the option
+        peer.events.extend(peer.client.receive_data(peer.transport.value()))
+        peer.transport.clear()
+        assert [e.reply for e in peer.events if isinstance(e, OptionAnswered)] == [OptionReply.ACK]
+    one.pump()
+    assert listener.export.sender is one.protocol
+    failed = two.failed()
+    assert (failed.error, failed.message) == (OptionReply.ERR_POLICY, ALREADY)
+    assert listener.export.state == "receiving"
+
+
+def test_a_sender_with_another_size_sees_ours_then_is_closed(listener: Listener) -> None:
+    sender = listener.sender(size=SIZE * 2)
+    sender.pump()
+    assert sender.answer().reply == OptionReply.ACK
+    assert sender.negotiated is not None and sender.negotiated.size == SIZE
+    assert sender.transport.disconnecting
+    sender.lose()
+    assert listener.export.state == "listening" and listener.roles() == ["listening"]
+
+
+def test_what_a_refused_sender_pipelined_after_go_is_not_performed(listener: Listener) -> None:
+    sender = listener.sender(size=SIZE * 2)
+    sender.client.receive_data(sender.transport.value())  # the greeting
+    stream = (
+        f.client_flags()
+        + f.option(FERRY_OPT_MIGRATE, struct.pack(">IQ", 1, SIZE * 2))
+        + f.option(f.OPT_GO, f.info_data(""))
+        + f.write(1, 0, b"pipelined")
+        + f.request(FERRY_CMD_COMMIT, 2, TOKEN)
+    )
+    sender.send_raw(stream)
+    sender.send_raw(f.write(3, 0, b"and more"))  # before the close takes effect
+    assert sender.transport.disconnecting
+    assert listener.image.pread(0, 9) == bytes(9)
+    assert listener.export.state == "listening" and listener.export.fencing_token is None
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        "at once",
+        "after the hello",
+        "after the client flags",
+        "after the option",
+        "mid-write",
+        "with requests unanswered",
+    ],
+)
+def test_a_sender_may_go_away_at_any_step(listener: Listener, when: str) -> None:
+    sender = listener.sender()
+    if when == "at once":
+        sender.lose()
+    elif when == "after the hello":
+        sender.client.receive_data(sender.transport.value())
+        sender.lose()
+    elif when == "after the client flags":
+        sender.client.receive_data(sender.transport.value())
+        sender.send_raw(sender.client.data_to_send()[:4])
+        sender.lose()
+    elif when == "after the option":
+        sender.client.receive_data(sender.transport.value())
+        sender.transport.clear()
+        sender.send_raw(sender.client.data_to_send())  # flags and FERRY_OPT_MIGRATE
+        assert listener.export.state == "listening"
+        sender.lose()
+    elif when == "mid-write":
+        sender.pump()
+        assert listener.export.state == "receiving"
+        sender.client.request(Command.WRITE, 0, 4096, data=b"w" * 4096)
+        frame = sender.client.data_to_send()
+        sender.send_raw(frame[: len(frame) // 2])
+        sender.lose()
+    else:
+        sender.pump()
+        sender.protocol.pauseProducing()  # parsed, queued, not performed
+        sender.client.request(Command.WRITE, 0, 3, data=b"abc")
+        sender.client.request(Command.FLUSH)
+        sender.pump()
+        sender.lose()
+        sender.protocol.resumeProducing()
+    export = listener.export
+    assert export.state == "listening" and export.sender is None and not export.has_control
+    assert receiving(listener) is not None  # and the next sender is welcome
+    listener.replays()
+
+
+def test_a_sender_that_disconnects_politely_also_ends_its_migration(listener: Listener) -> None:
+    sender = receiving(listener)
+    sender.client.request(Command.DISC)
+    sender.pump()
+    assert sender.transport.disconnecting
+    sender.lose()
+    assert listener.export.state == "listening"
+
+
+# -- the commit -----------------------------------------------------------------------------
+
+
+def test_commit_takes_control_before_the_ack_and_then_serves_clients(listener: Listener) -> None:
+    export = listener.export
+    sender = receiving(listener)
+    sender.client.request(Command.WRITE, 0, 7, data=b"payload")
+    flush = sender.client.request(Command.FLUSH)
+    sender.pump()
+    listener.blocking.release_all()
+    assert sender.replies()[flush].error == Errno.OK
+    refused = listener.client()
+    refused.pump()  # an ordinary client in the handshake; refused below
+
+    commit = sender.client.commit(TOKEN)
+    sender.pump()
+    assert export.state == "committing" and not export.has_control
+    assert export.fencing_token == TOKEN
+    assert commit not in sender.replies()  # no ack before the fsync
+    assert len(listener.blocking.jobs) == 1
+    writes_before = len(sender.transport.states_at_write)
+    listener.blocking.release_all()
+    reply = sender.replies()[commit]
+    assert reply.error == Errno.OK
+    # The ack left only once the export was serving.
+    assert sender.transport.states_at_write[writes_before:] == ["serving"]
+    assert export.state == "serving" and export.has_control and export.clients_allowed
+    assert export.sender is None and export.fencing_token == TOKEN
+    assert listener.roles() == ["listening", "receiving", "committing", "serving"]
+    listener.replays()
+    assert refused.failed().error == OptionReply.ERR_POLICY
+
+    # Ordinary clients are served now, on the same server.
+    client = listener.client()
+    client.pump()
+    assert client.negotiated is not None
+    read = client.client.request(Command.READ, 0, 7)
+    assert client.replies()[read].data == b"payload"
+    assert export.num_clients == 1
+    # The source says goodbye; nothing changes.
+    sender.client.request(Command.DISC)
+    sender.pump()
+    sender.lose()
+    assert export.state == "serving"
+    # And a would-be sender is now told this node is serving.
+    late = listener.sender()
+    assert late.answer().message == "export 'disk' is serving: it is not listening for a migration"
+
+
+def test_a_failed_fsync_answers_eio_and_listens_again(listener: Listener) -> None:
+    export = listener.export
+    sender = receiving(listener)
+    commit = sender.client.commit(TOKEN)
+    sender.pump()
+    assert export.state == "committing"
+    listener.blocking.fail_all(OSError(errno.EIO, "Input/output error"))
+    reply = sender.replies()[commit]
+    assert reply.error == Errno.EIO
+    assert export.state == "listening" and not export.has_control
+    assert export.fencing_token is None and export.sender is None
+    assert sender.transport.disconnecting  # the next sender starts over
+    sender.lose()
+    assert export.state == "listening"
+    assert receiving(listener) is not None
+    assert listener.roles() == [
+        "listening",
+        "receiving",
+        "committing",
+        "listening",
+        "receiving",
+    ]
+    listener.replays()
+
+
+def test_a_sender_lost_during_the_fsync_is_never_acked(listener: Listener) -> None:
+    export = listener.export
+    sender = receiving(listener)
+    sender.client.commit(TOKEN)
+    sender.pump()
+    assert export.state == "committing"
+    sender.lose()
+    assert export.state == "listening"
+    # A new sender gets in before the old fsync returns; the late fsync changes nothing.
+    second = receiving(listener)
+    listener.blocking.release_all()
+    assert export.state == "receiving" and export.sender is second.protocol
+    assert sender.transport.value() == b""
+    listener.replays()
+
+
+def test_a_second_commit_or_a_malformed_one_is_einval(listener: Listener) -> None:
+    sender = receiving(listener)
+    first = sender.client.commit(1)
+    second = sender.client.commit(2)
+    sender.pump()
+    replies = sender.replies()
+    assert replies[second].error == Errno.EINVAL  # answered at once: it is committing
+    assert listener.export.fencing_token == 1
+    listener.blocking.release_all()
+    assert sender.replies()[first].error == Errno.OK
+    again = sender.client.commit(3)
+    assert sender.replies()[again].error == Errno.EINVAL  # serving: nothing to commit
+    assert listener.export.state == "serving" and listener.export.fencing_token == 1
+
+
+def test_an_ordinary_clients_commit_is_einval(tmp_path: Path) -> None:
+    listener = Listener(tmp_path, role="serve")
+    client = listener.client()
+    client.pump()
+    handle = client.client.commit(5)
+    assert client.replies()[handle].error == Errno.EINVAL
+    assert listener.export.state == "serving" and listener.export.fencing_token is None
+    assert not client.transport.disconnecting
