@@ -1,55 +1,77 @@
 #!/usr/bin/env bash
-# The main job on embedded defaults: serve a demo image with ferry, read it
-# back with a real NBD client (libnbd's nbdcopy), check it byte for byte,
-# show the status line, and stop cleanly.
+# The main job on embedded defaults: a live migration.
+#
+# Serves a demo image with ferry, starts a real NBD client (libnbd) writing
+# to it, starts a second ferry listening for the image, migrates it while
+# the client writes (progress on the terminal), and ends with the
+# destination serving and the data verified byte for byte.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ "${FERRY_SKIP_INSTALL:-}" == 1 ]] || scripts/install-deps.sh
 
 work=$(mktemp -d)
-server=""
+pids=()
 cleanup() {
-    [[ -z "$server" ]] || kill "$server" 2>/dev/null || true
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
 
-python3 - "$work/demo.img" <<'PY'
+python3 - "$work/source.img" "$work/dest.img" <<'PY'
 import random, sys
 rng = random.Random(2026)
 with open(sys.argv[1], "wb") as f:
-    f.truncate(64 << 20)                      # 64 MiB, sparse
-    for offset in (0, 9 << 20, 40 << 20):     # three 1 MiB islands of data
+    f.truncate(256 << 20)                              # 256 MiB, sparse
+    for offset in range(0, 256 << 20, 16 << 20):       # 4 MiB of data every 16 MiB
         f.seek(offset)
-        f.write(rng.randbytes(1 << 20))
+        f.write(rng.randbytes(4 << 20))
+with open(sys.argv[2], "wb") as f:
+    f.truncate(256 << 20)                              # the destination starts empty
 PY
 
-python3 -m ferry serve --addr 127.0.0.1 --port 0 --file "$work/demo.img" \
-    --sock "$work/ctl.sock" --name demo 2> "$work/ferry.log" &
-server=$!
 port=""
-for _ in $(seq 1 300); do
-    port=$(sed -n 's/.*serving .* on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$work/ferry.log")
-    [[ -n "$port" ]] && break
-    kill -0 "$server" 2>/dev/null || { cat "$work/ferry.log"; exit 1; }
-    sleep 0.1
-done
-[[ -n "$port" ]] || { echo "ferry did not start"; cat "$work/ferry.log"; exit 1; }
+start() {  # start MODE NAME: run `ferry MODE` in the background; sets $port
+    local mode=$1 name=$2
+    python3 -m ferry "$mode" --addr 127.0.0.1 --port 0 --file "$work/$name.img" --name demo \
+        --sock "$work/$name.sock" --trace "$work/$name.trace" > /dev/null 2> "$work/$name.log" &
+    pids+=($!)
+    python3 -m ferry status --sock "$work/$name.sock" --wait 30 > /dev/null
+    port=$(sed -n 's/.* on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$work/$name.log" | head -1)
+}
+start serve source
+source_port=$port
+start listen dest
+dest_port=$port
+echo "== source: ferry serve on nbd://127.0.0.1:$source_port/demo"
+echo "== destination: ferry listen on nbd://127.0.0.1:$dest_port/demo"
+python3 -m ferry status --sock "$work/dest.sock"
 
-echo "== ferry serves demo.img on nbd://127.0.0.1:$port/demo"
-nbdinfo "nbd://127.0.0.1:$port/demo" | sed -n '1,12p'
-echo "== allocation map (holes stay holes)"
-nbdinfo --map "nbd://127.0.0.1:$port/demo"
-echo "== copying the export back with nbdcopy"
-nbdcopy --progress "nbd://127.0.0.1:$port/demo" "$work/copy.img"
-if cmp -s "$work/demo.img" "$work/copy.img"; then
-    echo "== byte for byte identical: $(sha256sum < "$work/copy.img" | cut -c1-16)…"
+echo "== a libnbd client writes to the source while it moves"
+/usr/bin/python3 tests/workload.py "nbd://127.0.0.1:$source_port/demo" 0 1 65536 "$work/stop" \
+    > "$work/client.json" &
+client=$!
+
+python3 -m ferry mirror --addr 127.0.0.1 --port "$dest_port" --sock "$work/source.sock" \
+    --action nothing --wait
+touch "$work/stop"
+wait "$client"
+writes=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["writes"])' "$work/client.json")
+echo "== the client made $writes writes during the migration"
+
+echo "== the destination now serves the image on the same port"
+python3 -m ferry status --sock "$work/dest.sock"
+nbdinfo "nbd://127.0.0.1:$dest_port/demo" | grep -E 'export-size|is_read_only'
+if cmp -s "$work/source.img" "$work/dest.img"; then
+    echo "== byte for byte identical: $(sha256sum < "$work/dest.img" | cut -c1-16)…"
 else
     echo "== MISMATCH"; exit 1
 fi
-echo "== status"
-python3 -m ferry status --sock "$work/ctl.sock"
-kill -TERM "$server"
-wait "$server"
-server=""
+echo "== source status (it handed the image off)"
+python3 -m ferry status --sock "$work/source.sock"
+for pid in "${pids[@]}"; do kill -TERM "$pid"; done
+for pid in "${pids[@]}"; do wait "$pid"; done
+pids=()
+python3 -m ferry trace replay "$work/source.trace"
+python3 -m ferry trace replay "$work/dest.trace"
 echo "== ferry stopped cleanly"

@@ -5,10 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debian=(libnbd-bin)
+debian=(libnbd-bin python3-libnbd)
 extras=""
 if [[ "${1:-}" == "--test" ]]; then
-    debian+=(python3-libnbd qemu-utils nbdkit nbd-server prometheus fio curl)
+    debian+=(qemu-utils nbdkit nbd-server prometheus fio curl)
     extras="[test,lint]"
 fi
 
