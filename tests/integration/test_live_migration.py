@@ -109,6 +109,7 @@ def test_live_migration_keeps_every_acknowledged_write(tmp_path: Path) -> None:
     assert source_status["state"] == "handed_off" and source_status["has_control"] == "false"
     assert dest_status["state"] == "serving" and dest_status["has_control"] == "true"
     assert source_status["num_clients"] == "0"
+    assert "last_downtime_ms" in source_status  # the longest stall a client saw
 
     # The destination answers real clients on the same port, same process.
     assert nbdsh(dest.uri("disk"), "print(h.get_size())").stdout.strip() == str(SIZE).encode()

@@ -269,3 +269,19 @@ def test_the_write_cap_delays_writes_in_order(harness: Harness) -> None:
     assert 3.5 <= answered_at[handles[-1]] <= 4.25
     harness.export.set_write_cap(None)
     assert harness.export.write_limiter is None
+
+
+def test_a_request_still_held_counts_towards_the_longest_hold(harness: Harness) -> None:
+    peer = harness.connect()
+    peer.negotiate()
+    harness.export.hold()
+    harness.reactor.advance(1.0)  # a hold with nothing queued stalls no one
+    assert harness.export.longest_hold == 0.0
+    peer.client.request(Command.READ, 0, 1)
+    peer.replies()
+    harness.reactor.advance(0.4)
+    # At a handoff the client is disconnected while still held: its wait counts.
+    assert harness.export.longest_hold == pytest.approx(0.4)
+    peer.protocol.disconnect("handed off")
+    peer.protocol.connectionLost(None)
+    harness.export.release()

@@ -371,6 +371,10 @@ class NBDServerProtocol(Protocol):
         self._throttle_timer = None
         self._dispatch()
 
+    @property
+    def held_since(self) -> float | None:
+        return self._held_since
+
     def resume_dispatch(self) -> None:
         """The export released its hold: account for the wait, then go on."""
         if self._held_since is not None and self._export is not None:

@@ -41,6 +41,11 @@ class Attached(Protocol):
 
     def disconnect(self, reason: str) -> None: ...
 
+    @property
+    def held_since(self) -> float | None:
+        """When this client's first request was queued behind a hold (None: none is)."""
+        ...
+
     def resume_dispatch(self) -> None:
         """Dispatch what was queued while the export held client requests."""
         ...
@@ -77,7 +82,7 @@ class Export:
         self._write_observers: list[WriteObserver] = []
         self._clock = clock
         self._held = False
-        self.longest_hold = 0.0
+        self._longest_hold = 0.0
         self.write_limiter: RateLimiter | None = None
         self._sender: Attached | None = None
         # The fencing token of the commit that gave (or is giving) this
@@ -209,7 +214,19 @@ class Export:
 
     def note_hold(self, seconds: float) -> None:
         """A client request waited ``seconds`` behind a hold: keep the longest."""
-        self.longest_hold = max(self.longest_hold, seconds)
+        self._longest_hold = max(self._longest_hold, seconds)
+
+    @property
+    def longest_hold(self) -> float:
+        """The longest any client request has waited behind a hold, so far.
+
+        Requests still held count up to now: at a handoff their clients are
+        disconnected without ever being released, and their wait is exactly
+        the stall the migration caused.
+        """
+        now = self._clock.seconds()
+        waiting = [now - c.held_since for c in self._clients if c.held_since is not None]
+        return max([self._longest_hold, *waiting])
 
     def set_write_cap(self, bytes_per_second: int | None) -> None:
         """Throttle client writes (auto-converge); None lifts the cap."""
