@@ -80,8 +80,11 @@ def build_parser() -> Parser:
             action="store_true",
             help="an empty ACL admits no one (without it, an empty ACL admits everyone)",
         )
-        serve.add_argument("--oldstyle", action="store_true", help="speak the oldstyle handshake")
         if name == "serve":
+            # listen --oldstyle (a migration from flexnbd) waits for flexnbd compatibility.
+            serve.add_argument(
+                "--oldstyle", action="store_true", help="speak the oldstyle handshake"
+            )
             serve.add_argument(
                 "-r", "--read-only", action="store_true", help="refuse writes (EPERM)"
             )
@@ -224,7 +227,7 @@ def run_serve(args: argparse.Namespace) -> int:
         sock=args.sock,
         acl=tuple(args.acl),
         default_deny=args.default_deny,
-        oldstyle=args.oldstyle,
+        oldstyle=getattr(args, "oldstyle", False),
         read_only=getattr(args, "read_only", False),
         metrics=args.metrics,
         trace=args.trace,
