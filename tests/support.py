@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -173,3 +173,84 @@ def connect_raw(port: int, deadline: Deadline | None = None) -> socket.socket:
     deadline = deadline or Deadline()
     sock = socket.create_connection(("127.0.0.1", port), timeout=deadline.left())
     return sock
+
+
+# -- peer servers (qemu-nbd, nbdkit, nbd-server) --------------------------------
+
+
+def free_port() -> int:
+    """A port nothing listens on now (a peer that loses the race is restarted)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def listening(port: int) -> bool:
+    """Whether something LISTENs on ``port``, asked of the kernel, not by connecting.
+
+    (Connecting would use up nbd-server -d's only connection.)
+    """
+    suffix = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[1].endswith(suffix) and fields[3] == "0A":
+                return True
+    return False
+
+
+def accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def start_peer(
+    argv_for: Callable[[int], list[str]],
+    log: Path,
+    *,
+    probe: Callable[[int], bool] = listening,
+    deadline: float = DEADLINE,
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a server on a free port and wait until ``probe`` says it is ready.
+
+    If it exits first (most likely someone took the port meanwhile), try
+    again on another port, three times at most.
+    """
+    for _ in range(3):
+        port = free_port()
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                argv_for(port), stdout=out, stderr=out, stdin=subprocess.DEVNULL
+            )
+        until = Deadline(deadline)
+        while not until.expired():
+            if probe(port):
+                return proc, port
+            try:
+                proc.wait(timeout=0.02)  # the pause doubles as a liveness check
+            except subprocess.TimeoutExpired:
+                continue
+            break
+        else:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"{argv_for(port)[0]} not ready in {deadline} s")
+    raise RuntimeError(f"{argv_for(0)[0]} never listened: {log.read_text()[-2000:]}")
+
+
+def stop_peer(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -247,7 +247,7 @@ async def test_a_live_migration_to_a_ferry_listener(
     # Real clients on the port the migration came in on, same process.
     for tool in ("nbdinfo", "nbdcopy", "qemu-io"):
         if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed")
+            pytest.fail(f"{tool} is not installed: run scripts/install-deps.sh --test")
     uri = f"nbd://{HOST}:{dest.port}/"
     info = await within(_run(["nbdinfo", "--size", uri]))
     assert info.returncode == 0, info.stderr

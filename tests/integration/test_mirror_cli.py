@@ -8,34 +8,27 @@ keep writing. Ferry-to-ferry handoff is tested with ``ferry listen``.
 from __future__ import annotations
 
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ferry.control.status import parse_line
-from support import FERRY, Deadline, FerryProcess, random_file, run, serve, sparse_file
+from support import (
+    FERRY,
+    FerryProcess,
+    free_port,
+    random_file,
+    run,
+    serve,
+    sparse_file,
+    start_peer,
+    stop_peer,
+)
 
 pytestmark = pytest.mark.integration
 
 MiB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, deadline: Deadline) -> None:
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if deadline.expired():
-                raise
 
 
 @pytest.fixture
@@ -50,18 +43,26 @@ def source(tmp_path: Path) -> Iterator[tuple[FerryProcess, Path, Path]]:
 @pytest.fixture
 def qemu_target(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     target = sparse_file(tmp_path / "target.img", 32 * MiB)
-    port = free_port()
-    proc = subprocess.Popen(
-        ["qemu-nbd", "-f", "raw", "-t", "-x", "", "-b", "127.0.0.1", "-p", str(port), str(target)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    proc, port = start_peer(
+        lambda port: [
+            "qemu-nbd",
+            "-f",
+            "raw",
+            "-t",
+            "-x",
+            "",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            str(target),
+        ],
+        target.with_suffix(".log"),
     )
     try:
-        wait_for_port(port, Deadline())
         yield port, target
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_peer(proc)
 
 
 def control(sock: Path, *lines: str) -> bytes:

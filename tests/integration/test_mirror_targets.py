@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +34,7 @@ from ferry.migrate.source import (
 from ferry.serve.export import Export
 from ferry.storage import Image
 from ferry.trace import Tracer, TraceRecord, replay
+from support import start_peer, stop_peer
 
 pytestmark = pytest.mark.integration
 
@@ -50,26 +47,6 @@ DEADLINE = 20.0
 REGIONS = [(0, 8 * MiB), (20 * MiB + 4096, MiB), (40 * MiB, 5 * MiB), (SIZE - 4096, 4096)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    suffix = f":{port:04X}"
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[1].endswith(suffix) and fields[3] == "0A":
-                return True
-    return False
-
-
 def _sparse(path: Path) -> Path:
     with path.open("wb") as f:
         f.truncate(SIZE)
@@ -80,45 +57,11 @@ def _allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def _start(argv_for: Callable[[int], list[str]], log: Path) -> tuple[subprocess.Popen[bytes], int]:
-    for _ in range(3):
-        port = _free_port()
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                argv_for(port), stdout=out, stderr=out, stdin=subprocess.DEVNULL
-            )
-        deadline = time.monotonic() + DEADLINE
-        while time.monotonic() < deadline:
-            if _listening(port):
-                return proc, port
-            try:
-                proc.wait(timeout=0.02)  # the pause doubles as a liveness check
-            except subprocess.TimeoutExpired:
-                continue
-            break  # it exited: most likely the port was taken
-        else:
-            proc.kill()
-            raise RuntimeError(f"{argv_for(port)[0]} not ready in {DEADLINE} s")
-    raise RuntimeError(f"{argv_for(0)[0]} never listened: {log.read_text()[-2000:]}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
 Target = tuple[Path, int, str]  # destination file, port, export name
 
 
 @pytest.fixture
 def qemu_nbd(tmp_path: Path) -> Iterator[Target]:
-    if shutil.which("qemu-nbd") is None:
-        pytest.skip("qemu-nbd is not installed")
     image = _sparse(tmp_path / "qemu-dest.img")
 
     def argv(port: int) -> list[str]:
@@ -126,24 +69,22 @@ def qemu_nbd(tmp_path: Path) -> Iterator[Target]:
         return ["qemu-nbd", "-f", "raw", "-x", "ferry", "-t", "--discard=unmap",
                 "-p", str(port), "-b", HOST, str(image)]  # fmt: skip
 
-    proc, port = _start(argv, tmp_path / "qemu-nbd.log")
+    proc, port = start_peer(argv, tmp_path / "qemu-nbd.log")
     yield image, port, "ferry"
-    _stop(proc)
+    stop_peer(proc)
 
 
 @pytest.fixture
 def nbdkit_file(tmp_path: Path) -> Iterator[Target]:
-    if shutil.which("nbdkit") is None:
-        pytest.skip("nbdkit is not installed")
     image = _sparse(tmp_path / "nbdkit-dest.img")
 
     def argv(port: int) -> list[str]:
         return ["nbdkit", "--exit-with-parent", "-f", "-p", str(port), "-i", HOST,
                 "file", str(image)]  # fmt: skip
 
-    proc, port = _start(argv, tmp_path / "nbdkit.log")
+    proc, port = start_peer(argv, tmp_path / "nbdkit.log")
     yield image, port, ""
-    _stop(proc)
+    stop_peer(proc)
 
 
 def _source_image(path: Path) -> Image:

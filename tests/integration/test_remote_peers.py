@@ -15,7 +15,6 @@ import socket
 import struct
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from ferry.nbd.client import ClientConnection, handle_from_bytes
 from ferry.nbd.constants import BlockState, Command, Errno, OptionReply, TransmissionFlag
 from ferry.nbd.events import Extent, Negotiated, Reply
 from ferry.remote import NegotiationError, RemoteError, RemoteExport, UnsupportedCommand
+from support import accepts, free_port, listening, start_peer
 
 pytestmark = pytest.mark.integration
 
@@ -49,36 +49,6 @@ def _pattern(offset: int, length: int) -> bytes:
     return _noise()[offset : offset + length]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _listening(port: int) -> bool:
-    """Whether something LISTENs on ``port``, asked of the kernel, not by connecting."""
-    suffix = f":{port:04X}"
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[1].endswith(suffix) and fields[3] == "0A":
-                return True
-    return False
-
-
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection((HOST, port), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
 @dataclass
 class Server:
     """One server process and how to reach its export.
@@ -90,7 +60,7 @@ class Server:
     command: Callable[[int], list[str]]
     export_name: str
     log: Path
-    probe: Callable[[int], bool] = _accepts
+    probe: Callable[[int], bool] = accepts
     single_connection: bool = False  # nbd-server -d serves one client, then exits
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
@@ -98,27 +68,9 @@ class Server:
 
     def start(self) -> None:
         """Start on a free port; on another if someone took this one meanwhile."""
-        for _ in range(3):
-            self.port = _free_port()
-            with self.log.open("ab") as log:
-                self.proc = subprocess.Popen(
-                    self.command(self.port), stdout=log, stderr=log, stdin=subprocess.DEVNULL
-                )
-            if self._wait_ready(self.proc):
-                return
-        raise RuntimeError(f"{self.name} never listened: {self.log.read_text()[-2000:]}")
-
-    def _wait_ready(self, proc: subprocess.Popen[bytes]) -> bool:
-        deadline = time.monotonic() + START_DEADLINE
-        while time.monotonic() < deadline:
-            if self.probe(self.port):
-                return True
-            try:
-                proc.wait(timeout=0.02)  # the pause doubles as a liveness check
-            except subprocess.TimeoutExpired:
-                continue
-            return False  # it exited: most likely the port was taken
-        raise RuntimeError(f"{self.name} not ready within {START_DEADLINE} s")
+        self.proc, self.port = start_peer(
+            self.command, self.log, probe=self.probe, deadline=START_DEADLINE
+        )
 
     def connect(self, export_name: str | None = None) -> RemoteExport:
         if self.single_connection:
@@ -147,7 +99,7 @@ class Server:
 
 def _need(binary: str) -> None:
     if shutil.which(binary) is None:
-        pytest.skip(f"{binary} is not installed")
+        pytest.fail(f"{binary} is not installed: run scripts/install-deps.sh --test")
 
 
 def _image(path: Path) -> Path:
@@ -212,7 +164,7 @@ def nbd_server(tmp_path: Path) -> Iterator[Server]:
         command,
         "ferry",
         tmp_path / "nbd-server.log",
-        probe=_listening,
+        probe=listening,
         single_connection=True,
     )
     yield server
@@ -452,7 +404,7 @@ def test_nbdkit_without_structured_replies(tmp_path: Path, option: str) -> None:
 
 
 def test_connection_refused_is_a_clear_connection_error() -> None:
-    port = _free_port()  # nothing listens there now
+    port = free_port()  # nothing listens there now
     with pytest.raises(ConnectionError, match=f"cannot connect to NBD server {HOST}:{port}"):
         RemoteExport.connect(HOST, port, timeout=5)
 

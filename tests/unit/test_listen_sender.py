@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import defer, task
+from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 
+import serve_doubles
 from ferry import statecharts
 from ferry.clock import ReactorClock
 from ferry.migrate.wire import migrate_option
@@ -39,34 +38,13 @@ from ferry.serve.export import Export
 from ferry.serve.server import NBDServer
 from ferry.storage import Image
 from ferry.trace import CREATED, Tracer, TraceRecord, replay
+from serve_doubles import Blocking
 
 from . import nbd_frames as f
 
 SIZE = 1 << 20
 TOKEN = 0x0123456789ABCDEF
 ALREADY = "a migration is already being received"
-
-
-class Blocking:
-    """A run_blocking that holds each job until the test releases or fails it."""
-
-    def __init__(self) -> None:
-        self.jobs: list[tuple[Callable[[], object], defer.Deferred[Any]]] = []
-
-    def __call__(self, work: Callable[[], object]) -> defer.Deferred[Any]:
-        d: defer.Deferred[Any] = defer.Deferred()
-        self.jobs.append((work, d))
-        return d
-
-    def release_all(self) -> None:
-        jobs, self.jobs = self.jobs, []
-        for work, d in jobs:
-            d.callback(work())
-
-    def fail_all(self, error: Exception) -> None:
-        jobs, self.jobs = self.jobs, []
-        for _, d in jobs:
-            d.errback(Failure(error))
 
 
 class WatchingTransport(StringTransport):
@@ -86,28 +64,11 @@ class WatchingTransport(StringTransport):
         super().writeSequence(seq)
 
 
-class Peer:
-    """One connection: ferry's sans-IO client wired to a StringTransport."""
+class Peer(serve_doubles.Peer):
+    """One connection, with the sender's and the listener's questions."""
 
-    def __init__(
-        self, protocol: NBDServerProtocol, transport: WatchingTransport, client: ClientConnection
-    ) -> None:
-        self.protocol = protocol
-        self.transport = transport
-        self.client = client
-        self.events: list[Any] = []
-
-    def pump(self) -> list[Any]:
-        while True:
-            to_client = self.transport.value()
-            self.transport.clear()
-            if to_client:
-                self.events.extend(self.client.receive_data(to_client))
-            to_server = self.client.data_to_send()
-            if to_server and not self.transport.disconnecting:
-                self.protocol.dataReceived(to_server)
-            if not to_client and not to_server:
-                return self.events
+    protocol: NBDServerProtocol
+    transport: WatchingTransport
 
     def send_raw(self, data: bytes) -> None:
         self.protocol.dataReceived(data)

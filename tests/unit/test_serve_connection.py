@@ -6,15 +6,14 @@ whole request path (handshake, dispatch, replies) deterministically.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from twisted.internet import defer, task
+from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
+import serve_doubles
 from ferry.clock import ReactorClock
 from ferry.nbd.client import ClientConnection
 from ferry.nbd.constants import Command, CommandFlag, Errno, OptionReply
@@ -24,25 +23,9 @@ from ferry.serve.connection import NBDServerProtocol
 from ferry.serve.export import Export
 from ferry.serve.server import HANDSHAKE_TIMEOUT, NBDServer
 from ferry.storage import Image
+from serve_doubles import Blocking
 
 SIZE = 1 << 20
-
-
-class Blocking:
-    """A run_blocking that holds each job until the test releases it."""
-
-    def __init__(self) -> None:
-        self.jobs: list[tuple[Callable[[], object], defer.Deferred[Any]]] = []
-
-    def __call__(self, work: Callable[[], object]) -> defer.Deferred[Any]:
-        d: defer.Deferred[Any] = defer.Deferred()
-        self.jobs.append((work, d))
-        return d
-
-    def release_all(self) -> None:
-        jobs, self.jobs = self.jobs, []
-        for work, d in jobs:
-            d.callback(work())
 
 
 class Harness:
@@ -68,27 +51,13 @@ class Harness:
         return Peer(protocol, transport)
 
 
-class Peer:
+class Peer(serve_doubles.Peer):
     """A client connection: ferry's sans-IO client wired to a StringTransport."""
 
-    def __init__(self, protocol: NBDServerProtocol, transport: StringTransport) -> None:
-        self.protocol = protocol
-        self.transport = transport
-        self.client = ClientConnection("disk")
-        self.events: list[Any] = []
+    protocol: NBDServerProtocol
 
-    def pump(self) -> list[Any]:
-        """Move bytes both ways until neither side has anything to say."""
-        while True:
-            to_client = self.transport.value()
-            self.transport.clear()
-            if to_client:
-                self.events.extend(self.client.receive_data(to_client))
-            to_server = self.client.data_to_send()
-            if to_server:
-                self.protocol.dataReceived(to_server)
-            if not to_client and not to_server:
-                return self.events
+    def __init__(self, protocol: NBDServerProtocol, transport: StringTransport) -> None:
+        super().__init__(protocol, transport, ClientConnection("disk"))
 
     def negotiate(self) -> Negotiated:
         self.pump()
