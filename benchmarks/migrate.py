@@ -1,0 +1,474 @@
+#!/usr/bin/env python3
+"""Migration benchmark: ferry serve -> ferry listen, idle and under a writer, vs nbdcopy.
+
+One random image is created once (like run.py's).  Three scenarios run on it:
+
+- ``idle``: ``ferry mirror --action nothing --wait`` from ``ferry serve`` to ``ferry listen``
+  on an empty (sparse) destination file, no client.
+- ``writer``: the same while benchmarks/writer.py (a libnbd client under /usr/bin/python3)
+  writes 4 KiB random blocks at ``--write-rate`` to the source and times each write.
+- ``copy limit``: ``nbdcopy`` of the same image between two qemu-nbd servers, plain and with
+  ``--flush`` (ferry's handoff fsyncs the destination, so ``--flush`` is the fair limit).
+
+After each run the source and destination files are compared byte for byte.  See
+benchmarks/README.md.
+
+    python benchmarks/migrate.py [--size 1G] [--write-rate 20M] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import filecmp
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from run import (
+    DEFAULT_WORKDIR,
+    HOST,
+    BenchError,
+    GiB,
+    MiB,
+    ServerProcess,
+    ServerSetup,
+    become_subreaper,
+    create_image,
+    ferry_version,
+    find_ferry,
+    free_port,
+    human_size,
+    interrupted,
+    log,
+    machine,
+    machine_busy_seconds,
+    output_tail,
+    parse_size,
+    reap_orphans,
+    render_table,
+    server_setup,
+    shell_join,
+    sync_image,
+    tail,
+    tool_version,
+)
+
+BENCH_DIR = Path(__file__).resolve().parent
+WRITER = BENCH_DIR / "writer.py"
+SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, with the libnbd bindings
+MIGRATE_TIMEOUT = 600.0
+WRITER_WARMUP = 1.0  # seconds the writer runs before the migration starts
+TARGET_RATIO = 1.5
+TARGET_STALL_MS = 300.0
+
+
+@dataclass
+class Run:
+    """One scenario's figures."""
+
+    name: str
+    seconds: float | None = None
+    passes: int | None = None
+    rate_mib_s: float | None = None
+    last_downtime_ms: float | None = None
+    quiesce_ms: float | None = None  # role quiescing -> handed_off, from the source trace
+    writer: dict[str, Any] | None = None
+    error_before_handoff: bool | None = None
+    identical: bool | None = None
+    source_cpu_percent: float | None = None
+    dest_cpu_percent: float | None = None
+    machine_busy_percent: float | None = None
+    argv: list[str] = field(default_factory=list)
+    error: str | None = None
+    output: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if key != "output"}
+
+
+def ferry_setup(mode: str, name: str, image: Path, port: int, tmp: Path) -> ServerSetup:
+    sock, trace = tmp / f"{name}.sock", tmp / f"{name}.trace"
+    argv = [find_ferry(), mode, "--addr", HOST, "--port", str(port), "--file", str(image)]
+    argv += ["--sock", str(sock), "--trace", str(trace), "--quiet"]
+    return ServerSetup(name, argv, "", port, tmp / f"{name}.log")
+
+
+def status(sock: Path) -> dict[str, str]:
+    done = subprocess.run(
+        [find_ferry(), "status", "--sock", str(sock), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"ferry status failed: {output_tail(done.stderr + done.stdout)}")
+    result: dict[str, str] = json.loads(done.stdout)
+    return result
+
+
+def read_trace(path: Path) -> list[dict[str, Any]]:
+    records = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    return records
+
+
+def trace_figures(records: list[dict[str, Any]]) -> dict[str, float | int | None]:
+    """Passes (bulk + dirty + the final one), quiesce and handoff times from the source trace."""
+    migration = [r for r in records if r["machine"] == "migration"]
+    passes = sum(1 for r in migration if r["dest"] in ("bulk_pass", "dirty_pass"))
+    if any(r["dest"] == "quiescing" for r in migration):
+        passes += 1
+    role = [r for r in records if r["machine"] == "role"]
+    quiesced = next((r["time"] for r in role if r["dest"] == "quiescing"), None)
+    handed_off = next((r["time"] for r in role if r["dest"] == "handed_off"), None)
+    return {"passes": passes, "quiesced_at": quiesced, "handed_off_at": handed_off}
+
+
+def make_destination(path: Path, size: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    with path.open("wb") as dest:
+        dest.truncate(size)
+
+
+def cpu_of(server: ServerProcess) -> float:
+    return server.cpu_seconds() or 0.0
+
+
+def migrate_once(
+    name: str, image: Path, size: int, tmp: Path, adopted: bool, write_rate: int | None
+) -> Run:
+    """One ferry migration: serve, listen, (writer), mirror --wait, compare."""
+    run = Run(name)
+    dest_image = tmp / "dest.raw"
+    make_destination(dest_image, size)
+    sync_image(image)
+    source = ServerProcess(ferry_setup("serve", "source", image, free_port(), tmp), adopted)
+    dest = ServerProcess(ferry_setup("listen", "dest", dest_image, free_port(), tmp), adopted)
+    for trace in (tmp / "source.trace", tmp / "dest.trace"):
+        with contextlib.suppress(FileNotFoundError):
+            trace.unlink()
+    writer: subprocess.Popen[str] | None = None
+    stop_file = tmp / "writer.stop"
+    with contextlib.suppress(FileNotFoundError):
+        stop_file.unlink()
+    try:
+        for server in (source, dest):
+            log(f"  $ {shell_join(server.setup.argv)}")
+            server.start()
+        if write_rate is not None:
+            argv = [SYSTEM_PYTHON, str(WRITER), source.setup.uri, str(write_rate)]
+            argv += [str(MIGRATE_TIMEOUT), str(stop_file)]
+            log(f"  $ {shell_join(argv)}")
+            writer = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            time.sleep(WRITER_WARMUP)
+            if writer.poll() is not None:
+                raise BenchError(f"the writer exited early: {output_tail(writer.stderr.read())}")
+        run.argv = [
+            find_ferry(),
+            "mirror",
+            "--addr",
+            HOST,
+            "--port",
+            str(dest.setup.port),
+            "--sock",
+            str(tmp / "source.sock"),
+            "--action",
+            "nothing",
+            "--wait",
+        ]
+        log(f"  $ {shell_join(run.argv)}")
+        cpu_before = (cpu_of(source), cpu_of(dest))
+        busy_before = machine_busy_seconds()
+        started = time.perf_counter()
+        done = subprocess.run(
+            run.argv, capture_output=True, text=True, timeout=MIGRATE_TIMEOUT, check=False
+        )
+        elapsed = time.perf_counter() - started
+        busy = machine_busy_seconds() - busy_before
+        run.source_cpu_percent = round(100 * (cpu_of(source) - cpu_before[0]) / elapsed, 1)
+        run.dest_cpu_percent = round(100 * (cpu_of(dest) - cpu_before[1]) / elapsed, 1)
+        run.machine_busy_percent = round(100 * busy / elapsed, 1)
+        run.output = done.stdout + done.stderr
+        if done.returncode != 0:
+            raise BenchError(f"mirror exit status {done.returncode}: {output_tail(run.output)}")
+        run.seconds = round(elapsed, 3)
+        run.rate_mib_s = round(size / elapsed / MiB, 1)
+        if writer is not None:
+            stop_file.touch()
+            out, err = writer.communicate(timeout=60)
+            writer = None
+            try:
+                run.writer = json.loads(out)
+            except ValueError as exc:
+                raise BenchError(f"writer output unreadable: {output_tail(out + err)}") from exc
+        downtime = status(tmp / "source.sock").get("last_downtime_ms")
+        run.last_downtime_ms = None if downtime is None else float(downtime)
+        figures = trace_figures(read_trace(tmp / "source.trace"))
+        run.passes = int(figures["passes"] or 0)
+        quiesced, handed_off = figures["quiesced_at"], figures["handed_off_at"]
+        if quiesced is not None and handed_off is not None:
+            run.quiesce_ms = round((handed_off - quiesced) * 1000, 1)
+        if run.writer is not None:
+            error_at = run.writer.get("error_at")
+            if error_at is None:
+                run.error_before_handoff = False
+            else:
+                run.error_before_handoff = handed_off is None or error_at < handed_off
+    except (BenchError, subprocess.TimeoutExpired, OSError) as exc:
+        run.error = str(exc)
+    finally:
+        if writer is not None:
+            writer.kill()
+            writer.communicate()
+        for server in (source, dest):
+            server.stop()
+    if run.error is None:
+        run.identical = filecmp.cmp(image, dest_image, shallow=False)
+        if not run.identical:
+            run.error = "source and destination differ"
+    if run.error:
+        log(
+            f"  error: {run.error}; source log: {tail(source.setup.log)}; "
+            f"dest log: {tail(dest.setup.log)}"
+        )
+    return run
+
+
+def copy_limit(name: str, image: Path, size: int, tmp: Path, adopted: bool, flush: bool) -> Run:
+    """nbdcopy of the image between two qemu-nbd servers."""
+    run = Run(name, passes=1)
+    dest_image = tmp / "dest.raw"
+    make_destination(dest_image, size)
+    sync_image(image)
+    source = ServerProcess(server_setup("qemu-nbd", image, free_port(), tmp), adopted)
+    dest_setup = server_setup("qemu-nbd", dest_image, free_port(), tmp)
+    dest_setup.log = tmp / "qemu-nbd-dest.log"
+    dest = ServerProcess(dest_setup, adopted)
+    try:
+        for server in (source, dest):
+            log(f"  $ {shell_join(server.setup.argv)}")
+            server.start()
+        run.argv = [
+            "nbdcopy",
+            *(["--flush"] if flush else []),
+            "--",
+            source.setup.uri,
+            dest.setup.uri,
+        ]
+        log(f"  $ {shell_join(run.argv)}")
+        cpu_before = (cpu_of(source), cpu_of(dest))
+        busy_before = machine_busy_seconds()
+        started = time.perf_counter()
+        done = subprocess.run(
+            run.argv, capture_output=True, text=True, timeout=MIGRATE_TIMEOUT, check=False
+        )
+        elapsed = time.perf_counter() - started
+        busy = machine_busy_seconds() - busy_before
+        run.source_cpu_percent = round(100 * (cpu_of(source) - cpu_before[0]) / elapsed, 1)
+        run.dest_cpu_percent = round(100 * (cpu_of(dest) - cpu_before[1]) / elapsed, 1)
+        run.machine_busy_percent = round(100 * busy / elapsed, 1)
+        if done.returncode != 0:
+            raise BenchError(f"nbdcopy exit status {done.returncode}: {output_tail(done.stderr)}")
+        run.seconds = round(elapsed, 3)
+        run.rate_mib_s = round(size / elapsed / MiB, 1)
+    except (BenchError, subprocess.TimeoutExpired, OSError) as exc:
+        run.error = str(exc)
+    finally:
+        for server in (source, dest):
+            server.stop()
+    if run.error is None:
+        run.identical = filecmp.cmp(image, dest_image, shallow=False)
+        if not run.identical:
+            run.error = "source and destination differ"
+    if run.error:
+        log(f"  error: {run.error}")
+    return run
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def cell(value: object, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value}{unit}"
+
+
+def print_report(summary: dict[str, Any], runs: list[Run], limit: Run | None) -> None:
+    info = summary["machine"]
+    print()
+    print(
+        f"machine: nproc {info['nproc']}, {info['kernel']}, {info['cpu_model']}, "
+        f"{info['memory_gib']} GiB RAM, image on {info['workdir_filesystem']}"
+    )
+    for name, version in summary["versions"].items():
+        print(f"  {name}: {version}")
+    config = summary["config"]
+    print(
+        f"image: {human_size(config['size'])} of random data, page cache warm; "
+        f"writer {config['write_rate'] / 1e6:g} MB/s of 4 KiB random writes"
+    )
+    print()
+    header = [
+        "run",
+        "time s",
+        "passes",
+        "MiB/s",
+        "÷ copy limit",
+        "last_downtime_ms",
+        "quiesce→handoff ms",
+        "writer MB/s",
+        "longest stall ms",
+        "error before handoff",
+        "identical",
+        "CPU src/dst/all %",
+    ]
+    rows = [header]
+    for run in runs:
+        ratio = None
+        if limit is not None and limit.seconds and run.seconds:
+            ratio = f"{run.seconds / limit.seconds:.2f}"
+        writer = run.writer or {}
+        rows.append(
+            [
+                run.name,
+                cell(run.seconds),
+                cell(run.passes),
+                cell(run.rate_mib_s),
+                cell(ratio),
+                cell(run.last_downtime_ms),
+                cell(run.quiesce_ms),
+                cell(writer.get("rate_mb_s")),
+                cell(writer.get("longest_stall_ms")),
+                cell(run.error_before_handoff),
+                cell(run.identical) if run.error is None else "error",
+                f"{cell(run.source_cpu_percent)}/{cell(run.dest_cpu_percent)}"
+                f"/{cell(run.machine_busy_percent)}",
+            ]
+        )
+    render_table(rows, sys.stdout)
+    if limit is not None:
+        print(
+            f"\ncopy limit: {limit.name} ({limit.seconds} s); targets: migration time "
+            f"≤ {TARGET_RATIO} x the copy limit, longest stall ≤ {TARGET_STALL_MS:g} ms"
+        )
+    failed = [f"  {run.name}: {run.error}" for run in runs if run.error]
+    if failed:
+        print("\nerrors:")
+        print("\n".join(failed))
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_rate(text: str) -> int:
+    """`20M` -> 20 000 000 bytes per second (decimal, like MB/s)."""
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(text[-1:].lower(), 1)
+    number = text[:-1] if scale != 1 else text
+    try:
+        return int(float(number) * scale)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad rate {text!r} (examples: 20M, 5000000)") from exc
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Benchmark ferry's live migration.")
+    parser.add_argument("--size", type=parse_size, default=GiB, help="image size (default 1G)")
+    parser.add_argument(
+        "--write-rate",
+        type=parse_rate,
+        default=20 * 10**6,
+        help="the writer's rate, bytes/s (default 20M = 20 MB/s)",
+    )
+    parser.add_argument("--json", type=Path, metavar="OUT", help="also write the results here")
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument(
+        "--runs",
+        default="idle,writer,copy",
+        help="which of idle,writer,copy to run (default all)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    wanted = {name.strip() for name in args.runs.split(",")}
+    for tool in ("nbdcopy", "qemu-nbd"):
+        if shutil.which(tool) is None and "copy" in wanted:
+            log(f"migrate.py: `{tool}` is not installed")
+            return 2
+    adopted = become_subreaper()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupted)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="migrate-", dir=args.workdir))
+    image = tmp / "image.raw"
+    summary: dict[str, Any] = {
+        "config": {"size": args.size, "write_rate": args.write_rate},
+        "machine": machine(args.workdir),
+        "versions": {
+            "ferry": ferry_version(),
+            "qemu-nbd": tool_version(["qemu-nbd", "--version"]),
+            "nbdcopy": tool_version(["nbdcopy", "--version"]),
+        },
+    }
+    runs: list[Run] = []
+    limit: Run | None = None
+    try:
+        log(f"creating {human_size(args.size)} of random data in {image}")
+        create_image(image, args.size)
+        if "idle" in wanted:
+            log("[idle migration]")
+            runs.append(migrate_once("ferry idle", image, args.size, tmp, adopted, None))
+        if "writer" in wanted:
+            log("[migration with a writer]")
+            runs.append(
+                migrate_once("ferry + writer", image, args.size, tmp, adopted, args.write_rate)
+            )
+        if "copy" in wanted:
+            log("[copy limit]")
+            runs.append(copy_limit("nbdcopy qemu→qemu", image, args.size, tmp, adopted, False))
+            limit = copy_limit("nbdcopy --flush", image, args.size, tmp, adopted, True)
+            runs.append(limit)
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        if args.keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reap_orphans()
+    print_report(summary, runs, limit)
+    if args.json is not None:
+        result = {
+            **summary,
+            "copy_limit": None if limit is None else limit.name,
+            "runs": [run.as_json() for run in runs],
+        }
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        log(f"wrote {args.json}")
+    return 1 if any(run.error for run in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""A rate-limited random writer for benchmarks/migrate.py, run as a real libnbd client.
+
+Run under Debian's Python (``/usr/bin/python3 benchmarks/writer.py URI RATE SECONDS
+STOP_FILE``): it uses libnbd's bindings, not ferry's client.  It writes 4 KiB blocks of
+random bytes at random aligned offsets, one every ``4096 / RATE`` seconds on a fixed
+schedule (so a stalled write does not lower the rate afterwards: the backlog goes out at
+once, up to ``QUEUE_DEPTH`` requests in flight), until the stop file appears, the run
+has lasted SECONDS, or the server goes away.
+
+Every write's latency is measured from the moment it was due (not from when it could be
+issued), so a server that holds requests shows up as a long latency even when the queue is
+full.  It prints one JSON object: writes, bytes, the longest and the 99th-percentile
+latency, when the longest one started, and the first error with its wall-clock time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+
+BLOCK = 4096
+QUEUE_DEPTH = 16  # requests in flight at most; the schedule's backlog waits behind them
+
+
+def main() -> int:
+    uri, rate, seconds, stop_file = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+    import nbd  # Debian's libnbd bindings
+
+    handle = nbd.NBD()
+    handle.connect_uri(uri)
+    blocks = handle.get_size() // BLOCK
+    rng = random.Random(2026)
+    pool = [nbd.Buffer.from_bytearray(bytearray(os.urandom(BLOCK))) for _ in range(64)]
+    interval = BLOCK / rate
+    started = time.monotonic()
+    due_next = started
+    in_flight: dict[int, float] = {}  # cookie -> when the write was due
+    latencies: list[float] = []
+    longest = 0.0
+    longest_at = 0.0
+    error = ""
+    error_at = None
+    issued = 0
+    ended = "stopped"
+    last_stop_check = 0.0
+    while True:
+        now = time.monotonic()
+        if now - last_stop_check > 0.05:
+            last_stop_check = now
+            if os.path.exists(stop_file) or now - started > seconds:
+                break
+        while due_next <= now and len(in_flight) < QUEUE_DEPTH:
+            offset = rng.randrange(blocks) * BLOCK
+            try:
+                cookie = handle.aio_pwrite(pool[issued % len(pool)], offset)
+            except nbd.Error as exc:
+                error, error_at = str(exc), time.time()
+                break
+            in_flight[cookie] = due_next
+            issued += 1
+            due_next += interval
+        if error:
+            ended = "error"
+            break
+        if len(in_flight) >= QUEUE_DEPTH:
+            wait_ms = 50  # a reply wakes us up
+        else:
+            wait_ms = max(0, min(50, int((due_next - time.monotonic()) * 1000)))
+        try:
+            handle.poll(wait_ms)
+        except nbd.Error as exc:
+            error, error_at, ended = str(exc), time.time(), "error"
+            break
+        done_at = time.monotonic()
+        for cookie in list(in_flight):
+            try:
+                finished = handle.aio_command_completed(cookie)
+            except nbd.Error as exc:
+                error, error_at, ended = str(exc), time.time(), "error"
+                break
+            if finished:
+                latency = done_at - in_flight.pop(cookie)
+                latencies.append(latency)
+                if latency > longest:
+                    longest, longest_at = latency, time.time() - latency
+        if error:
+            break
+    elapsed = time.monotonic() - started
+    # Writes still unanswered when the connection dropped (the source holds requests during
+    # the switchover and disconnects its clients after the handoff) stalled at least this long.
+    held = (time.monotonic() - min(in_flight.values())) if error and in_flight else 0.0
+    latencies.sort()
+    p99 = latencies[int(len(latencies) * 0.99)] if latencies else None
+    print(
+        json.dumps(
+            {
+                "writes": len(latencies),
+                "bytes": len(latencies) * BLOCK,
+                "seconds": round(elapsed, 3),
+                "rate_mb_s": round(len(latencies) * BLOCK / elapsed / 1e6, 2) if elapsed else 0,
+                "longest_stall_ms": round(max(longest, held) * 1000, 1),
+                "longest_answered_ms": round(longest * 1000, 1),
+                "held_at_error_ms": round(held * 1000, 1),
+                "longest_stall_started_at": longest_at,
+                "p99_ms": None if p99 is None else round(p99 * 1000, 2),
+                "unanswered": len(in_flight),
+                "ended": ended,
+                "error": error,
+                "error_at": error_at,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
