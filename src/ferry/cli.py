@@ -80,11 +80,13 @@ def build_parser() -> Parser:
             action="store_true",
             help="an empty ACL admits no one (without it, an empty ACL admits everyone)",
         )
+        serve.add_argument(
+            "--oldstyle",
+            action="store_true",
+            help="speak the oldstyle handshake"
+            + (" (a migration from flexnbd mirror)" if name == "listen" else ""),
+        )
         if name == "serve":
-            # listen --oldstyle (a migration from flexnbd) waits for flexnbd compatibility.
-            serve.add_argument(
-                "--oldstyle", action="store_true", help="speak the oldstyle handshake"
-            )
             serve.add_argument(
                 "-r", "--read-only", action="store_true", help="refuse writes (EPERM)"
             )
@@ -128,6 +130,11 @@ def build_parser() -> Parser:
         help="what the source does after the handoff (default exit)",
     )
     mirror.add_argument("-u", "--unlink", action="store_true", help="same as --action unlink")
+    mirror.add_argument(
+        "--flexnbd",
+        action="store_true",
+        help="the destination is a flexnbd listener: send flexnbd's stream, DISC hands over",
+    )
     mirror.add_argument(
         "-w", "--wait", action="store_true", help="show progress until the end; exit 0 on success"
     )
@@ -227,7 +234,7 @@ def run_serve(args: argparse.Namespace) -> int:
         sock=args.sock,
         acl=tuple(args.acl),
         default_deny=args.default_deny,
-        oldstyle=getattr(args, "oldstyle", False),
+        oldstyle=args.oldstyle,
         read_only=getattr(args, "read_only", False),
         metrics=args.metrics,
         trace=args.trace,
@@ -308,6 +315,8 @@ def _mirror(args: argparse.Namespace) -> int:
         params["max_downtime"] = args.max_downtime
     if args.max_passes is not None:
         params["max_passes"] = args.max_passes
+    if args.flexnbd:
+        params["flexnbd"] = True
     with JsonControl(args.sock) as control:
         answer = control.call("mirror", params)
         if "error" in answer:

@@ -28,6 +28,7 @@ from ferry.nbd.client import ClientConnection
 from ferry.nbd.constants import (
     FERRY_CMD_COMMIT,
     FERRY_OPT_MIGRATE,
+    FLEXNBD_MIRROR_HANDLE,
     Command,
     Errno,
     OptionReply,
@@ -100,7 +101,7 @@ class Peer(serve_doubles.Peer):
 class Listener:
     """A listening export behind an NBDServer, a traced role, a hand-run fsync."""
 
-    def __init__(self, tmp_path: Path, *, role: str = "listen") -> None:
+    def __init__(self, tmp_path: Path, *, role: str = "listen", oldstyle: bool = False) -> None:
         path = tmp_path / "dest.img"
         with open(path, "wb") as f:
             f.truncate(SIZE)
@@ -113,7 +114,9 @@ class Listener:
         )
         self.export.trigger(role)
         self.blocking = Blocking()
-        self.server = NBDServer([self.export], clock=self.clock, run_blocking=self.blocking)
+        self.server = NBDServer(
+            [self.export], clock=self.clock, run_blocking=self.blocking, oldstyle=oldstyle
+        )
 
     def connect(self, client: ClientConnection) -> Peer:
         protocol = self.server.buildProtocol(None)
@@ -444,3 +447,132 @@ def test_an_ordinary_clients_commit_is_einval(tmp_path: Path) -> None:
     assert client.replies()[handle].error == Errno.EINVAL
     assert listener.export.state == "serving" and listener.export.fencing_token is None
     assert not client.transport.disconnecting
+
+
+# -- flexnbd: listen --oldstyle ------------------------------------------------------------------
+
+
+@pytest.fixture
+def oldstyle(tmp_path: Path) -> Listener:
+    return Listener(tmp_path, oldstyle=True)
+
+
+def mirror_only(listener: Listener) -> Peer:
+    """An oldstyle connection to the listening export: hello received, not yet the sender."""
+    peer = listener.connect(ClientConnection("", meta_contexts=()))
+    peer.pump()
+    assert peer.negotiated is not None and peer.negotiated.oldstyle
+    assert peer.negotiated.size == SIZE
+    return peer
+
+
+def mirror_write(peer: Peer, offset: int, data: bytes) -> Reply:
+    handle = peer.client.request(Command.WRITE, offset, data=data, handle=FLEXNBD_MIRROR_HANDLE)
+    reply = peer.replies()[handle]
+    peer.events.clear()
+    return reply
+
+
+def disc(peer: Peer) -> None:
+    peer.client.request(Command.DISC, handle=FLEXNBD_MIRROR_HANDLE)
+    peer.pump()
+
+
+def test_the_first_mirror_write_makes_the_sender_and_disc_commits(oldstyle: Listener) -> None:
+    export = oldstyle.export
+    sender = mirror_only(oldstyle)
+    assert export.state == "listening" and export.sender is None and export.num_clients == 0
+    assert mirror_write(sender, 4096, b"flexnbd").error == Errno.OK
+    assert export.state == "receiving" and export.sender is sender.protocol
+    assert mirror_write(sender, 0, b"first").error == Errno.OK
+    assert oldstyle.image.pread(4096, 7) == b"flexnbd"
+    # Meanwhile nobody else gets in: another oldstyle connection is closed at once.
+    other = oldstyle.connect(ClientConnection("", meta_contexts=()))
+    assert other.transport.disconnecting and other.transport.value() == b""
+    disc(sender)
+    assert export.state == "committing" and oldstyle.blocking.jobs
+    assert not sender.transport.disconnecting  # closes once the commit is done
+    oldstyle.blocking.release_all()
+    assert export.state == "serving" and export.has_control and export.sender is None
+    assert sender.transport.value() == b"" and sender.transport.disconnecting  # no ack
+    assert [r for r in sender.events if isinstance(r, Reply)] == []
+    sender.lose()
+    assert export.state == "serving"
+    # A plain oldstyle client now reads what was sent, and may write.
+    client = oldstyle.connect(ClientConnection("", meta_contexts=()))
+    client.pump()
+    read = client.client.request(Command.READ, 0, 5)
+    write = client.client.request(Command.WRITE, 8192, data=b"mine")
+    replies = client.replies()
+    assert replies[read].error == Errno.OK and replies[write].error == Errno.OK
+    assert export.num_clients == 1
+    assert oldstyle.roles() == ["listening", "receiving", "committing", "serving"]
+    oldstyle.replays()
+
+
+def test_only_mirror_writes_are_accepted_while_listening(oldstyle: Listener) -> None:
+    export = oldstyle.export
+    peer = mirror_only(oldstyle)
+    write = peer.client.request(Command.WRITE, 0, data=b"plain")
+    read = peer.client.request(Command.READ, 0, 512)
+    flush = peer.client.request(Command.FLUSH)
+    replies = peer.replies()
+    assert [replies[h].error for h in (write, read, flush)] == [Errno.EPERM] * 3
+    assert export.state == "listening" and export.sender is None
+    assert oldstyle.image.pread(0, 5) == bytes(5)
+    # DISC from a connection that never became the sender is only a goodbye.
+    disc(peer)
+    assert peer.transport.disconnecting and export.state == "listening"
+    assert oldstyle.blocking.jobs == []
+
+
+def test_a_second_mirror_only_connection_cannot_write(oldstyle: Listener) -> None:
+    export = oldstyle.export
+    first = mirror_only(oldstyle)
+    second = mirror_only(oldstyle)  # connected before the first one wrote
+    assert mirror_write(first, 0, b"one").error == Errno.OK
+    assert mirror_write(second, 0, b"two").error == Errno.EPERM
+    disc(second)
+    assert export.state == "receiving" and export.sender is first.protocol
+    second.lose()
+    assert export.state == "receiving"
+    assert oldstyle.image.pread(0, 3) == b"one"
+
+
+def test_a_flexnbd_sender_lost_without_disc_listens_again(oldstyle: Listener) -> None:
+    export = oldstyle.export
+    first = mirror_only(oldstyle)
+    assert mirror_write(first, 0, b"part").error == Errno.OK
+    first.lose()
+    assert export.state == "listening" and export.sender is None
+    second = mirror_only(oldstyle)
+    assert mirror_write(second, 0, b"whole").error == Errno.OK
+    assert export.sender is second.protocol
+    assert oldstyle.roles() == ["listening", "receiving", "listening", "receiving"]
+    oldstyle.replays()
+
+
+def test_the_commit_survives_the_sender_closing_after_disc(oldstyle: Listener) -> None:
+    export = oldstyle.export
+    sender = mirror_only(oldstyle)
+    assert mirror_write(sender, 0, b"data").error == Errno.OK
+    disc(sender)
+    sender.lose()  # flexnbd closes its socket right after DISC
+    assert export.state == "committing"
+    oldstyle.blocking.release_all()
+    assert export.state == "serving" and export.has_control
+    oldstyle.replays()
+
+
+def test_a_failed_fsync_after_disc_listens_again(oldstyle: Listener) -> None:
+    export = oldstyle.export
+    sender = mirror_only(oldstyle)
+    assert mirror_write(sender, 0, b"data").error == Errno.OK
+    disc(sender)
+    oldstyle.blocking.fail_all(OSError(errno.EIO, "Input/output error"))
+    assert export.state == "listening" and not export.has_control and export.sender is None
+    assert sender.transport.disconnecting and sender.transport.value() == b""
+    sender.lose()
+    assert mirror_write(mirror_only(oldstyle), 0, b"again").error == Errno.OK
+    assert export.state == "receiving"
+    oldstyle.replays()

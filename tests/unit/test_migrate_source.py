@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 
 from fakes.destination import Commit, FakeDestination, Hello, Migrate, Script
+from fakes.flexnbd import MIRROR, FakeFlexnbdListener, ListenerScript
 from fakes.gate import FakeGate
 from ferry import statecharts
 from ferry.clock import ReactorClock
@@ -548,3 +549,87 @@ def test_start_refuses_an_export_that_is_not_serving(tmp_path: Path) -> None:
             clock=rig.rclock,
             connector=tcp_connector(reactor),
         )
+
+
+# -- flexnbd: the stream of `flexnbd mirror`, into a `flexnbd listen` ------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_flexnbd_mirror_hands_off_with_disc(tmp_path: Path, listen: Any) -> None:
+    fake = FakeFlexnbdListener(SIZE)
+    rig = Rig(tmp_path, listen(fake), flexnbd=True)
+    outcome = await within(rig.source.start())
+    assert outcome == StartOutcome(True, MIRROR_STARTED, plain_target=False)
+    result = await within(rig.source.finished)
+    assert result.state == "completed" and result.handed_off
+    await within(fake.sessions[-1].lost)
+    assert bytes(fake.disk) == rig.original
+    (session,) = fake.sessions
+    # Only writes (zeroes too: the hello has no WRITE_ZEROES), a FLUSH, then DISC.
+    assert set(session.commands[:-2]) == {"WRITE"}
+    assert session.commands[-2:] == ["FLUSH", "DISC"]
+    assert session.handles == {MIRROR}
+    covered = sorted(session.writes)
+    assert covered[0][0] == 0 and sum(length for _, length in covered) >= SIZE
+    assert fake.control_arrived
+    assert rig.export.state == "handed_off" and not rig.export.has_control
+    assert rig.states("role")[-2:] == ["handing_off", "handed_off"]
+    assert rig.states("migration")[-2:] == ["committing", "completed"]
+    assert rig.source.counters.zero_requests == 0
+    rig.replays()
+
+
+@pytest_twisted.ensureDeferred
+async def test_flexnbd_mirror_sends_one_request_at_a_time(tmp_path: Path, listen: Any) -> None:
+    fake = FakeFlexnbdListener(SIZE)
+    rig = Rig(tmp_path, listen(fake), flexnbd=True, max_data_length=64 * KIB)
+    await within(rig.source.start())
+    seen: list[int] = []
+    pump = rig.source._pump
+
+    def counting(attempt: Any) -> None:
+        pump(attempt)
+        seen.append(len(attempt.in_flight))
+
+    rig.source._pump = counting  # type: ignore[method-assign]
+    result = await within(rig.source.finished)
+    assert result.handed_off and seen and max(seen) == 1
+    assert bytes(fake.disk) == rig.original
+
+
+@pytest_twisted.ensureDeferred
+async def test_flexnbd_mirror_refuses_another_size(tmp_path: Path, listen: Any) -> None:
+    fake = FakeFlexnbdListener(SIZE, [ListenerScript(size=SIZE * 2)])
+    rig = Rig(tmp_path, listen(fake), flexnbd=True)
+    outcome = await within(rig.source.start())
+    assert outcome.reply == "1: Remote size does not match local size"
+    await assert_failed_and_serving(rig)
+    assert fake.sessions[0].commands == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_flexnbd_mirror_wants_an_oldstyle_hello(tmp_path: Path, listen: Any) -> None:
+    fake = FakeDestination(SIZE)  # a ferry listener: newstyle
+    rig = Rig(tmp_path, listen(fake), flexnbd=True)
+    outcome = await within(rig.source.start())
+    assert outcome.message == REJECTED and "oldstyle" in outcome.detail
+    await assert_failed_and_serving(rig)
+
+
+@pytest_twisted.ensureDeferred
+async def test_flexnbd_mirror_retries_after_a_close_mid_stream(tmp_path: Path, listen: Any) -> None:
+    fake = FakeFlexnbdListener(SIZE, [ListenerScript(close_on_write=2), ListenerScript()])
+    rig = Rig(tmp_path, listen(fake), flexnbd=True)
+    outcome = await within(rig.source.start())
+    assert outcome.ok
+    await rig.reached("migration", "retry_wait")
+    assert rig.export.state == "migrating"
+    rig.clock.advance(1.0)
+    result = await within(rig.source.finished)
+    assert result.state == "completed" and result.handed_off
+    assert rig.source.job.attempts == 2 and len(fake.sessions) == 2
+    await within(fake.sessions[1].lost)
+    assert not fake.sessions[0].disc and fake.sessions[1].disc
+    assert bytes(fake.disk) == rig.original
+    assert rig.export.state == "handed_off"
+    rig.replays()

@@ -1514,3 +1514,78 @@ def test_a_senders_stream_split_at_every_byte() -> None:
     ]
     for cut in range(len(stream) + 1):
         assert _sender_run([stream[:cut], stream[cut:]]) == whole, cut
+
+
+# -- flexnbd: an oldstyle connection to a listening export is mirror-only ------------------
+
+MIRROR_HANDLE = int.from_bytes(b".MIRROR.", "big")
+LISTENING = {"": Refusal(OptionReply.ERR_POLICY, "export 'disk' is listening for a migration")}
+
+
+def test_an_oldstyle_connection_to_a_listening_export_is_mirror_only() -> None:
+    listener = Listener(refusals=dict(LISTENING))
+    conn = ServerConnection(listener, migration=listener, oldstyle=True)  # type: ignore[arg-type]
+    # The hello carries the size, which a flexnbd sender checks.
+    assert conn.data_to_send() == f.oldstyle_greeting(SIZE, WRITABLE_FLAGS)
+    assert listener.sender_lookups == [""] and listener.admitted == []
+    assert conn.mirror_only
+    [complete] = conn.receive_data(b"")
+    assert complete == HandshakeComplete(listener.exports["disk"], False, {}, flexnbd=True)
+    events = conn.receive_data(
+        f.write(MIRROR_HANDLE, 4096, b"abcd")
+        + f.request(f.CMD_WRITE_ZEROES, MIRROR_HANDLE, 8192, 4096)
+        + f.request(f.CMD_FLUSH, 7)
+        + f.write(5, 0, b"nope")  # an ordinary write: its payload is skipped
+        + f.read(MIRROR_HANDLE, 0, 512)
+        + f.request(f.CMD_TRIM, 6, 0, 4096)
+        + f.write(MIRROR_HANDLE, SIZE - 2, b"over")
+        + f.request(f.CMD_DISC, MIRROR_HANDLE)
+    )
+    assert events[:3] == [
+        Request(MIRROR_HANDLE, Command.WRITE, CommandFlag(0), 4096, 4, b"abcd"),
+        Request(MIRROR_HANDLE, Command.WRITE_ZEROES, CommandFlag(0), 8192, 4096),
+        Request(7, Command.FLUSH, CommandFlag(0), 0, 0),
+    ]
+    rejected = events[3:6]
+    assert [(type(e), e.handle, e.error) for e in rejected] == [  # type: ignore[union-attr]
+        (RejectedRequest, 5, Errno.EPERM),
+        (RejectedRequest, MIRROR_HANDLE, Errno.EPERM),
+        (RejectedRequest, 6, Errno.EPERM),
+    ]
+    assert ".MIRROR." in rejected[0].reason  # type: ignore[union-attr]
+    # A mirror write is still checked like any other.
+    assert isinstance(events[6], RejectedRequest) and events[6].error == Errno.ENOSPC
+    assert events[7:] == [Disconnect()] and conn.closed
+
+
+def test_an_oldstyle_connection_to_a_serving_export_is_an_ordinary_client() -> None:
+    listener = Listener(refusals={})
+    conn = ServerConnection(listener, migration=listener, oldstyle=True)  # type: ignore[arg-type]
+    assert not conn.mirror_only and listener.sender_lookups == []
+    [complete] = conn.receive_data(b"")
+    assert isinstance(complete, HandshakeComplete) and not complete.flexnbd
+    assert conn.receive_data(f.write(5, 0, b"ok")) == [
+        Request(5, Command.WRITE, CommandFlag(0), 0, 2, b"ok")
+    ]
+
+
+def test_an_oldstyle_connection_refused_as_a_sender_too_is_aborted() -> None:
+    listener = Listener(refusals=dict(LISTENING))
+    listener.exports = {}  # lookup_sender refuses: no such export
+    conn = ServerConnection(listener, migration=listener, oldstyle=True)  # type: ignore[arg-type]
+    assert conn.data_to_send() == b"" and conn.closed
+    [event] = conn.receive_data(b"")
+    assert isinstance(event, HandshakeAborted)
+
+
+def test_a_mirror_write_split_across_chunks_is_joined() -> None:
+    listener = Listener(refusals=dict(LISTENING))
+    conn = ServerConnection(listener, migration=listener, oldstyle=True)  # type: ignore[arg-type]
+    conn.receive_data(b"")
+    frame = f.write(MIRROR_HANDLE, 0, b"0123456789") + f.write(9, 0, b"ab")
+    events: list[Event] = []
+    for i in range(len(frame)):
+        events += conn.receive_data(frame[i : i + 1])
+    assert events[0] == Request(MIRROR_HANDLE, Command.WRITE, CommandFlag(0), 0, 10, b"0123456789")
+    assert isinstance(events[1], RejectedRequest) and events[1].error == Errno.EPERM
+    assert len(events) == 2

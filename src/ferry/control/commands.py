@@ -197,6 +197,10 @@ def _parse_mirror(args: Sequence[str], params: Params) -> Reply | tuple[Destinat
             if value <= 0:
                 return Reply(1, f"bad {key}: must be positive")
             extra[key] = value
+    if "flexnbd" in params:
+        if not isinstance(params["flexnbd"], bool):
+            return Reply(1, f"bad flexnbd: {params['flexnbd']!r}")
+        extra["flexnbd"] = params["flexnbd"]
     try:
         options = MirrorOptions(max_bps=max_bps or None, action=action, **extra)
     except ValueError as error:

@@ -28,6 +28,19 @@ export's role what the wire said.  One attempt is one TCP connection:
    a lost connection or no reply is ``in_doubt`` for both machines, clients
    still held, until :meth:`MirrorSource.resolve`.
 
+With ``MirrorOptions.flexnbd`` the destination is a ``flexnbd listen`` (or a
+``ferry listen --oldstyle``) and the stream is flexnbd's: no option, an
+oldstyle hello is required (its size checked as above), every request
+carries the handle ``.MIRROR.`` so only one is in flight at a time, zeroes
+go as WRITEs unless the hello advertises WRITE_ZEROES, and the handoff is
+FLUSH (flexnbd's listener advertises and performs it; flexnbd's own sender
+sends none) then NBD_CMD_DISC, which means "you have it all: take control".
+flexnbd's listener acknowledges nothing after DISC, so the source counts the
+image as ``handed_off`` once DISC is written: weaker than ferry's two-phase
+commit, where the destination's reply after its fsync is the handoff.  If
+the listener fails after the DISC, nobody serves the image until an
+operator steps in; with ferry's commit the source would know (``in_doubt``).
+
 Any failure of an attempt after a good negotiation (an error reply, no reply
 within ``reply_timeout``, a lost or broken connection) closes the connection
 and fires the job's ``fail``: the job waits out its backoff in
@@ -65,7 +78,12 @@ from ferry.migrate.job import MigrationJob
 from ferry.migrate.passes import DEFAULT_MAX_DATA_LENGTH, CopyOp, OpKind, PassPlan
 from ferry.migrate.progress import MigrationProgress
 from ferry.migrate.wire import MirrorProtocol, MirrorProtocolFactory
-from ferry.nbd.constants import FERRY_OPT_MIGRATE, Command, OptionReply, TransmissionFlag
+from ferry.nbd.constants import (
+    FERRY_OPT_MIGRATE,
+    Command,
+    OptionReply,
+    TransmissionFlag,
+)
 from ferry.nbd.events import (
     Event,
     Negotiated,
@@ -176,6 +194,7 @@ class MirrorOptions:
     retry_initial: float = INITIAL_DELAY
     retry_max: float = MAX_DELAY
     destination_empty: bool = False
+    flexnbd: bool = False  # the destination is a flexnbd listener: its stream and handoff
 
     def __post_init__(self) -> None:
         for name in ("connect_timeout", "hello_timeout", "reply_timeout"):
@@ -337,6 +356,8 @@ class MirrorSource:
         self._write_cap: int | None = None
         self._running = False
         self._closing: list[Deferred[None]] = []  # connections given up, not yet closed
+        # flexnbd's requests all carry one handle: one unanswered at a time.
+        self._max_in_flight = 1 if options.flexnbd else options.max_in_flight
 
     def __repr__(self) -> str:
         return f"<MirrorSource {self.export.name} -> {self.destination} {self.job.state}>"
@@ -409,7 +430,9 @@ class MirrorSource:
 
     def _connect(self) -> None:
         attempt = self._attempt = _Attempt(self._attempt.number + 1)
-        factory = MirrorProtocolFactory(self, self.image.size, self.destination.export_name)
+        factory = MirrorProtocolFactory(
+            self, self.image.size, self.destination.export_name, flexnbd=self.options.flexnbd
+        )
         try:
             d = self._connector(self.destination, factory, self.options.connect_timeout)
         except Exception as exc:  # a bad bind address fails before any Deferred
@@ -490,6 +513,11 @@ class MirrorSource:
         _cancel(attempt.hello_timer)
         attempt.hello_timer = None
         plain = attempt.plain if attempt.plain is not None else True  # oldstyle: no options
+        if self.options.flexnbd:
+            if not negotiated.oldstyle:
+                self._fail(attempt, REJECTED, "not a flexnbd listener: its hello is not oldstyle")
+                return
+            plain = False  # flexnbd's listener takes control at the DISC
         if negotiated.size != self.image.size:
             self._fail(
                 attempt,
@@ -518,7 +546,9 @@ class MirrorSource:
             export=self.export.name,
             dest=str(self.destination),
             n=attempt.number,
-            kind="plain NBD target" if plain else "ferry listener",
+            kind="plain NBD target"
+            if plain
+            else ("flexnbd listener" if self.options.flexnbd else "ferry listener"),
         )
         self._pump(attempt)
         if self.outcome is None:
@@ -544,7 +574,7 @@ class MirrorSource:
                     self._pass_done(attempt)
                 return
             if (
-                len(attempt.in_flight) >= options.max_in_flight
+                len(attempt.in_flight) >= self._max_in_flight
                 or attempt.bytes_in_flight >= options.max_bytes_in_flight
             ):
                 return
@@ -711,6 +741,14 @@ class MirrorSource:
             return
         self.export.trigger("hand_off")
         self.job.commit()  # type: ignore[attr-defined]
+        if self.options.flexnbd:
+            # DISC is flexnbd's handoff, and nothing answers it: once it is
+            # written the listener has control (see the module doc).
+            self._close_attempt(attempt)
+            self.job.committed()  # type: ignore[attr-defined]
+            self.export.trigger("handed_off")
+            self._hand_over()
+            return
         attempt.commit_handle = wire.commit(self.options.fencing_token)
         self._arm_reply_timer(attempt)
 

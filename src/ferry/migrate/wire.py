@@ -8,7 +8,9 @@ Timeouts, the job and every decision live in :mod:`ferry.migrate.source`.
 
 The source asks for ``FERRY_OPT_MIGRATE`` (payload: protocol version and
 image size) before anything else; a ferry listener answers ACK, any other
-NBD server ERR_UNSUP.
+NBD server ERR_UNSUP.  In flexnbd mode it asks nothing (a flexnbd listener's
+hello is oldstyle) and every request carries the handle ``.MIRROR.``, so
+only one may be unanswered at a time.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ferry.nbd.constants import (
     FERRY_MIGRATE_REQUEST,
     FERRY_MIGRATE_VERSION,
     FERRY_OPT_MIGRATE,
+    FLEXNBD_MIRROR_HANDLE,
     Command,
     CommandFlag,
 )
@@ -60,9 +63,13 @@ class WireHandler(TypingProtocol):
 class MirrorProtocol(Protocol):
     """One connection to the destination; see the module doc."""
 
-    def __init__(self, handler: WireHandler, client: ClientConnection) -> None:
+    def __init__(
+        self, handler: WireHandler, client: ClientConnection, fixed_handle: int | None = None
+    ) -> None:
         self.handler = handler
         self.client = client
+        # flexnbd's stream: every request carries this one handle.
+        self.fixed_handle = fixed_handle
         self.closing = False
         self.closed: Deferred[None] = Deferred()  # fires once the connection is gone
 
@@ -120,7 +127,9 @@ class MirrorProtocol(Protocol):
         data: bytes = b"",
         flags: CommandFlag = _NO_FLAGS,
     ) -> int:
-        handle = self.client.request(command, offset, length, data=data, flags=flags)
+        handle = self.client.request(
+            command, offset, length, data=data, flags=flags, handle=self.fixed_handle
+        )
         self.flush()
         return handle
 
@@ -134,7 +143,7 @@ class MirrorProtocol(Protocol):
         if self.closing or self.transport is None:
             return
         with contextlib.suppress(RuntimeError):  # not in transmission: just close
-            self.client.request(Command.DISC)
+            self.client.request(Command.DISC, handle=self.fixed_handle)
         self.flush()
         self.closing = True
         self.transport.loseConnection()
@@ -150,15 +159,22 @@ class MirrorProtocol(Protocol):
 class MirrorProtocolFactory(Factory):
     """Builds the one :class:`MirrorProtocol` of an attempt."""
 
-    def __init__(self, handler: WireHandler, size: int, export_name: str = "") -> None:
+    def __init__(
+        self, handler: WireHandler, size: int, export_name: str = "", *, flexnbd: bool = False
+    ) -> None:
         self.handler = handler
         self.size = size
         self.export_name = export_name
+        self.flexnbd = flexnbd
 
     def buildProtocol(self, addr: object) -> MirrorProtocol:
-        client = ClientConnection(
-            self.export_name, meta_contexts=(), extra_options=[migrate_option(self.size)]
-        )
-        protocol = MirrorProtocol(self.handler, client)
+        if self.flexnbd:
+            client = ClientConnection(self.export_name, meta_contexts=())
+            protocol = MirrorProtocol(self.handler, client, FLEXNBD_MIRROR_HANDLE)
+        else:
+            client = ClientConnection(
+                self.export_name, meta_contexts=(), extra_options=[migrate_option(self.size)]
+            )
+            protocol = MirrorProtocol(self.handler, client)
         protocol.factory = self
         return protocol

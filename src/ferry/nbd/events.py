@@ -65,13 +65,16 @@ class HandshakeComplete:
 
     ``migration`` is set when the export was acquired as a migration sender
     (``FERRY_OPT_MIGRATE`` was acknowledged on this connection): the
-    connection may then send ``Commit``.
+    connection may then send ``Commit``.  ``flexnbd`` is set for an oldstyle
+    connection to a listening export: a possible flexnbd migration sender,
+    whose only accepted requests are writes with handle ``.MIRROR.`` and FLUSH.
     """
 
     export: ExportInfo
     structured_replies: bool
     meta_contexts: dict[int, str] = field(default_factory=dict)
     migration: MigrationRequest | None = None
+    flexnbd: bool = False
 
 
 @dataclass(frozen=True, slots=True)

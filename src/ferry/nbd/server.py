@@ -73,6 +73,18 @@ the fast path of READ and WRITE: it is tested only after that path missed.
 An oldstyle connection starts in TRANSMISSION (or, when the default export is
 refused, in CLOSED) and has its ``HandshakeComplete`` (or ``HandshakeAborted``)
 waiting for the first ``receive_data`` call, which may be ``receive_data(b"")``.
+
+flexnbd's migration (``flexnbd mirror`` into an oldstyle listener) has no
+option to say "I am the sender".  So an oldstyle connection with a
+``MigrationCatalog``, whose default export the catalog refuses but
+``lookup_sender`` admits (a listening export), is *mirror-only*: it gets the
+hello (with the size, which the sender checks), ``HandshakeComplete`` has
+``flexnbd=True``, and from then on the only requests it may make are WRITEs
+whose handle is ``FLEXNBD_MIRROR_HANDLE`` (and, since the hello advertises
+them, WRITE_ZEROES and TRIM with that handle) and FLUSH; everything else is a
+``RejectedRequest`` with EPERM (a WRITE's payload counted off unread).  Which
+mirror-only connection is *the* sender, and DISC as the commit, are the
+caller's: the first to send a mirror WRITE, while the export is listening.
 """
 
 from __future__ import annotations
@@ -95,6 +107,7 @@ from ferry.nbd.constants import (
     FERRY_MIGRATE_REQUEST,
     FERRY_MIGRATE_VERSION,
     FERRY_OPT_MIGRATE,
+    FLEXNBD_MIRROR_HANDLE,
     GREETING_NEWSTYLE,
     GREETING_OLDSTYLE,
     IHAVEOPT,
@@ -432,6 +445,8 @@ class ServerConnection:
         self._write: tuple[int, int, int, int] | None = None
         self._chunks: list[bytes | memoryview] = []
         self._held: RejectedRequest | None = None
+        # flexnbd's migration into an oldstyle listener: see the module doc.
+        self._mirror_only = False
 
         if oldstyle:
             self._begin_oldstyle()
@@ -465,6 +480,11 @@ class ServerConnection:
     def migration(self) -> MigrationRequest | None:
         """The acknowledged ``FERRY_OPT_MIGRATE``: set once this connection is the sender."""
         return self._sender
+
+    @property
+    def mirror_only(self) -> bool:
+        """True for an oldstyle connection admitted only as a possible flexnbd sender."""
+        return self._mirror_only
 
     @property
     def flags(self) -> TransmissionFlag:
@@ -614,6 +634,12 @@ class ServerConnection:
 
     def _begin_oldstyle(self) -> None:
         found = self._catalog.lookup("")
+        if isinstance(found, Refusal) and self._migration_catalog is not None:
+            # Perhaps a flexnbd sender: admitted, but only for its mirror writes.
+            as_sender = self._migration_catalog.lookup_sender("")
+            if not isinstance(as_sender, Refusal):
+                found = as_sender
+                self._mirror_only = True
         if isinstance(found, Refusal):
             self._state = _State.CLOSED
             self._pending.append(HandshakeAborted(f"default export refused: {found.message}"))
@@ -836,7 +862,9 @@ class ServerConnection:
         # in range, aligned" -- a request passing those four is accepted without
         # going through _judge.  Whatever _judge treats specially stays out.
         fast = {Command.READ: self._max_request_size, Command.CACHE: _NO_LIMIT}
-        if not export.read_only:
+        if self._mirror_only:
+            fast = {}  # every request goes through the mirror-only check
+        elif not export.read_only:
             fast[Command.WRITE] = self._max_request_size
             fast[Command.TRIM] = _NO_LIMIT
             fast[Command.WRITE_ZEROES] = _NO_LIMIT
@@ -845,7 +873,13 @@ class ServerConnection:
         }
         self._state = _State.TRANSMISSION
         events.append(
-            HandshakeComplete(export, self._structured, dict(self._meta_contexts), self._sender)
+            HandshakeComplete(
+                export,
+                self._structured,
+                dict(self._meta_contexts),
+                self._sender,
+                flexnbd=self._mirror_only,
+            )
         )
 
     # -- transmission ----------------------------------------------------------------
@@ -936,10 +970,33 @@ class ServerConnection:
             if cmd == FERRY_CMD_COMMIT and self._sender is not None:
                 append(self._commit(handle, flags, offset, length))
                 continue
-            verdict = self._judge(cmd, flags, offset, length)
+            if self._mirror_only and not (
+                cmd == Command.FLUSH or (cmd in _WRITING and handle == FLEXNBD_MIRROR_HANDLE)
+            ):
+                verdict: tuple[Errno, str] | None = (
+                    Errno.EPERM,
+                    "the export is listening for a migration: only a flexnbd mirror's "
+                    "writes (handle .MIRROR.) are accepted",
+                )
+            else:
+                verdict = self._judge(cmd, flags, offset, length)
             if verdict is None:
-                append(build(handle, _COMMANDS[cmd], _FLAGS[flags], offset, length, b""))
-                continue
+                if cmd != Command.WRITE:
+                    append(build(handle, _COMMANDS[cmd], _FLAGS[flags], offset, length, b""))
+                    continue
+                # Only a mirror-only connection's WRITE is accepted here (the
+                # fast path takes every other one): its payload as above.
+                if end - pos >= length:
+                    stop = pos + length
+                    payload = data[pos:stop]
+                    append(build(handle, Command.WRITE, _FLAGS[flags], offset, length, payload))
+                    pos = stop
+                    continue
+                self._write = (handle, flags, offset, length)
+                self._chunks = [memoryview(data)[pos:]] if pos < end else []
+                self._need = length - (end - pos)
+                self._state = _State.PAYLOAD
+                return end
             rejection = RejectedRequest(
                 handle, _COMMANDS.get(cmd, cmd), offset, length, verdict[0], verdict[1]
             )

@@ -44,6 +44,22 @@ of its clients, and three things are its own:
   request, during the fsync) while ``receiving`` or ``committing``: role
   ``sender_lost`` (-> listening), and an fsync still running is never
   acknowledged.
+
+A flexnbd sender (``ferry listen --oldstyle``) cannot say who it is in the
+handshake: every oldstyle connection to a listening export is *mirror-only*
+(``HandshakeComplete.flexnbd``; the parser answers anything but a write with
+handle ``.MIRROR.`` or a FLUSH with EPERM), and the first one to send a
+``.MIRROR.`` write while the export is listening becomes the sender
+(``sender_connected``).  Another one's writes, while there is a sender or
+once the export is no longer listening, are EPERM: a listening export never
+takes writes from anyone but its one sender.  NBD_CMD_DISC from the sender
+is flexnbd's "you have it all: take control", performed in order after its
+writes: role ``commit``, fdatasync, role ``committed`` -- and no reply, as
+flexnbd's listener sends none (the sender has usually closed its socket
+already, so the commit, once begun, does not depend on this connection).
+A failed fsync is ``sender_lost``.  A sender whose connection ends without
+DISC is ``sender_lost``, as above.  DISC from a mirror-only connection that
+is not the sender is only a disconnect.
 """
 
 from __future__ import annotations
@@ -62,10 +78,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ferry.nbd.constants import BlockState, Command, CommandFlag, Errno
+from ferry.nbd.constants import FLEXNBD_MIRROR_HANDLE, BlockState, Command, CommandFlag, Errno
 from ferry.nbd.events import (
     Commit,
     Disconnect,
+    Event,
     Extent,
     HandshakeAborted,
     HandshakeComplete,
@@ -74,6 +91,7 @@ from ferry.nbd.events import (
     Request,
 )
 from ferry.nbd.server import ServerConnection
+from ferry.serve.export import RECEIVING_STATES
 from ferry.serve.outbox import Outbox, tune
 from ferry.storage import ZeroingNotFast
 
@@ -146,6 +164,8 @@ class NBDServerProtocol(Protocol):
         self._write_charged = False  # the head write has already paid the cap
         self._held_since: float | None = None  # first request queued behind a hold
         self._context_id = 0
+        self._flexnbd = False  # a mirror-only oldstyle connection: see the module doc
+        self._flexnbd_committing = False  # its DISC began the commit: outlives the socket
         self.peer_host = ""
 
     # -- Twisted protocol -------------------------------------------------------
@@ -181,8 +201,17 @@ class NBDServerProtocol(Protocol):
         if self._throttle_timer is not None and self._throttle_timer.active():
             self._throttle_timer.cancel()
         self._throttle_timer = None
-        if self._export is not None:
-            self._export.detach(self)
+        export = self._export
+        if export is not None and not self._flexnbd_committing:
+            was_sender = export.sender is self and export.state in RECEIVING_STATES
+            export.detach(self)
+            if was_sender:
+                log.info(
+                    "{name}: the migration sender {peer} went away before the commit: "
+                    "listening again",
+                    name=export.name,
+                    peer=self.peer_host,
+                )
         self._server.connection_closed(self)
         self._fire_drained()
 
@@ -249,6 +278,8 @@ class NBDServerProtocol(Protocol):
             self._abort()
             return
         self._flush_handshake()
+        if self._flexnbd:
+            events = self._screen_flexnbd(events)
         for event in events:
             kind = type(event)
             if kind is Request or kind is RejectedRequest:
@@ -279,6 +310,14 @@ class NBDServerProtocol(Protocol):
         export = self._server.export_named(event.export.name)
         if event.migration is not None:
             return self._become_sender(export, event)
+        if event.flexnbd:
+            if export is None or export.state != "listening":
+                self._refuse()
+                return False
+            # Not one of the export's clients: at most its sender, later.
+            self._export = export
+            self._flexnbd = True
+            return True
         if export is None or not export.clients_allowed:
             # The export went away or lost control between INFO and GO.
             self._refuse()
@@ -309,6 +348,52 @@ class NBDServerProtocol(Protocol):
         export.sender_connected(self)
         log.info("receiving {name} from {peer}", name=export.name, peer=self.peer_host)
         return True
+
+    def _screen_flexnbd(self, events: list[Event]) -> list[Event]:
+        """A mirror-only connection's events: who is the sender, and DISC as its commit.
+
+        Runs as the events are parsed, so the order of the stream is kept:
+        the first ``.MIRROR.`` write while the export is listening makes this
+        connection the sender before that write is queued.
+        """
+        export = self._export
+        if export is None:
+            return events
+        screened: list[Event] = []
+        for event in events:
+            kind = type(event)
+            if kind is Request:
+                request: Request = event  # type: ignore[assignment]
+                if (
+                    export.sender is None
+                    and export.state == "listening"
+                    and request.command is not _FLUSH
+                ):
+                    export.sender_connected(self)
+                    log.info(
+                        "receiving {name} from flexnbd sender {peer}",
+                        name=export.name,
+                        peer=self.peer_host,
+                    )
+                if export.sender is not self:
+                    why = (
+                        "a migration is already being received"
+                        if export.sender is not None
+                        else f"the export is {export.state}, not listening for a migration"
+                    )
+                    event = RejectedRequest(
+                        request.handle,
+                        request.command,
+                        request.offset,
+                        request.length,
+                        Errno.EPERM,
+                        why,
+                    )
+            elif kind is Disconnect and export.sender is self:
+                # flexnbd's "you have it all: take control".
+                screened.append(Commit(FLEXNBD_MIRROR_HANDLE, 0))
+            screened.append(event)
+        return screened
 
     def _refuse(self) -> None:
         self._refused = self._closing = True
@@ -460,6 +545,9 @@ class NBDServerProtocol(Protocol):
 
     def _commit(self, event: Commit) -> None:
         """The sender's FERRY_CMD_COMMIT; see the module doc for what it promises."""
+        if self._flexnbd:
+            self._flexnbd_commit()
+            return
         export = self._export
         nbd = self._nbd
         assert export is not None and nbd is not None
@@ -502,6 +590,49 @@ class NBDServerProtocol(Protocol):
             self._in_flight -= 1
             if self._outbox is not None and not self._lost:
                 self._outbox.flush()
+            self._maybe_close()
+
+        d.addCallbacks(synced, failed)
+        d.addBoth(settle)
+
+    def _flexnbd_commit(self) -> None:
+        """The flexnbd sender's DISC: commit, fsync, take control; nothing is answered."""
+        export = self._export
+        assert export is not None
+        export.stats.requests["COMMIT"] += 1
+        if export.sender is not self or export.state != "receiving":
+            log.warn(
+                "{name}: flexnbd DISC in {state}: nothing to commit",
+                name=export.name,
+                state=export.state,
+            )
+            return
+        export.begin_commit(self, 0)  # flexnbd has no fencing token
+        self._flexnbd_committing = True
+        log.info(
+            "{name}: flexnbd sender {peer} disconnected: taking control; syncing",
+            name=export.name,
+            peer=self.peer_host,
+        )
+        self._in_flight += 1
+        d = self._server.run_blocking(export.image.flush)
+
+        def synced(_: object) -> None:
+            if export.committed(self):
+                log.info("{name}: committed; serving with control", name=export.name)
+            else:
+                log.warn("{name}: commit abandoned", name=export.name)
+
+        def failed(failure: Failure) -> None:
+            error = failure.value
+            why = os.strerror(error.errno or os_errno.EIO) if isinstance(error, OSError) else ""
+            log.error("{name}: commit failed, fsync: {why}", name=export.name, why=why or error)
+            export.stats.errors["EIO"] += 1
+            export.sender_lost(self)
+
+        def settle(_: object) -> None:
+            self._flexnbd_committing = False
+            self._in_flight -= 1
             self._maybe_close()
 
         d.addCallbacks(synced, failed)

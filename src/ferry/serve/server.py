@@ -21,11 +21,12 @@ export's size, and a source that finds a different one says so in flexnbd's
 words ("Remote size does not match local size"); the connection then closes
 without ever becoming the sender (see ``NBDServerProtocol``).
 
-Not yet: a flexnbd source (``ferry listen --oldstyle``).  Its hello is
-oldstyle, so no option can say "I am the sender"; the seam is
-``ServerConnection(oldstyle=True)`` looking the default export up through
-``lookup_sender`` when the export is listening, writes whose handle is
-``FLEXNBD_MIRROR_HANDLE``, and NBD_CMD_DISC meaning the commit.
+A flexnbd source (``ferry listen --oldstyle``) has an oldstyle hello, so no
+option can say "I am the sender": the handshake looks the default export up
+through ``lookup_sender`` when ``lookup`` refuses it, and the connection is
+mirror-only (see ``ferry.nbd.server`` and ``ferry.serve.connection``): the
+first to send a write whose handle is ``FLEXNBD_MIRROR_HANDLE`` becomes the
+sender, and its NBD_CMD_DISC is the commit.
 """
 
 from __future__ import annotations
