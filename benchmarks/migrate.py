@@ -95,6 +95,25 @@ class Run:
         return {key: value for key, value in self.__dict__.items() if key != "output"}
 
 
+def timed(
+    run: Run, source: ServerProcess, dest: ServerProcess
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run ``run.argv`` and record its wall time and the CPU the two servers spent on it."""
+    log(f"  $ {shell_join(run.argv)}")
+    cpu_before = (cpu_of(source), cpu_of(dest))
+    busy_before = machine_busy_seconds()
+    started = time.perf_counter()
+    done = subprocess.run(
+        run.argv, capture_output=True, text=True, timeout=MIGRATE_TIMEOUT, check=False
+    )
+    elapsed = time.perf_counter() - started
+    busy = machine_busy_seconds() - busy_before
+    run.source_cpu_percent = round(100 * (cpu_of(source) - cpu_before[0]) / elapsed, 1)
+    run.dest_cpu_percent = round(100 * (cpu_of(dest) - cpu_before[1]) / elapsed, 1)
+    run.machine_busy_percent = round(100 * busy / elapsed, 1)
+    return done, elapsed
+
+
 def ferry_setup(mode: str, name: str, image: Path, port: int, tmp: Path) -> ServerSetup:
     sock, trace = tmp / f"{name}.sock", tmp / f"{name}.trace"
     argv = [find_ferry(), mode, "--addr", HOST, "--port", str(port), "--file", str(image)]
@@ -178,7 +197,8 @@ def migrate_once(
             )
             time.sleep(WRITER_WARMUP)
             if writer.poll() is not None:
-                raise BenchError(f"the writer exited early: {output_tail(writer.stderr.read())}")
+                errors = writer.stderr.read() if writer.stderr else ""
+                raise BenchError(f"the writer exited early: {output_tail(errors)}")
         run.argv = [
             find_ferry(),
             "mirror",
@@ -192,18 +212,7 @@ def migrate_once(
             "nothing",
             "--wait",
         ]
-        log(f"  $ {shell_join(run.argv)}")
-        cpu_before = (cpu_of(source), cpu_of(dest))
-        busy_before = machine_busy_seconds()
-        started = time.perf_counter()
-        done = subprocess.run(
-            run.argv, capture_output=True, text=True, timeout=MIGRATE_TIMEOUT, check=False
-        )
-        elapsed = time.perf_counter() - started
-        busy = machine_busy_seconds() - busy_before
-        run.source_cpu_percent = round(100 * (cpu_of(source) - cpu_before[0]) / elapsed, 1)
-        run.dest_cpu_percent = round(100 * (cpu_of(dest) - cpu_before[1]) / elapsed, 1)
-        run.machine_busy_percent = round(100 * busy / elapsed, 1)
+        done, elapsed = timed(run, source, dest)
         run.output = done.stdout + done.stderr
         if done.returncode != 0:
             raise BenchError(f"mirror exit status {done.returncode}: {output_tail(run.output)}")
@@ -271,18 +280,7 @@ def copy_limit(name: str, image: Path, size: int, tmp: Path, adopted: bool, flus
             source.setup.uri,
             dest.setup.uri,
         ]
-        log(f"  $ {shell_join(run.argv)}")
-        cpu_before = (cpu_of(source), cpu_of(dest))
-        busy_before = machine_busy_seconds()
-        started = time.perf_counter()
-        done = subprocess.run(
-            run.argv, capture_output=True, text=True, timeout=MIGRATE_TIMEOUT, check=False
-        )
-        elapsed = time.perf_counter() - started
-        busy = machine_busy_seconds() - busy_before
-        run.source_cpu_percent = round(100 * (cpu_of(source) - cpu_before[0]) / elapsed, 1)
-        run.dest_cpu_percent = round(100 * (cpu_of(dest) - cpu_before[1]) / elapsed, 1)
-        run.machine_busy_percent = round(100 * busy / elapsed, 1)
+        done, elapsed = timed(run, source, dest)
         if done.returncode != 0:
             raise BenchError(f"nbdcopy exit status {done.returncode}: {output_tail(done.stderr)}")
         run.seconds = round(elapsed, 3)
@@ -412,6 +410,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     wanted = {name.strip() for name in args.runs.split(",")}
+    unknown = wanted - {"idle", "writer", "copy"}
+    if unknown:
+        log(f"migrate.py: unknown run(s) {', '.join(sorted(unknown))}: use idle, writer, copy")
+        return 2
     for tool in ("nbdcopy", "qemu-nbd"):
         if shutil.which(tool) is None and "copy" in wanted:
             log(f"migrate.py: `{tool}` is not installed")

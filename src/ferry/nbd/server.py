@@ -950,19 +950,11 @@ class ServerConnection:
                 if cmd != 1:  # Command.WRITE
                     append(build(handle, _COMMANDS[cmd], _FLAGS[flags], offset, length, b""))
                     continue
-                if end - pos >= length:
-                    stop = pos + length
-                    payload = data[pos:stop]
-                    append(build(handle, Command.WRITE, _FLAGS[flags], offset, length, payload))
-                    pos = stop
-                    continue
-                self._write = (handle, flags, offset, length)
-                # Views, not slices: the payload is copied once, by the join
-                # in _take_payload, however many chunks it arrives in.
-                self._chunks = [memoryview(data)[pos:]] if pos < end else []
-                self._need = length - (end - pos)
-                self._state = _State.PAYLOAD
-                return end
+                after = self._accept_write(events, data, pos, end, handle, flags, offset, length)
+                if after is None:
+                    return end
+                pos = after
+                continue
             if cmd == Command.DISC:
                 self._state = _State.CLOSED
                 append(Disconnect())
@@ -985,18 +977,12 @@ class ServerConnection:
                     append(build(handle, _COMMANDS[cmd], _FLAGS[flags], offset, length, b""))
                     continue
                 # Only a mirror-only connection's WRITE is accepted here (the
-                # fast path takes every other one): its payload as above.
-                if end - pos >= length:
-                    stop = pos + length
-                    payload = data[pos:stop]
-                    append(build(handle, Command.WRITE, _FLAGS[flags], offset, length, payload))
-                    pos = stop
-                    continue
-                self._write = (handle, flags, offset, length)
-                self._chunks = [memoryview(data)[pos:]] if pos < end else []
-                self._need = length - (end - pos)
-                self._state = _State.PAYLOAD
-                return end
+                # fast path takes every other one).
+                after = self._accept_write(events, data, pos, end, handle, flags, offset, length)
+                if after is None:
+                    return end
+                pos = after
+                continue
             rejection = RejectedRequest(
                 handle, _COMMANDS.get(cmd, cmd), offset, length, verdict[0], verdict[1]
             )
@@ -1025,6 +1011,36 @@ class ServerConnection:
         else:
             return Commit(handle, token)
         return RejectedRequest(handle, FERRY_CMD_COMMIT, token, length, Errno.EINVAL, reason)
+
+    def _accept_write(
+        self,
+        events: list[Event],
+        data: bytes,
+        pos: int,
+        end: int,
+        handle: int,
+        flags: int,
+        offset: int,
+        length: int,
+    ) -> int | None:
+        """A valid WRITE's header is parsed: emit it, or start collecting its payload.
+
+        Returns the position after the payload when all of it is in ``data``;
+        None when the rest will come in later chunks (``data`` is used up).
+        """
+        if end - pos >= length:
+            stop = pos + length
+            events.append(
+                _build_request(handle, Command.WRITE, _FLAGS[flags], offset, length, data[pos:stop])
+            )
+            return stop
+        self._write = (handle, flags, offset, length)
+        # Views, not slices: the payload is copied once, by the join in
+        # _take_payload, however many chunks it arrives in.
+        self._chunks = [memoryview(data)[pos:]] if pos < end else []
+        self._need = length - (end - pos)
+        self._state = _State.PAYLOAD
+        return None
 
     def _take_payload(self, data: bytes, pos: int, events: list[Event]) -> int:
         """Feed ``data[pos:]`` to the WRITE payload in progress; returns where it stopped."""

@@ -586,14 +586,8 @@ class NBDServerProtocol(Protocol):
                 self._send(nbd.reply_error(event.handle, Errno.EIO, f"fsync failed: {why}"))
                 self._close_after_replies()
 
-        def settle(_: object) -> None:
-            self._in_flight -= 1
-            if self._outbox is not None and not self._lost:
-                self._outbox.flush()
-            self._maybe_close()
-
         d.addCallbacks(synced, failed)
-        d.addBoth(settle)
+        d.addBoth(self._settle_thread_job)
 
     def _flexnbd_commit(self) -> None:
         """The flexnbd sender's DISC: commit, fsync, take control; nothing is answered."""
@@ -680,14 +674,15 @@ class NBDServerProtocol(Protocol):
                 log.failure("{command} failed", failure, command=request.command.name)
                 self._fail(request, Errno.EIO, "internal error")
 
-        def settle(_: object) -> None:
-            self._in_flight -= 1
-            if self._outbox is not None and not self._lost:
-                self._outbox.flush()
-            self._maybe_close()
-
         d.addCallbacks(done, failed)
-        d.addBoth(settle)
+        d.addBoth(self._settle_thread_job)
+
+    def _settle_thread_job(self, result: object) -> None:
+        """A job on the worker thread has answered: send its reply now, maybe close."""
+        self._in_flight -= 1
+        if self._outbox is not None and not self._lost:
+            self._outbox.flush()
+        self._maybe_close()
 
     # -- closing ------------------------------------------------------------------------
 
