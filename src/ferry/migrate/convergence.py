@@ -3,8 +3,10 @@
 Convergence works as in QEMU, not as in flexnbd (which disconnects every
 client once its ETA drops under five seconds).  At the end of each pass the
 source asks: if client requests were held *now*, how long would the last
-pass take?  That is the bytes left divided by the measured rate (the
-expected downtime).  When it is within ``max_downtime``, or when nothing is
+pass take?  That is the bytes left divided by the rate of the last dirty
+pass (the expected downtime): the last pass is a dirty pass too, and a
+bulk pass's sequential rate would promise far too much (see
+``MigrationJob._measure_dirty_pass``).  When it is within ``max_downtime``, or when nothing is
 dirty, the source quiesces; otherwise it runs another pass.
 
 A writer that dirties the image as fast as the stream drains it would keep
