@@ -83,7 +83,7 @@ class Script:
     error_on_write: int | None = None  # answer EIO to this write (1 is the first)
     hang_from_write: int | None = None  # never answer this write or any later request
     close_on_write: int | None = None  # close when this write arrives, before answering
-    error_on_flush: bool = False
+    error_on_flush: int | None = None  # answer EIO to this FLUSH (1 is the first)
     commit: Commit = Commit.ACK
 
 
@@ -93,6 +93,7 @@ class Session:
 
     script: Script
     writes: int = 0
+    write_lengths: list[int] = field(default_factory=list)  # of each WRITE, in order
     data_bytes: int = 0
     zero_bytes: int = 0
     commands: list[str] = field(default_factory=list)
@@ -234,10 +235,11 @@ class _DestinationProtocol(Protocol):
         if command is Command.WRITE:
             disk[start:end] = request.data
             session.data_bytes += request.length
+            session.write_lengths.append(request.length)
         elif command in (Command.WRITE_ZEROES, Command.TRIM):
             disk[start:end] = bytes(request.length)
             session.zero_bytes += request.length
-        elif command is Command.FLUSH and script.error_on_flush:
+        elif command is Command.FLUSH and session.commands.count("FLUSH") == script.error_on_flush:
             self._send(self.server.reply_error(request.handle, Errno.EIO, "scripted flush failure"))
             return
         self._send(self.server.reply_ok(request.handle))

@@ -334,10 +334,11 @@ async def fail_then_retry(rig: Rig, fake: FakeDestination, trigger: Any = None) 
     [
         Script(error_on_write=2),
         Script(close_on_write=2),
-        Script(error_on_flush=True),
+        Script(error_on_flush=1),
+        Script(error_on_flush=2),
         Script(commit=Commit.REJECT),
     ],
-    ids=["error-reply", "close-before-reply", "flush-error", "commit-rejected"],
+    ids=["error-reply", "close-before-reply", "preflush-error", "flush-error", "commit-rejected"],
 )
 @pytest_twisted.ensureDeferred
 async def test_a_failed_attempt_retries_then_succeeds(
@@ -346,10 +347,14 @@ async def test_a_failed_attempt_retries_then_succeeds(
     fake = FakeDestination(SIZE, [script, Script()])
     rig = Rig(tmp_path, listen(fake))
     await fail_then_retry(rig, fake)
-    if script.error_on_flush or script.commit is Commit.REJECT:
+    if script.error_on_flush == 2 or script.commit is Commit.REJECT:
         # The switchover had begun: clients were held, then released, then held again.
         assert rig.gate.holds == 2 and rig.gate.releases == 1
         assert "retry_migration" in [r.event for r in rig.records if r.machine == "role"]
+    if script.error_on_flush == 1:
+        # The FLUSH after the bulk pass, before any switchover: nothing was held.
+        assert rig.gate.holds == 1 and rig.gate.releases == 0
+        assert fake.sessions[0].commands.count("FLUSH") == 1
     if script.commit is Commit.REJECT:
         assert rig.states("role")[:5] == [
             "serving",
@@ -536,6 +541,25 @@ async def test_the_limit_paces_requests_and_can_change_mid_run(tmp_path: Path, l
     assert result.handed_off and bytes(fake.disk) == rig.original
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_low_limit_cuts_requests_to_a_seconds_worth(tmp_path: Path, listen: Any) -> None:
+    fake = FakeDestination(SIZE)
+    rig = Rig(tmp_path, listen(fake), max_bps=100 * KIB, max_data_length=MIB)
+    await within(rig.source.start())
+    paced = [c for c in rig.clock.getDelayedCalls() if c.active()]
+    assert len(paced) == 1  # the next request waits for the limiter
+    rig.source.set_max_bps(None)
+    rig.clock.advance(0)
+    result = await within(rig.source.finished)
+    assert result.handed_off and bytes(fake.disk) == rig.original
+    (session,) = fake.sessions
+    # 100 KiB/s rounds down to 64 KiB requests (never silent for more than a
+    # second): the first extent went in pieces; once the limit is lifted the
+    # next extent (512 KiB) goes whole.
+    assert session.write_lengths[:16] == [64 * KIB] * 16
+    assert session.write_lengths[16:] == [512 * KIB]
+
+
 def test_start_refuses_an_export_that_is_not_serving(tmp_path: Path) -> None:
     rig = Rig(tmp_path, 1)
     rig.export.trigger("migrate")
@@ -565,8 +589,10 @@ async def test_flexnbd_mirror_hands_off_with_disc(tmp_path: Path, listen: Any) -
     await within(fake.sessions[-1].lost)
     assert bytes(fake.disk) == rig.original
     (session,) = fake.sessions
-    # Only writes (zeroes too: the hello has no WRITE_ZEROES), a FLUSH, then DISC.
-    assert set(session.commands[:-2]) == {"WRITE"}
+    # Only writes (zeroes too: the hello has no WRITE_ZEROES) and the FLUSH
+    # that ends the bulk pass, then the switchover's FLUSH and DISC.
+    assert set(session.commands[:-2]) == {"WRITE", "FLUSH"}
+    assert session.commands.index("FLUSH") == len(session.commands) - 3
     assert session.commands[-2:] == ["FLUSH", "DISC"]
     assert session.handles == {MIRROR}
     covered = sorted(session.writes)

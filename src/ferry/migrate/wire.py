@@ -3,8 +3,14 @@
 :class:`MirrorProtocol` only moves bytes: what the destination sends goes
 into a :class:`ferry.nbd.client.ClientConnection`, the events it completes
 go to a :class:`WireHandler`, and whatever the connection queued (option
-requests, requests, the ABORT of a failed handshake) is written at once.
-Timeouts, the job and every decision live in :mod:`ferry.migrate.source`.
+requests, requests, the ABORT of a failed handshake) is written through an
+:class:`ferry.serve.outbox.Outbox`, the data plane's scatter-gather sender,
+so a 4 MiB WRITE is never joined or concatenated in user space.  Requests
+queued while the handler deals with a batch of replies go out together when
+the batch is done (one ``sendmsg`` for a dirty pass's many small WRITEs);
+a request made at any other time (a timer, the first request of a pass) goes
+out at once.  Timeouts, the job and every decision live in
+:mod:`ferry.migrate.source`.
 
 The source asks for ``FERRY_OPT_MIGRATE`` (payload: protocol version and
 image size) before anything else; a ferry listener answers ACK, any other
@@ -19,7 +25,6 @@ import contextlib
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
@@ -33,6 +38,7 @@ from ferry.nbd.constants import (
     CommandFlag,
 )
 from ferry.nbd.events import Event, ProtocolError
+from ferry.serve.outbox import Outbox, tune
 
 __all__ = ["MirrorProtocol", "MirrorProtocolFactory", "WireHandler", "migrate_option"]
 
@@ -72,12 +78,13 @@ class MirrorProtocol(Protocol):
         self.fixed_handle = fixed_handle
         self.closing = False
         self.closed: Deferred[None] = Deferred()  # fires once the connection is gone
+        self._outbox: Outbox | None = None
+        self._receiving = False  # requests wait for the end of the batch
 
     def connectionMade(self) -> None:
-        transport = self.transport
-        if ITCPTransport.providedBy(transport):
-            # Small requests (FLUSH, the commit) must not wait for Nagle.
-            transport.setTcpNoDelay(True)
+        # Small requests (FLUSH, the commit) must not wait for Nagle.
+        tune(self.transport)
+        self._outbox = Outbox(self.transport)
         self.handler.wire_connected(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -88,9 +95,13 @@ class MirrorProtocol(Protocol):
         except ProtocolError as exc:
             self._broken(str(exc))
             return
-        self.flush()
         if events:
-            self.handler.wire_events(self, events)
+            self._receiving = True
+            try:
+                self.handler.wire_events(self, events)
+            finally:
+                self._receiving = False
+        self.flush()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.closing:
@@ -114,9 +125,11 @@ class MirrorProtocol(Protocol):
     # -- what the source sends ----------------------------------------------------
 
     def flush(self) -> None:
-        out = self.client.data_to_send()
-        if out and self.transport is not None and not self.closing:
-            self.transport.write(out)
+        out = self.client.buffers_to_send()
+        outbox = self._outbox
+        if out and outbox is not None and not self.closing:
+            outbox.add_all(out)
+            outbox.flush()
 
     def request(
         self,
@@ -130,7 +143,8 @@ class MirrorProtocol(Protocol):
         handle = self.client.request(
             command, offset, length, data=data, flags=flags, handle=self.fixed_handle
         )
-        self.flush()
+        if not self._receiving:
+            self.flush()
         return handle
 
     def commit(self, token: int) -> int:

@@ -308,8 +308,17 @@ class ClientConnection:
 
     def data_to_send(self) -> bytes:
         """Everything queued for the server so far; the caller must write all of it."""
-        out = b"".join(self._out)
-        self._out.clear()
+        return b"".join(self.buffers_to_send())
+
+    def buffers_to_send(self) -> list[bytes]:
+        """The same, as the separate buffers it was queued in.
+
+        A WRITE's payload stays its own buffer, so a caller with a
+        scatter-gather send (``sendmsg``) puts 4 MiB on the wire without
+        copying it once more in user space.
+        """
+        out = self._out
+        self._out = []
         return out
 
     def receive_data(self, data: bytes) -> list[Event]:
