@@ -217,6 +217,35 @@ def test_a_sender_lost_before_the_commit_sends_the_export_back_to_listening(
     listener.replays()
 
 
+def test_a_silent_sender_is_closed_after_the_sender_timeout(listener: Listener) -> None:
+    export = listener.export
+    timeout = listener.server.sender_timeout
+    sender = receiving(listener)
+    listener.reactor.advance(timeout - 1)
+    sender.client.request(Command.WRITE, 0, 3, data=b"abc")
+    sender.pump()  # anything it sends starts the silence again
+    listener.reactor.advance(timeout - 1)
+    assert not sender.transport.disconnecting and export.state == "receiving"
+    listener.reactor.advance(1)
+    assert sender.transport.disconnecting
+    sender.lose()
+    assert export.state == "listening" and export.sender is None
+    assert receiving(listener) is not None
+
+
+def test_a_sender_waiting_for_the_commit_is_silent_by_right(listener: Listener) -> None:
+    export = listener.export
+    sender = receiving(listener)
+    commit = sender.client.commit(TOKEN)
+    sender.pump()
+    assert export.state == "committing"
+    listener.reactor.advance(listener.server.sender_timeout * 2)  # a slow fsync
+    assert not sender.transport.disconnecting
+    listener.blocking.release_all()
+    assert sender.replies()[commit].error == Errno.OK
+    assert export.state == "serving"
+
+
 def test_a_second_sender_at_once_is_refused_at_the_option(listener: Listener) -> None:
     first = receiving(listener)
     second = listener.sender()
@@ -550,6 +579,15 @@ def test_a_flexnbd_sender_lost_without_disc_listens_again(oldstyle: Listener) ->
     assert export.sender is second.protocol
     assert oldstyle.roles() == ["listening", "receiving", "listening", "receiving"]
     oldstyle.replays()
+
+
+def test_a_silent_flexnbd_sender_is_closed_too(oldstyle: Listener) -> None:
+    first = mirror_only(oldstyle)
+    assert mirror_write(first, 0, b"part").error == Errno.OK
+    oldstyle.reactor.advance(oldstyle.server.sender_timeout)
+    assert first.transport.disconnecting
+    first.lose()
+    assert oldstyle.export.state == "listening"
 
 
 def test_the_commit_survives_the_sender_closing_after_disc(oldstyle: Listener) -> None:

@@ -160,6 +160,7 @@ class NBDServerProtocol(Protocol):
         self._lost = False
         self._drained: list[defer.Deferred[None]] = []
         self._handshake_timer: Any = None
+        self._sender_timer: Any = None  # a sender's silence (SENDER_TIMEOUT)
         self._throttle_timer: Any = None  # a write waiting for the auto-converge cap
         self._write_charged = False  # the head write has already paid the cap
         self._held_since: float | None = None  # first request queued behind a hold
@@ -198,6 +199,9 @@ class NBDServerProtocol(Protocol):
         if self._outbox is not None:
             self._outbox.discard()
         self._cancel_handshake_timer()
+        if self._sender_timer is not None and self._sender_timer.active():
+            self._sender_timer.cancel()
+        self._sender_timer = None
         if self._throttle_timer is not None and self._throttle_timer.active():
             self._throttle_timer.cancel()
         self._throttle_timer = None
@@ -268,6 +272,8 @@ class NBDServerProtocol(Protocol):
         assert self._nbd is not None
         if self._refused:
             return
+        if self._sender_timer is not None:
+            self._sender_timer.reset(self._server.sender_timeout)
         try:
             events = self._nbd.receive_data(data)
         except ProtocolError as error:
@@ -346,8 +352,32 @@ class NBDServerProtocol(Protocol):
             return False
         self._export = export
         export.sender_connected(self)
+        self._watch_sender()
         log.info("receiving {name} from {peer}", name=export.name, peer=self.peer_host)
         return True
+
+    def _watch_sender(self) -> None:
+        self._sender_timer = self._server.clock.call_later(
+            self._server.sender_timeout, self._sender_silent
+        )
+
+    def _sender_silent(self) -> None:
+        """Nothing from the sender for ``sender_timeout`` seconds: drop it, listen again.
+
+        Only while ``receiving``: in ``committing`` the sender is waiting
+        for our fsync and is silent by right.
+        """
+        self._sender_timer = None
+        export = self._export
+        if export is None or export.sender is not self or export.state != "receiving":
+            return
+        log.warn(
+            "{name}: closing the migration sender {peer}: nothing from it for {seconds:g} s",
+            name=export.name,
+            peer=self.peer_host,
+            seconds=self._server.sender_timeout,
+        )
+        self._abort()
 
     def _screen_flexnbd(self, events: list[Event]) -> list[Event]:
         """A mirror-only connection's events: who is the sender, and DISC as its commit.
@@ -370,6 +400,7 @@ class NBDServerProtocol(Protocol):
                     and request.command is not _FLUSH
                 ):
                     export.sender_connected(self)
+                    self._watch_sender()
                     log.info(
                         "receiving {name} from flexnbd sender {peer}",
                         name=export.name,

@@ -51,6 +51,12 @@ log = Logger()
 # A client has this long to finish the handshake: a connection that never
 # negotiates would otherwise hold a client slot forever.
 HANDSHAKE_TIMEOUT: Final = 10.0
+# A migration sender that sends nothing for this long while the export is
+# receiving is closed, and the export listens again: otherwise a source that
+# hung (or a peer that only pretends to be one) keeps the export receiving,
+# refusing every other sender, forever.  A source is never silent this long:
+# it paces its requests to at most a second's worth of its rate limit.
+SENDER_TIMEOUT: Final = 120.0
 # Connections (handshaking or transmitting) admitted at once; more are closed
 # as soon as they are accepted.
 MAX_CLIENTS: Final = 256
@@ -71,6 +77,7 @@ class NBDServer(Factory):
         oldstyle: bool = False,
         max_clients: int = MAX_CLIENTS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        sender_timeout: float = SENDER_TIMEOUT,
     ) -> None:
         if not exports:
             raise ValueError("a server needs at least one export")
@@ -82,6 +89,7 @@ class NBDServer(Factory):
         self.oldstyle = oldstyle
         self.max_clients = max_clients
         self.handshake_timeout = handshake_timeout
+        self.sender_timeout = sender_timeout
         self.connections: set[NBDServerProtocol] = set()
         self.accepting = True
 
