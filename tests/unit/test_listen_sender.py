@@ -568,6 +568,28 @@ def test_a_second_mirror_only_connection_cannot_write(oldstyle: Listener) -> Non
     assert oldstyle.image.pread(0, 3) == b"one"
 
 
+def test_a_mirror_only_connection_becomes_a_client_once_the_export_serves(
+    oldstyle: Listener,
+) -> None:
+    export = oldstyle.export
+    early = mirror_only(oldstyle)  # said hello while the export was listening
+    sender = mirror_only(oldstyle)
+    assert mirror_write(sender, 0, b"image").error == Errno.OK
+    assert mirror_write(early, 0, b"nope").error == Errno.EPERM
+    disc(sender)
+    oldstyle.blocking.release_all()
+    sender.lose()
+    assert export.state == "serving" and export.num_clients == 0
+    read = early.client.request(Command.READ, 0, 5)
+    write = early.client.request(Command.WRITE, 8, data=b"mine")
+    replies = early.replies()
+    assert (replies[read].error, replies[write].error) == (Errno.OK, Errno.OK)
+    assert oldstyle.image.pread(0, 12) == b"image\0\0\0mine"
+    assert export.num_clients == 1
+    early.lose()
+    assert export.num_clients == 0
+
+
 def test_a_flexnbd_sender_lost_without_disc_listens_again(oldstyle: Listener) -> None:
     export = oldstyle.export
     first = mirror_only(oldstyle)

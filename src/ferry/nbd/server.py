@@ -486,6 +486,10 @@ class ServerConnection:
         """True for an oldstyle connection admitted only as a possible flexnbd sender."""
         return self._mirror_only
 
+    def admit_as_client(self) -> None:
+        """The export this mirror-only connection waited on now serves: judge it as a client."""
+        self._mirror_only = False
+
     @property
     def flags(self) -> TransmissionFlag:
         """The transmission flags sent to the client (0 before the handshake is done)."""

@@ -274,6 +274,8 @@ class NBDServerProtocol(Protocol):
             return
         if self._sender_timer is not None:
             self._sender_timer.reset(self._server.sender_timeout)
+        if self._flexnbd:
+            self._admit_if_serving()
         try:
             events = self._nbd.receive_data(data)
         except ProtocolError as error:
@@ -378,6 +380,22 @@ class NBDServerProtocol(Protocol):
             seconds=self._server.sender_timeout,
         )
         self._abort()
+
+    def _admit_if_serving(self) -> None:
+        """A mirror-only connection whose export took control since its hello is a client now.
+
+        Another connection's migration landed while this one waited: it is
+        served on the same port, as it would be had it reconnected.  Done
+        before its bytes are parsed, so its next request is judged as a
+        client's.
+        """
+        export = self._export
+        if export is None or export.sender is self or not export.clients_allowed:
+            return
+        assert self._nbd is not None
+        self._nbd.admit_as_client()
+        self._flexnbd = False
+        export.attach(self)
 
     def _screen_flexnbd(self, events: list[Event]) -> list[Event]:
         """A mirror-only connection's events: who is the sender, and DISC as its commit.
