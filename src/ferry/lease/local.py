@@ -1,0 +1,689 @@
+"""``local:DIR``: the embedded lockspace, fcntl OFD locks on one file per resource.
+
+Why OFD locks
+-------------
+An open-file-description lock (``F_OFD_SETLK``) belongs to one ``open()``,
+not to the process: two grants in one process, each with its own file
+descriptor, exclude each other exactly as two processes would (classic
+POSIX ``F_SETLK`` locks would merge them, and any ``close()`` of the file
+anywhere in the process would drop them all).  The kernel drops them when
+the last descriptor goes, so a holder that dies, even by SIGKILL, frees its
+lease with no timeout at all: grants here have ``ttl=None``.  Descriptors
+are opened ``O_CLOEXEC`` so a child that ``exec``\\ s never inherits a lock.
+Nothing ever waits for a lock (``F_OFD_SETLKW`` is never used): a busy
+byte is an answer, not a reason to block the reactor.
+
+The file
+--------
+``DIR/<sha256 of the resource name>.lock``.  Locks are advisory byte
+ranges, independent of the bytes stored at the same offsets:
+
+* **byte 0, the hold lock.**  An exclusive holder keeps a write lock on it;
+  shared and read-only holders keep read locks, so the kernel itself makes
+  exclusive and shared exclude each other.
+* **the ledger**, two copies at offsets 0 and 1024: the token counter and
+  the record of the current exclusive holder (possibly dead; possibly
+  offered).  It is written only under a write lock on the hold byte, each
+  write going to the older copy with a larger generation number, so a
+  reader without the lock (``inquire``, an offerer's ``renew``), or a file
+  torn by a power cut, always finds one whole copy.  Token changes are
+  ``fdatasync``\\ ed: a token that went backwards after a crash would defeat
+  its purpose.
+* **holder slots** from offset 2048, 512 bytes each.  Every live holder,
+  whatever its mode, keeps a write lock on the first byte of its own slot
+  and writes its record (grant id, owner, mode, token, offered) there.
+  ``inquire`` test-locks (``F_OFD_GETLK``) each slot: a slot nobody has
+  locked belongs to a dead or departed holder whatever its bytes say.  An
+  exclusive record counts only if the ledger names the same grant id, which
+  drops a source that has been taken over but has not noticed yet.
+
+Records are one line, ``<crc32> <json>``, NUL-padded; a torn read fails the
+checksum and is treated as no record.
+
+Migration: offer and take-over across processes
+-----------------------------------------------
+The destination is another process, perhaps on another host sharing the
+directory, so the source must let go of the hold byte while still
+excluding everyone but a take-over with its token.  ``offer`` marks the
+ledger's record and its own slot ``offered`` and then unlocks the hold
+byte, keeping its slot lock, which now means "the offerer is alive".
+
+* ``acquire`` (any mode) gets the hold byte but then refuses while the
+  ledger's holder is *live* (its slot locked, with the ledger's grant id).
+  An offer whose offerer has died or released is stale and does not block.
+* ``take_over(token)`` gets the hold byte, compares ``token`` with the
+  ledger's under that lock, and on a match writes itself in with the next
+  token.  The source cancels by the same call with its own token; whoever
+  comes second finds the token moved and gets :class:`LeaseConflict`.
+* The offerer's next ``renew`` finds another grant in the ledger:
+  :class:`LeaseLost`.
+
+``take_over`` asks only that the token still match, not that the offerer
+be alive: an offer whose source has died since, or a lease the source
+released after sending its commit, can still be taken by the commit's
+token.  That is safe because every exclusive acquire moves the token, so
+a matching token proves nobody has held the resource exclusively since
+the offer, and it is what lets a commit complete when the source dies
+right after sending it.
+
+Deferreds
+---------
+Every operation is a handful of small syscalls on a local (or NFS) file,
+microseconds, except the ``fdatasync`` after a token change, which happens
+once per acquire or take-over.  They run on the calling thread and answer
+with an already-fired ``Deferred``: a thread pool would add a hop and a
+lock-ordering problem (the lock must be taken by the descriptor the grant
+keeps) for no measurable gain.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import secrets
+import struct
+import sys
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from ferry.lease.backend import (
+    Grant,
+    Holder,
+    LeaseConflict,
+    LeaseError,
+    LeaseLost,
+    LeaseMode,
+    LockspaceUnavailable,
+)
+
+__all__ = ["MAX_HOLDERS", "MAX_OWNER_BYTES", "LocalLockspace", "lock_file_name"]
+
+_log = Logger()
+_T = TypeVar("_T")
+
+# Linux's values (Python's fcntl exports them on Linux since 3.9, but look
+# first).  The struct below is LP64 Linux's (x86_64, aarch64, ...).
+F_OFD_GETLK: Final = int(getattr(fcntl, "F_OFD_GETLK", 36))
+F_OFD_SETLK: Final = int(getattr(fcntl, "F_OFD_SETLK", 37))
+
+# struct flock on LP64 Linux: l_type, l_whence, l_start, l_len, l_pid, padding.
+# OFD requests must carry l_pid 0.
+_FLOCK: Final = struct.Struct("hhqqi4x")
+
+HOLD_BYTE: Final = 0
+LEDGER_COPY_SIZE: Final = 1024
+LEDGER_COPIES: Final = 2
+SLOT_BASE: Final = LEDGER_COPY_SIZE * LEDGER_COPIES
+SLOT_SIZE: Final = 512
+MAX_HOLDERS: Final = 256
+"""Holder slots per resource: a bound on what one inquire scans."""
+MAX_OWNER_BYTES: Final = 256
+"""An owner is a label for people (``host:pid:label``); it must fit a slot record."""
+
+# A hold byte that is busy while no live holder is visible belongs to a
+# process in the middle of its own check (microseconds); try again this
+# many times, yielding the CPU between tries, before calling it a conflict.
+_BUSY_RETRIES: Final = 50
+# A lock-free reader retries a ledger it caught mid-write this many times.
+_READ_RETRIES: Final = 5
+_FILE_MODE: Final = 0o644
+
+# Grant handles are unique in the process, not per LocalLockspace object, so
+# a grant handed to the wrong object can never be mistaken for one of its own.
+_handles = itertools.count(1)
+
+
+def lock_file_name(resource: str) -> str:
+    """The file in the lockspace directory that stands for ``resource``.
+
+    Hashing makes any resource name (a path with slashes, a long one) a
+    safe, fixed-length file name, and the same one on every host.
+    """
+    return hashlib.sha256(resource.encode("utf-8")).hexdigest() + ".lock"
+
+
+# -- records on disk ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Record:
+    """One holder, as its slot (and, if exclusive, the ledger) records it."""
+
+    grant_id: str
+    slot: int
+    owner: str
+    mode: LeaseMode
+    token: int
+    offered: bool = False
+
+    def holder(self) -> Holder:
+        return Holder(self.owner, self.mode, self.token, self.offered)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.grant_id,
+            "slot": self.slot,
+            "owner": self.owner,
+            "mode": self.mode.value,
+            "token": self.token,
+            "offered": self.offered,
+        }
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> _Record:
+        return cls(
+            grant_id=str(obj["id"]),
+            slot=int(obj["slot"]),
+            owner=str(obj["owner"]),
+            mode=LeaseMode(obj["mode"]),
+            token=int(obj["token"]),
+            offered=bool(obj["offered"]),
+        )
+
+
+@dataclass(frozen=True)
+class _Ledger:
+    """The resource's token counter and its exclusive holder of record."""
+
+    generation: int = 0
+    token: int = 0
+    holder: _Record | None = None
+
+    def successor(self, **changes: Any) -> _Ledger:
+        """The next version to write: same fields but ``changes``, one generation on."""
+        return replace(self, generation=self.generation + 1, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        holder = None if self.holder is None else self.holder.to_dict()
+        return {"generation": self.generation, "token": self.token, "holder": holder}
+
+    @classmethod
+    def from_dict(cls, obj: Any) -> _Ledger:
+        holder = obj["holder"]
+        return cls(
+            generation=int(obj["generation"]),
+            token=int(obj["token"]),
+            holder=None if holder is None else _Record.from_dict(holder),
+        )
+
+
+class _Torn(Exception):
+    """A region that is neither blank nor a whole record (a torn read or a torn write)."""
+
+
+def _encode(obj: dict[str, Any], size: int) -> bytes:
+    payload = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    line = b"%08x %s\n" % (zlib.crc32(payload), payload)
+    if len(line) > size:
+        raise ValueError(f"record of {len(line)} bytes does not fit in {size}")
+    return line.ljust(size, b"\0")
+
+
+def _decode(raw: bytes) -> Any | None:
+    """The object stored in ``raw``; None for a blank region; :class:`_Torn` otherwise."""
+    if not raw.strip(b"\0"):
+        return None
+    line, newline, _ = raw.partition(b"\n")
+    checksum, _, payload = line.partition(b" ")
+    try:
+        if not newline or int(checksum, 16) != zlib.crc32(payload):
+            raise _Torn()
+        return json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        raise _Torn() from None
+
+
+def _slot_offset(slot: int) -> int:
+    return SLOT_BASE + slot * SLOT_SIZE
+
+
+# -- byte-range locks --------------------------------------------------------------
+
+
+def _try_lock(fd: int, kind: int, offset: int) -> bool:
+    """Take (or, with ``F_UNLCK``, drop) a lock on one byte; False if someone else has it."""
+    request = _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0)
+    try:
+        fcntl.fcntl(fd, F_OFD_SETLK, request)
+    except OSError as err:
+        if err.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _unlock(fd: int, offset: int) -> None:
+    _try_lock(fd, fcntl.F_UNLCK, offset)
+
+
+def _locked_by_another(fd: int, offset: int) -> bool:
+    """Whether any other open file description has a lock on the byte at ``offset``."""
+    request = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+    answer = fcntl.fcntl(fd, F_OFD_GETLK, request)
+    return bool(_FLOCK.unpack(answer)[0] != fcntl.F_UNLCK)
+
+
+# -- one grant's open file -----------------------------------------------------------
+
+
+@dataclass
+class _Hold:
+    """What this process keeps for one grant: its own descriptor, hence its own locks."""
+
+    resource: str
+    path: Path
+    fd: int
+    identity: tuple[int, int]  # (st_dev, st_ino) of the file the locks are on
+    record: _Record
+    holds_byte: bool  # False once an offer has let go of the hold byte
+
+
+class _LockFile:
+    """Reads and writes of one open lock file; every method is a few syscalls."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd = fd
+        self.path = path
+
+    def read_ledger(self) -> _Ledger:
+        """The newest whole ledger copy.  A reader without the hold byte retries a torn one."""
+        for _ in range(_READ_RETRIES):
+            raw = os.pread(self.fd, SLOT_BASE, 0)
+            copies = [raw[i : i + LEDGER_COPY_SIZE] for i in range(0, SLOT_BASE, LEDGER_COPY_SIZE)]
+            ledgers: list[_Ledger] = []
+            torn = False
+            for copy in copies:
+                try:
+                    obj = _decode(copy)
+                except _Torn:
+                    torn = True
+                    continue
+                if obj is not None:
+                    ledgers.append(self._parse_ledger(obj))
+            if ledgers:
+                return max(ledgers, key=lambda ledger: ledger.generation)
+            if not torn:
+                return _Ledger()
+            os.sched_yield()  # let the writer finish
+        raise LockspaceUnavailable(f"lock file {self.path} has no readable ledger")
+
+    def _parse_ledger(self, obj: Any) -> _Ledger:
+        try:
+            return _Ledger.from_dict(obj)
+        except (KeyError, TypeError, ValueError):
+            raise LockspaceUnavailable(
+                f"lock file {self.path} has a ledger ferry cannot read"
+            ) from None
+
+    def write_ledger(self, ledger: _Ledger, *, durable: bool) -> None:
+        """Write ``ledger`` over the older copy; only a holder of the hold byte's write lock may."""
+        copy = ledger.generation % LEDGER_COPIES
+        os.pwrite(self.fd, _encode(ledger.to_dict(), LEDGER_COPY_SIZE), copy * LEDGER_COPY_SIZE)
+        if durable:
+            os.fdatasync(self.fd)
+
+    def read_slot(self, slot: int) -> _Record | None:
+        """The record in ``slot``; None if it is blank, torn or not a record."""
+        raw = os.pread(self.fd, SLOT_SIZE, _slot_offset(slot))
+        try:
+            obj = _decode(raw)
+            return None if obj is None else _Record.from_dict(obj)
+        except (_Torn, KeyError, TypeError, ValueError):
+            return None
+
+    def write_slot(self, record: _Record) -> None:
+        os.pwrite(self.fd, _encode(record.to_dict(), SLOT_SIZE), _slot_offset(record.slot))
+
+    def clear_slot(self, slot: int) -> None:
+        os.pwrite(self.fd, b"\0" * SLOT_SIZE, _slot_offset(slot))
+
+    def take_slot(self) -> int:
+        """Lock the first free holder slot; the kernel decides races between takers."""
+        for slot in range(MAX_HOLDERS):
+            if _try_lock(self.fd, fcntl.F_WRLCK, _slot_offset(slot)):
+                return slot
+        raise LockspaceUnavailable(f"lock file {self.path}: all {MAX_HOLDERS} holder slots in use")
+
+    def slot_count(self) -> int:
+        """How many slots may hold a record: every holder writes its own, growing the file."""
+        size = os.fstat(self.fd).st_size
+        return min(MAX_HOLDERS, max(0, -(-(size - SLOT_BASE) // SLOT_SIZE)))
+
+    def is_live(self, record: _Record) -> bool:
+        """Whether ``record``'s holder still keeps its slot (and it is still its slot)."""
+        if not _locked_by_another(self.fd, _slot_offset(record.slot)):
+            return False
+        current = self.read_slot(record.slot)
+        return current is not None and current.grant_id == record.grant_id
+
+    def live_holders(self) -> tuple[Holder, ...]:
+        """Who holds the resource: live slots, exclusive ones only if the ledger names them."""
+        ledger = self.read_ledger()
+        named = None if ledger.holder is None else ledger.holder.grant_id
+        exclusive: list[Holder] = []
+        shared: list[Holder] = []
+        for slot in range(self.slot_count()):
+            if not _locked_by_another(self.fd, _slot_offset(slot)):
+                continue
+            record = self.read_slot(slot)
+            if record is None:
+                continue
+            if record.mode is not LeaseMode.EXCLUSIVE:
+                shared.append(record.holder())
+            elif record.grant_id == named:
+                exclusive.append(record.holder())
+        return (*exclusive, *shared)
+
+
+# -- the backend ---------------------------------------------------------------------
+
+
+class LocalLockspace:
+    """A :class:`~ferry.lease.backend.LeaseBackend` in a directory: ``local:DIR``.
+
+    The directory must exist (see :func:`ferry.lease.spec.default_lockspace`
+    for the default one, which is created).  All hosts that share it must
+    see the same files and honour each other's POSIX locks (a local file
+    system, or NFS with working locking).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        if not sys.platform.startswith("linux"):
+            # Elsewhere the fcntl numbers above mean something else, or nothing.
+            raise LockspaceUnavailable(
+                f"local:{directory} needs Linux's open file description locks"
+            )
+        self.directory = Path(directory)
+        self._holds: dict[int, _Hold] = {}
+
+    @property
+    def spec(self) -> str:
+        return f"local:{self.directory}"
+
+    def path_for(self, resource: str) -> Path:
+        """The lock file of ``resource`` (for operators and tests)."""
+        return self.directory / lock_file_name(resource)
+
+    # -- the LeaseBackend interface --------------------------------------------
+
+    def acquire(self, resource: str, owner: str, mode: LeaseMode) -> Deferred[Grant]:
+        return _answer(self._acquire, resource, owner, mode)
+
+    def renew(self, grant: Grant) -> Deferred[None]:
+        return _answer(self._renew, grant)
+
+    def release(self, grant: Grant) -> Deferred[None]:
+        return _answer(self._release, grant)
+
+    def inquire(self, resource: str) -> Deferred[tuple[Holder, ...]]:
+        return _answer(self._inquire, resource)
+
+    def offer(self, grant: Grant) -> Deferred[Grant]:
+        return _answer(self._offer, grant)
+
+    def take_over(self, resource: str, owner: str, token: int) -> Deferred[Grant]:
+        return _answer(self._take_over, resource, owner, token)
+
+    def watch(self, grant: Grant, on_lost: Callable[[str], None]) -> Callable[[], None]:
+        """Nothing tells a file lock it was lost; the manager's periodic ``renew`` checks."""
+        return _no_op
+
+    def close(self) -> Deferred[None]:
+        return _answer(self._close)
+
+    # -- the operations, synchronously -------------------------------------------
+
+    def _acquire(self, resource: str, owner: str, mode: LeaseMode) -> Grant:
+        _check_owner(owner)
+        exclusive = mode is LeaseMode.EXCLUSIVE
+        kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+        with self._opened(resource) as lock:
+            self._take_hold_byte(lock, resource, kind)
+            ledger = lock.read_ledger()
+            if ledger.holder is not None and lock.is_live(ledger.holder):
+                raise _held_by(resource, ledger.holder)
+            token = ledger.token + 1 if exclusive else ledger.token
+            record = self._write_holder(lock, ledger, owner, mode, token)
+            return self._keep(resource, lock, record)
+
+    def _take_over(self, resource: str, owner: str, token: int) -> Grant:
+        _check_owner(owner)
+        with self._opened(resource) as lock:
+            self._take_hold_byte(lock, resource, fcntl.F_WRLCK)
+            ledger = lock.read_ledger()
+            if ledger.token != token:
+                holders = lock.live_holders()
+                raise LeaseConflict(
+                    resource,
+                    holders,
+                    f"lease on {resource} has token {ledger.token}, not {token}: "
+                    "it was taken back or taken first",
+                )
+            record = self._write_holder(lock, ledger, owner, LeaseMode.EXCLUSIVE, token + 1)
+            return self._keep(resource, lock, record)
+
+    def _renew(self, grant: Grant) -> None:
+        self._check(self._hold_of(grant))
+
+    def _offer(self, grant: Grant) -> Grant:
+        hold = self._hold_of(grant)
+        if hold.record.mode is not LeaseMode.EXCLUSIVE:
+            raise LeaseError(
+                f"lease on {hold.resource} is {hold.record.mode.value}: only an "
+                "exclusive lease can be offered"
+            )
+        self._check(hold)
+        if hold.holds_byte:
+            lock = _LockFile(hold.fd, hold.path)
+            offered = replace(hold.record, offered=True)
+            _guarded(hold.path, lock.write_slot, offered)
+            ledger = _guarded(hold.path, lock.read_ledger)
+            _guarded(hold.path, lock.write_ledger, ledger.successor(holder=offered), durable=False)
+            _unlock(hold.fd, HOLD_BYTE)
+            hold.record, hold.holds_byte = offered, False
+        return replace(grant, holder=hold.record.holder())
+
+    def _release(self, grant: Grant) -> None:
+        hold = self._holds.pop(grant.handle, None)
+        if hold is not None:
+            self._drop(hold)
+
+    def _drop(self, hold: _Hold) -> None:
+        """Clear this grant's records (best effort), then close: the close is the release."""
+        lock = _LockFile(hold.fd, hold.path)
+        try:
+            if hold.holds_byte and hold.record.mode is LeaseMode.EXCLUSIVE:
+                ledger = lock.read_ledger()
+                if ledger.holder is not None and ledger.holder.grant_id == hold.record.grant_id:
+                    lock.write_ledger(ledger.successor(holder=None), durable=False)
+            lock.clear_slot(hold.record.slot)
+        except (OSError, LeaseError) as err:
+            # Tidying only: closing the descriptor below is what releases.
+            _log.info(
+                "lease on {resource}: could not tidy {path}: {err}",
+                resource=hold.resource,
+                path=hold.path,
+                err=err,
+            )
+        finally:
+            os.close(hold.fd)
+
+    def _inquire(self, resource: str) -> tuple[Holder, ...]:
+        path = self.path_for(resource)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if not self.directory.is_dir():
+                raise self._unavailable(path, FileNotFoundError(errno.ENOENT, "")) from None
+            return ()
+        except OSError as err:
+            raise self._unavailable(path, err) from None
+        try:
+            return _guarded(path, _LockFile(fd, path).live_holders)
+        finally:
+            os.close(fd)
+
+    def _close(self) -> None:
+        holds, self._holds = list(self._holds.values()), {}
+        for hold in holds:
+            self._drop(hold)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _opened(self, resource: str) -> _Opening:
+        path = self.path_for(resource)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        except OSError as err:
+            raise self._unavailable(path, err) from None
+        return _Opening(fd, path)
+
+    def _unavailable(self, path: Path, err: OSError) -> LockspaceUnavailable:
+        if isinstance(err, FileNotFoundError | NotADirectoryError):
+            return LockspaceUnavailable(
+                f"lockspace directory {self.directory} does not exist (or is not a directory)"
+            )
+        return LockspaceUnavailable(f"cannot use lock file {path}: {err.strerror or err}")
+
+    def _take_hold_byte(self, lock: _LockFile, resource: str, kind: int) -> None:
+        """Lock the hold byte or raise :class:`LeaseConflict` naming who has it.
+
+        A busy byte with no live holder in sight that could be keeping it
+        (an offerer has let go of it) belongs to another process in the
+        middle of its own check; that is retried a few times.
+        """
+        holders: tuple[Holder, ...] = ()
+        for _ in range(_BUSY_RETRIES):
+            if _guarded(lock.path, _try_lock, lock.fd, kind, HOLD_BYTE):
+                return
+            holders = _guarded(lock.path, lock.live_holders)
+            # An offered holder has let go of the byte: it is not who is in the way.
+            if any(not holder.offered for holder in holders):
+                break
+            os.sched_yield()
+        raise LeaseConflict(resource, holders)
+
+    def _write_holder(
+        self, lock: _LockFile, ledger: _Ledger, owner: str, mode: LeaseMode, token: int
+    ) -> _Record:
+        """Claim a slot and write ``owner`` into it (and, if exclusive, into the ledger)."""
+        slot = _guarded(lock.path, lock.take_slot)
+        record = _Record(secrets.token_hex(8), slot, owner, mode, token)
+        _guarded(lock.path, lock.write_slot, record)
+        if mode is LeaseMode.EXCLUSIVE:
+            successor = ledger.successor(token=token, holder=record)
+            _guarded(lock.path, lock.write_ledger, successor, durable=True)
+        return record
+
+    def _keep(self, resource: str, lock: _LockFile, record: _Record) -> Grant:
+        stat = _guarded(lock.path, os.fstat, lock.fd)
+        handle = next(_handles)
+        self._holds[handle] = _Hold(
+            resource=resource,
+            path=lock.path,
+            fd=lock.fd,
+            identity=(stat.st_dev, stat.st_ino),
+            record=record,
+            holds_byte=True,
+        )
+        return Grant(resource, record.holder(), ttl=None, handle=handle)
+
+    def _hold_of(self, grant: Grant) -> _Hold:
+        hold = self._holds.get(grant.handle)
+        if hold is None or (hold.resource, hold.record.owner, hold.record.token) != (
+            grant.resource,
+            grant.holder.owner,
+            grant.token,
+        ):
+            raise LeaseLost(f"lease on {grant.resource} was released (or is not this lockspace's)")
+        return hold
+
+    def _check(self, hold: _Hold) -> None:
+        """Raise :class:`LeaseLost` unless the lock file still names this grant."""
+        try:
+            stat = os.stat(hold.path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise LeaseLost(f"lock file {hold.path} was removed") from None
+        except OSError as err:
+            raise LockspaceUnavailable(f"cannot check {hold.path}: {err.strerror}") from None
+        if (stat.st_dev, stat.st_ino) != hold.identity:
+            raise LeaseLost(f"lock file {hold.path} was replaced by another file")
+        lock = _LockFile(hold.fd, hold.path)
+        mine = hold.record.grant_id
+        if hold.record.mode is LeaseMode.EXCLUSIVE:
+            ledger = _guarded(hold.path, lock.read_ledger)
+            if ledger.holder is None or ledger.holder.grant_id != mine:
+                raise LeaseLost(_lost_to(hold.resource, ledger.holder))
+        else:
+            record = _guarded(hold.path, lock.read_slot, hold.record.slot)
+            if record is None or record.grant_id != mine:
+                raise LeaseLost(f"lease on {hold.resource}: its holder record was overwritten")
+
+
+class _Opening:
+    """A freshly opened lock file that is closed again unless the operation keeps it.
+
+    ``with self._opened(resource) as lock``: an exception closes the
+    descriptor, which drops whatever it had locked; a normal exit leaves it
+    open for the grant that now owns it.
+    """
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.lock = _LockFile(fd, path)
+
+    def __enter__(self) -> _LockFile:
+        return self.lock
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            os.close(self.lock.fd)
+
+
+def _held_by(resource: str, holder: _Record) -> LeaseConflict:
+    """The refusal while the ledger's exclusive holder is alive without the hold byte."""
+    reason = ""
+    if holder.offered:
+        reason = (
+            f"lease on {resource} is being handed over by {holder.owner} (token "
+            f"{holder.token}); only a take-over with that token can move it"
+        )
+    return LeaseConflict(resource, (holder.holder(),), reason)
+
+
+def _lost_to(resource: str, holder: _Record | None) -> str:
+    if holder is None:
+        return f"lease on {resource} was released by someone else"
+    return f"lease on {resource} is now held by {holder.holder().describe()}"
+
+
+def _check_owner(owner: str) -> None:
+    if not owner or len(owner.encode("utf-8")) > MAX_OWNER_BYTES:
+        raise ValueError(f"owner must be 1 to {MAX_OWNER_BYTES} bytes, not {owner!r}")
+
+
+def _guarded(path: Path, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """Run a file operation; an I/O error becomes :class:`LockspaceUnavailable` naming ``path``."""
+    try:
+        return fn(*args, **kwargs)
+    except OSError as err:
+        raise LockspaceUnavailable(f"lock file {path}: {err.strerror or err}") from None
+
+
+def _answer(fn: Callable[..., _T], *args: Any) -> Deferred[_T]:
+    """Run a synchronous operation and hand its outcome back as a fired Deferred."""
+    return defer.maybeDeferred(fn, *args)
+
+
+def _no_op() -> None:
+    """What :meth:`LocalLockspace.watch` returns: there is nothing to stop."""

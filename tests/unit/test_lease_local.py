@@ -1,0 +1,592 @@
+"""LocalLockspace (``local:DIR``) in a temporary directory, and the ``--lockspace`` text.
+
+Two ``LocalLockspace`` objects in this one process stand for two
+processes: OFD locks belong to the open file, so they exclude each other
+exactly as separate processes would.  Where only a real process will do
+(one that dies holding the lease) a child is started, and the test waits on
+its output and its exit, never on a sleep.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import signal
+import struct
+import subprocess
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from ferry.clock import ReactorClock
+from ferry.lease.backend import (
+    Grant,
+    Holder,
+    LeaseConflict,
+    LeaseError,
+    LeaseLost,
+    LeaseMode,
+    LockspaceUnavailable,
+)
+from ferry.lease.local import (
+    LEDGER_COPY_SIZE,
+    MAX_HOLDERS,
+    LocalLockspace,
+    lock_file_name,
+)
+from ferry.lease.manager import CHECK_INTERVAL, LeaseManager
+from ferry.lease.spec import (
+    ROOT_LOCK_DIR,
+    EtcdSpec,
+    LocalSpec,
+    default_lockspace,
+    default_lockspace_dir,
+    default_resource,
+    open_lockspace,
+    parse_lockspace,
+)
+from support import Deadline, read_line
+
+T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
+
+EXCLUSIVE, SHARED, READONLY = LeaseMode.EXCLUSIVE, LeaseMode.SHARED, LeaseMode.READONLY
+IMAGE = "/srv/images/vm1.img"
+
+
+def result(d: Deferred[T]) -> T:
+    """LocalLockspace answers with fired Deferreds; this unwraps one (raising failures)."""
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]  # type: ignore[no-any-return]
+
+
+def failure_of(d: Deferred[Any], kind: type[E]) -> E:
+    with pytest.raises(kind) as info:
+        result(d)
+    return info.value
+
+
+@pytest.fixture
+def lockspaces(tmp_path: Path) -> Iterator[tuple[LocalLockspace, LocalLockspace, LocalLockspace]]:
+    """Three holders' views of one lockspace directory ("source", "destination", "other")."""
+    views = (LocalLockspace(tmp_path), LocalLockspace(tmp_path), LocalLockspace(tmp_path))
+    yield views
+    for view in views:
+        result(view.close())
+
+
+def acquire(space: LocalLockspace, owner: str, mode: LeaseMode = EXCLUSIVE) -> Grant:
+    return result(space.acquire(IMAGE, owner, mode))
+
+
+def holders(space: LocalLockspace) -> list[tuple[str, str, int, bool]]:
+    return [(h.owner, h.mode.value, h.token, h.offered) for h in result(space.inquire(IMAGE))]
+
+
+# -- who may hold it together --------------------------------------------------------
+
+
+def test_exclusive_holders_exclude_each_other_even_in_one_process(lockspaces: Any) -> None:
+    a, b, _ = lockspaces
+    grant = acquire(a, "a")
+    conflict = failure_of(b.acquire(IMAGE, "b", EXCLUSIVE), LeaseConflict)
+    assert conflict.holders == (Holder("a", EXCLUSIVE, 1),)
+    assert str(conflict) == f"lease on {IMAGE} is held by a (exclusive, token 1)"
+    # Two grants through the same LocalLockspace object are two open files too.
+    failure_of(a.acquire(IMAGE, "a-again", EXCLUSIVE), LeaseConflict)
+    result(a.renew(grant))
+
+
+def test_shared_holders_coexist(lockspaces: Any) -> None:
+    a, b, c = lockspaces
+    acquire(a, "a", SHARED)
+    acquire(b, "b", SHARED)
+    acquire(c, "c", READONLY)
+    assert holders(a) == [
+        ("a", "shared", 0, False),
+        ("b", "shared", 0, False),
+        ("c", "readonly", 0, False),
+    ]
+
+
+@pytest.mark.parametrize("reader", [SHARED, READONLY])
+def test_a_reader_and_an_exclusive_holder_exclude_each_other_both_ways(
+    lockspaces: Any, reader: LeaseMode
+) -> None:
+    a, b, _ = lockspaces
+    shared = acquire(a, "reader", reader)
+    conflict = failure_of(b.acquire(IMAGE, "writer", EXCLUSIVE), LeaseConflict)
+    assert [h.owner for h in conflict.holders] == ["reader"]
+    result(a.release(shared))
+
+    acquire(b, "writer")
+    conflict = failure_of(a.acquire(IMAGE, "reader", reader), LeaseConflict)
+    assert [h.owner for h in conflict.holders] == ["writer"]
+
+
+def test_resources_are_independent(lockspaces: Any) -> None:
+    a, b, _ = lockspaces
+    acquire(a, "a")
+    assert result(b.acquire("/srv/images/other.img", "b", EXCLUSIVE)).token == 1
+
+
+# -- tokens --------------------------------------------------------------------------
+
+
+def test_tokens_strictly_increase_and_survive_a_new_lockspace_object(
+    lockspaces: Any, tmp_path: Path
+) -> None:
+    a, b, _ = lockspaces
+    tokens = []
+    for space in (a, b, a):
+        grant = acquire(space, "x")
+        tokens.append(grant.token)
+        result(space.release(grant))
+    shared = acquire(b, "reader", SHARED)
+    assert shared.token == 3  # shared holders see the current token; they do not bump it
+    result(b.release(shared))
+    fresh = LocalLockspace(tmp_path)
+    grant = acquire(fresh, "fresh")
+    tokens.append(grant.token)
+    result(fresh.offer(grant))
+    tokens.append(result(b.take_over(IMAGE, "taker", grant.token)).token)
+    assert tokens == [1, 2, 3, 4, 5]
+    result(fresh.close())
+
+
+def test_a_grant_belongs_to_the_lockspace_object_that_gave_it(lockspaces: Any) -> None:
+    a, b, _ = lockspaces
+    grant = acquire(a, "a")
+    error = failure_of(b.renew(grant), LeaseLost)
+    assert "not this lockspace's" in str(error)
+    result(a.renew(grant))
+
+
+def test_an_offer_is_taken_over_only_with_its_token(lockspaces: Any) -> None:
+    source, destination, other = lockspaces
+    grant = acquire(source, "src")
+    offered = result(source.offer(grant))
+    assert offered.holder == Holder("src", EXCLUSIVE, 1, offered=True)
+    assert offered.handle == grant.handle
+    assert holders(other) == [("src", "exclusive", 1, True)]
+    result(source.renew(offered))  # still the source's while offered
+
+    for mode in (EXCLUSIVE, SHARED, READONLY):
+        conflict = failure_of(other.acquire(IMAGE, "other", mode), LeaseConflict)
+        assert "being handed over by src (token 1)" in str(conflict)
+    wrong = failure_of(destination.take_over(IMAGE, "dst", 7), LeaseConflict)
+    assert "has token 1, not 7" in str(wrong)
+
+    taken = result(destination.take_over(IMAGE, "dst", 1))
+    assert taken.holder == Holder("dst", EXCLUSIVE, 2)
+    lost = failure_of(source.renew(offered), LeaseLost)
+    assert str(lost) == f"lease on {IMAGE} is now held by dst (exclusive, token 2)"
+    assert holders(other) == [("dst", "exclusive", 2, False)]  # the old source is not listed
+    failure_of(source.take_over(IMAGE, "src", 1), LeaseConflict)  # too late to cancel
+    result(source.release(offered))
+    result(destination.renew(taken))
+    assert holders(other) == [("dst", "exclusive", 2, False)]
+
+
+def test_the_source_cancels_by_taking_its_own_offer_back(lockspaces: Any) -> None:
+    source, destination, other = lockspaces
+    offered = result(source.offer(acquire(source, "src")))
+    back = result(source.take_over(IMAGE, "src", offered.token))
+    assert back.token == 2
+    failure_of(destination.take_over(IMAGE, "dst", offered.token), LeaseConflict)
+    failure_of(source.renew(offered), LeaseLost)
+    result(source.release(offered))  # the old grant goes; the new one stays
+    result(source.renew(back))
+    assert holders(other) == [("src", "exclusive", 2, False)]
+
+
+def _check_in_progress(path: Path) -> int:
+    """A third party in the middle of its own check: it has the hold byte, for now."""
+    fd = os.open(path, os.O_RDWR)
+    request = struct.pack("hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET, 0, 1, 0)
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
+    return fd
+
+
+def test_a_take_over_waits_out_a_third_partys_momentary_check(
+    lockspaces: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source, destination, _ = lockspaces
+    offered = result(source.offer(acquire(source, "src")))
+    checker = _check_in_progress(source.path_for(IMAGE))
+    yields: list[int] = []
+
+    def checker_finishes() -> None:  # what the retry loop's sched_yield lets happen
+        if not yields:
+            os.close(checker)
+        yields.append(1)
+
+    monkeypatch.setattr(os, "sched_yield", checker_finishes)
+    assert result(destination.take_over(IMAGE, "dst", offered.token)).token == 2
+    assert yields == [1]
+
+
+def test_a_take_over_blocked_for_good_is_a_conflict(lockspaces: Any) -> None:
+    source, destination, _ = lockspaces
+    offered = result(source.offer(acquire(source, "src")))
+    checker = _check_in_progress(source.path_for(IMAGE))
+    try:
+        conflict = failure_of(destination.take_over(IMAGE, "dst", offered.token), LeaseConflict)
+    finally:
+        os.close(checker)
+    assert conflict.holders == (Holder("src", EXCLUSIVE, 1, offered=True),)
+    assert result(destination.take_over(IMAGE, "dst", offered.token)).token == 2
+
+
+def test_a_released_offer_is_stale_and_acquired_normally(lockspaces: Any) -> None:
+    source, _, other = lockspaces
+    offered = result(source.offer(acquire(source, "src")))
+    result(source.release(offered))
+    assert holders(other) == []
+    assert acquire(other, "other").token == 2
+
+
+def test_offering_a_shared_lease_is_refused(lockspaces: Any) -> None:
+    a, _, _ = lockspaces
+    error = failure_of(a.offer(acquire(a, "reader", SHARED)), LeaseError)
+    assert "only an exclusive lease can be offered" in str(error)
+
+
+# -- releasing and losing ----------------------------------------------------------------
+
+
+def test_release_frees_the_lease_and_is_idempotent(lockspaces: Any) -> None:
+    a, b, _ = lockspaces
+    grant = acquire(a, "a")
+    result(a.release(grant))
+    result(a.release(grant))
+    failure_of(a.renew(grant), LeaseLost)
+    assert holders(b) == []
+    assert acquire(b, "b").token == 2
+
+
+def test_close_releases_every_grant(lockspaces: Any) -> None:
+    a, b, _ = lockspaces
+    acquire(a, "a", SHARED)
+    result(a.acquire("/srv/images/other.img", "a", EXCLUSIVE))
+    result(a.close())
+    acquire(b, "b")
+    assert result(b.acquire("/srv/images/other.img", "b", EXCLUSIVE)).token == 2
+
+
+def test_a_removed_or_replaced_lock_file_is_a_lost_lease(lockspaces: Any) -> None:
+    a, b, _ = lockspaces
+    grant = acquire(a, "a")
+    path = a.path_for(IMAGE)
+    path.unlink()
+    assert "was removed" in str(failure_of(a.renew(grant), LeaseLost))
+    newcomer = acquire(b, "b")  # a new file: nothing stops a second holder ...
+    assert "was replaced" in str(failure_of(a.renew(grant), LeaseLost))  # ... but a knows
+    result(b.renew(newcomer))
+
+
+def test_a_removed_directory_is_a_lost_lease(tmp_path: Path) -> None:
+    directory = tmp_path / "locks"
+    directory.mkdir()
+    space = LocalLockspace(directory)
+    grant = result(space.acquire(IMAGE, "a", EXCLUSIVE))
+    space.path_for(IMAGE).unlink()
+    directory.rmdir()
+    failure_of(space.renew(grant), LeaseLost)
+    result(space.release(grant))
+
+
+def test_slots_are_reused(lockspaces: Any) -> None:
+    a, b, _ = lockspaces
+    for _ in range(MAX_HOLDERS + 10):
+        result(a.release(acquire(a, "a", SHARED)))
+    readers = [acquire(b, f"r{i}", SHARED) for i in range(3)]
+    assert len(holders(a)) == len(readers)
+
+
+def test_a_torn_ledger_copy_is_ignored(lockspaces: Any) -> None:
+    a, b, _ = lockspaces
+    result(a.release(acquire(a, "a")))  # ledger generation 1 (token 1), then 2 (released)
+    with a.path_for(IMAGE).open("r+b") as f:  # tear generation 2, as a power cut might
+        f.seek(0)
+        f.write(b'0000beef {"gener')
+    assert acquire(b, "b").token == 2  # generation 1's token, plus one
+
+
+# -- inquire and the errors --------------------------------------------------------------
+
+
+def test_inquire_reports_live_holders_only(lockspaces: Any) -> None:
+    a, b, c = lockspaces
+    assert holders(c) == []
+    assert not c.path_for(IMAGE).exists()  # asking creates nothing
+    first = acquire(a, "a", SHARED)
+    acquire(b, "b", READONLY)
+    assert holders(c) == [("a", "shared", 0, False), ("b", "readonly", 0, False)]
+    result(a.release(first))
+    assert holders(c) == [("b", "readonly", 0, False)]
+
+
+def test_a_missing_directory_is_unavailable_and_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    space = LocalLockspace(missing)
+    assert space.spec == f"local:{missing}"
+    for d in (space.acquire(IMAGE, "a", EXCLUSIVE), space.inquire(IMAGE)):
+        error = failure_of(d, LockspaceUnavailable)
+        assert str(error) == f"lockspace directory {missing} does not exist (or is not a directory)"
+    failure_of(space.take_over(IMAGE, "a", 1), LockspaceUnavailable)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_unwritable_directory_is_unavailable(tmp_path: Path) -> None:
+    tmp_path.chmod(0o500)
+    try:
+        error = failure_of(
+            LocalLockspace(tmp_path).acquire(IMAGE, "a", EXCLUSIVE), LockspaceUnavailable
+        )
+    finally:
+        tmp_path.chmod(0o700)
+    assert str(tmp_path) in str(error) and "Permission denied" in str(error)
+
+
+def test_a_lock_file_that_cannot_be_opened_is_unavailable_and_named(tmp_path: Path) -> None:
+    space = LocalLockspace(tmp_path)
+    space.path_for(IMAGE).mkdir()  # something that is not a lock file is in the way
+    error = failure_of(space.acquire(IMAGE, "a", EXCLUSIVE), LockspaceUnavailable)
+    assert str(error) == f"cannot use lock file {space.path_for(IMAGE)}: Is a directory"
+
+
+def test_the_lock_file_is_named_by_the_resource_hash(lockspaces: Any, tmp_path: Path) -> None:
+    a, _, _ = lockspaces
+    acquire(a, "a")
+    name = hashlib.sha256(IMAGE.encode()).hexdigest() + ".lock"
+    assert lock_file_name(IMAGE) == name
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert a.path_for(IMAGE) == tmp_path / name
+    assert tmp_path.joinpath(name).stat().st_size > LEDGER_COPY_SIZE
+
+
+def test_an_owner_must_fit_its_record(lockspaces: Any) -> None:
+    a, _, _ = lockspaces
+    with pytest.raises(ValueError, match="owner"):
+        result(a.acquire(IMAGE, "x" * 300, EXCLUSIVE))
+
+
+# -- a holder that dies ------------------------------------------------------------------------
+
+CHILD = r"""
+import sys
+from ferry.lease.backend import LeaseMode
+from ferry.lease.local import LocalLockspace
+
+directory, resource, mode, offer = sys.argv[1:]
+space = LocalLockspace(directory)
+answers = []
+space.acquire(resource, "child", LeaseMode(mode)).addBoth(answers.append)
+if offer == "offer":
+    space.offer(answers[0]).addBoth(answers.append)
+print("holding", answers[-1].token, flush=True)
+sys.stdin.read()  # hold until killed
+"""
+
+
+class Child:
+    """A process holding a lease until it is killed."""
+
+    def __init__(self, directory: Path, mode: LeaseMode = EXCLUSIVE, offer: bool = False) -> None:
+        args = [str(directory), IMAGE, mode.value, "offer" if offer else "keep"]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert self.proc.stdout is not None
+        line = read_line(self.proc.stdout, Deadline(30.0))
+        assert line.startswith(b"holding "), line
+        self.token = int(line.split()[1])
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        assert self.proc.wait(timeout=30.0) == -signal.SIGKILL
+        for stream in (self.proc.stdin, self.proc.stdout):
+            assert stream is not None
+            stream.close()
+
+
+def test_a_holder_that_is_killed_frees_the_lease(tmp_path: Path) -> None:
+    space = LocalLockspace(tmp_path)
+    child = Child(tmp_path)
+    conflict = failure_of(space.acquire(IMAGE, "parent", EXCLUSIVE), LeaseConflict)
+    assert conflict.holders == (Holder("child", EXCLUSIVE, 1),)
+    child.kill()
+    assert result(space.inquire(IMAGE)) == ()
+    assert acquire(space, "parent").token == 2
+    result(space.close())
+
+
+def test_an_offer_whose_offerer_died_is_stale(tmp_path: Path) -> None:
+    space = LocalLockspace(tmp_path)
+    child = Child(tmp_path, offer=True)
+    failure_of(space.acquire(IMAGE, "parent", EXCLUSIVE), LeaseConflict)
+    child.kill()
+    assert acquire(space, "parent").token == 2
+    result(space.close())
+
+
+def test_shared_holders_that_die_leave_no_live_record(tmp_path: Path) -> None:
+    space = LocalLockspace(tmp_path)
+    child = Child(tmp_path, SHARED)
+    assert [h.owner for h in result(space.inquire(IMAGE))] == ["child"]
+    child.kill()
+    assert result(space.inquire(IMAGE)) == ()
+    result(space.close())
+
+
+# -- with the manager ---------------------------------------------------------------------------
+
+
+def test_the_manager_fences_when_the_lock_file_is_removed(tmp_path: Path) -> None:
+    reactor = task.Clock()
+    fenced: list[str] = []
+    manager = LeaseManager(
+        LocalLockspace(tmp_path),
+        resource=IMAGE,
+        owner="src",
+        clock=ReactorClock(reactor),
+        on_fenced=fenced.append,
+    )
+    manager.register()
+    result(manager.acquire())
+    assert manager.deadline == float("inf")
+    reactor.advance(CHECK_INTERVAL)
+    assert manager.state == "held"
+    LocalLockspace(tmp_path).path_for(IMAGE).unlink()
+    reactor.advance(CHECK_INTERVAL)
+    assert manager.state == "fenced"
+    assert fenced == [f"lock file {tmp_path / lock_file_name(IMAGE)} was removed"]
+
+
+def test_managers_hand_a_local_lease_over(tmp_path: Path) -> None:
+    clock = ReactorClock(task.Clock())
+    source, destination = (
+        LeaseManager(LocalLockspace(tmp_path), resource=IMAGE, owner=owner, clock=clock)
+        for owner in ("src", "dst")
+    )
+    source.register()
+    destination.register(incoming=True)
+    result(source.acquire())
+    token = result(source.prepare_migrate())
+    result(destination.acquire_incoming(token))
+    assert destination.complete_migrate_in() == token + 1
+    result(source.complete_migrate_out())
+    assert (source.state, destination.state) == ("released", "held")
+    assert [h.owner for h in result(destination.inquire())] == ["dst"]
+    result(destination.shutdown())
+
+
+# -- the --lockspace text -----------------------------------------------------------------------
+
+
+def test_local_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_lockspace("local:/var/lib/ferry/locks") == LocalSpec(Path("/var/lib/ferry/locks"))
+    monkeypatch.chdir(tmp_path)
+    spec = parse_lockspace("local:locks")
+    assert spec == LocalSpec(tmp_path / "locks")
+    assert str(spec) == f"local:{tmp_path / 'locks'}"
+
+
+def test_etcd_specs() -> None:
+    spec = parse_lockspace("etcd:http://10.0.0.1:2379,10.0.0.2:2379,http://[::1]:2380/")
+    assert spec == EtcdSpec(("http://10.0.0.1:2379", "http://10.0.0.2:2379", "http://[::1]:2380"))
+    assert str(spec) == "etcd:http://10.0.0.1:2379,http://10.0.0.2:2379,http://[::1]:2380"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "has no scheme"),
+        ("/var/lib/locks", "has no scheme"),
+        ("local:", "names no directory"),
+        ("local:  ", "names no directory"),
+        ("etcd:", "endpoint is empty"),
+        ("etcd:http://a:1,", "endpoint is empty"),
+        ("etcd:http://host", "names no port"),
+        ("etcd:host:0", "names no port"),
+        ("etcd:http://host:99999", "bad port"),
+        ("etcd:http://host:port", "bad port"),
+        ("etcd:https://host:2379", "only http://"),
+        ("etcd:http://host:2379/v3", "nothing more"),
+        ("etcd:http://:2379", "names no host"),
+        ("etcd:a:1,a:1", "twice"),
+        ("consul:http://host:8500", "unknown scheme 'consul'"),
+    ],
+)
+def test_bad_specs_say_what_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_lockspace(text)
+
+
+def test_open_lockspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    local = open_lockspace(f"local:{tmp_path}", reactor=None)
+    assert isinstance(local, LocalLockspace)
+    assert local.spec == f"local:{tmp_path}"
+
+    made: list[tuple[list[str], object]] = []
+
+    class EtcdLockspace:
+        def __init__(self, endpoints: list[str], *, reactor: object) -> None:
+            made.append((endpoints, reactor))
+
+    fake = types.ModuleType("ferry.lease.etcd")
+    fake.EtcdLockspace = EtcdLockspace  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "ferry.lease.etcd", fake)
+    reactor = object()
+    backend = open_lockspace(parse_lockspace("etcd:h1:1,h2:2"), reactor=reactor)
+    assert isinstance(backend, EtcdLockspace)
+    assert made == [(["http://h1:1", "http://h2:2"], reactor)]
+
+
+def test_the_default_resource_is_the_canonical_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"")
+    (tmp_path / "link.img").symlink_to(image)
+    monkeypatch.chdir(tmp_path)
+    assert default_resource("link.img") == str(image.resolve())
+    assert default_resource(image) == str(image.resolve())
+
+
+def test_the_default_lockspace_directory(tmp_path: Path) -> None:
+    assert default_lockspace_dir(uid=0, environ={}) == ROOT_LOCK_DIR
+    assert default_lockspace_dir(uid=1000, environ={"XDG_STATE_HOME": "/st"}) == Path(
+        "/st/ferry/locks"
+    )
+    home = tmp_path / "home"
+    assert default_lockspace_dir(uid=1000, environ={"XDG_STATE_HOME": "rel"}, home=home) == (
+        home / ".local/state/ferry/locks"
+    )
+    assert default_lockspace_dir(uid=1000, environ={}, home=home) == (
+        home / ".local/state/ferry/locks"
+    )
+
+
+def test_the_default_lockspace_is_created(tmp_path: Path) -> None:
+    directory = tmp_path / "state" / "ferry" / "locks"
+    assert default_lockspace(directory) == LocalSpec(directory)
+    assert directory.is_dir()
+    assert directory.stat().st_mode & 0o777 == 0o700
+    assert default_lockspace(directory) == LocalSpec(directory)  # and again, harmlessly
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(LockspaceUnavailable, match="cannot create lockspace directory"):
+        default_lockspace(tmp_path / "file" / "locks")
