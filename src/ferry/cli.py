@@ -97,6 +97,18 @@ def build_parser() -> Parser:
             "--metrics", type=host_and_port, metavar="ADDR:PORT", help="serve Prometheus /metrics"
         )
         serve.add_argument("--trace", metavar="FILE", help="append every state transition as JSON")
+        if name == "serve":
+            serve.add_argument(
+                "--lockspace",
+                metavar="SPEC",
+                help="hold the image's lease while serving: local:DIR or "
+                "etcd:http://HOST:PORT[,HOST:PORT...]; lose it and I/O stops",
+            )
+            serve.add_argument(
+                "--resource",
+                metavar="NAME",
+                help="the lease's name (default: the image's real path)",
+            )
         _verbosity(serve)
         serve.add_argument("acl", nargs="*", metavar="ACL_ENTRY", help="address or CIDR allowed in")
         serve.set_defaults(run=run_serve, listen=name == "listen")
@@ -239,14 +251,25 @@ def run_serve(args: argparse.Namespace) -> int:
         metrics=args.metrics,
         trace=args.trace,
         listen=args.listen,
+        lockspace=getattr(args, "lockspace", None),
+        resource=getattr(args, "resource", None),
     )
     node = Node(reactor, config)
-    try:
-        node.start()
-    except StartupError as error:
-        raise UserError(str(error)) from None
-    reactor.addSystemEventTrigger("before", "shutdown", node.shutdown)
-    reactor.run()
+    refusal: list[BaseException] = []
+
+    def refused(failure: Any) -> None:
+        refusal.append(failure.value)
+        if reactor.running:
+            reactor.stop()
+
+    node.start().addErrback(refused)
+    if not refusal:
+        reactor.addSystemEventTrigger("before", "shutdown", node.shutdown)
+        reactor.run()
+    if refusal:
+        if isinstance(refusal[0], StartupError):
+            raise UserError(str(refusal[0])) from None
+        raise refusal[0]
     return 0
 
 

@@ -8,6 +8,7 @@ same parts with a fake clock and an in-memory transport.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,9 @@ from ferry.clock import ReactorClock
 from ferry.control.commands import Commands
 from ferry.control.server import listen_control
 from ferry.control.status import StatusSnapshot
+from ferry.lease.backend import LeaseConflict, LeaseError
+from ferry.lease.manager import LeaseManager
+from ferry.lease.spec import default_resource, open_lockspace, parse_lockspace
 from ferry.metrics import make_registry, metrics_root
 from ferry.migrate.manager import MirrorManager
 from ferry.migrate.source import tcp_connector
@@ -73,6 +77,8 @@ class ServeConfig:
     trace: str | None = None
     description: str = field(default="")
     listen: bool = False  # wait for a migration instead of serving at once
+    lockspace: str | None = None  # --lockspace SPEC: hold the image's lease while serving
+    resource: str | None = None  # the lease's name (default: the image's real path)
 
 
 class Node:
@@ -91,19 +97,38 @@ class Node:
         self.nbd_port: IListeningPort | None = None
         self.mirrors: MirrorManager | None = None
         self.metrics_port: IListeningPort | None = None
+        self.lease: LeaseManager | None = None
         self._stopped = False
 
     def run_blocking(self, work: Callable[[], object]) -> defer.Deferred[Any]:
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
 
-    def start(self) -> None:
-        """Open everything, in an order that leaves nothing half-open on failure."""
-        config = self.config
+    def start(self) -> defer.Deferred[None]:
+        """Open everything, in an order that leaves nothing half-open on failure.
+
+        The answer fires once the export serves (or listens); it fails with
+        :class:`StartupError`.  With a lockspace the lease is taken before
+        the NBD port opens, so no client is ever served without it; without
+        one (or with a local lockspace, whose answers are immediate) the
+        answer has fired when this returns.
+        """
         try:
-            self._start(config)
+            self._start(self.config)
         except Exception:
             self._close_now()
-            raise
+            return defer.fail()
+        d = self._take_lease()
+        d.addCallback(lambda _: self._open_nbd(self.config))
+        d.addErrback(self._failed_start)
+        return d
+
+    def _failed_start(self, failure: Any) -> Any:
+        self.clock.cancel_all()
+        for port in self._ports:
+            port.stopListening()
+        self._ports.clear()
+        self._close_now()
+        return failure
 
     def _start(self, config: ServeConfig) -> None:
         from ferry.serve.acl import AclError
@@ -167,6 +192,62 @@ class Node:
                 host=host,
                 port=self.metrics_port.getHost().port,  # type: ignore[attr-defined]
             )
+
+    def _take_lease(self) -> defer.Deferred[None]:
+        """Acquire the image's lease (``serve --lockspace``); a refusal is a StartupError."""
+        config = self.config
+        if not config.lockspace or config.listen:
+            return defer.succeed(None)
+        assert self.export is not None
+        try:
+            backend = open_lockspace(parse_lockspace(config.lockspace), reactor=self.reactor)
+        except (ValueError, LeaseError) as error:
+            return defer.fail(StartupError(f"--lockspace {config.lockspace}: {error}"))
+        resource = config.resource or default_resource(config.file)
+        self.lease = LeaseManager(
+            backend,
+            resource=resource,
+            owner=f"{socket.gethostname()}:{os.getpid()}:{self.export.name}",
+            clock=self.clock,
+            tracer=self.tracer,
+            on_fenced=self._fenced,
+        )
+        self.lease.register()
+
+        def held(_: object) -> None:
+            assert self.export is not None and self.lease is not None
+            self.export.lease = self.lease
+            log.info(
+                "holding the lease on {resource} (token {token}) in {space}",
+                resource=resource,
+                token=self.lease.token,
+                space=backend.spec,
+            )
+
+        def refused(failure: Any) -> None:
+            error = failure.value
+            if isinstance(error, LeaseConflict):
+                raise StartupError(str(error)) from None
+            if isinstance(error, LeaseError):
+                raise StartupError(f"cannot take the lease on {resource}: {error}") from None
+            failure.raiseException()
+
+        return self.lease.acquire().addCallbacks(held, refused)
+
+    def _fenced(self, reason: str) -> None:
+        """The lease is gone: this node must not touch the image again.
+
+        The data plane already refuses every request (``Export.lease``); the
+        role goes ``fenced`` so status, metrics and the handshake say so.
+        """
+        export = self.export
+        log.error("lease lost: {reason}; fenced, no further I/O", reason=reason)
+        # lease_lost leaves exactly the states with control (role.yaml).
+        if export is not None and export.has_control:
+            export.trigger("lease_lost")
+
+    def _open_nbd(self, config: ServeConfig) -> None:
+        assert self.export is not None and self.image is not None and self.server is not None
         self.nbd_port = self._listen_tcp(config.port, self.server, config.addr, "NBD")
         self.export.trigger("listen" if config.listen else "serve")
         log.info(
@@ -174,7 +255,7 @@ class Node:
             doing="listening for a migration of" if config.listen else "serving",
             file=config.file,
             size=self.image.size,
-            name=name,
+            name=self.export.name,
             addr=config.addr,
             port=self.nbd_port.getHost().port,  # type: ignore[attr-defined]
         )
@@ -224,6 +305,8 @@ class Node:
             yield self.run_blocking(image.flush)
         if self.export is not None:
             self.export.trigger("shutdown")
+        if self.lease is not None:
+            yield self.lease.shutdown()
         self.clock.cancel_all()
         self._close_now()
         log.info("stopped")

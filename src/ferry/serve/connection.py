@@ -527,6 +527,10 @@ class NBDServerProtocol(Protocol):
         nbd = self._nbd
         outbox = self._outbox
         assert export is not None and nbd is not None and outbox is not None
+        lease = export.lease
+        if lease is not None and not lease.may_write():
+            self._fail(request, Errno.EIO, "the image's lease is lost: this node may not touch it")
+            return
         command = request.command
         fua = int(request.flags) & _FUA
         started = time.perf_counter()  # latency is observed, never used for decisions

@@ -51,6 +51,20 @@ class Attached(Protocol):
         ...
 
 
+class LeaseView(Protocol):
+    """What an export needs of the lease on its image (``ferry.lease.LeaseManager`` is one)."""
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def token(self) -> int | None: ...
+
+    def may_write(self) -> bool:
+        """False once the lease is lost or past its local deadline: touch nothing."""
+        ...
+
+
 #: The role states in which a migration sender is writing the image here.
 RECEIVING_STATES: Final = frozenset({"receiving", "committing"})
 
@@ -88,6 +102,11 @@ class Export:
         # The fencing token of the commit that gave (or is giving) this
         # export control; None until a sender commits.  The lease takes it.
         self.fencing_token: int | None = None
+        # The lease this export's I/O runs under, once it holds one: the data
+        # plane asks ``may_write`` before every request it performs, so a
+        # node whose lease lapsed (a process paused past its TTL, say) stops
+        # at its very next request, before any timer has run.
+        self.lease: LeaseView | None = None
 
     # -- role ---------------------------------------------------------------
 
@@ -269,4 +288,6 @@ class Export:
             has_control=self.has_control,
             is_migrating=False,
             state=self.state,
+            lease_state=None if self.lease is None else self.lease.state,
+            lease_token=None if self.lease is None else self.lease.token,
         )

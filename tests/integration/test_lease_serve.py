@@ -1,0 +1,79 @@
+"""``ferry serve --lockspace``: the lease is taken before any client is served.
+
+Real ferry processes on a real local lockspace (OFD lock files): a second
+server for the same image is refused with the holder's name and serves
+nothing; once the first has stopped, the next one gets a larger token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from support import FERRY, FerryProcess, run, serve
+
+pytestmark = pytest.mark.integration
+
+
+def status(sock: Path) -> dict[str, str]:
+    line = run([*FERRY, "status", "--sock", str(sock)]).stdout.decode().split()
+    return dict(field.split("=", 1) for field in line)
+
+
+def test_a_second_server_for_a_leased_image_is_refused_naming_the_holder(
+    tmp_path: Path,
+) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    space = f"local:{locks}"
+    first = serve(image, "--lockspace", space, "--sock", str(tmp_path / "first.sock"))
+    try:
+        held = status(tmp_path / "first.sock")
+        assert (held["lease_state"], held["state"]) == ("held", "serving")
+        token = int(held["lease_token"])
+        second = run(
+            [*FERRY, "serve", "-l", "127.0.0.1", "-p", "0", "-f", str(image), "--lockspace", space],
+            check=False,
+        )
+        assert second.returncode == 1
+        message = second.stderr.decode().strip().splitlines()[-1]
+        assert message.startswith(f"ferry: lease on {image.resolve()} is held by ")
+        assert f":{first.proc.pid}:disk.img (exclusive, token {token})" in message
+    finally:
+        assert first.stop() == 0
+    # Stopping released it: the next server takes it with a larger token.
+    third = serve(image, "--lockspace", space, "--sock", str(tmp_path / "third.sock"))
+    try:
+        assert int(status(tmp_path / "third.sock")["lease_token"]) > token
+    finally:
+        assert third.stop() == 0
+
+
+def test_a_bad_lockspace_is_one_line_and_nothing_is_served(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+    for spec, words in (
+        ("nowhere:x", "unknown scheme"),
+        (f"local:{tmp_path / 'missing'}", "does not exist"),
+    ):
+        result = run(
+            [*FERRY, "serve", "-l", "127.0.0.1", "-p", "0", "-f", str(image), "--lockspace", spec],
+            check=False,
+        )
+        assert result.returncode == 1
+        lines = result.stderr.decode().strip().splitlines()
+        assert words in lines[-1] and lines[-1].startswith("ferry: ")
+        assert "Traceback" not in result.stderr.decode()
+
+
+def test_without_a_lockspace_there_is_no_lease(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+    proc: FerryProcess = serve(image, "--sock", str(tmp_path / "s.sock"))
+    try:
+        assert "lease_state" not in status(tmp_path / "s.sock")
+    finally:
+        assert proc.stop() == 0
