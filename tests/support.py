@@ -85,6 +85,18 @@ class FerryProcess:
                 self.port = int(match.group("port"))
                 return self
 
+    def wait_for_log(self, text: str, deadline: Deadline | None = None) -> str:
+        """The first line logged from now on that contains ``text``."""
+        deadline = deadline or Deadline()
+        assert self.proc.stderr is not None
+        while True:
+            line = read_line(self.proc.stderr, deadline).decode(errors="replace")
+            if not line:
+                raise RuntimeError(f"ferry exited before logging {text!r}: {''.join(self.log)}")
+            self.log.append(line)
+            if text in line:
+                return line
+
     def uri(self, name: str = "") -> str:
         return f"nbd://127.0.0.1:{self.port}/{name}"
 

@@ -97,18 +97,18 @@ def build_parser() -> Parser:
             "--metrics", type=host_and_port, metavar="ADDR:PORT", help="serve Prometheus /metrics"
         )
         serve.add_argument("--trace", metavar="FILE", help="append every state transition as JSON")
-        if name == "serve":
-            serve.add_argument(
-                "--lockspace",
-                metavar="SPEC",
-                help="hold the image's lease while serving: local:DIR or "
-                "etcd:http://HOST:PORT[,HOST:PORT...]; lose it and I/O stops",
-            )
-            serve.add_argument(
-                "--resource",
-                metavar="NAME",
-                help="the lease's name (default: the image's real path)",
-            )
+        serve.add_argument(
+            "--lockspace",
+            metavar="SPEC",
+            help="hold the image's lease while serving (listen: take it over with the "
+            "migration): local:DIR or etcd:http://HOST:PORT[,HOST:PORT...]; lose it and I/O stops",
+        )
+        serve.add_argument(
+            "--resource",
+            metavar="NAME",
+            help="the lease's name (default: the image's real path; a migration's "
+            "source and destination must use the same one)",
+        )
         _verbosity(serve)
         serve.add_argument("acl", nargs="*", metavar="ACL_ENTRY", help="address or CIDR allowed in")
         serve.set_defaults(run=run_serve, listen=name == "listen")

@@ -196,9 +196,15 @@ class Node:
     def _take_lease(self) -> defer.Deferred[None]:
         """Acquire the image's lease (``serve --lockspace``); a refusal is a StartupError."""
         config = self.config
-        if not config.lockspace or config.listen:
+        if not config.lockspace:
             return defer.succeed(None)
-        assert self.export is not None
+        assert self.export is not None and self.mirrors is not None
+        if config.listen and config.oldstyle:
+            return defer.fail(
+                StartupError(
+                    "--lockspace needs a ferry source: flexnbd's migration carries no token"
+                )
+            )
         try:
             backend = open_lockspace(parse_lockspace(config.lockspace), reactor=self.reactor)
         except (ValueError, LeaseError) as error:
@@ -212,6 +218,13 @@ class Node:
             tracer=self.tracer,
             on_fenced=self._fenced,
         )
+        # The migration out of this node (once it serves) hands the lease on.
+        self.mirrors.lease = self.lease
+        if config.listen:
+            # Taken over by the commit's token, before the commit is acknowledged.
+            self.lease.register(incoming=True)
+            self.export.incoming_lease = self.lease
+            return defer.succeed(None)
         self.lease.register()
 
         def held(_: object) -> None:

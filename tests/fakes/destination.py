@@ -17,7 +17,7 @@ the source's own Deferreds, never on time.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred
@@ -85,6 +85,9 @@ class Script:
     close_on_write: int | None = None  # close when this write arrives, before answering
     error_on_flush: int | None = None  # answer EIO to this FLUSH (1 is the first)
     commit: Commit = Commit.ACK
+    # Called with the commit's token before it is answered: a destination
+    # taking the lease over (a test wires it to a lockspace).
+    take_lease: Callable[[int], object] | None = None
 
 
 @dataclass
@@ -247,6 +250,8 @@ class _DestinationProtocol(Protocol):
     def _commit(self, event: RejectedRequest) -> None:
         self.session.commands.append("COMMIT")
         self.session.commit_token = event.offset
+        if self.session.script.take_lease is not None:
+            self.session.script.take_lease(event.offset)
         commit = self.session.script.commit
         if commit is Commit.ACK:
             self.fake.committed = True

@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, succeed
 from ferry.clock import Clock
 from ferry.control.status import StatusSnapshot
 from ferry.migrate.gate import ClientGate
+from ferry.migrate.lease import OutgoingLease
 from ferry.migrate.source import (
     CannotBreak,
     Connector,
@@ -55,6 +56,8 @@ class MirrorManager:
         self._tracer = tracer
         self._stop_process = stop_process
         self.current: MirrorSource | None = None
+        # The export's lease, once it holds one: a migration hands it over.
+        self.lease: OutgoingLease | None = None
 
     @property
     def running(self) -> bool:
@@ -73,6 +76,7 @@ class MirrorManager:
             options=options,
             tracer=self._tracer,
             stop_process=self._stop_process,
+            lease=self.lease,
         )
         self.current = source
         return source.start()

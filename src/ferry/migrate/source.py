@@ -28,6 +28,15 @@ export's role what the wire said.  One attempt is one TCP connection:
    a lost connection or no reply is ``in_doubt`` for both machines, clients
    still held, until :meth:`MirrorSource.resolve`.
 
+With a lease (``serve --lockspace``) the switchover also moves the lease:
+after the last FLUSH the source offers it, and the commit carries the
+offer's token; the destination takes the lease over by that token before it
+acknowledges.  An acknowledgement completes the hand-over (the source's
+lease is released); a refusal takes the lease back *before* the held
+clients are released (until then the data plane would answer them EIO);
+a lost acknowledgement is settled by asking the lockspace, retried every
+``RESOLVE_RETRY`` seconds while it cannot be reached.
+
 With ``MirrorOptions.flexnbd`` the destination is a ``flexnbd listen`` (or a
 ``ferry listen --oldstyle``) and the stream is flexnbd's: no option, an
 oldstyle hello is required (its size checked as above), every request
@@ -75,6 +84,7 @@ from ferry.migrate.backoff import INITIAL_DELAY, MAX_DELAY, Backoff
 from ferry.migrate.convergence import DEFAULT_MAX_DOWNTIME, DEFAULT_MAX_PASSES, ConvergencePolicy
 from ferry.migrate.gate import ClientGate
 from ferry.migrate.job import MigrationJob
+from ferry.migrate.lease import InDoubtOutcome, OutgoingLease
 from ferry.migrate.passes import DEFAULT_MAX_DATA_LENGTH, CopyOp, OpKind, PassPlan
 from ferry.migrate.progress import MigrationProgress
 from ferry.migrate.wire import MirrorProtocol, MirrorProtocolFactory
@@ -123,6 +133,8 @@ NO_HELLO: Final = "Remote server failed to respond"
 REJECTED: Final = "Mirror was rejected"
 SIZE_MISMATCH: Final = "Remote size does not match local size"
 CANCELLED: Final = "Mirror was cancelled"
+#: Seconds between attempts to settle ``in_doubt`` from an unreachable lockspace.
+RESOLVE_RETRY: Final = 2.0
 
 #: Requests and data bytes unanswered at once: enough to keep a fast link
 #: busy across a round trip, small enough to bound the transport's buffer.
@@ -328,9 +340,11 @@ class MirrorSource:
         options: MirrorOptions | None = None,
         tracer: Tracer | None = None,
         stop_process: Callable[[], None] | None = None,
+        lease: OutgoingLease | None = None,
     ) -> None:
         self.export = export
         self.destination = destination
+        self.lease = lease
         self.gate = gate
         self.clock = clock
         self.options = options = options or MirrorOptions()
@@ -435,6 +449,35 @@ class MirrorSource:
             self.export.trigger("resolve_serving")
             self._release_clients()
             self._end(MirrorResult("failed", False, "resolved: the destination did not commit"))
+
+    def _resolve_from_lease(self) -> None:
+        """``in_doubt``: the lockspace knows whether the destination took the lease."""
+        lease = self.lease
+        if lease is None or self.job.state != "in_doubt":
+            return  # an operator (or flexnbd's weaker handoff) must settle it
+
+        def settled(outcome: InDoubtOutcome) -> None:
+            if self.job.state == "in_doubt":
+                _log.info(
+                    "mirror of {export}: the lease says {outcome}",
+                    export=self.export.name,
+                    outcome=outcome.value,
+                )
+                self.resolve(handed_off=outcome is InDoubtOutcome.HANDED_OFF)
+
+        def unknown(failure: Failure) -> None:
+            self._lease_trouble(failure, "ask about")
+            self.clock.call_later(RESOLVE_RETRY, self._resolve_from_lease)
+
+        lease.resolve_in_doubt().addCallbacks(settled, unknown)
+
+    def _lease_trouble(self, failure: Failure, doing: str) -> None:
+        _log.error(
+            "mirror of {export}: cannot {doing} the lease: {why}",
+            export=self.export.name,
+            doing=doing,
+            why=failure.getErrorMessage(),
+        )
 
     # -- connecting ---------------------------------------------------------------------
 
@@ -766,6 +809,25 @@ class MirrorSource:
             self._close_attempt(attempt)
             self._end(MirrorResult("completed", False, "mirrored to a plain NBD server"))
             return
+        if self.lease is not None and not self.options.flexnbd:
+            offered = self.lease.prepare_migrate()
+            offered.addCallbacks(
+                lambda token: self._commit(attempt, token),
+                lambda failure: self._fail(
+                    attempt, "", f"cannot offer the lease: {failure.getErrorMessage()}"
+                ),
+            )
+            return
+        self._commit(attempt, self.options.fencing_token)
+
+    def _commit(self, attempt: _Attempt, token: int) -> None:
+        """Hand over: the commit carries ``token`` (flexnbd: DISC, and nothing is answered)."""
+        wire = attempt.wire
+        if attempt is not self._attempt or self.job.state != "quiescing" or wire is None:
+            # Broken off while the lease was being offered: take it back.
+            if self.lease is not None:
+                self.lease.cancel_migrate_out().addErrback(self._lease_trouble, "take back")
+            return
         self.export.trigger("hand_off")
         self.job.commit()  # type: ignore[attr-defined]
         if self.options.flexnbd:
@@ -776,7 +838,7 @@ class MirrorSource:
             self.export.trigger("handed_off")
             self._hand_over()
             return
-        attempt.commit_handle = wire.commit(self.options.fencing_token)
+        attempt.commit_handle = wire.commit(token)
         self._arm_reply_timer(attempt)
 
     def _commit_answered(self, attempt: _Attempt, reply: Reply) -> None:
@@ -786,9 +848,15 @@ class MirrorSource:
             self.last_error = f"commit refused: {reply.error.name} {reply.message}"
             _log.warn("mirror of {export}: {why}", export=self.export.name, why=self.last_error)
             self._abandon_attempt()
-            self._release_clients()
             self.export.trigger("retry_migration")
             self.job.commit_rejected()  # type: ignore[attr-defined]
+            if self.lease is None:
+                self._release_clients()
+                return
+            # Clients go back only once the lease is ours again.
+            taken_back = self.lease.cancel_migrate_out()
+            taken_back.addErrback(self._lease_trouble, "take back")
+            taken_back.addBoth(lambda _: self._release_clients())
             return
         self.job.committed()  # type: ignore[attr-defined]
         self.export.trigger("handed_off")
@@ -797,6 +865,12 @@ class MirrorSource:
 
     def _hand_over(self) -> None:
         """The destination owns the image: drop the clients, then the finish action."""
+        lease = self.lease
+        if lease is not None and lease.state == "transferring":
+            lease.complete_migrate_out().addErrback(self._lease_trouble, "release")
+        elif lease is not None:
+            # flexnbd's listener takes no lease: ours goes with the image.
+            lease.release().addErrback(self._lease_trouble, "release")
         self.job.note_hold(self.gate.longest_hold)
         self.gate.disconnect_all(f"the image was handed over to {self.destination}")
         action = self.options.action
@@ -836,6 +910,7 @@ class MirrorSource:
             # The commit may have landed: neither serve nor hand over.
             self.export.trigger("commit_unknown")
             self.job.fail()  # type: ignore[attr-defined]
+            self._resolve_from_lease()
             return
         if not self.job.negotiated:
             self.job.fail()  # type: ignore[attr-defined]

@@ -166,7 +166,9 @@ class NBDServerProtocol(Protocol):
         self._held_since: float | None = None  # first request queued behind a hold
         self._context_id = 0
         self._flexnbd = False  # a mirror-only oldstyle connection: see the module doc
-        self._flexnbd_committing = False  # its DISC began the commit: outlives the socket
+        # A commit past the point of no return (flexnbd's DISC; ferry's, once
+        # fsynced and taking the lease) finishes even if the socket goes.
+        self._commit_outlives_socket = False
         self.peer_host = ""
 
     # -- Twisted protocol -------------------------------------------------------
@@ -206,7 +208,7 @@ class NBDServerProtocol(Protocol):
             self._throttle_timer.cancel()
         self._throttle_timer = None
         export = self._export
-        if export is not None and not self._flexnbd_committing:
+        if export is not None and not self._commit_outlives_socket:
             was_sender = export.sender is self and export.state in RECEIVING_STATES
             export.detach(self)
             if was_sender:
@@ -622,12 +624,38 @@ class NBDServerProtocol(Protocol):
         d = self._server.run_blocking(export.image.flush)
 
         def synced(_: object) -> None:
-            if not export.committed(self):
+            if export.sender is not self or export.state != "committing":
                 log.warn("{name}: commit abandoned: the sender went away", name=export.name)
                 return
+            # The image is durable; now the lease.  From here the commit no
+            # longer depends on the socket: if we take the lease we serve,
+            # ack or no ack (a source that lost the ack asks the lease).
+            self._commit_outlives_socket = True
+            self._in_flight += 1
+            taking = export.take_lease(event.token)
+            taking.addCallbacks(took, refused)
+            taking.addBoth(settle)
+
+        def took(_: object) -> None:
+            export.committed(self)
             log.info("{name}: committed; serving with control", name=export.name)
             if not self._lost:
                 self._send(nbd.reply_ok(event.handle))
+
+        def refused(failure: Failure) -> None:
+            why = failure.getErrorMessage()
+            log.error(
+                "{name}: commit refused: cannot take the lease: {why}", name=export.name, why=why
+            )
+            export.stats.errors["EPERM"] += 1
+            export.sender_lost(self)
+            if not self._lost:
+                self._send(nbd.reply_error(event.handle, Errno.EPERM, f"lease: {why}"))
+                self._close_after_replies()
+
+        def settle(result: object) -> None:
+            self._commit_outlives_socket = False
+            self._settle_thread_job(result)
 
         def failed(failure: Failure) -> None:
             error = failure.value
@@ -655,7 +683,7 @@ class NBDServerProtocol(Protocol):
             )
             return
         export.begin_commit(self, 0)  # flexnbd has no fencing token
-        self._flexnbd_committing = True
+        self._commit_outlives_socket = True
         log.info(
             "{name}: flexnbd sender {peer} disconnected: taking control; syncing",
             name=export.name,
@@ -678,7 +706,7 @@ class NBDServerProtocol(Protocol):
             export.sender_lost(self)
 
         def settle(_: object) -> None:
-            self._flexnbd_committing = False
+            self._commit_outlives_socket = False
             self._in_flight -= 1
             self._maybe_close()
 

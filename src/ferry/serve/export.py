@@ -65,6 +65,12 @@ class LeaseView(Protocol):
         ...
 
 
+class IncomingLease(LeaseView, Protocol):
+    """A listening export's lease, waiting to be taken over by a commit's token."""
+
+    def acquire_incoming(self, token: int) -> defer.Deferred[Any]: ...
+
+
 #: The role states in which a migration sender is writing the image here.
 RECEIVING_STATES: Final = frozenset({"receiving", "committing"})
 
@@ -107,6 +113,9 @@ class Export:
         # node whose lease lapsed (a process paused past its TTL, say) stops
         # at its very next request, before any timer has run.
         self.lease: LeaseView | None = None
+        # A listening export's lease (``listen --lockspace``): a commit takes
+        # it over by the source's token before it is acknowledged.
+        self.incoming_lease: IncomingLease | None = None
 
     # -- role ---------------------------------------------------------------
 
@@ -199,6 +208,22 @@ class Export:
         self.trigger("committed")
         return True
 
+    def take_lease(self, token: int) -> defer.Deferred[None]:
+        """The commit's other half: take the lease over by ``token`` (nothing to take without one).
+
+        Once taken, the data plane's requests run under it (:attr:`lease`).
+        A refusal (the token moved on: the source took it back, or another
+        node holds it) fails the Deferred and the commit must be refused.
+        """
+        lease = self.incoming_lease
+        if lease is None:
+            return defer.succeed(None)
+
+        def taken(_: object) -> None:
+            self.lease = lease
+
+        return lease.acquire_incoming(token).addCallback(taken)
+
     def sender_lost(self, sender: Attached) -> None:
         """``sender``'s attempt ended without a commit: back to listening, for a new one."""
         if sender is not self._sender:
@@ -278,6 +303,7 @@ class Export:
     # -- status -----------------------------------------------------------------
 
     def snapshot(self) -> StatusSnapshot:
+        lease = self.lease or self.incoming_lease
         return StatusSnapshot(
             export=self.name,
             pid=os.getpid(),
@@ -288,6 +314,6 @@ class Export:
             has_control=self.has_control,
             is_migrating=False,
             state=self.state,
-            lease_state=None if self.lease is None else self.lease.state,
-            lease_token=None if self.lease is None else self.lease.token,
+            lease_state=None if lease is None else lease.state,
+            lease_token=None if lease is None else lease.token,
         )

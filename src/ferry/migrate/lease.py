@@ -1,0 +1,34 @@
+"""What a migration source needs of the lease on its image.
+
+``ferry.lease.LeaseManager`` is one.  The source offers the lease once the
+last pass is flushed (``prepare_migrate``; the answer is the fencing token
+the commit carries), completes the hand-over when the destination
+acknowledges, takes the lease back when the destination refuses, and, when
+the acknowledgement is lost, asks the lockspace who owns the image
+(``resolve_in_doubt``): the lease, not a guess, settles ``in_doubt``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+
+from ferry.lease.manager import InDoubtOutcome
+
+__all__ = ["InDoubtOutcome", "OutgoingLease"]
+
+
+class OutgoingLease(Protocol):
+    @property
+    def state(self) -> str: ...
+
+    def prepare_migrate(self) -> Deferred[int]: ...
+
+    def cancel_migrate_out(self) -> Deferred[Any]: ...
+
+    def complete_migrate_out(self) -> Deferred[None]: ...
+
+    def resolve_in_doubt(self) -> Deferred[InDoubtOutcome]: ...
+
+    def release(self) -> Deferred[None]: ...

@@ -1,0 +1,127 @@
+"""A migration moves the image's lease with control: real ``ferry serve`` and ``ferry listen``.
+
+Both ends name the same resource in the same lockspace (a local directory,
+then a real etcd).  After the handoff the destination holds the lease with a
+larger token and the source holds nothing; when the destination cannot take
+the lease (another resource name here), the commit is refused, the source
+keeps the lease and serves on, and ``break`` leaves it there.  Every
+migration's data is compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from etcd_support import EtcdServer, etcd_fixture
+from support import FERRY, FerryProcess, random_file, run, sparse_file
+
+pytestmark = pytest.mark.integration
+
+__all__ = ["etcd_fixture"]  # the fixture, for pytest
+
+SIZE = 8 << 20
+
+
+def status(sock: Path) -> dict[str, str]:
+    line = run([*FERRY, "status", "--sock", str(sock)]).stdout.decode().split()
+    return dict(field.split("=", 1) for field in line)
+
+
+@contextlib.contextmanager
+def pair(
+    tmp_path: Path, space: str, source_resource: str, dest_resource: str
+) -> Iterator[tuple[FerryProcess, FerryProcess, Path, Path]]:
+    source_image = random_file(tmp_path / "source.img", SIZE, seed=5)
+    dest_image = sparse_file(tmp_path / "dest.img", SIZE)
+    procs = []
+    try:
+        for mode, image, resource in (
+            ("serve", source_image, source_resource),
+            ("listen", dest_image, dest_resource),
+        ):
+            args = [mode, "--addr", "127.0.0.1", "--port", "0", "--file", str(image)]
+            args += ["--sock", str(tmp_path / f"{mode}.sock")]
+            args += ["--lockspace", space, "--resource", resource]
+            procs.append(FerryProcess(args).wait_serving())
+        yield procs[0], procs[1], source_image, dest_image
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def mirror(tmp_path: Path, dest: FerryProcess, *extra: str) -> str:
+    return run(
+        [
+            *FERRY,
+            "mirror",
+            "--addr",
+            "127.0.0.1",
+            "--port",
+            str(dest.port),
+            "--sock",
+            str(tmp_path / "serve.sock"),
+            "--action",
+            "nothing",
+            *extra,
+        ],
+        timeout=120,
+    ).stdout.decode()
+
+
+def check_handoff(tmp_path: Path, dest: FerryProcess, source_image: Path, dest_image: Path) -> None:
+    before = status(tmp_path / "serve.sock")
+    assert before["lease_state"] == "held"
+    out = mirror(tmp_path, dest, "--wait")
+    assert out.rstrip().endswith("has control of the image"), out
+    source, destination = status(tmp_path / "serve.sock"), status(tmp_path / "listen.sock")
+    assert (source["state"], source["lease_state"]) == ("handed_off", "released")
+    assert (destination["state"], destination["lease_state"]) == ("serving", "held")
+    assert int(destination["lease_token"]) > int(before["lease_token"])
+    assert source_image.read_bytes() == dest_image.read_bytes()
+
+
+def test_the_lease_moves_with_control_on_a_local_lockspace(tmp_path: Path) -> None:
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    with pair(tmp_path, f"local:{locks}", "vm1", "vm1") as (_, dest, source_image, dest_image):
+        assert status(tmp_path / "listen.sock")["lease_state"] == "incoming"
+        check_handoff(tmp_path, dest, source_image, dest_image)
+        # The lockspace agrees: a third server for vm1 is refused, naming the destination.
+        lease = ["--lockspace", f"local:{locks}", "--resource", "vm1"]
+        third = run(
+            [*FERRY, "serve", "-l", "127.0.0.1", "-p", "0", "-f", str(source_image), *lease],
+            check=False,
+        )
+        assert third.returncode == 1
+        assert f":{dest.proc.pid}:" in third.stderr.decode()
+
+
+def test_the_lease_moves_with_control_on_etcd(tmp_path: Path, etcd: EtcdServer) -> None:
+    space = f"etcd:{etcd.url}"
+    resource = f"vm-{tmp_path.name}"
+    with pair(tmp_path, space, resource, resource) as (_, dest, source_image, dest_image):
+        check_handoff(tmp_path, dest, source_image, dest_image)
+
+
+def test_a_destination_that_cannot_take_the_lease_leaves_it_with_the_source(
+    tmp_path: Path,
+) -> None:
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    with pair(tmp_path, f"local:{locks}", "vm1", "another") as (source, dest, *_):
+        assert mirror(tmp_path, dest).strip() == "Mirror started"
+        log = source.wait_for_log("commit refused")
+        assert "lease" in log
+        during = status(tmp_path / "serve.sock")
+        assert during["lease_state"] == "held" and during["has_control"] == "true"
+        assert status(tmp_path / "listen.sock")["state"] in ("listening", "receiving")
+        run([*FERRY, "break", "--sock", str(tmp_path / "serve.sock")])
+        after = status(tmp_path / "serve.sock")
+        assert (after["state"], after["lease_state"]) == ("serving", "held")
+        assert after["lease_token"] != "" and int(after["lease_token"]) >= int(
+            during["lease_token"]
+        )

@@ -1,0 +1,126 @@
+"""The source's half of moving a lease with the image, against a scripted destination.
+
+The source holds its lease in the in-memory lockspace; the fake destination
+takes it over by the commit's token (as ``ferry listen --lockspace`` does)
+or does not, then acknowledges, refuses or drops the commit.  What must
+hold: the commit carries the offered token; an ack releases the source's
+lease; a refusal takes it back *before* clients are released; a lost ack is
+settled by the lockspace, without an operator.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from fakes.destination import Commit, FakeDestination, Script
+from fakes.lockspace import FakeLockspace
+from ferry.lease.manager import LeaseManager
+from ferry.migrate.source import MirrorOptions, MirrorSource
+
+from .test_migrate_source import SIZE, Rig, listen, within
+
+__all__ = ["listen"]  # the fixture, for pytest
+
+RESOURCE = "vm1.img"
+
+
+class LeasedRig(Rig):
+    def __init__(self, tmp_path: Path, port: int, scripts: list[Script]) -> None:
+        super().__init__(tmp_path, port)
+        self.lockspace = FakeLockspace(self.rclock, ttl=None)
+        self.lease = LeaseManager(
+            self.lockspace, resource=RESOURCE, owner="source", clock=self.rclock
+        )
+        self.lease.register()
+        self.lease.acquire()
+        self.first_token = self.lease.token
+        self.lease_at_release: list[str] = []
+        release = self.gate.release
+
+        def watched_release() -> None:
+            self.lease_at_release.append(self.lease.state)
+            release()
+
+        self.gate.release = watched_release  # type: ignore[method-assign]
+        self.source = MirrorSource(
+            self.export,
+            self.source.destination,
+            gate=self.gate,
+            clock=self.rclock,
+            connector=self.source._connector,
+            options=MirrorOptions(action=self.source.options.action),
+            tracer=self.tracer,
+            lease=self.lease,
+        )
+
+    def take_over(self, token: int) -> None:
+        self.lockspace.take_over(RESOURCE, "destination", token)
+
+    def holder(self) -> str:
+        (holder,) = self.lockspace.holders_now(RESOURCE)
+        return holder.owner
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_ack_hands_the_lease_over(tmp_path: Path, listen: Any) -> None:
+    scripts = [Script()]
+    fake = FakeDestination(SIZE, scripts)
+    rig = LeasedRig(tmp_path, listen(fake), scripts)
+    scripts[0].take_lease = rig.take_over
+    await within(rig.source.start())
+    result = await within(rig.source.finished)
+    assert result.handed_off and bytes(fake.disk) == rig.original
+    (session,) = fake.sessions
+    # The commit carries the offered token; taking it over moved it on.
+    assert session.commit_token is not None and session.commit_token >= rig.first_token
+    assert rig.lease.state == "released" and rig.holder() == "destination"
+    (holder,) = rig.lockspace.holders_now(RESOURCE)
+    assert holder.token > session.commit_token
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_commit_takes_the_lease_back_before_clients_go_on(
+    tmp_path: Path, listen: Any
+) -> None:
+    scripts = [Script(commit=Commit.REJECT), Script()]
+    fake = FakeDestination(SIZE, scripts)
+    rig = LeasedRig(tmp_path, listen(fake), scripts)
+    scripts[1].take_lease = rig.take_over
+    await within(rig.source.start())
+    await rig.reached("migration", "retry_wait")
+    assert rig.lease.state == "held" and rig.holder() == "source"
+    rig.clock.advance(1.0)  # the backoff, on the simulated clock
+    result = await within(rig.source.finished)
+    assert result.handed_off and bytes(fake.disk) == rig.original
+    # The refusal's release of the held clients came with the lease held again.
+    assert rig.lease_at_release[0] == "held"
+    first, second = (s.commit_token for s in fake.sessions)
+    assert first is not None and second is not None and second > first
+    assert rig.holder() == "destination"
+
+
+@pytest.mark.parametrize("taken", [True, False], ids=["taken-over", "not-taken"])
+@pytest_twisted.ensureDeferred
+async def test_a_lost_ack_is_settled_by_the_lease(
+    tmp_path: Path, listen: Any, taken: bool
+) -> None:
+    scripts = [Script(commit=Commit.CLOSE)]
+    fake = FakeDestination(SIZE, scripts)
+    rig = LeasedRig(tmp_path, listen(fake), scripts)
+    if taken:
+        scripts[0].take_lease = rig.take_over
+    await within(rig.source.start())
+    result = await within(rig.source.finished)  # no operator resolves it
+    assert "in_doubt" in rig.states("migration")
+    if taken:
+        assert result.handed_off and rig.export.state == "handed_off"
+        assert rig.lease.state == "released" and rig.holder() == "destination"
+    else:
+        assert not result.handed_off and rig.export.state == "serving"
+        assert rig.lease.state == "held" and rig.holder() == "source"
+        assert rig.lease_at_release == ["held"]
+    rig.replays()
