@@ -100,14 +100,15 @@ def build_parser() -> Parser:
         serve.add_argument(
             "--lockspace",
             metavar="SPEC",
-            help="hold the image's lease while serving (listen: take it over with the "
-            "migration): local:DIR or etcd:http://HOST:PORT[,HOST:PORT...]; lose it and I/O stops",
+            help="where the image's lease is held while serving (listen: taken over with the "
+            "migration): local:DIR or etcd:http://HOST:PORT[,HOST:PORT...], or none; "
+            "default: a local directory (/var/lib/ferry/locks for root); lose it and I/O stops",
         )
         serve.add_argument(
             "--resource",
             metavar="NAME",
-            help="the lease's name (default: the image's real path; a migration's "
-            "source and destination must use the same one)",
+            help="the lease's name (default: the image's real path; listen: the one "
+            "the migration's source holds)",
         )
         _verbosity(serve)
         serve.add_argument("acl", nargs="*", metavar="ACL_ENTRY", help="address or CIDR allowed in")

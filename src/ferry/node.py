@@ -23,9 +23,15 @@ from ferry.clock import ReactorClock
 from ferry.control.commands import Commands
 from ferry.control.server import listen_control
 from ferry.control.status import StatusSnapshot
-from ferry.lease.backend import LeaseConflict, LeaseError
+from ferry.lease.backend import LeaseBackend, LeaseConflict, LeaseError, LeaseMode
+from ferry.lease.incoming import IncomingLease
 from ferry.lease.manager import LeaseManager
-from ferry.lease.spec import default_resource, open_lockspace, parse_lockspace
+from ferry.lease.spec import (
+    default_lockspace,
+    default_resource,
+    open_lockspace,
+    parse_lockspace,
+)
 from ferry.metrics import make_registry, metrics_root
 from ferry.migrate.manager import MirrorManager
 from ferry.migrate.source import tcp_connector
@@ -58,6 +64,10 @@ class ObservedExport:
         return self._mirrors.snapshot()
 
 
+#: ``--lockspace none``: serve without a lease (nothing fences this node).
+NO_LOCKSPACE = "none"
+
+
 class StartupError(Exception):
     """A problem the operator must fix before the node can run; one clear line."""
 
@@ -77,7 +87,9 @@ class ServeConfig:
     trace: str | None = None
     description: str = field(default="")
     listen: bool = False  # wait for a migration instead of serving at once
-    lockspace: str | None = None  # --lockspace SPEC: hold the image's lease while serving
+    # --lockspace SPEC: where the image's lease is held; None is the embedded
+    # default (a local directory), NO_LOCKSPACE is no lease at all.
+    lockspace: str | None = None
     resource: str | None = None  # the lease's name (default: the image's real path)
 
 
@@ -98,6 +110,7 @@ class Node:
         self.mirrors: MirrorManager | None = None
         self.metrics_port: IListeningPort | None = None
         self.lease: LeaseManager | None = None
+        self._lockspace: LeaseBackend | None = None
         self._stopped = False
 
     def run_blocking(self, work: Callable[[], object]) -> defer.Deferred[Any]:
@@ -123,6 +136,8 @@ class Node:
         return d
 
     def _failed_start(self, failure: Any) -> Any:
+        if self.lease is not None:
+            self.lease.shutdown()  # taken, then the port was in use: give it back
         self.clock.cancel_all()
         for port in self._ports:
             port.stopListening()
@@ -194,58 +209,73 @@ class Node:
             )
 
     def _take_lease(self) -> defer.Deferred[None]:
-        """Acquire the image's lease (``serve --lockspace``); a refusal is a StartupError."""
+        """Acquire the image's lease before serving; a refusal is a StartupError.
+
+        ``listen`` takes none now: its lease comes with the migration's
+        commit (:class:`~ferry.lease.incoming.IncomingLease`).
+        """
         config = self.config
-        if not config.lockspace:
-            return defer.succeed(None)
         assert self.export is not None and self.mirrors is not None
-        if config.listen and config.oldstyle:
-            return defer.fail(
-                StartupError(
-                    "--lockspace needs a ferry source: flexnbd's migration carries no token"
-                )
-            )
-        try:
-            backend = open_lockspace(parse_lockspace(config.lockspace), reactor=self.reactor)
-        except (ValueError, LeaseError) as error:
-            return defer.fail(StartupError(f"--lockspace {config.lockspace}: {error}"))
-        resource = config.resource or default_resource(config.file)
-        self.lease = LeaseManager(
-            backend,
-            resource=resource,
-            owner=f"{socket.gethostname()}:{os.getpid()}:{self.export.name}",
-            clock=self.clock,
-            tracer=self.tracer,
-            on_fenced=self._fenced,
-        )
-        # The migration out of this node (once it serves) hands the lease on.
-        self.mirrors.lease = self.lease
-        if config.listen:
-            # Taken over by the commit's token, before the commit is acknowledged.
-            self.lease.register(incoming=True)
-            self.export.incoming_lease = self.lease
+        if config.lockspace == NO_LOCKSPACE:
             return defer.succeed(None)
-        self.lease.register()
+        try:
+            spec = (
+                default_lockspace()
+                if config.lockspace is None
+                else parse_lockspace(config.lockspace)
+            )
+            self._lockspace = open_lockspace(spec, reactor=self.reactor)
+        except (ValueError, LeaseError) as error:
+            return defer.fail(StartupError(f"--lockspace {config.lockspace or ''}: {error}"))
+        own = config.resource or default_resource(config.file)
+        if config.listen:
+            self.export.incoming_lease = IncomingLease(
+                self._make_lease, resource=config.resource, fallback=own, on_taken=self._taken
+            )
+            return defer.succeed(None)
+        lease = self._make_lease(own)
+        lease.register()
 
         def held(_: object) -> None:
-            assert self.export is not None and self.lease is not None
-            self.export.lease = self.lease
-            log.info(
-                "holding the lease on {resource} (token {token}) in {space}",
-                resource=resource,
-                token=self.lease.token,
-                space=backend.spec,
-            )
+            self._taken(lease)
+            assert self.export is not None
+            self.export.lease = lease
 
         def refused(failure: Any) -> None:
             error = failure.value
             if isinstance(error, LeaseConflict):
                 raise StartupError(str(error)) from None
             if isinstance(error, LeaseError):
-                raise StartupError(f"cannot take the lease on {resource}: {error}") from None
+                raise StartupError(f"cannot take the lease on {own}: {error}") from None
             failure.raiseException()
 
-        return self.lease.acquire().addCallbacks(held, refused)
+        return lease.acquire().addCallbacks(held, refused)
+
+    def _make_lease(self, resource: str) -> LeaseManager:
+        """The one way this node builds a lease: its lockspace, its identity, its clock."""
+        assert self._lockspace is not None and self.export is not None
+        read_only = self.image is not None and self.image.read_only
+        return LeaseManager(
+            self._lockspace,
+            resource=resource,
+            owner=f"{socket.gethostname()}:{os.getpid()}:{self.export.name}",
+            mode=LeaseMode.READONLY if read_only else LeaseMode.EXCLUSIVE,
+            clock=self.clock,
+            tracer=self.tracer,
+            on_fenced=self._fenced,
+        )
+
+    def _taken(self, lease: LeaseManager) -> None:
+        """This node holds ``lease`` now: released at shutdown, handed on by a migration out."""
+        assert self.mirrors is not None and self._lockspace is not None
+        self.lease = lease
+        self.mirrors.lease = lease
+        log.info(
+            "holding the lease on {resource} (token {token}) in {space}",
+            resource=lease.resource,
+            token=lease.token,
+            space=self._lockspace.spec,
+        )
 
     def _fenced(self, reason: str) -> None:
         """The lease is gone: this node must not touch the image again.

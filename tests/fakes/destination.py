@@ -102,6 +102,7 @@ class Session:
     commands: list[str] = field(default_factory=list)
     commit_token: int | None = None
     migrate_request: tuple[int, int] | None = None  # version, size
+    source_resource: str = ""  # the lease the source named in FERRY_OPT_MIGRATE
     lost: Deferred[None] = field(default_factory=Deferred)
     hung: Deferred[str] = field(default_factory=Deferred)  # fires when it stops answering
 
@@ -203,8 +204,9 @@ class _DestinationProtocol(Protocol):
         return out + buf
 
     def _migrate_option(self, payload: bytes) -> None:
-        version, size = FERRY_MIGRATE_REQUEST.unpack(payload)
+        version, size = FERRY_MIGRATE_REQUEST.unpack_from(payload)
         self.session.migrate_request = (version, size)
+        self.session.source_resource = payload[FERRY_MIGRATE_REQUEST.size :].decode()
         answer = self.session.script.migrate
         if answer is Migrate.ACK:
             reply, message = OptionReply.ACK, b""

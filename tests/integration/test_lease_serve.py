@@ -69,11 +69,28 @@ def test_a_bad_lockspace_is_one_line_and_nothing_is_served(tmp_path: Path) -> No
         assert "Traceback" not in result.stderr.decode()
 
 
-def test_without_a_lockspace_there_is_no_lease(tmp_path: Path) -> None:
+def test_lockspace_none_serves_without_a_lease(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(4096))
-    proc: FerryProcess = serve(image, "--sock", str(tmp_path / "s.sock"))
+    proc: FerryProcess = serve(image, "--sock", str(tmp_path / "s.sock"), "--lockspace", "none")
     try:
         assert "lease_state" not in status(tmp_path / "s.sock")
     finally:
         assert proc.stop() == 0
+
+
+def test_the_default_lockspace_holds_the_lease_and_its_trace_replays(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+    trace = tmp_path / "trace.jsonl"
+    proc = serve(image, "--sock", str(tmp_path / "s.sock"), "--trace", str(trace))
+    try:
+        assert status(tmp_path / "s.sock")["lease_state"] == "held"
+        # Another server for the same image, on the same defaults, is refused.
+        second = run([*FERRY, "serve", "-l", "127.0.0.1", "-p", "0", "-f", str(image)], check=False)
+        assert second.returncode == 1 and b"is held by" in second.stderr
+    finally:
+        assert proc.stop() == 0
+    replayed = run([*FERRY, "trace", "replay", str(trace)]).stdout.decode().splitlines()
+    assert f"lease {image.resolve()} stopped" in replayed
+    assert "role disk.img stopped" in replayed

@@ -69,7 +69,11 @@ def test_status_line_fields_and_values(server: FerryProcess, sock: Path) -> None
         "has_control": "true",
         "is_migrating": "false",
         "state": "serving",
+        # The embedded default lockspace: serving means holding the lease.
+        "lease_state": "held",
+        "lease_token": fields["lease_token"],
     }
+    assert int(fields["lease_token"]) >= 1
     with RemoteExport.connect("127.0.0.1", server.port) as remote:
         remote.pread(0, 512)
         assert status_of(sock)["num_clients"] == "1"
@@ -200,12 +204,14 @@ def test_user_errors_are_one_clear_line(
 
 
 def test_port_in_use(server: FerryProcess, image: Path) -> None:
+    other = image.with_name("other.img")  # another image: its lease is free
+    other.write_bytes(bytes(4096))
     result = run(
-        [*FERRY, "serve", "--addr", "127.0.0.1", "--port", str(server.port), "--file", str(image)],
+        [*FERRY, "serve", "--addr", "127.0.0.1", "--port", str(server.port), "--file", str(other)],
         check=False,
     )
     assert result.returncode == 1
-    assert result.stderr.decode().startswith(
+    assert result.stderr.decode().splitlines()[-1].startswith(
         f"ferry: cannot listen for NBD on 127.0.0.1:{server.port}"
     )
 
@@ -388,7 +394,8 @@ def test_metrics_cover_every_status_field_and_pass_promtool(image: Path, sock: P
 
 def test_trace_of_a_serve_session_replays(image: Path, tmp_path: Path) -> None:
     trace = tmp_path / "trace.jsonl"
-    proc = serve(image, "--trace", str(trace), "--name", "disk")
+    # Only the role machine here (no lease): lines 1 and 2 are its records.
+    proc = serve(image, "--trace", str(trace), "--name", "disk", "--lockspace", "none")
     nbdsh(proc.uri(), "h.pread(512, 0)")
     assert proc.stop() == 0
     replayed = run([*FERRY, "trace", "replay", str(trace)]).stdout.decode().split()

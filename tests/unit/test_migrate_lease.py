@@ -75,6 +75,7 @@ async def test_the_ack_hands_the_lease_over(tmp_path: Path, listen: Any) -> None
     result = await within(rig.source.finished)
     assert result.handed_off and bytes(fake.disk) == rig.original
     (session,) = fake.sessions
+    assert session.source_resource == RESOURCE  # named in FERRY_OPT_MIGRATE
     # The commit carries the offered token; taking it over moved it on.
     assert session.commit_token is not None and session.commit_token >= rig.first_token
     assert rig.lease.state == "released" and rig.holder() == "destination"
@@ -105,9 +106,7 @@ async def test_a_refused_commit_takes_the_lease_back_before_clients_go_on(
 
 @pytest.mark.parametrize("taken", [True, False], ids=["taken-over", "not-taken"])
 @pytest_twisted.ensureDeferred
-async def test_a_lost_ack_is_settled_by_the_lease(
-    tmp_path: Path, listen: Any, taken: bool
-) -> None:
+async def test_a_lost_ack_is_settled_by_the_lease(tmp_path: Path, listen: Any, taken: bool) -> None:
     scripts = [Script(commit=Commit.CLOSE)]
     fake = FakeDestination(SIZE, scripts)
     rig = LeasedRig(tmp_path, listen(fake), scripts)

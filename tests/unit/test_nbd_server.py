@@ -1336,15 +1336,35 @@ def test_a_refused_migration_carries_the_catalogs_error_and_message() -> None:
     assert listener.sender_lookups == [] and conn.migration is None
 
 
-@pytest.mark.parametrize("data", [b"", b"\x00" * 11, migrate_data() + b"\x00", b"\x00" * 64])
+@pytest.mark.parametrize("data", [b"", b"\x00" * 11, migrate_data() + b"x" * 4097])
 def test_a_migrate_payload_of_the_wrong_length_is_invalid(data: bytes) -> None:
     listener = Listener()
     conn = sender(listener)
     assert negotiate(conn, f.option(OPT_MIGRATE, data)) == []
     [reply] = replies(conn)
     assert (reply.option, reply.type) == (OPT_MIGRATE, f.REP_ERR_INVALID)
-    assert b"FERRY_OPT_MIGRATE" in reply.data and b"12" in reply.data
+    assert b"FERRY_OPT_MIGRATE" in reply.data and b"12" in reply.data and b"4096" in reply.data
     assert listener.admitted == [] and conn.migration is None
+
+
+def test_the_migrate_payload_names_the_sources_lease() -> None:
+    listener = Listener()
+    conn = sender(listener)
+    name = "/srv/images/vm \u00e9.img"
+    assert negotiate(conn, f.option(OPT_MIGRATE, migrate_data() + name.encode())) == []
+    [reply] = replies(conn)
+    assert (reply.option, reply.type) == (OPT_MIGRATE, f.REP_ACK)
+    assert listener.admitted == [MigrationRequest(1, SIZE, name)]
+
+
+def test_a_lease_name_that_is_not_utf8_is_invalid() -> None:
+    listener = Listener()
+    conn = sender(listener)
+    assert negotiate(conn, f.option(OPT_MIGRATE, migrate_data() + b"\xff\xfe")) == []
+    [reply] = replies(conn)
+    assert (reply.option, reply.type) == (OPT_MIGRATE, f.REP_ERR_INVALID)
+    assert b"UTF-8" in reply.data
+    assert listener.admitted == []
 
 
 @pytest.mark.parametrize("version", [0, 2, 0xFFFFFFFF])

@@ -21,6 +21,11 @@ __all__ = ["InDoubtOutcome", "OutgoingLease"]
 
 class OutgoingLease(Protocol):
     @property
+    def resource(self) -> str:
+        """The lease's name, sent to the destination so that it takes over the same one."""
+        ...
+
+    @property
     def state(self) -> str: ...
 
     def prepare_migrate(self) -> Deferred[int]: ...

@@ -484,7 +484,11 @@ class MirrorSource:
     def _connect(self) -> None:
         attempt = self._attempt = _Attempt(self._attempt.number + 1)
         factory = MirrorProtocolFactory(
-            self, self.image.size, self.destination.export_name, flexnbd=self.options.flexnbd
+            self,
+            self.image.size,
+            self.destination.export_name,
+            flexnbd=self.options.flexnbd,
+            resource="" if self.lease is None else self.lease.resource,
         )
         try:
             d = self._connector(self.destination, factory, self.options.connect_timeout)

@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 
 from ferry.nbd.client import ClientConnection
 from ferry.nbd.constants import (
+    FERRY_MAX_RESOURCE,
     FERRY_MIGRATE_REQUEST,
     FERRY_MIGRATE_VERSION,
     FERRY_OPT_MIGRATE,
@@ -45,9 +46,12 @@ __all__ = ["MirrorProtocol", "MirrorProtocolFactory", "WireHandler", "migrate_op
 _NO_FLAGS = CommandFlag(0)
 
 
-def migrate_option(size: int) -> tuple[int, bytes]:
-    """The ``FERRY_OPT_MIGRATE`` option for an image of ``size`` bytes."""
-    return FERRY_OPT_MIGRATE, FERRY_MIGRATE_REQUEST.pack(FERRY_MIGRATE_VERSION, size)
+def migrate_option(size: int, resource: str = "") -> tuple[int, bytes]:
+    """The ``FERRY_OPT_MIGRATE`` option for an image of ``size`` bytes under lease ``resource``."""
+    name = resource.encode()
+    if len(name) > FERRY_MAX_RESOURCE:
+        raise ValueError(f"lease name of {len(name)} bytes; at most {FERRY_MAX_RESOURCE}")
+    return FERRY_OPT_MIGRATE, FERRY_MIGRATE_REQUEST.pack(FERRY_MIGRATE_VERSION, size) + name
 
 
 class WireHandler(TypingProtocol):
@@ -174,12 +178,19 @@ class MirrorProtocolFactory(Factory):
     """Builds the one :class:`MirrorProtocol` of an attempt."""
 
     def __init__(
-        self, handler: WireHandler, size: int, export_name: str = "", *, flexnbd: bool = False
+        self,
+        handler: WireHandler,
+        size: int,
+        export_name: str = "",
+        *,
+        flexnbd: bool = False,
+        resource: str = "",
     ) -> None:
         self.handler = handler
         self.size = size
         self.export_name = export_name
         self.flexnbd = flexnbd
+        self.resource = resource
 
     def buildProtocol(self, addr: object) -> MirrorProtocol:
         if self.flexnbd:
@@ -187,7 +198,9 @@ class MirrorProtocolFactory(Factory):
             protocol = MirrorProtocol(self.handler, client, FLEXNBD_MIRROR_HANDLE)
         else:
             client = ClientConnection(
-                self.export_name, meta_contexts=(), extra_options=[migrate_option(self.size)]
+                self.export_name,
+                meta_contexts=(),
+                extra_options=[migrate_option(self.size, self.resource)],
             )
             protocol = MirrorProtocol(self.handler, client)
         protocol.factory = self

@@ -177,7 +177,10 @@ class Errno(enum.IntEnum):
 # tells the source it is mirroring into a plain NBD target (no handoff).
 #
 # FERRY_OPT_MIGRATE, sent during option haggling before GO: "I am the
-# migration source for this export".  Payload: FERRY_MIGRATE_REQUEST.
+# migration source for this export".  Payload: FERRY_MIGRATE_REQUEST, then
+# the name of the lease the source holds on the image (UTF-8, at most
+# FERRY_MAX_RESOURCE bytes; empty: it holds none), so a destination not told
+# otherwise takes over the same lease.
 # A listening ferry answers ACK and then admits this connection (only this
 # one) to an export that refuses ordinary clients; ERR_POLICY with a message
 # when it is not listening or already has a sender.
@@ -190,6 +193,7 @@ class Errno(enum.IntEnum):
 FERRY_OPT_MIGRATE: Final = 0x46455201  # b"FER\x01"
 FERRY_MIGRATE_VERSION: Final = 1
 FERRY_MIGRATE_REQUEST: Final = struct.Struct(">IQ")  # protocol version, image size
+FERRY_MAX_RESOURCE: Final = 4096  # bytes of lease name after FERRY_MIGRATE_REQUEST
 FERRY_CMD_COMMIT: Final = 0xF001
 
 # flexnbd-compatible mirroring: oldstyle hello, every write carries this

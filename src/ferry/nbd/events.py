@@ -51,6 +51,7 @@ class MigrationRequest:
 
     version: int
     size: int
+    resource: str = ""  # the lease the source holds on the image ("": none)
 
     def __post_init__(self) -> None:
         if not 0 <= self.version < 1 << 32:

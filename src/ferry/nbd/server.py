@@ -104,6 +104,7 @@ from ferry.nbd.constants import (
     EXPORT_NAME_PADDING,
     EXPORT_NAME_REPLY,
     FERRY_CMD_COMMIT,
+    FERRY_MAX_RESOURCE,
     FERRY_MIGRATE_REQUEST,
     FERRY_MIGRATE_VERSION,
     FERRY_OPT_MIGRATE,
@@ -722,11 +723,19 @@ class ServerConnection:
     def _migrate(self, payload: bytes) -> None:
         """``FERRY_OPT_MIGRATE``: validate, then let the catalog admit or refuse the sender."""
         option = FERRY_OPT_MIGRATE
-        if len(payload) != FERRY_MIGRATE_REQUEST.size:
-            raise _Invalid(f"{len(payload)} bytes of data, not {FERRY_MIGRATE_REQUEST.size}")
+        fixed = FERRY_MIGRATE_REQUEST.size
+        if not fixed <= len(payload) <= fixed + FERRY_MAX_RESOURCE:
+            raise _Invalid(
+                f"{len(payload)} bytes of data, not {fixed} plus at most "
+                f"{FERRY_MAX_RESOURCE} of lease name"
+            )
         if self._sender is not None:
             raise _Invalid("already acknowledged on this connection")
-        version, size = FERRY_MIGRATE_REQUEST.unpack(payload)
+        version, size = FERRY_MIGRATE_REQUEST.unpack_from(payload)
+        try:
+            resource = payload[fixed:].decode()
+        except UnicodeDecodeError:
+            raise _Invalid("the lease name is not UTF-8") from None
         if version != FERRY_MIGRATE_VERSION:
             self._error(
                 option,
@@ -735,7 +744,7 @@ class ServerConnection:
                 f"(this node speaks version {FERRY_MIGRATE_VERSION})",
             )
             return
-        request = MigrationRequest(version, size)
+        request = MigrationRequest(version, size, resource)
         assert self._migration_catalog is not None
         refusal = self._migration_catalog.admit_migration(request)
         if refusal is not None:

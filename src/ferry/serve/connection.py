@@ -632,7 +632,9 @@ class NBDServerProtocol(Protocol):
             # ack or no ack (a source that lost the ack asks the lease).
             self._commit_outlives_socket = True
             self._in_flight += 1
-            taking = export.take_lease(event.token)
+            migration = nbd.migration
+            source_resource = "" if migration is None else migration.resource
+            taking = export.take_lease(event.token, source_resource)
             taking.addCallbacks(took, refused)
             taking.addBoth(settle)
 
@@ -692,11 +694,26 @@ class NBDServerProtocol(Protocol):
         self._in_flight += 1
         d = self._server.run_blocking(export.image.flush)
 
-        def synced(_: object) -> None:
+        def synced(_: object) -> defer.Deferred[None] | None:
+            if export.sender is not self or export.state != "committing":
+                log.warn("{name}: commit abandoned", name=export.name)
+                return None
+            # flexnbd's source holds no ferry lease: take a fresh one, if
+            # this node has a lockspace, before serving.
+            return export.take_lease(0, "").addCallbacks(took, refused)
+
+        def took(_: object) -> None:
             if export.committed(self):
                 log.info("{name}: committed; serving with control", name=export.name)
-            else:
-                log.warn("{name}: commit abandoned", name=export.name)
+
+        def refused(failure: Failure) -> None:
+            log.error(
+                "{name}: flexnbd handoff refused: cannot take the lease: {why}; "
+                "nobody serves the image until an operator steps in",
+                name=export.name,
+                why=failure.getErrorMessage(),
+            )
+            export.sender_lost(self)
 
         def failed(failure: Failure) -> None:
             error = failure.value

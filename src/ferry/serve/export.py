@@ -66,9 +66,15 @@ class LeaseView(Protocol):
 
 
 class IncomingLease(LeaseView, Protocol):
-    """A listening export's lease, waiting to be taken over by a commit's token."""
+    """A listening export's lease-to-be (``ferry.lease.incoming.IncomingLease`` is one)."""
 
-    def acquire_incoming(self, token: int) -> defer.Deferred[Any]: ...
+    def refusal(self, source_resource: str) -> str | None:
+        """Why a source holding ``source_resource`` may not migrate here (None: it may)."""
+        ...
+
+    def take_over(self, source_resource: str, token: int) -> defer.Deferred[Any]:
+        """Take the source's lease by the commit's token; fires with the lease now held."""
+        ...
 
 
 #: The role states in which a migration sender is writing the image here.
@@ -208,21 +214,22 @@ class Export:
         self.trigger("committed")
         return True
 
-    def take_lease(self, token: int) -> defer.Deferred[None]:
-        """The commit's other half: take the lease over by ``token`` (nothing to take without one).
+    def take_lease(self, token: int, source_resource: str) -> defer.Deferred[None]:
+        """The commit's other half: take the source's lease over by ``token``.
 
-        Once taken, the data plane's requests run under it (:attr:`lease`).
-        A refusal (the token moved on: the source took it back, or another
-        node holds it) fails the Deferred and the commit must be refused.
+        Nothing to take without a lockspace.  Once taken, the data plane's
+        requests run under it (:attr:`lease`).  A refusal (the token moved
+        on: the source took it back, or another node holds it) fails the
+        Deferred and the commit must be refused.
         """
-        lease = self.incoming_lease
-        if lease is None:
+        incoming = self.incoming_lease
+        if incoming is None:
             return defer.succeed(None)
 
-        def taken(_: object) -> None:
+        def taken(lease: LeaseView) -> None:
             self.lease = lease
 
-        return lease.acquire_incoming(token).addCallback(taken)
+        return incoming.take_over(source_resource, token).addCallback(taken)
 
     def sender_lost(self, sender: Attached) -> None:
         """``sender``'s attempt ended without a commit: back to listening, for a new one."""

@@ -143,8 +143,14 @@ class NBDServer(Factory):
             return Refusal(OptionReply.ERR_SHUTDOWN, "server is shutting down")
         # The option names no export (GO does): any listening one will do here.
         exports = list(self.exports.values())
-        if any(export.state == "listening" for export in exports):
-            return None
+        listening = [export for export in exports if export.state == "listening"]
+        for export in listening:
+            incoming = export.incoming_lease
+            why = None if incoming is None else incoming.refusal(request.resource)
+            if why is None:
+                return None
+        if listening:
+            return Refusal(OptionReply.ERR_POLICY, why or "")
         busy = [export for export in exports if export.state in RECEIVING_STATES]
         return _not_listening(busy[0] if busy else self.default_export)
 
