@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ferry import __version__
+from ferry.lease.lockcli import add_lock_commands
 
 SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -198,6 +199,8 @@ def build_parser() -> Parser:
     replay = trace_modes.add_parser("replay", help="check a trace against the statecharts")
     replay.add_argument("file")
     replay.set_defaults(run=run_trace_replay)
+
+    add_lock_commands(modes)
 
     charts = modes.add_parser("statecharts", help="work with the statechart files")
     chart_modes = charts.add_subparsers(dest="chart_mode", metavar="ACTION", parser_class=Parser)

@@ -30,7 +30,7 @@ Migration needs two operations an ordinary lock does not have:
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,6 +45,7 @@ __all__ = [
     "LeaseLost",
     "LeaseMode",
     "LockspaceUnavailable",
+    "in_holder_order",
 ]
 
 
@@ -81,6 +82,15 @@ class Holder:
         """One phrase for error messages and ``ferry lock status``."""
         state = ", offered for migration" if self.offered else ""
         return f"{self.owner} ({self.mode.value}, token {self.token}{state})"
+
+
+def in_holder_order(holders: Iterable[Holder]) -> tuple[Holder, ...]:
+    """Holders in the order every lockspace reports them: the exclusive one first, then by owner.
+
+    One order for both backends, so ``inquire`` and ``ferry lock status``
+    answer alike whichever slot or key a holder happened to take.
+    """
+    return tuple(sorted(holders, key=lambda h: (h.mode is not LeaseMode.EXCLUSIVE, h.owner)))
 
 
 @dataclass(frozen=True)

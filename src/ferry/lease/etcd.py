@@ -96,6 +96,7 @@ from ferry.lease.backend import (
     LeaseLost,
     LeaseMode,
     LockspaceUnavailable,
+    in_holder_order,
 )
 
 __all__ = ["EtcdLockspace"]
@@ -214,8 +215,16 @@ def _holder(kv: dict[str, Any]) -> Holder:
 
 def _holders(kvs: list[dict[str, Any]]) -> tuple[Holder, ...]:
     """Holders in a stable order: the exclusive one first, then by owner."""
-    found = (_holder(kv) for kv in kvs)
-    return tuple(sorted(found, key=lambda h: (h.mode is not LeaseMode.EXCLUSIVE, h.owner)))
+    return in_holder_order(_holder(kv) for kv in kvs)
+
+
+def _resource_of(digest: bytes, kvs: list[dict[str, Any]]) -> str:
+    """The resource name the values of one resource's keys record (else its key's hash)."""
+    for kv in kvs:
+        name = _record(kv).get("resource")
+        if isinstance(name, str) and name:
+            return name
+    return digest.decode("ascii", errors="replace")
 
 
 def _range_kvs(txn_answer: dict[str, Any]) -> list[dict[str, Any]]:
@@ -790,6 +799,15 @@ class EtcdLockspace:
     def inquire(self, resource: str) -> Deferred[tuple[Holder, ...]]:
         return Deferred.fromCoroutine(self._inquire(resource))
 
+    def inquire_all(self) -> Deferred[dict[str, tuple[Holder, ...]]]:
+        """Every held resource under the prefix, with its holders (``ferry lock status``).
+
+        One range read over the prefix.  Keys carry only a hash of the
+        resource; its name comes from the values (a key whose value cannot
+        be read is listed under its hash).
+        """
+        return Deferred.fromCoroutine(self._inquire_all())
+
     def offer(self, grant: Grant) -> Deferred[Grant]:
         """Mark the grant offered; the answer has a new, larger token and the same etcd lease."""
         return Deferred.fromCoroutine(self._offer(grant))
@@ -876,6 +894,17 @@ class EtcdLockspace:
         request = _range_op(keys.base, keys.end)["request_range"]
         answer = await self._gateway.call("/v3/kv/range", request, replayable=True)
         return _holders(answer.get("kvs", []))
+
+    async def _inquire_all(self) -> dict[str, tuple[Holder, ...]]:
+        prefix = self._prefix.encode()
+        request = _range_op(prefix, _range_end(prefix))["request_range"]
+        answer = await self._gateway.call("/v3/kv/range", request, replayable=True)
+        by_digest: dict[bytes, list[dict[str, Any]]] = {}
+        for kv in answer.get("kvs", []):
+            digest = _unb64(kv["key"])[len(prefix) :].split(b"/", 1)[0]
+            by_digest.setdefault(digest, []).append(kv)
+        held = {_resource_of(digest, kvs): _holders(kvs) for digest, kvs in by_digest.items()}
+        return dict(sorted(held.items()))
 
     async def _offer(self, grant: Grant) -> Grant:
         holder = grant.holder

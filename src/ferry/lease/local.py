@@ -105,6 +105,7 @@ from ferry.lease.backend import (
     LeaseLost,
     LeaseMode,
     LockspaceUnavailable,
+    in_holder_order,
 )
 
 __all__ = ["MAX_HOLDERS", "MAX_OWNER_BYTES", "LocalLockspace", "lock_file_name"]
@@ -383,7 +384,7 @@ class _LockFile:
                 shared.append(record.holder())
             elif record.grant_id == named:
                 exclusive.append(record.holder())
-        return (*exclusive, *shared)
+        return in_holder_order([*exclusive, *shared])
 
 
 # -- the backend ---------------------------------------------------------------------
@@ -434,6 +435,15 @@ class LocalLockspace:
 
     def take_over(self, resource: str, owner: str, token: int) -> Deferred[Grant]:
         return _answer(self._take_over, resource, owner, token)
+
+    def inquire_all(self) -> Deferred[dict[str, tuple[Holder, ...]]]:
+        """Every lock file that has a live holder, with its holders (``ferry lock status``).
+
+        A lock file is named by a hash of its resource and its records keep
+        no resource name, so the keys are lock file paths: to ask about a
+        resource by name, use :meth:`inquire`.
+        """
+        return _answer(self._inquire_all)
 
     def watch(self, grant: Grant, on_lost: Callable[[str], None]) -> Callable[[], None]:
         """Nothing tells a file lock it was lost; the manager's periodic ``renew`` checks."""
@@ -520,7 +530,16 @@ class LocalLockspace:
             os.close(hold.fd)
 
     def _inquire(self, resource: str) -> tuple[Holder, ...]:
-        path = self.path_for(resource)
+        return self._holders_in(self.path_for(resource))
+
+    def _inquire_all(self) -> dict[str, tuple[Holder, ...]]:
+        if not self.directory.is_dir():
+            raise self._unavailable(self.directory, FileNotFoundError(errno.ENOENT, ""))
+        held = {str(path): self._holders_in(path) for path in sorted(self.directory.glob("*.lock"))}
+        return {path: holders for path, holders in held.items() if holders}
+
+    def _holders_in(self, path: Path) -> tuple[Holder, ...]:
+        """The live holders recorded in the lock file at ``path``; none if it does not exist."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:

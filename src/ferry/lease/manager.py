@@ -651,6 +651,15 @@ class LeaseManager:
         self._backend.release(grant).addErrback(self._log_failure, "release")
 
     def _log_failure(self, failure: Failure, what: str) -> None:
+        if isinstance(failure.value, LeaseError):
+            # Expected (the lockspace unreachable, the grant gone): one line, no traceback.
+            _log.warn(
+                "lease on {resource}: {what} failed: {error}",
+                resource=self.resource,
+                what=what,
+                error=failure.getErrorMessage(),
+            )
+            return
         _log.failure(
             "lease on {resource}: {what} failed", failure, resource=self.resource, what=what
         )

@@ -115,8 +115,14 @@ def _parse_endpoint(text: str, item: str) -> str:
     return f"http://{host}:{port}"
 
 
-def open_lockspace(spec: LockspaceSpec | str, *, reactor: Any) -> LeaseBackend:
+def open_lockspace(
+    spec: LockspaceSpec | str, *, reactor: Any, ttl: float | None = None
+) -> LeaseBackend:
     """The backend ``spec`` names.  ``reactor`` is for network backends (etcd).
+
+    ``ttl`` is how long an etcd grant outlives its last renewal (None: the
+    backend's default).  A local lock has no TTL -- the kernel drops it when
+    its holder dies -- so a local lockspace ignores it.
 
     The etcd backend is imported only when asked for, so a node that uses a
     local lockspace never loads its HTTP client.
@@ -129,7 +135,8 @@ def open_lockspace(spec: LockspaceSpec | str, *, reactor: Any) -> LeaseBackend:
         return LocalLockspace(spec.directory)
     # By name: the module is optional at type-check time as well as at run time.
     etcd = importlib.import_module("ferry.lease.etcd")
-    backend: LeaseBackend = etcd.EtcdLockspace(list(spec.endpoints), reactor=reactor)
+    options = {} if ttl is None else {"ttl": ttl}
+    backend: LeaseBackend = etcd.EtcdLockspace(list(spec.endpoints), reactor=reactor, **options)
     return backend
 
 
