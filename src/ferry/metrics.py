@@ -1,4 +1,4 @@
-"""Prometheus exposition: every status field, the request counters, and /metrics.
+"""Prometheus exposition: every status field, the request and migration counters, /metrics.
 
 The collector renders the same :class:`~ferry.control.status.StatusSnapshot`
 as the status line, so a field exists in one place only.  Scrapes are
@@ -27,19 +27,23 @@ from twisted.web.server import Request
 
 from ferry import statecharts
 from ferry.control.status import StatusSnapshot
+from ferry.migrate.stats import FailureReason, MigrationStats
 from ferry.serve.stats import LATENCY_BUCKETS, RequestStats
 
 PREFIX: Final = "ferry_"
 
 
 class Observable(Protocol):
-    """What the collector needs of an export (``ferry.serve.export.Export`` fits)."""
+    """What the collector needs of an export (``ferry.node.ObservedExport`` fits)."""
 
     @property
     def name(self) -> str: ...
 
     @property
     def stats(self) -> RequestStats: ...
+
+    @property
+    def migration_stats(self) -> MigrationStats: ...
 
     def snapshot(self) -> StatusSnapshot: ...
 
@@ -52,6 +56,7 @@ class FerryCollector(Collector):
         exports = list(self._exports())
         yield from _status_metrics([e.snapshot() for e in exports])
         yield from _request_metrics(exports)
+        yield from _migration_metrics(exports)
 
 
 def _status_metrics(snapshots: list[StatusSnapshot]) -> Iterator[Metric]:
@@ -134,6 +139,32 @@ def _request_metrics(exports: list[Observable]) -> Iterator[Metric]:
                 buckets.append((_bucket_label(bound), float(cumulative)))
             latency.add_metric([export.name, command], buckets, histogram.total)
     yield from (requests, errors, read, written, connections, protocol_errors, latency)
+
+
+def _migration_metrics(exports: list[Observable]) -> Iterator[Metric]:
+    """Every reason of the fixed set, at 0 until it happens: ``increase()`` sees the first."""
+    retries = CounterMetricFamily(
+        PREFIX + "migration_retries",
+        "Migration attempts lost after a good negotiation and retried, by reason",
+        labels=["export", "reason"],
+    )
+    failures = CounterMetricFamily(
+        PREFIX + "migration_failures",
+        "Migrations that ended without handing the image over, by reason",
+        labels=["export", "reason"],
+    )
+    completed = CounterMetricFamily(
+        PREFIX + "migrations_completed",
+        "Migrations that completed: handed over, or mirrored to a plain NBD server",
+        labels=["export"],
+    )
+    for export in exports:
+        stats = export.migration_stats
+        for reason in FailureReason:
+            retries.add_metric([export.name, reason.value], stats.retries[reason])
+            failures.add_metric([export.name, reason.value], stats.failures[reason])
+        completed.add_metric([export.name], stats.completed)
+    yield from (retries, failures, completed)
 
 
 def _bucket_label(bound: float) -> str:

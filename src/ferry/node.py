@@ -35,6 +35,7 @@ from ferry.lease.spec import (
 from ferry.metrics import make_registry, metrics_root
 from ferry.migrate.manager import MirrorManager
 from ferry.migrate.source import tcp_connector
+from ferry.migrate.stats import MigrationStats
 from ferry.serve.acl import Acl
 from ferry.serve.export import Export
 from ferry.serve.server import NBDServer
@@ -59,6 +60,10 @@ class ObservedExport:
     @property
     def stats(self) -> RequestStats:
         return self._export.stats
+
+    @property
+    def migration_stats(self) -> MigrationStats:
+        return self._mirrors.stats
 
     def snapshot(self) -> StatusSnapshot:
         return self._mirrors.snapshot()

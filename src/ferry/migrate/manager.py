@@ -30,6 +30,7 @@ from ferry.migrate.source import (
     NotMirroring,
     StartOutcome,
 )
+from ferry.migrate.stats import MigrationStats
 from ferry.serve.export import Export
 from ferry.trace import Tracer
 
@@ -58,6 +59,8 @@ class MirrorManager:
         self.current: MirrorSource | None = None
         # The export's lease, once it holds one: a migration hands it over.
         self.lease: OutgoingLease | None = None
+        # Retries, failures and completions of every job of this export.
+        self.stats = MigrationStats()
 
     @property
     def running(self) -> bool:
@@ -77,6 +80,7 @@ class MirrorManager:
             tracer=self._tracer,
             stop_process=self._stop_process,
             lease=self.lease,
+            stats=self.stats,
         )
         self.current = source
         return source.start()

@@ -87,6 +87,7 @@ from ferry.migrate.job import MigrationJob
 from ferry.migrate.lease import InDoubtOutcome, OutgoingLease
 from ferry.migrate.passes import DEFAULT_MAX_DATA_LENGTH, CopyOp, OpKind, PassPlan
 from ferry.migrate.progress import MigrationProgress
+from ferry.migrate.stats import FailureReason, MigrationStats
 from ferry.migrate.wire import MirrorProtocol, MirrorProtocolFactory
 from ferry.nbd.constants import (
     FERRY_OPT_MIGRATE,
@@ -133,6 +134,14 @@ NO_HELLO: Final = "Remote server failed to respond"
 REJECTED: Final = "Mirror was rejected"
 SIZE_MISMATCH: Final = "Remote size does not match local size"
 CANCELLED: Final = "Mirror was cancelled"
+#: The counted reason (``ferry_migration_*_total{reason}``) of a failure that
+#: carries one of flexnbd's replies; the other failures name their own.
+_REASON_OF_REPLY: Final = {
+    FAILED_TO_CONNECT: FailureReason.CONNECT,
+    NO_HELLO: FailureReason.NO_HELLO,
+    REJECTED: FailureReason.REJECTED,
+    SIZE_MISMATCH: FailureReason.SIZE_MISMATCH,
+}
 #: Seconds between attempts to settle ``in_doubt`` from an unreachable lockspace.
 RESOLVE_RETRY: Final = 2.0
 
@@ -341,8 +350,11 @@ class MirrorSource:
         tracer: Tracer | None = None,
         stop_process: Callable[[], None] | None = None,
         lease: OutgoingLease | None = None,
+        stats: MigrationStats | None = None,
     ) -> None:
         self.export = export
+        # The export's counters, kept across jobs (by the MirrorManager).
+        self.stats = MigrationStats() if stats is None else stats
         self.destination = destination
         self.lease = lease
         self.gate = gate
@@ -445,6 +457,7 @@ class MirrorSource:
             self.export.trigger("resolve_handed_off")
             self._hand_over()
         else:
+            self.stats.failures[FailureReason.IN_DOUBT] += 1
             self.job.resolve_aborted()  # type: ignore[attr-defined]
             self.export.trigger("resolve_serving")
             self._release_clients()
@@ -541,12 +554,14 @@ class MirrorSource:
     def wire_broken(self, wire: MirrorProtocol, reason: str) -> None:
         attempt = self._attempt
         if wire is attempt.wire:
-            self._fail(attempt, REJECTED, f"protocol error: {reason}")
+            self._fail(attempt, REJECTED, f"protocol error: {reason}", FailureReason.PROTOCOL_ERROR)
 
     def wire_lost(self, wire: MirrorProtocol, reason: str) -> None:
         attempt = self._attempt
         if wire is attempt.wire:
-            self._fail(attempt, REJECTED, f"connection lost: {reason}")
+            self._fail(
+                attempt, REJECTED, f"connection lost: {reason}", FailureReason.CONNECTION_LOST
+            )
 
     # -- negotiating -------------------------------------------------------------------
 
@@ -723,7 +738,12 @@ class MirrorSource:
             attempt.flush_handle = None
             self._settle_reply_timer(attempt)
             if reply.error:
-                self._fail(attempt, "", f"FLUSH failed: {reply.error.name} {reply.message}")
+                self._fail(
+                    attempt,
+                    "",
+                    f"FLUSH failed: {reply.error.name} {reply.message}",
+                    FailureReason.FLUSH_ERROR,
+                )
             else:
                 self._flushed(attempt)
             return
@@ -731,7 +751,12 @@ class MirrorSource:
             attempt.preflush_handle = None
             self._settle_reply_timer(attempt)
             if reply.error:
-                self._fail(attempt, "", f"FLUSH failed: {reply.error.name} {reply.message}")
+                self._fail(
+                    attempt,
+                    "",
+                    f"FLUSH failed: {reply.error.name} {reply.message}",
+                    FailureReason.FLUSH_ERROR,
+                )
             else:
                 self._pass_done(attempt)
             return
@@ -750,6 +775,7 @@ class MirrorSource:
                 attempt,
                 "",
                 f"{what} of [{op.offset}, {op.end}) failed: {reply.error.name} {reply.message}",
+                FailureReason.WRITE_ERROR,
             )
             return
         self.job.sent(op)
@@ -818,7 +844,10 @@ class MirrorSource:
             offered.addCallbacks(
                 lambda token: self._commit(attempt, token),
                 lambda failure: self._fail(
-                    attempt, "", f"cannot offer the lease: {failure.getErrorMessage()}"
+                    attempt,
+                    "",
+                    f"cannot offer the lease: {failure.getErrorMessage()}",
+                    FailureReason.LEASE,
                 ),
             )
             return
@@ -850,6 +879,7 @@ class MirrorSource:
             # A definite no: nothing was taken.  Clients go back to being
             # served while the job retries from scratch.
             self.last_error = f"commit refused: {reply.error.name} {reply.message}"
+            self.stats.retries[FailureReason.COMMIT_REJECTED] += 1
             _log.warn("mirror of {export}: {why}", export=self.export.name, why=self.last_error)
             self._abandon_attempt()
             self.export.trigger("retry_migration")
@@ -890,11 +920,14 @@ class MirrorSource:
 
     # -- failures -------------------------------------------------------------------------
 
-    def _fail(self, attempt: _Attempt, message: str, detail: str) -> None:
+    def _fail(
+        self, attempt: _Attempt, message: str, detail: str, reason: FailureReason | None = None
+    ) -> None:
         """The current attempt failed: close it, and tell the job and the role.
 
         ``message`` is flexnbd's reply if this ends the job before a good
-        negotiation; after one it is only logged.
+        negotiation; after one it is only logged.  ``reason`` is what the
+        counters say (by default the one of ``message``).
         """
         if attempt is not self._attempt or self.job.final:
             return
@@ -916,11 +949,14 @@ class MirrorSource:
             self.job.fail()  # type: ignore[attr-defined]
             self._resolve_from_lease()
             return
+        counted = reason if reason is not None else _REASON_OF_REPLY[message or REJECTED]
         if not self.job.negotiated:
+            self.stats.failures[counted] += 1
             self.job.fail()  # type: ignore[attr-defined]
             self.export.trigger("migration_failed")
             self._end(MirrorResult("failed", False, detail), message or REJECTED, detail)
             return
+        self.stats.retries[counted] += 1
         if was_holding:
             self._release_clients()
             self.export.trigger("retry_migration")
@@ -973,7 +1009,12 @@ class MirrorSource:
     def _reply_timeout(self, attempt: _Attempt) -> None:
         attempt.reply_timer = None
         if attempt is self._attempt:
-            self._fail(attempt, "", f"no reply within {self.options.reply_timeout} s")
+            self._fail(
+                attempt,
+                "",
+                f"no reply within {self.options.reply_timeout} s",
+                FailureReason.REPLY_TIMEOUT,
+            )
 
     # -- the end ---------------------------------------------------------------------------
 
@@ -998,6 +1039,8 @@ class MirrorSource:
         if self.outcome is None:
             self._settle_start(StartOutcome(False, start_message or CANCELLED, detail))
         self.result = result
+        if result.state == "completed":
+            self.stats.completed += 1
         _log.info(
             "mirror of {export} to {dest} ended {state}: {reason}",
             export=self.export.name,

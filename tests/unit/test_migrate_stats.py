@@ -1,0 +1,136 @@
+"""Migration retries, failures and completions are counted by their reason, and exported.
+
+Each failure is made to happen for real, by a scripted fake destination over
+loopback TCP (the :class:`Rig` of ``test_migrate_source``, whose timers run
+on a ``task.Clock``); the counters are read from the source, and at the end
+from ``/metrics`` as a node renders it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from fakes.destination import Commit, FakeDestination, Hello, Migrate, Script
+from ferry.metrics import make_registry
+from ferry.migrate.manager import MirrorManager
+from ferry.migrate.source import Destination, FinishAction, MirrorOptions, tcp_connector
+from ferry.migrate.stats import FailureReason
+from ferry.node import ObservedExport
+
+from .test_migrate_source import SIZE, Rig, free_port, reactor, succeed, within
+from .test_migrate_source import listen as listen  # the fixture
+
+R = FailureReason
+
+
+@pytest.mark.parametrize(
+    ("script", "reason"),
+    [
+        (None, R.CONNECT),
+        (Script(hello=Hello.SILENT), R.NO_HELLO),
+        (Script(hello=Hello.CLOSE_AT_ONCE), R.CONNECTION_LOST),
+        (Script(migrate=Migrate.REFUSE), R.REJECTED),
+        (Script(size=SIZE + 4096), R.SIZE_MISMATCH),
+    ],
+    ids=["refused", "no-hello", "closed", "refused-migration", "size"],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_failed_first_negotiation_is_a_failure_by_reason(
+    tmp_path: Path, listen: Any, script: Script | None, reason: FailureReason
+) -> None:
+    port = free_port() if script is None else listen(FakeDestination(SIZE, [script]))
+    rig = Rig(tmp_path, port)
+    started = rig.source.start()
+    if reason is R.NO_HELLO:
+        await rig.reached("migration", "negotiating")
+        rig.clock.advance(5.0)
+    await within(started)
+    result = await within(rig.source.finished)
+    assert result.state == "failed"
+    stats = rig.source.stats
+    assert dict(stats.failures) == {reason: 1}
+    assert not stats.retries and stats.completed == 0
+
+
+@pytest.mark.parametrize(
+    ("script", "reason"),
+    [
+        (Script(error_on_write=2), R.WRITE_ERROR),
+        (Script(close_on_write=2), R.CONNECTION_LOST),
+        (Script(error_on_flush=1), R.FLUSH_ERROR),
+        (Script(commit=Commit.REJECT), R.COMMIT_REJECTED),
+        (Script(hang_from_write=2), R.REPLY_TIMEOUT),
+    ],
+    ids=["write-error", "closed", "flush-error", "commit-rejected", "hang"],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_lost_attempt_is_a_retry_by_reason(
+    tmp_path: Path, listen: Any, script: Script, reason: FailureReason
+) -> None:
+    fake = FakeDestination(SIZE, [script, Script()])
+    rig = Rig(tmp_path, listen(fake), reply_timeout=30.0)
+    assert (await within(rig.source.start())).ok
+    if reason is R.REPLY_TIMEOUT:
+        await within(fake.next_connection() if not fake.sessions else succeed(fake.sessions[0]))
+        await within(fake.sessions[0].hung)
+        rig.clock.advance(30.0)
+    await rig.reached("migration", "retry_wait")
+    assert dict(rig.source.stats.retries) == {reason: 1}
+    rig.clock.advance(1.0)  # the backoff
+    result = await within(rig.source.finished)
+    assert result.state == "completed"
+    stats = rig.source.stats
+    assert dict(stats.retries) == {reason: 1}
+    assert not stats.failures and stats.completed == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_in_doubt_commit_settled_as_not_taken_is_a_failure(
+    tmp_path: Path, listen: Any
+) -> None:
+    fake = FakeDestination(SIZE, [Script(commit=Commit.CLOSE)])
+    rig = Rig(tmp_path, listen(fake))
+    await within(rig.source.start())
+    await rig.reached("migration", "in_doubt")
+    assert not rig.source.stats.failures  # not yet: nobody knows
+    rig.source.resolve(handed_off=False)
+    await within(rig.source.finished)
+    assert dict(rig.source.stats.failures) == {R.IN_DOUBT: 1}
+    assert not rig.source.stats.retries and rig.source.stats.completed == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_counters_outlive_each_job_and_export_every_reason(
+    tmp_path: Path, listen: Any
+) -> None:
+    rig = Rig(tmp_path, free_port())  # only its export and gate are used
+    manager = MirrorManager(
+        rig.export, gate=rig.gate, clock=rig.rclock, connector=tcp_connector(reactor)
+    )
+    options = MirrorOptions(action=FinishAction.NOTHING)
+    refused = Destination("127.0.0.1", free_port())
+    for _ in range(2):
+        await within(manager.mirror(refused, options))
+        await within(manager.finished())
+    fake = FakeDestination(SIZE)
+    await within(manager.mirror(Destination("127.0.0.1", listen(fake)), options))
+    await within(manager.finished())
+
+    text = generate_latest(make_registry(lambda: [ObservedExport(rig.export, manager)])).decode()
+    samples = {
+        (s.name, s.labels.get("reason")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith(("ferry_migration_", "ferry_migrations_"))
+    }
+    expected = {("ferry_migrations_completed_total", None): 1.0}
+    for reason in FailureReason:
+        expected["ferry_migration_retries_total", reason.value] = 0.0
+        expected["ferry_migration_failures_total", reason.value] = 2.0 if reason is R.CONNECT else 0
+    assert samples == expected
