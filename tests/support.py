@@ -100,6 +100,13 @@ class FerryProcess:
     def uri(self, name: str = "") -> str:
         return f"nbd://127.0.0.1:{self.port}/{name}"
 
+    def metrics_url(self) -> str:
+        """Where ``--metrics`` serves: the URL of the log line ``metrics at URL``."""
+        for line in self.log:
+            if match := re.search(r"metrics at (\S+)", line):
+                return match.group(1)
+        raise LookupError(f"no metrics line logged: {''.join(self.log)}")
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = DEADLINE) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -120,9 +127,12 @@ class FerryProcess:
         return "".join(self.log) + rest
 
 
-def serve(image: Path, *extra: str, env: dict[str, str] | None = None) -> FerryProcess:
+def serve(
+    image: Path, *extra: str, env: dict[str, str] | None = None, mode: str = "serve"
+) -> FerryProcess:
+    """``ferry serve`` (or ``mode``: ``listen``) of ``image`` on a free loopback port."""
     return FerryProcess(
-        ["serve", "--addr", "127.0.0.1", "--port", "0", "--file", str(image), *extra], env=env
+        [mode, "--addr", "127.0.0.1", "--port", "0", "--file", str(image), *extra], env=env
     ).wait_serving()
 
 
