@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from ferry.migrate.stats import FailureReason
 from support import run
 
 pytestmark = pytest.mark.integration
@@ -62,3 +63,21 @@ def test_the_readme_diagram_matches_the_generated_one() -> None:
     assert not missing, f"README diagram lines not in role.mmd: {missing}"
     edges = {line for line in generated if "-->" in line and "shutdown" not in line}
     assert edges <= set(shown), "README diagram lost an edge of role.mmd"
+
+
+def test_the_dashboard_and_alert_checks_run_as_written() -> None:
+    commands = [
+        line.split("#")[0].strip()
+        for line in fenced_block("Dashboards and alerts", "sh").splitlines()
+    ]
+    assert len(commands) == 3
+    for command in commands:
+        result = subprocess.run(command.split(), cwd=REPO, capture_output=True, timeout=120)
+        assert result.returncode == 0, command + result.stdout.decode() + result.stderr.decode()
+    assert b"SUCCESS" in result.stdout  # the last one: promtool test rules
+
+
+def test_the_metrics_section_names_every_migration_failure_reason() -> None:
+    section = README.split("## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    paragraph = section.split("A `reason` is one of ", 1)[1].split(". ", 1)[0]
+    assert re.findall(r"`(\w+)`", paragraph) == [reason.value for reason in FailureReason]
