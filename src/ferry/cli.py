@@ -99,6 +99,12 @@ def build_parser() -> Parser:
         )
         serve.add_argument("--trace", metavar="FILE", help="append every state transition as JSON")
         serve.add_argument(
+            "--log",
+            metavar="FILE",
+            help="also append every log event, debug up, as JSON lines (with the export and, "
+            "for transitions, the trace's fields)",
+        )
+        serve.add_argument(
             "--lockspace",
             metavar="SPEC",
             help="where the image's lease is held while serving (listen: taken over with the "
@@ -177,6 +183,18 @@ def build_parser() -> Parser:
     )
     status.set_defaults(run=run_status)
 
+    events = modes.add_parser(
+        "events", help="print every state transition of a server as it happens, until Ctrl-C"
+    )
+    _control_sock(events, required=True)
+    events.add_argument(
+        "--no-current",
+        dest="current",
+        action="store_false",
+        help="do not print first the last record of every machine (where each stands now)",
+    )
+    events.set_defaults(run=run_events)
+
     acl = modes.add_parser("acl", help="replace a server's access control list")
     _control_sock(acl, required=True)
     acl.add_argument("acl", nargs="*", metavar="ACL_ENTRY")
@@ -199,6 +217,12 @@ def build_parser() -> Parser:
     replay = trace_modes.add_parser("replay", help="check a trace against the statecharts")
     replay.add_argument("file")
     replay.set_defaults(run=run_trace_replay)
+    show = trace_modes.add_parser(
+        "show", help="print the timeline of every machine in one or more traces; draw it as SVG"
+    )
+    show.add_argument("files", nargs="+", metavar="FILE")
+    show.add_argument("--svg", metavar="OUT", help="also draw the timeline into this SVG file")
+    show.set_defaults(run=run_trace_show)
 
     add_lock_commands(modes)
 
@@ -238,10 +262,9 @@ def _verbosity(parser: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
 
-    from ferry.logs import start_logging
+    from ferry.logs import LogFileError, open_log_file, start_logging
     from ferry.node import Node, ServeConfig, StartupError
 
-    start_logging(verbose=args.verbose, quiet=args.quiet)
     config = ServeConfig(
         file=args.file,
         addr=args.addr,
@@ -257,6 +280,16 @@ def run_serve(args: argparse.Namespace) -> int:
         listen=args.listen,
         lockspace=getattr(args, "lockspace", None),
         resource=getattr(args, "resource", None),
+    )
+    try:
+        log_file = open_log_file(args.log) if args.log else None
+    except LogFileError as error:
+        raise UserError(str(error)) from None
+    start_logging(
+        verbose=args.verbose,
+        quiet=args.quiet,
+        json_file=log_file,
+        fields={"export": config.export_name},
     )
     node = Node(reactor, config)
     refusal: list[BaseException] = []
@@ -453,6 +486,76 @@ def run_trace_replay(args: argparse.Namespace) -> int:
         raise UserError(f"{args.file}: {error}") from None
     for (machine, instance), state in sorted(result.final_states.items()):
         print(f"{machine} {instance} {state}")
+    return 0
+
+
+def run_events(args: argparse.Namespace) -> int:
+    """Print the server's transitions as trace lines until it ends the stream or we are stopped.
+
+    Exit 0 when interrupted (SIGINT, SIGTERM: the usual way to stop it) or
+    when the server shut down after sending everything; 1 when the server
+    dropped us, went away without a word, or could not be reached.
+    """
+    import signal
+
+    from ferry.control.client import ControlError, JsonControl
+    from ferry.trace import TraceFormatError, TraceRecord
+
+    def show(fields: Mapping[str, Any]) -> None:
+        try:
+            rec = TraceRecord(**fields)
+        except (TraceFormatError, TypeError) as error:
+            raise ControlError(f"control socket {args.sock}: not a trace record: {error}") from None
+        print(rec.to_json(), flush=True)
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        with JsonControl(args.sock) as control:
+            for fields in control.subscribe(current=args.current):
+                show(fields)
+            print(f"ferry events: following {args.sock}", file=sys.stderr, flush=True)
+            end = control.follow_events(show)
+    except ControlError as error:
+        raise UserError(str(error)) from None
+    except KeyboardInterrupt:
+        print("ferry events: stopped", file=sys.stderr)
+        return 0
+    if end is None:
+        raise UserError(f"control socket {args.sock}: the server went away")
+    if not end.complete:
+        raise UserError(f"control socket {args.sock}: {end.reason}")
+    print(f"ferry events: {args.sock}: {end.reason}", file=sys.stderr)
+    return 0
+
+
+def run_trace_show(args: argparse.Namespace) -> int:
+    from ferry.timeline import build_timeline, render_svg, render_text
+    from ferry.trace import ReplayError, TraceRecord, read_records
+
+    traces: list[tuple[str, list[TraceRecord]]] = []
+    for path in args.files:
+        try:
+            with open(path, encoding="utf-8") as lines:
+                records = [rec for _, _, rec in read_records(lines)]
+        except OSError as error:
+            raise UserError(f"trace {path}: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"trace {path}: not a text file") from None
+        except ReplayError as error:
+            raise UserError(f"{path}: {error}") from None
+        if not records:
+            raise UserError(f"trace {path}: no records")
+        traces.append((path, records))
+    timeline = build_timeline(traces)
+    if args.svg:
+        try:
+            Path(args.svg).write_text(render_svg(timeline), encoding="utf-8")
+        except OSError as error:
+            raise UserError(f"svg {args.svg}: {error.strerror}") from None
+    sys.stdout.write(render_text(timeline))
     return 0
 
 

@@ -1,22 +1,79 @@
-"""Log output for the CLI: one readable line per event on stderr."""
+"""Log output for the CLI: readable lines on stderr, and optionally a JSON file.
+
+stderr is for the operator, at the level ``-v`` / ``-q`` choose.  The JSON
+file (``--log FILE``) is for machines: it takes every event from debug up
+whatever the verbosity, one JSON object per line (twisted.logger's
+``eventAsJSON``; ``eventsFromJSONLogFile`` reads it back), and each event
+carries the process's identifiers (``export``) unless it names its own.
+Transitions are logged with the trace's own fields (see
+:func:`ferry.trace.log_transitions`), so a log and a trace join on
+``machine``, ``instance``, ``event`` and ``time``.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
+from typing import IO, cast
 
 from twisted.logger import (
     FilteringLogObserver,
+    ILogObserver,
+    LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
     globalLogBeginner,
+    jsonFileLogObserver,
     textFileLogObserver,
 )
+from zope.interface import provider
+
+__all__ = ["LogFileError", "open_log_file", "start_logging", "with_fields"]
 
 
-def start_logging(*, verbose: bool = False, quiet: bool = False) -> None:
+class LogFileError(Exception):
+    """The ``--log`` file cannot be opened; the message says why, in one line."""
+
+
+def open_log_file(path: str) -> IO[str]:
+    """Open ``path`` for appending (a log outlives runs, like a trace), line-buffered."""
+    try:
+        # Kept open for the whole run, so no ``with``.
+        return open(path, "a", encoding="utf-8", buffering=1)
+    except OSError as error:
+        raise LogFileError(f"log file {path}: {error.strerror or error}") from None
+
+
+def start_logging(
+    *,
+    verbose: bool = False,
+    quiet: bool = False,
+    json_file: IO[str] | None = None,
+    fields: Mapping[str, object] | None = None,
+) -> None:
+    """Log to stderr, and to ``json_file`` if given, with ``fields`` in every JSON event."""
     level = LogLevel.debug if verbose else LogLevel.warn if quiet else LogLevel.info
-    observer = textFileLogObserver(sys.stderr)
-    globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(observer, [LogLevelFilterPredicate(defaultLogLevel=level)])],
-        redirectStandardIO=False,
-    )
+    observers: list[ILogObserver] = [
+        FilteringLogObserver(
+            textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(defaultLogLevel=level)]
+        )
+    ]
+    if json_file is not None:
+        # An empty record separator makes plain JSON lines (jq reads them;
+        # eventsFromJSONLogFile detects the form).
+        observers.append(with_fields(jsonFileLogObserver(json_file, ""), dict(fields or {})))
+    globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
+
+
+def with_fields(observer: ILogObserver, fields: dict[str, object]) -> ILogObserver:
+    """``observer``, seeing ``fields`` in every event that does not set them itself.
+
+    The event is copied, not changed: every observer gets the same dict, and
+    the text observer must not start printing keys it was never given.
+    """
+
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        observer({**fields, **event})
+
+    return cast(ILogObserver, observe)

@@ -21,6 +21,7 @@ from twisted.web.server import Site
 
 from ferry.clock import ReactorClock
 from ferry.control.commands import Commands
+from ferry.control.events import EventHub
 from ferry.control.server import listen_control
 from ferry.control.status import StatusSnapshot
 from ferry.lease.backend import LeaseBackend, LeaseConflict, LeaseError, LeaseMode
@@ -41,7 +42,7 @@ from ferry.serve.export import Export
 from ferry.serve.server import NBDServer
 from ferry.serve.stats import RequestStats
 from ferry.storage import Image
-from ferry.trace import TraceFile, Tracer
+from ferry.trace import TraceFile, Tracer, log_transitions
 
 log = Logger()
 
@@ -97,6 +98,11 @@ class ServeConfig:
     lockspace: str | None = None
     resource: str | None = None  # the lease's name (default: the image's real path)
 
+    @property
+    def export_name(self) -> str:
+        """The export's name: ``--name``, or the file's name (also what logs and traces call it)."""
+        return self.name or os.path.basename(self.file)
+
 
 class Node:
     """One export served on one port, with its control socket and metrics."""
@@ -106,6 +112,10 @@ class Node:
         self.config = config
         self.clock = ReactorClock(reactor)
         self.tracer = Tracer()
+        # Both see every machine from its first record: the hub knows where
+        # each stands for a late subscriber, the log carries each transition.
+        self.events = EventHub(self.tracer, self.clock)
+        self.tracer.subscribe(log_transitions(config.export_name))
         self._trace_file: TraceFile | None = None
         self._ports: list[IListeningPort] = []
         self.image: Image | None = None
@@ -168,7 +178,7 @@ class Node:
             self.image = Image.open(config.file, read_only=config.read_only)
         except ImageError as error:
             raise StartupError(str(error)) from None
-        name = config.name or os.path.basename(config.file)
+        name = config.export_name
         self.export = Export(
             name, self.image, clock=self.clock, tracer=self.tracer, description=config.description
         )
@@ -198,6 +208,7 @@ class Node:
                         Commands(
                             self.server, default_deny=config.default_deny, mirrors=self.mirrors
                         ),
+                        self.events,
                     )
                 )
             except ControlSocketError as error:
@@ -355,6 +366,8 @@ class Node:
             self.export.trigger("shutdown")
         if self.lease is not None:
             yield self.lease.shutdown()
+        # After the last transition, so subscribers have seen every one.
+        yield self.events.close("the server is shutting down")
         self.clock.cancel_all()
         self._close_now()
         log.info("stopped")

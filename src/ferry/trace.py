@@ -2,8 +2,9 @@
 
 Every machine built by :func:`ferry.statecharts.build` hands each event it
 processes, legal or not, to a :class:`Tracer` as one :class:`TraceRecord`.
-The tracer fans it out to its sinks: a :class:`TraceFile` of JSON lines now,
-live subscribers of the control socket later.
+The tracer fans it out to its sinks: a :class:`TraceFile` of JSON lines, the
+log (:func:`log_transitions`), and the control socket's live subscribers
+(:mod:`ferry.control.events`).
 
 A trace is worth having only if it can be believed, so :func:`replay` reads
 one back and checks each line against the statecharts' YAML: a record that
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -47,6 +48,8 @@ __all__ = [
     "TraceFormatError",
     "TraceRecord",
     "Tracer",
+    "log_transitions",
+    "read_records",
     "replay",
 ]
 
@@ -101,12 +104,13 @@ class TraceRecord:
         if not self.ok and not (isinstance(self.error, str) and self.error):
             raise TraceFormatError("a record with ok=false must say what the error was")
 
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a JSON object, keys in field order (what the control socket streams)."""
+        return {name: getattr(self, name) for name in _FIELDS}
+
     def to_json(self) -> str:
         """One line of JSON, keys in field order, so traces diff and grep well."""
-        return json.dumps(
-            {name: getattr(self, name) for name in _FIELDS},
-            allow_nan=False,
-        )
+        return json.dumps(self.to_dict(), allow_nan=False)
 
     @classmethod
     def from_json(cls, line: str) -> TraceRecord:
@@ -200,6 +204,29 @@ class TraceFile:
         self.close()
 
 
+def log_transitions(export: str) -> Sink:
+    """A sink that logs each record as an event with the record's own fields, plus ``export``.
+
+    So a JSON log (``--log``) and a trace join on ``machine``, ``instance``,
+    ``event`` and ``time``.  Transitions are debug events (``-v`` shows
+    them on stderr; the JSON log has them always); one that failed is a
+    warning, since it means a callback raised or a trigger came in a state
+    that does not take it.
+    """
+
+    def sink(rec: TraceRecord) -> None:
+        fields = rec.to_dict()
+        if rec.ok:
+            _log.debug(_TRANSITION_FORMAT, export=export, **fields)
+        else:
+            _log.warn(_TRANSITION_FORMAT + " failed: {error}", export=export, **fields)
+
+    return sink
+
+
+_TRANSITION_FORMAT = "{machine}/{instance}: {event} {source} -> {dest}"
+
+
 @dataclass
 class ReplayResult:
     """Where each machine instance ended up, and how many records were replayed."""
@@ -234,6 +261,20 @@ def replay(lines: Iterable[str], charts: Mapping[str, Statechart]) -> ReplayResu
     """
     result = ReplayResult()
     current = result.final_states
+    for number, line, rec in read_records(lines):
+        reason = _judge(rec, charts, current)
+        if reason is not None:
+            raise ReplayError(number, line, f"{rec.machine}/{rec.instance}: {reason}")
+        result.lines += 1
+    return result
+
+
+def read_records(lines: Iterable[str]) -> Iterator[tuple[int, str, TraceRecord]]:
+    """Each record of a trace, with its line number and text; blank lines are skipped.
+
+    A line that is not a well-formed record raises :class:`ReplayError`
+    naming it, so every reader of traces words the problem the same way.
+    """
     for number, raw in enumerate(lines, start=1):
         line = raw.rstrip("\r\n")
         if not line.strip():
@@ -242,11 +283,7 @@ def replay(lines: Iterable[str], charts: Mapping[str, Statechart]) -> ReplayResu
             rec = TraceRecord.from_json(line)
         except TraceFormatError as err:
             raise ReplayError(number, line, str(err)) from None
-        reason = _judge(rec, charts, current)
-        if reason is not None:
-            raise ReplayError(number, line, f"{rec.machine}/{rec.instance}: {reason}")
-        result.lines += 1
-    return result
+        yield number, line, rec
 
 
 def _judge(

@@ -4,6 +4,7 @@
 :class:`JsonControl` keeps one JSON-lines connection open, which
 ``ferry mirror --wait`` needs: it asks for progress while a ``wait``
 request is outstanding, and the answer to ``wait`` is how the job ended.
+``ferry events`` subscribes on one and reads notifications until the end.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import select
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
 
@@ -24,6 +26,15 @@ PROGRESS_INTERVAL: Final = 0.5
 
 class ControlError(Exception):
     """The control socket could not be reached or answered nonsense; one clear line."""
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """How the server ended an event stream (its ``end`` notification)."""
+
+    reason: str
+    complete: bool
+    """True if every event up to the end was sent (a shutdown), false if some were dropped."""
 
 
 def line_command(path: str, lines: list[str], *, timeout: float = 30.0) -> tuple[int, str]:
@@ -110,6 +121,38 @@ class JsonControl:
                     show(line)
                     last = line
 
+    def subscribe(self, *, current: bool = True) -> list[dict[str, Any]]:
+        """Subscribe to the server's transitions; return where every machine stands now.
+
+        With ``current`` false the list is empty.  A refusal is a ControlError.
+        """
+        answer = self.call("subscribe", {"current": current})
+        if "error" in answer:
+            message = answer["error"].get("message", answer["error"])
+            raise ControlError(f"control socket {self._path}: subscribe: {message}")
+        result = answer.get("result")
+        records = result.get("current", []) if isinstance(result, dict) else None
+        if not isinstance(records, list):
+            raise ControlError(f"control socket {self._path}: unexpected answer {answer!r}")
+        return records
+
+    def follow_events(self, show: Callable[[dict[str, Any]], None]) -> StreamEnd | None:
+        """Show each event's record as it comes, with no deadline, until the stream ends.
+
+        Returns how the server ended it, or None if the connection closed
+        without an ``end`` (the server died, or is not ferry).
+        """
+        while True:
+            message = self._next(None)
+            if message is None:
+                return None
+            method = message.get("method")
+            params = message.get("params")
+            if method == "event" and isinstance(params, dict):
+                show(params)
+            elif method == "end" and isinstance(params, dict):
+                return StreamEnd(str(params.get("reason", "")), params.get("complete") is True)
+
     def _send(self, request_id: object, method: str, params: dict[str, Any] | None) -> None:
         request = {"id": request_id, "method": method, "params": params or {}}
         try:
@@ -117,10 +160,11 @@ class JsonControl:
         except OSError as error:
             raise ControlError(f"control socket {self._path}: {error.strerror or error}") from None
 
-    def _next(self, timeout: float) -> dict[str, Any] | None:
-        """The next answer; None at EOF; TimeoutError if none comes in time."""
+    def _next(self, timeout: float | None) -> dict[str, Any] | None:
+        """The next answer; None at EOF; TimeoutError if none comes in time (None: wait on)."""
         while b"\n" not in self._buffer:
-            ready, _, _ = select.select([self._sock], [], [], max(timeout, 0.0))
+            wait = None if timeout is None else max(timeout, 0.0)
+            ready, _, _ = select.select([self._sock], [], [], wait)
             if not ready:
                 raise TimeoutError("no answer in time")
             try:

@@ -4,7 +4,10 @@ flexnbd form: one command per connection: the command and its arguments one
 per line, a blank line, then the reply line ``N: text`` and the server
 closes.  A connection whose first byte is ``{`` speaks JSON lines instead:
 ``{"id": 1, "method": "status", "params": {...}}`` in, one JSON object out
-per request, and the connection stays open.
+per request, and the connection stays open.  On it, ``subscribe`` streams
+every transition of every machine (:mod:`ferry.control.events`), and what
+the server sends waits within a cap while the client is slow
+(:mod:`ferry.control.jsonlines`).
 
 The socket file is created with mode 0600 (the umask is narrowed around
 ``bind`` so there is no window in which it is wider).  A socket file left by
@@ -28,6 +31,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ferry.control.commands import Commands, Reply
+from ferry.control.events import STREAM_METHODS, EventHub, EventStream
+from ferry.control.jsonlines import JsonLines
 
 log = Logger()
 
@@ -43,12 +48,15 @@ class ControlSocketError(Exception):
 
 @implementer(IHalfCloseableProtocol)
 class ControlProtocol(Protocol):
-    def __init__(self, commands: Commands) -> None:
+    def __init__(self, commands: Commands, events: EventHub) -> None:
         self._commands = commands
+        self._events = events
         self._buffer = b""
         self._json: bool | None = None
         self._answered = False
         self._lost = False
+        self._out: JsonLines | None = None  # a JSON connection's outgoing lines
+        self._stream: EventStream | None = None
 
     def dataReceived(self, data: bytes) -> None:
         if self._answered:
@@ -56,8 +64,15 @@ class ControlProtocol(Protocol):
         self._buffer += data
         if self._json is None and self._buffer:
             self._json = self._buffer.startswith(b"{")
+            if self._json and self.transport is not None:
+                self._out = JsonLines(self.transport, self._events.clock)
+                self._stream = EventStream(self._events, self._out)
         if len(self._buffer) > MAX_COMMAND_BYTES:
-            self._reply_line(f"1: command longer than {MAX_COMMAND_BYTES} bytes\n")
+            if self._out is not None:
+                self._answered = True  # read nothing more
+                self._out.end(f"a request longer than {MAX_COMMAND_BYTES} bytes")
+            else:
+                self._reply_line(f"1: command longer than {MAX_COMMAND_BYTES} bytes\n")
             return
         if self._json:
             self._json_requests()
@@ -105,6 +120,10 @@ class ControlProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
+        if self._stream is not None:
+            self._stream.stop()
+        if self._out is not None:
+            self._out.connection_lost()
 
     # -- JSON lines ---------------------------------------------------------------
 
@@ -132,6 +151,9 @@ class ControlProtocol(Protocol):
             return
         request_id = request.get("id")
         params = request.get("params", {})
+        if request["method"] in STREAM_METHODS and self._stream is not None:
+            self._send_json(self._stream.request(request_id, request["method"], params))
+            return
         args = params.get("args", []) if isinstance(params, dict) else params
         if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
             self._send_json(
@@ -145,9 +167,9 @@ class ControlProtocol(Protocol):
         )
 
     def _send_json(self, answer: dict[str, Any]) -> None:
-        if self.transport is None or self._lost:
+        if self._out is None or self._lost:
             return
-        self.transport.write(json.dumps(answer).encode("utf-8") + b"\n")
+        self._out.send(answer)
 
 
 def _settle(reply: Reply | Deferred[Reply], deliver: Callable[[Reply], None]) -> None:
@@ -173,11 +195,12 @@ def _json_answer(request_id: Any, reply: Reply) -> dict[str, Any]:
 
 
 class ControlFactory(Factory):
-    def __init__(self, commands: Commands) -> None:
+    def __init__(self, commands: Commands, events: EventHub) -> None:
         self.commands = commands
+        self.events = events
 
     def buildProtocol(self, addr: Any) -> ControlProtocol:
-        return ControlProtocol(self.commands)
+        return ControlProtocol(self.commands, self.events)
 
 
 def claim_socket_path(path: str) -> None:
@@ -205,11 +228,13 @@ def claim_socket_path(path: str) -> None:
     raise ControlSocketError(f"control socket {path}: in use by a running server")
 
 
-def listen_control(reactor: IReactorUNIX, path: str, commands: Commands) -> IListeningPort:
+def listen_control(
+    reactor: IReactorUNIX, path: str, commands: Commands, events: EventHub
+) -> IListeningPort:
     claim_socket_path(path)
     old_umask = os.umask(0o177)
     try:
-        return reactor.listenUNIX(path, ControlFactory(commands), mode=0o600)
+        return reactor.listenUNIX(path, ControlFactory(commands, events), mode=0o600)
     except Exception as error:
         raise ControlSocketError(f"control socket {path}: {error}") from None
     finally:
