@@ -56,6 +56,69 @@ def test_the_session_in_using_it_runs_as_written(tmp_path: Path) -> None:
     assert (tmp_path / "disk.img").read_bytes()[4096:4101] == b"hello"
 
 
+def test_the_watching_session_runs_as_written(tmp_path: Path) -> None:
+    """The console block, fed to one bash a line at a time, as someone would type it.
+
+    One thing is added: after starting ``ferry events … &`` the test waits for
+    its ``following`` line on stderr, as a reader sees the subscription begin
+    before typing the migration.  Each line must succeed.
+    """
+    import json
+    import signal
+    import xml.etree.ElementTree as ET
+
+    from support import Deadline, read_line
+
+    mark = "__readme_line_done__"
+    lines = [line[2:] for line in fenced_block("Watching a migration", "console").splitlines()]
+    shell = subprocess.Popen(
+        ["bash"],
+        cwd=tmp_path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # so a failure can stop every job it started
+    )
+    assert shell.stdin is not None and shell.stdout is not None and shell.stderr is not None
+    deadline = Deadline(120)
+    out: list[str] = []
+    err: list[str] = []
+    try:
+        for line in lines:
+            shell.stdin.write(f"{line}\necho {mark} $?\n".encode())
+            shell.stdin.flush()
+            while not (got := read_line(shell.stdout, deadline).decode()).startswith(mark):
+                assert got, f"bash ended during {line!r}: {''.join(out)}"
+                out.append(got)
+            assert got.split() == [mark, "0"], f"{line!r} failed: {''.join(out)}"
+            if line.startswith("ferry events") and line.endswith("&"):
+                while not (got := read_line(shell.stderr, deadline).decode()).startswith(
+                    "ferry events: following"
+                ):
+                    assert got, f"ferry events did not subscribe: {''.join(err)}"
+                    err.append(got)
+        shell.stdin.close()
+        assert shell.wait(timeout=deadline.left()) == 0
+        err.append(shell.stderr.read().decode())
+    finally:
+        if shell.poll() is None:
+            os.killpg(shell.pid, signal.SIGKILL)
+            shell.wait()
+    text, errors = "".join(out), "".join(err)
+    assert "has control of the image" in text, text + errors
+    assert (tmp_path / "copy.img").read_bytes() == (tmp_path / "disk.img").read_bytes()
+    trace = (tmp_path / "src.jsonl").read_text().splitlines()
+    events = (tmp_path / "events.jsonl").read_text().splitlines()
+    assert set(events) <= set(trace) and events[-1] == trace[-1]
+    assert any('"handed_off"' in line for line in events)
+    assert "ferry events: src.sock: the server is shutting down" in errors
+    assert "\nsrc.jsonl: migration disk\n" in text
+    svg = ET.parse(tmp_path / "timeline.svg").getroot()
+    assert len(svg.findall(".//{http://www.w3.org/2000/svg}g[@class='lane']")) == 5
+    log = [json.loads(line) for line in (tmp_path / "src-log.jsonl").read_text().splitlines()]
+    assert {event["export"] for event in log} == {"disk"}
+
+
 def test_the_readme_diagram_matches_the_generated_one() -> None:
     generated = set((REPO / "statecharts" / "role.mmd").read_text().splitlines())
     shown = fenced_block("State machines and traces", "mermaid").splitlines()
