@@ -14,6 +14,7 @@ expression names, so a test can hold them against a live ``/metrics``.
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import urllib.error
@@ -33,7 +34,8 @@ HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = REPO / "dashboards"
 RULES = DASHBOARDS / "alerts" / "ferry.rules.yml"
-SCRAPE_INTERVAL = "1s"
+SCRAPE_SECONDS = 1
+SCRAPE_INTERVAL = f"{SCRAPE_SECONDS}s"
 # What Grafana would put for $__rate_interval with a 1 s scrape interval
 # (four scrape intervals), and for $export with "All" selected.
 GRAFANA_VARIABLES = {"$__rate_interval": "4s", "$export": ".*"}
@@ -113,7 +115,13 @@ class PrometheusServer:
         return result
 
     def query_range(self, expr: str, start: float, end: float) -> list[dict[str, Any]]:
-        """A range query at the scrape interval: every series it had at any step."""
+        """A range query at the scrape interval: every series it had at any step.
+
+        Steps run from ``start`` one interval apart, and the last is not
+        after ``end``; so ``start`` moves back to put the last step on
+        ``end``, or a sample scraped less than an interval ago would be missed.
+        """
+        start = end - math.ceil((end - start) / SCRAPE_SECONDS) * SCRAPE_SECONDS
         result: list[dict[str, Any]] = self.api(
             "query_range", query=expr, start=str(start), end=str(end), step=SCRAPE_INTERVAL
         )["result"]
