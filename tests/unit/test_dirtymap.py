@@ -93,6 +93,40 @@ class DirtyMapMachine(RuleBasedStateMachine):
             assert joined == expected
         self.model = set()
 
+    @rule(data=st.data())
+    def take(self, data: st.DataObject) -> None:
+        offset = data.draw(st.integers(0, self.size + self.g))
+        end = data.draw(st.integers(offset, offset + 6 * self.g))
+        window = self.map.take(offset, end)
+        taken = touched(offset, end - offset, self.size, self.g) & self.model
+        assert list(window.runs()) == model_runs(taken, self.size, self.g)
+        assert window.dirty_bytes == model_bytes(taken, self.size, self.g)
+        assert window.start == min((offset // self.g) * self.g, self.size)
+        last = touched(offset, end - offset, self.size, self.g)
+        assert window.end == (min((max(last) + 1) * self.g, self.size) if last else window.start)
+        self.model -= taken
+
+    @rule(data=st.data())
+    def clear_within(self, data: st.DataObject) -> None:
+        offset = data.draw(st.integers(0, self.size + self.g))
+        length = data.draw(st.integers(0, 6 * self.g))
+        self.map.clear_within(offset, length)
+        end = offset + length
+        whole = {
+            c
+            for c in touched(offset, length, self.size, self.g)
+            if c * self.g >= offset and min((c + 1) * self.g, self.size) <= end
+        }
+        self.model -= whole
+
+    @rule(data=st.data())
+    def look_ahead(self, data: st.DataObject) -> None:
+        offset = data.draw(st.integers(0, self.size + self.g))
+        ahead = {c for c in self.model if c * self.g >= offset}
+        assert self.map.dirty_bytes_from(offset) == model_bytes(ahead, self.size, self.g)
+        first = min((c for c in self.model if c >= offset // self.g), default=None)
+        assert self.map.next_dirty(offset) == (None if first is None else first * self.g)
+
     @invariant()
     def counts(self) -> None:
         dirty = model_bytes(self.model, self.size, self.g)

@@ -282,9 +282,10 @@ class MigrationJob:
         return write_rate_cap(self.throttle, self._throttle_base)
 
     def bytes_left(self) -> int:
-        """What the pass still has to copy plus what clients dirtied since it began."""
-        in_pass = self.plan.dirty_bytes if self.plan is not None else 0
-        return in_pass + self.dirty.dirty_bytes
+        """What the migration still has to send: the rest of this pass and what clients dirtied."""
+        if self.plan is None:
+            return self.dirty.dirty_bytes
+        return self.plan.bytes_left(self.dirty)
 
     def progress(self) -> MigrationProgress:
         """Every migration status field now; the live ones only while copying."""

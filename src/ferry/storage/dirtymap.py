@@ -13,11 +13,13 @@ Invariants:
 - A chunk is the unit: a write of one byte dirties its whole chunk, and byte
   counts are whole chunks, except that the last chunk only counts up to
   ``size``.
-- ``mark`` and ``snapshot_and_clear`` hold one lock, so a mark lands either in
-  the snapshot or in the fresh map, never in a map nobody will read again.
-  For migration to be correct a writer must call ``mark`` *after* its write
-  reached the image: then a mark that lands in the snapshot is for data the
-  pass will read, and one that misses it is in the next pass.
+- ``mark`` and every clearing call (``snapshot_and_clear``, ``take``,
+  ``clear_within``) hold one lock, so a mark lands either in what was taken
+  or in the map that stays, never in a map nobody will read again.  For
+  migration to be correct a writer must call ``mark`` *after* its write
+  reached the image, and a pass must read a chunk only *after* it cleared
+  it: then a mark that was cleared is for data the read will see, and one
+  that was not is still in the map for the next pass.
 """
 
 from __future__ import annotations
@@ -49,16 +51,23 @@ class DirtySnapshot:
     """The chunks that were dirty when the snapshot was taken.
 
     It owns the map it was handed, which nothing writes to any more, so it is
-    immutable without a copy.
+    immutable without a copy.  A snapshot of part of the map (:meth:`DirtyMap.take`)
+    starts at ``start``, a chunk boundary; ``size`` is always the image's.
     """
 
     size: int
     granularity: int
     dirty_bytes: int
     _bits: bytearray = field(repr=False)
+    start: int = 0
 
     def __bool__(self) -> bool:
         return self.dirty_bytes > 0
+
+    @property
+    def end(self) -> int:
+        """Where the chunks it covers end (a chunk boundary, or the end of the image)."""
+        return min(self.start + len(self._bits) * self.granularity, self.size)
 
     @property
     def clean_bytes(self) -> int:
@@ -76,14 +85,15 @@ class DirtySnapshot:
             raise ValueError(f"max_length {max_length} is not a positive multiple of {g}")
         bits = self._bits
         size = self.size
+        base = self.start
         n = len(bits)
         start = bits.find(1)
         while start != -1:
             stop = bits.find(0, start)
             if stop == -1:
                 stop = n
-            offset = start * g
-            end = min(stop * g, size)
+            offset = base + start * g
+            end = min(base + stop * g, size)
             if max_length is None:
                 yield offset, end - offset
             else:
@@ -188,6 +198,81 @@ class DirtyMap:
         stop = ((end - 1) >> self._shift) + 1
         with self._lock:
             return self._bits.find(1, first, stop) != -1
+
+    def dirty_bytes_from(self, offset: int) -> int:
+        """Dirty bytes in the chunks that start at or after ``offset`` (a pass's look ahead).
+
+        It counts the map from there (memchr speed: about 10 us a GiB of
+        image at 4 KiB chunks), so it is for status and per-pass decisions,
+        not for a per-request path.
+        """
+        first = -(-max(offset, 0) >> self._shift)  # the first chunk starting at or after it
+        with self._lock:
+            bits = self._bits
+            if first >= len(bits):
+                return 0
+            return self._bytes(bits.count(1, first), tail_dirty=bits[-1] == 1)
+
+    def next_dirty(self, offset: int) -> int | None:
+        """Where the first dirty chunk at or after the one holding ``offset`` starts (or None)."""
+        with self._lock:
+            found = self._bits.find(1, max(offset, 0) >> self._shift)
+        return None if found == -1 else found << self._shift
+
+    def take(self, offset: int, end: int) -> DirtySnapshot:
+        """Snapshot and clear the chunks that ``[offset, end)`` touches, atomically.
+
+        A migration pass takes the map a window at a time, just before it
+        reads that window's extents and data, rather than all at once when
+        it starts: a chunk a client rewrites before the pass reaches it is
+        then sent once, by this pass, instead of by this pass and the next.
+        """
+        if offset < 0 or end < offset:
+            raise ValueError(f"bad range offset={offset} end={end}")
+        end = min(end, self.size)
+        first = offset >> self._shift
+        stop = ((end - 1) >> self._shift) + 1 if end > offset else first
+        with self._lock:
+            bits = self._bits
+            taken = bits[first:stop]
+            dirty = taken.count(1)
+            if dirty:
+                bits[first:stop] = bytes(stop - first)
+                self._count -= dirty
+            tail_dirty = stop == len(bits) and stop > first and taken[-1] == 1
+        start = min(first << self._shift, self.size)
+        return DirtySnapshot(
+            self.size, self.granularity, self._bytes(dirty, tail_dirty=tail_dirty), taken, start
+        )
+
+    def clear_within(self, offset: int, length: int) -> None:
+        """Clear the chunks that lie wholly inside ``[offset, offset + length)``.
+
+        The bulk pass calls it just before it reads a data extent: a mark
+        there is for data that read will see.  A chunk the range covers
+        only in part keeps its mark (the rest of it is not being read); the
+        image's last, short chunk is whole when the range reaches the end.
+        """
+        if offset < 0 or length < 0:
+            raise ValueError(f"bad range offset={offset} length={length}")
+        end = offset + length
+        first = -(-offset >> self._shift)
+        with self._lock:
+            bits = self._bits
+            stop = len(bits) if end >= self.size else end >> self._shift
+            if stop <= first:
+                return
+            dirty = bits.count(1, first, stop)
+            if dirty:
+                bits[first:stop] = bytes(stop - first)
+                self._count -= dirty
+
+    def _bytes(self, chunks: int, *, tail_dirty: bool) -> int:
+        """Bytes in ``chunks`` dirty chunks (the image's short last chunk counts up to ``size``)."""
+        counted = chunks << self._shift
+        if tail_dirty:
+            counted -= (len(self._bits) << self._shift) - self.size
+        return counted
 
     def snapshot_and_clear(self) -> DirtySnapshot:
         """Take the dirty set and start again with a clean map, atomically."""
