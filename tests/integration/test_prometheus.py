@@ -80,6 +80,7 @@ class Run:
     dest_fields: set[str] = field(default_factory=set)
     # Sample names on the live /metrics of both, during the migration and after it.
     metrics: set[str] = field(default_factory=set)
+    migrating_text: str = ""  # the source's /metrics during the migration
     source_image: Path = Path()
     dest_image: Path = Path()
     report: dict[str, Any] = field(default_factory=dict)
@@ -100,8 +101,11 @@ def _status(sock: Path) -> dict[str, str]:
     return parse_line(run([*FERRY, "status", "--sock", str(sock)]).stdout.decode())
 
 
-def _sample_names(url: str) -> set[str]:
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
+def _scrape(url: str) -> str:
+    return str(urllib.request.urlopen(url, timeout=10).read().decode())
+
+
+def _sample_names(text: str) -> set[str]:
     return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
 
 
@@ -177,7 +181,8 @@ def migration(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         def migrating_seen() -> bool | None:
             # Each poll also reads the status line and /metrics: both are checked below.
             result.source_fields |= set(_status(source_sock))
-            result.metrics |= _sample_names(source_url)
+            result.migrating_text = _scrape(source_url)
+            result.metrics |= _sample_names(result.migrating_text)
             missing = [
                 name
                 for name in MIGRATION_FIELDS
@@ -207,7 +212,7 @@ def migration(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             "the end of the migration",
             lambda: True if all(prometheus.query(expr) for expr in after) else None,
         )
-        result.metrics |= _sample_names(source_url) | _sample_names(dest_url)
+        result.metrics |= _sample_names(_scrape(source_url)) | _sample_names(_scrape(dest_url))
         yield result
     finally:
         stop_file.touch()
@@ -279,6 +284,12 @@ def test_every_expression_parses_and_names_only_exported_metrics(migration: Run)
         if names - migration.metrics:
             unknown[expression.where] = names - migration.metrics
     assert not unknown, unknown
+
+
+def test_metrics_during_a_migration_pass_promtool(migration: Run) -> None:
+    assert "ferry_migration_pass{" in migration.migrating_text
+    check = run(["promtool", "check", "metrics"], input=migration.migrating_text.encode())
+    assert check.stdout == b"" and check.stderr == b"", check
 
 
 def test_the_alert_rules_evaluate_on_the_real_series_and_stay_quiet(migration: Run) -> None:
