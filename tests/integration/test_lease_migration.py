@@ -11,12 +11,14 @@ migration's data is compared byte for byte.
 from __future__ import annotations
 
 import contextlib
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from etcd_support import EtcdServer, etcd_fixture
+from fakes.commit_cutter import CommitCutter, Cut
 from support import FERRY, FerryProcess, random_file, run, sparse_file
 
 pytestmark = pytest.mark.integration
@@ -151,3 +153,98 @@ def test_a_destination_that_cannot_take_the_lease_leaves_it_with_the_source(
         after = status(tmp_path / "serve.sock")
         assert (after["state"], after["lease_state"]) == ("serving", "held")
         assert status(tmp_path / "listen.sock")["has_control"] == "false"
+
+
+# -- the acknowledgement lost: the lease settles in_doubt, both ways (on etcd) ---------
+
+
+def mirror_through(tmp_path: Path, cutter: CommitCutter) -> subprocess.CompletedProcess[bytes]:
+    """``ferry mirror --wait`` to the relay in front of the listener."""
+    args = ["mirror", "--addr", "127.0.0.1", "--port", str(cutter.port)]
+    args += ["--sock", str(tmp_path / "serve.sock"), "--action", "nothing", "--wait"]
+    return run([*FERRY, *args], check=False, timeout=120)
+
+
+def test_an_ack_lost_after_the_commit_is_settled_as_handed_off(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    space, resource = f"etcd:{etcd.url}", f"vm-{tmp_path.name}"
+    with pair(tmp_path, space, resource, resource) as (source, dest, source_image, dest_image):
+        before = status(tmp_path / "serve.sock")
+        with CommitCutter(dest.port, Cut.AFTER_COMMIT) as cutter:
+            out = mirror_through(tmp_path, cutter)
+            assert cutter.done.is_set() and cutter.error is None
+        # The destination committed and serves; the source never heard it,
+        # went in_doubt, and the lease (now the destination's) settled it.
+        assert "the lease says handed_off" in source.wait_for_log("the lease says")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.decode().rstrip().endswith("has control of the image")
+        after, destination = status(tmp_path / "serve.sock"), status(tmp_path / "listen.sock")
+        assert (after["state"], after["lease_state"]) == ("handed_off", "released")
+        assert (destination["state"], destination["lease_state"]) == ("serving", "held")
+        assert int(destination["lease_token"]) > int(before["lease_token"])
+        assert source_image.read_bytes() == dest_image.read_bytes()
+
+
+def test_a_commit_lost_before_the_destination_is_settled_as_serving(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    space, resource = f"etcd:{etcd.url}", f"vm-{tmp_path.name}"
+    with pair(tmp_path, space, resource, resource) as (source, dest, source_image, _):
+        with CommitCutter(dest.port, Cut.BEFORE_COMMIT) as cutter:
+            out = mirror_through(tmp_path, cutter)
+            assert cutter.done.is_set() and cutter.error is None
+        assert "the lease says serving" in source.wait_for_log("the lease says")
+        assert out.returncode == 1
+        assert "did not commit" in out.stderr.decode(), out.stderr
+        after, destination = status(tmp_path / "serve.sock"), status(tmp_path / "listen.sock")
+        assert (after["state"], after["has_control"], after["lease_state"]) == (
+            "serving",
+            "true",
+            "held",
+        )
+        assert (destination["state"], destination["has_control"]) == ("listening", "false")
+        assert destination["lease_state"] != "held"
+        # The source took its lease back: it serves writes, and nobody else may.
+        run(
+            [*FERRY, "write", "-l", "127.0.0.1", "-p", str(source.port), "-F", "0", "-S", "5"],
+            input=b"still",
+        )
+        assert source_image.read_bytes()[:5] == b"still"
+        third = run(
+            [
+                *FERRY,
+                "serve",
+                "-l",
+                "127.0.0.1",
+                "-p",
+                "0",
+                "-f",
+                str(source_image),
+                "--lockspace",
+                space,
+                "--resource",
+                resource,
+            ],
+            check=False,
+        )
+        assert third.returncode == 1 and f":{source.proc.pid}:" in third.stderr.decode()
+
+
+def test_break_mid_migration_leaves_the_lease_with_the_source_on_etcd(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    space, resource = f"etcd:{etcd.url}", f"vm-{tmp_path.name}"
+    with pair(tmp_path, space, resource, resource) as (source, dest, source_image, dest_image):
+        before = status(tmp_path / "serve.sock")
+        # Slow enough (8 MiB at 1 MiB/s) that the break lands in the bulk pass.
+        assert run([*FERRY, *mirror_args(tmp_path, dest, "--max-bps", "1M")]).returncode == 0
+        source.wait_for_log("negotiated")
+        stopped = run([*FERRY, "break", "--sock", str(tmp_path / "serve.sock")])
+        assert stopped.stdout.decode().strip() == "mirror stopped"
+        after, destination = status(tmp_path / "serve.sock"), status(tmp_path / "listen.sock")
+        assert (after["state"], after["lease_state"]) == ("serving", "held")
+        assert after["lease_token"] == before["lease_token"]
+        assert (destination["has_control"], destination["lease_state"]) == ("false", "incoming")
+        # And the next migration moves it.
+        check_handoff(tmp_path, dest, source_image, dest_image)
