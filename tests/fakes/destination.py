@@ -84,6 +84,7 @@ class Script:
     hang_from_write: int | None = None  # never answer this write or any later request
     close_on_write: int | None = None  # close when this write arrives, before answering
     error_on_flush: int | None = None  # answer EIO to this FLUSH (1 is the first)
+    hold_flush: int | None = None  # answer this FLUSH only on Session.release_flush()
     commit: Commit = Commit.ACK
     # Called with the commit's token before it is answered: a destination
     # taking the lease over (a test wires it to a lockspace).
@@ -105,6 +106,32 @@ class Session:
     source_resource: str = ""  # the lease the source named in FERRY_OPT_MIGRATE
     lost: Deferred[None] = field(default_factory=Deferred)
     hung: Deferred[str] = field(default_factory=Deferred)  # fires when it stops answering
+    held_flush: Callable[[], None] | None = None  # answers the held FLUSH
+    _arrivals: list[tuple[str, int, Deferred[None]]] = field(default_factory=list)
+
+    def arrived(self, command: str, count: int = 1) -> Deferred[None]:
+        """Fires once ``count`` requests of ``command`` have arrived (at once if they have)."""
+        d: Deferred[None] = Deferred()
+        if self.commands.count(command) >= count:
+            d.callback(None)
+        else:
+            self._arrivals.append((command, count, d))
+        return d
+
+    def release_flush(self) -> None:
+        """Answer the FLUSH that ``Script.hold_flush`` keeps waiting."""
+        release, self.held_flush = self.held_flush, None
+        assert release is not None, "no FLUSH is held"
+        release()
+
+    def note(self, command: str) -> None:
+        self.commands.append(command)
+        waiting, self._arrivals = self._arrivals, []
+        for name, count, d in waiting:
+            if self.commands.count(name) >= count:
+                d.callback(None)
+            else:
+                self._arrivals.append((name, count, d))
 
 
 class _Catalog:
@@ -222,7 +249,7 @@ class _DestinationProtocol(Protocol):
     def _request(self, request: Request) -> None:
         session, script, disk = self.session, self.session.script, self.fake.disk
         command = request.command
-        session.commands.append(command.name)
+        session.note(command.name)
         if command in (Command.WRITE, Command.WRITE_ZEROES):
             session.writes += 1
             n = session.writes
@@ -247,10 +274,14 @@ class _DestinationProtocol(Protocol):
         elif command is Command.FLUSH and session.commands.count("FLUSH") == script.error_on_flush:
             self._send(self.server.reply_error(request.handle, Errno.EIO, "scripted flush failure"))
             return
+        elif command is Command.FLUSH and session.commands.count("FLUSH") == script.hold_flush:
+            reply = self.server.reply_ok(request.handle)
+            session.held_flush = lambda: self._send(reply)
+            return
         self._send(self.server.reply_ok(request.handle))
 
     def _commit(self, event: RejectedRequest) -> None:
-        self.session.commands.append("COMMIT")
+        self.session.note("COMMIT")
         self.session.commit_token = event.offset
         if self.session.script.take_lease is not None:
             self.session.script.take_lease(event.offset)

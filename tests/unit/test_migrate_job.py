@@ -87,7 +87,9 @@ def test_an_idle_image_goes_over_in_one_pass(rig: Rig) -> None:
     assert result.final_states == {("migration", "export0"): "completed"}
 
 
-def test_passes_count_and_the_decision_uses_the_last_dirty_pass_rate(tmp_path: Path) -> None:
+def test_passes_count_and_the_decision_uses_the_slower_of_two_dirty_passes(
+    tmp_path: Path,
+) -> None:
     rig = Rig(tmp_path, policy=ConvergencePolicy(max_downtime=0.1))
     job = rig.job
     job.connected()  # type: ignore[attr-defined]
@@ -99,7 +101,7 @@ def test_passes_count_and_the_decision_uses_the_last_dirty_pass_rate(tmp_path: P
     # At the bulk rate 4 x 64 KiB would take 25 ms, but the bulk pass says
     # nothing about how fast scattered dirty blocks go: run a dirty pass.
     assert (decision.action, decision.expected_downtime) == (Action.NEXT_PASS, None)
-    assert decision.reason == "no rate yet"
+    assert decision.reason == f"no rate yet ({4 * G} bytes left)"
     assert (job.state, job.plan.number) == ("dirty_pass", 2)  # type: ignore[union-attr]
     assert job.plan.total_bytes == 4 * G  # type: ignore[union-attr]
     progress = job.progress()
@@ -114,7 +116,8 @@ def test_passes_count_and_the_decision_uses_the_last_dirty_pass_rate(tmp_path: P
     decision = job.end_of_pass()
     assert decision.action is Action.NEXT_PASS
     assert decision.expected_downtime == pytest.approx(4 * G / MIB)
-    # Pass 3 goes at 4 MiB/s and leaves one block: 15.6 ms at that rate.
+    # Pass 3 goes at 4 MiB/s and leaves one block: 15.6 ms at that rate,
+    # 62.5 ms at pass 2's 1 MiB/s; the slower one is the estimate.
     plan = job.plan
     assert plan is not None and plan.number == 3
     for op in plan.ops():
@@ -123,10 +126,36 @@ def test_passes_count_and_the_decision_uses_the_last_dirty_pass_rate(tmp_path: P
     rig.write(0, 1)
     decision = job.end_of_pass()
     assert decision.action is Action.SWITCH_OVER
-    assert decision.expected_downtime == pytest.approx(G / (4 * MIB))
+    assert decision.expected_downtime == pytest.approx(G / MIB)
     assert job.state == "quiescing"
     rig.write(2 * G, 1)  # a client write that was in flight when requests were held
     assert job.start_final_pass().total_bytes == 2 * G
+
+
+def test_the_switchover_estimate_adds_the_flush_of_scattered_blocks(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, policy=ConvergencePolicy(max_downtime=0.1))
+    job = rig.job
+    job.connected()  # type: ignore[attr-defined]
+    job.accepted()  # type: ignore[attr-defined]
+    rig.send_pass(10 * MIB, writes_per_op=1)
+    job.end_of_pass()
+    job.flushed(SIZE, 0.001, scattered=False)  # the bulk pass's sequential FLUSH says nothing
+    rig.send_pass(4 * MIB, writes_per_op=1)  # 4 blocks dirtied again
+    assert job.would_switch_over()  # 4 x 64 KiB at 4 MiB/s: 62.5 ms
+    assert job.progress().expected_downtime_ms == 62
+    # Its FLUSH goes at 2 MiB/s: each byte costs 1/4 + 1/2 us-per-MiB, 187.5 ms in all.
+    job.flushed(4 * G, 4 * G / (2 * MIB), scattered=True)
+    assert not job.would_switch_over()
+    decision = job.end_of_pass()
+    assert decision.action is Action.NEXT_PASS
+    assert decision.expected_downtime == pytest.approx(4 * G / (4 * MIB) + 4 * G / (2 * MIB))
+    # A faster FLUSH later does not make the estimate shorter: the slower of the last two.
+    job.flushed(4 * G, 4 * G / (64 * MIB), scattered=True)
+    assert job.progress().expected_downtime_ms == 188
+    job.flushed(4 * G, 4 * G / (64 * MIB), scattered=True)
+    assert job.progress().expected_downtime_ms == round(
+        1000 * (4 * G / (4 * MIB) + 4 * G / (64 * MIB))
+    )
 
 
 def test_auto_converge_throttles_client_writes_after_max_passes(tmp_path: Path) -> None:

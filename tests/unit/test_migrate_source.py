@@ -366,6 +366,33 @@ async def test_a_failed_attempt_retries_then_succeeds(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_flush_between_passes_overlaps_the_next_pass_but_not_a_switchover(
+    tmp_path: Path, listen: Any
+) -> None:
+    fake = FakeDestination(SIZE, [Script(hold_flush=1)])
+    rig = Rig(tmp_path, listen(fake))
+    await within(rig.source.start())
+    session = fake.sessions[-1]
+    assert rig.gate.write(0, b"behind the bulk pass")  # its first request is on the wire
+    await within(session.arrived("FLUSH"))
+    # The bulk pass is over and its FLUSH unanswered: the dirty pass goes on regardless.
+    assert rig.source.state == "dirty_pass"
+    await within(session.arrived("WRITE", session.commands.count("WRITE") + 1))
+    assert session.commands[-2:] == ["FLUSH", "WRITE"]
+    # Its one write is answered, and the pass would switch over: not before the FLUSH.
+    rig.clock.advance(0.01)
+    assert rig.source.state == "dirty_pass" and rig.gate.holds == 0
+    session.release_flush()
+    result = await within(rig.source.finished)
+    assert result.state == "completed"
+    # The second FLUSH went before the switchover (clients not yet held), the third ended it.
+    assert session.commands[-6:] == ["FLUSH", "WRITE", "FLUSH", "FLUSH", "COMMIT", "DISC"]
+    assert rig.gate.holds == 1
+    assert fake.disk == bytearray(rig.path.read_bytes())
+    rig.replays()
+
+
+@pytest_twisted.ensureDeferred
 async def test_no_reply_within_the_timeout_is_a_failure(tmp_path: Path, listen: Any) -> None:
     fake = FakeDestination(SIZE, [Script(hang_from_write=2), Script()])
     rig = Rig(tmp_path, listen(fake), reply_timeout=30.0)

@@ -6,7 +6,7 @@ source asks: if client requests were held *now*, how long would the last
 pass take?  That is the bytes left divided by the rate of the last dirty
 pass (the expected downtime): the last pass is a dirty pass too, and a
 bulk pass's sequential rate would promise far too much (see
-``MigrationJob._measure_dirty_pass``).  When it is within ``max_downtime``, or when nothing is
+``MigrationJob._pass_rate``).  When it is within ``max_downtime``, or when nothing is
 dirty, the source quiesces; otherwise it runs another pass.
 
 A writer that dirties the image as fast as the stream drains it would keep
@@ -134,15 +134,21 @@ class ConvergencePolicy:
         downtime = expected_downtime(bytes_left, rate)
         if bytes_left == 0:
             return Decision(Action.SWITCH_OVER, downtime, 0.0, "nothing dirty")
+        basis = (
+            f"{bytes_left} bytes left"
+            if rate is None
+            else (f"{bytes_left} bytes left at {rate / 1e6:.1f} MB/s")
+        )
         if downtime is not None and downtime <= self.max_downtime:
             return Decision(
                 Action.SWITCH_OVER,
                 downtime,
                 0.0,
-                f"expected downtime {downtime:.3f}s <= {self.max_downtime}s",
+                f"expected downtime {downtime:.3f}s <= {self.max_downtime}s ({basis})",
             )
         throttle = self.throttle(passes_done)
         why = "no rate yet" if downtime is None else f"expected downtime {downtime:.3f}s"
+        why += f" ({basis})"
         if throttle:
             why += f"; pass {passes_done} >= {self.max_passes}: throttle writes {throttle:.0%}"
         return Decision(Action.NEXT_PASS, downtime, throttle, why)
