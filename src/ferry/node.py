@@ -151,6 +151,9 @@ class Node:
         return d
 
     def _failed_start(self, failure: Any) -> Any:
+        # Everything is closed here; the reactor's shutdown (a refusal that
+        # came after it started, from etcd) must not flush a closed image.
+        self._stopped = True
         if self.lease is not None:
             self.lease.shutdown()  # taken, then the port was in use: give it back
         self.clock.cancel_all()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from support import FERRY, FerryProcess, run, serve
+from support import FERRY, FerryProcess, free_port, run, serve
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +58,8 @@ def test_a_bad_lockspace_is_one_line_and_nothing_is_served(tmp_path: Path) -> No
     for spec, words in (
         ("nowhere:x", "unknown scheme"),
         (f"local:{tmp_path / 'missing'}", "does not exist"),
+        # Refused after the reactor started: its shutdown must not flush a closed image.
+        (f"etcd:http://127.0.0.1:{free_port()}", "no etcd endpoint answered"),
     ):
         result = run(
             [*FERRY, "serve", "-l", "127.0.0.1", "-p", "0", "-f", str(image), "--lockspace", spec],

@@ -119,6 +119,37 @@ def test_the_watching_session_runs_as_written(tmp_path: Path) -> None:
     assert {event["export"] for event in log} == {"disk"}
 
 
+def test_the_lease_session_runs_as_written_and_prints_what_the_readme_shows(
+    tmp_path: Path,
+) -> None:
+    """The Leases session as one script; its output is the README's text block exactly,
+    but for the host name, the two pids and the directory it ran in."""
+    import socket
+
+    lines = [line[2:] for line in fenced_block("Leases", "console").splitlines()]
+    script = "set -euo pipefail\n" + "\n".join(lines) + "\n"
+    result = subprocess.run(
+        ["bash", "-c", script],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # in order: the refusal comes before "refused: 1"
+        timeout=60,
+    )
+    out = result.stdout.decode()
+    log = (tmp_path / "ferry.log").read_text()
+    assert result.returncode == 0, out + log
+    served = re.match(r"pid=(\d+) ", out)
+    assert served, out
+    expected = (
+        re.escape(fenced_block("Leases", "text"))
+        .replace("storage1", re.escape(socket.gethostname()))
+        .replace("4242", served.group(1))  # the server: its status, its owner
+        .replace("4243", r"\d+")  # ferry lock run
+        .replace("/home/op", re.escape(str(tmp_path.resolve())))
+    )
+    assert re.fullmatch(expected, out), out + log
+
+
 def test_the_readme_diagram_matches_the_generated_one() -> None:
     generated = set((REPO / "statecharts" / "role.mmd").read_text().splitlines())
     shown = fenced_block("State machines and traces", "mermaid").splitlines()
