@@ -307,6 +307,8 @@ class Node:
         # lease_lost leaves exactly the states with control (role.yaml).
         if export is not None and export.has_control:
             export.trigger("lease_lost")
+        if self.mirrors is not None:
+            self.mirrors.lease_lost(reason)
 
     def _open_nbd(self, config: ServeConfig) -> None:
         assert self.export is not None and self.image is not None and self.server is not None

@@ -248,3 +248,55 @@ def test_break_mid_migration_leaves_the_lease_with_the_source_on_etcd(
         assert (destination["has_control"], destination["lease_state"]) == ("false", "incoming")
         # And the next migration moves it.
         check_handoff(tmp_path, dest, source_image, dest_image)
+
+
+def test_a_read_only_export_refuses_to_hand_control_over(tmp_path: Path) -> None:
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    image = random_file(tmp_path / "source.img", SIZE, seed=6)
+    lease = ["--lockspace", f"local:{locks}"]
+    source = FerryProcess(
+        [
+            "serve",
+            "-l",
+            "127.0.0.1",
+            "-p",
+            "0",
+            "-f",
+            str(image),
+            "--read-only",
+            *lease,
+            "--sock",
+            str(tmp_path / "serve.sock"),
+        ]
+    ).wait_serving()
+    dest_image = sparse_file(tmp_path / "dest.img", SIZE)
+    dest = FerryProcess(
+        [
+            "listen",
+            "-l",
+            "127.0.0.1",
+            "-p",
+            "0",
+            "-f",
+            str(dest_image),
+            *lease,
+            "--sock",
+            str(tmp_path / "listen.sock"),
+        ]
+    ).wait_serving()
+    try:
+        refused = run([*FERRY, *mirror_args(tmp_path, dest)], check=False)
+        # One answer, at once: no attempt after attempt failing at the switchover.
+        assert (refused.returncode, refused.stderr.decode()) == (1, "ferry: Mirror was rejected\n")
+        assert "read-only export cannot hand control over" in source.wait_for_log("read-only")
+        after = status(tmp_path / "serve.sock")
+        assert (after["state"], after["is_migrating"], after["lease_state"]) == (
+            "serving",
+            "false",
+            "held",
+        )
+        assert status(tmp_path / "listen.sock")["state"] == "listening"
+    finally:
+        for proc in (source, dest):
+            proc.stop()

@@ -62,6 +62,7 @@ TRANSITIONS = {
     ("connected", "reconnecting", "renegotiating"),
     ("accepted", "renegotiating", "bulk_pass"),
     *(("break_migration", s, "cancelled") for s in BREAKABLE),
+    *(("lease_lost", s, "failed") for s in BREAKABLE),
 }
 
 

@@ -15,13 +15,16 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
 
 from fakes.destination import Commit, FakeDestination, Script
 from fakes.lockspace import FakeLockspace
 from ferry.lease.manager import LeaseManager
 from ferry.migrate.source import MirrorOptions, MirrorSource
+from ferry.migrate.stats import FailureReason
+from ferry.trace import TraceRecord
 
-from .test_migrate_source import SIZE, Rig, listen, within
+from .test_migrate_source import SIZE, Rig, listen, reactor, within
 
 __all__ = ["listen"]  # the fixture, for pytest
 
@@ -33,7 +36,12 @@ class LeasedRig(Rig):
         super().__init__(tmp_path, port)
         self.lockspace = FakeLockspace(self.rclock, ttl=None)
         self.lease = LeaseManager(
-            self.lockspace, resource=RESOURCE, owner="source", clock=self.rclock
+            self.lockspace,
+            resource=RESOURCE,
+            owner="source",
+            clock=self.rclock,
+            tracer=self.tracer,
+            on_fenced=self._fenced,
         )
         self.lease.register()
         self.lease.acquire()
@@ -56,6 +64,26 @@ class LeasedRig(Rig):
             tracer=self.tracer,
             lease=self.lease,
         )
+
+    def _fenced(self, reason: str) -> None:
+        """What ``ferry.node`` does when the lease is lost: fence the role, end the job."""
+        self.export.trigger("lease_lost")
+        self.source.lease_lost(reason)
+
+    def lease_reached(self, state: str) -> Deferred[None]:
+        """Fires once the lease enters ``state`` (at once if it is there)."""
+        d: Deferred[None] = Deferred()
+        if self.lease.state == state:
+            d.callback(None)
+            return within(d)
+
+        def sink(rec: TraceRecord) -> None:
+            if rec.machine == "lease" and rec.dest == state and rec.ok and not d.called:
+                unsubscribe()
+                reactor.callLater(0, d.callback, None)
+
+        unsubscribe = self.tracer.subscribe(sink)
+        return within(d)
 
     def take_over(self, token: int) -> None:
         self.lockspace.take_over(RESOURCE, "destination", token)
@@ -122,4 +150,50 @@ async def test_a_lost_ack_is_settled_by_the_lease(tmp_path: Path, listen: Any, t
         assert not result.handed_off and rig.export.state == "serving"
         assert rig.lease.state == "held" and rig.holder() == "source"
         assert rig.lease_at_release == ["held"]
+    rig.replays()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_break_while_the_lease_is_offered_lets_clients_go_once_it_is_back(
+    tmp_path: Path, listen: Any
+) -> None:
+    scripts = [Script()]
+    fake = FakeDestination(SIZE, scripts)
+    rig = LeasedRig(tmp_path, listen(fake), scripts)
+    rig.lockspace.delayed = {"offer"}  # the offer is on its way, its answer not back
+    await within(rig.source.start())
+    await rig.lease_reached("transferring")
+    rig.source.cancel()
+    # Released now, the held clients would meet a lease that may not write: EIO.
+    assert rig.lease_at_release == [] and rig.gate.holding
+    rig.lockspace.deliver()
+    await rig.lease_reached("held")
+    await within(rig.source.finished)
+    assert rig.lease_at_release == ["held"] and not rig.gate.holding
+    assert rig.holder() == "source" and rig.export.state == "serving"
+    assert "COMMIT" not in fake.sessions[0].commands
+    rig.replays()
+
+
+@pytest.mark.parametrize("when", ["bulk_pass", "quiescing"])
+@pytest_twisted.ensureDeferred
+async def test_a_lost_lease_ends_the_migration_at_once(
+    tmp_path: Path, listen: Any, when: str
+) -> None:
+    scripts = [Script(hold_flush=2 if when == "quiescing" else None)]
+    fake = FakeDestination(SIZE, scripts)
+    rig = LeasedRig(tmp_path, listen(fake), scripts)
+    await within(rig.source.start())
+    if when == "quiescing":
+        await within(fake.sessions[0].arrived("FLUSH", 2))  # the switchover's FLUSH, held
+        assert rig.gate.holding
+    rig.lockspace.lose(RESOURCE)
+    result = await within(rig.source.finished)
+    assert (result.state, result.handed_off) == ("failed", False)
+    assert result.reason.startswith("the lease was lost")
+    assert rig.source.outcome is not None and rig.source.outcome.message == "Mirror started"
+    assert rig.source.state == "failed" and "retry_wait" not in rig.states("migration")
+    assert rig.export.state == "fenced" and not rig.gate.holding
+    assert rig.source.stats.failures[FailureReason.LEASE] == 1
+    assert "COMMIT" not in fake.sessions[0].commands and len(fake.sessions) == 1
     rig.replays()

@@ -91,6 +91,11 @@ class MirrorManager:
             raise NotMirroring("not mirroring")
         self.current.cancel()
 
+    def lease_lost(self, reason: str) -> None:
+        """The export was fenced: a running job ends (see ``MirrorSource.lease_lost``)."""
+        if self.current is not None:
+            self.current.lease_lost(reason)
+
     def set_max_bps(self, limit: int | None) -> None:
         if self.current is None:
             raise NotMirroring("Not currently mirroring")

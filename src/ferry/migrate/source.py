@@ -134,6 +134,7 @@ NO_HELLO: Final = "Remote server failed to respond"
 REJECTED: Final = "Mirror was rejected"
 SIZE_MISMATCH: Final = "Remote size does not match local size"
 CANCELLED: Final = "Mirror was cancelled"
+LEASE_LOST: Final = "Mirror failed: the lease was lost"
 #: The counted reason (``ferry_migration_*_total{reason}``) of a failure that
 #: carries one of flexnbd's replies; the other failures name their own.
 _REASON_OF_REPLY: Final = {
@@ -337,6 +338,11 @@ class _Attempt:
     # When the switchover's steps ended: clients held, last pass sent, FLUSHed (for the log).
     switchover: list[float] = field(default_factory=list)
     last_pass_bytes: int = 0
+    # The lease is being offered for this attempt's commit (prepare_migrate
+    # not yet answered); an attempt broken off meanwhile lets its held
+    # clients go only once the lease is this node's again (release_pending).
+    offering: bool = False
+    release_pending: bool = False
 
 
 class MirrorSource:
@@ -439,13 +445,34 @@ class MirrorSource:
             raise CannotBreak(
                 f"cannot break in {self.job.state}: the commit may have reached the destination"
             )
-        was_holding = self._attempt.holding
+        attempt = self._attempt
         self._abandon_attempt()
-        if was_holding:
-            self._release_clients()
+        if attempt.holding:
+            self._release_clients_of(attempt)
         self.job.break_migration()  # type: ignore[attr-defined]
         self.export.trigger("break_migration")
         self._end(MirrorResult("cancelled", False, "break"), CANCELLED)
+
+    def lease_lost(self, reason: str) -> None:
+        """The image's lease is gone and the role ``fenced``: nothing is left to hand over.
+
+        The job ends ``failed`` at once, wherever no commit may have landed:
+        copying on would only read an image this node may no longer own,
+        and a switchover would offer a lease it does not have.  Held
+        clients are let go, to the EIO a fenced export answers.  Once a
+        commit may have landed (committing, in_doubt), its answer or the
+        lockspace settles the job, as without a loss.
+        """
+        if self.job.final or self.job.chart.property(self.job.state, "commit_sent"):
+            return
+        attempt = self._attempt
+        self._abandon_attempt()
+        if attempt.holding:
+            self._release_clients()
+        self.last_error = f"the lease was lost: {reason}"
+        self.stats.failures[FailureReason.LEASE] += 1
+        self.job.lease_lost()  # type: ignore[attr-defined]
+        self._end(MirrorResult("failed", False, self.last_error), LEASE_LOST, self.last_error)
 
     def set_max_bps(self, limit: int | None) -> None:
         """``mirror_max_bps``: the new limit applies to the very next request."""
@@ -611,6 +638,14 @@ class MirrorSource:
             return
         if negotiated.transmission_flags & TransmissionFlag.READ_ONLY:
             self._fail(attempt, REJECTED, "the destination export is read-only")
+            return
+        if not plain and self.image.read_only:
+            self._fail(
+                attempt,
+                REJECTED,
+                "a read-only export cannot hand control over (its lease is read-only): "
+                "mirror it into a plain NBD server, or serve it read-write to migrate it",
+            )
             return
         if plain and self.options.action is not FinishAction.NOTHING:
             self._fail(
@@ -879,27 +914,40 @@ class MirrorSource:
             self._end(MirrorResult("completed", False, "mirrored to a plain NBD server"))
             return
         if self.lease is not None and not self.options.flexnbd:
-            offered = self.lease.prepare_migrate()
-            offered.addCallbacks(
-                lambda token: self._commit(attempt, token),
-                lambda failure: self._fail(
-                    attempt,
-                    "",
-                    f"cannot offer the lease: {failure.getErrorMessage()}",
-                    FailureReason.LEASE,
-                ),
+            attempt.offering = True
+            self.lease.prepare_migrate().addCallbacks(
+                lambda token: self._offered(attempt, token),
+                lambda failure: self._offer_failed(attempt, failure),
             )
             return
         self._commit(attempt, self.options.fencing_token)
+
+    def _offered(self, attempt: _Attempt, token: int) -> None:
+        attempt.offering = False
+        if attempt is self._attempt and self.job.state == "quiescing" and attempt.wire is not None:
+            self._commit(attempt, token)
+            return
+        # Broken off while the lease was being offered: take it back, and
+        # only then let the held clients go (they would meet EIO before).
+        assert self.lease is not None
+        taken_back = self.lease.cancel_migrate_out()
+        taken_back.addErrback(self._lease_trouble, "take back")
+        if attempt.release_pending:
+            taken_back.addBoth(lambda _: self._release_clients_if_idle())
+
+    def _offer_failed(self, attempt: _Attempt, failure: Failure) -> None:
+        attempt.offering = False
+        if attempt is self._attempt:
+            why = f"cannot offer the lease: {failure.getErrorMessage()}"
+            self._fail(attempt, "", why, FailureReason.LEASE)
+        elif attempt.release_pending:
+            self._release_clients_if_idle()  # the lease is held again (or fenced)
 
     def _commit(self, attempt: _Attempt, token: int) -> None:
         """Hand over: the commit carries ``token`` (flexnbd: DISC, and nothing is answered)."""
         wire = attempt.wire
         if attempt is not self._attempt or self.job.state != "quiescing" or wire is None:
-            # Broken off while the lease was being offered: take it back.
-            if self.lease is not None:
-                self.lease.cancel_migrate_out().addErrback(self._lease_trouble, "take back")
-            return
+            return  # broken off meanwhile
         self.export.trigger("hand_off")
         self.job.commit()  # type: ignore[attr-defined]
         if self.options.flexnbd:
@@ -1017,7 +1065,7 @@ class MirrorSource:
             return
         self.stats.retries[counted] += 1
         if was_holding:
-            self._release_clients()
+            self._release_clients_of(attempt)
             self.export.trigger("retry_migration")
         self.job.fail()  # type: ignore[attr-defined]
 
@@ -1080,6 +1128,18 @@ class MirrorSource:
     def _release_clients(self) -> None:
         self.job.note_hold(self.gate.longest_hold)
         self.gate.release()
+
+    def _release_clients_of(self, attempt: _Attempt) -> None:
+        """Let ``attempt``'s held clients go, but not while its lease offer is out (_offered)."""
+        if attempt.offering:
+            attempt.release_pending = True
+        else:
+            self._release_clients()
+
+    def _release_clients_if_idle(self) -> None:
+        """A deferred release, unless a later attempt holds clients by now for its switchover."""
+        if not self._attempt.holding:
+            self._release_clients()
 
     def _set_write_cap(self, cap: int | None) -> None:
         if cap != self._write_cap:
