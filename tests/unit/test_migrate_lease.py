@@ -32,9 +32,11 @@ RESOURCE = "vm1.img"
 
 
 class LeasedRig(Rig):
-    def __init__(self, tmp_path: Path, port: int, scripts: list[Script]) -> None:
+    def __init__(
+        self, tmp_path: Path, port: int, scripts: list[Script], ttl: float | None = None
+    ) -> None:
         super().__init__(tmp_path, port)
-        self.lockspace = FakeLockspace(self.rclock, ttl=None)
+        self.lockspace = FakeLockspace(self.rclock, ttl=ttl)
         self.lease = LeaseManager(
             self.lockspace,
             resource=RESOURCE,
@@ -67,7 +69,8 @@ class LeasedRig(Rig):
 
     def _fenced(self, reason: str) -> None:
         """What ``ferry.node`` does when the lease is lost: fence the role, end the job."""
-        self.export.trigger("lease_lost")
+        if self.export.has_control:
+            self.export.trigger("lease_lost")
         self.source.lease_lost(reason)
 
     def lease_reached(self, state: str) -> Deferred[None]:
@@ -196,4 +199,44 @@ async def test_a_lost_lease_ends_the_migration_at_once(
     assert rig.export.state == "fenced" and not rig.gate.holding
     assert rig.source.stats.failures[FailureReason.LEASE] == 1
     assert "COMMIT" not in fake.sessions[0].commands and len(fake.sessions) == 1
+    rig.replays()
+
+
+@pytest_twisted.ensureDeferred
+async def test_in_doubt_with_the_lockspace_gone_past_the_deadline_is_fenced(
+    tmp_path: Path, listen: Any
+) -> None:
+    scripts = [Script(commit=Commit.CLOSE)]
+    fake = FakeDestination(SIZE, scripts)
+    rig = LeasedRig(tmp_path, listen(fake), scripts, ttl=9.0)
+    await within(rig.source.start())
+    await within(fake.sessions[0].arrived("COMMIT"))
+    rig.lockspace.unreachable = True  # nobody can say whether the destination took it
+    await rig.reached("role", "in_doubt")
+    while rig.lease.state != "fenced":  # asked every 2 s, in vain, until the deadline
+        assert rig.source.state == "in_doubt" and rig.export.state == "in_doubt"
+        rig.clock.advance(1.0)
+    assert rig.clock.seconds() < 10  # within the TTL
+    result = await within(rig.source.finished)
+    assert (result.state, result.handed_off) == ("failed", False)
+    assert "in doubt" in result.reason
+    assert rig.export.state == "fenced" and not rig.gate.holding
+    assert rig.source.stats.failures[FailureReason.IN_DOUBT] == 1
+    rig.replays()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lease_lost_while_committing_fences_without_waiting_for_the_answer(
+    tmp_path: Path, listen: Any
+) -> None:
+    scripts = [Script(commit=Commit.HANG)]
+    fake = FakeDestination(SIZE, scripts)
+    rig = LeasedRig(tmp_path, listen(fake), scripts)
+    await within(rig.source.start())
+    await within(fake.sessions[0].arrived("COMMIT"))
+    rig.lockspace.lose(RESOURCE)
+    result = await within(rig.source.finished)
+    assert (result.state, result.handed_off) == ("failed", False)
+    assert rig.states("migration")[-2:] == ["in_doubt", "failed"]
+    assert rig.export.state == "fenced" and not rig.gate.holding
     rig.replays()

@@ -62,6 +62,7 @@ ROLE_TRANSITIONS = {
     ("commit_unknown", "handing_off", "in_doubt"),
     ("resolve_serving", "in_doubt", "serving"),
     ("resolve_handed_off", "in_doubt", "handed_off"),
+    ("resolve_fenced", "in_doubt", "fenced"),
     ("migration_failed", "migrating", "serving"),
     ("migration_failed", "quiescing", "serving"),
     ("retry_migration", "quiescing", "migrating"),

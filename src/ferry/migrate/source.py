@@ -72,7 +72,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IReactorTCP
 from twisted.internet.protocol import Factory
@@ -459,11 +459,18 @@ class MirrorSource:
         The job ends ``failed`` at once, wherever no commit may have landed:
         copying on would only read an image this node may no longer own,
         and a switchover would offer a lease it does not have.  Held
-        clients are let go, to the EIO a fenced export answers.  Once a
-        commit may have landed (committing, in_doubt), its answer or the
-        lockspace settles the job, as without a loss.
+        clients are let go, to the EIO a fenced export answers.  Once the
+        commit has gone (committing, in_doubt) nobody may say any more
+        whether the destination took the image, and this node may not
+        write it either way: see :meth:`_settle_fenced`.
         """
-        if self.job.final or self.job.chart.property(self.job.state, "commit_sent"):
+        if self.job.state == "committing":
+            self._abandon_attempt()  # whatever the commit's answer, it comes too late
+            self.job.fail()  # type: ignore[attr-defined]
+        if self.job.state == "in_doubt":
+            self._settle_fenced()
+            return
+        if self.job.final:
             return
         attempt = self._attempt
         self._abandon_attempt()
@@ -518,10 +525,31 @@ class MirrorSource:
                 self.resolve(handed_off=outcome is InDoubtOutcome.HANDED_OFF)
 
         def unknown(failure: Failure) -> None:
+            if self.job.state != "in_doubt":
+                return
+            if lease.state == "fenced":
+                self._settle_fenced()
+                return
             self._lease_trouble(failure, "ask about")
             self.clock.call_later(RESOLVE_RETRY, self._resolve_from_lease)
 
-        lease.resolve_in_doubt().addCallbacks(settled, unknown)
+        maybeDeferred(lease.resolve_in_doubt).addCallbacks(settled, unknown)
+
+    def _settle_fenced(self) -> None:
+        """``in_doubt``, and the lease ran out before the lockspace could say who won.
+
+        Whether the destination took the image is still unknown, but this
+        node may never write it again either way, so the job ends: the
+        role goes ``fenced``, held clients meet its EIO, and the operator
+        asks the lockspace (``ferry lock status``) who holds the image.
+        """
+        self.stats.failures[FailureReason.IN_DOUBT] += 1
+        self.job.resolve_aborted()  # type: ignore[attr-defined]
+        if self.export.state == "in_doubt":  # (from handing_off it is fenced already)
+            self.export.trigger("resolve_fenced")
+        self._release_clients()
+        why = "the lease ran out while the commit was in doubt: this node is fenced"
+        self._end(MirrorResult("failed", False, why))
 
     def _lease_trouble(self, failure: Failure, doing: str) -> None:
         _log.error(
