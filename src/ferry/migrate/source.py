@@ -331,7 +331,10 @@ class _Attempt:
     pace_timer: DelayedCall | None = None
     flush_handle: int | None = None
     preflush_handle: int | None = None  # a FLUSH between passes (see PREFLUSH_BYTES)
-    preflush: tuple[int, float, bool] = (0, 0.0, False)  # its bytes, when it went, scattered?
+    preflush: tuple[int, float, bool] = (0, 0.0, False)  # its bytes, when it went, measurable?
+    # Data went while a FLUSH was in flight since the last FLUSH was sent: that
+    # FLUSH may have written some of it back, so the next one says too little.
+    overlapped: bool = False
     unflushed_bytes: int = 0  # written to the destination since the last FLUSH went
     commit_handle: int | None = None
     holding: bool = False  # the gate holds clients for this attempt's switchover
@@ -805,6 +808,8 @@ class MirrorSource:
             attempt.bytes_in_flight += op.length
         attempt.in_flight[handle] = op
         attempt.unflushed_bytes += op.length
+        if attempt.preflush_handle is not None:
+            attempt.overlapped = True
         self._arm_reply_timer(attempt)
 
     def _reply(self, attempt: _Attempt, reply: Reply) -> None:
@@ -833,8 +838,9 @@ class MirrorSource:
                     FailureReason.FLUSH_ERROR,
                 )
             else:
-                flushed, sent_at, scattered = attempt.preflush
-                self.job.flushed(flushed, self.clock.seconds() - sent_at, scattered=scattered)
+                flushed, sent_at, measurable = attempt.preflush
+                if measurable:
+                    self.job.flushed(flushed, self.clock.seconds() - sent_at)
                 self._pump(attempt)  # a pass that waited on it ends now (see _pass_done)
             return
         if handle == attempt.commit_handle:
@@ -894,7 +900,11 @@ class MirrorSource:
     def _preflush(self, attempt: _Attempt, *, scattered: bool) -> None:
         """FLUSH what the passes so far wrote, without holding anything up (PREFLUSH_BYTES)."""
         assert attempt.wire is not None
-        attempt.preflush = (attempt.unflushed_bytes, self.clock.seconds(), scattered)
+        # Only a dirty pass's scattered blocks, written with no other FLUSH
+        # under way, say what the last pass's FLUSH will cost.
+        measurable = scattered and not attempt.overlapped
+        attempt.preflush = (attempt.unflushed_bytes, self.clock.seconds(), measurable)
+        attempt.overlapped = False
         attempt.unflushed_bytes = 0
         attempt.preflush_handle = attempt.wire.request(Command.FLUSH)
         self._arm_reply_timer(attempt)
