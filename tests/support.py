@@ -136,6 +136,21 @@ def serve(
     ).wait_serving()
 
 
+def mirror_command(port: int, sock: Path, *extra: str) -> list[str]:
+    """``ferry mirror`` of the server at control socket ``sock`` to ``127.0.0.1:port``."""
+    return [
+        *FERRY,
+        "mirror",
+        "--addr",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--sock",
+        str(sock),
+        *extra,
+    ]
+
+
 def run(
     cmd: Sequence[str],
     *,

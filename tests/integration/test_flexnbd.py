@@ -22,6 +22,7 @@ from support import (
     FERRY,
     Deadline,
     FerryProcess,
+    mirror_command,
     random_file,
     read_line,
     run,
@@ -131,8 +132,8 @@ def test_ferry_mirror_flexnbd_into_listen_oldstyle(
     source_sock = tmp_path / "source.sock"
     source = serve(image, "--sock", str(source_sock))
     try:
-        args = ["--addr", "127.0.0.1", "--port", str(dest.port), "--sock", str(source_sock)]
-        result = run([*FERRY, "mirror", *args, "--flexnbd", "--action", "nothing", "--wait"])
+        flexnbd = ["--flexnbd", "--action", "nothing", "--wait"]
+        result = run(mirror_command(dest.port, source_sock, *flexnbd))
         out = result.stdout.decode()
         assert out.startswith("Mirror started\n"), out
         assert out.rstrip().endswith("has control of the image"), out

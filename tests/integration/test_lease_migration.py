@@ -19,7 +19,7 @@ import pytest
 
 from etcd_support import EtcdServer, etcd_fixture
 from fakes.commit_cutter import CommitCutter, Cut
-from support import FERRY, FerryProcess, random_file, run, sparse_file
+from support import FERRY, FerryProcess, mirror_command, random_file, run, sparse_file
 
 pytestmark = pytest.mark.integration
 
@@ -61,22 +61,12 @@ def pair(
 
 
 def mirror_args(tmp_path: Path, dest: FerryProcess, *extra: str) -> list[str]:
-    return [
-        "mirror",
-        "--addr",
-        "127.0.0.1",
-        "--port",
-        str(dest.port),
-        "--sock",
-        str(tmp_path / "serve.sock"),
-        "--action",
-        "nothing",
-        *extra,
-    ]
+    """``ferry mirror`` of the ``serve`` of :func:`pair` to ``dest``, action nothing."""
+    return mirror_command(dest.port, tmp_path / "serve.sock", "--action", "nothing", *extra)
 
 
 def mirror(tmp_path: Path, dest: FerryProcess, *extra: str) -> str:
-    return run([*FERRY, *mirror_args(tmp_path, dest, *extra)], timeout=120).stdout.decode()
+    return run(mirror_args(tmp_path, dest, *extra), timeout=120).stdout.decode()
 
 
 def check_handoff(tmp_path: Path, dest: FerryProcess, source_image: Path, dest_image: Path) -> None:
@@ -118,7 +108,7 @@ def test_a_listener_told_another_lease_refuses_the_source_at_once(tmp_path: Path
     locks = tmp_path / "locks"
     locks.mkdir()
     with pair(tmp_path, f"local:{locks}", "vm1", "another") as (source, dest, *_):
-        refused = run([*FERRY, *mirror_args(tmp_path, dest)], check=False)
+        refused = run(mirror_args(tmp_path, dest), check=False)
         assert (refused.returncode, refused.stderr.decode()) == (1, "ferry: Mirror was rejected\n")
         line = source.wait_for_log("the source holds")
         assert "'another'" in line and "'vm1'" in line
@@ -143,9 +133,7 @@ def test_a_destination_that_cannot_take_the_lease_leaves_it_with_the_source(
     ours.mkdir()
     theirs.mkdir()
     with pair(tmp_path, f"local:{ours}", "vm1", "vm1", f"local:{theirs}") as (source, dest, *_):
-        assert run([*FERRY, *mirror_args(tmp_path, dest)]).stdout.decode().strip() == (
-            "Mirror started"
-        )
+        assert run(mirror_args(tmp_path, dest)).stdout.decode().strip() == ("Mirror started")
         assert "lease" in source.wait_for_log("commit refused")
         during = status(tmp_path / "serve.sock")
         assert during["lease_state"] == "held" and during["has_control"] == "true"
@@ -160,9 +148,8 @@ def test_a_destination_that_cannot_take_the_lease_leaves_it_with_the_source(
 
 def mirror_through(tmp_path: Path, cutter: CommitCutter) -> subprocess.CompletedProcess[bytes]:
     """``ferry mirror --wait`` to the relay in front of the listener."""
-    args = ["mirror", "--addr", "127.0.0.1", "--port", str(cutter.port)]
-    args += ["--sock", str(tmp_path / "serve.sock"), "--action", "nothing", "--wait"]
-    return run([*FERRY, *args], check=False, timeout=120)
+    command = mirror_command(cutter.port, tmp_path / "serve.sock", "--action", "nothing", "--wait")
+    return run(command, check=False, timeout=120)
 
 
 def test_an_ack_lost_after_the_commit_is_settled_as_handed_off(
@@ -238,7 +225,7 @@ def test_break_mid_migration_leaves_the_lease_with_the_source_on_etcd(
     with pair(tmp_path, space, resource, resource) as (source, dest, source_image, dest_image):
         before = status(tmp_path / "serve.sock")
         # Slow enough (8 MiB at 1 MiB/s) that the break lands in the bulk pass.
-        assert run([*FERRY, *mirror_args(tmp_path, dest, "--max-bps", "1M")]).returncode == 0
+        assert run(mirror_args(tmp_path, dest, "--max-bps", "1M")).returncode == 0
         source.wait_for_log("negotiated")
         stopped = run([*FERRY, "break", "--sock", str(tmp_path / "serve.sock")])
         assert stopped.stdout.decode().strip() == "mirror stopped"
@@ -286,7 +273,7 @@ def test_a_read_only_export_refuses_to_hand_control_over(tmp_path: Path) -> None
         ]
     ).wait_serving()
     try:
-        refused = run([*FERRY, *mirror_args(tmp_path, dest)], check=False)
+        refused = run(mirror_args(tmp_path, dest), check=False)
         # One answer, at once: no attempt after attempt failing at the switchover.
         assert (refused.returncode, refused.stderr.decode()) == (1, "ferry: Mirror was rejected\n")
         assert "read-only export cannot hand control over" in source.wait_for_log("read-only")

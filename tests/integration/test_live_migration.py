@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ferry.control.status import parse_line
-from support import FERRY, FerryProcess, nbdsh, random_file, run, sparse_file
+from support import FERRY, FerryProcess, mirror_command, nbdsh, random_file, run, sparse_file
 from workload import BLOCK, decode
 
 pytestmark = pytest.mark.integration
@@ -80,19 +80,7 @@ def test_live_migration_keeps_every_acknowledged_write(tmp_path: Path) -> None:
         refused = run(["nbdinfo", dest.uri("disk")], check=False)
         assert refused.returncode != 0  # no control yet: ordinary clients are refused
         mirror = run(
-            [
-                *FERRY,
-                "mirror",
-                "--addr",
-                "127.0.0.1",
-                "--port",
-                str(dest.port),
-                "--sock",
-                str(source_sock),
-                "--action",
-                "nothing",
-                "--wait",
-            ],
+            mirror_command(dest.port, source_sock, "--action", "nothing", "--wait"),
             timeout=300,
         )
         out = mirror.stdout.decode()

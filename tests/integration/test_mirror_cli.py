@@ -18,6 +18,7 @@ from support import (
     FERRY,
     FerryProcess,
     free_port,
+    mirror_command,
     random_file,
     run,
     serve,
@@ -83,14 +84,7 @@ def test_mirror_into_qemu_nbd_with_progress(
     port, target = qemu_target
     result = run(
         [
-            *FERRY,
-            "mirror",
-            "--addr",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--sock",
-            str(sock),
+            *mirror_command(port, sock),
             "--action",
             "nothing",
             "--wait",

@@ -28,6 +28,7 @@ from support import (
     FERRY,
     Deadline,
     FerryProcess,
+    mirror_command,
     random_file,
     read_line,
     run,
@@ -96,19 +97,7 @@ def migration(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Migration]:
     try:
         watchers.append(follow(source_sock))
         watchers.append(follow(source_sock, "--no-current"))
-        mirror = run(
-            [
-                *FERRY,
-                "mirror",
-                "--addr",
-                "127.0.0.1",
-                "--port",
-                str(dest.port),
-                "--sock",
-                str(source_sock),
-                "--wait",
-            ]
-        )
+        mirror = run(mirror_command(dest.port, source_sock, "--wait"))
         # The source exits after the handoff (action exit), ending both streams.
         assert source.proc.wait(timeout=30) == 0
         (code, events, stderr), (live_code, live, live_stderr) = map(finish, watchers)

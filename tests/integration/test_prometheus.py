@@ -41,7 +41,7 @@ from prometheus_support import (
     panel_expressions,
     rule_expressions,
 )
-from support import FERRY, FerryProcess, random_file, run, serve, sparse_file
+from support import FERRY, FerryProcess, mirror_command, random_file, run, serve, sparse_file
 from workload import BLOCK, decode
 
 pytestmark = pytest.mark.integration
@@ -158,14 +158,7 @@ def migration(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             remote.pread(SIZE, BLOCK)
         mirror = run(
             [
-                *FERRY,
-                "mirror",
-                "--addr",
-                "127.0.0.1",
-                "--port",
-                str(dest.port),
-                "--sock",
-                str(source_sock),
+                *mirror_command(dest.port, source_sock),
                 "--max-bps",
                 "4M",
                 "--max-downtime",

@@ -211,8 +211,10 @@ def test_port_in_use(server: FerryProcess, image: Path) -> None:
         check=False,
     )
     assert result.returncode == 1
-    assert result.stderr.decode().splitlines()[-1].startswith(
-        f"ferry: cannot listen for NBD on 127.0.0.1:{server.port}"
+    assert (
+        result.stderr.decode()
+        .splitlines()[-1]
+        .startswith(f"ferry: cannot listen for NBD on 127.0.0.1:{server.port}")
     )
 
 
