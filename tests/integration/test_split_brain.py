@@ -347,11 +347,25 @@ def taken_after(crowd: Crowd, victim: Worker) -> Callable[[], bool]:
 
 
 def pause_etcd_until_the_holder_fences(crowd: Crowd, etcd: EtcdServer) -> None:
-    """etcd stops answering: the holder must fence itself at its deadline, alone."""
+    """etcd stops answering: the holder must stop writing at its deadline, alone.
+
+    Either its lease fences it (the expiry timer fired), or its next stamp
+    finds ``may_write()`` false first and it ends the tenure as
+    ``expired``: which comes first is a race between two events of the
+    same instant, and both stop the writes.
+    """
     holder = crowd.pinned_holder()
     token = holder.open_tenure()
+
+    def stopped() -> bool:
+        ended = any(
+            e["ev"] == "tenure" and e["token"] == token and e["end"] in ("fenced", "expired")
+            for e in holder.events
+        )
+        return ended or holder.count("fenced", token=token) > 0
+
     with etcd.paused():
-        crowd.wait(f"{holder.name} fenced", lambda: holder.count("fenced", token=token) > 0)
+        crowd.wait(f"{holder.name} stopped writing at its deadline", stopped)
     crowd.broadcast("free")
 
 
