@@ -127,13 +127,16 @@ class FerryProcess:
         return "".join(self.log) + rest
 
 
+def serve_args(image: Path, *extra: str, mode: str = "serve") -> list[str]:
+    """The arguments of ``ferry serve`` (or ``listen``) of ``image`` on a free loopback port."""
+    return [mode, "--addr", "127.0.0.1", "--port", "0", "--file", str(image), *extra]
+
+
 def serve(
     image: Path, *extra: str, env: dict[str, str] | None = None, mode: str = "serve"
 ) -> FerryProcess:
     """``ferry serve`` (or ``mode``: ``listen``) of ``image`` on a free loopback port."""
-    return FerryProcess(
-        [mode, "--addr", "127.0.0.1", "--port", "0", "--file", str(image), *extra], env=env
-    ).wait_serving()
+    return FerryProcess(serve_args(image, *extra, mode=mode), env=env).wait_serving()
 
 
 def mirror_command(port: int, sock: Path, *extra: str) -> list[str]:

@@ -19,7 +19,16 @@ import pytest
 
 from etcd_support import EtcdServer, etcd_fixture
 from fakes.commit_cutter import CommitCutter, Cut
-from support import FERRY, FerryProcess, mirror_command, random_file, run, sparse_file
+from support import (
+    FERRY,
+    FerryProcess,
+    mirror_command,
+    random_file,
+    run,
+    serve,
+    serve_args,
+    sparse_file,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -49,11 +58,10 @@ def pair(
             ("serve", source_image, space, source_resource),
             ("listen", dest_image, dest_space or space, dest_resource),
         ):
-            args = [mode, "--addr", "127.0.0.1", "--port", "0", "--file", str(image)]
-            args += ["--sock", str(tmp_path / f"{mode}.sock"), "--lockspace", lockspace]
+            args = ["--sock", str(tmp_path / f"{mode}.sock"), "--lockspace", lockspace]
             if resource is not None:
                 args += ["--resource", resource]
-            procs.append(FerryProcess(args).wait_serving())
+            procs.append(serve(image, *args, mode=mode))
         yield procs[0], procs[1], source_image, dest_image
     finally:
         for proc in procs:
@@ -198,23 +206,8 @@ def test_a_commit_lost_before_the_destination_is_settled_as_serving(
             input=b"still",
         )
         assert source_image.read_bytes()[:5] == b"still"
-        third = run(
-            [
-                *FERRY,
-                "serve",
-                "-l",
-                "127.0.0.1",
-                "-p",
-                "0",
-                "-f",
-                str(source_image),
-                "--lockspace",
-                space,
-                "--resource",
-                resource,
-            ],
-            check=False,
-        )
+        lease = ("--lockspace", space, "--resource", resource)
+        third = run([*FERRY, *serve_args(source_image, *lease)], check=False)
         assert third.returncode == 1 and f":{source.proc.pid}:" in third.stderr.decode()
 
 
@@ -242,36 +235,9 @@ def test_a_read_only_export_refuses_to_hand_control_over(tmp_path: Path) -> None
     locks.mkdir()
     image = random_file(tmp_path / "source.img", SIZE, seed=6)
     lease = ["--lockspace", f"local:{locks}"]
-    source = FerryProcess(
-        [
-            "serve",
-            "-l",
-            "127.0.0.1",
-            "-p",
-            "0",
-            "-f",
-            str(image),
-            "--read-only",
-            *lease,
-            "--sock",
-            str(tmp_path / "serve.sock"),
-        ]
-    ).wait_serving()
+    source = serve(image, "--read-only", *lease, "--sock", str(tmp_path / "serve.sock"))
     dest_image = sparse_file(tmp_path / "dest.img", SIZE)
-    dest = FerryProcess(
-        [
-            "listen",
-            "-l",
-            "127.0.0.1",
-            "-p",
-            "0",
-            "-f",
-            str(dest_image),
-            *lease,
-            "--sock",
-            str(tmp_path / "listen.sock"),
-        ]
-    ).wait_serving()
+    dest = serve(dest_image, *lease, "--sock", str(tmp_path / "listen.sock"), mode="listen")
     try:
         refused = run(mirror_args(tmp_path, dest), check=False)
         # One answer, at once: no attempt after attempt failing at the switchover.

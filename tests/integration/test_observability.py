@@ -33,6 +33,7 @@ from support import (
     read_line,
     run,
     serve,
+    serve_args,
     sha256,
     sparse_file,
 )
@@ -323,20 +324,6 @@ def test_log_to_an_unwritable_path_is_one_line(tmp_path: Path) -> None:
         (tmp_path / "no" / "log.json", "No such file or directory"),
         (tmp_path, "Is a directory"),
     ):
-        result = run(
-            [
-                *FERRY,
-                "serve",
-                "--addr",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--file",
-                str(image),
-                "--log",
-                str(target),
-            ],
-            check=False,
-        )
+        result = run([*FERRY, *serve_args(image, "--log", str(target))], check=False)
         assert result.returncode == 1
         assert result.stderr.decode() == f"ferry: log file {target}: {why}\n"

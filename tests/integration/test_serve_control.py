@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ferry.control.status import parse_line
 from ferry.remote import RemoteExport
-from support import FERRY, FerryProcess, nbdsh, run, serve, sparse_file
+from support import FERRY, FerryProcess, nbdsh, run, serve, serve_args, sparse_file
 
 pytestmark = pytest.mark.integration
 
@@ -154,21 +154,7 @@ def test_a_stale_socket_file_is_replaced(image: Path, sock: Path) -> None:
 
 
 def test_a_live_socket_is_not_stolen(server: FerryProcess, image: Path, sock: Path) -> None:
-    result = run(
-        [
-            *FERRY,
-            "serve",
-            "--addr",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--file",
-            str(image),
-            "--sock",
-            str(sock),
-        ],
-        check=False,
-    )
+    result = run([*FERRY, *serve_args(image, "--sock", str(sock))], check=False)
     assert result.returncode == 1
     assert (
         result.stderr.decode().strip()
