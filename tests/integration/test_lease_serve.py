@@ -27,7 +27,7 @@ def test_a_second_server_for_a_leased_image_is_refused_naming_the_holder(
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(1 << 20))
     locks = tmp_path / "locks"
-    locks.mkdir()
+    locks.mkdir(mode=0o700)
     space = f"local:{locks}"
     first = serve(image, "--lockspace", space, "--sock", str(tmp_path / "first.sock"))
     try:

@@ -111,7 +111,7 @@ def runs() -> Iterator[list[LockRun]]:
 @pytest.fixture
 def space(tmp_path: Path) -> str:
     locks = tmp_path / "locks"
-    locks.mkdir()
+    locks.mkdir(mode=0o700)
     return f"local:{locks}"
 
 
