@@ -470,6 +470,18 @@ def test_a_cancel_after_the_take_over_is_refused_and_releases(rig: Rig) -> None:
     assert rig.fenced == []
 
 
+def test_a_take_back_the_lockspace_cannot_answer_waits_for_the_deadline(rig: Rig) -> None:
+    source = rig.holding("src")
+    result(source.prepare_migrate())
+    rig.lockspace.unreachable = True
+    failure_of(source.cancel_migrate_out(), LockspaceUnavailable)
+    assert source.state == "transferring"  # it may still be taken back ...
+    assert not source.may_write()
+    rig.advance(TTL)
+    assert source.state == "fenced"  # ... until the deadline says it never will
+    assert rig.fenced and rig.fenced[0][0] == "src"
+
+
 def test_a_failed_offer_holds_the_lease_again(rig: Rig) -> None:
     source = rig.holding("src")
     rig.lockspace.unreachable = True

@@ -19,6 +19,7 @@ STATES = [
     "quiescing",
     "committing",
     "completed",
+    "reclaiming",
     "in_doubt",
     "retry_wait",
     "reconnecting",
@@ -61,8 +62,10 @@ TRANSITIONS = {
     ("retry", "retry_wait", "reconnecting"),
     ("connected", "reconnecting", "renegotiating"),
     ("accepted", "renegotiating", "bulk_pass"),
+    ("reclaim", "committing", "reclaiming"),
+    ("reclaimed", "reclaiming", "retry_wait"),
     *(("break_migration", s, "cancelled") for s in BREAKABLE),
-    *(("lease_lost", s, "failed") for s in BREAKABLE),
+    *(("lease_lost", s, "failed") for s in [*BREAKABLE, "reclaiming"]),
 }
 
 
@@ -107,7 +110,7 @@ def test_a_failure_ends_the_job_before_a_good_negotiation_and_retries_after(
 ) -> None:
     for state in set(STATES) - FINAL:
         dest = chart.next_state(state, "fail")
-        if state in ("committing", "in_doubt"):
+        if state in ("committing", "reclaiming", "in_doubt"):
             continue
         negotiated = chart.property(state, "negotiated")
         if state == "retry_wait":
@@ -122,19 +125,21 @@ def test_break_works_wherever_no_commit_may_have_landed(chart: Statechart) -> No
     assert sent == {"committing", "in_doubt", "completed"}
     for state in STATES:
         dest = chart.next_state(state, "break_migration")
-        breakable = state not in FINAL and state not in sent
+        breakable = state not in FINAL and state not in sent and state != "reclaiming"
         assert dest == ("cancelled" if breakable else None), state
 
 
 def test_commit_outcomes(chart: Statechart) -> None:
     assert chart.next_state("committing", "committed") == "completed"
     assert chart.next_state("committing", "commit_rejected") == "retry_wait"
+    assert chart.next_state("committing", "reclaim") == "reclaiming"
+    assert chart.triggers_from("reclaiming") == ("reclaimed", "lease_lost")
     assert chart.next_state("committing", "fail") == "in_doubt"
     assert chart.triggers_from("in_doubt") == ("resolve_committed", "resolve_aborted")
 
 
 def test_clients_are_held_from_quiescing_until_the_end(chart: Statechart) -> None:
-    assert prop(chart, "clients_held") == {"quiescing", "committing", "in_doubt"}
+    assert prop(chart, "clients_held") == {"quiescing", "committing", "reclaiming", "in_doubt"}
     for t in chart.transitions:
         # Only quiescing starts holding; every other held state is entered from a held one.
         if chart.property(t.dest, "clients_held") and t.dest != "quiescing":

@@ -341,17 +341,52 @@ class LeaseManager:
             self._hold(grant, sent_at)
             return grant
 
-        def not_reclaimed(failure: Failure) -> Failure:
-            if epoch == self._epoch and self._is("offered"):
-                if isinstance(failure.value, LeaseConflict):
-                    self._holders = failure.value.holders
-                    self._finish_out("taken_over", f"taken over before the cancel: {failure.value}")
-                else:
-                    self._note_error(failure)
-                    self._judge_held_loss(epoch)
+        def not_reclaimed(failure: Failure) -> Any:  # the failure, passed on (maybe later)
+            if epoch != self._epoch or not self._is("offered"):
+                return failure
+            self._note_error(failure)
+            if isinstance(failure.value, LeaseConflict):
+                self._holders = failure.value.holders
+                return self._judge_refused_take_back(epoch, failure)
+            if old.ttl is None:
+                # No deadline will ever settle it (a local lock file that cannot
+                # be used now): whatever it takes, this holder stops here.
+                self._fence("lost", f"cannot take the offered lease back: {failure.value}")
+            else:
+                self._judge_held_loss(epoch)  # the deadline decides, if nothing else does
             return failure
 
         return d.addCallbacks(reclaimed, not_reclaimed)
+
+    def _judge_refused_take_back(self, epoch: int, failure: Failure) -> Deferred[Failure]:
+        """The take-back was refused: taken over by the destination, or lost for real?
+
+        A conflict proves only that the take-over did not happen now: the
+        token may have moved (someone took it over with our offer), or the
+        lockspace may be in someone's way.  Only an exclusive holder with a
+        larger token, seen before our deadline, is a take-over (released);
+        anything else is a loss (fenced).  Either way this holder never
+        writes under the offered grant again, and the refusal is passed on.
+        """
+        token = self.token
+        assert token is not None
+        reason = f"cannot take the offered lease back: {failure.value}"
+
+        def judge(holders: tuple[Holder, ...]) -> Failure:
+            if epoch == self._epoch and self._is("offered"):
+                taker = self._newer_holder(holders, token)
+                if taker is not None and self._clock.seconds() < self._deadline:
+                    self._finish_out("taken_over", f"taken over by {taker.describe()}")
+                else:
+                    self._fence("lost", reason)
+            return failure
+
+        def cannot_tell(why: Failure) -> Failure:
+            if epoch == self._epoch and self._is("offered"):
+                self._fence("lost", f"{reason}; and the lockspace cannot say who holds it now")
+            return failure
+
+        return self.inquire().addCallbacks(judge, cannot_tell)
 
     def complete_migrate_out(self) -> Deferred[None]:
         """The destination acknowledged the commit: released, never to write again.

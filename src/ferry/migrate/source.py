@@ -444,10 +444,14 @@ class MirrorSource:
         """``break``: stop the job and keep serving; refused once the commit may have landed."""
         if self.job.final:
             raise NotMirroring("not mirroring")
-        if self.job.chart.property(self.job.state, "commit_sent"):
-            raise CannotBreak(
-                f"cannot break in {self.job.state}: the commit may have reached the destination"
+        state = self.job.state
+        if self.job.chart.next_state(state, "break_migration") is None:
+            why = (
+                "the lease is being taken back from the refused commit"
+                if state == "reclaiming"
+                else "the commit may have reached the destination"
             )
+            raise CannotBreak(f"cannot break in {state}: {why}")
         attempt = self._attempt
         self._abandon_attempt()
         if attempt.holding:
@@ -475,9 +479,9 @@ class MirrorSource:
             return
         if self.job.final:
             return
-        attempt = self._attempt
+        held = self.job.clients_held
         self._abandon_attempt()
-        if attempt.holding:
+        if held:
             self._release_clients()
         self.last_error = f"the lease was lost: {reason}"
         self.stats.failures[FailureReason.LEASE] += 1
@@ -953,10 +957,12 @@ class MirrorSource:
             return
         if self.lease is not None and not self.options.flexnbd:
             attempt.offering = True
-            self.lease.prepare_migrate().addCallbacks(
+            offering = maybeDeferred(self.lease.prepare_migrate)
+            offering.addCallbacks(
                 lambda token: self._offered(attempt, token),
                 lambda failure: self._offer_failed(attempt, failure),
             )
+            offering.addErrback(self._internal_error, "offering the lease")
             return
         self._commit(attempt, self.options.fencing_token)
 
@@ -967,9 +973,18 @@ class MirrorSource:
             return
         # Broken off while the lease was being offered: take it back, and
         # only then let the held clients go (they would meet EIO before).
-        assert self.lease is not None
-        taken_back = self.lease.cancel_migrate_out()
-        taken_back.addErrback(self._lease_trouble, "take back")
+        # A lease that cannot be had back takes control with it.
+        lease = self.lease
+        assert lease is not None
+
+        def not_taken_back(failure: Failure) -> None:
+            self._lease_trouble(failure, "take back")
+            if lease.state != "transferring" and self.export.has_control:
+                self.export.trigger("lease_lost")
+
+        taken_back = maybeDeferred(lease.cancel_migrate_out)
+        taken_back.addErrback(not_taken_back)
+        taken_back.addErrback(self._internal_error, "taking the lease back")
         if attempt.release_pending:
             taken_back.addBoth(lambda _: self._release_clients_if_idle())
 
@@ -980,6 +995,69 @@ class MirrorSource:
             self._fail(attempt, "", why, FailureReason.LEASE)
         elif attempt.release_pending:
             self._release_clients_if_idle()  # the lease is held again (or fenced)
+
+    def _reclaim(self) -> None:
+        """``reclaiming``: take the lease offered for a refused commit back, or be fenced.
+
+        Taken back: the role may serve again (``retry_migration``), the held
+        clients go on, and the job retries.  Refused for good (someone else
+        holds it, or the lockspace is in the way and no deadline could
+        change that): the lease is lost and so is control -- the role is
+        fenced and the job ends, whether the lease manager fenced itself
+        (its ``on_fenced`` reached :meth:`lease_lost` already) or found it
+        taken over.  Unanswered (the lockspace cannot be reached): asked
+        again every ``RESOLVE_RETRY`` seconds, until the lease's deadline
+        fences it.
+        """
+        lease = self.lease
+        if lease is None or self.job.state != "reclaiming":
+            return
+
+        def taken_back(_: object) -> None:
+            if self.job.state != "reclaiming":
+                return
+            self.export.trigger("retry_migration")
+            self.job.reclaimed()  # type: ignore[attr-defined]
+            self._release_clients()
+
+        def not_taken_back(failure: Failure) -> None:
+            if self.job.state != "reclaiming":
+                return  # fenced meanwhile: lease_lost has ended the job
+            self._lease_trouble(failure, "take back")
+            if lease.state == "transferring":
+                self.clock.call_later(RESOLVE_RETRY, self._reclaim)
+                return
+            self._lose_control(
+                f"the lease could not be taken back after the refused commit: "
+                f"{failure.getErrorMessage()}"
+            )
+
+        d = maybeDeferred(lease.cancel_migrate_out)
+        d.addCallbacks(taken_back, not_taken_back)
+        d.addErrback(self._internal_error, "taking the lease back")
+
+    def _lose_control(self, reason: str) -> None:
+        """The lease is gone but nobody fenced the role: do it, then end as lease_lost does."""
+        if self.export.has_control:
+            self.export.trigger("lease_lost")
+        self.lease_lost(reason)
+
+    def _internal_error(self, failure: Failure, doing: str) -> None:
+        """A bug in a lease or commit callback: logged whole, and never left half-done.
+
+        Wherever the commit cannot have landed, the job ends and the source
+        gives up control (the lease may be in any state by now); where it
+        may have, the source stays ``in_doubt`` for the lease to settle.
+        """
+        _log.failure(
+            "mirror of {export}: internal error while {doing}",
+            failure,
+            export=self.export.name,
+            doing=doing,
+        )
+        if self.job.final or self.job.chart.property(self.job.state, "commit_sent"):
+            return
+        self._lose_control(f"internal error while {doing}: {failure.getErrorMessage()}")
 
     def _commit(self, attempt: _Attempt, token: int) -> None:
         """Hand over: the commit carries ``token`` (flexnbd: DISC, and nothing is answered)."""
@@ -1007,15 +1085,15 @@ class MirrorSource:
             self.stats.retries[FailureReason.COMMIT_REJECTED] += 1
             _log.warn("mirror of {export}: {why}", export=self.export.name, why=self.last_error)
             self._abandon_attempt()
-            self.export.trigger("retry_migration")
-            self.job.commit_rejected()  # type: ignore[attr-defined]
             if self.lease is None:
+                self.export.trigger("retry_migration")
+                self.job.commit_rejected()  # type: ignore[attr-defined]
                 self._release_clients()
                 return
-            # Clients go back only once the lease is ours again.
-            taken_back = self.lease.cancel_migrate_out()
-            taken_back.addErrback(self._lease_trouble, "take back")
-            taken_back.addBoth(lambda _: self._release_clients())
+            # The lease was offered for this commit: clients go on only once
+            # it is ours again, and never if it cannot be (see _reclaim).
+            self.job.reclaim()  # type: ignore[attr-defined]
+            self._reclaim()
             return
         self.job.committed()  # type: ignore[attr-defined]
         self.export.trigger("handed_off")
