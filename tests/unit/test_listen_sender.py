@@ -21,8 +21,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
 import serve_doubles
+from fakes.lockspace import FakeLockspace
 from ferry import statecharts
 from ferry.clock import ReactorClock
+from ferry.lease.incoming import IncomingLease
+from ferry.lease.manager import LeaseManager
 from ferry.migrate.wire import migrate_option
 from ferry.nbd.client import ClientConnection
 from ferry.nbd.constants import (
@@ -233,8 +236,26 @@ def test_a_silent_sender_is_closed_after_the_sender_timeout(listener: Listener) 
     assert receiving(listener) is not None
 
 
+def test_a_sender_trickling_bytes_without_a_whole_request_is_closed(listener: Listener) -> None:
+    """The attack: one byte now and then resets no timer; only whole requests are progress."""
+    export = listener.export
+    timeout = listener.server.sender_timeout
+    sender = receiving(listener)
+    header = f.request(Command.WRITE, 1, 0, 4096)
+    for byte in header[:20]:
+        listener.reactor.advance(timeout / 20 - 0.01)
+        sender.send_raw(bytes([byte]))
+        if sender.transport.disconnecting:
+            break
+    listener.reactor.advance(1)
+    assert sender.transport.disconnecting
+    sender.lose()
+    assert export.state == "listening"
+
+
 def test_a_sender_waiting_for_the_commit_is_silent_by_right(listener: Listener) -> None:
     export = listener.export
+    listener.server.commit_timeout = listener.server.sender_timeout * 4
     sender = receiving(listener)
     commit = sender.client.commit(TOKEN)
     sender.pump()
@@ -437,6 +458,59 @@ def test_a_failed_fsync_answers_eio_and_listens_again(listener: Listener) -> Non
     listener.replays()
 
 
+def test_a_commit_that_does_not_sync_in_time_is_refused_and_listens_again(
+    listener: Listener,
+) -> None:
+    export = listener.export
+    sender = receiving(listener)
+    commit = sender.client.commit(TOKEN)
+    sender.pump()
+    listener.reactor.advance(listener.server.commit_timeout - 0.1)
+    assert export.state == "committing" and commit not in sender.replies()
+    listener.reactor.advance(0.1)
+    reply = sender.replies()[commit]
+    assert reply.error == Errno.EIO
+    assert reply.message == (
+        f"commit timed out: the image did not sync within {listener.server.commit_timeout:g} s"
+    )
+    assert export.state == "listening" and export.sender is None
+    listener.blocking.release_all()  # the fsync returns at last: too late, nothing changes
+    assert export.state == "listening" and not export.has_control
+    assert sender.transport.disconnecting
+    sender.lose()
+    assert receiving(listener) is not None  # the next sender is taken
+    listener.replays()
+
+
+class BrokenIncoming:
+    """An incoming lease whose take-over raises, as a bug would."""
+
+    state = "incoming"
+    token = None
+
+    def may_write(self) -> bool:
+        return False
+
+    def refusal(self, source_resource: str) -> str | None:
+        return None
+
+    def take_over(self, source_resource: str, token: int) -> Any:
+        raise RuntimeError("a bug")
+
+
+def test_a_bug_while_taking_the_lease_is_answered_and_listens_again(listener: Listener) -> None:
+    export = listener.export
+    export.incoming_lease = BrokenIncoming()
+    sender = receiving(listener)
+    commit = sender.client.commit(TOKEN)
+    sender.pump()
+    listener.blocking.release_all()
+    reply = sender.replies()[commit]
+    assert reply.error == Errno.EPERM and "a bug" in reply.message
+    assert export.state == "listening" and not export.has_control
+    listener.replays()
+
+
 def test_a_sender_lost_during_the_fsync_is_never_acked(listener: Listener) -> None:
     export = listener.export
     sender = receiving(listener)
@@ -636,3 +710,78 @@ def test_a_failed_fsync_after_disc_listens_again(oldstyle: Listener) -> None:
     assert mirror_write(mirror_only(oldstyle), 0, b"again").error == Errno.OK
     assert export.state == "receiving"
     oldstyle.replays()
+
+
+# -- the lease a commit takes -------------------------------------------------------------
+
+
+class LeasedListener(Listener):
+    """``listen --lockspace ... --resource vm1`` on the in-memory lockspace."""
+
+    def __init__(self, tmp_path: Path, resource: str | None = "vm1") -> None:
+        super().__init__(tmp_path)
+        self.lockspace = FakeLockspace(self.clock)
+        self.leases: list[LeaseManager] = []
+        self.taken: list[LeaseManager] = []
+
+        def make(name: str) -> LeaseManager:
+            manager = LeaseManager(
+                self.lockspace,
+                resource=name,
+                owner="dst",
+                clock=self.clock,
+                tracer=Tracer(self.records.append),
+                instance=f"dst-{len(self.leases)}",
+            )
+            self.leases.append(manager)
+            return manager
+
+        self.export.incoming_lease = IncomingLease(
+            make, resource=resource, fallback="dest.img", on_taken=self.taken.append
+        )
+
+    def held_elsewhere(self, resource: str) -> None:
+        other = LeaseManager(self.lockspace, resource=resource, owner="other", clock=self.clock)
+        other.register()
+        other.acquire()
+        assert other.state == "held"
+
+
+def test_a_forged_commit_without_a_lease_is_refused_when_the_lease_is_held(
+    tmp_path: Path,
+) -> None:
+    """The attack: a sender naming no lease commits to ``listen --resource vm1`` held elsewhere."""
+    listener = LeasedListener(tmp_path)
+    listener.held_elsewhere("vm1")
+    sender = receiving(listener)
+    commit = sender.client.commit(0)
+    sender.pump()
+    listener.blocking.release_all()
+    reply = sender.replies()[commit]
+    assert reply.error == Errno.EPERM
+    assert reply.message == (
+        "cannot take the lease: lease on vm1 is held by other (exclusive, token 1)"
+    )
+    assert listener.export.state == "listening" and not listener.export.has_control
+    assert listener.taken == []
+    # The listener is ready for the real source: its incoming lease waits as before.
+    assert listener.export.incoming_lease is not None
+    assert listener.export.incoming_lease.state == "incoming"
+    assert [m.state for m in listener.leases] == ["incoming", "stopped"]
+    sender.lose()
+    assert receiving(listener) is not None
+    listener.replays()
+
+
+def test_a_commit_without_a_lease_takes_one_of_our_own(tmp_path: Path) -> None:
+    listener = LeasedListener(tmp_path)
+    sender = receiving(listener)
+    commit = sender.client.commit(0)
+    sender.pump()
+    listener.blocking.release_all()
+    assert sender.replies()[commit].error == Errno.OK
+    assert listener.export.state == "serving"
+    first, own = listener.leases
+    assert (first.state, own.state) == ("released", "held")  # stopped waiting for vm1's
+    assert listener.taken == [own] and own.resource == "vm1"
+    listener.replays()

@@ -138,6 +138,10 @@ _FAST_ZERO: Final = int(CommandFlag.FAST_ZERO)
 _NAMES: Final = {command: command.name for command in Command}
 
 
+# What a migration sender sends that counts as progress (SENDER_TIMEOUT).
+_PROGRESS: Final = (Request, RejectedRequest, Commit)
+
+
 def nbd_errno(error: OSError) -> Errno:
     return _OS_TO_NBD.get(error.errno or 0, Errno.EIO)
 
@@ -160,7 +164,7 @@ class NBDServerProtocol(Protocol):
         self._lost = False
         self._drained: list[defer.Deferred[None]] = []
         self._handshake_timer: Any = None
-        self._sender_timer: Any = None  # a sender's silence (SENDER_TIMEOUT)
+        self._sender_timer: Any = None  # a sender's time without a request (SENDER_TIMEOUT)
         self._throttle_timer: Any = None  # a write waiting for the auto-converge cap
         self._write_charged = False  # the head write has already paid the cap
         self._held_since: float | None = None  # first request queued behind a hold
@@ -274,8 +278,6 @@ class NBDServerProtocol(Protocol):
         assert self._nbd is not None
         if self._refused:
             return
-        if self._sender_timer is not None:
-            self._sender_timer.reset(self._server.sender_timeout)
         if self._flexnbd:
             self._admit_if_serving()
         try:
@@ -290,6 +292,10 @@ class NBDServerProtocol(Protocol):
         self._flush_handshake()
         if self._flexnbd:
             events = self._screen_flexnbd(events)
+        if self._sender_timer is not None and any(type(e) in _PROGRESS for e in events):
+            # Only whole requests count: a sender that trickles a byte at a
+            # time, never finishing one, is as silent as one that sends nothing.
+            self._sender_timer.reset(self._server.sender_timeout)
         for event in events:
             kind = type(event)
             if kind is Request or kind is RejectedRequest:
@@ -599,7 +605,14 @@ class NBDServerProtocol(Protocol):
         export.stats.observe(_NAMES[command], time.perf_counter() - started)
 
     def _commit(self, event: Commit) -> None:
-        """The sender's FERRY_CMD_COMMIT; see the module doc for what it promises."""
+        """The sender's FERRY_CMD_COMMIT; see the module doc for what it promises.
+
+        Every way it can end is answered: OK once the image is durable and
+        the lease ours; EIO if the fsync fails or does not finish within
+        ``commit_timeout`` (the listener cannot say when it would); EPERM,
+        with the reason, if the lease cannot be taken; EIO for a bug.  A
+        "no" sends the export back to ``listening`` for the next sender.
+        """
         if self._flexnbd:
             self._flexnbd_commit()
             return
@@ -620,11 +633,37 @@ class NBDServerProtocol(Protocol):
             peer=self.peer_host,
             token=event.token,
         )
+        timeout = self._server.commit_timeout
+
+        def pending() -> bool:
+            """Whether this commit is still the export's, unanswered."""
+            return export.sender is self and export.state == "committing"
+
+        def refuse(error: Errno, why: str) -> None:
+            """A definite no: nothing was taken; the export listens again."""
+            if deadline.active():
+                deadline.cancel()
+            log.error("{name}: commit refused: {why}", name=export.name, why=why)
+            export.stats.errors[error.name] += 1
+            export.sender_lost(self)
+            if not self._lost:
+                self._send(nbd.reply_error(event.handle, error, why))
+                self._close_after_replies()
+                self._flush_outbox()
+
+        def timed_out() -> None:
+            # Only while syncing: once the lease is being taken, the
+            # lockspace's own time-outs bound the answer, and a "no" given
+            # now could cross a take-over that succeeds.
+            if pending() and not self._commit_outlives_socket:
+                refuse(Errno.EIO, f"commit timed out: the image did not sync within {timeout:g} s")
+
+        deadline = self._server.clock.call_later(timeout, timed_out)
         self._in_flight += 1
         d = self._server.run_blocking(export.image.flush)
 
         def synced(_: object) -> None:
-            if export.sender is not self or export.state != "committing":
+            if not pending():
                 log.warn("{name}: commit abandoned: the sender went away", name=export.name)
                 return
             # The image is durable; now the lease.  From here the commit no
@@ -634,42 +673,43 @@ class NBDServerProtocol(Protocol):
             self._in_flight += 1
             migration = nbd.migration
             source_resource = "" if migration is None else migration.resource
-            taking = export.take_lease(event.token, source_resource)
+            taking = defer.maybeDeferred(export.take_lease, event.token, source_resource)
             taking.addCallbacks(took, refused)
+            taking.addErrback(internal_error)
             taking.addBoth(settle)
 
         def took(_: object) -> None:
-            export.committed(self)
+            if deadline.active():
+                deadline.cancel()
+            if not export.committed(self):
+                log.warn("{name}: commit abandoned while taking the lease", name=export.name)
+                return
             log.info("{name}: committed; serving with control", name=export.name)
             if not self._lost:
                 self._send(nbd.reply_ok(event.handle))
 
         def refused(failure: Failure) -> None:
-            why = failure.getErrorMessage()
-            log.error(
-                "{name}: commit refused: cannot take the lease: {why}", name=export.name, why=why
-            )
-            export.stats.errors["EPERM"] += 1
-            export.sender_lost(self)
-            if not self._lost:
-                self._send(nbd.reply_error(event.handle, Errno.EPERM, f"lease: {why}"))
-                self._close_after_replies()
+            if pending():
+                refuse(Errno.EPERM, f"cannot take the lease: {failure.getErrorMessage()}")
 
         def settle(result: object) -> None:
             self._commit_outlives_socket = False
             self._settle_thread_job(result)
 
         def failed(failure: Failure) -> None:
+            if not pending():
+                return
             error = failure.value
             why = os.strerror(error.errno or os_errno.EIO) if isinstance(error, OSError) else ""
-            log.error("{name}: commit failed, fsync: {why}", name=export.name, why=why or error)
-            export.stats.errors["EIO"] += 1
-            export.sender_lost(self)
-            if not self._lost:
-                self._send(nbd.reply_error(event.handle, Errno.EIO, f"fsync failed: {why}"))
-                self._close_after_replies()
+            refuse(Errno.EIO, f"fsync failed: {why or error}")
+
+        def internal_error(failure: Failure) -> None:
+            log.failure("{name}: internal error in the commit", failure, name=export.name)
+            if pending():
+                refuse(Errno.EIO, "internal error in the commit")
 
         d.addCallbacks(synced, failed)
+        d.addErrback(internal_error)
         d.addBoth(self._settle_thread_job)
 
     def _flexnbd_commit(self) -> None:
@@ -778,9 +818,13 @@ class NBDServerProtocol(Protocol):
     def _settle_thread_job(self, result: object) -> None:
         """A job on the worker thread has answered: send its reply now, maybe close."""
         self._in_flight -= 1
+        self._flush_outbox()
+        self._maybe_close()
+
+    def _flush_outbox(self) -> None:
+        """Send what the outbox holds now (outside ``_dispatch``: a timer, a thread's answer)."""
         if self._outbox is not None and not self._lost:
             self._outbox.flush()
-        self._maybe_close()
 
     # -- closing ------------------------------------------------------------------------
 

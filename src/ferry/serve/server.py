@@ -51,12 +51,18 @@ log = Logger()
 # A client has this long to finish the handshake: a connection that never
 # negotiates would otherwise hold a client slot forever.
 HANDSHAKE_TIMEOUT: Final = 10.0
-# A migration sender that sends nothing for this long while the export is
-# receiving is closed, and the export listens again: otherwise a source that
-# hung (or a peer that only pretends to be one) keeps the export receiving,
-# refusing every other sender, forever.  A source is never silent this long:
-# it paces its requests to at most a second's worth of its rate limit.
+# A migration sender that completes no request for this long while the export
+# is receiving is closed, and the export listens again: otherwise a source
+# that hung (or a peer that only pretends to be one, trickling a byte now and
+# then) keeps the export receiving, refusing every other sender, forever.  A
+# source is never this slow: it paces its requests to at most a second's
+# worth of its rate limit.
 SENDER_TIMEOUT: Final = 120.0
+# A sender's commit must be durable within this long, or it is refused (EIO)
+# and the export listens again: a destination never waits in committing for
+# a disk that does not answer.  The source flushed before it committed, so
+# only its last pass is left to sync; its own reply timeout is 60 s.
+COMMIT_TIMEOUT: Final = 30.0
 # Connections (handshaking or transmitting) admitted at once; more are closed
 # as soon as they are accepted.
 MAX_CLIENTS: Final = 256
@@ -78,6 +84,7 @@ class NBDServer(Factory):
         max_clients: int = MAX_CLIENTS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         sender_timeout: float = SENDER_TIMEOUT,
+        commit_timeout: float = COMMIT_TIMEOUT,
     ) -> None:
         if not exports:
             raise ValueError("a server needs at least one export")
@@ -90,6 +97,7 @@ class NBDServer(Factory):
         self.max_clients = max_clients
         self.handshake_timeout = handshake_timeout
         self.sender_timeout = sender_timeout
+        self.commit_timeout = commit_timeout
         self.connections: set[NBDServerProtocol] = set()
         self.accepting = True
 
