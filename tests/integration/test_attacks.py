@@ -1,0 +1,146 @@
+"""Attacks on real ``ferry`` processes, each one that once worked against ferry.
+
+Every test plays the attacker's part by hand (a forged migration sender, a
+process in the lockspace's way at the worst moment) and then checks ferry's
+promise: no node serves without its lease, no two nodes have control of one
+image, a listener is never left unable to take the real migration, and the
+real data arrives byte for byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fakes.commit_cutter import CommitCutter, Cut
+from fakes.forged_sender import ForgedSender
+from ferry.lease.local import lock_file_name
+from ferry.nbd.constants import Errno, OptionReply
+from support import FERRY, FerryProcess, mirror_command, random_file, run, serve, sparse_file
+
+pytestmark = pytest.mark.integration
+
+SIZE = 8 << 20
+F_OFD_SETLK = 37
+
+
+def status(sock: Path) -> dict[str, str]:
+    line = run([*FERRY, "status", "--sock", str(sock)]).stdout.decode().split()
+    return dict(field.split("=", 1) for field in line)
+
+
+@contextlib.contextmanager
+def source_and_listener(
+    tmp_path: Path, resource: str
+) -> Iterator[tuple[FerryProcess, FerryProcess, Path, Path, Path]]:
+    """``serve`` holding ``resource`` and a ``listen --resource`` for it, one local lockspace."""
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o700)
+    lease = ["--lockspace", f"local:{locks}", "--resource", resource]
+    source_image = random_file(tmp_path / "source.img", SIZE, seed=11)
+    dest_image = sparse_file(tmp_path / "dest.img", SIZE)
+    source = serve(source_image, *lease, "--sock", str(tmp_path / "serve.sock"))
+    try:
+        dest = serve(dest_image, *lease, "--sock", str(tmp_path / "listen.sock"), mode="listen")
+        try:
+            yield source, dest, source_image, dest_image, locks
+        finally:
+            dest.stop()
+    finally:
+        source.stop()
+
+
+def test_a_forged_commit_is_answered_and_the_real_source_still_migrates(tmp_path: Path) -> None:
+    """A sender naming no lease commits to ``listen --resource vm1`` while vm1 is held.
+
+    Once, the listener took its own lease for the commit, found vm1 held,
+    and never answered: it stayed ``committing`` for minutes, refusing the
+    real source.  Now the commit is refused with the reason, at once, and
+    the listener takes the real migration.
+    """
+    with source_and_listener(tmp_path, "vm1") as (_, dest, source_image, dest_image, _locks):
+        forged = ForgedSender(dest.port, SIZE, resource="")
+        assert forged.option is not None and forged.option.reply == OptionReply.ACK
+        assert forged.negotiated is not None
+        assert forged.write(0, b"attacker's bytes").error == Errno.OK
+        reply = forged.commit(0)
+        forged.close()
+        assert reply.error == Errno.EPERM
+        assert reply.message.startswith("cannot take the lease: lease on vm1 is held by ")
+        listening = status(tmp_path / "listen.sock")
+        assert (listening["state"], listening["has_control"]) == ("listening", "false")
+        out = run(
+            mirror_command(dest.port, tmp_path / "serve.sock", "--action", "nothing", "--wait"),
+            timeout=120,
+        ).stdout.decode()
+        assert out.rstrip().endswith("has control of the image"), out
+        assert dest_image.read_bytes() == source_image.read_bytes()
+        assert status(tmp_path / "listen.sock")["lease_state"] == "held"
+
+
+def test_a_lease_kept_from_the_source_at_the_commit_fences_it(tmp_path: Path) -> None:
+    """Someone locks the lease's file while it is offered, then lets go.
+
+    Once, the destination's take-over failed, the source could not take its
+    lease back either, went back to ``migrating`` with ``has_control=true``
+    and no lease, retried forever, and a second server acquired the lease
+    beside it.  Now the source is fenced: it has no control, serves no I/O,
+    and only then can anyone else have the lease.
+    """
+    held: list[int] = []
+
+    def in_the_way() -> None:
+        # The offer let go of the hold byte: take it (as a local user who
+        # could open the file once could; now only this user can).
+        fd = os.open(locks / lock_file_name("vm1"), os.O_RDONLY)
+        fcntl.fcntl(fd, F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_RDLCK, 0, 0, 1, 0))
+        held.append(fd)
+
+    with source_and_listener(tmp_path, "vm1") as (source, dest, source_image, _, locks):
+        before = source_image.read_bytes()
+        with CommitCutter(dest.port, Cut.NEVER, on_commit=in_the_way) as relay:
+            command = mirror_command(relay.port, tmp_path / "serve.sock", "--action", "nothing")
+            out = run([*command, "--wait"], check=False, timeout=120)
+            assert relay.done.is_set() and relay.error is None
+        assert out.returncode == 1, out.stdout
+        source.wait_for_log("fenced")
+        fenced = status(tmp_path / "serve.sock")
+        assert (fenced["state"], fenced["has_control"], fenced["is_migrating"]) == (
+            "fenced",
+            "false",
+            "false",
+        )
+        assert fenced["lease_state"] in ("fenced", "released")
+        listening = status(tmp_path / "listen.sock")
+        assert (listening["state"], listening["has_control"]) == ("listening", "false")
+        # The fenced source touches nothing.
+        refused = run(
+            [*FERRY, "write", "-l", "127.0.0.1", "-p", str(source.port), "-F", "0", "-S", "4"],
+            input=b"evil",
+            check=False,
+        )
+        assert refused.returncode != 0
+        assert source_image.read_bytes() == before
+        for fd in held:
+            os.close(fd)
+        # Only now may another server have the lease: exactly one has control.
+        third = serve(
+            source_image,
+            "--lockspace",
+            f"local:{locks}",
+            "--resource",
+            "vm1",
+            "--sock",
+            str(tmp_path / "third.sock"),
+        )
+        try:
+            assert status(tmp_path / "third.sock")["has_control"] == "true"
+            assert status(tmp_path / "serve.sock")["has_control"] == "false"
+        finally:
+            third.stop()
