@@ -5,5 +5,6 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh --test
 ruff check src tests benchmarks dashboards
 mypy
+lint-imports --no-cache
 python3 -m ferry statecharts render --check
 python3 -m pytest -q -p no:cacheprovider "$@"

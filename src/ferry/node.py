@@ -23,7 +23,6 @@ from ferry.clock import ReactorClock
 from ferry.control.commands import Commands
 from ferry.control.events import EventHub
 from ferry.control.server import listen_control
-from ferry.control.status import StatusSnapshot
 from ferry.lease.backend import LeaseBackend, LeaseConflict, LeaseError, LeaseMode
 from ferry.lease.incoming import IncomingLease
 from ferry.lease.manager import LeaseManager
@@ -34,13 +33,14 @@ from ferry.lease.spec import (
     parse_lockspace,
 )
 from ferry.metrics import make_registry, metrics_root
+from ferry.migrate.core.stats import MigrationStats
 from ferry.migrate.manager import MirrorManager
 from ferry.migrate.source import tcp_connector
-from ferry.migrate.stats import MigrationStats
 from ferry.serve.acl import Acl
 from ferry.serve.export import Export
 from ferry.serve.server import NBDServer
 from ferry.serve.stats import RequestStats
+from ferry.status import StatusSnapshot
 from ferry.storage import Image
 from ferry.trace import TraceFile, Tracer, log_transitions
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from fakes.flexnbd import FlexnbdSender
-from ferry.control.status import parse_line
 from ferry.nbd.constants import Errno
+from ferry.status import parse_line
 from support import (
     FERRY,
     Deadline,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ferry.control.status import parse_line
+from ferry.status import parse_line
 from support import FERRY, FerryProcess, mirror_command, nbdsh, random_file, run, sparse_file
 from workload import BLOCK, decode
 

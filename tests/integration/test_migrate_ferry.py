@@ -45,10 +45,11 @@ from ferry.migrate.source import (
     tcp_connector,
 )
 from ferry.remote import RemoteExport
+from ferry.replay import replay
 from ferry.serve.export import Export
 from ferry.serve.server import NBDServer
 from ferry.storage import Image
-from ferry.trace import CREATED, Tracer, TraceRecord, replay
+from ferry.trace import CREATED, Tracer, TraceRecord
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ferry.control.status import parse_line
+from ferry.status import parse_line
 from support import (
     FERRY,
     FerryProcess,

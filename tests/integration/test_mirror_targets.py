@@ -31,9 +31,10 @@ from ferry.migrate.source import (
     MirrorSource,
     tcp_connector,
 )
+from ferry.replay import replay
 from ferry.serve.export import Export
 from ferry.storage import Image
-from ferry.trace import Tracer, TraceRecord, replay
+from ferry.trace import Tracer, TraceRecord
 from support import start_peer, stop_peer
 
 pytestmark = pytest.mark.integration

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ferry.control.status import parse_line
 from ferry.remote import RemoteExport
+from ferry.status import parse_line
 from support import FERRY, FerryProcess, nbdsh, run, serve, serve_args, sparse_file
 
 pytestmark = pytest.mark.integration
@@ -346,7 +346,7 @@ def test_metrics_cover_every_status_field_and_pass_promtool(image: Path, sock: P
     families = {family.name for family in text_string_to_metric_families(text)}
     import dataclasses
 
-    from ferry.control.status import StatusSnapshot
+    from ferry.status import StatusSnapshot
 
     specs = {
         f.name: f.metadata["spec"]

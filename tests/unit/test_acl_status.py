@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ferry.control.status import STATUS_FIELDS, StatusSnapshot, parse_line, render_value
 from ferry.serve.acl import Acl, AclError
+from ferry.status import STATUS_FIELDS, StatusSnapshot, parse_line, render_value
 
 
 def test_an_empty_acl_admits_everyone_unless_default_deny() -> None:

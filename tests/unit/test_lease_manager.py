@@ -26,8 +26,9 @@ from ferry.lease.manager import (
     LeaseStateError,
     default_margin,
 )
+from ferry.replay import replay
 from ferry.statecharts import load
-from ferry.trace import CREATED, Tracer, TraceRecord, replay
+from ferry.trace import CREATED, Tracer, TraceRecord
 
 T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)

@@ -37,11 +37,12 @@ from ferry.nbd.constants import (
     OptionReply,
 )
 from ferry.nbd.events import Negotiated, NegotiationFailed, OptionAnswered, Reply
+from ferry.replay import replay
 from ferry.serve.connection import NBDServerProtocol
 from ferry.serve.export import Export
 from ferry.serve.server import NBDServer
 from ferry.storage import Image
-from ferry.trace import CREATED, Tracer, TraceRecord, replay
+from ferry.trace import CREATED, Tracer, TraceRecord
 from serve_doubles import Blocking
 
 from . import nbd_frames as f

@@ -20,8 +20,8 @@ from twisted.internet.defer import Deferred
 from fakes.destination import Commit, FakeDestination, Script
 from fakes.lockspace import FakeLockspace
 from ferry.lease.manager import LeaseManager
+from ferry.migrate.core.stats import FailureReason
 from ferry.migrate.source import MirrorOptions, MirrorSource
-from ferry.migrate.stats import FailureReason
 from ferry.trace import TraceRecord
 
 from .test_migrate_source import SIZE, Rig, listen, reactor, within

@@ -42,8 +42,9 @@ from ferry.migrate.source import (
     StartOutcome,
     tcp_connector,
 )
+from ferry.replay import replay
 from ferry.serve.export import Export
-from ferry.trace import CREATED, Tracer, TraceRecord, replay
+from ferry.trace import CREATED, Tracer, TraceRecord
 
 from .migrate_support import KIB, MIB, sparse_image
 

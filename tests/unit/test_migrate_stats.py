@@ -18,9 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fakes.destination import Commit, FakeDestination, Hello, Migrate, Script
 from ferry.metrics import make_registry
+from ferry.migrate.core.stats import FailureReason
 from ferry.migrate.manager import MirrorManager
 from ferry.migrate.source import Destination, FinishAction, MirrorOptions, tcp_connector
-from ferry.migrate.stats import FailureReason
 from ferry.node import ObservedExport
 
 from .test_migrate_source import SIZE, Rig, free_port, reactor, succeed, within

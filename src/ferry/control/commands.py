@@ -17,7 +17,6 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from ferry.control.status import StatusSnapshot
 from ferry.migrate.manager import CannotBreak, MirrorBusy, MirrorManager, NotMirroring
 from ferry.migrate.source import (
     Destination,
@@ -28,6 +27,7 @@ from ferry.migrate.source import (
 )
 from ferry.serve.acl import Acl, AclError
 from ferry.serve.server import NBDServer
+from ferry.status import StatusSnapshot
 
 Params = Mapping[str, Any]
 

@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 
 from ferry.clock import Clock
-from ferry.control.status import StatusSnapshot
+from ferry.migrate.core.stats import MigrationStats
 from ferry.migrate.gate import ClientGate
 from ferry.migrate.lease import OutgoingLease
 from ferry.migrate.source import (
@@ -30,8 +30,8 @@ from ferry.migrate.source import (
     NotMirroring,
     StartOutcome,
 )
-from ferry.migrate.stats import MigrationStats
 from ferry.serve.export import Export
+from ferry.status import StatusSnapshot
 from ferry.trace import Tracer
 
 

@@ -1,6 +1,6 @@
 """The migration source on Twisted: one :class:`MirrorSource` runs one mirror job.
 
-:class:`ferry.migrate.job.MigrationJob` decides (passes, convergence,
+:class:`ferry.migrate.core.job.MigrationJob` decides (passes, convergence,
 retries, counters); this module moves the bytes and tells the job and the
 export's role what the wire said.  One attempt is one TCP connection:
 
@@ -80,14 +80,18 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ferry.clock import Clock, DelayedCall
-from ferry.migrate.backoff import INITIAL_DELAY, MAX_DELAY, Backoff
-from ferry.migrate.convergence import DEFAULT_MAX_DOWNTIME, DEFAULT_MAX_PASSES, ConvergencePolicy
+from ferry.migrate.core.backoff import INITIAL_DELAY, MAX_DELAY, Backoff
+from ferry.migrate.core.convergence import (
+    DEFAULT_MAX_DOWNTIME,
+    DEFAULT_MAX_PASSES,
+    ConvergencePolicy,
+)
+from ferry.migrate.core.job import MigrationJob
+from ferry.migrate.core.passes import DEFAULT_MAX_DATA_LENGTH, CopyOp, OpKind, PassPlan
+from ferry.migrate.core.progress import MigrationProgress
+from ferry.migrate.core.stats import FailureReason, MigrationStats
 from ferry.migrate.gate import ClientGate
-from ferry.migrate.job import MigrationJob
 from ferry.migrate.lease import InDoubtOutcome, OutgoingLease
-from ferry.migrate.passes import DEFAULT_MAX_DATA_LENGTH, CopyOp, OpKind, PassPlan
-from ferry.migrate.progress import MigrationProgress
-from ferry.migrate.stats import FailureReason, MigrationStats
 from ferry.migrate.wire import MirrorProtocol, MirrorProtocolFactory
 from ferry.nbd.constants import (
     FERRY_OPT_MIGRATE,

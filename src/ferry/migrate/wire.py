@@ -4,7 +4,7 @@
 into a :class:`ferry.nbd.client.ClientConnection`, the events it completes
 go to a :class:`WireHandler`, and whatever the connection queued (option
 requests, requests, the ABORT of a failed handshake) is written through an
-:class:`ferry.serve.outbox.Outbox`, the data plane's scatter-gather sender,
+:class:`ferry.outbox.Outbox`, the data plane's scatter-gather sender,
 so a 4 MiB WRITE is never joined or concatenated in user space.  Requests
 queued while the handler deals with a batch of replies go out together when
 the batch is done (one ``sendmsg`` for a dirty pass's many small WRITEs);
@@ -39,7 +39,7 @@ from ferry.nbd.constants import (
     CommandFlag,
 )
 from ferry.nbd.events import Event, ProtocolError
-from ferry.serve.outbox import Outbox, tune
+from ferry.outbox import Outbox, tune
 
 __all__ = ["MirrorProtocol", "MirrorProtocolFactory", "WireHandler", "migrate_option"]
 

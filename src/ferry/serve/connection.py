@@ -17,7 +17,7 @@ Invariants:
   ``HTTPChannel.pauseProducing``).
 * Nothing a client sends can raise out of ``dataReceived``: a broken frame
   closes this connection and no other.
-* Replies go through the connection's :class:`~ferry.serve.outbox.Outbox`:
+* Replies go through the connection's :class:`~ferry.outbox.Outbox`:
   those of one batch of requests leave together (one ``sendmsg``, without a
   copy, when the transport holds nothing), and the outbox is flushed before
   control returns to the reactor -- at the end of ``_dispatch``, after a
@@ -70,6 +70,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
@@ -78,6 +79,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ferry.clock import Clock
 from ferry.nbd.constants import FLEXNBD_MIRROR_HANDLE, BlockState, Command, CommandFlag, Errno
 from ferry.nbd.events import (
     Commit,
@@ -90,14 +92,14 @@ from ferry.nbd.events import (
     RejectedRequest,
     Request,
 )
-from ferry.nbd.server import ServerConnection
+from ferry.nbd.server import ExportCatalog, MigrationCatalog, ServerConnection
+from ferry.outbox import Outbox, tune
 from ferry.serve.export import RECEIVING_STATES
-from ferry.serve.outbox import Outbox, tune
 from ferry.storage import ZeroingNotFast
 
 if TYPE_CHECKING:
+    from ferry.serve.acl import Acl
     from ferry.serve.export import Export
-    from ferry.serve.server import NBDServer
 
 log = Logger()
 
@@ -149,9 +151,33 @@ def nbd_errno(error: OSError) -> Errno:
 RunBlocking = Callable[[Callable[[], object]], "defer.Deferred[Any]"]
 
 
+class ConnectionHost(ExportCatalog, MigrationCatalog, TypingProtocol):
+    """What a connection needs of the listener that made it (``NBDServer`` is one).
+
+    The handshake asks it for exports (it is both catalogs); the connection
+    reports itself opened and closed, reads the limits, and runs blocking
+    work through it.
+    """
+
+    acl: Acl
+    clock: Clock
+    oldstyle: bool
+    handshake_timeout: float
+    sender_timeout: float
+    commit_timeout: float
+
+    def run_blocking(self, work: Callable[[], object]) -> defer.Deferred[Any]: ...
+
+    def connection_opened(self, connection: NBDServerProtocol) -> None: ...
+
+    def connection_closed(self, connection: NBDServerProtocol) -> None: ...
+
+    def export_named(self, name: str) -> Export | None: ...
+
+
 @implementer(IPushProducer)
 class NBDServerProtocol(Protocol):
-    def __init__(self, server: NBDServer) -> None:
+    def __init__(self, server: ConnectionHost) -> None:
         self._server = server
         self._nbd: ServerConnection | None = None
         self._export: Export | None = None

@@ -23,11 +23,11 @@ from twisted.internet import defer
 
 from ferry import statecharts
 from ferry.clock import Clock
-from ferry.control.status import StatusSnapshot
-from ferry.migrate.ratelimit import RateLimiter
 from ferry.nbd.constants import MAX_REQUEST_SIZE, MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE
 from ferry.nbd.events import ExportInfo
+from ferry.ratelimit import RateLimiter
 from ferry.serve.stats import RequestStats
+from ferry.status import StatusSnapshot
 from ferry.storage import Image
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ and then ``cpu-throttle-increment`` (10 %) more each further pass, up to
 ``max-cpu-throttle`` (99 %).  ferry has no CPUs to slow, so the same
 percentage becomes a cap on the client write rate: ``(1 - p)`` times the
 rate at which clients dirtied the image before throttling began.  The data
-plane applies the cap with a :class:`ferry.migrate.ratelimit.RateLimiter`
+plane applies the cap with a :class:`ferry.ratelimit.RateLimiter`
 on client writes (a delay before each write is dispatched), so clients see
 slower writes, never errors.  The cap is taken from a base fixed when
 throttling starts, so the steps do not compound and the cap never creeps

@@ -21,15 +21,15 @@ from typing import Any, Final
 
 from ferry import statecharts
 from ferry.clock import Clock, DelayedCall
-from ferry.migrate.backoff import Backoff
-from ferry.migrate.convergence import (
+from ferry.migrate.core.backoff import Backoff
+from ferry.migrate.core.convergence import (
     Action,
     ConvergencePolicy,
     Decision,
     expected_downtime,
     write_rate_cap,
 )
-from ferry.migrate.passes import (
+from ferry.migrate.core.passes import (
     DEFAULT_MAX_DATA_LENGTH,
     CopyOp,
     ExtentSource,
@@ -37,9 +37,9 @@ from ferry.migrate.passes import (
     PassPlan,
     PassPlanner,
 )
-from ferry.migrate.progress import MigrationProgress, estimate_seconds_left
-from ferry.migrate.ratelimit import RateLimiter
-from ferry.migrate.speed import SpeedMeter
+from ferry.migrate.core.progress import MigrationProgress, estimate_seconds_left
+from ferry.migrate.core.speed import SpeedMeter
+from ferry.ratelimit import RateLimiter
 from ferry.storage.dirtymap import DirtyMap
 from ferry.trace import Tracer
 

@@ -1,7 +1,7 @@
 """The migration status fields as one value, and the one-line progress of ``--wait``.
 
 :class:`MigrationProgress` has one attribute per migration field of
-:class:`ferry.control.status.StatusSnapshot`, spelled the same, so the code
+:class:`ferry.status.StatusSnapshot`, spelled the same, so the code
 that builds a snapshot fills every migration field from one object in one
 place (``StatusSnapshot(..., **progress.status_fields())``) and a test
 checks the names against the snapshot's.  Fields that do not apply are

@@ -20,13 +20,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ferry import __version__
-from ferry.lease.lockcli import add_lock_commands
+from ferry.cli.errors import UserError
+from ferry.cli.lock import add_lock_commands
 
 SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-class UserError(Exception):
-    """Shown as ``ferry: <message>`` with exit status 1."""
 
 
 def byte_count(text: str) -> int:
@@ -333,7 +330,7 @@ def run_status(args: argparse.Namespace) -> int:
     if status != 0:
         raise UserError(text)
     if args.json:
-        from ferry.control.status import parse_line
+        from ferry.status import parse_line
 
         print(json.dumps(parse_line(text), indent=2))
     else:
@@ -475,7 +472,8 @@ def _check_range(args: argparse.Namespace, size: int) -> None:
 
 def run_trace_replay(args: argparse.Namespace) -> int:
     from ferry import statecharts
-    from ferry.trace import ReplayError, replay
+    from ferry.replay import replay
+    from ferry.trace import ReplayError
 
     try:
         with open(args.file, encoding="utf-8") as lines:

@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, runtime_checkable
 
+from ferry.cli.errors import UserError
+
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
@@ -123,13 +125,6 @@ def _usage(parser: argparse.ArgumentParser, message: str) -> NoReturn:
     parser.error(message)  # one line, exit 2
 
 
-def _user_error(message: str) -> Exception:
-    """``ferry: <message>``, exit 1 (cli's UserError; imported late: cli imports this module)."""
-    from ferry.cli import UserError
-
-    return UserError(message)
-
-
 # -- lock run ---------------------------------------------------------------------
 
 
@@ -149,7 +144,7 @@ def run_lock(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         spec = args.lockspace or _default_lockspace()
     except LeaseError as error:
-        raise _user_error(str(error)) from None
+        raise UserError(str(error)) from None
     if args.ttl is not None and not isinstance(spec, EtcdSpec):
         _usage(parser, "--ttl is for an etcd lockspace; a local lock lives as long as ferry")
     mode = LeaseMode.SHARED if args.shared else LeaseMode.EXCLUSIVE
@@ -205,13 +200,13 @@ def run_status(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         spec = args.lockspace or _default_lockspace()
         backend = open_lockspace(spec, reactor=reactor)
     except LeaseError as error:
-        raise _user_error(str(error)) from None
+        raise UserError(str(error)) from None
     if args.resource is None and not isinstance(backend, ListingLockspace):
         _usage(parser, f"{spec} cannot list its leases: name one with --resource")
     try:
         held = _settle(reactor, lambda: Deferred.fromCoroutine(_ask(backend, args.resource)))
     except LeaseError as error:
-        raise _user_error(f"{spec}: {error}") from None
+        raise UserError(f"{spec}: {error}") from None
     for line in format_holders(held, args.resource, str(spec)):
         print(line)
     return 0
