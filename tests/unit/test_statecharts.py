@@ -655,7 +655,11 @@ def test_effects_are_parsed_per_source_and_drive_the_follower(
     model.trigger("poke")
     model.trigger("stop")
     assert fired == ["wake", "sleep"]
-    assert changes == [("start", "idle", "busy"), ("poke", "busy", "busy"), ("stop", "busy", "idle")]
+    assert changes == [
+        ("start", "idle", "busy"),
+        ("poke", "busy", "busy"),
+        ("stop", "busy", "idle"),
+    ]
     with pytest.raises(MachineError):
         model.trigger("stop")  # illegal: no effect fires
     assert fired == ["wake", "sleep"]
