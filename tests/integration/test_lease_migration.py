@@ -253,3 +253,29 @@ def test_a_read_only_export_refuses_to_hand_control_over(tmp_path: Path) -> None
     finally:
         for proc in (source, dest):
             proc.stop()
+
+
+# -- a source stopped in the middle ----------------------------------------------------
+
+
+def test_sigterm_to_a_source_mid_migration_stops_it_cleanly(tmp_path: Path) -> None:
+    """The node breaks its migration before it closes the image: exit 0, no traceback,
+    the destination listens again, and the source's lease is released."""
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o700)
+    with pair(tmp_path, f"local:{locks}", "vm1", "vm1") as (source, dest, *_):
+        # 8 MiB at 1 MiB/s: the SIGTERM lands in the bulk pass.
+        assert run(mirror_args(tmp_path, dest, "--max-bps", "1M")).returncode == 0
+        source.wait_for_log("negotiated")
+        assert status(tmp_path / "listen.sock")["state"] == "receiving"
+        assert source.stop() == 0
+        stderr = source.stderr_text()
+        assert "Traceback" not in stderr and "Unhandled" not in stderr, stderr
+        assert "ended cancelled" in stderr
+        dest.wait_for_log("listening again")
+        after = status(tmp_path / "listen.sock")
+        assert (after["state"], after["has_control"]) == ("listening", "false")
+        # Nobody holds vm1 any more: the next server takes it at once.
+        lease = ["--lockspace", f"local:{locks}", "--resource", "vm1"]
+        third = serve(tmp_path / "source.img", *lease)
+        third.stop()

@@ -37,6 +37,7 @@ from twisted.internet.defer import Deferred
 
 from ferry import statecharts
 from ferry.clock import ReactorClock
+from ferry.migrate.destination import Receiver
 from ferry.migrate.source import (
     Destination,
     FinishAction,
@@ -116,7 +117,12 @@ def start_node() -> Iterator[Callable[[Path, str, ReactorClock], Node]]:
         tracer = Tracer(records.append)
         export = Export("disk", Image.open(path), clock=clock, tracer=tracer)
         export.trigger(role)
-        server = NBDServer([export], clock=clock, run_blocking=run_blocking)
+        server = NBDServer(
+            [export],
+            clock=clock,
+            run_blocking=run_blocking,
+            receiver=Receiver(run_blocking=run_blocking, clock=clock),
+        )
         listening = reactor.listenTCP(0, server, interface=HOST)
         node = Node(export, server, listening.getHost().port, tracer, records, listening)
         nodes.append(node)

@@ -26,6 +26,7 @@ from ferry import statecharts
 from ferry.clock import ReactorClock
 from ferry.lease.incoming import IncomingLease
 from ferry.lease.manager import LeaseManager
+from ferry.migrate.destination import Receiver
 from ferry.migrate.wire import migrate_option
 from ferry.nbd.client import ClientConnection
 from ferry.nbd.constants import (
@@ -118,8 +119,13 @@ class Listener:
         )
         self.export.trigger(role)
         self.blocking = Blocking()
+        self.receiver = Receiver(run_blocking=self.blocking, clock=self.clock)
         self.server = NBDServer(
-            [self.export], clock=self.clock, run_blocking=self.blocking, oldstyle=oldstyle
+            [self.export],
+            clock=self.clock,
+            run_blocking=self.blocking,
+            oldstyle=oldstyle,
+            receiver=self.receiver,
         )
 
     def connect(self, client: ClientConnection) -> Peer:
@@ -256,7 +262,7 @@ def test_a_sender_trickling_bytes_without_a_whole_request_is_closed(listener: Li
 
 def test_a_sender_waiting_for_the_commit_is_silent_by_right(listener: Listener) -> None:
     export = listener.export
-    listener.server.commit_timeout = listener.server.sender_timeout * 4
+    listener.receiver.timeout = listener.server.sender_timeout * 4
     sender = receiving(listener)
     commit = sender.client.commit(TOKEN)
     sender.pump()
@@ -466,13 +472,13 @@ def test_a_commit_that_does_not_sync_in_time_is_refused_and_listens_again(
     sender = receiving(listener)
     commit = sender.client.commit(TOKEN)
     sender.pump()
-    listener.reactor.advance(listener.server.commit_timeout - 0.1)
+    listener.reactor.advance(listener.receiver.timeout - 0.1)
     assert export.state == "committing" and commit not in sender.replies()
     listener.reactor.advance(0.1)
     reply = sender.replies()[commit]
     assert reply.error == Errno.EIO
     assert reply.message == (
-        f"commit timed out: the image did not sync within {listener.server.commit_timeout:g} s"
+        f"commit timed out: the image did not sync within {listener.receiver.timeout:g} s"
     )
     assert export.state == "listening" and export.sender is None
     listener.blocking.release_all()  # the fsync returns at last: too late, nothing changes

@@ -639,13 +639,13 @@ async def test_flexnbd_mirror_sends_one_request_at_a_time(tmp_path: Path, listen
     rig = Rig(tmp_path, listen(fake), flexnbd=True, max_data_length=64 * KIB)
     await within(rig.source.start())
     seen: list[int] = []
-    pump = rig.source._pump
+    pump = rig.source.copier.pump
 
     def counting(attempt: Any) -> None:
         pump(attempt)
         seen.append(len(attempt.in_flight))
 
-    rig.source._pump = counting  # type: ignore[method-assign]
+    rig.source.copier.pump = counting  # type: ignore[method-assign]
     result = await within(rig.source.finished)
     assert result.handed_off and seen and max(seen) == 1
     assert bytes(fake.disk) == rig.original

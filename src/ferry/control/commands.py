@@ -6,6 +6,11 @@ these.  A command answers a :class:`Reply` (or a Deferred of one, for
 and a text, as flexnbd's ``N: text`` line, plus a JSON value for the RPC.
 The argument checks and their words are flexnbd's, so its tooling can tell
 the failures apart.
+
+A command about one export finds it in the node's
+:class:`~ferry.exports.ExportRegistry` by the JSON parameter ``export``;
+without one (and always in flexnbd's line form, which has no place for it)
+it is the node's default export.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from ferry.migrate.manager import CannotBreak, MirrorBusy, MirrorManager, NotMirroring
+from ferry.exports import ExportRegistry, ExportUnit, UnknownExport
+from ferry.migrate.manager import CannotBreak, MirrorBusy, NotMirroring
 from ferry.migrate.source import (
     Destination,
     FinishAction,
@@ -27,7 +33,6 @@ from ferry.migrate.source import (
 )
 from ferry.serve.acl import Acl, AclError
 from ferry.serve.server import NBDServer
-from ferry.status import StatusSnapshot
 
 Params = Mapping[str, Any]
 
@@ -48,12 +53,10 @@ Command = Callable[[Sequence[str], Params], "Reply | Deferred[Reply]"]
 class Commands:
     """The commands a running ferry node accepts, by name."""
 
-    def __init__(
-        self, server: NBDServer, *, default_deny: bool, mirrors: MirrorManager | None = None
-    ) -> None:
+    def __init__(self, server: NBDServer, exports: ExportRegistry, *, default_deny: bool) -> None:
         self._server = server
+        self._exports = exports
         self._default_deny = default_deny
-        self._mirrors = mirrors
         self.table: dict[str, Command] = {
             "status": self.status,
             "acl": self.acl,
@@ -74,15 +77,20 @@ class Commands:
             return Reply(10, "unknown command")
         return command(args, params or {})
 
-    def snapshot(self) -> StatusSnapshot:
-        if self._mirrors is not None:
-            return self._mirrors.snapshot()
-        return self._server.default_export.snapshot()
+    def _unit(self, params: Params) -> ExportUnit:
+        """The export a command is about: ``params["export"]``, or the default one."""
+        name = params.get("export")
+        if name is not None and not isinstance(name, str):
+            raise UnknownExport(f"export must be a name, not {name!r}")
+        return self._exports.get(name)
 
     # -- always ---------------------------------------------------------------------
 
     def status(self, args: Sequence[str], params: Params) -> Reply:
-        snapshot = self.snapshot()
+        try:
+            snapshot = self._unit(params).snapshot()
+        except UnknownExport as error:
+            return Reply(1, str(error))
         return Reply(0, snapshot.to_line(), snapshot.to_dict())
 
     def acl(self, args: Sequence[str], params: Params) -> Reply:
@@ -100,14 +108,16 @@ class Commands:
     def mirror(self, args: Sequence[str], params: Params) -> Reply | Deferred[Reply]:
         """``mirror IP PORT [exit|unlink|nothing] [BIND] [MAX_BPS]``; JSON may add
         ``max_downtime`` (seconds) and ``max_passes``."""
-        if self._mirrors is None:
-            return Reply(1, "this server cannot mirror")
+        try:
+            mirrors = self._unit(params).mirrors
+        except UnknownExport as error:
+            return Reply(1, str(error))
         parsed = _parse_mirror(args, params)
         if isinstance(parsed, Reply):
             return parsed
         destination, options = parsed
         try:
-            started = self._mirrors.mirror(destination, options)
+            started = mirrors.mirror(destination, options)
         except MirrorBusy:
             return Reply(1, "mirror already running")
         except MirrorError as error:
@@ -120,10 +130,10 @@ class Commands:
         return started.addCallback(answer)
 
     def break_mirror(self, args: Sequence[str], params: Params) -> Reply:
-        if self._mirrors is None:
-            return Reply(1, "not mirroring")
         try:
-            self._mirrors.cancel()
+            self._unit(params).mirrors.cancel()
+        except UnknownExport as error:
+            return Reply(1, str(error))
         except NotMirroring:
             return Reply(1, "not mirroring")
         except CannotBreak as error:
@@ -131,7 +141,11 @@ class Commands:
         return Reply(0, "mirror stopped")
 
     def mirror_max_bps(self, args: Sequence[str], params: Params) -> Reply:
-        if self._mirrors is None or not self._mirrors.running:
+        try:
+            mirrors = self._unit(params).mirrors
+        except UnknownExport as error:
+            return Reply(1, str(error))
+        if not mirrors.running:
             return Reply(1, "Not currently mirroring")
         if len(args) != 1:
             return Reply(1, "Bad format")
@@ -139,23 +153,26 @@ class Commands:
         if limit is None:
             return Reply(1, "max_bps couldn't be parsed")
         try:
-            self._mirrors.set_max_bps(limit or None)
+            mirrors.set_max_bps(limit or None)
         except NotMirroring:
             return Reply(1, "Not currently mirroring")
         return Reply(0, "updated")
 
     def migration(self, args: Sequence[str], params: Params) -> Reply:
         """JSON: the progress of the current (or last) migration."""
-        if self._mirrors is None:
-            return Reply(0, "not migrating", {"running": False})
-        progress = self._mirrors.progress()
+        try:
+            progress = self._unit(params).mirrors.progress()
+        except UnknownExport as error:
+            return Reply(1, str(error))
         return Reply(0, str(progress["line"]), progress)
 
     def wait(self, args: Sequence[str], params: Params) -> Reply | Deferred[Reply]:
         """JSON: answers when the current migration has ended, with how it ended."""
-        if self._mirrors is None:
-            return Reply(0, "not migrating", {"running": False})
-        return self._mirrors.finished().addCallback(lambda _: self.migration(args, params))
+        try:
+            mirrors = self._unit(params).mirrors
+        except UnknownExport as error:
+            return Reply(1, str(error))
+        return mirrors.finished().addCallback(lambda _: self.migration(args, params))
 
 
 def _parse_mirror(args: Sequence[str], params: Params) -> Reply | tuple[Destination, MirrorOptions]:

@@ -70,6 +70,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ferry import statecharts
+from ferry.chartnames import LeaseTrigger
 from ferry.clock import Clock, DelayedCall
 from ferry.lease.backend import (
     Grant,
@@ -227,31 +228,31 @@ class LeaseManager:
 
     def register(self, *, incoming: bool = False) -> None:
         """Name the resource's role: an ordinary holder, or (``incoming``) a destination."""
-        self._fire("register_incoming" if incoming else "register")
+        self._fire(LeaseTrigger.REGISTER_INCOMING if incoming else LeaseTrigger.REGISTER)
 
     def acquire(self) -> Deferred[Grant]:
         """Take the lease (registered -> acquiring -> held, or back to registered)."""
-        self._fire("acquire")
+        self._fire(LeaseTrigger.ACQUIRE)
         sent_at = self._clock.seconds()
         d = self._backend.acquire(self.resource, self.owner, self.mode)
         return d.addCallbacks(
             self._granted,
             self._refused,
-            callbackArgs=(sent_at, "acquired"),
-            errbackArgs=("acquire_failed",),
+            callbackArgs=(sent_at, LeaseTrigger.ACQUIRED),
+            errbackArgs=(LeaseTrigger.ACQUIRE_FAILED,),
         )
 
     def acquire_incoming(self, token: int) -> Deferred[Grant]:
         """The destination takes the lease by the token the migration commit carried."""
         self._require_exclusive("take a lease over")
-        self._fire("take_over")
+        self._fire(LeaseTrigger.TAKE_OVER)
         sent_at = self._clock.seconds()
         d = self._backend.take_over(self.resource, self.owner, token)
         return d.addCallbacks(
             self._granted,
             self._refused,
-            callbackArgs=(sent_at, "acquired"),
-            errbackArgs=("take_over_failed",),
+            callbackArgs=(sent_at, LeaseTrigger.ACQUIRED),
+            errbackArgs=(LeaseTrigger.TAKE_OVER_FAILED,),
         )
 
     def complete_migrate_in(self) -> int:
@@ -270,8 +271,8 @@ class LeaseManager:
         Harmless once the lease has ended.  Not legal while the take-over is
         in flight (wait for its answer) or on a lease that never was incoming.
         """
-        if self._can("cancel_incoming"):
-            self._fire("cancel_incoming")
+        if self._can(LeaseTrigger.CANCEL_INCOMING):
+            self._fire(LeaseTrigger.CANCEL_INCOMING)
             self._end("migration in cancelled before its commit")
             return defer.succeed(None)
         if self.holds:
@@ -295,7 +296,7 @@ class LeaseManager:
         fenced if the failure says it is lost.
         """
         self._require_exclusive("migrate")
-        self._fire("prepare_migrate")
+        self._fire(LeaseTrigger.PREPARE_MIGRATE)
         grant, epoch = self._current()
         d = self._backend.offer(grant)
 
@@ -308,10 +309,10 @@ class LeaseManager:
         def not_offered(failure: Failure) -> Failure:
             if epoch == self._epoch and self._is("offered"):
                 if isinstance(failure.value, LeaseLost):
-                    self._fence("lost", f"lost while offering it: {failure.value}")
+                    self._fence(LeaseTrigger.LOST, f"lost while offering it: {failure.value}")
                 else:
                     self._note_error(failure)
-                    self._fire("offer_failed")
+                    self._fire(LeaseTrigger.OFFER_FAILED)
             return failure
 
         return d.addCallbacks(offered, not_offered)
@@ -323,7 +324,7 @@ class LeaseManager:
         the lease is then released (taken over) and this node must not
         serve.  A lockspace that cannot be reached leaves it offered.
         """
-        if not self._can("reclaimed"):
+        if not self._can(LeaseTrigger.RECLAIMED):
             raise LeaseStateError(f"cannot cancel a migration of a lease that is {self.state}")
         old, epoch = self._current()
         sent_at = self._clock.seconds()
@@ -335,7 +336,7 @@ class LeaseManager:
             if epoch != self._epoch or not self._is("offered"):
                 self._release_quietly(grant)
                 raise LeaseStateError(f"lease on {self.resource} became {self.state} meanwhile")
-            self._fire("reclaimed")
+            self._fire(LeaseTrigger.RECLAIMED)
             self._stop_timers()
             self._release_quietly(old)
             self._hold(grant, sent_at)
@@ -351,7 +352,8 @@ class LeaseManager:
             if old.ttl is None:
                 # No deadline will ever settle it (a local lock file that cannot
                 # be used now): whatever it takes, this holder stops here.
-                self._fence("lost", f"cannot take the offered lease back: {failure.value}")
+                why = f"cannot take the offered lease back: {failure.value}"
+                self._fence(LeaseTrigger.LOST, why)
             else:
                 self._judge_held_loss(epoch)  # the deadline decides, if nothing else does
             return failure
@@ -376,14 +378,15 @@ class LeaseManager:
             if epoch == self._epoch and self._is("offered"):
                 taker = self._newer_holder(holders, token)
                 if taker is not None and self._clock.seconds() < self._deadline:
-                    self._finish_out("taken_over", f"taken over by {taker.describe()}")
+                    self._finish_out(LeaseTrigger.TAKEN_OVER, f"taken over by {taker.describe()}")
                 else:
-                    self._fence("lost", reason)
+                    self._fence(LeaseTrigger.LOST, reason)
             return failure
 
-        def cannot_tell(why: Failure) -> Failure:
+        def cannot_tell(_: Failure) -> Failure:
             if epoch == self._epoch and self._is("offered"):
-                self._fence("lost", f"{reason}; and the lockspace cannot say who holds it now")
+                why = f"{reason}; and the lockspace cannot say who holds it now"
+                self._fence(LeaseTrigger.LOST, why)
             return failure
 
         return self.inquire().addCallbacks(judge, cannot_tell)
@@ -395,9 +398,11 @@ class LeaseManager:
         """
         if self._handed_over:
             return defer.succeed(None)
-        if not self._can("migrated_out"):
+        if not self._can(LeaseTrigger.MIGRATED_OUT):
             raise LeaseStateError(f"cannot complete a migration of a lease that is {self.state}")
-        return self._finish_out("migrated_out", "handed over to the migration's destination")
+        return self._finish_out(
+            LeaseTrigger.MIGRATED_OUT, "handed over to the migration's destination"
+        )
 
     def resolve_in_doubt(self) -> Deferred[InDoubtOutcome]:
         """The commit's ack was lost: find out whether the destination took the lease.
@@ -430,21 +435,21 @@ class LeaseManager:
 
     def release(self) -> Deferred[None]:
         """Give the lease up.  Without a grant there is nothing to give: no transition."""
-        if self._can("release"):
+        if self._can(LeaseTrigger.RELEASE):
             grant, _ = self._current()
-            self._fire("release")
+            self._fire(LeaseTrigger.RELEASE)
             self._end("released")
             return self._backend.release(grant)
-        if self._can("acquired"):
+        if self._can(LeaseTrigger.ACQUIRED):
             raise LeaseStateError(f"cannot release a lease that is {self.state}: wait for it")
         return defer.succeed(None)
 
     def shutdown(self) -> Deferred[None]:
         """Stop: timers cancelled, the grant (if any) released.  Harmless when stopped."""
-        if not self._can("shutdown"):
+        if not self._can(LeaseTrigger.SHUTDOWN):
             return defer.succeed(None)
         grant = self._grant if self.holds else None
-        self._fire("shutdown")
+        self._fire(LeaseTrigger.SHUTDOWN)
         self._end(self.reason or "shut down")
         if grant is None:
             return defer.succeed(None)
@@ -452,7 +457,7 @@ class LeaseManager:
 
     # -- getting a grant ------------------------------------------------------------------
 
-    def _granted(self, grant: Grant, sent_at: float, trigger: str) -> Grant:
+    def _granted(self, grant: Grant, sent_at: float, trigger: LeaseTrigger) -> Grant:
         if not self._can(trigger):
             # Shut down while the request was in flight: the grant is unwanted.
             self._release_quietly(grant)
@@ -461,7 +466,7 @@ class LeaseManager:
         self._hold(grant, sent_at)
         return grant
 
-    def _refused(self, failure: Failure, trigger: str) -> Failure:
+    def _refused(self, failure: Failure, trigger: LeaseTrigger) -> Failure:
         if isinstance(failure.value, LeaseConflict):
             self._holders = failure.value.holders
         self._note_error(failure)
@@ -505,8 +510,8 @@ class LeaseManager:
             return
         assert self._grant is not None
         self._extend(self._grant, sent_at)
-        if self._can("renewed") and self._clock.seconds() < self._deadline:
-            self._fire("renewed")
+        if self._can(LeaseTrigger.RENEWED) and self._clock.seconds() < self._deadline:
+            self._fire(LeaseTrigger.RENEWED)
 
     def _renewal_failed(self, failure: Failure, epoch: int) -> None:
         if self._renewal_epoch == epoch:
@@ -519,8 +524,8 @@ class LeaseManager:
         # Unreachable, or an answer nobody expected: either way the lockspace
         # could not confirm the grant; the deadline decides.
         self._note_error(failure)
-        if self._can("renewal_failed"):
-            self._fire("renewal_failed")
+        if self._can(LeaseTrigger.RENEWAL_FAILED):
+            self._fire(LeaseTrigger.RENEWAL_FAILED)
 
     def _extend(self, grant: Grant, sent_at: float) -> None:
         """Move the deadline to ``sent_at + ttl - margin`` and arm the expiry timer for it."""
@@ -545,7 +550,7 @@ class LeaseManager:
             )
             return
         detail = f"; last error: {self.last_error}" if self.last_error else ""
-        self._fence("expired", f"no renewal confirmed before the deadline{detail}")
+        self._fence(LeaseTrigger.EXPIRED, f"no renewal confirmed before the deadline{detail}")
 
     # -- losing it ---------------------------------------------------------------------------------
 
@@ -558,7 +563,7 @@ class LeaseManager:
         elif self._is("offered"):
             self._judge_loss(epoch, reason)
         else:
-            self._fence("lost", reason)
+            self._fence(LeaseTrigger.LOST, reason)
 
     def _judge_loss(self, epoch: int, reason: str) -> None:
         """An offered grant was lost: taken over by the destination, or lost for real?"""
@@ -574,14 +579,15 @@ class LeaseManager:
                 return
             taker = self._newer_holder(holders, token)
             if taker is not None and self._clock.seconds() < self._deadline:
-                self._finish_out("taken_over", f"taken over by {taker.describe()}")
+                self._finish_out(LeaseTrigger.TAKEN_OVER, f"taken over by {taker.describe()}")
             else:
-                self._fence("lost", reason)
+                self._fence(LeaseTrigger.LOST, reason)
 
         def cannot_tell(failure: Failure) -> None:
             self._judging_loss = False
             if epoch == self._epoch and self._is("offered"):
-                self._fence("lost", f"{reason}; and the lockspace cannot say who holds it now")
+                why = f"{reason}; and the lockspace cannot say who holds it now"
+                self._fence(LeaseTrigger.LOST, why)
 
         d = self.inquire()
         d.addCallbacks(judge, cannot_tell)
@@ -597,7 +603,7 @@ class LeaseManager:
         if reason is not None:
             self._lose(epoch, reason)
 
-    def _fence(self, trigger: str, reason: str) -> None:
+    def _fence(self, trigger: LeaseTrigger, reason: str) -> None:
         """``expired`` or ``lost``: fenced, timers stopped, ``on_fenced`` told (once)."""
         grant = self._grant
         self._fire(trigger)
@@ -609,7 +615,7 @@ class LeaseManager:
             self._fence_reported = True
             self._on_fenced(reason)
 
-    def _finish_out(self, trigger: str, reason: str) -> Deferred[None]:
+    def _finish_out(self, trigger: LeaseTrigger, reason: str) -> Deferred[None]:
         """``migrated_out`` or ``taken_over``: released, never to write again."""
         grant, _ = self._current()
         self._fire(trigger)
@@ -638,7 +644,7 @@ class LeaseManager:
 
     # -- small helpers ---------------------------------------------------------------------------
 
-    def _fire(self, trigger: str) -> None:
+    def _fire(self, trigger: LeaseTrigger) -> None:
         if not self._can(trigger):
             raise LeaseStateError(
                 f"lease on {self.resource}: {trigger} is not legal while {self.state}"
@@ -647,7 +653,7 @@ class LeaseManager:
         model.trigger(trigger)
         self._writable = self._is("may_write")
 
-    def _can(self, trigger: str) -> bool:
+    def _can(self, trigger: LeaseTrigger) -> bool:
         return self._chart.next_state(self.state, trigger) is not None
 
     def _is(self, prop: str) -> bool:

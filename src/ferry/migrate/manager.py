@@ -91,6 +91,13 @@ class MirrorManager:
             raise NotMirroring("not mirroring")
         self.current.cancel()
 
+    def stop(self, reason: str) -> Deferred[MirrorResult | None]:
+        """The node shuts down (or the export goes): a running job stops; fires when it has."""
+        if self.running:
+            assert self.current is not None
+            self.current.stop(reason)
+        return self.finished()
+
     def lease_lost(self, reason: str) -> None:
         """The export was fenced: a running job ends (see ``MirrorSource.lease_lost``)."""
         if self.current is not None:

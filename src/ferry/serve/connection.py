@@ -32,18 +32,17 @@ of its clients, and three things are its own:
 * its handshake makes a listening export ``receiving`` (``sender_connected``);
   a sender announcing another image size is closed instead, after the GO
   reply that lets the source see the mismatch;
-* its ``Commit``, performed in order after everything it sent before:
-  role ``commit`` (-> committing), the fencing token recorded, fdatasync on
-  the thread pool, then role ``committed`` (-> serving: control, clients
-  allowed) and only then the OK reply, the two-phase commit's ack.  If the
-  fsync fails the reply is EIO -- the source takes it as a definite no --
-  the role goes back to ``listening`` (``sender_lost``) and the connection
-  is closed: what was written cannot be trusted, so the next sender starts
-  over.  A commit in any other state is EINVAL and changes nothing;
+* its ``Commit``, performed in order after everything it sent before, by
+  the server's :class:`Receiver` (the destination's half of the two-phase
+  commit, :mod:`ferry.migrate.destination`), which answers it through this
+  connection -- OK once the image is durable and the lease taken, an
+  error otherwise, after which the connection closes once its replies
+  are out;
 * its end, however it comes (lost, closed, refused, before or after any
   request, during the fsync) while ``receiving`` or ``committing``: role
   ``sender_lost`` (-> listening), and an fsync still running is never
-  acknowledged.
+  acknowledged -- unless the commit no longer depends on the socket (see
+  :meth:`ferry.serve.export.Export.detach_commit`).
 
 A flexnbd sender (``ferry listen --oldstyle``) cannot say who it is in the
 handshake: every oldstyle connection to a listening export is *mirror-only*
@@ -54,12 +53,15 @@ handle ``.MIRROR.`` or a FLUSH with EPERM), and the first one to send a
 once the export is no longer listening, are EPERM: a listening export never
 takes writes from anyone but its one sender.  NBD_CMD_DISC from the sender
 is flexnbd's "you have it all: take control", performed in order after its
-writes: role ``commit``, fdatasync, role ``committed`` -- and no reply, as
-flexnbd's listener sends none (the sender has usually closed its socket
-already, so the commit, once begun, does not depend on this connection).
-A failed fsync is ``sender_lost``.  A sender whose connection ends without
-DISC is ``sender_lost``, as above.  DISC from a mirror-only connection that
-is not the sender is only a disconnect.
+writes as a commit the receiver does not answer (flexnbd's listener sends
+nothing; the sender has usually closed its socket already).  A sender whose
+connection ends without DISC is ``sender_lost``, as above.  DISC from a
+mirror-only connection that is not the sender is only a disconnect.
+
+While the export's role holds clients (a switchover), and while a write
+waits for the auto-converge cap, the connection stops reading its socket as
+well as dispatching: however long the hold, it queues no more than what it
+had already read.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ferry.chartnames import RoleState
 from ferry.clock import Clock
 from ferry.nbd.constants import FLEXNBD_MIRROR_HANDLE, BlockState, Command, CommandFlag, Errno
 from ferry.nbd.events import (
@@ -151,6 +154,26 @@ def nbd_errno(error: OSError) -> Errno:
 RunBlocking = Callable[[Callable[[], object]], "defer.Deferred[Any]"]
 
 
+CommitAnswer = Callable[[Errno, str], None]
+"""How a receiver answers a commit: ``Errno.OK`` is the acknowledgement."""
+
+
+class Receiver(TypingProtocol):
+    """The destination's half of the two-phase commit (``ferry.migrate.destination``)."""
+
+    def commit(
+        self,
+        export: Export,
+        sender: object,
+        token: int,
+        source_resource: str,
+        answer: CommitAnswer | None,
+    ) -> defer.Deferred[None]:
+        """Perform ``sender``'s commit on ``export`` and answer it (None: flexnbd's,
+        which nothing answers); the Deferred fires once it is settled either way."""
+        ...
+
+
 class ConnectionHost(ExportCatalog, MigrationCatalog, TypingProtocol):
     """What a connection needs of the listener that made it (``NBDServer`` is one).
 
@@ -164,7 +187,7 @@ class ConnectionHost(ExportCatalog, MigrationCatalog, TypingProtocol):
     oldstyle: bool
     handshake_timeout: float
     sender_timeout: float
-    commit_timeout: float
+    receiver: Receiver | None
 
     def run_blocking(self, work: Callable[[], object]) -> defer.Deferred[Any]: ...
 
@@ -196,9 +219,9 @@ class NBDServerProtocol(Protocol):
         self._held_since: float | None = None  # first request queued behind a hold
         self._context_id = 0
         self._flexnbd = False  # a mirror-only oldstyle connection: see the module doc
-        # A commit past the point of no return (flexnbd's DISC; ferry's, once
-        # fsynced and taking the lease) finishes even if the socket goes.
-        self._commit_outlives_socket = False
+        # Why the socket is not read now: "backpressure", "closing", "held",
+        # "throttled"; it is read again only once every reason is gone.
+        self._not_reading: set[str] = set()
         self.peer_host = ""
 
     # -- Twisted protocol -------------------------------------------------------
@@ -238,7 +261,7 @@ class NBDServerProtocol(Protocol):
             self._throttle_timer.cancel()
         self._throttle_timer = None
         export = self._export
-        if export is not None and not self._commit_outlives_socket:
+        if export is not None:
             was_sender = export.sender is self and export.state in RECEIVING_STATES
             export.detach(self)
             if was_sender:
@@ -255,19 +278,32 @@ class NBDServerProtocol(Protocol):
 
     def pauseProducing(self) -> None:
         self._paused = True
-        if self.transport is not None:
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._stop_reading("backpressure")
 
     def resumeProducing(self) -> None:
         self._paused = False
-        if self.transport is not None and not self._closing:
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+        self._start_reading("backpressure")
         self._dispatch()
+
+    def _stop_reading(self, why: str) -> None:
+        if not self._not_reading and self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._not_reading.add(why)
+
+    def _start_reading(self, why: str) -> None:
+        self._not_reading.discard(why)
+        if not self._not_reading and self.transport is not None and not self._lost:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def stopProducing(self) -> None:
         self._abort()
 
     # -- the control plane's handles -----------------------------------------------
+
+    @property
+    def export_name(self) -> str | None:
+        """The export this connection chose (None before its handshake ends)."""
+        return None if self._export is None else self._export.name
 
     def disconnect(self, reason: str) -> None:
         """Close this client at once (ACL change, handoff, fencing)."""
@@ -278,8 +314,7 @@ class NBDServerProtocol(Protocol):
         """Read and perform nothing more; close once what is in flight is answered."""
         self._closing = True
         self._queue.clear()
-        if self.transport is not None:
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._stop_reading("closing")
 
     def drain(self) -> defer.Deferred[None]:
         """Stop reading, finish every request already received, then close.
@@ -293,8 +328,7 @@ class NBDServerProtocol(Protocol):
             return d
         self._drained.append(d)
         self._closing = True
-        if self.transport is not None:
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._stop_reading("closing")
         self._maybe_close()
         return d
 
@@ -353,7 +387,7 @@ class NBDServerProtocol(Protocol):
         if event.migration is not None:
             return self._become_sender(export, event)
         if event.flexnbd:
-            if export is None or export.state != "listening":
+            if export is None or export.state != RoleState.LISTENING:
                 self._refuse()
                 return False
             # Not one of the export's clients: at most its sender, later.
@@ -371,7 +405,7 @@ class NBDServerProtocol(Protocol):
 
     def _become_sender(self, export: Export | None, event: HandshakeComplete) -> bool:
         assert event.migration is not None
-        if export is None or export.state != "listening":
+        if export is None or export.state != RoleState.LISTENING:
             # Cannot happen while lookup_sender and this run in one call; be safe.
             log.warn("closing sender {peer}: the export is not listening", peer=self.peer_host)
             self._refuse()
@@ -405,7 +439,7 @@ class NBDServerProtocol(Protocol):
         """
         self._sender_timer = None
         export = self._export
-        if export is None or export.sender is not self or export.state != "receiving":
+        if export is None or export.sender is not self or export.state != RoleState.RECEIVING:
             return
         log.warn(
             "{name}: closing the migration sender {peer}: nothing from it for {seconds:g} s",
@@ -448,7 +482,7 @@ class NBDServerProtocol(Protocol):
                 request: Request = event  # type: ignore[assignment]
                 if (
                     export.sender is None
-                    and export.state == "listening"
+                    and export.state == RoleState.LISTENING
                     and request.command is not _FLUSH
                 ):
                     export.sender_connected(self)
@@ -504,10 +538,9 @@ class NBDServerProtocol(Protocol):
         queue = self._queue
         export = self._export
         while queue and not self._paused and not self._lost and self._throttle_timer is None:
-            if export is not None and export.held:
+            if export is not None and export.clients_held:
                 # A switchover holds client requests: queued, not failed.
-                if self._held_since is None:
-                    self._held_since = export.clock.seconds()
+                self.hold_reading()
                 break
             event = queue[0]
             if type(event) is Request:
@@ -521,6 +554,7 @@ class NBDServerProtocol(Protocol):
                     if delay > 0:
                         self._write_charged = True
                         self._throttle_timer = export.clock.call_later(delay, self._unthrottle)
+                        self._stop_reading("throttled")
                         break
                 self._write_charged = False
                 queue.popleft()
@@ -537,17 +571,27 @@ class NBDServerProtocol(Protocol):
 
     def _unthrottle(self) -> None:
         self._throttle_timer = None
+        self._start_reading("throttled")
         self._dispatch()
 
     @property
     def held_since(self) -> float | None:
         return self._held_since
 
+    def hold_reading(self) -> None:
+        """The export holds client requests: from now on, neither dispatch nor read."""
+        if self._export is None or not self._export.clients_held:
+            return
+        if self._held_since is None and self._queue:
+            self._held_since = self._export.clock.seconds()
+        self._stop_reading("held")
+
     def resume_dispatch(self) -> None:
         """The export released its hold: account for the wait, then go on."""
         if self._held_since is not None and self._export is not None:
             self._export.note_hold(self._export.clock.seconds() - self._held_since)
             self._held_since = None
+        self._start_reading("held")
         self._dispatch()
 
     def _reject(self, event: RejectedRequest) -> None:
@@ -564,6 +608,14 @@ class NBDServerProtocol(Protocol):
         lease = export.lease
         if lease is not None and not lease.may_write():
             self._fail(request, Errno.EIO, "the image's lease is lost: this node may not touch it")
+            return
+        if not export.clients_allowed and export.sender is not self:
+            # Let go by a role that serves no one (stopped, or no control any
+            # more): nothing is performed, and the client is told why.
+            if export.state == RoleState.STOPPED:
+                self._fail(request, Errno.ESHUTDOWN, "the server is shutting down")
+            else:
+                self._fail(request, Errno.EIO, f"this node is {export.state}: it has no control")
             return
         command = request.command
         fua = int(request.flags) & _FUA
@@ -631,170 +683,51 @@ class NBDServerProtocol(Protocol):
         export.stats.observe(_NAMES[command], time.perf_counter() - started)
 
     def _commit(self, event: Commit) -> None:
-        """The sender's FERRY_CMD_COMMIT; see the module doc for what it promises.
-
-        Every way it can end is answered: OK once the image is durable and
-        the lease ours; EIO if the fsync fails or does not finish within
-        ``commit_timeout`` (the listener cannot say when it would); EPERM,
-        with the reason, if the lease cannot be taken; EIO for a bug.  A
-        "no" sends the export back to ``listening`` for the next sender.
-        """
-        if self._flexnbd:
-            self._flexnbd_commit()
-            return
+        """The sender's commit (ferry's FERRY_CMD_COMMIT, or flexnbd's DISC): the receiver's."""
         export = self._export
         nbd = self._nbd
         assert export is not None and nbd is not None
         export.stats.requests["COMMIT"] += 1
-        if export.sender is not self or export.state != "receiving":
+        if export.sender is not self or export.state != RoleState.RECEIVING:
+            if self._flexnbd:
+                log.warn(
+                    "{name}: flexnbd DISC in {state}: nothing to commit",
+                    name=export.name,
+                    state=export.state,
+                )
+                return
             export.stats.errors["EINVAL"] += 1
             self._send(
                 nbd.reply_error(event.handle, Errno.EINVAL, f"nothing to commit: {export.state}")
             )
             return
-        export.begin_commit(self, event.token)
-        log.info(
-            "{name}: commit from {peer} with token {token}; syncing",
-            name=export.name,
-            peer=self.peer_host,
-            token=event.token,
-        )
-        timeout = self._server.commit_timeout
+        migration = nbd.migration
+        source_resource = "" if migration is None else migration.resource
+        answer = None if self._flexnbd else self._commit_answer(event.handle)
+        receiver = self._server.receiver
+        assert receiver is not None  # a server without one admits no sender
+        self._in_flight += 1
+        settled = receiver.commit(export, self, event.token, source_resource, answer)
+        settled.addBoth(self._settle_thread_job)
 
-        def pending() -> bool:
-            """Whether this commit is still the export's, unanswered."""
-            return export.sender is self and export.state == "committing"
+    def _commit_answer(self, handle: int) -> CommitAnswer:
+        """How the receiver answers this sender's commit: a reply; after a no, close."""
 
-        def refuse(error: Errno, why: str) -> None:
-            """A definite no: nothing was taken; the export listens again."""
-            if deadline.active():
-                deadline.cancel()
-            log.error("{name}: commit refused: {why}", name=export.name, why=why)
-            export.stats.errors[error.name] += 1
-            export.sender_lost(self)
-            if not self._lost:
-                self._send(nbd.reply_error(event.handle, error, why))
+        def answer(error: Errno, message: str) -> None:
+            export, nbd = self._export, self._nbd
+            assert export is not None and nbd is not None
+            if error is not Errno.OK:
+                export.stats.errors[error.name] += 1
+            if self._lost:
+                return
+            if error is Errno.OK:
+                self._send(nbd.reply_ok(handle))
+            else:
+                self._send(nbd.reply_error(handle, error, message))
                 self._close_after_replies()
-                self._flush_outbox()
+            self._flush_outbox()
 
-        def timed_out() -> None:
-            # Only while syncing: once the lease is being taken, the
-            # lockspace's own time-outs bound the answer, and a "no" given
-            # now could cross a take-over that succeeds.
-            if pending() and not self._commit_outlives_socket:
-                refuse(Errno.EIO, f"commit timed out: the image did not sync within {timeout:g} s")
-
-        deadline = self._server.clock.call_later(timeout, timed_out)
-        self._in_flight += 1
-        d = self._server.run_blocking(export.image.flush)
-
-        def synced(_: object) -> None:
-            if not pending():
-                log.warn("{name}: commit abandoned: the sender went away", name=export.name)
-                return
-            # The image is durable; now the lease.  From here the commit no
-            # longer depends on the socket: if we take the lease we serve,
-            # ack or no ack (a source that lost the ack asks the lease).
-            self._commit_outlives_socket = True
-            self._in_flight += 1
-            migration = nbd.migration
-            source_resource = "" if migration is None else migration.resource
-            taking = defer.maybeDeferred(export.take_lease, event.token, source_resource)
-            taking.addCallbacks(took, refused)
-            taking.addErrback(internal_error)
-            taking.addBoth(settle)
-
-        def took(_: object) -> None:
-            if deadline.active():
-                deadline.cancel()
-            if not export.committed(self):
-                log.warn("{name}: commit abandoned while taking the lease", name=export.name)
-                return
-            log.info("{name}: committed; serving with control", name=export.name)
-            if not self._lost:
-                self._send(nbd.reply_ok(event.handle))
-
-        def refused(failure: Failure) -> None:
-            if pending():
-                refuse(Errno.EPERM, f"cannot take the lease: {failure.getErrorMessage()}")
-
-        def settle(result: object) -> None:
-            self._commit_outlives_socket = False
-            self._settle_thread_job(result)
-
-        def failed(failure: Failure) -> None:
-            if not pending():
-                return
-            error = failure.value
-            why = os.strerror(error.errno or os_errno.EIO) if isinstance(error, OSError) else ""
-            refuse(Errno.EIO, f"fsync failed: {why or error}")
-
-        def internal_error(failure: Failure) -> None:
-            log.failure("{name}: internal error in the commit", failure, name=export.name)
-            if pending():
-                refuse(Errno.EIO, "internal error in the commit")
-
-        d.addCallbacks(synced, failed)
-        d.addErrback(internal_error)
-        d.addBoth(self._settle_thread_job)
-
-    def _flexnbd_commit(self) -> None:
-        """The flexnbd sender's DISC: commit, fsync, take control; nothing is answered."""
-        export = self._export
-        assert export is not None
-        export.stats.requests["COMMIT"] += 1
-        if export.sender is not self or export.state != "receiving":
-            log.warn(
-                "{name}: flexnbd DISC in {state}: nothing to commit",
-                name=export.name,
-                state=export.state,
-            )
-            return
-        export.begin_commit(self, 0)  # flexnbd has no fencing token
-        self._commit_outlives_socket = True
-        log.info(
-            "{name}: flexnbd sender {peer} disconnected: taking control; syncing",
-            name=export.name,
-            peer=self.peer_host,
-        )
-        self._in_flight += 1
-        d = self._server.run_blocking(export.image.flush)
-
-        def synced(_: object) -> defer.Deferred[None] | None:
-            if export.sender is not self or export.state != "committing":
-                log.warn("{name}: commit abandoned", name=export.name)
-                return None
-            # flexnbd's source holds no ferry lease: take a fresh one, if
-            # this node has a lockspace, before serving.
-            return export.take_lease(0, "").addCallbacks(took, refused)
-
-        def took(_: object) -> None:
-            if export.committed(self):
-                log.info("{name}: committed; serving with control", name=export.name)
-
-        def refused(failure: Failure) -> None:
-            log.error(
-                "{name}: flexnbd handoff refused: cannot take the lease: {why}; "
-                "nobody serves the image until an operator steps in",
-                name=export.name,
-                why=failure.getErrorMessage(),
-            )
-            export.sender_lost(self)
-
-        def failed(failure: Failure) -> None:
-            error = failure.value
-            why = os.strerror(error.errno or os_errno.EIO) if isinstance(error, OSError) else ""
-            log.error("{name}: commit failed, fsync: {why}", name=export.name, why=why or error)
-            export.stats.errors["EIO"] += 1
-            export.sender_lost(self)
-
-        def settle(_: object) -> None:
-            self._commit_outlives_socket = False
-            self._in_flight -= 1
-            self._maybe_close()
-
-        d.addCallbacks(synced, failed)
-        d.addBoth(settle)
+        return answer
 
     def _block_status(self, request: Request) -> bytes:
         assert self._nbd is not None and self._export is not None

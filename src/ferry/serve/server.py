@@ -39,11 +39,12 @@ from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from ferry.chartnames import RoleState
 from ferry.clock import Clock
 from ferry.nbd.constants import OptionReply
 from ferry.nbd.events import ExportInfo, MigrationRequest, Refusal
 from ferry.serve.acl import Acl
-from ferry.serve.connection import NBDServerProtocol
+from ferry.serve.connection import NBDServerProtocol, Receiver
 from ferry.serve.export import RECEIVING_STATES, Export
 
 log = Logger()
@@ -58,11 +59,6 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 # source is never this slow: it paces its requests to at most a second's
 # worth of its rate limit.
 SENDER_TIMEOUT: Final = 120.0
-# A sender's commit must be durable within this long, or it is refused (EIO)
-# and the export listens again: a destination never waits in committing for
-# a disk that does not answer.  The source flushed before it committed, so
-# only its last pass is left to sync; its own reply timeout is 60 s.
-COMMIT_TIMEOUT: Final = 30.0
 # Connections (handshaking or transmitting) admitted at once; more are closed
 # as soon as they are accepted.
 MAX_CLIENTS: Final = 256
@@ -84,12 +80,11 @@ class NBDServer(Factory):
         max_clients: int = MAX_CLIENTS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         sender_timeout: float = SENDER_TIMEOUT,
-        commit_timeout: float = COMMIT_TIMEOUT,
+        receiver: Receiver | None = None,
     ) -> None:
-        if not exports:
-            raise ValueError("a server needs at least one export")
-        self.exports = {export.name: export for export in exports}
-        self.default_export = exports[0]
+        self.exports: dict[str, Export] = {}
+        for export in exports:
+            self.add_export(export)
         self.clock = clock
         self.run_blocking = run_blocking
         self.acl = acl or Acl()
@@ -97,7 +92,8 @@ class NBDServer(Factory):
         self.max_clients = max_clients
         self.handshake_timeout = handshake_timeout
         self.sender_timeout = sender_timeout
-        self.commit_timeout = commit_timeout
+        # Who performs a sender's commit; without one, no migration is taken.
+        self.receiver = receiver
         self.connections: set[NBDServerProtocol] = set()
         self.accepting = True
 
@@ -110,6 +106,23 @@ class NBDServer(Factory):
             log.warn("refusing a connection: {n} clients already", n=len(self.connections))
             return None
         return NBDServerProtocol(self)
+
+    # -- the exports it serves ------------------------------------------------------
+
+    def add_export(self, export: Export) -> None:
+        """Serve ``export`` by its name (the first one added is the default export too)."""
+        if export.name in self.exports:
+            raise ValueError(f"an export named {export.name!r} is served already")
+        self.exports[export.name] = export
+
+    def remove_export(self, name: str) -> Export:
+        """Stop handing ``name`` to new clients (see :meth:`drain_export` for its clients)."""
+        return self.exports.pop(name)
+
+    @property
+    def default_export(self) -> Export | None:
+        """What the empty name (and an oldstyle hello) reaches: the first export added."""
+        return next(iter(self.exports.values()), None)
 
     def connection_opened(self, connection: NBDServerProtocol) -> None:
         self.connections.add(connection)
@@ -132,7 +145,7 @@ class NBDServer(Factory):
             return Refusal(OptionReply.ERR_SHUTDOWN, "server is shutting down")
         if not export.clients_allowed:
             state = export.state
-            if state == "listening":
+            if state == RoleState.LISTENING:
                 why = "is listening for a migration and accepts clients once it has control"
             elif state in RECEIVING_STATES:
                 why = f"is {state} a migration and accepts clients once it has control"
@@ -149,9 +162,11 @@ class NBDServer(Factory):
     def admit_migration(self, request: MigrationRequest) -> Refusal | None:
         if not self.accepting:
             return Refusal(OptionReply.ERR_SHUTDOWN, "server is shutting down")
+        if self.receiver is None:
+            return Refusal(OptionReply.ERR_POLICY, "this server takes no migrations")
         # The option names no export (GO does): any listening one will do here.
         exports = list(self.exports.values())
-        listening = [export for export in exports if export.state == "listening"]
+        listening = [export for export in exports if export.state == RoleState.LISTENING]
         for export in listening:
             incoming = export.incoming_lease
             why = None if incoming is None else incoming.refusal(request.resource)
@@ -160,15 +175,20 @@ class NBDServer(Factory):
         if listening:
             return Refusal(OptionReply.ERR_POLICY, why or "")
         busy = [export for export in exports if export.state in RECEIVING_STATES]
-        return _not_listening(busy[0] if busy else self.default_export)
+        target = busy[0] if busy else self.default_export
+        if target is None:
+            return Refusal(OptionReply.ERR_UNKNOWN, "this server has no export")
+        return _not_listening(target)
 
     def lookup_sender(self, name: str) -> ExportInfo | Refusal:
+        if self.receiver is None:
+            return Refusal(OptionReply.ERR_POLICY, "this server takes no migrations")
         export = self.export_named(name)
         if export is None:
             return Refusal(OptionReply.ERR_UNKNOWN, f"no export named {name!r}")
         if not self.accepting:
             return Refusal(OptionReply.ERR_SHUTDOWN, "server is shutting down")
-        if export.state != "listening":
+        if export.state != RoleState.LISTENING:
             return _not_listening(export)
         return export.info()
 
@@ -186,6 +206,12 @@ class NBDServer(Factory):
         """Stop admitting clients and let every connection finish what it received."""
         self.accepting = False
         return defer.DeferredList([c.drain() for c in list(self.connections)])
+
+    def drain_export(self, name: str) -> defer.Deferred[Any]:
+        """Let the connections to export ``name`` finish what they received, then close."""
+        return defer.DeferredList(
+            [c.drain() for c in list(self.connections) if c.export_name == name]
+        )
 
 
 def _not_listening(export: Export) -> Refusal:

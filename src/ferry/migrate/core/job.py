@@ -17,9 +17,11 @@ What a state means is read from the chart (``is_migrating``, ``copying``,
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from ferry import statecharts
+from ferry.chartnames import MigrationState, MigrationTrigger
 from ferry.clock import Clock, DelayedCall
 from ferry.migrate.core.backoff import Backoff
 from ferry.migrate.core.convergence import (
@@ -54,11 +56,11 @@ RATES_KEPT: Final = 2
 class MigrationJob:
     """One migration from this source, as a state machine with its counters.
 
-    Built in ``connecting``.  Triggers (methods added by the chart):
-    ``connected``, ``accepted``, ``next_pass`` / ``quiesce`` (fired by
-    :meth:`end_of_pass`, not by the caller), ``commit``, ``committed``,
-    ``commit_rejected``, ``fail``, ``retry`` (fired by the retry timer),
-    ``resolve_committed``, ``resolve_aborted``, ``break_migration``.
+    Built in ``connecting``.  The caller fires the chart's triggers with
+    :meth:`fire` (``MigrationTrigger.CONNECTED``, ...); ``next_pass`` and
+    ``quiesce`` are fired by :meth:`end_of_pass`, ``retry`` by the retry
+    timer.  ``followers`` are the other machines the chart's effects drive
+    (``{"role": export.trigger}``: see ``statecharts/migration.yaml``).
 
     The data plane's calls: take requests from ``plan.ops()``, report each
     acknowledged one with :meth:`sent`, call :meth:`end_of_pass` when a
@@ -81,6 +83,7 @@ class MigrationJob:
         backoff: Backoff | None = None,
         max_data_length: int = DEFAULT_MAX_DATA_LENGTH,
         destination_empty: bool = False,
+        followers: Mapping[str, Callable[[str], object]] | None = None,
     ) -> None:
         self.image = image
         self.dirty = dirty
@@ -106,10 +109,21 @@ class MigrationJob:
         self._retry_call: DelayedCall | None = None
         self._longest_hold: float | None = None
         self.chart = statecharts.load(CHART)
-        statecharts.build(self.chart, self, instance=instance, tracer=tracer, clock=clock)
+        statecharts.build(
+            self.chart, self, instance=instance, tracer=tracer, clock=clock, followers=followers
+        )
 
     def __repr__(self) -> str:
         return f"<MigrationJob {self.state} plan={self.plan!r}>"
+
+    def fire(self, trigger: MigrationTrigger) -> None:
+        """Take ``trigger``; an illegal one raises ``transitions.MachineError``."""
+        model: Any = self
+        model.trigger(trigger)
+
+    def can(self, trigger: MigrationTrigger) -> bool:
+        """Whether ``trigger`` is legal in the current state."""
+        return self.chart.next_state(self.state, trigger) is not None
 
     # -- what the state means (from the chart) ---------------------------------
 
@@ -172,7 +186,7 @@ class MigrationJob:
         holds new requests, waits for the writes in flight, then calls this.
         After the last pass the dirty map must be empty; then FLUSH and commit.
         """
-        if self.state != "quiescing" or self.plan is not None:
+        if self.state != MigrationState.QUIESCING or self.plan is not None:
             raise RuntimeError(f"start_final_pass in {self.state} (plan {self.plan!r})")
         plan = self._planner().dirty_pass()
         self._start_pass(plan)
@@ -189,7 +203,10 @@ class MigrationJob:
 
     def _retry(self) -> None:
         self._retry_call = None
-        self.retry()  # type: ignore[attr-defined]  # added by the chart
+        self.fire(MigrationTrigger.RETRY)
+
+    def on_enter_offering(self, event: object) -> None:
+        self.plan = None
 
     def on_enter_committing(self, event: object) -> None:
         self.plan = None
@@ -242,9 +259,9 @@ class MigrationJob:
         self.throttle = decision.throttle
         self.last_decision = decision
         if decision.action is Action.SWITCH_OVER:
-            self.quiesce()  # type: ignore[attr-defined]
+            self.fire(MigrationTrigger.QUIESCE)
         else:
-            self.next_pass()  # type: ignore[attr-defined]
+            self.fire(MigrationTrigger.NEXT_PASS)
         return decision
 
     def would_switch_over(self) -> bool:
@@ -258,7 +275,7 @@ class MigrationJob:
         return self._decide("would_switch_over").action is Action.SWITCH_OVER
 
     def _decide(self, asking: str) -> Decision:
-        if self.state not in ("bulk_pass", "dirty_pass"):
+        if self.state not in (MigrationState.BULK_PASS, MigrationState.DIRTY_PASS):
             raise RuntimeError(f"{asking} in {self.state}")
         plan = self.plan
         assert plan is not None
