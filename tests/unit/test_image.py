@@ -189,9 +189,6 @@ def test_pread_pwrite_round_trip_at_odd_offsets(tmp_path: Path) -> None:
         assert image.pread(0, len(model)) == model
         for offset, length in [(0, 0), (5, 9), (4093, 9000), (len(model) - 1, 1)]:
             assert image.pread(offset, length) == model[offset : offset + length]
-            buf = bytearray(length)
-            image.preadinto(buf, offset)
-            assert buf == model[offset : offset + length]
         image.flush()
     assert (tmp_path / "disk.img").read_bytes() == model
 
@@ -244,8 +241,6 @@ def test_out_of_range_is_refused_before_touching_the_file(
         if length >= 0:  # a buffer carries its own length
             with pytest.raises(ValueError, match="outside the image"):
                 image.pwrite(b"x" * length, offset)
-            with pytest.raises(ValueError, match="outside the image"):
-                image.preadinto(bytearray(length), offset)
         with pytest.raises(ValueError, match="outside the image"):
             image.punch_hole(offset, length)
         with pytest.raises(ValueError, match="outside the image"):
@@ -260,8 +255,6 @@ def test_pread_of_a_file_that_shrank_is_eio(tmp_path: Path) -> None:
         with pytest.raises(OSError) as info:
             image.pread(4000, 1000)
         assert info.value.errno == errno.EIO
-        with pytest.raises(OSError):
-            image.preadinto(bytearray(1000), 4000)
 
 
 def test_read_only_refuses_every_write(tmp_path: Path) -> None:

@@ -46,7 +46,8 @@ acknowledged), :meth:`~LeaseManager.cancel_migrate_out` (take it back by
 that token) or, when the acknowledgement was lost,
 :meth:`~LeaseManager.resolve_in_doubt`.  Destination:
 ``register(incoming=True)``, then :meth:`~LeaseManager.acquire_incoming`
-with the commit's token.
+with the commit's token, and :meth:`~LeaseManager.may_write` once more
+before it acknowledges.
 
 A loss of the grant while it is offered is judged rather than assumed: the
 destination's take-over *is* a loss of the source's grant.  If an exclusive
@@ -254,16 +255,6 @@ class LeaseManager:
             callbackArgs=(sent_at, LeaseTrigger.ACQUIRED),
             errbackArgs=(LeaseTrigger.TAKE_OVER_FAILED,),
         )
-
-    def complete_migrate_in(self) -> int:
-        """The destination's last check before it acknowledges the commit: the token it holds.
-
-        Raises :class:`LeaseLost` unless the lease is held and writable now
-        (an acknowledgement promises that this node owns the image).
-        """
-        if self._grant is None or not self.may_write():
-            raise LeaseLost(f"lease on {self.resource} is {self.state}, not held")
-        return self._grant.token
 
     def cancel_migrate_in(self) -> Deferred[None]:
         """The destination gives up: before the take-over, stop waiting; after it, release.

@@ -110,7 +110,7 @@ class _Commit:
 
     def run(self) -> Deferred[None]:
         export = self._export
-        export.begin_commit(self._owner, self._token)
+        export.begin_commit(self._owner)
         if self._flexnbd:
             self._detach()
         _log.info(
@@ -151,6 +151,11 @@ class _Commit:
 
     def _took(self, _: object) -> None:
         export = self._export
+        lease = export.lease
+        if lease is not None and not lease.may_write():
+            # The acknowledgement promises that this node owns the image.
+            self._refuse(Errno.EPERM, f"the lease is {lease.state} before the ack")
+            return
         if not export.committed(self._owner):
             _log.warn("{name}: commit abandoned while taking the lease", name=export.name)
             return

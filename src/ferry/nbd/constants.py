@@ -100,10 +100,6 @@ class OptionReply(enum.IntEnum):
     ERR_BLOCK_SIZE_REQD = _REP_ERR | 8
     ERR_TOO_BIG = _REP_ERR | 9
 
-    @property
-    def is_error(self) -> bool:
-        return bool(self & _REP_ERR)
-
 
 class Info(enum.IntEnum):
     EXPORT = 0

@@ -144,9 +144,6 @@ class Export:
         # The migration sender (a connection), or the commit that took its
         # place (DetachedCommit); None while listening or serving.
         self._sender: object | None = None
-        # The fencing token of the commit that gave (or is giving) this
-        # export control; None until a sender commits.  The lease takes it.
-        self.fencing_token: int | None = None
         # The lease this export's I/O runs under, once it holds one: the data
         # plane asks ``may_write`` before every request it performs, so a
         # node whose lease lapsed (a process paused past its TTL, say) stops
@@ -258,12 +255,11 @@ class Export:
         self.trigger(RoleTrigger.SENDER_CONNECTED)
         self._sender = sender
 
-    def begin_commit(self, sender: object, token: int) -> None:
-        """The sender's FERRY_CMD_COMMIT: receiving -> committing, ``token`` recorded."""
+    def begin_commit(self, sender: object) -> None:
+        """The sender's commit: receiving -> committing."""
         if sender is not self._sender:
             raise ValueError("only the migration sender may commit")
         self.trigger(RoleTrigger.COMMIT)
-        self.fencing_token = token
 
     def detach_commit(self, sender: object) -> DetachedCommit | None:
         """The commit no longer depends on ``sender``'s socket: it becomes the sender.
@@ -312,7 +308,6 @@ class Export:
         if sender is not self._sender:
             return
         self._sender = None
-        self.fencing_token = None
         if self.state in RECEIVING_STATES:
             self.trigger(RoleTrigger.SENDER_LOST)
 

@@ -289,18 +289,6 @@ class Image:
             done += len(more)
         return b"".join(parts)
 
-    def preadinto(self, buf: bytearray | memoryview, offset: int) -> None:
-        """Fill ``buf`` from ``offset``, so a caller can reuse one buffer."""
-        view = memoryview(buf).cast("B")
-        length = view.nbytes
-        self._check(offset, length)
-        done = 0
-        while done < length:
-            n = os.preadv(self._fd, [view[done:]], offset + done)
-            if n == 0:
-                raise self._short(offset + done)
-            done += n
-
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         """Write all of ``data``; errors (ENOSPC, EIO, EBADF) propagate as ``OSError``.
 
