@@ -38,13 +38,9 @@ from twisted.internet.defer import Deferred
 from ferry import statecharts
 from ferry.clock import ReactorClock
 from ferry.migrate.destination import Receiver
-from ferry.migrate.source import (
-    Destination,
-    FinishAction,
-    MirrorOptions,
-    MirrorSource,
-    tcp_connector,
-)
+from ferry.migrate.options import Destination, FinishAction, MirrorOptions
+from ferry.migrate.source import MirrorSource
+from ferry.migrate.wire import tcp_connector
 from ferry.remote import RemoteExport
 from ferry.replay import replay
 from ferry.serve.export import Export

@@ -21,7 +21,8 @@ from fakes.destination import Commit, FakeDestination, Script
 from fakes.lockspace import FakeLockspace
 from ferry.lease.manager import LeaseManager
 from ferry.migrate.core.stats import FailureReason
-from ferry.migrate.source import MirrorOptions, MirrorSource
+from ferry.migrate.options import MirrorOptions
+from ferry.migrate.source import MirrorSource
 from ferry.trace import TraceRecord
 
 from .test_migrate_source import SIZE, Rig, listen, reactor, within

@@ -26,7 +26,7 @@ from fakes.flexnbd import MIRROR, FakeFlexnbdListener, ListenerScript
 from fakes.gate import FakeGate
 from ferry import statecharts
 from ferry.clock import ReactorClock
-from ferry.migrate.source import (
+from ferry.migrate.options import (
     FAILED_TO_CONNECT,
     MIRROR_STARTED,
     NO_HELLO,
@@ -37,11 +37,11 @@ from ferry.migrate.source import (
     FinishAction,
     MirrorOptions,
     MirrorResult,
-    MirrorSource,
     NotMirroring,
     StartOutcome,
-    tcp_connector,
 )
+from ferry.migrate.source import MirrorSource
+from ferry.migrate.wire import tcp_connector
 from ferry.replay import replay
 from ferry.serve.export import Export
 from ferry.trace import CREATED, Tracer, TraceRecord

@@ -21,7 +21,8 @@ from ferry.exports import ExportConfig, ExportUnit
 from ferry.metrics import make_registry
 from ferry.migrate.core.stats import FailureReason
 from ferry.migrate.manager import MirrorManager
-from ferry.migrate.source import Destination, FinishAction, MirrorOptions, tcp_connector
+from ferry.migrate.options import Destination, FinishAction, MirrorOptions
+from ferry.migrate.wire import tcp_connector
 
 from .test_migrate_source import SIZE, Rig, free_port, reactor, succeed, within
 from .test_migrate_source import listen as listen  # the fixture

@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred
 
 from ferry.exports import ExportRegistry, ExportUnit, UnknownExport
 from ferry.migrate.manager import CannotBreak, MirrorBusy, NotMirroring
-from ferry.migrate.source import (
+from ferry.migrate.options import (
     Destination,
     FinishAction,
     MirrorError,

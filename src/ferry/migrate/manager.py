@@ -19,17 +19,17 @@ from ferry.clock import Clock
 from ferry.migrate.core.stats import MigrationStats
 from ferry.migrate.gate import ClientGate
 from ferry.migrate.lease import OutgoingLease
-from ferry.migrate.source import (
+from ferry.migrate.options import (
     CannotBreak,
-    Connector,
     Destination,
     MirrorError,
     MirrorOptions,
     MirrorResult,
-    MirrorSource,
     NotMirroring,
     StartOutcome,
 )
+from ferry.migrate.source import MirrorSource
+from ferry.migrate.wire import Connector
 from ferry.serve.export import Export
 from ferry.status import StatusSnapshot
 from ferry.trace import Tracer

@@ -2,45 +2,29 @@
 
 :class:`ferry.migrate.core.job.MigrationJob` decides (passes, convergence,
 retries, counters) and its chart moves the export's role (the effects in
-``statecharts/migration.yaml``); this module connects, negotiates, routes
-what the wire says to the part that handles it, and decides what a failure
-means.  The parts: :mod:`~ferry.migrate.copier` sends the passes,
-:mod:`~ferry.migrate.switchover` holds clients, flushes, moves the lease,
-commits and hands over.  One attempt is one TCP connection
-(:mod:`~ferry.migrate.attempt`):
-
-1. connect (``connecting`` / ``reconnecting``); refused or unreachable on the
-   first attempt ends the job: "Mirror failed to connect".
-2. negotiate (``negotiating`` / ``renegotiating``): ``FERRY_OPT_MIGRATE``
-   first (ACK: a ferry listener, the mirror ends in a handoff; ERR_UNSUP: a
-   plain NBD server, the mirror ends in FLUSH and DISC and this node keeps
-   the image), then GO.  No hello within ``hello_timeout``: "Remote server
-   failed to respond"; any refusal or broken handshake: "Mirror was
-   rejected"; another size: "Remote size does not match local size".
-   :meth:`MirrorSource.start`'s Deferred fires here, with the outcome.
-3. passes, then the switchover (see those modules).
+``statecharts/migration.yaml``); this module connects, routes what the wire
+says to the part that handles it, and decides what a failure means.  The
+parts: :mod:`~ferry.migrate.negotiation` judges the handshake,
+:mod:`~ferry.migrate.copier` sends the passes, :mod:`~ferry.migrate.switchover`
+holds clients, flushes, moves the lease, commits and hands over.  One
+attempt is one TCP connection (:mod:`~ferry.migrate.attempt`);
+:meth:`MirrorSource.start`'s Deferred fires once the first one has
+negotiated, with flexnbd's reply ("Mirror started", "Mirror failed to
+connect", "Mirror was rejected", ...).
 
 With ``MirrorOptions.flexnbd`` the destination is a ``flexnbd listen`` (or a
 ``ferry listen --oldstyle``) and the stream is flexnbd's: no option, an
-oldstyle hello is required (its size checked as above), every request
-carries the handle ``.MIRROR.`` so only one is in flight at a time, zeroes
-go as WRITEs unless the hello advertises WRITE_ZEROES, and the handoff is
-FLUSH (flexnbd's listener advertises and performs it; flexnbd's own sender
-sends none) then NBD_CMD_DISC, which means "you have it all: take control".
-flexnbd's listener acknowledges nothing after DISC, so the source counts the
-image as ``handed_off`` once DISC is written: weaker than ferry's two-phase
-commit, where the destination's reply after its fsync is the handoff.  If
-the listener fails after the DISC, nobody serves the image until an
-operator steps in; with ferry's commit the source would know (``in_doubt``).
+oldstyle hello, every request with the handle ``.MIRROR.`` (so one in flight
+at a time), and the handoff FLUSH then NBD_CMD_DISC, which nothing answers:
+weaker than ferry's two-phase commit (see :mod:`~ferry.migrate.switchover`).
 
 Any failure of an attempt after a good negotiation (an error reply, no reply
 within ``reply_timeout``, a lost or broken connection) closes the connection
 and fires the job's ``fail``: the job waits out its backoff in
 ``retry_wait`` and fires ``retry``, on which this module reconnects.  Before
-a good negotiation a failure ends the job, and the start outcome carries
-flexnbd's reply.  Every callback of an attempt checks that its attempt is
-still the current one, so a late reply, timer or ``connectionLost`` from a
-connection already given up cannot touch the next attempt.
+a good negotiation a failure ends the job.  Every callback of an attempt
+checks that its attempt is still the current one, so a late reply, timer or
+``connectionLost`` from a connection already given up cannot touch the next.
 """
 
 from __future__ import annotations
@@ -53,9 +37,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ferry.chartnames import MigrationState, MigrationTrigger, RoleState, RoleTrigger
-from ferry.clock import Clock, DelayedCall
+from ferry.clock import Clock, cancel_call
 from ferry.migrate.attempt import Attempt, AttemptCounters
-from ferry.migrate.copier import MIN_PACED_REQUEST, PREFLUSH_BYTES, PassCopier
+from ferry.migrate.copier import PassCopier
 from ferry.migrate.core.backoff import Backoff
 from ferry.migrate.core.convergence import ConvergencePolicy
 from ferry.migrate.core.job import MigrationJob
@@ -63,16 +47,14 @@ from ferry.migrate.core.progress import MigrationProgress
 from ferry.migrate.core.stats import FailureReason, MigrationStats
 from ferry.migrate.gate import ClientGate
 from ferry.migrate.lease import OutgoingLease
-from ferry.migrate.negotiation import refusal_of
+from ferry.migrate.negotiation import Negotiation
 from ferry.migrate.options import (
     CANCELLED,
     FAILED_TO_CONNECT,
     LEASE_LOST,
     MIRROR_STARTED,
-    NO_HELLO,
     REASON_OF_REPLY,
     REJECTED,
-    SIZE_MISMATCH,
     CannotBreak,
     Destination,
     FinishAction,
@@ -82,36 +64,15 @@ from ferry.migrate.options import (
     NotMirroring,
     StartOutcome,
 )
-from ferry.migrate.switchover import RESOLVE_RETRY, Switchover
-from ferry.migrate.wire import Connector, MirrorProtocol, MirrorProtocolFactory, tcp_connector
-from ferry.nbd.constants import FERRY_OPT_MIGRATE, OptionReply
+from ferry.migrate.switchover import Switchover
+from ferry.migrate.wire import Connector, MirrorProtocol, MirrorProtocolFactory
 from ferry.nbd.events import Event, Negotiated, NegotiationFailed, OptionAnswered, Reply
 from ferry.serve.export import Export
 from ferry.storage import Image
 from ferry.storage.dirtymap import DirtyMap
 from ferry.trace import Tracer
 
-__all__ = [
-    "FAILED_TO_CONNECT",
-    "MIN_PACED_REQUEST",
-    "MIRROR_STARTED",
-    "NO_HELLO",
-    "PREFLUSH_BYTES",
-    "REJECTED",
-    "RESOLVE_RETRY",
-    "SIZE_MISMATCH",
-    "CannotBreak",
-    "Connector",
-    "Destination",
-    "FinishAction",
-    "MirrorError",
-    "MirrorOptions",
-    "MirrorResult",
-    "MirrorSource",
-    "NotMirroring",
-    "StartOutcome",
-    "tcp_connector",
-]
+__all__ = ["MirrorSource"]
 
 _log = Logger()
 
@@ -198,6 +159,7 @@ class MirrorSource:
         self._write_cap: int | None = None
         self._closing: list[Deferred[None]] = []  # connections given up, not yet closed
         self._switchover = Switchover(self)
+        self._negotiation = Negotiation(self)
         self.copier = PassCopier(
             self,
             on_quiesced=self._switchover.quiesced,
@@ -409,9 +371,7 @@ class MirrorSource:
             wire.abort()  # a connection nobody is waiting for any more
             return
         attempt.wire = wire
-        attempt.hello_timer = self._clock.call_later(
-            self._options.hello_timeout, self._hello_timeout, attempt
-        )
+        self._negotiation.wait_for_hello(attempt)
         self._job.fire(MigrationTrigger.CONNECTED)
 
     def wire_events(self, wire: MirrorProtocol, events: list[Event]) -> None:
@@ -422,9 +382,9 @@ class MirrorSource:
             if isinstance(event, Reply):
                 self._reply(attempt, event)
             elif isinstance(event, OptionAnswered):
-                self._option_answered(attempt, event)
+                self._negotiation.option_answered(attempt, event)
             elif isinstance(event, Negotiated):
-                self._negotiated(attempt, event)
+                self._negotiation.negotiated(attempt, event)
             elif isinstance(event, NegotiationFailed):
                 detail = f"{event.error.name}: {event.message}"
                 self.fail(attempt, REJECTED, f"the destination refused: {detail}")
@@ -452,33 +412,10 @@ class MirrorSource:
         else:
             self.copier.data_answered(attempt, reply)
 
-    # -- negotiating -------------------------------------------------------------------
+    # -- negotiated ----------------------------------------------------------------------
 
-    def _hello_timeout(self, attempt: Attempt) -> None:
-        attempt.hello_timer = None
-        if attempt is self._attempt and attempt.negotiated is None:
-            self.fail(attempt, NO_HELLO, f"no hello within {self._options.hello_timeout} s")
-
-    def _option_answered(self, attempt: Attempt, event: OptionAnswered) -> None:
-        if event.option != FERRY_OPT_MIGRATE:
-            return
-        if event.reply == OptionReply.ACK:
-            attempt.plain = False
-        elif event.reply == OptionReply.ERR_UNSUP:
-            attempt.plain = True
-        else:
-            detail = f"{event.reply.name}: {event.message}" if event.message else event.reply.name
-            self.fail(attempt, REJECTED, f"the destination refused the migration: {detail}")
-
-    def _negotiated(self, attempt: Attempt, negotiated: Negotiated) -> None:
-        _cancel(attempt.hello_timer)
-        attempt.hello_timer = None
-        refusal = refusal_of(self._options, self._image, negotiated, plain=attempt.plain)
-        if refusal is not None:
-            self.fail(attempt, *refusal)
-            return
-        plain = attempt.plain if attempt.plain is not None else True  # oldstyle: no options
-        attempt.plain = plain and not self._options.flexnbd
+    def accepted(self, attempt: Attempt, negotiated: Negotiated) -> None:
+        """The destination can take this migration (see :mod:`~ferry.migrate.negotiation`)."""
         attempt.negotiated = negotiated
         self._counters = AttemptCounters()
         self._job.max_data_length = min(self._options.max_data_length, negotiated.max_block_size)
@@ -494,7 +431,7 @@ class MirrorSource:
         self.copier.pump(attempt)
         if self.outcome is None:
             # Last: whoever waits on ``started`` may call back into us at once.
-            self._settle_start(StartOutcome(True, MIRROR_STARTED, plain_target=attempt.plain))
+            self._settle_start(StartOutcome(True, MIRROR_STARTED, plain_target=bool(attempt.plain)))
 
     # -- failures -------------------------------------------------------------------------
 
@@ -542,7 +479,7 @@ class MirrorSource:
         attempt = self._attempt
         self._attempt = Attempt(attempt.number)
         for timer in attempt.timers():
-            _cancel(timer)
+            cancel_call(timer)
         wire, attempt.wire = attempt.wire, None
         if wire is not None:
             self._closing.append(wire.closed)
@@ -552,7 +489,7 @@ class MirrorSource:
         """The attempt is done with: DISC and a clean close."""
         wire = attempt.wire
         for timer in attempt.timers():
-            _cancel(timer)
+            cancel_call(timer)
         self._attempt = Attempt(attempt.number)
         if wire is not None:
             self._closing.append(wire.closed)
@@ -572,7 +509,7 @@ class MirrorSource:
         if attempt.awaiting_reply():
             timer.reset(self._options.reply_timeout)
         else:
-            _cancel(timer)
+            cancel_call(timer)
             attempt.reply_timer = None
 
     def _reply_timeout(self, attempt: Attempt) -> None:
@@ -628,7 +565,3 @@ class MirrorSource:
         """The attempt being made now (for tests and logs)."""
         return self._attempt
 
-
-def _cancel(timer: DelayedCall | None) -> None:
-    if timer is not None and timer.active():
-        timer.cancel()
