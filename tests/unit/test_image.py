@@ -580,3 +580,37 @@ def test_block_device(loop_device: str) -> None:
         # a block device has no hole information: all data
         assert image.extents(0, GIB) == [Extent(0, 16 * MIB, False)]
         image.flush()
+
+
+# -- flushing -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC])
+def test_a_failed_flush_fails_every_later_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """Linux marks the pages it could not write back clean, so the next fdatasync succeeds.
+
+    Found by the simulator (``python -m ferry.sim``): a FLUSH acknowledged
+    after a failed one promised a write the disk never got, and a power
+    cut took it.
+    """
+    with Image.open(sparse_file(tmp_path / "disk.img", MIB)) as image:
+        image.pwrite(b"acknowledged", 0)
+        syncs: list[int] = []
+
+        def failing(fd: int) -> None:
+            syncs.append(fd)
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(image_mod.os, "fdatasync", failing)
+        with pytest.raises(OSError) as first:
+            image.flush()
+        monkeypatch.undo()
+        with pytest.raises(OSError) as again:
+            image.flush()  # the disk would say yes; the image must not
+        assert first.value.errno == again.value.errno == code
+        assert "an earlier flush failed" in str(again.value)
+        assert len(syncs) == 1
+        image.clear_flush_failure()  # everything is about to be written anew
+        image.flush()

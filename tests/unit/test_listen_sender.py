@@ -43,6 +43,7 @@ from ferry.serve.connection import NBDServerProtocol
 from ferry.serve.export import Export
 from ferry.serve.server import NBDServer
 from ferry.storage import Image
+from ferry.storage import image as image_module
 from ferry.trace import CREATED, Tracer, TraceRecord
 from serve_doubles import Blocking
 
@@ -437,6 +438,26 @@ def test_commit_takes_control_before_the_ack_and_then_serves_clients(listener: L
     # And a would-be sender is now told this node is serving.
     late = listener.sender()
     assert late.answer().message == "export 'disk' is serving: it is not listening for a migration"
+
+
+def test_a_new_sender_makes_flushes_possible_again(
+    listener: Listener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed fsync fails every later flush of the image -- until a sender rewrites it all."""
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    first = receiving(listener)
+    monkeypatch.setattr(image_module.os, "fdatasync", failing)
+    with pytest.raises(OSError):
+        listener.image.flush()  # the commit's fsync, say
+    monkeypatch.undo()
+    with pytest.raises(OSError, match="an earlier flush failed"):
+        listener.image.flush()
+    first.lose()
+    receiving(listener)  # the next sender sends the whole image again
+    listener.image.flush()
 
 
 def test_a_failed_fsync_answers_eio_and_listens_again(listener: Listener) -> None:

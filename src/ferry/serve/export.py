@@ -251,9 +251,12 @@ class Export:
         """``sender`` finished its handshake as the migration source: listening -> receiving.
 
         Raises ``transitions.MachineError`` unless the export is listening.
+        The sender writes the whole image before it may commit, so a flush
+        that failed for an earlier sender no longer says anything.
         """
         self.trigger(RoleTrigger.SENDER_CONNECTED)
         self._sender = sender
+        self.image.clear_flush_failure()
 
     def begin_commit(self, sender: object) -> None:
         """The sender's commit: receiving -> committing."""

@@ -18,6 +18,8 @@ Invariants this module keeps:
   its return value.  A file system that lacks a ``fallocate`` mode or
   ``SEEK_DATA`` is remembered per image, so the unsupported call is made once.
 - Nothing ever creates, truncates or resizes the file.
+- A failed flush is final: every later :meth:`Image.flush` fails too, until
+  :meth:`Image.clear_flush_failure` (see there).
 """
 
 from __future__ import annotations
@@ -161,6 +163,7 @@ class Image:
         "_can_seek",
         "_can_zero_range",
         "_fd",
+        "_flush_failure",
         "path",
         "read_only",
         "size",
@@ -180,6 +183,7 @@ class Image:
         self._can_zero_range = True
         self._can_allocate = True
         self._can_seek = True
+        self._flush_failure: int | None = None  # the errno of the first flush that failed
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, read_only: bool = False) -> Image:
@@ -311,8 +315,37 @@ class Image:
             done += n
 
     def flush(self) -> None:
-        """Make acknowledged writes durable; metadata that reads don't need is skipped."""
+        """Make acknowledged writes durable; metadata that reads don't need is skipped.
+
+        Once a flush has failed, every later one fails with the same errno.
+        Linux marks the pages it could not write back clean: they still read
+        back, but a later fdatasync succeeds without writing them, and a crash
+        loses them (PostgreSQL's "fsyncgate").  A flush that succeeded after a
+        failed one would promise clients writes that are not on the disk.
+        """
+        if self._flush_failure is not None:
+            code = self._flush_failure
+            raise OSError(
+                code,
+                f"image {self.path}: an earlier flush failed ({os.strerror(code)}): "
+                "what was written before it may not be on the disk",
+            )
+        try:
+            self._fdatasync()
+        except OSError as error:
+            self._flush_failure = error.errno or errno.EIO
+            raise
+
+    def _fdatasync(self) -> None:
         os.fdatasync(self._fd)
+
+    def clear_flush_failure(self) -> None:
+        """Flushes may succeed again: every byte will be written anew before one is relied on.
+
+        Right only when that is so -- a migration's destination, when a new
+        sender starts sending the whole image (nothing it held before is kept).
+        """
+        self._flush_failure = None
 
     # -- zeroing ---------------------------------------------------------------
 
