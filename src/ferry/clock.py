@@ -66,6 +66,14 @@ class Clock(Protocol):
         """Seconds since the epoch on this clock (simulated in tests)."""
         ...
 
+    def monotonic(self) -> float:
+        """Seconds on a clock that never jumps: what a deadline is kept on.
+
+        The wall clock (:meth:`seconds`) may be stepped by NTP or an
+        operator; a lease deadline kept on it would move with the step.
+        """
+        ...
+
     def call_later(self, delay: float, fn: Callable[..., object], *args: object) -> DelayedCall:
         """Run ``fn(*args)`` once, ``delay`` seconds from now, unless cancelled."""
         ...
@@ -119,10 +127,18 @@ class ReactorClock:
     It remembers every call it scheduled that has neither run nor been
     cancelled, and every looping call still running, so :meth:`cancel_all`
     can stop them when the process shuts down.
+
+    ``monotonic`` is the clock deadlines are kept on: ``time.monotonic`` in
+    a real process.  By default it is the reactor's time, which is right for
+    ``task.Clock`` (it never jumps) and wrong for a real reactor (its time is
+    the wall clock).
     """
 
-    def __init__(self, reactor: ReactorTime) -> None:
+    def __init__(
+        self, reactor: ReactorTime, *, monotonic: Callable[[], float] | None = None
+    ) -> None:
         self._reactor = reactor
+        self._monotonic = reactor.seconds if monotonic is None else monotonic
         self._pending: set[_TrackedCall] = set()
         self._loops: set[LoopingCall] = set()
 
@@ -133,6 +149,9 @@ class ReactorClock:
 
     def seconds(self) -> float:
         return self._reactor.seconds()
+
+    def monotonic(self) -> float:
+        return self._monotonic()
 
     def call_later(self, delay: float, fn: Callable[..., object], *args: object) -> DelayedCall:
         handle = _TrackedCall(self)

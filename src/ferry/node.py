@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,7 +109,7 @@ class Node:
     def __init__(self, reactor: Any, config: ServeConfig) -> None:
         self.reactor = reactor
         self.config = config
-        self.clock = ReactorClock(reactor)
+        self.clock = ReactorClock(reactor, monotonic=time.monotonic)
         self.tracer = Tracer()
         # Both see every machine from its first record: the hub knows where
         # each stands for a late subscriber, the log carries each transition.

@@ -301,6 +301,36 @@ def test_may_write_is_false_the_instant_the_deadline_passes(rig: Rig) -> None:
     assert [owner for owner, _ in rig.fenced] == ["src"]
 
 
+class SteppedWallClock:
+    """A reactor whose wall clock an operator (or NTP) can step; its timers run on ``task``."""
+
+    def __init__(self, task_clock: task.Clock) -> None:
+        self.task = task_clock
+        self.step = 0.0
+
+    def seconds(self) -> float:
+        return self.task.seconds() + self.step
+
+    def callLater(self, delay: float, fn: Any, *args: object, **kw: object) -> object:
+        return self.task.callLater(delay, fn, *args, **kw)
+
+
+def test_a_wall_clock_stepped_back_does_not_move_the_deadline(rig: Rig) -> None:
+    """Found by the simulator (``python -m ferry.sim``): a holder whose clock stepped
+    back 3 s while it could not renew wrote on after etcd had expired its grant."""
+    wall = SteppedWallClock(rig.reactor)
+    clock = ReactorClock(wall, monotonic=rig.reactor.seconds)
+    manager = LeaseManager(rig.lockspace, resource=RESOURCE, owner="src", clock=clock)
+    manager.register()
+    result(manager.acquire())
+    rig.lockspace.renewals_fail = True
+    wall.step = -10.0  # the wall clock goes back; the monotonic one does not
+    rig.reactor.rightNow = DEADLINE_AFTER  # no timer has run
+    assert not manager.may_write()
+    rig.advance(0)
+    assert manager.state == "fenced"
+
+
 def test_a_loss_the_lockspace_reports_fences_at_once(rig: Rig) -> None:
     manager = rig.holding()
     rig.lockspace.lose(RESOURCE, "deleted by an operator")

@@ -11,10 +11,13 @@ Keeping the lease
 A keep-alive renews every ``ttl / 3`` (a grant without a TTL, a local file
 lock, is checked every :data:`CHECK_INTERVAL` seconds instead: only a
 renewal notices that its lock file was removed or taken over).  The holder
-keeps a local *deadline*: the clock time at which the last renewal that
+keeps a local *deadline*: the time at which the last renewal that
 succeeded was **sent**, plus ``ttl``, minus a ``margin``.  Counting from the
 send, not the answer, is what makes it safe: the backend started its new
-TTL no earlier than the request left.  Until the deadline, writes may go
+TTL no earlier than the request left.  The deadline is kept on the clock's
+monotonic time (:meth:`ferry.clock.Clock.monotonic`), not the wall clock: a
+wall clock stepped back would keep the holder writing after its grant had
+expired in the lockspace.  Until the deadline, writes may go
 on even while renewals fail (``renew_failed``); at the deadline the lease is
 ``fenced`` and ``on_fenced(reason)`` is called, once.  A definite loss
 (``LeaseLost`` from a renewal or from the backend's watch) fences at once.
@@ -209,7 +212,7 @@ class LeaseManager:
 
     @property
     def deadline(self) -> float | None:
-        """Clock time at which writes stop unless renewed; ``inf`` without a TTL; None unheld."""
+        """Monotonic time at which writes stop unless renewed (``inf``: no TTL; None: unheld)."""
         return self._deadline if self.holds else None
 
     @property
@@ -223,7 +226,7 @@ class LeaseManager:
 
     def may_write(self) -> bool:
         """Whether I/O under this lease may touch the image now: the state, and the deadline."""
-        return self._writable and self._clock.seconds() < self._deadline
+        return self._writable and self._clock.monotonic() < self._deadline
 
     # -- registering and acquiring ----------------------------------------------
 
@@ -234,7 +237,7 @@ class LeaseManager:
     def acquire(self) -> Deferred[Grant]:
         """Take the lease (registered -> acquiring -> held, or back to registered)."""
         self._fire(LeaseTrigger.ACQUIRE)
-        sent_at = self._clock.seconds()
+        sent_at = self._clock.monotonic()
         d = self._backend.acquire(self.resource, self.owner, self.mode)
         return d.addCallbacks(
             self._granted,
@@ -247,7 +250,7 @@ class LeaseManager:
         """The destination takes the lease by the token the migration commit carried."""
         self._require_exclusive("take a lease over")
         self._fire(LeaseTrigger.TAKE_OVER)
-        sent_at = self._clock.seconds()
+        sent_at = self._clock.monotonic()
         d = self._backend.take_over(self.resource, self.owner, token)
         return d.addCallbacks(
             self._granted,
@@ -318,7 +321,7 @@ class LeaseManager:
         if not self._can(LeaseTrigger.RECLAIMED):
             raise LeaseStateError(f"cannot cancel a migration of a lease that is {self.state}")
         old, epoch = self._current()
-        sent_at = self._clock.seconds()
+        sent_at = self._clock.monotonic()
         self._reclaiming, self._loss_while_reclaiming = True, None
         d = self._backend.take_over(self.resource, self.owner, old.token)
         d.addBoth(self._reclaim_answered)
@@ -368,7 +371,7 @@ class LeaseManager:
         def judge(holders: tuple[Holder, ...]) -> Failure:
             if epoch == self._epoch and self._is("offered"):
                 taker = self._newer_holder(holders, token)
-                if taker is not None and self._clock.seconds() < self._deadline:
+                if taker is not None and self._clock.monotonic() < self._deadline:
                     self._finish_out(LeaseTrigger.TAKEN_OVER, f"taken over by {taker.describe()}")
                 else:
                     self._fence(LeaseTrigger.LOST, reason)
@@ -483,7 +486,7 @@ class LeaseManager:
         if self._grant is None or not self.holds or self._renewal_epoch == self._epoch:
             return
         grant, epoch = self._current()
-        sent_at = self._clock.seconds()
+        sent_at = self._clock.monotonic()
         self._renewal_epoch = epoch
         d = self._backend.renew(grant)
         d.addCallbacks(
@@ -501,7 +504,7 @@ class LeaseManager:
             return
         assert self._grant is not None
         self._extend(self._grant, sent_at)
-        if self._can(LeaseTrigger.RENEWED) and self._clock.seconds() < self._deadline:
+        if self._can(LeaseTrigger.RENEWED) and self._clock.monotonic() < self._deadline:
             self._fire(LeaseTrigger.RENEWED)
 
     def _renewal_failed(self, failure: Failure, epoch: int) -> None:
@@ -525,7 +528,7 @@ class LeaseManager:
             return
         margin = default_margin(grant.ttl) if self._margin is None else self._margin
         self._deadline = max(self._deadline, sent_at + grant.ttl - margin)
-        delay = max(0.0, self._deadline - self._clock.seconds())
+        delay = max(0.0, self._deadline - self._clock.monotonic())
         if self._expiry is not None and self._expiry.active():
             self._expiry.reset(delay)
         else:
@@ -535,9 +538,9 @@ class LeaseManager:
         self._expiry = None
         if not self.holds:
             return
-        if self._clock.seconds() < self._deadline:  # extended meanwhile
+        if self._clock.monotonic() < self._deadline:  # extended meanwhile
             self._expiry = self._clock.call_later(
-                self._deadline - self._clock.seconds(), self._expire
+                self._deadline - self._clock.monotonic(), self._expire
             )
             return
         detail = f"; last error: {self.last_error}" if self.last_error else ""
@@ -569,7 +572,7 @@ class LeaseManager:
             if epoch != self._epoch or not self._is("offered"):
                 return
             taker = self._newer_holder(holders, token)
-            if taker is not None and self._clock.seconds() < self._deadline:
+            if taker is not None and self._clock.monotonic() < self._deadline:
                 self._finish_out(LeaseTrigger.TAKEN_OVER, f"taken over by {taker.describe()}")
             else:
                 self._fence(LeaseTrigger.LOST, reason)

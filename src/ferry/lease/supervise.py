@@ -55,6 +55,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
@@ -228,7 +229,7 @@ class Supervisor:
             resource=job.resource,
             owner=job.owner or default_owner(),
             mode=job.mode,
-            clock=ReactorClock(reactor),
+            clock=ReactorClock(reactor, monotonic=time.monotonic),
             on_fenced=self._fenced,
         )
         self.status = 1
