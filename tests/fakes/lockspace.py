@@ -19,6 +19,9 @@ Faults the test can script:
   operator's ``etcdctl del``, a removed lock file); watchers are told.
 * ``watching``: whether watchers are told at all (False: a backend that
   notices loss only on renewal, like the local one).
+* ``offers_move_tokens``: an offer is a write that moves the token, and a
+  renewal of the grant as it was before fails with ``LeaseLost`` (etcd's
+  behaviour; by default an offer keeps its token, as a local lock does).
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ class FakeLockspace:
         self.renewals_fail = False
         self.renewals_hang = False
         self.watching = True
+        self.offers_move_tokens = False
         self.delayed: set[str] = set()
         self.hung: list[Deferred[None]] = []
         self.calls: list[tuple[float, str, str]] = []  # (time, operation, resource)
@@ -188,6 +192,8 @@ class FakeLockspace:
         if entry.mode is not LeaseMode.EXCLUSIVE:
             raise LeaseError(f"lease on {grant.resource} is {entry.mode.value}: cannot offer it")
         entry.offered = True
+        if self.offers_move_tokens:
+            entry.token = self._next_token(self._resource(grant.resource))
         return replace(grant, holder=entry.holder())
 
     def _take_over(self, resource: str, owner: str, token: int) -> Grant:
@@ -232,7 +238,7 @@ class FakeLockspace:
 
     def _entry(self, grant: Grant) -> _Entry:
         entry = self._live(grant.resource).entries.get(grant.handle)
-        if entry is None:
+        if entry is None or (self.offers_move_tokens and entry.token != grant.token):
             raise LeaseLost(f"lease on {grant.resource} (token {grant.token}) is gone")
         return entry
 

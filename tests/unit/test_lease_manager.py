@@ -462,6 +462,41 @@ def test_a_take_over_found_by_a_renewal_is_a_migration_out(rig: Rig) -> None:
     assert rig.fenced == []
 
 
+def test_a_renewal_refused_because_our_own_offer_moved_the_token_is_no_loss(rig: Rig) -> None:
+    """etcd's offer is a write: the token moves, and a keep-alive carrying the old one fails.
+
+    Found by the simulator (``python -m ferry.sim``): asked who holds the
+    lease, the source saw itself with the newer token, took that for a
+    take-over and let go of a lease nobody had taken; every later
+    migration then failed to offer it, for ever.
+    """
+    rig.lockspace.offers_move_tokens = True
+    source = rig.holding("src")
+    rig.lockspace.delayed = {"offer"}
+    offering = source.prepare_migrate()  # applied at once; its answer comes later
+    rig.advance(5.0)  # the keep-alive, with the token from before the offer
+    assert source.state == "transferring"
+    rig.lockspace.deliver()
+    token = result(offering)
+    assert (token, source.token) == (2, 2)
+    rig.advance(5.0)
+    assert source.state == "transferring" and rig.fenced == []
+    destination = rig.incoming("dst")
+    result(destination.acquire_incoming(token))
+    assert destination.may_write()
+
+
+def test_a_renewal_answered_after_the_offer_is_about_the_old_grant(rig: Rig) -> None:
+    rig.lockspace.offers_move_tokens = True
+    source = rig.holding("src")
+    rig.lockspace.delayed = {"offer", "renew"}
+    offering = source.prepare_migrate()
+    rig.advance(5.0)  # refused for the old token; both answers wait
+    rig.lockspace.deliver()  # the offer's answer first, then the renewal's
+    assert result(offering) == source.token == 2
+    assert source.state == "transferring" and rig.fenced == []
+
+
 def test_a_loss_while_offered_with_nobody_taking_over_is_a_fence(rig: Rig) -> None:
     source = rig.holding("src")
     result(source.prepare_migrate())

@@ -493,7 +493,7 @@ class LeaseManager:
             self._renewed,
             self._renewal_failed,
             callbackArgs=(epoch, sent_at),
-            errbackArgs=(epoch,),
+            errbackArgs=(epoch, grant),
         )
         d.addErrback(self._log_failure, "renewal")
 
@@ -507,10 +507,14 @@ class LeaseManager:
         if self._can(LeaseTrigger.RENEWED) and self._clock.monotonic() < self._deadline:
             self._fire(LeaseTrigger.RENEWED)
 
-    def _renewal_failed(self, failure: Failure, epoch: int) -> None:
+    def _renewal_failed(self, failure: Failure, epoch: int, grant: Grant) -> None:
         if self._renewal_epoch == epoch:
             self._renewal_epoch = None
         if epoch != self._epoch or not self.holds:
+            return
+        if isinstance(failure.value, LeaseLost) and grant.token != self.token:
+            # A renewal of the grant as it was before our own offer moved its
+            # token (etcd's offer is a write): it says nothing about the grant.
             return
         if isinstance(failure.value, LeaseLost):
             self._lose(epoch, str(failure.value))
@@ -570,6 +574,11 @@ class LeaseManager:
         def judge(holders: tuple[Holder, ...]) -> None:
             self._judging_loss = False
             if epoch != self._epoch or not self._is("offered"):
+                return
+            if any(h.owner == self.owner and h.token > token for h in holders):
+                # Our own offer moved the token (its answer is still on the
+                # way): the loss was of the grant as it was before.  The
+                # offer's answer, or the next renewal, says how it stands.
                 return
             taker = self._newer_holder(holders, token)
             if taker is not None and self._clock.monotonic() < self._deadline:
@@ -662,10 +671,16 @@ class LeaseManager:
         if self.mode is not LeaseMode.EXCLUSIVE:
             raise LeaseStateError(f"cannot {what}: the lease is {self.mode.value}, not exclusive")
 
-    @staticmethod
-    def _newer_holder(holders: tuple[Holder, ...], token: int) -> Holder | None:
-        """The exclusive holder with a token larger than ``token``: whoever took it over."""
-        newer = [h for h in holders if h.mode is LeaseMode.EXCLUSIVE and h.token > token]
+    def _newer_holder(self, holders: tuple[Holder, ...], token: int) -> Holder | None:
+        """Another exclusive holder with a token larger than ``token``: whoever took it over.
+
+        Never this holder itself: its own offer or take-back moves the token too.
+        """
+        newer = [
+            h
+            for h in holders
+            if h.mode is LeaseMode.EXCLUSIVE and h.token > token and h.owner != self.owner
+        ]
         return max(newer, key=lambda h: h.token, default=None)
 
     def _handed_off_if_taken(self, failure: Failure) -> InDoubtOutcome:
