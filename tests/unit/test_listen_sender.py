@@ -811,3 +811,37 @@ def test_a_commit_without_a_lease_takes_one_of_our_own(tmp_path: Path) -> None:
     assert (first.state, own.state) == ("released", "held")  # stopped waiting for vm1's
     assert listener.taken == [own] and own.resource == "vm1"
     listener.replays()
+
+
+def test_a_commit_refused_after_taking_the_lease_gives_it_back(tmp_path: Path) -> None:
+    """Found by the simulator (``python -m ferry.sim``): a listener paused while it took
+    the lease over heard the answer past the lease's deadline and refused the commit --
+    but kept the lease, as the lease of its data plane, and refused every later
+    sender's writes with EIO."""
+    listener = LeasedListener(tmp_path)
+    source = LeaseManager(listener.lockspace, resource="vm1", owner="src", clock=listener.clock)
+    source.register()
+    source.acquire()
+    offered: list[int] = []
+    source.prepare_migrate().addCallback(offered.append)
+    sender = listener.connect(
+        ClientConnection("", meta_contexts=(), extra_options=[migrate_option(SIZE, "vm1")])
+    )
+    sender.pump()
+    assert listener.export.state == "receiving"
+    commit = sender.client.commit(offered[0])
+    sender.pump()
+    listener.lockspace.delayed = {"take_over"}
+    listener.blocking.release_all()  # synced; the take-over is applied, its answer waits
+    listener.reactor.rightNow += listener.lockspace.ttl or 0.0  # paused past its deadline
+    listener.lockspace.deliver()
+    reply = sender.replies()[commit]
+    assert reply.error == Errno.EPERM and "before the ack" in reply.message
+    export = listener.export
+    assert export.state == "listening" and export.lease is None
+    assert listener.lockspace.holders_now("vm1") == ()  # given back
+    sender.lose()
+    second = receiving(listener)
+    write = second.client.request(Command.WRITE, 0, 5, data=b"again")
+    assert second.replies()[write].error == Errno.OK
+    listener.replays()

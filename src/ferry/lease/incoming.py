@@ -16,11 +16,14 @@ from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from ferry.lease.backend import LeaseConflict
 from ferry.lease.manager import LeaseManager
 
 __all__ = ["IncomingLease"]
+
+_log = Logger()
 
 MakeLease = Callable[[str], LeaseManager]
 
@@ -99,6 +102,23 @@ class IncomingLease:
             return manager
 
         return taking.addCallback(taken)
+
+    def give_back(self) -> None:
+        """A commit took the lease over and was refused after all: release it.
+
+        The listener goes on listening; the next commit takes the lease over
+        with a fresh incoming manager.
+        """
+        manager = self.manager
+        if manager is None or not manager.holds:
+            return
+        manager.cancel_migrate_in().addErrback(
+            lambda failure: _log.warn(
+                "cannot give back the lease on {resource}: {why}",
+                resource=manager.resource,
+                why=failure.getErrorMessage(),
+            )
+        )
 
     @staticmethod
     def _discard(failure: object, manager: LeaseManager) -> object:

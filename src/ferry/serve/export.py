@@ -93,6 +93,10 @@ class IncomingLease(LeaseView, Protocol):
         """Take the source's lease by the commit's token; fires with the lease now held."""
         ...
 
+    def give_back(self) -> None:
+        """A commit that took the lease was refused after all: let it go (the next takes it)."""
+        ...
+
 
 #: The role states in which a migration sender is writing the image here.
 RECEIVING_STATES: Final = frozenset({RoleState.RECEIVING, RoleState.COMMITTING})
@@ -307,12 +311,20 @@ class Export:
         return incoming.take_over(source_resource, token).addCallback(taken)
 
     def sender_lost(self, sender: object) -> None:
-        """``sender``'s attempt ended without a commit: back to listening, for a new one."""
+        """``sender``'s attempt ended without a commit: back to listening, for a new one.
+
+        A commit refused after it had taken the lease (its answer came past
+        the lease's deadline, say) gives the lease back: a listening export
+        runs under no lease, and must not keep the image from its source.
+        """
         if sender is not self._sender:
             return
         self._sender = None
         if self.state in RECEIVING_STATES:
             self.trigger(RoleTrigger.SENDER_LOST)
+            if self.lease is not None and self.incoming_lease is not None:
+                self.lease = None
+                self.incoming_lease.give_back()
 
     # -- what a migration needs of the clients (its ClientGate) ---------------------
 
