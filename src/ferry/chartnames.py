@@ -87,6 +87,7 @@ class MigrationTrigger(StrEnum):
     COMMITTED = "committed"
     CONNECTED = "connected"
     FAIL = "fail"
+    GIVE_UP = "give_up"
     LEASE_LOST = "lease_lost"
     MIRRORED = "mirrored"
     NEXT_PASS = "next_pass"

@@ -49,6 +49,8 @@ TRANSITIONS = {
     ("accepted", "negotiating", "bulk_pass", None),
     ("next_pass", "bulk_pass", "dirty_pass", None),
     ("next_pass", "dirty_pass", "dirty_pass", None),
+    ("give_up", "bulk_pass", "failed", "migration_failed"),
+    ("give_up", "dirty_pass", "failed", "migration_failed"),
     ("quiesce", "bulk_pass", "quiescing", "quiesce"),
     ("quiesce", "dirty_pass", "quiescing", "quiesce"),
     ("offer", "quiescing", "offering", None),

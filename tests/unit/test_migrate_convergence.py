@@ -19,7 +19,7 @@ from ferry.migrate.core.convergence import (
 
 from .migrate_support import MIB
 
-NEXT, SWITCH = Action.NEXT_PASS, Action.SWITCH_OVER
+NEXT, SWITCH, GIVE_UP = Action.NEXT_PASS, Action.SWITCH_OVER, Action.GIVE_UP
 
 # bytes_left, rate (B/s), passes_done -> action, expected downtime, throttle
 DECISIONS = [
@@ -42,7 +42,11 @@ DECISIONS = [
     (1 * MIB, 1 * MIB, 31, NEXT, 1.0, 0.3),
     (1 * MIB, 1 * MIB, 37, NEXT, 1.0, 0.9),
     (1 * MIB, 1 * MIB, 38, NEXT, 1.0, 0.99),
-    (1 * MIB, 1 * MIB, 1000, NEXT, 1.0, 0.99),
+    # ten passes at the most throttle without converging: give up
+    (1 * MIB, 1 * MIB, 47, NEXT, 1.0, 0.99),
+    (1 * MIB, 1 * MIB, 48, GIVE_UP, 1.0, 0.99),
+    (1 * MIB, 1 * MIB, 1000, GIVE_UP, 1.0, 0.99),
+    (1, None, 48, GIVE_UP, None, 0.99),
     # converging while throttled switches over and stops throttling
     (1 * MIB, 100 * MIB, 35, SWITCH, 0.01, 0.0),
 ]
@@ -80,6 +84,7 @@ def test_the_limit_and_the_pass_count_are_settable() -> None:
 def test_actions_name_the_chart_triggers() -> None:
     assert NEXT.trigger == "next_pass"
     assert SWITCH.trigger == "quiesce"
+    assert GIVE_UP.trigger == "give_up"
 
 
 def test_auto_converge_tightens_each_pass_like_qemu() -> None:

@@ -184,6 +184,27 @@ def test_auto_converge_throttles_client_writes_after_max_passes(tmp_path: Path) 
     assert tightening[3] == pytest.approx(tightening[0] / 0.8 * 0.5, rel=0.01)
 
 
+def test_a_job_that_never_converges_gives_up(tmp_path: Path) -> None:
+    """Found by the simulator (``python -m ferry.sim``): at 128 KiB/s one dirty block
+    already exceeded a 50 ms max_downtime, and the job ran thousands of passes."""
+    policy = ConvergencePolicy(max_downtime=0.001, max_passes=2)
+    rig = Rig(tmp_path, policy=policy)
+    job = rig.job
+    job.connected()  # type: ignore[attr-defined]
+    job.accepted()  # type: ignore[attr-defined]
+    decisions = []
+    while job.state != "failed":
+        assert len(decisions) < policy.give_up_after
+        rig.send_pass(1 * MIB, writes_per_op=1)
+        if job.plan is not None and job.plan.total_bytes == 0:
+            rig.write(0, G)
+        decisions.append(job.end_of_pass())
+    assert len(decisions) == policy.give_up_after == 2 + 8 + 10
+    assert decisions[-1].action is Action.GIVE_UP
+    assert "did not converge in 20 passes" in decisions[-1].reason
+    assert [r.event for r in rig.records][-1] == "give_up"
+
+
 def test_failure_after_negotiation_retries_with_backoff_and_fresh_counters(
     tmp_path: Path,
 ) -> None:

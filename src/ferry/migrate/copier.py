@@ -10,7 +10,8 @@ The job (:mod:`ferry.migrate.core.job`) says what each pass copies; the
 * each good reply reported to the job (:meth:`~MigrationJob.sent`); an error
   reply fails the attempt;
 * when a bulk or dirty pass is exhausted and answered, the job decides
-  (:meth:`~MigrationJob.end_of_pass`), after a FLUSH between passes
+  (:meth:`~MigrationJob.end_of_pass`: another pass, switch over, or give up),
+  after a FLUSH between passes
   (:data:`PREFLUSH_BYTES`); in ``quiescing`` the end of the last pass is the
   switchover's FLUSH (:mod:`ferry.migrate.switchover`).
 """
@@ -65,10 +66,12 @@ class PassCopier:
         *,
         on_quiesced: Callable[[Attempt], None],
         on_last_pass_sent: Callable[[Attempt], None],
+        on_gave_up: Callable[[Attempt, str], None],
     ) -> None:
         self._driver = driver
         self._on_quiesced = on_quiesced  # the job switched over: the switchover begins
         self._on_last_pass_sent = on_last_pass_sent  # every request of the last pass answered
+        self._on_gave_up = on_gave_up  # the passes never converged: the job has failed
         # flexnbd's requests all carry one handle: one unanswered at a time.
         options = driver.options
         self.max_in_flight = 1 if options.flexnbd else options.max_in_flight
@@ -248,6 +251,9 @@ class PassCopier:
                 seconds=driver.clock.seconds() - started,
                 why=decision.reason,
             )
+            if job.state == MigrationState.FAILED:
+                self._on_gave_up(attempt, decision.reason)
+                return
             driver.set_write_cap(job.client_write_cap)
             if job.state == MigrationState.QUIESCING:
                 self._on_quiesced(attempt)

@@ -164,6 +164,7 @@ class MirrorSource:
             self,
             on_quiesced=self._switchover.quiesced,
             on_last_pass_sent=self._switchover.last_pass_sent,
+            on_gave_up=self._gave_up,
         )
 
     def __repr__(self) -> str:
@@ -473,6 +474,14 @@ class MirrorSource:
         job.fire(MigrationTrigger.FAIL)
         if job.state == MigrationState.RECLAIMING:
             self._switchover.reclaim()  # the lease was being offered: it comes back first
+
+    def _gave_up(self, attempt: Attempt, reason: str) -> None:
+        """The passes never converged: the job has failed (``give_up``); clients go on here."""
+        self.last_error = reason
+        self._stats.failures[FailureReason.NOT_CONVERGED] += 1
+        _log.warn("mirror of {export}: {why}", export=self._export.name, why=reason)
+        self.close_attempt(attempt)
+        self.end(MirrorResult("failed", False, reason))
 
     def abandon_attempt(self) -> None:
         """Stop everything of the current attempt; callbacks of it become no-ops."""

@@ -10,7 +10,7 @@ bulk pass's sequential rate would promise far too much (see
 dirty, the source quiesces; otherwise it runs another pass.
 
 A writer that dirties the image as fast as the stream drains it would keep
-that answer "no" forever.  After ``max_passes`` passes without converging,
+that answer "no" for a long time.  After ``max_passes`` passes without converging,
 client writes are throttled progressively instead of cut off: QEMU's
 auto-converge throttles the guest's CPUs by ``cpu-throttle-initial`` (20 %)
 and then ``cpu-throttle-increment`` (10 %) more each further pass, up to
@@ -22,6 +22,14 @@ on client writes (a delay before each write is dispatched), so clients see
 slower writes, never errors.  The cap is taken from a base fixed when
 throttling starts, so the steps do not compound and the cap never creeps
 up while a throttled writer's measured rate falls.
+
+Unlike QEMU's, the throttle has a floor (:data:`MIN_WRITE_RATE`), so the
+answer can stay "no" for good: under a ``max_bps`` below twice the floor,
+or a ``max_downtime`` shorter than one dirty block at the rate limit, no
+pass ever converges.  So a migration is bounded: once the throttle has been
+at its maximum for :data:`GIVE_UP_PASSES` passes, the answer is to give up
+(the job fails, clients go on, the reason says what to change) rather than
+to hold clients longer than ``max_downtime`` promised.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from typing import Final
 __all__ = [
     "DEFAULT_MAX_DOWNTIME",
     "DEFAULT_MAX_PASSES",
+    "GIVE_UP_PASSES",
     "MIN_WRITE_RATE",
     "Action",
     "ConvergencePolicy",
@@ -49,6 +58,9 @@ DEFAULT_MAX_PASSES: Final = 30
 #: The throttle never caps client writes below this (bytes per second), so a
 #: throttled client still makes progress, however dirty it keeps the image.
 MIN_WRITE_RATE: Final = 64 * 1024
+#: Passes with the throttle at its maximum after which a migration that still
+#: does not converge gives up (see the module doc).
+GIVE_UP_PASSES: Final = 10
 
 
 def expected_downtime(bytes_left: int, rate: float | None) -> float | None:
@@ -70,6 +82,7 @@ class Action(enum.Enum):
 
     NEXT_PASS = "next_pass"
     SWITCH_OVER = "quiesce"
+    GIVE_UP = "give_up"
 
     @property
     def trigger(self) -> str:
@@ -124,8 +137,15 @@ class ConvergencePolicy:
             return 0.0
         return min(self.throttle_max, self.throttle_initial + beyond * self.throttle_increment)
 
+    @property
+    def give_up_after(self) -> int:
+        """Passes after which a migration that does not converge gives up."""
+        rise = self.throttle_max - self.throttle_initial
+        steps = math.ceil(rise / self.throttle_increment) if self.throttle_increment else 0
+        return self.max_passes + steps + GIVE_UP_PASSES
+
     def decide(self, *, bytes_left: int, rate: float | None, passes_done: int) -> Decision:
-        """Switch over now, or run another pass (throttled after ``max_passes``)?
+        """Switch over now, run another pass (throttled after ``max_passes``), or give up?
 
         ``bytes_left`` is what the last pass would send (the dirty bytes),
         ``rate`` the measured migration speed, ``passes_done`` how many passes
@@ -149,6 +169,13 @@ class ConvergencePolicy:
         throttle = self.throttle(passes_done)
         why = "no rate yet" if downtime is None else f"expected downtime {downtime:.3f}s"
         why += f" ({basis})"
+        if passes_done >= self.give_up_after:
+            why = (
+                f"did not converge in {passes_done} passes, the last {GIVE_UP_PASSES} with "
+                f"client writes throttled {throttle:.0%}: {why}, max_downtime "
+                f"{self.max_downtime}s; raise max_downtime or max_bps"
+            )
+            return Decision(Action.GIVE_UP, downtime, throttle, why)
         if throttle:
             why += f"; pass {passes_done} >= {self.max_passes}: throttle writes {throttle:.0%}"
         return Decision(Action.NEXT_PASS, downtime, throttle, why)

@@ -242,8 +242,8 @@ class MigrationJob:
     def end_of_pass(self) -> Decision:
         """The current pass is done (every request acknowledged): decide, and move on.
 
-        Fires ``quiesce`` or ``next_pass``; on entering the next state the new
-        plan is in :attr:`plan`.  Only for bulk and dirty passes: the end of
+        Fires ``quiesce``, ``next_pass`` or ``give_up``; on entering the next
+        state the new plan is in :attr:`plan`.  Only for bulk and dirty passes: the end of
         the last pass (in ``quiescing``) is the flush, then ``commit``.
         """
         decision = self._decide("end_of_pass")
@@ -260,6 +260,8 @@ class MigrationJob:
         self.last_decision = decision
         if decision.action is Action.SWITCH_OVER:
             self.fire(MigrationTrigger.QUIESCE)
+        elif decision.action is Action.GIVE_UP:
+            self.fire(MigrationTrigger.GIVE_UP)
         else:
             self.fire(MigrationTrigger.NEXT_PASS)
         return decision
