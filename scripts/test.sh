@@ -8,3 +8,5 @@ mypy
 lint-imports --no-cache
 python3 -m ferry statecharts render --check
 python3 -m pytest -q -p no:cacheprovider "$@"
+# The deterministic simulator: a few hundred seeds, every fault (a minute or less on 2 cores).
+python3 -m ferry.sim --seeds 300 --jobs 2

@@ -1,0 +1,121 @@
+"""Bugs planted in the simulator's own doubles, so that a test can prove the checks still bite.
+
+A simulator that stopped checking would pass every seed; so would one whose
+faults never reach the windows that matter.  Each bug here is switched on
+by ``--bug NAME`` and lives only in a subclass or a wrapper the simulator
+builds -- never in a code path ``ferry serve`` runs -- and
+``tests/unit/test_sim.py`` asserts that each is caught within a bounded
+number of seeds.
+
+* ``ack-before-fsync``: the destination answers its migration sender's
+  FLUSH and commit as soon as it is asked, and syncs afterwards (its
+  ``run_blocking`` answers at once while the role is receiving or
+  committing, and runs the job later);
+* ``release-before-ack``: the source releases its lease as soon as it has
+  offered it, before the destination's acknowledgement (a wrapper around
+  the lease the migration hands over);
+* ``skip-last-pass``: the source's last pass copies nothing (the dirty map
+  is cleared before the final pass is planned);
+* ``ignore-token``: the destination takes the lease over whatever token
+  its commit carries (its lockspace client ignores the token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final
+
+from twisted.internet.defer import Deferred
+
+from ferry.lease.manager import InDoubtOutcome, LeaseManager
+from ferry.migrate.lease import OutgoingLease
+from ferry.migrate.manager import MirrorManager
+from ferry.migrate.options import Destination, MirrorOptions, StartOutcome
+from ferry.serve.export import RECEIVING_STATES, Export
+
+__all__ = ["BUGS", "mirror_manager", "outgoing_lease", "run_blocking", "steals"]
+
+BUGS: Final = ("ack-before-fsync", "release-before-ack", "skip-last-pass", "ignore-token")
+
+RunBlocking = Callable[[Callable[[], object]], "Deferred[Any]"]
+
+
+def run_blocking(bug: str | None, export: Export, real: RunBlocking) -> RunBlocking:
+    """A process's worker threads; ``ack-before-fsync`` answers the sender's before syncing."""
+    if bug != "ack-before-fsync":
+        return real
+
+    def answer_first(work: Callable[[], object]) -> Deferred[Any]:
+        if export.state not in RECEIVING_STATES:
+            return real(work)
+        real(work).addErrback(lambda _: None)  # the sync happens, later, whatever it says
+        done: Deferred[Any] = Deferred()
+        done.callback(None)
+        return done
+
+    return answer_first
+
+
+class _SkipsLastPass(MirrorManager):
+    """``skip-last-pass``: the final pass is planned from a dirty map cleared first."""
+
+    def mirror(self, destination: Destination, options: MirrorOptions) -> Deferred[StartOutcome]:
+        started = super().mirror(destination, options)
+        assert self.current is not None
+        job = self.current.job
+        plan_final_pass = job.start_final_pass
+
+        def skip_it() -> Any:
+            job.dirty.snapshot_and_clear()
+            return plan_final_pass()
+
+        job.start_final_pass = skip_it  # type: ignore[method-assign]
+        return started
+
+
+def mirror_manager(bug: str | None) -> type[MirrorManager]:
+    return _SkipsLastPass if bug == "skip-last-pass" else MirrorManager
+
+
+class _ReleasesBeforeAck:
+    """``release-before-ack``: the lease, released the moment its offer is answered."""
+
+    def __init__(self, lease: LeaseManager) -> None:
+        self._lease = lease
+
+    @property
+    def resource(self) -> str:
+        return self._lease.resource
+
+    @property
+    def state(self) -> str:
+        return self._lease.state
+
+    def prepare_migrate(self) -> Deferred[int]:
+        def release_now(token: int) -> int:
+            self._lease.release().addErrback(lambda _: None)
+            return token
+
+        return self._lease.prepare_migrate().addCallback(release_now)
+
+    def cancel_migrate_out(self) -> Deferred[Any]:
+        return self._lease.cancel_migrate_out()
+
+    def complete_migrate_out(self) -> Deferred[None]:
+        return self._lease.complete_migrate_out()
+
+    def resolve_in_doubt(self) -> Deferred[InDoubtOutcome]:
+        return self._lease.resolve_in_doubt()
+
+    def release(self) -> Deferred[None]:
+        return self._lease.release()
+
+
+def outgoing_lease(bug: str | None, lease: LeaseManager) -> OutgoingLease:
+    """The lease a migration of this process hands over."""
+    return _ReleasesBeforeAck(lease) if bug == "release-before-ack" else lease
+
+
+def steals(bug: str | None, mode: str) -> bool:
+    """Whether a process in ``mode`` takes leases over whatever the token (``ignore-token``)."""
+    return bug == "ignore-token" and mode == "listen"
