@@ -174,6 +174,10 @@ class Receiver(TypingProtocol):
         ...
 
 
+class PeerCatalogs(ExportCatalog, MigrationCatalog, TypingProtocol):
+    """The catalogs one connection's handshake consults: its peer's view of the exports."""
+
+
 class ConnectionHost(ExportCatalog, MigrationCatalog, TypingProtocol):
     """What a connection needs of the listener that made it (``NBDServer`` is one).
 
@@ -190,6 +194,12 @@ class ConnectionHost(ExportCatalog, MigrationCatalog, TypingProtocol):
     receiver: Receiver | None
 
     def run_blocking(self, work: Callable[[], object]) -> defer.Deferred[Any]: ...
+
+    def run_blocking_for(
+        self, export: Export, work: Callable[[], object]
+    ) -> defer.Deferred[Any]: ...
+
+    def catalog_for(self, peer_host: str) -> PeerCatalogs: ...
 
     def connection_opened(self, connection: NBDServerProtocol) -> None: ...
 
@@ -239,9 +249,8 @@ class NBDServerProtocol(Protocol):
         self._handshake_timer = self._server.clock.call_later(
             self._server.handshake_timeout, self._handshake_expired
         )
-        self._nbd = ServerConnection(
-            self._server, migration=self._server, oldstyle=self._server.oldstyle
-        )
+        catalogs = self._server.catalog_for(self.peer_host)
+        self._nbd = ServerConnection(catalogs, migration=catalogs, oldstyle=self._server.oldstyle)
         # An oldstyle server has chosen its export before the client speaks.
         self._receive(b"")
 
@@ -754,8 +763,9 @@ class NBDServerProtocol(Protocol):
 
     def _later(self, request: Request, started: float, work: Callable[[], None]) -> None:
         """Finish ``request`` on a worker thread (fsync): later requests go on meanwhile."""
+        assert self._export is not None
         self._in_flight += 1
-        d = self._server.run_blocking(work)
+        d = self._server.run_blocking_for(self._export, work)
 
         def done(_: object) -> None:
             assert self._nbd is not None and self._export is not None

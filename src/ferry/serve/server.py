@@ -27,6 +27,19 @@ through ``lookup_sender`` when ``lookup`` refuses it, and the connection is
 mirror-only (see ``ferry.nbd.server`` and ``ferry.serve.connection``): the
 first to send a write whose handle is ``FLEXNBD_MIRROR_HANDLE`` becomes the
 sender, and its NBD_CMD_DISC is the commit.
+
+Two ACLs decide who gets in.  The listener's (``ferry serve``'s ``ACL_ENTRY``
+arguments and its ``acl`` command) is checked when a connection is
+accepted: a peer it refuses is closed at once, as flexnbd does.  Each
+export's own (a daemon's ``acl`` per export) is checked by name in the
+handshake: every connection sees the catalogs through a
+:class:`PeerCatalog` for its peer, in which an export whose ACL refuses
+the peer is not listed, and asking for it is answered ERR_POLICY with the
+reason.  Changing an export's ACL closes its clients the new one refuses.
+
+Each export's blocking jobs (fdatasync) reach the worker threads through a
+:class:`~ferry.serve.lanes.Lane` of its own, so an export whose disk hangs
+holds only its share of them.
 """
 
 from __future__ import annotations
@@ -46,6 +59,7 @@ from ferry.nbd.events import ExportInfo, MigrationRequest, Refusal
 from ferry.serve.acl import Acl
 from ferry.serve.connection import NBDServerProtocol, Receiver
 from ferry.serve.export import RECEIVING_STATES, Export
+from ferry.serve.lanes import Lane
 
 log = Logger()
 
@@ -82,11 +96,12 @@ class NBDServer(Factory):
         sender_timeout: float = SENDER_TIMEOUT,
         receiver: Receiver | None = None,
     ) -> None:
-        self.exports: dict[str, Export] = {}
-        for export in exports:
-            self.add_export(export)
         self.clock = clock
         self.run_blocking = run_blocking
+        self.exports: dict[str, Export] = {}
+        self._lanes: dict[str, Lane] = {}
+        for export in exports:
+            self.add_export(export)
         self.acl = acl or Acl()
         self.oldstyle = oldstyle
         self.max_clients = max_clients
@@ -114,10 +129,28 @@ class NBDServer(Factory):
         if export.name in self.exports:
             raise ValueError(f"an export named {export.name!r} is served already")
         self.exports[export.name] = export
+        self._lanes[export.name] = Lane(self.run_blocking)
 
     def remove_export(self, name: str) -> Export:
         """Stop handing ``name`` to new clients (see :meth:`drain_export` for its clients)."""
+        # The lane stays while the export's clients drain: their last flushes use it.
         return self.exports.pop(name)
+
+    def run_blocking_for(self, export: Export, work: Callable[[], object]) -> defer.Deferred[Any]:
+        """Run ``work`` on a worker thread in ``export``'s lane (see the module doc)."""
+        lane = self._lanes.get(export.name)
+        if lane is None:
+            lane = self._lanes[export.name] = Lane(self.run_blocking)
+        return lane(work)
+
+    def forget_lane(self, name: str) -> None:
+        """The export ``name`` is gone and drained: its lane goes too."""
+        if name not in self.exports:
+            self._lanes.pop(name, None)
+
+    def catalog_for(self, peer_host: str) -> PeerCatalog:
+        """The catalogs as a client at ``peer_host`` sees them (see the module doc)."""
+        return PeerCatalog(self, peer_host)
 
     @property
     def default_export(self) -> Export | None:
@@ -159,13 +192,19 @@ class NBDServer(Factory):
 
     # -- MigrationCatalog ------------------------------------------------------------
 
-    def admit_migration(self, request: MigrationRequest) -> Refusal | None:
+    def admit_migration(
+        self, request: MigrationRequest, *, peer_host: str | None = None
+    ) -> Refusal | None:
         if not self.accepting:
             return Refusal(OptionReply.ERR_SHUTDOWN, "server is shutting down")
         if self.receiver is None:
             return Refusal(OptionReply.ERR_POLICY, "this server takes no migrations")
         # The option names no export (GO does): any listening one will do here.
         exports = list(self.exports.values())
+        if peer_host is not None:
+            exports = [export for export in exports if export.acl.allows(peer_host)]
+            if not exports and self.exports:
+                return Refusal(OptionReply.ERR_POLICY, f"no export here admits {peer_host}")
         listening = [export for export in exports if export.state == RoleState.LISTENING]
         for export in listening:
             incoming = export.incoming_lease
@@ -202,6 +241,17 @@ class NBDServer(Factory):
             connection.disconnect("no longer allowed by the ACL")
         return len(refused)
 
+    def replace_export_acl(self, name: str, acl: Acl) -> int:
+        """Give export ``name`` the ACL ``acl``; disconnect its clients it no longer admits."""
+        export = self.exports[name]
+        export.acl = acl
+        refused = [
+            c for c in self.connections if c.export_name == name and not acl.allows(c.peer_host)
+        ]
+        for connection in refused:
+            connection.disconnect(f"no longer allowed by the ACL of export {name!r}")
+        return len(refused)
+
     def drain(self) -> defer.Deferred[Any]:
         """Stop admitting clients and let every connection finish what it received."""
         self.accepting = False
@@ -212,6 +262,44 @@ class NBDServer(Factory):
         return defer.DeferredList(
             [c.drain() for c in list(self.connections) if c.export_name == name]
         )
+
+
+class PeerCatalog:
+    """The export and migration catalogs as one peer sees them: its exports' ACLs applied.
+
+    An export whose ACL refuses the peer is left out of the list and
+    refused by name with ERR_POLICY; everything else is the server's answer.
+    """
+
+    def __init__(self, server: NBDServer, peer_host: str) -> None:
+        self._server = server
+        self._peer_host = peer_host
+
+    def _refused(self, name: str) -> Refusal | None:
+        export = self._server.export_named(name)
+        if export is None or export.acl.allows(self._peer_host):
+            return None
+        return Refusal(
+            OptionReply.ERR_POLICY,
+            f"export {export.name!r} does not admit {self._peer_host or 'this client'}",
+        )
+
+    # -- ExportCatalog --------------------------------------------------------------
+
+    def lookup(self, name: str) -> ExportInfo | Refusal:
+        return self._refused(name) or self._server.lookup(name)
+
+    def listing(self) -> Sequence[ExportInfo]:
+        exports = self._server.exports.values()
+        return [export.info() for export in exports if export.acl.allows(self._peer_host)]
+
+    # -- MigrationCatalog ------------------------------------------------------------
+
+    def admit_migration(self, request: MigrationRequest) -> Refusal | None:
+        return self._server.admit_migration(request, peer_host=self._peer_host)
+
+    def lookup_sender(self, name: str) -> ExportInfo | Refusal:
+        return self._refused(name) or self._server.lookup_sender(name)
 
 
 def _not_listening(export: Export) -> Refusal:
