@@ -13,13 +13,18 @@ its lease once it holds one (or, listening, its lease-to-be).  A lease that
 is lost fences the unit: the role goes ``fenced`` and a running migration
 ends.  The :class:`ExportRegistry` holds the units by name; the empty name
 is the first export added (NBD's default export).
+
+A daemon describes its exports in a file: an :class:`ExportConfig` is one
+``[[export]]`` table of it (or ``ferry serve``'s one export, or one
+``export.add``), everything about the export that its operator chooses.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any, Final
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -30,12 +35,24 @@ from ferry.lease.incoming import IncomingLease
 from ferry.lease.manager import LeaseManager
 from ferry.migrate.core.stats import MigrationStats
 from ferry.migrate.manager import MirrorManager
-from ferry.serve.export import Export
+from ferry.serve.acl import Acl, AclError
+from ferry.serve.export import RECEIVING_STATES, Export
 from ferry.serve.stats import RequestStats
 from ferry.status import StatusSnapshot
 from ferry.storage import Image
+from ferry.trace import TraceRecord
 
-__all__ = ["ExportConfig", "ExportRegistry", "ExportUnit", "UnknownExport"]
+__all__ = [
+    "EXPORT_KEYS",
+    "BadExportConfig",
+    "ExportBusy",
+    "ExportConfig",
+    "ExportError",
+    "ExportRegistry",
+    "ExportUnit",
+    "UnknownExport",
+    "parse_export",
+]
 
 log = Logger()
 
@@ -50,15 +67,140 @@ class ExportConfig:
     listen: bool = False  # wait for a migration instead of serving at once
     resource: str | None = None  # the lease's name (default: the image's real path)
     description: str = ""
+    # Who may use the export by name (flexnbd's rule: empty admits everyone
+    # unless default_deny); the listener's own ACL is checked first.
+    acl: tuple[str, ...] = ()
+    default_deny: bool = False
+    # A migration's max_downtime when its ``mirror`` names none (seconds).
+    max_downtime: float | None = None
 
     @property
     def export_name(self) -> str:
         """``--name``, or the file's name (also what logs and traces call it)."""
         return self.name or os.path.basename(self.file)
 
+    @property
+    def mode(self) -> str:
+        """``serve`` or ``listen``, as a daemon's file and ``export.add`` spell it."""
+        return "listen" if self.listen else "serve"
+
+    def settings(self) -> dict[str, Any]:
+        """The export's settings under :data:`EXPORT_KEYS` (what :func:`parse_export` reads)."""
+        return {
+            "name": self.export_name,
+            "file": self.file,
+            "mode": self.mode,
+            "read_only": self.read_only,
+            "acl": list(self.acl),
+            "default_deny": self.default_deny,
+            "resource": self.resource,
+            "max_downtime": self.max_downtime,
+        }
+
+
+#: The settings of one export, as a daemon's ``[[export]]`` table and
+#: ``export.add`` name them.
+EXPORT_KEYS: Final = (
+    "name",
+    "file",
+    "mode",
+    "read_only",
+    "acl",
+    "default_deny",
+    "resource",
+    "max_downtime",
+)
+
+#: NBD's limit on an export name, in bytes of UTF-8.
+MAX_NAME_BYTES: Final = 4096
+
+
+class BadExportConfig(ValueError):
+    """One setting of an export is wrong: ``key`` names it, ``str`` says why."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+def parse_export(table: Mapping[str, Any]) -> ExportConfig:
+    """An :class:`ExportConfig` from its settings (see :data:`EXPORT_KEYS`), checked.
+
+    Raises :class:`BadExportConfig` naming the first wrong key; the values
+    come from TOML or JSON, so a type is checked as strictly as it is written
+    (``read_only = "yes"`` is an error, not true).
+    """
+    for key in table:
+        if key not in EXPORT_KEYS:
+            raise BadExportConfig(
+                key, f"unknown setting (an export takes {', '.join(EXPORT_KEYS)})"
+            )
+    name = _text(table, "name")
+    if name is None:
+        raise BadExportConfig("name", "missing: every export needs a name")
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise BadExportConfig("name", f"longer than NBD's {MAX_NAME_BYTES} bytes")
+    file = _text(table, "file")
+    if file is None:
+        raise BadExportConfig("file", "missing: which image does the export serve?")
+    mode = _text(table, "mode") or "serve"
+    if mode not in ("serve", "listen"):
+        raise BadExportConfig("mode", f'must be "serve" or "listen", not {mode!r}')
+    acl = table.get("acl", [])
+    if not isinstance(acl, list) or not all(isinstance(entry, str) for entry in acl):
+        raise BadExportConfig("acl", "must be a list of addresses or CIDR networks (strings)")
+    try:
+        Acl.parse(acl)
+    except AclError as error:
+        raise BadExportConfig("acl", str(error)) from None
+    max_downtime = table.get("max_downtime")
+    if max_downtime is not None and (
+        isinstance(max_downtime, bool)
+        or not isinstance(max_downtime, int | float)
+        or not 0 < max_downtime < float("inf")
+    ):
+        raise BadExportConfig(
+            "max_downtime", f"must be a positive number of seconds, not {max_downtime!r}"
+        )
+    return ExportConfig(
+        file=file,
+        name=name,
+        read_only=_flag(table, "read_only"),
+        listen=mode == "listen",
+        resource=_text(table, "resource"),
+        acl=tuple(acl),
+        default_deny=_flag(table, "default_deny"),
+        max_downtime=None if max_downtime is None else float(max_downtime),
+    )
+
+
+def _text(table: Mapping[str, Any], key: str) -> str | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise BadExportConfig(key, f"must be a non-empty string, not {value!r}")
+    return value
+
+
+def _flag(table: Mapping[str, Any], key: str) -> bool:
+    value = table.get(key, False)
+    if not isinstance(value, bool):
+        raise BadExportConfig(key, f"must be true or false, not {value!r}")
+    return value
+
 
 class UnknownExport(LookupError):
     """No export of that name; ``str`` says so, in one line."""
+
+
+class ExportError(Exception):
+    """An export cannot be added (its file, its name, its lease); ``str`` says why, in one line."""
+
+
+class ExportBusy(Exception):
+    """The export is migrating (out or in) and may not go now; ``str`` says so, in one line."""
 
 
 class ExportUnit:
@@ -70,6 +212,8 @@ class ExportUnit:
         self.mirrors = mirrors
         self.lease: LeaseManager | None = None
         self.incoming: IncomingLease | None = None
+        # The name of the lease it takes (or listens for), once the node knows it.
+        self.resource: str | None = None
 
     @property
     def name(self) -> str:
@@ -92,6 +236,45 @@ class ExportUnit:
     def snapshot(self) -> StatusSnapshot:
         """The export's status, with the migration's fields while one runs or after it."""
         return self.mirrors.snapshot()
+
+    @property
+    def migrating(self) -> str | None:
+        """How the export is moving now: ``"out"``, ``"in"``, or None when it is not."""
+        if self.mirrors.running:
+            return "out"
+        if self.export.state in RECEIVING_STATES:
+            return "in"
+        return None
+
+    def owns(self, record: TraceRecord) -> bool:
+        """Whether ``record`` is a transition of this export's role, migration or lease."""
+        if record.machine == "lease":
+            return record.instance in self._lease_resources()
+        return record.instance == self.name
+
+    def _lease_resources(self) -> set[str]:
+        names = {self.resource} if self.resource is not None else set()
+        if self.lease is not None:
+            names.add(self.lease.resource)
+        if self.incoming is not None and self.incoming.manager is not None:
+            names.add(self.incoming.manager.resource)
+        return names
+
+    def describe(self) -> dict[str, Any]:
+        """One row of ``export.list``: what it is, where it stands, who uses it."""
+        lease = self.lease or (self.incoming.manager if self.incoming is not None else None)
+        return {
+            "name": self.name,
+            "file": self.config.file,
+            "mode": self.config.mode,
+            "read_only": self.image.read_only,
+            "state": self.export.state,
+            "clients": self.export.num_clients,
+            "migrating": self.migrating,
+            "lease": None
+            if lease is None
+            else {"resource": lease.resource, "state": lease.state, "token": lease.token},
+        }
 
     # -- the lease ---------------------------------------------------------------------
 

@@ -288,7 +288,7 @@ def run_serve(args: argparse.Namespace) -> int:
         json_file=log_file,
         fields={"export": config.export_name},
     )
-    node = Node(reactor, config)
+    node = Node(reactor, config.node(), [config.export()])
     refusal: list[BaseException] = []
 
     def refused(failure: Any) -> None:
