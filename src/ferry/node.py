@@ -182,6 +182,8 @@ class Node:
         # Exports whose lease is being taken: not served yet, but their
         # machines already run (and are logged under their name).
         self._adding: dict[str, ExportUnit] = {}
+        # Called after an export was added or removed (a daemon's STATUS).
+        self.exports_changed: list[Callable[[], None]] = []
         self._stopped = False
 
     def run_blocking(self, work: Callable[[], object]) -> Deferred[Any]:
@@ -342,6 +344,7 @@ class Node:
             export.trigger(RoleTrigger.LISTEN if config.listen else RoleTrigger.SERVE)
             if self.nbd_port is not None:
                 self._announce(unit)
+                self._changed()
             return unit
 
         def failed(failure: Any) -> Any:
@@ -376,7 +379,12 @@ class Node:
         assert self.server is not None
         self.server.remove_export(unit.name)
         log.info("removing export {name!r}: draining its clients", name=unit.name)
-        return self._stop_unit(unit)
+        stopped: Deferred[None] = self._stop_unit(unit)
+        return stopped.addCallback(lambda _: self._changed())
+
+    def _changed(self) -> None:
+        for callback in list(self.exports_changed):
+            callback()
 
     def _take_lease(self, unit: ExportUnit) -> Deferred[None]:
         """Acquire the export's lease; a refusal is a StartupError.

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ferry import __version__
+from ferry.cli.daemon import add_daemon_commands, json_request
 from ferry.cli.errors import UserError
 from ferry.cli.lock import add_lock_commands
 
@@ -155,21 +156,25 @@ def build_parser() -> Parser:
     mirror.add_argument(
         "-w", "--wait", action="store_true", help="show progress until the end; exit 0 on success"
     )
+    _export(mirror)
     mirror.set_defaults(run=run_mirror)
 
     breaker = modes.add_parser("break", help="stop a running migration; the source keeps serving")
     _control_sock(breaker, required=True)
+    _export(breaker)
     breaker.set_defaults(run=lambda args: run_simple(args, ["break"]))
 
     max_bps = modes.add_parser(
         "mirror-max-bps", help="change a running migration's bandwidth limit"
     )
     _control_sock(max_bps, required=True)
+    _export(max_bps)
     max_bps.add_argument("bps", metavar="N", help="bytes per second (0: no limit)")
     max_bps.set_defaults(run=lambda args: run_simple(args, ["mirror_max_bps", args.bps]))
 
     status = modes.add_parser("status", help="print a server's status line")
     _control_sock(status, required=True)
+    _export(status)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.add_argument(
         "--wait",
@@ -190,6 +195,7 @@ def build_parser() -> Parser:
         action="store_false",
         help="do not print first the last record of every machine (where each stands now)",
     )
+    _export(events)
     events.set_defaults(run=run_events)
 
     acl = modes.add_parser("acl", help="replace a server's access control list")
@@ -222,6 +228,7 @@ def build_parser() -> Parser:
     show.set_defaults(run=run_trace_show)
 
     add_lock_commands(modes)
+    add_daemon_commands(modes)
 
     charts = modes.add_parser("statecharts", help="work with the statechart files")
     chart_modes = charts.add_subparsers(dest="chart_mode", metavar="ACTION", parser_class=Parser)
@@ -245,6 +252,12 @@ def _network(parser: argparse.ArgumentParser, *, required: bool) -> None:
 
 def _control_sock(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument("-s", "--sock", required=required, help="control socket path")
+
+
+def _export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-e", "--export", metavar="NAME", help="which export of a daemon (default: its first)"
+    )
 
 
 def _verbosity(parser: argparse.ArgumentParser) -> None:
@@ -321,7 +334,7 @@ def run_status(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.wait
     while True:
         try:
-            status, text = control_request(args.sock, ["status"])
+            status, text = _status(args)
             break
         except UserError:
             if time.monotonic() >= deadline:
@@ -338,6 +351,17 @@ def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> tuple[int, str]:
+    """The status line: flexnbd's form, or JSON for one export of a daemon."""
+    if args.export is None:
+        return control_request(args.sock, ["status"])
+    from ferry.status import render_value
+
+    fields = json_request(args.sock, "status", {"export": args.export})
+    line = " ".join(f"{k}={render_value(v)}" for k, v in fields.items() if k != "export")
+    return 0, line
+
+
 def run_acl(args: argparse.Namespace) -> int:
     status, text = control_request(args.sock, ["acl", *args.acl])
     if status != 0:
@@ -346,10 +370,26 @@ def run_acl(args: argparse.Namespace) -> int:
 
 
 def run_simple(args: argparse.Namespace, lines: list[str]) -> int:
-    """A control command whose answer is printed as it comes (``break``, ...)."""
-    status, text = control_request(args.sock, lines)
-    print(text)
-    return 0 if status == 0 else 1
+    """A control command whose answer is printed as it comes (``break``, ...).
+
+    With ``--export``, the same command in JSON, about that export.
+    """
+    if args.export is None:
+        status, text = control_request(args.sock, lines)
+        print(text)
+        return 0 if status == 0 else 1
+    from ferry.control.client import ControlError, JsonControl
+
+    try:
+        with JsonControl(args.sock) as control:
+            answer = control.call(lines[0], {"args": lines[1:], "export": args.export})
+    except ControlError as error:
+        raise UserError(str(error)) from None
+    if "error" in answer:
+        print(answer["error"].get("message"))
+        return 1
+    print(answer.get("result"))
+    return 0
 
 
 def run_mirror(args: argparse.Namespace) -> int:
@@ -374,6 +414,8 @@ def _mirror(args: argparse.Namespace) -> int:
         params["max_passes"] = args.max_passes
     if args.flexnbd:
         params["flexnbd"] = True
+    if args.export is not None:
+        params["export"] = args.export
     with JsonControl(args.sock) as control:
         answer = control.call("mirror", params)
         if "error" in answer:
@@ -381,7 +423,7 @@ def _mirror(args: argparse.Namespace) -> int:
         print(answer["result"]["message"], flush=True)
         if not args.wait:
             return 0
-        result = control.follow(lambda line: print(line, flush=True))
+        result = control.follow(lambda line: print(line, flush=True), export=args.export)
     if result is None:
         raise UserError("lost contact with the source before the migration ended")
     state = result.get("state")
@@ -512,7 +554,7 @@ def run_events(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     try:
         with JsonControl(args.sock) as control:
-            for fields in control.subscribe(current=args.current):
+            for fields in control.subscribe(current=args.current, export=args.export):
                 show(fields)
             print(f"ferry events: following {args.sock}", file=sys.stderr, flush=True)
             end = control.follow_events(show)
