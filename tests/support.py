@@ -294,3 +294,75 @@ def stop_peer(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+# -- a daemon and its writers -------------------------------------------------------
+
+
+def daemon(config: Path, *, env: dict[str, str] | None = None) -> FerryProcess:
+    """``ferry daemon --config CONFIG``, once it logs that every export serves.
+
+    Its port is the one the ``ready: N exports on ADDR:PORT`` line names.
+    """
+    process = FerryProcess(["daemon", "--config", str(config)], env=env)
+    line = process.wait_for_log("ready: ")
+    match = re.search(r" on \S+:(\d+)", line)
+    assert match, line
+    process.port = int(match.group(1))
+    return process
+
+
+WORKLOAD = Path(__file__).resolve().parent / "workload.py"
+
+
+class Writers:
+    """libnbd clients writing the checkable workload (``workload.py``) until stopped.
+
+    Each URI gets one client that owns every block of its export.
+    """
+
+    def __init__(self, uris: dict[str, str], blocks: int, stop_file: Path) -> None:
+        self.stop_file = stop_file
+        self.clients = {
+            name: subprocess.Popen(
+                ["/usr/bin/python3", str(WORKLOAD), uri, "0", "1", str(blocks), str(stop_file)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for name, uri in uris.items()
+        }
+
+    def stop(self) -> dict[str, dict[str, Any]]:
+        """Stop every client; each one's report (``ended``, ``writes``, ``acked``...)."""
+        import json
+
+        self.stop_file.touch()
+        reports = {}
+        for name, client in self.clients.items():
+            stdout, stderr = client.communicate(timeout=DEADLINE)
+            assert client.returncode == 0, f"{name}: {stderr.decode()}"
+            reports[name] = json.loads(stdout)
+        return reports
+
+
+def check_acked(report: dict[str, Any], image: bytes) -> None:
+    """Every write ``report`` says was acknowledged is in ``image`` (or a later one of it)."""
+    from workload import BLOCK, decode
+
+    for offset_text, counter in report["acked"].items():
+        offset = int(offset_text)
+        found = decode(image[offset : offset + BLOCK])
+        assert found is not None, f"block {offset} lost its write"
+        _, client, held = found
+        assert client == report["client"]
+        ceiling = max(counter, report["unanswered"].get(offset_text, counter))
+        assert counter <= held <= ceiling, (offset, counter, held)
+
+
+def wait_until(what: str, check: Callable[[], bool], deadline: Deadline | None = None) -> None:
+    """Poll ``check`` until it holds; AssertionError naming ``what`` past the deadline."""
+    deadline = deadline or Deadline()
+    while not check():
+        if deadline.expired():
+            raise AssertionError(f"not in time: {what}")
+        time.sleep(0.02)  # polling the condition itself, not waiting in its place

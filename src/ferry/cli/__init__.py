@@ -157,6 +157,12 @@ def build_parser() -> Parser:
         "-w", "--wait", action="store_true", help="show progress until the end; exit 0 on success"
     )
     _export(mirror)
+    mirror.add_argument(
+        "--dest-export",
+        metavar="NAME",
+        help="the destination's export to migrate into (default: the same name as --export, "
+        "or the destination's default export)",
+    )
     mirror.set_defaults(run=run_mirror)
 
     breaker = modes.add_parser("break", help="stop a running migration; the source keeps serving")
@@ -416,6 +422,8 @@ def _mirror(args: argparse.Namespace) -> int:
         params["flexnbd"] = True
     if args.export is not None:
         params["export"] = args.export
+    if args.dest_export is not None:
+        params["dest_export"] = args.dest_export
     with JsonControl(args.sock) as control:
         answer = control.call("mirror", params)
         if "error" in answer:

@@ -21,6 +21,7 @@ The exports themselves are commands too, named after QMP's
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -202,7 +203,9 @@ class Commands:
 
     def mirror(self, args: Sequence[str], params: Params) -> Reply | Deferred[Reply]:
         """``mirror IP PORT [exit|unlink|nothing] [BIND] [MAX_BPS]``; JSON may add
-        ``max_downtime`` (seconds) and ``max_passes``."""
+        ``max_downtime`` (seconds), ``max_passes`` and ``dest_export``: the name of the
+        export to migrate into (default: the destination's default export, or, when the
+        command names an ``export``, an export of the same name)."""
         try:
             unit = self._unit(params)
         except UnknownExport as error:
@@ -214,6 +217,10 @@ class Commands:
         if isinstance(parsed, Reply):
             return parsed
         destination, options = parsed
+        dest_export = params.get("dest_export", unit.name if params.get("export") else "")
+        if not isinstance(dest_export, str):
+            return Reply(1, f"bad dest_export: {dest_export!r}")
+        destination = dataclasses.replace(destination, export_name=dest_export)
         try:
             started = mirrors.mirror(destination, options)
         except MirrorBusy:
