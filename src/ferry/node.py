@@ -159,10 +159,13 @@ class Node:
         exports: Sequence[ExportConfig] = (),
         *,
         commands: Mapping[str, Command] | None = None,
+        open_image: Callable[..., Image] = Image.open,
     ) -> None:
         """``exports`` are served from the start, the first as the default export;
-        ``commands`` are control commands beside the node's own (a daemon's reload)."""
+        ``commands`` are control commands beside the node's own (a daemon's reload);
+        ``open_image`` opens an export's file (``Image.open``; a test's disk double)."""
         self.reactor = reactor
+        self._open_image = open_image
         self.config = config
         self._initial = tuple(exports)
         self._extra_commands = dict(commands or {})
@@ -313,7 +316,7 @@ class Node:
         except AclError as error:
             return defer.fail(StartupError(f"export {config.export_name!r}: {error}"))
         try:
-            image = Image.open(config.file, read_only=config.read_only)
+            image = self._open_image(config.file, read_only=config.read_only)
         except ImageError as error:
             return defer.fail(StartupError(str(error)))
         export = Export(
