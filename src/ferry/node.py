@@ -227,9 +227,17 @@ class Node:
 
     @defer.inlineCallbacks
     def _add_all(self, configs: Sequence[ExportConfig]) -> Any:
-        """Add the exports one after the other, so the first is the default one."""
+        """Add the exports one after the other, so the first is the default one.
+
+        With more than one, a refusal names the export it is about.
+        """
         for config in configs:
-            yield self.add_export(config)
+            try:
+                yield self.add_export(config)
+            except StartupError as error:
+                if len(configs) == 1:
+                    raise
+                raise StartupError(f"export {config.export_name!r}: {error}") from None
 
     def _failed_start(self, failure: Any) -> Any:
         # Everything is closed here; the reactor's shutdown (a refusal that

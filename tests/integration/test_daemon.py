@@ -459,3 +459,48 @@ def test_events_follow_one_export(host: Host, three: FerryProcess) -> None:
     lease = str(host.root / "b.img")
     assert {(r["machine"], r["instance"]) for r in seen} == {("role", "b"), ("lease", lease)}
     assert [r["dest"] for r in seen if r["machine"] == "role"] == ["serving", "stopped"]
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_sample_file_is_a_good_file() -> None:
+    from ferry.daemon.config import load_config
+
+    config = load_config(str(REPO / "contrib" / "ferry.toml"))
+    assert [(e.export_name, e.mode) for e in config.exports] == [
+        ("vm1", "serve"),
+        ("vm2", "serve"),
+        ("vm3", "listen"),
+    ]
+    assert config.node.sock == "/run/ferry/ferry.sock"
+
+
+def test_the_unit_file_is_one_systemd_accepts(tmp_path: Path) -> None:
+    """``systemd-analyze verify``, with ExecStart pointed at a ferry that exists here."""
+    unit = (REPO / "contrib" / "ferry.service").read_text()
+    assert "Type=notify\n" in unit and "ExecReload=/bin/kill -HUP $MAINPID\n" in unit
+    assert "ExecStart=/usr/local/bin/ferry daemon --config /etc/ferry/ferry.toml\n" in unit
+    here = tmp_path / "ferry.service"
+    here.write_text(unit.replace("/usr/local/bin/ferry", FERRY[0]))
+    result = run(["systemd-analyze", "verify", "--man=no", str(here)], check=False)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stderr == b"", result.stderr.decode()
+
+
+def test_a_daemon_that_cannot_start_says_why_in_one_line(host: Host) -> None:
+    host.write([export_table("a", mode="lisen")])
+    refused = run([*FERRY, "daemon", "--config", str(host.config)], check=False)
+    assert (refused.returncode, refused.stderr.decode()) == (
+        1,
+        f'ferry: {host.config}: [[export]] #1 "a": mode: must be "serve" or "listen", '
+        "not 'lisen'\n",
+    )
+    host.image("a")
+    host.write([export_table("a"), export_table("b")])  # b.img does not exist
+    refused = run([*FERRY, "daemon", "--config", str(host.config)], check=False)
+    assert refused.returncode == 1
+    last = refused.stderr.decode().splitlines()[-1]  # after the log of what it opened
+    assert last.startswith(f"ferry: {host.config}: export 'b': image "), last
+    assert last.endswith("b.img: no such file")
+    assert "Traceback" not in refused.stderr.decode()

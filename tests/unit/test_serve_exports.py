@@ -47,12 +47,12 @@ class Node:
             list(self.exports.values()), clock=self.clock, run_blocking=self.blocking
         )
 
-    def _export(self, tmp_path: Path, name: str) -> Export:
+    def _export(self, tmp_path: Path, name: str, role: str = "serve") -> Export:
         path = tmp_path / f"{name}.img"
         with open(path, "wb") as f:
             f.truncate(SIZE)
         export = Export(name, Image.open(path), clock=self.clock)
-        export.trigger("serve")
+        export.trigger(role)
         return export
 
     def connect(self, name: str, host: str) -> Peer:
@@ -115,6 +115,13 @@ def test_the_list_shows_each_peer_only_the_exports_it_may_use(tmp_path: Path) ->
     handshake.receive_data(list_option)
     answer = handshake.data_to_send()
     assert b"open" in answer and b"guarded" not in answer
+
+
+def test_the_list_leaves_out_an_export_no_client_may_use_yet(tmp_path: Path) -> None:
+    node = Node(tmp_path)
+    node.server.add_export(node._export(tmp_path, "incoming", role="listen"))
+    assert listing(node, INSIDE) == ["open", "guarded"]
+    assert [info.name for info in node.server.listing()] == ["open", "guarded"]
 
 
 def test_the_default_export_is_refused_too_when_its_acl_refuses(tmp_path: Path) -> None:

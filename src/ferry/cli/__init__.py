@@ -206,6 +206,7 @@ def build_parser() -> Parser:
 
     acl = modes.add_parser("acl", help="replace a server's access control list")
     _control_sock(acl, required=True)
+    _export(acl)
     acl.add_argument("acl", nargs="*", metavar="ACL_ENTRY")
     acl.set_defaults(run=run_acl)
 
@@ -369,6 +370,9 @@ def _status(args: argparse.Namespace) -> tuple[int, str]:
 
 
 def run_acl(args: argparse.Namespace) -> int:
+    if args.export is not None:
+        json_request(args.sock, "acl", {"args": args.acl, "export": args.export})
+        return 0
     status, text = control_request(args.sock, ["acl", *args.acl])
     if status != 0:
         raise UserError(text)

@@ -36,6 +36,8 @@ handshake: every connection sees the catalogs through a
 :class:`PeerCatalog` for its peer, in which an export whose ACL refuses
 the peer is not listed, and asking for it is answered ERR_POLICY with the
 reason.  Changing an export's ACL closes its clients the new one refuses.
+NBD_OPT_LIST shows only the exports a client may use now: not one that is
+listening for its migration, or that has lost control.
 
 Each export's blocking jobs (fdatasync) reach the worker threads through a
 :class:`~ferry.serve.lanes.Lane` of its own, so an export whose disk hangs
@@ -188,7 +190,9 @@ class NBDServer(Factory):
         return export.info()
 
     def listing(self) -> Sequence[ExportInfo]:
-        return [export.info() for export in self.exports.values()]
+        """The exports a client may use now: one that listens for its migration (or has
+        lost control) is left out, as a client asking for it would be refused."""
+        return [export.info() for export in self.exports.values() if export.clients_allowed]
 
     # -- MigrationCatalog ------------------------------------------------------------
 
@@ -290,8 +294,11 @@ class PeerCatalog:
         return self._refused(name) or self._server.lookup(name)
 
     def listing(self) -> Sequence[ExportInfo]:
-        exports = self._server.exports.values()
-        return [export.info() for export in exports if export.acl.allows(self._peer_host)]
+        return [
+            info
+            for info in self._server.listing()
+            if self._server.exports[info.name].acl.allows(self._peer_host)
+        ]
 
     # -- MigrationCatalog ------------------------------------------------------------
 
