@@ -279,8 +279,9 @@ def _verbosity(parser: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
 
+    from ferry.cli.running import run_until_stopped
     from ferry.logs import LogFileError, open_log_file, start_logging
-    from ferry.node import Node, ServeConfig, StartupError
+    from ferry.node import Node, ServeConfig
 
     config = ServeConfig(
         file=args.file,
@@ -309,21 +310,7 @@ def run_serve(args: argparse.Namespace) -> int:
         fields={"export": config.export_name},
     )
     node = Node(reactor, config.node(), [config.export()])
-    refusal: list[BaseException] = []
-
-    def refused(failure: Any) -> None:
-        refusal.append(failure.value)
-        if reactor.running:
-            reactor.stop()
-
-    node.start().addErrback(refused)
-    if not refusal:
-        reactor.addSystemEventTrigger("before", "shutdown", node.shutdown)
-        reactor.run()
-    if refusal:
-        if isinstance(refusal[0], StartupError):
-            raise UserError(str(refusal[0])) from None
-        raise refusal[0]
+    run_until_stopped(reactor, node.start(), node.shutdown)
     return 0
 
 

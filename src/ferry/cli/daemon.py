@@ -101,10 +101,10 @@ def json_request(sock: str, method: str, params: dict[str, Any] | None = None) -
 def run_daemon(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
 
+    from ferry.cli.running import run_until_stopped
     from ferry.daemon.config import ConfigError, load_config
     from ferry.daemon.service import Daemon
     from ferry.logs import LogFileError, open_log_file, start_logging
-    from ferry.node import StartupError
 
     try:
         config = load_config(args.config)
@@ -116,22 +116,8 @@ def run_daemon(args: argparse.Namespace) -> int:
         raise UserError(str(error)) from None
     start_logging(verbose=args.verbose, quiet=args.quiet, json_file=log_file)
     daemon = Daemon(reactor, config)
-    refusal: list[BaseException] = []
-
-    def refused(failure: Any) -> None:
-        refusal.append(failure.value)
-        if reactor.running:
-            reactor.stop()
-
-    daemon.start().addErrback(refused)
-    if not refusal:
-        daemon.listen_for_hangup()
-        reactor.addSystemEventTrigger("before", "shutdown", daemon.shutdown)
-        reactor.run()
-    if refusal:
-        if isinstance(refusal[0], StartupError):
-            raise UserError(f"{args.config}: {refusal[0]}") from None
-        raise refusal[0]
+    daemon.listen_for_hangup()
+    run_until_stopped(reactor, daemon.start(), daemon.shutdown, prefix=f"{args.config}: ")
     return 0
 
 
