@@ -216,8 +216,10 @@ def test_the_daemon_session_runs_as_written(tmp_path: Path) -> None:
 def test_the_isolation_figures_are_the_code_s() -> None:
     from ferry.node import WORKER_THREADS
     from ferry.serve.lanes import JOBS_PER_EXPORT
+    from ferry.serve.server import MAX_CLIENTS
 
     section = README.split("## A daemon of many exports\n", 1)[1].split("\n## ", 1)[0]
     assert f"each export\ngets at most {JOBS_PER_EXPORT} of them" in section
     assert f"holds {JOBS_PER_EXPORT} threads" in section
     assert f"(the node has {WORKER_THREADS})" in section
+    assert f"limit of {MAX_CLIENTS} connections" in section
