@@ -45,7 +45,7 @@ from ferry.metrics import make_registry, metrics_root
 from ferry.migrate.destination import Receiver
 from ferry.migrate.manager import MirrorManager
 from ferry.migrate.wire import tcp_connector
-from ferry.serve.acl import Acl
+from ferry.serve.acl import Acl, is_loopback
 from ferry.serve.export import Export
 from ferry.serve.server import NBDServer
 from ferry.storage import Image
@@ -167,6 +167,8 @@ class Node:
             acl = Acl.parse(config.acl, default_deny=config.default_deny)
         except AclError as error:
             raise StartupError(str(error)) from None
+        if config.listen:
+            _check_senders_are_named(config, acl)
         if config.trace:
             try:
                 self._trace_file = TraceFile(config.trace)
@@ -420,3 +422,26 @@ class Node:
         if self._trace_file is not None:
             self._trace_file.close()
             self._trace_file = None
+
+
+def _check_senders_are_named(config: ServeConfig, acl: Acl) -> None:
+    """A listener must say who may hand it an image (``Acl.admits_sender``).
+
+    An empty ACL admits senders only from loopback: on any other address
+    that would be no sender at all, which is a mistake worth one line now
+    rather than a refused migration later.  flexnbd's stream (``--oldstyle``)
+    cannot be told apart from a client's, so it needs the ACL whatever the
+    address.
+    """
+    if acl.networks:
+        return
+    if config.oldstyle:
+        raise StartupError(
+            "listen --oldstyle takes flexnbd's migration, which cannot authenticate: "
+            "name the source hosts as ACL entries (ferry listen ... ADDRESS ...)"
+        )
+    if not is_loopback(config.addr):
+        raise StartupError(
+            f"listen on {config.addr} admits migration senders only from the addresses its "
+            "ACL names: name the source hosts as ACL entries (ferry listen ... ADDRESS ...)"
+        )

@@ -144,3 +144,64 @@ def test_a_lease_kept_from_the_source_at_the_commit_fences_it(tmp_path: Path) ->
             assert status(tmp_path / "serve.sock")["has_control"] == "false"
         finally:
             third.stop()
+
+
+# -- who may hand a listener an image ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "line"),
+    [
+        (
+            ["--addr", "0.0.0.0"],
+            "ferry: listen on 0.0.0.0 admits migration senders only from the addresses its ACL "
+            "names: name the source hosts as ACL entries (ferry listen ... ADDRESS ...)\n",
+        ),
+        (
+            ["--addr", "127.0.0.1", "--oldstyle"],
+            "ferry: listen --oldstyle takes flexnbd's migration, which cannot authenticate: "
+            "name the source hosts as ACL entries (ferry listen ... ADDRESS ...)\n",
+        ),
+    ],
+    ids=["network-without-acl", "oldstyle-without-acl"],
+)
+def test_a_listener_that_would_take_an_image_from_anyone_refuses_to_start(
+    tmp_path: Path, extra: list[str], line: str
+) -> None:
+    image = sparse_file(tmp_path / "dest.img", SIZE)
+    args = ["listen", "--port", "0", "--file", str(image), "--lockspace", "none", *extra]
+    refused = run([*FERRY, *args], check=False, timeout=60)
+    assert (refused.returncode, refused.stderr.decode()) == (1, line)
+
+
+def test_a_sender_the_acl_does_not_name_cannot_hand_over_an_image(tmp_path: Path) -> None:
+    """The attack: a forged sender commits its own bytes to a listener on the network.
+
+    The listener names its real source (127.0.0.2, which ``ferry mirror
+    --bind`` sends from); the forger, from 127.0.0.1, is refused before it
+    can write a byte, and the real source migrates.
+    """
+    source_image = random_file(tmp_path / "source.img", SIZE, seed=12)
+    dest_image = sparse_file(tmp_path / "dest.img", SIZE)
+    before = dest_image.read_bytes()
+    lease = ["--lockspace", "none"]
+    source = serve(source_image, *lease, "--sock", str(tmp_path / "serve.sock"))
+    dest = FerryProcess(
+        ["listen", "--addr", "0.0.0.0", "--port", "0", "--file", str(dest_image), *lease]
+        + ["--sock", str(tmp_path / "listen.sock"), "127.0.0.2"]
+    ).wait_serving()
+    try:
+        with pytest.raises(ConnectionError):  # the ACL closes it at once
+            ForgedSender(dest.port, SIZE, resource="")
+        assert dest_image.read_bytes() == before
+        assert status(tmp_path / "listen.sock")["state"] == "listening"
+        out = run(
+            mirror_command(dest.port, tmp_path / "serve.sock", "--action", "nothing")
+            + ["--bind", "127.0.0.2", "--wait"],
+            timeout=120,
+        ).stdout.decode()
+        assert out.rstrip().endswith("has control of the image"), out
+        assert dest_image.read_bytes() == source_image.read_bytes()
+    finally:
+        dest.stop()
+        source.stop()

@@ -34,6 +34,19 @@ def test_bad_entries_name_themselves(entry: str) -> None:
         Acl.parse(["10.0.0.1", entry])
 
 
+def test_a_migration_sender_must_be_named_or_on_loopback_while_the_acl_is_empty() -> None:
+    empty = Acl.parse([])
+    assert empty.admits_sender("127.0.0.1") and empty.admits_sender("::1")
+    assert empty.admits_sender("::ffff:127.0.0.5")
+    assert not empty.admits_sender("192.0.2.7")  # an empty ACL lets everyone be a client ...
+    assert empty.allows("192.0.2.7")  # ... but nobody from the network hand it an image
+    assert not Acl.parse([], default_deny=True).admits_sender("127.0.0.1")
+    named = Acl.parse(["192.0.2.0/24"])
+    assert named.admits_sender("192.0.2.7")
+    assert not named.admits_sender("127.0.0.1")  # once there is a list, only the list
+    assert not named.admits_sender("not-an-address")
+
+
 def test_the_line_keeps_flexnbd_order_and_leaves_out_absent_fields() -> None:
     snapshot = StatusSnapshot(
         export="disk",

@@ -83,15 +83,25 @@ from zope.interface import implementer
 
 from ferry.chartnames import RoleState
 from ferry.clock import Clock
-from ferry.nbd.constants import FLEXNBD_MIRROR_HANDLE, BlockState, Command, CommandFlag, Errno
+from ferry.nbd.constants import (
+    FLEXNBD_MIRROR_HANDLE,
+    BlockState,
+    Command,
+    CommandFlag,
+    Errno,
+    OptionReply,
+)
 from ferry.nbd.events import (
     Commit,
     Disconnect,
     Event,
+    ExportInfo,
     Extent,
     HandshakeAborted,
     HandshakeComplete,
+    MigrationRequest,
     ProtocolError,
+    Refusal,
     RejectedRequest,
     Request,
 )
@@ -239,9 +249,7 @@ class NBDServerProtocol(Protocol):
         self._handshake_timer = self._server.clock.call_later(
             self._server.handshake_timeout, self._handshake_expired
         )
-        self._nbd = ServerConnection(
-            self._server, migration=self._server, oldstyle=self._server.oldstyle
-        )
+        self._nbd = ServerConnection(self._server, migration=self, oldstyle=self._server.oldstyle)
         # An oldstyle server has chosen its export before the client speaks.
         self._receive(b"")
 
@@ -273,6 +281,24 @@ class NBDServerProtocol(Protocol):
                 )
         self._server.connection_closed(self)
         self._fire_drained()
+
+    # -- MigrationCatalog: the server's, for a peer the ACL lets send -------------------
+
+    def admit_migration(self, request: MigrationRequest) -> Refusal | None:
+        return self._sender_refusal() or self._server.admit_migration(request)
+
+    def lookup_sender(self, name: str) -> ExportInfo | Refusal:
+        return self._sender_refusal() or self._server.lookup_sender(name)
+
+    def _sender_refusal(self) -> Refusal | None:
+        """Why this peer may not send a migration here (see ``Acl.admits_sender``)."""
+        if self._server.acl.admits_sender(self.peer_host):
+            return None
+        log.warn("refused {peer} as a migration sender: not named by the ACL", peer=self.peer_host)
+        return Refusal(
+            OptionReply.ERR_POLICY,
+            f"{self.peer_host} may not send a migration here: its ACL does not name it",
+        )
 
     # -- IPushProducer -----------------------------------------------------------
 
