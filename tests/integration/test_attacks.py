@@ -186,20 +186,17 @@ def test_a_sender_the_acl_does_not_name_cannot_hand_over_an_image(tmp_path: Path
     before = dest_image.read_bytes()
     lease = ["--lockspace", "none"]
     source = serve(source_image, *lease, "--sock", str(tmp_path / "serve.sock"))
+    listen = ["listen", "--addr", "0.0.0.0", "--port", "0", "--file", str(dest_image)]
     dest = FerryProcess(
-        ["listen", "--addr", "0.0.0.0", "--port", "0", "--file", str(dest_image), *lease]
-        + ["--sock", str(tmp_path / "listen.sock"), "127.0.0.2"]
+        [*listen, *lease, "--sock", str(tmp_path / "listen.sock"), "127.0.0.2"]
     ).wait_serving()
     try:
         with pytest.raises(ConnectionError):  # the ACL closes it at once
             ForgedSender(dest.port, SIZE, resource="")
         assert dest_image.read_bytes() == before
         assert status(tmp_path / "listen.sock")["state"] == "listening"
-        out = run(
-            mirror_command(dest.port, tmp_path / "serve.sock", "--action", "nothing")
-            + ["--bind", "127.0.0.2", "--wait"],
-            timeout=120,
-        ).stdout.decode()
+        mirror = mirror_command(dest.port, tmp_path / "serve.sock", "--action", "nothing")
+        out = run([*mirror, "--bind", "127.0.0.2", "--wait"], timeout=120).stdout.decode()
         assert out.rstrip().endswith("has control of the image"), out
         assert dest_image.read_bytes() == source_image.read_bytes()
     finally:

@@ -10,7 +10,8 @@ The connection keeps these invariants, whatever the client sends:
    A well-framed request that breaks any of these becomes a
    ``RejectedRequest`` carrying the errno to answer, and the connection goes
    on.
-2. What it holds from the peer is bounded: one option (``MAX_OPTION_LENGTH``),
+2. What it holds from the peer is bounded: one option (``MAX_OPTION_LENGTH``,
+   and at most ``MAX_HANDSHAKE_OPTIONS`` of them in one handshake),
    less than one request header, and the payload of one WRITE that will be
    performed (at most ``max_request_size``; while it arrives it is held as
    views of the chunks it came in, joined once into the ``Request``, so add
@@ -112,6 +113,7 @@ from ferry.nbd.constants import (
     GREETING_NEWSTYLE,
     GREETING_OLDSTYLE,
     IHAVEOPT,
+    MAX_HANDSHAKE_OPTIONS,
     MAX_OPTION_LENGTH,
     MAX_REQUEST_SIZE,
     MAX_STRING_LENGTH,
@@ -430,6 +432,7 @@ class ServerConnection:
         self._meta_export: str | None = None
 
         self._export: ExportInfo | None = None
+        self._options = 0  # options received in this handshake (MAX_HANDSHAKE_OPTIONS)
         self._handshake_done = False
         self._flags = TransmissionFlag(0)
 
@@ -467,6 +470,17 @@ class ServerConnection:
     def closed(self) -> bool:
         """True once nothing more will be parsed: aborted, disconnected or broken."""
         return self._state is _State.CLOSED or self._state is _State.BROKEN
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of the peer's held here: a request (or option) received only in part.
+
+        What a caller counts against its budget for untrusted input; 0 when
+        everything received so far has become events.
+        """
+        write = self._write
+        partial = 0 if write is None else write[3] - self._need
+        return len(self._buffer) + partial
 
     @property
     def export(self) -> ExportInfo | None:
@@ -671,6 +685,9 @@ class ServerConnection:
         self._reply(option, reply, _encode_message(message))
 
     def _option(self, option: int, payload: bytes, events: list[Event]) -> None:
+        self._options += 1
+        if self._options > MAX_HANDSHAKE_OPTIONS:
+            self._fail(f"more than {MAX_HANDSHAKE_OPTIONS} options in one handshake")
         try:
             if option == Option.EXPORT_NAME:
                 self._export_name(payload, events)
