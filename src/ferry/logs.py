@@ -28,6 +28,8 @@ from twisted.logger import (
 )
 from zope.interface import provider
 
+from ferry.safepath import UnsafePath, open_append
+
 __all__ = ["LogFileError", "open_log_file", "start_logging", "with_fields"]
 
 
@@ -36,10 +38,15 @@ class LogFileError(Exception):
 
 
 def open_log_file(path: str) -> IO[str]:
-    """Open ``path`` for appending (a log outlives runs, like a trace), line-buffered."""
+    """Open ``path`` for appending (a log outlives runs, like a trace), line-buffered.
+
+    Never through a symlink, never someone else's file, never in a directory
+    others could swap it in (:func:`ferry.safepath.open_append`).
+    """
     try:
-        # Kept open for the whole run, so no ``with``.
-        return open(path, "a", encoding="utf-8", buffering=1)
+        return open_append(path, "log file")
+    except UnsafePath as unsafe:
+        raise LogFileError(str(unsafe)) from None
     except OSError as error:
         raise LogFileError(f"log file {path}: {error.strerror or error}") from None
 

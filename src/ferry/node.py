@@ -45,6 +45,7 @@ from ferry.metrics import make_registry, metrics_root
 from ferry.migrate.destination import Receiver
 from ferry.migrate.manager import MirrorManager
 from ferry.migrate.wire import tcp_connector
+from ferry.safepath import UnsafePath
 from ferry.serve.acl import Acl, is_loopback
 from ferry.serve.export import Export
 from ferry.serve.server import NBDServer
@@ -172,6 +173,8 @@ class Node:
         if config.trace:
             try:
                 self._trace_file = TraceFile(config.trace)
+            except UnsafePath as unsafe:
+                raise StartupError(str(unsafe)) from None
             except OSError as error:
                 raise StartupError(f"trace file {config.trace}: {error.strerror}") from None
             self.tracer.subscribe(self._trace_file.write)

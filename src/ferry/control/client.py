@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import select
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +39,27 @@ class StreamEnd:
     """True if every event up to the end was sent (a shutdown), false if some were dropped."""
 
 
+_PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def check_server(conn: socket.socket, path: str) -> None:
+    """Refuse a server that is neither this user nor root, before a byte is sent to it.
+
+    A socket someone planted at a path in a shared directory would answer
+    ``status`` with a forged line and be sent ``acl`` or ``mirror``: the
+    kernel says who is listening (SO_PEERCRED), and only ferry's own user,
+    or root, is believed.
+    """
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    _, uid, _ = _PEERCRED.unpack(raw)
+    if uid not in (os.geteuid(), 0):
+        conn.close()
+        raise ControlError(
+            f"control socket {path}: the server there runs as uid {uid}, "
+            "neither this user nor root: refusing to talk to it"
+        )
+
+
 def line_command(path: str, lines: list[str], *, timeout: float = 30.0) -> tuple[int, str]:
     """Send one flexnbd-form command; return its status and text."""
     request = "".join(f"{line}\n" for line in lines) + "\n"
@@ -44,6 +67,7 @@ def line_command(path: str, lines: list[str], *, timeout: float = 30.0) -> tuple
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.settimeout(timeout)
             conn.connect(path)
+            check_server(conn, path)
             conn.sendall(request.encode("utf-8"))
             chunks = []
             while chunk := conn.recv(65536):
@@ -66,6 +90,7 @@ class JsonControl:
         try:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self._sock.connect(path)
+            check_server(self._sock, path)
         except OSError as error:
             raise ControlError(f"control socket {path}: {error.strerror or error}") from None
 

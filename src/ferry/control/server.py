@@ -33,6 +33,7 @@ from zope.interface import implementer
 from ferry.control.commands import Commands, Reply
 from ferry.control.events import STREAM_METHODS, EventHub, EventStream
 from ferry.control.jsonlines import JsonLines
+from ferry.safepath import UnsafePath, check_parent_directory
 
 log = Logger()
 
@@ -210,11 +211,22 @@ def claim_socket_path(path: str) -> None:
     and is removed; one that accepts them belongs to a live server.
     """
     try:
+        check_parent_directory(path, "control socket")
+    except UnsafePath as unsafe:
+        raise ControlSocketError(str(unsafe)) from None
+    except OSError as error:
+        raise ControlSocketError(f"control socket {path}: {error.strerror or error}") from None
+    try:
         info = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(info.st_mode):
         raise ControlSocketError(f"control socket {path}: exists and is not a socket")
+    if info.st_uid != os.geteuid():
+        raise ControlSocketError(
+            f"control socket {path}: belongs to uid {info.st_uid}, not to this user: "
+            "refusing to replace or use it"
+        )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
