@@ -187,7 +187,7 @@ def checkpoint(sock: socket.socket) -> SocketState:
     state, _, _ = _tcp_info(sock, "check")
     if state != TCP_ESTABLISHED:
         raise NotEstablished(f"the connection is {_state_name(state)}, not ESTABLISHED", "check")
-    _enter_repair(sock, "repair on")
+    enter_repair(sock, "repair on")
     try:
         return _read_state(sock)
     except BaseException:
@@ -313,7 +313,7 @@ def resume(sock: socket.socket) -> None:
     _setopt(sock, TCP_REPAIR, 0, "repair off", kind=RepairError)
 
 
-def _enter_repair(sock: socket.socket, step: str) -> None:
+def enter_repair(sock: socket.socket, step: str) -> None:
     try:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
     except OSError as error:
@@ -356,7 +356,7 @@ def restore(state: SocketState, *, freebind: bool = False) -> socket.socket:
     try:
         _setopt(sock, socket.TCP_MAXSEG, min(state.mss, _MAX_SETTABLE_MSS), "mss")
         _size_buffers(sock, state)
-        _enter_repair(sock, "repair on")
+        enter_repair(sock, "repair on")
         in_repair = True
         _restore_connection(sock, state, freebind)
         _restore_queues(sock, state)
