@@ -27,6 +27,7 @@ deadline; a peer that goes quiet is an :class:`FdPassError`, not a hang.
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 import struct
@@ -160,7 +161,7 @@ def receive_descriptors(
         first_size = min(size, _CHUNK) or 1
         _settimeout(sock, deadline)
         try:
-            data, fds, flags, _ = socket.recv_fds(sock, first_size, count, socket.MSG_CMSG_CLOEXEC)
+            data, fds, flags = _recv_with_fds(sock, first_size, count)
         except OSError as error:
             raise FdPassError(f"receiving the descriptors failed: {error}") from error
         if flags & socket.MSG_CTRUNC:
@@ -176,6 +177,22 @@ def receive_descriptors(
             os.close(fd)
         raise
     return Received(format, state, list(fds))
+
+
+def _recv_with_fds(sock: socket.socket, size: int, count: int) -> tuple[bytes, list[int], int]:
+    """``recvmsg`` with room for ``count`` descriptors, which arrive close-on-exec.
+
+    Not ``socket.recv_fds``: before Python 3.12 it drops its ``flags``
+    argument, so MSG_CMSG_CLOEXEC never reaches the kernel.
+    """
+    fds = array.array("i")
+    space = socket.CMSG_SPACE(count * fds.itemsize)
+    data, ancillary, flags, _ = sock.recvmsg(size, space, socket.MSG_CMSG_CLOEXEC)
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % fds.itemsize
+            fds.frombytes(payload[:usable])
+    return data, list(fds), flags
 
 
 def _judge(
