@@ -124,9 +124,9 @@ def send_descriptors(
         sent = socket.send_fds(sock, [first], list(fds))
     except OSError as error:
         raise FdPassError(f"sending the descriptors failed: {error}") from error
-    if state:
-        _send(sock, state[sent:], deadline)
-    elif sent != 1:
+    if sent < len(state):
+        _send(sock, state[sent:], deadline)  # never an empty send: the peer may be done
+    elif not state and sent != 1:
         raise FdPassError("the descriptors' carrier byte was not sent")
     if _recv_exactly(sock, len(_RECEIPT), deadline) != _RECEIPT:
         raise FdPassError("the receiver's receipt is malformed")
