@@ -14,8 +14,8 @@ How
 One nftables table of ferry's own per process (``inet``, so IPv4 and IPv6
 alike), holding two sets of 4-tuples -- peer address, peer port, local
 address, local port -- and one chain on the input hook at priority -300
-(before conntrack and everything else) that drops a TCP packet whose tuple
-is in a set.  Freezing and unfreezing add and delete set elements: one
+(before conntrack and everything else) that drops (and counts) a TCP packet
+whose tuple is in a set.  Freezing and unfreezing add and delete set elements: one
 netlink transaction per call, a tenth of a millisecond, however many flows
 it names.  The table is made when the :class:`Freezer` opens (do that ahead
 of the switchover) and deleted when it closes; it carries nftables' *owner*
@@ -33,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import ipaddress
+import json
 import os
 import socket
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ __all__ = ["Flow", "FreezeError", "Freezer", "probe"]
 
 _LIBRARY: Final = "libnftables.so.1"
 _INPUT_PRIORITY: Final = -300
+_OUTPUT_JSON: Final = 1 << 4  # NFT_CTX_OUTPUT_JSON
 
 
 class FreezeError(HandoffError):
@@ -115,6 +117,7 @@ class _Nft:
         lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
         lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
         ctx = lib.nft_ctx_new(0)
         if not ctx:
             raise FreezeError("libnftables could not make a context")
@@ -123,10 +126,11 @@ class _Nft:
         self._lib = lib
         self._ctx: int | None = ctx
 
-    def run(self, command: str) -> str:
+    def run(self, command: str, *, as_json: bool = False) -> str:
         """Run one nft script (atomically); its output, or :class:`FreezeError` with nft's words."""
         if self._ctx is None:
             raise FreezeError("the nftables context is closed")
+        self._lib.nft_ctx_output_set_flags(self._ctx, _OUTPUT_JSON if as_json else 0)
         status = self._lib.nft_run_cmd_from_buffer(self._ctx, command.encode())
         output = (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode(errors="replace")
         if status != 0:
@@ -173,8 +177,8 @@ class Freezer:
                 "  set frozen6 { type ipv6_addr . inet_service . ipv6_addr . inet_service; }",
                 "  chain input {",
                 f"    type filter hook input priority {_INPUT_PRIORITY}; policy accept;",
-                "    ip saddr . tcp sport . ip daddr . tcp dport @frozen4 drop",
-                "    ip6 saddr . tcp sport . ip6 daddr . tcp dport @frozen6 drop",
+                "    ip saddr . tcp sport . ip daddr . tcp dport @frozen4 counter drop",
+                "    ip6 saddr . tcp sport . ip6 daddr . tcp dport @frozen6 counter drop",
                 "  }",
                 "}",
             )
@@ -208,6 +212,18 @@ class Freezer:
                 )
         if commands:
             self._nft.run("\n".join(commands))
+
+    def dropped_packets(self) -> int:
+        """How many packets the freeze has dropped since the table was made."""
+        if not self._open:
+            raise FreezeError(f"the freeze table {self.table} is closed")
+        listing = json.loads(self._nft.run(f"list chain inet {self.table} input", as_json=True))
+        return sum(
+            expression["counter"]["packets"]
+            for item in listing.get("nftables", [])
+            for expression in item.get("rule", {}).get("expr", [])
+            if isinstance(expression, dict) and "counter" in expression
+        )
 
     def close(self) -> None:
         """Delete the table (unfreezing every flow); safe to call twice."""
