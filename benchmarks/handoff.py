@@ -36,7 +36,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,11 +43,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from handoff_support import Lan, Worker, unique
+from handoff_support import (
+    SERVICE_IP,
+    SERVICE_PORT,
+    Lan,
+    Worker,
+    start_client,
+    start_source_and_destination,
+    unique,
+)
 from support import Deadline, free_port
-
-SERVICE_IP = "10.77.0.100"
-PORT = 10809
 
 
 def log(message: str) -> None:
@@ -113,55 +117,12 @@ def same_host(count: int, interval: float) -> dict[str, float]:
 
 def namespaces(count: int, interval: float) -> dict[str, float]:
     lan = Lan.make(["source", "destination", "client"])
-    service = f"{SERVICE_IP}/24@eth0"
     workers: list[Worker] = []
     try:
-        subprocess.run(
-            ["ip", "-n", lan["source"].netns, "addr", "add", f"{SERVICE_IP}/24", "dev", "eth0"],
-            check=True,
-            timeout=30,
-        )
-        source = Worker(
-            [
-                "server",
-                "--listen",
-                f"{SERVICE_IP}:{PORT}",
-                "--clients",
-                str(count),
-                "--freeze-table",
-                unique("frz"),
-                "--service",
-                service,
-            ],
-            netns=lan["source"].netns,
-        )
-        workers.append(source)
-        destination = Worker(
-            [
-                "server",
-                "--restore",
-                "--freeze-table",
-                unique("frz"),
-                "--service",
-                service,
-                "--announce",
-            ],
-            netns=lan["destination"].netns,
-        )
-        workers.append(destination)
-        source.expect("ready")
-        destination.expect("ready")
-        client = Worker(
-            [
-                "client",
-                "--connect",
-                f"{SERVICE_IP}:{PORT}",
-                "--clients",
-                str(count),
-                "--interval",
-                str(interval),
-            ],
-            netns=lan["client"].netns,
+        source, destination = start_source_and_destination(lan, count)
+        workers += [source, destination]
+        client = start_client(
+            f"{SERVICE_IP}:{SERVICE_PORT}", count, interval=interval, netns=lan["client"].netns
         )
         workers.insert(0, client)
         client.expect("started", Deadline(60))

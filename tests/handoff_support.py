@@ -167,3 +167,61 @@ class Worker:
         if self.proc.stderr is None or self.proc.poll() is None:
             return ""
         return self.proc.stderr.read().decode(errors="replace")
+
+
+# -- the echo scenario across hosts, shared by the tests and the benchmark ----------------------
+
+SERVICE_IP = "10.77.0.100"
+SERVICE = f"{SERVICE_IP}/24@eth0"
+SERVICE_PORT = 10809
+
+
+def start_source_and_destination(lan: Lan, clients: int) -> tuple[Worker, Worker]:
+    """The source host holding the service address and serving ``clients`` echo connections
+    on it, and the destination host ready to restore them; both have said ``ready``.
+    """
+    ip("-n", lan["source"].netns, "addr", "add", f"{SERVICE_IP}/24", "dev", "eth0")
+    source = Worker(
+        [
+            "server",
+            "--listen",
+            f"{SERVICE_IP}:{SERVICE_PORT}",
+            "--clients",
+            str(clients),
+            "--freeze-table",
+            unique("frz"),
+            "--service",
+            SERVICE,
+        ],
+        netns=lan["source"].netns,
+    )
+    destination = Worker(
+        [
+            "server",
+            "--restore",
+            "--freeze-table",
+            unique("frz"),
+            "--service",
+            SERVICE,
+            "--announce",
+        ],
+        netns=lan["destination"].netns,
+    )
+    try:
+        source.expect("ready")
+        destination.expect("ready")
+    except BaseException:
+        source.finish()
+        destination.finish()
+        raise
+    return source, destination
+
+
+def start_client(
+    connect: str, clients: int, *, interval: float | None = None, netns: str | None = None
+) -> Worker:
+    """An echo client with ``clients`` connections to ``connect`` (IP:PORT)."""
+    args = ["client", "--connect", connect, "--clients", str(clients)]
+    if interval is not None:
+        args += ["--interval", str(interval)]
+    return Worker(args, netns=netns)

@@ -26,14 +26,21 @@ import pytest
 
 from ferry.handoff import tcp_repair
 from ferry.handoff.freeze import Flow, Freezer
-from handoff_support import Lan, Worker, netns_exists, unique
+from handoff_support import (
+    SERVICE_IP,
+    SERVICE_PORT,
+    Lan,
+    Worker,
+    netns_exists,
+    start_client,
+    start_source_and_destination,
+    unique,
+)
 from support import Deadline, free_port
 
 pytestmark = pytest.mark.integration
 
-SERVICE_IP = "10.77.0.100"
-SERVICE = f"{SERVICE_IP}/24@eth0"
-PORT = 10809
+PORT = SERVICE_PORT
 
 
 def assert_clean(done: dict[str, Any], clients: int) -> None:
@@ -172,45 +179,10 @@ def test_a_connection_moves_to_another_host_with_the_service_address(
     lan: Lan, clients: int
 ) -> None:
     source_host, destination_host, client_host = lan["source"], lan["destination"], lan["client"]
-    subprocess.run(
-        ["ip", "-n", source_host.netns, "addr", "add", f"{SERVICE_IP}/24", "dev", "eth0"],
-        check=True,
-        timeout=30,
-    )
-    source = Worker(
-        [
-            "server",
-            "--listen",
-            f"{SERVICE_IP}:{PORT}",
-            "--clients",
-            str(clients),
-            "--freeze-table",
-            unique("frz"),
-            "--service",
-            SERVICE,
-        ],
-        netns=source_host.netns,
-    )
-    destination = Worker(
-        [
-            "server",
-            "--restore",
-            "--freeze-table",
-            unique("frz"),
-            "--service",
-            SERVICE,
-            "--announce",
-        ],
-        netns=destination_host.netns,
-    )
+    source, destination = start_source_and_destination(lan, clients)
     client = None
     try:
-        source.expect("ready")
-        destination.expect("ready")
-        client = Worker(
-            ["client", "--connect", f"{SERVICE_IP}:{PORT}", "--clients", str(clients)],
-            netns=client_host.netns,
-        )
+        client = start_client(f"{SERVICE_IP}:{PORT}", clients, netns=client_host.netns)
         started = client.expect("started")
         source.send("handoff")
         states = source.expect("states")["states"]

@@ -37,9 +37,9 @@ from ferry.nbd.session import (
 )
 
 from . import nbd_frames as f
-from .test_nbd_server import LISTENING, SIZE, Catalog, Listener, sending
+from .test_nbd_server import LISTENING, SIZE, Catalog, Listener, requests_strategy, sending
 
-MAX_REQUEST = 4096
+MAX_REQUEST = 4096  # requests_strategy's oversized writes are rejected at this cap
 R, W, D, FL, T, C, WZ, BS = range(8)
 FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO = 1, 2, 4, 8, 16
 
@@ -56,33 +56,6 @@ HANDSHAKES = {
     + f.option(f.OPT_STRUCTURED_REPLY)
     + f.option(f.OPT_GO, f.info_data("ro")),
 }
-
-requests_strategy = st.lists(
-    st.one_of(
-        st.builds(
-            lambda h, o, d, fl: f.write(h, o, d, fl),
-            st.integers(0, 2**64 - 1),
-            st.integers(0, SIZE + 10),
-            st.binary(max_size=300),
-            st.sampled_from([0, FUA, NO_HOLE]),
-        ),
-        st.builds(
-            lambda c, h, o, n, fl: f.request(c, h, o, n, fl),
-            st.sampled_from([R, FL, T, C, WZ, BS, 8]),
-            st.integers(0, 2**64 - 1),
-            st.integers(0, SIZE + 10),
-            st.integers(0, 8192),
-            st.sampled_from([0, FUA, DF, REQ_ONE, NO_HOLE | FAST_ZERO, 0x8000]),
-        ),
-        # rejected for its size: the payload streams past unread
-        st.builds(
-            lambda h, n: f.request(W, h, 0, n, 0, b"\x55" * n),
-            st.integers(0, 100),
-            st.integers(MAX_REQUEST + 1, MAX_REQUEST + 2000),
-        ),
-    ),
-    max_size=10,
-)
 
 
 def answer(conn: ServerConnection, event: Event) -> bytes | None:
