@@ -116,9 +116,10 @@ def test_queues_the_peer_holds_back_move_whole() -> None:
     server.setblocking(True)
     client.sendall(to_server)
     received = bytearray()
+    held_by_the_app = b"written, but not yet taken by the kernel"
 
     def read_all() -> None:
-        while len(received) < queued:
+        while len(received) < queued + len(held_by_the_app):
             chunk = client.recv(1 << 20)
             if not chunk:
                 return
@@ -133,7 +134,8 @@ def test_queues_the_peer_holds_back_move_whole() -> None:
         tcp_repair.release(server)
         # Bytes in both queues, the send queue's held back by the client's window.
         assert state.recv_queue and state.unsent > 0
-        restored = tcp_repair.restore(state)
+        # And what the application had not handed to the kernel yet.
+        restored = tcp_repair.restore(state.with_unsent(held_by_the_app))
         freezer.unfreeze(flow)
     reader = threading.Thread(target=read_all, daemon=True)
     reader.start()
@@ -143,9 +145,33 @@ def test_queues_the_peer_holds_back_move_whole() -> None:
         assert chunk, "the restored socket was closed"
         got += chunk
     reader.join(Deadline().left())
-    assert not reader.is_alive()
+    assert not reader.is_alive(), (len(received), queued + len(held_by_the_app))
     assert got == to_server
-    assert bytes(received) == to_client[:queued]
+    assert bytes(received) == to_client[:queued] + held_by_the_app
+    restored.sendall(b"after")
+    assert client.recv(5) == b"after"
+    restored.close()
+    client.close()
+
+
+def test_an_ipv6_connection_moves_too() -> None:
+    listener = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    client = socket.create_connection(listener.getsockname()[:2])
+    server, _ = listener.accept()
+    listener.close()
+    client.sendall(b"before")
+    assert select.select([server], [], [], Deadline().left())[0]
+    with Freezer(unique("frz")) as freezer:
+        flow = Flow.of_socket(server)
+        assert flow.version == 6
+        freezer.freeze(flow)
+        state = tcp_repair.checkpoint(server)
+        tcp_repair.release(server)
+        restored = tcp_repair.restore(type(state).from_bytes(state.to_bytes()))
+        freezer.unfreeze(flow)
+    assert state.family == socket.AF_INET6 and state.recv_queue == b"before"
+    assert restored.getsockname()[:2] == state.local
+    assert restored.recv(6) == b"before"
     restored.sendall(b"after")
     assert client.recv(5) == b"after"
     restored.close()

@@ -78,6 +78,20 @@ def test_every_state_round_trips_through_its_blob(state: SocketState) -> None:
     assert SocketState.from_bytes(state.to_bytes()) == state
 
 
+def test_bytes_the_application_still_held_go_after_the_send_queue_as_unsent() -> None:
+    state = a_state()
+    more = state.with_unsent(b" and more, and more")
+    assert more.send_queue == b"sent and unsent and more, and more"
+    assert more.unsent == state.unsent + len(b" and more, and more")
+    assert more.send_queue[len(more.send_queue) - more.unsent :] == b"unsent and more, and more"
+    # The queue still starts at the same sequence number (send_seq wraps past 2**32).
+    start = (state.send_seq - len(state.send_queue)) % 2**32
+    assert (more.send_seq - len(more.send_queue)) % 2**32 == start
+    assert more.send_seq < state.send_seq
+    with pytest.raises(StateFormatError, match="over the limit"):
+        state.with_unsent(bytes(MAX_QUEUE_BYTES))
+
+
 def test_an_unknown_version_is_refused_by_name_before_anything_else() -> None:
     blob = bytearray(a_state().to_bytes())
     blob[4:6] = (STATE_VERSION + 1).to_bytes(2, "big")

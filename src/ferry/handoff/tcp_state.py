@@ -27,6 +27,7 @@ the queue's length and lets the re-injected bytes advance it back.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 import struct
@@ -151,6 +152,22 @@ class SocketState:
             value = getattr(self, name)
             if not 0 <= value <= _MAX_WSCALE:
                 raise StateFormatError(f"{name}={value} is not in 0..{_MAX_WSCALE}")
+
+    def with_unsent(self, data: bytes) -> SocketState:
+        """This state with ``data`` queued after everything else, to be sent by the restore.
+
+        For bytes the application had written but the kernel had not taken
+        yet (a Twisted transport's own buffer): the restore sends them, in
+        order, after the send queue, as if they had been written before the
+        checkpoint.
+        """
+        return dataclasses.replace(
+            self,
+            # send_seq is the number after the queue's last byte: it moves with the queue.
+            send_seq=(self.send_seq + len(data)) % _U32,
+            send_queue=self.send_queue + data,
+            unsent=self.unsent + len(data),
+        )
 
     # -- the wire format -------------------------------------------------------------
 
