@@ -74,6 +74,7 @@ __all__ = [
     "RestoreFailed",
     "SocketState",
     "checkpoint",
+    "enter_repair",
     "release",
     "restore",
     "resume",
@@ -314,6 +315,7 @@ def resume(sock: socket.socket) -> None:
 
 
 def enter_repair(sock: socket.socket, step: str) -> None:
+    """Put ``sock`` in repair mode, or raise RepairNotPermitted or RepairUnsupported."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
     except OSError as error:
