@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debian=(libnbd-bin python3-libnbd)
+debian=(libnbd-bin python3-libnbd nftables)  # nftables: libnftables, the handoff's freeze
 extras=""
 if [[ "${1:-}" == "--test" ]]; then
     debian+=(qemu-utils nbdkit nbd-server prometheus fio curl etcd-server)

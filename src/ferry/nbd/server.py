@@ -153,6 +153,7 @@ from ferry.nbd.events import (
     RejectedRequest,
     Request,
 )
+from ferry.nbd.session import SessionSnapshot, SnapshotError
 
 __all__ = [
     "BASE_ALLOCATION_ID",
@@ -1099,3 +1100,86 @@ class ServerConnection:
             _build_request(handle, Command.WRITE, _FLAGS[flags], offset, length, b"".join(chunks))
         )
         return stop
+
+    # -- moving the session (see ferry.nbd.session) ------------------------------------
+
+    def snapshot(self, in_flight: bytes = b"") -> SessionSnapshot:
+        """This client's session as a value, for a restore elsewhere to carry on from.
+
+        ``in_flight`` is the caller's: the raw bytes (``encode_request``) of
+        the requests this connection returned but the caller has not
+        answered, in the order they came.  A ``RejectedRequest`` cannot be
+        re-encoded (it does not keep the flags that condemned it): answer
+        those before taking the snapshot; it needs no I/O but a write.
+        Refuses, with :class:`SnapshotError`, a connection that is not a
+        client's in transmission, or whose handshake output or events the
+        caller has not collected yet.
+        """
+        if self._state is not _State.TRANSMISSION and self._state is not _State.PAYLOAD:
+            raise SnapshotError(f"the connection is in {self._state.value}, not in transmission")
+        if self._sender is not None or self._mirror_only:
+            raise SnapshotError("a migration sender's connection does not move")
+        if self._out or self._pending:
+            raise SnapshotError("handshake output or events not yet collected by the caller")
+        export = self._export
+        assert export is not None
+        partial = self._buffer
+        rejected = None
+        remaining = 0
+        if self._state is _State.PAYLOAD:
+            if self._write is not None:
+                handle, flags, offset, length = self._write
+                header = REQUEST.pack(REQUEST_MAGIC, flags, Command.WRITE, handle, offset, length)
+                partial = header + b"".join(self._chunks)
+            else:
+                rejected = self._held
+                remaining = self._need
+        return SessionSnapshot(
+            export=export,
+            structured_replies=self._structured,
+            meta_contexts=tuple(sorted(self._meta_contexts.items())),
+            max_request_size=self._max_request_size,
+            in_flight=in_flight,
+            partial=partial,
+            rejected=rejected,
+            rejected_remaining=remaining,
+        )
+
+    @classmethod
+    def restore(
+        cls,
+        snapshot: SessionSnapshot,
+        catalog: ExportCatalog,
+        *,
+        migration: MigrationCatalog | None = None,
+    ) -> tuple[ServerConnection, list[Event]]:
+        """A connection carrying on ``snapshot``'s session, and the events of its ``in_flight``.
+
+        No greeting is queued and no ``HandshakeComplete`` returned: the
+        client finished its handshake with the original.  The events are
+        the requests in flight parsed again, in order, for the caller to
+        perform and answer; after them the connection expects exactly the
+        bytes the original expected next.  Raises :class:`SnapshotError`
+        when ``in_flight`` is not whole requests or ``partial`` is not the
+        start of one.
+        """
+        conn = cls(catalog, migration=migration, max_request_size=snapshot.max_request_size)
+        conn._out.clear()  # the greeting went out long ago, from the original
+        conn._structured = snapshot.structured_replies
+        conn._meta_contexts = dict(snapshot.meta_contexts)
+        conn._meta_export = snapshot.export.name
+        conn._start_transmission(snapshot.export, [])
+        try:
+            events = conn.receive_data(snapshot.in_flight)
+            if conn._state is not _State.TRANSMISSION or conn._buffer:
+                raise SnapshotError("the requests in flight end in the middle of a request")
+            if snapshot.partial and conn.receive_data(snapshot.partial):
+                raise SnapshotError("the partial request is a whole one")
+        except ProtocolError as error:
+            raise SnapshotError(f"the snapshot's requests do not parse: {error}") from None
+        if snapshot.rejected is not None:
+            conn._held = snapshot.rejected
+            conn._write = None
+            conn._need = snapshot.rejected_remaining
+            conn._state = _State.PAYLOAD
+        return conn, events
