@@ -133,21 +133,25 @@ class Node:
         """Open everything, in an order that leaves nothing half-open on failure.
 
         The answer fires once the export serves (or listens); it fails with
-        :class:`StartupError`.  The export's lease is taken before the NBD
-        port opens, so no client is ever served without it; without a
-        lockspace (or with a local one, whose answers are immediate) the
-        answer has fired when this returns.
+        :class:`StartupError`.  Every address and port is bound first, so a
+        port in use is said before anything else is tried; the export's lease
+        is taken before the export is put on the port, so no client is ever
+        served without it (one that comes sooner is told there is no such
+        export).  Without a lockspace (or with a local one, whose answers are
+        immediate) the answer has fired when this returns.
         """
         try:
             self._open(self.config)
+            self._open_nbd(self.config)
         except Exception:
-            self._close_now()
+            self._failed_start(None)
             return defer.fail()
         d = self.add_export(self.config.export())
-        started = d.addCallback(lambda _: self._open_nbd(self.config))
+        started = d.addCallback(lambda _: self._announce(self.config))
         return started.addErrback(self._failed_start)
 
     def _failed_start(self, failure: Any) -> Any:
+        """Undo a start that failed (``failure`` is passed on; None: raised in ``start``)."""
         # Everything is closed here; the reactor's shutdown (a refusal that
         # came after it started, from etcd) must not flush a closed image.
         self._stopped = True
@@ -213,7 +217,12 @@ class Node:
                 )
                 self._lockspace = open_lockspace(spec, reactor=self.reactor, clock=self.clock)
             except (ValueError, LeaseError) as error:
-                raise StartupError(f"--lockspace {config.lockspace or ''}: {error}") from None
+                if config.lockspace is None:
+                    raise StartupError(
+                        f"the default lockspace: {error}; name one with --lockspace local:DIR, "
+                        "or serve without a lease with --lockspace none"
+                    ) from None
+                raise StartupError(f"--lockspace {config.lockspace}: {error}") from None
 
     # -- exports ------------------------------------------------------------------------
 
@@ -233,6 +242,15 @@ class Node:
             image = Image.open(config.file, read_only=config.read_only)
         except ImageError as error:
             return defer.fail(StartupError(str(error)))
+        mode = os.stat(config.file).st_mode
+        if not config.read_only and not mode & 0o222:
+            # Root opens it for writing all the same: say so, once.
+            log.warn(
+                "{file} has no write permission (mode {mode:04o}), but this user may write "
+                "it: serving it writable; use --read-only to serve it read-only",
+                file=config.file,
+                mode=mode & 0o7777,
+            )
         export = Export(
             config.export_name,
             image,
@@ -253,6 +271,9 @@ class Node:
 
         def serve(_: object) -> ExportUnit:
             assert self.server is not None
+            if self.nbd_address is not None:
+                host, port = self.nbd_address
+                unit.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             self.exports.add(unit)
             self.server.add_export(export)
             export.trigger(RoleTrigger.LISTEN if config.listen else RoleTrigger.SERVE)
@@ -336,7 +357,18 @@ class Node:
     def _open_nbd(self, config: ServeConfig) -> None:
         assert self.server is not None
         self.nbd_port = self._listen_tcp(config.port, self.server, config.addr, "NBD")
-        port = self.nbd_port.getHost().port  # type: ignore[attr-defined]
+
+    @property
+    def nbd_address(self) -> tuple[str, int] | None:
+        """Where clients reach this node: the NBD port's address and number (None: not open)."""
+        if self.nbd_port is None:
+            return None
+        host = self.nbd_port.getHost()
+        return str(host.host), int(host.port)  # type: ignore[attr-defined]
+
+    def _announce(self, config: ServeConfig) -> None:
+        assert self.nbd_address is not None
+        port = self.nbd_address[1]
         unit = self.exports.get()
         # Said once the reactor runs, and so once SIGTERM is ferry's to handle:
         # whoever waits for this line may stop the node at once.

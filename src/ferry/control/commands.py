@@ -125,7 +125,10 @@ class Commands:
 
         def answer(outcome: StartOutcome) -> Reply:
             value = {"ok": outcome.ok, "message": outcome.message, "detail": outcome.detail}
-            return Reply(0 if outcome.ok else 1, outcome.message, value)
+            if outcome.ok or not outcome.detail:
+                return Reply(0 if outcome.ok else 1, outcome.message, value)
+            # flexnbd's words first, so its tooling still matches; then why.
+            return Reply(1, f"{outcome.message}: {outcome.detail}", value)
 
         return started.addCallback(answer)
 
