@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what ferry needs on a fresh Debian machine.
 #   scripts/install-deps.sh          ferry itself and the NBD client tools the demo uses
-#   scripts/install-deps.sh --test   also the test peers, linters and test libraries
+#   scripts/install-deps.sh --test   also the test peers, linters, test libraries and atheris
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,7 +9,7 @@ debian=(libnbd-bin python3-libnbd)
 extras=""
 if [[ "${1:-}" == "--test" ]]; then
     debian+=(qemu-utils nbdkit nbd-server prometheus fio curl etcd-server)
-    extras="[test,lint]"
+    extras="[test,lint,fuzz]"
 fi
 
 missing=()

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh --test
-ruff check src tests benchmarks dashboards
+ruff check src tests benchmarks dashboards fuzz
 mypy
 python3 -m ferry statecharts render --check
 python3 -m pytest -q -p no:cacheprovider "$@"
