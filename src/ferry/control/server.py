@@ -17,11 +17,12 @@ a dead process is replaced; one that a live server answers on is not stolen.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import stat
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort, IReactorUNIX
@@ -135,7 +136,7 @@ class ControlProtocol(Protocol):
 
     def _json_request(self, raw: bytes) -> None:
         try:
-            request = json.loads(raw)
+            request = _strict_json(raw)
         except ValueError as error:
             self._send_json(
                 {"id": None, "error": {"code": -32700, "message": f"not JSON: {error}"}}
@@ -170,6 +171,33 @@ class ControlProtocol(Protocol):
         if self._out is None or self._lost:
             return
         self._out.send(answer)
+
+
+def _strict_json(raw: bytes) -> Any:
+    """``raw`` as JSON (RFC 8259) in UTF-8, or ValueError saying why not.
+
+    Python's own extensions are refused, since no answer could carry them
+    back (the answers are strict JSON): ``NaN``, ``Infinity``, and numbers
+    too large for a double, which it would read as infinite.  Nesting
+    deeper than the parser's recursion limit is a ValueError too.
+    """
+    try:
+        return json.loads(
+            raw.decode("utf-8"), parse_constant=_not_a_number, parse_float=_finite_float
+        )
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _not_a_number(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
 
 
 def _settle(reply: Reply | Deferred[Reply], deliver: Callable[[Reply], None]) -> None:
