@@ -10,6 +10,7 @@ control_lines (fuzz/) look for more.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -97,3 +98,53 @@ def test_what_is_not_json_is_answered_minus_32700(node: Node, line: bytes, messa
     answer_id, code, text = only_error(json_answers(node, line + b"\n"))
     assert (answer_id, code) == (None, -32700)
     assert text.startswith(message) or message in text, text
+
+
+# -- JSON that is not a request ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        ([1, 2], "expected an object with a method"),
+        ("status", "expected an object with a method"),
+        ({"id": 1}, "expected an object with a method"),
+        ({"id": 1, "method": 7}, "expected an object with a method"),
+        ({"id": True, "method": "status"}, "the id must be a string, a number or null"),
+        ({"id": [1], "method": "status"}, "the id must be a string, a number or null"),
+        ({"id": {"n": 1}, "method": "status"}, "the id must be a string, a number or null"),
+    ],
+    ids=["array", "string", "no method", "method 7", "id true", "id [1]", "id object"],
+)
+def test_what_is_not_a_request_is_answered_minus_32600(
+    node: Node, request_: Any, message: str
+) -> None:
+    answer_id, code, text = only_error(json_answers(node, json.dumps(request_).encode() + b"\n"))
+    assert (answer_id, code, text) == (None, -32600, message)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ("10.0.0.0/8", "params must be an object or an array"),
+        (7, "params must be an object or an array"),
+        (True, "params must be an object or an array"),
+        ([1], "args must be strings"),
+        ({"args": "10.0.0.0/8"}, "args must be strings"),
+        ({"args": [None]}, "args must be strings"),
+    ],
+)
+def test_params_of_the_wrong_type_are_answered_minus_32602(
+    node: Node, params: Any, message: str
+) -> None:
+    request_ = {"id": 7, "method": "acl", "params": params}
+    answer_id, code, text = only_error(json_answers(node, json.dumps(request_).encode() + b"\n"))
+    assert (answer_id, code, text) == (7, -32602, message)
+
+
+@pytest.mark.parametrize("request_id", [None, 0, -1, 2.5, "x", "", 10**30])
+def test_every_id_json_rpc_allows_comes_back(node: Node, request_id: Any) -> None:
+    (answer,) = json_answers(
+        node, json.dumps({"id": request_id, "method": "status", "params": None}).encode() + b"\n"
+    )
+    assert answer["id"] == request_id and answer["result"]["state"] == "serving"

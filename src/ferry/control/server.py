@@ -143,27 +143,31 @@ class ControlProtocol(Protocol):
             )
             return
         if not isinstance(request, dict) or not isinstance(request.get("method"), str):
-            self._send_json(
-                {
-                    "id": None,
-                    "error": {"code": -32600, "message": "expected an object with a method"},
-                }
-            )
+            self._send_json(_error(None, -32600, "expected an object with a method"))
             return
         request_id = request.get("id")
-        params = request.get("params", {})
-        if request["method"] in STREAM_METHODS and self._stream is not None:
-            self._send_json(self._stream.request(request_id, request["method"], params))
+        if isinstance(request_id, bool) or not isinstance(request_id, str | int | float | None):
+            self._send_json(_error(None, -32600, "the id must be a string, a number or null"))
             return
-        args = params.get("args", []) if isinstance(params, dict) else params
+        method = request["method"]
+        params = request.get("params")
+        if method in STREAM_METHODS and self._stream is not None:
+            self._send_json(self._stream.request(request_id, method, params))
+            return
+        if params is None:
+            args, options = [], {}
+        elif isinstance(params, dict):
+            args, options = params.get("args", []), params
+        elif isinstance(params, list):
+            args, options = params, {}
+        else:
+            self._send_json(_error(request_id, -32602, "params must be an object or an array"))
+            return
         if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-            self._send_json(
-                {"id": request_id, "error": {"code": -32602, "message": "args must be strings"}}
-            )
+            self._send_json(_error(request_id, -32602, "args must be strings"))
             return
-        options = params if isinstance(params, dict) else {}
         _settle(
-            self._commands.run(request["method"], args, options),
+            self._commands.run(method, args, options),
             lambda reply: self._send_json(_json_answer(request_id, reply)),
         )
 
@@ -215,11 +219,15 @@ def _settle(reply: Reply | Deferred[Reply], deliver: Callable[[Reply], None]) ->
 
 def _json_answer(request_id: Any, reply: Reply) -> dict[str, Any]:
     if reply.status == 10:
-        return {"id": request_id, "error": {"code": -32601, "message": reply.text}}
+        return _error(request_id, -32601, reply.text)
     if reply.status != 0:
-        return {"id": request_id, "error": {"code": reply.status, "message": reply.text}}
+        return _error(request_id, reply.status, reply.text)
     value = reply.value if reply.value is not None else reply.text
     return {"id": request_id, "result": value}
+
+
+def _error(request_id: Any, code: int, message: str) -> dict[str, Any]:
+    return {"id": request_id, "error": {"code": code, "message": message}}
 
 
 class ControlFactory(Factory):
