@@ -12,17 +12,47 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet import defer
 from twisted.logger import LogLevel, globalLogPublisher
+
+from ferry.control.commands import Commands
+from ferry.migrate.manager import MirrorManager
+from ferry.migrate.source import Destination
+from ferry.serve.server import NBDServer
+from serve_doubles import Blocking
 
 from .test_control_events import Node
 
 
+class MirroringNode(Node):
+    """A Node whose commands can mirror; every connection is refused at once."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        super().__init__(tmp_path)
+        self.destinations: list[Destination] = []
+        self.mirrors = MirrorManager(
+            self.export,
+            gate=self.export,
+            clock=self.clock,
+            connector=self.refuse,
+            tracer=self.tracer,
+            stop_process=lambda: None,
+        )
+        server = NBDServer([self.export], clock=self.clock, run_blocking=Blocking())
+        self.commands = Commands(server, default_deny=False, mirrors=self.mirrors)
+
+    def refuse(self, destination: Destination, factory: Any, timeout: float) -> Any:
+        self.destinations.append(destination)
+        return defer.fail(ConnectionRefusedError("refused"))
+
+
 @pytest.fixture
-def node(tmp_path: Any) -> Node:
-    return Node(tmp_path)
+def node(tmp_path: Path) -> Node:
+    return MirroringNode(tmp_path)
 
 
 @pytest.fixture(autouse=True)
@@ -148,3 +178,56 @@ def test_every_id_json_rpc_allows_comes_back(node: Node, request_id: Any) -> Non
         node, json.dumps({"id": request_id, "method": "status", "params": None}).encode() + b"\n"
     )
     assert answer["id"] == request_id and answer["result"]["state"] == "serving"
+
+
+# -- mirror's parameters ----------------------------------------------------------------
+
+MIRROR_ARGS = ["127.0.0.1", "10809"]
+SECONDS = "must be a number of seconds greater than 0"
+WHOLE = "must be a whole number greater than 0"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("max_downtime", "NaN", SECONDS),
+        ("max_downtime", "inf", SECONDS),
+        ("max_downtime", "0.3", SECONDS),
+        ("max_downtime", 0, SECONDS),
+        ("max_downtime", -0.5, SECONDS),
+        ("max_downtime", True, SECONDS),
+        ("max_downtime", None, SECONDS),
+        ("max_downtime", [0.3], SECONDS),
+        ("max_downtime", {"s": 1}, SECONDS),
+        ("max_downtime", 10**400, SECONDS),
+        ("reply_timeout", "nan", SECONDS),
+        ("reply_timeout", -1, SECONDS),
+        ("reply_timeout", 1e-400, SECONDS),
+        ("max_passes", 1.5, WHOLE),
+        ("max_passes", 3.0, WHOLE),
+        ("max_passes", "3", WHOLE),
+        ("max_passes", True, WHOLE),
+        ("max_passes", 0, WHOLE),
+        ("max_passes", -3, WHOLE),
+        ("flexnbd", "yes", "must be true or false"),
+        ("flexnbd", 1, "must be true or false"),
+    ],
+)
+def test_bad_mirror_parameters_are_refused_before_a_mirror_starts(
+    node: MirroringNode, key: str, value: Any, message: str
+) -> None:
+    request_ = {"id": 1, "method": "mirror", "params": {"args": MIRROR_ARGS, key: value}}
+    answer_id, code, text = only_error(json_answers(node, json.dumps(request_).encode() + b"\n"))
+    assert (answer_id, code, text) == (1, 1, f"bad {key}: {message}")
+    assert node.destinations == [] and node.mirrors.current is None
+
+
+def test_good_mirror_parameters_start_a_mirror(node: MirroringNode) -> None:
+    params = {"args": MIRROR_ARGS, "max_downtime": 2, "max_passes": 10**30, "reply_timeout": 0.5}
+    request_ = {"id": 1, "method": "mirror", "params": params}
+    answer_id, code, text = only_error(json_answers(node, json.dumps(request_).encode() + b"\n"))
+    assert (answer_id, code, text) == (1, 1, "Mirror failed to connect")
+    assert node.destinations == [Destination("127.0.0.1", 10809)]
+    assert node.mirrors.current is not None
+    options = node.mirrors.current.options
+    assert (options.max_downtime, options.max_passes, options.reply_timeout) == (2.0, 10**30, 0.5)
