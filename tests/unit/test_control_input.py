@@ -20,6 +20,7 @@ from twisted.internet import defer
 from twisted.logger import LogLevel, globalLogPublisher
 
 from ferry.control.commands import Commands
+from ferry.control.server import MAX_COMMAND_BYTES
 from ferry.migrate.manager import MirrorManager
 from ferry.migrate.source import Destination
 from ferry.serve.server import NBDServer
@@ -231,3 +232,48 @@ def test_good_mirror_parameters_start_a_mirror(node: MirroringNode) -> None:
     assert node.mirrors.current is not None
     options = node.mirrors.current.options
     assert (options.max_downtime, options.max_passes, options.reply_timeout) == (2.0, 10**30, 0.5)
+
+
+# -- how long a request may be ----------------------------------------------------------
+
+
+def padded(request_: dict[str, Any], length: int) -> bytes:
+    """``request_`` as JSON, with spaces before its closing brace to make ``length`` bytes."""
+    text = json.dumps(request_).encode()
+    return text[:-1] + b" " * (length - len(text)) + b"}"
+
+
+def test_a_json_line_at_the_limit_is_a_request(node: Node) -> None:
+    line = padded({"id": 1, "method": "status"}, MAX_COMMAND_BYTES)
+    (answer,) = json_answers(node, line + b"\n")
+    assert answer["id"] == 1 and answer["result"]["state"] == "serving"
+
+
+@pytest.mark.parametrize("read_size", [None, 1000, 1], ids=["one read", "1000 bytes", "bytewise"])
+def test_a_json_line_over_the_limit_gets_one_error_and_the_connection_goes_on(
+    node: Node, read_size: int | None
+) -> None:
+    line = padded({"id": 1, "method": "status"}, MAX_COMMAND_BYTES + 1) + b"\n"
+    size = read_size or len(line)
+    reads = [line[i : i + size] for i in range(0, len(line), size)]
+    answer_id, code, text = only_error(json_answers(node, *reads))
+    assert (answer_id, code, text) == (None, -32600, "a request longer than 65536 bytes")
+
+
+def test_an_unterminated_line_over_the_limit_is_answered_at_once(node: Node) -> None:
+    client = node.connect()
+    client.protocol.dataReceived(b"{" + b" " * MAX_COMMAND_BYTES)
+    assert only_error(client.received()) == (None, -32600, "a request longer than 65536 bytes")
+    client.protocol.dataReceived(b" " * MAX_COMMAND_BYTES)  # still the same line: skipped
+    assert client.received() == []
+
+
+def test_many_short_requests_in_one_read_longer_than_the_limit_are_all_answered(
+    node: Node,
+) -> None:
+    requests = b"".join(
+        json.dumps({"id": n, "method": "status"}).encode() + b"\n" for n in range(3000)
+    )
+    assert len(requests) > MAX_COMMAND_BYTES
+    answers = json_answers(node, requests)
+    assert [a["id"] for a in answers] == list(range(3000))

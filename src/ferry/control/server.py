@@ -9,6 +9,13 @@ every transition of every machine (:mod:`ferry.control.events`), and what
 the server sends waits within a cap while the client is slow
 (:mod:`ferry.control.jsonlines`).
 
+A request -- a flexnbd command up to its blank line, or one JSON line --
+may be at most ``MAX_COMMAND_BYTES``.  A longer command is answered ``1:
+command longer than ...``; a longer JSON line gets the error -32600 and is
+skipped, and the connection goes on.  Nothing a client sends is answered
+with a traceback: malformed requests get their error answer, and an
+exception inside a command is an internal error answer (and a log entry).
+
 The socket file is created with mode 0600 (the umask is narrowed around
 ``bind`` so there is no window in which it is wider).  A socket file left by
 a dead process is replaced; one that a live server answers on is not stolen.
@@ -52,8 +59,10 @@ class ControlProtocol(Protocol):
     def __init__(self, commands: Commands, events: EventHub) -> None:
         self._commands = commands
         self._events = events
-        self._buffer = b""
+        self._buffer = b""  # a flexnbd command so far
         self._json: bool | None = None
+        self._partial = bytearray()  # a JSON connection's unfinished line
+        self._skipping = False  # ... or the rest of one too long to read, already answered
         self._answered = False
         self._lost = False
         self._out: JsonLines | None = None  # a JSON connection's outgoing lines
@@ -62,23 +71,19 @@ class ControlProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._answered:
             return
-        self._buffer += data
-        if self._json is None and self._buffer:
-            self._json = self._buffer.startswith(b"{")
+        if self._json is None:
+            self._json = data.startswith(b"{")
             if self._json and self.transport is not None:
                 self._out = JsonLines(self.transport, self._events.clock)
                 self._stream = EventStream(self._events, self._out)
-        if len(self._buffer) > MAX_COMMAND_BYTES:
-            if self._out is not None:
-                self._answered = True  # read nothing more
-                self._out.end(f"a request longer than {MAX_COMMAND_BYTES} bytes")
-            else:
-                self._reply_line(f"1: command longer than {MAX_COMMAND_BYTES} bytes\n")
-            return
         if self._json:
-            self._json_requests()
-        else:
-            self._flexnbd_command(at_eof=False)
+            self._json_lines(data)
+            return
+        self._buffer += data
+        if len(self._buffer) > MAX_COMMAND_BYTES:
+            self._reply_line(f"1: command longer than {MAX_COMMAND_BYTES} bytes\n")
+            return
+        self._flexnbd_command(at_eof=False)
 
     def readConnectionLost(self) -> None:
         # A client that half-closes after its last line has said all it will.
@@ -128,11 +133,34 @@ class ControlProtocol(Protocol):
 
     # -- JSON lines ---------------------------------------------------------------
 
-    def _json_requests(self) -> None:
-        while b"\n" in self._buffer:
-            raw, self._buffer = self._buffer.split(b"\n", 1)
-            if raw.strip():
-                self._json_request(raw)
+    def _json_lines(self, data: bytes) -> None:
+        """Answer each line ``data`` completes; keep the unfinished one, up to the limit.
+
+        A line longer than ``MAX_COMMAND_BYTES`` is answered with an error as
+        soon as it is, and the rest of it is skipped: however the lines were
+        split into reads, each gets one answer and no more than the limit of
+        one is held.
+        """
+        *complete, rest = data.split(b"\n")
+        for piece in complete:
+            if self._skipping:
+                self._skipping = False  # the end of a line already answered
+                continue
+            line = bytes(self._partial + piece) if self._partial else piece
+            self._partial.clear()
+            if len(line) > MAX_COMMAND_BYTES:
+                self._json_too_long()
+            elif line.strip():
+                self._json_request(line)
+        if not self._skipping:
+            self._partial += rest
+            if len(self._partial) > MAX_COMMAND_BYTES:
+                self._partial.clear()
+                self._skipping = True
+                self._json_too_long()
+
+    def _json_too_long(self) -> None:
+        self._send_json(_error(None, -32600, f"a request longer than {MAX_COMMAND_BYTES} bytes"))
 
     def _json_request(self, raw: bytes) -> None:
         try:
