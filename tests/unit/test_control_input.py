@@ -277,3 +277,30 @@ def test_many_short_requests_in_one_read_longer_than_the_limit_are_all_answered(
     assert len(requests) > MAX_COMMAND_BYTES
     answers = json_answers(node, requests)
     assert [a["id"] for a in answers] == list(range(3000))
+
+
+# -- the client's half-close ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("last", "answered"),
+    [
+        (b'{"id": 9, "method": "status"}', [9]),
+        (b'{"id": 9, "method": "status"}\r', [9]),
+        (b"{not json", [None]),
+        (b"  \r", []),
+        (b"", []),
+    ],
+    ids=["request", "with a CR", "not JSON", "blank", "nothing"],
+)
+def test_a_last_json_line_without_its_newline_is_answered_at_the_half_close(
+    node: Node, last: bytes, answered: list[Any]
+) -> None:
+    client = node.connect()
+    client.protocol.dataReceived(b'{"id": 1, "method": "status"}\n' + last)
+    client.protocol.readConnectionLost()
+    first, *answers = client.received()
+    assert first["id"] == 1
+    assert [a["id"] for a in answers] == answered
+    client.protocol.readConnectionLost()  # a second half-close answers nothing twice
+    assert client.received() == []

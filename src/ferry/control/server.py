@@ -86,8 +86,14 @@ class ControlProtocol(Protocol):
         self._flexnbd_command(at_eof=False)
 
     def readConnectionLost(self) -> None:
-        # A client that half-closes after its last line has said all it will.
-        if not self._json and not self._answered:
+        # A client that half-closes after its last line has said all it will,
+        # whether or not it ended that line.
+        if self._json:
+            if not self._skipping and self._partial.strip():
+                line = bytes(self._partial)
+                self._partial.clear()
+                self._json_request(line)
+        elif not self._answered:
             self._flexnbd_command(at_eof=True)
 
     def writeConnectionLost(self) -> None:
