@@ -304,3 +304,80 @@ def test_a_last_json_line_without_its_newline_is_answered_at_the_half_close(
     assert [a["id"] for a in answers] == answered
     client.protocol.readConnectionLost()  # a second half-close answers nothing twice
     assert client.received() == []
+
+
+# -- flexnbd's lines ----------------------------------------------------------------------
+
+
+def line_reply(node: Node, *reads: bytes, half_close: bool = False) -> bytes:
+    """The one line a flexnbd-form connection answers to ``reads``; it is then closed."""
+    client = node.connect()
+    for data in reads:
+        client.protocol.dataReceived(data)
+    if half_close:
+        client.protocol.readConnectionLost()
+    assert client.transport.disconnecting
+    reply = client.transport.value()
+    assert reply.endswith(b"\n") and reply.count(b"\n") == 1, reply
+    return reply
+
+
+def in_reads(data: bytes, size: int | None) -> list[bytes]:
+    size = size or len(data)
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+TOO_LONG = b"1: command longer than 65536 bytes\n"
+
+
+@pytest.mark.parametrize("read_size", [None, 1000, 1], ids=["one read", "1000 bytes", "bytewise"])
+@pytest.mark.parametrize(
+    ("sent", "reply"),
+    [
+        (b"x" * (MAX_COMMAND_BYTES - 1) + b"\n\n", b"10: unknown command\n"),
+        (b"x" * (MAX_COMMAND_BYTES - 2) + b"\r\n\r\n", b"10: unknown command\n"),
+        (b"x" * MAX_COMMAND_BYTES + b"\n\n", TOO_LONG),
+        (b"status\n\n" + b"x" * MAX_COMMAND_BYTES, b"0: pid="),
+        (b"status\r\n\r\n" + b"\n" * MAX_COMMAND_BYTES, b"0: pid="),
+        (b"x" * (MAX_COMMAND_BYTES + 2), TOO_LONG),
+    ],
+    ids=["at the limit", "CRLF at the limit", "over", "junk after", "CRLF junk after", "no end"],
+)
+def test_a_command_is_judged_by_what_precedes_its_blank_line(
+    node: Node, sent: bytes, reply: bytes, read_size: int | None
+) -> None:
+    assert line_reply(node, *in_reads(sent, read_size)).startswith(reply)
+
+
+@pytest.mark.parametrize(
+    ("sent", "reply"),
+    [
+        (b"\n", b"9: missing command\n"),
+        (b"\r\n", b"9: missing command\n"),
+        (b"frobnicate\n\n", b"10: unknown command\n"),
+        (b"status\xff\n\n", b"1: command is not UTF-8\n"),
+        (b"acl\n" + b"10.0.0.1\n" * 256 + b"\n", b"1: more than 256 lines\n"),
+        (b"acl\nnot-an-ip\n\n", b"1: bad spec: not-an-ip\n"),
+        (b"mirror\n127.0.0.1\n\n", b"1: mirror takes at least two parameters\n"),
+        (b"mirror\n127.0.0.1\nport\n\n", b"1: bad IP port number\n"),
+        (b"mirror\n127.0.0.1\n99999999999999999999\n\n", b"1: bad IP port number\n"),
+        (b"mirror\nnowhere\n10809\n\n", b"1: bad IP address\n"),
+        (b"mirror\n127.0.0.1\n10809\nnever\n\n", b"1: action must be"),
+        (b"mirror\n127.0.0.1\n10809\nexit\n::1%\n\n", b"1: bad bind address\n"),
+        (b"mirror\n127.0.0.1\n10809\nexit\n127.0.0.1\n-5\n\n", b"1: max_bps couldn't be parsed\n"),
+        (b"mirror\n1\n2\n3\n4\n5\n6\n\n", b"1: unrecognised parameters to mirror\n"),
+        (b"mirror_max_bps\nlots\n\n", b"1: Not currently mirroring\n"),
+        (b"break\nnow\n\n", b"1: not mirroring\n"),
+    ],
+)
+def test_bad_commands_get_their_documented_answer(node: Node, sent: bytes, reply: bytes) -> None:
+    assert line_reply(node, sent).startswith(reply)
+
+
+@pytest.mark.parametrize("sent", [b"status", b"status\n", b"status\r\n", b"status\r"])
+def test_a_half_close_ends_a_command_without_its_blank_line(node: Node, sent: bytes) -> None:
+    assert line_reply(node, sent, half_close=True).startswith(b"0: pid=")
+
+
+def test_nothing_then_a_half_close_is_a_missing_command(node: Node) -> None:
+    assert line_reply(node, half_close=True) == b"9: missing command\n"

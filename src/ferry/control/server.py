@@ -59,7 +59,9 @@ class ControlProtocol(Protocol):
     def __init__(self, commands: Commands, events: EventHub) -> None:
         self._commands = commands
         self._events = events
-        self._buffer = b""  # a flexnbd command so far
+        self._lines: list[bytes] = []  # a flexnbd command's lines so far
+        self._command_bytes = 0  # ... and their length, each with its newline
+        self._buffer = bytearray()  # ... and its unfinished line
         self._json: bool | None = None
         self._partial = bytearray()  # a JSON connection's unfinished line
         self._skipping = False  # ... or the rest of one too long to read, already answered
@@ -78,12 +80,8 @@ class ControlProtocol(Protocol):
                 self._stream = EventStream(self._events, self._out)
         if self._json:
             self._json_lines(data)
-            return
-        self._buffer += data
-        if len(self._buffer) > MAX_COMMAND_BYTES:
-            self._reply_line(f"1: command longer than {MAX_COMMAND_BYTES} bytes\n")
-            return
-        self._flexnbd_command(at_eof=False)
+        else:
+            self._flexnbd_lines(data)
 
     def readConnectionLost(self) -> None:
         # A client that half-closes after its last line has said all it will,
@@ -94,22 +92,45 @@ class ControlProtocol(Protocol):
                 self._partial.clear()
                 self._json_request(line)
         elif not self._answered:
-            self._flexnbd_command(at_eof=True)
+            last = bytes(self._buffer.removesuffix(b"\r"))
+            self._buffer.clear()
+            if last:
+                self._lines.append(last)
+                self._command_bytes += len(last)
+            self._flexnbd_command()
 
     def writeConnectionLost(self) -> None:
         pass
 
     # -- flexnbd lines ----------------------------------------------------------
 
-    def _flexnbd_command(self, *, at_eof: bool) -> None:
-        text = self._buffer.replace(b"\r\n", b"\n")
-        if text.startswith(b"\n"):
-            lines: list[bytes] = []
-        elif b"\n\n" in text:
-            lines = text.split(b"\n\n", 1)[0].split(b"\n")
-        elif at_eof:
-            lines = [line for line in text.split(b"\n") if line]
-        else:
+    def _flexnbd_lines(self, data: bytes) -> None:
+        """Collect the command's lines until the blank line ends it, then answer it.
+
+        A line ends with "\n" or "\r\n".  The command -- what precedes the
+        blank line -- may be at most ``MAX_COMMAND_BYTES``; once it cannot be
+        (the blank line could start at the earliest on the last byte, a
+        "\r"), it is answered as too long without waiting for the rest.
+        """
+        *complete, rest = data.split(b"\n")
+        for piece in complete:
+            self._buffer += piece
+            raw = bytes(self._buffer)
+            self._buffer.clear()
+            line = raw.removesuffix(b"\r")
+            if not line:
+                self._flexnbd_command()
+                return
+            self._lines.append(line)
+            self._command_bytes += len(raw) + 1
+        self._buffer += rest
+        if self._command_bytes + len(self._buffer) - 1 > MAX_COMMAND_BYTES:
+            self._reply_line(f"1: command longer than {MAX_COMMAND_BYTES} bytes\n")
+
+    def _flexnbd_command(self) -> None:
+        lines = self._lines
+        if self._command_bytes > MAX_COMMAND_BYTES:
+            self._reply_line(f"1: command longer than {MAX_COMMAND_BYTES} bytes\n")
             return
         if len(lines) > MAX_LINES:
             self._reply_line(f"1: more than {MAX_LINES} lines\n")
