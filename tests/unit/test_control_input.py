@@ -19,7 +19,7 @@ import pytest
 from twisted.internet import defer
 from twisted.logger import LogLevel, globalLogPublisher
 
-from ferry.control.commands import Commands
+from ferry.control.commands import Commands, Reply
 from ferry.control.server import MAX_COMMAND_BYTES
 from ferry.migrate.manager import MirrorManager
 from ferry.migrate.source import Destination
@@ -381,3 +381,50 @@ def test_a_half_close_ends_a_command_without_its_blank_line(node: Node, sent: by
 
 def test_nothing_then_a_half_close_is_a_missing_command(node: Node) -> None:
     assert line_reply(node, half_close=True) == b"9: missing command\n"
+
+
+# -- a command that fails is an answer too -----------------------------------------------
+
+
+def boom(args: Any, params: Any) -> Any:
+    raise RuntimeError("boom")
+
+
+def not_json(args: Any, params: Any) -> Any:
+    return Reply(0, "odd", {"speed": float("nan")})
+
+
+def failing_later(args: Any, params: Any) -> Any:
+    return defer.fail(RuntimeError("later"))
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (boom, "internal error: boom"),
+        (failing_later, "internal error: later"),
+        (not_json, "internal error: the answer cannot be written as JSON"),
+    ],
+)
+def test_a_command_that_fails_is_answered_and_logged(
+    node: Node, logged_errors: list[dict[str, Any]], command: Any, message: str
+) -> None:
+    node.commands.table["status"] = command
+    client = node.connect()
+    client.send({"id": 4, "method": "status"})
+    client.send({"id": 5, "method": "migration"})
+    answer, after = client.received()
+    assert answer == {"id": 4, "error": {"code": 1, "message": message}}
+    assert after["id"] == 5 and "result" in after
+    assert len(logged_errors) == 1 and "log_failure" in logged_errors[0]
+    logged_errors.clear()  # expected here
+
+
+@pytest.mark.parametrize(("command", "line"), [(boom, b"boom"), (failing_later, b"later")])
+def test_a_flexnbd_command_that_fails_is_answered_and_logged(
+    node: Node, logged_errors: list[dict[str, Any]], command: Any, line: bytes
+) -> None:
+    node.commands.table["status"] = command
+    assert line_reply(node, b"status\n\n") == b"1: internal error: " + line + b"\n"
+    assert len(logged_errors) == 1
+    logged_errors.clear()

@@ -31,7 +31,7 @@ import stat
 from collections.abc import Callable
 from typing import Any, Final, NoReturn
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort, IReactorUNIX
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -142,7 +142,9 @@ class ControlProtocol(Protocol):
             return
         name, args = (words[0], words[1:]) if words else ("", [])
         self._answered = True  # read nothing more; the reply may come later
-        _settle(self._commands.run(name, args), lambda reply: self._reply_line(reply.line()))
+        _settle(
+            lambda: self._commands.run(name, args), lambda reply: self._reply_line(reply.line())
+        )
 
     def _reply_line(self, line: str) -> None:
         self._answered = True
@@ -222,14 +224,19 @@ class ControlProtocol(Protocol):
             self._send_json(_error(request_id, -32602, "args must be strings"))
             return
         _settle(
-            self._commands.run(method, args, options),
+            lambda: self._commands.run(method, args, options),
             lambda reply: self._send_json(_json_answer(request_id, reply)),
         )
 
     def _send_json(self, answer: dict[str, Any]) -> None:
         if self._out is None or self._lost:
             return
-        self._out.send(answer)
+        try:
+            self._out.send(answer)
+        except (TypeError, ValueError):  # a value JSON cannot carry (NaN, a set, ...)
+            log.failure("control answer {answer!r:.200} is not JSON", answer=answer)
+            error = "internal error: the answer cannot be written as JSON"
+            self._out.send(_error(answer.get("id"), 1, error))
 
 
 def _strict_json(raw: bytes) -> Any:
@@ -259,8 +266,17 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _settle(reply: Reply | Deferred[Reply], deliver: Callable[[Reply], None]) -> None:
-    """Deliver a reply now, or when its Deferred fires; a failure is a reply too."""
+def _settle(run: Callable[[], Reply | Deferred[Reply]], deliver: Callable[[Reply], None]) -> None:
+    """Run a command; deliver its reply now, or when its Deferred fires.
+
+    A failure is a reply too, whether the Deferred fails or the command
+    raises at once: ``internal error: ...`` for the client, the traceback
+    for the log -- never an exception out of the protocol.
+    """
+    try:
+        reply = run()
+    except Exception:
+        reply = fail()
     if isinstance(reply, Reply):
         deliver(reply)
         return
