@@ -428,3 +428,20 @@ def test_a_flexnbd_command_that_fails_is_answered_and_logged(
     assert line_reply(node, b"status\n\n") == b"1: internal error: " + line + b"\n"
     assert len(logged_errors) == 1
     logged_errors.clear()
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        {"id": 3, "method": "nope"},
+        {"id": 3, "method": "nope", "params": "10.0.0.0/8"},
+        {"id": 3, "method": "nope", "params": {"args": [1]}},
+        {"id": 3, "method": ""},
+        {"id": 3, "method": "Status"},
+    ],
+)
+def test_an_unknown_method_is_minus_32601_whatever_its_params(
+    node: Node, request_: dict[str, Any]
+) -> None:
+    answer = json_answers(node, json.dumps(request_).encode() + b"\n")
+    assert only_error(answer) == (3, -32601, "unknown command")

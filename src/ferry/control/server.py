@@ -207,6 +207,9 @@ class ControlProtocol(Protocol):
             self._send_json(_error(None, -32600, "the id must be a string, a number or null"))
             return
         method = request["method"]
+        if method not in self._commands.table and method not in STREAM_METHODS:
+            self._send_json(_error(request_id, -32601, "unknown command"))
+            return
         params = request.get("params")
         if method in STREAM_METHODS and self._stream is not None:
             self._send_json(self._stream.request(request_id, method, params))
