@@ -21,14 +21,14 @@ usage() {
 fuzz_one() {
     local target=$1 seconds=$2 out="$FUZZ_OUT/$1"
     mkdir -p "$out/new"
-    local status=0
+    local status=0 start=$SECONDS
     python3 "fuzz/$target.py" -max_total_time="$seconds" -print_final_stats=1 \
         -timeout=20 -rss_limit_mb=2048 -artifact_prefix="$out/" \
         "$out/new" "fuzz/corpus/$target" >"$out/log" 2>&1 || status=$?
     local runs rate
     runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$out/log")
     rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$out/log")
-    echo "$target: ${runs:-?} runs in ${seconds}s, ${rate:-?} exec/s," \
+    echo "$target: ${runs:-?} runs in $((SECONDS - start))s, ${rate:-?} exec/s," \
         "$(find "$out/new" -type f | wc -l) new inputs in $out/new"
     if ((status != 0)); then
         grep -A40 "Uncaught Python exception" "$out/log" >&2 || tail -40 "$out/log" >&2
