@@ -25,7 +25,19 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Violation", "bytewise", "chunks", "expect", "instrument_ferry", "run", "stays_broken"]
+__all__ = [
+    "TARGETS",
+    "Violation",
+    "bytewise",
+    "chunks",
+    "expect",
+    "instrument_ferry",
+    "run",
+    "stays_broken",
+]
+
+#: Every target, a module of this directory; its corpus is corpus/TARGET/.
+TARGETS = ("nbd_server", "nbd_oldstyle", "nbd_client", "control_lines", "control_json")
 
 
 class Violation(AssertionError):

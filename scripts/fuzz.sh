@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
-TARGETS=(nbd_server nbd_oldstyle nbd_client control_lines control_json)
+mapfile -t TARGETS < <(cd fuzz && python3 -c 'import fuzzing; print(*fuzzing.TARGETS, sep="\n")')
 
 usage() {
     echo "usage: $0 {all|${TARGETS[*]// /|}} SECONDS | $0 TARGET FILE..." >&2
