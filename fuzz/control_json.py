@@ -9,7 +9,8 @@ open.  The bytes go to a real ``ControlProtocol`` over a real node's
 2. Every line the server sends is strict JSON (no NaN or Infinity), an
    object: an answer ``{"id", "result"}`` or ``{"id", "error": {"code":
    int, "message": str}}``, or a notification (a ``method``, no ``id``).
-3. Every request line gets exactly one answer, in order (every command of
+3. No more than ``MAX_COMMAND_BYTES`` of an unfinished line is held, and
+   every request line gets exactly one answer, in order (every command of
    this node answers at once: its mirrors are refused at once): a line that
    is not blank, including an unterminated last one at the client's
    half-close, and a line longer than ``MAX_COMMAND_BYTES`` (lowered here,

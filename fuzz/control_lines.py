@@ -10,7 +10,8 @@ on Twisted's ``StringTransport`` and a ``task.Clock``.  Checked:
 1. No exception escapes the protocol, and nothing is logged as an error
    (no ``log.failure``: a traceback in the server's log is a finding).
 2. Exactly one reply line, ``N: text`` with one of the statuses the README
-   documents (0, 1, 9, 10), and the connection is closed after it.
+   documents (0, 1, 9, 10), and the connection is closed after it; until
+   then no more than ``MAX_COMMAND_BYTES`` (and one) of the command is held.
 3. The same bytes split differently get the same reply.
 4. Options that reach the ``MirrorManager`` are ones a migration can run
    with (finite, positive numbers): a bad argument is the command's
@@ -130,6 +131,7 @@ class Node:
         for piece in pieces:
             if piece:  # a transport never delivers b""
                 protocol.dataReceived(piece)
+                check_held(protocol)
         if not transport.disconnecting:
             protocol.readConnectionLost()
         if self.mirrors.running:
@@ -137,6 +139,20 @@ class Node:
         self.reactor.advance(60)  # whatever waits on the clock (retries, close grace)
         protocol.connectionLost(Failure(ConnectionError("the client went away")))
         return transport
+
+
+def check_held(protocol: ControlProtocol) -> None:
+    """What a connection keeps of a request it has not answered stays within the limit.
+
+    Reads the protocol's private fields on purpose: the bound is about them.
+    A flexnbd command is refused once it cannot fit (its blank line could
+    still start on its last byte, hence the one over); a JSON line once it
+    is over.
+    """
+    limit = control_server.MAX_COMMAND_BYTES
+    flexnbd = protocol._command_bytes + len(protocol._buffer)
+    expect(flexnbd <= limit + 1 or protocol._answered, f"{flexnbd} bytes of a command held")
+    expect(len(protocol._partial) <= limit, f"{len(protocol._partial)} bytes of a line held")
 
 
 class ErrorLog:
