@@ -22,8 +22,8 @@ import itertools
 import random
 import sys
 import types
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 __all__ = [
     "TARGETS",
@@ -33,6 +33,7 @@ __all__ = [
     "expect",
     "instrument_ferry",
     "run",
+    "same_session",
     "stays_broken",
 ]
 
@@ -60,6 +61,33 @@ def stays_broken(receive_data: Callable[[bytes], object]) -> None:
         except ProtocolError:
             continue
         raise Violation(f"a broken connection took {more!r} without raising")
+
+
+class Run(Protocol):
+    """What one feeding of a stream to a parser gave (both NBD targets' ``Outcome``)."""
+
+    events: Sequence[object]
+    output: bytes
+    error: str | None
+
+
+def same_session(first: Run, second: Run, how: str) -> None:
+    """Two splits of the same bytes made the same session: events, output, failure.
+
+    Both NBD parsers drop the events of the call that raises, so when the
+    runs failed each kept a prefix of the events: the shorter must be a
+    prefix of the longer.
+    """
+    expect(
+        (first.error is None) == (second.error is None),
+        f"{how}: one run failed ({first.error or second.error}), the other did not",
+    )
+    expect(first.output == second.output, f"{how}: the output differs")
+    if first.error is None:
+        expect(list(first.events) == list(second.events), f"{how}: the events differ")
+    else:
+        a, b = sorted((list(first.events), list(second.events)), key=len)
+        expect(b[: len(a)] == a, f"{how}: the events before the error differ")
 
 
 def chunks(data: bytes, seed: int, *, max_cuts: int = 16) -> list[bytes]:

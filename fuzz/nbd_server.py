@@ -66,7 +66,7 @@ from ferry.nbd.events import (
     Request,
 )
 from ferry.nbd.server import ServerConnection
-from fuzzing import Violation, bytewise, chunks, expect, run, stays_broken
+from fuzzing import Violation, bytewise, chunks, expect, run, same_session, stays_broken
 
 # Sizes chosen to make the range checks interesting: empty, ordinary, not a
 # multiple of any block size, and the largest a u64 can say.
@@ -405,22 +405,6 @@ def check_option_reply(option: int, reply: int, payload: bytes, setup: Setup) ->
             )
 
 
-def compare(first: Outcome, second: Outcome, how: str) -> None:
-    """Invariant 4: a different split of the same bytes, the same session."""
-    expect(
-        (first.error is None) == (second.error is None),
-        f"{how}: one run failed ({first.error or second.error}), the other did not",
-    )
-    expect(first.output == second.output, f"{how}: the output differs")
-    if first.error is None:
-        expect(first.events == second.events, f"{how}: the events differ")
-    else:
-        # Events of the call that raised are dropped, so each run keeps a
-        # prefix of the events; the shorter must be a prefix of the longer.
-        a, b = sorted((first.events, second.events), key=len)
-        expect(b[: len(a)] == a, f"{how}: the events before the error differ")
-
-
 Connect = Callable[[Setup], tuple[ServerConnection, "Migrations | None"]]
 
 
@@ -441,7 +425,7 @@ def check_splits(
         outcomes.append((how, outcome))
     reference_how, reference = outcomes[-1]
     for how, outcome in outcomes[:-1]:
-        compare(reference, outcome, f"{reference_how} vs {how}")
+        same_session(reference, outcome, f"{reference_how} vs {how}")
 
 
 def check(data: bytes) -> None:
