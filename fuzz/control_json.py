@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target: the control socket's JSON lines (``ferry.control.server``).
 
 A control connection whose first byte is ``{`` speaks JSON lines: one

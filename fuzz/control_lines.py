@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target: the control socket's flexnbd line protocol (``ferry.control.server``).
 
 A control connection whose first byte is not ``{`` speaks flexnbd's form:

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target: the NBD client's parser (``ferry.nbd.client.ClientConnection``).
 
 The client is fed what a server could send: first the handshake (its

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target: the NBD server's parser in oldstyle mode, and flexnbd's mirror-only connection.
 
 An oldstyle connection (``ServerConnection(oldstyle=True)``) skips

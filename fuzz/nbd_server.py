@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target: the NBD server's parser (``ferry.nbd.server.ServerConnection``), newstyle.
 
 Client bytes go in, from the client flags through option haggling

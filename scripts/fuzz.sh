@@ -3,6 +3,9 @@
 #   scripts/fuzz.sh TARGET SECONDS   fuzz fuzz/TARGET.py for SECONDS, from fuzz/corpus/TARGET
 #   scripts/fuzz.sh all SECONDS      every target for SECONDS each, two at a time
 #   scripts/fuzz.sh TARGET FILE...   run these inputs once through TARGET (reproduce a crash)
+#   FUZZ_OUT=DIR scripts/fuzz.sh merge {all|TARGET}
+#                                    keep what a run into DIR found that reaches new code,
+#                                    minimized, as fuzz/corpus/TARGET/grown-*
 # Inputs that reach new code go to $FUZZ_OUT/TARGET/new (FUZZ_OUT defaults to a new
 # temporary directory); the corpus in the repository is only read.  A crash leaves its
 # input in $FUZZ_OUT/TARGET/ and makes the script exit 1: keep that input in
@@ -39,7 +42,27 @@ fuzz_one() {
     fi
 }
 
+merge_one() {
+    local target=$1 merged known name
+    merged=$(mktemp -d)
+    python3 "fuzz/$target.py" -merge=1 "$merged" "fuzz/corpus/$target" "$FUZZ_OUT/$target/new" \
+        >"$FUZZ_OUT/$target/merge.log" 2>&1
+    known=$(sha1sum "fuzz/corpus/$target"/* | cut -d' ' -f1)
+    for input in "$merged"/*; do
+        name=$(basename "$input")  # libFuzzer names it by the SHA-1 of its content
+        grep -qx "$name" <<<"$known" || cp "$input" "fuzz/corpus/$target/grown-${name:0:16}"
+    done
+    rm -r "$merged"
+    echo "$target: $(ls "fuzz/corpus/$target" | grep -c '^grown-') grown inputs kept"
+}
+
 (($# >= 2)) || usage
+if [[ $1 == merge ]]; then
+    [[ -n ${FUZZ_OUT:-} ]] || { echo "merge: set FUZZ_OUT to the run's directory" >&2; exit 2; }
+    if [[ $2 == all ]]; then set -- "${TARGETS[@]}"; else set -- "$2"; fi
+    for target; do merge_one "$target"; done
+    exit 0
+fi
 target=$1
 shift
 if [[ $target != all && ! " ${TARGETS[*]} " =~ " $target " ]]; then
