@@ -1,8 +1,9 @@
 """Every input kept in fuzz/corpus/ replayed through its fuzz target's checks, without atheris.
 
 The corpora hold the seeds recorded from real sessions (fuzz/seeds.py),
-hand-made inputs for the limits (hand-*), and every input a fuzz run found
-a fault with (finding-*, kept beside the fix and its own regression test).
+hand-made inputs for the limits (hand-*), every input a fuzz run found a
+fault with (finding-*, kept beside the fix and its own regression test),
+and the minimized inputs longer runs reached (grown-*).
 Replaying them here makes a regression fail the ordinary test run, not
 only a fuzz run that happens to come back to it; scripts/fuzz.sh explores
 from them.
