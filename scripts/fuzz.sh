@@ -17,7 +17,8 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mapfile -t TARGETS < <(cd fuzz && python3 -c 'import fuzzing; print(*fuzzing.TARGETS, sep="\n")')
 
 usage() {
-    echo "usage: $0 {all|${TARGETS[*]// /|}} SECONDS | $0 TARGET FILE..." >&2
+    local IFS="|"
+    echo "usage: $0 {all|${TARGETS[*]}} SECONDS | $0 TARGET FILE... | $0 merge {all|TARGET}" >&2
     exit 2
 }
 
