@@ -12,6 +12,7 @@ control_json and control_lines look for more.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -118,13 +119,20 @@ def json_session(server: Server, requests: list[Any], *, raw: bytes = b"") -> li
 
 
 def line_session(server: Server, data: bytes) -> bytes:
-    """flexnbd's form: send ``data``, half-close, read the reply until the server closes."""
+    """flexnbd's form: send ``data``, half-close, read the reply until the server closes.
+
+    The server reads nothing after the command's end (or its limit), and a
+    Unix socket closed with bytes unread resets: the rest of ``data`` may not
+    go, and the reset may come after the reply instead of the end of stream.
+    """
+    chunks = []
     with connect(server) as conn:
-        conn.sendall(data)
-        conn.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := conn.recv(65536):
-            chunks.append(chunk)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := conn.recv(65536):
+                chunks.append(chunk)
     return b"".join(chunks)
 
 
