@@ -61,12 +61,17 @@ _image: Image | None = None
 
 
 def image() -> Image:
-    """One small image for every node of this process (nothing writes to it)."""
+    """One small image for every node of this process (nothing writes to it).
+
+    Its file is removed once open, so no run leaves one behind.
+    """
     global _image
     if _image is None:
         path = Path(tempfile.mkdtemp(prefix="ferry-fuzz-")) / "disk.img"
         path.write_bytes(b"\xa5" * IMAGE_SIZE)
         _image = Image.open(path)
+        path.unlink()
+        path.parent.rmdir()
     return _image
 
 
