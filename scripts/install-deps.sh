@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what ferry needs on a fresh Debian machine (Debian 12 or later).
 #   scripts/install-deps.sh          ferry itself and the NBD client tools the demo uses
-#   scripts/install-deps.sh --test   also the test peers, linters and test libraries
+#   scripts/install-deps.sh --test   also the test peers, linters, test libraries and atheris
 #
 # ferry and its Python dependencies go into a virtual environment, .venv in the
 # repository (FERRY_VENV to put it elsewhere): Debian's own Twisted, transitions
@@ -18,7 +18,7 @@ debian=(python3 python3-venv file libnbd-bin python3-libnbd nftables)
 extras=""
 if [[ "${1:-}" == "--test" ]]; then
     debian+=(qemu-utils nbdkit nbd-server prometheus fio curl etcd-server)
-    extras="[test,lint]"
+    extras="[test,lint,fuzz]"
 fi
 
 missing=()

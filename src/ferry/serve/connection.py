@@ -522,6 +522,7 @@ class NBDServerProtocol(Protocol):
         """Attach to the chosen export; False if refused after all (the connection closes)."""
         self._cancel_handshake_timer()
         export = self._server.export_named(event.export.name)
+        self._context_id = next(iter(event.meta_contexts), 0)  # the sender's too
         if event.migration is not None:
             return self._become_sender(export, event)
         if event.flexnbd:
@@ -537,7 +538,6 @@ class NBDServerProtocol(Protocol):
             self._refuse()
             return False
         self._export = export
-        self._context_id = next(iter(event.meta_contexts), 0)
         export.attach(self)
         return True
 
