@@ -21,6 +21,7 @@ A daemon describes its exports in a file: an :class:`ExportConfig` is one
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -214,6 +215,8 @@ class ExportUnit:
         self.incoming: IncomingLease | None = None
         # The name of the lease it takes (or listens for), once the node knows it.
         self.resource: str | None = None
+        #: Where clients reach it, ``HOST:PORT`` (None until the node's port is open).
+        self.address: str | None = None
 
     @property
     def name(self) -> str:
@@ -235,7 +238,7 @@ class ExportUnit:
 
     def snapshot(self) -> StatusSnapshot:
         """The export's status, with the migration's fields while one runs or after it."""
-        return self.mirrors.snapshot()
+        return dataclasses.replace(self.mirrors.snapshot(), address=self.address)
 
     @property
     def migrating(self) -> str | None:

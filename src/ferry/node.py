@@ -51,7 +51,8 @@ from ferry.metrics import make_registry, metrics_root
 from ferry.migrate.destination import Receiver
 from ferry.migrate.manager import MirrorManager
 from ferry.migrate.wire import tcp_connector
-from ferry.serve.acl import Acl, AclError
+from ferry.safepath import UnsafePath
+from ferry.serve.acl import Acl, AclError, is_loopback
 from ferry.serve.export import Export
 from ferry.serve.lanes import JOBS_PER_EXPORT
 from ferry.serve.server import NBDServer
@@ -187,6 +188,7 @@ class Node:
         self._adding: dict[str, ExportUnit] = {}
         # Called after an export was added or removed (a daemon's STATUS).
         self.exports_changed: list[Callable[[], None]] = []
+        self._running = False  # every export of the start serves
         self._stopped = False
 
     def run_blocking(self, work: Callable[[], object]) -> Deferred[Any]:
@@ -210,20 +212,29 @@ class Node:
         """Open everything, in an order that leaves nothing half-open on failure.
 
         The answer fires once every export serves (or listens); it fails
-        with :class:`StartupError`.  The exports' leases are taken before the
-        NBD port opens, so no client is ever served without one; without a
-        lockspace (or with a local one, whose answers are immediate) the
-        answer has fired when this returns.
+        with :class:`StartupError`.  Every address and port is bound first,
+        so a port in use is said before anything else is tried; each export's
+        lease is taken before the export is put on the port, so no client is
+        ever served without one (one that comes sooner is told there is no
+        such export).  Without a lockspace (or with a local one, whose
+        answers are immediate) the answer has fired when this returns.
         """
         self.reactor.suggestThreadPoolSize(WORKER_THREADS)
         try:
             self._open(self.config)
+            self._open_nbd(self.config)
         except Exception:
-            self._close_now()
+            self._failed_start(None)
             return defer.fail()
         started = self._add_all(self._initial)
-        started.addCallback(lambda _: self._open_nbd(self.config))
+        started.addCallback(self._started)
         return started.addErrback(self._failed_start)
+
+    def _started(self, _: object) -> None:
+        """Every export of the start serves: say so, one line each (later ones as they come)."""
+        self._running = True
+        for unit in self.exports:
+            self._announce(unit)
 
     @defer.inlineCallbacks
     def _add_all(self, configs: Sequence[ExportConfig]) -> Any:
@@ -240,12 +251,13 @@ class Node:
                 raise StartupError(f"export {config.export_name!r}: {error}") from None
 
     def _failed_start(self, failure: Any) -> Any:
+        """Undo a start that failed (``failure`` is passed on; None: raised in ``start``)."""
         # Everything is closed here; the reactor's shutdown (a refusal that
         # came after it started, from etcd) must not flush a closed image.
         self._stopped = True
         for unit in self.exports:
             if unit.lease is not None:
-                unit.lease.shutdown()  # taken, then the port was in use: give it back
+                unit.lease.shutdown()  # taken, then another export was refused: give it back
         self.clock.cancel_all()
         for port in self._ports:
             port.stopListening()
@@ -261,6 +273,8 @@ class Node:
         if config.trace:
             try:
                 self._trace_file = TraceFile(config.trace)
+            except UnsafePath as unsafe:
+                raise StartupError(str(unsafe)) from None
             except OSError as error:
                 raise StartupError(f"trace file {config.trace}: {error.strerror}") from None
             self.tracer.subscribe(self._trace_file.write)
@@ -303,7 +317,12 @@ class Node:
                 )
                 self._lockspace = open_lockspace(spec, reactor=self.reactor, clock=self.clock)
             except (ValueError, LeaseError) as error:
-                raise StartupError(f"--lockspace {config.lockspace or ''}: {error}") from None
+                if config.lockspace is None:
+                    raise StartupError(
+                        f"the default lockspace: {error}; name one with --lockspace local:DIR, "
+                        "or serve without a lease with --lockspace none"
+                    ) from None
+                raise StartupError(f"--lockspace {config.lockspace}: {error}") from None
 
     # -- exports ------------------------------------------------------------------------
 
@@ -323,10 +342,24 @@ class Node:
             acl = Acl.parse(config.acl, default_deny=config.default_deny)
         except AclError as error:
             return defer.fail(StartupError(f"export {config.export_name!r}: {error}"))
+        if config.listen:
+            try:
+                self._check_senders_are_named(acl)
+            except StartupError as error:
+                return defer.fail(error)
         try:
             image = self._open_image(config.file, read_only=config.read_only)
         except ImageError as error:
             return defer.fail(StartupError(str(error)))
+        mode = os.stat(config.file).st_mode
+        if not config.read_only and not mode & 0o222:
+            # Root opens it for writing all the same: say so, once.
+            log.warn(
+                "{file} has no write permission (mode {mode:04o}), but this user may write "
+                "it: serving it writable; use --read-only to serve it read-only",
+                file=config.file,
+                mode=mode & 0o7777,
+            )
         export = Export(
             config.export_name,
             image,
@@ -350,10 +383,13 @@ class Node:
 
         def serve(_: object) -> ExportUnit:
             assert self.server is not None
+            if self.nbd_address is not None:
+                host, port = self.nbd_address
+                unit.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             self.exports.add(unit)
             self.server.add_export(export)
             export.trigger(RoleTrigger.LISTEN if config.listen else RoleTrigger.SERVE)
-            if self.nbd_port is not None:
+            if self._running:
                 self._announce(unit)
                 self._changed()
             return unit
@@ -457,21 +493,54 @@ class Node:
             space=self._lockspace.spec,
         )
 
+    def _check_senders_are_named(self, export_acl: Acl) -> None:
+        """A listening export must say who may hand it an image (``Acl.admits_sender``).
+
+        A sender must be named by the listener's ACL or the export's own; with
+        neither naming anyone, senders are admitted only from loopback: on
+        any other address that would be no sender at all, which is a mistake
+        worth one line now rather than a refused migration later.  flexnbd's
+        stream (``--oldstyle``) cannot be told apart from a client's, so it
+        needs an ACL whatever the address.
+        """
+        assert self.server is not None
+        if self.server.acl.networks or export_acl.networks:
+            return
+        # ``ferry listen`` names senders as ACL entries; a daemon in its export's acl.
+        hint = (
+            "name the source hosts as ACL entries (ferry listen ... ADDRESS ...)"
+            if self.config.exit_stops_node
+            else "name the source hosts in the export's acl"
+        )
+        if self.config.oldstyle:
+            raise StartupError(
+                f"listen --oldstyle takes flexnbd's migration, which cannot authenticate: {hint}"
+            )
+        if not is_loopback(self.config.addr):
+            raise StartupError(
+                f"listen on {self.config.addr} admits migration senders only from the addresses "
+                f"its ACL names: {hint}"
+            )
+
     # -- the port ----------------------------------------------------------------------
 
     def _open_nbd(self, config: NodeConfig) -> None:
         assert self.server is not None
         self.nbd_port = self._listen_tcp(config.port, self.server, config.addr, "NBD")
-        for unit in self.exports:
-            self._announce(unit)
+
+    @property
+    def nbd_address(self) -> tuple[str, int] | None:
+        """Where clients reach this node: the NBD port's address and number (None: not open)."""
+        if self.nbd_port is None:
+            return None
+        host = self.nbd_port.getHost()
+        return str(host.host), int(host.port)  # type: ignore[attr-defined]
 
     @property
     def port(self) -> int:
         """The NBD port the node listens on (0 before it does)."""
-        if self.nbd_port is None:
-            return 0
-        port: int = self.nbd_port.getHost().port  # type: ignore[attr-defined]
-        return port
+        address = self.nbd_address
+        return 0 if address is None else address[1]
 
     def _announce(self, unit: ExportUnit) -> None:
         """Log that ``unit`` is on the port.

@@ -37,6 +37,8 @@ from typing import IO, Any
 
 from twisted.logger import Logger
 
+from ferry.safepath import open_append
+
 __all__ = [
     "CREATED",
     "ReplayError",
@@ -173,7 +175,7 @@ class TraceFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._file: IO[str] | None = self.path.open("a", encoding="utf-8", buffering=1)
+        self._file: IO[str] | None = open_append(self.path, "trace file")
 
     def write(self, rec: TraceRecord) -> None:
         if self._file is None:

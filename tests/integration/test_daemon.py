@@ -504,3 +504,35 @@ def test_a_daemon_that_cannot_start_says_why_in_one_line(host: Host) -> None:
     assert last.startswith(f"ferry: {host.config}: export 'b': image "), last
     assert last.endswith("b.img: no such file")
     assert "Traceback" not in refused.stderr.decode()
+
+
+def test_a_listen_export_off_loopback_must_name_who_may_send_it_its_image(host: Host) -> None:
+    """As for ``ferry listen``: an empty ACL admits senders from loopback only, so on any other
+    address a listening export without an ``acl`` would take no migration at all."""
+    for name in "ab":
+        host.image(name)
+    host.write([export_table("a"), export_table("b", mode="listen")], addr="0.0.0.0")
+    refused = run([*FERRY, "daemon", "--config", str(host.config)], check=False)
+    assert refused.returncode == 1
+    assert refused.stderr.decode().splitlines()[-1] == (
+        f"ferry: {host.config}: export 'b': listen on 0.0.0.0 admits migration senders only "
+        "from the addresses its ACL names: name the source hosts in the export's acl"
+    )
+    assert "Traceback" not in refused.stderr.decode()
+    host.write([export_table("a")], addr="0.0.0.0")
+    process = daemon(host.config)
+    try:
+        add = [*FERRY, "export", "add", "--sock", str(host.sock), "--name", "b", "--mode", "listen"]
+        add += ["--file", str(host.root / "b.img")]
+        unnamed = run(add, check=False)
+        assert (unnamed.returncode, unnamed.stderr.decode()) == (
+            1,
+            "ferry: listen on 0.0.0.0 admits migration senders only from the addresses its ACL "
+            "names: name the source hosts in the export's acl\n",
+        )
+        assert set(exports(host.sock)) == {"a"}
+        named = run([*add, "--acl", "192.0.2.1"])
+        assert named.stdout.decode() == "export 'b' added: listening\n"
+        assert exports(host.sock)["b"]["state"] == "listening"
+    finally:
+        assert process.stop() == 0

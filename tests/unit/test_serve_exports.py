@@ -17,9 +17,17 @@ from twisted.internet.testing import StringTransport
 
 import serve_doubles
 from ferry.clock import ReactorClock
+from ferry.migrate.destination import Receiver
 from ferry.nbd.client import ClientConnection
 from ferry.nbd.constants import Command, Errno, OptionReply
-from ferry.nbd.events import Negotiated, NegotiationFailed, Refusal, Reply
+from ferry.nbd.events import (
+    ExportInfo,
+    MigrationRequest,
+    Negotiated,
+    NegotiationFailed,
+    Refusal,
+    Reply,
+)
 from ferry.nbd.server import ServerConnection
 from ferry.serve.acl import Acl
 from ferry.serve.connection import NBDServerProtocol
@@ -153,6 +161,36 @@ def test_the_listener_acl_still_refuses_at_connect(tmp_path: Path) -> None:
     peer = node.connect("open", INSIDE)
     assert peer.transport.disconnecting or peer.transport.disconnected
     assert peer.transport.value() == b""  # not even the greeting
+
+
+def test_a_listening_export_takes_a_sender_only_from_an_address_an_acl_names(
+    tmp_path: Path,
+) -> None:
+    """A daemon's listener names no one: a listening export's own ACL names its sources."""
+    node = Node(tmp_path)
+    node.server.receiver = Receiver(run_blocking=node.blocking, clock=node.clock)
+    incoming = node._export(tmp_path, "incoming", role="listen")
+    node.server.add_export(incoming)
+    request = MigrationRequest(version=1, size=SIZE)
+
+    def admitted(host: str) -> bool:
+        return node.server.catalog_for(host).admit_migration(request) is None
+
+    # No ACL names anyone: loopback only, as for ``ferry listen``.
+    assert admitted("127.0.0.1") and not admitted(INSIDE) and not admitted(OUTSIDE)
+    incoming.acl = Acl.parse([INSIDE])
+    assert admitted(INSIDE) and not admitted(OUTSIDE) and not admitted("127.0.0.1")
+    refused = node.server.catalog_for(OUTSIDE).admit_migration(request)
+    assert refused is not None and refused.error == OptionReply.ERR_POLICY
+    assert refused.message == f"{OUTSIDE} may not send a migration here: its ACL does not name it"
+    # flexnbd's sender names the export: the same rule, by name.
+    assert isinstance(node.server.catalog_for(INSIDE).lookup_sender("incoming"), ExportInfo)
+    refused = node.server.catalog_for(OUTSIDE).lookup_sender("incoming")
+    assert isinstance(refused, Refusal) and refused.error == OptionReply.ERR_POLICY
+    # A listener's ACL that names the source admits it to an export whose ACL is empty.
+    incoming.acl = Acl()
+    node.server.acl = Acl.parse([OUTSIDE])
+    assert admitted(OUTSIDE)
 
 
 def test_a_hung_disk_holds_only_its_export_s_share_of_the_threads(tmp_path: Path) -> None:

@@ -45,6 +45,19 @@ def port_number(text: str) -> int:
     return port
 
 
+def _lockspace_text(text: str) -> str:
+    """``--lockspace``: checked here, so a bad one is a usage error (exit 2); kept as text."""
+    from ferry.lease.spec import parse_lockspace
+
+    if text == "none":
+        return text
+    try:
+        parse_lockspace(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def host_and_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host:
@@ -54,7 +67,9 @@ def host_and_port(text: str) -> tuple[str, int]:
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"ferry {self.prog.split()[-1]}: {message}\n")
+        mode = self.prog.split()[-1]
+        prefix = "ferry" if mode == "ferry" else f"ferry {mode}"
+        self.exit(2, f"{prefix}: {message}\n")
 
 
 def build_parser() -> Parser:
@@ -64,6 +79,8 @@ def build_parser() -> Parser:
     )
     parser.add_argument("--version", action="version", version=f"ferry {__version__}")
     modes = parser.add_subparsers(dest="mode", metavar="MODE", parser_class=Parser)
+    version = modes.add_parser("version", help="print ferry's version")
+    version.set_defaults(run=lambda args: print(f"ferry {__version__}") or 0)
 
     for name, helptext in (
         ("serve", "serve an image file over NBD"),
@@ -104,6 +121,7 @@ def build_parser() -> Parser:
         )
         serve.add_argument(
             "--lockspace",
+            type=_lockspace_text,
             metavar="SPEC",
             help="where the image's lease is held while serving (listen: taken over with the "
             "migration): local:DIR or etcd:http://HOST:PORT[,HOST:PORT...], or none; "
@@ -337,9 +355,9 @@ def run_status(args: argparse.Namespace) -> int:
     if status != 0:
         raise UserError(text)
     if args.json:
-        from ferry.status import parse_line
-
-        print(json.dumps(parse_line(text), indent=2))
+        # Asked again, as JSON: numbers as numbers, booleans as booleans.
+        params = None if args.export is None else {"export": args.export}
+        print(json.dumps(json_request(args.sock, "status", params), indent=2))
     else:
         print(text)
     return 0
@@ -369,23 +387,16 @@ def run_acl(args: argparse.Namespace) -> int:
 def run_simple(args: argparse.Namespace, lines: list[str]) -> int:
     """A control command whose answer is printed as it comes (``break``, ...).
 
-    With ``--export``, the same command in JSON, about that export.
+    With ``--export``, the same command in JSON, about that export.  A
+    refusal is an error like any other: one line on stderr, exit 1.
     """
     if args.export is None:
         status, text = control_request(args.sock, lines)
+        if status != 0:
+            raise UserError(text)
         print(text)
-        return 0 if status == 0 else 1
-    from ferry.control.client import ControlError, JsonControl
-
-    try:
-        with JsonControl(args.sock) as control:
-            answer = control.call(lines[0], {"args": lines[1:], "export": args.export})
-    except ControlError as error:
-        raise UserError(str(error)) from None
-    if "error" in answer:
-        print(answer["error"].get("message"))
-        return 1
-    print(answer.get("result"))
+        return 0
+    print(json_request(args.sock, lines[0], {"args": lines[1:], "export": args.export}))
     return 0
 
 
@@ -622,7 +633,10 @@ def run_help(
     elif args.topic in modes:
         modes[args.topic].print_help()
     else:
-        raise UserError(f"no mode named {args.topic!r} (modes: {', '.join(modes)})")
+        print(
+            f"ferry help: no mode named {args.topic!r} (modes: {', '.join(modes)})", file=sys.stderr
+        )
+        return 2
     return 0
 
 

@@ -70,8 +70,8 @@ import errno as os_errno
 import os
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final, cast
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
@@ -82,22 +82,39 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ferry.chartnames import RoleState
-from ferry.clock import Clock
-from ferry.nbd.constants import FLEXNBD_MIRROR_HANDLE, BlockState, Command, CommandFlag, Errno
+from ferry.clock import Clock, cancel_call
+from ferry.nbd.constants import (
+    FLEXNBD_MIRROR_HANDLE,
+    BlockState,
+    Command,
+    CommandFlag,
+    Errno,
+)
 from ferry.nbd.events import (
     Commit,
     Disconnect,
     Event,
+    ExportInfo,
     Extent,
     HandshakeAborted,
     HandshakeComplete,
+    MigrationRequest,
     ProtocolError,
+    Refusal,
     RejectedRequest,
     Request,
 )
 from ferry.nbd.server import ExportCatalog, MigrationCatalog, ServerConnection
 from ferry.outbox import Outbox, tune
 from ferry.serve.export import RECEIVING_STATES
+from ferry.serve.limits import (
+    MAX_JOBS_PER_CONNECTION,
+    MAX_QUEUED_BYTES,
+    MAX_QUEUED_REQUESTS,
+    PARTIAL_REQUEST_TIMEOUT,
+    REPLY_STALL_TIMEOUT,
+    Budget,
+)
 from ferry.storage import ZeroingNotFast
 
 if TYPE_CHECKING:
@@ -192,6 +209,12 @@ class ConnectionHost(ExportCatalog, MigrationCatalog, TypingProtocol):
     handshake_timeout: float
     sender_timeout: float
     receiver: Receiver | None
+    receive_budget: Budget
+    reply_budget: Budget
+
+    def room_for_replies(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more of replies fit the process's REPLY_BUDGET now."""
+        ...
 
     def run_blocking(self, work: Callable[[], object]) -> defer.Deferred[Any]: ...
 
@@ -230,9 +253,20 @@ class NBDServerProtocol(Protocol):
         self._context_id = 0
         self._flexnbd = False  # a mirror-only oldstyle connection: see the module doc
         # Why the socket is not read now: "backpressure", "closing", "held",
-        # "throttled"; it is read again only once every reason is gone.
+        # "throttled", "queue", "budget"; it is read again once every reason is gone.
         self._not_reading: set[str] = set()
+        self._queued_bytes = 0  # WRITE payload held in the queue (MAX_QUEUED_BYTES)
+        self._partial_timer: Any = None  # a request received in part (PARTIAL_REQUEST_TIMEOUT)
+        self._stall_timer: Any = None  # replies unread while paused (REPLY_STALL_TIMEOUT)
+        #: Why handshakes on this connection are refused (too many connections
+        #: from its address), or None.
+        self.refusal: Refusal | None = None
+        #: The clock's time of the last request received or reply sent.
+        self.last_active = 0.0
         self.peer_host = ""
+        # The exports as this peer sees them (their ACLs and the sender rule
+        # applied); set once the connection is made and its peer known.
+        self._catalogs: PeerCatalogs | None = None
 
     # -- Twisted protocol -------------------------------------------------------
 
@@ -249,8 +283,9 @@ class NBDServerProtocol(Protocol):
         self._handshake_timer = self._server.clock.call_later(
             self._server.handshake_timeout, self._handshake_expired
         )
-        catalogs = self._server.catalog_for(self.peer_host)
-        self._nbd = ServerConnection(catalogs, migration=catalogs, oldstyle=self._server.oldstyle)
+        self.last_active = self._server.clock.seconds()
+        self._catalogs = self._server.catalog_for(self.peer_host)
+        self._nbd = ServerConnection(self, migration=self, oldstyle=self._server.oldstyle)
         # An oldstyle server has chosen its export before the client speaks.
         self._receive(b"")
 
@@ -269,6 +304,11 @@ class NBDServerProtocol(Protocol):
         if self._throttle_timer is not None and self._throttle_timer.active():
             self._throttle_timer.cancel()
         self._throttle_timer = None
+        for timer in (self._partial_timer, self._stall_timer):
+            cancel_call(timer)
+        self._partial_timer = self._stall_timer = None
+        self._server.receive_budget.forget(self)
+        self._server.reply_budget.forget(self)
         export = self._export
         if export is not None:
             was_sender = export.sender is self and export.state in RECEIVING_STATES
@@ -283,16 +323,61 @@ class NBDServerProtocol(Protocol):
         self._server.connection_closed(self)
         self._fire_drained()
 
+    # -- the catalogs: the server's as this peer sees them, unless it is refused ----------
+
+    @property
+    def _peer_catalogs(self) -> PeerCatalogs:
+        catalogs = self._catalogs
+        assert catalogs is not None, "a handshake before the connection was made"
+        return catalogs
+
+    def lookup(self, name: str) -> ExportInfo | Refusal:
+        return self.refusal or self._peer_catalogs.lookup(name)
+
+    def listing(self) -> Sequence[ExportInfo]:
+        return () if self.refusal is not None else self._peer_catalogs.listing()
+
+    def admit_migration(self, request: MigrationRequest) -> Refusal | None:
+        return self.refusal or self._peer_catalogs.admit_migration(request)
+
+    def lookup_sender(self, name: str) -> ExportInfo | Refusal:
+        return self.refusal or self._peer_catalogs.lookup_sender(name)
+
     # -- IPushProducer -----------------------------------------------------------
 
     def pauseProducing(self) -> None:
         self._paused = True
         self._stop_reading("backpressure")
+        if self._stall_timer is None:
+            self._stall_timer = self._server.clock.call_later(
+                REPLY_STALL_TIMEOUT, self._reply_stalled
+            )
 
     def resumeProducing(self) -> None:
+        # The transport has sent everything it held: none of our replies waits.
         self._paused = False
+        cancel_call(self._stall_timer)
+        self._stall_timer = None
+        self._server.reply_budget.hold(self, 0)
         self._start_reading("backpressure")
         self._dispatch()
+
+    def _reply_stalled(self) -> None:
+        """Replies unread for REPLY_STALL_TIMEOUT: close it if others wait for what it holds."""
+        self._stall_timer = None
+        if not self._paused or self._lost:
+            return
+        self.account_replies()
+        if self._server.reply_budget.pressed and self._outbox is not None and self._outbox.held():
+            log.warn(
+                "closing {peer}: it read none of its replies for {seconds:g} s "
+                "while others wait for room",
+                peer=self.peer_host,
+                seconds=REPLY_STALL_TIMEOUT,
+            )
+            self._abort()
+            return
+        self._stall_timer = self._server.clock.call_later(REPLY_STALL_TIMEOUT, self._reply_stalled)
 
     def _stop_reading(self, why: str) -> None:
         if not self._not_reading and self.transport is not None:
@@ -308,6 +393,11 @@ class NBDServerProtocol(Protocol):
         self._abort()
 
     # -- the control plane's handles -----------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, nothing in flight: closing it loses the client nothing."""
+        return not self._queue and self._in_flight == 0 and not self._paused
 
     @property
     def export_name(self) -> str | None:
@@ -365,9 +455,15 @@ class NBDServerProtocol(Protocol):
             # Only whole requests count: a sender that trickles a byte at a
             # time, never finishing one, is as silent as one that sends nothing.
             self._sender_timer.reset(self._server.sender_timeout)
+        if events:
+            self.last_active = self._server.clock.seconds()
         for event in events:
             kind = type(event)
-            if kind is Request or kind is RejectedRequest:
+            if kind is Request:
+                request = cast(Request, event)
+                self._queue.append(request)
+                self._queued_bytes += len(request.data)
+            elif kind is RejectedRequest:
                 self._queue.append(event)  # type: ignore[arg-type]
             elif kind is HandshakeComplete:
                 if not self._handshake_complete(event):  # type: ignore[arg-type]
@@ -381,18 +477,59 @@ class NBDServerProtocol(Protocol):
                 self._lose()
                 return
         self._dispatch()
+        self._account_received()
+
+    def _account_received(self) -> None:
+        """What this connection holds of its client's input, against every limit on it."""
+        nbd = self._nbd
+        if nbd is None or self._lost:
+            return
+        partial = nbd.buffered
+        if partial and self._partial_timer is None:
+            self._partial_timer = self._server.clock.call_later(
+                PARTIAL_REQUEST_TIMEOUT, self._partial_expired
+            )
+        elif not partial and self._partial_timer is not None:
+            cancel_call(self._partial_timer)
+            self._partial_timer = None
+        budget = self._server.receive_budget
+        held = partial + self._queued_bytes
+        budget.hold(self, held)
+        if len(self._queue) >= MAX_QUEUED_REQUESTS or self._queued_bytes >= MAX_QUEUED_BYTES:
+            self._stop_reading("queue")
+        elif "queue" in self._not_reading and len(self._queue) < MAX_QUEUED_REQUESTS // 2:
+            self._start_reading("queue")
+        # A connection that holds nothing may go on (a handshake, small requests
+        # performed as they come); one that holds part of the budget waits.
+        if held and not budget.fits() and not budget.exempt(self):
+            self._stop_reading("budget")
+            budget.wait(self, self._room_to_receive)
+
+    def _room_to_receive(self) -> None:
+        self._start_reading("budget")
+
+    def _partial_expired(self) -> None:
+        self._partial_timer = None
+        if self._nbd is not None and self._nbd.buffered and not self._lost:
+            log.warn(
+                "closing {peer}: a request was not whole {seconds:g} s after it began",
+                peer=self.peer_host,
+                seconds=PARTIAL_REQUEST_TIMEOUT,
+            )
+            self._abort()
 
     def _flush_handshake(self) -> None:
         if self._nbd is not None and self._outbox is not None:
             out = self._nbd.data_to_send()
             if out:
                 self._outbox.add(out)
-                self._outbox.flush()
+                self._flush_outbox()
 
     def _handshake_complete(self, event: HandshakeComplete) -> bool:
         """Attach to the chosen export; False if refused after all (the connection closes)."""
         self._cancel_handshake_timer()
         export = self._server.export_named(event.export.name)
+        self._context_id = next(iter(event.meta_contexts), 0)  # the sender's too
         if event.migration is not None:
             return self._become_sender(export, event)
         if event.flexnbd:
@@ -408,7 +545,6 @@ class NBDServerProtocol(Protocol):
             self._refuse()
             return False
         self._export = export
-        self._context_id = next(iter(event.meta_contexts), 0)
         export.attach(self)
         return True
 
@@ -553,8 +689,17 @@ class NBDServerProtocol(Protocol):
                 break
             event = queue[0]
             if type(event) is Request:
+                command = event.command
+                if command is _READ and not self._server.room_for_replies(event.length):
+                    # Replies already waiting for their clients fill the budget.
+                    self._server.reply_budget.wait(self, self._dispatch)
+                    break
+                if self._in_flight >= MAX_JOBS_PER_CONNECTION and (
+                    command is _FLUSH or int(event.flags) & _FUA
+                ):
+                    break  # a job ends first (_settle_thread_job dispatches again)
                 if (
-                    event.command is _WRITE
+                    command is _WRITE
                     and export is not None
                     and export.write_limiter is not None
                     and not self._write_charged
@@ -567,6 +712,7 @@ class NBDServerProtocol(Protocol):
                         break
                 self._write_charged = False
                 queue.popleft()
+                self._queued_bytes -= len(event.data)
                 self._perform(event)
             else:
                 queue.popleft()
@@ -574,8 +720,8 @@ class NBDServerProtocol(Protocol):
                     self._commit(event)
                 else:
                     self._reject(event)  # type: ignore[arg-type]
-        if self._outbox is not None and not self._lost:
-            self._outbox.flush()
+        self._flush_outbox()
+        self._account_received()
         self._maybe_close()
 
     def _unthrottle(self) -> None:
@@ -785,15 +931,25 @@ class NBDServerProtocol(Protocol):
         d.addBoth(self._settle_thread_job)
 
     def _settle_thread_job(self, result: object) -> None:
-        """A job on the worker thread has answered: send its reply now, maybe close."""
+        """A job on the worker thread has answered: send its reply now, then go on."""
         self._in_flight -= 1
         self._flush_outbox()
-        self._maybe_close()
+        self._dispatch()
 
     def _flush_outbox(self) -> None:
-        """Send what the outbox holds now (outside ``_dispatch``: a timer, a thread's answer)."""
+        """Send what the outbox holds; what the socket did not take counts against the budget."""
+        outbox = self._outbox
+        if outbox is None or self._lost:
+            return
+        if outbox.pending:
+            self.last_active = self._server.clock.seconds()
+        outbox.flush()
+        self.account_replies()
+
+    def account_replies(self) -> None:
+        """Count the reply bytes this connection's transport still holds (REPLY_BUDGET)."""
         if self._outbox is not None and not self._lost:
-            self._outbox.flush()
+            self._server.reply_budget.hold(self, self._outbox.held())
 
     # -- closing ------------------------------------------------------------------------
 
