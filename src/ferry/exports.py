@@ -21,6 +21,7 @@ A daemon describes its exports in a file: an :class:`ExportConfig` is one
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Iterator, Mapping
@@ -52,6 +53,7 @@ __all__ = [
     "ExportRegistry",
     "ExportUnit",
     "UnknownExport",
+    "name_problem",
     "parse_export",
 ]
 
@@ -140,8 +142,9 @@ def parse_export(table: Mapping[str, Any]) -> ExportConfig:
     name = _text(table, "name")
     if name is None:
         raise BadExportConfig("name", "missing: every export needs a name")
-    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
-        raise BadExportConfig("name", f"longer than NBD's {MAX_NAME_BYTES} bytes")
+    problem = name_problem(name)
+    if problem is not None:
+        raise BadExportConfig("name", problem)
     file = _text(table, "file")
     if file is None:
         raise BadExportConfig("file", "missing: which image does the export serve?")
@@ -155,15 +158,7 @@ def parse_export(table: Mapping[str, Any]) -> ExportConfig:
         Acl.parse(acl)
     except AclError as error:
         raise BadExportConfig("acl", str(error)) from None
-    max_downtime = table.get("max_downtime")
-    if max_downtime is not None and (
-        isinstance(max_downtime, bool)
-        or not isinstance(max_downtime, int | float)
-        or not 0 < max_downtime < float("inf")
-    ):
-        raise BadExportConfig(
-            "max_downtime", f"must be a positive number of seconds, not {max_downtime!r}"
-        )
+    max_downtime = _seconds(table, "max_downtime")
     return ExportConfig(
         file=file,
         name=name,
@@ -172,8 +167,29 @@ def parse_export(table: Mapping[str, Any]) -> ExportConfig:
         resource=_text(table, "resource"),
         acl=tuple(acl),
         default_deny=_flag(table, "default_deny"),
-        max_downtime=None if max_downtime is None else float(max_downtime),
+        max_downtime=max_downtime,
     )
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be an export's name (None: it can): NBD carries it as at most
+    4096 bytes of UTF-8, and logs, traces and lease names carry it too."""
+    problem = _text_problem(name)
+    if problem is None and len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        return f"longer than NBD's {MAX_NAME_BYTES} bytes"
+    return problem
+
+
+def _text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be a name or a path (None: it can): JSON's ``\\ud800`` spells a
+    lone surrogate, which no UTF-8 can carry, and ``\\u0000`` a NUL, which no path can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "not UTF-8 text (a lone surrogate)"
+    if "\x00" in text:
+        return "contains a NUL character"
+    return None
 
 
 def _text(table: Mapping[str, Any], key: str) -> str | None:
@@ -182,7 +198,25 @@ def _text(table: Mapping[str, Any], key: str) -> str | None:
         return None
     if not isinstance(value, str) or not value:
         raise BadExportConfig(key, f"must be a non-empty string, not {value!r}")
+    problem = _text_problem(value)
+    if problem is not None:
+        raise BadExportConfig(key, problem)
     return value
+
+
+def _seconds(table: Mapping[str, Any], key: str) -> float | None:
+    """A positive, finite number of seconds, from TOML or JSON."""
+    value = table.get(key)
+    if value is None:
+        return None
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        with contextlib.suppress(OverflowError):  # an integer past a float's range
+            seconds = float(value)
+    if seconds is None or not 0 < seconds < float("inf"):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+        raise BadExportConfig(key, f"must be a positive number of seconds, not {shown}")
+    return seconds
 
 
 def _flag(table: Mapping[str, Any], key: str) -> bool:

@@ -39,6 +39,7 @@ from ferry.exports import (
     ExportRegistry,
     ExportUnit,
     UnknownExport,
+    name_problem,
     parse_export,
 )
 from ferry.migrate.manager import CannotBreak, MirrorBusy, NotMirroring
@@ -220,7 +221,10 @@ class Commands:
         destination, options = parsed
         dest_export = params.get("dest_export", unit.name if params.get("export") else "")
         if not isinstance(dest_export, str):
-            return Reply(1, f"bad dest_export: {dest_export!r}")
+            return Reply(1, "bad dest_export: must be an export's name")
+        problem = name_problem(dest_export)
+        if problem is not None:
+            return Reply(1, f"bad dest_export: {problem}")
         destination = dataclasses.replace(destination, export_name=dest_export)
         try:
             started = mirrors.mirror(destination, options)
