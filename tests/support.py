@@ -59,8 +59,15 @@ class FerryProcess:
         rb"(?:serving|listening for a migration of) .* on (?P<addr>\S+):(?P<port>\d+)"
     )
 
-    def __init__(self, args: Sequence[str], *, env: dict[str, str] | None = None) -> None:
-        self.args = [*FERRY, *args]
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        netns: str | None = None,
+    ) -> None:
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.args = [*prefix, *FERRY, *args]
         self.proc = subprocess.Popen(
             self.args,
             stdin=subprocess.DEVNULL,

@@ -19,6 +19,7 @@ goes with it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +39,7 @@ from ferry.control.commands import Command, Commands
 from ferry.control.events import EventHub
 from ferry.control.server import listen_control
 from ferry.exports import ExportBusy, ExportConfig, ExportError, ExportRegistry, ExportUnit
+from ferry.handoff.address import AddressError, ServiceAddress, listen_freebind
 from ferry.lease.backend import LeaseBackend, LeaseConflict, LeaseError, LeaseMode
 from ferry.lease.incoming import IncomingLease
 from ferry.lease.manager import LeaseManager
@@ -48,8 +50,11 @@ from ferry.lease.spec import (
     parse_lockspace,
 )
 from ferry.metrics import make_registry, metrics_root
+from ferry.migrate.arrivals import Arrivals
+from ferry.migrate.carry import Carrier
 from ferry.migrate.destination import Receiver
 from ferry.migrate.manager import MirrorManager
+from ferry.migrate.service import ServiceAddressHolder
 from ferry.migrate.wire import tcp_connector
 from ferry.safepath import UnsafePath
 from ferry.serve.acl import Acl, AclError, is_loopback
@@ -95,6 +100,9 @@ class NodeConfig:
     # What a migration's ``exit`` action ends once the image is handed over:
     # the process (``ferry serve``), or only the export (a daemon).
     exit_stops_node: bool = True
+    # --service-address IP/PREFIX@DEV: the address clients use, which moves
+    # with the image (``ferry serve`` and ``listen``; a daemon has none).
+    service_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,8 @@ class ServeConfig:
     # default (a local directory), NO_LOCKSPACE is no lease at all.
     lockspace: str | None = None
     resource: str | None = None  # the lease's name (default: the image's real path)
+    # --service-address IP/PREFIX@DEV: the address clients use, which moves with the image.
+    service_address: str | None = None
 
     @property
     def export_name(self) -> str:
@@ -147,6 +157,7 @@ class ServeConfig:
             metrics=self.metrics,
             trace=self.trace,
             lockspace=self.lockspace,
+            service_address=self.service_address,
         )
 
 
@@ -189,6 +200,8 @@ class Node:
         # Called after an export was added or removed (a daemon's STATUS).
         self.exports_changed: list[Callable[[], None]] = []
         self._running = False  # every export of the start serves
+        # How client connections move at a handoff (opened with the node).
+        self.carrier: Carrier | None = None
         self._stopped = False
 
     def run_blocking(self, work: Callable[[], object]) -> Deferred[Any]:
@@ -278,13 +291,18 @@ class Node:
             except OSError as error:
                 raise StartupError(f"trace file {config.trace}: {error.strerror}") from None
             self.tracer.subscribe(self._trace_file.write)
+        self.carrier = Carrier.open(_service_address(config))
         self.server = NBDServer(
             [],
             clock=self.clock,
             run_blocking=self.run_blocking,
             acl=acl,
             oldstyle=config.oldstyle,
-            receiver=Receiver(run_blocking=self.run_blocking, clock=self.clock),
+            receiver=Receiver(
+                run_blocking=self.run_blocking,
+                clock=self.clock,
+                arrivals=Arrivals(self.reactor, self.carrier),
+            ),
         )
         if config.sock:
             from ferry.control.server import ControlSocketError
@@ -376,8 +394,10 @@ class Node:
             connector=tcp_connector(self.reactor),
             tracer=self.tracer,
             stop_process=lambda: self._after_handoff(name),
+            carrier=self.carrier,
         )
         unit = ExportUnit(config, export, mirrors)
+        unit.can_move_connections = self.carrier is not None and self.carrier.can_move
         self._adding[name] = unit
         d = self._take_lease(unit)
 
@@ -525,8 +545,30 @@ class Node:
     # -- the port ----------------------------------------------------------------------
 
     def _open_nbd(self, config: NodeConfig) -> None:
-        assert self.server is not None
+        assert self.server is not None and self.carrier is not None
         self.nbd_port = self._listen_tcp(config.port, self.server, config.addr, "NBD")
+        service = self.carrier.service
+        if service is None:
+            return
+        # Held now if an image is served from the start; a listener takes it at the commit.
+        if any(not export.listen for export in self._initial):
+            try:
+                if service.hold():
+                    log.info("added the service address {address}", address=str(service.address))
+            except AddressError as error:
+                raise StartupError(f"--service-address: {error}") from None
+        if ipaddress.ip_address(config.addr or "0.0.0.0").is_unspecified:
+            return  # the port on every address covers the service address too
+        # A destination listens there before the address is its own (IP_FREEBIND).
+        try:
+            listening = listen_freebind(service.address.ip, config.port)
+        except OSError as error:
+            raise StartupError(
+                f"cannot listen for NBD on {service.address.ip}:{config.port}: {error.strerror}"
+            ) from None
+        with listening:
+            port = self.reactor.adoptStreamPort(listening.fileno(), listening.family, self.server)
+        self._ports.append(port)
 
     @property
     def nbd_address(self) -> tuple[str, int] | None:
@@ -636,8 +678,21 @@ class Node:
             self.server.forget_lane(unit.name)
 
     def _close_now(self) -> None:
+        if self.carrier is not None:
+            self.carrier.close()
+            self.carrier = None
         for unit in self.exports:
             unit.image.close()
         if self._trace_file is not None:
             self._trace_file.close()
             self._trace_file = None
+
+
+
+def _service_address(config: NodeConfig) -> ServiceAddressHolder | None:
+    if not config.service_address:
+        return None
+    try:
+        return ServiceAddressHolder(ServiceAddress.parse(config.service_address))
+    except AddressError as error:
+        raise StartupError(f"--service-address {config.service_address}: {error}") from None

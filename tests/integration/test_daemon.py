@@ -257,7 +257,8 @@ def test_remove_refuses_a_migrating_export_unless_forced(host: Host, tmp_path: P
 def test_a_migration_from_a_daemon_into_another_daemon_s_listening_export(
     tmp_path: Path,
 ) -> None:
-    """x moves from one daemon to the other; y and z there, w here, keep their clients."""
+    """x moves from one daemon to the other with its client; y and z there, w here, keep
+    theirs."""
     source_host, dest_host = Host(tmp_path, "source"), Host(tmp_path, "dest")
     locks = f"local:{tmp_path / 'locks'}"  # both daemons on one host: one lockspace
     (tmp_path / "locks").mkdir(mode=0o700)
@@ -284,6 +285,9 @@ def test_a_migration_from_a_daemon_into_another_daemon_s_listening_export(
                 timeout=120,
             ).stdout.decode()
             assert migrated.rstrip().endswith("has control of the image"), migrated
+            # x's client moved with its image (TCP_REPAIR) and writes on, at the destination.
+            handed = written(dest, "x")
+            wait_until("x's client writes at the destination", lambda: written(dest, "x") > handed)
             # The exit action removed x from the source daemon, not the daemon.
             wait_until("x left the source", lambda: "x" not in exports(source_host.sock))
             before = {name: written(source, name) for name in "yz"}
@@ -293,11 +297,14 @@ def test_a_migration_from_a_daemon_into_another_daemon_s_listening_export(
                 )
         finally:
             reports = writers.stop()
-        # x's client was handed off with its image; the others never saw a thing.
-        for name in "yzw":
+        # No client saw a thing: x's moved, the others stayed where they were.
+        for name in "xyzw":
             assert (reports[name]["ended"], reports[name]["error"]) == ("stopped", ""), reports
         rows = exports(dest_host.sock)
         assert (rows["x"]["state"], rows["x"]["lease"]["state"]) == ("serving", "held")
+        status = ferry("status", "--sock", str(dest_host.sock), "--export", "x", "--json")
+        moves = json.loads(status)
+        assert (moves["connections_moved"], moves["connections_aborted"]) == (1, 0), moves
         assert listed(source.port) == ["y", "z"]
         assert listed(dest.port) == ["x", "w"]
         # The destination answers real clients for x, on its one port.
@@ -306,9 +313,15 @@ def test_a_migration_from_a_daemon_into_another_daemon_s_listening_export(
     finally:
         assert dest.stop() == 0
         assert source.stop() == 0
+    # x's writes, before and after the move, are at the destination; every block its
+    # client never wrote is the source's.
     moved = (dest_host.root / "x.img").read_bytes()
-    assert moved == (source_host.root / "x.img").read_bytes()
     check_acked(reports["x"], moved)
+    original = (source_host.root / "x.img").read_bytes()
+    written_x = {int(o) for part in ("acked", "unanswered") for o in reports["x"][part]}
+    for offset in range(0, SIZE, BLOCK):
+        if offset not in written_x:
+            assert moved[offset : offset + BLOCK] == original[offset : offset + BLOCK], offset
     for name in "yz":
         check_acked(reports[name], (source_host.root / f"{name}.img").read_bytes())
     check_acked(reports["w"], (dest_host.root / "w.img").read_bytes())

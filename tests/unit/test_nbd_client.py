@@ -236,10 +236,13 @@ def test_extra_option_shutdown_fails_and_odd_replies_break() -> None:
     conn.receive_data(greeting(3))
     with pytest.raises(ProtocolError, match="unexpected reply"):
         conn.receive_data(rep(0x1000, REP_INFO, b"\x00\x00"))
+
+
+def test_an_ack_to_an_extra_option_carries_its_payload_to_the_caller() -> None:
     conn = ClientConnection("", extra_options=[(0x1000, b"")])
     conn.receive_data(greeting(3))
-    with pytest.raises(ProtocolError, match="ACK to option 0x1000 with a payload"):
-        conn.receive_data(rep(0x1000, REP_ACK, b"x"))
+    events = conn.receive_data(rep(0x1000, REP_ACK, b"x"))
+    assert events == [OptionAnswered(0x1000, OptionReply.ACK, payload=b"x")]
 
 
 def test_extra_options_must_be_non_standard() -> None:

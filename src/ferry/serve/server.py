@@ -60,7 +60,7 @@ from twisted.logger import Logger
 from ferry.chartnames import RoleState
 from ferry.clock import Clock, DelayedCall, cancel_call
 from ferry.nbd.constants import OptionReply
-from ferry.nbd.events import ExportInfo, MigrationRequest, Refusal
+from ferry.nbd.events import ConnectionLanding, ExportInfo, MigrationRequest, Refusal
 from ferry.serve.acl import Acl
 from ferry.serve.connection import NBDServerProtocol, Receiver
 from ferry.serve.export import RECEIVING_STATES, Export
@@ -270,9 +270,9 @@ class NBDServer(Factory):
         """
         exports = list(self.exports.values())
         if peer_host is not None:
-            named = [e for e in exports if self.acl.admits_sender(peer_host, e.acl)]
-            if not (named if exports else self.acl.admits_sender(peer_host)):
-                return _sender_refused(peer_host)
+            named = self._sender_exports(peer_host)
+            if isinstance(named, Refusal):
+                return named
             exports = named
         if not self.accepting:
             return Refusal(OptionReply.ERR_SHUTDOWN, "server is shutting down")
@@ -291,6 +291,29 @@ class NBDServer(Factory):
         if target is None:
             return Refusal(OptionReply.ERR_UNKNOWN, "this server has no export")
         return _not_listening(target)
+
+    def connection_landing(self, *, peer_host: str | None = None) -> ConnectionLanding | Refusal:
+        """Whether a sender's client connections may come along (``peer_host``: the ACLs
+        apply, as to its migration)."""
+        if peer_host is not None:
+            exports = self._sender_exports(peer_host)
+            if isinstance(exports, Refusal):
+                return exports
+        if self.receiver is None:
+            return Refusal(OptionReply.ERR_POLICY, "this server takes no migrations")
+        return self.receiver.connection_landing()
+
+    def _sender_exports(self, peer_host: str) -> list[Export] | Refusal:
+        """The exports a migration sender at ``peer_host`` may send into, or why none.
+
+        Those whose ACLs, the listener's and the export's, let it send
+        (``Acl.admits_sender``); with no export, the listener's alone decides.
+        """
+        exports = list(self.exports.values())
+        named = [e for e in exports if self.acl.admits_sender(peer_host, e.acl)]
+        if not (named if exports else self.acl.admits_sender(peer_host)):
+            return _sender_refused(peer_host)
+        return named
 
     def lookup_sender(self, name: str, *, peer_host: str | None = None) -> ExportInfo | Refusal:
         """The export a flexnbd sender names, if it listens (``peer_host``: the ACLs apply)."""
@@ -399,6 +422,9 @@ class PeerCatalog:
 
     def lookup_sender(self, name: str) -> ExportInfo | Refusal:
         return self._refused(name) or self._server.lookup_sender(name, peer_host=self._peer_host)
+
+    def connection_landing(self) -> ConnectionLanding | Refusal:
+        return self._server.connection_landing(peer_host=self._peer_host)
 
 
 def _sender_refused(peer_host: str) -> Refusal:
