@@ -53,6 +53,7 @@ __all__ = [
     "ExportRegistry",
     "ExportUnit",
     "UnknownExport",
+    "export_of",
     "name_problem",
     "parse_export",
 ]
@@ -226,6 +227,20 @@ def _flag(table: Mapping[str, Any], key: str) -> bool:
     return value
 
 
+def export_of(record: TraceRecord) -> str | None:
+    """The name of the export a role's, a migration's or a moving connection's record is
+    about; None for a lease's, which names its resource (:meth:`ExportUnit.owns` knows).
+
+    A connection machine's instance is ``EXPORT/HOST:PORT`` (``ferry.migrate.carry``),
+    and an export's name may hold a ``/`` itself.
+    """
+    if record.machine == "lease":
+        return None
+    if record.machine == "connection":
+        return record.instance.rpartition("/")[0]
+    return record.instance
+
+
 class UnknownExport(LookupError):
     """No export of that name; ``str`` says so, in one line."""
 
@@ -290,10 +305,11 @@ class ExportUnit:
         return None
 
     def owns(self, record: TraceRecord) -> bool:
-        """Whether ``record`` is a transition of this export's role, migration or lease."""
+        """Whether ``record`` is a transition of this export's role, migration, lease, or of
+        one of its client connections moving."""
         if record.machine == "lease":
             return record.instance in self._lease_resources()
-        return record.instance == self.name
+        return export_of(record) == self.name
 
     def _lease_resources(self) -> set[str]:
         names = {self.resource} if self.resource is not None else set()

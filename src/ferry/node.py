@@ -38,7 +38,14 @@ from ferry.clock import ReactorClock
 from ferry.control.commands import Command, Commands
 from ferry.control.events import EventHub
 from ferry.control.server import listen_control
-from ferry.exports import ExportBusy, ExportConfig, ExportError, ExportRegistry, ExportUnit
+from ferry.exports import (
+    ExportBusy,
+    ExportConfig,
+    ExportError,
+    ExportRegistry,
+    ExportUnit,
+    export_of,
+)
 from ferry.handoff.address import AddressError, ServiceAddress, listen_freebind
 from ferry.lease.backend import LeaseBackend, LeaseConflict, LeaseError, LeaseMode
 from ferry.lease.incoming import IncomingLease
@@ -209,8 +216,9 @@ class Node:
 
     def _export_of(self, record: TraceRecord) -> str:
         """The name of the export a transition belongs to ("" for none), for the log."""
-        if record.machine != "lease":
-            return record.instance  # a role's or a migration's instance is its export's name
+        name = export_of(record)
+        if name is not None:
+            return name
         units: list[ExportUnit] = [*self.exports, *self._adding.values()]
         return next((unit.name for unit in units if unit.owns(record)), "")
 
