@@ -65,9 +65,12 @@ class FerryProcess:
         *,
         env: dict[str, str] | None = None,
         netns: str | None = None,
+        wrap: Sequence[str] = (),
     ) -> None:
+        """``netns``: run it in that network namespace; ``wrap``: a command that runs it
+        (``setpriv ... --``)."""
         prefix = ["ip", "netns", "exec", netns] if netns else []
-        self.args = [*prefix, *FERRY, *args]
+        self.args = [*prefix, *wrap, *FERRY, *args]
         self.proc = subprocess.Popen(
             self.args,
             stdin=subprocess.DEVNULL,
