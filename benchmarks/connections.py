@@ -74,9 +74,7 @@ def one_run(count: int, rate: int, moved: bool) -> dict[str, Any]:
                 line = hosts.source.wait_for_log("the switchover held clients")
                 time.sleep(1.0)  # a second of writes after it, to the destination
             finally:
-                stop.touch()
-                reports = hosts.reports()
-                hosts.stop()
+                reports = hosts.finish(stop)
     finally:
         lan.close()
     found = HOLD.search(line)

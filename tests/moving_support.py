@@ -90,13 +90,18 @@ class Hosts:
     def mirror(self) -> subprocess.CompletedProcess[bytes]:
         return run(self.mirror_command(), timeout=120, check=False)
 
-    def reports(self) -> list[dict[str, object]]:
-        reports = []
-        for client in self.clients:
-            stdout, stderr = client.communicate(timeout=60)
-            assert client.returncode == 0, stderr.decode()
-            reports.append(json.loads(stdout))
-        return reports
+    def finish(self, stop: Path) -> list[dict[str, object]]:
+        """Tell the clients to stop, collect their reports, stop both ferries -- whatever fails."""
+        stop.touch()
+        try:
+            reports = []
+            for client in self.clients:
+                stdout, stderr = client.communicate(timeout=60)
+                assert client.returncode == 0, stderr.decode()
+                reports.append(json.loads(stdout))
+            return reports
+        finally:
+            self.stop()
 
     def stop(self) -> None:
         for client in self.clients:

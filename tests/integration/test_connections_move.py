@@ -146,10 +146,10 @@ def test_clients_move_to_another_host_with_the_image(lan: Lan, tmp_path: Path) -
         source_status = hosts.status(hosts.source_sock)
         dest_status = hosts.status(hosts.dest_sock)
     finally:
-        stop.touch()
-        output = qemu.finish() if qemu is not None else ""
-        reports = hosts.reports()
-        hosts.stop()
+        try:
+            output = qemu.finish() if qemu is not None else ""
+        finally:
+            reports = hosts.finish(stop)
 
     assert source_status["state"] == "handed_off"
     assert dest_status["state"] == "serving"
@@ -182,9 +182,7 @@ def test_sixteen_clients_move_at_once(lan: Lan, tmp_path: Path) -> None:
         )
         dest_status = hosts.status(hosts.dest_sock)
     finally:
-        stop.touch()
-        reports = hosts.reports()
-        hosts.stop()
+        reports = hosts.finish(stop)
     assert (dest_status["connections_moved"], dest_status["connections_aborted"]) == ("16", "0")
     for report in reports:
         assert report["ended"] == "stopped", report
@@ -218,9 +216,7 @@ def test_a_destination_killed_while_restoring_loses_no_acknowledged_write(
             Deadline(60),
         )
     finally:
-        stop.touch()
-        reports = hosts.reports()
-        hosts.stop()
+        reports = hosts.finish(stop)
     (report,) = reports
     # Its socket on the destination died with the process: the client was told.
     assert report["ended"] == "error", report
@@ -243,9 +239,7 @@ def test_a_destination_without_cap_net_admin_takes_the_image_and_drops_the_clien
         assert mirror.returncode == 0, mirror.stderr.decode()
         source_status = hosts.status(hosts.source_sock)
     finally:
-        stop.touch()
-        reports = hosts.reports()
-        hosts.stop()
+        reports = hosts.finish(stop)
     assert source_status["state"] == "handed_off"
     assert (source_status["connections_moved"], source_status["connections_aborted"]) == ("0", "1")
     (report,) = reports
