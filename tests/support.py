@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 DEADLINE = 30.0
 FERRY = [sys.executable, "-m", "ferry"]
@@ -53,7 +53,14 @@ def read_line(stream: IO[bytes], deadline: Deadline) -> bytes:
 
 
 class FerryProcess:
-    """``ferry serve`` in a child process; knows its port once it says it serves."""
+    """``ferry serve`` in a child process; knows its port once it says it serves.
+
+    Every one started is remembered until :meth:`reap` (the integration
+    tests' conftest calls it after each test), so a test that fails before
+    it stops its processes does not leave them running into the next.
+    """
+
+    started: ClassVar[list[FerryProcess]] = []
 
     SERVING = re.compile(
         rb"(?:serving|listening for a migration of) .* on (?P<addr>\S+):(?P<port>\d+)"
@@ -80,6 +87,19 @@ class FerryProcess:
         )
         self.log: list[str] = []
         self.port = 0
+        FerryProcess.started.append(self)
+
+    @classmethod
+    def reap(cls) -> list[str]:
+        """Kill every process still running; the command line of each one killed."""
+        killed = []
+        for process in cls.started:
+            if process.proc.poll() is None:
+                process.proc.kill()
+                process.proc.wait(timeout=DEADLINE)
+                killed.append(" ".join(process.args))
+        cls.started.clear()
+        return killed
 
     def wait_serving(self, deadline: Deadline | None = None) -> FerryProcess:
         deadline = deadline or Deadline()
