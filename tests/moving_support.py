@@ -3,8 +3,8 @@
 :func:`start_hosts` starts ``ferry serve`` on the source host and ``ferry
 listen`` on the destination host of a :class:`~handoff_support.Lan`, both
 with the service address (``handoff_support.SERVICE``) and a local
-lockspace of the test's own; clients run in the LAN's third host and reach
-the image at ``URI``, wherever it is served from.
+lockspace of the test's own; clients run in the LAN's hosts named
+``client…`` and reach the image at ``URI``, wherever it is served from.
 """
 
 from __future__ import annotations
@@ -58,18 +58,18 @@ class Hosts:
         args = [str(WORKLOAD), URI, str(client), str(clients), str(blocks), str(stop), str(depth)]
         self.client(args)
 
-    def client(self, args: Sequence[str]) -> None:
-        """A script run by Debian's Python (libnbd's bindings) in the clients' host."""
+    def client(self, args: Sequence[str], host: str = "client") -> None:
+        """A script run by Debian's Python (libnbd's bindings) in a clients' host."""
         self.clients.append(
             subprocess.Popen(
-                [*self.in_client_host(), "/usr/bin/python3", *args],
+                [*self.in_client_host(host), "/usr/bin/python3", *args],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
             )
         )
 
-    def in_client_host(self) -> list[str]:
-        return ["ip", "netns", "exec", self.lan["client"].netns]
+    def in_client_host(self, host: str = "client") -> list[str]:
+        return ["ip", "netns", "exec", self.lan[host].netns]
 
     def mirror_command(self) -> list[str]:
         """``ferry mirror --wait`` to the destination host, from the source's control socket."""
@@ -161,7 +161,7 @@ def start_hosts(
                 *common,
                 # Who may talk to it: the source (as the sender) and the clients.
                 lan["source"].address,
-                lan["client"].address,
+                *(host.address for name, host in lan.hosts.items() if name.startswith("client")),
             ],
             netns=lan["destination"].netns,
             wrap=dest_wrap,
