@@ -56,8 +56,9 @@ class FerryProcess:
     """``ferry serve`` in a child process; knows its port once it says it serves.
 
     Every one started is remembered until :meth:`reap` (the integration
-    tests' conftest calls it after each test), so a test that fails before
-    it stops its processes does not leave them running into the next.
+    tests' conftest calls it after each test, for the processes that test
+    started), so a test that fails before it stops its processes does not
+    leave them running into the next.
     """
 
     started: ClassVar[list[FerryProcess]] = []
@@ -90,15 +91,16 @@ class FerryProcess:
         FerryProcess.started.append(self)
 
     @classmethod
-    def reap(cls) -> list[str]:
-        """Kill every process still running; the command line of each one killed."""
+    def reap(cls, since: int = 0) -> list[str]:
+        """Kill every process started since the ``since``-th that still runs; the command
+        line of each one killed.  The earlier ones (a module's fixture) are kept."""
         killed = []
-        for process in cls.started:
+        for process in cls.started[since:]:
             if process.proc.poll() is None:
                 process.proc.kill()
                 process.proc.wait(timeout=DEADLINE)
                 killed.append(" ".join(process.args))
-        cls.started.clear()
+        del cls.started[since:]
         return killed
 
     def wait_serving(self, deadline: Deadline | None = None) -> FerryProcess:
