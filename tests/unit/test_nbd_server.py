@@ -572,6 +572,23 @@ def test_transmission_flags(read_only: bool, structured: bool, expected: int) ->
     assert flags == expected
 
 
+def test_advertise_caps_the_flags_and_the_command_flags_accepted() -> None:
+    # A proxy's export: the server behind it has no FUA, no FAST_ZERO, no CACHE.
+    behind = f.HAS_FLAGS | f.SEND_FLUSH | f.SEND_TRIM | f.SEND_WRITE_ZEROES | 1 << 4  # ROTATIONAL
+    info = ExportInfo("disk", SIZE, advertise=TransmissionFlag(behind))
+    flags = transmission_flags(info, structured=True)
+    assert flags == f.HAS_FLAGS | f.SEND_FLUSH | f.SEND_TRIM | f.SEND_WRITE_ZEROES
+    conn = transmitting(catalog=Catalog(exports={"disk": info}))
+    fua, fast_zero = 1, 16
+    events = conn.receive_data(
+        f.request(W, 1, 0, 4, fua, b"data") + f.request(WZ, 2, 0, 4096, fast_zero)
+    )
+    assert [(type(e), e.handle) for e in events] == [(RejectedRequest, 1), (RejectedRequest, 2)]
+    # ... and a read-only one advertises READ_ONLY whatever the cap says.
+    read_only = ExportInfo("ro", SIZE, read_only=True, advertise=TransmissionFlag(f.HAS_FLAGS))
+    assert transmission_flags(read_only, structured=False) == f.HAS_FLAGS | f.READ_ONLY
+
+
 # -- oldstyle ---------------------------------------------------------------------------------
 
 

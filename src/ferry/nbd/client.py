@@ -41,6 +41,7 @@ OPTION GO          other error                     FAILED (NegotiationFailed)
 OPTION extra       ACK / any other error           OPTION (next extra, else as
                                                    after the greeting)
                                                    (OptionAnswered)
+OPTION extra       any other reply (with data)     same (OptionData)
 OPTION any         ERR_SHUTDOWN / ERR_TLS_REQD     FAILED (NegotiationFailed)
 EXPORT_NAME        size + flags                    TRANSMISSION (Negotiated)
 EXPORT_NAME        end of stream                   FAILED (NegotiationFailed)
@@ -48,7 +49,8 @@ TRANSMISSION       end of stream, nothing pending  CLOSED
 =================  ==============================  ===========================
 
 ``extra_options`` are sent first, after the client flags, one at a time;
-each answer (ACK or error) becomes an ``OptionAnswered`` event and the
+each answer (ACK or error) becomes an ``OptionAnswered`` event, after an
+``OptionData`` for each reply with data that came before it, and the
 handshake goes on either way: the caller decides what a refusal means
 (ferry's migration source sends ``FERRY_OPT_MIGRATE`` this way; ERR_UNSUP
 says the server is a plain NBD server).  An oldstyle server cannot be asked
@@ -109,6 +111,7 @@ from ferry.nbd.events import (
     Negotiated,
     NegotiationFailed,
     OptionAnswered,
+    OptionData,
     ProtocolError,
     Reply,
 )
@@ -620,7 +623,10 @@ class ClientConnection:
                 return
             events.append(OptionAnswered(option, error, message))
         else:
-            raise ProtocolError(f"unexpected reply {rtype:#x} to option {option:#x}")
+            # An extension's reply with data (a ferry LOCATION, say): the
+            # option goes on until its ACK or error.
+            events.append(OptionData(option, rtype, bytes(payload)))
+            return
         self._next_option()
 
     def _after_structured_reply(self) -> None:

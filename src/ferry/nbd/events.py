@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ferry.nbd.constants import BlockState, Command, CommandFlag, Errno, OptionReply
+from ferry.nbd.constants import (
+    BlockState,
+    Command,
+    CommandFlag,
+    Errno,
+    OptionReply,
+    TransmissionFlag,
+)
 
 
 class ProtocolError(Exception):
@@ -35,6 +42,10 @@ class ExportInfo:
     min_block_size: int = 1
     preferred_block_size: int = 4096
     max_block_size: int = 32 * 1024 * 1024
+    # At most these transmission flags are advertised (None: all that ferry
+    # performs).  A proxy passes on what the server behind it offers, so a
+    # client is never told of a command or a flag that server lacks.
+    advertise: TransmissionFlag | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +187,20 @@ class OptionAnswered:
 
 
 @dataclass(frozen=True, slots=True)
+class OptionData:
+    """A reply with data to one of the caller's ``extra_options``, before its ACK or error.
+
+    ``reply`` is the reply type as sent: an extension's own types (below
+    2**31, so not errors) are not members of ``OptionReply``.  More may
+    follow; the option ends with its ``OptionAnswered``.
+    """
+
+    option: int
+    reply: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Extent:
     length: int
     flags: BlockState
@@ -206,5 +231,6 @@ Event = (
     | Negotiated
     | NegotiationFailed
     | OptionAnswered
+    | OptionData
     | Reply
 )

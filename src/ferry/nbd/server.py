@@ -252,11 +252,15 @@ def transmission_flags(export: ExportInfo, structured: bool) -> TransmissionFlag
 
     DF is only meaningful with structured replies (the spec forbids it
     otherwise); a read-only export advertises no write-ish command, so a
-    well-behaved client never sends one.
+    well-behaved client never sends one.  An export with ``advertise`` (a
+    proxy's) offers no flag outside it, and so accepts no command flag the
+    server behind it would not.
     """
     flags = _ALWAYS | (TransmissionFlag.READ_ONLY if export.read_only else _WRITABLE)
     if structured:
         flags |= TransmissionFlag.SEND_DF
+    if export.advertise is not None:
+        flags &= export.advertise | TransmissionFlag.HAS_FLAGS | TransmissionFlag.READ_ONLY
     return flags
 
 
