@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 
@@ -43,6 +43,14 @@ class Reply:
 
 
 Command = Callable[[Sequence[str], Params], "Reply | Deferred[Reply]"]
+
+
+class CommandTable(Protocol):
+    """What the control socket runs commands on: a node's :class:`Commands`, or a proxy's."""
+
+    def run(
+        self, name: str, args: Sequence[str], params: Params | None = None
+    ) -> Reply | Deferred[Reply]: ...
 
 
 class Commands:

@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ferry.control.commands import Commands, Reply
+from ferry.control.commands import CommandTable, Reply
 from ferry.control.events import STREAM_METHODS, EventHub, EventStream
 from ferry.control.jsonlines import JsonLines
 
@@ -48,7 +48,7 @@ class ControlSocketError(Exception):
 
 @implementer(IHalfCloseableProtocol)
 class ControlProtocol(Protocol):
-    def __init__(self, commands: Commands, events: EventHub) -> None:
+    def __init__(self, commands: CommandTable, events: EventHub) -> None:
         self._commands = commands
         self._events = events
         self._buffer = b""
@@ -195,7 +195,7 @@ def _json_answer(request_id: Any, reply: Reply) -> dict[str, Any]:
 
 
 class ControlFactory(Factory):
-    def __init__(self, commands: Commands, events: EventHub) -> None:
+    def __init__(self, commands: CommandTable, events: EventHub) -> None:
         self.commands = commands
         self.events = events
 
@@ -229,7 +229,7 @@ def claim_socket_path(path: str) -> None:
 
 
 def listen_control(
-    reactor: IReactorUNIX, path: str, commands: Commands, events: EventHub
+    reactor: IReactorUNIX, path: str, commands: CommandTable, events: EventHub
 ) -> IListeningPort:
     claim_socket_path(path)
     old_umask = os.umask(0o177)
