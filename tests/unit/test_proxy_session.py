@@ -79,7 +79,14 @@ class Catalog:
 class FakeServer:
     """One server connection of the proxy, answered by ferry's sans-IO server, by hand."""
 
-    def __init__(self, protocol: Protocol, transport: StringTransport, export: ExportInfo) -> None:
+    def __init__(
+        self,
+        protocol: Protocol,
+        transport: StringTransport,
+        export: ExportInfo,
+        reactor: task.Clock,
+    ) -> None:
+        self.reactor = reactor
         self.protocol = protocol
         self.transport = transport
         self.nbd = ServerConnection(Catalog(export))
@@ -90,6 +97,7 @@ class FakeServer:
     def pump(self) -> None:
         """Move bytes both ways until quiet; requests collect in ``requests``."""
         while not self.gone:
+            self.reactor.advance(0)  # the proxy's deferred pumps
             to_server = self.transport.value()
             self.transport.clear()
             events: list[Event] = self.nbd.receive_data(to_server) if to_server else []
@@ -133,6 +141,7 @@ class FakeServer:
 class Network:
     """The connector: which addresses answer, with which export, and every connection made."""
 
+    reactor: task.Clock
     up: dict[tuple[str, int], ExportInfo] = field(default_factory=dict)
     servers: list[FakeServer] = field(default_factory=list)
     tries: list[tuple[str, int]] = field(default_factory=list)
@@ -146,7 +155,7 @@ class Network:
         protocol = factory.buildProtocol(None)
         transport = StringTransport()
         protocol.makeConnection(transport)
-        server = FakeServer(protocol, transport, export)
+        server = FakeServer(protocol, transport, export, self.reactor)
         self.servers.append(server)
         server.pump()
         return defer.succeed(protocol)
@@ -157,7 +166,23 @@ class Network:
 
 
 class Client(serve_doubles.Peer):
+    """The client: ferry's sans-IO client on the proxy's transport."""
+
     protocol: ProxySession
+
+    def __init__(self, harness: Harness, *args: Any) -> None:
+        super().__init__(*args)
+        self.harness = harness
+
+    def pump(self) -> list[Any]:
+        """Bytes both ways, and the proxy's deferred pumps, until nothing moves."""
+        while True:
+            super().pump()
+            self.harness.reactor.advance(0)
+            for server in self.harness.network.servers:
+                server.pump()
+            if not self.transport.value() and not self.client.data_to_send():
+                return self.events
 
     def replies(self) -> dict[int, Reply]:
         self.pump()
@@ -176,7 +201,7 @@ class Harness:
         self.reactor = task.Clock()
         self.clock = ReactorClock(self.reactor)
         self.records: list[TraceRecord] = []
-        self.network = Network({HERE: export or ExportInfo("disk", SIZE)})
+        self.network = Network(self.reactor, {HERE: export or ExportInfo("disk", SIZE)})
         self.proxy = ProxyServer(
             export_name="disk",
             finder=FixedAddress(Location(*HERE, "disk")),
@@ -191,7 +216,9 @@ class Harness:
         assert session is not None
         transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
         session.makeConnection(transport)
-        client = Client(session, transport, ClientConnection("disk", structured_replies=structured))
+        client = Client(
+            self, session, transport, ClientConnection("disk", structured_replies=structured)
+        )
         if negotiate:
             self.network.server.pump()
             client.pump()
@@ -292,13 +319,13 @@ def test_requests_in_flight_are_sent_again_to_the_server_that_comes_back() -> No
     first = h.network.server
     sent = first.take()
     first.answer(sent[1])  # one made it
+    del h.network.up[HERE]
     first.go_away()
     session = client.protocol
     assert session.state == "upstream_lost"
     late = client.send(Command.READ, 1 << 20, 4096)  # held, not failed
     assert client.replies().keys() == {handles[1]}
-    del h.network.up[HERE]
-    h.advance(0)  # the first attempt, at once: nobody there yet
+    h.advance(0)  # the first attempt came at once: nobody there yet
     assert session.state == "upstream_lost"
     h.network.up[HERE] = ExportInfo("disk", SIZE)
     h.advance(RETRY_INITIAL)

@@ -147,6 +147,10 @@ _OPTION_ERROR_BIT: Final = 1 << 31
 _KNOWN_ERRNOS: Final = frozenset(e.value for e in Errno)
 _KNOWN_OPTION_REPLIES: Final = frozenset(r.value for r in OptionReply)
 _NO_FLAGS: Final = CommandFlag(0)
+# Plain ints for the reply path: ``int & IntFlag`` goes through enum's operators.
+_DONE: Final = int(ReplyFlag.DONE)
+_OFFSET_DATA: Final = int(ReplyType.OFFSET_DATA)
+_READ: Final = int(Command.READ)
 
 
 def handle_from_bytes(raw: bytes) -> int:
@@ -228,7 +232,7 @@ class _Pending:
     length: int
     chunked: bool = False  # a structured chunk without DONE has arrived
     buffer: bytearray | None = None
-    coverage: _Coverage = field(default_factory=_Coverage)
+    coverage: _Coverage | None = None  # made for the first chunk that needs it
     error: Errno = Errno.OK
     message: str = ""
     extents: dict[int, tuple[Extent, ...]] = field(default_factory=dict)
@@ -398,7 +402,9 @@ class ClientConnection:
         if command == Command.DISC:
             self._disc_sent = True  # no reply will come
         else:
-            self._pending[handle] = _Pending(int(command), CommandFlag(flags), offset, length)
+            if type(flags) is not CommandFlag:
+                flags = CommandFlag(flags)
+            self._pending[handle] = _Pending(int(command), flags, offset, length)
         return handle
 
     def commit(self, token: int) -> int:
@@ -784,8 +790,22 @@ class ClientConnection:
         self._pos += header.size
         start = self._pos
         self._pos += length
+        if (
+            flags & _DONE
+            and kind == _OFFSET_DATA
+            and pending.command == _READ
+            and not pending.chunked
+            and length == pending.length + 8
+            and pending.length
+            and _U64.unpack_from(self._buf, start)[0] == pending.offset
+        ):
+            # The usual answer to a READ: all of it in one chunk, nothing to gather.
+            del self._pending[handle]
+            with memoryview(self._buf) as view:
+                events.append(Reply(handle, Errno.OK, bytes(view[start + 8 : start + length])))
+            return True
         self._chunk(pending, kind, start, length)
-        if flags & ReplyFlag.DONE:
+        if flags & _DONE:
             del self._pending[handle]
             events.append(self._complete(handle, pending))
         else:
@@ -832,6 +852,8 @@ class ClientConnection:
                 f"chunk [{offset}, {offset + count}) outside the request "
                 f"[{pending.offset}, {pending.offset + pending.length})"
             )
+        if pending.coverage is None:
+            pending.coverage = _Coverage()
         pending.coverage.add(rel, rel + count)
         return rel
 
@@ -885,10 +907,10 @@ class ClientConnection:
         if pending.error != Errno.OK:
             return Reply(handle, pending.error, message=pending.message)
         if pending.command == Command.READ:
-            if pending.coverage.total != pending.length:
+            covered = 0 if pending.coverage is None else pending.coverage.total
+            if covered != pending.length:
                 raise ProtocolError(
-                    f"READ claimed done with {pending.coverage.total} of "
-                    f"{pending.length} bytes sent"
+                    f"READ claimed done with {covered} of {pending.length} bytes sent"
                 )
             data = bytes(pending.buffer) if pending.buffer is not None else b""
             return Reply(handle, Errno.OK, data)

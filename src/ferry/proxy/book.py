@@ -34,8 +34,8 @@ against the few requests near it, not against everything in flight.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Final
 
 from ferry.nbd.constants import Command
@@ -63,21 +63,18 @@ class Pending:
     writes: bool
     start: int
     end: int
+    #: Bytes it makes the proxy hold: a write's payload, a read's answer.
+    weight: int
     #: How many earlier requests it waits for; ready at 0.
     blockers: int = 0
-    #: Later requests waiting for this one.
-    dependents: list[Pending] = field(default_factory=list)
+    #: Later requests waiting for this one (None: none yet).
+    dependents: list[Pending] | None = None
     #: The server's handle while it is in flight; None otherwise.
     handle: int | None = None
     #: How many times it was sent (more than once: replayed).
     sent: int = 0
     #: Since when it has been waiting for a server that is gone (None: it is not).
     held_since: float | None = None
-
-    @property
-    def weight(self) -> int:
-        """Bytes it makes the proxy hold: a write's payload, a read's answer."""
-        return self.request.length if self.request.command in _CARRIES_BYTES else 0
 
     def conflicts(self, other: Pending) -> bool:
         """Both touch a common byte, and one of them changes it (empty ranges touch none)."""
@@ -132,29 +129,52 @@ class RequestBook:
     def add(self, request: Request, now: float, *, held: bool = False) -> Pending:
         """Take a client request; ``held`` if no server is there to send it to now."""
         command = request.command
+        start = request.offset
+        end = start + request.length
         pending = Pending(
             self._next_seq,
             request,
             now,
             command in _CHANGES_DATA,
-            request.offset,
-            request.offset + request.length,
+            start,
+            end,
+            request.length if command in _CARRIES_BYTES else 0,
         )
         self._next_seq += 1
         if held:
             pending.held_since = now
             self._held += 1
-        if pending.end > pending.start and command is not Command.FLUSH:
-            for earlier in self._candidates(pending):
-                if pending.conflicts(earlier):
-                    earlier.dependents.append(pending)
-                    pending.blockers += 1
-            self._index(pending)
+        if end > start and command is not Command.FLUSH:
+            first = start >> BUCKET_SHIFT
+            if first == (end - 1) >> BUCKET_SHIFT:
+                # The usual case, one bucket: look there (and at the wide ones) only.
+                bucket = self._buckets.get(first)
+                if bucket is None:
+                    self._buckets[first] = [pending]
+                else:
+                    self._wait_for(pending, bucket)
+                    bucket.append(pending)
+                if self._wide:
+                    self._wait_for(pending, self._wide)
+            else:
+                self._wait_for(pending, self._candidates(pending))
+                self._index(pending)
         self._pending[pending.seq] = pending
         self._weight += pending.weight
         if not pending.blockers:
             self._ready.append(pending)
         return pending
+
+    @staticmethod
+    def _wait_for(pending: Pending, earlier: Iterable[Pending]) -> None:
+        """Make ``pending`` wait for each of ``earlier`` it conflicts with."""
+        for other in earlier:
+            if pending.conflicts(other):
+                if other.dependents is None:
+                    other.dependents = [pending]
+                else:
+                    other.dependents.append(pending)
+                pending.blockers += 1
 
     def take_ready(self) -> list[Pending]:
         """The requests that may go to the server now, in the order they arrived."""
@@ -193,12 +213,15 @@ class RequestBook:
         if pending.held_since is not None:
             self.longest_pause = max(self.longest_pause, now - pending.held_since)
             self._held -= 1
-        self._unindex(pending)
-        for waiting in pending.dependents:
-            waiting.blockers -= 1
-            if not waiting.blockers:
-                self._ready.append(waiting)
-        pending.dependents = []
+        if pending.end > pending.start:
+            self._unindex(pending)
+        dependents = pending.dependents
+        if dependents is not None:
+            pending.dependents = None
+            for waiting in dependents:
+                waiting.blockers -= 1
+                if not waiting.blockers:
+                    self._ready.append(waiting)
 
     def lost(self, now: float) -> int:
         """The server is gone: every request in flight must be sent again; how many.
@@ -220,7 +243,7 @@ class RequestBook:
         """Every request not answered, oldest first, to be answered with an error."""
         failed = list(self._pending.values())
         for pending in failed:
-            pending.dependents = []
+            pending.dependents = None
             if pending.held_since is not None:
                 self.longest_pause = max(self.longest_pause, now - pending.held_since)
         self._pending.clear()
@@ -265,7 +288,7 @@ class RequestBook:
             self._buckets.setdefault(bucket, []).append(pending)
 
     def _unindex(self, pending: Pending) -> None:
-        if pending.end <= pending.start or pending.request.command is Command.FLUSH:
+        if pending.request.command is Command.FLUSH:
             return
         buckets = self._bucket_range(pending)
         if buckets is None:

@@ -63,7 +63,7 @@ def refusal(promised: ExportInfo, negotiated: Negotiated) -> str | None:
     return None
 
 
-def unsupported(request: Request, promised: TransmissionFlag, server: int) -> str | None:
+def unsupported(request: Request, promised: int, server: int) -> str | None:
     """Why ``request`` cannot go to a server advertising ``server`` (None: it can).
 
     Only what the client was ``promised`` counts: a command the client was

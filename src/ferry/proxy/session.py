@@ -46,7 +46,14 @@ from ferry import statecharts
 from ferry.clock import DelayedCall
 from ferry.migrate.backoff import Backoff
 from ferry.migrate.wire import MirrorProtocol
-from ferry.nbd.constants import BlockState, Command, Errno, OptionReply
+from ferry.nbd.constants import (
+    BlockState,
+    Command,
+    CommandFlag,
+    Errno,
+    OptionReply,
+    TransmissionFlag,
+)
 from ferry.nbd.events import (
     Disconnect,
     Event,
@@ -90,6 +97,9 @@ _FAIL: Final = "fail"
 _READ: Final = Command.READ
 _BLOCK_STATUS: Final = Command.BLOCK_STATUS
 _OK: Final = Errno.OK
+_DF: Final = int(CommandFlag.DF)
+_SEND_DF: Final = int(TransmissionFlag.SEND_DF)
+_READ_ONLY: Final = int(TransmissionFlag.READ_ONLY)
 
 
 class _Link:
@@ -121,6 +131,9 @@ class ProxySession(Protocol):
         self._upstream: Upstream | None = None
         self._server_name = ""  # the export's name as the first server gave it
         self._server_flags = 0
+        self._promised_flags = 0
+        self._checked = False  # requests must pass features.unsupported
+        self._strip_df = False  # the server has no DF: leave the flag out
         self._server_context: int | None = None
         self._dial: Dial | None = None
         self._last_good: Location | None = None
@@ -133,6 +146,7 @@ class ProxySession(Protocol):
         self._reading_paused = False  # we stopped reading the client (the book is full)
         self._replies_paused = False  # the client's transport asked us to pause
         self._drained: list[defer.Deferred[None]] = []
+        self._pump_pending = False
         # Per session, for logs and tests; the host's stats add them all up.
         self.reconnects = 0
         self.replayed = 0
@@ -180,7 +194,7 @@ class ProxySession(Protocol):
         self._flush_handshake()
         for event in events:
             self._client_event(event)
-        self._pump()
+        self._pump_soon()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
@@ -292,36 +306,51 @@ class ProxySession(Protocol):
 
     # -- sending to the server ---------------------------------------------------------
 
+    def _pump_soon(self) -> None:
+        """Pump once the reactor has handled every socket that is ready now.
+
+        A client that sends its requests one ``send`` at a time (libnbd
+        does, and so fio) would otherwise cost one ``sendmsg`` to the
+        server per request, and the server one wake-up per request: the
+        requests and replies of one reactor iteration go out together.
+        """
+        if not self._pump_pending:
+            self._pump_pending = True
+            self._clock.call_later(0, self._pump)
+
     def _pump(self) -> None:
         """Send what may go now, flush both ways, and close if the client is done."""
+        self._pump_pending = False
         upstream = self._upstream
+        book = self.book
         if (
             upstream is not None
+            and book.has_ready()
             and self._mode == _FORWARD
-            and self.book.has_ready()
             and not upstream.wire.closing
         ):
             wire = upstream.wire
-            client = wire.client
-            promised = self._promised
-            assert promised is not None and promised.advertise is not None
-            for pending in self.book.take_ready():
+            request_upstream = wire.client.request
+            checked = self._checked
+            strip_df = self._strip_df
+            sent = book.sent
+            for pending in book.take_ready():
                 request = pending.request
-                why = features.unsupported(request, promised.advertise, self._server_flags)
-                if why is not None:
-                    self._finish_locally(pending, Errno.EIO, why)
-                    continue
+                if checked:
+                    why = features.unsupported(request, self._promised_flags, self._server_flags)
+                    if why is not None:
+                        self._finish_locally(pending, Errno.EIO, why)
+                        continue
                 if request.command is _BLOCK_STATUS and self._server_context is None:
                     self._finish_locally(pending, _OK, "")
                     continue
-                handle = client.request(
-                    request.command,
-                    request.offset,
-                    request.length,
-                    flags=features.server_flags(request, self._server_flags),
-                    data=request.data,
+                flags = request.flags
+                if strip_df and flags & _DF:
+                    flags = features.server_flags(request, self._server_flags)
+                handle = request_upstream(
+                    request.command, request.offset, request.length, flags=flags, data=request.data
                 )
-                self.book.sent(pending, handle)
+                sent(pending, handle)
                 if pending.sent > 1:
                     self.replayed += 1
                     self._host.stats.requests_replayed += 1
@@ -329,10 +358,11 @@ class ProxySession(Protocol):
         if self._outbox is not None and not self._gone:
             self._outbox.flush()
         if self._reading_paused and (
-            len(self.book) < MAX_OUTSTANDING // 2 and self.book.weight < MAX_OUTSTANDING_BYTES // 2
+            len(book) < MAX_OUTSTANDING // 2 and book.weight < MAX_OUTSTANDING_BYTES // 2
         ):
             self._pause_reading(False)
-        self._maybe_close()
+        if self._closing:
+            self._maybe_close()
 
     def _finish_locally(self, pending: Pending, error: Errno, why: str) -> None:
         """Answer ``pending`` from the proxy: an error, or BLOCK_STATUS as all data."""
@@ -372,7 +402,7 @@ class ProxySession(Protocol):
                 self._answer(pending, reply)
         if self._mode == _FORWARD and self.state == "replaying" and not book.held:
             self._replayed()
-        self._pump()
+        self._pump_soon()
 
     def wire_broken(self, wire: MirrorProtocol, reason: str) -> None:
         self._upstream_gone(wire, f"protocol error: {reason}")
@@ -534,7 +564,13 @@ class ProxySession(Protocol):
     def _take(self, upstream: Upstream) -> None:
         self._upstream = upstream
         upstream.wire.handler = self
-        self._server_flags = upstream.negotiated.transmission_flags
+        self._server_flags = flags = upstream.negotiated.transmission_flags
+        assert self._promised is not None and self._promised.advertise is not None
+        self._promised_flags = promised = int(self._promised.advertise)
+        # Only a server that lacks something the client was promised needs
+        # each request checked (features.unsupported); the first never does.
+        self._checked = bool(promised & ~flags or flags & ~promised & _READ_ONLY)
+        self._strip_df = not flags & _SEND_DF
         self._server_context = features.block_status_context(upstream.negotiated)
         self._last_good = upstream.location
         self._host.stats.upstream = str(upstream.location)
@@ -544,6 +580,7 @@ class ProxySession(Protocol):
 
     def _replayed(self) -> None:
         self._fire("replayed")
+        self._host.stats.pause(self.book.longest_pause)
         log.info(
             "{session}: every request held is answered; longest wait {pause:.3f} s",
             session=self.name,
@@ -638,9 +675,8 @@ class ProxySession(Protocol):
         stats.requests += 1
         if error is not _OK:
             stats.errors[error.name] += 1
-        if expired:
-            stats.requests_expired += 1
-        stats.pause(self.book.longest_pause)
+            if expired:
+                stats.requests_expired += 1
 
     def _pause_reading(self, pause: bool) -> None:
         self._reading_paused = pause
