@@ -65,15 +65,23 @@ ALL_BUT_FUA = TransmissionFlag(
 
 @dataclass
 class Catalog:
+    """One export; once ``moved``, a handed-off ferry source: refused, and located elsewhere."""
+
     export: ExportInfo
+    moved: Location | None = None
 
     def lookup(self, name: str) -> ExportInfo | Refusal:
         if name not in ("", self.export.name):
             return Refusal(OptionReply.ERR_UNKNOWN, f"no {name!r}")
+        if self.moved is not None:
+            return Refusal(OptionReply.ERR_POLICY, "handed off")
         return self.export
 
     def listing(self) -> Sequence[ExportInfo]:
         return [self.export]
+
+    def locate(self, name: str) -> Sequence[Location] | Refusal:
+        return [] if self.moved is None else [self.moved]
 
 
 class FakeServer:
@@ -83,13 +91,13 @@ class FakeServer:
         self,
         protocol: Protocol,
         transport: StringTransport,
-        export: ExportInfo,
+        catalog: Catalog,
         reactor: task.Clock,
     ) -> None:
         self.reactor = reactor
         self.protocol = protocol
         self.transport = transport
-        self.nbd = ServerConnection(Catalog(export))
+        self.nbd = ServerConnection(catalog)
         self.requests: list[Request] = []
         self.handshake: HandshakeComplete | None = None
         self.gone = False
@@ -143,6 +151,7 @@ class Network:
 
     reactor: task.Clock
     up: dict[tuple[str, int], ExportInfo] = field(default_factory=dict)
+    moved: dict[tuple[str, int], Location] = field(default_factory=dict)
     servers: list[FakeServer] = field(default_factory=list)
     tries: list[tuple[str, int]] = field(default_factory=list)
 
@@ -155,7 +164,9 @@ class Network:
         protocol = factory.buildProtocol(None)
         transport = StringTransport()
         protocol.makeConnection(transport)
-        server = FakeServer(protocol, transport, export, self.reactor)
+        server = FakeServer(
+            protocol, transport, Catalog(export, self.moved.get(where)), self.reactor
+        )
         self.servers.append(server)
         server.pump()
         return defer.succeed(protocol)
@@ -465,3 +476,25 @@ def test_a_client_that_sends_without_reading_is_paused_at_the_cap() -> None:
     frames = client.client.data_to_send()
     client.protocol.dataReceived(frames)
     assert client.transport.producerState == "paused"
+
+
+def test_in_failed_a_request_tries_the_server_at_once_and_waits_only_for_that() -> None:
+    h = Harness()
+    client = h.connect()
+    client.send(Command.WRITE, 0, data=data(1))
+    h.network.server.take()
+    del h.network.up[HERE]
+    h.network.server.go_away()
+    h.advance(MAX_WAIT + 0.1)
+    client.replies()
+    session = client.protocol
+    assert session.state == "failed"
+    h.network.up[HERE] = ExportInfo("disk", SIZE)
+    tries = len(h.network.tries)
+    read = client.send(Command.READ, 0, 512)  # long before the retry timer
+    assert len(h.network.tries) == tries + 1
+    (request,) = h.network.server.take()
+    h.network.server.answer(request, data=data(5, 512))
+    assert client.replies()[read].data == data(5, 512)
+    assert session.state == "connected"
+    assert [r.event for r in h.records][-4:] == ["retry", "dialed", "negotiated", "replayed"]

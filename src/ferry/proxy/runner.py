@@ -25,12 +25,11 @@ from ferry.clock import ReactorClock
 from ferry.control.events import EventHub
 from ferry.control.server import ControlSocketError, claim_socket_path, listen_control
 from ferry.metrics import metrics_root
-from ferry.migrate.source import tcp_connector
 from ferry.nbd.locate import Location
 from ferry.proxy.finder import Finder, FixedAddress
 from ferry.proxy.listener import DEFAULT_MAX_WAIT, ProxyServer
 from ferry.proxy.status import ProxyCommands, make_registry
-from ferry.proxy.upstream import Dialer
+from ferry.proxy.upstream import Dialer, tcp_connector
 from ferry.trace import TraceFile, Tracer, log_transitions
 
 __all__ = ["ProxyConfig", "ProxyNode", "StartupError"]

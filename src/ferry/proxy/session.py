@@ -289,6 +289,11 @@ class ProxySession(Protocol):
             self._lose_client()
 
     def _accept(self, request: Request) -> None:
+        if self.state == "failed":
+            # The proxy gave up waiting; the client asks again: try now, and
+            # let this request wait for that one attempt.
+            _cancel(self._retry_timer)
+            self._retry()
         mode = self._mode
         now = self._clock.seconds()
         if mode == _FAIL:
@@ -539,6 +544,9 @@ class ProxySession(Protocol):
         if self._gone:
             return
         self._fire("attempt_failed")
+        if self.state == "failed":  # the one attempt from failed: what waited for it fails
+            self._give_up(f"no server for this export: {why}")
+            return
         delay = self._backoff.next_delay()
         log.info(
             "{session}: no server ({why}); trying again in {delay:g} s",
@@ -612,8 +620,8 @@ class ProxySession(Protocol):
             )
             self._abort_client()
             return
-        if self._mode != _HOLD:
-            return
+        if self._mode != _HOLD or self.state == "retrying":
+            return  # in retrying, the attempt's own time-outs bound the wait
         if self._dial is not None:
             dial, self._dial = self._dial, None
             dial.cancel()

@@ -9,7 +9,8 @@ carries it (:class:`~ferry.control.status.FieldSpec`); the control socket's
     reconnects=3 requests_replayed=41 requests_expired=0 longest_pause_ms=412
 
 ``upstream`` is where the last server a client reached was (a string, on
-/metrics the label of ``ferry_proxy_upstream_info``); counters are totals
+/metrics the label of ``ferry_proxy_upstream_info``; absent until a client
+has reached one); counters are totals
 since the proxy started, and end ``_total`` on /metrics.  Beside the fields,
 /metrics has ``ferry_proxy_clients{state}`` (client connections in each
 state of ``statecharts/proxy.yaml``), and the requests answered, by errno.
@@ -100,7 +101,7 @@ def snapshot(server: ProxyServer) -> ProxyStatus:
     return ProxyStatus(
         export=server.export_name,
         pid=os.getpid(),
-        upstream=stats.upstream or server.finder.describe(),
+        upstream=stats.upstream or None,  # none reached yet
         num_clients=len(server.sessions),
         clients_waiting=sum(n for state, n in states.items() if state in _WAITING),
         clients_failed=sum(n for state, n in states.items() if state in _FAILING),

@@ -5,6 +5,8 @@ gave, best first, and tries them one at a time; the first that negotiates
 the export wins.  Each try is an :class:`_Attempt`: a TCP connection (the
 ``Connector`` the migration source uses), ferry's sans-IO client on it, and
 a deadline for the server's hello and negotiation on the injected clock.
+(``tcp_connector`` connects to an IP address directly, so a server that is
+down is known at once.)
 
 Before GO every attempt asks ``FERRY_OPT_LOCATE`` (:mod:`ferry.nbd.locate`).
 A ferry server that handed the image off answers with where it went; the
@@ -22,11 +24,13 @@ makes itself the wire's handler.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -51,7 +55,7 @@ from ferry.nbd.locate import (
     locate_option,
 )
 
-__all__ = ["MAX_REDIRECTS", "Dial", "DialFailed", "Dialer", "Upstream"]
+__all__ = ["MAX_REDIRECTS", "Dial", "DialFailed", "Dialer", "Upstream", "tcp_connector"]
 
 _log = Logger()
 
@@ -201,6 +205,33 @@ class _AttemptFactory(Factory):
         protocol = MirrorProtocol(self.attempt, client)
         protocol.factory = self
         return protocol
+
+
+def tcp_connector(reactor: Any) -> Connector:
+    """TCP to the server: an IP address directly, a name through ``HostnameEndpoint``.
+
+    ``HostnameEndpoint`` reports a refused connection only at its next
+    happy-eyeballs tick, 0.3 s later: every attempt at a server that is down
+    would last that long, and a client's request waiting on it with it.
+    """
+
+    def connect(destination: Destination, factory: Factory, timeout: float) -> Deferred[Any]:
+        bind = None if destination.bind is None else (destination.bind, 0)
+        try:
+            version = ipaddress.ip_address(destination.host).version
+        except ValueError:
+            endpoint: Any = HostnameEndpoint(
+                reactor, destination.host, destination.port, timeout=timeout, bindAddress=bind
+            )
+        else:
+            kind = TCP6ClientEndpoint if version == 6 else TCP4ClientEndpoint
+            endpoint = kind(
+                reactor, destination.host, destination.port, timeout=timeout, bindAddress=bind
+            )
+        connecting: Deferred[Any] = endpoint.connect(factory)
+        return connecting
+
+    return connect
 
 
 class Dialer:
