@@ -274,7 +274,7 @@ class Node:
         """The one way this node builds a lease: its lockspace, its identity, its clock."""
         assert self._lockspace is not None and self.export is not None
         read_only = self.image is not None and self.image.read_only
-        return LeaseManager(
+        lease = LeaseManager(
             self._lockspace,
             resource=resource,
             owner=f"{socket.gethostname()}:{os.getpid()}:{self.export.name}",
@@ -283,6 +283,22 @@ class Node:
             tracer=self.tracer,
             on_fenced=self._fenced,
         )
+        # A listener's lease comes with the commit, its port open already.
+        lease.serving_address = self._serving_address()
+        return lease
+
+    def _serving_address(self) -> str | None:
+        """HOST:PORT where this node's NBD port is, once open: what a ferry proxy is told.
+
+        A wildcard address (all interfaces) is published as the host's name.
+        """
+        if self.nbd_port is None:
+            return None
+        host = self.config.addr
+        if host in ("", "0.0.0.0", "::"):
+            host = socket.gethostname()
+        port = self.nbd_port.getHost().port  # type: ignore[attr-defined]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def _taken(self, lease: LeaseManager) -> None:
         """This node holds ``lease`` now: released at shutdown, handed on by a migration out."""
@@ -314,6 +330,14 @@ class Node:
         assert self.export is not None and self.image is not None and self.server is not None
         self.nbd_port = self._listen_tcp(config.port, self.server, config.addr, "NBD")
         self.export.trigger("listen" if config.listen else "serve")
+        # Where a ferry proxy looking for the image finds it: published with
+        # the lease held now, and with the one a listener takes at its commit.
+        address = self._serving_address()
+        incoming = self.export.incoming_lease
+        waiting = incoming.manager if isinstance(incoming, IncomingLease) else None
+        for lease in (self.lease, waiting):
+            if lease is not None and address is not None:
+                lease.publish(address)
         log.info(
             "{doing} {file} ({size} bytes) as {name!r} on {addr}:{port}",
             doing="listening for a migration of" if config.listen else "serving",

@@ -41,6 +41,7 @@ from ferry.nbd.events import (
     RejectedRequest,
     Request,
 )
+from ferry.nbd.locate import Location
 from ferry.nbd.server import ServerConnection, transmission_flags
 
 from . import nbd_frames as f
@@ -1626,3 +1627,80 @@ def test_a_mirror_write_split_across_chunks_is_joined() -> None:
     assert events[0] == Request(MIRROR_HANDLE, Command.WRITE, CommandFlag(0), 0, 10, b"0123456789")
     assert isinstance(events[1], RejectedRequest) and events[1].error == Errno.EPERM
     assert len(events) == 2
+
+
+# -- ferry's FERRY_OPT_LOCATE: where a handed-off export went --------------------------------
+
+OPT_LOCATE = 0x46455202  # b"FER\x02", spelled out: see ferry.nbd.locate
+REP_LOCATION = 0x46455201
+
+
+def locate_data(name: str) -> bytes:
+    return f.string(name)
+
+
+def location_data(host: str, port: int, name: str = "") -> bytes:
+    return struct.pack(">HH", port, len(host)) + host.encode() + name.encode()
+
+
+@dataclass
+class Locator:
+    moved: dict[str, list[Location]] = field(default_factory=dict)
+
+    def locate(self, name: str) -> Sequence[Location] | Refusal:
+        if name not in ("", "disk"):
+            return Refusal(OptionReply.ERR_UNKNOWN, f"no export {name!r}")
+        return self.moved.get(name or "disk", [])
+
+
+def test_locate_names_each_place_the_export_went_then_acks() -> None:
+    locator = Locator({"disk": [Location("10.0.0.2", 10809), Location("fe80::1", 20, "d2")]})
+    conn = ServerConnection(Catalog(), locator=locator)
+    conn.data_to_send()
+    events = negotiate(conn, f.option(OPT_LOCATE, locate_data("disk")))
+    assert events == []
+    assert replies(conn) == [
+        rep(OPT_LOCATE, REP_LOCATION, location_data("10.0.0.2", 10809)),
+        rep(OPT_LOCATE, REP_LOCATION, location_data("fe80::1", 20, "d2")),
+        rep(OPT_LOCATE, f.REP_ACK),
+    ]
+
+
+def test_locate_of_an_export_still_here_is_a_bare_ack_and_negotiation_goes_on() -> None:
+    conn = ServerConnection(Catalog(), locator=Locator())
+    conn.data_to_send()
+    events = negotiate(
+        conn, f.option(OPT_LOCATE, locate_data("")), f.option(f.OPT_GO, f.info_data(""))
+    )
+    out = replies(conn)
+    assert out[0] == rep(OPT_LOCATE, f.REP_ACK)
+    assert [type(e) for e in events] == [HandshakeComplete]
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (locate_data("nope"), f.REP_ERR_UNKNOWN),
+        (b"\x00\x00", f.REP_ERR_INVALID),
+        (struct.pack(">I", 10) + b"disk", f.REP_ERR_INVALID),
+        (locate_data("disk") + b"x", f.REP_ERR_INVALID),
+        (struct.pack(">I", 2) + b"\xff\xfe", f.REP_ERR_INVALID),
+    ],
+    ids=["unknown", "short", "name-runs-past", "trailing", "not-utf8"],
+)
+def test_locate_refusals_and_bad_requests_are_errors_and_negotiation_goes_on(
+    data: bytes, kind: int
+) -> None:
+    conn = ServerConnection(Catalog(), locator=Locator())
+    conn.data_to_send()
+    events = negotiate(conn, f.option(OPT_LOCATE, data), f.option(f.OPT_GO, f.info_data("")))
+    out = replies(conn)
+    assert (out[0].option, out[0].type) == (OPT_LOCATE, kind) and out[0].data
+    assert [type(e) for e in events] == [HandshakeComplete]
+
+
+def test_without_a_locator_locate_is_unsupported() -> None:
+    conn = connect()
+    negotiate(conn, f.option(OPT_LOCATE, locate_data("disk")))
+    (out,) = replies(conn)
+    assert (out.option, out.type) == (OPT_LOCATE, f.REP_ERR_UNSUP)

@@ -102,6 +102,7 @@ from ferry.nbd.events import (
     OptionAnswered,
     Reply,
 )
+from ferry.nbd.locate import Location
 from ferry.serve.export import Export
 from ferry.storage.dirtymap import DirtyMap
 from ferry.trace import Tracer
@@ -1051,7 +1052,12 @@ class MirrorSource:
             # flexnbd's listener takes no lease: ours goes with the image.
             lease.release().addErrback(self._lease_trouble, "release")
         self.job.note_hold(self.gate.longest_hold)
-        self.gate.disconnect_all(f"the image was handed over to {self.destination}")
+        # Before the clients go: a proxy among them asks where the image went.
+        destination = self.destination
+        self.export.handed_to = Location(
+            destination.host, destination.port, destination.export_name
+        )
+        self.gate.disconnect_all(f"the image was handed over to {destination}")
         action = self.options.action
         if action is FinishAction.UNLINK:
             try:

@@ -66,6 +66,11 @@ ferry's migration extension (``constants.py``), with a ``MigrationCatalog``:
                                                       carries ``migration``, and
                                                       FERRY_CMD_COMMIT is a ``Commit``
 
+With a ``Locator`` the connection answers ``FERRY_OPT_LOCATE`` (see
+``ferry.nbd.locate``): a FERRY_REP_LOCATION for each place the locator
+names, then ACK; the locator's refusal as an error; ERR_INVALID for a
+request that does not parse.  Without one it is ERR_UNSUP.
+
 Elsewhere (no catalog, or no ACK) FERRY_OPT_MIGRATE is ERR_UNSUP and
 FERRY_CMD_COMMIT a ``RejectedRequest`` with EINVAL.  The commit never takes
 the fast path of READ and WRITE: it is tested only after that path missed.
@@ -151,10 +156,18 @@ from ferry.nbd.events import (
     RejectedRequest,
     Request,
 )
+from ferry.nbd.locate import (
+    FERRY_OPT_LOCATE,
+    FERRY_REP_LOCATION,
+    Location,
+    decode_locate_request,
+    encode_location,
+)
 
 __all__ = [
     "BASE_ALLOCATION_ID",
     "ExportCatalog",
+    "Locator",
     "MigrationCatalog",
     "ServerConnection",
     "transmission_flags",
@@ -244,6 +257,17 @@ class MigrationCatalog(Protocol):
         a connection whose ``FERRY_OPT_MIGRATE`` was acknowledged, so a
         listening export, which refuses ordinary clients, admits its sender.
         """
+        ...
+
+
+class Locator(Protocol):
+    """Where an export has gone: a connection given one answers ``FERRY_OPT_LOCATE``.
+
+    Without one the option is ERR_UNSUP, as on any NBD server.
+    """
+
+    def locate(self, name: str) -> Sequence[Location] | Refusal:
+        """Where the export under ``name`` is served now, best first; empty: here."""
         ...
 
 
@@ -364,6 +388,8 @@ class _Reader:
 def _option_name(option: int) -> str:
     if option == FERRY_OPT_MIGRATE:
         return "FERRY_OPT_MIGRATE"
+    if option == FERRY_OPT_LOCATE:
+        return "FERRY_OPT_LOCATE"
     try:
         return f"NBD_OPT_{Option(option).name}"
     except ValueError:
@@ -409,6 +435,7 @@ class ServerConnection:
         catalog: ExportCatalog,
         *,
         migration: MigrationCatalog | None = None,
+        locator: Locator | None = None,
         oldstyle: bool = False,
         max_request_size: int = MAX_REQUEST_SIZE,
     ) -> None:
@@ -416,6 +443,7 @@ class ServerConnection:
             raise ValueError(f"max_request_size must be in 1..2**32-1, not {max_request_size}")
         self._catalog = catalog
         self._migration_catalog = migration
+        self._locator = locator
         # The FERRY_OPT_MIGRATE request acknowledged on this connection: from
         # then on it is the migration sender.
         self._sender: MigrationRequest | None = None
@@ -667,7 +695,7 @@ class ServerConnection:
         self._no_zeroes = bool(flags & ClientFlag.NO_ZEROES)
         self._state = _State.OPTIONS
 
-    def _reply(self, option: int, reply: OptionReply, payload: bytes = b"") -> None:
+    def _reply(self, option: int, reply: OptionReply | int, payload: bytes = b"") -> None:
         self._out += OPTION_REPLY_HEADER.pack(OPTION_REPLY_MAGIC, option, reply, len(payload))
         self._out += payload
 
@@ -693,6 +721,8 @@ class ServerConnection:
                 self._meta_context(option, payload)
             elif option == FERRY_OPT_MIGRATE and self._migration_catalog is not None:
                 self._migrate(payload)
+            elif option == FERRY_OPT_LOCATE and self._locator is not None:
+                self._locate(payload)
             else:
                 # STARTTLS, EXTENDED_HEADERS and numbers we have never heard of.
                 self._error(
@@ -723,6 +753,21 @@ class ServerConnection:
         if self._sender is not None and self._migration_catalog is not None:
             return self._migration_catalog.lookup_sender(name)
         return self._catalog.lookup(name)
+
+    def _locate(self, payload: bytes) -> None:
+        """``FERRY_OPT_LOCATE``: where the export is now (see ``ferry.nbd.locate``)."""
+        try:
+            name = decode_locate_request(payload)
+        except ValueError as error:
+            raise _Invalid(str(error)) from None
+        assert self._locator is not None
+        found = self._locator.locate(name)
+        if isinstance(found, Refusal):
+            self._error(FERRY_OPT_LOCATE, found.error, found.message)
+            return
+        for location in found:
+            self._reply(FERRY_OPT_LOCATE, FERRY_REP_LOCATION, encode_location(location))
+        self._reply(FERRY_OPT_LOCATE, OptionReply.ACK)
 
     def _migrate(self, payload: bytes) -> None:
         """``FERRY_OPT_MIGRATE``: validate, then let the catalog admit or refuse the sender."""

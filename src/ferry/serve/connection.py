@@ -187,7 +187,10 @@ class NBDServerProtocol(Protocol):
             self._server.handshake_timeout, self._handshake_expired
         )
         self._nbd = ServerConnection(
-            self._server, migration=self._server, oldstyle=self._server.oldstyle
+            self._server,
+            migration=self._server,
+            locator=self._server,
+            oldstyle=self._server.oldstyle,
         )
         # An oldstyle server has chosen its export before the client speaks.
         self._receive(b"")

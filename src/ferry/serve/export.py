@@ -27,6 +27,7 @@ from ferry.control.status import StatusSnapshot
 from ferry.migrate.ratelimit import RateLimiter
 from ferry.nbd.constants import MAX_REQUEST_SIZE, MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE
 from ferry.nbd.events import ExportInfo
+from ferry.nbd.locate import Location
 from ferry.serve.stats import RequestStats
 from ferry.storage import Image
 
@@ -122,6 +123,8 @@ class Export:
         # A listening export's lease (``listen --lockspace``): a commit takes
         # it over by the source's token before it is acknowledged.
         self.incoming_lease: IncomingLease | None = None
+        # Where the image went, once handed off: FERRY_OPT_LOCATE answers it.
+        self.handed_to: Location | None = None
 
     # -- role ---------------------------------------------------------------
 
