@@ -194,6 +194,13 @@ def build_parser() -> Parser:
     proxy.add_argument(
         "--metrics", type=host_and_port, metavar="ADDR:PORT", help="serve Prometheus /metrics"
     )
+    proxy.add_argument(
+        "--lockspace",
+        metavar="SPEC",
+        help="find the image where its lease holder serves it (etcd:http://HOST:PORT[,...]), "
+        "then at --conn-addr",
+    )
+    proxy.add_argument("--resource", metavar="NAME", help="the image's lease (with --lockspace)")
     proxy.add_argument("--control-sock", metavar="PATH", help="control socket (status)")
     proxy.add_argument("--trace", metavar="FILE", help="append every state transition as JSON")
     proxy.add_argument("--log", metavar="FILE", help="also append every log event as JSON lines")
@@ -373,6 +380,8 @@ def run_proxy(args: argparse.Namespace) -> int:
             metrics=args.metrics,
             control_sock=args.control_sock,
             trace=args.trace,
+            lockspace=args.lockspace,
+            resource=args.resource,
         )
     except ValueError as error:
         raise UsageError(f"proxy: {error}") from None
@@ -383,8 +392,8 @@ def run_proxy(args: argparse.Namespace) -> int:
     start_logging(
         verbose=args.verbose, quiet=args.quiet, json_file=log_file, fields={"export": args.name}
     )
-    node = ProxyNode(reactor, config)
     try:
+        node = ProxyNode(reactor, config)
         node.start()
     except StartupError as error:
         raise UserError(str(error)) from None

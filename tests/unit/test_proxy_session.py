@@ -97,7 +97,7 @@ class FakeServer:
         self.reactor = reactor
         self.protocol = protocol
         self.transport = transport
-        self.nbd = ServerConnection(catalog)
+        self.nbd = ServerConnection(catalog, locator=catalog)
         self.requests: list[Request] = []
         self.handshake: HandshakeComplete | None = None
         self.gone = False
@@ -476,6 +476,38 @@ def test_a_client_that_sends_without_reading_is_paused_at_the_cap() -> None:
     frames = client.client.data_to_send()
     client.protocol.dataReceived(frames)
     assert client.transport.producerState == "paused"
+
+
+def test_a_source_that_handed_the_image_off_sends_the_proxy_where_it_went() -> None:
+    h = Harness()
+    client = h.connect()
+    write = client.send(Command.WRITE, 0, data=data(1))
+    source = h.network.server
+    source.take()
+    there = ("10.0.0.2", 10810)
+    h.network.up[there] = ExportInfo("disk", SIZE)
+    h.network.moved[HERE] = Location(*there)  # the source stays up, handed off
+    source.go_away()
+    h.advance(0)
+    destination = h.network.server
+    assert h.network.tries[-2:] == [HERE, there]
+    (again,) = destination.take()
+    assert again.data == data(1)
+    destination.answer(again)
+    assert client.replies()[write].error is Errno.OK
+    assert client.protocol.upstream == Location(*there, "disk")
+    assert [r.event for r in h.records][-6:] == [
+        "reconnect",
+        "dialed",
+        "redirected",
+        "dialed",
+        "negotiated",
+        "replayed",
+    ]
+    # Lost again: the destination is tried first now.
+    destination.go_away()
+    h.advance(0)
+    assert h.network.tries[-1] == there and client.protocol.state == "connected"
 
 
 def test_in_failed_a_request_tries_the_server_at_once_and_waits_only_for_that() -> None:

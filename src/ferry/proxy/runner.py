@@ -24,9 +24,11 @@ from twisted.web.server import Site
 from ferry.clock import ReactorClock
 from ferry.control.events import EventHub
 from ferry.control.server import ControlSocketError, claim_socket_path, listen_control
+from ferry.lease.backend import LeaseBackend, LeaseError
+from ferry.lease.spec import open_lockspace, parse_lockspace
 from ferry.metrics import metrics_root
 from ferry.nbd.locate import Location
-from ferry.proxy.finder import Finder, FixedAddress
+from ferry.proxy.finder import Finder, FixedAddress, LockspaceFinder
 from ferry.proxy.listener import DEFAULT_MAX_WAIT, ProxyServer
 from ferry.proxy.status import ProxyCommands, make_registry
 from ferry.proxy.upstream import Dialer, tcp_connector
@@ -54,10 +56,14 @@ class ProxyConfig:
     metrics: tuple[str, int] | None = None
     control_sock: str | None = None
     trace: str | None = None
+    lockspace: str | None = None  # ask it where the image is served ...
+    resource: str | None = None  # ... under this lease name
 
     def __post_init__(self) -> None:
         if (self.sock is None) == (self.addr is None or self.port is None):
             raise ValueError("listen on --addr and --port, or on --sock, not both")
+        if (self.lockspace is None) != (self.resource is None):
+            raise ValueError("--lockspace and --resource go together")
         if not self.max_wait > 0:
             raise ValueError(f"--max-wait must be positive, not {self.max_wait:g}")
 
@@ -68,7 +74,7 @@ class ProxyConfig:
 class ProxyNode:
     """One proxy: its listener, control socket, metrics and trace."""
 
-    def __init__(self, reactor: Any, config: ProxyConfig, finder: Finder | None = None) -> None:
+    def __init__(self, reactor: Any, config: ProxyConfig) -> None:
         self.reactor = reactor
         self.config = config
         self.clock = ReactorClock(reactor)
@@ -79,8 +85,8 @@ class ProxyNode:
         self._ports: list[IListeningPort] = []
         self.listening: IListeningPort | None = None
         self.metrics_port: IListeningPort | None = None
-        fallback = Location(config.conn_addr, config.conn_port, config.name)
-        self.finder: Finder = finder or FixedAddress(fallback)
+        self._lockspace: LeaseBackend | None = None
+        self.finder = self._finder(config)
         self.server = ProxyServer(
             export_name=config.name,
             finder=self.finder,
@@ -90,6 +96,19 @@ class ProxyNode:
             max_wait=config.max_wait,
         )
         self._stopped = False
+
+    def _finder(self, config: ProxyConfig) -> Finder:
+        """Where to look for the image: the lockspace's holder first, if there is one."""
+        fallback = Location(config.conn_addr, config.conn_port, config.name)
+        if config.lockspace is None or config.resource is None:
+            return FixedAddress(fallback)
+        try:
+            self._lockspace = open_lockspace(
+                parse_lockspace(config.lockspace), reactor=self.reactor
+            )
+        except (ValueError, LeaseError) as error:
+            raise StartupError(f"--lockspace {config.lockspace}: {error}") from None
+        return LockspaceFinder(self._lockspace, config.resource, fallback, config.name)
 
     def start(self) -> None:
         """Open everything; :class:`StartupError` (everything closed again) if something fails."""
@@ -179,6 +198,8 @@ class ProxyNode:
             yield port.stopListening()
         yield self.server.drain()
         yield self.events.close("the proxy is shutting down")
+        if self._lockspace is not None:
+            yield self._lockspace.close()
         self.clock.cancel_all()
         self._close_trace()
         if self.config.sock is not None:
