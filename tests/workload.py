@@ -10,6 +10,11 @@ so a reader can tell, for each block, which write it holds.  The client
 writes until the stop file appears or the server goes away, then prints one
 JSON object: the last acknowledged counter of each block it wrote, the
 counters it sent without an answer, and how it ended.
+
+An optional sixth argument, DEPTH, keeps that many writes in flight at once
+(libnbd's aio calls), never two to the same block, so a block still holds
+the last acknowledged write or a later unanswered one.  The report then
+also has ``max_latency``: the longest any write took, in seconds.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import random
 import struct
 import sys
 import time
+from typing import Any
 
 RECORD = struct.Struct(">8sQII")  # magic, offset, client, counter (24 bytes)
 MAGIC = b"FERRYWL1"
@@ -47,8 +53,11 @@ def main() -> int:
         int(sys.argv[4]),
         sys.argv[5],
     )
+    depth = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     import nbd  # Debian's libnbd bindings: imported here so the checker side needs none
 
+    if depth > 1:
+        return pipelined(nbd, uri, client, clients, blocks, stop_file, depth)
     rng = random.Random(client)
     mine = list(range(client, blocks, clients))
     handle = nbd.NBD()
@@ -82,6 +91,74 @@ def main() -> int:
                 "ended_at": time.time(),
                 "acked": acked,
                 "unanswered": unanswered,
+            }
+        )
+    )
+    return 0
+
+
+def pipelined(
+    nbd: Any, uri: str, client: int, clients: int, blocks: int, stop_file: str, depth: int
+) -> int:
+    """The same writes, ``depth`` of them in flight, each to a block no other in flight has."""
+    rng = random.Random(client)
+    mine = list(range(client, blocks, clients))
+    handle = nbd.NBD()
+    handle.connect_uri(uri)
+    acked: dict[int, int] = {}
+    unanswered: dict[int, int] = {}  # block offset -> counter in flight
+    started: dict[int, float] = {}
+    failures: list[str] = []
+    counter = 0
+    writes = 0
+    max_latency = 0.0
+
+    def done(offset: int, sent: int, error: Any) -> int:
+        nonlocal writes, max_latency
+        max_latency = max(max_latency, time.monotonic() - started.pop(offset))
+        del unanswered[offset]
+        if error.value:
+            failures.append(f"write of counter {sent} at {offset}: errno {error.value}")
+        else:
+            acked[offset] = sent
+            writes += 1
+        return 1  # retire the command
+
+    ended = "stopped"
+    while not os.path.exists(stop_file) and not failures:
+        while handle.aio_in_flight() < depth and len(unanswered) < len(mine):
+            offset = rng.choice(mine) * BLOCK
+            if offset in unanswered:
+                continue
+            counter += 1
+            unanswered[offset] = counter
+            started[offset] = time.monotonic()
+            buffer = nbd.Buffer.from_bytearray(bytearray(block_bytes(offset, client, counter)))
+            handle.aio_pwrite(
+                buffer, offset, completion=lambda error, o=offset, c=counter: done(o, c, error)
+            )
+        try:
+            handle.poll(1000)
+        except nbd.Error as exc:
+            failures.append(str(exc))
+    while handle.aio_in_flight() and not failures:
+        try:
+            handle.poll(1000)
+        except nbd.Error as exc:
+            failures.append(str(exc))
+    if failures:
+        ended = "error"
+    print(
+        json.dumps(
+            {
+                "client": client,
+                "writes": writes,
+                "ended": ended,
+                "error": "; ".join(failures[:5]),
+                "ended_at": time.time(),
+                "acked": acked,
+                "unanswered": unanswered,
+                "max_latency": max_latency,
             }
         )
     )
