@@ -245,3 +245,12 @@ def test_conflicting_requests_are_never_in_flight_together_and_keep_their_order(
         for b in pendings[a.seq + 1 :]:
             if a.conflicts(b) and b.request.command is not Command.FLUSH:
                 assert last_sent[a.seq] < last_sent[b.seq], (a.seq, b.seq)
+
+
+def test_empty_requests_inside_a_wide_one_wait_for_nothing_and_block_nothing() -> None:
+    book = RequestBook()
+    wide = (MAX_BUCKETS + 1) << BUCKET_SHIFT
+    book.add(req(1, Command.WRITE, 8192, 0), now=0)
+    book.add(req(2, Command.TRIM, 0, wide), now=0)  # sees the empty write, does not wait for it
+    book.add(req(3, Command.WRITE, 4096, 0), now=0)  # inside the trim, empty: does not wait
+    assert handles(send_all(book)) == [1, 2, 3]

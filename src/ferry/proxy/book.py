@@ -167,9 +167,10 @@ class RequestBook:
 
     @staticmethod
     def _wait_for(pending: Pending, earlier: Iterable[Pending]) -> None:
-        """Make ``pending`` wait for each of ``earlier`` it conflicts with."""
+        """Make ``pending`` wait for each of ``earlier`` it conflicts with (all non-empty)."""
+        writes, start, end = pending.writes, pending.start, pending.end
         for other in earlier:
-            if pending.conflicts(other):
+            if (writes or other.writes) and other.start < end and start < other.end:
                 if other.dependents is None:
                     other.dependents = [pending]
                 else:
@@ -265,8 +266,10 @@ class RequestBook:
     def _candidates(self, pending: Pending) -> Iterator[Pending]:
         """Earlier requests that may overlap ``pending``, each once."""
         buckets = self._bucket_range(pending)
-        if buckets is None:
-            yield from self._pending.values()
+        if buckets is None:  # a wide one: everything indexed (no FLUSH, nothing empty)
+            for earlier in self._pending.values():
+                if earlier.end > earlier.start and earlier.request.command is not Command.FLUSH:
+                    yield earlier
             return
         yield from self._wide
         if len(buckets) == 1:
