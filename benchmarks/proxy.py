@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from migrate import status
 from run import (
     DEFAULT_WORKDIR,
     HOST,
@@ -104,20 +105,6 @@ def proxy_setup(name: str, upstream_port: int, tmp: Path, *extra: str) -> Server
     argv = [find_ferry(), "proxy", "--addr", HOST, "--port", str(port)]
     argv += ["--conn-addr", HOST, "--conn-port", str(upstream_port), "--quiet", *extra]
     return ServerSetup(name, argv, "", port, tmp / f"{name}.log")
-
-
-def ferry_json_status(sock: Path) -> dict[str, Any]:
-    done = subprocess.run(
-        [find_ferry(), "status", "--sock", str(sock), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise BenchError(f"ferry status failed: {output_tail(done.stderr + done.stdout)}")
-    result: dict[str, Any] = json.loads(done.stdout)
-    return result
 
 
 # ---------------------------------------------------------------------------- data plane
@@ -202,7 +189,7 @@ def migration(bench: Bench, adopted: bool, write_rate: int) -> Migration:
         log(f"  $ {shell_join(argv)}")
         writer = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         # ``ferry status --json`` gives the line's fields as strings.
-        wait_for(lambda: ferry_json_status(proxy_sock).get("num_clients") == "1", "the writer")
+        wait_for(lambda: status(proxy_sock).get("num_clients") == "1", "the writer")
         mirror = [ferry, "mirror", "--addr", HOST, "--port", str(dest_port)]
         mirror += ["--sock", str(source_sock), "--action", "nothing", "--wait"]
         result.command = shell_join(mirror)
@@ -215,7 +202,7 @@ def migration(bench: Bench, adopted: bool, write_rate: int) -> Migration:
         if done.returncode != 0:
             raise BenchError(f"mirror exit status {done.returncode}: {output_tail(done.stdout)}")
         where = f"{HOST}:{dest_port}"
-        wait_for(lambda: ferry_json_status(proxy_sock).get("upstream") == where, "the proxy")
+        wait_for(lambda: status(proxy_sock).get("upstream") == where, "the proxy")
         stop_file.touch()
         out, err = writer.communicate(timeout=60)
         writer = None
@@ -223,8 +210,8 @@ def migration(bench: Bench, adopted: bool, write_rate: int) -> Migration:
             result.writer = json.loads(out)
         except ValueError as exc:
             raise BenchError(f"writer output unreadable: {output_tail(out + err)}") from exc
-        result.proxy_status = ferry_json_status(proxy_sock)
-        downtime = ferry_json_status(source_sock).get("last_downtime_ms")
+        result.proxy_status = status(proxy_sock)
+        downtime = status(source_sock).get("last_downtime_ms")
         result.source_last_downtime_ms = None if downtime is None else float(downtime)
     except (BenchError, subprocess.TimeoutExpired, OSError) as exc:
         result.error = str(exc)
