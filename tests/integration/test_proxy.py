@@ -39,6 +39,7 @@ from support import (
     serve,
     sha256,
     sparse_file,
+    start_peer,
     stop_peer,
 )
 from workload import BLOCK, decode
@@ -449,6 +450,39 @@ def test_nbdcopy_and_qemu_img_through_the_proxy_are_byte_identical(
     assert sha256(tmp_path / "unix.bin") == sha256(served)
     assert unix.stop() == 0 and not path.exists()
     assert front.stop() == 0 and server.stop() == 0
+
+
+BLOCK_STATUS_CLIENT = """
+h.pwrite(b"\\x5a" * 65536, 0)
+assert h.pread(65536, 0) == b"\\x5a" * 65536
+seen = []
+h.block_status(1 << 20, 0, lambda context, offset, entries, error: seen.append(entries))
+print(seen)
+"""
+
+
+def test_a_server_without_structured_replies_still_gets_block_status_answered(
+    tmp_path: Path, stopping: Callable[[Any], Any]
+) -> None:
+    # nbd-server 3.24 has no structured replies, so no base:allocation: the
+    # proxy offers both to its client and answers BLOCK_STATUS itself, as data.
+    image = sparse_file(tmp_path / "nbd-server.img", SIZE)
+    conf = tmp_path / "nbd-server.conf"
+
+    def command(port: int) -> list[str]:
+        conf.write_text(
+            f"[generic]\nport = {port}\nlistenaddr = 127.0.0.1\n"
+            f"[disk]\nexportname = {image}\nflush = true\nfua = true\n"
+        )
+        return ["nbd-server", "-C", str(conf), "-d"]  # one client, in the foreground
+
+    peer, port = start_peer(command, tmp_path / "nbd-server.log")
+    stopping(peer)
+    front, _ = proxy(tmp_path, port)
+    stopping(front)
+    out = nbdsh(front.uri("disk"), BLOCK_STATUS_CLIENT, base_allocation=True).stdout
+    assert out.strip() == b"[[1048576, 0]]"  # one extent, data
+    assert image.read_bytes()[:65536] == b"\x5a" * 65536
 
 
 def test_bad_command_lines_are_one_line_and_exit_2(tmp_path: Path) -> None:
