@@ -47,7 +47,7 @@ from ferry.nbd.server import ServerConnection
 from ferry.proxy.finder import FixedAddress
 from ferry.proxy.listener import ProxyServer
 from ferry.proxy.session import HANDSHAKE_TIMEOUT, MAX_OUTSTANDING, RETRY_INITIAL, ProxySession
-from ferry.proxy.upstream import Dialer
+from ferry.proxy.upstream import HELLO_TIMEOUT, MAX_REDIRECTS, Dialer
 from ferry.trace import Tracer, TraceRecord
 
 SIZE = 1 << 30
@@ -152,6 +152,7 @@ class Network:
     reactor: task.Clock
     up: dict[tuple[str, int], ExportInfo] = field(default_factory=dict)
     moved: dict[tuple[str, int], Location] = field(default_factory=dict)
+    silent: set[tuple[str, int]] = field(default_factory=set)  # accept, never greet
     servers: list[FakeServer] = field(default_factory=list)
     tries: list[tuple[str, int]] = field(default_factory=list)
 
@@ -167,8 +168,11 @@ class Network:
         server = FakeServer(
             protocol, transport, Catalog(export, self.moved.get(where)), self.reactor
         )
-        self.servers.append(server)
-        server.pump()
+        if where in self.silent:
+            server.gone = True  # never pumped: no greeting, no answer
+        else:
+            self.servers.append(server)
+            server.pump()
         return defer.succeed(protocol)
 
     @property
@@ -530,3 +534,42 @@ def test_in_failed_a_request_tries_the_server_at_once_and_waits_only_for_that() 
     assert client.replies()[read].data == data(5, 512)
     assert session.state == "connected"
     assert [r.event for r in h.records][-4:] == ["retry", "dialed", "negotiated", "replayed"]
+
+
+def test_a_server_that_never_greets_is_given_up_after_the_hello_timeout() -> None:
+    h = Harness()
+    client = h.connect()
+    write = client.send(Command.WRITE, 0, data=data(1))
+    h.network.server.take()
+    h.network.silent.add(HERE)
+    h.network.server.go_away()
+    h.advance(0)
+    session = client.protocol
+    assert session.state == "negotiating"  # connected, waiting for a hello
+    h.advance(HELLO_TIMEOUT - 0.1)
+    assert session.state == "negotiating"
+    assert "attempt_failed" not in [r.event for r in h.records]
+    h.network.silent.clear()  # the next attempt finds a server that answers
+    h.advance(0.2)
+    assert "attempt_failed" in [r.event for r in h.records]
+    h.advance(RETRY_INITIAL)
+    (again,) = h.network.server.take()
+    h.network.server.answer(again)
+    assert client.replies()[write].error is Errno.OK
+
+
+def test_servers_that_send_the_proxy_to_each_other_are_followed_only_so_far() -> None:
+    h = Harness()
+    client = h.connect()
+    client.send(Command.WRITE, 0, data=data(1))
+    h.network.server.take()
+    there = ("10.0.0.2", 10810)
+    h.network.up[there] = ExportInfo("disk", SIZE)
+    h.network.moved[HERE] = Location(*there)
+    h.network.moved[there] = Location(*HERE)
+    tries = len(h.network.tries)
+    h.network.server.go_away()
+    h.advance(0)
+    assert len(h.network.tries) - tries == 1 + MAX_REDIRECTS  # then this attempt gives up
+    assert client.protocol.state == "upstream_lost"
+    assert [r.event for r in h.records].count("redirected") == MAX_REDIRECTS
