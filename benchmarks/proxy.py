@@ -188,8 +188,8 @@ def migration(bench: Bench, adopted: bool, write_rate: int) -> Migration:
         argv += [str(MIGRATE_TIMEOUT), str(stop_file)]
         log(f"  $ {shell_join(argv)}")
         writer = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        # ``ferry status --json`` gives the line's fields as strings.
-        wait_for(lambda: status(proxy_sock).get("num_clients") == "1", "the writer")
+        # ``ferry status --json`` gives numbers as numbers.
+        wait_for(lambda: status(proxy_sock).get("num_clients") == 1, "the writer")
         mirror = [ferry, "mirror", "--addr", HOST, "--port", str(dest_port)]
         mirror += ["--sock", str(source_sock), "--action", "nothing", "--wait"]
         result.command = shell_join(mirror)

@@ -45,7 +45,47 @@ def decode(data: bytes) -> tuple[int, int, int] | None:
     return offset, client, counter
 
 
+def lost_writes(image: bytes, report: dict[str, object]) -> list[str]:
+    """Every acknowledged write of ``report`` that ``image`` does not hold, said in words.
+
+    A block must hold the last counter the client got acknowledged, or a
+    later one it sent without an answer (written, its reply lost with the
+    connection).
+    """
+    acked = report["acked"]
+    unanswered = report["unanswered"]
+    assert isinstance(acked, dict) and isinstance(unanswered, dict)
+    lost = []
+    for offset_text, counter in acked.items():
+        offset = int(offset_text)
+        found = decode(image[offset : offset + BLOCK])
+        if found is None:
+            lost.append(f"block {offset}: the acknowledged write {counter} is gone")
+            continue
+        _, client, held = found
+        ceiling = max(counter, unanswered.get(offset_text, counter))
+        if client != report["client"] or not counter <= held <= ceiling:
+            lost.append(f"block {offset}: holds write {held} of client {client}, not {counter}")
+    return lost
+
+
+def check(image_path: str, report_path: str) -> int:
+    """``workload.py check IMAGE REPORT``: every acknowledged write is in IMAGE (exit 0)."""
+    with open(report_path) as file:
+        report = json.load(file)
+    with open(image_path, "rb") as file:
+        image = file.read()
+    lost = lost_writes(image, report)
+    for line in lost:
+        print(line, file=sys.stderr)
+    acked = len(report["acked"])
+    print(f"{acked - len(lost)} of {acked} acknowledged blocks hold their last write")
+    return 1 if lost else 0
+
+
 def main() -> int:
+    if sys.argv[1] == "check":
+        return check(sys.argv[2], sys.argv[3])
     uri, client, clients, blocks, stop_file = (
         sys.argv[1],
         int(sys.argv[2]),

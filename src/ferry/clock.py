@@ -21,7 +21,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["Clock", "DelayedCall", "ReactorClock", "ReactorTime"]
+__all__ = ["Clock", "DelayedCall", "ReactorClock", "ReactorTime", "cancel_call"]
 
 _log = Logger()
 
@@ -192,3 +192,9 @@ class ReactorClock:
             if loop.running:
                 loop.stop()
         self._loops.clear()
+
+
+def cancel_call(call: DelayedCall | None) -> None:
+    """Cancel ``call`` unless it is None, has run, or was cancelled already."""
+    if call is not None and call.active():
+        call.cancel()

@@ -1,6 +1,6 @@
 """Prometheus exposition: every status field, the request and migration counters, /metrics.
 
-The collector renders the same :class:`~ferry.control.status.StatusSnapshot`
+The collector renders the same :class:`~ferry.status.StatusSnapshot`
 as the status line, so a field exists in one place only.  Scrapes are
 answered by a Twisted resource on the reactor thread (prometheus_client's
 own ``MetricsResource`` renders in a thread pool, where it would race the
@@ -26,9 +26,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from ferry import statecharts
-from ferry.control.status import StatusSnapshot
-from ferry.migrate.stats import FailureReason, MigrationStats
+from ferry.migrate.core.stats import FailureReason, MigrationStats
 from ferry.serve.stats import LATENCY_BUCKETS, RequestStats
+from ferry.status import StatusSnapshot
 
 PREFIX: Final = "ferry_"
 
@@ -68,6 +68,14 @@ def _status_metrics(snapshots: list[StatusSnapshot]) -> Iterator[Metric]:
     )
     for snapshot in snapshots:
         for name, value, spec in snapshot.fields():
+            if spec.kind == "info":
+                info = gauges.get(name)
+                if info is None:
+                    info = gauges[name] = GaugeMetricFamily(
+                        PREFIX + spec.metric + "_info", spec.help, labels=["export", name]
+                    )
+                info.add_metric([snapshot.export, str(value)], 1.0)
+                continue
             if spec.kind == "state":
                 for state in _states_of(spec.metric, str(value)):
                     states.add_metric(

@@ -3,6 +3,12 @@
 Everything that needs a reactor, a clock or a file on disk is made here and
 handed to the parts, which never reach for globals: the tests build the
 same parts with a fake clock and an in-memory transport.
+
+A node has one NBD port, one control socket, one /metrics, one trace and
+one lockspace, and its exports in an :class:`~ferry.exports.ExportRegistry`:
+:meth:`Node.add_export` takes an export's lease and puts it on the port,
+:meth:`Node.remove_export` takes it off.  ``ferry serve`` and ``ferry
+listen`` run a node with one export.
 """
 
 from __future__ import annotations
@@ -14,16 +20,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, threads
+from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.web.server import Site
 
+from ferry.chartnames import RoleTrigger
 from ferry.clock import ReactorClock
 from ferry.control.commands import Commands
 from ferry.control.events import EventHub
 from ferry.control.server import listen_control
-from ferry.control.status import StatusSnapshot
+from ferry.exports import ExportConfig, ExportRegistry, ExportUnit
 from ferry.lease.backend import LeaseBackend, LeaseConflict, LeaseError, LeaseMode
 from ferry.lease.incoming import IncomingLease
 from ferry.lease.manager import LeaseManager
@@ -34,41 +42,19 @@ from ferry.lease.spec import (
     parse_lockspace,
 )
 from ferry.metrics import make_registry, metrics_root
+from ferry.migrate.destination import Receiver
 from ferry.migrate.manager import MirrorManager
-from ferry.migrate.source import tcp_connector
-from ferry.migrate.stats import MigrationStats
-from ferry.serve.acl import Acl
+from ferry.migrate.wire import tcp_connector
+from ferry.safepath import UnsafePath
+from ferry.serve.acl import Acl, is_loopback
 from ferry.serve.export import Export
 from ferry.serve.server import NBDServer
-from ferry.serve.stats import RequestStats
 from ferry.storage import Image
 from ferry.trace import TraceFile, Tracer, log_transitions
 
+__all__ = ["NO_LOCKSPACE", "Node", "ServeConfig", "StartupError"]
+
 log = Logger()
-
-
-class ObservedExport:
-    """An export as the metrics see it: its status includes the migration's fields."""
-
-    def __init__(self, export: Export, mirrors: MirrorManager) -> None:
-        self._export = export
-        self._mirrors = mirrors
-
-    @property
-    def name(self) -> str:
-        return self._export.name
-
-    @property
-    def stats(self) -> RequestStats:
-        return self._export.stats
-
-    @property
-    def migration_stats(self) -> MigrationStats:
-        return self._mirrors.stats
-
-    def snapshot(self) -> StatusSnapshot:
-        return self._mirrors.snapshot()
-
 
 #: ``--lockspace none``: serve without a lease (nothing fences this node).
 NO_LOCKSPACE = "none"
@@ -80,6 +66,8 @@ class StartupError(Exception):
 
 @dataclass(frozen=True)
 class ServeConfig:
+    """``ferry serve`` / ``ferry listen``: the node's settings and its one export's."""
+
     file: str
     addr: str = "0.0.0.0"
     port: int = 10809
@@ -101,11 +89,22 @@ class ServeConfig:
     @property
     def export_name(self) -> str:
         """The export's name: ``--name``, or the file's name (also what logs and traces call it)."""
-        return self.name or os.path.basename(self.file)
+        return self.export().export_name
+
+    def export(self) -> ExportConfig:
+        """The one export this command serves."""
+        return ExportConfig(
+            file=self.file,
+            name=self.name,
+            read_only=self.read_only,
+            listen=self.listen,
+            resource=self.resource,
+            description=self.description,
+        )
 
 
 class Node:
-    """One export served on one port, with its control socket and metrics."""
+    """Exports served on one port, with a control socket, metrics, a trace and a lockspace."""
 
     def __init__(self, reactor: Any, config: ServeConfig) -> None:
         self.reactor = reactor
@@ -116,46 +115,49 @@ class Node:
         # each stands for a late subscriber, the log carries each transition.
         self.events = EventHub(self.tracer, self.clock)
         self.tracer.subscribe(log_transitions(config.export_name))
+        self.exports = ExportRegistry()
         self._trace_file: TraceFile | None = None
         self._ports: list[IListeningPort] = []
-        self.image: Image | None = None
-        self.export: Export | None = None
         self.server: NBDServer | None = None
         self.nbd_port: IListeningPort | None = None
-        self.mirrors: MirrorManager | None = None
         self.metrics_port: IListeningPort | None = None
-        self.lease: LeaseManager | None = None
         self._lockspace: LeaseBackend | None = None
         self._stopped = False
 
-    def run_blocking(self, work: Callable[[], object]) -> defer.Deferred[Any]:
+    def run_blocking(self, work: Callable[[], object]) -> Deferred[Any]:
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
 
-    def start(self) -> defer.Deferred[None]:
+    # -- starting ---------------------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
         """Open everything, in an order that leaves nothing half-open on failure.
 
         The answer fires once the export serves (or listens); it fails with
-        :class:`StartupError`.  With a lockspace the lease is taken before
-        the NBD port opens, so no client is ever served without it; without
-        one (or with a local lockspace, whose answers are immediate) the
-        answer has fired when this returns.
+        :class:`StartupError`.  Every address and port is bound first, so a
+        port in use is said before anything else is tried; the export's lease
+        is taken before the export is put on the port, so no client is ever
+        served without it (one that comes sooner is told there is no such
+        export).  Without a lockspace (or with a local one, whose answers are
+        immediate) the answer has fired when this returns.
         """
         try:
-            self._start(self.config)
+            self._open(self.config)
+            self._open_nbd(self.config)
         except Exception:
-            self._close_now()
+            self._failed_start(None)
             return defer.fail()
-        d = self._take_lease()
-        d.addCallback(lambda _: self._open_nbd(self.config))
-        d.addErrback(self._failed_start)
-        return d
+        d = self.add_export(self.config.export())
+        started = d.addCallback(lambda _: self._announce(self.config))
+        return started.addErrback(self._failed_start)
 
     def _failed_start(self, failure: Any) -> Any:
+        """Undo a start that failed (``failure`` is passed on; None: raised in ``start``)."""
         # Everything is closed here; the reactor's shutdown (a refusal that
         # came after it started, from etcd) must not flush a closed image.
         self._stopped = True
-        if self.lease is not None:
-            self.lease.shutdown()  # taken, then the port was in use: give it back
+        for unit in self.exports:
+            if unit.lease is not None:
+                unit.lease.shutdown()  # taken, then the port was in use: give it back
         self.clock.cancel_all()
         for port in self._ports:
             port.stopListening()
@@ -163,62 +165,42 @@ class Node:
         self._close_now()
         return failure
 
-    def _start(self, config: ServeConfig) -> None:
+    def _open(self, config: ServeConfig) -> None:
         from ferry.serve.acl import AclError
-        from ferry.storage import ImageError
 
         try:
             acl = Acl.parse(config.acl, default_deny=config.default_deny)
         except AclError as error:
             raise StartupError(str(error)) from None
+        if config.listen:
+            _check_senders_are_named(config, acl)
         if config.trace:
             try:
                 self._trace_file = TraceFile(config.trace)
+            except UnsafePath as unsafe:
+                raise StartupError(str(unsafe)) from None
             except OSError as error:
                 raise StartupError(f"trace file {config.trace}: {error.strerror}") from None
             self.tracer.subscribe(self._trace_file.write)
-        try:
-            self.image = Image.open(config.file, read_only=config.read_only)
-        except ImageError as error:
-            raise StartupError(str(error)) from None
-        name = config.export_name
-        self.export = Export(
-            name, self.image, clock=self.clock, tracer=self.tracer, description=config.description
-        )
         self.server = NBDServer(
-            [self.export],
+            [],
             clock=self.clock,
             run_blocking=self.run_blocking,
             acl=acl,
             oldstyle=config.oldstyle,
-        )
-        self.mirrors = MirrorManager(
-            self.export,
-            gate=self.export,
-            clock=self.clock,
-            connector=tcp_connector(self.reactor),
-            tracer=self.tracer,
-            stop_process=self._stop_after_handoff,
+            receiver=Receiver(run_blocking=self.run_blocking, clock=self.clock),
         )
         if config.sock:
             from ferry.control.server import ControlSocketError
 
+            commands = Commands(self.server, self.exports, default_deny=config.default_deny)
             try:
-                self._ports.append(
-                    listen_control(
-                        self.reactor,
-                        config.sock,
-                        Commands(
-                            self.server, default_deny=config.default_deny, mirrors=self.mirrors
-                        ),
-                        self.events,
-                    )
-                )
+                self._ports.append(listen_control(self.reactor, config.sock, commands, self.events))
             except ControlSocketError as error:
                 raise StartupError(str(error)) from None
         if config.metrics:
             host, port = config.metrics
-            registry = make_registry(self._observed)
+            registry = make_registry(lambda: list(self.exports))
             site = Site(metrics_root(registry))  # type: ignore[no-untyped-call]
             self.metrics_port = self._listen_tcp(port, site, host, "metrics")
             log.info(
@@ -226,39 +208,115 @@ class Node:
                 host=host,
                 port=self.metrics_port.getHost().port,  # type: ignore[attr-defined]
             )
+        if config.lockspace != NO_LOCKSPACE:
+            try:
+                spec = (
+                    default_lockspace()
+                    if config.lockspace is None
+                    else parse_lockspace(config.lockspace)
+                )
+                self._lockspace = open_lockspace(spec, reactor=self.reactor, clock=self.clock)
+            except (ValueError, LeaseError) as error:
+                if config.lockspace is None:
+                    raise StartupError(
+                        f"the default lockspace: {error}; name one with --lockspace local:DIR, "
+                        "or serve without a lease with --lockspace none"
+                    ) from None
+                raise StartupError(f"--lockspace {config.lockspace}: {error}") from None
 
-    def _take_lease(self) -> defer.Deferred[None]:
-        """Acquire the image's lease before serving; a refusal is a StartupError.
+    # -- exports ------------------------------------------------------------------------
+
+    def add_export(self, config: ExportConfig) -> Deferred[ExportUnit]:
+        """Open ``config``'s image, take its lease (or get ready for one), and serve it.
+
+        Fails with :class:`StartupError`: a missing or unreadable file, a
+        name in use, a lease someone else holds.  On failure nothing of the
+        export is left open.
+        """
+        from ferry.storage import ImageError
+
+        assert self.server is not None
+        if config.export_name in self.exports.names():
+            return defer.fail(StartupError(f"an export named {config.export_name!r} exists"))
+        try:
+            image = Image.open(config.file, read_only=config.read_only)
+        except ImageError as error:
+            return defer.fail(StartupError(str(error)))
+        mode = os.stat(config.file).st_mode
+        if not config.read_only and not mode & 0o222:
+            # Root opens it for writing all the same: say so, once.
+            log.warn(
+                "{file} has no write permission (mode {mode:04o}), but this user may write "
+                "it: serving it writable; use --read-only to serve it read-only",
+                file=config.file,
+                mode=mode & 0o7777,
+            )
+        export = Export(
+            config.export_name,
+            image,
+            clock=self.clock,
+            tracer=self.tracer,
+            description=config.description,
+        )
+        mirrors = MirrorManager(
+            export,
+            gate=export,
+            clock=self.clock,
+            connector=tcp_connector(self.reactor),
+            tracer=self.tracer,
+            stop_process=self._stop_after_handoff,
+        )
+        unit = ExportUnit(config, export, mirrors)
+        d = self._take_lease(unit)
+
+        def serve(_: object) -> ExportUnit:
+            assert self.server is not None
+            if self.nbd_address is not None:
+                host, port = self.nbd_address
+                unit.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            self.exports.add(unit)
+            self.server.add_export(export)
+            export.trigger(RoleTrigger.LISTEN if config.listen else RoleTrigger.SERVE)
+            return unit
+
+        def failed(failure: Any) -> Any:
+            image.close()
+            return failure
+
+        return d.addCallback(serve).addErrback(failed)
+
+    def remove_export(self, name: str) -> Deferred[None]:
+        """Take an export off the port: its migration broken, its clients drained, its lease
+        released, its image flushed and closed."""
+        unit = self.exports.remove(name)
+        assert self.server is not None
+        self.server.remove_export(unit.name)
+        return self._stop_unit(unit)
+
+    def _take_lease(self, unit: ExportUnit) -> Deferred[None]:
+        """Acquire the export's lease; a refusal is a StartupError.
 
         ``listen`` takes none now: its lease comes with the migration's
         commit (:class:`~ferry.lease.incoming.IncomingLease`).
         """
-        config = self.config
-        assert self.export is not None and self.mirrors is not None
-        if config.lockspace == NO_LOCKSPACE:
+        config = unit.config
+        if self._lockspace is None:
             return defer.succeed(None)
-        try:
-            spec = (
-                default_lockspace()
-                if config.lockspace is None
-                else parse_lockspace(config.lockspace)
-            )
-            self._lockspace = open_lockspace(spec, reactor=self.reactor)
-        except (ValueError, LeaseError) as error:
-            return defer.fail(StartupError(f"--lockspace {config.lockspace or ''}: {error}"))
         own = config.resource or default_resource(config.file)
         if config.listen:
-            self.export.incoming_lease = IncomingLease(
-                self._make_lease, resource=config.resource, fallback=own, on_taken=self._taken
+            incoming = IncomingLease(
+                lambda name: self._make_lease(unit, name),
+                resource=config.resource,
+                fallback=own,
+                on_taken=lambda lease: self._took(unit, lease),
             )
+            unit.incoming = unit.export.incoming_lease = incoming
             return defer.succeed(None)
-        lease = self._make_lease(own)
+        lease = self._make_lease(unit, own)
         lease.register()
 
         def held(_: object) -> None:
-            self._taken(lease)
-            assert self.export is not None
-            self.export.lease = lease
+            self._took(unit, lease)
 
         def refused(failure: Any) -> None:
             error = failure.value
@@ -270,20 +328,20 @@ class Node:
 
         return lease.acquire().addCallbacks(held, refused)
 
-    def _make_lease(self, resource: str) -> LeaseManager:
+    def _make_lease(self, unit: ExportUnit, resource: str) -> LeaseManager:
         """The one way this node builds a lease: its lockspace, its identity, its clock."""
-        assert self._lockspace is not None and self.export is not None
-        read_only = self.image is not None and self.image.read_only
+        assert self._lockspace is not None
         lease = LeaseManager(
             self._lockspace,
             resource=resource,
-            owner=f"{socket.gethostname()}:{os.getpid()}:{self.export.name}",
-            mode=LeaseMode.READONLY if read_only else LeaseMode.EXCLUSIVE,
+            owner=f"{socket.gethostname()}:{os.getpid()}:{unit.name}",
+            mode=LeaseMode.READONLY if unit.image.read_only else LeaseMode.EXCLUSIVE,
             clock=self.clock,
             tracer=self.tracer,
-            on_fenced=self._fenced,
+            on_fenced=unit.fenced,
         )
-        # A listener's lease comes with the commit, its port open already.
+        # Published with every grant it holds, for a ferry proxy looking for
+        # the image (the port is open before any export is added: ``start``).
         lease.serving_address = self._serving_address()
         return lease
 
@@ -292,19 +350,17 @@ class Node:
 
         A wildcard address (all interfaces) is published as the host's name.
         """
-        if self.nbd_port is None:
+        if self.nbd_address is None:
             return None
-        host = self.config.addr
+        host, port = self.nbd_address
         if host in ("", "0.0.0.0", "::"):
             host = socket.gethostname()
-        port = self.nbd_port.getHost().port  # type: ignore[attr-defined]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def _taken(self, lease: LeaseManager) -> None:
-        """This node holds ``lease`` now: released at shutdown, handed on by a migration out."""
-        assert self.mirrors is not None and self._lockspace is not None
-        self.lease = lease
-        self.mirrors.lease = lease
+    def _took(self, unit: ExportUnit, lease: LeaseManager) -> None:
+        """``unit`` holds ``lease`` now: released at shutdown, handed on by a migration out."""
+        assert self._lockspace is not None
+        unit.holds(lease)
         log.info(
             "holding the lease on {resource} (token {token}) in {space}",
             resource=lease.resource,
@@ -312,46 +368,36 @@ class Node:
             space=self._lockspace.spec,
         )
 
-    def _fenced(self, reason: str) -> None:
-        """The lease is gone: this node must not touch the image again.
-
-        The data plane already refuses every request (``Export.lease``); the
-        role goes ``fenced`` so status, metrics and the handshake say so.
-        """
-        export = self.export
-        log.error("lease lost: {reason}; fenced, no further I/O", reason=reason)
-        # lease_lost leaves exactly the states with control (role.yaml).
-        if export is not None and export.has_control:
-            export.trigger("lease_lost")
-        if self.mirrors is not None:
-            self.mirrors.lease_lost(reason)
+    # -- the port ----------------------------------------------------------------------
 
     def _open_nbd(self, config: ServeConfig) -> None:
-        assert self.export is not None and self.image is not None and self.server is not None
+        assert self.server is not None
         self.nbd_port = self._listen_tcp(config.port, self.server, config.addr, "NBD")
-        self.export.trigger("listen" if config.listen else "serve")
-        # Where a ferry proxy looking for the image finds it: published with
-        # the lease held now, and with the one a listener takes at its commit.
-        address = self._serving_address()
-        incoming = self.export.incoming_lease
-        waiting = incoming.manager if isinstance(incoming, IncomingLease) else None
-        for lease in (self.lease, waiting):
-            if lease is not None and address is not None:
-                lease.publish(address)
-        log.info(
+
+    @property
+    def nbd_address(self) -> tuple[str, int] | None:
+        """Where clients reach this node: the NBD port's address and number (None: not open)."""
+        if self.nbd_port is None:
+            return None
+        host = self.nbd_port.getHost()
+        return str(host.host), int(host.port)  # type: ignore[attr-defined]
+
+    def _announce(self, config: ServeConfig) -> None:
+        assert self.nbd_address is not None
+        port = self.nbd_address[1]
+        unit = self.exports.get()
+        # Said once the reactor runs, and so once SIGTERM is ferry's to handle:
+        # whoever waits for this line may stop the node at once.
+        self.reactor.callWhenRunning(
+            log.info,
             "{doing} {file} ({size} bytes) as {name!r} on {addr}:{port}",
             doing="listening for a migration of" if config.listen else "serving",
             file=config.file,
-            size=self.image.size,
-            name=self.export.name,
+            size=unit.image.size,
+            name=unit.name,
             addr=config.addr,
-            port=self.nbd_port.getHost().port,  # type: ignore[attr-defined]
+            port=port,
         )
-
-    def _observed(self) -> list[ObservedExport]:
-        if self.export is None or self.mirrors is None:
-            return []
-        return [ObservedExport(self.export, self.mirrors)]
 
     def _stop_after_handoff(self) -> None:
         """The ``exit`` action: stop once the mirror's end has been reported.
@@ -359,8 +405,13 @@ class Node:
         Called inside the handoff; the process stops on a later turn of the
         reactor, after waiters on the control socket have had their answer.
         """
-        assert self.mirrors is not None
-        self.mirrors.finished().addBoth(lambda _: self.reactor.callLater(0, self.reactor.stop))
+        for unit in self.exports:
+            if unit.mirrors.running:
+                unit.mirrors.finished().addBoth(
+                    lambda _: self.reactor.callLater(0, self.reactor.stop)
+                )
+                return
+        self.reactor.callLater(0, self.reactor.stop)
 
     def _listen_tcp(self, port: int, factory: Any, host: str, what: str) -> IListeningPort:
         try:
@@ -371,12 +422,17 @@ class Node:
         self._ports.append(listening)
         return listening
 
+    # -- stopping ----------------------------------------------------------------------
+
     @defer.inlineCallbacks
     def shutdown(self) -> Any:
-        """Stop accepting, finish requests in flight, flush, and close.
+        """Stop accepting, end migrations, finish requests in flight, flush, and close.
 
         Registered as a 'before shutdown' trigger, so SIGINT and SIGTERM
-        (which Twisted turns into ``reactor.stop()``) wait for it.
+        (which Twisted turns into ``reactor.stop()``) wait for it.  A
+        migration that is running is stopped first, as ``break`` would (or
+        abandoned once its commit may have landed: the lease settles that):
+        its destination sees the connection go and listens again.
         """
         if self._stopped:
             return
@@ -386,24 +442,57 @@ class Node:
             self.server.accepting = False
         for port in self._ports:
             yield port.stopListening()
+        yield defer.DeferredList([unit.mirrors.stop("shut down") for unit in self.exports])
         if self.server is not None:
             yield self.server.drain()
-        if self.image is not None:
-            image = self.image
-            yield self.run_blocking(image.flush)
-        if self.export is not None:
-            self.export.trigger("shutdown")
-        if self.lease is not None:
-            yield self.lease.shutdown()
+        for unit in self.exports:
+            yield self._stop_unit(unit)
         # After the last transition, so subscribers have seen every one.
         yield self.events.close("the server is shutting down")
         self.clock.cancel_all()
+        if self._lockspace is not None:
+            yield self._lockspace.close()
         self._close_now()
         log.info("stopped")
 
+    @defer.inlineCallbacks
+    def _stop_unit(self, unit: ExportUnit) -> Any:
+        """One export's end: migration stopped, clients drained, image flushed, role stopped."""
+        yield unit.mirrors.stop("the export is removed")
+        if self.server is not None:
+            yield self.server.drain_export(unit.name)
+        image = unit.image
+        if not image.closed:
+            yield self.run_blocking(image.flush)
+        yield unit.stop()
+        image.close()
+
     def _close_now(self) -> None:
-        if self.image is not None:
-            self.image.close()
+        for unit in self.exports:
+            unit.image.close()
         if self._trace_file is not None:
             self._trace_file.close()
             self._trace_file = None
+
+
+def _check_senders_are_named(config: ServeConfig, acl: Acl) -> None:
+    """A listener must say who may hand it an image (``Acl.admits_sender``).
+
+    An empty ACL admits senders only from loopback: on any other address
+    that would be no sender at all, which is a mistake worth one line now
+    rather than a refused migration later.  flexnbd's stream (``--oldstyle``)
+    cannot be told apart from a client's, so it needs the ACL whatever the
+    address.
+    """
+    if acl.networks:
+        return
+    if config.oldstyle:
+        raise StartupError(
+            "listen --oldstyle takes flexnbd's migration, which cannot authenticate: "
+            "name the source hosts as ACL entries (ferry listen ... ADDRESS ...)"
+        )
+    if not is_loopback(config.addr):
+        raise StartupError(
+            f"listen on {config.addr} admits migration senders only from the addresses its "
+            "ACL names: name the source hosts as ACL entries (ferry listen ... ADDRESS ...)"
+        )

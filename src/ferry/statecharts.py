@@ -2,7 +2,7 @@
 
 The YAML is the source of truth: code asks a :class:`Statechart` what a state
 means (``has_control``, ``clients_allowed``) instead of keeping its own list,
-the diagrams are generated from it, and :func:`ferry.trace.replay` judges a
+the diagrams are generated from it, and :func:`ferry.replay.replay` judges a
 trace against it.  :func:`build` turns a chart into a ``transitions.Machine``
 configured the same way every time: ``queued=True`` (a trigger fired from a
 callback runs after the current transition, never in the middle of it),
@@ -23,6 +23,12 @@ file)::
     transitions:                 # one table: [trigger, source(s), dest]
       - [serve,    starting,                 serving]
       - [shutdown, [starting, serving],      stopped]
+      - [quiesce,  migrating,  quiescing, {role: quiesce}]   # an effect on another machine
+
+A row may end with its *effects*: ``{machine: trigger}``, the trigger that
+another machine takes whenever this one takes the row's transition.  That is
+how one machine drives another from a single table (the migration moves the
+export's role): :func:`build` fires them, given a follower for the machine.
 
 Names of states and triggers are Python identifiers (``transitions`` turns
 them into methods on the model) that are not keywords and do not start with
@@ -34,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import keyword
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -102,11 +108,22 @@ class StateSpec:
 
 @dataclass(frozen=True)
 class TransitionSpec:
-    """One transition with one source: a YAML row listing several sources becomes several."""
+    """One transition with one source: a YAML row listing several sources becomes several.
+
+    ``effects`` maps another machine's name to the trigger it takes whenever
+    this transition is taken (see :func:`build`'s ``followers``).
+    """
 
     trigger: str
     source: str
     dest: str
+    effects: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "effects", MappingProxyType(dict(self.effects)))
+
+    def __hash__(self) -> int:
+        return hash((self.trigger, self.source, self.dest, tuple(sorted(self.effects.items()))))
 
 
 @dataclass(frozen=True)
@@ -149,6 +166,9 @@ class Statechart:
                 )
         for t in self.transitions:
             _check_trigger(t.trigger)
+            for machine, trigger in t.effects.items():
+                _check_name("machine", machine)
+                _check_trigger(trigger)
             for role, state in (("source", t.source), ("dest", t.dest)):
                 if state not in by_name:
                     raise StatechartError(
@@ -201,6 +221,21 @@ class Statechart:
     def next_state(self, source: str, trigger: str) -> str | None:
         """Where ``trigger`` takes a machine in ``source``; None if it is illegal there."""
         return self._next.get((source, trigger))
+
+    def transition(self, source: str, trigger: str) -> TransitionSpec | None:
+        """The transition ``trigger`` takes from ``source``; None if it is illegal there."""
+        for t in self.transitions:
+            if t.source == source and t.trigger == trigger:
+                return t
+        return None
+
+    def effects_on(self, machine: str) -> dict[tuple[str, str], str]:
+        """``(source, trigger) -> trigger of machine``: what this chart makes ``machine`` do."""
+        return {
+            (t.source, t.trigger): t.effects[machine]
+            for t in self.transitions
+            if machine in t.effects
+        }
 
     def reachable(self) -> frozenset[str]:
         seen = {self.initial}
@@ -355,9 +390,14 @@ def _parse_state(name: object, body: object) -> StateSpec:
 
 def _parse_row(number: int, row: object) -> list[TransitionSpec]:
     where = f"transition #{number} {row!r}"
-    if not isinstance(row, list) or len(row) != 3:
-        raise StatechartError(f"{where}: expected a row [trigger, source(s), dest]")
-    trigger, sources, dest = row
+    if not isinstance(row, list) or len(row) not in (3, 4):
+        raise StatechartError(f"{where}: expected a row [trigger, source(s), dest, {{effects}}?]")
+    trigger, sources, dest = row[:3]
+    effects = row[3] if len(row) == 4 else {}
+    if not isinstance(effects, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in effects.items()
+    ):
+        raise StatechartError(f"{where}: effects must map a machine's name to its trigger")
     if isinstance(sources, str):
         sources = [sources]
     if not isinstance(sources, list) or not sources:
@@ -367,7 +407,7 @@ def _parse_row(number: int, row: object) -> list[TransitionSpec]:
             raise StatechartError(f"{where}: {what} must be a name, not {value!r}")
     if len(set(sources)) != len(sources):
         raise StatechartError(f"{where}: a source state is listed twice")
-    return [TransitionSpec(trigger, source, dest) for source in sources]
+    return [TransitionSpec(trigger, source, dest, effects) for source in sources]
 
 
 @functools.cache
@@ -392,6 +432,8 @@ def build(
     instance: str,
     tracer: Tracer | None,
     clock: Clock,
+    followers: Mapping[str, Callable[[str], object]] | None = None,
+    on_change: Callable[[str, str, str], object] | None = None,
 ) -> Machine:
     """Bind a ``transitions.Machine`` for ``chart`` to ``model``; the one way ferry makes one.
 
@@ -411,6 +453,13 @@ def build(
     raised from the outermost trigger call.  When a queued event raises,
     ``transitions`` throws away whatever was still queued behind it; those
     events are recorded too, ``ok=False``, so the trace shows they never ran.
+
+    ``followers`` maps a machine's name to a function that fires one of its
+    triggers: after every transition whose row names an effect on that
+    machine, the function is called with the effect's trigger (a machine
+    not among the followers is not driven).  ``on_change(trigger, source,
+    dest)`` is called after every transition taken, for a model that must
+    act on a state's meaning (the data plane on ``clients_held``).
     """
     if not instance:
         raise ValueError("a machine needs a non-empty instance name for its trace")
@@ -451,6 +500,20 @@ def build(
         if event.error is not None:
             _record_dropped(event, tracer, now, chart.name, instance, dest)
 
+    driven = {
+        name: (follow, chart.effects_on(name)) for name, follow in (followers or {}).items()
+    }
+
+    def after(event: EventData) -> None:
+        assert event.transition is not None
+        source, trigger = event.transition.source, event.event.name
+        if on_change is not None:
+            on_change(trigger, source, str(event.transition.dest))
+        for follow, effects in driven.values():
+            effect = effects.get((source, trigger))
+            if effect is not None:
+                follow(effect)
+
     machine = Machine(
         model=model,
         states=list(chart.state_names()),
@@ -464,6 +527,7 @@ def build(
         auto_transitions=False,
         ignore_invalid_triggers=False,
         finalize_event=finalize,
+        after_state_change=after if driven or on_change is not None else None,
     )
     if tracer is not None:
         tracer.record(
@@ -527,11 +591,15 @@ def _header(chart: Statechart, comment: str) -> list[str]:
 
 
 def _edges(chart: Statechart) -> list[tuple[str, str, list[str]]]:
-    """Transitions grouped per (source, dest) pair, in table order, so parallel arrows merge."""
+    """Transitions grouped per (source, dest) pair, in table order, so parallel arrows merge.
+
+    A transition with effects is labelled ``trigger / machine.trigger``.
+    """
     grouped: dict[tuple[str, str], list[str]] = {}
     for t in chart.transitions:
-        grouped.setdefault((t.source, t.dest), []).append(t.trigger)
-    return [(source, dest, triggers) for (source, dest), triggers in grouped.items()]
+        label = t.trigger + "".join(f" / {m}.{e}" for m, e in sorted(t.effects.items()))
+        grouped.setdefault((t.source, t.dest), []).append(label)
+    return [(source, dest, labels) for (source, dest), labels in grouped.items()]
 
 
 def _has_control(state: StateSpec) -> bool:
@@ -584,10 +652,49 @@ def render_mermaid(chart: Statechart) -> str:
 
 
 def _renderings(directory: Path) -> Iterator[tuple[Path, str]]:
-    for path in sorted(directory.glob("*.yaml")):
-        chart = load_file(path)
-        for suffix, render in ((".dot", render_dot), (".mmd", render_mermaid)):
-            yield path.with_suffix(suffix), render(chart)
+    charts = [load_file(path) for path in sorted(directory.glob("*.yaml"))]
+    for chart in charts:
+        yield directory / f"{chart.name}.dot", render_dot(chart)
+        yield directory / f"{chart.name}.mmd", render_mermaid(chart)
+    if directory.resolve() == charts_dir().resolve():
+        yield names_module_path(), render_names(charts)
+
+
+def names_module_path() -> Path:
+    """Where the generated state and trigger names live: ``ferry/chartnames.py``."""
+    return Path(__file__).resolve().parent / "chartnames.py"
+
+
+def render_names(charts: Iterable[Statechart]) -> str:
+    """Python source: a ``StrEnum`` of the states and one of the triggers of each chart.
+
+    Code fires ``RoleTrigger.SERVE``, not ``"serve"``: mypy rejects a name
+    the YAML does not have, and ``render --check`` fails when the module and
+    the YAML disagree.
+    """
+    classes: list[tuple[str, str, str, tuple[str, ...]]] = []
+    for chart in charts:
+        stem = "".join(part.capitalize() for part in chart.name.split("_"))
+        classes.append((f"{stem}State", "states", chart.name, chart.state_names()))
+        classes.append((f"{stem}Trigger", "triggers", chart.name, tuple(sorted(chart.triggers()))))
+    lines = [
+        '"""The states and triggers of every statechart, as names mypy can check.',
+        "",
+        "Generated from statecharts/*.yaml by `ferry statecharts render`: do not edit.",
+        "`ferry statecharts render --check` (run by CI) fails when it is stale.",
+        '"""',
+        "",
+        "from enum import StrEnum",
+        "",
+        "__all__ = [",
+        *(f'    "{name}",' for name in sorted(c[0] for c in classes)),
+        "]",
+    ]
+    for name, kind, chart_name, members in classes:
+        lines += ["", "", f"class {name}(StrEnum):"]
+        lines += [f'    """The {kind} of statecharts/{chart_name}.yaml."""', ""]
+        lines += [f'    {member.upper()} = "{member}"' for member in members]
+    return "\n".join(lines) + "\n"
 
 
 def stale_diagrams(directory: str | Path | None = None) -> list[Path]:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
 
-from ferry.migrate.progress import format_seconds
+from ferry.migrate.core.progress import format_seconds
 from ferry.trace import CREATED, TraceRecord
 
 __all__ = [

@@ -6,8 +6,9 @@ The tracer fans it out to its sinks: a :class:`TraceFile` of JSON lines, the
 log (:func:`log_transitions`), and the control socket's live subscribers
 (:mod:`ferry.control.events`).
 
-A trace is worth having only if it can be believed, so :func:`replay` reads
-one back and checks each line against the statecharts' YAML: a record that
+A trace is worth having only if it can be believed, so
+:func:`ferry.replay.replay` reads one back and checks each line against the
+statecharts' YAML: a record that
 the YAML does not allow means either the trace was edited or the program
 moved a machine behind ``transitions``' back.  Replay judges the records
 against :meth:`Statechart.next_state` directly rather than by driving real
@@ -28,21 +29,19 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from twisted.logger import Logger
 
-if TYPE_CHECKING:
-    from ferry.statecharts import Statechart
+from ferry.safepath import open_append
 
 __all__ = [
     "CREATED",
     "ReplayError",
-    "ReplayResult",
     "Sink",
     "TraceFile",
     "TraceFormatError",
@@ -50,7 +49,6 @@ __all__ = [
     "Tracer",
     "log_transitions",
     "read_records",
-    "replay",
 ]
 
 _log = Logger()
@@ -177,7 +175,7 @@ class TraceFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._file: IO[str] | None = self.path.open("a", encoding="utf-8", buffering=1)
+        self._file: IO[str] | None = open_append(self.path, "trace file")
 
     def write(self, rec: TraceRecord) -> None:
         if self._file is None:
@@ -227,15 +225,6 @@ def log_transitions(export: str) -> Sink:
 _TRANSITION_FORMAT = "{machine}/{instance}: {event} {source} -> {dest}"
 
 
-@dataclass
-class ReplayResult:
-    """Where each machine instance ended up, and how many records were replayed."""
-
-    final_states: dict[tuple[str, str], str] = field(default_factory=dict)
-    lines: int = 0
-    """Records replayed (blank lines are not counted)."""
-
-
 class ReplayError(Exception):
     """A trace line that is malformed or that the statecharts do not allow."""
 
@@ -247,26 +236,6 @@ class ReplayError(Exception):
 
     def __str__(self) -> str:
         return f"line {self.line_number}: {self.reason}"
-
-
-def replay(lines: Iterable[str], charts: Mapping[str, Statechart]) -> ReplayResult:
-    """Check a trace against the statecharts and return where every instance ended.
-
-    Each (machine, instance) starts in its chart's initial state (again at
-    each :data:`CREATED` record).  A record with ``ok`` true must start where
-    the instance is and take a transition the YAML has; one with ``ok`` false
-    must start where the instance is and either stay there or have reached
-    the transition's legal destination before a callback raised.  The first
-    record that breaks this raises :class:`ReplayError` naming its line.
-    """
-    result = ReplayResult()
-    current = result.final_states
-    for number, line, rec in read_records(lines):
-        reason = _judge(rec, charts, current)
-        if reason is not None:
-            raise ReplayError(number, line, f"{rec.machine}/{rec.instance}: {reason}")
-        result.lines += 1
-    return result
 
 
 def read_records(lines: Iterable[str]) -> Iterator[tuple[int, str, TraceRecord]]:
@@ -284,41 +253,3 @@ def read_records(lines: Iterable[str]) -> Iterator[tuple[int, str, TraceRecord]]
         except TraceFormatError as err:
             raise ReplayError(number, line, str(err)) from None
         yield number, line, rec
-
-
-def _judge(
-    rec: TraceRecord,
-    charts: Mapping[str, Statechart],
-    current: dict[tuple[str, str], str],
-) -> str | None:
-    """Why ``rec`` cannot follow the states in ``current``, or None (and ``current`` moves on)."""
-    chart = charts.get(rec.machine)
-    if chart is None:
-        return f"unknown machine {rec.machine!r}"
-    key = (rec.machine, rec.instance)
-
-    if rec.event == CREATED:
-        if not (rec.source == rec.dest == chart.initial and rec.ok):
-            return (
-                f"a machine is created in its initial state {chart.initial!r}, "
-                f"not {rec.source!r} -> {rec.dest!r}"
-            )
-        current[key] = chart.initial
-        return None
-
-    here = current.get(key, chart.initial)
-    if rec.source != here:
-        return f"record starts in {rec.source!r} but the machine is in {here!r}"
-    if rec.event not in chart.triggers():
-        return f"no trigger {rec.event!r} in {chart.name}"
-    legal = chart.next_state(rec.source, rec.event)
-    if rec.ok:
-        if legal is None:
-            return f"no transition {rec.event!r} from {rec.source!r}"
-        if rec.dest != legal:
-            return f"{rec.event!r} from {rec.source!r} goes to {legal!r}, not {rec.dest!r}"
-    elif rec.dest not in (rec.source, legal):
-        expected = repr(rec.source) if legal is None else f"{rec.source!r} or {legal!r}"
-        return f"failed {rec.event!r} left the machine in {rec.dest!r}; expected {expected}"
-    current[key] = rec.dest
-    return None

@@ -17,8 +17,12 @@ request header and its payload), and cuts both connections:
 
 It cuts once; later connections are refused (closed at once), so a source
 that decides to retry finds nobody and the test sees what the lease alone
-settled.  It runs on a thread of its own with blocking sockets, as a real
-network in between would: the processes under test own the reactors.
+settled.  With :attr:`Cut.NEVER` it cuts nothing: ``on_commit`` runs when the
+commit arrives, before it is forwarded (a test does something to the world
+at that instant), and the relay goes on forwarding.
+
+It runs on a thread of its own with blocking sockets, as a real network in
+between would: the processes under test own the reactors.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import select
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from typing import Final
 
 from ferry.nbd.constants import (
@@ -47,6 +52,7 @@ _CHUNK: Final = 256 * 1024
 class Cut(enum.Enum):
     BEFORE_COMMIT = "before the commit reaches the destination"
     AFTER_COMMIT = "after the destination answered the commit"
+    NEVER = "never: the relay only calls its on_commit hook, then forwards the commit"
 
 
 class _SourceStream:
@@ -104,8 +110,11 @@ class _SourceStream:
 class CommitCutter:
     """``127.0.0.1:port`` relays to ``target_port`` and cuts the migration at ``cut``."""
 
-    def __init__(self, target_port: int, cut: Cut) -> None:
+    def __init__(
+        self, target_port: int, cut: Cut, on_commit: Callable[[], object] | None = None
+    ) -> None:
         self.cut = cut
+        self.on_commit = on_commit
         self.target_port = target_port
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
@@ -133,7 +142,7 @@ class CommitCutter:
                 if not ready:
                     continue
                 source, _ = self._listener.accept()
-                if self.done.is_set():
+                if self.done.is_set() and self.cut is not Cut.NEVER:
                     source.close()  # cut once: a retry finds nobody
                     continue
                 self._relay(source)
@@ -165,7 +174,14 @@ class CommitCutter:
                 data = source.recv(_CHUNK)
                 if not data:
                     return
+                seen_before = stream.commit_seen
                 forward = stream.feed(data) if not stream.commit_seen else len(data)
+                if stream.commit_seen and not seen_before and self.on_commit is not None:
+                    destination.sendall(data[:forward])
+                    data, forward = data[forward:], 0
+                    self.on_commit()
+                if stream.commit_seen and self.cut is Cut.NEVER:
+                    self.done.set()
                 if stream.commit_seen and self.cut is Cut.BEFORE_COMMIT:
                     destination.sendall(data[:forward])
                     self.done.set()

@@ -1,11 +1,15 @@
 """A ClientGate without sockets: client writes are calls, holding is a queue.
 
-It keeps the contract of :class:`ferry.migrate.gate.ClientGate` honestly:
-a write submitted while the gate holds is queued, not performed, and the
-hold's Deferred fires only once writes "in flight" (started with
+It keeps the contract of :class:`ferry.migrate.gate.ClientGate` honestly,
+and holds exactly when the real data plane does: while the export's role is
+in a state with ``clients_held`` (it watches the role, as the export's
+connections do).  A write submitted while held is queued, not performed;
+leaving the held state performs the queue in order (a release) or, on to
+``handed_off``, leaves it for :meth:`disconnect_all` to drop.
+:meth:`writes_landed` fires only once writes "in flight" (started with
 :meth:`FakeGate.begin_write`, not yet finished) have landed.  Writes go
-through the export (the image, then ``note_write``), as the serve side's do,
-so the mirror's dirty map sees them.
+through the export (the image, then ``note_write``), as the serve side's
+do, so the mirror's dirty map sees them.
 """
 
 from __future__ import annotations
@@ -20,8 +24,6 @@ class FakeGate:
     def __init__(self, export: Export, clock: Clock) -> None:
         self.export = export
         self.clock = clock
-        self.holding = False
-        self.held_since: float | None = None
         self.holds = 0
         self.releases = 0
         self.disconnected: list[str] = []
@@ -32,27 +34,33 @@ class FakeGate:
         self._next = 0
         self._waiters: list[Deferred[None]] = []
         self._longest = 0.0
+        export.observe_role(self._role_changed)
+
+    @property
+    def holding(self) -> bool:
+        return self.export.clients_held
+
+    def _role_changed(self, trigger: str, source: str, dest: str) -> None:
+        chart = self.export.role_chart
+        held, holds = chart.property(source, "clients_held"), chart.property(dest, "clients_held")
+        if holds and not held:
+            self.holds += 1
+        elif held and not holds and dest != "handed_off":
+            self._end_hold()
+            self.releases += 1
+            queued, self.queued = self.queued, []
+            for offset, data, _ in queued:
+                self._perform(offset, data)
 
     # -- ClientGate ---------------------------------------------------------------
 
-    def hold(self) -> Deferred[None]:
-        assert not self.holding, "hold twice without a release"
-        self.holding = True
-        self.held_since = self.clock.seconds()
-        self.holds += 1
+    def writes_landed(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         if self._in_flight:
             self._waiters.append(d)
         else:
             d.callback(None)
         return d
-
-    def release(self) -> None:
-        self._end_hold()
-        self.releases += 1
-        queued, self.queued = self.queued, []
-        for offset, data, _ in queued:
-            self._perform(offset, data)
 
     def disconnect_all(self, reason: str) -> None:
         self._end_hold()
@@ -100,5 +108,3 @@ class FakeGate:
     def _end_hold(self) -> None:
         if self.queued:
             self._longest = max(self._longest, self.clock.seconds() - self.queued[0][2])
-        self.holding = False
-        self.held_since = None

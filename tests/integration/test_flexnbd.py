@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from fakes.flexnbd import FlexnbdSender
-from ferry.control.status import parse_line
 from ferry.nbd.constants import Errno
+from ferry.status import parse_line
 from support import (
     FERRY,
     Deadline,
@@ -54,6 +54,7 @@ def listener(tmp_path: Path) -> Iterator[tuple[FerryProcess, Path, Path]]:
             "--sock",
             str(sock),
             "--oldstyle",
+            "127.0.0.1",  # flexnbd's sender cannot authenticate: the ACL names it
         ]
     ).wait_serving()
     yield proc, target, sock

@@ -91,7 +91,7 @@ def check_handoff(tmp_path: Path, dest: FerryProcess, source_image: Path, dest_i
 
 def test_the_lease_moves_with_control_on_a_local_lockspace(tmp_path: Path) -> None:
     locks = tmp_path / "locks"
-    locks.mkdir()
+    locks.mkdir(mode=0o700)
     with pair(tmp_path, f"local:{locks}", "vm1", "vm1") as (_, dest, source_image, dest_image):
         assert status(tmp_path / "listen.sock")["lease_state"] == "incoming"
         check_handoff(tmp_path, dest, source_image, dest_image)
@@ -114,10 +114,14 @@ def test_the_lease_moves_with_control_on_etcd(tmp_path: Path, etcd: EtcdServer) 
 
 def test_a_listener_told_another_lease_refuses_the_source_at_once(tmp_path: Path) -> None:
     locks = tmp_path / "locks"
-    locks.mkdir()
+    locks.mkdir(mode=0o700)
     with pair(tmp_path, f"local:{locks}", "vm1", "another") as (source, dest, *_):
         refused = run(mirror_args(tmp_path, dest), check=False)
-        assert (refused.returncode, refused.stderr.decode()) == (1, "ferry: Mirror was rejected\n")
+        assert refused.returncode == 1
+        assert refused.stderr.decode() == (
+            "ferry: Mirror was rejected: the destination refused the migration: ERR_POLICY: "
+            "this listener takes over the lease 'another'; the source holds 'vm1'\n"
+        )
         line = source.wait_for_log("the source holds")
         assert "'another'" in line and "'vm1'" in line
         source = status(tmp_path / "serve.sock")
@@ -126,7 +130,7 @@ def test_a_listener_told_another_lease_refuses_the_source_at_once(tmp_path: Path
 
 def test_a_listener_not_told_takes_over_whatever_the_source_holds(tmp_path: Path) -> None:
     locks = tmp_path / "locks"
-    locks.mkdir()
+    locks.mkdir(mode=0o700)
     with pair(tmp_path, f"local:{locks}", "vm7", None) as (_, dest, source_image, dest_image):
         assert status(tmp_path / "listen.sock")["lease_state"] == "incoming"
         check_handoff(tmp_path, dest, source_image, dest_image)
@@ -138,8 +142,8 @@ def test_a_destination_that_cannot_take_the_lease_leaves_it_with_the_source(
     # Same lease name, but the destination looks in another lockspace, where
     # the source's token means nothing: the take-over fails at the commit.
     ours, theirs = tmp_path / "locks", tmp_path / "elsewhere"
-    ours.mkdir()
-    theirs.mkdir()
+    ours.mkdir(mode=0o700)
+    theirs.mkdir(mode=0o700)
     with pair(tmp_path, f"local:{ours}", "vm1", "vm1", f"local:{theirs}") as (source, dest, *_):
         assert run(mirror_args(tmp_path, dest)).stdout.decode().strip() == ("Mirror started")
         assert "lease" in source.wait_for_log("commit refused")
@@ -232,7 +236,7 @@ def test_break_mid_migration_leaves_the_lease_with_the_source_on_etcd(
 
 def test_a_read_only_export_refuses_to_hand_control_over(tmp_path: Path) -> None:
     locks = tmp_path / "locks"
-    locks.mkdir()
+    locks.mkdir(mode=0o700)
     image = random_file(tmp_path / "source.img", SIZE, seed=6)
     lease = ["--lockspace", f"local:{locks}"]
     source = serve(image, "--read-only", *lease, "--sock", str(tmp_path / "serve.sock"))
@@ -241,7 +245,8 @@ def test_a_read_only_export_refuses_to_hand_control_over(tmp_path: Path) -> None
     try:
         refused = run(mirror_args(tmp_path, dest), check=False)
         # One answer, at once: no attempt after attempt failing at the switchover.
-        assert (refused.returncode, refused.stderr.decode()) == (1, "ferry: Mirror was rejected\n")
+        assert refused.returncode == 1
+        assert refused.stderr.decode().startswith("ferry: Mirror was rejected: a read-only export")
         assert "read-only export cannot hand control over" in source.wait_for_log("read-only")
         after = status(tmp_path / "serve.sock")
         assert (after["state"], after["is_migrating"], after["lease_state"]) == (
@@ -253,3 +258,29 @@ def test_a_read_only_export_refuses_to_hand_control_over(tmp_path: Path) -> None
     finally:
         for proc in (source, dest):
             proc.stop()
+
+
+# -- a source stopped in the middle ----------------------------------------------------
+
+
+def test_sigterm_to_a_source_mid_migration_stops_it_cleanly(tmp_path: Path) -> None:
+    """The node breaks its migration before it closes the image: exit 0, no traceback,
+    the destination listens again, and the source's lease is released."""
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o700)
+    with pair(tmp_path, f"local:{locks}", "vm1", "vm1") as (source, dest, *_):
+        # 8 MiB at 1 MiB/s: the SIGTERM lands in the bulk pass.
+        assert run(mirror_args(tmp_path, dest, "--max-bps", "1M")).returncode == 0
+        source.wait_for_log("negotiated")
+        assert status(tmp_path / "listen.sock")["state"] == "receiving"
+        assert source.stop() == 0
+        stderr = source.stderr_text()
+        assert "Traceback" not in stderr and "Unhandled" not in stderr, stderr
+        assert "ended cancelled" in stderr
+        dest.wait_for_log("listening again")
+        after = status(tmp_path / "listen.sock")
+        assert (after["state"], after["has_control"]) == ("listening", "false")
+        # Nobody holds vm1 any more: the next server takes it at once.
+        lease = ["--lockspace", f"local:{locks}", "--resource", "vm1"]
+        third = serve(tmp_path / "source.img", *lease)
+        third.stop()

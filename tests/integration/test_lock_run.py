@@ -41,7 +41,7 @@ HOST = socket.gethostname()
 STANDALONE = """
 import sys
 from ferry import cli
-from ferry.lease.lockcli import add_lock_commands
+from ferry.cli.lock import add_lock_commands
 
 parser = cli.Parser(prog="ferry")
 add_lock_commands(parser.add_subparsers(dest="mode", parser_class=cli.Parser))
@@ -111,7 +111,7 @@ def runs() -> Iterator[list[LockRun]]:
 @pytest.fixture
 def space(tmp_path: Path) -> str:
     locks = tmp_path / "locks"
-    locks.mkdir()
+    locks.mkdir(mode=0o700)
     return f"local:{locks}"
 
 

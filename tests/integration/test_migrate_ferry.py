@@ -37,18 +37,16 @@ from twisted.internet.defer import Deferred
 
 from ferry import statecharts
 from ferry.clock import ReactorClock
-from ferry.migrate.source import (
-    Destination,
-    FinishAction,
-    MirrorOptions,
-    MirrorSource,
-    tcp_connector,
-)
+from ferry.migrate.destination import Receiver
+from ferry.migrate.options import Destination, FinishAction, MirrorOptions
+from ferry.migrate.source import MirrorSource
+from ferry.migrate.wire import tcp_connector
 from ferry.remote import RemoteExport
+from ferry.replay import replay
 from ferry.serve.export import Export
 from ferry.serve.server import NBDServer
 from ferry.storage import Image
-from ferry.trace import CREATED, Tracer, TraceRecord, replay
+from ferry.trace import CREATED, Tracer, TraceRecord
 
 pytestmark = pytest.mark.integration
 
@@ -115,7 +113,12 @@ def start_node() -> Iterator[Callable[[Path, str, ReactorClock], Node]]:
         tracer = Tracer(records.append)
         export = Export("disk", Image.open(path), clock=clock, tracer=tracer)
         export.trigger(role)
-        server = NBDServer([export], clock=clock, run_blocking=run_blocking)
+        server = NBDServer(
+            [export],
+            clock=clock,
+            run_blocking=run_blocking,
+            receiver=Receiver(run_blocking=run_blocking, clock=clock),
+        )
         listening = reactor.listenTCP(0, server, interface=HOST)
         node = Node(export, server, listening.getHost().port, tracer, records, listening)
         nodes.append(node)
@@ -228,7 +231,7 @@ async def test_a_live_migration_to_a_ferry_listener(
     # Roles: the source handed the image over; the destination took it.
     assert source.export.state == "handed_off" and not source.export.has_control
     assert dest.export.state == "serving" and dest.export.has_control
-    assert dest.export.clients_allowed and dest.export.fencing_token == 0
+    assert dest.export.clients_allowed
     assert dest.roles() == ["listening", "receiving", "committing", "serving"]
     assert source.roles() == ["serving", "migrating", "quiescing", "handing_off", "handed_off"]
     source.replays()

@@ -24,16 +24,13 @@ from twisted.internet import reactor as _reactor
 from fakes.gate import FakeGate
 from ferry import statecharts
 from ferry.clock import ReactorClock
-from ferry.migrate.source import (
-    Destination,
-    FinishAction,
-    MirrorOptions,
-    MirrorSource,
-    tcp_connector,
-)
+from ferry.migrate.options import Destination, FinishAction, MirrorOptions
+from ferry.migrate.source import MirrorSource
+from ferry.migrate.wire import tcp_connector
+from ferry.replay import replay
 from ferry.serve.export import Export
 from ferry.storage import Image
-from ferry.trace import Tracer, TraceRecord, replay
+from ferry.trace import Tracer, TraceRecord
 from support import start_peer, stop_peer
 
 pytestmark = pytest.mark.integration

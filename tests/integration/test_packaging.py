@@ -26,4 +26,4 @@ def test_the_wheel_ships_every_statechart(tmp_path: Path) -> None:
     assert charts, "no statecharts in the checkout"
     for chart in charts:
         assert f"ferry/statechart_data/{chart}" in names
-    assert "ferry/cli.py" in names
+    assert "ferry/cli/__init__.py" in names

@@ -30,9 +30,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ferry.control.client import JsonControl
-from ferry.control.status import STATUS_FIELDS, FieldSpec, StatusSnapshot, parse_line
-from ferry.migrate.progress import MigrationProgress
+from ferry.migrate.core.progress import MigrationProgress
 from ferry.remote import RemoteError, RemoteExport
+from ferry.status import STATUS_FIELDS, FieldSpec, StatusSnapshot, parse_line
 from prometheus_support import (
     RULES,
     PrometheusServer,
@@ -65,6 +65,8 @@ def selector(name: str, instance: str) -> str:
     spec = SPECS[name]
     if spec.kind == "state":
         return f'ferry_state{{instance="{instance}", machine="{spec.metric}"}}'
+    if spec.kind == "info":
+        return f'ferry_{spec.metric}_info{{instance="{instance}"}}'
     return f'ferry_{spec.metric}{{instance="{instance}"}}'
 
 

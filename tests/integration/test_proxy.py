@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from etcd_support import EtcdServer, etcd_fixture
-from ferry.control.status import parse_line
+from ferry.status import parse_line
 from support import (
     FERRY,
     Deadline,

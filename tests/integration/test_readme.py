@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ferry.migrate.stats import FailureReason
+from ferry.migrate.core.stats import FailureReason
 from support import run
 
 pytestmark = pytest.mark.integration

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ferry.control.status import parse_line
 from ferry.remote import RemoteExport
+from ferry.status import parse_line
 from support import FERRY, FerryProcess, nbdsh, run, serve, serve_args, sparse_file
 
 pytestmark = pytest.mark.integration
@@ -72,6 +72,7 @@ def test_status_line_fields_and_values(server: FerryProcess, sock: Path) -> None
         # The embedded default lockspace: serving means holding the lease.
         "lease_state": "held",
         "lease_token": fields["lease_token"],
+        "address": f"127.0.0.1:{server.port}",  # where clients reach it, port 0 or not
     }
     assert int(fields["lease_token"]) >= 1
     with RemoteExport.connect("127.0.0.1", server.port) as remote:
@@ -215,7 +216,7 @@ def test_help_for_each_mode() -> None:
     assert b"serve" in run([*FERRY, "help"]).stdout
     assert b"--default-deny" in run([*FERRY, "help", "serve"]).stdout
     result = run([*FERRY, "help", "nope"], check=False)
-    assert result.returncode == 1 and result.stderr.startswith(b"ferry: no mode named")
+    assert result.returncode == 2 and result.stderr.startswith(b"ferry help: no mode named")
 
 
 def test_read_and_write_commands(server: FerryProcess) -> None:
@@ -346,7 +347,7 @@ def test_metrics_cover_every_status_field_and_pass_promtool(image: Path, sock: P
     families = {family.name for family in text_string_to_metric_families(text)}
     import dataclasses
 
-    from ferry.control.status import StatusSnapshot
+    from ferry.status import StatusSnapshot
 
     specs = {
         f.name: f.metadata["spec"]
@@ -355,7 +356,9 @@ def test_metrics_cover_every_status_field_and_pass_promtool(image: Path, sock: P
     }
     for field in fields:
         spec = specs[field]
-        name = "ferry_state" if spec.kind == "state" else "ferry_" + spec.metric
+        name = {"state": "ferry_state", "info": f"ferry_{spec.metric}_info"}.get(
+            spec.kind, "ferry_" + spec.metric
+        )
         assert name in families, f"status field {field} has no series {name}"
     states = [
         s

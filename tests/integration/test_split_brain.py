@@ -299,7 +299,7 @@ def test_no_two_holders_write_at_once_on_a_local_lockspace(
     tmp_path: Path, crowds: list[Crowd]
 ) -> None:
     locks = tmp_path / "locks"
-    locks.mkdir()
+    locks.mkdir(mode=0o700)
     crowd = Crowd(f"local:{locks}", tmp_path / "stamp")
     crowds.append(crowd)
     for name in ("w1", "w2", "w3"):

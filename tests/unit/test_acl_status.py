@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ferry.control.status import STATUS_FIELDS, StatusSnapshot, parse_line, render_value
 from ferry.serve.acl import Acl, AclError
+from ferry.status import STATUS_FIELDS, StatusSnapshot, parse_line, render_value
 
 
 def test_an_empty_acl_admits_everyone_unless_default_deny() -> None:
@@ -32,6 +32,19 @@ def test_a_non_empty_acl_admits_only_what_it_names() -> None:
 def test_bad_entries_name_themselves(entry: str) -> None:
     with pytest.raises(AclError, match="bad ACL entry"):
         Acl.parse(["10.0.0.1", entry])
+
+
+def test_a_migration_sender_must_be_named_or_on_loopback_while_the_acl_is_empty() -> None:
+    empty = Acl.parse([])
+    assert empty.admits_sender("127.0.0.1") and empty.admits_sender("::1")
+    assert empty.admits_sender("::ffff:127.0.0.5")
+    assert not empty.admits_sender("192.0.2.7")  # an empty ACL lets everyone be a client ...
+    assert empty.allows("192.0.2.7")  # ... but nobody from the network hand it an image
+    assert not Acl.parse([], default_deny=True).admits_sender("127.0.0.1")
+    named = Acl.parse(["192.0.2.0/24"])
+    assert named.admits_sender("192.0.2.7")
+    assert not named.admits_sender("127.0.0.1")  # once there is a list, only the list
+    assert not named.admits_sender("not-an-address")
 
 
 def test_the_line_keeps_flexnbd_order_and_leaves_out_absent_fields() -> None:

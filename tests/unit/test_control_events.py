@@ -20,6 +20,8 @@ from ferry.control.commands import Commands
 from ferry.control.events import EventHub, MachineBoard
 from ferry.control.jsonlines import CLOSE_GRACE, MAX_BACKLOG_BYTES, JsonLines
 from ferry.control.server import ControlProtocol
+from ferry.exports import ExportConfig, ExportRegistry, ExportUnit
+from ferry.migrate.manager import MirrorManager
 from ferry.serve.export import Export
 from ferry.serve.server import NBDServer
 from ferry.storage import Image
@@ -45,13 +47,22 @@ class Node:
         self.export = Export("disk", self.image, clock=self.clock, tracer=self.tracer)
         self.export.trigger("serve")
         server = NBDServer([self.export], clock=self.clock, run_blocking=Blocking())
-        self.commands = Commands(server, default_deny=False)
+        exports = ExportRegistry()
+        mirrors = MirrorManager(
+            self.export, gate=self.export, clock=self.clock, connector=refuse_to_connect
+        )
+        exports.add(ExportUnit(ExportConfig(str(path)), self.export, mirrors))
+        self.commands = Commands(server, exports, default_deny=False)
 
     def connect(self) -> Client:
         protocol = ControlProtocol(self.commands, self.hub)
         transport = StringTransport()
         protocol.makeConnection(transport)
         return Client(protocol, transport)
+
+
+def refuse_to_connect(*args: Any) -> Any:
+    raise AssertionError("no migration in these tests")
 
 
 class Client:

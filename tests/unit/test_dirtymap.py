@@ -59,16 +59,9 @@ class DirtyMapMachine(RuleBasedStateMachine):
         self.model |= touched(offset, length, self.size, self.g)
 
     @rule()
-    def mark_all(self) -> None:
-        self.map.mark_all()
+    def mark_everything(self) -> None:
+        self.map.mark(0, self.size)
         self.model = touched(0, self.size, self.size, self.g)
-
-    @rule(data=st.data())
-    def is_dirty(self, data: st.DataObject) -> None:
-        offset = data.draw(st.integers(0, self.size + self.g))
-        length = data.draw(st.integers(0, 4 * self.g))
-        expect = bool(touched(offset, length, self.size, self.g) & self.model)
-        assert self.map.is_dirty(offset, length) == expect
 
     @rule(split=st.booleans(), factor=st.integers(1, 3))
     def snapshot(self, split: bool, factor: int) -> None:
@@ -167,7 +160,7 @@ def test_last_partial_chunk() -> None:
     snap = m.snapshot_and_clear()
     assert list(snap.runs()) == [(3 * G, 100)]
     assert list(snap.runs(G)) == [(3 * G, 100)]
-    m.mark_all()
+    m.mark(0, size)
     assert m.dirty_bytes == size
     assert m.clean_bytes == 0
     assert list(m.snapshot_and_clear().runs()) == [(0, size)]
@@ -188,20 +181,16 @@ def test_marks_outside_the_image_and_empty_marks() -> None:
     m.mark(5 * G, G)
     m.mark(100, 0)
     assert m.dirty_bytes == 0
-    assert not m.is_dirty(0, 2 * G)
-    assert not m.is_dirty(G, 0)
+    assert not m.snapshot_and_clear()
     with pytest.raises(ValueError):
         m.mark(-1, 10)
     with pytest.raises(ValueError):
         m.mark(0, -1)
-    with pytest.raises(ValueError):
-        m.is_dirty(-1, 10)
 
 
 def test_empty_image() -> None:
     m = DirtyMap(0, G)
     m.mark(0, 100)
-    m.mark_all()
     assert m.dirty_bytes == 0
     snap = m.snapshot_and_clear()
     assert not snap
@@ -216,14 +205,12 @@ def test_snapshot_is_unaffected_by_later_marks() -> None:
     m.mark(0, 1)
     assert list(snap.runs()) == [(0, G)]
     assert snap.dirty_bytes == G
-    assert m.is_dirty(6 * G, 1)
-    assert not m.is_dirty(G, 4 * G)
-    assert m.dirty_bytes == 4 * G
+    assert list(m.snapshot_and_clear().runs()) == [(0, G), (5 * G, 3 * G)]
 
 
 def test_runs_max_length_must_be_a_multiple_of_granularity() -> None:
     m = DirtyMap(16 * G, G)
-    m.mark_all()
+    m.mark(0, 16 * G)
     snap = m.snapshot_and_clear()
     for bad in (0, -G, G + 1, G // 2):
         with pytest.raises(ValueError):

@@ -128,12 +128,24 @@ def test_open_character_device() -> None:
         Image.open("/dev/null", read_only=True)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may open any file")
 def test_open_without_permission(tmp_path: Path) -> None:
+    """Without write permission the image cannot be opened writable, and ferry says what helps.
+
+    Root may open any file, so the file is made immutable instead, which even
+    root may not open for writing.
+    """
     path = sparse_file(tmp_path / "locked.img", 4096)
-    path.chmod(0)
-    with pytest.raises(ImageError, match=r": permission denied$"):
-        Image.open(path)
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(path)], check=True)
+    else:
+        path.chmod(0o444)
+    try:
+        with pytest.raises(ImageError, match=r": permission denied: .* use --read-only$"):
+            Image.open(path)
+        Image.open(path, read_only=True).close()
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
 def test_open_error_leaks_no_descriptor(tmp_path: Path) -> None:
@@ -189,9 +201,6 @@ def test_pread_pwrite_round_trip_at_odd_offsets(tmp_path: Path) -> None:
         assert image.pread(0, len(model)) == model
         for offset, length in [(0, 0), (5, 9), (4093, 9000), (len(model) - 1, 1)]:
             assert image.pread(offset, length) == model[offset : offset + length]
-            buf = bytearray(length)
-            image.preadinto(buf, offset)
-            assert buf == model[offset : offset + length]
         image.flush()
     assert (tmp_path / "disk.img").read_bytes() == model
 
@@ -244,8 +253,6 @@ def test_out_of_range_is_refused_before_touching_the_file(
         if length >= 0:  # a buffer carries its own length
             with pytest.raises(ValueError, match="outside the image"):
                 image.pwrite(b"x" * length, offset)
-            with pytest.raises(ValueError, match="outside the image"):
-                image.preadinto(bytearray(length), offset)
         with pytest.raises(ValueError, match="outside the image"):
             image.punch_hole(offset, length)
         with pytest.raises(ValueError, match="outside the image"):
@@ -260,8 +267,6 @@ def test_pread_of_a_file_that_shrank_is_eio(tmp_path: Path) -> None:
         with pytest.raises(OSError) as info:
             image.pread(4000, 1000)
         assert info.value.errno == errno.EIO
-        with pytest.raises(OSError):
-            image.preadinto(bytearray(1000), 4000)
 
 
 def test_read_only_refuses_every_write(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 from transitions import MachineError
 from twisted.internet import task
 
+from ferry.chartnames import LeaseTrigger
 from ferry.clock import ReactorClock
 from ferry.lease import manager
 from ferry.statecharts import Statechart, build, load
@@ -129,9 +130,18 @@ def test_writes_start_only_on_getting_the_grant(chart: Statechart) -> None:
 
 
 def _strings(node: ast.AST) -> set[str]:
-    return {
+    """The trigger names in ``node``: ``LeaseTrigger.NAME`` members (and plain strings)."""
+    names = {
         n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)
     }
+    for n in ast.walk(node):
+        if (
+            isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Name)
+            and n.value.id == "LeaseTrigger"
+        ):
+            names.add(LeaseTrigger[n.attr].value)
+    return names
 
 
 _FIRING = {"_fire", "_can", "_fence", "_finish_out"}

@@ -12,16 +12,20 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import pytest_twisted
+from twisted.internet import reactor as _reactor
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -299,7 +303,7 @@ def test_a_removed_or_replaced_lock_file_is_a_lost_lease(lockspaces: Any) -> Non
 
 def test_a_removed_directory_is_a_lost_lease(tmp_path: Path) -> None:
     directory = tmp_path / "locks"
-    directory.mkdir()
+    directory.mkdir(mode=0o700)
     space = LocalLockspace(directory)
     grant = result(space.acquire(IMAGE, "a", EXCLUSIVE))
     space.path_for(IMAGE).unlink()
@@ -349,16 +353,22 @@ def test_a_missing_directory_is_unavailable_and_named(tmp_path: Path) -> None:
     failure_of(space.take_over(IMAGE, "a", 1), LockspaceUnavailable)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
 def test_an_unwritable_directory_is_unavailable(tmp_path: Path) -> None:
-    tmp_path.chmod(0o500)
+    """Root may write any directory, so as root it is made immutable instead."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(tmp_path)], check=True)
+    else:
+        tmp_path.chmod(0o500)
     try:
         error = failure_of(
             LocalLockspace(tmp_path).acquire(IMAGE, "a", EXCLUSIVE), LockspaceUnavailable
         )
     finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(tmp_path)], check=True)
         tmp_path.chmod(0o700)
-    assert str(tmp_path) in str(error) and "Permission denied" in str(error)
+    assert str(tmp_path) in str(error)
+    assert "Permission denied" in str(error) or "Operation not permitted" in str(error)
 
 
 def test_a_lock_file_that_cannot_be_opened_is_unavailable_and_named(tmp_path: Path) -> None:
@@ -382,6 +392,161 @@ def test_an_owner_must_fit_its_record(lockspaces: Any) -> None:
     a, _, _ = lockspaces
     with pytest.raises(ValueError, match="owner"):
         result(a.acquire(IMAGE, "x" * 300, EXCLUSIVE))
+
+
+# -- who else may touch the files ------------------------------------------------------------
+
+NOBODY = 65534
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o750, 0o705, 0o770, 0o777, 0o1777])
+def test_a_directory_others_may_read_or_write_is_refused(tmp_path: Path, mode: int) -> None:
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    locks.chmod(mode)
+    space = LocalLockspace(locks)
+    expected = (
+        f"lockspace directory {locks} has mode {mode & 0o7777:04o}: others may read or change "
+        f"it; make it private (chmod 700 {locks})"
+    )
+    for d in (space.acquire(IMAGE, "a", EXCLUSIVE), space.inquire(IMAGE), space.inquire_all()):
+        assert str(failure_of(d, LockspaceUnavailable)) == expected
+    assert list(locks.iterdir()) == []  # nothing was created in it
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a directory away")
+def test_a_directory_of_another_user_is_refused(tmp_path: Path) -> None:
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o700)
+    os.chown(locks, NOBODY, NOBODY)
+    error = failure_of(LocalLockspace(locks).acquire(IMAGE, "a", EXCLUSIVE), LockspaceUnavailable)
+    assert str(error) == (
+        f"lockspace directory {locks} belongs to uid {NOBODY}, not to this user "
+        f"(uid {os.geteuid()}): use a directory of your own"
+    )
+
+
+def test_lock_files_are_private(lockspaces: Any, tmp_path: Path) -> None:
+    a, b, _ = lockspaces
+    path = a.path_for(IMAGE)
+    result(a.release(acquire(a, "a")))
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.chmod(0o644)  # as ferry before 0.2 made them
+    acquire(b, "b")
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_symlink_at_a_lock_file_is_refused_not_followed(lockspaces: Any, tmp_path: Path) -> None:
+    a, _, _ = lockspaces
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"precious")
+    a.path_for(IMAGE).symlink_to(target)
+    for d in (a.acquire(IMAGE, "a", EXCLUSIVE), a.inquire(IMAGE)):
+        error = failure_of(d, LockspaceUnavailable)
+        path = a.path_for(IMAGE)
+        assert str(error) == f"lock file {path} is a symbolic link: refusing to follow it"
+    assert target.read_bytes() == b"precious"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file away")
+def test_a_lock_file_of_another_user_is_refused(lockspaces: Any) -> None:
+    a, b, _ = lockspaces
+    result(a.release(acquire(a, "a")))
+    os.chown(a.path_for(IMAGE), NOBODY, NOBODY)
+    error = failure_of(b.acquire(IMAGE, "b", EXCLUSIVE), LockspaceUnavailable)
+    assert str(error) == (
+        f"lock file {a.path_for(IMAGE)} belongs to uid {NOBODY}, not to this user "
+        f"(uid {os.geteuid()})"
+    )
+
+
+READ_LOCK = r"""
+import fcntl, os, struct, sys
+try:
+    fd = os.open(sys.argv[1], os.O_RDONLY)
+except OSError as err:
+    print("cannot open:", err.strerror, flush=True)
+    sys.exit(0)
+fcntl.fcntl(fd, 37, struct.pack("hhqqi4x", fcntl.F_RDLCK, 0, 0, 1, 0))
+print("read-locked the hold byte", flush=True)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as another user")
+def test_another_user_cannot_lock_anyone_out() -> None:
+    """The attack: an unprivileged user read-locks byte 0 of a lock file (once 0644).
+
+    Every directory up to the lockspace is open to the attacker, as /var/lib
+    is: only the lockspace's own privacy (and the file's) stands in the way.
+    """
+    top = Path(tempfile.mkdtemp(prefix="ferry-locks-", dir="/tmp"))
+    try:
+        top.chmod(0o711)
+        locks = top / "locks"
+        locks.mkdir(mode=0o700)
+        a, b = LocalLockspace(locks), LocalLockspace(locks)
+        result(a.release(acquire(a, "a")))
+        assert a.path_for(IMAGE).stat().st_mode & 0o777 == 0o600
+        attack = subprocess.run(
+            ["/usr/bin/python3", "-c", READ_LOCK, str(a.path_for(IMAGE))],
+            user=NOBODY,
+            capture_output=True,
+            timeout=30,
+            check=True,
+        )
+        assert attack.stdout == b"cannot open: Permission denied\n"
+        locks.chmod(0o711)  # the file's own mode is the second wall
+        attack = subprocess.run(
+            ["/usr/bin/python3", "-c", READ_LOCK, str(a.path_for(IMAGE))],
+            user=NOBODY,
+            capture_output=True,
+            timeout=30,
+            check=True,
+        )
+        assert attack.stdout == b"cannot open: Permission denied\n"
+        locks.chmod(0o700)
+        assert acquire(b, "b").token == 2
+        result(b.close())
+    finally:
+        shutil.rmtree(top)
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+@pytest_twisted.ensureDeferred
+async def test_the_watch_reports_a_removed_or_replaced_lock_file_at_once(
+    tmp_path: Path, how: str
+) -> None:
+    space = LocalLockspace(tmp_path, reactor=_reactor)
+    grant = acquire(space, "a")
+    lost: Deferred[str] = Deferred()
+    space.watch(grant, lost.callback)
+    path = space.path_for(IMAGE)
+    if how == "removed":
+        path.unlink()
+        expected = f"lock file {path} was removed"
+    else:
+        replacement = tmp_path / "new"
+        replacement.write_bytes(b"")
+        os.replace(replacement, path)
+        expected = f"lock file {path} was replaced by another file"
+    assert await lost.addTimeout(10.0, _reactor) == expected
+    result(space.close())
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unwatched_grant_is_not_reported(tmp_path: Path) -> None:
+    space = LocalLockspace(tmp_path, reactor=_reactor)
+    first, second = acquire(space, "a"), result(space.acquire("other", "a", EXCLUSIVE))
+    reports: list[str] = []
+    stop = space.watch(first, reports.append)
+    watched: Deferred[str] = Deferred()
+    space.watch(second, watched.callback)
+    stop()
+    space.path_for(IMAGE).unlink()
+    space.path_for("other").unlink()
+    await watched.addTimeout(10.0, _reactor)
+    assert reports == []
+    result(space.close())
 
 
 # -- a holder that dies ------------------------------------------------------------------------
@@ -476,6 +641,53 @@ def test_the_manager_fences_when_the_lock_file_is_removed(tmp_path: Path) -> Non
     assert fenced == [f"lock file {tmp_path / lock_file_name(IMAGE)} was removed"]
 
 
+def _offered_manager(directory: Path, fenced: list[str]) -> LeaseManager:
+    manager = LeaseManager(
+        LocalLockspace(directory),
+        resource=IMAGE,
+        owner="src",
+        clock=ReactorClock(task.Clock()),
+        on_fenced=fenced.append,
+    )
+    manager.register()
+    result(manager.acquire())
+    result(manager.prepare_migrate())
+    return manager
+
+
+def test_a_take_back_someone_blocks_fences_the_source(tmp_path: Path) -> None:
+    """Nobody took the lease over, but the take-back cannot have it: no control without it."""
+    fenced: list[str] = []
+    manager = _offered_manager(tmp_path, fenced)
+    blocker = os.open(manager_path := LocalLockspace(tmp_path).path_for(IMAGE), os.O_RDONLY)
+    try:
+        fcntl.fcntl(blocker, 37, struct.pack("hhqqi4x", fcntl.F_RDLCK, 0, 0, 1, 0))
+        failure_of(manager.cancel_migrate_out(), LeaseConflict)
+    finally:
+        os.close(blocker)
+    assert manager.state == "fenced"
+    assert not manager.may_write()
+    assert len(fenced) == 1 and fenced[0].startswith("cannot take the offered lease back: ")
+    holders = result(LocalLockspace(tmp_path).inquire(IMAGE))
+    assert holders == ()  # and it let go of the file: the next holder gets the lease
+    assert manager_path.exists()
+
+
+def test_a_take_back_in_an_unusable_lockspace_fences_the_source(tmp_path: Path) -> None:
+    """A local lock has no deadline to wait for: a take-back that cannot be done is a loss."""
+    fenced: list[str] = []
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o700)
+    manager = _offered_manager(locks, fenced)
+    locks.chmod(0o777)
+    failure_of(manager.cancel_migrate_out(), LockspaceUnavailable)
+    assert manager.state == "fenced"
+    assert fenced == [
+        f"cannot take the offered lease back: lockspace directory {locks} has mode 0777: "
+        f"others may read or change it; make it private (chmod 700 {locks})"
+    ]
+
+
 def test_managers_hand_a_local_lease_over(tmp_path: Path) -> None:
     clock = ReactorClock(task.Clock())
     source, destination = (
@@ -487,7 +699,7 @@ def test_managers_hand_a_local_lease_over(tmp_path: Path) -> None:
     result(source.acquire())
     token = result(source.prepare_migrate())
     result(destination.acquire_incoming(token))
-    assert destination.complete_migrate_in() == token + 1
+    assert destination.may_write() and destination.token == token + 1
     result(source.complete_migrate_out())
     assert (source.state, destination.state) == ("released", "held")
     assert [h.owner for h in result(destination.inquire())] == ["dst"]

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 
 from fakes.lockspace import UNREACHABLE, FakeLockspace
 from ferry.clock import ReactorClock
-from ferry.lease.backend import Holder, LeaseConflict, LeaseLost, LeaseMode, LockspaceUnavailable
+from ferry.lease.backend import Holder, LeaseConflict, LeaseMode, LockspaceUnavailable
 from ferry.lease.manager import (
     CHECK_INTERVAL,
     InDoubtOutcome,
@@ -26,8 +26,9 @@ from ferry.lease.manager import (
     LeaseStateError,
     default_margin,
 )
+from ferry.replay import replay
 from ferry.statecharts import load
-from ferry.trace import CREATED, Tracer, TraceRecord, replay
+from ferry.trace import CREATED, Tracer, TraceRecord
 
 T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)
@@ -385,7 +386,7 @@ def test_a_migration_hands_the_lease_to_the_destination(rig: Rig) -> None:
 
     grant = result(destination.acquire_incoming(token))
     assert grant.token == 2
-    assert destination.complete_migrate_in() == 2
+    assert destination.may_write() and destination.token == 2
     assert destination.may_write()
     # The source's watch saw the take-over, and asked: not a fence.
     assert source.state == "released"
@@ -470,6 +471,18 @@ def test_a_cancel_after_the_take_over_is_refused_and_releases(rig: Rig) -> None:
     assert rig.fenced == []
 
 
+def test_a_take_back_the_lockspace_cannot_answer_waits_for_the_deadline(rig: Rig) -> None:
+    source = rig.holding("src")
+    result(source.prepare_migrate())
+    rig.lockspace.unreachable = True
+    failure_of(source.cancel_migrate_out(), LockspaceUnavailable)
+    assert source.state == "transferring"  # it may still be taken back ...
+    assert not source.may_write()
+    rig.advance(TTL)
+    assert source.state == "fenced"  # ... until the deadline says it never will
+    assert rig.fenced and rig.fenced[0][0] == "src"
+
+
 def test_a_failed_offer_holds_the_lease_again(rig: Rig) -> None:
     source = rig.holding("src")
     rig.lockspace.unreachable = True
@@ -513,9 +526,7 @@ def test_the_destination_cancels_before_and_after_its_take_over(rig: Rig) -> Non
     taker = rig.incoming("dst2")
     result(taker.acquire_incoming(result(source.prepare_migrate())))
     result(taker.cancel_migrate_in())
-    assert taker.state == "released"
-    with pytest.raises(LeaseLost):
-        taker.complete_migrate_in()
+    assert taker.state == "released" and not taker.may_write()
 
 
 # -- a lost acknowledgement -------------------------------------------------------------

@@ -21,8 +21,12 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
 import serve_doubles
+from fakes.lockspace import FakeLockspace
 from ferry import statecharts
 from ferry.clock import ReactorClock
+from ferry.lease.incoming import IncomingLease
+from ferry.lease.manager import LeaseManager
+from ferry.migrate.destination import Receiver
 from ferry.migrate.wire import migrate_option
 from ferry.nbd.client import ClientConnection
 from ferry.nbd.constants import (
@@ -34,11 +38,13 @@ from ferry.nbd.constants import (
     OptionReply,
 )
 from ferry.nbd.events import Negotiated, NegotiationFailed, OptionAnswered, Reply
+from ferry.replay import replay
+from ferry.serve.acl import Acl
 from ferry.serve.connection import NBDServerProtocol
 from ferry.serve.export import Export
 from ferry.serve.server import NBDServer
 from ferry.storage import Image
-from ferry.trace import CREATED, Tracer, TraceRecord, replay
+from ferry.trace import CREATED, Tracer, TraceRecord
 from serve_doubles import Blocking
 
 from . import nbd_frames as f
@@ -51,8 +57,8 @@ ALREADY = "a migration is already being received"
 class WatchingTransport(StringTransport):
     """Remembers the export's role at each write, to show what was true when a reply left."""
 
-    def __init__(self, export: Export) -> None:
-        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    def __init__(self, export: Export, host: str = "127.0.0.1") -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", host, 40000))
         self.export = export
         self.states_at_write: list[str] = []
 
@@ -114,20 +120,25 @@ class Listener:
         )
         self.export.trigger(role)
         self.blocking = Blocking()
+        self.receiver = Receiver(run_blocking=self.blocking, clock=self.clock)
         self.server = NBDServer(
-            [self.export], clock=self.clock, run_blocking=self.blocking, oldstyle=oldstyle
+            [self.export],
+            clock=self.clock,
+            run_blocking=self.blocking,
+            oldstyle=oldstyle,
+            receiver=self.receiver,
         )
 
-    def connect(self, client: ClientConnection) -> Peer:
+    def connect(self, client: ClientConnection, host: str = "127.0.0.1") -> Peer:
         protocol = self.server.buildProtocol(None)
         assert protocol is not None
-        transport = WatchingTransport(self.export)
+        transport = WatchingTransport(self.export, host)
         protocol.makeConnection(transport)
         return Peer(protocol, transport, client)
 
-    def sender(self, size: int = SIZE) -> Peer:
+    def sender(self, size: int = SIZE, host: str = "127.0.0.1") -> Peer:
         return self.connect(
-            ClientConnection("", meta_contexts=(), extra_options=[migrate_option(size)])
+            ClientConnection("", meta_contexts=(), extra_options=[migrate_option(size)]), host
         )
 
     def client(self) -> Peer:
@@ -202,6 +213,18 @@ def test_the_senders_handshake_makes_the_export_receiving(listener: Listener) ->
     assert failed.error == OptionReply.ERR_POLICY and "receiving a migration" in failed.message
 
 
+def test_a_senders_block_status_answers_in_the_context_it_negotiated(listener: Listener) -> None:
+    # Found by fuzz/nbd_client: the sender's replies carried context id 0, which
+    # its handshake never gave it, and ferry's own client refused them.
+    sender = listener.connect(ClientConnection("", extra_options=[migrate_option(SIZE)]))
+    sender.pump()
+    assert sender.negotiated is not None
+    assert sender.negotiated.meta_contexts == {"base:allocation": 1}
+    handle = sender.client.request(Command.BLOCK_STATUS, 0, 65536)
+    reply = sender.replies()[handle]
+    assert reply.error == Errno.OK and list(reply.extents) == [1]
+
+
 def test_a_sender_lost_before_the_commit_sends_the_export_back_to_listening(
     listener: Listener,
 ) -> None:
@@ -233,8 +256,26 @@ def test_a_silent_sender_is_closed_after_the_sender_timeout(listener: Listener) 
     assert receiving(listener) is not None
 
 
+def test_a_sender_trickling_bytes_without_a_whole_request_is_closed(listener: Listener) -> None:
+    """The attack: one byte now and then resets no timer; only whole requests are progress."""
+    export = listener.export
+    timeout = listener.server.sender_timeout
+    sender = receiving(listener)
+    header = f.request(Command.WRITE, 1, 0, 4096)
+    for byte in header[:20]:
+        listener.reactor.advance(timeout / 20 - 0.01)
+        sender.send_raw(bytes([byte]))
+        if sender.transport.disconnecting:
+            break
+    listener.reactor.advance(1)
+    assert sender.transport.disconnecting
+    sender.lose()
+    assert export.state == "listening"
+
+
 def test_a_sender_waiting_for_the_commit_is_silent_by_right(listener: Listener) -> None:
     export = listener.export
+    listener.receiver.timeout = listener.server.sender_timeout * 4
     sender = receiving(listener)
     commit = sender.client.commit(TOKEN)
     sender.pump()
@@ -302,7 +343,7 @@ def test_what_a_refused_sender_pipelined_after_go_is_not_performed(listener: Lis
     sender.send_raw(f.write(3, 0, b"and more"))  # before the close takes effect
     assert sender.transport.disconnecting
     assert listener.image.pread(0, 9) == bytes(9)
-    assert listener.export.state == "listening" and listener.export.fencing_token is None
+    assert listener.export.state == "listening"
 
 
 @pytest.mark.parametrize(
@@ -380,7 +421,6 @@ def test_commit_takes_control_before_the_ack_and_then_serves_clients(listener: L
     commit = sender.client.commit(TOKEN)
     sender.pump()
     assert export.state == "committing" and not export.has_control
-    assert export.fencing_token == TOKEN
     assert commit not in sender.replies()  # no ack before the fsync
     assert len(listener.blocking.jobs) == 1
     writes_before = len(sender.transport.states_at_write)
@@ -390,7 +430,7 @@ def test_commit_takes_control_before_the_ack_and_then_serves_clients(listener: L
     # The ack left only once the export was serving.
     assert sender.transport.states_at_write[writes_before:] == ["serving"]
     assert export.state == "serving" and export.has_control and export.clients_allowed
-    assert export.sender is None and export.fencing_token == TOKEN
+    assert export.sender is None
     assert listener.roles() == ["listening", "receiving", "committing", "serving"]
     listener.replays()
     assert refused.failed().error == OptionReply.ERR_POLICY
@@ -422,7 +462,7 @@ def test_a_failed_fsync_answers_eio_and_listens_again(listener: Listener) -> Non
     reply = sender.replies()[commit]
     assert reply.error == Errno.EIO
     assert export.state == "listening" and not export.has_control
-    assert export.fencing_token is None and export.sender is None
+    assert export.sender is None
     assert sender.transport.disconnecting  # the next sender starts over
     sender.lose()
     assert export.state == "listening"
@@ -434,6 +474,59 @@ def test_a_failed_fsync_answers_eio_and_listens_again(listener: Listener) -> Non
         "listening",
         "receiving",
     ]
+    listener.replays()
+
+
+def test_a_commit_that_does_not_sync_in_time_is_refused_and_listens_again(
+    listener: Listener,
+) -> None:
+    export = listener.export
+    sender = receiving(listener)
+    commit = sender.client.commit(TOKEN)
+    sender.pump()
+    listener.reactor.advance(listener.receiver.timeout - 0.1)
+    assert export.state == "committing" and commit not in sender.replies()
+    listener.reactor.advance(0.1)
+    reply = sender.replies()[commit]
+    assert reply.error == Errno.EIO
+    assert reply.message == (
+        f"commit timed out: the image did not sync within {listener.receiver.timeout:g} s"
+    )
+    assert export.state == "listening" and export.sender is None
+    listener.blocking.release_all()  # the fsync returns at last: too late, nothing changes
+    assert export.state == "listening" and not export.has_control
+    assert sender.transport.disconnecting
+    sender.lose()
+    assert receiving(listener) is not None  # the next sender is taken
+    listener.replays()
+
+
+class BrokenIncoming:
+    """An incoming lease whose take-over raises, as a bug would."""
+
+    state = "incoming"
+    token = None
+
+    def may_write(self) -> bool:
+        return False
+
+    def refusal(self, source_resource: str) -> str | None:
+        return None
+
+    def take_over(self, source_resource: str, token: int) -> Any:
+        raise RuntimeError("a bug")
+
+
+def test_a_bug_while_taking_the_lease_is_answered_and_listens_again(listener: Listener) -> None:
+    export = listener.export
+    export.incoming_lease = BrokenIncoming()
+    sender = receiving(listener)
+    commit = sender.client.commit(TOKEN)
+    sender.pump()
+    listener.blocking.release_all()
+    reply = sender.replies()[commit]
+    assert reply.error == Errno.EPERM and "a bug" in reply.message
+    assert export.state == "listening" and not export.has_control
     listener.replays()
 
 
@@ -460,12 +553,11 @@ def test_a_second_commit_or_a_malformed_one_is_einval(listener: Listener) -> Non
     sender.pump()
     replies = sender.replies()
     assert replies[second].error == Errno.EINVAL  # answered at once: it is committing
-    assert listener.export.fencing_token == 1
     listener.blocking.release_all()
     assert sender.replies()[first].error == Errno.OK
     again = sender.client.commit(3)
     assert sender.replies()[again].error == Errno.EINVAL  # serving: nothing to commit
-    assert listener.export.state == "serving" and listener.export.fencing_token == 1
+    assert listener.export.state == "serving"
 
 
 def test_an_ordinary_clients_commit_is_einval(tmp_path: Path) -> None:
@@ -474,7 +566,7 @@ def test_an_ordinary_clients_commit_is_einval(tmp_path: Path) -> None:
     client.pump()
     handle = client.client.commit(5)
     assert client.replies()[handle].error == Errno.EINVAL
-    assert listener.export.state == "serving" and listener.export.fencing_token is None
+    assert listener.export.state == "serving"
     assert not client.transport.disconnecting
 
 
@@ -636,3 +728,92 @@ def test_a_failed_fsync_after_disc_listens_again(oldstyle: Listener) -> None:
     assert mirror_write(mirror_only(oldstyle), 0, b"again").error == Errno.OK
     assert export.state == "receiving"
     oldstyle.replays()
+
+
+# -- the lease a commit takes -------------------------------------------------------------
+
+
+class LeasedListener(Listener):
+    """``listen --lockspace ... --resource vm1`` on the in-memory lockspace."""
+
+    def __init__(self, tmp_path: Path, resource: str | None = "vm1") -> None:
+        super().__init__(tmp_path)
+        self.lockspace = FakeLockspace(self.clock)
+        self.leases: list[LeaseManager] = []
+        self.taken: list[LeaseManager] = []
+
+        def make(name: str) -> LeaseManager:
+            manager = LeaseManager(
+                self.lockspace,
+                resource=name,
+                owner="dst",
+                clock=self.clock,
+                tracer=Tracer(self.records.append),
+                instance=f"dst-{len(self.leases)}",
+            )
+            self.leases.append(manager)
+            return manager
+
+        self.export.incoming_lease = IncomingLease(
+            make, resource=resource, fallback="dest.img", on_taken=self.taken.append
+        )
+
+    def held_elsewhere(self, resource: str) -> None:
+        other = LeaseManager(self.lockspace, resource=resource, owner="other", clock=self.clock)
+        other.register()
+        other.acquire()
+        assert other.state == "held"
+
+
+def test_a_forged_commit_without_a_lease_is_refused_when_the_lease_is_held(
+    tmp_path: Path,
+) -> None:
+    """The attack: a sender naming no lease commits to ``listen --resource vm1`` held elsewhere."""
+    listener = LeasedListener(tmp_path)
+    listener.held_elsewhere("vm1")
+    sender = receiving(listener)
+    commit = sender.client.commit(0)
+    sender.pump()
+    listener.blocking.release_all()
+    reply = sender.replies()[commit]
+    assert reply.error == Errno.EPERM
+    assert reply.message == (
+        "cannot take the lease: lease on vm1 is held by other (exclusive, token 1)"
+    )
+    assert listener.export.state == "listening" and not listener.export.has_control
+    assert listener.taken == []
+    # The listener is ready for the real source: its incoming lease waits as before.
+    assert listener.export.incoming_lease is not None
+    assert listener.export.incoming_lease.state == "incoming"
+    assert [m.state for m in listener.leases] == ["incoming", "stopped"]
+    sender.lose()
+    assert receiving(listener) is not None
+    listener.replays()
+
+
+def test_a_commit_without_a_lease_takes_one_of_our_own(tmp_path: Path) -> None:
+    listener = LeasedListener(tmp_path)
+    sender = receiving(listener)
+    commit = sender.client.commit(0)
+    sender.pump()
+    listener.blocking.release_all()
+    assert sender.replies()[commit].error == Errno.OK
+    assert listener.export.state == "serving"
+    first, own = listener.leases
+    assert (first.state, own.state) == ("released", "held")  # stopped waiting for vm1's
+    assert listener.taken == [own] and own.resource == "vm1"
+    listener.replays()
+
+
+def test_a_sender_the_acl_does_not_name_is_refused_at_the_option(tmp_path: Path) -> None:
+    """An empty ACL lets anyone be a client, and nobody off loopback hand it an image."""
+    listener = Listener(tmp_path)
+    sender = listener.sender(host="192.0.2.7")
+    answer = sender.answer()
+    assert answer.reply == OptionReply.ERR_POLICY
+    assert answer.message == "192.0.2.7 may not send a migration here: its ACL does not name it"
+    assert sender.failed().error == OptionReply.ERR_POLICY  # and GO finds no export for it
+    assert listener.export.state == "listening"
+    listener.server.acl = Acl.parse(["192.0.2.0/24"])
+    named = listener.sender(host="192.0.2.7")
+    assert named.answer().reply == OptionReply.ACK

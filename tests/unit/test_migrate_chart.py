@@ -17,8 +17,11 @@ STATES = [
     "bulk_pass",
     "dirty_pass",
     "quiescing",
+    "offering",
     "committing",
     "completed",
+    "reclaiming",
+    "cancelling",
     "in_doubt",
     "retry_wait",
     "reconnecting",
@@ -37,32 +40,46 @@ BREAKABLE = [
     "reconnecting",
     "renegotiating",
 ]
+LEASE_LOSABLE = [*BREAKABLE, "offering", "committing", "reclaiming", "cancelling"]
 
-# Written out from DESIGN.md and issue 3, independently of the YAML.
+# Written out from DESIGN.md and the issues, independently of the YAML:
+# (trigger, source, dest, what the export's role does or None).
 TRANSITIONS = {
-    ("connected", "connecting", "negotiating"),
-    ("accepted", "negotiating", "bulk_pass"),
-    ("next_pass", "bulk_pass", "dirty_pass"),
-    ("next_pass", "dirty_pass", "dirty_pass"),
-    ("quiesce", "bulk_pass", "quiescing"),
-    ("quiesce", "dirty_pass", "quiescing"),
-    ("commit", "quiescing", "committing"),
-    ("committed", "committing", "completed"),
-    ("fail", "connecting", "failed"),
-    ("fail", "negotiating", "failed"),
+    ("connected", "connecting", "negotiating", None),
+    ("accepted", "negotiating", "bulk_pass", None),
+    ("next_pass", "bulk_pass", "dirty_pass", None),
+    ("next_pass", "dirty_pass", "dirty_pass", None),
+    ("quiesce", "bulk_pass", "quiescing", "quiesce"),
+    ("quiesce", "dirty_pass", "quiescing", "quiesce"),
+    ("offer", "quiescing", "offering", None),
+    ("commit", "quiescing", "committing", "hand_off"),
+    ("commit", "offering", "committing", "hand_off"),
+    ("committed", "committing", "completed", "handed_off"),
+    ("mirrored", "quiescing", "completed", "mirrored"),
+    ("fail", "connecting", "failed", "migration_failed"),
+    ("fail", "negotiating", "failed", "migration_failed"),
     *(
-        ("fail", s, "retry_wait")
-        for s in ("reconnecting", "renegotiating", "bulk_pass", "dirty_pass", "quiescing")
+        ("fail", s, "retry_wait", None)
+        for s in ("reconnecting", "renegotiating", "bulk_pass", "dirty_pass")
     ),
-    ("commit_rejected", "committing", "retry_wait"),
-    ("fail", "committing", "in_doubt"),
-    ("resolve_committed", "in_doubt", "completed"),
-    ("resolve_aborted", "in_doubt", "failed"),
-    ("retry", "retry_wait", "reconnecting"),
-    ("connected", "reconnecting", "renegotiating"),
-    ("accepted", "renegotiating", "bulk_pass"),
-    *(("break_migration", s, "cancelled") for s in BREAKABLE),
-    *(("lease_lost", s, "failed") for s in BREAKABLE),
+    ("fail", "quiescing", "retry_wait", "retry_migration"),
+    ("offer_failed", "offering", "retry_wait", "retry_migration"),
+    ("fail", "offering", "reclaiming", None),
+    ("commit_rejected", "committing", "retry_wait", "retry_migration"),
+    ("reclaim", "committing", "reclaiming", None),
+    ("reclaimed", "reclaiming", "retry_wait", "retry_migration"),
+    ("fail", "committing", "in_doubt", "commit_unknown"),
+    ("resolve_committed", "in_doubt", "completed", "resolve_handed_off"),
+    ("resolve_aborted", "in_doubt", "failed", "resolve_serving"),
+    ("retry", "retry_wait", "reconnecting", None),
+    ("connected", "reconnecting", "renegotiating", None),
+    ("accepted", "renegotiating", "bulk_pass", None),
+    *(("break_migration", s, "cancelled", "break_migration") for s in BREAKABLE),
+    ("break_migration", "offering", "cancelling", None),
+    ("reclaimed", "cancelling", "cancelled", "break_migration"),
+    *(("lease_lost", s, "failed", None) for s in LEASE_LOSABLE),
+    ("lease_lost", "in_doubt", "failed", "resolve_fenced"),
+    *(("stop", s, "failed", None) for s in ("committing", "reclaiming", "cancelling", "in_doubt")),
 }
 
 
@@ -78,7 +95,9 @@ def prop(chart: Statechart, key: str) -> set[str]:
 def test_states_and_transitions_are_the_specified_ones(chart: Statechart) -> None:
     assert chart.initial == "connecting"
     assert list(chart.state_names()) == STATES
-    assert {(t.trigger, t.source, t.dest) for t in chart.transitions} == TRANSITIONS
+    assert {
+        (t.trigger, t.source, t.dest, t.effects.get("role")) for t in chart.transitions
+    } == TRANSITIONS
     assert len(chart.transitions) == len(TRANSITIONS)
 
 
@@ -107,7 +126,7 @@ def test_a_failure_ends_the_job_before_a_good_negotiation_and_retries_after(
 ) -> None:
     for state in set(STATES) - FINAL:
         dest = chart.next_state(state, "fail")
-        if state in ("committing", "in_doubt"):
+        if state in ("offering", "committing", "reclaiming", "cancelling", "in_doubt"):
             continue
         negotiated = chart.property(state, "negotiated")
         if state == "retry_wait":
@@ -122,19 +141,38 @@ def test_break_works_wherever_no_commit_may_have_landed(chart: Statechart) -> No
     assert sent == {"committing", "in_doubt", "completed"}
     for state in STATES:
         dest = chart.next_state(state, "break_migration")
+        if state == "offering":
+            assert dest == "cancelling"  # the offered lease comes back first
+            continue
         breakable = state not in FINAL and state not in sent
+        breakable = breakable and state not in ("reclaiming", "cancelling")
         assert dest == ("cancelled" if breakable else None), state
 
 
 def test_commit_outcomes(chart: Statechart) -> None:
     assert chart.next_state("committing", "committed") == "completed"
     assert chart.next_state("committing", "commit_rejected") == "retry_wait"
+    assert chart.next_state("committing", "reclaim") == "reclaiming"
+    assert chart.triggers_from("reclaiming") == ("reclaimed", "lease_lost", "stop")
+    assert chart.triggers_from("cancelling") == ("reclaimed", "lease_lost", "stop")
     assert chart.next_state("committing", "fail") == "in_doubt"
-    assert chart.triggers_from("in_doubt") == ("resolve_committed", "resolve_aborted")
+    assert chart.triggers_from("in_doubt") == (
+        "resolve_committed",
+        "resolve_aborted",
+        "lease_lost",
+        "stop",
+    )
 
 
 def test_clients_are_held_from_quiescing_until_the_end(chart: Statechart) -> None:
-    assert prop(chart, "clients_held") == {"quiescing", "committing", "in_doubt"}
+    assert prop(chart, "clients_held") == {
+        "quiescing",
+        "offering",
+        "committing",
+        "reclaiming",
+        "cancelling",
+        "in_doubt",
+    }
     for t in chart.transitions:
         # Only quiescing starts holding; every other held state is entered from a held one.
         if chart.property(t.dest, "clients_held") and t.dest != "quiescing":
@@ -175,3 +213,34 @@ def test_the_built_machine_follows_the_chart(chart: Statechart) -> None:
             else:
                 model.trigger(trigger)  # type: ignore[attr-defined]
                 assert model.state == expected
+
+
+def test_the_role_holds_clients_exactly_while_the_migration_does(chart: Statechart) -> None:
+    """Walk both machines together through every migration transition, by its effects."""
+    role = load("role")
+    # Every state the role can be in while the migration is in each state.
+    where: dict[str, set[str]] = {"connecting": {"migrating"}}
+    queue = deque(["connecting"])
+    while queue:
+        here = queue.popleft()
+        for t in chart.transitions:
+            if t.source != here or t.trigger == "lease_lost":
+                continue  # lease_lost: whoever saw the loss fenced the role already
+            effect = t.effects.get("role")
+            reached = set()
+            for role_state in where[here]:
+                nxt = role_state if effect is None else role.next_state(role_state, effect)
+                assert nxt is not None, (t, role_state)
+                reached.add(nxt)
+            if not reached <= where.setdefault(t.dest, set()):
+                where[t.dest] |= reached
+                queue.append(t.dest)
+    for state, role_states in where.items():
+        if state in FINAL:
+            continue
+        for role_state in role_states:
+            assert chart.property(state, "clients_held") == role.property(
+                role_state, "clients_held"
+            ), (state, role_state)
+    assert where["reclaiming"] == {"quiescing", "handing_off"}
+    assert where["completed"] == {"handed_off", "serving"}  # mirrored: serves on

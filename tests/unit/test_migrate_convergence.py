@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ferry.migrate.backoff import Backoff
-from ferry.migrate.convergence import (
+from ferry.migrate.core.backoff import Backoff
+from ferry.migrate.core.convergence import (
     MIN_WRITE_RATE,
     Action,
     ConvergencePolicy,

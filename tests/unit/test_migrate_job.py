@@ -10,11 +10,12 @@ from twisted.internet import task
 
 from ferry import statecharts
 from ferry.clock import ReactorClock
-from ferry.control.status import STATUS_FIELDS, StatusSnapshot
-from ferry.migrate import Action, ConvergencePolicy, MigrationJob, MigrationProgress, OpKind
-from ferry.migrate.progress import estimate_seconds_left, format_bytes, format_seconds
+from ferry.migrate.core import Action, ConvergencePolicy, MigrationJob, MigrationProgress, OpKind
+from ferry.migrate.core.progress import estimate_seconds_left, format_bytes, format_seconds
+from ferry.replay import replay
+from ferry.status import STATUS_FIELDS, StatusSnapshot
 from ferry.storage import DirtyMap
-from ferry.trace import Tracer, TraceRecord, replay
+from ferry.trace import Tracer, TraceRecord
 
 from .migrate_support import KIB, MIB, sparse_image
 

@@ -20,8 +20,9 @@ from twisted.internet.defer import Deferred
 from fakes.destination import Commit, FakeDestination, Script
 from fakes.lockspace import FakeLockspace
 from ferry.lease.manager import LeaseManager
-from ferry.migrate.source import MirrorOptions, MirrorSource
-from ferry.migrate.stats import FailureReason
+from ferry.migrate.core.stats import FailureReason
+from ferry.migrate.options import MirrorOptions
+from ferry.migrate.source import MirrorSource
 from ferry.trace import TraceRecord
 
 from .test_migrate_source import SIZE, Rig, listen, reactor, within
@@ -49,13 +50,15 @@ class LeasedRig(Rig):
         self.lease.acquire()
         self.first_token = self.lease.token
         self.lease_at_release: list[str] = []
-        release = self.gate.release
+        chart = self.export.role_chart
 
-        def watched_release() -> None:
-            self.lease_at_release.append(self.lease.state)
-            release()
+        def watch_release(trigger: str, source: str, dest: str) -> None:
+            """The lease's state whenever held clients go on being served (or get EIO)."""
+            held = chart.property(source, "clients_held")
+            if held and not chart.property(dest, "clients_held") and dest != "handed_off":
+                self.lease_at_release.append(self.lease.state)
 
-        self.gate.release = watched_release  # type: ignore[method-assign]
+        self.export.observe_role(watch_release)
         self.source = MirrorSource(
             self.export,
             self.source.destination,
@@ -125,6 +128,15 @@ async def test_a_refused_commit_takes_the_lease_back_before_clients_go_on(
     await within(rig.source.start())
     await rig.reached("migration", "retry_wait")
     assert rig.lease.state == "held" and rig.holder() == "source"
+    # The role kept control but served nothing until the lease was back.
+    migration = rig.states("migration")
+    assert migration[migration.index("committing") :][:3] == [
+        "committing",
+        "reclaiming",
+        "retry_wait",
+    ]
+    role = rig.states("role")
+    assert role[role.index("handing_off") :][:2] == ["handing_off", "migrating"]
     rig.clock.advance(1.0)  # the backoff, on the simulated clock
     result = await within(rig.source.finished)
     assert result.handed_off and bytes(fake.disk) == rig.original
@@ -237,6 +249,50 @@ async def test_a_lease_lost_while_committing_fences_without_waiting_for_the_answ
     rig.lockspace.lose(RESOURCE)
     result = await within(rig.source.finished)
     assert (result.state, result.handed_off) == ("failed", False)
-    assert rig.states("migration")[-2:] == ["in_doubt", "failed"]
+    assert rig.states("migration")[-2:] == ["committing", "failed"]
+    assert rig.export.state == "fenced" and not rig.gate.holding
+    rig.replays()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_commit_whose_lease_someone_else_took_fences_the_source(
+    tmp_path: Path, listen: Any
+) -> None:
+    """The destination refuses, but a third party took the offered lease by its token."""
+    scripts = [Script(commit=Commit.REJECT)]
+    fake = FakeDestination(SIZE, scripts)
+    rig = LeasedRig(tmp_path, listen(fake), scripts)
+    scripts[0].take_lease = lambda token: rig.lockspace.take_over(RESOURCE, "intruder", token)
+    await within(rig.source.start())
+    result = await within(rig.source.finished)
+    assert (result.state, result.handed_off) == ("failed", False)
+    assert "retry_wait" not in rig.states("migration")
+    assert rig.export.state == "fenced" and not rig.export.has_control
+    assert rig.lease.state in ("released", "fenced") and not rig.lease.may_write()
+    assert rig.holder() == "intruder"
+    assert not rig.gate.holding  # the held clients went on, to the EIO of a fenced export
+    assert len(fake.sessions) == 1  # and nothing was retried
+    rig.replays()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_commit_waits_for_the_lease_until_its_deadline_then_fences(
+    tmp_path: Path, listen: Any
+) -> None:
+    scripts = [Script(commit=Commit.REJECT)]
+    fake = FakeDestination(SIZE, scripts)
+    rig = LeasedRig(tmp_path, listen(fake), scripts, ttl=9.0)
+    await within(rig.source.start())
+    await within(fake.sessions[0].arrived("COMMIT"))
+    rig.lockspace.unreachable = True  # the take-back cannot be asked
+    await rig.reached("migration", "reclaiming")
+    while rig.lease.state != "fenced":  # asked every 2 s, in vain, until the deadline
+        assert rig.source.state == "reclaiming" and rig.export.state == "handing_off"
+        assert rig.gate.holding and not rig.lease.may_write()
+        rig.clock.advance(1.0)
+    assert rig.clock.seconds() < 10  # within the TTL
+    result = await within(rig.source.finished)
+    assert (result.state, result.handed_off) == ("failed", False)
+    assert rig.states("migration")[-2:] == ["reclaiming", "failed"]
     assert rig.export.state == "fenced" and not rig.gate.holding
     rig.replays()

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ferry.migrate import passes as passes_module
-from ferry.migrate.passes import CopyOp, OpKind, PassPlan, PassPlanner
+from ferry.migrate.core import passes as passes_module
+from ferry.migrate.core.passes import CopyOp, OpKind, PassPlan, PassPlanner
 from ferry.storage import DirtyMap, Image
 
 from .migrate_support import KIB, MIB, sparse_image

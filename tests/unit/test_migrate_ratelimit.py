@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from twisted.internet import task
 
 from ferry.clock import ReactorClock
-from ferry.migrate.ratelimit import BURST_SECONDS, RateLimiter
+from ferry.ratelimit import BURST_SECONDS, RateLimiter
 
 from .migrate_support import KIB, MIB, run_until
 

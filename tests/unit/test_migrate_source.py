@@ -26,7 +26,7 @@ from fakes.flexnbd import MIRROR, FakeFlexnbdListener, ListenerScript
 from fakes.gate import FakeGate
 from ferry import statecharts
 from ferry.clock import ReactorClock
-from ferry.migrate.source import (
+from ferry.migrate.options import (
     FAILED_TO_CONNECT,
     MIRROR_STARTED,
     NO_HELLO,
@@ -37,13 +37,14 @@ from ferry.migrate.source import (
     FinishAction,
     MirrorOptions,
     MirrorResult,
-    MirrorSource,
     NotMirroring,
     StartOutcome,
-    tcp_connector,
 )
+from ferry.migrate.source import MirrorSource
+from ferry.migrate.wire import tcp_connector
+from ferry.replay import replay
 from ferry.serve.export import Export
-from ferry.trace import CREATED, Tracer, TraceRecord, replay
+from ferry.trace import CREATED, Tracer, TraceRecord
 
 from .migrate_support import KIB, MIB, sparse_image
 
@@ -638,13 +639,13 @@ async def test_flexnbd_mirror_sends_one_request_at_a_time(tmp_path: Path, listen
     rig = Rig(tmp_path, listen(fake), flexnbd=True, max_data_length=64 * KIB)
     await within(rig.source.start())
     seen: list[int] = []
-    pump = rig.source._pump
+    pump = rig.source.copier.pump
 
     def counting(attempt: Any) -> None:
         pump(attempt)
         seen.append(len(attempt.in_flight))
 
-    rig.source._pump = counting  # type: ignore[method-assign]
+    rig.source.copier.pump = counting  # type: ignore[method-assign]
     result = await within(rig.source.finished)
     assert result.handed_off and seen and max(seen) == 1
     assert bytes(fake.disk) == rig.original

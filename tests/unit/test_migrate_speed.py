@@ -6,7 +6,7 @@ import pytest
 from twisted.internet import task
 
 from ferry.clock import ReactorClock
-from ferry.migrate.speed import SpeedMeter
+from ferry.migrate.core.speed import SpeedMeter
 
 from .migrate_support import MIB
 

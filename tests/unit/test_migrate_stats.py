@@ -17,11 +17,12 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fakes.destination import Commit, FakeDestination, Hello, Migrate, Script
+from ferry.exports import ExportConfig, ExportUnit
 from ferry.metrics import make_registry
+from ferry.migrate.core.stats import FailureReason
 from ferry.migrate.manager import MirrorManager
-from ferry.migrate.source import Destination, FinishAction, MirrorOptions, tcp_connector
-from ferry.migrate.stats import FailureReason
-from ferry.node import ObservedExport
+from ferry.migrate.options import Destination, FinishAction, MirrorOptions
+from ferry.migrate.wire import tcp_connector
 
 from .test_migrate_source import SIZE, Rig, free_port, reactor, succeed, within
 from .test_migrate_source import listen as listen  # the fixture
@@ -122,7 +123,8 @@ async def test_the_counters_outlive_each_job_and_export_every_reason(
     await within(manager.mirror(Destination("127.0.0.1", listen(fake)), options))
     await within(manager.finished())
 
-    text = generate_latest(make_registry(lambda: [ObservedExport(rig.export, manager)])).decode()
+    unit = ExportUnit(ExportConfig(str(rig.path)), rig.export, manager)
+    text = generate_latest(make_registry(lambda: [unit])).decode()
     samples = {
         (s.name, s.labels.get("reason")): s.value
         for family in text_string_to_metric_families(text)

@@ -708,6 +708,17 @@ def test_broken_block_status_raises_protocol_error(payload: bytes) -> None:
         conn.receive_data(chunk(h, TYPE_BLOCK_STATUS, payload))
 
 
+def test_a_successful_block_status_in_a_simple_reply_is_a_protocol_error() -> None:
+    # Found by fuzz/nbd_client: it was a success without extents.  The spec
+    # wants BLOCK_STATUS answered by a structured reply; an error may be simple.
+    conn = negotiated()
+    failed = conn.request(Command.BLOCK_STATUS, 0, 4096)
+    assert conn.receive_data(simple(failed, 22)) == [Reply(failed, Errno.EINVAL)]
+    h = conn.request(Command.BLOCK_STATUS, 0, 4096)
+    with pytest.raises(ProtocolError, match="BLOCK_STATUS"):
+        conn.receive_data(simple(h))
+
+
 def test_block_status_final_extent_is_clipped_to_the_request() -> None:
     conn = negotiated()
     h = conn.request(Command.BLOCK_STATUS, 0, 4096)

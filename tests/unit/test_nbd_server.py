@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from ferry.nbd.constants import (
+    MAX_HANDSHAKE_OPTIONS,
     MAX_OPTION_LENGTH,
     BlockState,
     Command,
@@ -186,6 +187,14 @@ def test_option_at_the_cap_is_buffered_and_answered() -> None:
     negotiate(conn, f.option(999, bytes(MAX_OPTION_LENGTH)))
     [reply] = replies(conn)
     assert (reply.option, reply.type) == (999, f.REP_ERR_UNSUP)
+
+
+def test_a_handshake_may_send_only_so_many_options() -> None:
+    conn = connect()
+    negotiate(conn, *[f.option(f.OPT_LIST)] * MAX_HANDSHAKE_OPTIONS)
+    assert len(replies(conn)) > MAX_HANDSHAKE_OPTIONS  # every LIST answered
+    with pytest.raises(ProtocolError, match=f"more than {MAX_HANDSHAKE_OPTIONS} options"):
+        conn.receive_data(f.option(f.OPT_LIST))
 
 
 # -- NBD_OPT_EXPORT_NAME -------------------------------------------------------------------
@@ -655,6 +664,20 @@ def test_many_requests_from_one_chunk_in_order() -> None:
             assert type(e.data) is bytes and e.data == bytes([e.handle]) * 16
         else:
             assert e.data == b""
+
+
+def test_buffered_counts_what_a_request_received_in_part_holds() -> None:
+    conn = transmitting()
+    frame = f.request(f.CMD_WRITE, 1, 0, 8192, data=b"x" * 8192)
+    assert conn.buffered == 0
+    conn.receive_data(frame[:10])  # part of a header
+    assert conn.buffered == 10
+    conn.receive_data(frame[10:1000])  # the header, and part of the payload
+    assert conn.buffered == 1000 - 28
+    conn.receive_data(frame[1000:5000])
+    assert conn.buffered == 5000 - 28
+    assert [type(e) for e in conn.receive_data(frame[5000:])] == [Request]
+    assert conn.buffered == 0
 
 
 def test_write_payload_split_anywhere() -> None:

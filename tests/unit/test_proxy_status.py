@@ -10,13 +10,13 @@ from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from ferry.clock import ReactorClock
-from ferry.control.status import parse_line
 from ferry.lease.backend import LockspaceUnavailable
 from ferry.nbd.locate import Location
 from ferry.proxy.finder import FixedAddress, LockspaceFinder, parse_address
 from ferry.proxy.listener import ProxyServer
 from ferry.proxy.status import ProxyCommands, make_registry, snapshot
 from ferry.proxy.upstream import Dialer
+from ferry.status import parse_line
 
 HERE = Location("10.0.0.1", 10809, "disk")
 

@@ -25,9 +25,9 @@ from ferry.clock import ReactorClock
 from ferry.nbd.client import ClientConnection
 from ferry.nbd.constants import MAX_REQUEST_SIZE, Command, Errno
 from ferry.nbd.events import Reply
+from ferry.outbox import MAX_BATCH_BYTES
 from ferry.serve.connection import NBDServerProtocol
 from ferry.serve.export import Export
-from ferry.serve.outbox import MAX_BATCH_BYTES
 from ferry.serve.server import NBDServer
 from ferry.storage import Image
 

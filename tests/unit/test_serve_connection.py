@@ -7,6 +7,7 @@ whole request path (handshake, dispatch, replies) deterministically.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.internet import task
@@ -21,7 +22,8 @@ from ferry.nbd.events import Negotiated, NegotiationFailed, Reply
 from ferry.serve.acl import Acl
 from ferry.serve.connection import NBDServerProtocol
 from ferry.serve.export import Export
-from ferry.serve.server import HANDSHAKE_TIMEOUT, NBDServer
+from ferry.serve.limits import HANDSHAKE_TIMEOUT
+from ferry.serve.server import NBDServer
 from ferry.storage import Image
 from serve_doubles import Blocking
 
@@ -200,21 +202,63 @@ def test_writes_are_observed_for_the_dirty_map(harness: Harness) -> None:
     assert seen == [(100, 3), (8192, 4096), (65536, 512)]
 
 
+def hold(export: Any) -> None:
+    """What a switchover does to the role: migrating, then quiescing (clients held)."""
+    export.trigger("migrate")
+    export.trigger("quiesce")
+
+
+def release(export: Any) -> None:
+    """What ``break`` in quiescing does: serving again, clients let go."""
+    export.trigger("break_migration")
+
+
 def test_a_hold_queues_requests_and_release_answers_them(harness: Harness) -> None:
     peer = harness.connect()
     peer.negotiate()
-    held = harness.export.hold()
-    assert held.called  # writes are performed before their reply: nothing in flight to wait for
+    hold(harness.export)
+    # Writes are performed before their reply: nothing in flight to wait for.
+    assert harness.export.writes_landed().called
     write = peer.client.request(Command.WRITE, 0, 4, data=b"held")
     read = peer.client.request(Command.READ, 0, 4)
     assert peer.replies() == {}
     assert harness.image.pread(0, 4) == bytes(4)  # not performed while held
     harness.reactor.advance(0.25)
-    harness.export.release()
+    release(harness.export)
     replies = peer.replies()
     assert replies[write].error == Errno.OK and replies[read].data == b"held"
     assert harness.export.longest_hold == pytest.approx(0.25)
     assert not peer.transport.disconnecting
+
+
+def test_a_held_connection_stops_reading_until_released(harness: Harness) -> None:
+    """However long a hold lasts, a client that pipelines on costs no more memory."""
+    peer = harness.connect()
+    peer.negotiate()
+    assert peer.transport.producerState == "producing"
+    hold(harness.export)
+    assert peer.transport.producerState == "paused"  # at once, with nothing queued
+    peer.client.request(Command.READ, 0, 4)
+    assert peer.replies() == {}
+    release(harness.export)
+    assert peer.transport.producerState == "producing"
+    assert len(peer.replies()) == 1
+
+
+def test_a_throttled_write_stops_reading_while_it_waits(harness: Harness) -> None:
+    harness.export.set_write_cap(4096)
+    peer = harness.connect()
+    peer.negotiate()
+    handles = [
+        peer.client.request(Command.WRITE, i * 65536, 65536, data=bytes(65536)) for i in range(2)
+    ]
+    peer.replies()
+    assert peer.transport.producerState == "paused"
+    for _ in range(200):
+        if set(peer.replies()) >= set(handles):
+            break
+        harness.reactor.advance(1.0)
+    assert peer.transport.producerState == "producing"
 
 
 def test_the_write_cap_delays_writes_in_order(harness: Harness) -> None:
@@ -243,7 +287,7 @@ def test_the_write_cap_delays_writes_in_order(harness: Harness) -> None:
 def test_a_request_still_held_counts_towards_the_longest_hold(harness: Harness) -> None:
     peer = harness.connect()
     peer.negotiate()
-    harness.export.hold()
+    hold(harness.export)
     harness.reactor.advance(1.0)  # a hold with nothing queued stalls no one
     assert harness.export.longest_hold == 0.0
     peer.client.request(Command.READ, 0, 1)
@@ -253,4 +297,4 @@ def test_a_request_still_held_counts_towards_the_longest_hold(harness: Harness) 
     assert harness.export.longest_hold == pytest.approx(0.4)
     peer.protocol.disconnect("handed off")
     peer.protocol.connectionLost(None)
-    harness.export.release()
+    release(harness.export)

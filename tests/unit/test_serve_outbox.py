@@ -21,7 +21,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from zope.interface import implementer
 
-from ferry.serve.outbox import MAX_BATCH_BUFFERS, MAX_BATCH_BYTES, READ_SIZE, Outbox, tune
+from ferry.outbox import MAX_BATCH_BUFFERS, MAX_BATCH_BYTES, READ_SIZE, Outbox, tune
 
 
 @implementer(IPushProducer)

@@ -15,6 +15,7 @@ from twisted.internet import task
 
 from ferry import statecharts
 from ferry.clock import ReactorClock
+from ferry.replay import replay
 from ferry.statecharts import (
     Statechart,
     StatechartError,
@@ -27,7 +28,7 @@ from ferry.statecharts import (
     render_dot,
     render_mermaid,
 )
-from ferry.trace import CREATED, TraceFile, Tracer, TraceRecord, replay
+from ferry.trace import CREATED, TraceFile, Tracer, TraceRecord
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -311,6 +312,9 @@ BAD_CHARTS = {
     "not a mapping": ("- a\n- b\n", "expected a mapping"),
     "not YAML": ("initial: [a\n", "not valid YAML"),
     "yes is not a state name": (GOOD.replace("  b:", "  yes:"), "True"),
+    "effects not a mapping": (GOOD + "  - [stay, b, b, role]\n", "effects must map"),
+    "effect on a keyword trigger": (GOOD + "  - [stay, b, b, {role: break}]\n", "'break'"),
+    "row of five": (GOOD + "  - [stay, b, b, {}, {}]\n", "expected a row"),
 }
 
 
@@ -608,3 +612,83 @@ def test_committed_diagrams_are_up_to_date() -> None:
                 f"{diagram} is missing or stale: run `ferry statecharts render` "
                 "and commit the result"
             )
+
+
+# -- effects: one machine driving another ----------------------------------------
+
+LEADER = """\
+initial: idle
+states:
+  idle:
+    description: nothing happens
+  busy:
+    description: something happens
+transitions:
+  - [start, idle, busy, {follower: wake}]
+  - [stop, busy, idle, {follower: sleep}]
+  - [poke, busy, busy]
+"""
+
+
+def test_effects_are_parsed_per_source_and_drive_the_follower(
+    tmp_path: Path, clock: task.Clock
+) -> None:
+    leader = load_file(write_chart(tmp_path, LEADER, "leader"))
+    assert leader.transition("idle", "start") == TransitionSpec(
+        "start", "idle", "busy", {"follower": "wake"}
+    )
+    assert leader.effects_on("follower") == {("idle", "start"): "wake", ("busy", "stop"): "sleep"}
+    assert leader.effects_on("nobody") == {}
+    fired: list[str] = []
+    changes: list[tuple[str, str, str]] = []
+    model = Model()
+    build(
+        leader,
+        model,
+        instance="l",
+        tracer=None,
+        clock=ReactorClock(clock),
+        followers={"follower": fired.append},
+        on_change=lambda *change: changes.append(change),
+    )
+    model.trigger("start")
+    model.trigger("poke")
+    model.trigger("stop")
+    assert fired == ["wake", "sleep"]
+    assert changes == [
+        ("start", "idle", "busy"),
+        ("poke", "busy", "busy"),
+        ("stop", "busy", "idle"),
+    ]
+    with pytest.raises(MachineError):
+        model.trigger("stop")  # illegal: no effect fires
+    assert fired == ["wake", "sleep"]
+
+
+def test_diagrams_label_effects(tmp_path: Path) -> None:
+    leader = load_file(write_chart(tmp_path, LEADER, "leader"))
+    assert "idle --> busy: start / follower.wake" in render_mermaid(leader)
+
+
+def test_every_effect_names_a_trigger_of_its_machine() -> None:
+    charts = statecharts.load_all()
+    for chart in charts.values():
+        for t in chart.transitions:
+            for machine, trigger in t.effects.items():
+                assert machine in charts, (chart.name, t)
+                assert trigger in charts[machine].triggers(), (chart.name, t)
+
+
+def test_the_generated_names_are_the_yamls() -> None:
+    from ferry import chartnames
+
+    charts = statecharts.load_all()
+    assert statecharts.names_module_path().read_text() == statecharts.render_names(
+        charts.values()
+    ), "src/ferry/chartnames.py is stale: run `ferry statecharts render`"
+    for name, chart in charts.items():
+        stem = "".join(part.capitalize() for part in name.split("_"))
+        states = getattr(chartnames, f"{stem}State")
+        triggers = getattr(chartnames, f"{stem}Trigger")
+        assert [s.value for s in states] == list(chart.state_names())
+        assert {t.value for t in triggers} == chart.triggers()

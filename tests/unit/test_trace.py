@@ -13,16 +13,15 @@ from transitions import MachineError
 from twisted.internet import task
 
 from ferry.clock import Clock, ReactorClock, ReactorTime
+from ferry.replay import ReplayResult, replay
 from ferry.statecharts import Statechart, StateSpec, TransitionSpec, build, load
 from ferry.trace import (
     CREATED,
     ReplayError,
-    ReplayResult,
     TraceFile,
     TraceFormatError,
     Tracer,
     TraceRecord,
-    replay,
 )
 
 

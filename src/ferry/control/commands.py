@@ -6,20 +6,26 @@ these.  A command answers a :class:`Reply` (or a Deferred of one, for
 and a text, as flexnbd's ``N: text`` line, plus a JSON value for the RPC.
 The argument checks and their words are flexnbd's, so its tooling can tell
 the failures apart.
+
+A command about one export finds it in the node's
+:class:`~ferry.exports.ExportRegistry` by the JSON parameter ``export``;
+without one (and always in flexnbd's line form, which has no place for it)
+it is the node's default export.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 
-from ferry.control.status import StatusSnapshot
-from ferry.migrate.manager import CannotBreak, MirrorBusy, MirrorManager, NotMirroring
-from ferry.migrate.source import (
+from ferry.exports import ExportRegistry, ExportUnit, UnknownExport
+from ferry.migrate.manager import CannotBreak, MirrorBusy, NotMirroring
+from ferry.migrate.options import (
     Destination,
     FinishAction,
     MirrorError,
@@ -48,20 +54,35 @@ Command = Callable[[Sequence[str], Params], "Reply | Deferred[Reply]"]
 class CommandTable(Protocol):
     """What the control socket runs commands on: a node's :class:`Commands`, or a proxy's."""
 
+    @property
+    def table(self) -> Mapping[str, Command]:
+        """The commands by name (an unknown JSON method is answered without running any)."""
+        ...
+
     def run(
         self, name: str, args: Sequence[str], params: Params | None = None
     ) -> Reply | Deferred[Reply]: ...
 
 
+def dispatch(
+    table: Mapping[str, Command], name: str, args: Sequence[str], params: Params | None
+) -> Reply | Deferred[Reply]:
+    """Run the command ``name`` of ``table``; a missing or unknown one is an error reply."""
+    if not name:
+        return Reply(9, "missing command")
+    command = table.get(name)
+    if command is None:
+        return Reply(10, "unknown command")
+    return command(args, params or {})
+
+
 class Commands:
     """The commands a running ferry node accepts, by name."""
 
-    def __init__(
-        self, server: NBDServer, *, default_deny: bool, mirrors: MirrorManager | None = None
-    ) -> None:
+    def __init__(self, server: NBDServer, exports: ExportRegistry, *, default_deny: bool) -> None:
         self._server = server
+        self._exports = exports
         self._default_deny = default_deny
-        self._mirrors = mirrors
         self.table: dict[str, Command] = {
             "status": self.status,
             "acl": self.acl,
@@ -75,22 +96,22 @@ class Commands:
     def run(
         self, name: str, args: Sequence[str], params: Params | None = None
     ) -> Reply | Deferred[Reply]:
-        if not name:
-            return Reply(9, "missing command")
-        command = self.table.get(name)
-        if command is None:
-            return Reply(10, "unknown command")
-        return command(args, params or {})
+        return dispatch(self.table, name, args, params)
 
-    def snapshot(self) -> StatusSnapshot:
-        if self._mirrors is not None:
-            return self._mirrors.snapshot()
-        return self._server.default_export.snapshot()
+    def _unit(self, params: Params) -> ExportUnit:
+        """The export a command is about: ``params["export"]``, or the default one."""
+        name = params.get("export")
+        if name is not None and not isinstance(name, str):
+            raise UnknownExport(f"export must be a name, not {name!r}")
+        return self._exports.get(name)
 
     # -- always ---------------------------------------------------------------------
 
     def status(self, args: Sequence[str], params: Params) -> Reply:
-        snapshot = self.snapshot()
+        try:
+            snapshot = self._unit(params).snapshot()
+        except UnknownExport as error:
+            return Reply(1, str(error))
         return Reply(0, snapshot.to_line(), snapshot.to_dict())
 
     def acl(self, args: Sequence[str], params: Params) -> Reply:
@@ -108,14 +129,16 @@ class Commands:
     def mirror(self, args: Sequence[str], params: Params) -> Reply | Deferred[Reply]:
         """``mirror IP PORT [exit|unlink|nothing] [BIND] [MAX_BPS]``; JSON may add
         ``max_downtime`` (seconds) and ``max_passes``."""
-        if self._mirrors is None:
-            return Reply(1, "this server cannot mirror")
+        try:
+            mirrors = self._unit(params).mirrors
+        except UnknownExport as error:
+            return Reply(1, str(error))
         parsed = _parse_mirror(args, params)
         if isinstance(parsed, Reply):
             return parsed
         destination, options = parsed
         try:
-            started = self._mirrors.mirror(destination, options)
+            started = mirrors.mirror(destination, options)
         except MirrorBusy:
             return Reply(1, "mirror already running")
         except MirrorError as error:
@@ -123,15 +146,18 @@ class Commands:
 
         def answer(outcome: StartOutcome) -> Reply:
             value = {"ok": outcome.ok, "message": outcome.message, "detail": outcome.detail}
-            return Reply(0 if outcome.ok else 1, outcome.message, value)
+            if outcome.ok or not outcome.detail:
+                return Reply(0 if outcome.ok else 1, outcome.message, value)
+            # flexnbd's words first, so its tooling still matches; then why.
+            return Reply(1, f"{outcome.message}: {outcome.detail}", value)
 
         return started.addCallback(answer)
 
     def break_mirror(self, args: Sequence[str], params: Params) -> Reply:
-        if self._mirrors is None:
-            return Reply(1, "not mirroring")
         try:
-            self._mirrors.cancel()
+            self._unit(params).mirrors.cancel()
+        except UnknownExport as error:
+            return Reply(1, str(error))
         except NotMirroring:
             return Reply(1, "not mirroring")
         except CannotBreak as error:
@@ -139,7 +165,11 @@ class Commands:
         return Reply(0, "mirror stopped")
 
     def mirror_max_bps(self, args: Sequence[str], params: Params) -> Reply:
-        if self._mirrors is None or not self._mirrors.running:
+        try:
+            mirrors = self._unit(params).mirrors
+        except UnknownExport as error:
+            return Reply(1, str(error))
+        if not mirrors.running:
             return Reply(1, "Not currently mirroring")
         if len(args) != 1:
             return Reply(1, "Bad format")
@@ -147,23 +177,26 @@ class Commands:
         if limit is None:
             return Reply(1, "max_bps couldn't be parsed")
         try:
-            self._mirrors.set_max_bps(limit or None)
+            mirrors.set_max_bps(limit or None)
         except NotMirroring:
             return Reply(1, "Not currently mirroring")
         return Reply(0, "updated")
 
     def migration(self, args: Sequence[str], params: Params) -> Reply:
         """JSON: the progress of the current (or last) migration."""
-        if self._mirrors is None:
-            return Reply(0, "not migrating", {"running": False})
-        progress = self._mirrors.progress()
+        try:
+            progress = self._unit(params).mirrors.progress()
+        except UnknownExport as error:
+            return Reply(1, str(error))
         return Reply(0, str(progress["line"]), progress)
 
     def wait(self, args: Sequence[str], params: Params) -> Reply | Deferred[Reply]:
         """JSON: answers when the current migration has ended, with how it ended."""
-        if self._mirrors is None:
-            return Reply(0, "not migrating", {"running": False})
-        return self._mirrors.finished().addCallback(lambda _: self.migration(args, params))
+        try:
+            mirrors = self._unit(params).mirrors
+        except UnknownExport as error:
+            return Reply(1, str(error))
+        return mirrors.finished().addCallback(lambda _: self.migration(args, params))
 
 
 def _parse_mirror(args: Sequence[str], params: Params) -> Reply | tuple[Destination, MirrorOptions]:
@@ -196,24 +229,40 @@ def _parse_mirror(args: Sequence[str], params: Params) -> Reply | tuple[Destinat
         if max_bps is None:
             return Reply(1, "max_bps couldn't be parsed")
     extra: dict[str, Any] = {}
-    for key, kind in (("max_downtime", float), ("max_passes", int), ("reply_timeout", float)):
+    for key, whole in (("max_downtime", False), ("max_passes", True), ("reply_timeout", False)):
         if key in params:
-            try:
-                value = kind(params[key])
-            except (TypeError, ValueError):
-                return Reply(1, f"bad {key}: {params[key]!r}")
-            if value <= 0:
-                return Reply(1, f"bad {key}: must be positive")
+            value = _positive(params[key], whole=whole)
+            if value is None:
+                kind = "a whole number" if whole else "a number of seconds"
+                return Reply(1, f"bad {key}: must be {kind} greater than 0")
             extra[key] = value
     if "flexnbd" in params:
         if not isinstance(params["flexnbd"], bool):
-            return Reply(1, f"bad flexnbd: {params['flexnbd']!r}")
+            return Reply(1, "bad flexnbd: must be true or false")
         extra["flexnbd"] = params["flexnbd"]
     try:
         options = MirrorOptions(max_bps=max_bps or None, action=action, **extra)
     except ValueError as error:
         return Reply(1, str(error))
     return Destination(args[0], port, bind=bind), options
+
+
+def _positive(value: object, *, whole: bool) -> int | float | None:
+    """``value`` as a JSON number above 0 (an integer if ``whole``, else finite seconds), or None.
+
+    Only numbers: a string such as "NaN" or "inf" that ``float()`` would
+    take, or a boolean (an int to Python), is not one.  Seconds are a float:
+    an integer too large for one is refused here, not by the job later.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if whole:
+        return value if isinstance(value, int) and value > 0 else None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
 
 
 def _is_ip(text: str) -> bool:

@@ -772,6 +772,7 @@ class EtcdLockspace:
         prefix: str = DEFAULT_PREFIX,
         serving_prefix: str = DEFAULT_SERVING_PREFIX,
         request_timeout: float = 5.0,
+        clock: ReactorClock | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("an etcd lockspace needs at least one endpoint")
@@ -779,7 +780,8 @@ class EtcdLockspace:
             if not endpoint.startswith("http://"):
                 raise ValueError(f"etcd endpoint {endpoint!r} is not an http://host:port URL")
         self._endpoints = tuple(endpoints)
-        self._clock = ReactorClock(reactor)
+        # The node's clock, so its shutdown cancels this lockspace's timers too.
+        self._clock = clock if clock is not None else ReactorClock(reactor)
         self._gateway = _Gateway(endpoints, reactor, self._clock, request_timeout)
         self._ttl = max(1, math.ceil(ttl))
         self._prefix = prefix

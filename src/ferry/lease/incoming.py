@@ -65,26 +65,46 @@ class IncomingLease:
         )
 
     def take_over(self, source_resource: str, token: int) -> Deferred[LeaseManager]:
-        """Take the source's lease by the commit's ``token`` (or a fresh one if it has none)."""
+        """Take the source's lease by the commit's ``token`` (or a fresh one if it has none).
+
+        Every way this can fail is a failed Deferred, never an exception:
+        the commit that asked must be answered, whatever went wrong.
+        """
+        return defer.maybeDeferred(self._take_over, source_resource, token)
+
+    def _take_over(self, source_resource: str, token: int) -> Deferred[LeaseManager]:
         why = self.refusal(source_resource)
         if why is not None:
-            return defer.fail(LeaseConflict(source_resource, (), why))
-        name = self.resource or source_resource or self._fallback
-        manager = self.manager
-        if manager is None or manager.resource != name or manager.state != "incoming":
-            if source_resource:
-                manager = self._incoming(name)
-            else:
-                manager = self._make(name)
-                manager.register()
-            self.manager = manager
-        taking = manager.acquire() if not source_resource else manager.acquire_incoming(token)
+            raise LeaseConflict(source_resource, (), why)
+        if source_resource:
+            name = self.resource or source_resource
+            manager = self.manager
+            if manager is None or manager.resource != name or manager.state != "incoming":
+                manager = self.manager = self._incoming(name)
+            taking = manager.acquire_incoming(token)
+        else:
+            # The source holds no lease: this node takes one of its own, in a
+            # manager of its own, and the incoming one (if any) stays ready
+            # for the next commit until this one is taken.
+            manager = self._make(self.resource or self._fallback)
+            manager.register()
+            taking = manager.acquire()
+            taking.addErrback(self._discard, manager)
 
         def taken(_: object) -> LeaseManager:
+            previous, self.manager = self.manager, manager
+            if previous is not None and previous is not manager and previous.state == "incoming":
+                previous.cancel_migrate_in()  # the source's lease never came: stop waiting
             self._on_taken(manager)
             return manager
 
         return taking.addCallback(taken)
+
+    @staticmethod
+    def _discard(failure: object, manager: LeaseManager) -> object:
+        """A lease of our own that could not be had: its machine ends here."""
+        manager.shutdown()
+        return failure
 
     def _incoming(self, name: str) -> LeaseManager:
         manager = self._make(name)

@@ -40,6 +40,23 @@ ranges, independent of the bytes stored at the same offsets:
 Records are one line, ``<crc32> <json>``, NUL-padded; a torn read fails the
 checksum and is treated as no record.
 
+Who else may touch the files
+----------------------------
+Locks are advisory: anyone who can open a lock file can lock its bytes, and
+anyone who can write the directory can delete or replace the file.  A
+local user who read-locks the hold byte of a file in a world-readable
+lockspace keeps every holder out of it, and one who deletes a file lets a
+second holder in beside the first.  So the directory must be private
+(the user's own, mode 0700: :func:`ferry.safepath.check_private_directory`),
+checked on every operation, and lock files are created 0600 and opened
+without following symlinks.  A lockspace that cannot keep others out is
+refused with one line saying how to fix it, never used.
+
+Even so, the owner (or root) can still remove or replace a file by hand.
+With a reactor, :meth:`LocalLockspace.watch` sees that at once through
+inotify on the directory, and the holder is fenced; without one (the unit
+tests) the manager's periodic ``renew`` is the only check.
+
 Migration: offer and take-over across processes
 -----------------------------------------------
 The destination is another process, perhaps on another host sharing the
@@ -94,8 +111,10 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from twisted.internet import defer
+from twisted.internet import inotify as _inotify
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.filepath import FilePath
 
 from ferry.lease.backend import (
     Grant,
@@ -107,6 +126,7 @@ from ferry.lease.backend import (
     LockspaceUnavailable,
     in_holder_order,
 )
+from ferry.safepath import UnsafePath, check_private_directory, open_private_file
 
 __all__ = ["MAX_HOLDERS", "MAX_OWNER_BYTES", "LocalLockspace", "lock_file_name"]
 
@@ -138,7 +158,17 @@ MAX_OWNER_BYTES: Final = 256
 _BUSY_RETRIES: Final = 50
 # A lock-free reader retries a ledger it caught mid-write this many times.
 _READ_RETRIES: Final = 5
-_FILE_MODE: Final = 0o644
+# Twisted's inotify module has no annotations: use it as Any.
+inotify: Any = _inotify
+# What in the directory may mean a lock file was removed or replaced.
+_WATCHED: Final = (
+    inotify.IN_DELETE
+    | inotify.IN_MOVED_FROM
+    | inotify.IN_MOVED_TO
+    | inotify.IN_CREATE
+    | inotify.IN_DELETE_SELF
+    | inotify.IN_MOVE_SELF
+)
 
 # Grant handles are unique in the process, not per LocalLockspace object, so
 # a grant handed to the wrong object can never be mistaken for one of its own.
@@ -399,7 +429,7 @@ class LocalLockspace:
     system, or NFS with working locking).
     """
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], *, reactor: Any = None) -> None:
         if not sys.platform.startswith("linux"):
             # Elsewhere the fcntl numbers above mean something else, or nothing.
             raise LockspaceUnavailable(
@@ -407,6 +437,9 @@ class LocalLockspace:
             )
         self.directory = Path(directory)
         self._holds: dict[int, _Hold] = {}
+        self._reactor = reactor  # for the inotify watch; None: renewals are the only check
+        self._notifier: Any = None  # twisted.internet.inotify.INotify, once watching
+        self._watchers: dict[int, Callable[[], None]] = {}  # grant handle -> its check
 
     @property
     def spec(self) -> str:
@@ -453,8 +486,44 @@ class LocalLockspace:
         return _answer(self._inquire_all)
 
     def watch(self, grant: Grant, on_lost: Callable[[str], None]) -> Callable[[], None]:
-        """Nothing tells a file lock it was lost; the manager's periodic ``renew`` checks."""
-        return _no_op
+        """Call ``on_lost`` as soon as the grant's lock file is removed or replaced.
+
+        A lock is not told when its file goes, so the directory is watched
+        (inotify) and every change there re-checks the watched grants.
+        Without a reactor nothing is watched and the manager's periodic
+        ``renew`` finds the loss.
+        """
+        if self._reactor is None:
+            return _no_op
+        handle = grant.handle
+
+        def check() -> None:
+            hold = self._holds.get(handle)
+            if hold is None:
+                return
+            try:
+                self._check(hold)
+            except LeaseLost as lost:
+                self._watchers.pop(handle, None)
+                on_lost(str(lost))
+            except LeaseError:
+                pass  # cannot tell now; the next renewal asks again
+
+        self._watchers[handle] = check
+        try:
+            self._watch_directory()
+        except OSError as err:
+            _log.warn(
+                "cannot watch {directory} ({err}): lost lock files are noticed at the "
+                "next check only",
+                directory=str(self.directory),
+                err=err,
+            )
+
+        def unwatch() -> None:
+            self._watchers.pop(handle, None)
+
+        return unwatch
 
     def close(self) -> Deferred[None]:
         return _answer(self._close)
@@ -540,19 +609,19 @@ class LocalLockspace:
         return self._holders_in(self.path_for(resource))
 
     def _inquire_all(self) -> dict[str, tuple[Holder, ...]]:
-        if not self.directory.is_dir():
-            raise self._unavailable(self.directory, FileNotFoundError(errno.ENOENT, ""))
+        self._check_directory()
         held = {str(path): self._holders_in(path) for path in sorted(self.directory.glob("*.lock"))}
         return {path: holders for path, holders in held.items() if holders}
 
     def _holders_in(self, path: Path) -> tuple[Holder, ...]:
         """The live holders recorded in the lock file at ``path``; none if it does not exist."""
+        self._check_directory()
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_private_file(path, os.O_RDONLY, "lock file")
         except FileNotFoundError:
-            if not self.directory.is_dir():
-                raise self._unavailable(path, FileNotFoundError(errno.ENOENT, "")) from None
             return ()
+        except UnsafePath as unsafe:
+            raise LockspaceUnavailable(str(unsafe)) from None
         except OSError as err:
             raise self._unavailable(path, err) from None
         try:
@@ -562,15 +631,47 @@ class LocalLockspace:
 
     def _close(self) -> None:
         holds, self._holds = list(self._holds.values()), {}
+        self._watchers.clear()
+        if self._notifier is not None:
+            self._notifier.loseConnection()
+            self._notifier = None
         for hold in holds:
             self._drop(hold)
 
+    def _watch_directory(self) -> None:
+        if self._notifier is not None:
+            return
+        notifier = inotify.INotify(self._reactor)
+        try:
+            notifier.watch(FilePath(str(self.directory)), _WATCHED, callbacks=[self._changed])
+        except BaseException:
+            notifier.loseConnection()
+            raise
+        notifier.startReading()
+        self._notifier = notifier
+
+    def _changed(self, _: object, path: FilePath[str], mask: int) -> None:
+        for check in list(self._watchers.values()):
+            check()
+
     # -- helpers -----------------------------------------------------------------------
 
+    def _check_directory(self) -> None:
+        """Refuse a directory that others could write or read: it cannot keep holders safe."""
+        try:
+            check_private_directory(self.directory, "lockspace directory")
+        except UnsafePath as unsafe:
+            raise LockspaceUnavailable(str(unsafe)) from None
+        except OSError as err:
+            raise self._unavailable(self.directory, err) from None
+
     def _opened(self, resource: str) -> _Opening:
+        self._check_directory()
         path = self.path_for(resource)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+            fd = open_private_file(path, os.O_RDWR | os.O_CREAT, "lock file")
+        except UnsafePath as unsafe:
+            raise LockspaceUnavailable(str(unsafe)) from None
         except OSError as err:
             raise self._unavailable(path, err) from None
         return _Opening(fd, path)

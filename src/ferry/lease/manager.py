@@ -46,7 +46,8 @@ acknowledged), :meth:`~LeaseManager.cancel_migrate_out` (take it back by
 that token) or, when the acknowledgement was lost,
 :meth:`~LeaseManager.resolve_in_doubt`.  Destination:
 ``register(incoming=True)``, then :meth:`~LeaseManager.acquire_incoming`
-with the commit's token.
+with the commit's token, and :meth:`~LeaseManager.may_write` once more
+before it acknowledges.
 
 A loss of the grant while it is offered is judged rather than assumed: the
 destination's take-over *is* a loss of the source's grant.  If an exclusive
@@ -70,6 +71,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ferry import statecharts
+from ferry.chartnames import LeaseTrigger
 from ferry.clock import Clock, DelayedCall
 from ferry.lease.backend import (
     Grant,
@@ -186,7 +188,7 @@ class LeaseManager:
         self._handed_over = False  # released because the destination has it
         self._holders: tuple[Holder, ...] = ()
         # Where this node serves the resource (HOST:PORT), published with
-        # every grant it holds, for a ferry proxy to find (see publish).
+        # every grant it holds, for a ferry proxy to find (see _publish).
         self.serving_address: str | None = None
         self.last_error: str | None = None
         """The last thing that went wrong with the lockspace (for status and logs)."""
@@ -230,42 +232,32 @@ class LeaseManager:
 
     def register(self, *, incoming: bool = False) -> None:
         """Name the resource's role: an ordinary holder, or (``incoming``) a destination."""
-        self._fire("register_incoming" if incoming else "register")
+        self._fire(LeaseTrigger.REGISTER_INCOMING if incoming else LeaseTrigger.REGISTER)
 
     def acquire(self) -> Deferred[Grant]:
         """Take the lease (registered -> acquiring -> held, or back to registered)."""
-        self._fire("acquire")
+        self._fire(LeaseTrigger.ACQUIRE)
         sent_at = self._clock.seconds()
         d = self._backend.acquire(self.resource, self.owner, self.mode)
         return d.addCallbacks(
             self._granted,
             self._refused,
-            callbackArgs=(sent_at, "acquired"),
-            errbackArgs=("acquire_failed",),
+            callbackArgs=(sent_at, LeaseTrigger.ACQUIRED),
+            errbackArgs=(LeaseTrigger.ACQUIRE_FAILED,),
         )
 
     def acquire_incoming(self, token: int) -> Deferred[Grant]:
         """The destination takes the lease by the token the migration commit carried."""
         self._require_exclusive("take a lease over")
-        self._fire("take_over")
+        self._fire(LeaseTrigger.TAKE_OVER)
         sent_at = self._clock.seconds()
         d = self._backend.take_over(self.resource, self.owner, token)
         return d.addCallbacks(
             self._granted,
             self._refused,
-            callbackArgs=(sent_at, "acquired"),
-            errbackArgs=("take_over_failed",),
+            callbackArgs=(sent_at, LeaseTrigger.ACQUIRED),
+            errbackArgs=(LeaseTrigger.TAKE_OVER_FAILED,),
         )
-
-    def complete_migrate_in(self) -> int:
-        """The destination's last check before it acknowledges the commit: the token it holds.
-
-        Raises :class:`LeaseLost` unless the lease is held and writable now
-        (an acknowledgement promises that this node owns the image).
-        """
-        if self._grant is None or not self.may_write():
-            raise LeaseLost(f"lease on {self.resource} is {self.state}, not held")
-        return self._grant.token
 
     def cancel_migrate_in(self) -> Deferred[None]:
         """The destination gives up: before the take-over, stop waiting; after it, release.
@@ -273,8 +265,8 @@ class LeaseManager:
         Harmless once the lease has ended.  Not legal while the take-over is
         in flight (wait for its answer) or on a lease that never was incoming.
         """
-        if self._can("cancel_incoming"):
-            self._fire("cancel_incoming")
+        if self._can(LeaseTrigger.CANCEL_INCOMING):
+            self._fire(LeaseTrigger.CANCEL_INCOMING)
             self._end("migration in cancelled before its commit")
             return defer.succeed(None)
         if self.holds:
@@ -298,7 +290,7 @@ class LeaseManager:
         fenced if the failure says it is lost.
         """
         self._require_exclusive("migrate")
-        self._fire("prepare_migrate")
+        self._fire(LeaseTrigger.PREPARE_MIGRATE)
         grant, epoch = self._current()
         d = self._backend.offer(grant)
 
@@ -311,10 +303,10 @@ class LeaseManager:
         def not_offered(failure: Failure) -> Failure:
             if epoch == self._epoch and self._is("offered"):
                 if isinstance(failure.value, LeaseLost):
-                    self._fence("lost", f"lost while offering it: {failure.value}")
+                    self._fence(LeaseTrigger.LOST, f"lost while offering it: {failure.value}")
                 else:
                     self._note_error(failure)
-                    self._fire("offer_failed")
+                    self._fire(LeaseTrigger.OFFER_FAILED)
             return failure
 
         return d.addCallbacks(offered, not_offered)
@@ -326,7 +318,7 @@ class LeaseManager:
         the lease is then released (taken over) and this node must not
         serve.  A lockspace that cannot be reached leaves it offered.
         """
-        if not self._can("reclaimed"):
+        if not self._can(LeaseTrigger.RECLAIMED):
             raise LeaseStateError(f"cannot cancel a migration of a lease that is {self.state}")
         old, epoch = self._current()
         sent_at = self._clock.seconds()
@@ -338,23 +330,60 @@ class LeaseManager:
             if epoch != self._epoch or not self._is("offered"):
                 self._release_quietly(grant)
                 raise LeaseStateError(f"lease on {self.resource} became {self.state} meanwhile")
-            self._fire("reclaimed")
+            self._fire(LeaseTrigger.RECLAIMED)
             self._stop_timers()
             self._release_quietly(old)
             self._hold(grant, sent_at)
             return grant
 
-        def not_reclaimed(failure: Failure) -> Failure:
-            if epoch == self._epoch and self._is("offered"):
-                if isinstance(failure.value, LeaseConflict):
-                    self._holders = failure.value.holders
-                    self._finish_out("taken_over", f"taken over before the cancel: {failure.value}")
-                else:
-                    self._note_error(failure)
-                    self._judge_held_loss(epoch)
+        def not_reclaimed(failure: Failure) -> Any:  # the failure, passed on (maybe later)
+            if epoch != self._epoch or not self._is("offered"):
+                return failure
+            self._note_error(failure)
+            if isinstance(failure.value, LeaseConflict):
+                self._holders = failure.value.holders
+                return self._judge_refused_take_back(epoch, failure)
+            if old.ttl is None:
+                # No deadline will ever settle it (a local lock file that cannot
+                # be used now): whatever it takes, this holder stops here.
+                why = f"cannot take the offered lease back: {failure.value}"
+                self._fence(LeaseTrigger.LOST, why)
+            else:
+                self._judge_held_loss(epoch)  # the deadline decides, if nothing else does
             return failure
 
         return d.addCallbacks(reclaimed, not_reclaimed)
+
+    def _judge_refused_take_back(self, epoch: int, failure: Failure) -> Deferred[Failure]:
+        """The take-back was refused: taken over by the destination, or lost for real?
+
+        A conflict proves only that the take-over did not happen now: the
+        token may have moved (someone took it over with our offer), or the
+        lockspace may be in someone's way.  Only an exclusive holder with a
+        larger token, seen before our deadline, is a take-over (released);
+        anything else is a loss (fenced).  Either way this holder never
+        writes under the offered grant again, and the refusal is passed on.
+        """
+        token = self.token
+        assert token is not None
+        reason = f"cannot take the offered lease back: {failure.value}"
+
+        def judge(holders: tuple[Holder, ...]) -> Failure:
+            if epoch == self._epoch and self._is("offered"):
+                taker = self._newer_holder(holders, token)
+                if taker is not None and self._clock.seconds() < self._deadline:
+                    self._finish_out(LeaseTrigger.TAKEN_OVER, f"taken over by {taker.describe()}")
+                else:
+                    self._fence(LeaseTrigger.LOST, reason)
+            return failure
+
+        def cannot_tell(_: Failure) -> Failure:
+            if epoch == self._epoch and self._is("offered"):
+                why = f"{reason}; and the lockspace cannot say who holds it now"
+                self._fence(LeaseTrigger.LOST, why)
+            return failure
+
+        return self.inquire().addCallbacks(judge, cannot_tell)
 
     def complete_migrate_out(self) -> Deferred[None]:
         """The destination acknowledged the commit: released, never to write again.
@@ -363,9 +392,11 @@ class LeaseManager:
         """
         if self._handed_over:
             return defer.succeed(None)
-        if not self._can("migrated_out"):
+        if not self._can(LeaseTrigger.MIGRATED_OUT):
             raise LeaseStateError(f"cannot complete a migration of a lease that is {self.state}")
-        return self._finish_out("migrated_out", "handed over to the migration's destination")
+        return self._finish_out(
+            LeaseTrigger.MIGRATED_OUT, "handed over to the migration's destination"
+        )
 
     def resolve_in_doubt(self) -> Deferred[InDoubtOutcome]:
         """The commit's ack was lost: find out whether the destination took the lease.
@@ -398,21 +429,21 @@ class LeaseManager:
 
     def release(self) -> Deferred[None]:
         """Give the lease up.  Without a grant there is nothing to give: no transition."""
-        if self._can("release"):
+        if self._can(LeaseTrigger.RELEASE):
             grant, _ = self._current()
-            self._fire("release")
+            self._fire(LeaseTrigger.RELEASE)
             self._end("released")
             return self._backend.release(grant)
-        if self._can("acquired"):
+        if self._can(LeaseTrigger.ACQUIRED):
             raise LeaseStateError(f"cannot release a lease that is {self.state}: wait for it")
         return defer.succeed(None)
 
     def shutdown(self) -> Deferred[None]:
         """Stop: timers cancelled, the grant (if any) released.  Harmless when stopped."""
-        if not self._can("shutdown"):
+        if not self._can(LeaseTrigger.SHUTDOWN):
             return defer.succeed(None)
         grant = self._grant if self.holds else None
-        self._fire("shutdown")
+        self._fire(LeaseTrigger.SHUTDOWN)
         self._end(self.reason or "shut down")
         if grant is None:
             return defer.succeed(None)
@@ -420,7 +451,7 @@ class LeaseManager:
 
     # -- getting a grant ------------------------------------------------------------------
 
-    def _granted(self, grant: Grant, sent_at: float, trigger: str) -> Grant:
+    def _granted(self, grant: Grant, sent_at: float, trigger: LeaseTrigger) -> Grant:
         if not self._can(trigger):
             # Shut down while the request was in flight: the grant is unwanted.
             self._release_quietly(grant)
@@ -429,7 +460,7 @@ class LeaseManager:
         self._hold(grant, sent_at)
         return grant
 
-    def _refused(self, failure: Failure, trigger: str) -> Failure:
+    def _refused(self, failure: Failure, trigger: LeaseTrigger) -> Failure:
         if isinstance(failure.value, LeaseConflict):
             self._holders = failure.value.holders
         self._note_error(failure)
@@ -448,13 +479,6 @@ class LeaseManager:
         epoch = self._epoch
         self._unwatch = self._backend.watch(grant, lambda reason: self._lose(epoch, reason))
         self._publish(grant)
-
-    def publish(self, address: str) -> None:
-        """Say where this node serves the resource: now if it holds a grant, and with every
-        grant it gets later (a failure is only logged: the lease is not at stake)."""
-        self.serving_address = address
-        if self._grant is not None and self.holds:
-            self._publish(self._grant)
 
     def _publish(self, grant: Grant) -> None:
         address = self.serving_address
@@ -487,8 +511,8 @@ class LeaseManager:
             return
         assert self._grant is not None
         self._extend(self._grant, sent_at)
-        if self._can("renewed") and self._clock.seconds() < self._deadline:
-            self._fire("renewed")
+        if self._can(LeaseTrigger.RENEWED) and self._clock.seconds() < self._deadline:
+            self._fire(LeaseTrigger.RENEWED)
 
     def _renewal_failed(self, failure: Failure, epoch: int) -> None:
         if self._renewal_epoch == epoch:
@@ -501,8 +525,8 @@ class LeaseManager:
         # Unreachable, or an answer nobody expected: either way the lockspace
         # could not confirm the grant; the deadline decides.
         self._note_error(failure)
-        if self._can("renewal_failed"):
-            self._fire("renewal_failed")
+        if self._can(LeaseTrigger.RENEWAL_FAILED):
+            self._fire(LeaseTrigger.RENEWAL_FAILED)
 
     def _extend(self, grant: Grant, sent_at: float) -> None:
         """Move the deadline to ``sent_at + ttl - margin`` and arm the expiry timer for it."""
@@ -527,7 +551,7 @@ class LeaseManager:
             )
             return
         detail = f"; last error: {self.last_error}" if self.last_error else ""
-        self._fence("expired", f"no renewal confirmed before the deadline{detail}")
+        self._fence(LeaseTrigger.EXPIRED, f"no renewal confirmed before the deadline{detail}")
 
     # -- losing it ---------------------------------------------------------------------------------
 
@@ -540,7 +564,7 @@ class LeaseManager:
         elif self._is("offered"):
             self._judge_loss(epoch, reason)
         else:
-            self._fence("lost", reason)
+            self._fence(LeaseTrigger.LOST, reason)
 
     def _judge_loss(self, epoch: int, reason: str) -> None:
         """An offered grant was lost: taken over by the destination, or lost for real?"""
@@ -556,14 +580,15 @@ class LeaseManager:
                 return
             taker = self._newer_holder(holders, token)
             if taker is not None and self._clock.seconds() < self._deadline:
-                self._finish_out("taken_over", f"taken over by {taker.describe()}")
+                self._finish_out(LeaseTrigger.TAKEN_OVER, f"taken over by {taker.describe()}")
             else:
-                self._fence("lost", reason)
+                self._fence(LeaseTrigger.LOST, reason)
 
         def cannot_tell(failure: Failure) -> None:
             self._judging_loss = False
             if epoch == self._epoch and self._is("offered"):
-                self._fence("lost", f"{reason}; and the lockspace cannot say who holds it now")
+                why = f"{reason}; and the lockspace cannot say who holds it now"
+                self._fence(LeaseTrigger.LOST, why)
 
         d = self.inquire()
         d.addCallbacks(judge, cannot_tell)
@@ -579,7 +604,7 @@ class LeaseManager:
         if reason is not None:
             self._lose(epoch, reason)
 
-    def _fence(self, trigger: str, reason: str) -> None:
+    def _fence(self, trigger: LeaseTrigger, reason: str) -> None:
         """``expired`` or ``lost``: fenced, timers stopped, ``on_fenced`` told (once)."""
         grant = self._grant
         self._fire(trigger)
@@ -591,7 +616,7 @@ class LeaseManager:
             self._fence_reported = True
             self._on_fenced(reason)
 
-    def _finish_out(self, trigger: str, reason: str) -> Deferred[None]:
+    def _finish_out(self, trigger: LeaseTrigger, reason: str) -> Deferred[None]:
         """``migrated_out`` or ``taken_over``: released, never to write again."""
         grant, _ = self._current()
         self._fire(trigger)
@@ -620,7 +645,7 @@ class LeaseManager:
 
     # -- small helpers ---------------------------------------------------------------------------
 
-    def _fire(self, trigger: str) -> None:
+    def _fire(self, trigger: LeaseTrigger) -> None:
         if not self._can(trigger):
             raise LeaseStateError(
                 f"lease on {self.resource}: {trigger} is not legal while {self.state}"
@@ -629,7 +654,7 @@ class LeaseManager:
         model.trigger(trigger)
         self._writable = self._is("may_write")
 
-    def _can(self, trigger: str) -> bool:
+    def _can(self, trigger: LeaseTrigger) -> bool:
         return self._chart.next_state(self.state, trigger) is not None
 
     def _is(self, prop: str) -> bool:

@@ -116,10 +116,13 @@ def _parse_endpoint(text: str, item: str) -> str:
 
 
 def open_lockspace(
-    spec: LockspaceSpec | str, *, reactor: Any, ttl: float | None = None
+    spec: LockspaceSpec | str, *, reactor: Any, ttl: float | None = None, clock: Any = None
 ) -> LeaseBackend:
-    """The backend ``spec`` names.  ``reactor`` is for network backends (etcd).
+    """The backend ``spec`` names.  ``reactor`` runs etcd's requests and a local
+    lockspace's watch on its directory (None: no watch).
 
+    ``clock`` (a :class:`~ferry.clock.ReactorClock`) is the one whose
+    ``cancel_all`` a shutdown calls; the etcd backend's timers go through it.
     ``ttl`` is how long an etcd grant outlives its last renewal (None: the
     backend's default).  A local lock has no TTL -- the kernel drops it when
     its holder dies -- so a local lockspace ignores it.
@@ -132,10 +135,12 @@ def open_lockspace(
     if isinstance(spec, LocalSpec):
         from ferry.lease.local import LocalLockspace
 
-        return LocalLockspace(spec.directory)
+        return LocalLockspace(spec.directory, reactor=reactor)
     # By name: the module is optional at type-check time as well as at run time.
     etcd = importlib.import_module("ferry.lease.etcd")
-    options = {} if ttl is None else {"ttl": ttl}
+    options: dict[str, Any] = {} if ttl is None else {"ttl": ttl}
+    if clock is not None:
+        options["clock"] = clock
     backend: LeaseBackend = etcd.EtcdLockspace(list(spec.endpoints), reactor=reactor, **options)
     return backend
 

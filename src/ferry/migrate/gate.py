@@ -1,33 +1,28 @@
 """What the migration source needs of the export's client connections.
 
-The source does not touch client connections itself: the serve side
-implements :class:`ClientGate` over them, and the source calls it at the
-switchover and for auto-converge.  The contract, in the order of a
-migration:
+The source does not touch client connections itself, and it does not hold
+or release them either: the export's role does.  While the role is in a
+state with ``clients_held`` (``quiescing``, ``handing_off``, ``in_doubt``;
+the migration chart's effects put it there), client requests are *held* --
+queued, neither failed nor answered, the connections kept open and no
+longer read -- and every transition out of such a state lets them go on.
+What is left for the source, in the order of a migration:
 
 - :meth:`~ClientGate.set_write_cap` while passes run: a cap (bytes per
   second) on client writes, or None for no cap.  Clients see slower writes,
   never errors.
-- :meth:`~ClientGate.hold` on entering ``quiescing``: from now on client
-  requests are *held* (queued, neither failed nor answered, the connections
-  kept open), and the Deferred fires once every client write dispatched
-  before the hold has reached the image and marked the dirty map.  Only
-  then can the last pass be planned without losing a write.  ``hold`` is
-  called at most once per switchover; the Deferred never errbacks.
-- Then exactly one of:
-
-  * :meth:`~ClientGate.release`: the switchover did not happen (a failure,
-    ``break``, the commit refused, or a mirror into a plain NBD server that
-    keeps the image here): held requests are dispatched in order, new ones
-    flow again.  Releasing while the hold's Deferred has not fired yet is
-    allowed; the Deferred may then fire or not, and the source ignores it.
-  * :meth:`~ClientGate.disconnect_all`: the destination took the image;
-    held requests are dropped unanswered and every client is disconnected
-    (a later issue moves them instead).
-
+- :meth:`~ClientGate.writes_landed` on entering ``quiescing``: fires once
+  every client write dispatched before the hold has reached the image and
+  marked the dirty map.  Only then can the last pass be planned without
+  losing a write.  Never errbacks.
+- :meth:`~ClientGate.disconnect_all` once the destination has the image:
+  held requests are dropped unanswered and every client is disconnected
+  (a later issue moves them instead).
 - :attr:`~ClientGate.longest_hold`: the longest any request has been held
-  by this gate so far, in seconds (0.0 if none was), which becomes the
-  status field ``last_downtime_ms``.
+  so far, in seconds (0.0 if none was), which becomes the status field
+  ``last_downtime_ms``.
+
+``ferry.serve.export.Export`` is the real gate.
 """
 
 from __future__ import annotations
@@ -40,14 +35,10 @@ __all__ = ["ClientGate"]
 
 
 class ClientGate(Protocol):
-    """Holds, releases and throttles the client requests of one export."""
+    """Throttles, drains and ends the client requests of one export."""
 
-    def hold(self) -> Deferred[None]:
-        """Hold client requests; fires once writes already in flight have landed."""
-        ...
-
-    def release(self) -> None:
-        """Stop holding: dispatch what was held, admit new requests."""
+    def writes_landed(self) -> Deferred[None]:
+        """Fires once client writes already dispatched have landed in the image."""
         ...
 
     def disconnect_all(self, reason: str) -> None:

@@ -16,22 +16,22 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 
 from ferry.clock import Clock
-from ferry.control.status import StatusSnapshot
+from ferry.migrate.core.stats import MigrationStats
 from ferry.migrate.gate import ClientGate
 from ferry.migrate.lease import OutgoingLease
-from ferry.migrate.source import (
+from ferry.migrate.options import (
     CannotBreak,
-    Connector,
     Destination,
     MirrorError,
     MirrorOptions,
     MirrorResult,
-    MirrorSource,
     NotMirroring,
     StartOutcome,
 )
-from ferry.migrate.stats import MigrationStats
+from ferry.migrate.source import MirrorSource
+from ferry.migrate.wire import Connector
 from ferry.serve.export import Export
+from ferry.status import StatusSnapshot
 from ferry.trace import Tracer
 
 
@@ -90,6 +90,13 @@ class MirrorManager:
         if self.current is None:
             raise NotMirroring("not mirroring")
         self.current.cancel()
+
+    def stop(self, reason: str) -> Deferred[MirrorResult | None]:
+        """The node shuts down (or the export goes): a running job stops; fires when it has."""
+        if self.running:
+            assert self.current is not None
+            self.current.stop(reason)
+        return self.finished()
 
     def lease_lost(self, reason: str) -> None:
         """The export was fenced: a running job ends (see ``MirrorSource.lease_lost``)."""

@@ -4,7 +4,7 @@
 into a :class:`ferry.nbd.client.ClientConnection`, the events it completes
 go to a :class:`WireHandler`, and whatever the connection queued (option
 requests, requests, the ABORT of a failed handshake) is written through an
-:class:`ferry.serve.outbox.Outbox`, the data plane's scatter-gather sender,
+:class:`ferry.outbox.Outbox`, the data plane's scatter-gather sender,
 so a 4 MiB WRITE is never joined or concatenated in user space.  Requests
 queued while the handler deals with a batch of replies go out together when
 the batch is done (one ``sendmsg`` for a dirty pass's many small WRITEs);
@@ -22,12 +22,17 @@ only one may be unanswered at a time.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IReactorTCP
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
+from ferry.migrate.options import Destination
 from ferry.nbd.client import ClientConnection
 from ferry.nbd.constants import (
     FERRY_MAX_RESOURCE,
@@ -39,9 +44,16 @@ from ferry.nbd.constants import (
     CommandFlag,
 )
 from ferry.nbd.events import Event, ProtocolError
-from ferry.serve.outbox import Outbox, tune
+from ferry.outbox import Outbox, tune
 
-__all__ = ["MirrorProtocol", "MirrorProtocolFactory", "WireHandler", "migrate_option"]
+__all__ = [
+    "Connector",
+    "MirrorProtocol",
+    "MirrorProtocolFactory",
+    "WireHandler",
+    "migrate_option",
+    "tcp_connector",
+]
 
 _NO_FLAGS = CommandFlag(0)
 
@@ -205,3 +217,21 @@ class MirrorProtocolFactory(Factory):
             protocol = MirrorProtocol(self.handler, client)
         protocol.factory = self
         return protocol
+
+
+Connector = Callable[[Destination, Factory, float], "Deferred[Any]"]
+"""Connects ``factory`` to the destination within a timeout; fires with the protocol."""
+
+
+def tcp_connector(reactor: IReactorTCP) -> Connector:
+    """The real :data:`Connector`: TCP to a name or address, from ``bind`` if given."""
+
+    def connect(destination: Destination, factory: Factory, timeout: float) -> Deferred[Any]:
+        bind = None if destination.bind is None else (destination.bind, 0)
+        endpoint = HostnameEndpoint(
+            reactor, destination.host, destination.port, timeout=timeout, bindAddress=bind
+        )
+        connecting: Deferred[Any] = endpoint.connect(factory)
+        return connecting
+
+    return connect

@@ -767,6 +767,9 @@ class ClientConnection:
             if self._structured:
                 raise ProtocolError("simple reply with data to a READ after structured replies")
             payload = pending.length
+        elif pending.command == Command.BLOCK_STATUS and error == 0:
+            # Its extents come only in a structured chunk: a simple success says nothing.
+            raise ProtocolError("successful BLOCK_STATUS in a simple reply")
         if self._available() < SIMPLE_REPLY.size + payload:
             return False
         self._pos += SIMPLE_REPLY.size

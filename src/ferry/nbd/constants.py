@@ -36,6 +36,9 @@ BLOCK_DESCRIPTOR: Final = struct.Struct(">II")  # length, status flags
 
 EXPORT_NAME_PADDING: Final = 124
 MAX_OPTION_LENGTH: Final = 64 * 1024  # cap on one option's payload from an untrusted client
+# Options one handshake may send (a real client sends a handful): past it the
+# connection is broken, so a peer cannot keep one busy with option after option.
+MAX_HANDSHAKE_OPTIONS: Final = 64
 MAX_STRING_LENGTH: Final = 4096  # NBD strings (names, queries) are at most 4096 bytes
 
 # Limits ferry applies to transmission; the block-size info advertises them.
@@ -99,10 +102,6 @@ class OptionReply(enum.IntEnum):
     ERR_SHUTDOWN = _REP_ERR | 7
     ERR_BLOCK_SIZE_REQD = _REP_ERR | 8
     ERR_TOO_BIG = _REP_ERR | 9
-
-    @property
-    def is_error(self) -> bool:
-        return bool(self & _REP_ERR)
 
 
 class Info(enum.IntEnum):

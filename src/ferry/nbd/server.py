@@ -10,7 +10,8 @@ The connection keeps these invariants, whatever the client sends:
    A well-framed request that breaks any of these becomes a
    ``RejectedRequest`` carrying the errno to answer, and the connection goes
    on.
-2. What it holds from the peer is bounded: one option (``MAX_OPTION_LENGTH``),
+2. What it holds from the peer is bounded: one option (``MAX_OPTION_LENGTH``,
+   and at most ``MAX_HANDSHAKE_OPTIONS`` of them in one handshake),
    less than one request header, and the payload of one WRITE that will be
    performed (at most ``max_request_size``; while it arrives it is held as
    views of the chunks it came in, joined once into the ``Request``, so add
@@ -117,6 +118,7 @@ from ferry.nbd.constants import (
     GREETING_NEWSTYLE,
     GREETING_OLDSTYLE,
     IHAVEOPT,
+    MAX_HANDSHAKE_OPTIONS,
     MAX_OPTION_LENGTH,
     MAX_REQUEST_SIZE,
     MAX_STRING_LENGTH,
@@ -163,6 +165,7 @@ from ferry.nbd.locate import (
     decode_locate_request,
     encode_location,
 )
+from ferry.nbd.session import SessionSnapshot, SnapshotError
 
 __all__ = [
     "BASE_ALLOCATION_ID",
@@ -462,6 +465,7 @@ class ServerConnection:
         self._meta_export: str | None = None
 
         self._export: ExportInfo | None = None
+        self._options = 0  # options received in this handshake (MAX_HANDSHAKE_OPTIONS)
         self._handshake_done = False
         self._flags = TransmissionFlag(0)
 
@@ -499,6 +503,17 @@ class ServerConnection:
     def closed(self) -> bool:
         """True once nothing more will be parsed: aborted, disconnected or broken."""
         return self._state is _State.CLOSED or self._state is _State.BROKEN
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of the peer's held here: a request (or option) received only in part.
+
+        What a caller counts against its budget for untrusted input; 0 when
+        everything received so far has become events.
+        """
+        write = self._write
+        partial = 0 if write is None else write[3] - self._need
+        return len(self._buffer) + partial
 
     @property
     def export(self) -> ExportInfo | None:
@@ -703,6 +718,9 @@ class ServerConnection:
         self._reply(option, reply, _encode_message(message))
 
     def _option(self, option: int, payload: bytes, events: list[Event]) -> None:
+        self._options += 1
+        if self._options > MAX_HANDSHAKE_OPTIONS:
+            self._fail(f"more than {MAX_HANDSHAKE_OPTIONS} options in one handshake")
         try:
             if option == Option.EXPORT_NAME:
                 self._export_name(payload, events)
@@ -1131,3 +1149,86 @@ class ServerConnection:
             _build_request(handle, Command.WRITE, _FLAGS[flags], offset, length, b"".join(chunks))
         )
         return stop
+
+    # -- moving the session (see ferry.nbd.session) ------------------------------------
+
+    def snapshot(self, in_flight: bytes = b"") -> SessionSnapshot:
+        """This client's session as a value, for a restore elsewhere to carry on from.
+
+        ``in_flight`` is the caller's: the raw bytes (``encode_request``) of
+        the requests this connection returned but the caller has not
+        answered, in the order they came.  A ``RejectedRequest`` cannot be
+        re-encoded (it does not keep the flags that condemned it): answer
+        those before taking the snapshot; it needs no I/O but a write.
+        Refuses, with :class:`SnapshotError`, a connection that is not a
+        client's in transmission, or whose handshake output or events the
+        caller has not collected yet.
+        """
+        if self._state is not _State.TRANSMISSION and self._state is not _State.PAYLOAD:
+            raise SnapshotError(f"the connection is in {self._state.value}, not in transmission")
+        if self._sender is not None or self._mirror_only:
+            raise SnapshotError("a migration sender's connection does not move")
+        if self._out or self._pending:
+            raise SnapshotError("handshake output or events not yet collected by the caller")
+        export = self._export
+        assert export is not None
+        partial = self._buffer
+        rejected = None
+        remaining = 0
+        if self._state is _State.PAYLOAD:
+            if self._write is not None:
+                handle, flags, offset, length = self._write
+                header = REQUEST.pack(REQUEST_MAGIC, flags, Command.WRITE, handle, offset, length)
+                partial = header + b"".join(self._chunks)
+            else:
+                rejected = self._held
+                remaining = self._need
+        return SessionSnapshot(
+            export=export,
+            structured_replies=self._structured,
+            meta_contexts=tuple(sorted(self._meta_contexts.items())),
+            max_request_size=self._max_request_size,
+            in_flight=in_flight,
+            partial=partial,
+            rejected=rejected,
+            rejected_remaining=remaining,
+        )
+
+    @classmethod
+    def restore(
+        cls,
+        snapshot: SessionSnapshot,
+        catalog: ExportCatalog,
+        *,
+        migration: MigrationCatalog | None = None,
+    ) -> tuple[ServerConnection, list[Event]]:
+        """A connection carrying on ``snapshot``'s session, and the events of its ``in_flight``.
+
+        No greeting is queued and no ``HandshakeComplete`` returned: the
+        client finished its handshake with the original.  The events are
+        the requests in flight parsed again, in order, for the caller to
+        perform and answer; after them the connection expects exactly the
+        bytes the original expected next.  Raises :class:`SnapshotError`
+        when ``in_flight`` is not whole requests or ``partial`` is not the
+        start of one.
+        """
+        conn = cls(catalog, migration=migration, max_request_size=snapshot.max_request_size)
+        conn._out.clear()  # the greeting went out long ago, from the original
+        conn._structured = snapshot.structured_replies
+        conn._meta_contexts = dict(snapshot.meta_contexts)
+        conn._meta_export = snapshot.export.name
+        conn._start_transmission(snapshot.export, [])
+        try:
+            events = conn.receive_data(snapshot.in_flight)
+            if conn._state is not _State.TRANSMISSION or conn._buffer:
+                raise SnapshotError("the requests in flight end in the middle of a request")
+            if snapshot.partial and conn.receive_data(snapshot.partial):
+                raise SnapshotError("the partial request is a whole one")
+        except ProtocolError as error:
+            raise SnapshotError(f"the snapshot's requests do not parse: {error}") from None
+        if snapshot.rejected is not None:
+            conn._held = snapshot.rejected
+            conn._write = None
+            conn._need = snapshot.rejected_remaining
+            conn._state = _State.PAYLOAD
+        return conn, events

@@ -3,15 +3,15 @@
 :class:`ProxyServer` is the Twisted factory behind the client-facing port
 (TCP, or a Unix socket with ``--sock``) and the host every
 :class:`~ferry.proxy.session.ProxySession` asks for its clock, its tracer,
-the way to the server and its limits.  It keeps the sessions that are open
-and the counters they add to (:class:`ProxyStats`), which the status line
+the way to the server and its limits (it is their
+:class:`~ferry.proxy.session.SessionHost`).  It keeps the sessions that are
+open and the counters they add to (:class:`~ferry.proxy.stats.ProxyStats`), which the status line
 and ``/metrics`` render (:mod:`ferry.proxy.status`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 from twisted.internet import defer
@@ -22,10 +22,11 @@ from twisted.logger import Logger
 from ferry.clock import Clock
 from ferry.proxy.finder import Finder
 from ferry.proxy.session import ProxySession
+from ferry.proxy.stats import ProxyStats
 from ferry.proxy.upstream import Dialer
 from ferry.trace import Tracer
 
-__all__ = ["DEFAULT_MAX_WAIT", "ProxyServer", "ProxyStats"]
+__all__ = ["DEFAULT_MAX_WAIT", "ProxyServer"]
 
 log = Logger()
 
@@ -33,23 +34,6 @@ log = Logger()
 DEFAULT_MAX_WAIT: Final = 60.0
 #: Client connections served at once; more are closed as soon as they are accepted.
 MAX_CLIENTS: Final = 256
-
-
-@dataclass
-class ProxyStats:
-    """Counters of every session since the proxy started (the status line's totals)."""
-
-    upstream: str = ""  # where the last server a session reached was
-    connections: int = 0  # client connections accepted
-    reconnects: int = 0  # servers reached again after one was lost
-    requests: int = 0  # client requests answered (by the server or the proxy)
-    requests_replayed: int = 0  # requests sent again to a new server
-    requests_expired: int = 0  # requests answered EIO: no server within max-wait, or another image
-    longest_pause: float = 0.0  # the longest a request waited for a server, in seconds
-    errors: Counter[str] = field(default_factory=Counter)  # replies with an error, by errno name
-
-    def pause(self, seconds: float) -> None:
-        self.longest_pause = max(self.longest_pause, seconds)
 
 
 class ProxyServer(Factory):

@@ -33,7 +33,8 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
@@ -43,8 +44,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ferry import statecharts
-from ferry.clock import DelayedCall
-from ferry.migrate.backoff import Backoff
+from ferry.clock import Clock, DelayedCall
+from ferry.migrate.core.backoff import Backoff
 from ferry.migrate.wire import MirrorProtocol
 from ferry.nbd.constants import (
     BlockState,
@@ -69,15 +70,21 @@ from ferry.nbd.events import (
 )
 from ferry.nbd.locate import Location
 from ferry.nbd.server import ServerConnection
+from ferry.outbox import Outbox, tune
 from ferry.proxy import features
 from ferry.proxy.book import Pending, RequestBook
-from ferry.proxy.upstream import Dial, Upstream
-from ferry.serve.outbox import Outbox, tune
+from ferry.proxy.finder import Finder
+from ferry.proxy.stats import ProxyStats
+from ferry.proxy.upstream import Dial, Dialer, Upstream
+from ferry.trace import Tracer
 
-if TYPE_CHECKING:
-    from ferry.proxy.listener import ProxyServer
-
-__all__ = ["HANDSHAKE_TIMEOUT", "MAX_OUTSTANDING", "MAX_OUTSTANDING_BYTES", "ProxySession"]
+__all__ = [
+    "HANDSHAKE_TIMEOUT",
+    "MAX_OUTSTANDING",
+    "MAX_OUTSTANDING_BYTES",
+    "ProxySession",
+    "SessionHost",
+]
 
 log = Logger()
 
@@ -102,6 +109,27 @@ _SEND_DF: Final = int(TransmissionFlag.SEND_DF)
 _READ_ONLY: Final = int(TransmissionFlag.READ_ONLY)
 
 
+class SessionHost(TypingProtocol):
+    """What a session needs of the listener that made it (``ProxyServer`` is one).
+
+    Where to look for the image and how to reach it, the clock and tracer,
+    the wait before requests fail, the counters every session adds to; the
+    session reports itself opened and closed.
+    """
+
+    export_name: str
+    finder: Finder
+    dialer: Dialer
+    clock: Clock
+    tracer: Tracer | None
+    max_wait: float
+    stats: ProxyStats
+
+    def session_opened(self, session: ProxySession) -> None: ...
+
+    def session_closed(self, session: ProxySession) -> None: ...
+
+
 class _Link:
     """The model the proxy machine drives; ``transitions`` adds ``state`` and the triggers."""
 
@@ -112,7 +140,7 @@ class _Link:
 class ProxySession(Protocol):
     """One client connection; see the module doc."""
 
-    def __init__(self, host: ProxyServer, number: int) -> None:
+    def __init__(self, host: SessionHost, number: int) -> None:
         self._host = host
         self._clock = host.clock
         self.name = f"client-{number}"

@@ -1,8 +1,8 @@
 """The proxy's status: one snapshot, rendered as the status line, as JSON and on /metrics.
 
-As with a server's :class:`~ferry.control.status.StatusSnapshot`, each field
+As with a server's :class:`~ferry.status.StatusSnapshot`, each field
 is defined once, in :class:`ProxyStatus`, with the Prometheus series that
-carries it (:class:`~ferry.control.status.FieldSpec`); the control socket's
+carries it (:class:`~ferry.status.FieldSpec`); the control socket's
 ``status`` and the collector both render the same snapshot.  The line::
 
     pid=4242 upstream=10.0.0.7:10809 num_clients=2 clients_waiting=0 clients_failed=0
@@ -30,9 +30,9 @@ from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred
 
 from ferry import statecharts
-from ferry.control.commands import Params, Reply
-from ferry.control.status import FieldSpec, render_value
+from ferry.control.commands import Command, Params, Reply, dispatch
 from ferry.proxy.listener import ProxyServer
+from ferry.status import FieldSpec, render_value
 
 __all__ = ["PREFIX", "ProxyCollector", "ProxyCommands", "ProxyStatus", "make_registry", "snapshot"]
 
@@ -169,13 +169,13 @@ class ProxyCommands:
 
     def __init__(self, server: ProxyServer) -> None:
         self._server = server
+        self.table: dict[str, Command] = {"status": self.status}
 
     def run(
         self, name: str, args: Sequence[str], params: Params | None = None
     ) -> Reply | Deferred[Reply]:
-        if not name:
-            return Reply(9, "missing command")
-        if name != "status":
-            return Reply(10, "unknown command")
+        return dispatch(self.table, name, args, params)
+
+    def status(self, args: Sequence[str], params: Params) -> Reply:
         status = snapshot(self._server)
         return Reply(0, status.to_line(), status.to_dict())

@@ -36,8 +36,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ferry.clock import Clock, DelayedCall
-from ferry.migrate.source import Connector, Destination
-from ferry.migrate.wire import MirrorProtocol
+from ferry.migrate.options import Destination
+from ferry.migrate.wire import Connector, MirrorProtocol
 from ferry.nbd.client import ClientConnection
 from ferry.nbd.constants import BASE_ALLOCATION
 from ferry.nbd.events import (

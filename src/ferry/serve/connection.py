@@ -17,7 +17,7 @@ Invariants:
   ``HTTPChannel.pauseProducing``).
 * Nothing a client sends can raise out of ``dataReceived``: a broken frame
   closes this connection and no other.
-* Replies go through the connection's :class:`~ferry.serve.outbox.Outbox`:
+* Replies go through the connection's :class:`~ferry.outbox.Outbox`:
   those of one batch of requests leave together (one ``sendmsg``, without a
   copy, when the transport holds nothing), and the outbox is flushed before
   control returns to the reactor -- at the end of ``_dispatch``, after a
@@ -32,18 +32,17 @@ of its clients, and three things are its own:
 * its handshake makes a listening export ``receiving`` (``sender_connected``);
   a sender announcing another image size is closed instead, after the GO
   reply that lets the source see the mismatch;
-* its ``Commit``, performed in order after everything it sent before:
-  role ``commit`` (-> committing), the fencing token recorded, fdatasync on
-  the thread pool, then role ``committed`` (-> serving: control, clients
-  allowed) and only then the OK reply, the two-phase commit's ack.  If the
-  fsync fails the reply is EIO -- the source takes it as a definite no --
-  the role goes back to ``listening`` (``sender_lost``) and the connection
-  is closed: what was written cannot be trusted, so the next sender starts
-  over.  A commit in any other state is EINVAL and changes nothing;
+* its ``Commit``, performed in order after everything it sent before, by
+  the server's :class:`Receiver` (the destination's half of the two-phase
+  commit, :mod:`ferry.migrate.destination`), which answers it through this
+  connection -- OK once the image is durable and the lease taken, an
+  error otherwise, after which the connection closes once its replies
+  are out;
 * its end, however it comes (lost, closed, refused, before or after any
   request, during the fsync) while ``receiving`` or ``committing``: role
   ``sender_lost`` (-> listening), and an fsync still running is never
-  acknowledged.
+  acknowledged -- unless the commit no longer depends on the socket (see
+  :meth:`ferry.serve.export.Export.detach_commit`).
 
 A flexnbd sender (``ferry listen --oldstyle``) cannot say who it is in the
 handshake: every oldstyle connection to a listening export is *mirror-only*
@@ -54,12 +53,15 @@ handle ``.MIRROR.`` or a FLUSH with EPERM), and the first one to send a
 once the export is no longer listening, are EPERM: a listening export never
 takes writes from anyone but its one sender.  NBD_CMD_DISC from the sender
 is flexnbd's "you have it all: take control", performed in order after its
-writes: role ``commit``, fdatasync, role ``committed`` -- and no reply, as
-flexnbd's listener sends none (the sender has usually closed its socket
-already, so the commit, once begun, does not depend on this connection).
-A failed fsync is ``sender_lost``.  A sender whose connection ends without
-DISC is ``sender_lost``, as above.  DISC from a mirror-only connection that
-is not the sender is only a disconnect.
+writes as a commit the receiver does not answer (flexnbd's listener sends
+nothing; the sender has usually closed its socket already).  A sender whose
+connection ends without DISC is ``sender_lost``, as above.  DISC from a
+mirror-only connection that is not the sender is only a disconnect.
+
+While the export's role holds clients (a switchover), and while a write
+waits for the auto-converge cap, the connection stops reading its socket as
+well as dispatching: however long the hold, it queues no more than what it
+had already read.
 """
 
 from __future__ import annotations
@@ -68,8 +70,9 @@ import errno as os_errno
 import os
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final, cast
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
@@ -78,26 +81,47 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ferry.nbd.constants import FLEXNBD_MIRROR_HANDLE, BlockState, Command, CommandFlag, Errno
+from ferry.chartnames import RoleState
+from ferry.clock import Clock, cancel_call
+from ferry.nbd.constants import (
+    FLEXNBD_MIRROR_HANDLE,
+    BlockState,
+    Command,
+    CommandFlag,
+    Errno,
+    OptionReply,
+)
 from ferry.nbd.events import (
     Commit,
     Disconnect,
     Event,
+    ExportInfo,
     Extent,
     HandshakeAborted,
     HandshakeComplete,
+    MigrationRequest,
     ProtocolError,
+    Refusal,
     RejectedRequest,
     Request,
 )
-from ferry.nbd.server import ServerConnection
+from ferry.nbd.locate import Location
+from ferry.nbd.server import ExportCatalog, Locator, MigrationCatalog, ServerConnection
+from ferry.outbox import Outbox, tune
 from ferry.serve.export import RECEIVING_STATES
-from ferry.serve.outbox import Outbox, tune
+from ferry.serve.limits import (
+    MAX_JOBS_PER_CONNECTION,
+    MAX_QUEUED_BYTES,
+    MAX_QUEUED_REQUESTS,
+    PARTIAL_REQUEST_TIMEOUT,
+    REPLY_STALL_TIMEOUT,
+    Budget,
+)
 from ferry.storage import ZeroingNotFast
 
 if TYPE_CHECKING:
+    from ferry.serve.acl import Acl
     from ferry.serve.export import Export
-    from ferry.serve.server import NBDServer
 
 log = Logger()
 
@@ -138,6 +162,10 @@ _FAST_ZERO: Final = int(CommandFlag.FAST_ZERO)
 _NAMES: Final = {command: command.name for command in Command}
 
 
+# What a migration sender sends that counts as progress (SENDER_TIMEOUT).
+_PROGRESS: Final = (Request, RejectedRequest, Commit)
+
+
 def nbd_errno(error: OSError) -> Errno:
     return _OS_TO_NBD.get(error.errno or 0, Errno.EIO)
 
@@ -145,9 +173,60 @@ def nbd_errno(error: OSError) -> Errno:
 RunBlocking = Callable[[Callable[[], object]], "defer.Deferred[Any]"]
 
 
+CommitAnswer = Callable[[Errno, str], None]
+"""How a receiver answers a commit: ``Errno.OK`` is the acknowledgement."""
+
+
+class Receiver(TypingProtocol):
+    """The destination's half of the two-phase commit (``ferry.migrate.destination``)."""
+
+    def commit(
+        self,
+        export: Export,
+        sender: object,
+        token: int,
+        source_resource: str,
+        answer: CommitAnswer | None,
+    ) -> defer.Deferred[None]:
+        """Perform ``sender``'s commit on ``export`` and answer it (None: flexnbd's,
+        which nothing answers); the Deferred fires once it is settled either way."""
+        ...
+
+
+class ConnectionHost(ExportCatalog, MigrationCatalog, Locator, TypingProtocol):
+    """What a connection needs of the listener that made it (``NBDServer`` is one).
+
+    The handshake asks it for exports (it is both catalogs) and where a
+    handed-off export went (it is the locator); the connection
+    reports itself opened and closed, reads the limits, and runs blocking
+    work through it.
+    """
+
+    acl: Acl
+    clock: Clock
+    oldstyle: bool
+    handshake_timeout: float
+    sender_timeout: float
+    receiver: Receiver | None
+    receive_budget: Budget
+    reply_budget: Budget
+
+    def room_for_replies(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more of replies fit the process's REPLY_BUDGET now."""
+        ...
+
+    def run_blocking(self, work: Callable[[], object]) -> defer.Deferred[Any]: ...
+
+    def connection_opened(self, connection: NBDServerProtocol) -> None: ...
+
+    def connection_closed(self, connection: NBDServerProtocol) -> None: ...
+
+    def export_named(self, name: str) -> Export | None: ...
+
+
 @implementer(IPushProducer)
 class NBDServerProtocol(Protocol):
-    def __init__(self, server: NBDServer) -> None:
+    def __init__(self, server: ConnectionHost) -> None:
         self._server = server
         self._nbd: ServerConnection | None = None
         self._export: Export | None = None
@@ -160,15 +239,23 @@ class NBDServerProtocol(Protocol):
         self._lost = False
         self._drained: list[defer.Deferred[None]] = []
         self._handshake_timer: Any = None
-        self._sender_timer: Any = None  # a sender's silence (SENDER_TIMEOUT)
+        self._sender_timer: Any = None  # a sender's time without a request (SENDER_TIMEOUT)
         self._throttle_timer: Any = None  # a write waiting for the auto-converge cap
         self._write_charged = False  # the head write has already paid the cap
         self._held_since: float | None = None  # first request queued behind a hold
         self._context_id = 0
         self._flexnbd = False  # a mirror-only oldstyle connection: see the module doc
-        # A commit past the point of no return (flexnbd's DISC; ferry's, once
-        # fsynced and taking the lease) finishes even if the socket goes.
-        self._commit_outlives_socket = False
+        # Why the socket is not read now: "backpressure", "closing", "held",
+        # "throttled", "queue", "budget"; it is read again once every reason is gone.
+        self._not_reading: set[str] = set()
+        self._queued_bytes = 0  # WRITE payload held in the queue (MAX_QUEUED_BYTES)
+        self._partial_timer: Any = None  # a request received in part (PARTIAL_REQUEST_TIMEOUT)
+        self._stall_timer: Any = None  # replies unread while paused (REPLY_STALL_TIMEOUT)
+        #: Why handshakes on this connection are refused (too many connections
+        #: from its address), or None.
+        self.refusal: Refusal | None = None
+        #: The clock's time of the last request received or reply sent.
+        self.last_active = 0.0
         self.peer_host = ""
 
     # -- Twisted protocol -------------------------------------------------------
@@ -186,11 +273,9 @@ class NBDServerProtocol(Protocol):
         self._handshake_timer = self._server.clock.call_later(
             self._server.handshake_timeout, self._handshake_expired
         )
+        self.last_active = self._server.clock.seconds()
         self._nbd = ServerConnection(
-            self._server,
-            migration=self._server,
-            locator=self._server,
-            oldstyle=self._server.oldstyle,
+            self, migration=self, locator=self, oldstyle=self._server.oldstyle
         )
         # An oldstyle server has chosen its export before the client speaks.
         self._receive(b"")
@@ -210,8 +295,13 @@ class NBDServerProtocol(Protocol):
         if self._throttle_timer is not None and self._throttle_timer.active():
             self._throttle_timer.cancel()
         self._throttle_timer = None
+        for timer in (self._partial_timer, self._stall_timer):
+            cancel_call(timer)
+        self._partial_timer = self._stall_timer = None
+        self._server.receive_budget.forget(self)
+        self._server.reply_budget.forget(self)
         export = self._export
-        if export is not None and not self._commit_outlives_socket:
+        if export is not None:
             was_sender = export.sender is self and export.state in RECEIVING_STATES
             export.detach(self)
             if was_sender:
@@ -224,23 +314,97 @@ class NBDServerProtocol(Protocol):
         self._server.connection_closed(self)
         self._fire_drained()
 
+    # -- ExportCatalog: the server's, unless this connection is refused ----------------
+
+    def lookup(self, name: str) -> ExportInfo | Refusal:
+        return self.refusal or self._server.lookup(name)
+
+    def listing(self) -> Sequence[ExportInfo]:
+        return () if self.refusal is not None else self._server.listing()
+
+    # -- Locator: the server's, unless this connection is refused ----------------------
+
+    def locate(self, name: str) -> Sequence[Location] | Refusal:
+        return self.refusal or self._server.locate(name)
+
+    # -- MigrationCatalog: the server's, for a peer the ACL lets send -------------------
+
+    def admit_migration(self, request: MigrationRequest) -> Refusal | None:
+        return self.refusal or self._sender_refusal() or self._server.admit_migration(request)
+
+    def lookup_sender(self, name: str) -> ExportInfo | Refusal:
+        return self.refusal or self._sender_refusal() or self._server.lookup_sender(name)
+
+    def _sender_refusal(self) -> Refusal | None:
+        """Why this peer may not send a migration here (see ``Acl.admits_sender``)."""
+        if self._server.acl.admits_sender(self.peer_host):
+            return None
+        log.warn("refused {peer} as a migration sender: not named by the ACL", peer=self.peer_host)
+        return Refusal(
+            OptionReply.ERR_POLICY,
+            f"{self.peer_host} may not send a migration here: its ACL does not name it",
+        )
+
     # -- IPushProducer -----------------------------------------------------------
 
     def pauseProducing(self) -> None:
         self._paused = True
-        if self.transport is not None:
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._stop_reading("backpressure")
+        if self._stall_timer is None:
+            self._stall_timer = self._server.clock.call_later(
+                REPLY_STALL_TIMEOUT, self._reply_stalled
+            )
 
     def resumeProducing(self) -> None:
+        # The transport has sent everything it held: none of our replies waits.
         self._paused = False
-        if self.transport is not None and not self._closing:
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+        cancel_call(self._stall_timer)
+        self._stall_timer = None
+        self._server.reply_budget.hold(self, 0)
+        self._start_reading("backpressure")
         self._dispatch()
+
+    def _reply_stalled(self) -> None:
+        """Replies unread for REPLY_STALL_TIMEOUT: close it if others wait for what it holds."""
+        self._stall_timer = None
+        if not self._paused or self._lost:
+            return
+        self.account_replies()
+        if self._server.reply_budget.pressed and self._outbox is not None and self._outbox.held():
+            log.warn(
+                "closing {peer}: it read none of its replies for {seconds:g} s "
+                "while others wait for room",
+                peer=self.peer_host,
+                seconds=REPLY_STALL_TIMEOUT,
+            )
+            self._abort()
+            return
+        self._stall_timer = self._server.clock.call_later(REPLY_STALL_TIMEOUT, self._reply_stalled)
+
+    def _stop_reading(self, why: str) -> None:
+        if not self._not_reading and self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._not_reading.add(why)
+
+    def _start_reading(self, why: str) -> None:
+        self._not_reading.discard(why)
+        if not self._not_reading and self.transport is not None and not self._lost:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def stopProducing(self) -> None:
         self._abort()
 
     # -- the control plane's handles -----------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, nothing in flight: closing it loses the client nothing."""
+        return not self._queue and self._in_flight == 0 and not self._paused
+
+    @property
+    def export_name(self) -> str | None:
+        """The export this connection chose (None before its handshake ends)."""
+        return None if self._export is None else self._export.name
 
     def disconnect(self, reason: str) -> None:
         """Close this client at once (ACL change, handoff, fencing)."""
@@ -251,8 +415,7 @@ class NBDServerProtocol(Protocol):
         """Read and perform nothing more; close once what is in flight is answered."""
         self._closing = True
         self._queue.clear()
-        if self.transport is not None:
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._stop_reading("closing")
 
     def drain(self) -> defer.Deferred[None]:
         """Stop reading, finish every request already received, then close.
@@ -266,8 +429,7 @@ class NBDServerProtocol(Protocol):
             return d
         self._drained.append(d)
         self._closing = True
-        if self.transport is not None:
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._stop_reading("closing")
         self._maybe_close()
         return d
 
@@ -277,8 +439,6 @@ class NBDServerProtocol(Protocol):
         assert self._nbd is not None
         if self._refused:
             return
-        if self._sender_timer is not None:
-            self._sender_timer.reset(self._server.sender_timeout)
         if self._flexnbd:
             self._admit_if_serving()
         try:
@@ -293,9 +453,19 @@ class NBDServerProtocol(Protocol):
         self._flush_handshake()
         if self._flexnbd:
             events = self._screen_flexnbd(events)
+        if self._sender_timer is not None and any(type(e) in _PROGRESS for e in events):
+            # Only whole requests count: a sender that trickles a byte at a
+            # time, never finishing one, is as silent as one that sends nothing.
+            self._sender_timer.reset(self._server.sender_timeout)
+        if events:
+            self.last_active = self._server.clock.seconds()
         for event in events:
             kind = type(event)
-            if kind is Request or kind is RejectedRequest:
+            if kind is Request:
+                request = cast(Request, event)
+                self._queue.append(request)
+                self._queued_bytes += len(request.data)
+            elif kind is RejectedRequest:
                 self._queue.append(event)  # type: ignore[arg-type]
             elif kind is HandshakeComplete:
                 if not self._handshake_complete(event):  # type: ignore[arg-type]
@@ -309,22 +479,63 @@ class NBDServerProtocol(Protocol):
                 self._lose()
                 return
         self._dispatch()
+        self._account_received()
+
+    def _account_received(self) -> None:
+        """What this connection holds of its client's input, against every limit on it."""
+        nbd = self._nbd
+        if nbd is None or self._lost:
+            return
+        partial = nbd.buffered
+        if partial and self._partial_timer is None:
+            self._partial_timer = self._server.clock.call_later(
+                PARTIAL_REQUEST_TIMEOUT, self._partial_expired
+            )
+        elif not partial and self._partial_timer is not None:
+            cancel_call(self._partial_timer)
+            self._partial_timer = None
+        budget = self._server.receive_budget
+        held = partial + self._queued_bytes
+        budget.hold(self, held)
+        if len(self._queue) >= MAX_QUEUED_REQUESTS or self._queued_bytes >= MAX_QUEUED_BYTES:
+            self._stop_reading("queue")
+        elif "queue" in self._not_reading and len(self._queue) < MAX_QUEUED_REQUESTS // 2:
+            self._start_reading("queue")
+        # A connection that holds nothing may go on (a handshake, small requests
+        # performed as they come); one that holds part of the budget waits.
+        if held and not budget.fits() and not budget.exempt(self):
+            self._stop_reading("budget")
+            budget.wait(self, self._room_to_receive)
+
+    def _room_to_receive(self) -> None:
+        self._start_reading("budget")
+
+    def _partial_expired(self) -> None:
+        self._partial_timer = None
+        if self._nbd is not None and self._nbd.buffered and not self._lost:
+            log.warn(
+                "closing {peer}: a request was not whole {seconds:g} s after it began",
+                peer=self.peer_host,
+                seconds=PARTIAL_REQUEST_TIMEOUT,
+            )
+            self._abort()
 
     def _flush_handshake(self) -> None:
         if self._nbd is not None and self._outbox is not None:
             out = self._nbd.data_to_send()
             if out:
                 self._outbox.add(out)
-                self._outbox.flush()
+                self._flush_outbox()
 
     def _handshake_complete(self, event: HandshakeComplete) -> bool:
         """Attach to the chosen export; False if refused after all (the connection closes)."""
         self._cancel_handshake_timer()
         export = self._server.export_named(event.export.name)
+        self._context_id = next(iter(event.meta_contexts), 0)  # the sender's too
         if event.migration is not None:
             return self._become_sender(export, event)
         if event.flexnbd:
-            if export is None or export.state != "listening":
+            if export is None or export.state != RoleState.LISTENING:
                 self._refuse()
                 return False
             # Not one of the export's clients: at most its sender, later.
@@ -336,13 +547,12 @@ class NBDServerProtocol(Protocol):
             self._refuse()
             return False
         self._export = export
-        self._context_id = next(iter(event.meta_contexts), 0)
         export.attach(self)
         return True
 
     def _become_sender(self, export: Export | None, event: HandshakeComplete) -> bool:
         assert event.migration is not None
-        if export is None or export.state != "listening":
+        if export is None or export.state != RoleState.LISTENING:
             # Cannot happen while lookup_sender and this run in one call; be safe.
             log.warn("closing sender {peer}: the export is not listening", peer=self.peer_host)
             self._refuse()
@@ -376,7 +586,7 @@ class NBDServerProtocol(Protocol):
         """
         self._sender_timer = None
         export = self._export
-        if export is None or export.sender is not self or export.state != "receiving":
+        if export is None or export.sender is not self or export.state != RoleState.RECEIVING:
             return
         log.warn(
             "{name}: closing the migration sender {peer}: nothing from it for {seconds:g} s",
@@ -419,7 +629,7 @@ class NBDServerProtocol(Protocol):
                 request: Request = event  # type: ignore[assignment]
                 if (
                     export.sender is None
-                    and export.state == "listening"
+                    and export.state == RoleState.LISTENING
                     and request.command is not _FLUSH
                 ):
                     export.sender_connected(self)
@@ -475,15 +685,23 @@ class NBDServerProtocol(Protocol):
         queue = self._queue
         export = self._export
         while queue and not self._paused and not self._lost and self._throttle_timer is None:
-            if export is not None and export.held:
+            if export is not None and export.clients_held:
                 # A switchover holds client requests: queued, not failed.
-                if self._held_since is None:
-                    self._held_since = export.clock.seconds()
+                self.hold_reading()
                 break
             event = queue[0]
             if type(event) is Request:
+                command = event.command
+                if command is _READ and not self._server.room_for_replies(event.length):
+                    # Replies already waiting for their clients fill the budget.
+                    self._server.reply_budget.wait(self, self._dispatch)
+                    break
+                if self._in_flight >= MAX_JOBS_PER_CONNECTION and (
+                    command is _FLUSH or int(event.flags) & _FUA
+                ):
+                    break  # a job ends first (_settle_thread_job dispatches again)
                 if (
-                    event.command is _WRITE
+                    command is _WRITE
                     and export is not None
                     and export.write_limiter is not None
                     and not self._write_charged
@@ -492,9 +710,11 @@ class NBDServerProtocol(Protocol):
                     if delay > 0:
                         self._write_charged = True
                         self._throttle_timer = export.clock.call_later(delay, self._unthrottle)
+                        self._stop_reading("throttled")
                         break
                 self._write_charged = False
                 queue.popleft()
+                self._queued_bytes -= len(event.data)
                 self._perform(event)
             else:
                 queue.popleft()
@@ -502,23 +722,33 @@ class NBDServerProtocol(Protocol):
                     self._commit(event)
                 else:
                     self._reject(event)  # type: ignore[arg-type]
-        if self._outbox is not None and not self._lost:
-            self._outbox.flush()
+        self._flush_outbox()
+        self._account_received()
         self._maybe_close()
 
     def _unthrottle(self) -> None:
         self._throttle_timer = None
+        self._start_reading("throttled")
         self._dispatch()
 
     @property
     def held_since(self) -> float | None:
         return self._held_since
 
+    def hold_reading(self) -> None:
+        """The export holds client requests: from now on, neither dispatch nor read."""
+        if self._export is None or not self._export.clients_held:
+            return
+        if self._held_since is None and self._queue:
+            self._held_since = self._export.clock.seconds()
+        self._stop_reading("held")
+
     def resume_dispatch(self) -> None:
         """The export released its hold: account for the wait, then go on."""
         if self._held_since is not None and self._export is not None:
             self._export.note_hold(self._export.clock.seconds() - self._held_since)
             self._held_since = None
+        self._start_reading("held")
         self._dispatch()
 
     def _reject(self, event: RejectedRequest) -> None:
@@ -535,6 +765,14 @@ class NBDServerProtocol(Protocol):
         lease = export.lease
         if lease is not None and not lease.may_write():
             self._fail(request, Errno.EIO, "the image's lease is lost: this node may not touch it")
+            return
+        if not export.clients_allowed and export.sender is not self:
+            # Let go by a role that serves no one (stopped, or no control any
+            # more): nothing is performed, and the client is told why.
+            if export.state == RoleState.STOPPED:
+                self._fail(request, Errno.ESHUTDOWN, "the server is shutting down")
+            else:
+                self._fail(request, Errno.EIO, f"this node is {export.state}: it has no control")
             return
         command = request.command
         fua = int(request.flags) & _FUA
@@ -602,136 +840,51 @@ class NBDServerProtocol(Protocol):
         export.stats.observe(_NAMES[command], time.perf_counter() - started)
 
     def _commit(self, event: Commit) -> None:
-        """The sender's FERRY_CMD_COMMIT; see the module doc for what it promises."""
-        if self._flexnbd:
-            self._flexnbd_commit()
-            return
+        """The sender's commit (ferry's FERRY_CMD_COMMIT, or flexnbd's DISC): the receiver's."""
         export = self._export
         nbd = self._nbd
         assert export is not None and nbd is not None
         export.stats.requests["COMMIT"] += 1
-        if export.sender is not self or export.state != "receiving":
+        if export.sender is not self or export.state != RoleState.RECEIVING:
+            if self._flexnbd:
+                log.warn(
+                    "{name}: flexnbd DISC in {state}: nothing to commit",
+                    name=export.name,
+                    state=export.state,
+                )
+                return
             export.stats.errors["EINVAL"] += 1
             self._send(
                 nbd.reply_error(event.handle, Errno.EINVAL, f"nothing to commit: {export.state}")
             )
             return
-        export.begin_commit(self, event.token)
-        log.info(
-            "{name}: commit from {peer} with token {token}; syncing",
-            name=export.name,
-            peer=self.peer_host,
-            token=event.token,
-        )
+        migration = nbd.migration
+        source_resource = "" if migration is None else migration.resource
+        answer = None if self._flexnbd else self._commit_answer(event.handle)
+        receiver = self._server.receiver
+        assert receiver is not None  # a server without one admits no sender
         self._in_flight += 1
-        d = self._server.run_blocking(export.image.flush)
+        settled = receiver.commit(export, self, event.token, source_resource, answer)
+        settled.addBoth(self._settle_thread_job)
 
-        def synced(_: object) -> None:
-            if export.sender is not self or export.state != "committing":
-                log.warn("{name}: commit abandoned: the sender went away", name=export.name)
+    def _commit_answer(self, handle: int) -> CommitAnswer:
+        """How the receiver answers this sender's commit: a reply; after a no, close."""
+
+        def answer(error: Errno, message: str) -> None:
+            export, nbd = self._export, self._nbd
+            assert export is not None and nbd is not None
+            if error is not Errno.OK:
+                export.stats.errors[error.name] += 1
+            if self._lost:
                 return
-            # The image is durable; now the lease.  From here the commit no
-            # longer depends on the socket: if we take the lease we serve,
-            # ack or no ack (a source that lost the ack asks the lease).
-            self._commit_outlives_socket = True
-            self._in_flight += 1
-            migration = nbd.migration
-            source_resource = "" if migration is None else migration.resource
-            taking = export.take_lease(event.token, source_resource)
-            taking.addCallbacks(took, refused)
-            taking.addBoth(settle)
-
-        def took(_: object) -> None:
-            export.committed(self)
-            log.info("{name}: committed; serving with control", name=export.name)
-            if not self._lost:
-                self._send(nbd.reply_ok(event.handle))
-
-        def refused(failure: Failure) -> None:
-            why = failure.getErrorMessage()
-            log.error(
-                "{name}: commit refused: cannot take the lease: {why}", name=export.name, why=why
-            )
-            export.stats.errors["EPERM"] += 1
-            export.sender_lost(self)
-            if not self._lost:
-                self._send(nbd.reply_error(event.handle, Errno.EPERM, f"lease: {why}"))
+            if error is Errno.OK:
+                self._send(nbd.reply_ok(handle))
+            else:
+                self._send(nbd.reply_error(handle, error, message))
                 self._close_after_replies()
+            self._flush_outbox()
 
-        def settle(result: object) -> None:
-            self._commit_outlives_socket = False
-            self._settle_thread_job(result)
-
-        def failed(failure: Failure) -> None:
-            error = failure.value
-            why = os.strerror(error.errno or os_errno.EIO) if isinstance(error, OSError) else ""
-            log.error("{name}: commit failed, fsync: {why}", name=export.name, why=why or error)
-            export.stats.errors["EIO"] += 1
-            export.sender_lost(self)
-            if not self._lost:
-                self._send(nbd.reply_error(event.handle, Errno.EIO, f"fsync failed: {why}"))
-                self._close_after_replies()
-
-        d.addCallbacks(synced, failed)
-        d.addBoth(self._settle_thread_job)
-
-    def _flexnbd_commit(self) -> None:
-        """The flexnbd sender's DISC: commit, fsync, take control; nothing is answered."""
-        export = self._export
-        assert export is not None
-        export.stats.requests["COMMIT"] += 1
-        if export.sender is not self or export.state != "receiving":
-            log.warn(
-                "{name}: flexnbd DISC in {state}: nothing to commit",
-                name=export.name,
-                state=export.state,
-            )
-            return
-        export.begin_commit(self, 0)  # flexnbd has no fencing token
-        self._commit_outlives_socket = True
-        log.info(
-            "{name}: flexnbd sender {peer} disconnected: taking control; syncing",
-            name=export.name,
-            peer=self.peer_host,
-        )
-        self._in_flight += 1
-        d = self._server.run_blocking(export.image.flush)
-
-        def synced(_: object) -> defer.Deferred[None] | None:
-            if export.sender is not self or export.state != "committing":
-                log.warn("{name}: commit abandoned", name=export.name)
-                return None
-            # flexnbd's source holds no ferry lease: take a fresh one, if
-            # this node has a lockspace, before serving.
-            return export.take_lease(0, "").addCallbacks(took, refused)
-
-        def took(_: object) -> None:
-            if export.committed(self):
-                log.info("{name}: committed; serving with control", name=export.name)
-
-        def refused(failure: Failure) -> None:
-            log.error(
-                "{name}: flexnbd handoff refused: cannot take the lease: {why}; "
-                "nobody serves the image until an operator steps in",
-                name=export.name,
-                why=failure.getErrorMessage(),
-            )
-            export.sender_lost(self)
-
-        def failed(failure: Failure) -> None:
-            error = failure.value
-            why = os.strerror(error.errno or os_errno.EIO) if isinstance(error, OSError) else ""
-            log.error("{name}: commit failed, fsync: {why}", name=export.name, why=why or error)
-            export.stats.errors["EIO"] += 1
-            export.sender_lost(self)
-
-        def settle(_: object) -> None:
-            self._commit_outlives_socket = False
-            self._in_flight -= 1
-            self._maybe_close()
-
-        d.addCallbacks(synced, failed)
-        d.addBoth(settle)
+        return answer
 
     def _block_status(self, request: Request) -> bytes:
         assert self._nbd is not None and self._export is not None
@@ -779,11 +932,25 @@ class NBDServerProtocol(Protocol):
         d.addBoth(self._settle_thread_job)
 
     def _settle_thread_job(self, result: object) -> None:
-        """A job on the worker thread has answered: send its reply now, maybe close."""
+        """A job on the worker thread has answered: send its reply now, then go on."""
         self._in_flight -= 1
+        self._flush_outbox()
+        self._dispatch()
+
+    def _flush_outbox(self) -> None:
+        """Send what the outbox holds; what the socket did not take counts against the budget."""
+        outbox = self._outbox
+        if outbox is None or self._lost:
+            return
+        if outbox.pending:
+            self.last_active = self._server.clock.seconds()
+        outbox.flush()
+        self.account_replies()
+
+    def account_replies(self) -> None:
+        """Count the reply bytes this connection's transport still holds (REPLY_BUDGET)."""
         if self._outbox is not None and not self._lost:
-            self._outbox.flush()
-        self._maybe_close()
+            self._server.reply_budget.hold(self, self._outbox.held())
 
     # -- closing ------------------------------------------------------------------------
 

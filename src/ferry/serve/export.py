@@ -5,12 +5,22 @@ export has control of the image, and whether it admits new clients, are
 properties of the role state written in that YAML, never flags kept beside
 it, so the status line, the handshake and the trace cannot disagree.
 
+The data plane asks the role too: while the role's state has
+``clients_held`` (a switchover), client requests are queued, not performed,
+and their connections stop reading; the export lets them go on whatever
+transition leaves such a state (served again, EIO from a fenced node, or
+the clients handed on with the image).  No flag beside the chart says so.
+
 On the listening side (``trigger("listen")``) the export also knows its one
 migration *sender*: the connection whose handshake made it ``receiving``.
 Only that connection moves it on (``commit``, ``committed``), and only its
 end (lost, refused, a failed fsync) sends it back to ``listening`` --
 a stale callback of an earlier sender finds it is no longer the sender and
-changes nothing.
+changes nothing.  Once a commit is past the point where the sender's
+socket matters (the image synced, the lease being taken; flexnbd's DISC at
+once), the commit itself takes the sender's place (:meth:`Export.detach_commit`):
+the connection's end no longer touches the role, and only the commit's
+owner may finish it.
 """
 
 from __future__ import annotations
@@ -22,19 +32,22 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from twisted.internet import defer
 
 from ferry import statecharts
+from ferry.chartnames import RoleState, RoleTrigger
 from ferry.clock import Clock
-from ferry.control.status import StatusSnapshot
-from ferry.migrate.ratelimit import RateLimiter
 from ferry.nbd.constants import MAX_REQUEST_SIZE, MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE
 from ferry.nbd.events import ExportInfo
 from ferry.nbd.locate import Location
+from ferry.ratelimit import RateLimiter
 from ferry.serve.stats import RequestStats
+from ferry.status import StatusSnapshot
 from ferry.storage import Image
 
 if TYPE_CHECKING:
     from ferry.trace import Tracer
 
 WriteObserver = Callable[[int, int], None]
+RoleObserver = Callable[[str, str, str], None]
+"""Called with ``(trigger, source, dest)`` after every role transition."""
 
 
 class Attached(Protocol):
@@ -49,6 +62,10 @@ class Attached(Protocol):
 
     def resume_dispatch(self) -> None:
         """Dispatch what was queued while the export held client requests."""
+        ...
+
+    def hold_reading(self) -> None:
+        """Stop reading from the socket while the export holds client requests."""
         ...
 
 
@@ -79,7 +96,14 @@ class IncomingLease(LeaseView, Protocol):
 
 
 #: The role states in which a migration sender is writing the image here.
-RECEIVING_STATES: Final = frozenset({"receiving", "committing"})
+RECEIVING_STATES: Final = frozenset({RoleState.RECEIVING, RoleState.COMMITTING})
+
+
+class DetachedCommit:
+    """Stands in the sender's place for a commit that no longer depends on its socket."""
+
+    def __repr__(self) -> str:
+        return "<DetachedCommit>"
 
 
 class Role:
@@ -104,17 +128,23 @@ class Export:
         self.stats = RequestStats()
         self.role = Role()
         self._chart = statecharts.load("role")
-        statecharts.build(self._chart, self.role, instance=name, tracer=tracer, clock=clock)
+        self._role_observers: list[RoleObserver] = []
+        statecharts.build(
+            self._chart,
+            self.role,
+            instance=name,
+            tracer=tracer,
+            clock=clock,
+            on_change=self._role_changed,
+        )
         self._clients: set[Attached] = set()
         self._write_observers: list[WriteObserver] = []
         self._clock = clock
-        self._held = False
         self._longest_hold = 0.0
         self.write_limiter: RateLimiter | None = None
-        self._sender: Attached | None = None
-        # The fencing token of the commit that gave (or is giving) this
-        # export control; None until a sender commits.  The lease takes it.
-        self.fencing_token: int | None = None
+        # The migration sender (a connection), or the commit that took its
+        # place (DetachedCommit); None while listening or serving.
+        self._sender: object | None = None
         # The lease this export's I/O runs under, once it holds one: the data
         # plane asks ``may_write`` before every request it performs, so a
         # node whose lease lapsed (a process paused past its TTL, say) stops
@@ -132,10 +162,14 @@ class Export:
     def state(self) -> str:
         return self.role.state
 
-    def trigger(self, event: str) -> None:
+    def trigger(self, event: RoleTrigger) -> None:
         """Fire a role event; an illegal one raises ``transitions.MachineError``."""
         machine_model: Any = self.role
         machine_model.trigger(event)
+
+    def can(self, event: RoleTrigger) -> bool:
+        """Whether ``event`` is legal in the role's state now."""
+        return self._chart.next_state(self.state, event) is not None
 
     @property
     def has_control(self) -> bool:
@@ -144,6 +178,33 @@ class Export:
     @property
     def clients_allowed(self) -> bool:
         return bool(self._chart.property(self.state, "clients_allowed"))
+
+    @property
+    def role_chart(self) -> statecharts.Statechart:
+        """The role's chart, for what a state means (``has_control``, ``clients_held``...)."""
+        return self._chart
+
+    @property
+    def clients_held(self) -> bool:
+        """A switchover holds client requests: queue them, perform nothing, read nothing."""
+        return bool(self._chart.property(self.state, "clients_held"))
+
+    def observe_role(self, observer: RoleObserver) -> Callable[[], None]:
+        """Call ``observer(trigger, source, dest)`` after each role transition; returns the undo."""
+        self._role_observers.append(observer)
+        return lambda: self._role_observers.remove(observer)
+
+    def _role_changed(self, trigger: str, source: str, dest: str) -> None:
+        held = self._chart.property(source, "clients_held")
+        holds = self._chart.property(dest, "clients_held")
+        if holds and not held:
+            for client in list(self._clients):
+                client.hold_reading()
+        elif held and not holds:
+            for client in list(self._clients):
+                client.resume_dispatch()
+        for observer in list(self._role_observers):
+            observer(trigger, source, dest)
 
     # -- what the handshake tells clients -------------------------------------
 
@@ -185,8 +246,8 @@ class Export:
     # -- the listening side: one migration sender ------------------------------------
 
     @property
-    def sender(self) -> Attached | None:
-        """The connection sending the image here (``receiving``, ``committing``), or None."""
+    def sender(self) -> object | None:
+        """The connection sending the image here, or the commit that took its place."""
         return self._sender
 
     def sender_connected(self, sender: Attached) -> None:
@@ -194,27 +255,38 @@ class Export:
 
         Raises ``transitions.MachineError`` unless the export is listening.
         """
-        self.trigger("sender_connected")
+        self.trigger(RoleTrigger.SENDER_CONNECTED)
         self._sender = sender
 
-    def begin_commit(self, sender: Attached, token: int) -> None:
-        """The sender's FERRY_CMD_COMMIT: receiving -> committing, ``token`` recorded."""
+    def begin_commit(self, sender: object) -> None:
+        """The sender's commit: receiving -> committing."""
         if sender is not self._sender:
             raise ValueError("only the migration sender may commit")
-        self.trigger("commit")
-        self.fencing_token = token
+        self.trigger(RoleTrigger.COMMIT)
 
-    def committed(self, sender: Attached) -> bool:
+    def detach_commit(self, sender: object) -> DetachedCommit | None:
+        """The commit no longer depends on ``sender``'s socket: it becomes the sender.
+
+        Returns the commit's new identity (to finish it with), or None if
+        ``sender``'s attempt ended meanwhile.
+        """
+        if sender is not self._sender or self.state != RoleState.COMMITTING:
+            return None
+        commit = DetachedCommit()
+        self._sender = commit
+        return commit
+
+    def committed(self, sender: object) -> bool:
         """The image is durable: committing -> serving, with control.  False if too late.
 
         False when ``sender``'s attempt ended meanwhile (its connection was
         lost during the fsync, and the export is listening again or has a
         new sender): the commit did not happen and must not be acknowledged.
         """
-        if sender is not self._sender or self.state != "committing":
+        if sender is not self._sender or self.state != RoleState.COMMITTING:
             return False
         self._sender = None
-        self.trigger("committed")
+        self.trigger(RoleTrigger.COMMITTED)
         return True
 
     def take_lease(self, token: int, source_resource: str) -> defer.Deferred[None]:
@@ -234,37 +306,26 @@ class Export:
 
         return incoming.take_over(source_resource, token).addCallback(taken)
 
-    def sender_lost(self, sender: Attached) -> None:
+    def sender_lost(self, sender: object) -> None:
         """``sender``'s attempt ended without a commit: back to listening, for a new one."""
         if sender is not self._sender:
             return
         self._sender = None
-        self.fencing_token = None
         if self.state in RECEIVING_STATES:
-            self.trigger("sender_lost")
+            self.trigger(RoleTrigger.SENDER_LOST)
 
-    # -- the migration's hold on client I/O (its ClientGate) -----------------------
+    # -- what a migration needs of the clients (its ClientGate) ---------------------
 
-    @property
-    def held(self) -> bool:
-        return self._held
+    def writes_landed(self) -> defer.Deferred[None]:
+        """Fires once every client write dispatched so far has landed in the image.
 
-    def hold(self) -> defer.Deferred[None]:
-        """Hold new client requests (queued, not failed) for a switchover.
-
-        Fires once every client write already dispatched has landed in the
-        image.  Writes are performed on the reactor thread before their
-        reply is queued, so by the time this runs they all have: it fires
-        at once.  (A write still waiting on FUA's fsync has reached the
-        page cache, which is what the last pass reads.)
+        The role holds new requests from the moment it is ``quiescing``;
+        writes are performed on the reactor thread before their reply is
+        queued, so by the time this runs they all have: it fires at once.
+        (A write still waiting on FUA's fsync has reached the page cache,
+        which is what the last pass reads.)
         """
-        self._held = True
         return defer.succeed(None)
-
-    def release(self) -> None:
-        self._held = False
-        for client in list(self._clients):
-            client.resume_dispatch()
 
     def note_hold(self, seconds: float) -> None:
         """A client request waited ``seconds`` behind a hold: keep the longest."""

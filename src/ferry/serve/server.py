@@ -36,35 +36,34 @@ sender, and its NBD_CMD_DISC is the commit.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from ferry.clock import Clock
+from ferry.chartnames import RoleState
+from ferry.clock import Clock, DelayedCall, cancel_call
 from ferry.nbd.constants import OptionReply
 from ferry.nbd.events import ExportInfo, MigrationRequest, Refusal
 from ferry.nbd.locate import Location
 from ferry.serve.acl import Acl
-from ferry.serve.connection import NBDServerProtocol
+from ferry.serve.connection import NBDServerProtocol, Receiver
 from ferry.serve.export import RECEIVING_STATES, Export
+from ferry.serve.limits import (
+    DRAIN_TIMEOUT,
+    HANDSHAKE_TIMEOUT,
+    MAX_CLIENTS,
+    MAX_CONNECTIONS_PER_ADDRESS,
+    RECEIVE_BUDGET,
+    REPLY_BUDGET,
+    REPLY_RECOUNT,
+    SENDER_TIMEOUT,
+    Budget,
+)
 
 log = Logger()
-
-# A client has this long to finish the handshake: a connection that never
-# negotiates would otherwise hold a client slot forever.
-HANDSHAKE_TIMEOUT: Final = 10.0
-# A migration sender that sends nothing for this long while the export is
-# receiving is closed, and the export listens again: otherwise a source that
-# hung (or a peer that only pretends to be one) keeps the export receiving,
-# refusing every other sender, forever.  A source is never silent this long:
-# it paces its requests to at most a second's worth of its rate limit.
-SENDER_TIMEOUT: Final = 120.0
-# Connections (handshaking or transmitting) admitted at once; more are closed
-# as soon as they are accepted.
-MAX_CLIENTS: Final = 256
 
 RunBlocking = Callable[[Callable[[], object]], "defer.Deferred[Any]"]
 
@@ -81,20 +80,29 @@ class NBDServer(Factory):
         acl: Acl | None = None,
         oldstyle: bool = False,
         max_clients: int = MAX_CLIENTS,
+        max_per_address: int = MAX_CONNECTIONS_PER_ADDRESS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         sender_timeout: float = SENDER_TIMEOUT,
+        receiver: Receiver | None = None,
+        receive_budget: int = RECEIVE_BUDGET,
+        reply_budget: int = REPLY_BUDGET,
     ) -> None:
-        if not exports:
-            raise ValueError("a server needs at least one export")
-        self.exports = {export.name: export for export in exports}
-        self.default_export = exports[0]
+        self.exports: dict[str, Export] = {}
+        for export in exports:
+            self.add_export(export)
         self.clock = clock
         self.run_blocking = run_blocking
         self.acl = acl or Acl()
         self.oldstyle = oldstyle
         self.max_clients = max_clients
+        self.max_per_address = max_per_address
+        self.receive_budget = Budget(receive_budget)
+        self.reply_budget = Budget(reply_budget)
+        self._recount: DelayedCall | None = None
         self.handshake_timeout = handshake_timeout
         self.sender_timeout = sender_timeout
+        # Who performs a sender's commit; without one, no migration is taken.
+        self.receiver = receiver
         self.connections: set[NBDServerProtocol] = set()
         self.accepting = True
 
@@ -103,10 +111,83 @@ class NBDServer(Factory):
     def buildProtocol(self, addr: IAddress | None) -> NBDServerProtocol | None:
         if not self.accepting:
             return None
-        if len(self.connections) >= self.max_clients:
-            log.warn("refusing a connection: {n} clients already", n=len(self.connections))
+        host = getattr(addr, "host", "")
+        if len(self.connections) >= self.max_clients and not self._make_room(host):
+            log.warn("refusing {host}: {n} clients already", host=host, n=len(self.connections))
             return None
-        return NBDServerProtocol(self)
+        protocol = NBDServerProtocol(self)
+        same = sum(1 for c in self.connections if c.peer_host == host)
+        if host and same >= self.max_per_address:
+            # Answered in the handshake (ERR_POLICY, with this message), then closed.
+            protocol.refusal = Refusal(
+                OptionReply.ERR_POLICY,
+                f"too many connections from {host}: {self.max_per_address} at most",
+            )
+        return protocol
+
+    def room_for_replies(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more of replies fit the REPLY_BUDGET, counted afresh if need be.
+
+        A transport that drained without pausing its connection tells
+        nobody, so a full budget is counted again from the transports
+        themselves before anyone is made to wait; while someone waits, it is
+        counted again every ``REPLY_RECOUNT`` seconds.
+        """
+        budget = self.reply_budget
+        if budget.fits(nbytes):
+            return True
+        self._recount_replies()
+        if budget.fits(nbytes):
+            return True
+        if self._recount is None:
+            self._recount = self.clock.call_later(REPLY_RECOUNT, self._recount_while_waiting)
+        return False
+
+    def _recount_replies(self) -> None:
+        for connection in list(self.connections):
+            connection.account_replies()
+
+    def _recount_while_waiting(self) -> None:
+        self._recount = None
+        self._recount_replies()
+        if self.reply_budget.pressed:
+            self._recount = self.clock.call_later(REPLY_RECOUNT, self._recount_while_waiting)
+
+    def _make_room(self, host: str) -> bool:
+        """The server is full: close the longest-idle connection of its biggest holder.
+
+        The address that holds the most connections gives one up -- unless
+        that is the newcomer's own address, or none of its connections is
+        idle (nothing queued, nothing in flight): then the newcomer is refused.
+        """
+        by_host: dict[str, list[NBDServerProtocol]] = {}
+        for connection in self.connections:
+            by_host.setdefault(connection.peer_host, []).append(connection)
+        hog, theirs = max(by_host.items(), key=lambda item: len(item[1]))
+        idle = [c for c in theirs if c.idle]
+        if hog == host or not idle:
+            return False
+        victim = min(idle, key=lambda c: c.last_active)
+        victim.disconnect(f"the server is full; {hog} holds the most connections")
+        self.connections.discard(victim)
+        return True
+
+    # -- the exports it serves ------------------------------------------------------
+
+    def add_export(self, export: Export) -> None:
+        """Serve ``export`` by its name (the first one added is the default export too)."""
+        if export.name in self.exports:
+            raise ValueError(f"an export named {export.name!r} is served already")
+        self.exports[export.name] = export
+
+    def remove_export(self, name: str) -> Export:
+        """Stop handing ``name`` to new clients (see :meth:`drain_export` for its clients)."""
+        return self.exports.pop(name)
+
+    @property
+    def default_export(self) -> Export | None:
+        """What the empty name (and an oldstyle hello) reaches: the first export added."""
+        return next(iter(self.exports.values()), None)
 
     def connection_opened(self, connection: NBDServerProtocol) -> None:
         self.connections.add(connection)
@@ -129,7 +210,7 @@ class NBDServer(Factory):
             return Refusal(OptionReply.ERR_SHUTDOWN, "server is shutting down")
         if not export.clients_allowed:
             state = export.state
-            if state == "listening":
+            if state == RoleState.LISTENING:
                 why = "is listening for a migration and accepts clients once it has control"
             elif state in RECEIVING_STATES:
                 why = f"is {state} a migration and accepts clients once it has control"
@@ -146,9 +227,11 @@ class NBDServer(Factory):
     def admit_migration(self, request: MigrationRequest) -> Refusal | None:
         if not self.accepting:
             return Refusal(OptionReply.ERR_SHUTDOWN, "server is shutting down")
+        if self.receiver is None:
+            return Refusal(OptionReply.ERR_POLICY, "this server takes no migrations")
         # The option names no export (GO does): any listening one will do here.
         exports = list(self.exports.values())
-        listening = [export for export in exports if export.state == "listening"]
+        listening = [export for export in exports if export.state == RoleState.LISTENING]
         for export in listening:
             incoming = export.incoming_lease
             why = None if incoming is None else incoming.refusal(request.resource)
@@ -157,15 +240,20 @@ class NBDServer(Factory):
         if listening:
             return Refusal(OptionReply.ERR_POLICY, why or "")
         busy = [export for export in exports if export.state in RECEIVING_STATES]
-        return _not_listening(busy[0] if busy else self.default_export)
+        target = busy[0] if busy else self.default_export
+        if target is None:
+            return Refusal(OptionReply.ERR_UNKNOWN, "this server has no export")
+        return _not_listening(target)
 
     def lookup_sender(self, name: str) -> ExportInfo | Refusal:
+        if self.receiver is None:
+            return Refusal(OptionReply.ERR_POLICY, "this server takes no migrations")
         export = self.export_named(name)
         if export is None:
             return Refusal(OptionReply.ERR_UNKNOWN, f"no export named {name!r}")
         if not self.accepting:
             return Refusal(OptionReply.ERR_SHUTDOWN, "server is shutting down")
-        if export.state != "listening":
+        if export.state != RoleState.LISTENING:
             return _not_listening(export)
         return export.info()
 
@@ -176,7 +264,7 @@ class NBDServer(Factory):
         export = self.export_named(name)
         if export is None:
             return Refusal(OptionReply.ERR_UNKNOWN, f"no export named {name!r}")
-        if export.state == "handed_off" and export.handed_to is not None:
+        if export.state == RoleState.HANDED_OFF and export.handed_to is not None:
             return [export.handed_to]
         return []
 
@@ -193,7 +281,31 @@ class NBDServer(Factory):
     def drain(self) -> defer.Deferred[Any]:
         """Stop admitting clients and let every connection finish what it received."""
         self.accepting = False
-        return defer.DeferredList([c.drain() for c in list(self.connections)])
+        return self._drain(list(self.connections))
+
+    def drain_export(self, name: str) -> defer.Deferred[Any]:
+        """Let the connections to export ``name`` finish what they received, then close."""
+        return self._drain([c for c in list(self.connections) if c.export_name == name])
+
+    def _drain(self, connections: list[NBDServerProtocol]) -> defer.Deferred[Any]:
+        """Drain ``connections``; those not done within DRAIN_TIMEOUT are closed.
+
+        A client that takes none of its replies cannot be drained: it would
+        hold up the node's shutdown (or an export's removal) for ever.
+        """
+        drained = defer.DeferredList([c.drain() for c in connections])
+        timer = self.clock.call_later(DRAIN_TIMEOUT, self._abort_undrained, connections)
+
+        def done(result: object) -> object:
+            cancel_call(timer)
+            return result
+
+        return drained.addBoth(done)
+
+    def _abort_undrained(self, connections: list[NBDServerProtocol]) -> None:
+        for connection in connections:
+            if connection in self.connections:
+                connection.disconnect(f"not drained within {DRAIN_TIMEOUT:g} s")
 
 
 def _not_listening(export: Export) -> Refusal:

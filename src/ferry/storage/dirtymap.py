@@ -171,13 +171,6 @@ class DirtyMap:
         finally:
             lock.release()
 
-    def mark_all(self) -> None:
-        """Mark the whole image, as for the first (bulk) pass."""
-        with self._lock:
-            n = len(self._bits)
-            self._bits = bytearray(b"\x01") * n
-            self._count = n
-
     @property
     def dirty_bytes(self) -> int:
         with self._lock:
@@ -186,18 +179,6 @@ class DirtyMap:
     @property
     def clean_bytes(self) -> int:
         return self.size - self.dirty_bytes
-
-    def is_dirty(self, offset: int, length: int) -> bool:
-        """True if any chunk the range touches is dirty (clipped to the image)."""
-        if offset < 0 or length < 0:
-            raise ValueError(f"bad range offset={offset} length={length}")
-        end = min(offset + length, self.size)
-        if end <= offset:
-            return False
-        first = offset >> self._shift
-        stop = ((end - 1) >> self._shift) + 1
-        with self._lock:
-            return self._bits.find(1, first, stop) != -1
 
     def dirty_bytes_from(self, offset: int) -> int:
         """Dirty bytes in the chunks that start at or after ``offset`` (a pass's look ahead).

@@ -64,7 +64,7 @@ _OPEN_REASONS: Final = {
     errno.EISDIR: "is a directory",
     errno.EACCES: "permission denied",
     errno.EPERM: "permission denied",
-    errno.EROFS: "read-only file system (open the image read-only)",
+    errno.EROFS: "read-only file system",
     errno.ENOTDIR: "a component of the path is not a directory",
     errno.ELOOP: "too many levels of symbolic links",
     errno.ENXIO: "no such device",
@@ -196,6 +196,8 @@ class Image:
             fd = os.open(path, flags)
         except OSError as e:
             reason = _OPEN_REASONS.get(e.errno or 0) or (e.strerror or str(e)).lower()
+            if not read_only and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                reason += ": to serve it without writing, use --read-only"
             raise ImageError(path, reason) from e
         try:
             st = os.fstat(fd)
@@ -288,18 +290,6 @@ class Image:
             parts.append(more)
             done += len(more)
         return b"".join(parts)
-
-    def preadinto(self, buf: bytearray | memoryview, offset: int) -> None:
-        """Fill ``buf`` from ``offset``, so a caller can reuse one buffer."""
-        view = memoryview(buf).cast("B")
-        length = view.nbytes
-        self._check(offset, length)
-        done = 0
-        while done < length:
-            n = os.preadv(self._fd, [view[done:]], offset + done)
-            if n == 0:
-                raise self._short(offset + done)
-            done += n
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         """Write all of ``data``; errors (ENOSPC, EIO, EBADF) propagate as ``OSError``.

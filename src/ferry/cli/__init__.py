@@ -1,0 +1,731 @@
+"""The ``ferry`` command.
+
+Modes and options follow flexnbd's (``serve --addr --port --file --sock
+--default-deny``, ``read --from --size``, ...) so its operators and scripts
+carry over.  Every user error ends in one line on stderr and a non-zero
+exit status, never a traceback: exit 1 for a problem with the world (a
+missing file, a port in use), 2 for a problem with the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from ferry import __version__
+from ferry.cli.errors import UserError
+from ferry.cli.lock import add_lock_commands
+
+SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def byte_count(text: str) -> int:
+    """``4096``, ``64k``, ``1M``, ``2G``: binary multiples."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)i?b?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r}")
+    return int(match.group(1)) * SIZE_SUFFIXES[match.group(2).lower()]
+
+
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range: {port}")
+    return port
+
+
+def _lockspace_text(text: str) -> str:
+    """``--lockspace``: checked here, so a bad one is a usage error (exit 2); kept as text."""
+    from ferry.lease.spec import parse_lockspace
+
+    if text == "none":
+        return text
+    try:
+        parse_lockspace(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def host_and_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"expected ADDR:PORT, got {text!r}")
+    return host.strip("[]"), port_number(port)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        mode = self.prog.split()[-1]
+        prefix = "ferry" if mode == "ferry" else f"ferry {mode}"
+        self.exit(2, f"{prefix}: {message}\n")
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="ferry",
+        description="Serve a disk image over NBD and move it live to another host.",
+    )
+    parser.add_argument("--version", action="version", version=f"ferry {__version__}")
+    modes = parser.add_subparsers(dest="mode", metavar="MODE", parser_class=Parser)
+    version = modes.add_parser("version", help="print ferry's version")
+    version.set_defaults(run=lambda args: print(f"ferry {__version__}") or 0)
+
+    for name, helptext in (
+        ("serve", "serve an image file over NBD"),
+        ("listen", "wait for a migration of an image, then serve it on the same port"),
+    ):
+        serve = modes.add_parser(name, help=helptext)
+        _network(serve, required=True)
+        serve.add_argument("-f", "--file", required=True, help="the image file (or block device)")
+        _control_sock(serve, required=False)
+        serve.add_argument(
+            "-d",
+            "--default-deny",
+            action="store_true",
+            help="an empty ACL admits no one (without it, an empty ACL admits everyone)",
+        )
+        serve.add_argument(
+            "--oldstyle",
+            action="store_true",
+            help="speak the oldstyle handshake"
+            + (" (a migration from flexnbd mirror)" if name == "listen" else ""),
+        )
+        if name == "serve":
+            serve.add_argument(
+                "-r", "--read-only", action="store_true", help="refuse writes (EPERM)"
+            )
+        serve.add_argument(
+            "-n", "--name", default="", help="export name (default: the file's name)"
+        )
+        serve.add_argument(
+            "--metrics", type=host_and_port, metavar="ADDR:PORT", help="serve Prometheus /metrics"
+        )
+        serve.add_argument("--trace", metavar="FILE", help="append every state transition as JSON")
+        serve.add_argument(
+            "--log",
+            metavar="FILE",
+            help="also append every log event, debug up, as JSON lines (with the export and, "
+            "for transitions, the trace's fields)",
+        )
+        serve.add_argument(
+            "--lockspace",
+            type=_lockspace_text,
+            metavar="SPEC",
+            help="where the image's lease is held while serving (listen: taken over with the "
+            "migration): local:DIR or etcd:http://HOST:PORT[,HOST:PORT...], or none; "
+            "default: a local directory (/var/lib/ferry/locks for root); lose it and I/O stops",
+        )
+        serve.add_argument(
+            "--resource",
+            metavar="NAME",
+            help="the lease's name (default: the image's real path; listen: the one "
+            "the migration's source holds)",
+        )
+        _verbosity(serve)
+        serve.add_argument("acl", nargs="*", metavar="ACL_ENTRY", help="address or CIDR allowed in")
+        serve.set_defaults(run=run_serve, listen=name == "listen")
+
+    mirror = modes.add_parser(
+        "mirror", help="migrate a running server's image to a listener (or any NBD server)"
+    )
+    _network(mirror, required=True)
+    _control_sock(mirror, required=True)
+    mirror.add_argument("-b", "--bind", help="local address to connect from")
+    mirror.add_argument(
+        "-m", "--max-bps", type=byte_count, default=0, help="bandwidth limit, bytes per second"
+    )
+    mirror.add_argument(
+        "--max-downtime",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="switch over when the rest can be sent in this long (default 0.3)",
+    )
+    mirror.add_argument(
+        "--max-passes",
+        type=int,
+        default=None,
+        help="passes before client writes are throttled (default 30)",
+    )
+    mirror.add_argument(
+        "--action",
+        choices=["exit", "unlink", "nothing"],
+        default=None,
+        help="what the source does after the handoff (default exit)",
+    )
+    mirror.add_argument("-u", "--unlink", action="store_true", help="same as --action unlink")
+    mirror.add_argument(
+        "--flexnbd",
+        action="store_true",
+        help="the destination is a flexnbd listener: send flexnbd's stream, DISC hands over",
+    )
+    mirror.add_argument(
+        "-w", "--wait", action="store_true", help="show progress until the end; exit 0 on success"
+    )
+    mirror.set_defaults(run=run_mirror)
+
+    proxy = modes.add_parser(
+        "proxy",
+        help="a local NBD endpoint that follows the image across migrations and restarts",
+        description="Serve NBD clients on --addr/--port (or --sock) and pass their requests, "
+        "as many in flight as they send, to the server at --conn-addr/--conn-port, one server "
+        "connection per client.  When the server goes away the requests wait, the proxy "
+        "reconnects (following a ferry source that says where the image went), and every "
+        "request without an answer is sent again; after --max-wait they get EIO.",
+    )
+    proxy.add_argument("-l", "--addr", help="IP address to serve clients on (with --port)")
+    proxy.add_argument("-p", "--port", type=port_number, help="TCP port to serve clients on")
+    proxy.add_argument("-s", "--sock", help="Unix socket to serve clients on, instead")
+    proxy.add_argument("-C", "--conn-addr", required=True, help="the server's address or name")
+    proxy.add_argument(
+        "-P", "--conn-port", type=port_number, required=True, help="the server's port"
+    )
+    proxy.add_argument("-b", "--bind", help="local address to connect to the server from")
+    proxy.add_argument(
+        "-n", "--name", default="", help="the export to ask the server for (default: its default)"
+    )
+    proxy.add_argument(
+        "--max-wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long requests wait for a lost server before they get EIO (default 60)",
+    )
+    proxy.add_argument(
+        "--metrics", type=host_and_port, metavar="ADDR:PORT", help="serve Prometheus /metrics"
+    )
+    proxy.add_argument(
+        "--lockspace",
+        metavar="SPEC",
+        help="find the image where its lease holder serves it (etcd:http://HOST:PORT[,...]), "
+        "then at --conn-addr",
+    )
+    proxy.add_argument("--resource", metavar="NAME", help="the image's lease (with --lockspace)")
+    proxy.add_argument("--control-sock", metavar="PATH", help="control socket (status)")
+    proxy.add_argument("--trace", metavar="FILE", help="append every state transition as JSON")
+    proxy.add_argument("--log", metavar="FILE", help="also append every log event as JSON lines")
+    _verbosity(proxy)
+    proxy.set_defaults(run=lambda args: run_proxy(proxy, args))
+
+    breaker = modes.add_parser("break", help="stop a running migration; the source keeps serving")
+    _control_sock(breaker, required=True)
+    breaker.set_defaults(run=lambda args: run_simple(args, ["break"]))
+
+    max_bps = modes.add_parser(
+        "mirror-max-bps", help="change a running migration's bandwidth limit"
+    )
+    _control_sock(max_bps, required=True)
+    max_bps.add_argument("bps", metavar="N", help="bytes per second (0: no limit)")
+    max_bps.set_defaults(run=lambda args: run_simple(args, ["mirror_max_bps", args.bps]))
+
+    status = modes.add_parser("status", help="print a server's status line")
+    _control_sock(status, required=True)
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="if the server is not up yet, keep trying this long (for scripts)",
+    )
+    status.set_defaults(run=run_status)
+
+    events = modes.add_parser(
+        "events", help="print every state transition of a server as it happens, until Ctrl-C"
+    )
+    _control_sock(events, required=True)
+    events.add_argument(
+        "--no-current",
+        dest="current",
+        action="store_false",
+        help="do not print first the last record of every machine (where each stands now)",
+    )
+    events.set_defaults(run=run_events)
+
+    acl = modes.add_parser("acl", help="replace a server's access control list")
+    _control_sock(acl, required=True)
+    acl.add_argument("acl", nargs="*", metavar="ACL_ENTRY")
+    acl.set_defaults(run=run_acl)
+
+    for name, helptext in (
+        ("read", "read bytes from an NBD server to stdout"),
+        ("write", "write bytes from stdin to an NBD server"),
+    ):
+        mode = modes.add_parser(name, help=helptext)
+        _network(mode, required=True)
+        mode.add_argument("-F", "--from", dest="offset", type=byte_count, required=True)
+        mode.add_argument("-S", "--size", type=byte_count, required=True)
+        mode.add_argument("-b", "--bind", help="local address to connect from")
+        mode.add_argument("-n", "--name", default="", help="export name (default export if empty)")
+        mode.set_defaults(run=run_read if name == "read" else run_write)
+
+    trace = modes.add_parser("trace", help="work with transition traces")
+    trace_modes = trace.add_subparsers(dest="trace_mode", metavar="ACTION", parser_class=Parser)
+    replay = trace_modes.add_parser("replay", help="check a trace against the statecharts")
+    replay.add_argument("file")
+    replay.set_defaults(run=run_trace_replay)
+    show = trace_modes.add_parser(
+        "show", help="print the timeline of every machine in one or more traces; draw it as SVG"
+    )
+    show.add_argument("files", nargs="+", metavar="FILE")
+    show.add_argument("--svg", metavar="OUT", help="also draw the timeline into this SVG file")
+    show.set_defaults(run=run_trace_show)
+
+    add_lock_commands(modes)
+
+    charts = modes.add_parser("statecharts", help="work with the statechart files")
+    chart_modes = charts.add_subparsers(dest="chart_mode", metavar="ACTION", parser_class=Parser)
+    render = chart_modes.add_parser("render", help="write .dot and .mmd beside each YAML")
+    render.add_argument("--dir", type=Path, help="directory of the YAML files")
+    render.add_argument(
+        "--check", action="store_true", help="write nothing; fail if a diagram is stale"
+    )
+    render.set_defaults(run=run_render)
+
+    helper = modes.add_parser("help", help="show help for a mode")
+    helper.add_argument("topic", nargs="?", metavar="MODE")
+    helper.set_defaults(run=lambda args: run_help(parser, modes.choices, args))
+    return parser
+
+
+def _network(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument("-l", "--addr", required=required, help="IP address")
+    parser.add_argument("-p", "--port", type=port_number, required=required, help="TCP port")
+
+
+def _control_sock(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument("-s", "--sock", required=required, help="control socket path")
+
+
+def _verbosity(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", help="log every connection")
+    group.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+
+
+# -- modes ----------------------------------------------------------------------
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from twisted.internet import reactor
+
+    from ferry.logs import LogFileError, open_log_file, start_logging
+    from ferry.node import Node, ServeConfig, StartupError
+
+    config = ServeConfig(
+        file=args.file,
+        addr=args.addr,
+        port=args.port,
+        name=args.name,
+        sock=args.sock,
+        acl=tuple(args.acl),
+        default_deny=args.default_deny,
+        oldstyle=args.oldstyle,
+        read_only=getattr(args, "read_only", False),
+        metrics=args.metrics,
+        trace=args.trace,
+        listen=args.listen,
+        lockspace=getattr(args, "lockspace", None),
+        resource=getattr(args, "resource", None),
+    )
+    try:
+        log_file = open_log_file(args.log) if args.log else None
+    except LogFileError as error:
+        raise UserError(str(error)) from None
+    start_logging(
+        verbose=args.verbose,
+        quiet=args.quiet,
+        json_file=log_file,
+        fields={"export": config.export_name},
+    )
+    node = Node(reactor, config)
+    refusal: list[BaseException] = []
+
+    def refused(failure: Any) -> None:
+        refusal.append(failure.value)
+        if reactor.running:
+            reactor.stop()
+
+    node.start().addErrback(refused)
+    if not refusal:
+        reactor.addSystemEventTrigger("before", "shutdown", node.shutdown)
+        reactor.run()
+    if refusal:
+        if isinstance(refusal[0], StartupError):
+            raise UserError(str(refusal[0])) from None
+        raise refusal[0]
+    return 0
+
+
+def run_proxy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``ferry proxy``; what argparse cannot check is a usage error all the same (exit 2)."""
+    from twisted.internet import reactor
+
+    from ferry.logs import LogFileError, open_log_file, start_logging
+    from ferry.proxy.runner import ProxyConfig, ProxyNode, StartupError
+
+    if args.sock is not None and (args.addr is not None or args.port is not None):
+        parser.error("listen on --addr and --port, or on --sock, not both")
+    if args.sock is None and (args.addr is None or args.port is None):
+        parser.error("--addr and --port (or --sock) are required")
+    try:
+        config = ProxyConfig(
+            conn_addr=args.conn_addr,
+            conn_port=args.conn_port,
+            addr=args.addr,
+            port=args.port,
+            sock=args.sock,
+            bind=args.bind,
+            name=args.name,
+            max_wait=args.max_wait,
+            metrics=args.metrics,
+            control_sock=args.control_sock,
+            trace=args.trace,
+            lockspace=args.lockspace,
+            resource=args.resource,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        log_file = open_log_file(args.log) if args.log else None
+    except LogFileError as error:
+        raise UserError(str(error)) from None
+    start_logging(
+        verbose=args.verbose, quiet=args.quiet, json_file=log_file, fields={"export": args.name}
+    )
+    try:
+        node = ProxyNode(reactor, config)
+        node.start()
+    except StartupError as error:
+        raise UserError(str(error)) from None
+    reactor.addSystemEventTrigger("before", "shutdown", node.shutdown)
+    reactor.run()
+    return 0
+
+
+def control_request(path: str, lines: Sequence[str]) -> tuple[int, str]:
+    """Send one flexnbd-form command; a failure to reach the server is a UserError."""
+    from ferry.control.client import ControlError, line_command
+
+    try:
+        return line_command(path, list(lines))
+    except ControlError as error:
+        raise UserError(str(error)) from None
+
+
+def run_status(args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            status, text = control_request(args.sock, ["status"])
+            break
+        except UserError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)  # polling a server that is still starting
+    if status != 0:
+        raise UserError(text)
+    if args.json:
+        # Asked again, as JSON: numbers as numbers, booleans as booleans.
+        print(json.dumps(json_call(args.sock, "status"), indent=2))
+    else:
+        print(text)
+    return 0
+
+
+def json_call(path: str, method: str, params: dict[str, Any] | None = None) -> Any:
+    """One JSON-lines request; its result, or a UserError with the server's message."""
+    from ferry.control.client import ControlError, JsonControl
+
+    try:
+        with JsonControl(path) as control:
+            answer = control.call(method, params)
+    except ControlError as error:
+        raise UserError(str(error)) from None
+    if "error" in answer:
+        raise UserError(answer["error"]["message"])
+    return answer["result"]
+
+
+def run_acl(args: argparse.Namespace) -> int:
+    status, text = control_request(args.sock, ["acl", *args.acl])
+    if status != 0:
+        raise UserError(text)
+    return 0
+
+
+def run_simple(args: argparse.Namespace, lines: list[str]) -> int:
+    """A control command whose answer is printed as it comes (``break``, ...).
+
+    A refusal is an error like any other: one line on stderr, exit 1.
+    """
+    status, text = control_request(args.sock, lines)
+    if status != 0:
+        raise UserError(text)
+    print(text)
+    return 0
+
+
+def run_mirror(args: argparse.Namespace) -> int:
+    from ferry.control.client import ControlError
+
+    try:
+        return _mirror(args)
+    except ControlError as error:
+        raise UserError(str(error)) from None
+
+
+def _mirror(args: argparse.Namespace) -> int:
+    from ferry.control.client import JsonControl
+
+    action = "unlink" if args.unlink else (args.action or "exit")
+    params: dict[str, Any] = {
+        "args": [args.addr, str(args.port), action, args.bind or "", str(args.max_bps)]
+    }
+    if args.max_downtime is not None:
+        params["max_downtime"] = args.max_downtime
+    if args.max_passes is not None:
+        params["max_passes"] = args.max_passes
+    if args.flexnbd:
+        params["flexnbd"] = True
+    with JsonControl(args.sock) as control:
+        answer = control.call("mirror", params)
+        if "error" in answer:
+            raise UserError(answer["error"]["message"])
+        print(answer["result"]["message"], flush=True)
+        if not args.wait:
+            return 0
+        result = control.follow(lambda line: print(line, flush=True))
+    if result is None:
+        raise UserError("lost contact with the source before the migration ended")
+    state = result.get("state")
+    if state == "completed":
+        where = f"{args.addr}:{args.port}"
+        if result.get("handed_off"):
+            print(f"migration completed: {where} has control of the image")
+        else:
+            print(f"mirror completed: {where} holds a flushed copy")
+        return 0
+    raise UserError(f"migration ended {state}: {result.get('reason') or 'no reason given'}")
+
+
+def run_read(args: argparse.Namespace) -> int:
+    from ferry.remote import RemoteExport
+
+    out = sys.stdout.buffer
+    with _remote(args, RemoteExport) as remote:
+        _check_range(args, remote.size)
+        for offset, length in _chunks(args.offset, args.size):
+            out.write(remote.pread(offset, length))
+    out.flush()
+    return 0
+
+
+def run_write(args: argparse.Namespace) -> int:
+    from ferry.remote import RemoteExport
+
+    source = sys.stdin.buffer
+    with _remote(args, RemoteExport) as remote:
+        _check_range(args, remote.size)
+        for offset, length in _chunks(args.offset, args.size):
+            data = source.read(length)
+            if len(data) != length:
+                got = offset - args.offset + len(data)
+                raise UserError(f"stdin ended after {got} of {args.size} bytes")
+            remote.pwrite(data, offset)
+        remote.flush()
+    return 0
+
+
+def _remote(args: argparse.Namespace, remote_type: Any) -> Any:
+    from ferry.remote import NegotiationError, RemoteError
+
+    try:
+        return _Guarded(
+            remote_type.connect(args.addr, args.port, export_name=args.name, bind=args.bind),
+            (RemoteError, NegotiationError),
+        )
+    except NegotiationError as error:
+        raise UserError(f"{args.addr}:{args.port}: {error}") from None
+    except OSError as error:
+        raise UserError(f"{args.addr}:{args.port}: {error.strerror or error}") from None
+
+
+class _Guarded:
+    """Context manager that turns the remote's errors into one-line user errors."""
+
+    def __init__(self, remote: Any, errors: tuple[type[BaseException], ...]) -> None:
+        self._remote = remote
+        self._errors = errors
+
+    def __enter__(self) -> Any:
+        return self._remote
+
+    def __exit__(self, kind: Any, error: Any, tb: Any) -> None:
+        with contextlib.suppress(Exception):
+            self._remote.close()
+        if error is not None and isinstance(error, (*self._errors, OSError)):
+            raise UserError(str(error)) from None
+
+
+CHUNK = 4 << 20
+
+
+def _chunks(start: int, size: int) -> list[tuple[int, int]]:
+    return [
+        (offset, min(CHUNK, start + size - offset)) for offset in range(start, start + size, CHUNK)
+    ]
+
+
+def _check_range(args: argparse.Namespace, size: int) -> None:
+    if args.offset + args.size > size:
+        raise UserError(
+            f"range {args.offset}+{args.size} is past the end of the export ({size} bytes)"
+        )
+
+
+def run_trace_replay(args: argparse.Namespace) -> int:
+    from ferry import statecharts
+    from ferry.replay import replay
+    from ferry.trace import ReplayError
+
+    try:
+        with open(args.file, encoding="utf-8") as lines:
+            result = replay(lines, statecharts.load_all())
+    except OSError as error:
+        raise UserError(f"trace {args.file}: {error.strerror}") from None
+    except ReplayError as error:
+        raise UserError(f"{args.file}: {error}") from None
+    for (machine, instance), state in sorted(result.final_states.items()):
+        print(f"{machine} {instance} {state}")
+    return 0
+
+
+def run_events(args: argparse.Namespace) -> int:
+    """Print the server's transitions as trace lines until it ends the stream or we are stopped.
+
+    Exit 0 when interrupted (SIGINT, SIGTERM: the usual way to stop it) or
+    when the server shut down after sending everything; 1 when the server
+    dropped us, went away without a word, or could not be reached.
+    """
+    import signal
+
+    from ferry.control.client import ControlError, JsonControl
+    from ferry.trace import TraceFormatError, TraceRecord
+
+    def show(fields: Mapping[str, Any]) -> None:
+        try:
+            rec = TraceRecord(**fields)
+        except (TraceFormatError, TypeError) as error:
+            raise ControlError(f"control socket {args.sock}: not a trace record: {error}") from None
+        print(rec.to_json(), flush=True)
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        with JsonControl(args.sock) as control:
+            for fields in control.subscribe(current=args.current):
+                show(fields)
+            print(f"ferry events: following {args.sock}", file=sys.stderr, flush=True)
+            end = control.follow_events(show)
+    except ControlError as error:
+        raise UserError(str(error)) from None
+    except KeyboardInterrupt:
+        print("ferry events: stopped", file=sys.stderr)
+        return 0
+    if end is None:
+        raise UserError(f"control socket {args.sock}: the server went away")
+    if not end.complete:
+        raise UserError(f"control socket {args.sock}: {end.reason}")
+    print(f"ferry events: {args.sock}: {end.reason}", file=sys.stderr)
+    return 0
+
+
+def run_trace_show(args: argparse.Namespace) -> int:
+    from ferry.timeline import build_timeline, render_svg, render_text
+    from ferry.trace import ReplayError, TraceRecord, read_records
+
+    traces: list[tuple[str, list[TraceRecord]]] = []
+    for path in args.files:
+        try:
+            with open(path, encoding="utf-8") as lines:
+                records = [rec for _, _, rec in read_records(lines)]
+        except OSError as error:
+            raise UserError(f"trace {path}: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"trace {path}: not a text file") from None
+        except ReplayError as error:
+            raise UserError(f"{path}: {error}") from None
+        if not records:
+            raise UserError(f"trace {path}: no records")
+        traces.append((path, records))
+    timeline = build_timeline(traces)
+    if args.svg:
+        try:
+            Path(args.svg).write_text(render_svg(timeline), encoding="utf-8")
+        except OSError as error:
+            raise UserError(f"svg {args.svg}: {error.strerror}") from None
+    sys.stdout.write(render_text(timeline))
+    return 0
+
+
+def run_render(args: argparse.Namespace) -> int:
+    from ferry import statecharts
+
+    if args.check:
+        stale = statecharts.stale_diagrams(args.dir)
+        if stale:
+            names = ", ".join(str(p) for p in stale)
+            raise UserError(f"stale diagrams: {names}; run `ferry statecharts render`")
+        return 0
+    for path in statecharts.render_all(args.dir):
+        print(path)
+    return 0
+
+
+def run_help(
+    parser: argparse.ArgumentParser,
+    modes: Mapping[str, argparse.ArgumentParser],
+    args: argparse.Namespace,
+) -> int:
+    if args.topic is None:
+        parser.print_help()
+    elif args.topic in modes:
+        modes[args.topic].print_help()
+    else:
+        print(
+            f"ferry help: no mode named {args.topic!r} (modes: {', '.join(modes)})", file=sys.stderr
+        )
+        return 2
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run: Callable[[argparse.Namespace], int] | None = getattr(args, "run", None)
+    if run is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return run(args)
+    except UserError as error:
+        print(f"ferry: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1

@@ -1,0 +1,137 @@
+"""One attempt of a migration: one connection to the destination and what is under way on it.
+
+A migration job may take several attempts (a lost connection, an error
+reply, a refused commit: the job retries from scratch).  Everything that
+belongs to one connection lives in an :class:`Attempt`, and the source
+replaces the whole object when it gives the connection up, so a late reply,
+timer or ``connectionLost`` of an earlier attempt finds it is no longer
+current and changes nothing.  :class:`Driver` is what the parts of the
+source (:mod:`~ferry.migrate.copier`, :mod:`~ferry.migrate.switchover`)
+need of the :class:`~ferry.migrate.source.MirrorSource` that owns them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from ferry.clock import Clock, DelayedCall
+from ferry.migrate.core.passes import CopyOp, PassPlan
+from ferry.migrate.core.stats import FailureReason, MigrationStats
+from ferry.migrate.wire import MirrorProtocol
+from ferry.nbd.constants import TransmissionFlag
+from ferry.nbd.events import Negotiated
+
+if TYPE_CHECKING:
+    from ferry.migrate.core.job import MigrationJob
+    from ferry.migrate.gate import ClientGate
+    from ferry.migrate.lease import OutgoingLease
+    from ferry.migrate.options import MirrorOptions
+    from ferry.serve.export import Export
+    from ferry.storage import Image
+
+__all__ = ["Attempt", "AttemptCounters", "Driver"]
+
+
+@dataclass(slots=True)
+class AttemptCounters:
+    """What one attempt sent (reset on every negotiation): for tests and logs."""
+
+    data_requests: int = 0
+    data_bytes: int = 0
+    zero_requests: int = 0
+    zero_bytes: int = 0
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One connection's worth of state; a new one for every connect."""
+
+    number: int
+    wire: MirrorProtocol | None = None
+    plain: bool | None = None  # learned from the answer to FERRY_OPT_MIGRATE
+    negotiated: Negotiated | None = None
+    hello_timer: DelayedCall | None = None
+    reply_timer: DelayedCall | None = None
+    # The pass being sent: its plan, the iterator over it, split ops first.
+    plan: PassPlan | None = None
+    ops: Iterator[CopyOp] | None = None
+    queue: deque[CopyOp] = field(default_factory=deque)
+    exhausted: bool = False
+    in_flight: dict[int, CopyOp] = field(default_factory=dict)
+    bytes_in_flight: int = 0
+    paced: CopyOp | None = None  # reserved with the limiter, waiting to go
+    pace_timer: DelayedCall | None = None
+    flush_handle: int | None = None
+    preflush_handle: int | None = None  # a FLUSH between passes (see copier.PREFLUSH_BYTES)
+    preflush: tuple[int, float, bool] = (0, 0.0, False)  # its bytes, when it went, measurable?
+    # Data went while a FLUSH was in flight since the last FLUSH was sent: that
+    # FLUSH may have written some of it back, so the next one says too little.
+    overlapped: bool = False
+    unflushed_bytes: int = 0  # written to the destination since the last FLUSH went
+    commit_handle: int | None = None
+    # When the switchover's steps ended: clients held, last pass sent, FLUSHed (for the log).
+    switchover: list[float] = field(default_factory=list)
+    last_pass_bytes: int = 0
+
+    def timers(self) -> tuple[DelayedCall | None, ...]:
+        return (self.hello_timer, self.reply_timer, self.pace_timer)
+
+    def awaiting_reply(self) -> bool:
+        """Whether any request of this attempt is still unanswered."""
+        handles = (self.flush_handle, self.commit_handle, self.preflush_handle)
+        return bool(self.in_flight) or any(h is not None for h in handles)
+
+    def can(self, flag: TransmissionFlag) -> bool:
+        """Whether the destination's hello advertised ``flag``."""
+        assert self.negotiated is not None
+        return bool(self.negotiated.transmission_flags & flag)
+
+
+class Driver(Protocol):
+    """What the source's parts need of the source: its job, its image, its attempt."""
+
+    @property
+    def export(self) -> Export: ...
+
+    @property
+    def image(self) -> Image: ...
+
+    @property
+    def job(self) -> MigrationJob: ...
+
+    @property
+    def gate(self) -> ClientGate: ...
+
+    @property
+    def lease(self) -> OutgoingLease | None: ...
+
+    @property
+    def clock(self) -> Clock: ...
+
+    @property
+    def options(self) -> MirrorOptions: ...
+
+    @property
+    def stats(self) -> MigrationStats: ...
+
+    @property
+    def counters(self) -> AttemptCounters: ...
+
+    def current(self, attempt: Attempt) -> bool:
+        """Whether ``attempt`` is still the one the source is making."""
+        ...
+
+    def fail(
+        self, attempt: Attempt, message: str, detail: str, reason: FailureReason | None = None
+    ) -> None:
+        """The attempt failed: close it and tell the job (see ``MirrorSource.fail``)."""
+        ...
+
+    def arm_reply_timer(self, attempt: Attempt) -> None: ...
+
+    def settle_reply_timer(self, attempt: Attempt) -> None: ...
+
+    def set_write_cap(self, cap: int | None) -> None: ...

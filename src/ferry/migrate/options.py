@@ -1,0 +1,153 @@
+"""What a ``mirror`` command asks for, and what it is answered: the source's vocabulary.
+
+flexnbd's replies are kept word for word (its tooling matches them); the
+options carry ferry's defaults.  Nothing here does anything: the driver is
+:mod:`ferry.migrate.source`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Final
+
+from ferry.migrate.core.backoff import INITIAL_DELAY, MAX_DELAY
+from ferry.migrate.core.convergence import DEFAULT_MAX_DOWNTIME, DEFAULT_MAX_PASSES
+from ferry.migrate.core.passes import DEFAULT_MAX_DATA_LENGTH
+from ferry.migrate.core.stats import FailureReason
+
+__all__ = [
+    "CANCELLED",
+    "FAILED_TO_CONNECT",
+    "LEASE_LOST",
+    "MIRROR_STARTED",
+    "NO_HELLO",
+    "REASON_OF_REPLY",
+    "REJECTED",
+    "SIZE_MISMATCH",
+    "CannotBreak",
+    "Destination",
+    "FinishAction",
+    "MirrorError",
+    "MirrorOptions",
+    "MirrorResult",
+    "NotMirroring",
+    "StartOutcome",
+]
+
+# flexnbd's replies to `mirror`, word for word (the control command prints them).
+MIRROR_STARTED: Final = "Mirror started"
+FAILED_TO_CONNECT: Final = "Mirror failed to connect"
+NO_HELLO: Final = "Remote server failed to respond"
+REJECTED: Final = "Mirror was rejected"
+SIZE_MISMATCH: Final = "Remote size does not match local size"
+CANCELLED: Final = "Mirror was cancelled"
+LEASE_LOST: Final = "Mirror failed: the lease was lost"
+#: The counted reason (``ferry_migration_*_total{reason}``) of a failure that
+#: carries one of flexnbd's replies; the other failures name their own.
+REASON_OF_REPLY: Final = {
+    FAILED_TO_CONNECT: FailureReason.CONNECT,
+    NO_HELLO: FailureReason.NO_HELLO,
+    REJECTED: FailureReason.REJECTED,
+    SIZE_MISMATCH: FailureReason.SIZE_MISMATCH,
+}
+
+#: Requests and data bytes unanswered at once: enough to keep a fast link
+#: busy across a round trip, small enough to bound the transport's buffer.
+#: The request count matters for dirty passes (a 4 KiB WRITE each): the
+#: more replies one read brings back, the more WRITEs one ``sendmsg`` sends.
+DEFAULT_MAX_IN_FLIGHT: Final = 512
+DEFAULT_MAX_BYTES_IN_FLIGHT: Final = 32 * 1024 * 1024
+DEFAULT_CONNECT_TIMEOUT: Final = 5.0
+DEFAULT_HELLO_TIMEOUT: Final = 5.0
+DEFAULT_REPLY_TIMEOUT: Final = 60.0
+
+
+class MirrorError(Exception):
+    """A control request the mirror cannot do in its state; ``str`` is the reason."""
+
+
+class NotMirroring(MirrorError):
+    """``break`` / ``mirror_max_bps`` when the job has already ended."""
+
+
+class CannotBreak(MirrorError):
+    """``break`` once the commit may have landed, or while the lease is taken back."""
+
+
+class FinishAction(enum.Enum):
+    """What the source does with itself once the destination owns the image (flexnbd's)."""
+
+    EXIT = "exit"
+    UNLINK = "unlink"
+    NOTHING = "nothing"
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where to mirror to: ``host`` (a name or an address), ``port``, optional ``bind`` address."""
+
+    host: str
+    port: int
+    bind: str | None = None
+    export_name: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorOptions:
+    """Everything a ``mirror`` command can say, with ferry's defaults."""
+
+    max_bps: int | None = None
+    max_downtime: float = DEFAULT_MAX_DOWNTIME
+    max_passes: int = DEFAULT_MAX_PASSES
+    action: FinishAction = FinishAction.EXIT  # flexnbd's default
+    fencing_token: int = 0  # the commit's token without a lease
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    hello_timeout: float = DEFAULT_HELLO_TIMEOUT
+    reply_timeout: float = DEFAULT_REPLY_TIMEOUT
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT
+    max_data_length: int = DEFAULT_MAX_DATA_LENGTH
+    retry_initial: float = INITIAL_DELAY
+    retry_max: float = MAX_DELAY
+    destination_empty: bool = False
+    flexnbd: bool = False  # the destination is a flexnbd listener: its stream and handoff
+
+    def __post_init__(self) -> None:
+        for name in ("connect_timeout", "hello_timeout", "reply_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_in_flight < 1 or self.max_bytes_in_flight < 1 or self.max_data_length < 1:
+            raise ValueError("in-flight limits and max_data_length must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class StartOutcome:
+    """How the first negotiation went: what ``mirror`` answers.
+
+    ``message`` is flexnbd's reply text; ``detail`` says why, for logs.
+    ``plain_target``: the destination is an NBD server without ferry's
+    migration extension (a mirror, no handoff).
+    """
+
+    ok: bool
+    message: str
+    detail: str = ""
+    plain_target: bool = False
+
+    @property
+    def reply(self) -> str:
+        """The control socket's reply line: ``0: Mirror started`` or ``1: ...``."""
+        return f"{0 if self.ok else 1}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorResult:
+    """How the job ended: the migration chart's final state, and whether the image left."""
+
+    state: str
+    handed_off: bool
+    reason: str = ""
