@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ferry import statecharts
+from ferry.chartnames import ProxyState, ProxyTrigger
 from ferry.clock import Clock, DelayedCall
 from ferry.migrate.core.backoff import Backoff
 from ferry.migrate.wire import MirrorProtocol
@@ -189,7 +190,7 @@ class ProxySession(Protocol):
 
     # -- the machine ------------------------------------------------------------
 
-    def _fire(self, trigger: str) -> None:
+    def _fire(self, trigger: ProxyTrigger) -> None:
         machine: Any = self._link
         machine.trigger(trigger)
         self._mode = self._chart.property(self._link.state, "requests")
@@ -241,8 +242,8 @@ class ProxySession(Protocol):
             else:
                 upstream.wire.disconnect()
         self.book.fail_all(self._clock.seconds())
-        if self.state != "closed":
-            self._fire("close")
+        if self.state != ProxyState.CLOSED:
+            self._fire(ProxyTrigger.CLOSE)
         log.info("{session}: {peer} went away", session=self.name, peer=self.peer)
         self._host.session_closed(self)
         drained, self._drained = self._drained, []
@@ -317,7 +318,7 @@ class ProxySession(Protocol):
             self._lose_client()
 
     def _accept(self, request: Request) -> None:
-        if self.state == "failed":
+        if self.state == ProxyState.FAILED:
             # The proxy gave up waiting; the client asks again: try now, and
             # let this request wait for that one attempt.
             _cancel(self._retry_timer)
@@ -433,7 +434,7 @@ class ProxySession(Protocol):
             pending = book.answered(reply.handle, now)
             if pending is not None and not self._gone:
                 self._answer(pending, reply)
-        if self._mode == _FORWARD and self.state == "replaying" and not book.held:
+        if self._mode == _FORWARD and self.state == ProxyState.REPLAYING and not book.held:
             self._replayed()
         self._pump_soon()
 
@@ -484,7 +485,7 @@ class ProxySession(Protocol):
             n=len(self.book),
             resend=resend,
         )
-        self._fire("lost")
+        self._fire(ProxyTrigger.LOST)
         self._arm_wait()
         self._backoff.reset()
         self._retry_timer = self._clock.call_later(0, self._retry)
@@ -494,7 +495,11 @@ class ProxySession(Protocol):
         d = self._host.finder.locations()
 
         def go(found: list[Location]) -> None:
-            if self._gone or self._dial is not None or self.state in ("connected", "replaying"):
+            if (
+                self._gone
+                or self._dial is not None
+                or self.state in (ProxyState.CONNECTED, ProxyState.REPLAYING)
+            ):
                 return
             first = [] if self._last_good is None else [self._last_good]
             places = first + [place for place in found if place not in first]
@@ -513,11 +518,11 @@ class ProxySession(Protocol):
 
     def _dialed(self, location: Location) -> None:
         if not self._gone:
-            self._fire("dialed")
+            self._fire(ProxyTrigger.DIALED)
 
     def _redirected(self, locations: list[Location]) -> None:
         if not self._gone:
-            self._fire("redirected")
+            self._fire(ProxyTrigger.REDIRECTED)
 
     def _reached(self, upstream: Upstream, dial: Dial) -> None:
         if dial is not self._dial or self._gone:
@@ -529,7 +534,7 @@ class ProxySession(Protocol):
             self._promised = features.export_info(self._host.export_name, negotiated)
             self._server_name = negotiated.export_name
             self._take(upstream)
-            self._fire("negotiated")
+            self._fire(ProxyTrigger.NEGOTIATED)
             _cancel(self._wait_timer)
             self._wait_timer = None
             self._greet()
@@ -543,7 +548,7 @@ class ProxySession(Protocol):
                 why=why,
             )
             upstream.wire.disconnect()
-            self._fire("mismatch")
+            self._fire(ProxyTrigger.MISMATCH)
             self._give_up(why)
             return
         self._take(upstream)
@@ -555,11 +560,11 @@ class ProxySession(Protocol):
             where=str(upstream.location),
             n=len(self.book),
         )
-        self._fire("negotiated")
+        self._fire(ProxyTrigger.NEGOTIATED)
         _cancel(self._wait_timer)
         self._wait_timer = None
         self._pump()
-        if self.state == "replaying" and not self.book.held:
+        if self.state == ProxyState.REPLAYING and not self.book.held:
             self._replayed()
 
     def _unreached(self, failure: Failure, dial: Dial) -> None:
@@ -571,8 +576,8 @@ class ProxySession(Protocol):
     def _attempt_failed(self, why: str) -> None:
         if self._gone:
             return
-        self._fire("attempt_failed")
-        if self.state == "failed":  # the one attempt from failed: what waited for it fails
+        self._fire(ProxyTrigger.ATTEMPT_FAILED)
+        if self.state == ProxyState.FAILED:  # the one attempt from failed: what waited for it fails
             self._give_up(f"no server for this export: {why}")
             return
         delay = self._backoff.next_delay()
@@ -589,11 +594,11 @@ class ProxySession(Protocol):
         if self._gone or self._dial is not None:
             return
         state = self.state
-        if state == "upstream_lost":
-            self._fire("reconnect")
-        elif state == "failed":
-            self._fire("retry")
-        elif state != "accepted":
+        if state == ProxyState.UPSTREAM_LOST:
+            self._fire(ProxyTrigger.RECONNECT)
+        elif state == ProxyState.FAILED:
+            self._fire(ProxyTrigger.RETRY)
+        elif state != ProxyState.ACCEPTED:
             return
         self._dial_now()
 
@@ -615,7 +620,7 @@ class ProxySession(Protocol):
             self._pause_upstream(True)
 
     def _replayed(self) -> None:
-        self._fire("replayed")
+        self._fire(ProxyTrigger.REPLAYED)
         self._host.stats.pause(self.book.longest_pause)
         log.info(
             "{session}: every request held is answered; longest wait {pause:.3f} s",
@@ -639,7 +644,7 @@ class ProxySession(Protocol):
         self._wait_timer = None
         if self._gone:
             return
-        if self.state == "accepted":
+        if self.state == ProxyState.ACCEPTED:
             log.error(
                 "{session}: no server within {wait:g} s; disconnecting {peer}",
                 session=self.name,
@@ -648,7 +653,7 @@ class ProxySession(Protocol):
             )
             self._abort_client()
             return
-        if self._mode != _HOLD or self.state == "retrying":
+        if self._mode != _HOLD or self.state == ProxyState.RETRYING:
             return  # in retrying, the attempt's own time-outs bound the wait
         if self._dial is not None:
             dial, self._dial = self._dial, None
@@ -661,7 +666,7 @@ class ProxySession(Protocol):
             wait=self._host.max_wait,
             n=len(self.book),
         )
-        self._fire("give_up")
+        self._fire(ProxyTrigger.GIVE_UP)
         self._give_up(self._why_failing())
 
     def _give_up(self, why: str) -> None:

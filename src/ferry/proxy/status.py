@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from twisted.internet.defer import Deferred
 
 from ferry import statecharts
+from ferry.chartnames import ProxyState
 from ferry.control.commands import Command, Params, Reply, dispatch
 from ferry.proxy.listener import ProxyServer
 from ferry.status import FieldSpec, render_value
@@ -40,7 +41,7 @@ PREFIX: Final = "ferry_proxy_"
 
 #: Client states whose requests wait for a server, and those whose requests fail.
 _WAITING: Final = frozenset(statecharts.load("proxy").states_where("requests", "hold"))
-_FAILING: Final = frozenset({"failed", "retrying"})
+_FAILING: Final = frozenset({ProxyState.FAILED, ProxyState.RETRYING})
 
 
 def _spec(metric: str, help: str, *, kind: str = "gauge", scale: float = 1.0) -> Any:
