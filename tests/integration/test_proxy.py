@@ -24,11 +24,11 @@ from typing import Any
 import pytest
 
 from etcd_support import EtcdServer, etcd_fixture
-from ferry.status import parse_line
 from support import (
     FERRY,
     Deadline,
     FerryProcess,
+    ProxyProcess,
     free_port,
     listening,
     mirror_command,
@@ -53,33 +53,6 @@ SIZE = 64 * MiB
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, with the libnbd bindings
 WORKLOAD = Path(__file__).resolve().parents[1] / "workload.py"
 DEPTH = 16
-
-
-class ProxyProcess(FerryProcess):
-    """``ferry proxy`` in a child process; knows its port once it says it is proxying."""
-
-    SERVING = re.compile(rb"proxying .* on (?P<addr>\S+):(?P<port>\d+) to ")
-
-    def status(self, sock: Path) -> dict[str, str]:
-        return parse_line(run([*FERRY, "status", "--sock", str(sock)]).stdout.decode())
-
-    def wait_status(
-        self, sock: Path, check: Callable[[dict[str, str]], bool], deadline: float = 60
-    ) -> dict[str, str]:
-        """The status line once ``check`` holds, polled until ``deadline``: each poll asks anew."""
-        until = Deadline(deadline)
-        while True:
-            status = self.status(sock)
-            if check(status):
-                return status
-            if until.expired():
-                self.stop(signal.SIGKILL)
-                raise TimeoutError(f"status never matched: {status}\n{self.stderr_text()}")
-            try:
-                self.proc.wait(timeout=0.05)  # a pause that notices the proxy dying
-            except subprocess.TimeoutExpired:
-                continue
-            raise RuntimeError(f"the proxy exited: {self.stderr_text()}")
 
 
 def proxy(
