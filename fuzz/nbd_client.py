@@ -29,7 +29,8 @@ the stream.  The module docstring's promises are checked:
 Input: ``[config][split seed][u16 n][n handshake bytes][u8 k][k script bytes][reply bytes]``.
 Config bits: 0 ask for structured replies, 1 ask for ``base:allocation``,
 2 send ``FERRY_OPT_MIGRATE`` first, 3 a 4096-byte ``max_reply_size``, 4 the
-export name "disk" (else "").  Each script byte is one request: the low
+export name "disk" (else ""), 5 send ``FERRY_OPT_LOCATE`` (after the
+migration option, if both), as ``ferry proxy`` does.  Each script byte is one request: the low
 nibble its kind, the high nibble its length (from ``LENGTHS``); the offset
 is 512 times its place in the script.
 """
@@ -62,6 +63,7 @@ from ferry.nbd.events import (
     ProtocolError,
     Reply,
 )
+from ferry.nbd.locate import locate_option
 from fuzzing import Violation, chunks, expect, run, same_session, stays_broken
 
 LENGTHS: Final = (0, 1, 2, 7, 8, 511, 512, 513, 1024, 4088, 4096, 4097, 65536, 1 << 20, 3, 9)
@@ -85,12 +87,16 @@ class Setup:
     @classmethod
     def from_byte(cls, config: int) -> Setup:
         migrate = FERRY_MIGRATE_REQUEST.pack(1, 1 << 20) + b"vm1"
+        export_name = "disk" if config & 16 else ""
+        extra = ((FERRY_OPT_MIGRATE, migrate),) if config & 4 else ()
+        if config & 32:
+            extra += (locate_option(export_name),)
         return cls(
             structured=bool(config & 1),
             contexts=(BASE_ALLOCATION,) if config & 2 else (),
-            extra=((FERRY_OPT_MIGRATE, migrate),) if config & 4 else (),
+            extra=extra,
             max_reply_size=SMALL_REPLY if config & 8 else MAX_REQUEST_SIZE + 4096,
-            export_name="disk" if config & 16 else "",
+            export_name=export_name,
         )
 
     def connect(self) -> ClientConnection:
