@@ -97,6 +97,9 @@ class Migration:
     writer: dict[str, Any] = field(default_factory=dict)
     proxy_status: dict[str, Any] = field(default_factory=dict)
     source_last_downtime_ms: float | None = None
+    # The proxy's server connection moved with the image (the source could move
+    # it: root, TCP_REPAIR) instead of the proxy following the image.
+    connection_moved: bool | None = None
     error: str | None = None
 
 
@@ -202,7 +205,14 @@ def migration(bench: Bench, adopted: bool, write_rate: int) -> Migration:
         if done.returncode != 0:
             raise BenchError(f"mirror exit status {done.returncode}: {output_tail(done.stdout)}")
         where = f"{HOST}:{dest_port}"
-        wait_for(lambda: status(proxy_sock).get("upstream") == where, "the proxy")
+
+        def reached() -> bool:
+            # Either the proxy followed the image, or its connection moved with it.
+            moved = status(source_sock).get("connections_moved", 0)
+            result.connection_moved = bool(moved)
+            return bool(moved) or status(proxy_sock).get("upstream") == where
+
+        wait_for(reached, "the proxy")
         stop_file.touch()
         out, err = writer.communicate(timeout=60)
         writer = None
@@ -288,12 +298,13 @@ def print_report(summary: dict[str, Any], pairs: list[Pair], moved: Migration | 
             print(f"migration under the proxy: error: {moved.error}")
         else:
             writer, status = moved.writer, moved.proxy_status
+            how = "its server connection moved with the image; " if moved.connection_moved else ""
             print(
                 f"migration under a writer through the proxy ({moved.seconds} s): "
                 f"longest pause the writer saw {writer.get('longest_stall_ms')} ms "
                 f"(p99 {writer.get('p99_ms')} ms, {writer.get('writes')} writes, "
                 f"ended {writer.get('ended')} {writer.get('error') or ''}); "
-                f"the proxy's longest wait for a server {status.get('longest_pause_ms')} ms, "
+                f"{how}the proxy's longest wait for a server {status.get('longest_pause_ms')} ms, "
                 f"{status.get('requests_replayed')} requests replayed; "
                 f"the source's last_downtime_ms {moved.source_last_downtime_ms}"
             )

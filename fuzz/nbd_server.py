@@ -14,13 +14,15 @@ crashes:
    advertised, flags allowed for it, in range, aligned, within
    ``max_request_size`` for READ and WRITE, a WRITE's ``data`` exactly
    ``length`` bytes of ``bytes``; a flexnbd mirror-only connection only
-   gets its mirror writes and FLUSH.  ``Commit`` only on the connection whose
-   ``FERRY_OPT_MIGRATE`` the catalog admitted; nothing before
+   gets its mirror writes and FLUSH.  ``Commit`` and ``CarriedConnection``
+   (whose state is at most ``FERRY_MAX_CONNECTION`` bytes) only on the
+   connection whose ``FERRY_OPT_MIGRATE`` the catalog admitted; nothing before
    ``HandshakeComplete`` or after ``Disconnect``/``HandshakeAborted``.
 3. What the connection holds between calls stays in its bounds: less than
    a client-flags word, one option header plus ``MAX_OPTION_LENGTH``, less
    than one request header, or one WRITE payload of at most
-   ``max_request_size`` (a rejected WRITE's payload is counted, not kept).
+   ``max_request_size`` (a rejected WRITE's payload is counted, not kept),
+   or one carried connection's state of at most ``FERRY_MAX_CONNECTION``.
 4. The same bytes split differently give the same events and the same
    output, and the output is well-framed: the greeting, option replies with
    known types, UTF-8 messages within the protocol's 4096 bytes, consistent
@@ -48,6 +50,8 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from ferry.nbd.constants import (
+    FERRY_CMD_CONNECTION,
+    FERRY_MAX_CONNECTION,
     FLEXNBD_MIRROR_HANDLE,
     MAX_OPTION_LENGTH,
     MAX_REQUEST_SIZE,
@@ -60,7 +64,9 @@ from ferry.nbd.constants import (
     TransmissionFlag,
 )
 from ferry.nbd.events import (
+    CarriedConnection,
     Commit,
+    ConnectionLanding,
     Disconnect,
     Event,
     ExportInfo,
@@ -185,6 +191,11 @@ class Migrations:
         self.admitted.append(request)
         return None
 
+    def connection_landing(self) -> ConnectionLanding | Refusal:
+        if not self.listening:
+            return Refusal(OptionReply.ERR_UNSUP, "this node takes no client connections")
+        return ConnectionLanding("boot/net:1", "10.0.0.5/24@eth0")
+
     def lookup_sender(self, name: str) -> ExportInfo | Refusal:
         if name in ("", "listening") and self.listening:
             return self.setup.listening()
@@ -261,7 +272,12 @@ def check_held(conn: ServerConnection, setup: Setup) -> None:
         expect(held == 0, f"{held} bytes held beside a WRITE payload")
         if conn._write is not None:
             length = conn._write[3]
-            expect(length <= setup.max_request_size, f"collecting a WRITE of {length} bytes")
+            limit = (
+                FERRY_MAX_CONNECTION
+                if conn._payload_command == FERRY_CMD_CONNECTION
+                else setup.max_request_size
+            )
+            expect(length <= limit, f"collecting a payload of {length} bytes")
             kept = sum(len(chunk) for chunk in conn._chunks)
             expect(kept + conn._need == length, f"{kept} kept + {conn._need} to come != {length}")
         else:
@@ -373,6 +389,9 @@ def check_events(outcome: Outcome, setup: Setup) -> None:
             check_request(event, complete, outcome.advertised, setup)
         elif isinstance(event, Commit):
             expect(complete.migration is not None, "Commit from a connection that is no sender")
+        elif isinstance(event, CarriedConnection):
+            expect(complete.migration is not None, "a connection carried by one that is no sender")
+            expect(0 < len(event.state) <= FERRY_MAX_CONNECTION, "a carried state out of bounds")
         elif isinstance(event, RejectedRequest):
             expect(
                 isinstance(event.error, Errno) and event.error != Errno.OK,

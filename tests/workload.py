@@ -69,8 +69,9 @@ def lost_writes(image: bytes, report: dict[str, object]) -> list[str]:
     return lost
 
 
-def check(image_path: str, report_path: str) -> int:
-    """``workload.py check IMAGE REPORT``: every acknowledged write is in IMAGE (exit 0)."""
+def check(image_path: str, report_path: str, original_path: str | None = None) -> int:
+    """``workload.py check IMAGE REPORT [ORIGINAL]``: every acknowledged write is in IMAGE,
+    and every block the client never wrote is ORIGINAL's, byte for byte (exit 0)."""
     with open(report_path) as file:
         report = json.load(file)
     with open(image_path, "rb") as file:
@@ -80,12 +81,23 @@ def check(image_path: str, report_path: str) -> int:
         print(line, file=sys.stderr)
     acked = len(report["acked"])
     print(f"{acked - len(lost)} of {acked} acknowledged blocks hold their last write")
-    return 1 if lost else 0
+    if original_path is None:
+        return 1 if lost else 0
+    with open(original_path, "rb") as file:
+        original = file.read()
+    written = {int(offset) for part in ("acked", "unanswered") for offset in report[part]}
+    others = [o for o in range(0, len(image), BLOCK) if o not in written]
+    differ = [o for o in others if image[o : o + BLOCK] != original[o : o + BLOCK]]
+    for offset in differ[:10]:
+        print(f"block {offset}: not written by the client, yet not the original", file=sys.stderr)
+    same = len(others) - len(differ)
+    print(f"{same} of {len(others)} blocks the client never wrote are byte for byte the same")
+    return 1 if lost or differ or len(image) != len(original) else 0
 
 
 def main() -> int:
     if sys.argv[1] == "check":
-        return check(sys.argv[2], sys.argv[3])
+        return check(*sys.argv[2:5])
     uri, client, clients, blocks, stop_file = (
         sys.argv[1],
         int(sys.argv[2]),

@@ -73,6 +73,8 @@ class ExportUnit:
         self.incoming: IncomingLease | None = None
         #: Where clients reach it, ``HOST:PORT`` (None until the node's port is open).
         self.address: str | None = None
+        #: Whether its clients can move with it at a handoff (this host's capability).
+        self.can_move_connections: bool | None = None
 
     @property
     def name(self) -> str:
@@ -94,7 +96,11 @@ class ExportUnit:
 
     def snapshot(self) -> StatusSnapshot:
         """The export's status, with the migration's fields while one runs or after it."""
-        return dataclasses.replace(self.mirrors.snapshot(), address=self.address)
+        return dataclasses.replace(
+            self.mirrors.snapshot(),
+            address=self.address,
+            can_move_connections=self.can_move_connections,
+        )
 
     # -- the lease ---------------------------------------------------------------------
 

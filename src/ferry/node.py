@@ -13,6 +13,7 @@ listen`` run a node with one export.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from ferry.control.commands import Commands
 from ferry.control.events import EventHub
 from ferry.control.server import listen_control
 from ferry.exports import ExportConfig, ExportRegistry, ExportUnit
+from ferry.handoff.address import AddressError, ServiceAddress, listen_freebind
 from ferry.lease.backend import LeaseBackend, LeaseConflict, LeaseError, LeaseMode
 from ferry.lease.incoming import IncomingLease
 from ferry.lease.manager import LeaseManager
@@ -42,8 +44,11 @@ from ferry.lease.spec import (
     parse_lockspace,
 )
 from ferry.metrics import make_registry, metrics_root
+from ferry.migrate.arrivals import Arrivals
+from ferry.migrate.carry import Carrier
 from ferry.migrate.destination import Receiver
 from ferry.migrate.manager import MirrorManager
+from ferry.migrate.service import ServiceAddressHolder
 from ferry.migrate.wire import tcp_connector
 from ferry.safepath import UnsafePath
 from ferry.serve.acl import Acl, is_loopback
@@ -85,6 +90,8 @@ class ServeConfig:
     # default (a local directory), NO_LOCKSPACE is no lease at all.
     lockspace: str | None = None
     resource: str | None = None  # the lease's name (default: the image's real path)
+    # --service-address IP/PREFIX@DEV: the address clients use, which moves with the image.
+    service_address: str | None = None
 
     @property
     def export_name(self) -> str:
@@ -122,6 +129,8 @@ class Node:
         self.nbd_port: IListeningPort | None = None
         self.metrics_port: IListeningPort | None = None
         self._lockspace: LeaseBackend | None = None
+        # How client connections move at a handoff (opened with the node).
+        self.carrier: Carrier | None = None
         self._stopped = False
 
     def run_blocking(self, work: Callable[[], object]) -> Deferred[Any]:
@@ -182,13 +191,18 @@ class Node:
             except OSError as error:
                 raise StartupError(f"trace file {config.trace}: {error.strerror}") from None
             self.tracer.subscribe(self._trace_file.write)
+        self.carrier = Carrier.open(_service_address(config))
         self.server = NBDServer(
             [],
             clock=self.clock,
             run_blocking=self.run_blocking,
             acl=acl,
             oldstyle=config.oldstyle,
-            receiver=Receiver(run_blocking=self.run_blocking, clock=self.clock),
+            receiver=Receiver(
+                run_blocking=self.run_blocking,
+                clock=self.clock,
+                arrivals=Arrivals(self.reactor, self.carrier),
+            ),
         )
         if config.sock:
             from ferry.control.server import ControlSocketError
@@ -265,8 +279,10 @@ class Node:
             connector=tcp_connector(self.reactor),
             tracer=self.tracer,
             stop_process=self._stop_after_handoff,
+            carrier=self.carrier,
         )
         unit = ExportUnit(config, export, mirrors)
+        unit.can_move_connections = self.carrier is not None and self.carrier.can_move
         d = self._take_lease(unit)
 
         def serve(_: object) -> ExportUnit:
@@ -371,8 +387,29 @@ class Node:
     # -- the port ----------------------------------------------------------------------
 
     def _open_nbd(self, config: ServeConfig) -> None:
-        assert self.server is not None
+        assert self.server is not None and self.carrier is not None
         self.nbd_port = self._listen_tcp(config.port, self.server, config.addr, "NBD")
+        service = self.carrier.service
+        if service is None:
+            return
+        if not config.listen:
+            try:
+                if service.hold():
+                    log.info("added the service address {address}", address=str(service.address))
+            except AddressError as error:
+                raise StartupError(f"--service-address: {error}") from None
+        if ipaddress.ip_address(config.addr or "0.0.0.0").is_unspecified:
+            return  # the port on every address covers the service address too
+        # A destination listens there before the address is its own (IP_FREEBIND).
+        try:
+            listening = listen_freebind(service.address.ip, config.port)
+        except OSError as error:
+            raise StartupError(
+                f"cannot listen for NBD on {service.address.ip}:{config.port}: {error.strerror}"
+            ) from None
+        with listening:
+            port = self.reactor.adoptStreamPort(listening.fileno(), listening.family, self.server)
+        self._ports.append(port)
 
     @property
     def nbd_address(self) -> tuple[str, int] | None:
@@ -468,11 +505,23 @@ class Node:
         image.close()
 
     def _close_now(self) -> None:
+        if self.carrier is not None:
+            self.carrier.close()
+            self.carrier = None
         for unit in self.exports:
             unit.image.close()
         if self._trace_file is not None:
             self._trace_file.close()
             self._trace_file = None
+
+
+def _service_address(config: ServeConfig) -> ServiceAddressHolder | None:
+    if not config.service_address:
+        return None
+    try:
+        return ServiceAddressHolder(ServiceAddress.parse(config.service_address))
+    except AddressError as error:
+        raise StartupError(f"--service-address {config.service_address}: {error}") from None
 
 
 def _check_senders_are_named(config: ServeConfig, acl: Acl) -> None:

@@ -100,6 +100,17 @@ class StatusSnapshot:
     lease_state: str | None = _state("lease", "State of the image's lease")
     lease_token: int | None = _spec("lease_token", "Fencing token of the held lease")
     address: str | None = _info("nbd", "Where NBD clients reach the export (HOST:PORT)")
+    connections_moved: int | None = _spec(
+        "connections_moved", "Client connections that moved with the image at the last handoff"
+    )
+    connections_aborted: int | None = _spec(
+        "connections_aborted",
+        "Client connections disconnected at the last handoff instead of moving",
+    )
+    can_move_connections: bool | None = _spec(
+        "can_move_connections",
+        "Whether this host can move client connections at a handoff (TCP_REPAIR, nftables)",
+    )
 
     def fields(self) -> Iterator[tuple[str, Any, FieldSpec]]:
         """The present fields in line order, with their export specs."""

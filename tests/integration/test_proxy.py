@@ -19,11 +19,12 @@ import subprocess
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 
 from etcd_support import EtcdServer, etcd_fixture
+from ferry.status import parse_line
 from support import (
     FERRY,
     Deadline,
@@ -37,6 +38,7 @@ from support import (
     read_line,
     run,
     serve,
+    serve_args,
     sha256,
     sparse_file,
     start_peer,
@@ -500,13 +502,28 @@ def test_a_port_in_use_is_one_line_and_exit_1(tmp_path: Path) -> None:
 # -- across a ferry -> ferry migration ---------------------------------------------------------
 
 
-def ferry_pair(tmp_path: Path, *extra: str) -> tuple[FerryProcess, FerryProcess, Path, Path, Path]:
-    """A source serving a random image and a listener, both named disk; their images and socket."""
+#: Runs a source that cannot move its clients' connections (no CAP_NET_ADMIN, so
+#: no TCP_REPAIR): it disconnects them at the handoff, and the proxy must follow.
+NO_MOVING: Final = ("setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin")
+
+
+def ferry_pair(
+    tmp_path: Path, *extra: str, moving: bool = False
+) -> tuple[FerryProcess, FerryProcess, Path, Path, Path]:
+    """A source serving a random image and a listener, both named disk; their images and socket.
+
+    Unless ``moving``, the source cannot move client connections (NO_MOVING).
+    """
     source_image = random_file(tmp_path / "source.img", SIZE, seed=31)
     dest_image = sparse_file(tmp_path / "dest.img", SIZE)
     source_sock = tmp_path / "source.sock"
     common = ["--name", "disk", *extra]
-    source = serve(source_image, *common, "--sock", str(source_sock))
+    source = FerryProcess(
+        serve_args(source_image, *common, "--sock", str(source_sock)),
+        wrapper=() if moving else NO_MOVING,
+    ).wait_serving()
+    status = parse_line(run([*FERRY, "status", "--sock", str(source_sock)]).stdout.decode())
+    assert status["can_move_connections"] == ("true" if moving else "false"), status
     dest = serve(dest_image, *common, "--sock", str(tmp_path / "dest.sock"), mode="listen")
     return source, dest, source_image, dest_image, source_sock
 
@@ -517,15 +534,19 @@ def migrate_under_the_writer(
     dest: FerryProcess,
     source_sock: Path,
     *mirror_extra: str,
+    follows: bool = True,
 ) -> dict[str, Any]:
+    """A writer through ``front`` while the image moves; the proxy ``follows`` it to ``dest``
+    (False: its server connection moved with the image, and it never noticed)."""
     stop_file = tmp_path / "stop"
     client = writer(front.uri("disk"), stop_file)
     try:
         wait_for_requests(front, 2000)
         done = run(mirror_command(dest.port, source_sock, "--wait", *mirror_extra), timeout=300)
         assert done.stdout.decode().rstrip().endswith("has control of the image"), done
-        sock = tmp_path / "proxy.sock"
-        front.wait_status(sock, lambda s: s["upstream"] == f"127.0.0.1:{dest.port}")
+        if follows:
+            sock = tmp_path / "proxy.sock"
+            front.wait_status(sock, lambda s: s["upstream"] == f"127.0.0.1:{dest.port}")
         wait_for_requests(front, requests_answered(front) + 2000)  # writing to the destination
     finally:
         report = report_of(client, stop_file)
@@ -556,6 +577,31 @@ def test_a_writer_with_16_in_flight_follows_a_ferry_migration_through_the_proxy(
     assert check.stdout == b"" and check.stderr == b"", check
     assert front.stop() == 0
     assert replay(tmp_path / "proxy.jsonl") == ["proxy client-1 closed"]
+
+
+def test_when_ferry_moves_the_proxys_server_connection_the_proxy_goes_on_unaware(
+    tmp_path: Path, stopping: Callable[[Any], Any]
+) -> None:
+    # A source that can move its clients' connections moves the proxy's with the
+    # image: the proxy loses nothing, waits for nothing and replays nothing.
+    source, dest, source_image, dest_image, source_sock = ferry_pair(tmp_path, moving=True)
+    original = source_image.read_bytes()
+    stopping(source)
+    stopping(dest)
+    front, sock = proxy(tmp_path, source.port, metrics=True)
+    stopping(front)
+    report = migrate_under_the_writer(
+        tmp_path, front, dest, source_sock, "--action", "nothing", follows=False
+    )
+    check_writes(report, dest_image.read_bytes(), original)
+    status = front.status(sock)
+    assert (status["reconnects"], status["requests_replayed"]) == ("0", "0"), status
+    assert status["upstream"] == f"127.0.0.1:{source.port}"  # the same socket, now the dest's
+    moved = parse_line(run([*FERRY, "status", "--sock", str(source_sock)]).stdout.decode())
+    assert moved["connections_moved"] == "1", moved
+    events = [json.loads(line)["event"] for line in (tmp_path / "proxy.jsonl").open()]
+    assert "lost" not in events
+    assert front.stop() == 0
 
 
 def test_the_proxy_finds_the_image_through_an_etcd_lockspace(

@@ -228,15 +228,19 @@ def test_two_extra_options_one_at_a_time() -> None:
     assert conn.data_to_send() == opt(OPT_GO, go_payload(b""))
 
 
-def test_extra_option_shutdown_fails_and_odd_replies_break() -> None:
+def test_extra_option_shutdown_fails_the_negotiation() -> None:
+    # Any other reply to an extra option is the caller's (OptionData, below).
     conn = ClientConnection("", extra_options=[(0x1000, b"")])
     conn.receive_data(greeting(3))
     events = conn.receive_data(rep(0x1000, REP_ERR_SHUTDOWN))
     assert events == [NegotiationFailed(OptionReply.ERR_SHUTDOWN, "ERR_SHUTDOWN")]
+
+
+def test_an_ack_to_an_extra_option_carries_its_payload_to_the_caller() -> None:
     conn = ClientConnection("", extra_options=[(0x1000, b"")])
     conn.receive_data(greeting(3))
-    with pytest.raises(ProtocolError, match="ACK to option 0x1000 with a payload"):
-        conn.receive_data(rep(0x1000, REP_ACK, b"x"))
+    events = conn.receive_data(rep(0x1000, REP_ACK, b"x"))
+    assert events == [OptionAnswered(0x1000, OptionReply.ACK, payload=b"x")]
 
 
 def test_replies_with_data_to_an_extra_option_come_before_its_answer() -> None:

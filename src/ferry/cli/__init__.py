@@ -57,6 +57,17 @@ def _lockspace_text(text: str) -> str:
     return text
 
 
+def _service_address_text(text: str) -> str:
+    """``--service-address``: checked here, so a bad one is a usage error (exit 2)."""
+    from ferry.handoff.address import AddressError, ServiceAddress
+
+    try:
+        ServiceAddress.parse(text)
+    except AddressError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def host_and_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host:
@@ -131,6 +142,18 @@ def build_parser() -> Parser:
             metavar="NAME",
             help="the lease's name (default: the image's real path; listen: the one "
             "the migration's source holds)",
+        )
+        serve.add_argument(
+            "--service-address",
+            type=_service_address_text,
+            metavar="IP/PREFIX@DEV",
+            help=(
+                "the address clients use, which moves with the image: added to DEV if "
+                "missing and listened on (with --port) besides --addr"
+                if name == "serve"
+                else "the address this node takes over at the commit: added to DEV once "
+                "the source has dropped it, announced (gratuitous ARP), listened on from now"
+            ),
         )
         _verbosity(serve)
         serve.add_argument("acl", nargs="*", metavar="ACL_ENTRY", help="address or CIDR allowed in")
@@ -338,6 +361,7 @@ def run_serve(args: argparse.Namespace) -> int:
         listen=args.listen,
         lockspace=getattr(args, "lockspace", None),
         resource=getattr(args, "resource", None),
+        service_address=args.service_address,
     )
     try:
         log_file = open_log_file(args.log) if args.log else None

@@ -31,8 +31,17 @@ from dataclasses import dataclass
 from typing import Final
 
 from ferry.handoff.errors import HandoffError
+from ferry.handoff.tcp_repair import IP_FREEBIND, IPV6_FREEBIND
 
-__all__ = ["AddressError", "Announcer", "ServiceAddress", "add", "is_present", "remove"]
+__all__ = [
+    "AddressError",
+    "Announcer",
+    "ServiceAddress",
+    "add",
+    "is_present",
+    "listen_freebind",
+    "remove",
+]
 
 # linux/netlink.h, linux/rtnetlink.h, linux/if_addr.h
 _RTM_NEWADDR: Final = 20
@@ -100,6 +109,31 @@ class ServiceAddress:
 
 
 # -- add, remove, look -------------------------------------------------------------
+
+
+def listen_freebind(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int, backlog: int = 128
+) -> socket.socket:
+    """A non-blocking listening socket on ``ip``:``port``, which need not be here yet.
+
+    ``IP_FREEBIND``: a destination listens on the service address from the
+    start, and clients reach it the moment the address is its own.  Raises
+    OSError (the port in use, no such address family).
+    """
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+        sock.bind((str(ip), port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def is_present(address: ServiceAddress) -> bool:

@@ -23,8 +23,9 @@ The exchange, during option haggling (fixed newstyle)::
 A LOCATION's payload is ``LOCATION``: port (u16), host length (u16), then
 the host (an address or a name, UTF-8, IPv6 without brackets) and the rest
 of the payload is the export name there.  The reply type is below 2**31
-(it is not an error) and spells ``FER\\x01``, like the option's number
-spells ``FER\\x02``: no NBD reply type comes near either.
+(it is not an error) and spells ``FER\\x01``, as the option's number
+spells ``FER\\x03``: no NBD reply type comes near either.  Both numbers
+live in :mod:`ferry.nbd.constants`, with ferry's other extensions'.
 
 Sans-IO like the rest of ``ferry.nbd``: this module builds and parses the
 payloads; the connections carry them.
@@ -36,7 +37,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from ferry.nbd.constants import MAX_STRING_LENGTH
+from ferry.nbd.constants import FERRY_OPT_LOCATE, FERRY_REP_LOCATION, MAX_STRING_LENGTH
 
 __all__ = [
     "FERRY_OPT_LOCATE",
@@ -47,9 +48,6 @@ __all__ = [
     "encode_location",
     "locate_option",
 ]
-
-FERRY_OPT_LOCATE: Final = 0x46455202  # b"FER\x02"
-FERRY_REP_LOCATION: Final = 0x46455201  # b"FER\x01"
 
 _NAME_LENGTH: Final = struct.Struct(">I")
 _LOCATION: Final = struct.Struct(">HH")  # port, host length
