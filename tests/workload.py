@@ -15,6 +15,11 @@ An optional sixth argument, DEPTH, keeps that many writes in flight at once
 (libnbd's aio calls), never two to the same block, so a block still holds
 the last acknowledged write or a later unanswered one.  The report then
 also has ``max_latency``: the longest any write took, in seconds.
+
+Both reports carry ``local_start`` and ``local_end``, the client socket's own
+address when it connected and when it stopped: equal, the writes went over
+one TCP connection from start to end (a connection carried at a handoff
+keeps its address; a reconnect would not).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import struct
 import sys
 import time
@@ -95,6 +101,16 @@ def check(image_path: str, report_path: str, original_path: str | None = None) -
     return 1 if lost or differ or len(image) != len(original) else 0
 
 
+def local_address(handle: Any) -> str | None:
+    """The client socket's own address (host:port), None once libnbd has no socket."""
+    try:
+        with socket.socket(fileno=os.dup(handle.aio_get_fd())) as sock:
+            host, port = sock.getsockname()[:2]
+    except Exception:  # libnbd's error once closed, or an OSError
+        return None
+    return f"{host}:{port}"
+
+
 def main() -> int:
     if sys.argv[1] == "check":
         return check(*sys.argv[2:5])
@@ -114,6 +130,7 @@ def main() -> int:
     mine = list(range(client, blocks, clients))
     handle = nbd.NBD()
     handle.connect_uri(uri)
+    local_start = local_address(handle)
     acked: dict[int, int] = {}
     unanswered: dict[int, int] = {}
     counter = 0
@@ -143,6 +160,8 @@ def main() -> int:
                 "ended_at": time.time(),
                 "acked": acked,
                 "unanswered": unanswered,
+                "local_start": local_start,
+                "local_end": local_address(handle),
             }
         )
     )
@@ -157,6 +176,7 @@ def pipelined(
     mine = list(range(client, blocks, clients))
     handle = nbd.NBD()
     handle.connect_uri(uri)
+    local_start = local_address(handle)
     acked: dict[int, int] = {}
     unanswered: dict[int, int] = {}  # block offset -> counter in flight
     started: dict[int, float] = {}
@@ -168,10 +188,12 @@ def pipelined(
     def done(offset: int, sent: int, error: Any) -> int:
         nonlocal writes, max_latency
         max_latency = max(max_latency, time.monotonic() - started.pop(offset))
-        del unanswered[offset]
         if error.value:
+            # Failed with the connection, it may still have been written: it
+            # stays unanswered, and the block may hold it.
             failures.append(f"write of counter {sent} at {offset}: errno {error.value}")
         else:
+            del unanswered[offset]
             acked[offset] = sent
             writes += 1
         return 1  # retire the command
@@ -211,6 +233,8 @@ def pipelined(
                 "acked": acked,
                 "unanswered": unanswered,
                 "max_latency": max_latency,
+                "local_start": local_start,
+                "local_end": local_address(handle),
             }
         )
     )

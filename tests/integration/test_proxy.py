@@ -520,7 +520,7 @@ def ferry_pair(
     common = ["--name", "disk", *extra]
     source = FerryProcess(
         serve_args(source_image, *common, "--sock", str(source_sock)),
-        wrapper=() if moving else NO_MOVING,
+        wrap=() if moving else NO_MOVING,
     ).wait_serving()
     status = parse_line(run([*FERRY, "status", "--sock", str(source_sock)]).stdout.decode())
     assert status["can_move_connections"] == ("true" if moving else "false"), status
