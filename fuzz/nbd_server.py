@@ -28,8 +28,10 @@ crashes:
    known types, UTF-8 messages within the protocol's 4096 bytes, consistent
    block sizes, and at most one EXPORT_NAME answer carrying the export's size.
    A FERRY_REP_LOCATION answers only ``FERRY_OPT_LOCATE``, only with a
-   locator, and carries the place the locator named; no flag outside an
-   export's ``advertise`` cap is advertised.
+   locator, and carries the place the locator named; a FERRY_REP_LANDING
+   answers only ``FERRY_OPT_CONNECTIONS``, only with a migration catalog,
+   and carries the catalog's landing; no flag outside an export's
+   ``advertise`` cap is advertised.
 
 Input: ``[config][split seed][client bytes]``.  The config byte picks the
 export (size, minimum block size, read-only), whether there is a migration
@@ -52,6 +54,8 @@ from typing import Final
 from ferry.nbd.constants import (
     FERRY_CMD_CONNECTION,
     FERRY_MAX_CONNECTION,
+    FERRY_OPT_CONNECTIONS,
+    FERRY_REP_LANDING,
     FLEXNBD_MIRROR_HANDLE,
     MAX_OPTION_LENGTH,
     MAX_REQUEST_SIZE,
@@ -101,6 +105,7 @@ _HEADER: Final = 28  # an NBD request header
 # Where the locator says "disk" went; and the flags a capped export may offer
 # (a proxy in front of a server without WRITE_ZEROES, CACHE or structured replies).
 HANDED_TO: Final = Location("fe80::2", 10809, "disk")
+LANDING: Final = ConnectionLanding("boot/net:1", "10.0.0.5/24@eth0")
 CAP: Final = TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_TRIM
 _ALWAYS_ADVERTISED: Final = TransmissionFlag.HAS_FLAGS | TransmissionFlag.READ_ONLY
 _OPTION_HEADER: Final = 16
@@ -194,7 +199,7 @@ class Migrations:
     def connection_landing(self) -> ConnectionLanding | Refusal:
         if not self.listening:
             return Refusal(OptionReply.ERR_UNSUP, "this node takes no client connections")
-        return ConnectionLanding("boot/net:1", "10.0.0.5/24@eth0")
+        return LANDING
 
     def lookup_sender(self, name: str) -> ExportInfo | Refusal:
         if name in ("", "listening") and self.listening:
@@ -443,6 +448,14 @@ def check_option_reply(option: int, reply: int, payload: bytes, setup: Setup) ->
         except ValueError as error:
             raise Violation(f"a LOCATION that does not parse: {error}") from None
         expect(location == HANDED_TO, f"LOCATION {location}, which the locator never named")
+        return
+    if reply == FERRY_REP_LANDING:
+        expect(setup.migration and option == FERRY_OPT_CONNECTIONS, f"a LANDING for {option:#x}")
+        try:
+            landing = ConnectionLanding.from_bytes(payload)
+        except ValueError as error:
+            raise Violation(f"a LANDING that does not parse: {error}") from None
+        expect(landing == LANDING, f"LANDING {landing}, which the catalog never named")
         return
     expect(reply in _KNOWN_REPLIES, f"option reply type {reply:#x}")
     if reply & (1 << 31) or (reply == OptionReply.INFO and payload[:2] == b"\0\2"):

@@ -1740,6 +1740,7 @@ def test_without_a_locator_locate_is_unsupported() -> None:
 # -- client connections carried with the commit: FERRY_OPT_CONNECTIONS, FERRY_CMD_CONNECTION ----
 
 OPT_CONNECTIONS = 0x46455202  # b"FER\x02"
+REP_LANDING = 0x46455202  # b"FER\x02", a reply type
 CMD_CONNECTION = 0xF002
 MAX_CONNECTION = 128 * 1024 * 1024
 
@@ -1764,12 +1765,14 @@ def landing_bytes(host: str, service: str) -> bytes:
     )
 
 
-def test_connections_are_acked_with_who_the_destination_is() -> None:
+def test_connections_are_answered_with_who_the_destination_is_then_acked() -> None:
+    # As NBD_OPT_GO's NBD_REP_INFO: the data in a reply of its own, then a plain ACK.
     conn = sender()
     negotiate(conn, f.option(OPT_MIGRATE, migrate_data()), f.option(OPT_CONNECTIONS))
     assert replies(conn) == [
         rep(OPT_MIGRATE, f.REP_ACK),
-        rep(OPT_CONNECTIONS, f.REP_ACK, landing_bytes("boot/net:7", "10.0.0.5/24@eth0")),
+        rep(OPT_CONNECTIONS, REP_LANDING, landing_bytes("boot/net:7", "10.0.0.5/24@eth0")),
+        rep(OPT_CONNECTIONS, f.REP_ACK),
     ]
     landing = ConnectionLanding.from_bytes(landing_bytes("boot/net:7", "10.0.0.5/24@eth0"))
     assert landing == ConnectionLanding("boot/net:7", "10.0.0.5/24@eth0")

@@ -67,7 +67,14 @@ from ferry.migrate.options import (
 )
 from ferry.migrate.switchover import Switchover
 from ferry.migrate.wire import Connector, MirrorProtocol, MirrorProtocolFactory
-from ferry.nbd.events import Event, Negotiated, NegotiationFailed, OptionAnswered, Reply
+from ferry.nbd.events import (
+    Event,
+    Negotiated,
+    NegotiationFailed,
+    OptionAnswered,
+    OptionData,
+    Reply,
+)
 from ferry.nbd.locate import Location
 from ferry.serve.export import Export
 from ferry.storage import Image
@@ -395,6 +402,8 @@ class MirrorSource:
                 return  # given up while handling an earlier event
             if isinstance(event, Reply):
                 self._reply(attempt, event)
+            elif isinstance(event, OptionData):
+                self._negotiation.option_data(attempt, event)
             elif isinstance(event, OptionAnswered):
                 self._negotiation.option_answered(attempt, event)
             elif isinstance(event, Negotiated):

@@ -42,6 +42,8 @@ OPTION extra       ACK / any other error           OPTION (next extra, else as
                                                    after the greeting)
                                                    (OptionAnswered)
 OPTION extra       any other reply (with data)     same (OptionData)
+OPTION extra       ACK with data                   ProtocolError (data has
+                                                   replies of its own)
 OPTION any         ERR_SHUTDOWN / ERR_TLS_REQD     FAILED (NegotiationFailed)
 EXPORT_NAME        size + flags                    TRANSMISSION (Negotiated)
 EXPORT_NAME        end of stream                   FAILED (NegotiationFailed)
@@ -635,8 +637,10 @@ class ClientConnection:
 
     def _extra_reply(self, events: list[Event], option: int, rtype: int, payload: bytes) -> None:
         if rtype == OptionReply.ACK:
-            # The caller judges the payload: an option of its own says what it holds.
-            events.append(OptionAnswered(option, OptionReply.ACK, payload=payload))
+            # An answer's data comes in replies of its own, before the ACK.
+            if payload:
+                raise ProtocolError(f"ACK to option {option:#x} with {len(payload)} bytes of data")
+            events.append(OptionAnswered(option, OptionReply.ACK))
         elif rtype & _OPTION_ERROR_BIT:
             message = _text(payload)
             if rtype in _KNOWN_OPTION_REPLIES:
@@ -649,8 +653,8 @@ class ClientConnection:
                 return
             events.append(OptionAnswered(option, error, message))
         else:
-            # An extension's reply with data (a ferry LOCATION, say): the
-            # option goes on until its ACK or error.
+            # An extension's reply with data (a ferry LOCATION or LANDING,
+            # say): the option goes on until its ACK or error.
             events.append(OptionData(option, rtype, bytes(payload)))
             return
         self._next_option()

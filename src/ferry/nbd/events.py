@@ -146,8 +146,9 @@ class Commit:
 class ConnectionLanding:
     """What a listener that can take client connections says about itself.
 
-    The answer to ``FERRY_OPT_CONNECTIONS`` (see ``constants.py``): ``host``
-    names this host and network namespace, ``service_address`` is the
+    The data of the ``FERRY_REP_LANDING`` reply that comes before
+    ``FERRY_OPT_CONNECTIONS``' ACK (see ``constants.py``): ``host`` names
+    this host and network namespace, ``service_address`` is the
     client-facing address it takes over at the commit ("" for none).
     """
 
@@ -237,7 +238,6 @@ class OptionAnswered:
     option: int
     reply: OptionReply
     message: str = ""
-    payload: bytes = b""  # what an ACK carried (ferry's FERRY_OPT_CONNECTIONS has one)
 
 
 @dataclass(frozen=True, slots=True)

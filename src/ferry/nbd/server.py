@@ -75,8 +75,9 @@ ferry's migration extension (``constants.py``), with a ``MigrationCatalog``:
     before MIGRATE's ACK   ERR_INVALID                as before
     with data, or twice    ERR_INVALID                as before
     catalog refuses        its error and message      as before
-    catalog can            ACK, ConnectionLanding     FERRY_CMD_CONNECTION is a
-                           as its payload             ``CarriedConnection``
+    catalog can            FERRY_REP_LANDING with     FERRY_CMD_CONNECTION is a
+                           its ConnectionLanding,     ``CarriedConnection``
+                           then ACK
 
 Elsewhere (no catalog, or no ACK) FERRY_OPT_MIGRATE is ERR_UNSUP and
 FERRY_CMD_COMMIT a ``RejectedRequest`` with EINVAL, as is
@@ -130,6 +131,7 @@ from ferry.nbd.constants import (
     FERRY_MIGRATE_VERSION,
     FERRY_OPT_CONNECTIONS,
     FERRY_OPT_MIGRATE,
+    FERRY_REP_LANDING,
     FLEXNBD_MIRROR_HANDLE,
     GREETING_NEWSTYLE,
     GREETING_OLDSTYLE,
@@ -863,7 +865,8 @@ class ServerConnection:
             self._error(FERRY_OPT_CONNECTIONS, landing.error, landing.message)
             return
         self._carries = True
-        self._reply(FERRY_OPT_CONNECTIONS, OptionReply.ACK, landing.to_bytes())
+        self._reply(FERRY_OPT_CONNECTIONS, FERRY_REP_LANDING, landing.to_bytes())
+        self._reply(FERRY_OPT_CONNECTIONS, OptionReply.ACK)
 
     def _abort_handshake(self, reason: str, events: list[Event]) -> None:
         self._state = _State.CLOSED
