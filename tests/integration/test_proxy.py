@@ -43,6 +43,7 @@ from support import (
     sparse_file,
     start_peer,
     stop_peer,
+    wait_until,
 )
 from workload import BLOCK, decode
 
@@ -103,10 +104,22 @@ def stopping() -> Iterator[Callable[[Any], Any]]:
             stop_peer(proc)
 
 
-def writer(uri: str, stop_file: Path, blocks: int = SIZE // BLOCK) -> subprocess.Popen[bytes]:
-    """The checkable workload, one client, 16 writes in flight."""
+def writer(
+    uri: str, stop_file: Path, blocks: int = SIZE // BLOCK, *, client: int = 0, clients: int = 1
+) -> subprocess.Popen[bytes]:
+    """The checkable workload, 16 writes in flight: client ``client`` of ``clients``, each
+    writing only its own blocks."""
     return subprocess.Popen(
-        [SYSTEM_PYTHON, str(WORKLOAD), uri, "0", "1", str(blocks), str(stop_file), str(DEPTH)],
+        [
+            SYSTEM_PYTHON,
+            str(WORKLOAD),
+            uri,
+            str(client),
+            str(clients),
+            str(blocks),
+            str(stop_file),
+            str(DEPTH),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -206,6 +219,13 @@ class QemuNbd:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
 
+    def peers(self) -> list[str]:
+        """The address of each client connected to qemu-nbd (``ss``'s peer column)."""
+        out = run(["ss", "-Htn", "state", "established", f"( sport = :{self.port} )"])
+        return sorted(
+            line.split()[3].rpartition(":")[0] for line in out.stdout.decode().splitlines()
+        )
+
     def receive_queue(self) -> int:
         """Bytes waiting, unread, in qemu-nbd's accepted sockets (``ss``'s Recv-Q)."""
         out = run(["ss", "-Htn", "state", "established", f"( sport = :{self.port} )"])
@@ -245,6 +265,42 @@ def test_qemu_nbd_killed_and_restarted_the_writes_in_flight_are_replayed(
     assert events.count("lost") == 1 and "replayed" in events
     assert front.stop() == 0
     assert replay(tmp_path / "proxy.jsonl") == ["proxy client-1 closed"]
+
+
+def test_each_client_has_its_own_server_connection_from_bind_and_each_is_replayed(
+    tmp_path: Path, qemu: QemuNbd, stopping: Callable[[Any], Any]
+) -> None:
+    front, sock = proxy(tmp_path, qemu.port, "--bind", "127.0.0.2", metrics=True)
+    stopping(front)
+    stop_file = tmp_path / "stop"
+    clients = [
+        stopping(writer(front.uri("disk"), stop_file, client=n, clients=2)) for n in range(2)
+    ]
+    try:
+        # One server connection per client, both from --bind's address.
+        wait_until("two server connections", lambda: len(qemu.peers()) == 2)
+        assert qemu.peers() == ["127.0.0.2", "127.0.0.2"]
+        before = wait_for_requests(front, 2000)
+        qemu.kill()
+        qemu.start()
+        status = front.wait_status(sock, lambda s: s["reconnects"] == "2")  # each found it again
+        wait_for_requests(front, before + 2000)
+        assert qemu.peers() == ["127.0.0.2", "127.0.0.2"]
+    finally:
+        reports = [report_of(client, stop_file) for client in clients]
+    assert status["num_clients"] == "2" and status["requests_expired"] == "0", status
+    image = qemu.image.read_bytes()
+    both = {
+        "ended": "stopped",
+        "error": "; ".join(r["error"] for r in reports if r["error"]),
+        "writes": min(r["writes"] for r in reports),  # each wrote
+        "acked": {k: v for r in reports for k, v in r["acked"].items()},
+        "unanswered": {k: v for r in reports for k, v in r["unanswered"].items()},
+    }
+    assert all(r["ended"] == "stopped" for r in reports), reports
+    check_writes(both, image, bytes(SIZE))  # the clients' blocks are disjoint
+    assert front.stop() == 0
+    assert replay(tmp_path / "proxy.jsonl") == ["proxy client-1 closed", "proxy client-2 closed"]
 
 
 OVERLAPPING = """
