@@ -7,13 +7,41 @@ Generated from statecharts/*.yaml by `ferry statecharts render`: do not edit.
 from enum import StrEnum
 
 __all__ = [
+    "ConnectionState",
+    "ConnectionTrigger",
     "LeaseState",
     "LeaseTrigger",
     "MigrationState",
     "MigrationTrigger",
+    "ProxyState",
+    "ProxyTrigger",
     "RoleState",
     "RoleTrigger",
 ]
+
+
+class ConnectionState(StrEnum):
+    """The states of statecharts/connection.yaml."""
+
+    ESTABLISHED = "established"
+    FROZEN = "frozen"
+    CHECKPOINTED = "checkpointed"
+    SENT = "sent"
+    RESTORED = "restored"
+    RELEASED = "released"
+    ABORTED = "aborted"
+
+
+class ConnectionTrigger(StrEnum):
+    """The triggers of statecharts/connection.yaml."""
+
+    ABORT = "abort"
+    CHECKPOINT = "checkpoint"
+    FREEZE = "freeze"
+    RELEASE = "release"
+    RESTORED = "restored"
+    RESUME = "resume"
+    SEND = "send"
 
 
 class LeaseState(StrEnum):
@@ -100,6 +128,36 @@ class MigrationTrigger(StrEnum):
     RESOLVE_COMMITTED = "resolve_committed"
     RETRY = "retry"
     STOP = "stop"
+
+
+class ProxyState(StrEnum):
+    """The states of statecharts/proxy.yaml."""
+
+    ACCEPTED = "accepted"
+    CONNECTED = "connected"
+    UPSTREAM_LOST = "upstream_lost"
+    RECONNECTING = "reconnecting"
+    NEGOTIATING = "negotiating"
+    REPLAYING = "replaying"
+    FAILED = "failed"
+    RETRYING = "retrying"
+    CLOSED = "closed"
+
+
+class ProxyTrigger(StrEnum):
+    """The triggers of statecharts/proxy.yaml."""
+
+    ATTEMPT_FAILED = "attempt_failed"
+    CLOSE = "close"
+    DIALED = "dialed"
+    GIVE_UP = "give_up"
+    LOST = "lost"
+    MISMATCH = "mismatch"
+    NEGOTIATED = "negotiated"
+    RECONNECT = "reconnect"
+    REDIRECTED = "redirected"
+    REPLAYED = "replayed"
+    RETRY = "retry"
 
 
 class RoleState(StrEnum):

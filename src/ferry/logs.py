@@ -1,6 +1,8 @@
 """Log output for the CLI: readable lines on stderr, and optionally a JSON file.
 
-stderr is for the operator, at the level ``-v`` / ``-q`` choose.  The JSON
+stderr is for the operator, at the level ``-v`` / ``-q`` choose; Twisted's
+own chatter (factories starting and stopping, ports opening and closing) is
+debug there, shown only with ``-v``: an operator reads ferry's lines.  The JSON
 file (``--log FILE``) is for machines: it takes every event from debug up
 whatever the verbosity, one JSON object per line (twisted.logger's
 ``eventAsJSON``; ``eventsFromJSONLogFile`` reads it back), and each event
@@ -14,19 +16,23 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from typing import IO, cast
+from typing import IO, Final, cast
 
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     globalLogBeginner,
     jsonFileLogObserver,
     textFileLogObserver,
 )
 from zope.interface import provider
+
+from ferry.safepath import UnsafePath, open_append
 
 __all__ = ["LogFileError", "open_log_file", "start_logging", "with_fields"]
 
@@ -36,10 +42,15 @@ class LogFileError(Exception):
 
 
 def open_log_file(path: str) -> IO[str]:
-    """Open ``path`` for appending (a log outlives runs, like a trace), line-buffered."""
+    """Open ``path`` for appending (a log outlives runs, like a trace), line-buffered.
+
+    Never through a symlink, never someone else's file, never in a directory
+    others could swap it in (:func:`ferry.safepath.open_append`).
+    """
     try:
-        # Kept open for the whole run, so no ``with``.
-        return open(path, "a", encoding="utf-8", buffering=1)
+        return open_append(path, "log file")
+    except UnsafePath as unsafe:
+        raise LogFileError(str(unsafe)) from None
     except OSError as error:
         raise LogFileError(f"log file {path}: {error.strerror or error}") from None
 
@@ -53,16 +64,39 @@ def start_logging(
 ) -> None:
     """Log to stderr, and to ``json_file`` if given, with ``fields`` in every JSON event."""
     level = LogLevel.debug if verbose else LogLevel.warn if quiet else LogLevel.info
+    predicates = [LogLevelFilterPredicate(defaultLogLevel=level)]
+    if not verbose:
+        predicates.insert(0, _quiet_twisted)
     observers: list[ILogObserver] = [
-        FilteringLogObserver(
-            textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(defaultLogLevel=level)]
-        )
+        FilteringLogObserver(textFileLogObserver(sys.stderr), predicates)
     ]
     if json_file is not None:
         # An empty record separator makes plain JSON lines (jq reads them;
         # eventsFromJSONLogFile detects the form).
         observers.append(with_fields(jsonFileLogObserver(json_file, ""), dict(fields or {})))
     globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
+
+
+_MAYBE = cast(PredicateResult, PredicateResult.maybe)
+_NO = cast(PredicateResult, PredicateResult.no)
+#: Twisted's own namespaces whose info lines are its business, not the operator's.
+_TWISTED_CHATTER: Final = frozenset({"log_legacy", "twisted.internet.base"})
+#: What Twisted itself says at info level about its factories.
+_FACTORY_CHATTER: Final = frozenset(
+    {"Starting factory {factory!r}", "Stopping factory {factory!r}"}
+)
+
+
+@provider(ILogFilterPredicate)
+def _quiet_twisted(event: LogEvent) -> PredicateResult:
+    """Twisted's chatter is debug on stderr: its legacy lines and its factories' comings
+    and goings.  Its warnings and errors still show."""
+    level: LogLevel = event.get("log_level", LogLevel.info)
+    if level > LogLevel.info:
+        return _MAYBE
+    chatter = event.get("log_namespace") in _TWISTED_CHATTER
+    chatter = chatter or event.get("log_format") in _FACTORY_CHATTER
+    return _NO if chatter else _MAYBE
 
 
 def with_fields(observer: ILogObserver, fields: dict[str, object]) -> ILogObserver:

@@ -123,6 +123,32 @@ class Outbox:
         """Bytes added and not yet flushed."""
         return self._bytes
 
+    def held(self) -> int:
+        """Bytes flushed that the transport still holds, unsent, in this process.
+
+        What a client that does not read its replies costs us.  Read from a
+        TCP transport's own buffer; any other transport is taken to hold
+        nothing (a test's ``StringTransport`` keeps what is written for the
+        test to read, not for a client).
+        """
+        transport = self._transport
+        if self._socket is None:
+            return 0
+        return int(len(transport.dataBuffer) - transport.offset + transport._tempDataLen)
+
+    def unsent(self) -> bytes:
+        """The bytes :meth:`held` counts, in order: what a connection moving away still owes.
+
+        Taken while the transport is stopped for a move
+        (``ferry.handoff.tcp_state.SocketState.with_unsent`` carries them);
+        the transport keeps its copy, for the move that fails.
+        """
+        transport = self._transport
+        if self._socket is None:
+            return b""
+        waiting = bytes(transport.dataBuffer[transport.offset :])
+        return waiting + b"".join(transport._tempDataBuffer)
+
     def add(self, data: bytes) -> None:
         if not data:
             return

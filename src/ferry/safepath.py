@@ -11,6 +11,10 @@ must not be something another user can swap, read or point elsewhere:
   its path is refused, never followed), must belong to that user, and is
   left ``0600``: a file of ours with wider permissions is narrowed, one of
   someone else's is refused.
+* a file or socket ferry creates (a trace, a log, a control socket) lives in
+  a directory others cannot write to, unless the directory is sticky (as
+  ``/tmp`` is: there nobody may remove or rename another's file), and must be
+  ferry's own (:func:`check_parent_directory`).
 
 Each refusal is an :class:`UnsafePath` whose text is one line saying what
 is wrong and what would fix it.
@@ -21,9 +25,16 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Final
+from typing import IO, Final
 
-__all__ = ["PRIVATE_FILE_MODE", "UnsafePath", "check_private_directory", "open_private_file"]
+__all__ = [
+    "PRIVATE_FILE_MODE",
+    "UnsafePath",
+    "check_parent_directory",
+    "check_private_directory",
+    "open_append",
+    "open_private_file",
+]
 
 PRIVATE_FILE_MODE: Final = 0o600
 _OTHERS: Final = 0o077
@@ -54,6 +65,26 @@ def check_private_directory(path: str | os.PathLike[str], what: str) -> None:
         raise UnsafePath(
             f"{what} {path} has mode {mode:04o}: others may read or change it; "
             f"make it private (chmod 700 {path})"
+        )
+
+
+def check_parent_directory(path: str | os.PathLike[str], what: str) -> None:
+    """Refuse ``path`` if others could replace it: its directory is writable by
+    group or others without the sticky bit, or belongs to someone else who is
+    not root."""
+    directory = Path(path).parent
+    info = os.stat(directory)
+    uid = os.geteuid()
+    if info.st_uid not in (uid, 0):
+        raise UnsafePath(
+            f"{what} {path}: its directory {directory} belongs to uid {info.st_uid}, who "
+            "could replace it: use a directory of your own"
+        )
+    if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        mode = stat.S_IMODE(info.st_mode)
+        raise UnsafePath(
+            f"{what} {path}: others may write to its directory {directory} (mode {mode:04o}) "
+            "and replace it: use a directory of your own"
         )
 
 
@@ -91,3 +122,14 @@ def _is_symlink(path: str | os.PathLike[str]) -> bool:
         return Path(path).is_symlink()
     except OSError:
         return False
+
+
+def open_append(path: str | os.PathLike[str], what: str) -> IO[str]:
+    """A trace or a log: appended to, line-buffered, and never someone else's.
+
+    Raises :class:`UnsafePath` for a symlink, someone else's file, or a
+    directory others could swap it in; ``OSError`` for the rest.
+    """
+    check_parent_directory(path, what)
+    fd = open_private_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, what)
+    return os.fdopen(fd, "a", encoding="utf-8", buffering=1)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import struct
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,3 +146,171 @@ def test_a_lease_kept_from_the_source_at_the_commit_fences_it(tmp_path: Path) ->
             assert status(tmp_path / "serve.sock")["has_control"] == "false"
         finally:
             third.stop()
+
+
+# -- who may hand a listener an image ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "line"),
+    [
+        (
+            ["--addr", "0.0.0.0"],
+            "ferry: listen on 0.0.0.0 admits migration senders only from the addresses its ACL "
+            "names: name the source hosts as ACL entries (ferry listen ... ADDRESS ...)\n",
+        ),
+        (
+            ["--addr", "127.0.0.1", "--oldstyle"],
+            "ferry: listen --oldstyle takes flexnbd's migration, which cannot authenticate: "
+            "name the source hosts as ACL entries (ferry listen ... ADDRESS ...)\n",
+        ),
+    ],
+    ids=["network-without-acl", "oldstyle-without-acl"],
+)
+def test_a_listener_that_would_take_an_image_from_anyone_refuses_to_start(
+    tmp_path: Path, extra: list[str], line: str
+) -> None:
+    image = sparse_file(tmp_path / "dest.img", SIZE)
+    args = ["listen", "--port", "0", "--file", str(image), "--lockspace", "none", *extra]
+    refused = run([*FERRY, *args], check=False, timeout=60)
+    assert (refused.returncode, refused.stderr.decode()) == (1, line)
+
+
+def test_a_sender_the_acl_does_not_name_cannot_hand_over_an_image(tmp_path: Path) -> None:
+    """The attack: a forged sender commits its own bytes to a listener on the network.
+
+    The listener names its real source (127.0.0.2, which ``ferry mirror
+    --bind`` sends from); the forger, from 127.0.0.1, is refused before it
+    can write a byte, and the real source migrates.
+    """
+    source_image = random_file(tmp_path / "source.img", SIZE, seed=12)
+    dest_image = sparse_file(tmp_path / "dest.img", SIZE)
+    before = dest_image.read_bytes()
+    lease = ["--lockspace", "none"]
+    source = serve(source_image, *lease, "--sock", str(tmp_path / "serve.sock"))
+    listen = ["listen", "--addr", "0.0.0.0", "--port", "0", "--file", str(dest_image)]
+    dest = FerryProcess(
+        [*listen, *lease, "--sock", str(tmp_path / "listen.sock"), "127.0.0.2"]
+    ).wait_serving()
+    try:
+        with pytest.raises(ConnectionError):  # the ACL closes it at once
+            ForgedSender(dest.port, SIZE, resource="")
+        assert dest_image.read_bytes() == before
+        assert status(tmp_path / "listen.sock")["state"] == "listening"
+        mirror = mirror_command(dest.port, tmp_path / "serve.sock", "--action", "nothing")
+        out = run([*mirror, "--bind", "127.0.0.2", "--wait"], timeout=120).stdout.decode()
+        assert out.rstrip().endswith("has control of the image"), out
+        assert dest_image.read_bytes() == source_image.read_bytes()
+    finally:
+        dest.stop()
+        source.stop()
+
+
+# -- paths another user prepared -------------------------------------------------------
+
+NOBODY = 65534
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A directory like /tmp: anyone may create files in it; only their owner may remove them.
+
+    Made in /tmp itself, so another user can reach it (pytest's own
+    directories are private to root).
+    """
+    top = Path(tempfile.mkdtemp(prefix="ferry-attack-", dir="/tmp"))
+    try:
+        top.chmod(0o711)
+        directory = top / "shared"
+        directory.mkdir()
+        directory.chmod(0o1777)
+        yield directory
+    finally:
+        shutil.rmtree(top)
+
+
+@pytest.mark.parametrize("option", ["--trace", "--log"])
+def test_a_symlink_planted_at_a_trace_or_log_path_is_refused(
+    tmp_path: Path, shared: Path, option: str
+) -> None:
+    """The attack: root's ferry once appended its trace to whatever the symlink named."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    planted = shared / "ferry.jsonl"
+    planted.symlink_to(victim)
+    image = sparse_file(tmp_path / "disk.img", SIZE)
+    args = ["serve", "--addr", "127.0.0.1", "--port", "0", "--file", str(image)]
+    args += ["--lockspace", "none", option]
+    refused = run([*FERRY, *args, str(planted)], check=False, timeout=60)
+    what = "trace file" if option == "--trace" else "log file"
+    assert (refused.returncode, refused.stderr.decode()) == (
+        1,
+        f"ferry: {what} {planted} is a symbolic link: refusing to follow it\n",
+    )
+    assert victim.read_bytes() == b"precious\n"
+
+
+def test_a_trace_in_a_directory_others_may_write_is_refused(tmp_path: Path) -> None:
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)  # not sticky: anyone could swap the file
+    image = sparse_file(tmp_path / "disk.img", SIZE)
+    trace = open_dir / "t.jsonl"
+    args = ["serve", "--addr", "127.0.0.1", "--port", "0", "--file", str(image)]
+    refused = run([*FERRY, *args, "--lockspace", "none", "--trace", str(trace)], check=False)
+    assert refused.returncode == 1
+    assert refused.stderr.decode() == (
+        f"ferry: trace file {trace}: others may write to its directory {open_dir} "
+        "(mode 0777) and replace it: use a directory of your own\n"
+    )
+
+
+FAKE_SERVER = r"""
+import os, socket, sys
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(sys.argv[1])
+os.chmod(sys.argv[1], 0o777)
+server.listen()
+print("listening", flush=True)
+while True:
+    conn, _ = server.accept()
+    try:
+        conn.recv(65536)
+        conn.sendall(b"0: pid=1 size=1 has_control=true forged=yes\n")
+    except OSError:
+        pass  # the victim hung up without a word: the attack failed
+    conn.close()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a server as another user")
+def test_a_socket_another_user_planted_is_neither_believed_nor_taken_over(
+    tmp_path: Path, shared: Path
+) -> None:
+    """The attack: root's ferry status printed a forged line; its acl went to the attacker."""
+    import subprocess
+
+    sock = shared / "ctl.sock"
+    fake = subprocess.Popen(
+        ["/usr/bin/python3", "-c", FAKE_SERVER, str(sock)],
+        user=NOBODY,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert fake.stdout is not None and fake.stdout.readline() == b"listening\n"
+        for command in (["status"], ["acl", "10.0.0.0/8"]):
+            asked = run([*FERRY, *command, "--sock", str(sock)], check=False, timeout=60)
+            assert asked.returncode == 1
+            assert asked.stderr.decode() == (
+                f"ferry: control socket {sock}: the server there runs as uid {NOBODY}, "
+                "neither this user nor root: refusing to talk to it\n"
+            )
+            assert b"forged" not in asked.stdout
+        image = sparse_file(tmp_path / "disk.img", SIZE)
+        args = ["serve", "--addr", "127.0.0.1", "--port", "0", "--file", str(image)]
+        refused = run([*FERRY, *args, "--lockspace", "none", "--sock", str(sock)], check=False)
+        assert refused.returncode == 1
+        assert f"control socket {sock}: belongs to uid {NOBODY}" in refused.stderr.decode()
+    finally:
+        fake.kill()
+        fake.wait()

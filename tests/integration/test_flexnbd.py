@@ -54,6 +54,7 @@ def listener(tmp_path: Path) -> Iterator[tuple[FerryProcess, Path, Path]]:
             "--sock",
             str(sock),
             "--oldstyle",
+            "127.0.0.1",  # flexnbd's sender cannot authenticate: the ACL names it
         ]
     ).wait_serving()
     yield proc, target, sock

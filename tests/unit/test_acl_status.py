@@ -34,6 +34,34 @@ def test_bad_entries_name_themselves(entry: str) -> None:
         Acl.parse(["10.0.0.1", entry])
 
 
+def test_a_migration_sender_must_be_named_or_on_loopback_while_the_acl_is_empty() -> None:
+    empty = Acl.parse([])
+    assert empty.admits_sender("127.0.0.1") and empty.admits_sender("::1")
+    assert empty.admits_sender("::ffff:127.0.0.5")
+    assert not empty.admits_sender("192.0.2.7")  # an empty ACL lets everyone be a client ...
+    assert empty.allows("192.0.2.7")  # ... but nobody from the network hand it an image
+    assert not Acl.parse([], default_deny=True).admits_sender("127.0.0.1")
+    named = Acl.parse(["192.0.2.0/24"])
+    assert named.admits_sender("192.0.2.7")
+    assert not named.admits_sender("127.0.0.1")  # once there is a list, only the list
+    assert not named.admits_sender("not-an-address")
+
+
+def test_with_an_export_s_acl_a_sender_must_pass_both_and_be_named_by_one() -> None:
+    """A daemon's export has its own ACL beside the listener's (which is often empty)."""
+    everyone, nobody = Acl.parse([]), Acl.parse([], default_deny=True)
+    sources = Acl.parse(["192.0.2.0/24"])
+    assert everyone.admits_sender("192.0.2.7", sources)  # the export's names it
+    assert not everyone.admits_sender("198.51.100.9", sources)  # ... and only what it names
+    assert not everyone.admits_sender("192.0.2.7", everyone)  # neither names anyone
+    assert everyone.admits_sender("127.0.0.1", everyone)  # ... so loopback only
+    assert not everyone.admits_sender("127.0.0.1", sources)  # the export's list is the list
+    assert not everyone.admits_sender("127.0.0.1", nobody)  # the export admits no one
+    assert sources.admits_sender("192.0.2.7", everyone)  # the listener's names it
+    assert not sources.admits_sender("192.0.2.7", Acl.parse(["10.0.0.0/8"]))  # one refuses
+    assert not nobody.admits_sender("192.0.2.7", sources)
+
+
 def test_the_line_keeps_flexnbd_order_and_leaves_out_absent_fields() -> None:
     snapshot = StatusSnapshot(
         export="disk",

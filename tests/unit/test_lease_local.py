@@ -12,10 +12,12 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -351,16 +353,22 @@ def test_a_missing_directory_is_unavailable_and_named(tmp_path: Path) -> None:
     failure_of(space.take_over(IMAGE, "a", 1), LockspaceUnavailable)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
 def test_an_unwritable_directory_is_unavailable(tmp_path: Path) -> None:
-    tmp_path.chmod(0o500)
+    """Root may write any directory, so as root it is made immutable instead."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(tmp_path)], check=True)
+    else:
+        tmp_path.chmod(0o500)
     try:
         error = failure_of(
             LocalLockspace(tmp_path).acquire(IMAGE, "a", EXCLUSIVE), LockspaceUnavailable
         )
     finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(tmp_path)], check=True)
         tmp_path.chmod(0o700)
-    assert str(tmp_path) in str(error) and "Permission denied" in str(error)
+    assert str(tmp_path) in str(error)
+    assert "Permission denied" in str(error) or "Operation not permitted" in str(error)
 
 
 def test_a_lock_file_that_cannot_be_opened_is_unavailable_and_named(tmp_path: Path) -> None:
@@ -465,28 +473,42 @@ print("read-locked the hold byte", flush=True)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as another user")
-def test_another_user_cannot_lock_anyone_out(tmp_path: Path) -> None:
+def test_another_user_cannot_lock_anyone_out() -> None:
     """The attack: an unprivileged user read-locks byte 0 of a lock file (once 0644).
 
     Every directory up to the lockspace is open to the attacker, as /var/lib
     is: only the lockspace's own privacy (and the file's) stands in the way.
     """
-    tmp_path.chmod(0o711)
-    locks = tmp_path / "locks"
-    locks.mkdir(mode=0o700)
-    a, b = LocalLockspace(locks), LocalLockspace(locks)
-    result(a.release(acquire(a, "a")))
-    assert a.path_for(IMAGE).stat().st_mode & 0o777 == 0o600
-    attack = subprocess.run(
-        ["/usr/bin/python3", "-c", READ_LOCK, str(a.path_for(IMAGE))],
-        user=NOBODY,
-        capture_output=True,
-        timeout=30,
-        check=True,
-    )
-    assert attack.stdout == b"cannot open: Permission denied\n"
-    assert acquire(b, "b").token == 2
-    result(b.close())
+    top = Path(tempfile.mkdtemp(prefix="ferry-locks-", dir="/tmp"))
+    try:
+        top.chmod(0o711)
+        locks = top / "locks"
+        locks.mkdir(mode=0o700)
+        a, b = LocalLockspace(locks), LocalLockspace(locks)
+        result(a.release(acquire(a, "a")))
+        assert a.path_for(IMAGE).stat().st_mode & 0o777 == 0o600
+        attack = subprocess.run(
+            ["/usr/bin/python3", "-c", READ_LOCK, str(a.path_for(IMAGE))],
+            user=NOBODY,
+            capture_output=True,
+            timeout=30,
+            check=True,
+        )
+        assert attack.stdout == b"cannot open: Permission denied\n"
+        locks.chmod(0o711)  # the file's own mode is the second wall
+        attack = subprocess.run(
+            ["/usr/bin/python3", "-c", READ_LOCK, str(a.path_for(IMAGE))],
+            user=NOBODY,
+            capture_output=True,
+            timeout=30,
+            check=True,
+        )
+        assert attack.stdout == b"cannot open: Permission denied\n"
+        locks.chmod(0o700)
+        assert acquire(b, "b").token == 2
+        result(b.close())
+    finally:
+        shutil.rmtree(top)
 
 
 @pytest.mark.parametrize("how", ["removed", "replaced"])

@@ -39,6 +39,7 @@ from ferry.nbd.constants import (
 )
 from ferry.nbd.events import Negotiated, NegotiationFailed, OptionAnswered, Reply
 from ferry.replay import replay
+from ferry.serve.acl import Acl
 from ferry.serve.connection import NBDServerProtocol
 from ferry.serve.export import Export
 from ferry.serve.server import NBDServer
@@ -57,8 +58,8 @@ ALREADY = "a migration is already being received"
 class WatchingTransport(StringTransport):
     """Remembers the export's role at each write, to show what was true when a reply left."""
 
-    def __init__(self, export: Export) -> None:
-        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    def __init__(self, export: Export, host: str = "127.0.0.1") -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", host, 40000))
         self.export = export
         self.states_at_write: list[str] = []
 
@@ -129,16 +130,16 @@ class Listener:
             receiver=self.receiver,
         )
 
-    def connect(self, client: ClientConnection) -> Peer:
+    def connect(self, client: ClientConnection, host: str = "127.0.0.1") -> Peer:
         protocol = self.server.buildProtocol(None)
         assert protocol is not None
-        transport = WatchingTransport(self.export)
+        transport = WatchingTransport(self.export, host)
         protocol.makeConnection(transport)
         return Peer(protocol, transport, client)
 
-    def sender(self, size: int = SIZE) -> Peer:
+    def sender(self, size: int = SIZE, host: str = "127.0.0.1") -> Peer:
         return self.connect(
-            ClientConnection("", meta_contexts=(), extra_options=[migrate_option(size)])
+            ClientConnection("", meta_contexts=(), extra_options=[migrate_option(size)]), host
         )
 
     def client(self) -> Peer:
@@ -211,6 +212,18 @@ def test_the_senders_handshake_makes_the_export_receiving(listener: Listener) ->
     # Ordinary clients are still refused while it receives.
     failed = listener.client().failed()
     assert failed.error == OptionReply.ERR_POLICY and "receiving a migration" in failed.message
+
+
+def test_a_senders_block_status_answers_in_the_context_it_negotiated(listener: Listener) -> None:
+    # Found by fuzz/nbd_client: the sender's replies carried context id 0, which
+    # its handshake never gave it, and ferry's own client refused them.
+    sender = listener.connect(ClientConnection("", extra_options=[migrate_option(SIZE)]))
+    sender.pump()
+    assert sender.negotiated is not None
+    assert sender.negotiated.meta_contexts == {"base:allocation": 1}
+    handle = sender.client.request(Command.BLOCK_STATUS, 0, 65536)
+    reply = sender.replies()[handle]
+    assert reply.error == Errno.OK and list(reply.extents) == [1]
 
 
 def test_a_sender_lost_before_the_commit_sends_the_export_back_to_listening(
@@ -845,3 +858,17 @@ def test_a_commit_refused_after_taking_the_lease_gives_it_back(tmp_path: Path) -
     write = second.client.request(Command.WRITE, 0, 5, data=b"again")
     assert second.replies()[write].error == Errno.OK
     listener.replays()
+
+
+def test_a_sender_the_acl_does_not_name_is_refused_at_the_option(tmp_path: Path) -> None:
+    """An empty ACL lets anyone be a client, and nobody off loopback hand it an image."""
+    listener = Listener(tmp_path)
+    sender = listener.sender(host="192.0.2.7")
+    answer = sender.answer()
+    assert answer.reply == OptionReply.ERR_POLICY
+    assert answer.message == "192.0.2.7 may not send a migration here: its ACL does not name it"
+    assert sender.failed().error == OptionReply.ERR_POLICY  # and GO finds no export for it
+    assert listener.export.state == "listening"
+    listener.server.acl = Acl.parse(["192.0.2.0/24"])
+    named = listener.sender(host="192.0.2.7")
+    assert named.answer().reply == OptionReply.ACK

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from ferry.nbd.constants import (
+    MAX_HANDSHAKE_OPTIONS,
     MAX_OPTION_LENGTH,
     BlockState,
     Command,
@@ -28,7 +29,9 @@ from ferry.nbd.constants import (
     TransmissionFlag,
 )
 from ferry.nbd.events import (
+    CarriedConnection,
     Commit,
+    ConnectionLanding,
     Disconnect,
     Event,
     ExportInfo,
@@ -41,6 +44,7 @@ from ferry.nbd.events import (
     RejectedRequest,
     Request,
 )
+from ferry.nbd.locate import Location
 from ferry.nbd.server import ServerConnection, transmission_flags
 
 from . import nbd_frames as f
@@ -185,6 +189,14 @@ def test_option_at_the_cap_is_buffered_and_answered() -> None:
     negotiate(conn, f.option(999, bytes(MAX_OPTION_LENGTH)))
     [reply] = replies(conn)
     assert (reply.option, reply.type) == (999, f.REP_ERR_UNSUP)
+
+
+def test_a_handshake_may_send_only_so_many_options() -> None:
+    conn = connect()
+    negotiate(conn, *[f.option(f.OPT_LIST)] * MAX_HANDSHAKE_OPTIONS)
+    assert len(replies(conn)) > MAX_HANDSHAKE_OPTIONS  # every LIST answered
+    with pytest.raises(ProtocolError, match=f"more than {MAX_HANDSHAKE_OPTIONS} options"):
+        conn.receive_data(f.option(f.OPT_LIST))
 
 
 # -- NBD_OPT_EXPORT_NAME -------------------------------------------------------------------
@@ -572,6 +584,23 @@ def test_transmission_flags(read_only: bool, structured: bool, expected: int) ->
     assert flags == expected
 
 
+def test_advertise_caps_the_flags_and_the_command_flags_accepted() -> None:
+    # A proxy's export: the server behind it has no FUA, no FAST_ZERO, no CACHE.
+    behind = f.HAS_FLAGS | f.SEND_FLUSH | f.SEND_TRIM | f.SEND_WRITE_ZEROES | 1 << 4  # ROTATIONAL
+    info = ExportInfo("disk", SIZE, advertise=TransmissionFlag(behind))
+    flags = transmission_flags(info, structured=True)
+    assert flags == f.HAS_FLAGS | f.SEND_FLUSH | f.SEND_TRIM | f.SEND_WRITE_ZEROES
+    conn = transmitting(catalog=Catalog(exports={"disk": info}))
+    fua, fast_zero = 1, 16
+    events = conn.receive_data(
+        f.request(W, 1, 0, 4, fua, b"data") + f.request(WZ, 2, 0, 4096, fast_zero)
+    )
+    assert [(type(e), e.handle) for e in events] == [(RejectedRequest, 1), (RejectedRequest, 2)]
+    # ... and a read-only one advertises READ_ONLY whatever the cap says.
+    read_only = ExportInfo("ro", SIZE, read_only=True, advertise=TransmissionFlag(f.HAS_FLAGS))
+    assert transmission_flags(read_only, structured=False) == f.HAS_FLAGS | f.READ_ONLY
+
+
 # -- oldstyle ---------------------------------------------------------------------------------
 
 
@@ -637,6 +666,20 @@ def test_many_requests_from_one_chunk_in_order() -> None:
             assert type(e.data) is bytes and e.data == bytes([e.handle]) * 16
         else:
             assert e.data == b""
+
+
+def test_buffered_counts_what_a_request_received_in_part_holds() -> None:
+    conn = transmitting()
+    frame = f.request(f.CMD_WRITE, 1, 0, 8192, data=b"x" * 8192)
+    assert conn.buffered == 0
+    conn.receive_data(frame[:10])  # part of a header
+    assert conn.buffered == 10
+    conn.receive_data(frame[10:1000])  # the header, and part of the payload
+    assert conn.buffered == 1000 - 28
+    conn.receive_data(frame[1000:5000])
+    assert conn.buffered == 5000 - 28
+    assert [type(e) for e in conn.receive_data(frame[5000:])] == [Request]
+    assert conn.buffered == 0
 
 
 def test_write_payload_split_anywhere() -> None:
@@ -1234,12 +1277,18 @@ class Listener(Catalog):
         }
     )
     refuse_sender: Refusal | None = None
+    landing: ConnectionLanding | Refusal = field(
+        default_factory=lambda: ConnectionLanding("boot/net:7", "10.0.0.5/24@eth0")
+    )
     admitted: list[MigrationRequest] = field(default_factory=list)
     sender_lookups: list[str] = field(default_factory=list)
 
     def admit_migration(self, request: MigrationRequest) -> Refusal | None:
         self.admitted.append(request)
         return self.refuse_sender
+
+    def connection_landing(self) -> ConnectionLanding | Refusal:
+        return self.landing
 
     def lookup_sender(self, name: str) -> ExportInfo | Refusal:
         self.sender_lookups.append(name)
@@ -1609,3 +1658,190 @@ def test_a_mirror_write_split_across_chunks_is_joined() -> None:
     assert events[0] == Request(MIRROR_HANDLE, Command.WRITE, CommandFlag(0), 0, 10, b"0123456789")
     assert isinstance(events[1], RejectedRequest) and events[1].error == Errno.EPERM
     assert len(events) == 2
+
+
+# -- ferry's FERRY_OPT_LOCATE: where a handed-off export went --------------------------------
+
+OPT_LOCATE = 0x46455203  # b"FER\x03", spelled out: see ferry.nbd.constants
+REP_LOCATION = 0x46455201
+
+
+def locate_data(name: str) -> bytes:
+    return f.string(name)
+
+
+def location_data(host: str, port: int, name: str = "") -> bytes:
+    return struct.pack(">HH", port, len(host)) + host.encode() + name.encode()
+
+
+@dataclass
+class Locator:
+    moved: dict[str, list[Location]] = field(default_factory=dict)
+
+    def locate(self, name: str) -> Sequence[Location] | Refusal:
+        if name not in ("", "disk"):
+            return Refusal(OptionReply.ERR_UNKNOWN, f"no export {name!r}")
+        return self.moved.get(name or "disk", [])
+
+
+def test_locate_names_each_place_the_export_went_then_acks() -> None:
+    locator = Locator({"disk": [Location("10.0.0.2", 10809), Location("fe80::1", 20, "d2")]})
+    conn = ServerConnection(Catalog(), locator=locator)
+    conn.data_to_send()
+    events = negotiate(conn, f.option(OPT_LOCATE, locate_data("disk")))
+    assert events == []
+    assert replies(conn) == [
+        rep(OPT_LOCATE, REP_LOCATION, location_data("10.0.0.2", 10809)),
+        rep(OPT_LOCATE, REP_LOCATION, location_data("fe80::1", 20, "d2")),
+        rep(OPT_LOCATE, f.REP_ACK),
+    ]
+
+
+def test_locate_of_an_export_still_here_is_a_bare_ack_and_negotiation_goes_on() -> None:
+    conn = ServerConnection(Catalog(), locator=Locator())
+    conn.data_to_send()
+    events = negotiate(
+        conn, f.option(OPT_LOCATE, locate_data("")), f.option(f.OPT_GO, f.info_data(""))
+    )
+    out = replies(conn)
+    assert out[0] == rep(OPT_LOCATE, f.REP_ACK)
+    assert [type(e) for e in events] == [HandshakeComplete]
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (locate_data("nope"), f.REP_ERR_UNKNOWN),
+        (b"\x00\x00", f.REP_ERR_INVALID),
+        (struct.pack(">I", 10) + b"disk", f.REP_ERR_INVALID),
+        (locate_data("disk") + b"x", f.REP_ERR_INVALID),
+        (struct.pack(">I", 2) + b"\xff\xfe", f.REP_ERR_INVALID),
+    ],
+    ids=["unknown", "short", "name-runs-past", "trailing", "not-utf8"],
+)
+def test_locate_refusals_and_bad_requests_are_errors_and_negotiation_goes_on(
+    data: bytes, kind: int
+) -> None:
+    conn = ServerConnection(Catalog(), locator=Locator())
+    conn.data_to_send()
+    events = negotiate(conn, f.option(OPT_LOCATE, data), f.option(f.OPT_GO, f.info_data("")))
+    out = replies(conn)
+    assert (out[0].option, out[0].type) == (OPT_LOCATE, kind) and out[0].data
+    assert [type(e) for e in events] == [HandshakeComplete]
+
+
+def test_without_a_locator_locate_is_unsupported() -> None:
+    conn = connect()
+    negotiate(conn, f.option(OPT_LOCATE, locate_data("disk")))
+    (out,) = replies(conn)
+    assert (out.option, out.type) == (OPT_LOCATE, f.REP_ERR_UNSUP)
+
+
+# -- client connections carried with the commit: FERRY_OPT_CONNECTIONS, FERRY_CMD_CONNECTION ----
+
+OPT_CONNECTIONS = 0x46455202  # b"FER\x02"
+REP_LANDING = 0x46455202  # b"FER\x02", a reply type
+CMD_CONNECTION = 0xF002
+MAX_CONNECTION = 128 * 1024 * 1024
+
+
+def carrying(listener: Listener | None = None) -> ServerConnection:
+    """A sender past GO whose FERRY_OPT_CONNECTIONS was acknowledged."""
+    conn = sender(listener)
+    events = negotiate(
+        conn,
+        f.option(OPT_MIGRATE, migrate_data()),
+        f.option(OPT_CONNECTIONS),
+        f.option(f.OPT_GO, f.info_data("disk")),
+    )
+    assert [type(e) for e in events] == [HandshakeComplete], events
+    conn.data_to_send()
+    return conn
+
+
+def landing_bytes(host: str, service: str) -> bytes:
+    return b"".join(
+        struct.pack(">H", len(text.encode())) + text.encode() for text in (host, service)
+    )
+
+
+def test_connections_are_answered_with_who_the_destination_is_then_acked() -> None:
+    # As NBD_OPT_GO's NBD_REP_INFO: the data in a reply of its own, then a plain ACK.
+    conn = sender()
+    negotiate(conn, f.option(OPT_MIGRATE, migrate_data()), f.option(OPT_CONNECTIONS))
+    assert replies(conn) == [
+        rep(OPT_MIGRATE, f.REP_ACK),
+        rep(OPT_CONNECTIONS, REP_LANDING, landing_bytes("boot/net:7", "10.0.0.5/24@eth0")),
+        rep(OPT_CONNECTIONS, f.REP_ACK),
+    ]
+    landing = ConnectionLanding.from_bytes(landing_bytes("boot/net:7", "10.0.0.5/24@eth0"))
+    assert landing == ConnectionLanding("boot/net:7", "10.0.0.5/24@eth0")
+
+
+@pytest.mark.parametrize(
+    ("frames", "why"),
+    [
+        ([f.option(OPT_CONNECTIONS)], "only after FERRY_OPT_MIGRATE"),
+        ([f.option(OPT_MIGRATE, migrate_data()), f.option(OPT_CONNECTIONS, b"x")], "bytes of data"),
+        (
+            [f.option(OPT_MIGRATE, migrate_data()), f.option(OPT_CONNECTIONS)] * 1
+            + [f.option(OPT_CONNECTIONS)],
+            "already acknowledged",
+        ),
+    ],
+)
+def test_a_wrong_connections_option_is_invalid(frames: list[bytes], why: str) -> None:
+    conn = sender()
+    negotiate(conn, *frames)
+    last = replies(conn)[-1]
+    assert last.type == f.REP_ERR_INVALID and why.encode() in last.data
+
+
+def test_a_node_that_cannot_take_connections_says_why() -> None:
+    listener = Listener(landing=Refusal(OptionReply.ERR_UNSUP, "no CAP_NET_ADMIN"))
+    conn = sender(listener)
+    negotiate(conn, f.option(OPT_MIGRATE, migrate_data()), f.option(OPT_CONNECTIONS))
+    assert replies(conn)[-1] == rep(OPT_CONNECTIONS, f.REP_ERR_UNSUP, b"no CAP_NET_ADMIN")
+
+
+@pytest.mark.parametrize("cut", [0, 1, 23, 28, 29, 40])
+def test_a_carried_connection_is_its_payload_however_it_arrives(cut: int) -> None:
+    conn = carrying()
+    state = bytes(range(40)) * 3
+    stream = f.request(CMD_CONNECTION, 4, 0, len(state)) + state + f.read(5, 0, 1)
+    events = conn.receive_data(stream[:cut]) + conn.receive_data(stream[cut:])
+    assert events == [CarriedConnection(4, state), Request(5, Command.READ, CommandFlag(0), 0, 1)]
+    assert conn.buffered == 0
+
+
+@pytest.mark.parametrize(
+    ("offset", "length", "flags", "why"),
+    [
+        (0, 0, 0, "not in 1.."),
+        (0, MAX_CONNECTION + 1, 0, "not in 1.."),
+        (8, 4, 0, "offset 0"),
+        (0, 4, FUA, "no flags"),
+    ],
+)
+def test_a_malformed_carried_connection_is_rejected_its_payload_counted_off(
+    offset: int, length: int, flags: int, why: str
+) -> None:
+    conn = carrying()
+    payload = b"z" * min(length, 8)
+    events = conn.receive_data(f.request(CMD_CONNECTION, 9, offset, length, flags) + payload)
+    if length > len(payload):
+        assert events == []
+        assert conn.buffered == 0  # counted off, never kept
+        return
+    (rejected,) = events
+    assert isinstance(rejected, RejectedRequest)
+    assert (rejected.handle, rejected.error) == (9, Errno.EINVAL) and why in rejected.reason
+
+
+def test_a_connection_from_a_sender_that_was_not_told_yes_is_rejected() -> None:
+    conn = sending()  # FERRY_OPT_MIGRATE only
+    events = conn.receive_data(f.request(CMD_CONNECTION, 3, 0, 2) + b"ab" + f.read(4, 0, 1))
+    rejected, read = events
+    assert isinstance(rejected, RejectedRequest) and rejected.error == Errno.EINVAL
+    assert "FERRY_OPT_CONNECTIONS" in rejected.reason
+    assert read == Request(4, Command.READ, CommandFlag(0), 0, 1)

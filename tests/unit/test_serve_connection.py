@@ -22,7 +22,8 @@ from ferry.nbd.events import Negotiated, NegotiationFailed, Reply
 from ferry.serve.acl import Acl
 from ferry.serve.connection import NBDServerProtocol
 from ferry.serve.export import Export
-from ferry.serve.server import HANDSHAKE_TIMEOUT, NBDServer
+from ferry.serve.limits import HANDSHAKE_TIMEOUT
+from ferry.serve.server import NBDServer
 from ferry.storage import Image
 from serve_doubles import Blocking
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ferry import __version__
+from ferry.cli.daemon import add_daemon_commands, json_request
 from ferry.cli.errors import UserError
 from ferry.cli.lock import add_lock_commands
 
@@ -44,6 +45,30 @@ def port_number(text: str) -> int:
     return port
 
 
+def _lockspace_text(text: str) -> str:
+    """``--lockspace``: checked here, so a bad one is a usage error (exit 2); kept as text."""
+    from ferry.lease.spec import parse_lockspace
+
+    if text == "none":
+        return text
+    try:
+        parse_lockspace(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _service_address_text(text: str) -> str:
+    """``--service-address``: checked here, so a bad one is a usage error (exit 2)."""
+    from ferry.handoff.address import AddressError, ServiceAddress
+
+    try:
+        ServiceAddress.parse(text)
+    except AddressError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def host_and_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host:
@@ -53,7 +78,9 @@ def host_and_port(text: str) -> tuple[str, int]:
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"ferry {self.prog.split()[-1]}: {message}\n")
+        mode = self.prog.split()[-1]
+        prefix = "ferry" if mode == "ferry" else f"ferry {mode}"
+        self.exit(2, f"{prefix}: {message}\n")
 
 
 def build_parser() -> Parser:
@@ -63,6 +90,8 @@ def build_parser() -> Parser:
     )
     parser.add_argument("--version", action="version", version=f"ferry {__version__}")
     modes = parser.add_subparsers(dest="mode", metavar="MODE", parser_class=Parser)
+    version = modes.add_parser("version", help="print ferry's version")
+    version.set_defaults(run=lambda args: print(f"ferry {__version__}") or 0)
 
     for name, helptext in (
         ("serve", "serve an image file over NBD"),
@@ -103,6 +132,7 @@ def build_parser() -> Parser:
         )
         serve.add_argument(
             "--lockspace",
+            type=_lockspace_text,
             metavar="SPEC",
             help="where the image's lease is held while serving (listen: taken over with the "
             "migration): local:DIR or etcd:http://HOST:PORT[,HOST:PORT...], or none; "
@@ -113,6 +143,18 @@ def build_parser() -> Parser:
             metavar="NAME",
             help="the lease's name (default: the image's real path; listen: the one "
             "the migration's source holds)",
+        )
+        serve.add_argument(
+            "--service-address",
+            type=_service_address_text,
+            metavar="IP/PREFIX@DEV",
+            help=(
+                "the address clients use, which moves with the image: added to DEV if "
+                "missing and listened on (with --port) besides --addr"
+                if name == "serve"
+                else "the address this node takes over at the commit: added to DEV once "
+                "the source has dropped it, announced (gratuitous ARP), listened on from now"
+            ),
         )
         _verbosity(serve)
         serve.add_argument("acl", nargs="*", metavar="ACL_ENTRY", help="address or CIDR allowed in")
@@ -155,21 +197,74 @@ def build_parser() -> Parser:
     mirror.add_argument(
         "-w", "--wait", action="store_true", help="show progress until the end; exit 0 on success"
     )
+    _export(mirror)
+    mirror.add_argument(
+        "--dest-export",
+        metavar="NAME",
+        help="the destination's export to migrate into (default: the same name as --export, "
+        "or the destination's default export)",
+    )
     mirror.set_defaults(run=run_mirror)
+
+    proxy = modes.add_parser(
+        "proxy",
+        help="a local NBD endpoint that follows the image across migrations and restarts",
+        description="Serve NBD clients on --addr/--port (or --sock) and pass their requests, "
+        "as many in flight as they send, to the server at --conn-addr/--conn-port, one server "
+        "connection per client.  When the server goes away the requests wait, the proxy "
+        "reconnects (following a ferry source that says where the image went), and every "
+        "request without an answer is sent again; after --max-wait they get EIO.",
+    )
+    proxy.add_argument("-l", "--addr", help="IP address to serve clients on (with --port)")
+    proxy.add_argument("-p", "--port", type=port_number, help="TCP port to serve clients on")
+    proxy.add_argument("-s", "--sock", help="Unix socket to serve clients on, instead")
+    proxy.add_argument("-C", "--conn-addr", required=True, help="the server's address or name")
+    proxy.add_argument(
+        "-P", "--conn-port", type=port_number, required=True, help="the server's port"
+    )
+    proxy.add_argument("-b", "--bind", help="local address to connect to the server from")
+    proxy.add_argument(
+        "-n", "--name", default="", help="the export to ask the server for (default: its default)"
+    )
+    proxy.add_argument(
+        "--max-wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long requests wait for a lost server before they get EIO (default 60)",
+    )
+    proxy.add_argument(
+        "--metrics", type=host_and_port, metavar="ADDR:PORT", help="serve Prometheus /metrics"
+    )
+    proxy.add_argument(
+        "--lockspace",
+        metavar="SPEC",
+        help="find the image where its lease holder serves it (etcd:http://HOST:PORT[,...]), "
+        "then at --conn-addr",
+    )
+    proxy.add_argument("--resource", metavar="NAME", help="the image's lease (with --lockspace)")
+    proxy.add_argument("--control-sock", metavar="PATH", help="control socket (status)")
+    proxy.add_argument("--trace", metavar="FILE", help="append every state transition as JSON")
+    proxy.add_argument("--log", metavar="FILE", help="also append every log event as JSON lines")
+    _verbosity(proxy)
+    proxy.set_defaults(run=lambda args: run_proxy(proxy, args))
 
     breaker = modes.add_parser("break", help="stop a running migration; the source keeps serving")
     _control_sock(breaker, required=True)
+    _export(breaker)
     breaker.set_defaults(run=lambda args: run_simple(args, ["break"]))
 
     max_bps = modes.add_parser(
         "mirror-max-bps", help="change a running migration's bandwidth limit"
     )
     _control_sock(max_bps, required=True)
+    _export(max_bps)
     max_bps.add_argument("bps", metavar="N", help="bytes per second (0: no limit)")
     max_bps.set_defaults(run=lambda args: run_simple(args, ["mirror_max_bps", args.bps]))
 
     status = modes.add_parser("status", help="print a server's status line")
     _control_sock(status, required=True)
+    _export(status)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.add_argument(
         "--wait",
@@ -190,10 +285,12 @@ def build_parser() -> Parser:
         action="store_false",
         help="do not print first the last record of every machine (where each stands now)",
     )
+    _export(events)
     events.set_defaults(run=run_events)
 
     acl = modes.add_parser("acl", help="replace a server's access control list")
     _control_sock(acl, required=True)
+    _export(acl)
     acl.add_argument("acl", nargs="*", metavar="ACL_ENTRY")
     acl.set_defaults(run=run_acl)
 
@@ -222,6 +319,7 @@ def build_parser() -> Parser:
     show.set_defaults(run=run_trace_show)
 
     add_lock_commands(modes)
+    add_daemon_commands(modes)
 
     charts = modes.add_parser("statecharts", help="work with the statechart files")
     chart_modes = charts.add_subparsers(dest="chart_mode", metavar="ACTION", parser_class=Parser)
@@ -247,6 +345,12 @@ def _control_sock(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument("-s", "--sock", required=required, help="control socket path")
 
 
+def _export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-e", "--export", metavar="NAME", help="which export of a daemon (default: its first)"
+    )
+
+
 def _verbosity(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("-v", "--verbose", action="store_true", help="log every connection")
@@ -259,8 +363,9 @@ def _verbosity(parser: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
 
+    from ferry.cli.running import run_until_stopped
     from ferry.logs import LogFileError, open_log_file, start_logging
-    from ferry.node import Node, ServeConfig, StartupError
+    from ferry.node import Node, ServeConfig
 
     config = ServeConfig(
         file=args.file,
@@ -277,6 +382,7 @@ def run_serve(args: argparse.Namespace) -> int:
         listen=args.listen,
         lockspace=getattr(args, "lockspace", None),
         resource=getattr(args, "resource", None),
+        service_address=args.service_address,
     )
     try:
         log_file = open_log_file(args.log) if args.log else None
@@ -288,22 +394,54 @@ def run_serve(args: argparse.Namespace) -> int:
         json_file=log_file,
         fields={"export": config.export_name},
     )
-    node = Node(reactor, config)
-    refusal: list[BaseException] = []
+    node = Node(reactor, config.node(), [config.export()])
+    run_until_stopped(reactor, node.start(), node.shutdown)
+    return 0
 
-    def refused(failure: Any) -> None:
-        refusal.append(failure.value)
-        if reactor.running:
-            reactor.stop()
 
-    node.start().addErrback(refused)
-    if not refusal:
-        reactor.addSystemEventTrigger("before", "shutdown", node.shutdown)
-        reactor.run()
-    if refusal:
-        if isinstance(refusal[0], StartupError):
-            raise UserError(str(refusal[0])) from None
-        raise refusal[0]
+def run_proxy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``ferry proxy``; what argparse cannot check is a usage error all the same (exit 2)."""
+    from twisted.internet import reactor
+
+    from ferry.logs import LogFileError, open_log_file, start_logging
+    from ferry.proxy.runner import ProxyConfig, ProxyNode, StartupError
+
+    if args.sock is not None and (args.addr is not None or args.port is not None):
+        parser.error("listen on --addr and --port, or on --sock, not both")
+    if args.sock is None and (args.addr is None or args.port is None):
+        parser.error("--addr and --port (or --sock) are required")
+    try:
+        config = ProxyConfig(
+            conn_addr=args.conn_addr,
+            conn_port=args.conn_port,
+            addr=args.addr,
+            port=args.port,
+            sock=args.sock,
+            bind=args.bind,
+            name=args.name,
+            max_wait=args.max_wait,
+            metrics=args.metrics,
+            control_sock=args.control_sock,
+            trace=args.trace,
+            lockspace=args.lockspace,
+            resource=args.resource,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        log_file = open_log_file(args.log) if args.log else None
+    except LogFileError as error:
+        raise UserError(str(error)) from None
+    start_logging(
+        verbose=args.verbose, quiet=args.quiet, json_file=log_file, fields={"export": args.name}
+    )
+    try:
+        node = ProxyNode(reactor, config)
+        node.start()
+    except StartupError as error:
+        raise UserError(str(error)) from None
+    reactor.addSystemEventTrigger("before", "shutdown", node.shutdown)
+    reactor.run()
     return 0
 
 
@@ -321,7 +459,7 @@ def run_status(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.wait
     while True:
         try:
-            status, text = control_request(args.sock, ["status"])
+            status, text = _status(args)
             break
         except UserError:
             if time.monotonic() >= deadline:
@@ -330,15 +468,29 @@ def run_status(args: argparse.Namespace) -> int:
     if status != 0:
         raise UserError(text)
     if args.json:
-        from ferry.status import parse_line
-
-        print(json.dumps(parse_line(text), indent=2))
+        # Asked again, as JSON: numbers as numbers, booleans as booleans.
+        params = None if args.export is None else {"export": args.export}
+        print(json.dumps(json_request(args.sock, "status", params), indent=2))
     else:
         print(text)
     return 0
 
 
+def _status(args: argparse.Namespace) -> tuple[int, str]:
+    """The status line: flexnbd's form, or JSON for one export of a daemon."""
+    if args.export is None:
+        return control_request(args.sock, ["status"])
+    from ferry.status import render_value
+
+    fields = json_request(args.sock, "status", {"export": args.export})
+    line = " ".join(f"{k}={render_value(v)}" for k, v in fields.items() if k != "export")
+    return 0, line
+
+
 def run_acl(args: argparse.Namespace) -> int:
+    if args.export is not None:
+        json_request(args.sock, "acl", {"args": args.acl, "export": args.export})
+        return 0
     status, text = control_request(args.sock, ["acl", *args.acl])
     if status != 0:
         raise UserError(text)
@@ -346,10 +498,19 @@ def run_acl(args: argparse.Namespace) -> int:
 
 
 def run_simple(args: argparse.Namespace, lines: list[str]) -> int:
-    """A control command whose answer is printed as it comes (``break``, ...)."""
-    status, text = control_request(args.sock, lines)
-    print(text)
-    return 0 if status == 0 else 1
+    """A control command whose answer is printed as it comes (``break``, ...).
+
+    With ``--export``, the same command in JSON, about that export.  A
+    refusal is an error like any other: one line on stderr, exit 1.
+    """
+    if args.export is None:
+        status, text = control_request(args.sock, lines)
+        if status != 0:
+            raise UserError(text)
+        print(text)
+        return 0
+    print(json_request(args.sock, lines[0], {"args": lines[1:], "export": args.export}))
+    return 0
 
 
 def run_mirror(args: argparse.Namespace) -> int:
@@ -374,6 +535,10 @@ def _mirror(args: argparse.Namespace) -> int:
         params["max_passes"] = args.max_passes
     if args.flexnbd:
         params["flexnbd"] = True
+    if args.export is not None:
+        params["export"] = args.export
+    if args.dest_export is not None:
+        params["dest_export"] = args.dest_export
     with JsonControl(args.sock) as control:
         answer = control.call("mirror", params)
         if "error" in answer:
@@ -381,7 +546,7 @@ def _mirror(args: argparse.Namespace) -> int:
         print(answer["result"]["message"], flush=True)
         if not args.wait:
             return 0
-        result = control.follow(lambda line: print(line, flush=True))
+        result = control.follow(lambda line: print(line, flush=True), export=args.export)
     if result is None:
         raise UserError("lost contact with the source before the migration ended")
     state = result.get("state")
@@ -512,7 +677,7 @@ def run_events(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     try:
         with JsonControl(args.sock) as control:
-            for fields in control.subscribe(current=args.current):
+            for fields in control.subscribe(current=args.current, export=args.export):
                 show(fields)
             print(f"ferry events: following {args.sock}", file=sys.stderr, flush=True)
             end = control.follow_events(show)
@@ -581,7 +746,10 @@ def run_help(
     elif args.topic in modes:
         modes[args.topic].print_help()
     else:
-        raise UserError(f"no mode named {args.topic!r} (modes: {', '.join(modes)})")
+        print(
+            f"ferry help: no mode named {args.topic!r} (modes: {', '.join(modes)})", file=sys.stderr
+        )
+        return 2
     return 0
 
 

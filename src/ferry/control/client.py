@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import select
 import socket
+import stat
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,13 +40,55 @@ class StreamEnd:
     """True if every event up to the end was sent (a shutdown), false if some were dropped."""
 
 
+_PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def check_server(conn: socket.socket, path: str) -> None:
+    """Refuse a server that is neither this user nor root, before a byte is sent to it.
+
+    A socket someone planted at a path in a shared directory would answer
+    ``status`` with a forged line and be sent ``acl`` or ``mirror``: the
+    kernel says who is listening (SO_PEERCRED), and only ferry's own user,
+    or root, is believed.
+    """
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    _, uid, _ = _PEERCRED.unpack(raw)
+    if uid not in (os.geteuid(), 0):
+        conn.close()
+        raise ControlError(
+            f"control socket {path}: the server there runs as uid {uid}, "
+            "neither this user nor root: refusing to talk to it"
+        )
+
+
+def connect(path: str, timeout: float | None) -> socket.socket:
+    """A connection to the control socket at ``path``, its server checked (:func:`check_server`).
+
+    A path that is something other than a socket is said to be so, rather
+    than "Connection refused".
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ControlError(f"control socket {path}: no such file") from None
+    if not stat.S_ISSOCK(info.st_mode):
+        raise ControlError(f"control socket {path}: not a socket (is --sock the right path?)")
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(timeout)
+        conn.connect(path)
+        check_server(conn, path)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def line_command(path: str, lines: list[str], *, timeout: float = 30.0) -> tuple[int, str]:
     """Send one flexnbd-form command; return its status and text."""
     request = "".join(f"{line}\n" for line in lines) + "\n"
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(timeout)
-            conn.connect(path)
+        with connect(path, timeout) as conn:
             conn.sendall(request.encode("utf-8"))
             chunks = []
             while chunk := conn.recv(65536):
@@ -64,8 +109,7 @@ class JsonControl:
         self._ids = itertools.count(1)
         self._buffer = b""
         try:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._sock.connect(path)
+            self._sock = connect(path, None)
         except OSError as error:
             raise ControlError(f"control socket {path}: {error.strerror or error}") from None
 
@@ -92,16 +136,19 @@ class JsonControl:
             if answer.get("id") == request_id:
                 return answer
 
-    def follow(self, show: Callable[[str], None]) -> dict[str, Any] | None:
-        """Show progress lines until the migration ends; return how it ended.
+    def follow(
+        self, show: Callable[[str], None], *, export: str | None = None
+    ) -> dict[str, Any] | None:
+        """Show progress lines until the migration (of ``export``) ends; return how it ended.
 
         None if the server went away first (a source that exits after a
         handoff answers ``wait`` before it stops, so None means trouble).
         """
-        self._send("wait", "wait", None)
+        params = None if export is None else {"export": export}
+        self._send("wait", "wait", params)
         last = ""
         while True:
-            self._send(next(self._ids), "migration", None)
+            self._send(next(self._ids), "migration", params)
             deadline = time.monotonic() + PROGRESS_INTERVAL
             while (left := deadline - time.monotonic()) > 0:
                 try:
@@ -121,12 +168,16 @@ class JsonControl:
                     show(line)
                     last = line
 
-    def subscribe(self, *, current: bool = True) -> list[dict[str, Any]]:
-        """Subscribe to the server's transitions; return where every machine stands now.
+    def subscribe(self, *, current: bool = True, export: str | None = None) -> list[dict[str, Any]]:
+        """Subscribe to the server's transitions (of ``export``'s machines only, if given);
+        return where every machine stands now.
 
         With ``current`` false the list is empty.  A refusal is a ControlError.
         """
-        answer = self.call("subscribe", {"current": current})
+        params: dict[str, Any] = {"current": current}
+        if export is not None:
+            params["export"] = export
+        answer = self.call("subscribe", params)
         if "error" in answer:
             message = answer["error"].get("message", answer["error"])
             raise ControlError(f"control socket {self._path}: subscribe: {message}")

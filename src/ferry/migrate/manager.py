@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 
 from ferry.clock import Clock
+from ferry.migrate.carry import Carrier
 from ferry.migrate.core.stats import MigrationStats
 from ferry.migrate.gate import ClientGate
 from ferry.migrate.lease import OutgoingLease
@@ -49,8 +50,10 @@ class MirrorManager:
         connector: Connector,
         tracer: Tracer | None = None,
         stop_process: Callable[[], None] | None = None,
+        carrier: Carrier | None = None,
     ) -> None:
         self.export = export
+        self._carrier = carrier
         self._gate = gate
         self._clock = clock
         self._connector = connector
@@ -81,6 +84,7 @@ class MirrorManager:
             stop_process=self._stop_process,
             lease=self.lease,
             stats=self.stats,
+            carrier=self._carrier,
         )
         self.current = source
         return source.start()

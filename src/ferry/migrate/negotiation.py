@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from twisted.logger import Logger
+
 from ferry.clock import cancel_call
 from ferry.migrate.attempt import Attempt, Driver
 from ferry.migrate.options import (
@@ -23,11 +25,19 @@ from ferry.migrate.options import (
     FinishAction,
     MirrorOptions,
 )
-from ferry.nbd.constants import FERRY_OPT_MIGRATE, OptionReply, TransmissionFlag
-from ferry.nbd.events import Negotiated, OptionAnswered
+from ferry.nbd.constants import (
+    FERRY_OPT_CONNECTIONS,
+    FERRY_OPT_MIGRATE,
+    FERRY_REP_LANDING,
+    OptionReply,
+    TransmissionFlag,
+)
+from ferry.nbd.events import ConnectionLanding, Negotiated, OptionAnswered, OptionData
 from ferry.storage import Image
 
 __all__ = ["Negotiation", "refusal_of"]
+
+_log = Logger()
 
 
 class NegotiationDriver(Driver, Protocol):
@@ -56,6 +66,9 @@ class Negotiation:
             self._driver.fail(attempt, NO_HELLO, f"no hello within {timeout} s")
 
     def option_answered(self, attempt: Attempt, event: OptionAnswered) -> None:
+        if event.option == FERRY_OPT_CONNECTIONS:
+            self._landing(attempt, event)
+            return
         if event.option != FERRY_OPT_MIGRATE:
             return
         if event.reply == OptionReply.ACK:
@@ -66,6 +79,38 @@ class Negotiation:
             detail = f"{event.reply.name}: {event.message}" if event.message else event.reply.name
             why = f"the destination refused the migration: {detail}"
             self._driver.fail(attempt, REJECTED, why)
+
+    def option_data(self, attempt: Attempt, event: OptionData) -> None:
+        """A reply with data before an option's answer: FERRY_OPT_CONNECTIONS' landing."""
+        if event.option != FERRY_OPT_CONNECTIONS or event.reply != FERRY_REP_LANDING:
+            return  # a reply type this source does not know: ignored, as NBD_REP_INFO's are
+        try:
+            attempt.offered_landing = ConnectionLanding.from_bytes(event.payload)
+        except ValueError as error:
+            _log.warn(
+                "mirror of {export}: cannot read the destination's FERRY_REP_LANDING "
+                "({error}): its clients will be disconnected",
+                export=self._driver.export.name,
+                error=error,
+            )
+
+    def _landing(self, attempt: Attempt, event: OptionAnswered) -> None:
+        """The destination's answer to FERRY_OPT_CONNECTIONS: may the clients come along?"""
+        name = self._driver.export.name
+        if event.reply != OptionReply.ACK:
+            _log.info(
+                "mirror of {export}: the destination takes no client connections: {why}",
+                export=name,
+                why=event.message or event.reply.name,
+            )
+            return
+        attempt.landing = attempt.offered_landing
+        if attempt.landing is None:
+            _log.warn(
+                "mirror of {export}: the destination acknowledged FERRY_OPT_CONNECTIONS "
+                "without a readable FERRY_REP_LANDING: its clients will be disconnected",
+                export=name,
+            )
 
     def negotiated(self, attempt: Attempt, negotiated: Negotiated) -> None:
         cancel_call(attempt.hello_timer)

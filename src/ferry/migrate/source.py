@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from ferry.chartnames import MigrationState, MigrationTrigger, RoleState, RoleTrigger
 from ferry.clock import Clock, cancel_call
 from ferry.migrate.attempt import Attempt, AttemptCounters
+from ferry.migrate.carry import Carriage, Carrier
 from ferry.migrate.copier import PassCopier
 from ferry.migrate.core.backoff import Backoff
 from ferry.migrate.core.convergence import ConvergencePolicy
@@ -66,7 +67,15 @@ from ferry.migrate.options import (
 )
 from ferry.migrate.switchover import Switchover
 from ferry.migrate.wire import Connector, MirrorProtocol, MirrorProtocolFactory
-from ferry.nbd.events import Event, Negotiated, NegotiationFailed, OptionAnswered, Reply
+from ferry.nbd.events import (
+    Event,
+    Negotiated,
+    NegotiationFailed,
+    OptionAnswered,
+    OptionData,
+    Reply,
+)
+from ferry.nbd.locate import Location
 from ferry.serve.export import Export
 from ferry.storage import Image
 from ferry.storage.dirtymap import DirtyMap
@@ -117,8 +126,14 @@ class MirrorSource:
         stop_process: Callable[[], None] | None = None,
         lease: OutgoingLease | None = None,
         stats: MigrationStats | None = None,
+        carrier: Carrier | None = None,
     ) -> None:
         self._export = export
+        self._tracer = tracer
+        # How client connections move with the image (None: they are disconnected).
+        self._carrier = carrier
+        # The connections of the commit in progress, until it is decided.
+        self.carriage: Carriage | None = None
         # The export's counters, kept across jobs (by the MirrorManager).
         self._stats = MigrationStats() if stats is None else stats
         self.destination = destination
@@ -212,6 +227,11 @@ class MirrorSource:
     @property
     def destination_name(self) -> str:
         return str(self.destination)
+
+    @property
+    def destination_location(self) -> Location:
+        destination = self.destination
+        return Location(destination.host, destination.port, destination.export_name)
 
     def current(self, attempt: Attempt) -> bool:
         return attempt is self._attempt
@@ -342,6 +362,7 @@ class MirrorSource:
             self.destination.export_name,
             flexnbd=self._options.flexnbd,
             resource="" if self._lease is None else self._lease.resource,
+            carries=self._carrier is not None and self._carrier.can_move,
         )
         try:
             d = self._connector(self.destination, factory, self._options.connect_timeout)
@@ -382,6 +403,8 @@ class MirrorSource:
                 return  # given up while handling an earlier event
             if isinstance(event, Reply):
                 self._reply(attempt, event)
+            elif isinstance(event, OptionData):
+                self._negotiation.option_data(attempt, event)
             elif isinstance(event, OptionAnswered):
                 self._negotiation.option_answered(attempt, event)
             elif isinstance(event, Negotiated):
@@ -410,6 +433,8 @@ class MirrorSource:
             self.copier.preflush_answered(attempt, reply)
         elif handle == attempt.commit_handle:
             self._switchover.commit_answered(attempt, reply)
+        elif self.carriage is not None and self.carriage.owns(handle):
+            self.carriage.answered(reply)
         else:
             self.copier.data_answered(attempt, reply)
 
@@ -542,8 +567,42 @@ class MirrorSource:
         self.outcome = outcome
         self.started.callback(outcome)
 
+    # -- the clients at the commit (ferry.migrate.carry) ----------------------------------
+
+    def carry(self, attempt: Attempt) -> None:
+        """The commit goes next: take the clients along, those that can come."""
+        self.carriage = Carriage(
+            self._export.name,
+            self._gate,
+            self._carrier,
+            attempt.landing,
+            self._clock,
+            self._tracer,
+        )
+        self._export.last_handoff = self.carriage.counts
+        if attempt.wire is not None:
+            self.carriage.send(attempt.wire)
+
+    def clients_handed_over(self) -> None:
+        """The destination has the image: what moved is released, every other client goes."""
+        carriage = self.carriage
+        if carriage is None:  # a commit resolved after this node stopped (never, today)
+            carriage = Carriage(
+                self._export.name, self._gate, None, None, self._clock, self._tracer
+            )
+            self._export.last_handoff = carriage.counts
+        self.carriage = None
+        carriage.handed_over(self.destination_name)
+
+    def clients_taken_back(self) -> None:
+        """The image stays: the clients that were moving are served here again."""
+        carriage, self.carriage = self.carriage, None
+        if carriage is not None:
+            carriage.taken_back()
+
     def end(self, result: MirrorResult, start_message: str = "", detail: str = "") -> None:
         """The job has ended (its chart is final): report it, once the sockets are closed."""
+        self.clients_taken_back()  # a job that ends here keeps its clients (none, if handed over)
         self.set_write_cap(None)
         for undo in self._unobserve:
             undo()

@@ -38,6 +38,7 @@ from ferry.nbd.constants import (
     FERRY_MAX_RESOURCE,
     FERRY_MIGRATE_REQUEST,
     FERRY_MIGRATE_VERSION,
+    FERRY_OPT_CONNECTIONS,
     FERRY_OPT_MIGRATE,
     FLEXNBD_MIRROR_HANDLE,
     Command,
@@ -168,6 +169,10 @@ class MirrorProtocol(Protocol):
         self.flush()
         return handle
 
+    def carry(self, state: bytes) -> int:
+        """One client connection's checkpoint, queued: the commit that follows flushes it."""
+        return self.client.carry(state)
+
     def disconnect(self) -> None:
         """Say goodbye (NBD_CMD_DISC) and close once the bytes are out."""
         if self.closing or self.transport is None:
@@ -197,23 +202,25 @@ class MirrorProtocolFactory(Factory):
         *,
         flexnbd: bool = False,
         resource: str = "",
+        carries: bool = False,
     ) -> None:
         self.handler = handler
         self.size = size
         self.export_name = export_name
         self.flexnbd = flexnbd
         self.resource = resource
+        # Ask the listener whether it takes client connections (FERRY_OPT_CONNECTIONS).
+        self.carries = carries
 
     def buildProtocol(self, addr: object) -> MirrorProtocol:
         if self.flexnbd:
             client = ClientConnection(self.export_name, meta_contexts=())
             protocol = MirrorProtocol(self.handler, client, FLEXNBD_MIRROR_HANDLE)
         else:
-            client = ClientConnection(
-                self.export_name,
-                meta_contexts=(),
-                extra_options=[migrate_option(self.size, self.resource)],
-            )
+            options = [migrate_option(self.size, self.resource)]
+            if self.carries:
+                options.append((FERRY_OPT_CONNECTIONS, b""))
+            client = ClientConnection(self.export_name, meta_contexts=(), extra_options=options)
             protocol = MirrorProtocol(self.handler, client)
         protocol.factory = self
         return protocol

@@ -36,6 +36,9 @@ BLOCK_DESCRIPTOR: Final = struct.Struct(">II")  # length, status flags
 
 EXPORT_NAME_PADDING: Final = 124
 MAX_OPTION_LENGTH: Final = 64 * 1024  # cap on one option's payload from an untrusted client
+# Options one handshake may send (a real client sends a handful): past it the
+# connection is broken, so a peer cannot keep one busy with option after option.
+MAX_HANDSHAKE_OPTIONS: Final = 64
 MAX_STRING_LENGTH: Final = 4096  # NBD strings (names, queries) are at most 4096 bytes
 
 # Limits ferry applies to transmission; the block-size info advertises them.
@@ -191,6 +194,39 @@ FERRY_MIGRATE_VERSION: Final = 1
 FERRY_MIGRATE_REQUEST: Final = struct.Struct(">IQ")  # protocol version, image size
 FERRY_MAX_RESOURCE: Final = 4096  # bytes of lease name after FERRY_MIGRATE_REQUEST
 FERRY_CMD_COMMIT: Final = 0xF001
+
+# Client connections travel with the commit (ferry.migrate.carry).
+#
+# FERRY_OPT_CONNECTIONS, after FERRY_OPT_MIGRATE's ACK: "can you take my
+# clients' live connections?"  No payload.  When the listener can restore
+# TCP connections (TCP_REPAIR, CAP_NET_ADMIN) it answers as NBD_OPT_GO
+# answers with NBD_REP_INFO: one FERRY_REP_LANDING reply, then a plain ACK.
+# The reply's data is FERRY_CONNECTIONS_INFO: who the destination is on the
+# network -- its host (the kernel's boot id and its network namespace: on the
+# same host and in the same namespace, the source must close a socket before
+# the destination can rebuild it) and its service address ("IP/PREFIX@DEV",
+# empty: none), each a u16 length then UTF-8.  ERR_UNSUP with the reason
+# when it cannot (the source then disconnects its clients at the handoff, as
+# a plain listener's would be).
+#
+# FERRY_CMD_CONNECTION, a transmission command of the sender's, after that
+# ACK and before the commit: one client connection's checkpoint (the socket's
+# TCP state and its NBD session, ferry.handoff.carried) as the payload; offset
+# 0, length at most FERRY_MAX_CONNECTION.  The destination rebuilds the socket
+# and replies OK, or an error with the reason (that client is lost, the
+# migration goes on).  A rebuilt connection's requests wait until the commit
+# lands; a refused commit closes it without a packet.
+FERRY_OPT_CONNECTIONS: Final = 0x46455202  # b"FER\x02"
+FERRY_REP_LANDING: Final = 0x46455202  # b"FER\x02", a reply type (see FERRY_REP_LOCATION)
+FERRY_CMD_CONNECTION: Final = 0xF002
+FERRY_MAX_CONNECTION: Final = 128 * 1024 * 1024
+FERRY_MAX_CONNECTIONS_FIELD: Final = 512  # bytes of each FERRY_CONNECTIONS_INFO string
+
+# Where an export went (ferry.nbd.locate, for ferry proxy): FERRY_OPT_LOCATE
+# asks, FERRY_REP_LOCATION replies (a reply type, not an option: its number
+# may repeat an option's).
+FERRY_OPT_LOCATE: Final = 0x46455203  # b"FER\x03"
+FERRY_REP_LOCATION: Final = 0x46455201  # b"FER\x01"
 
 # flexnbd-compatible mirroring: oldstyle hello, every write carries this
 # handle, and NBD_CMD_DISC after the last write means "take control".

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ferry.nbd.constants import BlockState, Command, CommandFlag, Errno, OptionReply
+from ferry.nbd.constants import (
+    FERRY_MAX_CONNECTIONS_FIELD,
+    BlockState,
+    Command,
+    CommandFlag,
+    Errno,
+    OptionReply,
+    TransmissionFlag,
+)
 
 
 class ProtocolError(Exception):
@@ -35,6 +43,10 @@ class ExportInfo:
     min_block_size: int = 1
     preferred_block_size: int = 4096
     max_block_size: int = 32 * 1024 * 1024
+    # At most these transmission flags are advertised (None: all that ferry
+    # performs).  A proxy passes on what the server behind it offers, so a
+    # client is never told of a command or a flag that server lacks.
+    advertise: TransmissionFlag | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +143,59 @@ class Commit:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionLanding:
+    """What a listener that can take client connections says about itself.
+
+    The data of the ``FERRY_REP_LANDING`` reply that comes before
+    ``FERRY_OPT_CONNECTIONS``' ACK (see ``constants.py``): ``host`` names
+    this host and network namespace, ``service_address`` is the
+    client-facing address it takes over at the commit ("" for none).
+    """
+
+    host: str
+    service_address: str = ""
+
+    def to_bytes(self) -> bytes:
+        """``FERRY_CONNECTIONS_INFO``: each field as a u16 length, then UTF-8."""
+        parts = []
+        for text in (self.host, self.service_address):
+            raw = text.encode()
+            if len(raw) > FERRY_MAX_CONNECTIONS_FIELD:
+                raise ValueError(f"{raw[:40]!r}... is over {FERRY_MAX_CONNECTIONS_FIELD} bytes")
+            parts += [len(raw).to_bytes(2, "big"), raw]
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> ConnectionLanding:
+        """The reverse of :meth:`to_bytes`; ValueError for anything else."""
+        fields = []
+        pos = 0
+        for _ in range(2):
+            if len(blob) < pos + 2:
+                raise ValueError("FERRY_OPT_CONNECTIONS' answer is cut short")
+            length = int.from_bytes(blob[pos : pos + 2], "big")
+            if length > FERRY_MAX_CONNECTIONS_FIELD or len(blob) < pos + 2 + length:
+                raise ValueError("FERRY_OPT_CONNECTIONS' answer has a field out of bounds")
+            fields.append(blob[pos + 2 : pos + 2 + length].decode())
+            pos += 2 + length
+        if pos != len(blob):
+            raise ValueError("FERRY_OPT_CONNECTIONS' answer has bytes after its fields")
+        return cls(fields[0], fields[1])
+
+
+@dataclass(frozen=True, slots=True)
+class CarriedConnection:
+    """``FERRY_CMD_CONNECTION`` from the migration sender: one client connection's checkpoint.
+
+    ``state`` is the payload, not yet parsed (``ferry.handoff.carried``
+    reads it); the answer is ``reply_ok`` once the connection is rebuilt.
+    """
+
+    handle: int
+    state: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Disconnect:
     """NBD_CMD_DISC: the client will send nothing more."""
 
@@ -176,6 +241,20 @@ class OptionAnswered:
 
 
 @dataclass(frozen=True, slots=True)
+class OptionData:
+    """A reply with data to one of the caller's ``extra_options``, before its ACK or error.
+
+    ``reply`` is the reply type as sent: an extension's own types (below
+    2**31, so not errors) are not members of ``OptionReply``.  More may
+    follow; the option ends with its ``OptionAnswered``.
+    """
+
+    option: int
+    reply: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Extent:
     length: int
     flags: BlockState
@@ -202,9 +281,11 @@ Event = (
     | Request
     | RejectedRequest
     | Commit
+    | CarriedConnection
     | Disconnect
     | Negotiated
     | NegotiationFailed
     | OptionAnswered
+    | OptionData
     | Reply
 )

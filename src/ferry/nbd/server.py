@@ -10,7 +10,8 @@ The connection keeps these invariants, whatever the client sends:
    A well-framed request that breaks any of these becomes a
    ``RejectedRequest`` carrying the errno to answer, and the connection goes
    on.
-2. What it holds from the peer is bounded: one option (``MAX_OPTION_LENGTH``),
+2. What it holds from the peer is bounded: one option (``MAX_OPTION_LENGTH``,
+   and at most ``MAX_HANDSHAKE_OPTIONS`` of them in one handshake),
    less than one request header, and the payload of one WRITE that will be
    performed (at most ``max_request_size``; while it arrives it is held as
    views of the chunks it came in, joined once into the ``Request``, so add
@@ -48,9 +49,12 @@ States, and what moves the connection between them::
                   any other option (answered)          -> OPTIONS
     TRANSMISSION  a request, or a WRITE with payload   -> TRANSMISSION  Request|Rejected
                   FERRY_CMD_COMMIT from the sender     -> TRANSMISSION  Commit|Rejected
+                  FERRY_CMD_CONNECTION, payload here   -> TRANSMISSION  CarriedConnection
+                                                                        |Rejected
                   a WRITE whose payload is not here    -> PAYLOAD
                   DISC                                 -> CLOSED        Disconnect
     PAYLOAD       the last byte of that payload        -> TRANSMISSION  Request|Rejected
+                                                                        |CarriedConnection
     (any)         broken framing                       -> BROKEN        ProtocolError
 
 ferry's migration extension (``constants.py``), with a ``MigrationCatalog``:
@@ -66,9 +70,25 @@ ferry's migration extension (``constants.py``), with a ``MigrationCatalog``:
                                                       carries ``migration``, and
                                                       FERRY_CMD_COMMIT is a ``Commit``
 
+    FERRY_OPT_CONNECTIONS  answer                     the connection afterwards
+    ---------------------  -------------------------  -------------------------------------
+    before MIGRATE's ACK   ERR_INVALID                as before
+    with data, or twice    ERR_INVALID                as before
+    catalog refuses        its error and message      as before
+    catalog can            FERRY_REP_LANDING with     FERRY_CMD_CONNECTION is a
+                           its ConnectionLanding,     ``CarriedConnection``
+                           then ACK
+
 Elsewhere (no catalog, or no ACK) FERRY_OPT_MIGRATE is ERR_UNSUP and
-FERRY_CMD_COMMIT a ``RejectedRequest`` with EINVAL.  The commit never takes
+FERRY_CMD_COMMIT a ``RejectedRequest`` with EINVAL, as is
+FERRY_CMD_CONNECTION (its payload counted off unread) without the
+connections' ACK.  The commit never takes
 the fast path of READ and WRITE: it is tested only after that path missed.
+
+With a ``Locator`` the connection answers ``FERRY_OPT_LOCATE`` (see
+``ferry.nbd.locate``): a FERRY_REP_LOCATION for each place the locator
+names, then ACK; the locator's refusal as an error; ERR_INVALID for a
+request that does not parse.  Without one it is ERR_UNSUP.
 
 An oldstyle connection starts in TRANSMISSION (or, when the default export is
 refused, in CLOSED) and has its ``HandshakeComplete`` (or ``HandshakeAborted``)
@@ -104,14 +124,19 @@ from ferry.nbd.constants import (
     EXPORT_NAME_PADDING,
     EXPORT_NAME_REPLY,
     FERRY_CMD_COMMIT,
+    FERRY_CMD_CONNECTION,
+    FERRY_MAX_CONNECTION,
     FERRY_MAX_RESOURCE,
     FERRY_MIGRATE_REQUEST,
     FERRY_MIGRATE_VERSION,
+    FERRY_OPT_CONNECTIONS,
     FERRY_OPT_MIGRATE,
+    FERRY_REP_LANDING,
     FLEXNBD_MIRROR_HANDLE,
     GREETING_NEWSTYLE,
     GREETING_OLDSTYLE,
     IHAVEOPT,
+    MAX_HANDSHAKE_OPTIONS,
     MAX_OPTION_LENGTH,
     MAX_REQUEST_SIZE,
     MAX_STRING_LENGTH,
@@ -138,7 +163,9 @@ from ferry.nbd.constants import (
     TransmissionFlag,
 )
 from ferry.nbd.events import (
+    CarriedConnection,
     Commit,
+    ConnectionLanding,
     Disconnect,
     Event,
     ExportInfo,
@@ -151,10 +178,19 @@ from ferry.nbd.events import (
     RejectedRequest,
     Request,
 )
+from ferry.nbd.locate import (
+    FERRY_OPT_LOCATE,
+    FERRY_REP_LOCATION,
+    Location,
+    decode_locate_request,
+    encode_location,
+)
+from ferry.nbd.session import SessionSnapshot, SnapshotError
 
 __all__ = [
     "BASE_ALLOCATION_ID",
     "ExportCatalog",
+    "Locator",
     "MigrationCatalog",
     "ServerConnection",
     "transmission_flags",
@@ -180,6 +216,8 @@ _COMMANDS: Final[dict[int, Command]] = {int(c): c for c in Command}
 # is made once.
 _FLAGS: Final = tuple(CommandFlag(n) for n in range(1 << len(CommandFlag)))
 _WRITING: Final = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
+# Requests followed by a payload: counted off unread when rejected.
+_PAYLOAD_COMMANDS: Final = frozenset({int(Command.WRITE), FERRY_CMD_CONNECTION})
 _CAPPED: Final = frozenset({Command.READ, Command.WRITE})  # their lengths are payloads
 _FILLING: Final = frozenset({Command.WRITE, Command.WRITE_ZEROES})  # past the end: ENOSPC
 _ZERO_PADDING: Final = bytes(EXPORT_NAME_PADDING)
@@ -246,17 +284,36 @@ class MigrationCatalog(Protocol):
         """
         ...
 
+    def connection_landing(self) -> ConnectionLanding | Refusal:
+        """Whether this node can rebuild the sender's client connections (and who it is)."""
+        ...
+
+
+class Locator(Protocol):
+    """Where an export has gone: a connection given one answers ``FERRY_OPT_LOCATE``.
+
+    Without one the option is ERR_UNSUP, as on any NBD server.
+    """
+
+    def locate(self, name: str) -> Sequence[Location] | Refusal:
+        """Where the export under ``name`` is served now, best first; empty: here."""
+        ...
+
 
 def transmission_flags(export: ExportInfo, structured: bool) -> TransmissionFlag:
     """The flags that advertise exactly what ferry performs on ``export``.
 
     DF is only meaningful with structured replies (the spec forbids it
     otherwise); a read-only export advertises no write-ish command, so a
-    well-behaved client never sends one.
+    well-behaved client never sends one.  An export with ``advertise`` (a
+    proxy's) offers no flag outside it, and so accepts no command flag the
+    server behind it would not.
     """
     flags = _ALWAYS | (TransmissionFlag.READ_ONLY if export.read_only else _WRITABLE)
     if structured:
         flags |= TransmissionFlag.SEND_DF
+    if export.advertise is not None:
+        flags &= export.advertise | TransmissionFlag.HAS_FLAGS | TransmissionFlag.READ_ONLY
     return flags
 
 
@@ -360,6 +417,8 @@ class _Reader:
 def _option_name(option: int) -> str:
     if option == FERRY_OPT_MIGRATE:
         return "FERRY_OPT_MIGRATE"
+    if option == FERRY_OPT_LOCATE:
+        return "FERRY_OPT_LOCATE"
     try:
         return f"NBD_OPT_{Option(option).name}"
     except ValueError:
@@ -405,6 +464,7 @@ class ServerConnection:
         catalog: ExportCatalog,
         *,
         migration: MigrationCatalog | None = None,
+        locator: Locator | None = None,
         oldstyle: bool = False,
         max_request_size: int = MAX_REQUEST_SIZE,
     ) -> None:
@@ -412,9 +472,12 @@ class ServerConnection:
             raise ValueError(f"max_request_size must be in 1..2**32-1, not {max_request_size}")
         self._catalog = catalog
         self._migration_catalog = migration
+        self._locator = locator
         # The FERRY_OPT_MIGRATE request acknowledged on this connection: from
         # then on it is the migration sender.
         self._sender: MigrationRequest | None = None
+        # FERRY_OPT_CONNECTIONS acknowledged: the sender may carry connections.
+        self._carries = False
         self._max_request_size = max_request_size
         self._state = _State.CLIENT_FLAGS
         self._broken_reason = ""
@@ -430,6 +493,7 @@ class ServerConnection:
         self._meta_export: str | None = None
 
         self._export: ExportInfo | None = None
+        self._options = 0  # options received in this handshake (MAX_HANDSHAKE_OPTIONS)
         self._handshake_done = False
         self._flags = TransmissionFlag(0)
 
@@ -444,6 +508,7 @@ class ServerConnection:
         # the payload has streamed past (it will not).
         self._need = 0
         self._write: tuple[int, int, int, int] | None = None
+        self._payload_command = int(Command.WRITE)  # whose payload _write collects
         self._chunks: list[bytes | memoryview] = []
         self._held: RejectedRequest | None = None
         # flexnbd's migration into an oldstyle listener: see the module doc.
@@ -467,6 +532,17 @@ class ServerConnection:
     def closed(self) -> bool:
         """True once nothing more will be parsed: aborted, disconnected or broken."""
         return self._state is _State.CLOSED or self._state is _State.BROKEN
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of the peer's held here: a request (or option) received only in part.
+
+        What a caller counts against its budget for untrusted input; 0 when
+        everything received so far has become events.
+        """
+        write = self._write
+        partial = 0 if write is None else write[3] - self._need
+        return len(self._buffer) + partial
 
     @property
     def export(self) -> ExportInfo | None:
@@ -663,7 +739,7 @@ class ServerConnection:
         self._no_zeroes = bool(flags & ClientFlag.NO_ZEROES)
         self._state = _State.OPTIONS
 
-    def _reply(self, option: int, reply: OptionReply, payload: bytes = b"") -> None:
+    def _reply(self, option: int, reply: OptionReply | int, payload: bytes = b"") -> None:
         self._out += OPTION_REPLY_HEADER.pack(OPTION_REPLY_MAGIC, option, reply, len(payload))
         self._out += payload
 
@@ -671,6 +747,9 @@ class ServerConnection:
         self._reply(option, reply, _encode_message(message))
 
     def _option(self, option: int, payload: bytes, events: list[Event]) -> None:
+        self._options += 1
+        if self._options > MAX_HANDSHAKE_OPTIONS:
+            self._fail(f"more than {MAX_HANDSHAKE_OPTIONS} options in one handshake")
         try:
             if option == Option.EXPORT_NAME:
                 self._export_name(payload, events)
@@ -689,6 +768,10 @@ class ServerConnection:
                 self._meta_context(option, payload)
             elif option == FERRY_OPT_MIGRATE and self._migration_catalog is not None:
                 self._migrate(payload)
+            elif option == FERRY_OPT_CONNECTIONS and self._migration_catalog is not None:
+                self._connections(payload)
+            elif option == FERRY_OPT_LOCATE and self._locator is not None:
+                self._locate(payload)
             else:
                 # STARTTLS, EXTENDED_HEADERS and numbers we have never heard of.
                 self._error(
@@ -719,6 +802,21 @@ class ServerConnection:
         if self._sender is not None and self._migration_catalog is not None:
             return self._migration_catalog.lookup_sender(name)
         return self._catalog.lookup(name)
+
+    def _locate(self, payload: bytes) -> None:
+        """``FERRY_OPT_LOCATE``: where the export is now (see ``ferry.nbd.locate``)."""
+        try:
+            name = decode_locate_request(payload)
+        except ValueError as error:
+            raise _Invalid(str(error)) from None
+        assert self._locator is not None
+        found = self._locator.locate(name)
+        if isinstance(found, Refusal):
+            self._error(FERRY_OPT_LOCATE, found.error, found.message)
+            return
+        for location in found:
+            self._reply(FERRY_OPT_LOCATE, FERRY_REP_LOCATION, encode_location(location))
+        self._reply(FERRY_OPT_LOCATE, OptionReply.ACK)
 
     def _migrate(self, payload: bytes) -> None:
         """``FERRY_OPT_MIGRATE``: validate, then let the catalog admit or refuse the sender."""
@@ -752,6 +850,23 @@ class ServerConnection:
             return
         self._sender = request
         self._reply(option, OptionReply.ACK)
+
+    def _connections(self, payload: bytes) -> None:
+        """``FERRY_OPT_CONNECTIONS``: the sender asks whether its clients may come along."""
+        if self._sender is None:
+            raise _Invalid("only after FERRY_OPT_MIGRATE was acknowledged")
+        if payload:
+            raise _Invalid(f"{len(payload)} bytes of data, not none")
+        if self._carries:
+            raise _Invalid("already acknowledged on this connection")
+        assert self._migration_catalog is not None
+        landing = self._migration_catalog.connection_landing()
+        if isinstance(landing, Refusal):
+            self._error(FERRY_OPT_CONNECTIONS, landing.error, landing.message)
+            return
+        self._carries = True
+        self._reply(FERRY_OPT_CONNECTIONS, FERRY_REP_LANDING, landing.to_bytes())
+        self._reply(FERRY_OPT_CONNECTIONS, OptionReply.ACK)
 
     def _abort_handshake(self, reason: str, events: list[Event]) -> None:
         self._state = _State.CLOSED
@@ -907,6 +1022,12 @@ class ServerConnection:
         if command is None:
             if cmd == FERRY_CMD_COMMIT:
                 return Errno.EINVAL, "FERRY_CMD_COMMIT is only for a migration sender's connection"
+            if cmd == FERRY_CMD_CONNECTION:
+                return (
+                    Errno.EINVAL,
+                    "FERRY_CMD_CONNECTION is only for a sender whose FERRY_OPT_CONNECTIONS "
+                    "was acknowledged",
+                )
             return Errno.EINVAL, f"unknown command {cmd}"
         if command in _WRITING and self._flags & TransmissionFlag.READ_ONLY:
             return Errno.EPERM, "the export is read-only"
@@ -941,6 +1062,7 @@ class ServerConnection:
         left, or after a state change (PAYLOAD, CLOSED).
         """
         end = len(data)
+        verdict: tuple[Errno, str] | None
         unpack = REQUEST.unpack_from
         fast = self._fast
         size = self._size
@@ -963,7 +1085,9 @@ class ServerConnection:
                 if cmd != 1:  # Command.WRITE
                     append(build(handle, _COMMANDS[cmd], _FLAGS[flags], offset, length, b""))
                     continue
-                after = self._accept_write(events, data, pos, end, handle, flags, offset, length)
+                after = self._accept_payload(
+                    events, data, pos, end, (handle, flags, offset, length), cmd
+                )
                 if after is None:
                     return end
                 pos = after
@@ -975,10 +1099,21 @@ class ServerConnection:
             if cmd == FERRY_CMD_COMMIT and self._sender is not None:
                 append(self._commit(handle, flags, offset, length))
                 continue
-            if self._mirror_only and not (
+            if cmd == FERRY_CMD_CONNECTION and self._carries:
+                refused = self._refuse_connection(flags, offset, length)
+                if refused is None:
+                    after = self._accept_payload(
+                        events, data, pos, end, (handle, flags, offset, length), cmd
+                    )
+                    if after is None:
+                        return end
+                    pos = after
+                    continue
+                verdict = refused
+            elif self._mirror_only and not (
                 cmd == Command.FLUSH or (cmd in _WRITING and handle == FLEXNBD_MIRROR_HANDLE)
             ):
-                verdict: tuple[Errno, str] | None = (
+                verdict = (
                     Errno.EPERM,
                     "the export is listening for a migration: only a flexnbd mirror's "
                     "writes (handle .MIRROR.) are accepted",
@@ -991,7 +1126,9 @@ class ServerConnection:
                     continue
                 # Only a mirror-only connection's WRITE is accepted here (the
                 # fast path takes every other one).
-                after = self._accept_write(events, data, pos, end, handle, flags, offset, length)
+                after = self._accept_payload(
+                    events, data, pos, end, (handle, flags, offset, length), cmd
+                )
                 if after is None:
                     return end
                 pos = after
@@ -999,7 +1136,7 @@ class ServerConnection:
             rejection = RejectedRequest(
                 handle, _COMMANDS.get(cmd, cmd), offset, length, verdict[0], verdict[1]
             )
-            if cmd != Command.WRITE or not length:
+            if cmd not in _PAYLOAD_COMMANDS or not length:
                 append(rejection)
                 continue
             # The payload is on the wire whatever we think of the request:
@@ -1025,29 +1162,36 @@ class ServerConnection:
             return Commit(handle, token)
         return RejectedRequest(handle, FERRY_CMD_COMMIT, token, length, Errno.EINVAL, reason)
 
-    def _accept_write(
+    def _refuse_connection(self, flags: int, offset: int, length: int) -> tuple[Errno, str] | None:
+        """Why a sender's FERRY_CMD_CONNECTION is not well formed (None: it is)."""
+        if flags or offset:
+            return Errno.EINVAL, "FERRY_CMD_CONNECTION carries no flags and offset 0"
+        if not 0 < length <= FERRY_MAX_CONNECTION:
+            limit = FERRY_MAX_CONNECTION
+            return Errno.EINVAL, f"a connection's state of {length} bytes is not in 1..{limit}"
+        return None
+
+    def _accept_payload(
         self,
         events: list[Event],
         data: bytes,
         pos: int,
         end: int,
-        handle: int,
-        flags: int,
-        offset: int,
-        length: int,
+        fields: tuple[int, int, int, int],
+        command: int,
     ) -> int | None:
-        """A valid WRITE's header is parsed: emit it, or start collecting its payload.
+        """A valid WRITE's (or carried connection's) header is parsed: emit it, or collect.
 
         Returns the position after the payload when all of it is in ``data``;
         None when the rest will come in later chunks (``data`` is used up).
         """
+        length = fields[3]
         if end - pos >= length:
             stop = pos + length
-            events.append(
-                _build_request(handle, Command.WRITE, _FLAGS[flags], offset, length, data[pos:stop])
-            )
+            events.append(self._payload_event(fields, command, data[pos:stop]))
             return stop
-        self._write = (handle, flags, offset, length)
+        self._write = fields
+        self._payload_command = command
         # Views, not slices: the payload is copied once, by the join in
         # _take_payload, however many chunks it arrives in.
         self._chunks = [memoryview(data)[pos:]] if pos < end else []
@@ -1055,8 +1199,17 @@ class ServerConnection:
         self._state = _State.PAYLOAD
         return None
 
+    @staticmethod
+    def _payload_event(
+        fields: tuple[int, int, int, int], command: int, payload: bytes
+    ) -> Request | CarriedConnection:
+        handle, flags, offset, length = fields
+        if command == FERRY_CMD_CONNECTION:
+            return CarriedConnection(handle, payload)
+        return _build_request(handle, Command.WRITE, _FLAGS[flags], offset, length, payload)
+
     def _take_payload(self, data: bytes, pos: int, events: list[Event]) -> int:
-        """Feed ``data[pos:]`` to the WRITE payload in progress; returns where it stopped."""
+        """Feed ``data[pos:]`` to the payload in progress; returns where it stopped."""
         available = len(data) - pos
         write = self._write
         if available < self._need:
@@ -1077,8 +1230,88 @@ class ServerConnection:
         chunks.append(memoryview(data)[pos:stop])
         self._chunks = []
         self._write = None
-        handle, flags, offset, length = write
-        events.append(
-            _build_request(handle, Command.WRITE, _FLAGS[flags], offset, length, b"".join(chunks))
-        )
+        events.append(self._payload_event(write, self._payload_command, b"".join(chunks)))
         return stop
+
+    # -- moving the session (see ferry.nbd.session) ------------------------------------
+
+    def snapshot(self, in_flight: bytes = b"") -> SessionSnapshot:
+        """This client's session as a value, for a restore elsewhere to carry on from.
+
+        ``in_flight`` is the caller's: the raw bytes (``encode_request``) of
+        the requests this connection returned but the caller has not
+        answered, in the order they came.  A ``RejectedRequest`` cannot be
+        re-encoded (it does not keep the flags that condemned it): answer
+        those before taking the snapshot; it needs no I/O but a write.
+        Refuses, with :class:`SnapshotError`, a connection that is not a
+        client's in transmission, or whose handshake output or events the
+        caller has not collected yet.
+        """
+        if self._state is not _State.TRANSMISSION and self._state is not _State.PAYLOAD:
+            raise SnapshotError(f"the connection is in {self._state.value}, not in transmission")
+        if self._sender is not None or self._mirror_only:
+            raise SnapshotError("a migration sender's connection does not move")
+        if self._out or self._pending:
+            raise SnapshotError("handshake output or events not yet collected by the caller")
+        export = self._export
+        assert export is not None
+        partial = self._buffer
+        rejected = None
+        remaining = 0
+        if self._state is _State.PAYLOAD:
+            if self._write is not None:
+                handle, flags, offset, length = self._write
+                header = REQUEST.pack(REQUEST_MAGIC, flags, Command.WRITE, handle, offset, length)
+                partial = header + b"".join(self._chunks)
+            else:
+                rejected = self._held
+                remaining = self._need
+        return SessionSnapshot(
+            export=export,
+            structured_replies=self._structured,
+            meta_contexts=tuple(sorted(self._meta_contexts.items())),
+            max_request_size=self._max_request_size,
+            in_flight=in_flight,
+            partial=partial,
+            rejected=rejected,
+            rejected_remaining=remaining,
+        )
+
+    @classmethod
+    def restore(
+        cls,
+        snapshot: SessionSnapshot,
+        catalog: ExportCatalog,
+        *,
+        migration: MigrationCatalog | None = None,
+    ) -> tuple[ServerConnection, list[Event]]:
+        """A connection carrying on ``snapshot``'s session, and the events of its ``in_flight``.
+
+        No greeting is queued and no ``HandshakeComplete`` returned: the
+        client finished its handshake with the original.  The events are
+        the requests in flight parsed again, in order, for the caller to
+        perform and answer; after them the connection expects exactly the
+        bytes the original expected next.  Raises :class:`SnapshotError`
+        when ``in_flight`` is not whole requests or ``partial`` is not the
+        start of one.
+        """
+        conn = cls(catalog, migration=migration, max_request_size=snapshot.max_request_size)
+        conn._out.clear()  # the greeting went out long ago, from the original
+        conn._structured = snapshot.structured_replies
+        conn._meta_contexts = dict(snapshot.meta_contexts)
+        conn._meta_export = snapshot.export.name
+        conn._start_transmission(snapshot.export, [])
+        try:
+            events = conn.receive_data(snapshot.in_flight)
+            if conn._state is not _State.TRANSMISSION or conn._buffer:
+                raise SnapshotError("the requests in flight end in the middle of a request")
+            if snapshot.partial and conn.receive_data(snapshot.partial):
+                raise SnapshotError("the partial request is a whole one")
+        except ProtocolError as error:
+            raise SnapshotError(f"the snapshot's requests do not parse: {error}") from None
+        if snapshot.rejected is not None:
+            conn._held = snapshot.rejected
+            conn._write = None
+            conn._need = snapshot.rejected_remaining
+            conn._state = _State.PAYLOAD
+        return conn, events

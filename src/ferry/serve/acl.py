@@ -5,6 +5,14 @@ is kept exactly: a non-empty list admits only the addresses it names; an
 empty list admits everyone, unless ``--default-deny`` is given, in which case
 it admits no one.  IPv4 clients reaching a dual-stack socket appear as
 IPv4-mapped IPv6 addresses (``::ffff:a.b.c.d``) and are matched as IPv4.
+
+A migration sender is held to more: it hands this node an image and the
+control of it, so an empty ACL does not admit it from anywhere.  Without
+TLS (which authenticates it by certificate) a sender must come from an
+address the ACL names, or, while the ACL is empty, from a loopback address
+(:meth:`Acl.admits_sender`).  A daemon's export has an ACL of its own
+beside the listener's: a sender must be admitted by both, and named by
+one of them (or, neither naming anyone, come from loopback).
 """
 
 from __future__ import annotations
@@ -39,13 +47,44 @@ class Acl:
         """Whether a client at ``host`` may connect (a non-IP host is refused)."""
         if not self.networks:
             return not self.default_deny
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
+        address = _address(host)
+        if address is None:
             return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
         return any(address in network for network in self.networks)
+
+    def admits_sender(self, host: str, export: Acl | None = None) -> bool:
+        """Whether a migration sender at ``host`` may hand this node an image.
+
+        Only an address the ACL names, or loopback while the ACL is empty:
+        "everyone" is never who may take over a disk.  With ``export`` (the
+        ACL of the export it would send to), both must allow ``host`` and
+        one of them must name it, or, neither naming anyone, it is loopback.
+        """
+        address = _address(host)
+        if address is None:
+            return False
+        acls = (self,) if export is None else (self, export)
+        if not all(acl.allows(host) for acl in acls):
+            return False
+        # Allowed by an ACL that names addresses is named by it.
+        return any(acl.networks for acl in acls) or address.is_loopback
 
     def entries(self) -> list[str]:
         return [str(network) for network in self.networks]
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an address (IPv4-mapped IPv6 as IPv4); None if it is not one."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address, or ``localhost``) is a loopback address."""
+    address = _address(host)
+    return host == "localhost" if address is None else address.is_loopback

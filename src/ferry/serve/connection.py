@@ -68,13 +68,15 @@ from __future__ import annotations
 
 import errno as os_errno
 import os
+import socket
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, cast
 from typing import Protocol as TypingProtocol
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -82,22 +84,43 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ferry.chartnames import RoleState
-from ferry.clock import Clock
-from ferry.nbd.constants import FLEXNBD_MIRROR_HANDLE, BlockState, Command, CommandFlag, Errno
+from ferry.clock import Clock, cancel_call
+from ferry.nbd.constants import (
+    FLEXNBD_MIRROR_HANDLE,
+    BlockState,
+    Command,
+    CommandFlag,
+    Errno,
+)
 from ferry.nbd.events import (
+    CarriedConnection,
     Commit,
+    ConnectionLanding,
     Disconnect,
     Event,
+    ExportInfo,
     Extent,
     HandshakeAborted,
     HandshakeComplete,
+    MigrationRequest,
     ProtocolError,
+    Refusal,
     RejectedRequest,
     Request,
 )
-from ferry.nbd.server import ExportCatalog, MigrationCatalog, ServerConnection
+from ferry.nbd.locate import Location
+from ferry.nbd.server import ExportCatalog, Locator, MigrationCatalog, ServerConnection
+from ferry.nbd.session import SessionSnapshot, encode_request
 from ferry.outbox import Outbox, tune
 from ferry.serve.export import RECEIVING_STATES
+from ferry.serve.limits import (
+    MAX_JOBS_PER_CONNECTION,
+    MAX_QUEUED_BYTES,
+    MAX_QUEUED_REQUESTS,
+    PARTIAL_REQUEST_TIMEOUT,
+    REPLY_STALL_TIMEOUT,
+    Budget,
+)
 from ferry.storage import ZeroingNotFast
 
 if TYPE_CHECKING:
@@ -173,11 +196,28 @@ class Receiver(TypingProtocol):
         which nothing answers); the Deferred fires once it is settled either way."""
         ...
 
+    def connection_landing(self) -> ConnectionLanding | Refusal:
+        """Whether this node rebuilds a sender's client connections, and who it is."""
+        ...
 
-class ConnectionHost(ExportCatalog, MigrationCatalog, TypingProtocol):
+    def carried(
+        self, host: ConnectionHost, export: Export, state: bytes, answer: CommitAnswer
+    ) -> None:
+        """Rebuild one client connection carried to ``export`` (its sender is ``host``'s),
+        and answer whether it was rebuilt."""
+        ...
+
+
+class PeerCatalogs(ExportCatalog, MigrationCatalog, Locator, TypingProtocol):
+    """The catalogs one connection's handshake consults: its peer's view of the exports
+    (and of where a handed-off one went)."""
+
+
+class ConnectionHost(ExportCatalog, MigrationCatalog, Locator, TypingProtocol):
     """What a connection needs of the listener that made it (``NBDServer`` is one).
 
-    The handshake asks it for exports (it is both catalogs); the connection
+    The handshake asks it for exports (it is both catalogs) and where a
+    handed-off export went (it is the locator); the connection
     reports itself opened and closed, reads the limits, and runs blocking
     work through it.
     """
@@ -188,8 +228,20 @@ class ConnectionHost(ExportCatalog, MigrationCatalog, TypingProtocol):
     handshake_timeout: float
     sender_timeout: float
     receiver: Receiver | None
+    receive_budget: Budget
+    reply_budget: Budget
+
+    def room_for_replies(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more of replies fit the process's REPLY_BUDGET now."""
+        ...
 
     def run_blocking(self, work: Callable[[], object]) -> defer.Deferred[Any]: ...
+
+    def run_blocking_for(
+        self, export: Export, work: Callable[[], object]
+    ) -> defer.Deferred[Any]: ...
+
+    def catalog_for(self, peer_host: str) -> PeerCatalogs: ...
 
     def connection_opened(self, connection: NBDServerProtocol) -> None: ...
 
@@ -198,13 +250,31 @@ class ConnectionHost(ExportCatalog, MigrationCatalog, TypingProtocol):
     def export_named(self, name: str) -> Export | None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """A client's session that moved here, rebuilt (``ServerConnection.restore``).
+
+    ``requests`` are its requests in flight, to perform once it joins its
+    export; ``replies`` were written by the node it left and never reached
+    that node's kernel: they go out first.
+    """
+
+    session: ServerConnection
+    requests: list[Event]
+    context_id: int
+    replies: bytes = b""
+
+
 @implementer(IPushProducer)
 class NBDServerProtocol(Protocol):
-    def __init__(self, server: ConnectionHost) -> None:
+    def __init__(self, server: ConnectionHost, *, arrival: Arrival | None = None) -> None:
         self._server = server
+        # A client's session moved here from another node's socket (see
+        # "moving" below): no handshake, and nothing performed until it joins.
+        self._arrival = arrival
         self._nbd: ServerConnection | None = None
         self._export: Export | None = None
-        self._queue: deque[Request | RejectedRequest | Commit] = deque()
+        self._queue: deque[Request | RejectedRequest | Commit | CarriedConnection] = deque()
         self._outbox: Outbox | None = None
         self._paused = False
         self._in_flight = 0
@@ -220,14 +290,29 @@ class NBDServerProtocol(Protocol):
         self._context_id = 0
         self._flexnbd = False  # a mirror-only oldstyle connection: see the module doc
         # Why the socket is not read now: "backpressure", "closing", "held",
-        # "throttled"; it is read again only once every reason is gone.
+        # "throttled", "queue", "budget"; it is read again once every reason is gone.
         self._not_reading: set[str] = set()
+        self._queued_bytes = 0  # WRITE payload held in the queue (MAX_QUEUED_BYTES)
+        self._partial_timer: Any = None  # a request received in part (PARTIAL_REQUEST_TIMEOUT)
+        self._stall_timer: Any = None  # replies unread while paused (REPLY_STALL_TIMEOUT)
+        #: Why handshakes on this connection are refused (too many connections
+        #: from its address), or None.
+        self.refusal: Refusal | None = None
+        #: The clock's time of the last request received or reply sent.
+        self.last_active = 0.0
         self.peer_host = ""
+        # The exports as this peer sees them (their ACLs and the sender rule
+        # applied); set once the connection is made and its peer known.
+        self._catalogs: PeerCatalogs | None = None
 
     # -- Twisted protocol -------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.peer_host = getattr(self.transport.getPeer(), "host", "")  # type: ignore[union-attr]
+        self._catalogs = self._server.catalog_for(self.peer_host)
+        if self._arrival is not None:
+            self._arrived(self._arrival)
+            return
         if not self._server.acl.allows(self.peer_host):
             log.info("refused {peer}: not in the ACL", peer=self.peer_host)
             self._abort()
@@ -239,8 +324,9 @@ class NBDServerProtocol(Protocol):
         self._handshake_timer = self._server.clock.call_later(
             self._server.handshake_timeout, self._handshake_expired
         )
+        self.last_active = self._server.clock.seconds()
         self._nbd = ServerConnection(
-            self._server, migration=self._server, oldstyle=self._server.oldstyle
+            self, migration=self, locator=self, oldstyle=self._server.oldstyle
         )
         # An oldstyle server has chosen its export before the client speaks.
         self._receive(b"")
@@ -260,6 +346,11 @@ class NBDServerProtocol(Protocol):
         if self._throttle_timer is not None and self._throttle_timer.active():
             self._throttle_timer.cancel()
         self._throttle_timer = None
+        for timer in (self._partial_timer, self._stall_timer):
+            cancel_call(timer)
+        self._partial_timer = self._stall_timer = None
+        self._server.receive_budget.forget(self)
+        self._server.reply_budget.forget(self)
         export = self._export
         if export is not None:
             was_sender = export.sender is self and export.state in RECEIVING_STATES
@@ -274,16 +365,67 @@ class NBDServerProtocol(Protocol):
         self._server.connection_closed(self)
         self._fire_drained()
 
+    # -- the catalogs: the server's as this peer sees them, unless it is refused ----------
+
+    @property
+    def _peer_catalogs(self) -> PeerCatalogs:
+        catalogs = self._catalogs
+        assert catalogs is not None, "a handshake before the connection was made"
+        return catalogs
+
+    def lookup(self, name: str) -> ExportInfo | Refusal:
+        return self.refusal or self._peer_catalogs.lookup(name)
+
+    def listing(self) -> Sequence[ExportInfo]:
+        return () if self.refusal is not None else self._peer_catalogs.listing()
+
+    def locate(self, name: str) -> Sequence[Location] | Refusal:
+        return self.refusal or self._peer_catalogs.locate(name)
+
+    def admit_migration(self, request: MigrationRequest) -> Refusal | None:
+        return self.refusal or self._peer_catalogs.admit_migration(request)
+
+    def lookup_sender(self, name: str) -> ExportInfo | Refusal:
+        return self.refusal or self._peer_catalogs.lookup_sender(name)
+
+    def connection_landing(self) -> ConnectionLanding | Refusal:
+        return self.refusal or self._peer_catalogs.connection_landing()
+
     # -- IPushProducer -----------------------------------------------------------
 
     def pauseProducing(self) -> None:
         self._paused = True
         self._stop_reading("backpressure")
+        if self._stall_timer is None:
+            self._stall_timer = self._server.clock.call_later(
+                REPLY_STALL_TIMEOUT, self._reply_stalled
+            )
 
     def resumeProducing(self) -> None:
+        # The transport has sent everything it held: none of our replies waits.
         self._paused = False
+        cancel_call(self._stall_timer)
+        self._stall_timer = None
+        self._server.reply_budget.hold(self, 0)
         self._start_reading("backpressure")
         self._dispatch()
+
+    def _reply_stalled(self) -> None:
+        """Replies unread for REPLY_STALL_TIMEOUT: close it if others wait for what it holds."""
+        self._stall_timer = None
+        if not self._paused or self._lost:
+            return
+        self.account_replies()
+        if self._server.reply_budget.pressed and self._outbox is not None and self._outbox.held():
+            log.warn(
+                "closing {peer}: it read none of its replies for {seconds:g} s "
+                "while others wait for room",
+                peer=self.peer_host,
+                seconds=REPLY_STALL_TIMEOUT,
+            )
+            self._abort()
+            return
+        self._stall_timer = self._server.clock.call_later(REPLY_STALL_TIMEOUT, self._reply_stalled)
 
     def _stop_reading(self, why: str) -> None:
         if not self._not_reading and self.transport is not None:
@@ -299,6 +441,11 @@ class NBDServerProtocol(Protocol):
         self._abort()
 
     # -- the control plane's handles -----------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, nothing in flight: closing it loses the client nothing."""
+        return not self._queue and self._in_flight == 0 and not self._paused
 
     @property
     def export_name(self) -> str | None:
@@ -332,6 +479,129 @@ class NBDServerProtocol(Protocol):
         self._maybe_close()
         return d
 
+    # -- moving to another socket (ferry.migrate.carry) -------------------------------
+    #
+    # At a handoff the source suspends each client connection, checkpoints its
+    # socket and this session, and either lets it go (``moved``: the socket was
+    # closed in repair mode, nothing was sent, the destination rebuilt it) or
+    # takes it back (``resume_after_move``: the handoff did not happen).  The
+    # destination builds the connection again from the session
+    # (``arrival=``): it performs nothing until ``join`` gives it its export,
+    # once the commit has landed; a commit that does not land closes it
+    # without a packet (``moved`` again).
+
+    def why_not_movable(self) -> str | None:
+        """Why this connection cannot move now; None if it can."""
+        transport = self.transport
+        export = self._export
+        if self._lost or self._closing or self._refused:
+            return "it is closing"
+        if self._nbd is None or export is None or self._flexnbd or export.sender is self:
+            return "it is not a client in transmission"
+        if self._in_flight:
+            return "a FLUSH or FUA write of it is still running"
+        if not isinstance(transport, tcp.Connection) or not isinstance(
+            transport.socket, socket.socket
+        ):
+            return "it is not a TCP connection"
+        if transport.TLS:
+            return "its TLS session cannot move"
+        if transport.disconnecting or transport._writeDisconnected:
+            return "it is half-closed"
+        return None
+
+    @property
+    def tcp_socket(self) -> socket.socket:
+        """The connection's socket (only for a connection ``why_not_movable`` passed)."""
+        sock = self.transport.socket  # type: ignore[union-attr]
+        assert isinstance(sock, socket.socket)
+        return sock
+
+    def suspend(self) -> None:
+        """Neither read nor write the socket, and let no timer close it: it is being moved.
+
+        Requests rejected while held are answered first (a rejection touches
+        no image, and its payload is gone, so it could not travel).
+        """
+        assert self._nbd is not None
+        rejected = [event for event in self._queue if type(event) is RejectedRequest]
+        if rejected:
+            self._queue = deque(e for e in self._queue if type(e) is not RejectedRequest)
+            for event in rejected:
+                self._reject(event)
+            self._flush_outbox()
+        self._stop_reading("moving")
+        self.transport.stopWriting()  # type: ignore[union-attr]
+        for timer in (self._partial_timer, self._stall_timer):
+            cancel_call(timer)
+        self._partial_timer = self._stall_timer = None
+
+    def session_snapshot(self) -> SessionSnapshot:
+        """The session, with the requests held here as its requests in flight."""
+        assert self._nbd is not None
+        in_flight = b"".join(encode_request(cast(Request, event)) for event in self._queue)
+        return self._nbd.snapshot(in_flight)
+
+    def unsent(self) -> bytes:
+        """Replies written but still in this process: the move carries them."""
+        return b"" if self._outbox is None else self._outbox.unsent()
+
+    def resume_after_move(self) -> None:
+        """The move did not happen and the socket is ours again: carry on where we stopped."""
+        if self._lost:
+            return
+        transport = self.transport
+        if self._outbox is not None and self._outbox.held():
+            transport.startWriting()  # type: ignore[union-attr]
+        self._start_reading("moving")
+        self._account_received()
+        self._dispatch()
+
+    def moved(self, where: str) -> None:
+        """The socket was closed in repair mode (the client is elsewhere): forget it quietly.
+
+        What was queued went with the session; nothing is answered here.
+        """
+        log.info("{peer}: connection handed {where}", peer=self.peer_host, where=where)
+        if self._export is not None:
+            self._export.detach(self)
+        self._queue.clear()
+        self._queued_bytes = 0
+        if self._outbox is not None:
+            self._outbox.discard()
+        self._abort()
+
+    def _arrived(self, arrival: Arrival) -> None:
+        """Built from a session that moved here: set up, queue its requests, perform nothing."""
+        self._arrival = None
+        self._server.connection_opened(self)
+        tune(self.transport)
+        self._outbox = Outbox(self.transport)
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        self.last_active = self._server.clock.seconds()
+        self._nbd = arrival.session
+        self._context_id = arrival.context_id
+        self._stop_reading("arriving")
+        if arrival.replies:
+            self._outbox.add(arrival.replies)
+            self._flush_outbox()
+        for event in arrival.requests:  # the requests in flight, judged again here
+            if type(event) is Request:
+                self._queued_bytes += len(event.data)
+                self._queue.append(event)
+            elif type(event) is RejectedRequest:
+                self._queue.append(event)
+
+    def join(self, export: Export) -> None:
+        """The commit landed: this arrival is one of ``export``'s clients from now on."""
+        if self._lost or self._export is not None:
+            return
+        self._export = export
+        export.attach(self)
+        self._start_reading("arriving")
+        self._account_received()
+        self._dispatch()
+
     # -- receiving -------------------------------------------------------------------
 
     def _receive(self, data: bytes) -> None:
@@ -356,14 +626,20 @@ class NBDServerProtocol(Protocol):
             # Only whole requests count: a sender that trickles a byte at a
             # time, never finishing one, is as silent as one that sends nothing.
             self._sender_timer.reset(self._server.sender_timeout)
+        if events:
+            self.last_active = self._server.clock.seconds()
         for event in events:
             kind = type(event)
-            if kind is Request or kind is RejectedRequest:
+            if kind is Request:
+                request = cast(Request, event)
+                self._queue.append(request)
+                self._queued_bytes += len(request.data)
+            elif kind is RejectedRequest:
                 self._queue.append(event)  # type: ignore[arg-type]
             elif kind is HandshakeComplete:
                 if not self._handshake_complete(event):  # type: ignore[arg-type]
                     return  # refused and closing: what followed GO is not performed
-            elif kind is Commit:
+            elif kind is Commit or kind is CarriedConnection:
                 self._queue.append(event)  # type: ignore[arg-type]
             elif kind is Disconnect:
                 self._closing = True
@@ -372,18 +648,59 @@ class NBDServerProtocol(Protocol):
                 self._lose()
                 return
         self._dispatch()
+        self._account_received()
+
+    def _account_received(self) -> None:
+        """What this connection holds of its client's input, against every limit on it."""
+        nbd = self._nbd
+        if nbd is None or self._lost:
+            return
+        partial = nbd.buffered
+        if partial and self._partial_timer is None:
+            self._partial_timer = self._server.clock.call_later(
+                PARTIAL_REQUEST_TIMEOUT, self._partial_expired
+            )
+        elif not partial and self._partial_timer is not None:
+            cancel_call(self._partial_timer)
+            self._partial_timer = None
+        budget = self._server.receive_budget
+        held = partial + self._queued_bytes
+        budget.hold(self, held)
+        if len(self._queue) >= MAX_QUEUED_REQUESTS or self._queued_bytes >= MAX_QUEUED_BYTES:
+            self._stop_reading("queue")
+        elif "queue" in self._not_reading and len(self._queue) < MAX_QUEUED_REQUESTS // 2:
+            self._start_reading("queue")
+        # A connection that holds nothing may go on (a handshake, small requests
+        # performed as they come); one that holds part of the budget waits.
+        if held and not budget.fits() and not budget.exempt(self):
+            self._stop_reading("budget")
+            budget.wait(self, self._room_to_receive)
+
+    def _room_to_receive(self) -> None:
+        self._start_reading("budget")
+
+    def _partial_expired(self) -> None:
+        self._partial_timer = None
+        if self._nbd is not None and self._nbd.buffered and not self._lost:
+            log.warn(
+                "closing {peer}: a request was not whole {seconds:g} s after it began",
+                peer=self.peer_host,
+                seconds=PARTIAL_REQUEST_TIMEOUT,
+            )
+            self._abort()
 
     def _flush_handshake(self) -> None:
         if self._nbd is not None and self._outbox is not None:
             out = self._nbd.data_to_send()
             if out:
                 self._outbox.add(out)
-                self._outbox.flush()
+                self._flush_outbox()
 
     def _handshake_complete(self, event: HandshakeComplete) -> bool:
         """Attach to the chosen export; False if refused after all (the connection closes)."""
         self._cancel_handshake_timer()
         export = self._server.export_named(event.export.name)
+        self._context_id = next(iter(event.meta_contexts), 0)  # the sender's too
         if event.migration is not None:
             return self._become_sender(export, event)
         if event.flexnbd:
@@ -399,7 +716,6 @@ class NBDServerProtocol(Protocol):
             self._refuse()
             return False
         self._export = export
-        self._context_id = next(iter(event.meta_contexts), 0)
         export.attach(self)
         return True
 
@@ -537,6 +853,8 @@ class NBDServerProtocol(Protocol):
         """
         queue = self._queue
         export = self._export
+        if export is None:
+            return  # an arrival that has not joined its export: nothing is performed yet
         while queue and not self._paused and not self._lost and self._throttle_timer is None:
             if export is not None and export.clients_held:
                 # A switchover holds client requests: queued, not failed.
@@ -544,8 +862,17 @@ class NBDServerProtocol(Protocol):
                 break
             event = queue[0]
             if type(event) is Request:
+                command = event.command
+                if command is _READ and not self._server.room_for_replies(event.length):
+                    # Replies already waiting for their clients fill the budget.
+                    self._server.reply_budget.wait(self, self._dispatch)
+                    break
+                if self._in_flight >= MAX_JOBS_PER_CONNECTION and (
+                    command is _FLUSH or int(event.flags) & _FUA
+                ):
+                    break  # a job ends first (_settle_thread_job dispatches again)
                 if (
-                    event.command is _WRITE
+                    command is _WRITE
                     and export is not None
                     and export.write_limiter is not None
                     and not self._write_charged
@@ -558,15 +885,18 @@ class NBDServerProtocol(Protocol):
                         break
                 self._write_charged = False
                 queue.popleft()
+                self._queued_bytes -= len(event.data)
                 self._perform(event)
             else:
                 queue.popleft()
                 if type(event) is Commit:
                     self._commit(event)
+                elif type(event) is CarriedConnection:
+                    self._carried(event)
                 else:
                     self._reject(event)  # type: ignore[arg-type]
-        if self._outbox is not None and not self._lost:
-            self._outbox.flush()
+        self._flush_outbox()
+        self._account_received()
         self._maybe_close()
 
     def _unthrottle(self) -> None:
@@ -710,6 +1040,32 @@ class NBDServerProtocol(Protocol):
         settled = receiver.commit(export, self, event.token, source_resource, answer)
         settled.addBoth(self._settle_thread_job)
 
+    def _carried(self, event: CarriedConnection) -> None:
+        """The sender carried one of its clients here: the receiver rebuilds it, and answers."""
+        export = self._export
+        nbd = self._nbd
+        receiver = self._server.receiver
+        assert export is not None and nbd is not None and receiver is not None
+        export.stats.requests["CONNECTION"] += 1
+        if export.sender is not self or export.state != RoleState.RECEIVING:
+            export.stats.errors["EINVAL"] += 1
+            why = f"no connection is taken in {export.state}"
+            self._send(nbd.reply_error(event.handle, Errno.EINVAL, why))
+            return
+        handle = event.handle
+
+        def answer(error: Errno, message: str) -> None:
+            if self._lost or self._nbd is None:
+                return
+            if error is Errno.OK:
+                self._send(self._nbd.reply_ok(handle))
+            else:
+                export.stats.errors[error.name] += 1
+                self._send(self._nbd.reply_error(handle, error, message))
+            self._flush_outbox()
+
+        receiver.carried(self._server, export, event.state, answer)
+
     def _commit_answer(self, handle: int) -> CommitAnswer:
         """How the receiver answers this sender's commit: a reply; after a no, close."""
 
@@ -754,8 +1110,9 @@ class NBDServerProtocol(Protocol):
 
     def _later(self, request: Request, started: float, work: Callable[[], None]) -> None:
         """Finish ``request`` on a worker thread (fsync): later requests go on meanwhile."""
+        assert self._export is not None
         self._in_flight += 1
-        d = self._server.run_blocking(work)
+        d = self._server.run_blocking_for(self._export, work)
 
         def done(_: object) -> None:
             assert self._nbd is not None and self._export is not None
@@ -775,15 +1132,25 @@ class NBDServerProtocol(Protocol):
         d.addBoth(self._settle_thread_job)
 
     def _settle_thread_job(self, result: object) -> None:
-        """A job on the worker thread has answered: send its reply now, maybe close."""
+        """A job on the worker thread has answered: send its reply now, then go on."""
         self._in_flight -= 1
         self._flush_outbox()
-        self._maybe_close()
+        self._dispatch()
 
     def _flush_outbox(self) -> None:
-        """Send what the outbox holds now (outside ``_dispatch``: a timer, a thread's answer)."""
+        """Send what the outbox holds; what the socket did not take counts against the budget."""
+        outbox = self._outbox
+        if outbox is None or self._lost:
+            return
+        if outbox.pending:
+            self.last_active = self._server.clock.seconds()
+        outbox.flush()
+        self.account_replies()
+
+    def account_replies(self) -> None:
+        """Count the reply bytes this connection's transport still holds (REPLY_BUDGET)."""
         if self._outbox is not None and not self._lost:
-            self._outbox.flush()
+            self._server.reply_budget.hold(self, self._outbox.held())
 
     # -- closing ------------------------------------------------------------------------
 

@@ -69,6 +69,7 @@ class _Entry:
     process: ProcessTime
     expires_at: float | None
     offered: bool = False
+    address: str | None = None  # where the holder serves (``publish``), for a proxy
     watchers: list[tuple[ProcessTime, Callable[[str], None]]] = field(default_factory=list)
     timer: Any = None
 
@@ -234,6 +235,13 @@ class SimLockspace:
             raise LeaseLost(f"lease on {grant.resource} (token {grant.token}) is gone")
         return entry
 
+    def _publish(self, grant: Grant, address: str) -> None:
+        self._entry_of(grant).address = address
+
+    def _where(self, resource: str) -> list[str]:
+        entry = self._live(resource).entry
+        return [] if entry is None or entry.address is None else [entry.address]
+
     def _watch(self, grant: Grant, process: ProcessTime, on_lost: Callable[[str], None]) -> Any:
         entry = self._live(grant.resource).entry
         if self.kind != "etcd" or entry is None or entry.handle != grant.handle:
@@ -285,6 +293,12 @@ class LockspaceClient:
             lambda: self.space._take_over(resource, owner, token, self.process, steal=self.steal),
             makes_grant=True,
         )
+
+    def publish(self, grant: Grant, address: str) -> Deferred[None]:
+        return self._call("publish", lambda: self.space._publish(grant, address))
+
+    def where(self, resource: str) -> Deferred[list[str]]:
+        return self._call("where", lambda: self.space._where(resource))
 
     def watch(self, grant: Grant, on_lost: Callable[[str], None]) -> Callable[[], None]:
         found = self.space._watch(grant, self.process, on_lost)

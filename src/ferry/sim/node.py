@@ -39,6 +39,7 @@ from ferry.lease.incoming import IncomingLease
 from ferry.lease.manager import LeaseManager
 from ferry.migrate.destination import Receiver
 from ferry.migrate.options import Destination, MirrorOptions, StartOutcome
+from ferry.serve.acl import Acl
 from ferry.serve.export import Export
 from ferry.serve.server import NBDServer
 from ferry.sim import bugs
@@ -53,6 +54,9 @@ __all__ = ["EXPORT", "RESOURCE", "FerryProcess", "Host"]
 
 EXPORT: Final = "disk"
 RESOURCE: Final = "/images/disk.img"
+#: Who may connect, and hand an image over: both hosts and the clients (``ferry listen``
+#: refuses to start unless its ACL names its senders).
+ACL: Final = ("10.0.0.0/24",)
 #: A SIGTERM'd process that has not finished its shutdown by then is killed.
 SHUTDOWN_DEADLINE: Final = 30.0
 
@@ -136,10 +140,13 @@ class FerryProcess:
         )
         config = ExportConfig(file=str(self.image.path), name=EXPORT, listen=mode == "listen")
         self.unit = ExportUnit(config, self.export, self.mirrors)
+        self.unit.resource = RESOURCE
+        self.unit.address = f"{host.address}:{PORT}"
         self.server = NBDServer(
             [],
             clock=self.clock,
             run_blocking=run_blocking,
+            acl=Acl.parse(ACL),
             receiver=Receiver(run_blocking=run_blocking, clock=self.clock),
         )
         self.backend = lockspace.client(self.time, steal=bugs.steals(bug, mode))
@@ -195,6 +202,7 @@ class FerryProcess:
             tracer=self.tracer,
             on_fenced=self.unit.fenced,
         )
+        lease.serving_address = self.unit.address  # published with each grant, for a proxy
         self.leases.append(lease)
         return lease
 
