@@ -59,7 +59,9 @@ INVARIANTS = {
 }
 
 #: Seeds that broke an invariant in ferry's code, and what was fixed.
-REGRESSIONS: dict[int, str] = {}
+REGRESSIONS: dict[int, str] = {
+    2: "two clients of one host without a peer name shared a connection machine (carry.py)",
+}
 
 
 def test_a_few_seeds_break_nothing() -> None:

@@ -138,12 +138,13 @@ class Carriage:
 
     def __post_init__(self) -> None:
         chart = statecharts.load("connection")
+        named: set[str] = set()
         for client in self.gate.clients:
             move = _Move(client)
             statecharts.build(
                 chart,
                 move,
-                instance=f"{self.name}/{_name(client)}",
+                instance=f"{self.name}/{_unique(_name(client), named)}",
                 tracer=self.tracer,
                 clock=self.clock,
             )
@@ -335,6 +336,22 @@ def _name(client: Attached) -> str:
     except (OSError, AttributeError, AssertionError):
         return client.peer_host or "client"
     return f"{host}:{port}"
+
+
+def _unique(name: str, named: set[str]) -> str:
+    """``name``, or ``name#2``, ``name#3``... if a machine of this carriage has it already.
+
+    Two connections can share a name: a socket already reset has no peer to
+    ask (``getpeername`` fails), and the fallback is the peer's host alone.
+    Two machines of one name would interleave their records in the trace,
+    which then no longer replays.
+    """
+    unique, n = name, 1
+    while unique in named:
+        n += 1
+        unique = f"{name}#{n}"
+    named.add(unique)
+    return unique
 
 
 def _address_does_not_move(client: Attached, landing: ConnectionLanding) -> str | None:
