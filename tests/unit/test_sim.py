@@ -51,6 +51,7 @@ INVARIANTS = {
     "reads see acknowledged writes",
     "the server speaks NBD",
     "mirror is answered",
+    "a second mirror is refused",
     "every migration ends",
     "the cluster settles",
     "a migration completes",

@@ -32,6 +32,7 @@ from typing import Final
 from twisted.python.failure import Failure
 
 from ferry.chartnames import RoleState
+from ferry.migrate.manager import MirrorBusy
 from ferry.migrate.options import FinishAction, MirrorError, MirrorOptions, StartOutcome
 from ferry.sim.cluster import Cluster
 from ferry.sim.node import FerryProcess, Host
@@ -115,11 +116,22 @@ class Operators:
         return self._send_mirror(source, target, options)
 
     def second_mirror(self) -> None:
-        """``mirror`` while one runs: refused (``mirror already running``)."""
+        """``mirror`` while one runs: refused (``mirror already running``), the first untouched."""
         source = self.cluster.owner.running
         if source is None or not source.mirrors.running:
             return
-        self._send_mirror(source, self.cluster.other(self.cluster.owner), self._random_options())
+        first = source.mirrors.current
+        target = self.cluster.other(self.cluster.owner)
+        try:
+            source.mirror(target, self._random_options())
+        except MirrorBusy as refused:
+            self.world.log("operator", f"second mirror {source.name}: refused: {refused}")
+            if source.mirrors.current is not first:
+                self.world.violate("a second mirror is refused", "the first one was replaced")
+            return
+        self.world.violate(
+            "a second mirror is refused", f"{source.name} started one beside {first!r}"
+        )
 
     def _send_mirror(self, source: FerryProcess, target: Host, options: MirrorOptions) -> bool:
         try:
