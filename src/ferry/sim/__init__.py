@@ -6,7 +6,8 @@ source and the destination's commit, the lease manager, the role,
 migration and lease charts -- with everything around it simulated: time is
 one ``twisted.internet.task.Clock``, the network is in-memory transports,
 disks are byte arrays with a synced and an unsynced layer, the lockspace is
-a table on the same clock.  One seed drives every choice (latencies,
+ferry's own local one on real lock files or a model of etcd on the same
+clock.  One seed drives every choice (latencies,
 faults, what the clients write, what the operators do), so a seed that
 breaks an invariant runs again exactly, trace and all (the model is
 TigerBeetle's VOPR and FoundationDB's simulation).
@@ -19,7 +20,8 @@ The parts, one job each:
   clock that jumps);
 * :mod:`~ferry.sim.network`, :mod:`~ferry.sim.disk`,
   :mod:`~ferry.sim.lockspace`: what the code cannot tell from the real
-  thing, and the faults each can inject;
+  thing, and the faults each can inject; :mod:`~ferry.sim.locallock`: the
+  real local lockspace, and what a process's death does to its locks;
 * :mod:`~ferry.sim.node`: a host (its disk outlives processes) and the
   ferry process on it, built from the same parts as ``ferry serve`` and
   ``ferry listen``;

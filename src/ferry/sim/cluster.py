@@ -21,7 +21,8 @@ from ferry.chartnames import MigrationTrigger, RoleTrigger
 from ferry.migrate.source import MirrorSource
 from ferry.sim.clients import Client
 from ferry.sim.disk import PAGE, SimDisk
-from ferry.sim.lockspace import KINDS, SimLockspace
+from ferry.sim.locallock import SimLocalLockspace
+from ferry.sim.lockspace import KINDS, Lockspace, SimLockspace
 from ferry.sim.network import Network
 from ferry.sim.node import FerryProcess, Host
 from ferry.sim.pattern import BLOCK, Ledger
@@ -46,7 +47,10 @@ class Cluster:
         self.bug = bug
         rng = world.stream("cluster")
         self.network = Network(world)
-        self.lockspace = SimLockspace(world, rng.choice(KINDS), rng.choice(TTLS))
+        kind, ttl = rng.choice(KINDS), rng.choice(TTLS)
+        self.lockspace: Lockspace = (
+            SimLockspace(world, ttl) if kind == "etcd" else SimLocalLockspace(world)
+        )
         blocks = rng.choice((16, 32, 64))
         initial = bytearray(blocks * BLOCK)
         for block in range(blocks):

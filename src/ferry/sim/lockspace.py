@@ -1,22 +1,19 @@
-"""The simulated lockspace: one table on the world's clock, and each process's way to it.
+"""The simulated lockspace: etcd as one table on the world's clock, and each process's way to it.
 
-:class:`SimLockspace` keeps the truth -- who holds each resource, under
-which token, until when -- and plays one of ferry's two lockspaces:
-
-* ``etcd``: grants have a TTL, counted by the lockspace on its own clock
-  from when a renewal *arrives*; every write (acquire, offer, take-over)
-  moves a global revision, which is the token, so an offer answers with a
-  new token; a key that expired is gone, and a take-over by its token finds
-  nothing; watches tell a holder when its key goes.  Requests travel: they
-  take time, they may not arrive (unreachable: the answer is
-  ``LockspaceUnavailable`` after the request time-out), and an answer may be
-  lost after the request was applied -- the outcome the real backend cannot
-  know, after which it revokes the lease it made for an acquire or a
-  take-over (which may or may not get through either).
-* ``local``: grants have no TTL; the lock dies with the process that holds
-  it, but the ledger keeps the token, so an offer can still be taken over
-  by its token after its offerer died or released it; every call answers
-  at once (or fails at once while the directory is unusable); no watches.
+A run's lockspace is etcd or a local lock directory, drawn from the seed.
+The local one is ferry's own, on real lock files (:mod:`ferry.sim.locallock`);
+etcd is modelled here.  :class:`SimLockspace` keeps the truth -- who holds
+each resource, under which token, until when -- as etcd does: grants have
+a TTL, counted by the lockspace on its own clock from when a renewal
+*arrives*; every write (acquire, offer, take-over) moves a global revision,
+which is the token, so an offer answers with a new token; a key that
+expired is gone, and a take-over by its token finds nothing; watches tell
+a holder when its key goes.  Requests travel: they take time, they may not
+arrive (unreachable: the answer is ``LockspaceUnavailable`` after the
+request time-out), and an answer may be lost after the request was applied
+-- the outcome the real backend cannot know, after which it revokes the
+lease it made for an acquire or a take-over (which may or may not get
+through either).
 
 Each process reaches it through a :class:`LockspaceClient`, the
 :class:`~ferry.lease.backend.LeaseBackend` its lease manager is given; the
@@ -25,7 +22,8 @@ Answers are delivered through the process's gate, so a paused process hears
 nothing until it resumes.
 
 :meth:`SimLockspace.holder` is what the invariants ask: the grant the
-lockspace honours right now.
+lockspace honours right now.  :class:`Lockspace` is what the rest of the
+simulator needs of either kind.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -41,6 +39,7 @@ from twisted.internet.defer import Deferred
 from ferry.lease.backend import (
     Grant,
     Holder,
+    LeaseBackend,
     LeaseConflict,
     LeaseError,
     LeaseLost,
@@ -50,7 +49,15 @@ from ferry.lease.backend import (
 from ferry.sim.process import ProcessTime
 from ferry.sim.world import World
 
-__all__ = ["KINDS", "REQUEST_TIMEOUT", "LockspaceClient", "SimLockspace"]
+__all__ = [
+    "KINDS",
+    "REQUEST_TIMEOUT",
+    "ClientFaults",
+    "FaultyBackend",
+    "Lockspace",
+    "LockspaceClient",
+    "SimLockspace",
+]
 
 _T = TypeVar("_T")
 
@@ -80,7 +87,6 @@ class _Entry:
 @dataclass
 class _Resource:
     name: str
-    token: int = 0  # the local ledger's token (etcd uses the global revision)
     entry: _Entry | None = None
 
 
@@ -93,15 +99,42 @@ class ClientFaults:
     lost_answers: float = 0.0  # chance that an applied request's answer is lost
 
 
-class SimLockspace:
-    """The lockspace's truth; see the module doc."""
+class FaultyBackend(LeaseBackend, Protocol):
+    """A process's way to the lockspace, and what stands in that way now."""
 
-    def __init__(self, world: World, kind: str, ttl: float) -> None:
-        if kind not in KINDS:
-            raise ValueError(f"no lockspace kind {kind!r}")
+    faults: ClientFaults
+
+
+class Lockspace(Protocol):
+    """What the simulator needs of a run's lockspace, etcd's model or the real local one."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def ttl(self) -> float | None: ...
+
+    def client(self, process: ProcessTime, *, steal: bool = False) -> FaultyBackend:
+        """How ``process`` reaches it (``steal``: a planted bug, see ferry.sim.bugs)."""
+        ...
+
+    def holder(self, resource: str) -> Holder | None:
+        """Who holds ``resource`` exclusively now, in the lockspace's own view."""
+        ...
+
+    def close(self) -> None:
+        """The run is over."""
+        ...
+
+
+class SimLockspace:
+    """etcd's truth; see the module doc."""
+
+    kind: Final = "etcd"
+
+    def __init__(self, world: World, ttl: float) -> None:
         self.world = world
-        self.kind = kind
-        self.ttl: float | None = ttl if kind == "etcd" else None
+        self.ttl: float = ttl
         self.rng = world.stream("lockspace")
         self._resources: dict[str, _Resource] = {}
         self._revision = 0
@@ -110,6 +143,9 @@ class SimLockspace:
     def client(self, process: ProcessTime, *, steal: bool = False) -> LockspaceClient:
         """How ``process`` reaches the lockspace (``steal``: a planted bug, see ferry.sim.bugs)."""
         return LockspaceClient(self, process, steal=steal)
+
+    def close(self) -> None:
+        """Nothing outlives the run."""
 
     # -- the truth --------------------------------------------------------------------
 
@@ -132,9 +168,7 @@ class SimLockspace:
         return res
 
     def _alive(self, entry: _Entry) -> bool:
-        if entry.expires_at is not None:
-            return self.world.now() < entry.expires_at
-        return not entry.process.dead  # a local lock dies with its process
+        return entry.expires_at is None or self.world.now() < entry.expires_at
 
     def _drop(self, res: _Resource, reason: str) -> None:
         entry, res.entry = res.entry, None
@@ -145,26 +179,22 @@ class SimLockspace:
         for process, on_lost in entry.watchers:
             process.later(self._latency(), on_lost, reason)
 
-    def _next_token(self, res: _Resource) -> int:
-        if self.kind == "etcd":
-            self._revision += 1
-            return self._revision
-        res.token += 1
-        return res.token
+    def _next_token(self) -> int:
+        """etcd's revision: every write moves it, and it is the token."""
+        self._revision += 1
+        return self._revision
 
     def _latency(self) -> float:
         return self.rng.uniform(0.0005, 0.01)
 
     def _new_entry(self, res: _Resource, owner: str, process: ProcessTime) -> Grant:
-        token = self._next_token(res)
+        token = self._next_token()
         entry = _Entry(owner, token, next(self._handles), process, None)
         self._extend(entry)
         res.entry = entry
         return Grant(res.name, entry.holder(), self.ttl, entry.handle)
 
     def _extend(self, entry: _Entry) -> None:
-        if self.ttl is None:
-            return
         entry.expires_at = self.world.now() + self.ttl
         if entry.watchers:
             self._arm_expiry(entry)
@@ -208,8 +238,7 @@ class SimLockspace:
     def _offer(self, grant: Grant) -> Grant:
         entry = self._entry_of(grant)
         entry.offered = True
-        if self.kind == "etcd":
-            entry.token = self._next_token(self._resource(grant.resource))
+        entry.token = self._next_token()
         return replace(grant, holder=entry.holder())
 
     def _take_over(
@@ -217,9 +246,8 @@ class SimLockspace:
     ) -> Grant:
         res = self._live(resource)
         entry = res.entry
-        # etcd compares the key's revision; a local lock's ledger keeps its
-        # token after its holder died or released.
-        current = res.token if self.kind == "local" else entry.token if entry else None
+        # etcd compares the key's revision: a key gone (expired, released) matches nothing.
+        current = None if entry is None else entry.token
         if current != token and not steal:
             holders = () if entry is None else (entry.holder(),)
             raise LeaseConflict(
@@ -244,7 +272,7 @@ class SimLockspace:
 
     def _watch(self, grant: Grant, process: ProcessTime, on_lost: Callable[[str], None]) -> Any:
         entry = self._live(grant.resource).entry
-        if self.kind != "etcd" or entry is None or entry.handle != grant.handle:
+        if entry is None or entry.handle != grant.handle:
             return None
         watcher = (process, on_lost)
         entry.watchers.append(watcher)
@@ -264,7 +292,7 @@ class LockspaceClient:
 
     @property
     def spec(self) -> str:
-        return f"sim-{self.space.kind}:"
+        return "sim-etcd:"
 
     # -- LeaseBackend -------------------------------------------------------------------
 
@@ -320,10 +348,6 @@ class LockspaceClient:
     def _call(self, op: str, apply: Callable[[], _T], *, makes_grant: bool = False) -> Deferred[_T]:
         d: Deferred[_T] = Deferred()
         space, faults = self.space, self.faults
-        if space.kind == "local":
-            if faults.unreachable:
-                return defer.fail(LockspaceUnavailable("simulated lock directory unusable"))
-            return defer.maybeDeferred(apply)
         applied: list[Any] = []
 
         def arrive() -> None:

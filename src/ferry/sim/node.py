@@ -44,7 +44,7 @@ from ferry.serve.export import Export
 from ferry.serve.server import NBDServer
 from ferry.sim import bugs
 from ferry.sim.disk import SimDisk, SimImage
-from ferry.sim.lockspace import SimLockspace
+from ferry.sim.lockspace import Lockspace
 from ferry.sim.network import PORT, Network
 from ferry.sim.process import ProcessTime
 from ferry.sim.world import World
@@ -106,7 +106,7 @@ class FerryProcess:
         mode: str,
         *,
         network: Network,
-        lockspace: SimLockspace,
+        lockspace: Lockspace,
         bug: str | None,
         observe: Observer,
     ) -> None:

@@ -92,6 +92,7 @@ class ProcessTime:
         self.paused = False
         self.dead = False
         self._held: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
+        self._on_death: list[Callable[[], None]] = []
         self._calls: dict[_Call, None] = {}  # pending, in the order they were made
 
     # -- ReactorTime ------------------------------------------------------------------
@@ -167,11 +168,19 @@ class ProcessTime:
     def jump(self, seconds: float) -> None:
         self.offset += seconds
 
+    def on_death(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` when the process dies: what the kernel does for it (closing its files)."""
+        self._on_death.append(fn)
+
     def kill(self) -> None:
         """Nothing of this process runs again."""
+        if self.dead:
+            return
         self.dead = True
         for call in list(self._calls):
             if call.inner.active():
                 call.inner.cancel()
         self._calls.clear()
         self._held.clear()
+        for fn in self._on_death:
+            fn()

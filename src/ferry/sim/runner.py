@@ -95,27 +95,30 @@ def run_seed(
     """Run one seed; the result says which invariant broke first, if one did."""
     world = World(seed, keep_trace=keep_trace)
     cluster = Cluster(world, bug=bug)
-    with _internal_errors(world):
-        invariants = Invariants(cluster)
-        injector = Faults(cluster, faults)
-        operators = Operators(cluster)
-        first, second = cluster.hosts
-        cluster.start(first, "serve")
-        cluster.start(second, "listen")
-        for client in cluster.clients:
-            client.start()
-        operators.start()
-        injector.start()
-        chaos = world.stream("phases").uniform(10.0, 30.0)
-        world.run(chaos)
-        world.log("phase", "heal")
-        injector.heal()
-        operators.chaos = False
-        _settle(world, cluster, operators)
-        _last_migration(world, cluster, operators)
-        _drain(world, cluster)
-        if world.violation is None:
-            invariants.at_end()
+    try:
+        with _internal_errors(world):
+            invariants = Invariants(cluster)
+            injector = Faults(cluster, faults)
+            operators = Operators(cluster)
+            first, second = cluster.hosts
+            cluster.start(first, "serve")
+            cluster.start(second, "listen")
+            for client in cluster.clients:
+                client.start()
+            operators.start()
+            injector.start()
+            chaos = world.stream("phases").uniform(10.0, 30.0)
+            world.run(chaos)
+            world.log("phase", "heal")
+            injector.heal()
+            operators.chaos = False
+            _settle(world, cluster, operators)
+            _last_migration(world, cluster, operators)
+            _drain(world, cluster)
+            if world.violation is None:
+                invariants.at_end()
+    finally:
+        cluster.lockspace.close()  # the local one's lock directory
     summary = (
         f"{cluster.describe()} steps={world.steps} faults={injector.injected} "
         f"migrations={len(cluster.migrations)} owner={cluster.owner.name}"
