@@ -786,7 +786,7 @@ class EtcdLockspace:
         self._ttl = max(1, math.ceil(ttl))
         self._prefix = prefix
         self._serving_prefix = serving_prefix
-        self._watches: set[_Watch] = set()
+        self._watches: dict[_Watch, None] = {}  # stopped in the order they began
 
     @property
     def spec(self) -> str:
@@ -841,15 +841,15 @@ class EtcdLockspace:
         key = keys.of_holder(grant.holder.owner, grant.holder.mode)
 
         def lost(reason: str) -> None:
-            self._watches.discard(watch)
+            self._watches.pop(watch, None)
             on_lost(reason)
 
         watch = _Watch(self._gateway, self._clock, grant, key, lost)
-        self._watches.add(watch)
+        self._watches[watch] = None
         watch.start()
 
         def cancel() -> None:
-            self._watches.discard(watch)
+            self._watches.pop(watch, None)
             watch.stop()
 
         return cancel

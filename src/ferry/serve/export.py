@@ -165,7 +165,7 @@ class Export:
             clock=clock,
             on_change=self._role_changed,
         )
-        self._clients: set[Attached] = set()
+        self._clients: dict[Attached, None] = {}  # in the order they came: see NBDServer
         self._write_observers: list[WriteObserver] = []
         self._clock = clock
         self._longest_hold = 0.0
@@ -260,12 +260,12 @@ class Export:
     # -- clients --------------------------------------------------------------
 
     def attach(self, client: Attached) -> None:
-        self._clients.add(client)
+        self._clients[client] = None
         self.stats.connections += 1
 
     def detach(self, client: Attached) -> None:
         """``client``'s connection is gone; if it was the sender, its migration is over."""
-        self._clients.discard(client)
+        self._clients.pop(client, None)
         if client is self._sender:
             self.sender_lost(client)
 

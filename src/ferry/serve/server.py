@@ -123,7 +123,9 @@ class NBDServer(Factory):
         self.sender_timeout = sender_timeout
         # Who performs a sender's commit; without one, no migration is taken.
         self.receiver = receiver
-        self.connections: set[NBDServerProtocol] = set()
+        # In the order they opened (a dict, not a set): whatever is done to every
+        # connection is done in the same order every time (ferry.sim replays it).
+        self.connections: dict[NBDServerProtocol, None] = {}
         self.accepting = True
 
     # -- Factory ------------------------------------------------------------------
@@ -189,7 +191,7 @@ class NBDServer(Factory):
             return False
         victim = min(idle, key=lambda c: c.last_active)
         victim.disconnect(f"the server is full; {hog} holds the most connections")
-        self.connections.discard(victim)
+        self.connections.pop(victim, None)
         return True
 
     # -- the exports it serves ------------------------------------------------------
@@ -228,10 +230,10 @@ class NBDServer(Factory):
         return next(iter(self.exports.values()), None)
 
     def connection_opened(self, connection: NBDServerProtocol) -> None:
-        self.connections.add(connection)
+        self.connections[connection] = None
 
     def connection_closed(self, connection: NBDServerProtocol) -> None:
-        self.connections.discard(connection)
+        self.connections.pop(connection, None)
 
     # -- ExportCatalog ------------------------------------------------------------
 
