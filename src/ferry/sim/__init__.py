@@ -5,9 +5,10 @@ simulator runs the real code -- the NBD server and client, the migration
 source and the destination's commit, the lease manager, the role,
 migration and lease charts -- with everything around it simulated: time is
 one ``twisted.internet.task.Clock``, the network is in-memory transports,
-disks are byte arrays with a synced and an unsynced layer, the lockspace is
-ferry's own local one on real lock files or a model of etcd on the same
-clock.  One seed drives every choice (latencies,
+disks are byte arrays with a synced and an unsynced layer, and the lease
+manager's backend is ferry's own -- the local one on real lock files, or
+the etcd one talking HTTP across the simulated network to a simulated etcd
+member.  One seed drives every choice (latencies,
 faults, what the clients write, what the operators do), so a seed that
 breaks an invariant runs again exactly, trace and all (the model is
 TigerBeetle's VOPR and FoundationDB's simulation).
@@ -22,6 +23,8 @@ The parts, one job each:
   :mod:`~ferry.sim.lockspace`: what the code cannot tell from the real
   thing, and the faults each can inject; :mod:`~ferry.sim.locallock`: the
   real local lockspace, and what a process's death does to its locks;
+  :mod:`~ferry.sim.etcd`: an etcd member; :mod:`~ferry.sim.reactor`: the
+  TCP a Twisted client needs of a process's reactor;
 * :mod:`~ferry.sim.node`: a host (its disk outlives processes) and the
   ferry process on it, built from the same parts as ``ferry serve`` and
   ``ferry listen``;

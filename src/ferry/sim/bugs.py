@@ -17,23 +17,28 @@ number of seeds.
 * ``skip-last-pass``: the source's last pass copies nothing (the dirty map
   is cleared before the final pass is planned);
 * ``ignore-token``: the destination takes the lease over whatever token
-  its commit carries (its lockspace client ignores the token).
+  its commit carries (a wrapper around its lockspace backend: a take-over
+  refused for its token is made again with the holder's own token, or as
+  an acquire when nobody holds the lease).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, cast
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
+from ferry.lease.backend import Grant, Holder, LeaseBackend, LeaseConflict, LeaseMode
 from ferry.lease.manager import InDoubtOutcome, LeaseManager
 from ferry.migrate.lease import OutgoingLease
 from ferry.migrate.manager import MirrorManager
 from ferry.migrate.options import Destination, MirrorOptions, StartOutcome
 from ferry.serve.export import RECEIVING_STATES, Export
 
-__all__ = ["BUGS", "mirror_manager", "outgoing_lease", "run_blocking", "steals"]
+__all__ = ["BUGS", "backend", "mirror_manager", "outgoing_lease", "run_blocking"]
 
 BUGS: Final = ("ack-before-fsync", "release-before-ack", "skip-last-pass", "ignore-token")
 
@@ -116,6 +121,35 @@ def outgoing_lease(bug: str | None, lease: LeaseManager) -> OutgoingLease:
     return _ReleasesBeforeAck(lease) if bug == "release-before-ack" else lease
 
 
-def steals(bug: str | None, mode: str) -> bool:
-    """Whether a process in ``mode`` takes leases over whatever the token (``ignore-token``)."""
-    return bug == "ignore-token" and mode == "listen"
+class _IgnoresToken:
+    """``ignore-token``: a lockspace backend whose take-over does not care for the token."""
+
+    def __init__(self, real: LeaseBackend) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def take_over(self, resource: str, owner: str, token: int) -> Deferred[Grant]:
+        real = self._real
+
+        def anyway(failure: Failure) -> Deferred[Grant]:
+            if not isinstance(failure.value, LeaseConflict):
+                return defer.fail(failure)
+
+            def steal(holders: tuple[Holder, ...]) -> Deferred[Grant]:
+                held = [h for h in holders if h.mode is LeaseMode.EXCLUSIVE]
+                if held:
+                    return real.take_over(resource, owner, held[0].token)
+                return real.acquire(resource, owner, LeaseMode.EXCLUSIVE)
+
+            return real.inquire(resource).addCallback(steal)
+
+        return real.take_over(resource, owner, token).addErrback(anyway)
+
+
+def backend(bug: str | None, mode: str, real: LeaseBackend) -> LeaseBackend:
+    """A process's lockspace backend; ``ignore-token`` wraps a listening process's."""
+    if bug == "ignore-token" and mode == "listen":
+        return cast(LeaseBackend, _IgnoresToken(real))
+    return real

@@ -22,7 +22,7 @@ from ferry.migrate.source import MirrorSource
 from ferry.sim.clients import Client
 from ferry.sim.disk import PAGE, SimDisk
 from ferry.sim.locallock import SimLocalLockspace
-from ferry.sim.lockspace import KINDS, Lockspace, SimLockspace
+from ferry.sim.lockspace import KINDS, Lockspace, SimEtcdLockspace
 from ferry.sim.network import Network
 from ferry.sim.node import FerryProcess, Host
 from ferry.sim.pattern import BLOCK, Ledger
@@ -49,7 +49,9 @@ class Cluster:
         self.network = Network(world)
         kind, ttl = rng.choice(KINDS), rng.choice(TTLS)
         self.lockspace: Lockspace = (
-            SimLockspace(world, ttl) if kind == "etcd" else SimLocalLockspace(world)
+            SimEtcdLockspace(world, self.network, ttl)
+            if kind == "etcd"
+            else SimLocalLockspace(world)
         )
         blocks = rng.choice((16, 32, 64))
         initial = bytearray(blocks * BLOCK)

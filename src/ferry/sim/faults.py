@@ -7,8 +7,7 @@ The kinds (``--faults`` takes a comma-separated list of them; all by default):
 ``reset``               a connection reset after some more bytes, any byte
 ``stall``               one end of a connection stops reading for a while
 ``partition``           a host cut off for a while: its connections go quiet
-                        (reset when it is back), its lockspace requests
-                        arrive late
+                        (reset when it is back), the lockspace out of reach
 ``kill``                a ferry process killed (SIGKILL): its page cache stays
 ``power``               a host loses power: its unsynced pages may be gone,
                         it answers nothing until it is back
@@ -17,8 +16,9 @@ The kinds (``--faults`` takes a comma-separated list of them; all by default):
 ``eio``, ``enospc``     a disk whose writes and syncs fail for a while
 ``slow-disk``           a disk whose syncs take up to a second
 ``unreachable``         a process cannot reach the lockspace for a while
-``slow``                a process's lockspace requests are slow
+``slow``                a process's lockspace requests are slow (etcd)
 ``lost-answers``        the lockspace applies requests and the answers get lost
+                        (etcd; see :mod:`ferry.sim.lockspace`)
 ======================  ===================================================
 
 Faults come two ways.  *Timed*: at random moments (a rate drawn per seed),
@@ -252,34 +252,23 @@ class Faults:
         self._for(seconds, f"mend {host.name}'s disk", mend)
 
     def _lockspace(self, kind: str, process: FerryProcess, ttl: float) -> None:
-        rng, faults = self.rng, process.backend.faults
+        rng = self.rng
         seconds = rng.uniform(0.2, 2.5 * ttl)
-        if kind == "unreachable":
-            faults.unreachable = True
-        elif kind == "slow":
-            faults.slow = rng.uniform(0.05, 1.5)
-        else:
-            faults.lost_answers = rng.uniform(0.2, 1.0)
+        severity = rng.uniform(0.05, 1.5) if kind == "slow" else rng.uniform(0.2, 1.0)
         self.world.log("fault", f"lockspace {kind} for {process.name} for {seconds:.3f}s")
-
-        def mend() -> None:
-            faults.unreachable = False
-            faults.slow = 0.0
-            faults.lost_answers = 0.0
-
+        mend = self.cluster.lockspace.impair(process.time, kind, severity)
         self._for(seconds, f"mend {process.name}'s lockspace", mend)
 
     def _partition(self, host: Host, process: FerryProcess | None, seconds: float) -> None:
         network = self.cluster.network
         self.world.log("fault", f"partition {host.name} for {seconds:.3f}s")
         network.partition(host.address)
-        faults = None if process is None else process.backend.faults
-        if faults is not None:
-            faults.slow = max(faults.slow, seconds)  # its requests wait for the network
+        lockspace = self.cluster.lockspace
+        mend = None if process is None else lockspace.impair(process.time, "partition", 0.0)
 
         def heal() -> None:
-            if faults is not None:
-                faults.slow = 0.0
+            if mend is not None:
+                mend()
             if host.powered:
                 network.rejoin(host.address)
 

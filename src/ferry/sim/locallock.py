@@ -14,11 +14,9 @@ What the simulator adds, per process (:class:`LocalClient`):
 * **death**: a process killed, or whose host lost power, has its lock
   descriptors closed without a word -- what the kernel does -- so its
   records stay in the file, as a SIGKILL'd holder's do;
-* **unreachable**: the directory is unusable from that process for a while
-  (an NFS mount gone away): every call fails with ``LockspaceUnavailable``;
-* **ignore-token** (a planted bug, :mod:`ferry.sim.bugs`): a take-over whose
-  token does not match takes the lease anyway whenever no live holder keeps
-  it out (the kernel's locks still stop it from taking a held one).
+* **unreachable** (or its host partitioned off): the directory is unusable
+  from that process for a while (an NFS mount gone away): every call fails
+  with ``LockspaceUnavailable``.
 
 ``slow`` and ``lost-answers`` do nothing here: a local call has no way to be
 slow or to lose its answer.
@@ -35,11 +33,10 @@ from typing import Any, Final, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 
-from ferry.lease.backend import Grant, Holder, LeaseConflict, LeaseMode, LockspaceUnavailable
+from ferry.clock import ReactorClock
+from ferry.lease.backend import Grant, Holder, LeaseMode, LockspaceUnavailable
 from ferry.lease.local import LocalLockspace
-from ferry.sim.lockspace import ClientFaults
 from ferry.sim.process import ProcessTime
 from ferry.sim.world import World
 
@@ -64,11 +61,24 @@ class SimLocalLockspace:
         self._observer = LocalLockspace(self.directory)
         self._clients: list[LocalClient] = []
 
-    def client(self, process: ProcessTime, *, steal: bool = False) -> LocalClient:
-        """How ``process`` reaches the directory (``steal``: a planted bug, see ferry.sim.bugs)."""
-        client = LocalClient(self, process, steal=steal)
+    def client(self, process: ProcessTime, host: str, clock: ReactorClock) -> LocalClient:
+        """How ``process`` reaches the directory (every call answers at once: no clock)."""
+        client = LocalClient(self, process)
         self._clients.append(client)
         return client
+
+    def impair(self, process: ProcessTime, kind: str, severity: float) -> Callable[[], None]:
+        """``unreachable`` or ``partition``: the directory unusable from ``process``."""
+        clients = [c for c in self._clients if c.process is process]
+        if kind not in ("unreachable", "partition") or not clients:
+            return _nothing
+        (client,) = clients
+        client.unreachable = True
+
+        def reachable() -> None:
+            client.unreachable = False
+
+        return reachable
 
     def holder(self, resource: str) -> Holder | None:
         """Who the lock file says holds ``resource`` exclusively now (None: nobody)."""
@@ -88,11 +98,10 @@ class SimLocalLockspace:
 class LocalClient:
     """One process's :class:`~ferry.lease.local.LocalLockspace`, through the faults."""
 
-    def __init__(self, space: SimLocalLockspace, process: ProcessTime, *, steal: bool) -> None:
+    def __init__(self, space: SimLocalLockspace, process: ProcessTime) -> None:
         self.space = space
         self.process = process
-        self.steal = steal
-        self.faults = ClientFaults()
+        self.unreachable = False
         self._real = LocalLockspace(space.directory)
         process.on_death(self.died)
 
@@ -126,16 +135,7 @@ class LocalClient:
         return self._call(self._real.offer, grant)
 
     def take_over(self, resource: str, owner: str, token: int) -> Deferred[Grant]:
-        d = self._call(self._real.take_over, resource, owner, token)
-        if not self.steal:
-            return d
-
-        def anyway(failure: Failure) -> Deferred[Grant]:
-            if isinstance(failure.value, LeaseConflict):
-                return self._call(self._real.acquire, resource, owner, LeaseMode.EXCLUSIVE)
-            return defer.fail(failure)
-
-        return d.addErrback(anyway)
+        return self._call(self._real.take_over, resource, owner, token)
 
     def publish(self, grant: Grant, address: str) -> Deferred[None]:
         return self._call(self._real.publish, grant, address)
@@ -152,6 +152,10 @@ class LocalClient:
     def _call(self, operation: Callable[..., Deferred[_T]], *args: Any) -> Deferred[_T]:
         if self.process.dead:
             return Deferred()  # a dead process hears nothing
-        if self.faults.unreachable:
+        if self.unreachable:
             return defer.fail(LockspaceUnavailable("simulated: the lock directory is unusable"))
         return operation(*args)
+
+
+def _nothing() -> None:
+    """A fault that does nothing here."""

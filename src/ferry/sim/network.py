@@ -21,7 +21,9 @@ What the network can do wrong, each on the seed's say:
   nothing (a connect times out, bytes sent to it or by it vanish) until it
   is back, when its old connections are reset; a host whose process died
   refuses connections, and the kernel resets the dead process's
-  connections.
+  connections;
+* **between two hosts**: the path cut (:meth:`Network.cut`: as a partition,
+  for those two only) or slow (:meth:`Network.slow`).
 
 Bytes unread by a protocol (``pauseProducing``) stay in the receiving end's
 inbox and count against the sender, so backpressure is end to end.
@@ -36,7 +38,13 @@ from typing import Any, Final
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.error import (
+    ConnectionAborted,
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+    TimeoutError,
+)
 from twisted.internet.interfaces import IProtocol
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
@@ -202,6 +210,7 @@ class Link:
         self.client = SimTransport(self, client_process, client_host, server_host)
         self.server = SimTransport(self, server_process, server_host, client_host)
         self.ends = (self.client, self.server)
+        self.hosts = (client_host, server_host)
         self.client.peer, self.server.peer = self.server, self.client
         self.latency = rng.uniform(0.0001, 0.005)
         self.bandwidth = rng.uniform(20e6, 500e6)  # bytes per second
@@ -214,7 +223,8 @@ class Link:
 
     def delay(self) -> float:
         jitter = self.rng.expovariate(1 / self.latency) if self.rng.random() < 0.1 else 0.0
-        return self.latency + jitter + self.network.extra_latency
+        network = self.network
+        return self.latency + jitter + network.extra_latency + network.slowness(*self.hosts)
 
     # -- bytes ---------------------------------------------------------------------------
 
@@ -243,8 +253,8 @@ class Link:
                 self.reset_now("reset")
                 return
             self._cut[sender] = budget - len(data)
-        if not self.network.up(receiver.host):
-            return  # a host without power: the bytes vanish
+        if not self.network.reaches(sender.host, receiver.host):
+            return  # a host without power, or cut off: the bytes vanish
         receiver.process.run(receiver._receive, data)
 
     # -- ends ----------------------------------------------------------------------------
@@ -309,6 +319,8 @@ class Network:
         self._rng = world.stream("network")
         self._listeners: dict[str, tuple[ProcessTime, Factory]] = {}
         self._down: set[str] = set()
+        self._cuts: set[frozenset[str]] = set()  # pairs of hosts that cannot reach each other
+        self._slow: dict[frozenset[str], float] = {}  # extra seconds between two hosts
         self._untold: list[tuple[SimTransport, Failure]] = []  # for hosts cut off now
         self.links: list[Link] = []
         self.count = 0
@@ -316,6 +328,14 @@ class Network:
 
     def up(self, host: str) -> bool:
         return host not in self._down
+
+    def reaches(self, host: str, other: str) -> bool:
+        """Whether bytes from ``host`` get to ``other`` now."""
+        down = self._down
+        return host not in down and other not in down and frozenset((host, other)) not in self._cuts
+
+    def slowness(self, host: str, other: str) -> float:
+        return self._slow.get(frozenset((host, other)), 0.0)
 
     # -- hosts ----------------------------------------------------------------------------
 
@@ -371,6 +391,28 @@ class Network:
             if any(end.host == host for end in link.ends):
                 link.reset_now("reset (partition healed)")
 
+    def cut(self, host: str, other: str) -> None:
+        """Nothing gets from ``host`` to ``other`` or back (both go on with everyone else)."""
+        self._cuts.add(frozenset((host, other)))
+
+    def mend(self, host: str, other: str) -> None:
+        """The cut heals: connections between the two that lost bytes meanwhile are reset."""
+        pair = frozenset((host, other))
+        if pair not in self._cuts:
+            return
+        self._cuts.discard(pair)
+        for link in self._live():
+            if frozenset(link.hosts) == pair:
+                link.reset_now("reset (path mended)")
+
+    def slow(self, host: str, other: str, seconds: float) -> None:
+        """Every byte between the two takes ``seconds`` more (0: no more)."""
+        pair = frozenset((host, other))
+        if seconds:
+            self._slow[pair] = seconds
+        else:
+            self._slow.pop(pair, None)
+
     def _live(self) -> list[Link]:
         self.links = [link for link in self.links if not link.broken]
         return list(self.links)
@@ -390,7 +432,9 @@ class Network:
     ) -> Deferred[Any]:
         """Connect ``factory``'s protocol at ``host`` to whoever listens at ``target``."""
         d: Deferred[Any] = Deferred()
-        latency = self._rng.uniform(0.0002, 0.005) + self.extra_latency
+        latency = (
+            self._rng.uniform(0.0002, 0.005) + self.extra_latency + self.slowness(host, target)
+        )
 
         def settle(result: Any) -> None:
             if not d.called:
@@ -400,17 +444,18 @@ class Network:
                     d.callback(result)
 
         def arrive() -> None:
-            if not self.up(target):
+            if not self.reaches(host, target):
                 return  # no answer: the time-out says so
             listener = self._listeners.get(target)
             if listener is None:
-                refused = _lost(ConnectionRefusedError(f"{target}: connection refused"))
+                refused = ConnectionRefusedError(target)  # type: ignore[no-untyped-call]
                 process.later(latency, settle, refused)
                 return
             self._accept(process, host, target, factory, listener, settle, latency)
 
         def time_out() -> None:
-            settle(TimeoutError(f"{target}: connect timed out after {timeout} s"))
+            why = f"connect timed out after {timeout} s"
+            settle(TimeoutError(target, why))  # type: ignore[no-untyped-call]
 
         self.world.call_later(latency, f"net {host}", arrive)
         process.later(timeout, time_out)

@@ -149,7 +149,9 @@ class FerryProcess:
             acl=Acl.parse(ACL),
             receiver=Receiver(run_blocking=run_blocking, clock=self.clock),
         )
-        self.backend = lockspace.client(self.time, steal=bugs.steals(bug, mode))
+        self.backend = bugs.backend(
+            bug, mode, lockspace.client(self.time, host.address, self.clock)
+        )
         self.leases: list[LeaseManager] = []
         host.process = self
 
