@@ -344,7 +344,7 @@ class _Gateway:
 
     async def _call(self, path: str, payload: dict[str, Any], replayable: bool) -> dict[str, Any]:
         body = json.dumps(payload).encode()
-        deadline = self._clock.seconds() + self._timeout
+        deadline = self._clock.monotonic() + self._timeout  # a wall clock may step
         failures: list[str] = []
         for index in self._order():
             outcome = await self._attempt(index, path, body, deadline, replayable)
@@ -427,7 +427,7 @@ class _Gateway:
             expired = True
             d.cancel()
 
-        timer = self._clock.call_later(max(0.0, deadline - self._clock.seconds()), expire)
+        timer = self._clock.call_later(max(0.0, deadline - self._clock.monotonic()), expire)
         try:
             return await d
         except Exception:
