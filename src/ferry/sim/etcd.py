@@ -125,6 +125,7 @@ class EtcdServer:
         self.watchers: list[_Watcher] = []
         #: client host -> chance that an applied request's answer is lost.
         self.lost_answers: dict[str, float] = {}
+        self._known: tuple[_KV, Holder] | None = None  # the invariants ask at every step
         # twisted.web is not annotated: Site is a Factory all the same.
         site: Any = server.Site(  # type: ignore[no-untyped-call]
             _Gateway(self), reactor=self.process, timeout=None
@@ -139,10 +140,15 @@ class EtcdServer:
         kv = self.kvs.get(f"{prefix}{digest}/exclusive".encode())
         if kv is None:
             return None
+        known = self._known
+        if known is not None and known[0] is kv:  # a put makes a new _KV
+            return known[1]
         record = json.loads(kv.value)
-        return Holder(
+        holder = Holder(
             str(record["owner"]), LeaseMode.EXCLUSIVE, kv.mod_revision, bool(record["offered"])
         )
+        self._known = (kv, holder)
+        return holder
 
     # -- leases ------------------------------------------------------------------------
 

@@ -60,6 +60,10 @@ class SimLocalLockspace:
         self.directory = tempfile.mkdtemp(prefix="ferry-sim-", dir=base)  # mode 0700
         self._observer = LocalLockspace(self.directory)
         self._clients: list[LocalClient] = []
+        # The files change only through a client's call or a death: the
+        # holder is read again only after one (the invariants ask at every step).
+        self.changes = 0
+        self._known: tuple[int, Holder | None] | None = None
 
     def client(self, process: ProcessTime, host: str, clock: ReactorClock) -> LocalClient:
         """How ``process`` reaches the directory (every call answers at once: no clock)."""
@@ -81,11 +85,18 @@ class SimLocalLockspace:
         return reachable
 
     def holder(self, resource: str) -> Holder | None:
-        """Who the lock file says holds ``resource`` exclusively now (None: nobody)."""
+        """Who the lock file says holds ``resource`` exclusively now (None: nobody).
+
+        The simulator has one resource, so one answer is remembered.
+        """
+        if self._known is not None and self._known[0] == self.changes:
+            return self._known[1]
         answer: list[tuple[Holder, ...]] = []
         self._observer.inquire(resource).addCallback(answer.append)
         holders = answer[0] if answer else ()
-        return next((h for h in holders if h.mode is LeaseMode.EXCLUSIVE), None)
+        holder = next((h for h in holders if h.mode is LeaseMode.EXCLUSIVE), None)
+        self._known = (self.changes, holder)
+        return holder
 
     def close(self) -> None:
         """The run is over: every descriptor closed, the directory removed."""
@@ -111,6 +122,7 @@ class LocalClient:
 
     def died(self) -> None:
         """The process is gone: the kernel closes its descriptors, and so its locks go."""
+        self.space.changes += 1
         holds = self._real._holds  # the descriptors the grants keep
         for hold in holds.values():
             with contextlib.suppress(OSError):
@@ -154,6 +166,7 @@ class LocalClient:
             return Deferred()  # a dead process hears nothing
         if self.unreachable:
             return defer.fail(LockspaceUnavailable("simulated: the lock directory is unusable"))
+        self.space.changes += 1
         return operation(*args)
 
 
