@@ -7,9 +7,11 @@ disks and lockspace (see ``ferry.sim``).  These tests keep it honest:
 * a seed run twice -- in this process or in another, whatever its hash
   seed -- gives the same trace, byte for byte;
 * every bug planted in the simulator's doubles (``--bug``) is caught within
-  a bounded number of seeds, so the simulator cannot stop checking unseen;
-* the seeds that found bugs in ferry run clean now that those are fixed
-  (each fails with its fix undone);
+  a bounded number of seeds, and by a seed named here, breaking the
+  invariant named here, so the simulator cannot stop checking unseen;
+* the seeds that found bugs in ferry run clean now that those are fixed,
+  and break again when the fix is undone (put back by monkeypatching the
+  old code in);
 * the command line says which seeds failed, and why, and exits 1.
 
 Performance (seeds per second) is measured by benchmarks, not here.
@@ -21,12 +23,23 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
+from ferry.chartnames import RoleTrigger
+from ferry.clock import ReactorClock
+from ferry.lease.backend import Grant
+from ferry.lease.manager import LeaseManager
+from ferry.migrate import carry
+from ferry.migrate.core.convergence import ConvergencePolicy
+from ferry.serve.export import RECEIVING_STATES, Export
 from ferry.sim.bugs import BUGS
+from ferry.sim.faults import parse_faults
 from ferry.sim.runner import run_seed
+from ferry.storage.image import Image
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
@@ -59,10 +72,107 @@ INVARIANTS = {
     "every trace replays",
 }
 
-#: Seeds that broke an invariant in ferry's code, and what was fixed.
-REGRESSIONS: dict[int, str] = {
-    2: "two clients of one host without a peer name shared a connection machine (carry.py)",
+#: Each planted bug's own seed, and the invariant that seed breaks with the bug (and
+#: not without it): found with ``python -m ferry.sim --seeds 120 --bug NAME``.
+PLANTED = {
+    "ack-before-fsync": (27, "durable writes survive a crash where control is"),
+    "release-before-ack": (0, "a migration completes"),
+    "skip-last-pass": (2, "acknowledged writes are where control is"),
+    "ignore-token": (88, "a writer holds its lease"),
 }
+
+
+# -- ferry's bugs the simulator found, undone again ------------------------------------
+
+
+def _flush_forgets_a_failure(patch: pytest.MonkeyPatch) -> None:
+    patch.setattr(Image, "flush", lambda image: image._fdatasync())
+
+
+def _deadline_on_the_wall_clock(patch: pytest.MonkeyPatch) -> None:
+    patch.setattr(ReactorClock, "monotonic", ReactorClock.seconds)
+
+
+def _renewal_of_the_old_token_is_a_loss(patch: pytest.MonkeyPatch) -> None:
+    fixed = LeaseManager._renewal_failed
+
+    def as_before(manager: LeaseManager, failure: object, epoch: int, grant: Grant) -> None:
+        if manager.token is not None:  # the renewal's grant always looks current
+            grant = replace(grant, holder=replace(grant.holder, token=manager.token))
+        fixed(manager, failure, epoch, grant)  # type: ignore[arg-type]
+
+    patch.setattr(LeaseManager, "_renewal_failed", as_before)
+
+
+def _refused_commit_keeps_the_lease(patch: pytest.MonkeyPatch) -> None:
+    def as_before(export: Export, sender: object) -> None:
+        if sender is not export._sender:
+            return
+        export._sender = None
+        if export.state in RECEIVING_STATES:
+            export.trigger(RoleTrigger.SENDER_LOST)
+
+    patch.setattr(Export, "sender_lost", as_before)
+
+
+def _connection_machines_share_names(patch: pytest.MonkeyPatch) -> None:
+    patch.setattr(carry, "_unique", lambda name, named: name)
+
+
+def _never_give_up(patch: pytest.MonkeyPatch) -> None:
+    patch.setattr(ConvergencePolicy, "give_up_after", property(lambda policy: 10**9))
+
+
+@dataclass(frozen=True)
+class Regression:
+    """A seed that broke an invariant in ferry's code, the fix, and the fix undone."""
+
+    seed: int
+    fixed: str
+    invariant: str  # what the seed breaks with the fix undone
+    undo: Callable[[pytest.MonkeyPatch], None]
+    faults: str = "all"
+
+
+REGRESSIONS = (
+    Regression(
+        21,
+        "a FLUSH after a failed one succeeded (storage/image.py)",
+        "durable writes survive a crash where control is",
+        _flush_forgets_a_failure,
+    ),
+    Regression(
+        19,
+        "the lease deadline was kept on the wall clock (lease/manager.py)",
+        "a writer holds its lease",
+        _deadline_on_the_wall_clock,
+    ),
+    Regression(
+        88,
+        "a renewal refused for the token the holder's own offer moved was a loss",
+        "a migration completes",
+        _renewal_of_the_old_token_is_a_loss,
+        faults="slow,lost-answers,unreachable,pause,delay,jump",
+    ),
+    Regression(
+        125,
+        "a commit refused after it took the lease kept it (serve/export.py)",
+        "a migration completes",
+        _refused_commit_keeps_the_lease,
+    ),
+    Regression(
+        2,
+        "two clients of one host shared a connection machine's name (migrate/carry.py)",
+        "every trace replays",
+        _connection_machines_share_names,
+    ),
+    Regression(
+        428,
+        "a migration that never converged ran for ever (migrate/core/convergence.py)",
+        "the cluster settles",
+        _never_give_up,
+    ),
+)
 
 
 def test_a_few_seeds_break_nothing() -> None:
@@ -107,10 +217,24 @@ def test_each_planted_bug_is_caught_within_a_bounded_number_of_seeds(bug: str) -
     pytest.fail(f"{bug} survived {CAUGHT_WITHIN[bug]} seeds: the simulator no longer sees it")
 
 
-@pytest.mark.parametrize("seed", sorted(REGRESSIONS))
-def test_the_seeds_that_found_bugs_run_clean(seed: int) -> None:
-    result = run_seed(seed)
-    assert result.ok, f"seed {seed} ({REGRESSIONS[seed]}): {result.violation}"
+@pytest.mark.parametrize("bug", BUGS)
+def test_each_planted_bug_is_caught_by_its_own_seed(bug: str) -> None:
+    seed, invariant = PLANTED[bug]
+    caught = run_seed(seed, bug=bug).violation
+    assert caught is not None and caught.invariant == invariant, caught
+    assert run_seed(seed).ok  # the bug, not the seed, breaks it
+
+
+@pytest.mark.parametrize("regression", REGRESSIONS, ids=lambda r: str(r.seed))
+def test_the_seeds_that_found_bugs_run_clean_and_catch_them_again(
+    regression: Regression, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    faults = parse_faults(regression.faults)
+    result = run_seed(regression.seed, faults=faults)
+    assert result.ok, f"seed {regression.seed} ({regression.fixed}): {result.violation}"
+    regression.undo(monkeypatch)
+    again = run_seed(regression.seed, faults=faults).violation
+    assert again is not None and again.invariant == regression.invariant, again
 
 
 def _sim(*args: str) -> subprocess.CompletedProcess[str]:
