@@ -226,3 +226,34 @@ def test_the_isolation_figures_are_the_code_s() -> None:
     assert f"(the node has {WORKER_THREADS})" in section
     limits = f"limits on connections, {MAX_CLIENTS} in all and {MAX_CONNECTIONS_PER_ADDRESS}\n"
     assert limits + "from one address" in section
+
+
+def test_the_simulation_session_runs_as_written(tmp_path: Path) -> None:
+    """The simulator's console block as one script, and the line the README says it prints."""
+    section = "Deterministic simulation"
+    lines = [line[2:] for line in fenced_block(section, "console").splitlines()]
+    script = "set -uo pipefail\n" + "\n".join(lines) + "\n"
+    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, timeout=300)
+    out = result.stdout.decode()
+    assert result.returncode == 0, out + result.stderr.decode()
+    assert re.search(r"^20 seeds from 0: 0 failed; ", out, re.MULTILINE), out
+    assert "exit status 1" in out
+    assert fenced_block(section, "text").strip() in out
+    failed = (tmp_path / "failed.txt").read_text()
+    assert "replays identically" in failed and "DOES NOT REPLAY" not in failed
+    assert "replay: python -m ferry.sim --seeds 1 --from 2 --bug skip-last-pass" in failed
+    trace = (tmp_path / "trace.txt").read_text().splitlines()
+    assert trace[0].startswith("0.000000 cluster lockspace ")
+    assert len(trace) > 100
+
+
+def test_the_simulation_section_names_every_fault_and_bug() -> None:
+    from ferry.sim.bugs import BUGS
+    from ferry.sim.faults import FAULTS
+
+    section = README.split("## Deterministic simulation\n", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip(): line for line in section.splitlines() if "| `--" in line}
+    assert re.findall(r"`([a-z-]+)`", rows["`--faults LIST`"].split("some of", 1)[1]) == list(
+        FAULTS
+    )
+    assert re.findall(r"`([a-z-]+)`", rows["`--bug NAME`"].split(":", 1)[1]) == list(BUGS)
