@@ -9,6 +9,7 @@ its output and its exit, never on a sleep.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import os
@@ -802,3 +803,87 @@ def test_the_default_lockspace_is_created(tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(LockspaceUnavailable, match="cannot create lockspace directory"):
         default_lockspace(tmp_path / "file" / "locks")
+
+
+# -- a takeover on one host: the grant's descriptor moves -----------------------------
+
+
+def test_a_passed_descriptor_keeps_the_lease_held_throughout(lockspaces: Any) -> None:
+    """The successor adopts the very grant; the old holder lets go without a gap."""
+    old, new, other = lockspaces
+    grant = acquire(old, "old")
+    passed = old.pass_on(grant)
+    assert passed.fd is not None and passed.grant == grant
+    # SCM_RIGHTS gives the new process a descriptor of the same open file description.
+    adopted = new.adopt(dataclasses.replace(passed, fd=os.dup(passed.fd)))
+    assert adopted.holder == grant.holder  # the same grant: owner and token unchanged
+    failure_of(other.acquire(IMAGE, "third", EXCLUSIVE), LeaseConflict)
+    old.let_go(grant)
+    assert holders(other) == [("old", "exclusive", 1, False)]
+    failure_of(other.acquire(IMAGE, "third", EXCLUSIVE), LeaseConflict)
+    result(new.renew(adopted))
+    result(new.release(adopted))
+    assert holders(other) == []
+    assert acquire(other, "third").token == 2
+
+
+def test_letting_go_tidies_nothing(lockspaces: Any) -> None:
+    """Had the old holder released, the successor's adopted grant would be gone."""
+    old, new, _ = lockspaces
+    grant = acquire(old, "old")
+    passed = old.pass_on(grant)
+    adopted = new.adopt(dataclasses.replace(passed, fd=os.dup(passed.fd)))  # type: ignore[arg-type]
+    old.let_go(grant)
+    result(old.close())  # closing the lockspace must not touch a grant let go
+    result(new.renew(adopted))
+
+
+def test_adopt_refuses_a_descriptor_that_is_not_the_lock_file(
+    lockspaces: Any, tmp_path: Path
+) -> None:
+    old, new, _ = lockspaces
+    grant = acquire(old, "old")
+    passed = old.pass_on(grant)
+    stranger = os.open(tmp_path / "stranger", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(LeaseLost, match="not the lock file"):
+            new.adopt(dataclasses.replace(passed, fd=stranger))
+    finally:
+        os.close(stranger)
+    with pytest.raises(LeaseError, match="no lock file descriptor"):
+        new.adopt(dataclasses.replace(passed, fd=None))
+
+
+def test_adopt_refuses_a_grant_whose_record_is_not_the_files(lockspaces: Any) -> None:
+    old, new, _ = lockspaces
+    grant = acquire(old, "old")
+    passed = old.pass_on(grant)
+    fd = os.dup(passed.fd)  # type: ignore[arg-type]
+    try:
+        wrong_id = dict(passed.detail, grant_id="0" * 16)
+        with pytest.raises(LeaseLost, match="overwritten"):
+            new.adopt(dataclasses.replace(passed, fd=fd, detail=wrong_id))
+        forged = dataclasses.replace(grant, holder=Holder("old", EXCLUSIVE, 7))
+        with pytest.raises(LeaseLost, match="token 7"):
+            new.adopt(dataclasses.replace(passed, fd=fd, grant=forged))
+        with pytest.raises(LeaseError, match="incomplete"):
+            new.adopt(dataclasses.replace(passed, fd=fd, detail={}))
+    finally:
+        os.close(fd)
+
+
+def test_adopt_refuses_a_descriptor_that_does_not_hold_the_locks(lockspaces: Any) -> None:
+    """The lock file opened afresh is the right file, but its locks are someone else's."""
+    old, new, _ = lockspaces
+    grant = acquire(old, "old")
+    passed = old.pass_on(grant)
+    fd = os.open(old.path_for(IMAGE), os.O_RDWR)  # the file, not the locked open file
+    try:
+        with pytest.raises(LeaseLost, match="does not hold the grant"):
+            new.adopt(dataclasses.replace(passed, fd=fd))
+        result(old.renew(grant))  # the failed adoption took nothing from the holder
+        old.let_go(grant)  # ... which lets go: nobody holds the slot or the hold byte now
+        with pytest.raises(LeaseLost, match="not locked any more"):
+            new.adopt(dataclasses.replace(passed, fd=fd))
+    finally:
+        os.close(fd)

@@ -37,6 +37,12 @@ key under the *taker's* new etcd lease, so the previous holder's lease no
 longer carries it: revoking that lease (its ``release``) cannot delete the
 taker's key, and its ``renew`` sees a revision that is not its token.
 
+**A takeover on one host** (``ferry serve --takeover``) passes the grant
+as it is: its etcd lease ID and token (:meth:`EtcdLockspace.pass_on`).  The
+new process renews the same etcd lease and its key keeps its revision, so
+etcd sees one holder throughout; the old process forgets the grant without
+revoking anything (:meth:`~EtcdLockspace.let_go`).
+
 **Endpoints and time-outs.**  Each HTTP request has ``request_timeout``
 seconds, shared by all endpoints it tries.  A request that could not have
 reached etcd (connection refused, not sent) moves on to the next endpoint; a
@@ -96,6 +102,7 @@ from ferry.lease.backend import (
     LeaseLost,
     LeaseMode,
     LockspaceUnavailable,
+    PassedGrant,
     in_holder_order,
 )
 
@@ -841,6 +848,23 @@ class EtcdLockspace:
             watch.stop()
         self._watches.clear()
         return self._gateway.close()
+
+    # -- a takeover on this host (PassingBackend) ------------------------------------
+
+    def pass_on(self, grant: Grant) -> PassedGrant:
+        """The grant as it is: its etcd lease ID and token are all a successor needs."""
+        return PassedGrant(grant)
+
+    def let_go(self, grant: Grant) -> None:
+        """Nothing to revoke: the successor renews the same etcd lease from now on."""
+
+    def adopt(self, passed: PassedGrant) -> Grant:
+        """The same grant, renewed from here on; its first renewal says whether etcd agrees."""
+        if passed.fd is not None:
+            raise LeaseError("an etcd grant is not held by a descriptor")
+        if passed.grant.ttl is None:
+            raise LeaseError("an etcd grant has a TTL")
+        return passed.grant
 
     # -- the operations, one coroutine each ------------------------------------------
 
