@@ -77,14 +77,16 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer, tcp
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IAddress, IPushProducer
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ferry.chartnames import RoleState
 from ferry.clock import Clock, cancel_call
+from ferry.letgo import let_go
 from ferry.nbd.constants import (
     FLEXNBD_MIRROR_HANDLE,
     BlockState,
@@ -270,6 +272,7 @@ class NBDServerProtocol(Protocol):
         self._refused = False  # refused after GO: nothing more it sends is looked at
         self._lost = False
         self._drained: list[defer.Deferred[None]] = []
+        self._settled: list[defer.Deferred[None]] = []  # waiting for _in_flight == 0
         self._handshake_timer: Any = None
         self._sender_timer: Any = None  # a sender's time without a request (SENDER_TIMEOUT)
         self._throttle_timer: Any = None  # a write waiting for the auto-converge cap
@@ -346,6 +349,7 @@ class NBDServerProtocol(Protocol):
                 )
         self._server.connection_closed(self)
         self._fire_drained()
+        self._fire_settled()
 
     # -- ExportCatalog: the server's, unless this connection is refused ----------------
 
@@ -467,7 +471,7 @@ class NBDServerProtocol(Protocol):
         self._maybe_close()
         return d
 
-    # -- moving to another socket (ferry.migrate.carry) -------------------------------
+    # -- moving to another socket (ferry.migrate.carry, ferry.takeover) ---------------
     #
     # At a handoff the source suspends each client connection, checkpoints its
     # socket and this session, and either lets it go (``moved``: the socket was
@@ -477,6 +481,13 @@ class NBDServerProtocol(Protocol):
     # (``arrival=``): it performs nothing until ``join`` gives it its export,
     # once the commit has landed; a commit that does not land closes it
     # without a packet (``moved`` again).
+    #
+    # A takeover on one host is the same dance with the socket itself: the old
+    # process waits until the connection has no job on a thread (``settled``),
+    # suspends it, passes the very socket on by SCM_RIGHTS with this session,
+    # and once the new process serves, drops its own descriptor without a
+    # packet (``handed_on``); the new process rebuilds the connection with
+    # ``arrival=`` around the same kernel socket.
 
     def why_not_movable(self) -> str | None:
         """Why this connection cannot move now; None if it can."""
@@ -544,6 +555,39 @@ class NBDServerProtocol(Protocol):
         self._start_reading("moving")
         self._account_received()
         self._dispatch()
+
+    def settled(self) -> defer.Deferred[None]:
+        """Fires once no job of this connection runs on a thread (a FLUSH, a FUA write).
+
+        Only then can its session move: such a job's reply is this process's
+        to send.  With requests held, no new job starts meanwhile.
+        """
+        d: defer.Deferred[None] = defer.Deferred()
+        if self._in_flight == 0 or self._lost:
+            d.callback(None)
+        else:
+            self._settled.append(d)
+        return d
+
+    def handed_on(self, where: str) -> None:
+        """Another process holds this very socket now (SCM_RIGHTS): forget it without a packet.
+
+        What was queued went with the session and the unsent replies with
+        it; nothing is answered here, and nothing is done to the socket but
+        dropping this process's descriptor (:func:`ferry.letgo.let_go`).
+        """
+        log.info("{peer}: connection handed {where}", peer=self.peer_host, where=where)
+        self._queue.clear()
+        self._queued_bytes = 0
+        if self._outbox is not None:
+            self._outbox.discard()
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        transport.unregisterProducer()  # type: ignore[attr-defined]
+        let_go(transport)
+        gone = Failure(ConnectionDone(f"handed {where}"))  # type: ignore[no-untyped-call]
+        transport.connectionLost(gone)  # type: ignore[attr-defined]
 
     def moved(self, where: str) -> None:
         """The socket was closed in repair mode (the client is elsewhere): forget it quietly.
@@ -1122,6 +1166,8 @@ class NBDServerProtocol(Protocol):
         """A job on the worker thread has answered: send its reply now, then go on."""
         self._in_flight -= 1
         self._flush_outbox()
+        if self._in_flight == 0:
+            self._fire_settled()
         self._dispatch()
 
     def _flush_outbox(self) -> None:
@@ -1158,9 +1204,24 @@ class NBDServerProtocol(Protocol):
         for d in drained:
             d.callback(None)
 
+    def _fire_settled(self) -> None:
+        settled, self._settled = self._settled, []
+        for d in settled:
+            d.callback(None)
+
 
 def _command_name(command: int) -> str:
     try:
         return Command(command).name
     except ValueError:
         return "UNKNOWN"
+
+
+class Given(ServerFactory):
+    """Builds exactly the protocol it was given: for ``adoptStreamConnection``."""
+
+    def __init__(self, protocol: NBDServerProtocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        return self._protocol
