@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,17 @@ class Reply:
 
 Command = Callable[[Sequence[str], Params], "Reply | Deferred[Reply]"]
 
+TakeConnection = Callable[[socket.socket], object]
+Upgrade = Callable[[Params], "str | TakeConnection"]
+"""A JSON method that takes the control connection itself (``takeover``).
+
+Called with the request's params on the reactor: a str is a refusal
+(answered as error 1, and the connection goes on); a function is given
+the connection's socket (blocking, this process's own duplicate), and the
+control server forgets the connection: what follows on it is the
+function's business.
+"""
+
 
 class Commands:
     """The commands a running ferry node accepts, by name."""
@@ -67,6 +79,9 @@ class Commands:
             "migration": self.migration,
             "wait": self.wait,
         }
+        #: JSON methods that take the connection itself, by name (the node adds
+        #: ``takeover``); see :data:`Upgrade`.
+        self.upgrades: dict[str, Upgrade] = {}
 
     def run(
         self, name: str, args: Sequence[str], params: Params | None = None
