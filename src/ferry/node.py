@@ -9,14 +9,20 @@ one lockspace, and its exports in an :class:`~ferry.exports.ExportRegistry`:
 :meth:`Node.add_export` takes an export's lease and puts it on the port,
 :meth:`Node.remove_export` takes it off.  ``ferry serve`` and ``ferry
 listen`` run a node with one export.
+
+``ferry serve --takeover SOCK`` starts a node from another one on this host
+(:meth:`Node.take_over`, :mod:`ferry.takeover`): its listening sockets,
+image, lease and clients are adopted rather than opened, and any node can
+hand its own on the same way (its control socket's ``takeover``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,10 +37,17 @@ from ferry.chartnames import RoleTrigger
 from ferry.clock import ReactorClock
 from ferry.control.commands import Commands
 from ferry.control.events import EventHub
-from ferry.control.server import listen_control
+from ferry.control.server import ControlFactory, listen_control
 from ferry.exports import ExportConfig, ExportRegistry, ExportUnit
 from ferry.handoff.address import AddressError, ServiceAddress, listen_freebind
-from ferry.lease.backend import LeaseBackend, LeaseConflict, LeaseError, LeaseMode
+from ferry.lease.backend import (
+    Grant,
+    LeaseBackend,
+    LeaseConflict,
+    LeaseError,
+    LeaseMode,
+    PassingBackend,
+)
 from ferry.lease.incoming import IncomingLease
 from ferry.lease.manager import LeaseManager
 from ferry.lease.spec import (
@@ -43,6 +56,7 @@ from ferry.lease.spec import (
     open_lockspace,
     parse_lockspace,
 )
+from ferry.letgo import let_go
 from ferry.metrics import make_registry, metrics_root
 from ferry.migrate.arrivals import Arrivals
 from ferry.migrate.carry import Carrier
@@ -50,11 +64,21 @@ from ferry.migrate.destination import Receiver
 from ferry.migrate.manager import MirrorManager
 from ferry.migrate.service import ServiceAddressHolder
 from ferry.migrate.wire import tcp_connector
+from ferry.nbd.events import Event
+from ferry.nbd.server import ServerConnection
+from ferry.nbd.session import SnapshotError
 from ferry.safepath import UnsafePath
 from ferry.serve.acl import Acl, is_loopback
+from ferry.serve.connection import Arrival, Given, NBDServerProtocol
 from ferry.serve.export import Export
 from ferry.serve.server import NBDServer
+from ferry.serve.stats import HandoffCounts
 from ferry.storage import Image
+from ferry.takeover import notes
+from ferry.takeover.give import Giver
+from ferry.takeover.options import differences
+from ferry.takeover.state import TakeoverStateError
+from ferry.takeover.take import Taken, TakeoverError, ask
 from ferry.trace import TraceFile, Tracer, log_transitions
 
 __all__ = ["NO_LOCKSPACE", "Node", "ServeConfig", "StartupError"]
@@ -98,6 +122,35 @@ class ServeConfig:
         """The export's name: ``--name``, or the file's name (also what logs and traces call it)."""
         return self.export().export_name
 
+    @classmethod
+    def from_served(cls, served: Mapping[str, Any], *, trace: str | None = None) -> ServeConfig:
+        """The options an old process serves its export with (its ``served``), for a takeover.
+
+        ``trace`` is this process's own.  A value of the wrong kind is a
+        :class:`StartupError`: the old process is not a ferry this one understands.
+        """
+        try:
+            metrics = served.get("metrics")
+            return cls(
+                file=_typed(served, "file", str),
+                addr=_typed(served, "addr", str),
+                port=_typed(served, "port", int),
+                name=_typed(served, "name", str),
+                sock=_typed(served, "sock", str, optional=True),
+                acl=tuple(_of_kind(entry, "an ACL entry", str) for entry in served["acl"]),
+                default_deny=_typed(served, "default_deny", bool),
+                oldstyle=_typed(served, "oldstyle", bool),
+                read_only=_typed(served, "read_only", bool),
+                metrics=None if metrics is None else (str(metrics[0]), int(metrics[1])),
+                trace=trace,
+                description=_typed(served, "description", str),
+                lockspace=_typed(served, "lockspace", str),
+                resource=_typed(served, "resource", str, optional=True),
+                service_address=_typed(served, "service_address", str, optional=True),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise StartupError(f"the old process's options cannot be read: {error}") from None
+
     def export(self) -> ExportConfig:
         """The one export this command serves."""
         return ExportConfig(
@@ -132,6 +185,11 @@ class Node:
         # How client connections move at a handoff (opened with the node).
         self.carrier: Carrier | None = None
         self._stopped = False
+        # The listening sockets a takeover hands on, by kind (ferry.takeover.state).
+        self._handed: list[tuple[str, IListeningPort]] = []
+        self._metrics_site: Site | None = None
+        self._commands: Commands | None = None
+        self._giver = Giver(self)
 
     def run_blocking(self, work: Callable[[], object]) -> Deferred[Any]:
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
@@ -174,7 +232,9 @@ class Node:
         self._close_now()
         return failure
 
-    def _open(self, config: ServeConfig) -> None:
+    def _open(self, config: ServeConfig, *, adopting: bool = False) -> None:
+        """Everything but the NBD port and the exports; ``adopting``: no socket is
+        listened on either (a takeover adopts the old process's)."""
         from ferry.serve.acl import AclError
 
         try:
@@ -208,20 +268,24 @@ class Node:
             from ferry.control.server import ControlSocketError
 
             commands = Commands(self.server, self.exports, default_deny=config.default_deny)
-            try:
-                self._ports.append(listen_control(self.reactor, config.sock, commands, self.events))
-            except ControlSocketError as error:
-                raise StartupError(str(error)) from None
+            commands.table[notes.DESCRIBE] = self._giver.describe
+            commands.upgrades[notes.REQUEST] = self._giver.request
+            self._commands = commands
+            if not adopting:
+                try:
+                    control = listen_control(self.reactor, config.sock, commands, self.events)
+                except ControlSocketError as error:
+                    raise StartupError(str(error)) from None
+                self._ports.append(control)
+                self._handed.append(("control", control))
         if config.metrics:
-            host, port = config.metrics
             registry = make_registry(lambda: list(self.exports))
-            site = Site(metrics_root(registry))  # type: ignore[no-untyped-call]
-            self.metrics_port = self._listen_tcp(port, site, host, "metrics")
-            log.info(
-                "metrics at http://{host}:{port}/metrics",
-                host=host,
-                port=self.metrics_port.getHost().port,  # type: ignore[attr-defined]
-            )
+            self._metrics_site = Site(metrics_root(registry))  # type: ignore[no-untyped-call]
+            if not adopting:
+                host, port = config.metrics
+                self.metrics_port = self._listen_tcp(port, self._metrics_site, host, "metrics")
+                self._handed.append(("metrics", self.metrics_port))
+                self._log_metrics()
         if config.lockspace != NO_LOCKSPACE:
             try:
                 spec = (
@@ -237,6 +301,11 @@ class Node:
                         "or serve without a lease with --lockspace none"
                     ) from None
                 raise StartupError(f"--lockspace {config.lockspace}: {error}") from None
+
+    def _log_metrics(self) -> None:
+        assert self.metrics_port is not None
+        host = self.metrics_port.getHost()
+        log.info("metrics at http://{host}:{port}/metrics", host=host.host, port=host.port)  # type: ignore[attr-defined]
 
     # -- exports ------------------------------------------------------------------------
 
@@ -265,6 +334,28 @@ class Node:
                 file=config.file,
                 mode=mode & 0o7777,
             )
+        unit = self._unit(config, image)
+        export = unit.export
+        d = self._take_lease(unit)
+
+        def serve(_: object) -> ExportUnit:
+            assert self.server is not None
+            if self.nbd_address is not None:
+                host, port = self.nbd_address
+                unit.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            self.exports.add(unit)
+            self.server.add_export(export)
+            export.trigger(RoleTrigger.LISTEN if config.listen else RoleTrigger.SERVE)
+            return unit
+
+        def failed(failure: Any) -> Any:
+            image.close()
+            return failure
+
+        return d.addCallback(serve).addErrback(failed)
+
+    def _unit(self, config: ExportConfig, image: Image) -> ExportUnit:
+        """An export of ``image``, with its migrations; not served yet, no lease yet."""
         export = Export(
             config.export_name,
             image,
@@ -283,23 +374,7 @@ class Node:
         )
         unit = ExportUnit(config, export, mirrors)
         unit.can_move_connections = self.carrier is not None and self.carrier.can_move
-        d = self._take_lease(unit)
-
-        def serve(_: object) -> ExportUnit:
-            assert self.server is not None
-            if self.nbd_address is not None:
-                host, port = self.nbd_address
-                unit.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            self.exports.add(unit)
-            self.server.add_export(export)
-            export.trigger(RoleTrigger.LISTEN if config.listen else RoleTrigger.SERVE)
-            return unit
-
-        def failed(failure: Any) -> Any:
-            image.close()
-            return failure
-
-        return d.addCallback(serve).addErrback(failed)
+        return unit
 
     def remove_export(self, name: str) -> Deferred[None]:
         """Take an export off the port: its migration broken, its clients drained, its lease
@@ -344,13 +419,19 @@ class Node:
 
         return lease.acquire().addCallbacks(held, refused)
 
-    def _make_lease(self, unit: ExportUnit, resource: str) -> LeaseManager:
-        """The one way this node builds a lease: its lockspace, its identity, its clock."""
+    def _make_lease(
+        self, unit: ExportUnit, resource: str, *, owner: str | None = None
+    ) -> LeaseManager:
+        """The one way this node builds a lease: its lockspace, its identity, its clock.
+
+        ``owner``: a grant taken over from another process on this host keeps
+        the name it was granted under.
+        """
         assert self._lockspace is not None
         return LeaseManager(
             self._lockspace,
             resource=resource,
-            owner=f"{socket.gethostname()}:{os.getpid()}:{unit.name}",
+            owner=owner or f"{socket.gethostname()}:{os.getpid()}:{unit.name}",
             mode=LeaseMode.READONLY if unit.image.read_only else LeaseMode.EXCLUSIVE,
             clock=self.clock,
             tracer=self.tracer,
@@ -373,6 +454,7 @@ class Node:
     def _open_nbd(self, config: ServeConfig) -> None:
         assert self.server is not None and self.carrier is not None
         self.nbd_port = self._listen_tcp(config.port, self.server, config.addr, "NBD")
+        self._handed.append(("nbd", self.nbd_port))
         service = self.carrier.service
         if service is None:
             return
@@ -394,6 +476,7 @@ class Node:
         with listening:
             port = self.reactor.adoptStreamPort(listening.fileno(), listening.family, self.server)
         self._ports.append(port)
+        self._handed.append(("nbd", port))
 
     @property
     def nbd_address(self) -> tuple[str, int] | None:
@@ -419,6 +502,228 @@ class Node:
             addr=config.addr,
             port=port,
         )
+
+    # -- handing the export on to a new process (ferry.takeover.give) ------------------
+
+    def served(self) -> dict[str, Any]:
+        """The options the export is served with now, as a takeover's taker takes them."""
+        unit = self.exports.get()
+        config = self.config
+        assert self.server is not None and self.nbd_address is not None
+        metrics = None
+        if self.metrics_port is not None:
+            host = self.metrics_port.getHost()
+            metrics = [str(host.host), int(host.port)]  # type: ignore[attr-defined]
+        return {
+            "file": os.path.abspath(unit.config.file),
+            "name": unit.name,
+            "description": unit.export.description,
+            "addr": config.addr,
+            "port": self.nbd_address[1],
+            "sock": None if config.sock is None else os.path.abspath(config.sock),
+            "acl": self.server.acl.entries(),
+            "default_deny": config.default_deny,
+            "oldstyle": config.oldstyle,
+            "read_only": unit.image.read_only,
+            "metrics": metrics,
+            "lockspace": NO_LOCKSPACE if self._lockspace is None else self._lockspace.spec,
+            "resource": None if unit.lease is None else unit.lease.resource,
+            "lease_owner": None if unit.lease is None else unit.lease.owner,
+            "service_address": config.service_address,
+        }
+
+    def handed_ports(self) -> list[tuple[str, IListeningPort]]:
+        return list(self._handed)
+
+    def let_go_ports(self) -> None:
+        """The new process listens on them now: drop ours without closing them."""
+        for _, port in self._handed:
+            let_go(port)
+            if port in self._ports:
+                self._ports.remove(port)
+        self._handed.clear()
+
+    def stop_after_takeover(self) -> None:
+        """Stop on a later turn (unless a shutdown is under way already: it waited for this)."""
+        if not self._stopped:
+            self.reactor.callLater(0, self.reactor.stop)
+
+    # -- taking an export over from another process (ferry.takeover.take) ---------------
+
+    def take_over(
+        self,
+        path: str,
+        *,
+        served: Mapping[str, Any],
+        given: Mapping[str, Any] | None = None,
+        formats: frozenset[int],
+    ) -> None:
+        """Take the export of the ferry at control socket ``path`` over, with its clients.
+
+        Blocking, before the reactor runs.  ``self.config`` is what the old
+        process said it serves (its ``served`` answer, checked against
+        ``given``, the options the operator wrote).  Everything that needs no socket of the
+        old process's -- the image, opened by its path; the export's and the
+        lease's machines; the trace, the freeze table -- is made before the
+        old process is asked, so its clients wait only for the exchange
+        itself.  Raises :class:`StartupError` (the old process serves on)
+        unless this node serves the export when it returns.
+        """
+        try:
+            self._open(self.config, adopting=True)
+            prepared = self._prepare_takeover(served)
+        except Exception:
+            self._failed_start(None)
+            raise
+        try:
+            taken = ask(path, now=self.clock.seconds, formats=formats)
+        except TakeoverError as error:
+            prepared.undo()
+            self._failed_start(None)
+            raise StartupError(str(error)) from None
+        try:
+            self._check_takeover(taken, prepared, given or {})
+        except (StartupError, LeaseError, SnapshotError, TakeoverStateError, OSError) as error:
+            why = str(error) or type(error).__name__
+            taken.refuse(why)
+            prepared.undo()
+            self._failed_start(None)
+            raise StartupError(f"cannot take the export over: {why}") from None
+        try:
+            taken.commit()
+        except TakeoverError as error:
+            prepared.undo()
+            taken.close()
+            self._failed_start(None)
+            raise StartupError(str(error)) from None
+        try:
+            self._adopt(taken, prepared)
+        finally:
+            taken.close()
+
+    def _prepare_takeover(self, served: Mapping[str, Any]) -> _Prepared:
+        """The export as the old process says it serves it, not serving; no lease held yet."""
+        from ferry.storage import ImageError
+
+        config = self.config.export()
+        try:
+            image = Image.open(config.file, read_only=config.read_only)
+        except ImageError as error:
+            raise StartupError(str(error)) from None
+        prepared = _Prepared(image=image, lockspace=self._lockspace)
+        prepared.unit = self._unit(config, image)
+        if self._lockspace is not None and served.get("lease_owner") is not None:
+            resource = served.get("resource") or default_resource(config.file)
+            prepared.lease = self._make_lease(
+                prepared.unit, resource, owner=str(served["lease_owner"])
+            )
+            prepared.lease.register()
+        return prepared
+
+    def _check_takeover(self, taken: Taken, prepared: _Prepared, given: Mapping[str, Any]) -> None:
+        """Check what arrived and rebuild the sessions; touch no socket and no lockspace."""
+        state = taken.state
+        wrong = differences(given, state.served)
+        if wrong:
+            raise StartupError("; ".join(wrong))
+        assert self.server is not None
+        # The ACL as it is now in the old process (`ferry acl` may have changed it).
+        served = ServeConfig.from_served(state.served)
+        self.server.acl = Acl.parse(served.acl, default_deny=served.default_deny)
+        # This process opened the image by its path: it must be the very file.
+        mine, theirs = os.fstat(prepared.image.fileno()), os.fstat(taken.fds.image)
+        if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
+            raise StartupError(
+                f"{state.image.path} is not the file the old process serves (replaced since?)"
+            )
+        prepared.sessions = [
+            ServerConnection.restore(client.session, self.server) for client in state.clients
+        ]
+        lease, passed = prepared.lease, state.lease
+        if (lease is None) != (passed is None):
+            raise StartupError("the old process's lease is not the one it described")
+        if lease is not None and passed is not None:
+            if (passed.grant.resource, passed.grant.holder.owner) != (lease.resource, lease.owner):
+                raise StartupError(
+                    f"the old process holds the lease on {passed.grant.resource} as "
+                    f"{passed.grant.holder.owner}, not on {lease.resource} as {lease.owner}"
+                )
+            prepared.grant = self._adopt_grant(taken)
+
+    def _adopt_grant(self, taken: Taken) -> Grant:
+        passed = taken.state.lease
+        assert passed is not None
+        backend = self._lockspace
+        if not isinstance(backend, PassingBackend):
+            spec = "no lockspace" if backend is None else backend.spec
+            raise StartupError(f"the old process holds a lease, and {spec} cannot keep it")
+        lock = None if taken.fds.lock is None else os.dup(taken.fds.lock)
+        try:
+            return backend.adopt(dataclasses.replace(passed, fd=lock))
+        except BaseException:
+            if lock is not None:
+                os.close(lock)
+            raise
+
+    def _adopt(self, taken: Taken, prepared: _Prepared) -> None:
+        """The old process let go: adopt its sockets, hold its lease, serve its clients."""
+        state = taken.state
+        unit = prepared.unit
+        assert unit is not None and self.server is not None and self._commands is not None
+        factories = {
+            "nbd": self.server,
+            "control": ControlFactory(self._commands, self.events),
+            "metrics": self._metrics_site,
+        }
+        for port_state, fd in zip(state.ports, taken.fds.ports, strict=True):
+            port = self.reactor.adoptStreamPort(fd, port_state.family, factories[port_state.kind])
+            self._ports.append(port)
+            self._handed.append((port_state.kind, port))
+            if port_state.kind == "nbd" and self.nbd_port is None:
+                self.nbd_port = port
+            elif port_state.kind == "metrics":
+                self.metrics_port = port
+                self._log_metrics()
+        if self.nbd_address is not None:
+            host, port_number = self.nbd_address
+            unit.address = f"[{host}]:{port_number}" if ":" in host else f"{host}:{port_number}"
+        lease, passed = prepared.lease, state.lease
+        if lease is not None and passed is not None and prepared.grant is not None:
+            valid_until = None
+            if passed.valid_for is not None:
+                valid_until = taken.asked_at + passed.valid_for
+            lease.adopt(prepared.grant, valid_until=valid_until)
+            self._took(unit, lease)
+        export = unit.export
+        self.exports.add(unit)
+        self.server.add_export(export)
+        export.trigger(RoleTrigger.TAKEN_OVER)
+        counts = export.last_handoff = HandoffCounts()
+        for client, fd, (session, requests) in zip(
+            state.clients, taken.fds.clients, prepared.sessions, strict=True
+        ):
+            context_id = next((i for i, _ in client.session.meta_contexts), 0)
+            protocol = NBDServerProtocol(
+                self.server, arrival=Arrival(session, requests, context_id, client.replies)
+            )
+            try:
+                self.reactor.adoptStreamConnection(fd, client.family, Given(protocol))
+            except OSError as error:
+                log.warn("a client connection cannot be adopted: {error}", error=error)
+                counts.aborted += 1
+                continue
+            protocol.join(export)
+            counts.moved += 1
+        log.info(
+            "took {name} over from process {pid}: {moved} client connection(s), "
+            "{ports} listening socket(s){lease}",
+            name=unit.name,
+            pid=state.pid,
+            moved=counts.moved,
+            ports=len(state.ports),
+            lease="" if unit.lease is None else f", the lease (token {unit.lease.token})",
+        )
+        self._announce(self.config)
 
     def _stop_after_handoff(self) -> None:
         """The ``exit`` action: stop once the mirror's end has been reported.
@@ -458,6 +763,8 @@ class Node:
         if self._stopped:
             return
         self._stopped = True
+        # A takeover under way ends first, one way or the other.
+        yield self._giver.ended()
         log.info("shutting down: finishing requests in flight")
         if self.server is not None:
             self.server.accepting = False
@@ -497,6 +804,41 @@ class Node:
         if self._trace_file is not None:
             self._trace_file.close()
             self._trace_file = None
+
+
+@dataclass
+class _Prepared:
+    """What a takeover built before the old process let go; ``undo`` if it never does."""
+
+    image: Image
+    lockspace: LeaseBackend | None
+    unit: ExportUnit | None = None
+    lease: LeaseManager | None = None  # registered: nothing asked of the lockspace
+    sessions: list[tuple[ServerConnection, list[Event]]] = field(default_factory=list)
+    grant: Grant | None = None  # kept by the backend, not held by the manager yet
+
+    def undo(self) -> None:
+        """Close this process's copies; the old process holds (and serves) it all."""
+        if self.grant is not None and isinstance(self.lockspace, PassingBackend):
+            self.lockspace.let_go(self.grant)
+        self.grant = None
+        if self.lease is not None:
+            self.lease.shutdown()  # registered -> stopped: no lockspace call
+        if self.unit is not None and self.unit.export.can(RoleTrigger.SHUTDOWN):
+            self.unit.export.trigger(RoleTrigger.SHUTDOWN)
+        self.image.close()
+
+
+def _typed(served: Mapping[str, Any], key: str, kind: type, *, optional: bool = False) -> Any:
+    """``served[key]`` if it is a ``kind`` (or None, if ``optional``); TypeError if not."""
+    value = served[key]
+    return None if value is None and optional else _of_kind(value, key, kind)
+
+
+def _of_kind(value: Any, what: str, kind: type) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"{what} is {value!r}, not a {kind.__name__}")
+    return value
 
 
 def _service_address(config: ServeConfig) -> ServiceAddressHolder | None:

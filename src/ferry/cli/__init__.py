@@ -97,27 +97,49 @@ def build_parser() -> Parser:
         ("listen", "wait for a migration of an image, then serve it on the same port"),
     ):
         serve = modes.add_parser(name, help=helptext)
-        _network(serve, required=True)
-        serve.add_argument("-f", "--file", required=True, help="the image file (or block device)")
+        # serve --takeover takes these from the old process: not required there.
+        _network(serve, required=name == "listen")
+        serve.add_argument(
+            "-f", "--file", required=name == "listen", help="the image file (or block device)"
+        )
         _control_sock(serve, required=False)
         serve.add_argument(
             "-d",
             "--default-deny",
             action="store_true",
+            default=None,
             help="an empty ACL admits no one (without it, an empty ACL admits everyone)",
         )
         serve.add_argument(
             "--oldstyle",
             action="store_true",
+            default=None,
             help="speak the oldstyle handshake"
             + (" (a migration from flexnbd mirror)" if name == "listen" else ""),
         )
         if name == "serve":
             serve.add_argument(
-                "-r", "--read-only", action="store_true", help="refuse writes (EPERM)"
+                "-r", "--read-only", action="store_true", default=None, help="refuse writes (EPERM)"
+            )
+            serve.add_argument(
+                "--takeover",
+                metavar="SOCK",
+                help="take the export over from the ferry whose control socket is SOCK, on this "
+                "host, with its listening sockets, lease and every client connection (an "
+                "upgrade: clients see a pause, not a disconnect); the old process exits 0. "
+                "What is served and where comes from the old process: an option given too "
+                "must match it",
+            )
+            serve.add_argument(
+                # A test hook: the takeover state formats this process reads, as a ferry
+                # of another version would; the old one's offer in any other is refused.
+                "--takeover-format",
+                type=int,
+                action="append",
+                help=argparse.SUPPRESS,
             )
         serve.add_argument(
-            "-n", "--name", default="", help="export name (default: the file's name)"
+            "-n", "--name", default=None, help="export name (default: the file's name)"
         )
         serve.add_argument(
             "--metrics", type=host_and_port, metavar="ADDR:PORT", help="serve Prometheus /metrics"
@@ -157,7 +179,7 @@ def build_parser() -> Parser:
         )
         _verbosity(serve)
         serve.add_argument("acl", nargs="*", metavar="ACL_ENTRY", help="address or CIDR allowed in")
-        serve.set_defaults(run=run_serve, listen=name == "listen")
+        serve.set_defaults(run=run_serve, listen=name == "listen", usage_error=serve.error)
 
     mirror = modes.add_parser(
         "mirror", help="migrate a running server's image to a listener (or any NBD server)"
@@ -297,29 +319,57 @@ def _verbosity(parser: argparse.ArgumentParser) -> None:
 # -- modes ----------------------------------------------------------------------
 
 
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of ``serve`` the operator wrote, by ServeConfig's names (for --takeover)."""
+    given = {
+        "file": args.file,
+        "name": args.name,
+        "addr": args.addr,
+        "port": args.port,
+        "sock": args.sock,
+        "default_deny": args.default_deny,
+        "oldstyle": args.oldstyle,
+        "read_only": getattr(args, "read_only", None),
+        "metrics": args.metrics,
+        "lockspace": getattr(args, "lockspace", None),
+        "resource": getattr(args, "resource", None),
+        "service_address": args.service_address,
+        "acl": list(args.acl) or None,
+    }
+    return {key: value for key, value in given.items() if value is not None}
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
 
     from ferry.logs import LogFileError, open_log_file, start_logging
     from ferry.node import Node, ServeConfig, StartupError
 
-    config = ServeConfig(
-        file=args.file,
-        addr=args.addr,
-        port=args.port,
-        name=args.name,
-        sock=args.sock,
-        acl=tuple(args.acl),
-        default_deny=args.default_deny,
-        oldstyle=args.oldstyle,
-        read_only=getattr(args, "read_only", False),
-        metrics=args.metrics,
-        trace=args.trace,
-        listen=args.listen,
-        lockspace=getattr(args, "lockspace", None),
-        resource=getattr(args, "resource", None),
-        service_address=args.service_address,
-    )
+    takeover = getattr(args, "takeover", None)
+    if takeover is None:
+        required = (("-l/--addr", args.addr), ("-p/--port", args.port), ("-f/--file", args.file))
+        missing = [flag for flag, value in required if value is None]
+        if missing:
+            args.usage_error(f"the following arguments are required: {', '.join(missing)}")
+        config = ServeConfig(
+            file=args.file,
+            addr=args.addr,
+            port=args.port,
+            name=args.name or "",
+            sock=args.sock,
+            acl=tuple(args.acl),
+            default_deny=bool(args.default_deny),
+            oldstyle=bool(args.oldstyle),
+            read_only=bool(getattr(args, "read_only", False)),
+            metrics=args.metrics,
+            trace=args.trace,
+            listen=args.listen,
+            lockspace=getattr(args, "lockspace", None),
+            resource=getattr(args, "resource", None),
+            service_address=args.service_address,
+        )
+    else:
+        config, served = _takeover_config(args, takeover)
     try:
         log_file = open_log_file(args.log) if args.log else None
     except LogFileError as error:
@@ -338,7 +388,16 @@ def run_serve(args: argparse.Namespace) -> int:
         if reactor.running:
             reactor.stop()
 
-    node.start().addErrback(refused)
+    if takeover is None:
+        node.start().addErrback(refused)
+    else:
+        from ferry.takeover.state import TAKEOVER_FORMAT
+
+        formats = frozenset(args.takeover_format or [TAKEOVER_FORMAT])
+        try:
+            node.take_over(takeover, served=served, given=_given(args), formats=formats)
+        except StartupError as error:
+            raise UserError(str(error)) from None
     if not refusal:
         reactor.addSystemEventTrigger("before", "shutdown", node.shutdown)
         reactor.run()
@@ -347,6 +406,26 @@ def run_serve(args: argparse.Namespace) -> int:
             raise UserError(str(refusal[0])) from None
         raise refusal[0]
     return 0
+
+
+def _takeover_config(args: argparse.Namespace, path: str) -> tuple[Any, dict[str, Any]]:
+    """``serve --takeover``: what the old process serves (a ServeConfig, and as it said it),
+    checked against what was given."""
+    from ferry.node import ServeConfig, StartupError
+    from ferry.takeover.options import differences
+    from ferry.takeover.take import TakeoverError, describe
+
+    try:
+        served = describe(path)
+    except TakeoverError as error:
+        raise UserError(f"--takeover {path}: {error}") from None
+    wrong = differences(_given(args), served)
+    if wrong:
+        raise UserError(f"--takeover {path}: " + "; ".join(wrong))
+    try:
+        return ServeConfig.from_served(served, trace=args.trace), served
+    except StartupError as error:
+        raise UserError(f"--takeover {path}: {error}") from None
 
 
 def control_request(path: str, lines: Sequence[str]) -> tuple[int, str]:
