@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -66,7 +68,6 @@ def test_the_watching_session_runs_as_written(tmp_path: Path) -> None:
     before typing the migration.  Each line must succeed.
     """
     import json
-    import signal
     import xml.etree.ElementTree as ET
 
     from support import Deadline, read_line
@@ -177,3 +178,44 @@ def test_the_metrics_section_names_every_migration_failure_reason() -> None:
     section = README.split("## Metrics\n", 1)[1].split("\n## ", 1)[0]
     paragraph = section.split("A `reason` is one of ", 1)[1].split(". ", 1)[0]
     assert re.findall(r"`(\w+)`", paragraph) == [reason.value for reason in FailureReason]
+
+
+def test_the_takeover_session_runs_as_written(tmp_path: Path) -> None:
+    lines = [
+        line[2:] for line in fenced_block("Upgrading in place (--takeover)", "console").splitlines()
+    ]
+    script = "set -euo pipefail\n" + "\n".join(lines) + "\n"
+    # nbdsh runs `python3 -m nbd`: here that must be Debian's Python, which has the bindings
+    # (on a stock Debian it is the first python3 on PATH anyway).
+    debian = tmp_path / "debian-python"
+    debian.mkdir()
+    (debian / "python3").symlink_to("/usr/bin/python3")
+    env = dict(os.environ, PATH=f"{debian}:{os.environ['PATH']}")
+    # Files, not pipes: a background job left running must not keep the test waiting.
+    with open(tmp_path / "out", "wb") as stdout, open(tmp_path / "err", "wb") as stderr:
+        shell = subprocess.Popen(
+            ["bash", "-c", script],
+            cwd=tmp_path,
+            stdout=stdout,
+            stderr=stderr,
+            env=env,
+            start_new_session=True,  # its background jobs too are ended below, whatever happens
+        )
+    try:
+        shell.wait(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait()
+    out = (tmp_path / "out").read_text()
+    logs = [tmp_path / name for name in ("err", "old.log", "new.log")]
+    err, old_log, new_log = (log.read_text() if log.exists() else "" for log in logs)
+    assert shell.returncode == 0, out + err + old_log + new_log
+    assert "the old ferry exited 0" in out
+    before, status = (line for line in out.splitlines() if line.startswith("pid="))
+    assert before.split()[0] != status.split()[0]  # another process answers on ctl.sock
+    assert "state=serving" in status and "num_clients=1" in status, status
+    assert "connections_moved=1" in status, status  # the client's connection moved
+    assert "the client was never disconnected" in out
+    assert "handed over (confirmed)" in old_log
+    assert "took disk over from process" in new_log

@@ -1,0 +1,316 @@
+"""``ferry serve --takeover``: a new process takes a live export over, on the same host.
+
+A real libnbd client (``tests/takeover_writer.py``, Debian's bindings)
+writes the checkable pattern of ``tests/workload.py`` with 16 writes in
+flight, all the time, on one connection, while a second ``ferry serve
+--takeover SOCK`` takes the export from the first.  It must see a pause,
+never an error: the same connection (the same local port) before and
+after, every write answered, and every acknowledged write in the image
+byte for byte, with every block it never wrote still the original's.  The
+old process exits 0; the new one holds the lease under the same token.
+
+Then what must not happen: a new process that cannot read the old one's
+state is refused before anything moves, and one killed in the middle of
+the takeover (stopped at a named pause point, ``ferry.faults``, then
+SIGKILLed) leaves the old process serving, its client none the wiser --
+and able to hand over for real afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from etcd_support import EtcdServer, etcd_fixture
+from ferry.status import parse_line
+from support import FERRY, Deadline, FerryProcess, random_file, read_line, run, wait_until
+from workload import BLOCK, lost_writes
+
+pytestmark = pytest.mark.integration
+
+__all__ = ["etcd_fixture"]  # the module's etcd fixture, for pytest
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+DEPTH = 16
+WRITER = Path(__file__).resolve().parents[1] / "takeover_writer.py"
+
+
+class Writer:
+    """The libnbd writer in a child process, driven by its stdin, heard on its stdout."""
+
+    def __init__(self, uri: str) -> None:
+        self.proc = subprocess.Popen(
+            ["/usr/bin/python3", str(WRITER), uri, "1", str(SIZE // BLOCK), str(DEPTH)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
+    def expect(self, event: str, deadline: Deadline | None = None) -> dict[str, Any]:
+        deadline = deadline or Deadline()
+        assert self.proc.stdout is not None
+        while True:
+            line = read_line(self.proc.stdout, deadline)
+            if not line:
+                self.proc.wait(timeout=deadline.left())
+                assert self.proc.stderr is not None
+                raise AssertionError(
+                    f"the writer exited {self.proc.returncode} before {event!r}: "
+                    f"{self.proc.stderr.read().decode()[-2000:]}"
+                )
+            message: dict[str, Any] = json.loads(line)
+            if message["event"] == event:
+                return message
+
+    def send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def writes_on(self, n: int = 500) -> None:
+        """Wait until ``n`` more writes have been acknowledged."""
+        self.send(f"after {n}")
+        self.expect("after")
+
+    def stop(self) -> dict[str, Any]:
+        self.send("stop")
+        done = self.expect("done")
+        self.proc.wait(timeout=30)
+        return done
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def lockspace(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if getattr(request, "param", "local") == "etcd":
+        etcd: EtcdServer = request.getfixturevalue("etcd")
+        return f"etcd:{etcd.url}"
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o700)
+    return f"local:{locks}"
+
+
+@pytest.fixture
+def rig(tmp_path: Path, lockspace: str) -> Iterator[Rig]:
+    rig = Rig(tmp_path, lockspace)
+    yield rig
+    rig.close()
+
+
+class Rig:
+    """An image, the ferry serving it, and its writer; the processes a test starts."""
+
+    def __init__(self, tmp_path: Path, lockspace: str) -> None:
+        self.tmp = tmp_path
+        self.lockspace = lockspace
+        self.image = random_file(tmp_path / "disk.img", SIZE, seed=11)
+        self.original = tmp_path / "original.img"
+        self.original.write_bytes(self.image.read_bytes())
+        self.sock = tmp_path / "ctl.sock"
+        self.processes: list[FerryProcess] = []
+        self.old = self.serve()
+        self.writer = Writer(self.old.uri("disk"))
+
+    def serve(self, *extra: str, env: dict[str, str] | None = None) -> FerryProcess:
+        process = FerryProcess(
+            [
+                "serve",
+                "--addr",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--file",
+                str(self.image),
+                "--name",
+                "disk",
+                "--sock",
+                str(self.sock),
+                "--lockspace",
+                self.lockspace,
+                "--trace",
+                str(self.tmp / "old.jsonl"),
+                *extra,
+            ],
+            env=env,
+        ).wait_serving()
+        self.processes.append(process)
+        return process
+
+    def take_over(
+        self, *extra: str, env: dict[str, str] | None = None, trace: str = "new.jsonl"
+    ) -> FerryProcess:
+        """``ferry serve --takeover`` of the old process's control socket (not yet waited on)."""
+        process = FerryProcess(
+            ["serve", "--takeover", str(self.sock), "--trace", str(self.tmp / trace), *extra],
+            env=env,
+        )
+        self.processes.append(process)
+        return process
+
+    def status(self) -> dict[str, str]:
+        return parse_line(run([*FERRY, "status", "--sock", str(self.sock)]).stdout.decode())
+
+    def check_image(self, report: dict[str, Any]) -> None:
+        """Every acknowledged write is in the image, every other block is the original's."""
+        image, original = self.image.read_bytes(), self.original.read_bytes()
+        assert report["acked"] and lost_writes(image, report) == []
+        written = {int(offset) for offset in report["acked"]}
+        for offset in range(0, SIZE, BLOCK):
+            if offset not in written:
+                assert image[offset : offset + BLOCK] == original[offset : offset + BLOCK], offset
+
+    def close(self) -> None:
+        self.writer.kill()
+        for process in self.processes:
+            if process.proc.poll() is None:
+                process.proc.kill()
+                process.proc.wait()
+
+
+def replayed(trace: Path) -> dict[str, str]:
+    """``ferry trace replay``: the final state of each machine, by ``machine instance``."""
+    out = run([*FERRY, "trace", "replay", str(trace)]).stdout.decode()
+    return {" ".join(line.split()[:2]): line.split()[2] for line in out.splitlines()}
+
+
+def assert_untouched(done: dict[str, Any], started: dict[str, Any]) -> None:
+    """The writer's verdict: one connection throughout, nothing failed, nothing left."""
+    assert done["ended"] == "stopped" and done["error"] == "", done["error"]
+    assert done["local_at_start"] == done["local_at_end"] == started["local"]
+    assert done["unanswered"] == {}
+
+
+# -- the takeover ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lockspace", ["local", "etcd"], indirect=True)
+def test_a_writer_with_16_in_flight_sees_a_pause_not_a_disconnect(rig: Rig) -> None:
+    started = rig.writer.expect("started")
+    before = rig.status()
+    assert before["state"] == "serving" and before["num_clients"] == "1"
+    token = before["lease_token"]
+
+    began = time.monotonic()
+    new = rig.take_over().wait_serving()
+    assert new.port == rig.old.port
+    assert rig.old.proc.wait(timeout=30) == 0  # the old process exits 0 once all is handed on
+    ended = time.monotonic()
+    rig.writer.writes_on(1000)  # ... and the client writes on, to the new one
+
+    after = rig.status()  # the same control socket, answered by the new process
+    assert after["pid"] == str(new.proc.pid) != before["pid"]
+    assert after["state"] == "serving" and after["num_clients"] == "1"
+    assert (after["connections_moved"], after["connections_aborted"]) == ("1", "0")
+    assert (after["lease_state"], after["lease_token"]) == ("held", token)  # the same grant
+    holders = run(
+        [*FERRY, "lock", "status", "--lockspace", rig.lockspace, "--resource", str(rig.image)]
+    ).stdout.decode()
+    assert f"token {token}" in holders and holders.count("\n") == 1, holders
+
+    done = rig.writer.stop()
+    assert_untouched(done, started)
+    # For the record (-s), not a check: the longest wait between two replies while the
+    # takeover ran, if it is among the writer's longest (a busy host makes others too).
+    pause = max((g for g in done["gaps"] if g[2] >= began and g[1] <= ended), default=None)
+    print(
+        f"takeover ({rig.lockspace.split(':')[0]}): {done['writes']} writes; the client's "
+        "longest pause between two replies during the takeover: "
+        + ("not among its longest" if pause is None else f"{pause[0] * 1000:.1f} ms")
+    )
+    assert new.stop() == 0
+    rig.check_image(done)
+    assert replayed(rig.tmp / "old.jsonl") == {
+        "role disk": "stopped",
+        f"lease {rig.image}": "stopped",
+        "takeover disk/1": "handed_over",
+    }
+    assert replayed(rig.tmp / "new.jsonl") == {
+        "role disk": "stopped",
+        f"lease {rig.image}": "stopped",
+    }
+    log = rig.old.stderr_text()
+    assert "handed over (confirmed)" in log, log
+
+
+# -- what must not happen ----------------------------------------------------------------
+
+
+def test_a_state_format_the_new_process_does_not_read_is_refused_before_anything_moves(
+    rig: Rig,
+) -> None:
+    started = rig.writer.expect("started")
+    refused = rig.take_over("--takeover-format", "99")
+    assert refused.proc.wait(timeout=60) == 1
+    error = refused.stderr_text()
+    assert "state format version 1 is not one this process reads (99)" in error, error
+    assert "the old process serves on" in error, error
+    rig.old.wait_for_log("no takeover")
+    rig.writer.writes_on(500)
+    assert rig.status()["state"] == "serving" and rig.old.proc.poll() is None
+    done = rig.writer.stop()
+    assert_untouched(done, started)
+    assert rig.old.stop() == 0
+    rig.check_image(done)
+    assert replayed(rig.tmp / "old.jsonl")["takeover disk/1"] == "resumed"
+
+
+@pytest.mark.parametrize("point", ["takeover_received", "takeover_committed"])
+def test_a_new_process_killed_mid_takeover_leaves_the_old_one_serving(
+    rig: Rig, point: str
+) -> None:
+    """Killed holding every descriptor (before "ready"), or told "yours" but before it said
+    "serving": either way it touched nothing, and the old process takes everything back."""
+    started = rig.writer.expect("started")
+    dying = rig.take_over(env=dict(os.environ, FERRY_PAUSE_AT=point), trace="dying.jsonl")
+    dying.wait_for_log(f"paused at {point}")
+    dying.proc.send_signal(signal.SIGKILL)
+    dying.proc.wait(timeout=30)
+    rig.old.wait_for_log("no takeover")
+    rig.writer.writes_on(500)
+    status = rig.status()
+    assert status["state"] == "serving" and status["pid"] == str(rig.old.proc.pid)
+    assert status["lease_state"] == "held"
+    assert replayed(rig.tmp / "old.jsonl")["takeover disk/1"] == "resumed"
+
+    # The old process is whole: a takeover now goes through.
+    new = rig.take_over().wait_serving()
+    assert rig.old.proc.wait(timeout=30) == 0
+    rig.writer.writes_on(500)
+    done = rig.writer.stop()
+    assert_untouched(done, started)
+    assert new.stop() == 0
+    rig.check_image(done)
+
+
+def test_options_that_are_not_the_old_process_s_are_refused_before_anything_is_held(
+    rig: Rig,
+) -> None:
+    rig.writer.expect("started")
+    wrong = rig.take_over("--port", str(rig.old.port + 1), "--name", "disk", "--read-only")
+    assert wrong.proc.wait(timeout=60) == 1
+    error = wrong.stderr_text()
+    assert f"--port {rig.old.port + 1} is not the old process's {rig.old.port}" in error, error
+    assert "--read-only on is not the old process's off" in error, error
+    assert "--name" not in error  # the same name: no complaint
+    assert "takeover" not in " ".join(replayed(rig.tmp / "old.jsonl"))  # nothing was held
+    rig.writer.writes_on(100)
+    nobody = run([*FERRY, "serve", "--takeover", str(rig.tmp / "nobody.sock")], check=False)
+    assert nobody.returncode == 1
+    assert b"nobody.sock: no such file" in nobody.stderr, nobody.stderr
+    plain = run([*FERRY, "serve", "--file", str(rig.image)], check=False)
+    assert plain.returncode == 2
+    assert b"the following arguments are required: -l/--addr, -p/--port" in plain.stderr
+    wait_until("the old process still serves", lambda: rig.status()["state"] == "serving")
