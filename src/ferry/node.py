@@ -8,12 +8,19 @@ A node has one NBD port, one control socket, one /metrics, one trace and
 one lockspace, and its exports in an :class:`~ferry.exports.ExportRegistry`:
 :meth:`Node.add_export` takes an export's lease and puts it on the port,
 :meth:`Node.remove_export` takes it off.  ``ferry serve`` and ``ferry
-listen`` run a node with one export.
+listen`` run a node with one export; ``ferry daemon`` (:mod:`ferry.daemon`)
+runs one with the exports of its file, and the control socket's
+``export.add`` and ``export.remove`` change them while it runs.
 
-``ferry serve --takeover SOCK`` starts a node from another one on this host
-(:meth:`Node.take_over`, :mod:`ferry.takeover`): its listening sockets,
-image, lease and clients are adopted rather than opened, and any node can
-hand its own on the same way (its control socket's ``takeover``).
+What a node's settings (:class:`NodeConfig`) choose is fixed while it runs;
+what belongs to one export (:class:`~ferry.exports.ExportConfig`) comes and
+goes with it.
+
+``ferry serve --takeover SOCK`` (and ``ferry daemon --takeover SOCK``)
+starts a node from another one on this host (:meth:`Node.take_over`,
+:mod:`ferry.takeover`): its listening sockets, and every export's image,
+lease and clients, are adopted rather than opened, and any node can hand
+its own on the same way (its control socket's ``takeover``).
 """
 
 from __future__ import annotations
@@ -22,9 +29,9 @@ import dataclasses
 import ipaddress
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred
@@ -35,10 +42,17 @@ from twisted.web.server import Site
 
 from ferry.chartnames import RoleTrigger
 from ferry.clock import ReactorClock
-from ferry.control.commands import Commands
+from ferry.control.commands import Command, Commands
 from ferry.control.events import EventHub
 from ferry.control.server import ControlFactory, listen_control
-from ferry.exports import ExportConfig, ExportRegistry, ExportUnit
+from ferry.exports import (
+    ExportBusy,
+    ExportConfig,
+    ExportError,
+    ExportRegistry,
+    ExportUnit,
+    export_of,
+)
 from ferry.handoff.address import AddressError, ServiceAddress, listen_freebind
 from ferry.lease.backend import (
     Grant,
@@ -68,29 +82,88 @@ from ferry.nbd.events import Event
 from ferry.nbd.server import ServerConnection
 from ferry.nbd.session import SnapshotError
 from ferry.safepath import UnsafePath
-from ferry.serve.acl import Acl, is_loopback
+from ferry.serve.acl import Acl, AclError, is_loopback
 from ferry.serve.connection import Arrival, Given, NBDServerProtocol
 from ferry.serve.export import Export
+from ferry.serve.lanes import JOBS_PER_EXPORT
 from ferry.serve.server import NBDServer
 from ferry.serve.stats import HandoffCounts
 from ferry.storage import Image
 from ferry.takeover import notes
 from ferry.takeover.give import Giver
-from ferry.takeover.options import differences
-from ferry.takeover.state import TakeoverStateError
+from ferry.takeover.options import served_exports
+from ferry.takeover.state import ExportDescriptors, ExportState, TakeoverStateError
 from ferry.takeover.take import Taken, TakeoverError, ask
-from ferry.trace import TraceFile, Tracer, log_transitions
+from ferry.trace import TraceFile, Tracer, TraceRecord, log_transitions
 
-__all__ = ["NO_LOCKSPACE", "Node", "ServeConfig", "StartupError"]
+__all__ = ["NO_LOCKSPACE", "Node", "NodeConfig", "ServeConfig", "StartupError"]
 
 log = Logger()
 
 #: ``--lockspace none``: serve without a lease (nothing fences this node).
 NO_LOCKSPACE = "none"
 
+#: The worker threads every export's fdatasync shares: room for three
+#: exports whose disks hang, each holding its lane's share
+#: (:mod:`ferry.serve.lanes`), and a lane's worth for all the others.
+WORKER_THREADS: Final = 4 * JOBS_PER_EXPORT
 
-class StartupError(Exception):
-    """A problem the operator must fix before the node can run; one clear line."""
+
+class StartupError(ExportError):
+    """A problem the operator must fix before the node (or an export) can run; one clear line."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What a node is, whatever it serves: fixed while it runs."""
+
+    addr: str = "0.0.0.0"
+    port: int = 10809
+    sock: str | None = None
+    # The listener's ACL, checked at connect (each export may have its own).
+    acl: tuple[str, ...] = ()
+    default_deny: bool = False
+    oldstyle: bool = False
+    metrics: tuple[str, int] | None = None
+    trace: str | None = None
+    # --lockspace SPEC: where the images' leases are held; None is the
+    # embedded default (a local directory), NO_LOCKSPACE is no lease at all.
+    lockspace: str | None = None
+    # What a migration's ``exit`` action ends once the image is handed over:
+    # the process (``ferry serve``), or only the export (a daemon).
+    exit_stops_node: bool = True
+    # --service-address IP/PREFIX@DEV: the address clients use, which moves
+    # with the image (``ferry serve`` and ``listen``; a daemon has none).
+    service_address: str | None = None
+
+    @classmethod
+    def from_served(
+        cls, served: Mapping[str, Any], *, trace: str | None, exit_stops_node: bool
+    ) -> NodeConfig:
+        """The node an old process runs (its ``served`` answer's ``node``), for a takeover.
+
+        ``trace`` and ``exit_stops_node`` are this process's own.  A value of
+        the wrong kind is a :class:`StartupError`: the old process is not a
+        ferry this one understands.
+        """
+        try:
+            node = served["node"]
+            metrics = node.get("metrics")
+            return cls(
+                addr=_typed(node, "addr", str),
+                port=_typed(node, "port", int),
+                sock=_typed(node, "sock", str, optional=True),
+                acl=tuple(_of_kind(entry, "an ACL entry", str) for entry in node["acl"]),
+                default_deny=_typed(node, "default_deny", bool),
+                oldstyle=_typed(node, "oldstyle", bool),
+                metrics=None if metrics is None else (str(metrics[0]), int(metrics[1])),
+                trace=trace,
+                lockspace=_typed(node, "lockspace", str),
+                exit_stops_node=exit_stops_node,
+                service_address=_typed(node, "service_address", str, optional=True),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise StartupError(f"the old process's options cannot be read: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -122,35 +195,6 @@ class ServeConfig:
         """The export's name: ``--name``, or the file's name (also what logs and traces call it)."""
         return self.export().export_name
 
-    @classmethod
-    def from_served(cls, served: Mapping[str, Any], *, trace: str | None = None) -> ServeConfig:
-        """The options an old process serves its export with (its ``served``), for a takeover.
-
-        ``trace`` is this process's own.  A value of the wrong kind is a
-        :class:`StartupError`: the old process is not a ferry this one understands.
-        """
-        try:
-            metrics = served.get("metrics")
-            return cls(
-                file=_typed(served, "file", str),
-                addr=_typed(served, "addr", str),
-                port=_typed(served, "port", int),
-                name=_typed(served, "name", str),
-                sock=_typed(served, "sock", str, optional=True),
-                acl=tuple(_of_kind(entry, "an ACL entry", str) for entry in served["acl"]),
-                default_deny=_typed(served, "default_deny", bool),
-                oldstyle=_typed(served, "oldstyle", bool),
-                read_only=_typed(served, "read_only", bool),
-                metrics=None if metrics is None else (str(metrics[0]), int(metrics[1])),
-                trace=trace,
-                description=_typed(served, "description", str),
-                lockspace=_typed(served, "lockspace", str),
-                resource=_typed(served, "resource", str, optional=True),
-                service_address=_typed(served, "service_address", str, optional=True),
-            )
-        except (KeyError, TypeError, ValueError, IndexError) as error:
-            raise StartupError(f"the old process's options cannot be read: {error}") from None
-
     def export(self) -> ExportConfig:
         """The one export this command serves."""
         return ExportConfig(
@@ -162,19 +206,48 @@ class ServeConfig:
             description=self.description,
         )
 
+    def node(self) -> NodeConfig:
+        """The node this command runs."""
+        return NodeConfig(
+            addr=self.addr,
+            port=self.port,
+            sock=self.sock,
+            acl=self.acl,
+            default_deny=self.default_deny,
+            oldstyle=self.oldstyle,
+            metrics=self.metrics,
+            trace=self.trace,
+            lockspace=self.lockspace,
+            service_address=self.service_address,
+        )
+
 
 class Node:
     """Exports served on one port, with a control socket, metrics, a trace and a lockspace."""
 
-    def __init__(self, reactor: Any, config: ServeConfig) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        config: NodeConfig,
+        exports: Sequence[ExportConfig] = (),
+        *,
+        commands: Mapping[str, Command] | None = None,
+        open_image: Callable[..., Image] = Image.open,
+    ) -> None:
+        """``exports`` are served from the start, the first as the default export;
+        ``commands`` are control commands beside the node's own (a daemon's reload);
+        ``open_image`` opens an export's file (``Image.open``; a test's disk double)."""
         self.reactor = reactor
+        self._open_image = open_image
         self.config = config
+        self._initial = tuple(exports)
+        self._extra_commands = dict(commands or {})
         self.clock = ReactorClock(reactor)
         self.tracer = Tracer()
         # Both see every machine from its first record: the hub knows where
         # each stands for a late subscriber, the log carries each transition.
-        self.events = EventHub(self.tracer, self.clock)
-        self.tracer.subscribe(log_transitions(config.export_name))
+        self.events = EventHub(self.tracer, self.clock, scope=self._scope)
+        self.tracer.subscribe(log_transitions(self._export_of))
         self.exports = ExportRegistry()
         self._trace_file: TraceFile | None = None
         self._ports: list[IListeningPort] = []
@@ -182,6 +255,12 @@ class Node:
         self.nbd_port: IListeningPort | None = None
         self.metrics_port: IListeningPort | None = None
         self._lockspace: LeaseBackend | None = None
+        # Exports whose lease is being taken: not served yet, but their
+        # machines already run (and are logged under their name).
+        self._adding: dict[str, ExportUnit] = {}
+        # Called after an export was added or removed (a daemon's STATUS).
+        self.exports_changed: list[Callable[[], None]] = []
+        self._running = False  # every export of the start serves
         # How client connections move at a handoff (opened with the node).
         self.carrier: Carrier | None = None
         self._stopped = False
@@ -194,28 +273,62 @@ class Node:
     def run_blocking(self, work: Callable[[], object]) -> Deferred[Any]:
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
 
+    def _export_of(self, record: TraceRecord) -> str:
+        """The name of the export a transition belongs to ("" for none), for the log."""
+        name = export_of(record)
+        if name is not None:
+            return name
+        units: list[ExportUnit] = [*self.exports, *self._adding.values()]
+        return next((unit.name for unit in units if unit.owns(record)), "")
+
+    def _scope(self, name: str) -> Callable[[TraceRecord], bool]:
+        """Which records belong to export ``name`` (``subscribe``'s ``export``)."""
+        unit = self.exports.get(name)  # UnknownExport, a LookupError, says which
+        return unit.owns
+
     # -- starting ---------------------------------------------------------------------
 
     def start(self) -> Deferred[None]:
         """Open everything, in an order that leaves nothing half-open on failure.
 
-        The answer fires once the export serves (or listens); it fails with
-        :class:`StartupError`.  Every address and port is bound first, so a
-        port in use is said before anything else is tried; the export's lease
-        is taken before the export is put on the port, so no client is ever
-        served without it (one that comes sooner is told there is no such
-        export).  Without a lockspace (or with a local one, whose answers are
-        immediate) the answer has fired when this returns.
+        The answer fires once every export serves (or listens); it fails
+        with :class:`StartupError`.  Every address and port is bound first,
+        so a port in use is said before anything else is tried; each export's
+        lease is taken before the export is put on the port, so no client is
+        ever served without one (one that comes sooner is told there is no
+        such export).  Without a lockspace (or with a local one, whose
+        answers are immediate) the answer has fired when this returns.
         """
+        self.reactor.suggestThreadPoolSize(WORKER_THREADS)
         try:
             self._open(self.config)
             self._open_nbd(self.config)
         except Exception:
             self._failed_start(None)
             return defer.fail()
-        d = self.add_export(self.config.export())
-        started = d.addCallback(lambda _: self._announce(self.config))
+        started = self._add_all(self._initial)
+        started.addCallback(self._started)
         return started.addErrback(self._failed_start)
+
+    def _started(self, _: object) -> None:
+        """Every export of the start serves: say so, one line each (later ones as they come)."""
+        self._running = True
+        for unit in self.exports:
+            self._announce(unit)
+
+    @defer.inlineCallbacks
+    def _add_all(self, configs: Sequence[ExportConfig]) -> Any:
+        """Add the exports one after the other, so the first is the default one.
+
+        With more than one, a refusal names the export it is about.
+        """
+        for config in configs:
+            try:
+                yield self.add_export(config)
+            except StartupError as error:
+                if len(configs) == 1:
+                    raise
+                raise StartupError(f"export {config.export_name!r}: {error}") from None
 
     def _failed_start(self, failure: Any) -> Any:
         """Undo a start that failed (``failure`` is passed on; None: raised in ``start``)."""
@@ -224,7 +337,7 @@ class Node:
         self._stopped = True
         for unit in self.exports:
             if unit.lease is not None:
-                unit.lease.shutdown()  # taken, then the port was in use: give it back
+                unit.lease.shutdown()  # taken, then another export was refused: give it back
         self.clock.cancel_all()
         for port in self._ports:
             port.stopListening()
@@ -232,17 +345,13 @@ class Node:
         self._close_now()
         return failure
 
-    def _open(self, config: ServeConfig, *, adopting: bool = False) -> None:
+    def _open(self, config: NodeConfig, *, adopting: bool = False) -> None:
         """Everything but the NBD port and the exports; ``adopting``: no socket is
         listened on either (a takeover adopts the old process's)."""
-        from ferry.serve.acl import AclError
-
         try:
             acl = Acl.parse(config.acl, default_deny=config.default_deny)
         except AclError as error:
             raise StartupError(str(error)) from None
-        if config.listen:
-            _check_senders_are_named(config, acl)
         if config.trace:
             try:
                 self._trace_file = TraceFile(config.trace)
@@ -267,7 +376,11 @@ class Node:
         if config.sock:
             from ferry.control.server import ControlSocketError
 
-            commands = Commands(self.server, self.exports, default_deny=config.default_deny)
+            commands = Commands(
+                self.server, self.exports, host=self, default_deny=config.default_deny
+            )
+            for name, command in self._extra_commands.items():
+                commands.table[name] = command
             commands.table[notes.DESCRIBE] = self._giver.describe
             commands.upgrades[notes.REQUEST] = self._giver.request
             self._commands = commands
@@ -313,16 +426,29 @@ class Node:
         """Open ``config``'s image, take its lease (or get ready for one), and serve it.
 
         Fails with :class:`StartupError`: a missing or unreadable file, a
-        name in use, a lease someone else holds.  On failure nothing of the
-        export is left open.
+        name in use, a bad ACL, a lease someone else holds.  On failure
+        nothing of the export is left open.
         """
         from ferry.storage import ImageError
 
         assert self.server is not None
-        if config.export_name in self.exports.names():
+        if self._giver.running:
+            return defer.fail(
+                StartupError("a takeover of this node is under way: add it to the new process")
+            )
+        if config.export_name in self.exports.names() or config.export_name in self._adding:
             return defer.fail(StartupError(f"an export named {config.export_name!r} exists"))
         try:
-            image = Image.open(config.file, read_only=config.read_only)
+            acl = Acl.parse(config.acl, default_deny=config.default_deny)
+        except AclError as error:
+            return defer.fail(StartupError(f"export {config.export_name!r}: {error}"))
+        if config.listen:
+            try:
+                self._check_senders_are_named(acl)
+            except StartupError as error:
+                return defer.fail(error)
+        try:
+            image = self._open_image(config.file, read_only=config.read_only)
         except ImageError as error:
             return defer.fail(StartupError(str(error)))
         mode = os.stat(config.file).st_mode
@@ -334,8 +460,9 @@ class Node:
                 file=config.file,
                 mode=mode & 0o7777,
             )
-        unit = self._unit(config, image)
-        export = unit.export
+        unit = self._unit(config, image, acl)
+        export, name = unit.export, unit.name
+        self._adding[name] = unit
         d = self._take_lease(unit)
 
         def serve(_: object) -> ExportUnit:
@@ -346,15 +473,22 @@ class Node:
             self.exports.add(unit)
             self.server.add_export(export)
             export.trigger(RoleTrigger.LISTEN if config.listen else RoleTrigger.SERVE)
+            if self._running:
+                self._announce(unit)
+                self._changed()
             return unit
 
         def failed(failure: Any) -> Any:
             image.close()
             return failure
 
-        return d.addCallback(serve).addErrback(failed)
+        def settled(result: Any) -> Any:
+            self._adding.pop(name, None)
+            return result
 
-    def _unit(self, config: ExportConfig, image: Image) -> ExportUnit:
+        return d.addCallback(serve).addErrback(failed).addBoth(settled)
+
+    def _unit(self, config: ExportConfig, image: Image, acl: Acl) -> ExportUnit:
         """An export of ``image``, with its migrations; not served yet, no lease yet."""
         export = Export(
             config.export_name,
@@ -363,26 +497,53 @@ class Node:
             tracer=self.tracer,
             description=config.description,
         )
+        export.acl = acl
+        name = export.name
         mirrors = MirrorManager(
             export,
             gate=export,
             clock=self.clock,
             connector=tcp_connector(self.reactor),
             tracer=self.tracer,
-            stop_process=self._stop_after_handoff,
+            stop_process=lambda: self._after_handoff(name),
             carrier=self.carrier,
         )
         unit = ExportUnit(config, export, mirrors)
         unit.can_move_connections = self.carrier is not None and self.carrier.can_move
         return unit
 
-    def remove_export(self, name: str) -> Deferred[None]:
+    def remove_export(self, name: str, *, force: bool = False) -> Deferred[None]:
         """Take an export off the port: its migration broken, its clients drained, its lease
-        released, its image flushed and closed."""
-        unit = self.exports.remove(name)
+        released, its image flushed and closed.
+
+        Refused with :class:`ExportBusy` while the export migrates (out, or
+        a migration coming in), unless ``force``: then the migration is
+        broken as at shutdown.  :class:`~ferry.exports.UnknownExport` if
+        there is no such export.
+        """
+        unit = self.exports.get(name)
+        if self._giver.running:
+            return defer.fail(
+                ExportBusy("a takeover of this node is under way: remove it from the new process")
+            )
+        direction = unit.migrating
+        if direction is not None and not force:
+            return defer.fail(
+                ExportBusy(
+                    f"export {unit.name!r} is migrating {direction}: "
+                    "break the migration first, or remove it with force"
+                )
+            )
+        self.exports.remove(unit.name)
         assert self.server is not None
         self.server.remove_export(unit.name)
-        return self._stop_unit(unit)
+        log.info("removing export {name!r}: draining its clients", name=unit.name)
+        stopped: Deferred[None] = self._stop_unit(unit)
+        return stopped.addCallback(lambda _: self._changed())
+
+    def _changed(self) -> None:
+        for callback in list(self.exports_changed):
+            callback()
 
     def _take_lease(self, unit: ExportUnit) -> Deferred[None]:
         """Acquire the export's lease; a refusal is a StartupError.
@@ -394,6 +555,7 @@ class Node:
         if self._lockspace is None:
             return defer.succeed(None)
         own = config.resource or default_resource(config.file)
+        unit.resource = config.resource if config.listen else own
         if config.listen:
             incoming = IncomingLease(
                 lambda name: self._make_lease(unit, name),
@@ -428,7 +590,7 @@ class Node:
         the name it was granted under.
         """
         assert self._lockspace is not None
-        return LeaseManager(
+        lease = LeaseManager(
             self._lockspace,
             resource=resource,
             owner=owner or f"{socket.gethostname()}:{os.getpid()}:{unit.name}",
@@ -437,6 +599,22 @@ class Node:
             tracer=self.tracer,
             on_fenced=unit.fenced,
         )
+        # Published with every grant it holds, for a ferry proxy looking for
+        # the image (the port is open before any export is added: ``start``).
+        lease.serving_address = self._serving_address()
+        return lease
+
+    def _serving_address(self) -> str | None:
+        """HOST:PORT where this node's NBD port is, once open: what a ferry proxy is told.
+
+        A wildcard address (all interfaces) is published as the host's name.
+        """
+        if self.nbd_address is None:
+            return None
+        host, port = self.nbd_address
+        if host in ("", "0.0.0.0", "::"):
+            host = socket.gethostname()
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def _took(self, unit: ExportUnit, lease: LeaseManager) -> None:
         """``unit`` holds ``lease`` now: released at shutdown, handed on by a migration out."""
@@ -449,16 +627,46 @@ class Node:
             space=self._lockspace.spec,
         )
 
+    def _check_senders_are_named(self, export_acl: Acl) -> None:
+        """A listening export must say who may hand it an image (``Acl.admits_sender``).
+
+        A sender must be named by the listener's ACL or the export's own; with
+        neither naming anyone, senders are admitted only from loopback: on
+        any other address that would be no sender at all, which is a mistake
+        worth one line now rather than a refused migration later.  flexnbd's
+        stream (``--oldstyle``) cannot be told apart from a client's, so it
+        needs an ACL whatever the address.
+        """
+        assert self.server is not None
+        if self.server.acl.networks or export_acl.networks:
+            return
+        # ``ferry listen`` names senders as ACL entries; a daemon in its export's acl.
+        hint = (
+            "name the source hosts as ACL entries (ferry listen ... ADDRESS ...)"
+            if self.config.exit_stops_node
+            else "name the source hosts in the export's acl"
+        )
+        if self.config.oldstyle:
+            raise StartupError(
+                f"listen --oldstyle takes flexnbd's migration, which cannot authenticate: {hint}"
+            )
+        if not is_loopback(self.config.addr):
+            raise StartupError(
+                f"listen on {self.config.addr} admits migration senders only from the addresses "
+                f"its ACL names: {hint}"
+            )
+
     # -- the port ----------------------------------------------------------------------
 
-    def _open_nbd(self, config: ServeConfig) -> None:
+    def _open_nbd(self, config: NodeConfig) -> None:
         assert self.server is not None and self.carrier is not None
         self.nbd_port = self._listen_tcp(config.port, self.server, config.addr, "NBD")
         self._handed.append(("nbd", self.nbd_port))
         service = self.carrier.service
         if service is None:
             return
-        if not config.listen:
+        # Held now if an image is served from the start; a listener takes it at the commit.
+        if any(not export.listen for export in self._initial):
             try:
                 if service.hold():
                     log.info("added the service address {address}", address=str(service.address))
@@ -486,51 +694,68 @@ class Node:
         host = self.nbd_port.getHost()
         return str(host.host), int(host.port)  # type: ignore[attr-defined]
 
-    def _announce(self, config: ServeConfig) -> None:
-        assert self.nbd_address is not None
-        port = self.nbd_address[1]
-        unit = self.exports.get()
-        # Said once the reactor runs, and so once SIGTERM is ferry's to handle:
-        # whoever waits for this line may stop the node at once.
+    @property
+    def port(self) -> int:
+        """The NBD port the node listens on (0 before it does)."""
+        address = self.nbd_address
+        return 0 if address is None else address[1]
+
+    def _announce(self, unit: ExportUnit) -> None:
+        """Log that ``unit`` is on the port.
+
+        Said once the reactor runs, and so once SIGTERM is ferry's to handle:
+        whoever waits for this line may stop the node at once.
+        """
         self.reactor.callWhenRunning(
             log.info,
             "{doing} {file} ({size} bytes) as {name!r} on {addr}:{port}",
-            doing="listening for a migration of" if config.listen else "serving",
-            file=config.file,
+            doing="listening for a migration of" if unit.config.listen else "serving",
+            file=unit.config.file,
             size=unit.image.size,
             name=unit.name,
-            addr=config.addr,
-            port=port,
+            addr=self.config.addr,
+            port=self.port,
         )
 
-    # -- handing the export on to a new process (ferry.takeover.give) ------------------
+    # -- handing the node on to a new process (ferry.takeover.give) --------------------
 
     def served(self) -> dict[str, Any]:
-        """The options the export is served with now, as a takeover's taker takes them."""
-        unit = self.exports.get()
+        """What this node serves now, and how, as a takeover's taker takes it
+        (:mod:`ferry.takeover.options`; the ACLs as they are now)."""
         config = self.config
         assert self.server is not None and self.nbd_address is not None
         metrics = None
         if self.metrics_port is not None:
             host = self.metrics_port.getHost()
             metrics = [str(host.host), int(host.port)]  # type: ignore[attr-defined]
-        return {
-            "file": os.path.abspath(unit.config.file),
-            "name": unit.name,
-            "description": unit.export.description,
+        node = {
             "addr": config.addr,
             "port": self.nbd_address[1],
             "sock": None if config.sock is None else os.path.abspath(config.sock),
             "acl": self.server.acl.entries(),
-            "default_deny": config.default_deny,
+            "default_deny": self.server.acl.default_deny,
             "oldstyle": config.oldstyle,
-            "read_only": unit.image.read_only,
             "metrics": metrics,
             "lockspace": NO_LOCKSPACE if self._lockspace is None else self._lockspace.spec,
-            "resource": None if unit.lease is None else unit.lease.resource,
-            "lease_owner": None if unit.lease is None else unit.lease.owner,
             "service_address": config.service_address,
         }
+        exports = []
+        for unit in self.exports:
+            lease = unit.lease
+            exports.append(
+                {
+                    "name": unit.name,
+                    "file": os.path.abspath(unit.config.file),
+                    "description": unit.export.description,
+                    "read_only": unit.image.read_only,
+                    "acl": unit.export.acl.entries(),
+                    "default_deny": unit.export.acl.default_deny,
+                    "resource": unit.config.resource if lease is None else lease.resource,
+                    "max_downtime": unit.config.max_downtime,
+                    "lease_owner": None if lease is None else lease.owner,
+                }
+            )
+        return {"node": node, "exports": exports}
 
     def handed_ports(self) -> list[tuple[str, IListeningPort]]:
         return list(self._handed)
@@ -548,7 +773,7 @@ class Node:
         if not self._stopped:
             self.reactor.callLater(0, self.reactor.stop)
 
-    # -- taking an export over from another process (ferry.takeover.take) ---------------
+    # -- taking a node over from another process (ferry.takeover.take) -----------------
 
     def take_over(
         self,
@@ -558,17 +783,19 @@ class Node:
         given: Mapping[str, Any] | None = None,
         formats: frozenset[int],
     ) -> None:
-        """Take the export of the ferry at control socket ``path`` over, with its clients.
+        """Take every export of the ferry at control socket ``path`` over, with its clients.
 
-        Blocking, before the reactor runs.  ``self.config`` is what the old
-        process said it serves (its ``served`` answer, checked against
-        ``given``, the options the operator wrote).  Everything that needs no socket of the
-        old process's -- the image, opened by its path; the export's and the
-        lease's machines; the trace, the freeze table -- is made before the
-        old process is asked, so its clients wait only for the exchange
-        itself.  Raises :class:`StartupError` (the old process serves on)
-        unless this node serves the export when it returns.
+        Blocking, before the reactor runs.  ``self.config`` is the node the
+        old process said it runs (its ``served`` answer, checked against
+        ``given``, the options the operator wrote); its exports are those of
+        ``served``.  Everything that needs no socket of the old process's --
+        the images, opened by their paths; the exports' and the leases'
+        machines; the trace, the freeze table -- is made before the old
+        process is asked, so its clients wait only for the exchange itself.
+        Raises :class:`StartupError` (the old process serves on) unless this
+        node serves every export when it returns.
         """
+        self.reactor.suggestThreadPoolSize(WORKER_THREADS)
         try:
             self._open(self.config, adopting=True)
             prepared = self._prepare_takeover(served)
@@ -578,7 +805,7 @@ class Node:
         try:
             taken = ask(path, now=self.clock.seconds, formats=formats)
         except TakeoverError as error:
-            prepared.undo()
+            prepared.undo(self._lockspace)
             self._failed_start(None)
             raise StartupError(str(error)) from None
         try:
@@ -586,13 +813,13 @@ class Node:
         except (StartupError, LeaseError, SnapshotError, TakeoverStateError, OSError) as error:
             why = str(error) or type(error).__name__
             taken.refuse(why)
-            prepared.undo()
+            prepared.undo(self._lockspace)
             self._failed_start(None)
-            raise StartupError(f"cannot take the export over: {why}") from None
+            raise StartupError(f"cannot take the node over: {why}") from None
         try:
             taken.commit()
         except TakeoverError as error:
-            prepared.undo()
+            prepared.undo(self._lockspace)
             taken.close()
             self._failed_start(None)
             raise StartupError(str(error)) from None
@@ -602,62 +829,101 @@ class Node:
             taken.close()
 
     def _prepare_takeover(self, served: Mapping[str, Any]) -> _Prepared:
-        """The export as the old process says it serves it, not serving; no lease held yet."""
+        """The exports as the old process says it serves them, not serving; no lease held."""
         from ferry.storage import ImageError
 
-        config = self.config.export()
         try:
-            image = Image.open(config.file, read_only=config.read_only)
-        except ImageError as error:
-            raise StartupError(str(error)) from None
-        prepared = _Prepared(image=image, lockspace=self._lockspace)
-        prepared.unit = self._unit(config, image)
-        if self._lockspace is not None and served.get("lease_owner") is not None:
-            resource = served.get("resource") or default_resource(config.file)
-            prepared.lease = self._make_lease(
-                prepared.unit, resource, owner=str(served["lease_owner"])
-            )
-            prepared.lease.register()
+            configs = served_exports(served)
+            owners = [entry.get("lease_owner") for entry in served["exports"]]
+        except (ValueError, KeyError, TypeError) as error:
+            raise StartupError(f"the old process's exports cannot be read: {error}") from None
+        prepared = _Prepared()
+        try:
+            for config, owner in zip(configs, owners, strict=True):
+                try:
+                    image = self._open_image(config.file, read_only=config.read_only)
+                except ImageError as error:
+                    raise StartupError(f"export {config.export_name!r}: {error}") from None
+                try:
+                    acl = Acl.parse(config.acl, default_deny=config.default_deny)
+                    one = _PreparedExport(image, self._unit(config, image, acl))
+                except BaseException:
+                    image.close()
+                    raise
+                prepared.exports.append(one)
+                if self._lockspace is not None and owner is not None:
+                    resource = config.resource or default_resource(config.file)
+                    one.lease = self._make_lease(one.unit, resource, owner=str(owner))
+                    one.lease.register()
+                    one.unit.resource = resource
+        except BaseException:
+            prepared.undo(self._lockspace)
+            raise
         return prepared
 
     def _check_takeover(self, taken: Taken, prepared: _Prepared, given: Mapping[str, Any]) -> None:
         """Check what arrived and rebuild the sessions; touch no socket and no lockspace."""
+        from ferry.takeover.options import differences
+
         state = taken.state
         wrong = differences(given, state.served)
         if wrong:
             raise StartupError("; ".join(wrong))
+        names = [export.name for export in state.exports]
+        if names != [one.unit.name for one in prepared.exports]:
+            raise StartupError(f"the old process serves {names} now, not what it described")
         assert self.server is not None
-        # The ACL as it is now in the old process (`ferry acl` may have changed it).
-        served = ServeConfig.from_served(state.served)
-        self.server.acl = Acl.parse(served.acl, default_deny=served.default_deny)
+        # The ACLs as they are now in the old process (`ferry acl` may have changed them).
+        node = NodeConfig.from_served(state.served, trace=None, exit_stops_node=True)
+        self.server.acl = Acl.parse(node.acl, default_deny=node.default_deny)
+        try:
+            configs = served_exports(state.served)
+        except (ValueError, KeyError, TypeError) as error:
+            raise StartupError(f"the old process's exports cannot be read: {error}") from None
+        for config, one, export, fds in zip(
+            configs, prepared.exports, state.exports, taken.fds.exports, strict=True
+        ):
+            one.unit.config = config
+            one.unit.export.acl = Acl.parse(config.acl, default_deny=config.default_deny)
+            self._check_export(one, export, fds)
+            if one.lease is not None and export.lease is not None:
+                one.grant = self._adopt_grant(export, fds)
+
+    def _check_export(
+        self, one: _PreparedExport, export: ExportState, fds: ExportDescriptors
+    ) -> None:
+        """One export: the very file, its sessions rebuilt, the lease it described."""
+        assert self.server is not None
         # This process opened the image by its path: it must be the very file.
-        mine, theirs = os.fstat(prepared.image.fileno()), os.fstat(taken.fds.image)
+        mine, theirs = os.fstat(one.image.fileno()), os.fstat(fds.image)
         if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
             raise StartupError(
-                f"{state.image.path} is not the file the old process serves (replaced since?)"
+                f"{export.image.path} is not the file the old process serves (replaced since?)"
             )
-        prepared.sessions = [
-            ServerConnection.restore(client.session, self.server) for client in state.clients
+        one.sessions = [
+            ServerConnection.restore(client.session, self.server) for client in export.clients
         ]
-        lease, passed = prepared.lease, state.lease
+        lease, passed = one.lease, export.lease
         if (lease is None) != (passed is None):
-            raise StartupError("the old process's lease is not the one it described")
-        if lease is not None and passed is not None:
-            if (passed.grant.resource, passed.grant.holder.owner) != (lease.resource, lease.owner):
-                raise StartupError(
-                    f"the old process holds the lease on {passed.grant.resource} as "
-                    f"{passed.grant.holder.owner}, not on {lease.resource} as {lease.owner}"
-                )
-            prepared.grant = self._adopt_grant(taken)
+            raise StartupError(f"export {export.name!r}: its lease is not the one described")
+        if (
+            lease is not None
+            and passed is not None
+            and (passed.grant.resource, passed.grant.holder.owner) != (lease.resource, lease.owner)
+        ):
+            raise StartupError(
+                f"the old process holds the lease on {passed.grant.resource} as "
+                f"{passed.grant.holder.owner}, not on {lease.resource} as {lease.owner}"
+            )
 
-    def _adopt_grant(self, taken: Taken) -> Grant:
-        passed = taken.state.lease
+    def _adopt_grant(self, export: ExportState, fds: ExportDescriptors) -> Grant:
+        passed = export.lease
         assert passed is not None
         backend = self._lockspace
         if not isinstance(backend, PassingBackend):
             spec = "no lockspace" if backend is None else backend.spec
             raise StartupError(f"the old process holds a lease, and {spec} cannot keep it")
-        lock = None if taken.fds.lock is None else os.dup(taken.fds.lock)
+        lock = None if fds.lock is None else os.dup(fds.lock)
         try:
             return backend.adopt(dataclasses.replace(passed, fd=lock))
         except BaseException:
@@ -666,10 +932,9 @@ class Node:
             raise
 
     def _adopt(self, taken: Taken, prepared: _Prepared) -> None:
-        """The old process let go: adopt its sockets, hold its lease, serve its clients."""
+        """The old process let go: adopt its sockets, hold its leases, serve its clients."""
         state = taken.state
-        unit = prepared.unit
-        assert unit is not None and self.server is not None and self._commands is not None
+        assert self.server is not None and self._commands is not None
         factories = {
             "nbd": self.server,
             "control": ControlFactory(self._commands, self.events),
@@ -684,23 +949,49 @@ class Node:
             elif port_state.kind == "metrics":
                 self.metrics_port = port
                 self._log_metrics()
+        moved = 0
+        for one, export, fds in zip(
+            prepared.exports, state.exports, taken.fds.exports, strict=True
+        ):
+            moved += self._adopt_export(one, export, fds, taken.asked_at).moved
+        log.info(
+            "took {what} over from process {pid}: {moved} client connection(s), "
+            "{ports} listening socket(s), {leases} lease(s)",
+            what=f"{len(state.exports)} exports"
+            if len(state.exports) != 1
+            else state.exports[0].name,
+            pid=state.pid,
+            moved=moved,
+            ports=len(state.ports),
+            leases=sum(one.unit.lease is not None for one in prepared.exports),
+        )
+        self._running = True
+        for one in prepared.exports:
+            self._announce(one.unit)
+
+    def _adopt_export(
+        self, one: _PreparedExport, export: ExportState, fds: ExportDescriptors, asked_at: float
+    ) -> HandoffCounts:
+        """One export: its lease held, served, its clients joined and answered."""
+        assert self.server is not None
+        unit = one.unit
         if self.nbd_address is not None:
             host, port_number = self.nbd_address
             unit.address = f"[{host}]:{port_number}" if ":" in host else f"{host}:{port_number}"
-        lease, passed = prepared.lease, state.lease
-        if lease is not None and passed is not None and prepared.grant is not None:
+        lease, passed = one.lease, export.lease
+        if lease is not None and passed is not None and one.grant is not None:
             valid_until = None
             if passed.valid_for is not None:
-                valid_until = taken.asked_at + passed.valid_for
-            lease.adopt(prepared.grant, valid_until=valid_until)
+                valid_until = asked_at + passed.valid_for
+            lease.adopt(one.grant, valid_until=valid_until)
+            one.grant = None
             self._took(unit, lease)
-        export = unit.export
         self.exports.add(unit)
-        self.server.add_export(export)
-        export.trigger(RoleTrigger.TAKEN_OVER)
-        counts = export.last_handoff = HandoffCounts()
+        self.server.add_export(unit.export)
+        unit.export.trigger(RoleTrigger.TAKEN_OVER)
+        counts = unit.export.last_handoff = HandoffCounts()
         for client, fd, (session, requests) in zip(
-            state.clients, taken.fds.clients, prepared.sessions, strict=True
+            export.clients, fds.clients, one.sessions, strict=True
         ):
             context_id = next((i for i, _ in client.session.meta_contexts), 0)
             protocol = NBDServerProtocol(
@@ -712,32 +1003,29 @@ class Node:
                 log.warn("a client connection cannot be adopted: {error}", error=error)
                 counts.aborted += 1
                 continue
-            protocol.join(export)
+            protocol.join(unit.export)
             counts.moved += 1
-        log.info(
-            "took {name} over from process {pid}: {moved} client connection(s), "
-            "{ports} listening socket(s){lease}",
-            name=unit.name,
-            pid=state.pid,
-            moved=counts.moved,
-            ports=len(state.ports),
-            lease="" if unit.lease is None else f", the lease (token {unit.lease.token})",
-        )
-        self._announce(self.config)
+        return counts
 
-    def _stop_after_handoff(self) -> None:
-        """The ``exit`` action: stop once the mirror's end has been reported.
+    def _after_handoff(self, name: str) -> None:
+        """The ``exit`` action of export ``name``'s migration: it is handed over.
 
-        Called inside the handoff; the process stops on a later turn of the
-        reactor, after waiters on the control socket have had their answer.
+        Called inside the handoff; once the mirror's end has been reported
+        (so waiters on the control socket have had their answer) the process
+        stops on a later turn of the reactor, or, in a daemon, the export is
+        removed and the others go on.
         """
-        for unit in self.exports:
-            if unit.mirrors.running:
-                unit.mirrors.finished().addBoth(
-                    lambda _: self.reactor.callLater(0, self.reactor.stop)
-                )
-                return
-        self.reactor.callLater(0, self.reactor.stop)
+
+        def done(_: object) -> None:
+            if self.config.exit_stops_node:
+                self.reactor.callLater(0, self.reactor.stop)
+            elif name in self.exports.names():
+                self.reactor.callLater(0, self.remove_export, name)
+
+        if name in self.exports.names():
+            self.exports.get(name).mirrors.finished().addBoth(done)
+        else:  # removed with force meanwhile
+            done(None)
 
     def _listen_tcp(self, port: int, factory: Any, host: str, what: str) -> IListeningPort:
         try:
@@ -794,6 +1082,8 @@ class Node:
             yield self.run_blocking(image.flush)
         yield unit.stop()
         image.close()
+        if self.server is not None:
+            self.server.forget_lane(unit.name)
 
     def _close_now(self) -> None:
         if self.carrier is not None:
@@ -807,26 +1097,33 @@ class Node:
 
 
 @dataclass
-class _Prepared:
-    """What a takeover built before the old process let go; ``undo`` if it never does."""
+class _PreparedExport:
+    """One export a takeover built before the old process let go."""
 
     image: Image
-    lockspace: LeaseBackend | None
-    unit: ExportUnit | None = None
+    unit: ExportUnit
     lease: LeaseManager | None = None  # registered: nothing asked of the lockspace
     sessions: list[tuple[ServerConnection, list[Event]]] = field(default_factory=list)
     grant: Grant | None = None  # kept by the backend, not held by the manager yet
 
-    def undo(self) -> None:
+
+@dataclass
+class _Prepared:
+    """What a takeover built before the old process let go; ``undo`` if it never does."""
+
+    exports: list[_PreparedExport] = field(default_factory=list)
+
+    def undo(self, lockspace: LeaseBackend | None) -> None:
         """Close this process's copies; the old process holds (and serves) it all."""
-        if self.grant is not None and isinstance(self.lockspace, PassingBackend):
-            self.lockspace.let_go(self.grant)
-        self.grant = None
-        if self.lease is not None:
-            self.lease.shutdown()  # registered -> stopped: no lockspace call
-        if self.unit is not None and self.unit.export.can(RoleTrigger.SHUTDOWN):
-            self.unit.export.trigger(RoleTrigger.SHUTDOWN)
-        self.image.close()
+        for one in self.exports:
+            if one.grant is not None and isinstance(lockspace, PassingBackend):
+                lockspace.let_go(one.grant)
+            one.grant = None
+            if one.lease is not None:
+                one.lease.shutdown()  # registered -> stopped: no lockspace call
+            if one.unit.export.can(RoleTrigger.SHUTDOWN):
+                one.unit.export.trigger(RoleTrigger.SHUTDOWN)
+            one.image.close()
 
 
 def _typed(served: Mapping[str, Any], key: str, kind: type, *, optional: bool = False) -> Any:
@@ -841,33 +1138,10 @@ def _of_kind(value: Any, what: str, kind: type) -> Any:
     return value
 
 
-def _service_address(config: ServeConfig) -> ServiceAddressHolder | None:
+def _service_address(config: NodeConfig) -> ServiceAddressHolder | None:
     if not config.service_address:
         return None
     try:
         return ServiceAddressHolder(ServiceAddress.parse(config.service_address))
     except AddressError as error:
         raise StartupError(f"--service-address {config.service_address}: {error}") from None
-
-
-def _check_senders_are_named(config: ServeConfig, acl: Acl) -> None:
-    """A listener must say who may hand it an image (``Acl.admits_sender``).
-
-    An empty ACL admits senders only from loopback: on any other address
-    that would be no sender at all, which is a mistake worth one line now
-    rather than a refused migration later.  flexnbd's stream (``--oldstyle``)
-    cannot be told apart from a client's, so it needs the ACL whatever the
-    address.
-    """
-    if acl.networks:
-        return
-    if config.oldstyle:
-        raise StartupError(
-            "listen --oldstyle takes flexnbd's migration, which cannot authenticate: "
-            "name the source hosts as ACL entries (ferry listen ... ADDRESS ...)"
-        )
-    if not is_loopback(config.addr):
-        raise StartupError(
-            f"listen on {config.addr} admits migration senders only from the addresses its "
-            "ACL names: name the source hosts as ACL entries (ferry listen ... ADDRESS ...)"
-        )

@@ -217,5 +217,51 @@ def test_the_takeover_session_runs_as_written(tmp_path: Path) -> None:
     assert "state=serving" in status and "num_clients=1" in status, status
     assert "connections_moved=1" in status, status  # the client's connection moved
     assert "the client was never disconnected" in out
-    assert "handed over (confirmed)" in old_log
+    assert "handed export 'disk' over (confirmed)" in old_log
     assert "took disk over from process" in new_log
+
+
+def test_the_daemon_session_runs_as_written(tmp_path: Path) -> None:
+    """The daemon's file as the README shows it, then its console block as one script."""
+    (tmp_path / "ferry.toml").write_text(fenced_block("A daemon of many exports", "toml"))
+    lines = [line[2:] for line in fenced_block("A daemon of many exports", "console").splitlines()]
+    script = "set -euo pipefail\n" + "\n".join(lines) + "\n"
+    output = tmp_path / "output"
+    with output.open("wb") as out_file:
+        # Not a pipe: the daemon the script starts in the background would hold it open.
+        shell = subprocess.Popen(
+            ["bash", "-c", script],
+            cwd=tmp_path,
+            stdout=out_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            code = shell.wait(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(shell.pid, signal.SIGKILL)  # whatever it left behind
+    out = output.read_text()
+    log = (tmp_path / "daemon.log").read_text()
+    assert code == 0, out + log
+    assert "state=serving" in out
+    assert 'export="vm1":\n' in out and 'export="vm2":\n' in out, out  # nbdinfo --list
+    assert 'export="vm3":\n' not in out  # listening: no client could use it yet
+    listed = [line.split()[0] for line in out.splitlines() if " state=" in line and "mode=" in line]
+    assert listed == ["vm2", "vm3", "vm4"], out
+    assert 'ferry_state{export="vm4",machine="role",state="serving"} 1.0' in out
+    assert "ready: 3 exports on 127.0.0.1:10819" in log
+    assert (tmp_path / "vm1.img").read_bytes()[: 1 << 20] == b"\xcd" * (1 << 20)
+
+
+def test_the_isolation_figures_are_the_code_s() -> None:
+    from ferry.node import WORKER_THREADS
+    from ferry.serve.lanes import JOBS_PER_EXPORT
+    from ferry.serve.limits import MAX_CLIENTS, MAX_CONNECTIONS_PER_ADDRESS
+
+    section = README.split("## A daemon of many exports\n", 1)[1].split("\n## ", 1)[0]
+    assert f"each export\ngets at most {JOBS_PER_EXPORT} of them" in section
+    assert f"holds {JOBS_PER_EXPORT} threads" in section
+    assert f"(the node has {WORKER_THREADS})" in section
+    limits = f"limits on connections, {MAX_CLIENTS} in all and {MAX_CONNECTIONS_PER_ADDRESS}\n"
+    assert limits + "from one address" in section

@@ -235,14 +235,14 @@ def test_a_writer_with_16_in_flight_sees_a_pause_not_a_disconnect(rig: Rig) -> N
     assert replayed(rig.tmp / "old.jsonl") == {
         "role disk": "stopped",
         f"lease {rig.image}": "stopped",
-        "takeover disk/1": "handed_over",
+        "takeover 1": "handed_over",
     }
     assert replayed(rig.tmp / "new.jsonl") == {
         "role disk": "stopped",
         f"lease {rig.image}": "stopped",
     }
     log = rig.old.stderr_text()
-    assert "handed over (confirmed)" in log, log
+    assert "handed export 'disk' over (confirmed)" in log, log
 
 
 # -- what must not happen ----------------------------------------------------------------
@@ -264,7 +264,7 @@ def test_a_state_format_the_new_process_does_not_read_is_refused_before_anything
     assert_untouched(done, started)
     assert rig.old.stop() == 0
     rig.check_image(done)
-    assert replayed(rig.tmp / "old.jsonl")["takeover disk/1"] == "resumed"
+    assert replayed(rig.tmp / "old.jsonl")["takeover 1"] == "resumed"
 
 
 @pytest.mark.parametrize("point", ["takeover_received", "takeover_committed"])
@@ -283,7 +283,7 @@ def test_a_new_process_killed_mid_takeover_leaves_the_old_one_serving(
     status = rig.status()
     assert status["state"] == "serving" and status["pid"] == str(rig.old.proc.pid)
     assert status["lease_state"] == "held"
-    assert replayed(rig.tmp / "old.jsonl")["takeover disk/1"] == "resumed"
+    assert replayed(rig.tmp / "old.jsonl")["takeover 1"] == "resumed"
 
     # The old process is whole: a takeover now goes through.
     new = rig.take_over().wait_serving()

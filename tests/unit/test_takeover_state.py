@@ -17,6 +17,7 @@ from ferry.nbd.session import SessionSnapshot
 from ferry.takeover.state import (
     TAKEOVER_FORMAT,
     ClientState,
+    ExportState,
     ImageState,
     PortState,
     TakeoverState,
@@ -42,19 +43,37 @@ ETCD_LEASE = PassedGrant(
 )
 
 
+SERVED = {
+    "node": {"port": 10809, "acl": ["10.0.0.0/8"], "metrics": None},
+    "exports": [{"name": "disk", "file": "/srv/vm.img"}],
+}
+
+
+def an_export(
+    lease: PassedGrant | None = LOCAL_LEASE, clients: int = 2, name: str = "disk"
+) -> ExportState:
+    return ExportState(
+        name,
+        ImageState(f"/srv/{name}.img", 1 << 20, False),
+        lease,
+        tuple(ClientState(socket.AF_INET, SESSION, b"reply %d" % n) for n in range(clients)),
+    )
+
+
 def a_state(lease: PassedGrant | None = LOCAL_LEASE, clients: int = 2) -> TakeoverState:
+    """A node of one export (``ferry serve``'s)."""
+    return a_node(an_export(lease, clients))
+
+
+def a_node(*exports: ExportState) -> TakeoverState:
     return TakeoverState(
         pid=4242,
-        served={"file": "/srv/vm.img", "port": 10809, "acl": ["10.0.0.0/8"], "metrics": None},
-        image=ImageState("/srv/vm.img", 1 << 20, False),
-        lease=lease,
+        served=SERVED,
+        exports=exports,
         ports=(
             PortState("nbd", socket.AF_INET),
             PortState("control", socket.AF_UNIX),
             PortState("metrics", socket.AF_INET6),
-        ),
-        clients=tuple(
-            ClientState(socket.AF_INET, SESSION, b"reply %d" % n) for n in range(clients)
         ),
     )
 
@@ -65,18 +84,42 @@ def test_a_state_round_trips(lease: PassedGrant | None) -> None:
     assert TakeoverState.from_bytes(state.to_bytes()) == state
 
 
+def test_a_node_of_many_exports_round_trips() -> None:
+    state = a_node(
+        an_export(LOCAL_LEASE, 2, "vm1"), an_export(ETCD_LEASE, 1, "vm2"), an_export(None, 0, "vm3")
+    )
+    assert TakeoverState.from_bytes(state.to_bytes()) == state
+    assert state.client_count == 3
+
+
 def test_the_descriptors_come_in_the_states_order() -> None:
     state = a_state(LOCAL_LEASE)
-    sent = state.descriptors(10, [20, 21, 22], [30, 31])
+    sent = state.descriptors([(10, [30, 31])], [20, 21, 22])
     assert sent == [10, -1, 20, 21, 22, 30, 31]  # the lock's is the lease's own
     assert len(sent) == state.fd_count
     split = state.split([1, 2, 3, 4, 5, 6, 7])
-    assert (split.image, split.lock, split.ports, split.clients) == (1, 2, [3, 4, 5], [6, 7])
-    assert split.all() == [1, 2, 3, 4, 5, 6, 7]
+    (export,) = split.exports
+    assert (export.image, export.lock, split.ports, export.clients) == (1, 2, [3, 4, 5], [6, 7])
+    assert split.all() == [1, 2, 6, 7, 3, 4, 5]
     etcd = a_state(ETCD_LEASE, clients=0)
-    assert etcd.fd_count == 4 and etcd.split([1, 2, 3, 4]).lock is None
+    assert etcd.fd_count == 4 and etcd.split([1, 2, 3, 4]).exports[0].lock is None
     with pytest.raises(TakeoverStateError, match="3 descriptors came with a state that describes"):
         state.split([1, 2, 3])
+    with pytest.raises(ValueError, match="one descriptor per client of export 'disk'"):
+        state.descriptors([(10, [30])], [20, 21, 22])
+
+
+def test_every_export_s_image_and_lock_come_first_then_the_ports_then_each_export_s_clients() -> (
+    None
+):
+    state = a_node(an_export(LOCAL_LEASE, 2, "vm1"), an_export(ETCD_LEASE, 1, "vm2"))
+    sent = state.descriptors([(10, [30, 31]), (11, [32])], [20, 21, 22])
+    assert sent == [10, -1, 11, 20, 21, 22, 30, 31, 32]
+    split = state.split(list(range(1, 10)))
+    vm1, vm2 = split.exports
+    assert (vm1.image, vm1.lock, vm1.clients) == (1, 2, [7, 8])
+    assert (vm2.image, vm2.lock, vm2.clients) == (3, None, [9])
+    assert split.ports == [4, 5, 6]
 
 
 def test_another_version_is_refused_by_name() -> None:
@@ -108,17 +151,20 @@ def with_header(change: Any) -> bytes:
 @pytest.mark.parametrize(
     ("change", "why"),
     [
-        (lambda h: h.pop("image"), "image"),
+        (lambda h: h.pop("exports"), "exports"),
+        (lambda h: h["exports"][0].pop("image"), "image"),
         (lambda h: h.update(pid=-1), "pid is not a whole number"),
         (lambda h: h.update(pid=True), "pid is not a whole number"),
-        (lambda h: h["image"].update(size=0), "an image of 0 bytes"),
+        (lambda h: h["exports"][0]["image"].update(size=0), "an image of 0 bytes"),
+        (lambda h: h["exports"].append(h["exports"][0]), "two exports of one name"),
         (lambda h: h["ports"].append({"kind": "ssh", "family": 2}), "'ssh' port"),
-        (lambda h: h["clients"][0].update(family=1), "address family 1"),
-        (lambda h: h["lease"].update(mode="borrowed"), "borrowed"),
-        (lambda h: h["lease"].update(ttl=-1), "TTL of -1"),
-        (lambda h: h["served"].update(nested={"a": 1}), "served option 'nested' is a dict"),
-        (lambda h: h["clients"].pop(), "after the end"),  # a client's parts left over
-        (lambda h: h["clients"].append({"family": 2}), "cut short"),
+        (lambda h: h["exports"][0]["clients"][0].update(family=1), "address family 1"),
+        (lambda h: h["exports"][0]["lease"].update(mode="borrowed"), "borrowed"),
+        (lambda h: h["exports"][0]["lease"].update(ttl=-1), "TTL of -1"),
+        (lambda h: h["served"].update(node=[1]), "served node options is not an object"),
+        (lambda h: h["served"].pop("exports"), "exports"),
+        (lambda h: h["exports"][0]["clients"].pop(), "after the end"),  # parts left over
+        (lambda h: h["exports"][0]["clients"].append({"family": 2}), "cut short"),
     ],
 )
 def test_a_header_that_does_not_hold_is_refused(change: Any, why: str) -> None:
@@ -151,4 +197,5 @@ def test_a_broken_session_names_its_client() -> None:
 
 def test_the_lease_descriptor_placeholder_travels_as_a_flag() -> None:
     read = TakeoverState.from_bytes(a_state(dataclasses.replace(LOCAL_LEASE, fd=17)).to_bytes())
-    assert read.lease is not None and read.lease.fd == -1 and read.has_lock
+    (export,) = read.exports
+    assert export.lease is not None and export.lease.fd == -1 and export.has_lock

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ferry import __version__
+from ferry.cli.daemon import add_daemon_commands, json_request
 from ferry.cli.errors import UserError
 from ferry.cli.lock import add_lock_commands
 
@@ -218,21 +219,74 @@ def build_parser() -> Parser:
     mirror.add_argument(
         "-w", "--wait", action="store_true", help="show progress until the end; exit 0 on success"
     )
+    _export(mirror)
+    mirror.add_argument(
+        "--dest-export",
+        metavar="NAME",
+        help="the destination's export to migrate into (default: the same name as --export, "
+        "or the destination's default export)",
+    )
     mirror.set_defaults(run=run_mirror)
+
+    proxy = modes.add_parser(
+        "proxy",
+        help="a local NBD endpoint that follows the image across migrations and restarts",
+        description="Serve NBD clients on --addr/--port (or --sock) and pass their requests, "
+        "as many in flight as they send, to the server at --conn-addr/--conn-port, one server "
+        "connection per client.  When the server goes away the requests wait, the proxy "
+        "reconnects (following a ferry source that says where the image went), and every "
+        "request without an answer is sent again; after --max-wait they get EIO.",
+    )
+    proxy.add_argument("-l", "--addr", help="IP address to serve clients on (with --port)")
+    proxy.add_argument("-p", "--port", type=port_number, help="TCP port to serve clients on")
+    proxy.add_argument("-s", "--sock", help="Unix socket to serve clients on, instead")
+    proxy.add_argument("-C", "--conn-addr", required=True, help="the server's address or name")
+    proxy.add_argument(
+        "-P", "--conn-port", type=port_number, required=True, help="the server's port"
+    )
+    proxy.add_argument("-b", "--bind", help="local address to connect to the server from")
+    proxy.add_argument(
+        "-n", "--name", default="", help="the export to ask the server for (default: its default)"
+    )
+    proxy.add_argument(
+        "--max-wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long requests wait for a lost server before they get EIO (default 60)",
+    )
+    proxy.add_argument(
+        "--metrics", type=host_and_port, metavar="ADDR:PORT", help="serve Prometheus /metrics"
+    )
+    proxy.add_argument(
+        "--lockspace",
+        metavar="SPEC",
+        help="find the image where its lease holder serves it (etcd:http://HOST:PORT[,...]), "
+        "then at --conn-addr",
+    )
+    proxy.add_argument("--resource", metavar="NAME", help="the image's lease (with --lockspace)")
+    proxy.add_argument("--control-sock", metavar="PATH", help="control socket (status)")
+    proxy.add_argument("--trace", metavar="FILE", help="append every state transition as JSON")
+    proxy.add_argument("--log", metavar="FILE", help="also append every log event as JSON lines")
+    _verbosity(proxy)
+    proxy.set_defaults(run=lambda args: run_proxy(proxy, args))
 
     breaker = modes.add_parser("break", help="stop a running migration; the source keeps serving")
     _control_sock(breaker, required=True)
+    _export(breaker)
     breaker.set_defaults(run=lambda args: run_simple(args, ["break"]))
 
     max_bps = modes.add_parser(
         "mirror-max-bps", help="change a running migration's bandwidth limit"
     )
     _control_sock(max_bps, required=True)
+    _export(max_bps)
     max_bps.add_argument("bps", metavar="N", help="bytes per second (0: no limit)")
     max_bps.set_defaults(run=lambda args: run_simple(args, ["mirror_max_bps", args.bps]))
 
     status = modes.add_parser("status", help="print a server's status line")
     _control_sock(status, required=True)
+    _export(status)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.add_argument(
         "--wait",
@@ -253,10 +307,12 @@ def build_parser() -> Parser:
         action="store_false",
         help="do not print first the last record of every machine (where each stands now)",
     )
+    _export(events)
     events.set_defaults(run=run_events)
 
     acl = modes.add_parser("acl", help="replace a server's access control list")
     _control_sock(acl, required=True)
+    _export(acl)
     acl.add_argument("acl", nargs="*", metavar="ACL_ENTRY")
     acl.set_defaults(run=run_acl)
 
@@ -285,6 +341,7 @@ def build_parser() -> Parser:
     show.set_defaults(run=run_trace_show)
 
     add_lock_commands(modes)
+    add_daemon_commands(modes)
 
     charts = modes.add_parser("statecharts", help="work with the statechart files")
     chart_modes = charts.add_subparsers(dest="chart_mode", metavar="ACTION", parser_class=Parser)
@@ -308,6 +365,12 @@ def _network(parser: argparse.ArgumentParser, *, required: bool) -> None:
 
 def _control_sock(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument("-s", "--sock", required=required, help="control socket path")
+
+
+def _export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-e", "--export", metavar="NAME", help="which export of a daemon (default: its first)"
+    )
 
 
 def _verbosity(parser: argparse.ArgumentParser) -> None:
@@ -340,11 +403,14 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from twisted.internet import reactor
+    from twisted.internet import defer, reactor
 
+    from ferry.cli.running import run_until_stopped
+    from ferry.cli.takeover import take_over, takeover_described
     from ferry.logs import LogFileError, open_log_file, start_logging
-    from ferry.node import Node, ServeConfig, StartupError
+    from ferry.node import Node, ServeConfig
 
+    served: dict[str, Any] = {}
     takeover = getattr(args, "takeover", None)
     if takeover is None:
         required = (("-l/--addr", args.addr), ("-p/--port", args.port), ("-f/--file", args.file))
@@ -368,8 +434,10 @@ def run_serve(args: argparse.Namespace) -> int:
             resource=getattr(args, "resource", None),
             service_address=args.service_address,
         )
+        node_config, exports = config.node(), (config.export(),)
     else:
-        config, served = _takeover_config(args, takeover)
+        served = takeover_described(takeover)
+        node_config, exports = _serve_takeover_config(args, takeover, served)
     try:
         log_file = open_log_file(args.log) if args.log else None
     except LogFileError as error:
@@ -378,54 +446,87 @@ def run_serve(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         quiet=args.quiet,
         json_file=log_file,
-        fields={"export": config.export_name},
+        fields={"export": exports[0].export_name},
     )
-    node = Node(reactor, config)
-    refusal: list[BaseException] = []
-
-    def refused(failure: Any) -> None:
-        refusal.append(failure.value)
-        if reactor.running:
-            reactor.stop()
-
     if takeover is None:
-        node.start().addErrback(refused)
-    else:
-        from ferry.takeover.state import TAKEOVER_FORMAT
-
-        formats = frozenset(args.takeover_format or [TAKEOVER_FORMAT])
-        try:
-            node.take_over(takeover, served=served, given=_given(args), formats=formats)
-        except StartupError as error:
-            raise UserError(str(error)) from None
-    if not refusal:
-        reactor.addSystemEventTrigger("before", "shutdown", node.shutdown)
-        reactor.run()
-    if refusal:
-        if isinstance(refusal[0], StartupError):
-            raise UserError(str(refusal[0])) from None
-        raise refusal[0]
+        node = Node(reactor, node_config, exports)
+        run_until_stopped(reactor, node.start(), node.shutdown)
+        return 0
+    node = Node(reactor, node_config)
+    take_over(node, takeover, served, _given(args), args.takeover_format)
+    run_until_stopped(reactor, defer.succeed(None), node.shutdown)
     return 0
 
 
-def _takeover_config(args: argparse.Namespace, path: str) -> tuple[Any, dict[str, Any]]:
-    """``serve --takeover``: what the old process serves (a ServeConfig, and as it said it),
-    checked against what was given."""
-    from ferry.node import ServeConfig, StartupError
-    from ferry.takeover.options import differences
-    from ferry.takeover.take import TakeoverError, describe
+def run_proxy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``ferry proxy``; what argparse cannot check is a usage error all the same (exit 2)."""
+    from twisted.internet import reactor
 
+    from ferry.logs import LogFileError, open_log_file, start_logging
+    from ferry.proxy.runner import ProxyConfig, ProxyNode, StartupError
+
+    if args.sock is not None and (args.addr is not None or args.port is not None):
+        parser.error("listen on --addr and --port, or on --sock, not both")
+    if args.sock is None and (args.addr is None or args.port is None):
+        parser.error("--addr and --port (or --sock) are required")
     try:
-        served = describe(path)
-    except TakeoverError as error:
-        raise UserError(f"--takeover {path}: {error}") from None
+        config = ProxyConfig(
+            conn_addr=args.conn_addr,
+            conn_port=args.conn_port,
+            addr=args.addr,
+            port=args.port,
+            sock=args.sock,
+            bind=args.bind,
+            name=args.name,
+            max_wait=args.max_wait,
+            metrics=args.metrics,
+            control_sock=args.control_sock,
+            trace=args.trace,
+            lockspace=args.lockspace,
+            resource=args.resource,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        log_file = open_log_file(args.log) if args.log else None
+    except LogFileError as error:
+        raise UserError(str(error)) from None
+    start_logging(
+        verbose=args.verbose, quiet=args.quiet, json_file=log_file, fields={"export": args.name}
+    )
+    try:
+        node = ProxyNode(reactor, config)
+        node.start()
+    except StartupError as error:
+        raise UserError(str(error)) from None
+    reactor.addSystemEventTrigger("before", "shutdown", node.shutdown)
+    reactor.run()
+    return 0
+
+
+def _serve_takeover_config(
+    args: argparse.Namespace, path: str, served: dict[str, Any]
+) -> tuple[Any, tuple[Any, ...]]:
+    """``serve --takeover``: the node and the one export the old process serves, checked
+    against what was given."""
+    from ferry.node import NodeConfig, StartupError
+    from ferry.takeover.options import differences, served_exports
+
+    exports = served.get("exports")
+    if not isinstance(exports, list) or len(exports) != 1:
+        count = len(exports) if isinstance(exports, list) else "no"
+        raise UserError(
+            f"--takeover {path}: the old process serves {count} exports: take a daemon over "
+            f"with ferry daemon --config FILE --takeover {path}"
+        )
     wrong = differences(_given(args), served)
     if wrong:
         raise UserError(f"--takeover {path}: " + "; ".join(wrong))
     try:
-        return ServeConfig.from_served(served, trace=args.trace), served
-    except StartupError as error:
-        raise UserError(f"--takeover {path}: {error}") from None
+        node = NodeConfig.from_served(served, trace=args.trace, exit_stops_node=True)
+        return node, served_exports(served)
+    except (StartupError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"--takeover {path}: the old process's options: {error}") from None
 
 
 def control_request(path: str, lines: Sequence[str]) -> tuple[int, str]:
@@ -442,7 +543,7 @@ def run_status(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.wait
     while True:
         try:
-            status, text = control_request(args.sock, ["status"])
+            status, text = _status(args)
             break
         except UserError:
             if time.monotonic() >= deadline:
@@ -452,27 +553,28 @@ def run_status(args: argparse.Namespace) -> int:
         raise UserError(text)
     if args.json:
         # Asked again, as JSON: numbers as numbers, booleans as booleans.
-        print(json.dumps(json_call(args.sock, "status"), indent=2))
+        params = None if args.export is None else {"export": args.export}
+        print(json.dumps(json_request(args.sock, "status", params), indent=2))
     else:
         print(text)
     return 0
 
 
-def json_call(path: str, method: str, params: dict[str, Any] | None = None) -> Any:
-    """One JSON-lines request; its result, or a UserError with the server's message."""
-    from ferry.control.client import ControlError, JsonControl
+def _status(args: argparse.Namespace) -> tuple[int, str]:
+    """The status line: flexnbd's form, or JSON for one export of a daemon."""
+    if args.export is None:
+        return control_request(args.sock, ["status"])
+    from ferry.status import render_value
 
-    try:
-        with JsonControl(path) as control:
-            answer = control.call(method, params)
-    except ControlError as error:
-        raise UserError(str(error)) from None
-    if "error" in answer:
-        raise UserError(answer["error"]["message"])
-    return answer["result"]
+    fields = json_request(args.sock, "status", {"export": args.export})
+    line = " ".join(f"{k}={render_value(v)}" for k, v in fields.items() if k != "export")
+    return 0, line
 
 
 def run_acl(args: argparse.Namespace) -> int:
+    if args.export is not None:
+        json_request(args.sock, "acl", {"args": args.acl, "export": args.export})
+        return 0
     status, text = control_request(args.sock, ["acl", *args.acl])
     if status != 0:
         raise UserError(text)
@@ -482,12 +584,16 @@ def run_acl(args: argparse.Namespace) -> int:
 def run_simple(args: argparse.Namespace, lines: list[str]) -> int:
     """A control command whose answer is printed as it comes (``break``, ...).
 
-    A refusal is an error like any other: one line on stderr, exit 1.
+    With ``--export``, the same command in JSON, about that export.  A
+    refusal is an error like any other: one line on stderr, exit 1.
     """
-    status, text = control_request(args.sock, lines)
-    if status != 0:
-        raise UserError(text)
-    print(text)
+    if args.export is None:
+        status, text = control_request(args.sock, lines)
+        if status != 0:
+            raise UserError(text)
+        print(text)
+        return 0
+    print(json_request(args.sock, lines[0], {"args": lines[1:], "export": args.export}))
     return 0
 
 
@@ -513,6 +619,10 @@ def _mirror(args: argparse.Namespace) -> int:
         params["max_passes"] = args.max_passes
     if args.flexnbd:
         params["flexnbd"] = True
+    if args.export is not None:
+        params["export"] = args.export
+    if args.dest_export is not None:
+        params["dest_export"] = args.dest_export
     with JsonControl(args.sock) as control:
         answer = control.call("mirror", params)
         if "error" in answer:
@@ -520,7 +630,7 @@ def _mirror(args: argparse.Namespace) -> int:
         print(answer["result"]["message"], flush=True)
         if not args.wait:
             return 0
-        result = control.follow(lambda line: print(line, flush=True))
+        result = control.follow(lambda line: print(line, flush=True), export=args.export)
     if result is None:
         raise UserError("lost contact with the source before the migration ended")
     state = result.get("state")
@@ -651,7 +761,7 @@ def run_events(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     try:
         with JsonControl(args.sock) as control:
-            for fields in control.subscribe(current=args.current):
+            for fields in control.subscribe(current=args.current, export=args.export):
                 show(fields)
             print(f"ferry events: following {args.sock}", file=sys.stderr, flush=True)
             end = control.follow_events(show)

@@ -12,12 +12,15 @@ role's triggers:
 3. flushed, with a lease: ``offering``; the lease is offered and its answer
    is the token the commit carries (``offer_failed``: not offered, held
    again, the attempt is lost).  Without one: straight to the commit.
-4. ``committing`` (role ``handing_off``): FERRY_CMD_COMMIT with the token;
-   for flexnbd, DISC, which nothing answers.  An OK reply is the handoff
-   (``completed``, role ``handed_off``): the lease is handed on, the clients
-   disconnected, the finish action run.  An error reply is a definite no:
-   ``commit_rejected`` to the retry, or with a lease ``reclaim``, which takes
-   the lease back before any client goes on.  A lost connection or no reply
+4. ``committing`` (role ``handing_off``): the clients that can move are
+   carried to the destination first (:mod:`ferry.migrate.carry`), then
+   FERRY_CMD_COMMIT with the token; for flexnbd, DISC, which nothing
+   answers.  An OK reply is the handoff (``completed``, role
+   ``handed_off``): the lease is handed on, the moved clients released and
+   the others disconnected, the finish action run.  An error reply is a
+   definite no: the clients still here are taken back, then
+   ``commit_rejected`` to the retry, or with a lease ``reclaim``, which
+   takes the lease back before any client goes on.  A lost connection or no reply
    is ``in_doubt``, settled by asking the lockspace (:meth:`resolve_from_lease`).
 5. ``reclaiming`` / ``cancelling``: the offered lease is taken back (after
    the offer's own answer, if it is still out); taken back, the job retries
@@ -41,6 +44,7 @@ from ferry.migrate.lease import InDoubtOutcome
 from ferry.migrate.options import FinishAction, MirrorResult
 from ferry.nbd.constants import Command, TransmissionFlag
 from ferry.nbd.events import Reply
+from ferry.nbd.locate import Location
 
 __all__ = ["RESOLVE_RETRY", "Switchover"]
 
@@ -76,6 +80,11 @@ class SwitchoverDriver(Driver, Protocol):
 
     @property
     def destination_name(self) -> str: ...
+
+    @property
+    def destination_location(self) -> Location:
+        """Where the image goes: what FERRY_OPT_LOCATE answers once it is there."""
+        ...
 
 
 class Switchover:
@@ -254,6 +263,9 @@ class Switchover:
             # flexnbd's listener takes no lease: ours goes with the image.
             lease.release().addErrback(self._lease_trouble, "release")
         driver.job.note_hold(driver.gate.longest_hold)
+        # Before the clients go: a proxy among them whose connection did not
+        # move asks where the image went.
+        driver.export.handed_to = driver.destination_location
         driver.clients_handed_over()
         action = driver.options.action
         if action is FinishAction.UNLINK:

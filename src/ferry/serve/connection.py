@@ -93,7 +93,6 @@ from ferry.nbd.constants import (
     Command,
     CommandFlag,
     Errno,
-    OptionReply,
 )
 from ferry.nbd.events import (
     CarriedConnection,
@@ -111,7 +110,8 @@ from ferry.nbd.events import (
     RejectedRequest,
     Request,
 )
-from ferry.nbd.server import ExportCatalog, MigrationCatalog, ServerConnection
+from ferry.nbd.locate import Location
+from ferry.nbd.server import ExportCatalog, Locator, MigrationCatalog, ServerConnection
 from ferry.nbd.session import SessionSnapshot, encode_request
 from ferry.outbox import Outbox, tune
 from ferry.serve.export import RECEIVING_STATES
@@ -210,10 +210,16 @@ class Receiver(TypingProtocol):
         ...
 
 
-class ConnectionHost(ExportCatalog, MigrationCatalog, TypingProtocol):
+class PeerCatalogs(ExportCatalog, MigrationCatalog, Locator, TypingProtocol):
+    """The catalogs one connection's handshake consults: its peer's view of the exports
+    (and of where a handed-off one went)."""
+
+
+class ConnectionHost(ExportCatalog, MigrationCatalog, Locator, TypingProtocol):
     """What a connection needs of the listener that made it (``NBDServer`` is one).
 
-    The handshake asks it for exports (it is both catalogs); the connection
+    The handshake asks it for exports (it is both catalogs) and where a
+    handed-off export went (it is the locator); the connection
     reports itself opened and closed, reads the limits, and runs blocking
     work through it.
     """
@@ -232,6 +238,12 @@ class ConnectionHost(ExportCatalog, MigrationCatalog, TypingProtocol):
         ...
 
     def run_blocking(self, work: Callable[[], object]) -> defer.Deferred[Any]: ...
+
+    def run_blocking_for(
+        self, export: Export, work: Callable[[], object]
+    ) -> defer.Deferred[Any]: ...
+
+    def catalog_for(self, peer_host: str) -> PeerCatalogs: ...
 
     def connection_opened(self, connection: NBDServerProtocol) -> None: ...
 
@@ -292,11 +304,15 @@ class NBDServerProtocol(Protocol):
         #: The clock's time of the last request received or reply sent.
         self.last_active = 0.0
         self.peer_host = ""
+        # The exports as this peer sees them (their ACLs and the sender rule
+        # applied); set once the connection is made and its peer known.
+        self._catalogs: PeerCatalogs | None = None
 
     # -- Twisted protocol -------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.peer_host = getattr(self.transport.getPeer(), "host", "")  # type: ignore[union-attr]
+        self._catalogs = self._server.catalog_for(self.peer_host)
         if self._arrival is not None:
             self._arrived(self._arrival)
             return
@@ -312,7 +328,9 @@ class NBDServerProtocol(Protocol):
             self._server.handshake_timeout, self._handshake_expired
         )
         self.last_active = self._server.clock.seconds()
-        self._nbd = ServerConnection(self, migration=self, oldstyle=self._server.oldstyle)
+        self._nbd = ServerConnection(
+            self, migration=self, locator=self, oldstyle=self._server.oldstyle
+        )
         # An oldstyle server has chosen its export before the client speaks.
         self._receive(b"")
 
@@ -351,37 +369,31 @@ class NBDServerProtocol(Protocol):
         self._fire_drained()
         self._fire_settled()
 
-    # -- ExportCatalog: the server's, unless this connection is refused ----------------
+    # -- the catalogs: the server's as this peer sees them, unless it is refused ----------
+
+    @property
+    def _peer_catalogs(self) -> PeerCatalogs:
+        catalogs = self._catalogs
+        assert catalogs is not None, "a handshake before the connection was made"
+        return catalogs
 
     def lookup(self, name: str) -> ExportInfo | Refusal:
-        return self.refusal or self._server.lookup(name)
+        return self.refusal or self._peer_catalogs.lookup(name)
 
     def listing(self) -> Sequence[ExportInfo]:
-        return () if self.refusal is not None else self._server.listing()
+        return () if self.refusal is not None else self._peer_catalogs.listing()
 
-    # -- MigrationCatalog: the server's, for a peer the ACL lets send -------------------
+    def locate(self, name: str) -> Sequence[Location] | Refusal:
+        return self.refusal or self._peer_catalogs.locate(name)
 
     def admit_migration(self, request: MigrationRequest) -> Refusal | None:
-        return self.refusal or self._sender_refusal() or self._server.admit_migration(request)
+        return self.refusal or self._peer_catalogs.admit_migration(request)
 
     def lookup_sender(self, name: str) -> ExportInfo | Refusal:
-        return self.refusal or self._sender_refusal() or self._server.lookup_sender(name)
+        return self.refusal or self._peer_catalogs.lookup_sender(name)
 
     def connection_landing(self) -> ConnectionLanding | Refusal:
-        receiver = self._server.receiver
-        if receiver is None:
-            return Refusal(OptionReply.ERR_POLICY, "this server takes no migrations")
-        return self.refusal or self._sender_refusal() or receiver.connection_landing()
-
-    def _sender_refusal(self) -> Refusal | None:
-        """Why this peer may not send a migration here (see ``Acl.admits_sender``)."""
-        if self._server.acl.admits_sender(self.peer_host):
-            return None
-        log.warn("refused {peer} as a migration sender: not named by the ACL", peer=self.peer_host)
-        return Refusal(
-            OptionReply.ERR_POLICY,
-            f"{self.peer_host} may not send a migration here: its ACL does not name it",
-        )
+        return self.refusal or self._peer_catalogs.connection_landing()
 
     # -- IPushProducer -----------------------------------------------------------
 
@@ -1142,8 +1154,9 @@ class NBDServerProtocol(Protocol):
 
     def _later(self, request: Request, started: float, work: Callable[[], None]) -> None:
         """Finish ``request`` on a worker thread (fsync): later requests go on meanwhile."""
+        assert self._export is not None
         self._in_flight += 1
-        d = self._server.run_blocking(work)
+        d = self._server.run_blocking_for(self._export, work)
 
         def done(_: object) -> None:
             assert self._nbd is not None and self._export is not None

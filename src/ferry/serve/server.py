@@ -6,7 +6,11 @@ admit clients (a listener waiting for a migration, an export being handed
 off) with an NBD error *and a message*, so a client sees why, instead of a
 bare disconnect.
 
-It is also the migration catalog (``ferry.nbd.server.MigrationCatalog``):
+It is also the locator (``ferry.nbd.server.Locator``): once an export has
+been handed off, ``FERRY_OPT_LOCATE`` answers where it went, so a ``ferry
+proxy`` that lost this server finds the new one without an operator.
+
+And it is the migration catalog (``ferry.nbd.server.MigrationCatalog``):
 ``FERRY_OPT_MIGRATE`` is acknowledged while an export is ``listening``, and
 the acknowledged connection then finds that export although it refuses
 ordinary clients.  One sender at a time: once a sender's handshake has made
@@ -27,6 +31,24 @@ through ``lookup_sender`` when ``lookup`` refuses it, and the connection is
 mirror-only (see ``ferry.nbd.server`` and ``ferry.serve.connection``): the
 first to send a write whose handle is ``FLEXNBD_MIRROR_HANDLE`` becomes the
 sender, and its NBD_CMD_DISC is the commit.
+
+Two ACLs decide who gets in.  The listener's (``ferry serve``'s ``ACL_ENTRY``
+arguments and its ``acl`` command) is checked when a connection is
+accepted: a peer it refuses is closed at once, as flexnbd does.  Each
+export's own (a daemon's ``acl`` per export) is checked by name in the
+handshake: every connection sees the catalogs through a
+:class:`PeerCatalog` for its peer, in which an export whose ACL refuses
+the peer is not listed, and asking for it is answered ERR_POLICY with the
+reason.  Changing an export's ACL closes its clients the new one refuses.
+A migration sender must be let in by both and named by one of them (or,
+neither naming anyone, come from loopback: ``Acl.admits_sender``); a
+connection's catalogs refuse any other with ERR_POLICY.
+NBD_OPT_LIST shows only the exports a client may use now: not one that is
+listening for its migration, or that has lost control.
+
+Each export's blocking jobs (fdatasync) reach the worker threads through a
+:class:`~ferry.serve.lanes.Lane` of its own, so an export whose disk hangs
+holds only its share of them.
 """
 
 from __future__ import annotations
@@ -43,9 +65,11 @@ from ferry.chartnames import RoleState
 from ferry.clock import Clock, DelayedCall, cancel_call
 from ferry.nbd.constants import OptionReply
 from ferry.nbd.events import ConnectionLanding, ExportInfo, MigrationRequest, Refusal
+from ferry.nbd.locate import Location
 from ferry.serve.acl import Acl
 from ferry.serve.connection import NBDServerProtocol, Receiver
 from ferry.serve.export import RECEIVING_STATES, Export
+from ferry.serve.lanes import Lane
 from ferry.serve.limits import (
     DRAIN_TIMEOUT,
     HANDSHAKE_TIMEOUT,
@@ -82,11 +106,12 @@ class NBDServer(Factory):
         receive_budget: int = RECEIVE_BUDGET,
         reply_budget: int = REPLY_BUDGET,
     ) -> None:
-        self.exports: dict[str, Export] = {}
-        for export in exports:
-            self.add_export(export)
         self.clock = clock
         self.run_blocking = run_blocking
+        self.exports: dict[str, Export] = {}
+        self._lanes: dict[str, Lane] = {}
+        for export in exports:
+            self.add_export(export)
         self.acl = acl or Acl()
         self.oldstyle = oldstyle
         self.max_clients = max_clients
@@ -174,10 +199,28 @@ class NBDServer(Factory):
         if export.name in self.exports:
             raise ValueError(f"an export named {export.name!r} is served already")
         self.exports[export.name] = export
+        self._lanes[export.name] = Lane(self.run_blocking)
 
     def remove_export(self, name: str) -> Export:
         """Stop handing ``name`` to new clients (see :meth:`drain_export` for its clients)."""
+        # The lane stays while the export's clients drain: their last flushes use it.
         return self.exports.pop(name)
+
+    def run_blocking_for(self, export: Export, work: Callable[[], object]) -> defer.Deferred[Any]:
+        """Run ``work`` on a worker thread in ``export``'s lane (see the module doc)."""
+        lane = self._lanes.get(export.name)
+        if lane is None:
+            lane = self._lanes[export.name] = Lane(self.run_blocking)
+        return lane(work)
+
+    def forget_lane(self, name: str) -> None:
+        """The export ``name`` is gone and drained: its lane goes too."""
+        if name not in self.exports:
+            self._lanes.pop(name, None)
+
+    def catalog_for(self, peer_host: str) -> PeerCatalog:
+        """The catalogs as a client at ``peer_host`` sees them (see the module doc)."""
+        return PeerCatalog(self, peer_host)
 
     @property
     def default_export(self) -> Export | None:
@@ -215,17 +258,31 @@ class NBDServer(Factory):
         return export.info()
 
     def listing(self) -> Sequence[ExportInfo]:
-        return [export.info() for export in self.exports.values()]
+        """The exports a client may use now: one that listens for its migration (or has
+        lost control) is left out, as a client asking for it would be refused."""
+        return [export.info() for export in self.exports.values() if export.clients_allowed]
 
     # -- MigrationCatalog ------------------------------------------------------------
 
-    def admit_migration(self, request: MigrationRequest) -> Refusal | None:
+    def admit_migration(
+        self, request: MigrationRequest, *, peer_host: str | None = None
+    ) -> Refusal | None:
+        """Whether a sender may start a migration here (``peer_host``: the ACLs apply).
+
+        The option names no export (GO does): any listening one will do,
+        among those whose ACLs, the listener's and the export's, let
+        ``peer_host`` send (``Acl.admits_sender``).
+        """
+        exports = list(self.exports.values())
+        if peer_host is not None:
+            named = self._sender_exports(peer_host)
+            if isinstance(named, Refusal):
+                return named
+            exports = named
         if not self.accepting:
             return Refusal(OptionReply.ERR_SHUTDOWN, "server is shutting down")
         if self.receiver is None:
             return Refusal(OptionReply.ERR_POLICY, "this server takes no migrations")
-        # The option names no export (GO does): any listening one will do here.
-        exports = list(self.exports.values())
         listening = [export for export in exports if export.state == RoleState.LISTENING]
         for export in listening:
             incoming = export.incoming_lease
@@ -240,15 +297,38 @@ class NBDServer(Factory):
             return Refusal(OptionReply.ERR_UNKNOWN, "this server has no export")
         return _not_listening(target)
 
-    def connection_landing(self) -> ConnectionLanding | Refusal:
+    def connection_landing(self, *, peer_host: str | None = None) -> ConnectionLanding | Refusal:
+        """Whether a sender's client connections may come along (``peer_host``: the ACLs
+        apply, as to its migration)."""
+        if peer_host is not None:
+            exports = self._sender_exports(peer_host)
+            if isinstance(exports, Refusal):
+                return exports
         if self.receiver is None:
             return Refusal(OptionReply.ERR_POLICY, "this server takes no migrations")
         return self.receiver.connection_landing()
 
-    def lookup_sender(self, name: str) -> ExportInfo | Refusal:
+    def _sender_exports(self, peer_host: str) -> list[Export] | Refusal:
+        """The exports a migration sender at ``peer_host`` may send into, or why none.
+
+        Those whose ACLs, the listener's and the export's, let it send
+        (``Acl.admits_sender``); with no export, the listener's alone decides.
+        """
+        exports = list(self.exports.values())
+        named = [e for e in exports if self.acl.admits_sender(peer_host, e.acl)]
+        if not (named if exports else self.acl.admits_sender(peer_host)):
+            return _sender_refused(peer_host)
+        return named
+
+    def lookup_sender(self, name: str, *, peer_host: str | None = None) -> ExportInfo | Refusal:
+        """The export a flexnbd sender names, if it listens (``peer_host``: the ACLs apply)."""
+        export = self.export_named(name)
+        if peer_host is not None and not self.acl.admits_sender(
+            peer_host, None if export is None else export.acl
+        ):
+            return _sender_refused(peer_host)
         if self.receiver is None:
             return Refusal(OptionReply.ERR_POLICY, "this server takes no migrations")
-        export = self.export_named(name)
         if export is None:
             return Refusal(OptionReply.ERR_UNKNOWN, f"no export named {name!r}")
         if not self.accepting:
@@ -256,6 +336,17 @@ class NBDServer(Factory):
         if export.state != RoleState.LISTENING:
             return _not_listening(export)
         return export.info()
+
+    # -- Locator ---------------------------------------------------------------------
+
+    def locate(self, name: str) -> Sequence[Location] | Refusal:
+        """``FERRY_OPT_LOCATE``: where a handed-off export went; here (empty) otherwise."""
+        export = self.export_named(name)
+        if export is None:
+            return Refusal(OptionReply.ERR_UNKNOWN, f"no export named {name!r}")
+        if export.state == RoleState.HANDED_OFF and export.handed_to is not None:
+            return [export.handed_to]
+        return []
 
     # -- the control plane's handles -------------------------------------------------
 
@@ -265,6 +356,17 @@ class NBDServer(Factory):
         refused = [c for c in self.connections if not acl.allows(c.peer_host)]
         for connection in refused:
             connection.disconnect("no longer allowed by the ACL")
+        return len(refused)
+
+    def replace_export_acl(self, name: str, acl: Acl) -> int:
+        """Give export ``name`` the ACL ``acl``; disconnect its clients it no longer admits."""
+        export = self.exports[name]
+        export.acl = acl
+        refused = [
+            c for c in self.connections if c.export_name == name and not acl.allows(c.peer_host)
+        ]
+        for connection in refused:
+            connection.disconnect(f"no longer allowed by the ACL of export {name!r}")
         return len(refused)
 
     def drain(self) -> defer.Deferred[Any]:
@@ -295,6 +397,64 @@ class NBDServer(Factory):
         for connection in connections:
             if connection in self.connections:
                 connection.disconnect(f"not drained within {DRAIN_TIMEOUT:g} s")
+
+
+class PeerCatalog:
+    """The export and migration catalogs as one peer sees them: its exports' ACLs applied.
+
+    An export whose ACL refuses the peer is left out of the list and
+    refused by name with ERR_POLICY; everything else is the server's answer.
+    """
+
+    def __init__(self, server: NBDServer, peer_host: str) -> None:
+        self._server = server
+        self._peer_host = peer_host
+
+    def _refused(self, name: str) -> Refusal | None:
+        export = self._server.export_named(name)
+        if export is None or export.acl.allows(self._peer_host):
+            return None
+        return Refusal(
+            OptionReply.ERR_POLICY,
+            f"export {export.name!r} does not admit {self._peer_host or 'this client'}",
+        )
+
+    # -- ExportCatalog --------------------------------------------------------------
+
+    def lookup(self, name: str) -> ExportInfo | Refusal:
+        return self._refused(name) or self._server.lookup(name)
+
+    def listing(self) -> Sequence[ExportInfo]:
+        return [
+            info
+            for info in self._server.listing()
+            if self._server.exports[info.name].acl.allows(self._peer_host)
+        ]
+
+    # -- MigrationCatalog ------------------------------------------------------------
+
+    def admit_migration(self, request: MigrationRequest) -> Refusal | None:
+        return self._server.admit_migration(request, peer_host=self._peer_host)
+
+    def lookup_sender(self, name: str) -> ExportInfo | Refusal:
+        return self._refused(name) or self._server.lookup_sender(name, peer_host=self._peer_host)
+
+    def connection_landing(self) -> ConnectionLanding | Refusal:
+        return self._server.connection_landing(peer_host=self._peer_host)
+
+    # -- Locator ---------------------------------------------------------------------
+
+    def locate(self, name: str) -> Sequence[Location] | Refusal:
+        return self._refused(name) or self._server.locate(name)
+
+
+def _sender_refused(peer_host: str) -> Refusal:
+    """Why a sender at ``peer_host`` may not hand this node an image: no ACL names it."""
+    log.warn("refused {peer} as a migration sender: not named by the ACL", peer=peer_host)
+    return Refusal(
+        OptionReply.ERR_POLICY,
+        f"{peer_host} may not send a migration here: its ACL does not name it",
+    )
 
 
 def _not_listening(export: Export) -> Refusal:

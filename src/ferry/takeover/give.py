@@ -2,7 +2,10 @@
 
 The control socket's ``takeover`` request (:meth:`Giver.request`) starts one
 attempt, a machine of ``statecharts/takeover.yaml`` (its comments give each
-step and why).  The decisions run on the reactor; the waits on the new
+step and why).  An attempt hands on the whole node: every export (one for
+``ferry serve``, all of a daemon's), with the listening sockets they share;
+it is refused unless every export serves, and while it runs no export is
+added or removed (:attr:`Giver.running`).  The decisions run on the reactor; the waits on the new
 process (the descriptor exchange, its notes) run on a worker thread with
 the control connection's own socket, each with a deadline, so the reactor
 goes on answering the control socket and /metrics meanwhile (it performs
@@ -33,14 +36,21 @@ from ferry import statecharts
 from ferry.chartnames import LeaseState, RoleState, RoleTrigger, TakeoverTrigger
 from ferry.clock import Clock, cancel_call
 from ferry.control.commands import Params, Reply, TakeConnection
-from ferry.exports import ExportRegistry, ExportUnit, UnknownExport
+from ferry.exports import ExportRegistry, ExportUnit
 from ferry.handoff import fdpass
 from ferry.lease.backend import PassedGrant
 from ferry.lease.manager import LeaseStateError
 from ferry.nbd.session import SnapshotError
 from ferry.serve.export import Attached
 from ferry.takeover import notes
-from ferry.takeover.state import TAKEOVER_FORMAT, ClientState, ImageState, PortState, TakeoverState
+from ferry.takeover.state import (
+    TAKEOVER_FORMAT,
+    ClientState,
+    ExportState,
+    ImageState,
+    PortState,
+    TakeoverState,
+)
 
 if TYPE_CHECKING:
     from ferry.trace import Tracer
@@ -66,7 +76,7 @@ class GivingNode(Protocol):
     def run_blocking(self, work: Callable[[], object]) -> Deferred[Any]: ...
 
     def served(self) -> dict[str, Any]:
-        """The options the export is served with now (the ACL as it is now)."""
+        """What the node serves now, and how (the ACLs as they are now)."""
         ...
 
     def handed_ports(self) -> list[tuple[str, IListeningPort]]:
@@ -111,39 +121,36 @@ class Giver:
     # -- the control socket ------------------------------------------------------------
 
     def describe(self, args: Sequence[str], params: Params) -> Reply:
-        """``served``: the options a successor would take (JSON), before it asks for them."""
-        try:
-            self._node.exports.get()
-        except UnknownExport as error:
-            return Reply(1, str(error))
+        """``served``: what a successor would take (JSON), before it asks for it."""
+        if not len(self._node.exports):
+            return Reply(1, "this node has no export")
         served = self._node.served()
-        return Reply(0, " ".join(f"{k}={v}" for k, v in sorted(served.items())), served)
+        names = " ".join(repr(export["name"]) for export in served["exports"])
+        node = served["node"]
+        return Reply(0, f"{node['addr']}:{node['port']} exports {names}", served)
 
     def request(self, params: Params) -> str | TakeConnection:
         """``takeover``: why not (answered on the control socket), or the attempt to run."""
         if self._attempt is not None:
             return "a takeover is already under way"
-        try:
-            unit = self._node.exports.get(params.get("export"))
-        except UnknownExport as error:
-            return str(error)
-        export = unit.export
-        if export.state != RoleState.SERVING:
-            return f"cannot hand the export over while it is {export.state}: only while serving"
-        if unit.mirrors.running:
-            return "a migration is running: wait for it to end, or break it"
-        lease = unit.lease
-        if lease is not None and not lease.can_pass_on:
-            return f"the lease's lockspace cannot pass a grant to another process ({lease.state})"
-        count = 2 + len(self._node.handed_ports()) + export.num_clients
-        if count > fdpass.MAX_FDS:
+        units = list(self._node.exports)
+        if not units:
+            return "this node has no export"
+        for unit in units:
+            why = _why_not_give(unit)
+            if why is not None:
+                return f"export {unit.name!r}: {why}" if len(units) > 1 else why
+        # An image and a lock file for each export at most, the ports, the clients.
+        fixed = 2 * len(units) + len(self._node.handed_ports())
+        clients = sum(unit.export.num_clients for unit in units)
+        if fixed + clients > fdpass.MAX_FDS:
             return (
-                f"{export.num_clients} client connections are too many for one takeover: "
-                f"{fdpass.MAX_FDS - 2 - len(self._node.handed_ports())} at most"
+                f"{clients} client connections are too many for one takeover: "
+                f"{max(0, fdpass.MAX_FDS - fixed)} at most"
             )
 
         def take(sock: socket.socket) -> None:
-            attempt = _Attempt(self._node, unit, sock, next(self._attempts))
+            attempt = _Attempt(self._node, units, sock, next(self._attempts))
             self._attempt = attempt
             Deferred.fromCoroutine(attempt.run()).addBoth(self._finished)
 
@@ -158,21 +165,34 @@ class Giver:
             d.callback(None)
 
 
+def _why_not_give(unit: ExportUnit) -> str | None:
+    """Why ``unit`` cannot be handed on now (None: it can)."""
+    export = unit.export
+    if export.state != RoleState.SERVING:
+        return f"cannot hand the export over while it is {export.state}: only while serving"
+    if unit.mirrors.running:
+        return "a migration is running: wait for it to end, or break it"
+    lease = unit.lease
+    if lease is not None and not lease.can_pass_on:
+        return f"the lease's lockspace cannot pass a grant to another process ({lease.state})"
+    return None
+
+
 class _Attempt:
     """One takeover attempt: the model its machine drives."""
 
     state: str
 
-    def __init__(self, node: GivingNode, unit: ExportUnit, sock: socket.socket, n: int) -> None:
+    def __init__(
+        self, node: GivingNode, units: list[ExportUnit], sock: socket.socket, n: int
+    ) -> None:
         self._node = node
-        self._unit = unit
+        self._units = units
         self._sock = sock
-        self._moving: list[Attached] = []
+        self._moving: dict[str, list[Attached]] = {unit.name: [] for unit in units}
         self._ports: list[tuple[str, IListeningPort]] = []
         self._chart = statecharts.load("takeover")
-        statecharts.build(
-            self._chart, self, instance=f"{unit.name}/{n}", tracer=node.tracer, clock=node.clock
-        )
+        statecharts.build(self._chart, self, instance=str(n), tracer=node.tracer, clock=node.clock)
 
     def fire(self, trigger: TakeoverTrigger) -> None:
         getattr(self, trigger)()
@@ -180,11 +200,9 @@ class _Attempt:
     # -- the attempt, step by step -------------------------------------------------------
 
     async def run(self) -> None:
-        export = self._unit.export
-        _log.info(
-            "{name}: a new process asks for the export: holding client requests", name=export.name
-        )
-        export.trigger(RoleTrigger.PASS_ON)
+        _log.info("a new process asks for {what}: holding client requests", what=self._what())
+        for unit in self._units:
+            unit.export.trigger(RoleTrigger.PASS_ON)
         self._pause_ports()
         try:
             await self._settle()
@@ -208,9 +226,9 @@ class _Attempt:
                 kind, text = await self._blocking(self._receive_note)
             except fdpass.FdPassTimeout:
                 _log.warn(
-                    "{name}: the new process said nothing in {s:g} s after it was told "
-                    "the export is its own: it may be serving, so this process must not",
-                    name=export.name,
+                    "the new process said nothing in {s:g} s after it was told {what} "
+                    "is its own: it may be serving, so this process must not",
+                    what=self._what(),
                     s=notes.STEP_TIMEOUT,
                 )
                 self.fire(TakeoverTrigger.UNCONFIRMED)
@@ -225,9 +243,15 @@ class _Attempt:
         finally:
             self._sock.close()
 
+    def _what(self) -> str:
+        """What is handed on, for the log: the export, or how many."""
+        if len(self._units) == 1:
+            return f"export {self._units[0].name!r}"
+        return f"the node's {len(self._units)} exports"
+
     async def _settle(self) -> None:
         """Wait for the jobs on threads (FLUSH, FUA) of every client; new ones are held."""
-        clients = self._unit.export.clients
+        clients = [client for unit in self._units for client in unit.export.clients]
         waiting = defer.DeferredList([client.settled() for client in clients])
         await _within(
             self._node.clock,
@@ -237,98 +261,116 @@ class _Attempt:
         )
 
     def _offer(self) -> tuple[bytes, list[int]]:
-        """Suspend every client, take the sessions and the lease: the state and its fds."""
-        export = self._unit.export
+        """Suspend every client, take the sessions and the leases: the state and its fds."""
+        exports = [self._offer_export(unit) for unit in self._units]
+        self._ports = self._node.handed_ports()
+        state = TakeoverState(
+            pid=os.getpid(),
+            served=self._node.served(),
+            exports=tuple(exports),
+            ports=tuple(PortState(kind, port.socket.family) for kind, port in self._ports),  # type: ignore[attr-defined]
+        )
+        fds = state.descriptors(
+            [
+                (
+                    unit.image.fileno(),
+                    [client.tcp_socket.fileno() for client in self._moving[unit.name]],
+                )
+                for unit in self._units
+            ],
+            [port.socket.fileno() for _, port in self._ports],  # type: ignore[attr-defined]
+        )
+        blob = state.to_bytes()
+        self.fire(TakeoverTrigger.OFFER)
+        _log.info(
+            "offering {what}, {ports} listening socket(s) and {n} client connection(s) "
+            "({size} bytes of state)",
+            what=self._what(),
+            ports=len(self._ports),
+            n=state.client_count,
+            size=len(blob),
+        )
+        return blob, fds
+
+    def _offer_export(self, unit: ExportUnit) -> ExportState:
+        """One export's clients suspended and their sessions taken, its lease passing."""
+        moving = self._moving[unit.name]
         clients: list[ClientState] = []
-        for client in export.clients:
+        for client in unit.export.clients:
             why = client.why_not_movable()
             if why is not None:
                 _log.info("{peer} cannot move: {why}", peer=client.peer_host, why=why)
                 continue
             client.suspend()
-            self._moving.append(client)
+            moving.append(client)
             try:
                 family = client.tcp_socket.family
                 clients.append(ClientState(family, client.session_snapshot(), client.unsent()))
             except (SnapshotError, OSError) as error:
-                self._moving.pop()
+                moving.pop()
                 client.resume_after_move()
                 _log.warn("{peer} cannot move: {error}", peer=client.peer_host, error=error)
-        self._ports = self._node.handed_ports()
-        image = export.image
+        image = unit.image
         passed: PassedGrant | None = None
-        if self._unit.lease is not None:
-            passed = self._unit.lease.hand_on()
-        state = TakeoverState(
-            pid=os.getpid(),
-            served=self._node.served(),
-            image=ImageState(os.path.abspath(image.path), image.size, image.read_only),
-            lease=passed,
-            ports=tuple(PortState(kind, port.socket.family) for kind, port in self._ports),  # type: ignore[attr-defined]
-            clients=tuple(clients),
+        if unit.lease is not None:
+            passed = unit.lease.hand_on()
+        return ExportState(
+            unit.name,
+            ImageState(os.path.abspath(image.path), image.size, image.read_only),
+            passed,
+            tuple(clients),
         )
-        fds = state.descriptors(
-            image.fileno(),
-            [port.socket.fileno() for _, port in self._ports],  # type: ignore[attr-defined]
-            [client.tcp_socket.fileno() for client in self._moving],
-        )
-        blob = state.to_bytes()
-        self.fire(TakeoverTrigger.OFFER)
-        _log.info(
-            "{name}: offering the export, its {ports} listening socket(s) and {n} client "
-            "connection(s) ({size} bytes of state)",
-            name=export.name,
-            ports=len(self._ports),
-            n=len(self._moving),
-            size=len(blob),
-        )
-        return blob, fds
 
     def _why_not_commit(self) -> str | None:
         """Whether this process can still promise never to serve again."""
-        export, lease = self._unit.export, self._unit.lease
-        if export.state != RoleState.PASSING_ON:
-            return f"the old process is {export.state} now"
-        if lease is not None and lease.state != LeaseState.PASSING:
-            return f"the old process's lease is {lease.state} now"
+        if self._node.exports.names() != [unit.name for unit in self._units]:
+            return "the old process's exports changed"
+        for unit in self._units:
+            export, lease = unit.export, unit.lease
+            if export.state != RoleState.PASSING_ON:
+                return f"the old process's export {unit.name!r} is {export.state} now"
+            if lease is not None and lease.state != LeaseState.PASSING:
+                return f"the old process's lease on {lease.resource} is {lease.state} now"
         return None
 
     # -- the two endings -------------------------------------------------------------------
 
     def _hand_over(self, how: str) -> None:
         """The new process has everything: let go of it all, without a packet, and stop."""
-        export = self._unit.export
-        if self._unit.lease is not None:
-            self._unit.lease.passed_on()
-        for client in self._moving:
-            client.handed_on("to the new process")
+        for unit in self._units:
+            if unit.lease is not None:
+                unit.lease.passed_on()
+            for client in self._moving[unit.name]:
+                client.handed_on("to the new process")
         self._node.let_go_ports()
-        # Any client still here could not move (closing, half-closed): it reconnects.
-        export.disconnect_all("the export was handed over to a new process")
-        export.trigger(RoleTrigger.PASSED_ON)
+        for unit in self._units:
+            # Any client still here could not move (closing, half-closed): it reconnects.
+            unit.export.disconnect_all("the export was handed over to a new process")
+            unit.export.trigger(RoleTrigger.PASSED_ON)
         _log.info(
-            "{name}: handed over ({how}): {n} client connection(s) and the listening "
+            "handed {what} over ({how}): {n} client connection(s) and the listening "
             "sockets are the new process's; stopping",
-            name=export.name,
+            what=self._what(),
             how=how,
-            n=len(self._moving),
+            n=sum(len(moving) for moving in self._moving.values()),
         )
         self._node.stop_after_takeover()
 
     def _resume(self, why: str) -> None:
         """Nothing moved for good: take everything back and serve on."""
-        export = self._unit.export
-        _log.warn("{name}: no takeover: {why}; serving on", name=export.name, why=why)
-        lease = self._unit.lease
-        if lease is not None and lease.state == LeaseState.PASSING:
-            lease.keep()
-        for client in self._moving:
-            client.resume_after_move()
-        self._moving = []
+        _log.warn("no takeover of {what}: {why}; serving on", what=self._what(), why=why)
+        for unit in self._units:
+            lease = unit.lease
+            if lease is not None and lease.state == LeaseState.PASSING:
+                lease.keep()
+            for client in self._moving[unit.name]:
+                client.resume_after_move()
+            self._moving[unit.name] = []
         if self._chart.property(self.state, "may_resume"):
             self.fire(TakeoverTrigger.RESUME)
-        if export.can(RoleTrigger.KEPT):
-            export.trigger(RoleTrigger.KEPT)
+        for unit in self._units:
+            if unit.export.can(RoleTrigger.KEPT):
+                unit.export.trigger(RoleTrigger.KEPT)
         self._resume_ports()
 
     # -- helpers -------------------------------------------------------------------------------

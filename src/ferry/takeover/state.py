@@ -1,4 +1,4 @@
-"""What travels beside the descriptors at a takeover: the export, its lease, its clients.
+"""What travels beside the descriptors at a takeover: the exports, their leases, their clients.
 
 Pure code: bytes in, values out.  The format keeps the rules of the
 others that move between processes (``ferry.handoff.carried``,
@@ -11,9 +11,12 @@ others that move between processes (``ferry.handoff.carried``,
   their own readers' limits, the whole by the descriptor exchange's cap;
 * **exact**: the parts add up to the blob, with nothing after.
 
-The descriptors come in one SCM_RIGHTS message, in the order
-:meth:`TakeoverState.split` reads them: the image, the lease's lock file
-(if the grant lives in one), each listening socket, each client.  A blob
+A node hands on all its exports at once (one for ``ferry serve``, every
+one of a daemon's), with the listening sockets they share.  The
+descriptors come in one SCM_RIGHTS message, in the order
+:meth:`TakeoverState.split` reads them: for each export its image and its
+lease's lock file (if the grant lives in one), then each listening socket,
+then each export's clients.  A blob
 that breaks a rule is a :class:`TakeoverStateError`: the taker refuses the
 takeover and the giver serves on.
 """
@@ -37,6 +40,8 @@ __all__ = [
     "TAKEOVER_FORMAT",
     "ClientState",
     "Descriptors",
+    "ExportDescriptors",
+    "ExportState",
     "ImageState",
     "PortState",
     "TakeoverState",
@@ -45,7 +50,7 @@ __all__ = [
 
 #: The format this ferry writes, and the only one it reads.
 TAKEOVER_FORMAT: Final = 1
-#: The JSON header (options, image, lease, ports): a few kilobytes in practice.
+#: The JSON header (options, exports, leases, ports): a few kilobytes in practice.
 MAX_HEADER_BYTES: Final = 1 << 20
 #: What a listening socket is for: the NBD port(s), the control socket, /metrics.
 PORT_KINDS: Final = frozenset({"nbd", "control", "metrics"})
@@ -92,28 +97,12 @@ class ImageState:
 
 
 @dataclass(frozen=True, slots=True)
-class Descriptors:
-    """The received descriptors, by what they are (:meth:`TakeoverState.split`)."""
+class ExportState:
+    """One export: its name, its image, its lease's grant (if it holds one), its clients."""
 
-    image: int
-    lock: int | None
-    ports: list[int]
-    clients: list[int]
-
-    def all(self) -> list[int]:
-        lock = [] if self.lock is None else [self.lock]
-        return [self.image, *lock, *self.ports, *self.clients]
-
-
-@dataclass(frozen=True)
-class TakeoverState:
-    """Everything a taker needs beside the descriptors; see the module doc."""
-
-    pid: int
-    served: Mapping[str, Any]
+    name: str
     image: ImageState
     lease: PassedGrant | None
-    ports: tuple[PortState, ...]
     clients: tuple[ClientState, ...] = field(default=())
 
     @property
@@ -122,14 +111,67 @@ class TakeoverState:
 
     @property
     def fd_count(self) -> int:
-        return 1 + int(self.has_lock) + len(self.ports) + len(self.clients)
+        return 1 + int(self.has_lock) + len(self.clients)
 
-    def descriptors(self, image: int, ports: Sequence[int], clients: Sequence[int]) -> list[int]:
-        """The giver's descriptors in the order of the message (the lock's is the lease's)."""
-        if len(ports) != len(self.ports) or len(clients) != len(self.clients):
-            raise ValueError("one descriptor per port and per client")
-        lock = [self.lease.fd] if self.lease is not None and self.lease.fd is not None else []
-        return [image, *lock, *ports, *clients]
+
+@dataclass(frozen=True, slots=True)
+class ExportDescriptors:
+    """One export's received descriptors: its image, its lock file's, its clients'."""
+
+    image: int
+    lock: int | None
+    clients: list[int]
+
+    def all(self) -> list[int]:
+        lock = [] if self.lock is None else [self.lock]
+        return [self.image, *lock, *self.clients]
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptors:
+    """The received descriptors, by what they are (:meth:`TakeoverState.split`)."""
+
+    exports: list[ExportDescriptors]
+    ports: list[int]
+
+    def all(self) -> list[int]:
+        return [fd for export in self.exports for fd in export.all()] + self.ports
+
+
+@dataclass(frozen=True)
+class TakeoverState:
+    """Everything a taker needs beside the descriptors; see the module doc."""
+
+    pid: int
+    served: Mapping[str, Any]
+    exports: tuple[ExportState, ...]
+    ports: tuple[PortState, ...]
+
+    @property
+    def fd_count(self) -> int:
+        return sum(export.fd_count for export in self.exports) + len(self.ports)
+
+    @property
+    def client_count(self) -> int:
+        return sum(len(export.clients) for export in self.exports)
+
+    def descriptors(
+        self, exports: Sequence[tuple[int, Sequence[int]]], ports: Sequence[int]
+    ) -> list[int]:
+        """The giver's descriptors in the order of the message: ``exports`` are each
+        export's image and clients, in the state's order (the lock's is the lease's)."""
+        if len(exports) != len(self.exports) or len(ports) != len(self.ports):
+            raise ValueError("one image per export and one descriptor per port")
+        heads: list[int] = []
+        clients: list[int] = []
+        for export, (image, theirs) in zip(self.exports, exports, strict=True):
+            if len(theirs) != len(export.clients):
+                raise ValueError(f"one descriptor per client of export {export.name!r}")
+            lease = export.lease
+            lock = [lease.fd] if lease is not None and lease.fd is not None else []
+            heads += [image, *lock]
+            clients += theirs
+        return [*heads, *ports, *clients]
 
     def split(self, fds: Sequence[int]) -> Descriptors:
         """The received descriptors by what they are; the count must be the state's."""
@@ -138,10 +180,16 @@ class TakeoverState:
                 f"{len(fds)} descriptors came with a state that describes {self.fd_count}"
             )
         rest = list(fds)
-        image = rest.pop(0)
-        lock = rest.pop(0) if self.has_lock else None
-        ports, clients = rest[: len(self.ports)], rest[len(self.ports) :]
-        return Descriptors(image, lock, ports, clients)
+        heads = []
+        for export in self.exports:
+            image = rest.pop(0)
+            heads.append((image, rest.pop(0) if export.has_lock else None))
+        ports, rest = rest[: len(self.ports)], rest[len(self.ports) :]
+        exports = []
+        for export, (image, lock) in zip(self.exports, heads, strict=True):
+            clients, rest = rest[: len(export.clients)], rest[len(export.clients) :]
+            exports.append(ExportDescriptors(image, lock, clients))
+        return Descriptors(exports, ports)
 
     # -- the wire format -------------------------------------------------------------
 
@@ -149,20 +197,26 @@ class TakeoverState:
         header = {
             "pid": self.pid,
             "served": dict(self.served),
-            "image": {
-                "path": self.image.path,
-                "size": self.image.size,
-                "read_only": self.image.read_only,
-            },
-            "lease": None if self.lease is None else _lease_to_json(self.lease),
+            "exports": [
+                {
+                    "name": export.name,
+                    "image": {
+                        "path": export.image.path,
+                        "size": export.image.size,
+                        "read_only": export.image.read_only,
+                    },
+                    "lease": None if export.lease is None else _lease_to_json(export.lease),
+                    "clients": [{"family": int(c.family)} for c in export.clients],
+                }
+                for export in self.exports
+            ],
             "ports": [{"kind": p.kind, "family": int(p.family)} for p in self.ports],
-            "clients": [{"family": int(c.family)} for c in self.clients],
         }
         raw = json.dumps(header, sort_keys=True, allow_nan=False).encode()
         if len(raw) > MAX_HEADER_BYTES:
             raise TakeoverStateError(f"a header of {len(raw)} bytes is over {MAX_HEADER_BYTES}")
         parts = [_PREAMBLE.pack(_MAGIC, TAKEOVER_FORMAT, len(raw)), raw]
-        for client in self.clients:
+        for client in (client for export in self.exports for client in export.clients):
             session = client.session.to_bytes()
             parts += [_LENGTH.pack(len(session)), session]
             parts += [_LENGTH.pack(len(client.replies)), client.replies]
@@ -194,24 +248,26 @@ class TakeoverState:
         except (ValueError, KeyError, TypeError) as error:  # JSON, UTF-8 and field errors
             raise TakeoverStateError(f"the takeover state's header: {error}") from None
         at += header_size
-        clients = []
-        for index, family in enumerate(state["client_families"]):
-            session, at = _part(view, at, f"client {index}'s session")
-            replies, at = _part(view, at, f"client {index}'s replies")
-            try:
-                snapshot = SessionSnapshot.from_bytes(session)
-            except SnapshotError as error:
-                raise TakeoverStateError(f"client {index}: {error}") from None
-            clients.append(ClientState(family, snapshot, bytes(replies)))
+        exports = []
+        index = 0
+        for export in state["exports"]:
+            clients = []
+            for family in export["client_families"]:
+                session, at = _part(view, at, f"client {index}'s session")
+                replies, at = _part(view, at, f"client {index}'s replies")
+                try:
+                    snapshot = SessionSnapshot.from_bytes(session)
+                except SnapshotError as error:
+                    raise TakeoverStateError(f"client {index}: {error}") from None
+                clients.append(ClientState(family, snapshot, bytes(replies)))
+                index += 1
+            exports.append(
+                ExportState(export["name"], export["image"], export["lease"], tuple(clients))
+            )
         if at != len(view):
             raise TakeoverStateError(f"{len(view) - at} bytes after the end of the takeover state")
         return cls(
-            pid=state["pid"],
-            served=state["served"],
-            image=state["image"],
-            lease=state["lease"],
-            ports=state["ports"],
-            clients=tuple(clients),
+            pid=state["pid"], served=state["served"], exports=tuple(exports), ports=state["ports"]
         )
 
 
@@ -244,14 +300,14 @@ def _lease_to_json(passed: PassedGrant) -> dict[str, Any]:
 def _from_header(header: Any) -> dict[str, Any]:
     """The header's fields, type-checked; KeyError, TypeError or ValueError if wrong."""
     top = _object(header, "the header")
+    # What the giver serves with: read (and checked) by ferry.takeover.options.
     served = _object(top["served"], "served")
-    for key, value in served.items():
-        if not isinstance(value, str | int | float | bool | list | type(None)):
-            raise TypeError(f"served option {key!r} is a {type(value).__name__}")
-    image = _object(top["image"], "image")
-    size = _whole(image["size"], "the image's size")
-    if size <= 0:
-        raise ValueError(f"an image of {size} bytes")
+    _object(served["node"], "served node options")
+    _list(served["exports"], "served exports")
+    exports = [_export_from_json(entry) for entry in _list(top["exports"], "exports")]
+    names = [export["name"] for export in exports]
+    if len(set(names)) != len(names):
+        raise ValueError("two exports of one name")
     ports = []
     for entry in _list(top["ports"], "ports"):
         port = _object(entry, "a port")
@@ -259,20 +315,32 @@ def _from_header(header: Any) -> dict[str, Any]:
         if kind not in PORT_KINDS or family not in _PORT_FAMILIES:
             raise ValueError(f"a {kind!r} port of family {family}")
         ports.append(PortState(kind, family))
+    return {
+        "pid": _whole(top["pid"], "pid"),
+        "served": served,
+        "exports": exports,
+        "ports": tuple(ports),
+    }
+
+
+def _export_from_json(raw: Any) -> dict[str, Any]:
+    export = _object(raw, "an export")
+    image = _object(export["image"], "an export's image")
+    size = _whole(image["size"], "the image's size")
+    if size <= 0:
+        raise ValueError(f"an image of {size} bytes")
     families = []
-    for entry in _list(top["clients"], "clients"):
+    for entry in _list(export["clients"], "clients"):
         family = _whole(_object(entry, "a client")["family"], "a client's family")
         if family not in _CLIENT_FAMILIES:
             raise ValueError(f"a client of address family {family}")
         families.append(family)
     return {
-        "pid": _whole(top["pid"], "pid"),
-        "served": served,
+        "name": _text(export["name"], "an export's name"),
         "image": ImageState(
             _text(image["path"], "the image's path"), size, _flag(image["read_only"], "read_only")
         ),
-        "lease": None if top["lease"] is None else _lease_from_json(top["lease"]),
-        "ports": tuple(ports),
+        "lease": None if export["lease"] is None else _lease_from_json(export["lease"]),
         "client_families": families,
     }
 
