@@ -113,13 +113,13 @@ def rig(tmp_path: Path, lockspace: str) -> Iterator[Rig]:
 class Rig:
     """An image, the ferry serving it, and its writer; the processes a test starts."""
 
-    def __init__(self, tmp_path: Path, lockspace: str) -> None:
+    def __init__(self, tmp_path: Path, lockspace: str, sock: Path | None = None) -> None:
         self.tmp = tmp_path
         self.lockspace = lockspace
         self.image = random_file(tmp_path / "disk.img", SIZE, seed=11)
         self.original = tmp_path / "original.img"
         self.original.write_bytes(self.image.read_bytes())
-        self.sock = tmp_path / "ctl.sock"
+        self.sock = sock or tmp_path / "ctl.sock"
         self.processes: list[FerryProcess] = []
         self.old = self.serve()
         self.writer = Writer(self.old.uri("disk"))
@@ -150,11 +150,16 @@ class Rig:
         return process
 
     def take_over(
-        self, *extra: str, env: dict[str, str] | None = None, trace: str = "new.jsonl"
+        self,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        trace: str = "new.jsonl",
+        sock: Path | None = None,
     ) -> FerryProcess:
         """``ferry serve --takeover`` of the old process's control socket (not yet waited on)."""
+        path = sock or self.sock
         process = FerryProcess(
-            ["serve", "--takeover", str(self.sock), "--trace", str(self.tmp / trace), *extra],
+            ["serve", "--takeover", str(path), "--trace", str(self.tmp / trace), *extra],
             env=env,
         )
         self.processes.append(process)
@@ -268,9 +273,7 @@ def test_a_state_format_the_new_process_does_not_read_is_refused_before_anything
 
 
 @pytest.mark.parametrize("point", ["takeover_received", "takeover_committed"])
-def test_a_new_process_killed_mid_takeover_leaves_the_old_one_serving(
-    rig: Rig, point: str
-) -> None:
+def test_a_new_process_killed_mid_takeover_leaves_the_old_one_serving(rig: Rig, point: str) -> None:
     """Killed holding every descriptor (before "ready"), or told "yours" but before it said
     "serving": either way it touched nothing, and the old process takes everything back."""
     started = rig.writer.expect("started")
@@ -314,3 +317,130 @@ def test_options_that_are_not_the_old_process_s_are_refused_before_anything_is_h
     assert plain.returncode == 2
     assert b"the following arguments are required: -l/--addr, -p/--port" in plain.stderr
     wait_until("the old process still serves", lambda: rig.status()["state"] == "serving")
+
+
+# -- who may take a node over ---------------------------------------------------------------
+
+NOBODY = 65534
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+# Run as nobody: ask the control socket at argv[1] for a takeover, as `ferry serve
+# --takeover` does; say what came back (a refusal, or descriptors).
+RAW_TAKEOVER = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError as error:
+    print(json.dumps({"connect": error.strerror}))
+    sys.exit(0)
+s.sendall(b'{"id": 1, "method": "takeover", "params": {}}\\n')
+data, ancillary, _, _ = s.recvmsg(65536, socket.CMSG_SPACE(253 * 4))
+print(json.dumps({"answer": data.decode(errors="replace"), "ancillary": len(ancillary)}))
+"""
+
+# Run as nobody: a server at argv[1] posing as a ferry; it says what it was sent.
+FAKE_SERVER = """
+import os, socket, sys
+server = socket.socket(socket.AF_UNIX)
+server.bind(sys.argv[1])
+os.chmod(sys.argv[1], 0o666)
+server.listen()
+print("listening", flush=True)
+conn, _ = server.accept()
+data = b""
+while chunk := conn.recv(4096):
+    data += chunk
+print(repr(data), flush=True)
+"""
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A directory under /tmp that nobody may enter (its own 0700 would keep nobody out)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="takeover-attack-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_only_this_user_or_root_may_take_over_and_no_one_else_s_symlink_is_followed(
+    tmp_path: Path, shared_tmp: Path
+) -> None:
+    """The attacks, by uid 65534 (nobody) on a root ferry whose control socket is reachable."""
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o700)
+    rig = Rig(tmp_path, f"local:{locks}", sock=shared_tmp / "ctl.sock")
+    try:
+        started = rig.writer.expect("started")
+        refused = "neither this user nor root"
+
+        # 1. nobody asks for the node on its control socket: 0600, so the kernel says no;
+        # made 0666 (an operator's mistake), ferry says no, and hands nothing out.
+        ask = [*AS_NOBODY, "/usr/bin/python3", "-c", RAW_TAKEOVER, str(rig.sock)]
+        assert json.loads(run(ask).stdout) == {"connect": "Permission denied"}
+        rig.sock.chmod(0o666)
+        answer = json.loads(run(ask).stdout)
+        assert answer["ancillary"] == 0, answer  # no descriptor came with the answer
+        error = json.loads(answer["answer"])["error"]
+        assert (
+            error["message"] == f"takeover: uid {NOBODY} may not; only this server's user or root"
+        )
+        rig.old.wait_for_log(f"refused takeover to a client running as uid {NOBODY}")
+        rig.sock.chmod(0o600)
+
+        # 2. nobody's symlink to the real socket, in nobody's own directory (the kernel's
+        # protected_symlinks does not cover that, whatever its setting): not followed.
+        theirs = shared_tmp / "nobody"
+        theirs.mkdir()
+        os.chown(theirs, NOBODY, NOBODY)
+        link = theirs / "ctl.sock"
+        run([*AS_NOBODY, "ln", "-s", str(rig.sock), str(link)])
+        assert link.lstat().st_uid == NOBODY
+        taker = run([*FERRY, "serve", "--takeover", str(link)], check=False)
+        assert taker.returncode == 1
+        assert f"{link} is a symbolic link of uid {NOBODY}" in taker.stderr.decode()
+        assert "refusing to follow it" in taker.stderr.decode()
+
+        # 3. nobody's own server posing as a ferry, in a sticky directory everyone may use:
+        # told apart by the kernel's word on who listens, before a byte is sent to it.
+        sticky = shared_tmp / "sticky"
+        sticky.mkdir()
+        sticky.chmod(0o1777)
+        fake_sock = sticky / "ferry.sock"
+        fake = subprocess.Popen(
+            [*AS_NOBODY, "/usr/bin/python3", "-c", FAKE_SERVER, str(fake_sock)],
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert fake.stdout is not None
+            assert read_line(fake.stdout, Deadline()) == b"listening\n"
+            taker = run([*FERRY, "serve", "--takeover", str(fake_sock)], check=False)
+            assert taker.returncode == 1
+            assert f"runs as uid {NOBODY}, {refused}" in taker.stderr.decode(), taker.stderr
+            assert read_line(fake.stdout, Deadline()) == b"b''\n"  # it was sent nothing
+        finally:
+            fake.kill()
+            fake.wait()
+
+        # None of it held a request, or moved anything: the old process never noticed.
+        rig.writer.writes_on(500)
+        status = rig.status()
+        assert status["state"] == "serving" and status["pid"] == str(rig.old.proc.pid)
+        assert not any(key.startswith("takeover") for key in replayed(rig.tmp / "old.jsonl"))
+
+        # The real path, by root: through our own symlink too.
+        ours = tmp_path / "ours.sock"
+        ours.symlink_to(rig.sock)
+        new = rig.take_over(sock=ours).wait_serving()
+        assert rig.old.proc.wait(timeout=30) == 0
+        rig.writer.writes_on(500)
+        done = rig.writer.stop()
+        assert_untouched(done, started)
+        assert new.stop() == 0
+        rig.check_image(done)
+    finally:
+        rig.close()

@@ -11,7 +11,10 @@ the server sends waits within a cap while the client is slow
 
 A JSON method in :attr:`Commands.upgrades` (``takeover``) takes the
 connection itself, if it is the first request on it: the server hands a
-duplicate of the socket to the method and forgets the connection.
+duplicate of the socket to the method and forgets the connection.  Such a
+method hands out the node's descriptors, so only a client running as this
+server's user or as root may call it (the kernel says who, SO_PEERCRED),
+whatever the socket file's mode has been changed to.
 
 A request -- a flexnbd command up to its blank line, or one JSON line --
 may be at most ``MAX_COMMAND_BYTES``.  A longer command is answered ``1:
@@ -32,6 +35,7 @@ import math
 import os
 import socket
 import stat
+import struct
 from collections.abc import Callable
 from typing import Any, Final, NoReturn
 
@@ -253,6 +257,14 @@ class ControlProtocol(Protocol):
             why = f"{method} must be the first request on its connection"
             self._send_json(_error(request_id, 1, why))
             return
+        transport = self.transport
+        assert transport is not None
+        uid = _peer_uid(transport.socket)  # type: ignore[attr-defined]
+        if uid not in (os.geteuid(), 0):
+            log.warn("refused {method} to a client running as uid {uid}", method=method, uid=uid)
+            why = f"{method}: uid {uid} may not; only this server's user or root"
+            self._send_json(_error(request_id, 1, why))
+            return
         try:
             outcome = self._commands.upgrades[method](params or {})
         except Exception:
@@ -262,8 +274,6 @@ class ControlProtocol(Protocol):
         if isinstance(outcome, str):
             self._send_json(_error(request_id, 1, outcome))
             return
-        transport = self.transport
-        assert transport is not None
         # Our own descriptor of the connection for the method; Twisted's goes
         # with an abort (a Unix socket's close sends nothing while ours lives).
         sock = transport.socket.dup()  # type: ignore[attr-defined]
@@ -289,6 +299,17 @@ class ControlProtocol(Protocol):
             log.failure("control answer {answer!r:.200} is not JSON", answer=answer)
             error = "internal error: the answer cannot be written as JSON"
             self._out.send(_error(answer.get("id"), 1, error))
+
+
+def _peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end of a Unix socket (None: not one)."""
+    if sock.family != socket.AF_UNIX:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    return int(_PEERCRED.unpack(raw)[1])
+
+
+_PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def _strict_json(raw: bytes) -> Any:
