@@ -31,7 +31,19 @@ import pytest
 
 from etcd_support import EtcdServer, etcd_fixture
 from ferry.status import parse_line
-from support import FERRY, Deadline, FerryProcess, random_file, read_line, run, wait_until
+from support import (
+    FERRY,
+    Deadline,
+    FerryProcess,
+    QemuIo,
+    Writers,
+    check_acked,
+    daemon,
+    random_file,
+    read_line,
+    run,
+    wait_until,
+)
 from workload import BLOCK, lost_writes
 
 pytestmark = pytest.mark.integration
@@ -47,9 +59,10 @@ WRITER = Path(__file__).resolve().parents[1] / "takeover_writer.py"
 class Writer:
     """The libnbd writer in a child process, driven by its stdin, heard on its stdout."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, span: int = SIZE) -> None:
+        """It writes the blocks of the image's first ``span`` bytes."""
         self.proc = subprocess.Popen(
-            ["/usr/bin/python3", str(WRITER), uri, "1", str(SIZE // BLOCK), str(DEPTH)],
+            ["/usr/bin/python3", str(WRITER), uri, "1", str(span // BLOCK), str(DEPTH)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -113,7 +126,9 @@ def rig(tmp_path: Path, lockspace: str) -> Iterator[Rig]:
 class Rig:
     """An image, the ferry serving it, and its writer; the processes a test starts."""
 
-    def __init__(self, tmp_path: Path, lockspace: str, sock: Path | None = None) -> None:
+    def __init__(
+        self, tmp_path: Path, lockspace: str, sock: Path | None = None, span: int = SIZE
+    ) -> None:
         self.tmp = tmp_path
         self.lockspace = lockspace
         self.image = random_file(tmp_path / "disk.img", SIZE, seed=11)
@@ -122,7 +137,7 @@ class Rig:
         self.sock = sock or tmp_path / "ctl.sock"
         self.processes: list[FerryProcess] = []
         self.old = self.serve()
-        self.writer = Writer(self.old.uri("disk"))
+        self.writer = Writer(self.old.uri("disk"), span)
 
     def serve(self, *extra: str, env: dict[str, str] | None = None) -> FerryProcess:
         process = FerryProcess(
@@ -168,11 +183,15 @@ class Rig:
     def status(self) -> dict[str, str]:
         return parse_line(run([*FERRY, "status", "--sock", str(self.sock)]).stdout.decode())
 
-    def check_image(self, report: dict[str, Any]) -> None:
-        """Every acknowledged write is in the image, every other block is the original's."""
+    def check_image(self, report: dict[str, Any], others: dict[int, bytes] | None = None) -> None:
+        """Every acknowledged write is in the image, and every write of ``others`` (bytes by
+        offset, another client's); every other block is the original's."""
         image, original = self.image.read_bytes(), self.original.read_bytes()
         assert report["acked"] and lost_writes(image, report) == []
         written = {int(offset) for offset in report["acked"]}
+        for offset, data in (others or {}).items():
+            assert image[offset : offset + len(data)] == data, offset
+            written.update(range(offset, offset + len(data), BLOCK))
         for offset in range(0, SIZE, BLOCK):
             if offset not in written:
                 assert image[offset : offset + BLOCK] == original[offset : offset + BLOCK], offset
@@ -248,6 +267,233 @@ def test_a_writer_with_16_in_flight_sees_a_pause_not_a_disconnect(rig: Rig) -> N
     }
     log = rig.old.stderr_text()
     assert "handed export 'disk' over (confirmed)" in log, log
+
+
+def tcp_connections(pid: int) -> set[tuple[str, str]]:
+    """The established TCP connections of process ``pid``: (local, peer) addresses (ss)."""
+    out = run(["ss", "-tnpH", "state", "established"]).stdout.decode()
+    return {
+        (fields[2], fields[3])
+        for fields in (line.split() for line in out.splitlines())
+        if f"pid={pid}," in line_of(fields)
+    }
+
+
+def line_of(fields: list[str]) -> str:
+    return " ".join(fields)
+
+
+def test_qemu_io_and_a_libnbd_writer_keep_their_connections_and_every_byte(
+    tmp_path: Path,
+) -> None:
+    """Two real clients of two implementations: qemu-io writes and reads back (verified by
+    qemu-io itself) 64 KiB at a time on one connection in the last 4 MiB, the writer the
+    rest, 16 in flight.  Neither reconnects: the same 4-tuple before and after."""
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o700)
+    span = SIZE - QemuIo.SLOTS * QemuIo.SLOT
+    rig = Rig(tmp_path, f"local:{locks}", span=span)
+    qemu = None
+    try:
+        started = rig.writer.expect("started")
+        qemu = QemuIo([], rig.old.uri("disk"), span)
+        wait_until("qemu-io connects", lambda: rig.status()["num_clients"] == "2")
+        connection = tcp_connections(qemu.proc.pid)
+        assert len(connection) == 1, connection
+        wait_until("qemu-io writes", lambda: qemu is not None and qemu.pairs > 20)
+        new = rig.take_over().wait_serving()
+        pairs_at_takeover = qemu.pairs
+        assert rig.old.proc.wait(timeout=30) == 0
+        rig.writer.writes_on(1000)
+        wait_until(
+            "qemu-io goes on", lambda: qemu is not None and qemu.pairs > pairs_at_takeover + 50
+        )
+        assert tcp_connections(qemu.proc.pid) == connection  # the same connection, never another
+        status = rig.status()
+        assert (status["num_clients"], status["connections_moved"]) == ("2", "2"), status
+    finally:
+        output = qemu.finish() if qemu is not None else ""
+    done = rig.writer.stop()
+    assert_untouched(done, started)
+    assert new.stop() == 0
+    rig.close()
+    # qemu-io verified every read-back itself; none failed, every command answered.
+    assert "Pattern verification failed" not in output and "error" not in output.lower(), output
+    assert output.count("wrote 65536/65536") == output.count("read 65536/65536") == qemu.pairs
+    rig.check_image(done, others=qemu.last_written())
+
+
+def test_the_old_and_the_new_process_never_both_serve(rig: Rig) -> None:
+    """Stopped between "yours" and "serving", the new process serves nothing yet, and the old
+    one holds every request (passing_on); once it serves, the old one never serves again.
+    The traces' clocks are this host's: the old role left serving before the new one
+    entered it."""
+    started = rig.writer.expect("started")
+    new = rig.take_over(env=dict(os.environ, FERRY_PAUSE_AT="takeover_committed"))
+    new.wait_for_log("paused at takeover_committed")
+    held = rig.status()  # the old process answers: the new one has adopted no socket yet
+    assert held["pid"] == str(rig.old.proc.pid)
+    assert (held["state"], held["num_clients"]) == ("passing_on", "1"), held
+    new.proc.send_signal(signal.SIGCONT)
+    new.wait_serving()
+    assert rig.old.proc.wait(timeout=30) == 0
+    rig.writer.writes_on(500)
+    done = rig.writer.stop()
+    assert_untouched(done, started)
+    assert new.stop() == 0
+    rig.check_image(done)
+
+    def role(trace: str) -> list[tuple[float, str]]:
+        records = [json.loads(line) for line in (rig.tmp / trace).read_text().splitlines()]
+        return [(r["time"], r["dest"]) for r in records if r["machine"] == "role" and r["ok"]]
+
+    old, new_role = role("old.jsonl"), role("new.jsonl")
+    assert [state for _, state in old] == [
+        "starting",
+        "serving",
+        "passing_on",
+        "handed_off",
+        "stopped",
+    ]
+    assert [state for _, state in new_role] == ["starting", "serving", "stopped"]
+    left_serving, began_serving = old[2][0], new_role[1][0]
+    assert left_serving <= began_serving, (old, new_role)
+
+
+# -- a daemon: every export at once ---------------------------------------------------------
+
+
+def test_a_daemon_hands_every_export_on_with_its_clients(tmp_path: Path) -> None:
+    """``ferry daemon --config FILE --takeover SOCK``: the exports as the old daemon runs them
+    (one added at run time too), each with its libnbd writer, its lease and its ACL; the
+    file is the new daemon's to reload.  A file whose node is not the old one's is refused
+    before anything is held."""
+    (tmp_path / "locks").mkdir(mode=0o700)
+    for seed, name in enumerate(["a", "b", "c", "d"], start=21):
+        random_file(tmp_path / f"{name}.img", SIZE, seed=seed)
+    originals = {name: (tmp_path / f"{name}.img").read_bytes() for name in "abcd"}
+    config = tmp_path / "ferry.toml"
+    node = 'addr = "127.0.0.1"\nport = 0\nsock = "ferry.sock"\nlockspace = "local:locks"\n'
+    tables = "".join(f'\n[[export]]\nname = "{n}"\nfile = "{n}.img"\n' for n in "abc")
+    config.write_text(node + tables)
+    sock = str(tmp_path / "ferry.sock")
+    old = daemon(config)
+    processes = [old]
+    try:
+        # d comes at run time, not from the file; c's ACL is changed at run time (to one
+        # that refuses this host), a's too (to one that admits it).
+        run(
+            [
+                *FERRY,
+                "export",
+                "add",
+                "--sock",
+                sock,
+                "--name",
+                "d",
+                "--file",
+                str(tmp_path / "d.img"),
+            ]
+        )
+        run([*FERRY, "acl", "--sock", sock, "--export", "a", "127.0.0.1"])
+        assert run(["nbdinfo", old.uri("c")], check=False).returncode == 0
+        run([*FERRY, "acl", "--sock", sock, "--export", "c", "192.0.2.1"])
+        refused = run(["nbdinfo", old.uri("c")], check=False)
+        assert refused.returncode != 0 and b"not supported for export: c" in refused.stderr, refused.stderr
+        stop = tmp_path / "stop"
+        writers = Writers({name: old.uri(name) for name in ("a", "b", "d")}, SIZE // BLOCK, stop)
+        wait_until("three writers", lambda: _clients(sock) == {"a": 1, "b": 1, "c": 0, "d": 1})
+        tokens = _tokens(tmp_path, "abcd")
+
+        wrong = run(
+            [
+                *FERRY,
+                "daemon",
+                "--config",
+                str(_with_port(config, old.port + 1)),
+                "--takeover",
+                sock,
+            ],
+            check=False,
+        )
+        assert wrong.returncode == 1
+        assert f"--port {old.port + 1} is not the old process's {old.port}" in wrong.stderr.decode()
+
+        new = FerryProcess(["daemon", "--config", str(config), "--takeover", sock])
+        processes.append(new)
+        new.wait_for_log("ready: 4 exports")
+        assert old.proc.wait(timeout=30) == 0
+        assert "took 4 exports over from process" in new.stderr_text()
+        assert _clients(sock) == {"a": 1, "b": 1, "c": 0, "d": 1}
+        for name in "abd":  # each one's client moved, on its own connection
+            status = parse_line(
+                run([*FERRY, "status", "--sock", sock, "--export", name]).stdout.decode()
+            )
+            assert (status["pid"], status["state"]) == (str(new.proc.pid), "serving")
+            assert (status["connections_moved"], status["connections_aborted"]) == ("1", "0")
+        assert _tokens(tmp_path, "abcd") == tokens  # the same grants, none taken anew
+        rows = json.loads(run([*FERRY, "export", "list", "--sock", sock, "--json"]).stdout)
+        assert [row["name"] for row in rows] == ["a", "b", "c", "d"]
+        # c's ACL as it was at run time, not the file's (none): this host is refused.
+        refused = run(["nbdinfo", old.uri("c")], check=False)  # the same port, the new process
+        assert refused.returncode != 0 and b"not supported for export: c" in refused.stderr, refused.stderr
+        assert run(["nbdinfo", old.uri("b")], check=False).returncode == 0
+
+        # The new daemon reloads its file: an export added there starts, d (run time) stays.
+        random_file(tmp_path / "e.img", SIZE, seed=30)
+        config.write_text(node + tables + '\n[[export]]\nname = "e"\nfile = "e.img"\n')
+        reloaded = run([*FERRY, "reload", "--sock", sock]).stdout.decode()
+        assert "started e" in reloaded, reloaded
+        assert _clients(sock) == {"a": 1, "b": 1, "c": 0, "d": 1, "e": 0}
+
+        reports = writers.stop()
+        assert new.stop() == 0
+    finally:
+        for process in processes:
+            if process.proc.poll() is None:
+                process.proc.kill()
+                process.proc.wait()
+    for name, report in reports.items():
+        assert report["ended"] == "stopped", report
+        assert report["local_start"] == report["local_end"], report  # one connection
+        image = (tmp_path / f"{name}.img").read_bytes()
+        check_acked(report, image)
+        written = {int(offset) for offset in report["acked"]} | {
+            int(offset) for offset in report["unanswered"]
+        }
+        for offset in range(0, SIZE, BLOCK):
+            if offset not in written:
+                assert image[offset : offset + BLOCK] == originals[name][offset : offset + BLOCK]
+    assert (tmp_path / "c.img").read_bytes() == originals["c"]
+
+
+def _clients(sock: str) -> dict[str, int]:
+    rows = json.loads(run([*FERRY, "export", "list", "--sock", sock, "--json"]).stdout)
+    return {row["name"]: row["clients"] for row in rows}
+
+
+def _tokens(tmp_path: Path, names: str) -> dict[str, str]:
+    """Each image's lease holders, as ``ferry lock status`` says them."""
+    return {
+        name: run(
+            [
+                *FERRY,
+                "lock",
+                "status",
+                "--lockspace",
+                f"local:{tmp_path / 'locks'}",
+                "--resource",
+                str(tmp_path / f"{name}.img"),
+            ]
+        ).stdout.decode()
+        for name in names
+    }
+
+
+def _with_port(config: Path, port: int) -> Path:
+    other = config.with_name("other.toml")
+    other.write_text(config.read_text().replace("port = 0", f"port = {port}"))
+    return other
 
 
 # -- what must not happen ----------------------------------------------------------------
