@@ -956,7 +956,7 @@ class Node:
             moved += self._adopt_export(one, export, fds, taken.asked_at).moved
         log.info(
             "took {what} over from process {pid}: {moved} client connection(s), "
-            "{ports} listening socket(s), {leases} lease(s)",
+            "{ports} listening socket(s), {leases} lease(s), {ms:.1f} ms after asking",
             what=f"{len(state.exports)} exports"
             if len(state.exports) != 1
             else state.exports[0].name,
@@ -964,6 +964,7 @@ class Node:
             moved=moved,
             ports=len(state.ports),
             leases=sum(one.unit.lease is not None for one in prepared.exports),
+            ms=(self.clock.seconds() - taken.asked_at) * 1000,
         )
         self._running = True
         for one in prepared.exports:

@@ -191,6 +191,7 @@ class _Attempt:
         self._sock = sock
         self._moving: dict[str, list[Attached]] = {unit.name: [] for unit in units}
         self._ports: list[tuple[str, IListeningPort]] = []
+        self._held_at = node.clock.seconds()
         self._chart = statecharts.load("takeover")
         statecharts.build(self._chart, self, instance=str(n), tracer=node.tracer, clock=node.clock)
 
@@ -200,6 +201,7 @@ class _Attempt:
     # -- the attempt, step by step -------------------------------------------------------
 
     async def run(self) -> None:
+        self._held_at = self._node.clock.seconds()
         _log.info("a new process asks for {what}: holding client requests", what=self._what())
         for unit in self._units:
             unit.export.trigger(RoleTrigger.PASS_ON)
@@ -242,6 +244,10 @@ class _Attempt:
             self._resume(str(error))
         finally:
             self._sock.close()
+
+    def _held_ms(self) -> float:
+        """How long client requests have been held, from the request on (the log's figure)."""
+        return (self._node.clock.seconds() - self._held_at) * 1000
 
     def _what(self) -> str:
         """What is handed on, for the log: the export, or how many."""
@@ -349,16 +355,22 @@ class _Attempt:
             unit.export.trigger(RoleTrigger.PASSED_ON)
         _log.info(
             "handed {what} over ({how}): {n} client connection(s) and the listening "
-            "sockets are the new process's; stopping",
+            "sockets are the new process's; clients held {held_ms:.1f} ms here; stopping",
             what=self._what(),
             how=how,
             n=sum(len(moving) for moving in self._moving.values()),
+            held_ms=self._held_ms(),
         )
         self._node.stop_after_takeover()
 
     def _resume(self, why: str) -> None:
         """Nothing moved for good: take everything back and serve on."""
-        _log.warn("no takeover of {what}: {why}; serving on", what=self._what(), why=why)
+        _log.warn(
+            "no takeover of {what}: {why}; serving on (clients held {held_ms:.1f} ms)",
+            what=self._what(),
+            why=why,
+            held_ms=self._held_ms(),
+        )
         for unit in self._units:
             lease = unit.lease
             if lease is not None and lease.state == LeaseState.PASSING:
