@@ -399,7 +399,8 @@ def test_a_daemon_hands_every_export_on_with_its_clients(tmp_path: Path) -> None
         assert run(["nbdinfo", old.uri("c")], check=False).returncode == 0
         run([*FERRY, "acl", "--sock", sock, "--export", "c", "192.0.2.1"])
         refused = run(["nbdinfo", old.uri("c")], check=False)
-        assert refused.returncode != 0 and b"not supported for export: c" in refused.stderr, refused.stderr
+        assert refused.returncode != 0, refused.stderr
+        assert b"not supported for export: c" in refused.stderr, refused.stderr
         stop = tmp_path / "stop"
         writers = Writers({name: old.uri(name) for name in ("a", "b", "d")}, SIZE // BLOCK, stop)
         wait_until("three writers", lambda: _clients(sock) == {"a": 1, "b": 1, "c": 0, "d": 1})
@@ -436,7 +437,8 @@ def test_a_daemon_hands_every_export_on_with_its_clients(tmp_path: Path) -> None
         assert [row["name"] for row in rows] == ["a", "b", "c", "d"]
         # c's ACL as it was at run time, not the file's (none): this host is refused.
         refused = run(["nbdinfo", old.uri("c")], check=False)  # the same port, the new process
-        assert refused.returncode != 0 and b"not supported for export: c" in refused.stderr, refused.stderr
+        assert refused.returncode != 0, refused.stderr
+        assert b"not supported for export: c" in refused.stderr, refused.stderr
         assert run(["nbdinfo", old.uri("b")], check=False).returncode == 0
 
         # The new daemon reloads its file: an export added there starts, d (run time) stays.
