@@ -50,6 +50,7 @@ from ferry.serve.acl import Acl, is_loopback
 from ferry.serve.export import Export
 from ferry.serve.server import NBDServer
 from ferry.storage import Image
+from ferry.tls import Credentials, ServerTLS, TLSError, TLSMode, load_credentials, read_subjects
 from ferry.trace import TraceFile, Tracer, log_transitions
 
 __all__ = ["NO_LOCKSPACE", "Node", "ServeConfig", "StartupError"]
@@ -85,6 +86,12 @@ class ServeConfig:
     # default (a local directory), NO_LOCKSPACE is no lease at all.
     lockspace: str | None = None
     resource: str | None = None  # the lease's name (default: the image's real path)
+    # --tls, --tls-certificates, --tls-verify-peer, --tls-allowed-subjects (see ferry.tls).
+    # With certificates, this node's migrations go out over TLS too.
+    tls: TLSMode = TLSMode.OFF
+    tls_certificates: str | None = None
+    tls_verify_peer: bool = False
+    tls_allowed_subjects: str | None = None
 
     @property
     def export_name(self) -> str:
@@ -122,6 +129,8 @@ class Node:
         self.nbd_port: IListeningPort | None = None
         self.metrics_port: IListeningPort | None = None
         self._lockspace: LeaseBackend | None = None
+        # The --tls-certificates directory, checked: the client side of migrations.
+        self.credentials: Credentials | None = None
         self._stopped = False
 
     def run_blocking(self, work: Callable[[], object]) -> Deferred[Any]:
@@ -168,8 +177,9 @@ class Node:
             acl = Acl.parse(config.acl, default_deny=config.default_deny)
         except AclError as error:
             raise StartupError(str(error)) from None
+        tls = self._open_tls(config)
         if config.listen:
-            _check_senders_are_named(config, acl)
+            _check_senders_are_named(config, acl, tls)
         if config.trace:
             try:
                 self._trace_file = TraceFile(config.trace)
@@ -185,6 +195,7 @@ class Node:
             acl=acl,
             oldstyle=config.oldstyle,
             receiver=Receiver(run_blocking=self.run_blocking, clock=self.clock),
+            tls=tls,
         )
         if config.sock:
             from ferry.control.server import ControlSocketError
@@ -214,6 +225,45 @@ class Node:
                 self._lockspace = open_lockspace(spec, reactor=self.reactor, clock=self.clock)
             except (ValueError, LeaseError) as error:
                 raise StartupError(f"--lockspace {config.lockspace or ''}: {error}") from None
+
+    def _open_tls(self, config: ServeConfig) -> ServerTLS:
+        """Check the TLS options and read the certificates, before anything opens."""
+        mode = config.tls
+        if config.oldstyle and mode is not TLSMode.OFF:
+            raise StartupError(
+                f"--oldstyle cannot be combined with --tls {mode.value}: "
+                "oldstyle negotiation has no NBD_OPT_STARTTLS"
+            )
+        if mode is not TLSMode.OFF and config.tls_certificates is None:
+            raise StartupError(
+                f"--tls {mode.value} needs --tls-certificates DIR "
+                "(with ca-cert.pem, server-cert.pem and server-key.pem)"
+            )
+        if config.tls_verify_peer and mode is TLSMode.OFF:
+            raise StartupError("--tls-verify-peer needs --tls on or --tls require")
+        if config.tls_allowed_subjects is not None and not config.tls_verify_peer:
+            raise StartupError(
+                "--tls-allowed-subjects needs --tls-verify-peer: without it no subject is verified"
+            )
+        if config.tls_certificates is None:
+            return ServerTLS(TLSMode.OFF)
+        try:
+            self.credentials = load_credentials(
+                config.tls_certificates, server=mode is not TLSMode.OFF
+            )
+            allowed = None
+            if config.tls_allowed_subjects is not None:
+                allowed = read_subjects(config.tls_allowed_subjects)
+        except TLSError as error:
+            raise StartupError(str(error)) from None
+        if mode is TLSMode.OFF:
+            return ServerTLS(TLSMode.OFF)
+        return ServerTLS(
+            mode,
+            self.credentials.server_options(verify_peer=config.tls_verify_peer),
+            verify_peer=config.tls_verify_peer,
+            allowed_senders=allowed,
+        )
 
     # -- exports ------------------------------------------------------------------------
 
@@ -247,6 +297,7 @@ class Node:
             connector=tcp_connector(self.reactor),
             tracer=self.tracer,
             stop_process=self._stop_after_handoff,
+            tls=None if self.credentials is None else self.credentials.client_creator,
         )
         unit = ExportUnit(config, export, mirrors)
         d = self._take_lease(unit)
@@ -356,14 +407,12 @@ class Node:
 
         Called inside the handoff; the process stops on a later turn of the
         reactor, after waiters on the control socket have had their answer.
+        A job whose chart has ended may not have *finished* yet: its socket
+        is still closing (TLS trades close_notify first), and ``ferry mirror
+        --wait`` is answered only then.
         """
-        for unit in self.exports:
-            if unit.mirrors.running:
-                unit.mirrors.finished().addBoth(
-                    lambda _: self.reactor.callLater(0, self.reactor.stop)
-                )
-                return
-        self.reactor.callLater(0, self.reactor.stop)
+        finished = [unit.mirrors.finished() for unit in self.exports]
+        defer.DeferredList(finished).addBoth(lambda _: self.reactor.callLater(0, self.reactor.stop))
 
     def _listen_tcp(self, port: int, factory: Any, host: str, what: str) -> IListeningPort:
         try:
@@ -427,16 +476,17 @@ class Node:
             self._trace_file = None
 
 
-def _check_senders_are_named(config: ServeConfig, acl: Acl) -> None:
+def _check_senders_are_named(config: ServeConfig, acl: Acl, tls: ServerTLS) -> None:
     """A listener must say who may hand it an image (``Acl.admits_sender``).
 
     An empty ACL admits senders only from loopback: on any other address
     that would be no sender at all, which is a mistake worth one line now
-    rather than a refused migration later.  flexnbd's stream (``--oldstyle``)
-    cannot be told apart from a client's, so it needs the ACL whatever the
-    address.
+    rather than a refused migration later -- unless senders can prove who
+    they are with a certificate (``--tls-verify-peer``), which needs no
+    address.  flexnbd's stream (``--oldstyle``) cannot be told apart from a
+    client's, so it needs the ACL whatever the address.
     """
-    if acl.networks:
+    if acl.networks or tls.verify_peer:
         return
     if config.oldstyle:
         raise StartupError(
@@ -446,5 +496,6 @@ def _check_senders_are_named(config: ServeConfig, acl: Acl) -> None:
     if not is_loopback(config.addr):
         raise StartupError(
             f"listen on {config.addr} admits migration senders only from the addresses its "
-            "ACL names: name the source hosts as ACL entries (ferry listen ... ADDRESS ...)"
+            "ACL names: name the source hosts as ACL entries (ferry listen ... ADDRESS ...), "
+            "or authenticate them by certificate (--tls require --tls-verify-peer)"
         )

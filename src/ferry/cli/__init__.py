@@ -114,6 +114,7 @@ def build_parser() -> Parser:
             help="the lease's name (default: the image's real path; listen: the one "
             "the migration's source holds)",
         )
+        _tls_server(serve, listen=name == "listen")
         _verbosity(serve)
         serve.add_argument("acl", nargs="*", metavar="ACL_ENTRY", help="address or CIDR allowed in")
         serve.set_defaults(run=run_serve, listen=name == "listen")
@@ -207,6 +208,7 @@ def build_parser() -> Parser:
         mode.add_argument("-S", "--size", type=byte_count, required=True)
         mode.add_argument("-b", "--bind", help="local address to connect from")
         mode.add_argument("-n", "--name", default="", help="export name (default export if empty)")
+        _tls_certificates(mode, "connect with TLS, verifying the server against DIR's CA")
         mode.set_defaults(run=run_read if name == "read" else run_write)
 
     trace = modes.add_parser("trace", help="work with transition traces")
@@ -247,6 +249,37 @@ def _control_sock(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument("-s", "--sock", required=required, help="control socket path")
 
 
+def _tls_server(parser: argparse.ArgumentParser, *, listen: bool) -> None:
+    parser.add_argument(
+        "--tls",
+        choices=["off", "on", "require"],
+        default="off",
+        help="TLS for NBD clients: off (default), on (a client may upgrade with STARTTLS), "
+        "require (every client must)",
+    )
+    _tls_certificates(
+        parser,
+        "the certificate directory: ca-cert.pem, server-cert.pem, server-key.pem (and "
+        "client-cert.pem, client-key.pem: migrations from this node use TLS with them)",
+    )
+    parser.add_argument(
+        "--tls-verify-peer",
+        action="store_true",
+        help="require a client certificate issued by the directory's CA",
+    )
+    if listen:
+        parser.add_argument(
+            "--tls-allowed-subjects",
+            metavar="FILE",
+            help="the certificate subjects that may send a migration, one RFC 4514 name a "
+            "line (needs --tls-verify-peer)",
+        )
+
+
+def _tls_certificates(parser: argparse.ArgumentParser, helptext: str) -> None:
+    parser.add_argument("--tls-certificates", metavar="DIR", help=helptext)
+
+
 def _verbosity(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("-v", "--verbose", action="store_true", help="log every connection")
@@ -261,6 +294,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from ferry.logs import LogFileError, open_log_file, start_logging
     from ferry.node import Node, ServeConfig, StartupError
+    from ferry.tls import TLSMode
 
     config = ServeConfig(
         file=args.file,
@@ -277,6 +311,10 @@ def run_serve(args: argparse.Namespace) -> int:
         listen=args.listen,
         lockspace=getattr(args, "lockspace", None),
         resource=getattr(args, "resource", None),
+        tls=TLSMode(args.tls),
+        tls_certificates=args.tls_certificates,
+        tls_verify_peer=args.tls_verify_peer,
+        tls_allowed_subjects=getattr(args, "tls_allowed_subjects", None),
     )
     try:
         log_file = open_log_file(args.log) if args.log else None
@@ -425,10 +463,19 @@ def run_write(args: argparse.Namespace) -> int:
 
 def _remote(args: argparse.Namespace, remote_type: Any) -> Any:
     from ferry.remote import NegotiationError, RemoteError
+    from ferry.tls import TLSError, load_credentials
 
+    tls = None
+    if args.tls_certificates is not None:
+        try:
+            tls = load_credentials(args.tls_certificates, server=False).client_context()
+        except TLSError as error:
+            raise UserError(str(error)) from None
     try:
         return _Guarded(
-            remote_type.connect(args.addr, args.port, export_name=args.name, bind=args.bind),
+            remote_type.connect(
+                args.addr, args.port, export_name=args.name, bind=args.bind, tls=tls
+            ),
             (RemoteError, NegotiationError),
         )
     except NegotiationError as error:
@@ -595,7 +642,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except UserError as error:
-        print(f"ferry: {error}", file=sys.stderr)
+        for line in str(error).splitlines() or [""]:  # a line per problem
+            print(f"ferry: {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -29,7 +29,7 @@ from ferry.migrate.options import (
     StartOutcome,
 )
 from ferry.migrate.source import MirrorSource
-from ferry.migrate.wire import Connector
+from ferry.migrate.wire import Connector, TLSForHost
 from ferry.serve.export import Export
 from ferry.status import StatusSnapshot
 from ferry.trace import Tracer
@@ -49,8 +49,11 @@ class MirrorManager:
         connector: Connector,
         tracer: Tracer | None = None,
         stop_process: Callable[[], None] | None = None,
+        tls: TLSForHost | None = None,
     ) -> None:
         self.export = export
+        # This node's client TLS (--tls-certificates): every migration uses it.
+        self._tls = tls
         self._gate = gate
         self._clock = clock
         self._connector = connector
@@ -81,6 +84,7 @@ class MirrorManager:
             stop_process=self._stop_process,
             lease=self.lease,
             stats=self.stats,
+            tls=self._tls,
         )
         self.current = source
         return source.start()

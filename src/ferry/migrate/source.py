@@ -65,7 +65,7 @@ from ferry.migrate.options import (
     StartOutcome,
 )
 from ferry.migrate.switchover import Switchover
-from ferry.migrate.wire import Connector, MirrorProtocol, MirrorProtocolFactory
+from ferry.migrate.wire import Connector, MirrorProtocol, MirrorProtocolFactory, TLSForHost
 from ferry.nbd.events import Event, Negotiated, NegotiationFailed, OptionAnswered, Reply
 from ferry.serve.export import Export
 from ferry.storage import Image
@@ -117,8 +117,10 @@ class MirrorSource:
         stop_process: Callable[[], None] | None = None,
         lease: OutgoingLease | None = None,
         stats: MigrationStats | None = None,
+        tls: TLSForHost | None = None,
     ) -> None:
         self._export = export
+        self._tls = tls  # TLS with this node's certificate, verifying the destination
         # The export's counters, kept across jobs (by the MirrorManager).
         self._stats = MigrationStats() if stats is None else stats
         self.destination = destination
@@ -341,6 +343,7 @@ class MirrorSource:
             self.destination.export_name,
             flexnbd=self._options.flexnbd,
             resource="" if self._lease is None else self._lease.resource,
+            tls=None if self._tls is None else self._tls(self.destination.host),
         )
         try:
             d = self._connector(self.destination, factory, self._options.connect_timeout)
@@ -422,11 +425,12 @@ class MirrorSource:
         self._job.fire(MigrationTrigger.ACCEPTED)
         kind = "plain NBD target" if attempt.plain else "ferry listener"
         _log.info(
-            "mirror of {export} to {dest}: attempt {n} negotiated ({kind})",
+            "mirror of {export} to {dest}: attempt {n} negotiated ({kind}{tls})",
             export=self._export.name,
             dest=str(self.destination),
             n=attempt.number,
             kind="flexnbd listener" if self._options.flexnbd else kind,
+            tls=", TLS" if attempt.wire is not None and attempt.wire.client.tls else "",
         )
         self.copier.pump(attempt)
         if self.outcome is None:

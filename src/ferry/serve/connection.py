@@ -62,6 +62,21 @@ While the export's role holds clients (a switchover), and while a write
 waits for the auto-converge cap, the connection stops reading its socket as
 well as dispatching: however long the hold, it queues no more than what it
 had already read.
+
+TLS (``--tls``, see :mod:`ferry.tls`): the parser says when a client's
+NBD_OPT_STARTTLS is acknowledged (``StartTLS``); the ACK is already flushed
+in the clear, so the connection starts TLS on its transport as the server
+and tells the parser, and everything after goes through Twisted's TLS layer
+(the outbox sees ``transport.TLS`` and stops writing to the socket itself).
+The TLS layer calls ``handshakeCompleted``; with ``--tls-verify-peer`` the
+peer has then shown a certificate from the CA, and its subject
+(``tls_subject``) authenticates it.  A failed handshake (no certificate,
+another CA's, a bad one) closes the connection and is logged with the reason.
+
+Who may send a migration (``_sender_refusal``): a peer authenticated by its
+certificate, if ``--tls-allowed-subjects`` lists its subject or there is no
+such list; any other peer only if the ACL admits it as a sender
+(``Acl.admits_sender``), and not at all when there is such a list.
 """
 
 from __future__ import annotations
@@ -74,8 +89,9 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, cast
 from typing import Protocol as TypingProtocol
 
+from cryptography import x509
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -104,6 +120,7 @@ from ferry.nbd.events import (
     Refusal,
     RejectedRequest,
     Request,
+    StartTLS,
 )
 from ferry.nbd.server import ExportCatalog, MigrationCatalog, ServerConnection
 from ferry.outbox import Outbox, tune
@@ -117,6 +134,7 @@ from ferry.serve.limits import (
     Budget,
 )
 from ferry.storage import ZeroingNotFast
+from ferry.tls import ServerTLS, peer_subject
 
 if TYPE_CHECKING:
     from ferry.serve.acl import Acl
@@ -203,6 +221,7 @@ class ConnectionHost(ExportCatalog, MigrationCatalog, TypingProtocol):
     acl: Acl
     clock: Clock
     oldstyle: bool
+    tls: ServerTLS
     handshake_timeout: float
     sender_timeout: float
     receiver: Receiver | None
@@ -222,7 +241,7 @@ class ConnectionHost(ExportCatalog, MigrationCatalog, TypingProtocol):
     def export_named(self, name: str) -> Export | None: ...
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class NBDServerProtocol(Protocol):
     def __init__(self, server: ConnectionHost) -> None:
         self._server = server
@@ -255,6 +274,9 @@ class NBDServerProtocol(Protocol):
         #: The clock's time of the last request received or reply sent.
         self.last_active = 0.0
         self.peer_host = ""
+        #: The subject of the peer's verified certificate (``--tls-verify-peer``), else None.
+        self.tls_subject: x509.Name | None = None
+        self._tls_state = ""  # "", "handshaking" (after STARTTLS), "on"
 
     # -- Twisted protocol -------------------------------------------------------
 
@@ -272,7 +294,9 @@ class NBDServerProtocol(Protocol):
             self._server.handshake_timeout, self._handshake_expired
         )
         self.last_active = self._server.clock.seconds()
-        self._nbd = ServerConnection(self, migration=self, oldstyle=self._server.oldstyle)
+        self._nbd = ServerConnection(
+            self, migration=self, oldstyle=self._server.oldstyle, tls=self._server.tls.mode
+        )
         # An oldstyle server has chosen its export before the client speaks.
         self._receive(b"")
 
@@ -280,6 +304,12 @@ class NBDServerProtocol(Protocol):
         self._receive(data)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._tls_state == "handshaking":
+            log.warn(
+                "closing {peer}: TLS handshake failed: {why}",
+                peer=self.peer_host,
+                why=_tls_failure(reason),
+            )
         self._lost = True
         self._queue.clear()
         if self._outbox is not None:
@@ -327,13 +357,38 @@ class NBDServerProtocol(Protocol):
         return self.refusal or self._sender_refusal() or self._server.lookup_sender(name)
 
     def _sender_refusal(self) -> Refusal | None:
-        """Why this peer may not send a migration here (see ``Acl.admits_sender``)."""
-        if self._server.acl.admits_sender(self.peer_host):
-            return None
-        log.warn("refused {peer} as a migration sender: not named by the ACL", peer=self.peer_host)
-        return Refusal(
-            OptionReply.ERR_POLICY,
-            f"{self.peer_host} may not send a migration here: its ACL does not name it",
+        """Why this peer may not send a migration here (see the module doc)."""
+        subject = self.tls_subject
+        why = self._server.tls.sender_refusal(subject)
+        if why is None and subject is not None:
+            return None  # authenticated by its certificate
+        if why is None:
+            if self._server.acl.admits_sender(self.peer_host):
+                return None
+            why = f"{self.peer_host} may not send a migration here: its ACL does not name it"
+        log.warn("refused {peer} as a migration sender: {why}", peer=self.peer_host, why=why)
+        return Refusal(OptionReply.ERR_POLICY, why)
+
+    # -- TLS ---------------------------------------------------------------------------
+
+    def _start_tls(self) -> None:
+        """STARTTLS was acknowledged (the ACK is out): TLS from here on, as the server."""
+        assert self._nbd is not None and self.transport is not None
+        options = self._server.tls.options
+        assert options is not None  # the parser acknowledges STARTTLS only with TLS on
+        self._tls_state = "handshaking"
+        self.transport.startTLS(options)  # type: ignore[attr-defined]
+        self._nbd.tls_started()
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: TLS is up; with --tls-verify-peer, the peer's certificate checked."""
+        self._tls_state = "on"
+        if self._server.tls.verify_peer:
+            self.tls_subject = peer_subject(self.transport)
+        log.info(
+            "TLS with {peer}{who}",
+            peer=self.peer_host,
+            who="" if self.tls_subject is None else f": {self.tls_subject.rfc4514_string()}",
         )
 
     # -- IPushProducer -----------------------------------------------------------
@@ -469,6 +524,8 @@ class NBDServerProtocol(Protocol):
                 self._flush_handshake()
                 self._lose()
                 return
+            elif kind is StartTLS:
+                self._start_tls()
         self._dispatch()
         self._account_received()
 
@@ -951,6 +1008,10 @@ class NBDServerProtocol(Protocol):
 
     def _lose(self) -> None:
         if self.transport is not None:
+            if getattr(self.transport, "TLS", False):
+                # Twisted's TLS layer sends its close_notify, and closes, only
+                # once no producer is registered.
+                self.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.transport.loseConnection()
 
     def _abort(self) -> None:
@@ -961,6 +1022,18 @@ class NBDServerProtocol(Protocol):
         drained, self._drained = self._drained, []
         for d in drained:
             d.callback(None)
+
+
+def _tls_failure(reason: Failure | None) -> str:
+    """One line for why a TLS handshake ended (OpenSSL's errors are nested lists)."""
+    if reason is None:
+        return "the connection closed"
+    error = reason.value
+    args = getattr(error, "args", ())
+    if args and isinstance(args[0], list) and args[0]:
+        items = args[0]
+        return "; ".join(str(i[-1]) if isinstance(i, tuple) else str(i) for i in items)
+    return str(error) or type(error).__name__
 
 
 def _command_name(command: int) -> str:

@@ -41,7 +41,7 @@ from twisted.logger import Logger
 
 from ferry.chartnames import RoleState
 from ferry.clock import Clock, DelayedCall, cancel_call
-from ferry.nbd.constants import OptionReply
+from ferry.nbd.constants import OptionReply, TLSMode
 from ferry.nbd.events import ExportInfo, MigrationRequest, Refusal
 from ferry.serve.acl import Acl
 from ferry.serve.connection import NBDServerProtocol, Receiver
@@ -57,6 +57,7 @@ from ferry.serve.limits import (
     SENDER_TIMEOUT,
     Budget,
 )
+from ferry.tls import ServerTLS
 
 log = Logger()
 
@@ -81,7 +82,10 @@ class NBDServer(Factory):
         receiver: Receiver | None = None,
         receive_budget: int = RECEIVE_BUDGET,
         reply_budget: int = REPLY_BUDGET,
+        tls: ServerTLS | None = None,
     ) -> None:
+        if oldstyle and tls is not None and tls.mode is not TLSMode.OFF:
+            raise ValueError("oldstyle negotiation cannot use TLS")
         self.exports: dict[str, Export] = {}
         for export in exports:
             self.add_export(export)
@@ -89,6 +93,8 @@ class NBDServer(Factory):
         self.run_blocking = run_blocking
         self.acl = acl or Acl()
         self.oldstyle = oldstyle
+        # --tls, its certificates, and who may send a migration by certificate.
+        self.tls = tls or ServerTLS(TLSMode.OFF)
         self.max_clients = max_clients
         self.max_per_address = max_per_address
         self.receive_budget = Budget(receive_budget)
