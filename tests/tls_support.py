@@ -31,13 +31,11 @@ Key = ec.EllipticCurvePrivateKey
 _DAY = datetime.timedelta(days=1)
 
 
-def _name(common_name: str, organisation: str = "ferry tests") -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organisation),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
+def _name(common_name: str | None, organisation: str = "ferry tests") -> x509.Name:
+    attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, organisation)]
+    if common_name is not None:
+        attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    return x509.Name(attributes)
 
 
 def _key() -> Key:
@@ -87,15 +85,21 @@ class Authority:
 
     def issue(
         self,
-        common_name: str,
+        common_name: str | None,
         *,
         server: bool,
         not_after: datetime.datetime | None = None,
+        san: bool = True,
+        also_client: bool = False,
     ) -> tuple[x509.Certificate, Key]:
-        """A server certificate (for localhost, 127.0.0.1, ::1) or a client one, and its key."""
+        """A server certificate (for localhost, 127.0.0.1, ::1 unless not ``san``; a
+        client's too with ``also_client``, as etcd's gateway wants) or a client one,
+        and its key."""
         key = _key()
         now = datetime.datetime.now(datetime.UTC)
-        purpose = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        purposes = [ExtendedKeyUsageOID.SERVER_AUTH] if server else []
+        if also_client or not server:
+            purposes.append(ExtendedKeyUsageOID.CLIENT_AUTH)
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(common_name))
@@ -119,12 +123,12 @@ class Authority:
                 ),
                 critical=True,
             )
-            .add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(purposes), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), False
             )
         )
-        if server:
+        if server and san:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName(
                     [
