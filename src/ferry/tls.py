@@ -32,6 +32,8 @@ Twisted runs TLS in memory (pyOpenSSL): :class:`ServerTLS` holds what a
 listener hands to ``transport.startTLS``; :meth:`Credentials.client_creator`
 what ferry's migration source does; :meth:`Credentials.client_context` is
 the standard library's version for the blocking ``ferry read``/``write``.
+:class:`ClientTLS` is the client side alone, from files named one by one
+(:func:`load_client_tls`): an etcd lockspace's ``cacert``, ``cert`` and ``key``.
 """
 
 from __future__ import annotations
@@ -60,10 +62,13 @@ __all__ = [
     "CLIENT_KEY",
     "SERVER_CERT",
     "SERVER_KEY",
+    "ClientTLS",
     "Credentials",
     "ServerTLS",
     "TLSError",
     "TLSMode",
+    "describe_error",
+    "load_client_tls",
     "load_credentials",
     "peer_subject",
     "read_subjects",
@@ -138,23 +143,7 @@ class Credentials:
     def client_creator(self, host: str) -> IOpenSSLClientConnectionCreator:
         """What ``startTLS`` needs on ferry's client: the server verified against the CA and
         ``host`` (a name or an IP address), this node's client certificate if it has one."""
-        extra: dict[str, Any] = {"raiseMinimumTo": MINIMUM_VERSION}
-        if self.client is not None:
-            extra.update(
-                privateKey=self.client.key,
-                certificate=self.client.certificate,
-                extraCertChain=list(self.client.chain[1:]),
-            )
-        roots = twisted_ssl.trustRootFromCertificates(  # type: ignore[no-untyped-call]
-            [
-                twisted_ssl.Certificate(cert)  # type: ignore[no-untyped-call]
-                for cert in self._openssl_authorities()
-            ]
-        )
-        creator: IOpenSSLClientConnectionCreator = twisted_ssl.optionsForClientTLS(
-            host.strip("[]"), trustRoot=roots, extraCertificateOptions=extra
-        )
-        return creator
+        return ClientTLS(self.authorities, self.client).creator(host)
 
     def client_context(self) -> ssl.SSLContext:
         """The same client settings for a blocking socket (``ssl.SSLContext.wrap_socket``)."""
@@ -170,8 +159,43 @@ class Credentials:
         return context
 
     def _openssl_authorities(self) -> list[crypto.X509]:
-        # Twisted's trust roots add pyOpenSSL objects to the context's store.
-        return [crypto.X509.from_cryptography(cert) for cert in self.authorities]
+        return _openssl(self.authorities)
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """A TLS client: the CAs it trusts (None: the system's store) and its own certificate."""
+
+    authorities: tuple[x509.Certificate, ...] | None = None
+    pair: KeyPair | None = None
+
+    def creator(self, host: str) -> IOpenSSLClientConnectionCreator:
+        """Settings for one connection to ``host`` (a name or an IP address), which the
+        server's certificate must name."""
+        extra: dict[str, Any] = {"raiseMinimumTo": MINIMUM_VERSION}
+        if self.pair is not None:
+            extra.update(
+                privateKey=self.pair.key,
+                certificate=self.pair.certificate,
+                extraCertChain=list(self.pair.chain[1:]),
+            )
+        roots: Any = None  # Twisted's default: the platform's trust store
+        if self.authorities is not None:
+            roots = twisted_ssl.trustRootFromCertificates(  # type: ignore[no-untyped-call]
+                [
+                    twisted_ssl.Certificate(cert)  # type: ignore[no-untyped-call]
+                    for cert in _openssl(self.authorities)
+                ]
+            )
+        creator: IOpenSSLClientConnectionCreator = twisted_ssl.optionsForClientTLS(
+            host.strip("[]"), trustRoot=roots, extraCertificateOptions=extra
+        )
+        return creator
+
+
+def _openssl(certificates: Sequence[x509.Certificate]) -> list[crypto.X509]:
+    # Twisted's trust roots add pyOpenSSL objects to the context's store.
+    return [crypto.X509.from_cryptography(cert) for cert in certificates]
 
 
 @dataclass(frozen=True)
@@ -221,25 +245,47 @@ def load_credentials(
     if not os.path.isdir(where):
         reason = "does not exist" if not os.path.exists(where) else "is not a directory"
         raise TLSError([f"--tls-certificates {where} {reason}"])
+    def at(name: str) -> str:
+        return os.path.join(where, name)
+
     problems: list[str] = []
-    authorities = _certificates(where, CA_CERT, problems)
     now = datetime.datetime.now(datetime.UTC)
-    for authority in authorities:
-        _check_validity(where, CA_CERT, authority, now, problems)
+    authorities = _authorities(at(CA_CERT), now, problems)
     server_pair = None
     if server:
-        server_pair = _key_pair(where, SERVER_CERT, SERVER_KEY, authorities, now, problems)
+        server_pair = _key_pair(at(SERVER_CERT), at(SERVER_KEY), authorities, now, problems)
     client_pair = None
     if client:
-        present = [os.path.exists(os.path.join(where, n)) for n in (CLIENT_CERT, CLIENT_KEY)]
+        present = [os.path.exists(at(name)) for name in (CLIENT_CERT, CLIENT_KEY)]
         if all(present):
-            client_pair = _key_pair(where, CLIENT_CERT, CLIENT_KEY, authorities, now, problems)
+            client_pair = _key_pair(at(CLIENT_CERT), at(CLIENT_KEY), authorities, now, problems)
         elif any(present):
             have, missing = (CLIENT_CERT, CLIENT_KEY) if present[0] else (CLIENT_KEY, CLIENT_CERT)
-            problems.append(f"{os.path.join(where, missing)}: missing ({have} needs it)")
+            problems.append(f"{at(missing)}: missing ({have} needs it)")
     if problems:
         raise TLSError(problems)
     return Credentials(where, tuple(authorities), server_pair, client_pair)
+
+
+def load_client_tls(
+    cacert: str | None = None, cert: str | None = None, key: str | None = None
+) -> ClientTLS:
+    """A TLS client from files named one by one; :class:`TLSError` lists every problem.
+
+    Without ``cacert`` the system's trust store decides; ``cert`` and
+    ``key`` come together or not at all.
+    """
+    if (cert is None) != (key is None):
+        raise TLSError(["a client certificate and its key come together: give both or neither"])
+    problems: list[str] = []
+    now = datetime.datetime.now(datetime.UTC)
+    authorities = None if cacert is None else tuple(_authorities(cacert, now, problems))
+    pair = None
+    if cert is not None and key is not None:
+        pair = _key_pair(cert, key, authorities or (), now, problems, cacert or "")
+    if problems:
+        raise TLSError(problems)
+    return ClientTLS(authorities, pair)
 
 
 def read_subjects(path: str | os.PathLike[str]) -> frozenset[x509.Name]:
@@ -277,6 +323,16 @@ def read_subjects(path: str | os.PathLike[str]) -> frozenset[x509.Name]:
     return frozenset(subjects)
 
 
+def describe_error(error: BaseException) -> str:
+    """One line for a TLS failure: OpenSSL's errors come as a list of (library, function,
+    reason) tuples, of which the reasons are what a person needs."""
+    args = getattr(error, "args", ())
+    if args and isinstance(args[0], list) and args[0]:
+        items = args[0]
+        return "; ".join(str(i[-1]) if isinstance(i, tuple) else str(i) for i in items)
+    return str(error) or type(error).__name__
+
+
 def peer_subject(transport: Any) -> x509.Name | None:
     """The subject of the certificate a TLS peer presented (None: none, or not TLS)."""
     get = getattr(transport, "getPeerCertificate", None)
@@ -292,8 +348,7 @@ def peer_subject(transport: Any) -> x509.Name | None:
 # -- reading the files -------------------------------------------------------------
 
 
-def _read(directory: str, name: str, problems: list[str]) -> bytes | None:
-    path = os.path.join(directory, name)
+def _read(path: str, problems: list[str]) -> bytes | None:
     try:
         with open(path, "rb") as file:
             data = file.read(_MAX_PEM + 1)
@@ -309,8 +364,8 @@ def _read(directory: str, name: str, problems: list[str]) -> bytes | None:
     return data
 
 
-def _certificates(directory: str, name: str, problems: list[str]) -> list[x509.Certificate]:
-    data = _read(directory, name, problems)
+def _certificates(path: str, problems: list[str]) -> list[x509.Certificate]:
+    data = _read(path, problems)
     if data is None:
         return []
     try:
@@ -318,15 +373,23 @@ def _certificates(directory: str, name: str, problems: list[str]) -> list[x509.C
     except ValueError:
         found = []
     if not found:
-        problems.append(f"{os.path.join(directory, name)}: holds no PEM certificate")
+        problems.append(f"{path}: holds no PEM certificate")
     return found
 
 
-def _private_key(directory: str, name: str, problems: list[str]) -> Any:
-    data = _read(directory, name, problems)
+def _authorities(
+    path: str, now: datetime.datetime, problems: list[str]
+) -> list[x509.Certificate]:
+    authorities = _certificates(path, problems)
+    for authority in authorities:
+        _check_validity(path, authority, now, problems)
+    return authorities
+
+
+def _private_key(path: str, problems: list[str]) -> Any:
+    data = _read(path, problems)
     if data is None:
         return None
-    path = os.path.join(directory, name)
     try:
         return serialization.load_pem_private_key(data, password=None)
     except TypeError:
@@ -337,37 +400,29 @@ def _private_key(directory: str, name: str, problems: list[str]) -> Any:
 
 
 def _key_pair(
-    directory: str,
-    cert_name: str,
-    key_name: str,
+    cert_path: str,
+    key_path: str,
     authorities: Sequence[x509.Certificate],
     now: datetime.datetime,
     problems: list[str],
+    ca: str = CA_CERT,
 ) -> KeyPair | None:
     before = len(problems)
-    chain = _certificates(directory, cert_name, problems)
-    key = _private_key(directory, key_name, problems)
+    chain = _certificates(cert_path, problems)
+    key = _private_key(key_path, problems)
     if chain:
-        _check_validity(directory, cert_name, chain[0], now, problems)
-        _check_issuer(directory, cert_name, chain, authorities, problems)
+        _check_validity(cert_path, chain[0], now, problems)
+        _check_issuer(cert_path, chain, authorities, problems, ca)
     if chain and key is not None and not _same_public_key(chain[0], key):
-        problems.append(
-            f"{os.path.join(directory, key_name)}: not the key of "
-            f"{os.path.join(directory, cert_name)} (the public keys differ)"
-        )
+        problems.append(f"{key_path}: not the key of {cert_path} (the public keys differ)")
     if len(problems) > before or not chain or key is None:
         return None
     return KeyPair(tuple(chain), key)
 
 
 def _check_validity(
-    directory: str,
-    name: str,
-    certificate: x509.Certificate,
-    now: datetime.datetime,
-    problems: list[str],
+    path: str, certificate: x509.Certificate, now: datetime.datetime, problems: list[str]
 ) -> None:
-    path = os.path.join(directory, name)
     if now > certificate.not_valid_after_utc:
         problems.append(f"{path}: expired on {certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
     elif now < certificate.not_valid_before_utc:
@@ -377,27 +432,23 @@ def _check_validity(
 
 
 def _check_issuer(
-    directory: str,
-    name: str,
+    path: str,
     chain: Sequence[x509.Certificate],
     authorities: Sequence[x509.Certificate],
     problems: list[str],
+    ca: str,
 ) -> None:
-    """The chain leads from the certificate to one of the CA's, link by link."""
+    """The chain leads from the certificate to one of ``ca``'s, link by link."""
     if not authorities:
-        return  # ca-cert.pem's own problem is reported already
+        return  # no CA to check against (or its own problem is reported already)
     for child, parent in itertools.pairwise(chain):
         if not _issued_by(child, parent):
-            problems.append(
-                f"{os.path.join(directory, name)}: its chain is broken at "
-                f"{child.subject.rfc4514_string()}"
-            )
+            problems.append(f"{path}: its chain is broken at {child.subject.rfc4514_string()}")
             return
     top = chain[-1]
     if not any(_issued_by(top, authority) or top == authority for authority in authorities):
         problems.append(
-            f"{os.path.join(directory, name)}: not issued by {CA_CERT} "
-            f"(issuer {top.issuer.rfc4514_string()})"
+            f"{path}: not issued by {ca} (issuer {top.issuer.rfc4514_string()})"
         )
 
 

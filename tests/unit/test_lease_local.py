@@ -717,6 +717,24 @@ def test_etcd_specs() -> None:
     assert str(spec) == "etcd:http://10.0.0.1:2379,http://10.0.0.2:2379,http://[::1]:2380"
 
 
+def test_etcd_specs_with_tls_and_a_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = parse_lockspace(
+        "etcd:https://e1:2379,e2:2379?cacert=ca.pem&cert=/etc/ferry/c.pem&key=/etc/ferry/k.pem"
+        "&user=ferry&password-file=secret"
+    )
+    assert spec == EtcdSpec(
+        ("https://e1:2379", "https://e2:2379"),  # the second takes the first one's scheme
+        cacert=tmp_path / "ca.pem",  # made absolute now, as a local directory is
+        cert=Path("/etc/ferry/c.pem"),
+        key=Path("/etc/ferry/k.pem"),
+        user="ferry",
+        password_file=tmp_path / "secret",
+    )
+    assert spec.tls
+    assert str(spec) == "etcd:https://e1:2379,https://e2:2379"  # no file, no user
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -730,7 +748,15 @@ def test_etcd_specs() -> None:
         ("etcd:host:0", "names no port"),
         ("etcd:http://host:99999", "bad port"),
         ("etcd:http://host:port", "bad port"),
-        ("etcd:https://host:2379", "only http://"),
+        ("etcd:ftp://host:2379", "only http:// and https://"),
+        ("etcd:https://a:1,http://b:2", "every endpoint must use https://"),
+        ("etcd:http://a:1?cacert=/ca.pem", "cacert, cert and key are for https://"),
+        ("etcd:https://a:1?cert=/c.pem", "cert and key come together"),
+        ("etcd:https://a:1?user=ferry", "user and password-file come together"),
+        ("etcd:https://a:1?password=hunter2", "unknown option 'password'"),
+        ("etcd:https://a:1?user=a&user=b&password-file=/p", "'user' is given twice"),
+        ("etcd:https://a:1?user=&password-file=/p", "'user' is empty"),
+        ("etcd:https://a:1?user", "NAME=VALUE"),
         ("etcd:http://host:2379/v3", "nothing more"),
         ("etcd:http://:2379", "names no host"),
         ("etcd:a:1,a:1", "twice"),

@@ -105,7 +105,8 @@ def build_parser() -> Parser:
             "--lockspace",
             metavar="SPEC",
             help="where the image's lease is held while serving (listen: taken over with the "
-            "migration): local:DIR or etcd:http://HOST:PORT[,HOST:PORT...], or none; "
+            "migration): local:DIR or etcd:http[s]://HOST:PORT[,HOST:PORT...][?cacert=FILE&"
+            "cert=FILE&key=FILE&user=NAME&password-file=FILE], or none; "
             "default: a local directory (/var/lib/ferry/locks for root); lose it and I/O stops",
         )
         serve.add_argument(

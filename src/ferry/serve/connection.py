@@ -134,7 +134,7 @@ from ferry.serve.limits import (
     Budget,
 )
 from ferry.storage import ZeroingNotFast
-from ferry.tls import ServerTLS, peer_subject
+from ferry.tls import ServerTLS, describe_error, peer_subject
 
 if TYPE_CHECKING:
     from ferry.serve.acl import Acl
@@ -1025,15 +1025,10 @@ class NBDServerProtocol(Protocol):
 
 
 def _tls_failure(reason: Failure | None) -> str:
-    """One line for why a TLS handshake ended (OpenSSL's errors are nested lists)."""
-    if reason is None:
+    """One line for why a TLS handshake ended."""
+    if reason is None or reason.value is None:
         return "the connection closed"
-    error = reason.value
-    args = getattr(error, "args", ())
-    if args and isinstance(args[0], list) and args[0]:
-        items = args[0]
-        return "; ".join(str(i[-1]) if isinstance(i, tuple) else str(i) for i in items)
-    return str(error) or type(error).__name__
+    return describe_error(reason.value)
 
 
 def _command_name(command: int) -> str:
