@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 debian=(libnbd-bin python3-libnbd)
 extras=""
 if [[ "${1:-}" == "--test" ]]; then
-    debian+=(qemu-utils nbdkit nbd-server prometheus fio curl etcd-server)
+    debian+=(qemu-utils nbdkit nbd-server prometheus fio curl etcd-server openssl)
     extras="[test,lint]"
 fi
 

@@ -175,3 +175,24 @@ def test_the_metrics_section_names_every_migration_failure_reason() -> None:
     section = README.split("## Metrics\n", 1)[1].split("\n## ", 1)[0]
     paragraph = section.split("A `reason` is one of ", 1)[1].split(". ", 1)[0]
     assert re.findall(r"`(\w+)`", paragraph) == [reason.value for reason in FailureReason]
+
+
+def test_the_tls_session_runs_as_written(tmp_path: Path) -> None:
+    from tls_support import make_pki
+
+    pki = make_pki(tmp_path / "made")
+    (pki.node).rename(tmp_path / "pki")  # the five files of a test CA, as the README says
+    lines = [line[2:] for line in fenced_block("TLS", "console").splitlines()]
+    script = "set -euo pipefail\n" + "\n".join(lines) + "\n"
+    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, timeout=120)
+    out = result.stdout.decode()
+    logs = "".join((tmp_path / name).read_text() for name in ("src.log", "dst.log"))
+    assert result.returncode == 0, out + result.stderr.decode() + logs
+    assert (tmp_path / "senders").read_text() == "CN=source,O=ferry tests\n"
+    assert "server requires TLS encryption first" in result.stderr.decode()
+    assert "refused: 1" in out
+    assert str(64 << 20) in out  # nbdinfo over TLS sees the export
+    assert "migration completed: 127.0.0.1:10816 has control of the image" in out
+    assert out.rstrip().endswith("ab ab ab ab")
+    assert "TLS with 127.0.0.1: CN=source,O=ferry tests" in (tmp_path / "dst.log").read_text()
+    assert (tmp_path / "copy.img").read_bytes() == (tmp_path / "disk.img").read_bytes()
