@@ -276,7 +276,7 @@ class NBDServerProtocol(Protocol):
         self.peer_host = ""
         #: The subject of the peer's verified certificate (``--tls-verify-peer``), else None.
         self.tls_subject: x509.Name | None = None
-        self._tls_state = ""  # "", "handshaking" (after STARTTLS), "on"
+        self._tls_handshaking = False  # STARTTLS acknowledged, the TLS handshake not done
 
     # -- Twisted protocol -------------------------------------------------------
 
@@ -304,7 +304,7 @@ class NBDServerProtocol(Protocol):
         self._receive(data)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        if self._tls_state == "handshaking":
+        if self._tls_handshaking:
             log.warn(
                 "closing {peer}: TLS handshake failed: {why}",
                 peer=self.peer_host,
@@ -376,20 +376,24 @@ class NBDServerProtocol(Protocol):
         assert self._nbd is not None and self.transport is not None
         options = self._server.tls.options
         assert options is not None  # the parser acknowledges STARTTLS only with TLS on
-        self._tls_state = "handshaking"
+        self._tls_handshaking = True
         self.transport.startTLS(options)  # type: ignore[attr-defined]
         self._nbd.tls_started()
 
     def handshakeCompleted(self) -> None:
-        """IHandshakeListener: TLS is up; with --tls-verify-peer, the peer's certificate checked."""
-        self._tls_state = "on"
+        """IHandshakeListener: TLS is up; with --tls-verify-peer, the peer's certificate checked.
+
+        A verified peer is logged (who connected is worth keeping); any other
+        TLS client only with -v.
+        """
+        self._tls_handshaking = False
         if self._server.tls.verify_peer:
             self.tls_subject = peer_subject(self.transport)
-        log.info(
-            "TLS with {peer}{who}",
-            peer=self.peer_host,
-            who="" if self.tls_subject is None else f": {self.tls_subject.rfc4514_string()}",
-        )
+        if self.tls_subject is None:
+            log.debug("TLS with {peer}", peer=self.peer_host)
+        else:
+            subject = self.tls_subject.rfc4514_string()
+            log.info("TLS with {peer}: {subject}", peer=self.peer_host, subject=subject)
 
     # -- IPushProducer -----------------------------------------------------------
 
