@@ -31,6 +31,8 @@ from support import (
     serve,
     sha256,
     sparse_file,
+    start_peer,
+    stop_peer,
 )
 from tls_support import PKI, pki_fixture
 from workload import BLOCK, decode
@@ -230,3 +232,53 @@ def test_senders_the_listener_cannot_authenticate_are_refused_and_change_nothing
         assert sha256(dest_image) == sha256(source_image)
     finally:
         dest.stop()
+
+
+def test_a_mirror_over_tls_into_nbdkit_is_byte_identical(tmp_path: Path, pki: PKI) -> None:
+    image = random_file(tmp_path / "source.img", 8 * MiB, seed=34)
+    target = sparse_file(tmp_path / "target.img", 8 * MiB)
+    nbdkit, port = start_peer(
+        lambda port: [
+            "nbdkit",
+            "-f",
+            "-p",
+            str(port),
+            "--tls=require",
+            f"--tls-certificates={pki.node}",
+            "--tls-verify-peer",
+            "file",
+            str(target),
+        ],
+        tmp_path / "nbdkit.log",
+    )
+    src = source(tmp_path, image, "none", "serve.sock", "--tls-certificates", str(pki.node))
+    try:
+        out = run(
+            mirror_command(port, tmp_path / "serve.sock", "--action", "nothing", "--wait")
+        ).stdout.decode()
+        assert out.rstrip().endswith("holds a flushed copy"), out
+        assert "negotiated (plain NBD target, TLS)" in src.wait_for_log("negotiated")
+    finally:
+        src.stop()
+        stop_peer(nbdkit)
+    assert sha256(target) == sha256(image)
+
+
+def test_a_source_with_certificates_never_falls_back_to_plaintext(
+    tmp_path: Path, pki: PKI
+) -> None:
+    image = random_file(tmp_path / "source.img", 8 * MiB, seed=35)
+    plain_image = random_file(tmp_path / "plain.img", 8 * MiB, seed=36)
+    untouched = sha256(plain_image)
+    plain_sock = str(tmp_path / "plain.sock")
+    plain = serve(plain_image, "--lockspace", "none", "--sock", plain_sock, mode="listen")
+    src = source(tmp_path, image, "none", "serve.sock", "--tls-certificates", str(pki.node))
+    try:
+        refused = run(mirror_command(plain.port, tmp_path / "serve.sock"), check=False)
+        assert (refused.returncode, refused.stderr.decode()) == (1, "ferry: Mirror was rejected\n")
+        why = src.wait_for_log("attempt 1 failed")
+        assert "the server refused TLS, which is required: TLS is off on this server" in why
+    finally:
+        src.stop()
+        plain.stop()
+    assert sha256(plain_image) == untouched
