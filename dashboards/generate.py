@@ -251,6 +251,23 @@ MIGRATIONS = Dashboard(
             unit="s",
         ),
         Panel(
+            "Client connections at the last handoff",
+            "Connections that moved with the image (TCP_REPAIR; the client never reconnected) "
+            "and those disconnected instead, on both sides of the last handoff.",
+            (
+                gauge("ferry_connections_moved", "moved"),
+                gauge("ferry_connections_aborted", "disconnected"),
+            ),
+        ),
+        Panel(
+            "Can move connections",
+            "Whether this host can move client connections at a handoff (TCP_REPAIR with "
+            "CAP_NET_ADMIN, and nftables for the freeze); where not, clients are disconnected.",
+            (gauge("ferry_can_move_connections", ""),),
+            kind="state-timeline",
+            boolean=True,
+        ),
+        Panel(
             "Retries by reason",
             "Attempts lost after a good negotiation (the job retries with backoff), by reason.",
             (

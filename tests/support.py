@@ -59,8 +59,15 @@ class FerryProcess:
         rb"(?:serving|listening for a migration of) .* on (?P<addr>\S+):(?P<port>\d+)"
     )
 
-    def __init__(self, args: Sequence[str], *, env: dict[str, str] | None = None) -> None:
-        self.args = [*FERRY, *args]
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        netns: str | None = None,
+    ) -> None:
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.args = [*prefix, *FERRY, *args]
         self.proc = subprocess.Popen(
             self.args,
             stdin=subprocess.DEVNULL,
@@ -294,3 +301,12 @@ def stop_peer(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def wait_until(what: str, check: Callable[[], bool], deadline: Deadline | None = None) -> None:
+    """Poll ``check`` until it holds; AssertionError naming ``what`` past the deadline."""
+    deadline = deadline or Deadline()
+    while not check():
+        if deadline.expired():
+            raise AssertionError(f"not in time: {what}")
+        time.sleep(0.02)  # polling the condition itself, not waiting in its place

@@ -39,7 +39,59 @@ def decode(data: bytes) -> tuple[int, int, int] | None:
     return offset, client, counter
 
 
+def lost_writes(image: bytes, report: dict[str, object]) -> list[str]:
+    """Every acknowledged write of ``report`` that ``image`` does not hold, said in words.
+
+    A block must hold the last counter the client got acknowledged, or a
+    later one it sent without an answer (written, its reply lost with the
+    connection).
+    """
+    acked = report["acked"]
+    unanswered = report["unanswered"]
+    assert isinstance(acked, dict) and isinstance(unanswered, dict)
+    lost = []
+    for offset_text, counter in acked.items():
+        offset = int(offset_text)
+        found = decode(image[offset : offset + BLOCK])
+        if found is None:
+            lost.append(f"block {offset}: the acknowledged write {counter} is gone")
+            continue
+        _, client, held = found
+        ceiling = max(counter, unanswered.get(offset_text, counter))
+        if client != report["client"] or not counter <= held <= ceiling:
+            lost.append(f"block {offset}: holds write {held} of client {client}, not {counter}")
+    return lost
+
+
+def check(image_path: str, report_path: str, original_path: str | None = None) -> int:
+    """``workload.py check IMAGE REPORT [ORIGINAL]``: every acknowledged write is in IMAGE,
+    and every block the client never wrote is ORIGINAL's, byte for byte (exit 0)."""
+    with open(report_path) as file:
+        report = json.load(file)
+    with open(image_path, "rb") as file:
+        image = file.read()
+    lost = lost_writes(image, report)
+    for line in lost:
+        print(line, file=sys.stderr)
+    acked = len(report["acked"])
+    print(f"{acked - len(lost)} of {acked} acknowledged blocks hold their last write")
+    if original_path is None:
+        return 1 if lost else 0
+    with open(original_path, "rb") as file:
+        original = file.read()
+    written = {int(offset) for part in ("acked", "unanswered") for offset in report[part]}
+    others = [o for o in range(0, len(image), BLOCK) if o not in written]
+    differ = [o for o in others if image[o : o + BLOCK] != original[o : o + BLOCK]]
+    for offset in differ[:10]:
+        print(f"block {offset}: not written by the client, yet not the original", file=sys.stderr)
+    same = len(others) - len(differ)
+    print(f"{same} of {len(others)} blocks the client never wrote are byte for byte the same")
+    return 1 if lost or differ or len(image) != len(original) else 0
+
+
 def main() -> int:
+    if sys.argv[1] == "check":
+        return check(*sys.argv[2:5])
     uri, client, clients, blocks, stop_file = (
         sys.argv[1],
         int(sys.argv[2]),

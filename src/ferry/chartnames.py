@@ -7,6 +7,8 @@ Generated from statecharts/*.yaml by `ferry statecharts render`: do not edit.
 from enum import StrEnum
 
 __all__ = [
+    "ConnectionState",
+    "ConnectionTrigger",
     "LeaseState",
     "LeaseTrigger",
     "MigrationState",
@@ -14,6 +16,30 @@ __all__ = [
     "RoleState",
     "RoleTrigger",
 ]
+
+
+class ConnectionState(StrEnum):
+    """The states of statecharts/connection.yaml."""
+
+    ESTABLISHED = "established"
+    FROZEN = "frozen"
+    CHECKPOINTED = "checkpointed"
+    SENT = "sent"
+    RESTORED = "restored"
+    RELEASED = "released"
+    ABORTED = "aborted"
+
+
+class ConnectionTrigger(StrEnum):
+    """The triggers of statecharts/connection.yaml."""
+
+    ABORT = "abort"
+    CHECKPOINT = "checkpoint"
+    FREEZE = "freeze"
+    RELEASE = "release"
+    RESTORED = "restored"
+    RESUME = "resume"
+    SEND = "send"
 
 
 class LeaseState(StrEnum):

@@ -17,6 +17,7 @@ is the first export added (NBD's default export).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -70,6 +71,10 @@ class ExportUnit:
         self.mirrors = mirrors
         self.lease: LeaseManager | None = None
         self.incoming: IncomingLease | None = None
+        #: Where clients reach it, ``HOST:PORT`` (None until the node's port is open).
+        self.address: str | None = None
+        #: Whether its clients can move with it at a handoff (this host's capability).
+        self.can_move_connections: bool | None = None
 
     @property
     def name(self) -> str:
@@ -91,7 +96,11 @@ class ExportUnit:
 
     def snapshot(self) -> StatusSnapshot:
         """The export's status, with the migration's fields while one runs or after it."""
-        return self.mirrors.snapshot()
+        return dataclasses.replace(
+            self.mirrors.snapshot(),
+            address=self.address,
+            can_move_connections=self.can_move_connections,
+        )
 
     # -- the lease ---------------------------------------------------------------------
 

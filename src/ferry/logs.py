@@ -1,6 +1,8 @@
 """Log output for the CLI: readable lines on stderr, and optionally a JSON file.
 
-stderr is for the operator, at the level ``-v`` / ``-q`` choose.  The JSON
+stderr is for the operator, at the level ``-v`` / ``-q`` choose; Twisted's
+own chatter (factories starting and stopping, ports opening and closing) is
+debug there, shown only with ``-v``: an operator reads ferry's lines.  The JSON
 file (``--log FILE``) is for machines: it takes every event from debug up
 whatever the verbosity, one JSON object per line (twisted.logger's
 ``eventAsJSON``; ``eventsFromJSONLogFile`` reads it back), and each event
@@ -14,14 +16,16 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from typing import IO, cast
+from typing import IO, Final, cast
 
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     globalLogBeginner,
     jsonFileLogObserver,
     textFileLogObserver,
@@ -60,16 +64,39 @@ def start_logging(
 ) -> None:
     """Log to stderr, and to ``json_file`` if given, with ``fields`` in every JSON event."""
     level = LogLevel.debug if verbose else LogLevel.warn if quiet else LogLevel.info
+    predicates = [LogLevelFilterPredicate(defaultLogLevel=level)]
+    if not verbose:
+        predicates.insert(0, _quiet_twisted)
     observers: list[ILogObserver] = [
-        FilteringLogObserver(
-            textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(defaultLogLevel=level)]
-        )
+        FilteringLogObserver(textFileLogObserver(sys.stderr), predicates)
     ]
     if json_file is not None:
         # An empty record separator makes plain JSON lines (jq reads them;
         # eventsFromJSONLogFile detects the form).
         observers.append(with_fields(jsonFileLogObserver(json_file, ""), dict(fields or {})))
     globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
+
+
+_MAYBE = cast(PredicateResult, PredicateResult.maybe)
+_NO = cast(PredicateResult, PredicateResult.no)
+#: Twisted's own namespaces whose info lines are its business, not the operator's.
+_TWISTED_CHATTER: Final = frozenset({"log_legacy", "twisted.internet.base"})
+#: What Twisted itself says at info level about its factories.
+_FACTORY_CHATTER: Final = frozenset(
+    {"Starting factory {factory!r}", "Stopping factory {factory!r}"}
+)
+
+
+@provider(ILogFilterPredicate)
+def _quiet_twisted(event: LogEvent) -> PredicateResult:
+    """Twisted's chatter is debug on stderr: its legacy lines and its factories' comings
+    and goings.  Its warnings and errors still show."""
+    level: LogLevel = event.get("log_level", LogLevel.info)
+    if level > LogLevel.info:
+        return _MAYBE
+    chatter = event.get("log_namespace") in _TWISTED_CHATTER
+    chatter = chatter or event.get("log_format") in _FACTORY_CHATTER
+    return _NO if chatter else _MAYBE
 
 
 def with_fields(observer: ILogObserver, fields: dict[str, object]) -> ILogObserver:

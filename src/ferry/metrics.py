@@ -68,6 +68,14 @@ def _status_metrics(snapshots: list[StatusSnapshot]) -> Iterator[Metric]:
     )
     for snapshot in snapshots:
         for name, value, spec in snapshot.fields():
+            if spec.kind == "info":
+                info = gauges.get(name)
+                if info is None:
+                    info = gauges[name] = GaugeMetricFamily(
+                        PREFIX + spec.metric + "_info", spec.help, labels=["export", name]
+                    )
+                info.add_metric([snapshot.export, str(value)], 1.0)
+                continue
             if spec.kind == "state":
                 for state in _states_of(spec.metric, str(value)):
                     states.add_metric(

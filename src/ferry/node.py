@@ -13,6 +13,7 @@ listen`` run a node with one export.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from ferry.control.commands import Commands
 from ferry.control.events import EventHub
 from ferry.control.server import listen_control
 from ferry.exports import ExportConfig, ExportRegistry, ExportUnit
+from ferry.handoff.address import AddressError, ServiceAddress, listen_freebind
 from ferry.lease.backend import LeaseBackend, LeaseConflict, LeaseError, LeaseMode
 from ferry.lease.incoming import IncomingLease
 from ferry.lease.manager import LeaseManager
@@ -42,8 +44,11 @@ from ferry.lease.spec import (
     parse_lockspace,
 )
 from ferry.metrics import make_registry, metrics_root
+from ferry.migrate.arrivals import Arrivals
+from ferry.migrate.carry import Carrier
 from ferry.migrate.destination import Receiver
 from ferry.migrate.manager import MirrorManager
+from ferry.migrate.service import ServiceAddressHolder
 from ferry.migrate.wire import tcp_connector
 from ferry.safepath import UnsafePath
 from ferry.serve.acl import Acl, is_loopback
@@ -92,6 +97,8 @@ class ServeConfig:
     tls_certificates: str | None = None
     tls_verify_peer: bool = False
     tls_allowed_subjects: str | None = None
+    # --service-address IP/PREFIX@DEV: the address clients use, which moves with the image.
+    service_address: str | None = None
 
     @property
     def export_name(self) -> str:
@@ -131,6 +138,8 @@ class Node:
         self._lockspace: LeaseBackend | None = None
         # The --tls-certificates directory, checked: the client side of migrations.
         self.credentials: Credentials | None = None
+        # How client connections move at a handoff (opened with the node).
+        self.carrier: Carrier | None = None
         self._stopped = False
 
     def run_blocking(self, work: Callable[[], object]) -> Deferred[Any]:
@@ -142,21 +151,25 @@ class Node:
         """Open everything, in an order that leaves nothing half-open on failure.
 
         The answer fires once the export serves (or listens); it fails with
-        :class:`StartupError`.  The export's lease is taken before the NBD
-        port opens, so no client is ever served without it; without a
-        lockspace (or with a local one, whose answers are immediate) the
-        answer has fired when this returns.
+        :class:`StartupError`.  Every address and port is bound first, so a
+        port in use is said before anything else is tried; the export's lease
+        is taken before the export is put on the port, so no client is ever
+        served without it (one that comes sooner is told there is no such
+        export).  Without a lockspace (or with a local one, whose answers are
+        immediate) the answer has fired when this returns.
         """
         try:
             self._open(self.config)
+            self._open_nbd(self.config)
         except Exception:
-            self._close_now()
+            self._failed_start(None)
             return defer.fail()
         d = self.add_export(self.config.export())
-        started = d.addCallback(lambda _: self._open_nbd(self.config))
+        started = d.addCallback(lambda _: self._announce(self.config))
         return started.addErrback(self._failed_start)
 
     def _failed_start(self, failure: Any) -> Any:
+        """Undo a start that failed (``failure`` is passed on; None: raised in ``start``)."""
         # Everything is closed here; the reactor's shutdown (a refusal that
         # came after it started, from etcd) must not flush a closed image.
         self._stopped = True
@@ -188,13 +201,18 @@ class Node:
             except OSError as error:
                 raise StartupError(f"trace file {config.trace}: {error.strerror}") from None
             self.tracer.subscribe(self._trace_file.write)
+        self.carrier = Carrier.open(_service_address(config))
         self.server = NBDServer(
             [],
             clock=self.clock,
             run_blocking=self.run_blocking,
             acl=acl,
             oldstyle=config.oldstyle,
-            receiver=Receiver(run_blocking=self.run_blocking, clock=self.clock),
+            receiver=Receiver(
+                run_blocking=self.run_blocking,
+                clock=self.clock,
+                arrivals=Arrivals(self.reactor, self.carrier),
+            ),
             tls=tls,
         )
         if config.sock:
@@ -224,7 +242,12 @@ class Node:
                 )
                 self._lockspace = open_lockspace(spec, reactor=self.reactor, clock=self.clock)
             except (ValueError, LeaseError) as error:
-                raise StartupError(f"--lockspace {config.lockspace or ''}: {error}") from None
+                if config.lockspace is None:
+                    raise StartupError(
+                        f"the default lockspace: {error}; name one with --lockspace local:DIR, "
+                        "or serve without a lease with --lockspace none"
+                    ) from None
+                raise StartupError(f"--lockspace {config.lockspace}: {error}") from None
 
     def _open_tls(self, config: ServeConfig) -> ServerTLS:
         """Check the TLS options and read the certificates, before anything opens."""
@@ -283,6 +306,15 @@ class Node:
             image = Image.open(config.file, read_only=config.read_only)
         except ImageError as error:
             return defer.fail(StartupError(str(error)))
+        mode = os.stat(config.file).st_mode
+        if not config.read_only and not mode & 0o222:
+            # Root opens it for writing all the same: say so, once.
+            log.warn(
+                "{file} has no write permission (mode {mode:04o}), but this user may write "
+                "it: serving it writable; use --read-only to serve it read-only",
+                file=config.file,
+                mode=mode & 0o7777,
+            )
         export = Export(
             config.export_name,
             image,
@@ -298,12 +330,17 @@ class Node:
             tracer=self.tracer,
             stop_process=self._stop_after_handoff,
             tls=None if self.credentials is None else self.credentials.client_creator,
+            carrier=self.carrier,
         )
         unit = ExportUnit(config, export, mirrors)
+        unit.can_move_connections = self.carrier is not None and self.carrier.can_move
         d = self._take_lease(unit)
 
         def serve(_: object) -> ExportUnit:
             assert self.server is not None
+            if self.nbd_address is not None:
+                host, port = self.nbd_address
+                unit.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             self.exports.add(unit)
             self.server.add_export(export)
             export.trigger(RoleTrigger.LISTEN if config.listen else RoleTrigger.SERVE)
@@ -385,9 +422,41 @@ class Node:
     # -- the port ----------------------------------------------------------------------
 
     def _open_nbd(self, config: ServeConfig) -> None:
-        assert self.server is not None
+        assert self.server is not None and self.carrier is not None
         self.nbd_port = self._listen_tcp(config.port, self.server, config.addr, "NBD")
-        port = self.nbd_port.getHost().port  # type: ignore[attr-defined]
+        service = self.carrier.service
+        if service is None:
+            return
+        if not config.listen:
+            try:
+                if service.hold():
+                    log.info("added the service address {address}", address=str(service.address))
+            except AddressError as error:
+                raise StartupError(f"--service-address: {error}") from None
+        if ipaddress.ip_address(config.addr or "0.0.0.0").is_unspecified:
+            return  # the port on every address covers the service address too
+        # A destination listens there before the address is its own (IP_FREEBIND).
+        try:
+            listening = listen_freebind(service.address.ip, config.port)
+        except OSError as error:
+            raise StartupError(
+                f"cannot listen for NBD on {service.address.ip}:{config.port}: {error.strerror}"
+            ) from None
+        with listening:
+            port = self.reactor.adoptStreamPort(listening.fileno(), listening.family, self.server)
+        self._ports.append(port)
+
+    @property
+    def nbd_address(self) -> tuple[str, int] | None:
+        """Where clients reach this node: the NBD port's address and number (None: not open)."""
+        if self.nbd_port is None:
+            return None
+        host = self.nbd_port.getHost()
+        return str(host.host), int(host.port)  # type: ignore[attr-defined]
+
+    def _announce(self, config: ServeConfig) -> None:
+        assert self.nbd_address is not None
+        port = self.nbd_address[1]
         unit = self.exports.get()
         # Said once the reactor runs, and so once SIGTERM is ferry's to handle:
         # whoever waits for this line may stop the node at once.
@@ -469,11 +538,23 @@ class Node:
         image.close()
 
     def _close_now(self) -> None:
+        if self.carrier is not None:
+            self.carrier.close()
+            self.carrier = None
         for unit in self.exports:
             unit.image.close()
         if self._trace_file is not None:
             self._trace_file.close()
             self._trace_file = None
+
+
+def _service_address(config: ServeConfig) -> ServiceAddressHolder | None:
+    if not config.service_address:
+        return None
+    try:
+        return ServiceAddressHolder(ServiceAddress.parse(config.service_address))
+    except AddressError as error:
+        raise StartupError(f"--service-address {config.service_address}: {error}") from None
 
 
 def _check_senders_are_named(config: ServeConfig, acl: Acl, tls: ServerTLS) -> None:

@@ -136,6 +136,19 @@ class Outbox:
             return 0
         return int(len(transport.dataBuffer) - transport.offset + transport._tempDataLen)
 
+    def unsent(self) -> bytes:
+        """The bytes :meth:`held` counts, in order: what a connection moving away still owes.
+
+        Taken while the transport is stopped for a move
+        (``ferry.handoff.tcp_state.SocketState.with_unsent`` carries them);
+        the transport keeps its copy, for the move that fails.
+        """
+        transport = self._transport
+        if self._socket is None:
+            return b""
+        waiting = bytes(transport.dataBuffer[transport.offset :])
+        return waiting + b"".join(transport._tempDataBuffer)
+
     def add(self, data: bytes) -> None:
         if not data:
             return

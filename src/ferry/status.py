@@ -21,8 +21,9 @@ class FieldSpec:
 
     ``metric`` is the Prometheus name without the ``ferry_`` prefix (for a
     state field: the machine's name); ``scale`` turns the line's unit into
-    the metric's base unit (milliseconds to seconds); ``kind`` is ``gauge``
-    or ``state`` (a state set).
+    the metric's base unit (milliseconds to seconds); ``kind`` is ``gauge``,
+    ``state`` (a state set) or ``info`` (a text value, carried as a label of
+    a series whose value is 1: ``ferry_<metric>_info{<field>="..."}``).
     """
 
     metric: str
@@ -33,6 +34,11 @@ class FieldSpec:
 
 def _spec(metric: str, help: str, *, scale: float = 1.0, kind: str = "gauge") -> Any:
     return field(default=None, metadata={"spec": FieldSpec(metric, help, scale, kind)})
+
+
+def _info(metric: str, help: str) -> Any:
+    """A text field: exported as ``ferry_<metric>_info{export, <field>=value} 1``."""
+    return _spec(metric, help, kind="info")
 
 
 def _state(machine: str, help: str) -> Any:
@@ -93,6 +99,18 @@ class StatusSnapshot:
     )
     lease_state: str | None = _state("lease", "State of the image's lease")
     lease_token: int | None = _spec("lease_token", "Fencing token of the held lease")
+    address: str | None = _info("nbd", "Where NBD clients reach the export (HOST:PORT)")
+    connections_moved: int | None = _spec(
+        "connections_moved", "Client connections that moved with the image at the last handoff"
+    )
+    connections_aborted: int | None = _spec(
+        "connections_aborted",
+        "Client connections disconnected at the last handoff instead of moving",
+    )
+    can_move_connections: bool | None = _spec(
+        "can_move_connections",
+        "Whether this host can move client connections at a handoff (TCP_REPAIR, nftables)",
+    )
 
     def fields(self) -> Iterator[tuple[str, Any, FieldSpec]]:
         """The present fields in line order, with their export specs."""

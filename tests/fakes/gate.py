@@ -17,7 +17,7 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred
 
 from ferry.clock import Clock
-from ferry.serve.export import Export
+from ferry.serve.export import Attached, Export
 
 
 class FakeGate:
@@ -67,6 +67,10 @@ class FakeGate:
         self.disconnected.append(reason)
         self.dropped += self.queued
         self.queued = []
+
+    @property
+    def clients(self) -> list[Attached]:
+        return []  # its clients are calls, not connections: none can move
 
     @property
     def longest_hold(self) -> float:

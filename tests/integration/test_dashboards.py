@@ -51,6 +51,9 @@ SHOWS = {
         "ferry_migration_failures_total",
         'ferry_state{machine="lease"}',
         "ferry_lease_token",
+        "ferry_connections_moved",
+        "ferry_connections_aborted",
+        "ferry_can_move_connections",
     },
 }
 

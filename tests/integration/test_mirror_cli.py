@@ -134,7 +134,10 @@ def test_mirror_command_errors_use_flexnbd_words(
             "1",
             "x",
         ): b"1: unrecognised parameters to mirror\n",
-        ("mirror", "127.0.0.1", str(closed), "nothing"): b"1: Mirror failed to connect\n",
+        ("mirror", "127.0.0.1", str(closed), "nothing"): (
+            b"1: Mirror failed to connect: Connection was refused by other side: "
+            b"111: Connection refused.\n"
+        ),
         ("break",): b"1: not mirroring\n",
         ("mirror_max_bps", "1000"): b"1: Not currently mirroring\n",
     }

@@ -269,7 +269,7 @@ def test_events_on_a_socket_nobody_listens_on_is_one_line(tmp_path: Path) -> Non
     missing = run([*FERRY, "events", "--sock", str(tmp_path / "none.sock")], check=False)
     assert missing.returncode == 1
     assert missing.stderr.decode() == (
-        f"ferry: control socket {tmp_path}/none.sock: No such file or directory\n"
+        f"ferry: control socket {tmp_path}/none.sock: no such file\n"
     )
     stale = tmp_path / "stale.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as left_behind:

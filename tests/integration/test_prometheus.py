@@ -65,6 +65,8 @@ def selector(name: str, instance: str) -> str:
     spec = SPECS[name]
     if spec.kind == "state":
         return f'ferry_state{{instance="{instance}", machine="{spec.metric}"}}'
+    if spec.kind == "info":
+        return f'ferry_{spec.metric}_info{{instance="{instance}"}}'
     return f'ferry_{spec.metric}{{instance="{instance}"}}'
 
 

@@ -72,6 +72,8 @@ def test_status_line_fields_and_values(server: FerryProcess, sock: Path) -> None
         # The embedded default lockspace: serving means holding the lease.
         "lease_state": "held",
         "lease_token": fields["lease_token"],
+        "address": f"127.0.0.1:{server.port}",  # where clients reach it, port 0 or not
+        "can_move_connections": "true",  # root, with nftables: TCP_REPAIR works here
     }
     assert int(fields["lease_token"]) >= 1
     with RemoteExport.connect("127.0.0.1", server.port) as remote:
@@ -215,7 +217,7 @@ def test_help_for_each_mode() -> None:
     assert b"serve" in run([*FERRY, "help"]).stdout
     assert b"--default-deny" in run([*FERRY, "help", "serve"]).stdout
     result = run([*FERRY, "help", "nope"], check=False)
-    assert result.returncode == 1 and result.stderr.startswith(b"ferry: no mode named")
+    assert result.returncode == 2 and result.stderr.startswith(b"ferry help: no mode named")
 
 
 def test_read_and_write_commands(server: FerryProcess) -> None:
@@ -355,7 +357,9 @@ def test_metrics_cover_every_status_field_and_pass_promtool(image: Path, sock: P
     }
     for field in fields:
         spec = specs[field]
-        name = "ferry_state" if spec.kind == "state" else "ferry_" + spec.metric
+        name = {"state": "ferry_state", "info": f"ferry_{spec.metric}_info"}.get(
+            spec.kind, "ferry_" + spec.metric
+        )
         assert name in families, f"status field {field} has no series {name}"
     states = [
         s

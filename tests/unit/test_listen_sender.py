@@ -213,6 +213,18 @@ def test_the_senders_handshake_makes_the_export_receiving(listener: Listener) ->
     assert failed.error == OptionReply.ERR_POLICY and "receiving a migration" in failed.message
 
 
+def test_a_senders_block_status_answers_in_the_context_it_negotiated(listener: Listener) -> None:
+    # Found by fuzz/nbd_client: the sender's replies carried context id 0, which
+    # its handshake never gave it, and ferry's own client refused them.
+    sender = listener.connect(ClientConnection("", extra_options=[migrate_option(SIZE)]))
+    sender.pump()
+    assert sender.negotiated is not None
+    assert sender.negotiated.meta_contexts == {"base:allocation": 1}
+    handle = sender.client.request(Command.BLOCK_STATUS, 0, 65536)
+    reply = sender.replies()[handle]
+    assert reply.error == Errno.OK and list(reply.extents) == [1]
+
+
 def test_a_sender_lost_before_the_commit_sends_the_export_back_to_listening(
     listener: Listener,
 ) -> None:

@@ -29,7 +29,9 @@ from ferry.nbd.constants import (
     TransmissionFlag,
 )
 from ferry.nbd.events import (
+    CarriedConnection,
     Commit,
+    ConnectionLanding,
     Disconnect,
     Event,
     ExportInfo,
@@ -1257,12 +1259,18 @@ class Listener(Catalog):
         }
     )
     refuse_sender: Refusal | None = None
+    landing: ConnectionLanding | Refusal = field(
+        default_factory=lambda: ConnectionLanding("boot/net:7", "10.0.0.5/24@eth0")
+    )
     admitted: list[MigrationRequest] = field(default_factory=list)
     sender_lookups: list[str] = field(default_factory=list)
 
     def admit_migration(self, request: MigrationRequest) -> Refusal | None:
         self.admitted.append(request)
         return self.refuse_sender
+
+    def connection_landing(self) -> ConnectionLanding | Refusal:
+        return self.landing
 
     def lookup_sender(self, name: str) -> ExportInfo | Refusal:
         self.sender_lookups.append(name)
@@ -1632,3 +1640,110 @@ def test_a_mirror_write_split_across_chunks_is_joined() -> None:
     assert events[0] == Request(MIRROR_HANDLE, Command.WRITE, CommandFlag(0), 0, 10, b"0123456789")
     assert isinstance(events[1], RejectedRequest) and events[1].error == Errno.EPERM
     assert len(events) == 2
+
+
+# -- client connections carried with the commit: FERRY_OPT_CONNECTIONS, FERRY_CMD_CONNECTION ----
+
+OPT_CONNECTIONS = 0x46455202  # b"FER\x02"
+CMD_CONNECTION = 0xF002
+MAX_CONNECTION = 128 * 1024 * 1024
+
+
+def carrying(listener: Listener | None = None) -> ServerConnection:
+    """A sender past GO whose FERRY_OPT_CONNECTIONS was acknowledged."""
+    conn = sender(listener)
+    events = negotiate(
+        conn,
+        f.option(OPT_MIGRATE, migrate_data()),
+        f.option(OPT_CONNECTIONS),
+        f.option(f.OPT_GO, f.info_data("disk")),
+    )
+    assert [type(e) for e in events] == [HandshakeComplete], events
+    conn.data_to_send()
+    return conn
+
+
+def landing_bytes(host: str, service: str) -> bytes:
+    return b"".join(
+        struct.pack(">H", len(text.encode())) + text.encode() for text in (host, service)
+    )
+
+
+def test_connections_are_acked_with_who_the_destination_is() -> None:
+    conn = sender()
+    negotiate(conn, f.option(OPT_MIGRATE, migrate_data()), f.option(OPT_CONNECTIONS))
+    assert replies(conn) == [
+        rep(OPT_MIGRATE, f.REP_ACK),
+        rep(OPT_CONNECTIONS, f.REP_ACK, landing_bytes("boot/net:7", "10.0.0.5/24@eth0")),
+    ]
+    landing = ConnectionLanding.from_bytes(landing_bytes("boot/net:7", "10.0.0.5/24@eth0"))
+    assert landing == ConnectionLanding("boot/net:7", "10.0.0.5/24@eth0")
+
+
+@pytest.mark.parametrize(
+    ("frames", "why"),
+    [
+        ([f.option(OPT_CONNECTIONS)], "only after FERRY_OPT_MIGRATE"),
+        ([f.option(OPT_MIGRATE, migrate_data()), f.option(OPT_CONNECTIONS, b"x")], "bytes of data"),
+        (
+            [f.option(OPT_MIGRATE, migrate_data()), f.option(OPT_CONNECTIONS)] * 1
+            + [f.option(OPT_CONNECTIONS)],
+            "already acknowledged",
+        ),
+    ],
+)
+def test_a_wrong_connections_option_is_invalid(frames: list[bytes], why: str) -> None:
+    conn = sender()
+    negotiate(conn, *frames)
+    last = replies(conn)[-1]
+    assert last.type == f.REP_ERR_INVALID and why.encode() in last.data
+
+
+def test_a_node_that_cannot_take_connections_says_why() -> None:
+    listener = Listener(landing=Refusal(OptionReply.ERR_UNSUP, "no CAP_NET_ADMIN"))
+    conn = sender(listener)
+    negotiate(conn, f.option(OPT_MIGRATE, migrate_data()), f.option(OPT_CONNECTIONS))
+    assert replies(conn)[-1] == rep(OPT_CONNECTIONS, f.REP_ERR_UNSUP, b"no CAP_NET_ADMIN")
+
+
+@pytest.mark.parametrize("cut", [0, 1, 23, 28, 29, 40])
+def test_a_carried_connection_is_its_payload_however_it_arrives(cut: int) -> None:
+    conn = carrying()
+    state = bytes(range(40)) * 3
+    stream = f.request(CMD_CONNECTION, 4, 0, len(state)) + state + f.read(5, 0, 1)
+    events = conn.receive_data(stream[:cut]) + conn.receive_data(stream[cut:])
+    assert events == [CarriedConnection(4, state), Request(5, Command.READ, CommandFlag(0), 0, 1)]
+    assert conn.buffered == 0
+
+
+@pytest.mark.parametrize(
+    ("offset", "length", "flags", "why"),
+    [
+        (0, 0, 0, "not in 1.."),
+        (0, MAX_CONNECTION + 1, 0, "not in 1.."),
+        (8, 4, 0, "offset 0"),
+        (0, 4, FUA, "no flags"),
+    ],
+)
+def test_a_malformed_carried_connection_is_rejected_its_payload_counted_off(
+    offset: int, length: int, flags: int, why: str
+) -> None:
+    conn = carrying()
+    payload = b"z" * min(length, 8)
+    events = conn.receive_data(f.request(CMD_CONNECTION, 9, offset, length, flags) + payload)
+    if length > len(payload):
+        assert events == []
+        assert conn.buffered == 0  # counted off, never kept
+        return
+    (rejected,) = events
+    assert isinstance(rejected, RejectedRequest)
+    assert (rejected.handle, rejected.error) == (9, Errno.EINVAL) and why in rejected.reason
+
+
+def test_a_connection_from_a_sender_that_was_not_told_yes_is_rejected() -> None:
+    conn = sending()  # FERRY_OPT_MIGRATE only
+    events = conn.receive_data(f.request(CMD_CONNECTION, 3, 0, 2) + b"ab" + f.read(4, 0, 1))
+    rejected, read = events
+    assert isinstance(rejected, RejectedRequest) and rejected.error == Errno.EINVAL
+    assert "FERRY_OPT_CONNECTIONS" in rejected.reason
+    assert read == Request(4, Command.READ, CommandFlag(0), 0, 1)

@@ -44,6 +44,30 @@ def port_number(text: str) -> int:
     return port
 
 
+def _lockspace_text(text: str) -> str:
+    """``--lockspace``: checked here, so a bad one is a usage error (exit 2); kept as text."""
+    from ferry.lease.spec import parse_lockspace
+
+    if text == "none":
+        return text
+    try:
+        parse_lockspace(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _service_address_text(text: str) -> str:
+    """``--service-address``: checked here, so a bad one is a usage error (exit 2)."""
+    from ferry.handoff.address import AddressError, ServiceAddress
+
+    try:
+        ServiceAddress.parse(text)
+    except AddressError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def host_and_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host:
@@ -53,7 +77,9 @@ def host_and_port(text: str) -> tuple[str, int]:
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"ferry {self.prog.split()[-1]}: {message}\n")
+        mode = self.prog.split()[-1]
+        prefix = "ferry" if mode == "ferry" else f"ferry {mode}"
+        self.exit(2, f"{prefix}: {message}\n")
 
 
 def build_parser() -> Parser:
@@ -63,6 +89,8 @@ def build_parser() -> Parser:
     )
     parser.add_argument("--version", action="version", version=f"ferry {__version__}")
     modes = parser.add_subparsers(dest="mode", metavar="MODE", parser_class=Parser)
+    version = modes.add_parser("version", help="print ferry's version")
+    version.set_defaults(run=lambda args: print(f"ferry {__version__}") or 0)
 
     for name, helptext in (
         ("serve", "serve an image file over NBD"),
@@ -103,6 +131,7 @@ def build_parser() -> Parser:
         )
         serve.add_argument(
             "--lockspace",
+            type=_lockspace_text,
             metavar="SPEC",
             help="where the image's lease is held while serving (listen: taken over with the "
             "migration): local:DIR or etcd:http[s]://HOST:PORT[,HOST:PORT...][?cacert=FILE&"
@@ -114,6 +143,18 @@ def build_parser() -> Parser:
             metavar="NAME",
             help="the lease's name (default: the image's real path; listen: the one "
             "the migration's source holds)",
+        )
+        serve.add_argument(
+            "--service-address",
+            type=_service_address_text,
+            metavar="IP/PREFIX@DEV",
+            help=(
+                "the address clients use, which moves with the image: added to DEV if "
+                "missing and listened on (with --port) besides --addr"
+                if name == "serve"
+                else "the address this node takes over at the commit: added to DEV once "
+                "the source has dropped it, announced (gratuitous ARP), listened on from now"
+            ),
         )
         _tls_server(serve, listen=name == "listen")
         _verbosity(serve)
@@ -316,6 +357,7 @@ def run_serve(args: argparse.Namespace) -> int:
         tls_certificates=args.tls_certificates,
         tls_verify_peer=args.tls_verify_peer,
         tls_allowed_subjects=getattr(args, "tls_allowed_subjects", None),
+        service_address=args.service_address,
     )
     try:
         log_file = open_log_file(args.log) if args.log else None
@@ -369,12 +411,25 @@ def run_status(args: argparse.Namespace) -> int:
     if status != 0:
         raise UserError(text)
     if args.json:
-        from ferry.status import parse_line
-
-        print(json.dumps(parse_line(text), indent=2))
+        # Asked again, as JSON: numbers as numbers, booleans as booleans.
+        print(json.dumps(json_call(args.sock, "status"), indent=2))
     else:
         print(text)
     return 0
+
+
+def json_call(path: str, method: str, params: dict[str, Any] | None = None) -> Any:
+    """One JSON-lines request; its result, or a UserError with the server's message."""
+    from ferry.control.client import ControlError, JsonControl
+
+    try:
+        with JsonControl(path) as control:
+            answer = control.call(method, params)
+    except ControlError as error:
+        raise UserError(str(error)) from None
+    if "error" in answer:
+        raise UserError(answer["error"]["message"])
+    return answer["result"]
 
 
 def run_acl(args: argparse.Namespace) -> int:
@@ -385,10 +440,15 @@ def run_acl(args: argparse.Namespace) -> int:
 
 
 def run_simple(args: argparse.Namespace, lines: list[str]) -> int:
-    """A control command whose answer is printed as it comes (``break``, ...)."""
+    """A control command whose answer is printed as it comes (``break``, ...).
+
+    A refusal is an error like any other: one line on stderr, exit 1.
+    """
     status, text = control_request(args.sock, lines)
+    if status != 0:
+        raise UserError(text)
     print(text)
-    return 0 if status == 0 else 1
+    return 0
 
 
 def run_mirror(args: argparse.Namespace) -> int:
@@ -629,7 +689,10 @@ def run_help(
     elif args.topic in modes:
         modes[args.topic].print_help()
     else:
-        raise UserError(f"no mode named {args.topic!r} (modes: {', '.join(modes)})")
+        print(
+            f"ferry help: no mode named {args.topic!r} (modes: {', '.join(modes)})", file=sys.stderr
+        )
+        return 2
     return 0
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import select
 import socket
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -60,14 +61,34 @@ def check_server(conn: socket.socket, path: str) -> None:
         )
 
 
+def connect(path: str, timeout: float | None) -> socket.socket:
+    """A connection to the control socket at ``path``, its server checked (:func:`check_server`).
+
+    A path that is something other than a socket is said to be so, rather
+    than "Connection refused".
+    """
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ControlError(f"control socket {path}: no such file") from None
+    if not stat.S_ISSOCK(info.st_mode):
+        raise ControlError(f"control socket {path}: not a socket (is --sock the right path?)")
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(timeout)
+        conn.connect(path)
+        check_server(conn, path)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def line_command(path: str, lines: list[str], *, timeout: float = 30.0) -> tuple[int, str]:
     """Send one flexnbd-form command; return its status and text."""
     request = "".join(f"{line}\n" for line in lines) + "\n"
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(timeout)
-            conn.connect(path)
-            check_server(conn, path)
+        with connect(path, timeout) as conn:
             conn.sendall(request.encode("utf-8"))
             chunks = []
             while chunk := conn.recv(65536):
@@ -88,9 +109,7 @@ class JsonControl:
         self._ids = itertools.count(1)
         self._buffer = b""
         try:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._sock.connect(path)
-            check_server(self._sock, path)
+            self._sock = connect(path, None)
         except OSError as error:
             raise ControlError(f"control socket {path}: {error.strerror or error}") from None
 

@@ -16,6 +16,7 @@ it is the node's default export.
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,7 +126,10 @@ class Commands:
 
         def answer(outcome: StartOutcome) -> Reply:
             value = {"ok": outcome.ok, "message": outcome.message, "detail": outcome.detail}
-            return Reply(0 if outcome.ok else 1, outcome.message, value)
+            if outcome.ok or not outcome.detail:
+                return Reply(0 if outcome.ok else 1, outcome.message, value)
+            # flexnbd's words first, so its tooling still matches; then why.
+            return Reply(1, f"{outcome.message}: {outcome.detail}", value)
 
         return started.addCallback(answer)
 
@@ -205,24 +209,40 @@ def _parse_mirror(args: Sequence[str], params: Params) -> Reply | tuple[Destinat
         if max_bps is None:
             return Reply(1, "max_bps couldn't be parsed")
     extra: dict[str, Any] = {}
-    for key, kind in (("max_downtime", float), ("max_passes", int), ("reply_timeout", float)):
+    for key, whole in (("max_downtime", False), ("max_passes", True), ("reply_timeout", False)):
         if key in params:
-            try:
-                value = kind(params[key])
-            except (TypeError, ValueError):
-                return Reply(1, f"bad {key}: {params[key]!r}")
-            if value <= 0:
-                return Reply(1, f"bad {key}: must be positive")
+            value = _positive(params[key], whole=whole)
+            if value is None:
+                kind = "a whole number" if whole else "a number of seconds"
+                return Reply(1, f"bad {key}: must be {kind} greater than 0")
             extra[key] = value
     if "flexnbd" in params:
         if not isinstance(params["flexnbd"], bool):
-            return Reply(1, f"bad flexnbd: {params['flexnbd']!r}")
+            return Reply(1, "bad flexnbd: must be true or false")
         extra["flexnbd"] = params["flexnbd"]
     try:
         options = MirrorOptions(max_bps=max_bps or None, action=action, **extra)
     except ValueError as error:
         return Reply(1, str(error))
     return Destination(args[0], port, bind=bind), options
+
+
+def _positive(value: object, *, whole: bool) -> int | float | None:
+    """``value`` as a JSON number above 0 (an integer if ``whole``, else finite seconds), or None.
+
+    Only numbers: a string such as "NaN" or "inf" that ``float()`` would
+    take, or a boolean (an int to Python), is not one.  Seconds are a float:
+    an integer too large for one is refused here, not by the job later.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if whole:
+        return value if isinstance(value, int) and value > 0 else None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
 
 
 def _is_ip(text: str) -> bool:

@@ -9,6 +9,13 @@ every transition of every machine (:mod:`ferry.control.events`), and what
 the server sends waits within a cap while the client is slow
 (:mod:`ferry.control.jsonlines`).
 
+A request -- a flexnbd command up to its blank line, or one JSON line --
+may be at most ``MAX_COMMAND_BYTES``.  A longer command is answered ``1:
+command longer than ...``; a longer JSON line gets the error -32600 and is
+skipped, and the connection goes on.  Nothing a client sends is answered
+with a traceback: malformed requests get their error answer, and an
+exception inside a command is an internal error answer (and a log entry).
+
 The socket file is created with mode 0600 (the umask is narrowed around
 ``bind`` so there is no window in which it is wider).  A socket file left by
 a dead process is replaced; one that a live server answers on is not stolen.
@@ -17,13 +24,14 @@ a dead process is replaced; one that a live server answers on is not stolen.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import stat
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort, IReactorUNIX
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -52,8 +60,12 @@ class ControlProtocol(Protocol):
     def __init__(self, commands: Commands, events: EventHub) -> None:
         self._commands = commands
         self._events = events
-        self._buffer = b""
+        self._lines: list[bytes] = []  # a flexnbd command's lines so far
+        self._command_bytes = 0  # ... and their length, each with its newline
+        self._buffer = bytearray()  # ... and its unfinished line
         self._json: bool | None = None
+        self._partial = bytearray()  # a JSON connection's unfinished line
+        self._skipping = False  # ... or the rest of one too long to read, already answered
         self._answered = False
         self._lost = False
         self._out: JsonLines | None = None  # a JSON connection's outgoing lines
@@ -62,43 +74,64 @@ class ControlProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._answered:
             return
-        self._buffer += data
-        if self._json is None and self._buffer:
-            self._json = self._buffer.startswith(b"{")
+        if self._json is None:
+            self._json = data.startswith(b"{")
             if self._json and self.transport is not None:
                 self._out = JsonLines(self.transport, self._events.clock)
                 self._stream = EventStream(self._events, self._out)
-        if len(self._buffer) > MAX_COMMAND_BYTES:
-            if self._out is not None:
-                self._answered = True  # read nothing more
-                self._out.end(f"a request longer than {MAX_COMMAND_BYTES} bytes")
-            else:
-                self._reply_line(f"1: command longer than {MAX_COMMAND_BYTES} bytes\n")
-            return
         if self._json:
-            self._json_requests()
+            self._json_lines(data)
         else:
-            self._flexnbd_command(at_eof=False)
+            self._flexnbd_lines(data)
 
     def readConnectionLost(self) -> None:
-        # A client that half-closes after its last line has said all it will.
-        if not self._json and not self._answered:
-            self._flexnbd_command(at_eof=True)
+        # A client that half-closes after its last line has said all it will,
+        # whether or not it ended that line.
+        if self._json:
+            if not self._skipping and self._partial.strip():
+                line = bytes(self._partial)
+                self._partial.clear()
+                self._json_request(line)
+        elif not self._answered:
+            last = bytes(self._buffer.removesuffix(b"\r"))
+            self._buffer.clear()
+            if last:
+                self._lines.append(last)
+                self._command_bytes += len(last)
+            self._flexnbd_command()
 
     def writeConnectionLost(self) -> None:
         pass
 
     # -- flexnbd lines ----------------------------------------------------------
 
-    def _flexnbd_command(self, *, at_eof: bool) -> None:
-        text = self._buffer.replace(b"\r\n", b"\n")
-        if text.startswith(b"\n"):
-            lines: list[bytes] = []
-        elif b"\n\n" in text:
-            lines = text.split(b"\n\n", 1)[0].split(b"\n")
-        elif at_eof:
-            lines = [line for line in text.split(b"\n") if line]
-        else:
+    def _flexnbd_lines(self, data: bytes) -> None:
+        """Collect the command's lines until the blank line ends it, then answer it.
+
+        A line ends with "\n" or "\r\n".  The command -- what precedes the
+        blank line -- may be at most ``MAX_COMMAND_BYTES``; once it cannot be
+        (the blank line could start at the earliest on the last byte, a
+        "\r"), it is answered as too long without waiting for the rest.
+        """
+        *complete, rest = data.split(b"\n")
+        for piece in complete:
+            self._buffer += piece
+            raw = bytes(self._buffer)
+            self._buffer.clear()
+            line = raw.removesuffix(b"\r")
+            if not line:
+                self._flexnbd_command()
+                return
+            self._lines.append(line)
+            self._command_bytes += len(raw) + 1
+        self._buffer += rest
+        if self._command_bytes + len(self._buffer) - 1 > MAX_COMMAND_BYTES:
+            self._reply_line(f"1: command longer than {MAX_COMMAND_BYTES} bytes\n")
+
+    def _flexnbd_command(self) -> None:
+        lines = self._lines
+        if self._command_bytes > MAX_COMMAND_BYTES:
+            self._reply_line(f"1: command longer than {MAX_COMMAND_BYTES} bytes\n")
             return
         if len(lines) > MAX_LINES:
             self._reply_line(f"1: more than {MAX_LINES} lines\n")
@@ -110,7 +143,9 @@ class ControlProtocol(Protocol):
             return
         name, args = (words[0], words[1:]) if words else ("", [])
         self._answered = True  # read nothing more; the reply may come later
-        _settle(self._commands.run(name, args), lambda reply: self._reply_line(reply.line()))
+        _settle(
+            lambda: self._commands.run(name, args), lambda reply: self._reply_line(reply.line())
+        )
 
     def _reply_line(self, line: str) -> None:
         self._answered = True
@@ -128,53 +163,124 @@ class ControlProtocol(Protocol):
 
     # -- JSON lines ---------------------------------------------------------------
 
-    def _json_requests(self) -> None:
-        while b"\n" in self._buffer:
-            raw, self._buffer = self._buffer.split(b"\n", 1)
-            if raw.strip():
-                self._json_request(raw)
+    def _json_lines(self, data: bytes) -> None:
+        """Answer each line ``data`` completes; keep the unfinished one, up to the limit.
+
+        A line longer than ``MAX_COMMAND_BYTES`` is answered with an error as
+        soon as it is, and the rest of it is skipped: however the lines were
+        split into reads, each gets one answer and no more than the limit of
+        one is held.
+        """
+        *complete, rest = data.split(b"\n")
+        for piece in complete:
+            if self._skipping:
+                self._skipping = False  # the end of a line already answered
+                continue
+            line = bytes(self._partial + piece) if self._partial else piece
+            self._partial.clear()
+            if len(line) > MAX_COMMAND_BYTES:
+                self._json_too_long()
+            elif line.strip():
+                self._json_request(line)
+        if not self._skipping:
+            self._partial += rest
+            if len(self._partial) > MAX_COMMAND_BYTES:
+                self._partial.clear()
+                self._skipping = True
+                self._json_too_long()
+
+    def _json_too_long(self) -> None:
+        self._send_json(_error(None, -32600, f"a request longer than {MAX_COMMAND_BYTES} bytes"))
 
     def _json_request(self, raw: bytes) -> None:
         try:
-            request = json.loads(raw)
+            request = _strict_json(raw)
         except ValueError as error:
             self._send_json(
                 {"id": None, "error": {"code": -32700, "message": f"not JSON: {error}"}}
             )
             return
         if not isinstance(request, dict) or not isinstance(request.get("method"), str):
-            self._send_json(
-                {
-                    "id": None,
-                    "error": {"code": -32600, "message": "expected an object with a method"},
-                }
-            )
+            self._send_json(_error(None, -32600, "expected an object with a method"))
             return
         request_id = request.get("id")
-        params = request.get("params", {})
-        if request["method"] in STREAM_METHODS and self._stream is not None:
-            self._send_json(self._stream.request(request_id, request["method"], params))
+        if isinstance(request_id, bool) or not isinstance(request_id, str | int | float | None):
+            self._send_json(_error(None, -32600, "the id must be a string, a number or null"))
             return
-        args = params.get("args", []) if isinstance(params, dict) else params
+        method = request["method"]
+        if method not in self._commands.table and method not in STREAM_METHODS:
+            self._send_json(_error(request_id, -32601, "unknown command"))
+            return
+        params = request.get("params")
+        if method in STREAM_METHODS and self._stream is not None:
+            self._send_json(self._stream.request(request_id, method, params))
+            return
+        if params is None:
+            args, options = [], {}
+        elif isinstance(params, dict):
+            args, options = params.get("args", []), params
+        elif isinstance(params, list):
+            args, options = params, {}
+        else:
+            self._send_json(_error(request_id, -32602, "params must be an object or an array"))
+            return
         if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-            self._send_json(
-                {"id": request_id, "error": {"code": -32602, "message": "args must be strings"}}
-            )
+            self._send_json(_error(request_id, -32602, "args must be strings"))
             return
-        options = params if isinstance(params, dict) else {}
         _settle(
-            self._commands.run(request["method"], args, options),
+            lambda: self._commands.run(method, args, options),
             lambda reply: self._send_json(_json_answer(request_id, reply)),
         )
 
     def _send_json(self, answer: dict[str, Any]) -> None:
         if self._out is None or self._lost:
             return
-        self._out.send(answer)
+        try:
+            self._out.send(answer)
+        except (TypeError, ValueError):  # a value JSON cannot carry (NaN, a set, ...)
+            log.failure("control answer {answer!r:.200} is not JSON", answer=answer)
+            error = "internal error: the answer cannot be written as JSON"
+            self._out.send(_error(answer.get("id"), 1, error))
 
 
-def _settle(reply: Reply | Deferred[Reply], deliver: Callable[[Reply], None]) -> None:
-    """Deliver a reply now, or when its Deferred fires; a failure is a reply too."""
+def _strict_json(raw: bytes) -> Any:
+    """``raw`` as JSON (RFC 8259) in UTF-8, or ValueError saying why not.
+
+    Python's own extensions are refused, since no answer could carry them
+    back (the answers are strict JSON): ``NaN``, ``Infinity``, and numbers
+    too large for a double, which it would read as infinite.  Nesting
+    deeper than the parser's recursion limit is a ValueError too.
+    """
+    try:
+        return json.loads(
+            raw.decode("utf-8"), parse_constant=_not_a_number, parse_float=_finite_float
+        )
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _not_a_number(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def _settle(run: Callable[[], Reply | Deferred[Reply]], deliver: Callable[[Reply], None]) -> None:
+    """Run a command; deliver its reply now, or when its Deferred fires.
+
+    A failure is a reply too, whether the Deferred fails or the command
+    raises at once: ``internal error: ...`` for the client, the traceback
+    for the log -- never an exception out of the protocol.
+    """
+    try:
+        reply = run()
+    except Exception:
+        reply = fail()
     if isinstance(reply, Reply):
         deliver(reply)
         return
@@ -188,11 +294,15 @@ def _settle(reply: Reply | Deferred[Reply], deliver: Callable[[Reply], None]) ->
 
 def _json_answer(request_id: Any, reply: Reply) -> dict[str, Any]:
     if reply.status == 10:
-        return {"id": request_id, "error": {"code": -32601, "message": reply.text}}
+        return _error(request_id, -32601, reply.text)
     if reply.status != 0:
-        return {"id": request_id, "error": {"code": reply.status, "message": reply.text}}
+        return _error(request_id, reply.status, reply.text)
     value = reply.value if reply.value is not None else reply.text
     return {"id": request_id, "result": value}
+
+
+def _error(request_id: Any, code: int, message: str) -> dict[str, Any]:
+    return {"id": request_id, "error": {"code": code, "message": message}}
 
 
 class ControlFactory(Factory):

@@ -22,7 +22,7 @@ from ferry.migrate.core.passes import CopyOp, PassPlan
 from ferry.migrate.core.stats import FailureReason, MigrationStats
 from ferry.migrate.wire import MirrorProtocol
 from ferry.nbd.constants import TransmissionFlag
-from ferry.nbd.events import Negotiated
+from ferry.nbd.events import ConnectionLanding, Negotiated
 
 if TYPE_CHECKING:
     from ferry.migrate.core.job import MigrationJob
@@ -52,6 +52,8 @@ class Attempt:
     number: int
     wire: MirrorProtocol | None = None
     plain: bool | None = None  # learned from the answer to FERRY_OPT_MIGRATE
+    # What the destination said to FERRY_OPT_CONNECTIONS (None: it takes none).
+    landing: ConnectionLanding | None = None
     negotiated: Negotiated | None = None
     hello_timer: DelayedCall | None = None
     reply_timer: DelayedCall | None = None

@@ -41,8 +41,10 @@ from twisted.python.failure import Failure
 
 from ferry.chartnames import RoleState
 from ferry.clock import Clock
-from ferry.nbd.constants import Errno
-from ferry.serve.connection import CommitAnswer
+from ferry.migrate.arrivals import Arrivals
+from ferry.nbd.constants import Errno, OptionReply
+from ferry.nbd.events import ConnectionLanding, Refusal
+from ferry.serve.connection import CommitAnswer, ConnectionHost
 from ferry.serve.export import Export
 
 __all__ = ["COMMIT_TIMEOUT", "Receiver"]
@@ -62,11 +64,31 @@ class Receiver:
     """Performs the commits of the migration senders of one node's listening exports."""
 
     def __init__(
-        self, *, run_blocking: RunBlocking, clock: Clock, timeout: float = COMMIT_TIMEOUT
+        self,
+        *,
+        run_blocking: RunBlocking,
+        clock: Clock,
+        timeout: float = COMMIT_TIMEOUT,
+        arrivals: Arrivals | None = None,
     ) -> None:
         self._run_blocking = run_blocking
         self._clock = clock
         self.timeout = timeout
+        # Rebuilds the client connections senders carry here (None: none are taken).
+        self._arrivals = arrivals
+
+    def connection_landing(self) -> ConnectionLanding | Refusal:
+        if self._arrivals is None:
+            return Refusal(OptionReply.ERR_UNSUP, "this node does not take client connections")
+        return self._arrivals.landing()
+
+    def carried(
+        self, host: ConnectionHost, export: Export, state: bytes, answer: CommitAnswer
+    ) -> None:
+        if self._arrivals is None:
+            answer(Errno.ENOTSUP, "this node does not take client connections")
+            return
+        self._arrivals.carried(host, export, state, answer)
 
     def commit(
         self,

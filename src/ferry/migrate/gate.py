@@ -15,9 +15,11 @@ What is left for the source, in the order of a migration:
   every client write dispatched before the hold has reached the image and
   marked the dirty map.  Only then can the last pass be planned without
   losing a write.  Never errbacks.
+- :attr:`~ClientGate.clients` at the commit: the connections that may move
+  with the image (``ferry.migrate.carry``).
 - :meth:`~ClientGate.disconnect_all` once the destination has the image:
-  held requests are dropped unanswered and every client is disconnected
-  (a later issue moves them instead).
+  held requests are dropped unanswered and every client still here (those
+  that could not move) is disconnected.
 - :attr:`~ClientGate.longest_hold`: the longest any request has been held
   so far, in seconds (0.0 if none was), which becomes the status field
   ``last_downtime_ms``.
@@ -31,6 +33,8 @@ from typing import Protocol
 
 from twisted.internet.defer import Deferred
 
+from ferry.serve.export import Attached
+
 __all__ = ["ClientGate"]
 
 
@@ -43,6 +47,11 @@ class ClientGate(Protocol):
 
     def disconnect_all(self, reason: str) -> None:
         """The image is someone else's now: drop what is held and disconnect every client."""
+        ...
+
+    @property
+    def clients(self) -> list[Attached]:
+        """The client connections in transmission."""
         ...
 
     @property

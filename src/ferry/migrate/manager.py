@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 
 from ferry.clock import Clock
+from ferry.migrate.carry import Carrier
 from ferry.migrate.core.stats import MigrationStats
 from ferry.migrate.gate import ClientGate
 from ferry.migrate.lease import OutgoingLease
@@ -50,10 +51,12 @@ class MirrorManager:
         tracer: Tracer | None = None,
         stop_process: Callable[[], None] | None = None,
         tls: TLSForHost | None = None,
+        carrier: Carrier | None = None,
     ) -> None:
         self.export = export
         # This node's client TLS (--tls-certificates): every migration uses it.
         self._tls = tls
+        self._carrier = carrier
         self._gate = gate
         self._clock = clock
         self._connector = connector
@@ -85,6 +88,7 @@ class MirrorManager:
             lease=self.lease,
             stats=self.stats,
             tls=self._tls,
+            carrier=self._carrier,
         )
         self.current = source
         return source.start()

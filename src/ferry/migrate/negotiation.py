@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from twisted.logger import Logger
+
 from ferry.clock import cancel_call
 from ferry.migrate.attempt import Attempt, Driver
 from ferry.migrate.options import (
@@ -23,11 +25,18 @@ from ferry.migrate.options import (
     FinishAction,
     MirrorOptions,
 )
-from ferry.nbd.constants import FERRY_OPT_MIGRATE, OptionReply, TransmissionFlag
-from ferry.nbd.events import Negotiated, OptionAnswered
+from ferry.nbd.constants import (
+    FERRY_OPT_CONNECTIONS,
+    FERRY_OPT_MIGRATE,
+    OptionReply,
+    TransmissionFlag,
+)
+from ferry.nbd.events import ConnectionLanding, Negotiated, OptionAnswered
 from ferry.storage import Image
 
 __all__ = ["Negotiation", "refusal_of"]
+
+_log = Logger()
 
 
 class NegotiationDriver(Driver, Protocol):
@@ -56,6 +65,9 @@ class Negotiation:
             self._driver.fail(attempt, NO_HELLO, f"no hello within {timeout} s")
 
     def option_answered(self, attempt: Attempt, event: OptionAnswered) -> None:
+        if event.option == FERRY_OPT_CONNECTIONS:
+            self._landing(attempt, event)
+            return
         if event.option != FERRY_OPT_MIGRATE:
             return
         if event.reply == OptionReply.ACK:
@@ -66,6 +78,26 @@ class Negotiation:
             detail = f"{event.reply.name}: {event.message}" if event.message else event.reply.name
             why = f"the destination refused the migration: {detail}"
             self._driver.fail(attempt, REJECTED, why)
+
+    def _landing(self, attempt: Attempt, event: OptionAnswered) -> None:
+        """The destination's answer to FERRY_OPT_CONNECTIONS: may the clients come along?"""
+        name = self._driver.export.name
+        if event.reply != OptionReply.ACK:
+            _log.info(
+                "mirror of {export}: the destination takes no client connections: {why}",
+                export=name,
+                why=event.message or event.reply.name,
+            )
+            return
+        try:
+            attempt.landing = ConnectionLanding.from_bytes(event.payload)
+        except ValueError as error:
+            _log.warn(
+                "mirror of {export}: cannot read the destination's FERRY_OPT_CONNECTIONS "
+                "answer ({error}): its clients will be disconnected",
+                export=name,
+                error=error,
+            )
 
     def negotiated(self, attempt: Attempt, negotiated: Negotiated) -> None:
         cancel_call(attempt.hello_timer)

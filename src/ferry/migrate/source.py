@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from ferry.chartnames import MigrationState, MigrationTrigger, RoleState, RoleTrigger
 from ferry.clock import Clock, cancel_call
 from ferry.migrate.attempt import Attempt, AttemptCounters
+from ferry.migrate.carry import Carriage, Carrier
 from ferry.migrate.copier import PassCopier
 from ferry.migrate.core.backoff import Backoff
 from ferry.migrate.core.convergence import ConvergencePolicy
@@ -118,9 +119,15 @@ class MirrorSource:
         lease: OutgoingLease | None = None,
         stats: MigrationStats | None = None,
         tls: TLSForHost | None = None,
+        carrier: Carrier | None = None,
     ) -> None:
         self._export = export
         self._tls = tls  # TLS with this node's certificate, verifying the destination
+        self._tracer = tracer
+        # How client connections move with the image (None: they are disconnected).
+        self._carrier = carrier
+        # The connections of the commit in progress, until it is decided.
+        self.carriage: Carriage | None = None
         # The export's counters, kept across jobs (by the MirrorManager).
         self._stats = MigrationStats() if stats is None else stats
         self.destination = destination
@@ -344,6 +351,7 @@ class MirrorSource:
             flexnbd=self._options.flexnbd,
             resource="" if self._lease is None else self._lease.resource,
             tls=None if self._tls is None else self._tls(self.destination.host),
+            carries=self._carrier is not None and self._carrier.can_move,
         )
         try:
             d = self._connector(self.destination, factory, self._options.connect_timeout)
@@ -412,6 +420,8 @@ class MirrorSource:
             self.copier.preflush_answered(attempt, reply)
         elif handle == attempt.commit_handle:
             self._switchover.commit_answered(attempt, reply)
+        elif self.carriage is not None and self.carriage.owns(handle):
+            self.carriage.answered(reply)
         else:
             self.copier.data_answered(attempt, reply)
 
@@ -537,8 +547,42 @@ class MirrorSource:
         self.outcome = outcome
         self.started.callback(outcome)
 
+    # -- the clients at the commit (ferry.migrate.carry) ----------------------------------
+
+    def carry(self, attempt: Attempt) -> None:
+        """The commit goes next: take the clients along, those that can come."""
+        self.carriage = Carriage(
+            self._export.name,
+            self._gate,
+            self._carrier,
+            attempt.landing,
+            self._clock,
+            self._tracer,
+        )
+        self._export.last_handoff = self.carriage.counts
+        if attempt.wire is not None:
+            self.carriage.send(attempt.wire)
+
+    def clients_handed_over(self) -> None:
+        """The destination has the image: what moved is released, every other client goes."""
+        carriage = self.carriage
+        if carriage is None:  # a commit resolved after this node stopped (never, today)
+            carriage = Carriage(
+                self._export.name, self._gate, None, None, self._clock, self._tracer
+            )
+            self._export.last_handoff = carriage.counts
+        self.carriage = None
+        carriage.handed_over(self.destination_name)
+
+    def clients_taken_back(self) -> None:
+        """The image stays: the clients that were moving are served here again."""
+        carriage, self.carriage = self.carriage, None
+        if carriage is not None:
+            carriage.taken_back()
+
     def end(self, result: MirrorResult, start_message: str = "", detail: str = "") -> None:
         """The job has ended (its chart is final): report it, once the sockets are closed."""
+        self.clients_taken_back()  # a job that ends here keeps its clients (none, if handed over)
         self.set_write_cap(None)
         for undo in self._unobserve:
             undo()

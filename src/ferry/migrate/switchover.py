@@ -68,6 +68,12 @@ class SwitchoverDriver(Driver, Protocol):
 
     def note_error(self, error: str) -> None: ...
 
+    def carry(self, attempt: Attempt) -> None: ...
+
+    def clients_handed_over(self) -> None: ...
+
+    def clients_taken_back(self) -> None: ...
+
     @property
     def destination_name(self) -> str: ...
 
@@ -181,6 +187,7 @@ class Switchover:
         if not driver.current(attempt) or wire is None:
             return  # broken off meanwhile
         driver.job.fire(MigrationTrigger.COMMIT)
+        driver.carry(attempt)
         if driver.options.flexnbd:
             # DISC is flexnbd's handoff, and nothing answers it: once it is
             # written the listener has control (see the module doc of source).
@@ -200,6 +207,7 @@ class Switchover:
             # served while the job retries from scratch -- with a lease, only
             # once it is this node's again.
             why = f"commit refused: {reply.error.name} {reply.message}"
+            driver.clients_taken_back()
             driver.note_error(why)
             driver.stats.retries[FailureReason.COMMIT_REJECTED] += 1
             _log.warn("mirror of {export}: {why}", export=driver.export.name, why=why)
@@ -246,7 +254,7 @@ class Switchover:
             # flexnbd's listener takes no lease: ours goes with the image.
             lease.release().addErrback(self._lease_trouble, "release")
         driver.job.note_hold(driver.gate.longest_hold)
-        driver.gate.disconnect_all(f"the image was handed over to {driver.destination_name}")
+        driver.clients_handed_over()
         action = driver.options.action
         if action is FinishAction.UNLINK:
             try:
@@ -355,6 +363,7 @@ class Switchover:
             self._hand_over()
         else:
             driver.stats.failures[FailureReason.IN_DOUBT] += 1
+            driver.clients_taken_back()
             driver.job.fire(MigrationTrigger.RESOLVE_ABORTED)
             driver.end(MirrorResult("failed", False, "resolved: the destination did not commit"))
 

@@ -43,6 +43,7 @@ from ferry.nbd.constants import (
     FERRY_MAX_RESOURCE,
     FERRY_MIGRATE_REQUEST,
     FERRY_MIGRATE_VERSION,
+    FERRY_OPT_CONNECTIONS,
     FERRY_OPT_MIGRATE,
     FLEXNBD_MIRROR_HANDLE,
     Command,
@@ -191,6 +192,10 @@ class MirrorProtocol(Protocol):
         self.flush()
         return handle
 
+    def carry(self, state: bytes) -> int:
+        """One client connection's checkpoint, queued: the commit that follows flushes it."""
+        return self.client.carry(state)
+
     def disconnect(self) -> None:
         """Say goodbye (NBD_CMD_DISC) and close once the bytes are out."""
         if self.closing or self.transport is None:
@@ -221,6 +226,7 @@ class MirrorProtocolFactory(Factory):
         flexnbd: bool = False,
         resource: str = "",
         tls: IOpenSSLClientConnectionCreator | None = None,
+        carries: bool = False,
     ) -> None:
         self.handler = handler
         self.tls = tls
@@ -228,6 +234,8 @@ class MirrorProtocolFactory(Factory):
         self.export_name = export_name
         self.flexnbd = flexnbd
         self.resource = resource
+        # Ask the listener whether it takes client connections (FERRY_OPT_CONNECTIONS).
+        self.carries = carries
 
     def buildProtocol(self, addr: object) -> MirrorProtocol:
         tls = self.tls is not None
@@ -236,11 +244,11 @@ class MirrorProtocolFactory(Factory):
             client = ClientConnection(self.export_name, meta_contexts=(), tls=tls)
             protocol = MirrorProtocol(self.handler, client, FLEXNBD_MIRROR_HANDLE, self.tls)
         else:
+            options = [migrate_option(self.size, self.resource)]
+            if self.carries:
+                options.append((FERRY_OPT_CONNECTIONS, b""))
             client = ClientConnection(
-                self.export_name,
-                meta_contexts=(),
-                extra_options=[migrate_option(self.size, self.resource)],
-                tls=tls,
+                self.export_name, meta_contexts=(), extra_options=options, tls=tls
             )
             protocol = MirrorProtocol(self.handler, client, tls=self.tls)
         protocol.factory = self

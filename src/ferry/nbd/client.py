@@ -89,6 +89,8 @@ from ferry.nbd.constants import (
     EXPORT_NAME_PADDING,
     EXPORT_NAME_REPLY,
     FERRY_CMD_COMMIT,
+    FERRY_CMD_CONNECTION,
+    FERRY_MAX_CONNECTION,
     GREETING_NEWSTYLE,
     GREETING_OLDSTYLE,
     IHAVEOPT,
@@ -448,6 +450,25 @@ class ClientConnection:
         self._pending[handle] = _Pending(FERRY_CMD_COMMIT, _NO_FLAGS, token, 0)
         return handle
 
+    def carry(self, state: bytes) -> int:
+        """Queue ferry's ``FERRY_CMD_CONNECTION`` carrying one client connection; its handle.
+
+        Only after the listener ACKed ``FERRY_OPT_CONNECTIONS``; ``state`` is
+        the checkpoint ``ferry.handoff.carried`` wrote.  The reply says whether
+        the listener rebuilt the connection.
+        """
+        if self._state is not _State.TRANSMISSION:
+            raise RuntimeError(f"cannot send a request in state {self._state.name}")
+        if self._disc_sent:
+            raise RuntimeError("NBD_CMD_DISC was sent; nothing may follow it")
+        if not 0 < len(state) <= FERRY_MAX_CONNECTION:
+            raise ValueError(f"a connection's state of {len(state)} bytes is out of range")
+        handle = self._allocate_handle()
+        header = REQUEST.pack(REQUEST_MAGIC, 0, FERRY_CMD_CONNECTION, handle, 0, len(state))
+        self._out += [header, state]
+        self._pending[handle] = _Pending(FERRY_CMD_CONNECTION, _NO_FLAGS, 0, 0)
+        return handle
+
     # -- plumbing ------------------------------------------------------------
 
     def _allocate_handle(self) -> int:
@@ -658,9 +679,8 @@ class ClientConnection:
 
     def _extra_reply(self, events: list[Event], option: int, rtype: int, payload: bytes) -> None:
         if rtype == OptionReply.ACK:
-            if payload:
-                raise ProtocolError(f"ACK to option {option:#x} with a payload")
-            events.append(OptionAnswered(option, OptionReply.ACK))
+            # The caller judges the payload: an option of its own says what it holds.
+            events.append(OptionAnswered(option, OptionReply.ACK, payload=payload))
         elif rtype & _OPTION_ERROR_BIT:
             message = _text(payload)
             if rtype in _KNOWN_OPTION_REPLIES:
@@ -822,6 +842,9 @@ class ClientConnection:
             if self._structured:
                 raise ProtocolError("simple reply with data to a READ after structured replies")
             payload = pending.length
+        elif pending.command == Command.BLOCK_STATUS and error == 0:
+            # Its extents come only in a structured chunk: a simple success says nothing.
+            raise ProtocolError("successful BLOCK_STATUS in a simple reply")
         if self._available() < SIMPLE_REPLY.size + payload:
             return False
         self._pos += SIMPLE_REPLY.size

@@ -209,6 +209,31 @@ FERRY_MIGRATE_REQUEST: Final = struct.Struct(">IQ")  # protocol version, image s
 FERRY_MAX_RESOURCE: Final = 4096  # bytes of lease name after FERRY_MIGRATE_REQUEST
 FERRY_CMD_COMMIT: Final = 0xF001
 
+# Client connections travel with the commit (ferry.migrate.carry).
+#
+# FERRY_OPT_CONNECTIONS, after FERRY_OPT_MIGRATE's ACK: "can you take my
+# clients' live connections?"  No payload.  ACK when the listener can
+# restore TCP connections (TCP_REPAIR, CAP_NET_ADMIN); its payload is
+# FERRY_CONNECTIONS_INFO: who the destination is on the network -- its host
+# (the kernel's boot id and its network namespace: on the same host and in
+# the same namespace, the source must close a socket before the destination
+# can rebuild it) and its service address ("IP/PREFIX@DEV", empty: none),
+# each a u16 length then UTF-8.  ERR_UNSUP with the reason when it cannot
+# (the source then disconnects its clients at the handoff, as a plain
+# listener's would be).
+#
+# FERRY_CMD_CONNECTION, a transmission command of the sender's, after that
+# ACK and before the commit: one client connection's checkpoint (the socket's
+# TCP state and its NBD session, ferry.handoff.carried) as the payload; offset
+# 0, length at most FERRY_MAX_CONNECTION.  The destination rebuilds the socket
+# and replies OK, or an error with the reason (that client is lost, the
+# migration goes on).  A rebuilt connection's requests wait until the commit
+# lands; a refused commit closes it without a packet.
+FERRY_OPT_CONNECTIONS: Final = 0x46455202  # b"FER\x02"
+FERRY_CMD_CONNECTION: Final = 0xF002
+FERRY_MAX_CONNECTION: Final = 128 * 1024 * 1024
+FERRY_MAX_CONNECTIONS_FIELD: Final = 512  # bytes of each FERRY_CONNECTIONS_INFO string
+
 # flexnbd-compatible mirroring: oldstyle hello, every write carries this
 # handle, and NBD_CMD_DISC after the last write means "take control".
 FLEXNBD_MIRROR_HANDLE: Final = int.from_bytes(b".MIRROR.", "big")

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ferry.nbd.constants import BlockState, Command, CommandFlag, Errno, OptionReply
+from ferry.nbd.constants import (
+    FERRY_MAX_CONNECTIONS_FIELD,
+    BlockState,
+    Command,
+    CommandFlag,
+    Errno,
+    OptionReply,
+)
 
 
 class ProtocolError(Exception):
@@ -131,6 +138,58 @@ class Commit:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionLanding:
+    """What a listener that can take client connections says about itself.
+
+    The answer to ``FERRY_OPT_CONNECTIONS`` (see ``constants.py``): ``host``
+    names this host and network namespace, ``service_address`` is the
+    client-facing address it takes over at the commit ("" for none).
+    """
+
+    host: str
+    service_address: str = ""
+
+    def to_bytes(self) -> bytes:
+        """``FERRY_CONNECTIONS_INFO``: each field as a u16 length, then UTF-8."""
+        parts = []
+        for text in (self.host, self.service_address):
+            raw = text.encode()
+            if len(raw) > FERRY_MAX_CONNECTIONS_FIELD:
+                raise ValueError(f"{raw[:40]!r}... is over {FERRY_MAX_CONNECTIONS_FIELD} bytes")
+            parts += [len(raw).to_bytes(2, "big"), raw]
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> ConnectionLanding:
+        """The reverse of :meth:`to_bytes`; ValueError for anything else."""
+        fields = []
+        pos = 0
+        for _ in range(2):
+            if len(blob) < pos + 2:
+                raise ValueError("FERRY_OPT_CONNECTIONS' answer is cut short")
+            length = int.from_bytes(blob[pos : pos + 2], "big")
+            if length > FERRY_MAX_CONNECTIONS_FIELD or len(blob) < pos + 2 + length:
+                raise ValueError("FERRY_OPT_CONNECTIONS' answer has a field out of bounds")
+            fields.append(blob[pos + 2 : pos + 2 + length].decode())
+            pos += 2 + length
+        if pos != len(blob):
+            raise ValueError("FERRY_OPT_CONNECTIONS' answer has bytes after its fields")
+        return cls(fields[0], fields[1])
+
+
+@dataclass(frozen=True, slots=True)
+class CarriedConnection:
+    """``FERRY_CMD_CONNECTION`` from the migration sender: one client connection's checkpoint.
+
+    ``state`` is the payload, not yet parsed (``ferry.handoff.carried``
+    reads it); the answer is ``reply_ok`` once the connection is rebuilt.
+    """
+
+    handle: int
+    state: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Disconnect:
     """NBD_CMD_DISC: the client will send nothing more."""
 
@@ -188,6 +247,7 @@ class OptionAnswered:
     option: int
     reply: OptionReply
     message: str = ""
+    payload: bytes = b""  # what an ACK carried (ferry's FERRY_OPT_CONNECTIONS has one)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +277,7 @@ Event = (
     | Request
     | RejectedRequest
     | Commit
+    | CarriedConnection
     | Disconnect
     | StartTLS
     | Negotiated

@@ -52,9 +52,12 @@ States, and what moves the connection between them::
                   any byte                             -> BROKEN        ProtocolError
     TRANSMISSION  a request, or a WRITE with payload   -> TRANSMISSION  Request|Rejected
                   FERRY_CMD_COMMIT from the sender     -> TRANSMISSION  Commit|Rejected
+                  FERRY_CMD_CONNECTION, payload here   -> TRANSMISSION  CarriedConnection
+                                                                        |Rejected
                   a WRITE whose payload is not here    -> PAYLOAD
                   DISC                                 -> CLOSED        Disconnect
     PAYLOAD       the last byte of that payload        -> TRANSMISSION  Request|Rejected
+                                                                        |CarriedConnection
     (any)         broken framing                       -> BROKEN        ProtocolError
 
 ferry's migration extension (``constants.py``), with a ``MigrationCatalog``:
@@ -70,6 +73,14 @@ ferry's migration extension (``constants.py``), with a ``MigrationCatalog``:
                                                       carries ``migration``, and
                                                       FERRY_CMD_COMMIT is a ``Commit``
 
+    FERRY_OPT_CONNECTIONS  answer                     the connection afterwards
+    ---------------------  -------------------------  -------------------------------------
+    before MIGRATE's ACK   ERR_INVALID                as before
+    with data, or twice    ERR_INVALID                as before
+    catalog refuses        its error and message      as before
+    catalog can            ACK, ConnectionLanding     FERRY_CMD_CONNECTION is a
+                           as its payload             ``CarriedConnection``
+
 TLS (``tls``, the spec's modes as ``TLSMode``):
 
     option, before TLS is on      OFF            ON             REQUIRE
@@ -82,7 +93,8 @@ TLS (``tls``, the spec's modes as ``TLSMode``):
 
 Once TLS is on, a second STARTTLS is ERR_INVALID and every other option is
 answered as usual.  The ACK forgets what was negotiated in the clear
-(structured replies, metadata contexts, an acknowledged FERRY_OPT_MIGRATE),
+(structured replies, metadata contexts, an acknowledged FERRY_OPT_MIGRATE
+and FERRY_OPT_CONNECTIONS),
 as the spec asks: a man in the middle could have chosen it.  Bytes that come
 after STARTTLS and before ``tls_started()`` -- in the same chunk or a later
 one -- break the connection: the caller runs TLS from the ACK on, so they
@@ -91,7 +103,9 @@ can only be plaintext the client had no right to send.  Who the peer is
 is on.  Oldstyle has no options, so it cannot be combined with TLS.
 
 Elsewhere (no catalog, or no ACK) FERRY_OPT_MIGRATE is ERR_UNSUP and
-FERRY_CMD_COMMIT a ``RejectedRequest`` with EINVAL.  The commit never takes
+FERRY_CMD_COMMIT a ``RejectedRequest`` with EINVAL, as is
+FERRY_CMD_CONNECTION (its payload counted off unread) without the
+connections' ACK.  The commit never takes
 the fast path of READ and WRITE: it is tested only after that path missed.
 
 An oldstyle connection starts in TRANSMISSION (or, when the default export is
@@ -128,9 +142,12 @@ from ferry.nbd.constants import (
     EXPORT_NAME_PADDING,
     EXPORT_NAME_REPLY,
     FERRY_CMD_COMMIT,
+    FERRY_CMD_CONNECTION,
+    FERRY_MAX_CONNECTION,
     FERRY_MAX_RESOURCE,
     FERRY_MIGRATE_REQUEST,
     FERRY_MIGRATE_VERSION,
+    FERRY_OPT_CONNECTIONS,
     FERRY_OPT_MIGRATE,
     FLEXNBD_MIRROR_HANDLE,
     GREETING_NEWSTYLE,
@@ -164,7 +181,9 @@ from ferry.nbd.constants import (
     TransmissionFlag,
 )
 from ferry.nbd.events import (
+    CarriedConnection,
     Commit,
+    ConnectionLanding,
     Disconnect,
     Event,
     ExportInfo,
@@ -178,6 +197,7 @@ from ferry.nbd.events import (
     Request,
     StartTLS,
 )
+from ferry.nbd.session import SessionSnapshot, SnapshotError
 
 __all__ = [
     "BASE_ALLOCATION_ID",
@@ -207,6 +227,8 @@ _COMMANDS: Final[dict[int, Command]] = {int(c): c for c in Command}
 # is made once.
 _FLAGS: Final = tuple(CommandFlag(n) for n in range(1 << len(CommandFlag)))
 _WRITING: Final = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
+# Requests followed by a payload: counted off unread when rejected.
+_PAYLOAD_COMMANDS: Final = frozenset({int(Command.WRITE), FERRY_CMD_CONNECTION})
 _CAPPED: Final = frozenset({Command.READ, Command.WRITE})  # their lengths are payloads
 _FILLING: Final = frozenset({Command.WRITE, Command.WRITE_ZEROES})  # past the end: ENOSPC
 _ZERO_PADDING: Final = bytes(EXPORT_NAME_PADDING)
@@ -271,6 +293,10 @@ class MigrationCatalog(Protocol):
         a connection whose ``FERRY_OPT_MIGRATE`` was acknowledged, so a
         listening export, which refuses ordinary clients, admits its sender.
         """
+        ...
+
+    def connection_landing(self) -> ConnectionLanding | Refusal:
+        """Whether this node can rebuild the sender's client connections (and who it is)."""
         ...
 
 
@@ -451,6 +477,8 @@ class ServerConnection:
         # The FERRY_OPT_MIGRATE request acknowledged on this connection: from
         # then on it is the migration sender.
         self._sender: MigrationRequest | None = None
+        # FERRY_OPT_CONNECTIONS acknowledged: the sender may carry connections.
+        self._carries = False
         self._max_request_size = max_request_size
         self._state = _State.CLIENT_FLAGS
         self._broken_reason = ""
@@ -481,6 +509,7 @@ class ServerConnection:
         # the payload has streamed past (it will not).
         self._need = 0
         self._write: tuple[int, int, int, int] | None = None
+        self._payload_command = int(Command.WRITE)  # whose payload _write collects
         self._chunks: list[bytes | memoryview] = []
         self._held: RejectedRequest | None = None
         # flexnbd's migration into an oldstyle listener: see the module doc.
@@ -772,6 +801,8 @@ class ServerConnection:
                 self._meta_context(option, payload)
             elif option == FERRY_OPT_MIGRATE and self._migration_catalog is not None:
                 self._migrate(payload)
+            elif option == FERRY_OPT_CONNECTIONS and self._migration_catalog is not None:
+                self._connections(payload)
             elif option == Option.STARTTLS:
                 self._starttls(payload, events)
             else:
@@ -796,6 +827,7 @@ class ServerConnection:
         self._meta_contexts = {}
         self._meta_export = None
         self._sender = None
+        self._carries = False
         self._state = _State.STARTING_TLS
         events.append(StartTLS())
 
@@ -854,6 +886,22 @@ class ServerConnection:
             return
         self._sender = request
         self._reply(option, OptionReply.ACK)
+
+    def _connections(self, payload: bytes) -> None:
+        """``FERRY_OPT_CONNECTIONS``: the sender asks whether its clients may come along."""
+        if self._sender is None:
+            raise _Invalid("only after FERRY_OPT_MIGRATE was acknowledged")
+        if payload:
+            raise _Invalid(f"{len(payload)} bytes of data, not none")
+        if self._carries:
+            raise _Invalid("already acknowledged on this connection")
+        assert self._migration_catalog is not None
+        landing = self._migration_catalog.connection_landing()
+        if isinstance(landing, Refusal):
+            self._error(FERRY_OPT_CONNECTIONS, landing.error, landing.message)
+            return
+        self._carries = True
+        self._reply(FERRY_OPT_CONNECTIONS, OptionReply.ACK, landing.to_bytes())
 
     def _abort_handshake(self, reason: str, events: list[Event]) -> None:
         self._state = _State.CLOSED
@@ -1009,6 +1057,12 @@ class ServerConnection:
         if command is None:
             if cmd == FERRY_CMD_COMMIT:
                 return Errno.EINVAL, "FERRY_CMD_COMMIT is only for a migration sender's connection"
+            if cmd == FERRY_CMD_CONNECTION:
+                return (
+                    Errno.EINVAL,
+                    "FERRY_CMD_CONNECTION is only for a sender whose FERRY_OPT_CONNECTIONS "
+                    "was acknowledged",
+                )
             return Errno.EINVAL, f"unknown command {cmd}"
         if command in _WRITING and self._flags & TransmissionFlag.READ_ONLY:
             return Errno.EPERM, "the export is read-only"
@@ -1043,6 +1097,7 @@ class ServerConnection:
         left, or after a state change (PAYLOAD, CLOSED).
         """
         end = len(data)
+        verdict: tuple[Errno, str] | None
         unpack = REQUEST.unpack_from
         fast = self._fast
         size = self._size
@@ -1065,7 +1120,9 @@ class ServerConnection:
                 if cmd != 1:  # Command.WRITE
                     append(build(handle, _COMMANDS[cmd], _FLAGS[flags], offset, length, b""))
                     continue
-                after = self._accept_write(events, data, pos, end, handle, flags, offset, length)
+                after = self._accept_payload(
+                    events, data, pos, end, (handle, flags, offset, length), cmd
+                )
                 if after is None:
                     return end
                 pos = after
@@ -1077,10 +1134,21 @@ class ServerConnection:
             if cmd == FERRY_CMD_COMMIT and self._sender is not None:
                 append(self._commit(handle, flags, offset, length))
                 continue
-            if self._mirror_only and not (
+            if cmd == FERRY_CMD_CONNECTION and self._carries:
+                refused = self._refuse_connection(flags, offset, length)
+                if refused is None:
+                    after = self._accept_payload(
+                        events, data, pos, end, (handle, flags, offset, length), cmd
+                    )
+                    if after is None:
+                        return end
+                    pos = after
+                    continue
+                verdict = refused
+            elif self._mirror_only and not (
                 cmd == Command.FLUSH or (cmd in _WRITING and handle == FLEXNBD_MIRROR_HANDLE)
             ):
-                verdict: tuple[Errno, str] | None = (
+                verdict = (
                     Errno.EPERM,
                     "the export is listening for a migration: only a flexnbd mirror's "
                     "writes (handle .MIRROR.) are accepted",
@@ -1093,7 +1161,9 @@ class ServerConnection:
                     continue
                 # Only a mirror-only connection's WRITE is accepted here (the
                 # fast path takes every other one).
-                after = self._accept_write(events, data, pos, end, handle, flags, offset, length)
+                after = self._accept_payload(
+                    events, data, pos, end, (handle, flags, offset, length), cmd
+                )
                 if after is None:
                     return end
                 pos = after
@@ -1101,7 +1171,7 @@ class ServerConnection:
             rejection = RejectedRequest(
                 handle, _COMMANDS.get(cmd, cmd), offset, length, verdict[0], verdict[1]
             )
-            if cmd != Command.WRITE or not length:
+            if cmd not in _PAYLOAD_COMMANDS or not length:
                 append(rejection)
                 continue
             # The payload is on the wire whatever we think of the request:
@@ -1127,29 +1197,36 @@ class ServerConnection:
             return Commit(handle, token)
         return RejectedRequest(handle, FERRY_CMD_COMMIT, token, length, Errno.EINVAL, reason)
 
-    def _accept_write(
+    def _refuse_connection(self, flags: int, offset: int, length: int) -> tuple[Errno, str] | None:
+        """Why a sender's FERRY_CMD_CONNECTION is not well formed (None: it is)."""
+        if flags or offset:
+            return Errno.EINVAL, "FERRY_CMD_CONNECTION carries no flags and offset 0"
+        if not 0 < length <= FERRY_MAX_CONNECTION:
+            limit = FERRY_MAX_CONNECTION
+            return Errno.EINVAL, f"a connection's state of {length} bytes is not in 1..{limit}"
+        return None
+
+    def _accept_payload(
         self,
         events: list[Event],
         data: bytes,
         pos: int,
         end: int,
-        handle: int,
-        flags: int,
-        offset: int,
-        length: int,
+        fields: tuple[int, int, int, int],
+        command: int,
     ) -> int | None:
-        """A valid WRITE's header is parsed: emit it, or start collecting its payload.
+        """A valid WRITE's (or carried connection's) header is parsed: emit it, or collect.
 
         Returns the position after the payload when all of it is in ``data``;
         None when the rest will come in later chunks (``data`` is used up).
         """
+        length = fields[3]
         if end - pos >= length:
             stop = pos + length
-            events.append(
-                _build_request(handle, Command.WRITE, _FLAGS[flags], offset, length, data[pos:stop])
-            )
+            events.append(self._payload_event(fields, command, data[pos:stop]))
             return stop
-        self._write = (handle, flags, offset, length)
+        self._write = fields
+        self._payload_command = command
         # Views, not slices: the payload is copied once, by the join in
         # _take_payload, however many chunks it arrives in.
         self._chunks = [memoryview(data)[pos:]] if pos < end else []
@@ -1157,8 +1234,17 @@ class ServerConnection:
         self._state = _State.PAYLOAD
         return None
 
+    @staticmethod
+    def _payload_event(
+        fields: tuple[int, int, int, int], command: int, payload: bytes
+    ) -> Request | CarriedConnection:
+        handle, flags, offset, length = fields
+        if command == FERRY_CMD_CONNECTION:
+            return CarriedConnection(handle, payload)
+        return _build_request(handle, Command.WRITE, _FLAGS[flags], offset, length, payload)
+
     def _take_payload(self, data: bytes, pos: int, events: list[Event]) -> int:
-        """Feed ``data[pos:]`` to the WRITE payload in progress; returns where it stopped."""
+        """Feed ``data[pos:]`` to the payload in progress; returns where it stopped."""
         available = len(data) - pos
         write = self._write
         if available < self._need:
@@ -1179,8 +1265,91 @@ class ServerConnection:
         chunks.append(memoryview(data)[pos:stop])
         self._chunks = []
         self._write = None
-        handle, flags, offset, length = write
-        events.append(
-            _build_request(handle, Command.WRITE, _FLAGS[flags], offset, length, b"".join(chunks))
-        )
+        events.append(self._payload_event(write, self._payload_command, b"".join(chunks)))
         return stop
+
+    # -- moving the session (see ferry.nbd.session) ------------------------------------
+
+    def snapshot(self, in_flight: bytes = b"") -> SessionSnapshot:
+        """This client's session as a value, for a restore elsewhere to carry on from.
+
+        ``in_flight`` is the caller's: the raw bytes (``encode_request``) of
+        the requests this connection returned but the caller has not
+        answered, in the order they came.  A ``RejectedRequest`` cannot be
+        re-encoded (it does not keep the flags that condemned it): answer
+        those before taking the snapshot; it needs no I/O but a write.
+        Refuses, with :class:`SnapshotError`, a connection that is not a
+        client's in transmission, one that runs TLS (its session is the
+        caller's TLS layer's, not this parser's), or whose handshake output
+        or events the caller has not collected yet.
+        """
+        if self._state is not _State.TRANSMISSION and self._state is not _State.PAYLOAD:
+            raise SnapshotError(f"the connection is in {self._state.value}, not in transmission")
+        if self._sender is not None or self._mirror_only:
+            raise SnapshotError("a migration sender's connection does not move")
+        if self._tls:
+            raise SnapshotError("its TLS session cannot move")
+        if self._out or self._pending:
+            raise SnapshotError("handshake output or events not yet collected by the caller")
+        export = self._export
+        assert export is not None
+        partial = self._buffer
+        rejected = None
+        remaining = 0
+        if self._state is _State.PAYLOAD:
+            if self._write is not None:
+                handle, flags, offset, length = self._write
+                header = REQUEST.pack(REQUEST_MAGIC, flags, Command.WRITE, handle, offset, length)
+                partial = header + b"".join(self._chunks)
+            else:
+                rejected = self._held
+                remaining = self._need
+        return SessionSnapshot(
+            export=export,
+            structured_replies=self._structured,
+            meta_contexts=tuple(sorted(self._meta_contexts.items())),
+            max_request_size=self._max_request_size,
+            in_flight=in_flight,
+            partial=partial,
+            rejected=rejected,
+            rejected_remaining=remaining,
+        )
+
+    @classmethod
+    def restore(
+        cls,
+        snapshot: SessionSnapshot,
+        catalog: ExportCatalog,
+        *,
+        migration: MigrationCatalog | None = None,
+    ) -> tuple[ServerConnection, list[Event]]:
+        """A connection carrying on ``snapshot``'s session, and the events of its ``in_flight``.
+
+        No greeting is queued and no ``HandshakeComplete`` returned: the
+        client finished its handshake with the original.  The events are
+        the requests in flight parsed again, in order, for the caller to
+        perform and answer; after them the connection expects exactly the
+        bytes the original expected next.  Raises :class:`SnapshotError`
+        when ``in_flight`` is not whole requests or ``partial`` is not the
+        start of one.
+        """
+        conn = cls(catalog, migration=migration, max_request_size=snapshot.max_request_size)
+        conn._out.clear()  # the greeting went out long ago, from the original
+        conn._structured = snapshot.structured_replies
+        conn._meta_contexts = dict(snapshot.meta_contexts)
+        conn._meta_export = snapshot.export.name
+        conn._start_transmission(snapshot.export, [])
+        try:
+            events = conn.receive_data(snapshot.in_flight)
+            if conn._state is not _State.TRANSMISSION or conn._buffer:
+                raise SnapshotError("the requests in flight end in the middle of a request")
+            if snapshot.partial and conn.receive_data(snapshot.partial):
+                raise SnapshotError("the partial request is a whole one")
+        except ProtocolError as error:
+            raise SnapshotError(f"the snapshot's requests do not parse: {error}") from None
+        if snapshot.rejected is not None:
+            conn._held = snapshot.rejected
+            conn._write = None
+            conn._need = snapshot.rejected_remaining
+            conn._state = _State.PAYLOAD
+        return conn, events

@@ -73,6 +73,12 @@ peer has then shown a certificate from the CA, and its subject
 (``tls_subject``) authenticates it.  A failed handshake (no certificate,
 another CA's, a bad one) closes the connection and is logged with the reason.
 
+A TLS client does not move at a handoff (``why_not_movable``): its session
+lives in this process's OpenSSL, which no socket checkpoint carries; it is
+disconnected like any client that cannot move.  And a node that requires
+TLS takes no moved connections (``connection_landing`` refuses
+FERRY_OPT_CONNECTIONS): those are all plaintext.
+
 Who may send a migration (``_sender_refusal``): a peer authenticated by its
 certificate, if ``--tls-allowed-subjects`` lists its subject or there is no
 such list; any other peer only if the ACL admits it as a sender
@@ -83,14 +89,16 @@ from __future__ import annotations
 
 import errno as os_errno
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 from typing import Protocol as TypingProtocol
 
 from cryptography import x509
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -106,9 +114,12 @@ from ferry.nbd.constants import (
     CommandFlag,
     Errno,
     OptionReply,
+    TLSMode,
 )
 from ferry.nbd.events import (
+    CarriedConnection,
     Commit,
+    ConnectionLanding,
     Disconnect,
     Event,
     ExportInfo,
@@ -123,6 +134,7 @@ from ferry.nbd.events import (
     StartTLS,
 )
 from ferry.nbd.server import ExportCatalog, MigrationCatalog, ServerConnection
+from ferry.nbd.session import SessionSnapshot, encode_request
 from ferry.outbox import Outbox, tune
 from ferry.serve.export import RECEIVING_STATES
 from ferry.serve.limits import (
@@ -209,6 +221,17 @@ class Receiver(TypingProtocol):
         which nothing answers); the Deferred fires once it is settled either way."""
         ...
 
+    def connection_landing(self) -> ConnectionLanding | Refusal:
+        """Whether this node rebuilds a sender's client connections, and who it is."""
+        ...
+
+    def carried(
+        self, host: ConnectionHost, export: Export, state: bytes, answer: CommitAnswer
+    ) -> None:
+        """Rebuild one client connection carried to ``export`` (its sender is ``host``'s),
+        and answer whether it was rebuilt."""
+        ...
+
 
 class ConnectionHost(ExportCatalog, MigrationCatalog, TypingProtocol):
     """What a connection needs of the listener that made it (``NBDServer`` is one).
@@ -241,13 +264,31 @@ class ConnectionHost(ExportCatalog, MigrationCatalog, TypingProtocol):
     def export_named(self, name: str) -> Export | None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """A client's session that moved here, rebuilt (``ServerConnection.restore``).
+
+    ``requests`` are its requests in flight, to perform once it joins its
+    export; ``replies`` were written by the node it left and never reached
+    that node's kernel: they go out first.
+    """
+
+    session: ServerConnection
+    requests: list[Event]
+    context_id: int
+    replies: bytes = b""
+
+
 @implementer(IPushProducer, IHandshakeListener)
 class NBDServerProtocol(Protocol):
-    def __init__(self, server: ConnectionHost) -> None:
+    def __init__(self, server: ConnectionHost, *, arrival: Arrival | None = None) -> None:
         self._server = server
+        # A client's session moved here from another node's socket (see
+        # "moving" below): no handshake, and nothing performed until it joins.
+        self._arrival = arrival
         self._nbd: ServerConnection | None = None
         self._export: Export | None = None
-        self._queue: deque[Request | RejectedRequest | Commit] = deque()
+        self._queue: deque[Request | RejectedRequest | Commit | CarriedConnection] = deque()
         self._outbox: Outbox | None = None
         self._paused = False
         self._in_flight = 0
@@ -282,6 +323,9 @@ class NBDServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.peer_host = getattr(self.transport.getPeer(), "host", "")  # type: ignore[union-attr]
+        if self._arrival is not None:
+            self._arrived(self._arrival)
+            return
         if not self._server.acl.allows(self.peer_host):
             log.info("refused {peer}: not in the ACL", peer=self.peer_host)
             self._abort()
@@ -355,6 +399,30 @@ class NBDServerProtocol(Protocol):
 
     def lookup_sender(self, name: str) -> ExportInfo | Refusal:
         return self.refusal or self._sender_refusal() or self._server.lookup_sender(name)
+
+    def connection_landing(self) -> ConnectionLanding | Refusal:
+        receiver = self._server.receiver
+        if receiver is None:
+            return Refusal(OptionReply.ERR_POLICY, "this server takes no migrations")
+        return (
+            self.refusal
+            or self._sender_refusal()
+            or self._plaintext_refusal()
+            or receiver.connection_landing()
+        )
+
+    def _plaintext_refusal(self) -> Refusal | None:
+        """Under --tls require no client may skip TLS, a moved one neither.
+
+        Only plaintext connections can move (``why_not_movable``): a sender
+        that carried them here would serve clients this node must not.
+        """
+        if self._server.tls.mode is not TLSMode.REQUIRE:
+            return None
+        return Refusal(
+            OptionReply.ERR_POLICY,
+            "this node requires TLS, and a client connection that moves is never TLS",
+        )
 
     def _sender_refusal(self) -> Refusal | None:
         """Why this peer may not send a migration here (see the module doc)."""
@@ -483,6 +551,129 @@ class NBDServerProtocol(Protocol):
         self._maybe_close()
         return d
 
+    # -- moving to another socket (ferry.migrate.carry) -------------------------------
+    #
+    # At a handoff the source suspends each client connection, checkpoints its
+    # socket and this session, and either lets it go (``moved``: the socket was
+    # closed in repair mode, nothing was sent, the destination rebuilt it) or
+    # takes it back (``resume_after_move``: the handoff did not happen).  The
+    # destination builds the connection again from the session
+    # (``arrival=``): it performs nothing until ``join`` gives it its export,
+    # once the commit has landed; a commit that does not land closes it
+    # without a packet (``moved`` again).
+
+    def why_not_movable(self) -> str | None:
+        """Why this connection cannot move now; None if it can."""
+        transport = self.transport
+        export = self._export
+        if self._lost or self._closing or self._refused:
+            return "it is closing"
+        if self._nbd is None or export is None or self._flexnbd or export.sender is self:
+            return "it is not a client in transmission"
+        if self._in_flight:
+            return "a FLUSH or FUA write of it is still running"
+        if not isinstance(transport, tcp.Connection) or not isinstance(
+            transport.socket, socket.socket
+        ):
+            return "it is not a TCP connection"
+        if transport.TLS:
+            return "its TLS session cannot move"
+        if transport.disconnecting or transport._writeDisconnected:
+            return "it is half-closed"
+        return None
+
+    @property
+    def tcp_socket(self) -> socket.socket:
+        """The connection's socket (only for a connection ``why_not_movable`` passed)."""
+        sock = self.transport.socket  # type: ignore[union-attr]
+        assert isinstance(sock, socket.socket)
+        return sock
+
+    def suspend(self) -> None:
+        """Neither read nor write the socket, and let no timer close it: it is being moved.
+
+        Requests rejected while held are answered first (a rejection touches
+        no image, and its payload is gone, so it could not travel).
+        """
+        assert self._nbd is not None
+        rejected = [event for event in self._queue if type(event) is RejectedRequest]
+        if rejected:
+            self._queue = deque(e for e in self._queue if type(e) is not RejectedRequest)
+            for event in rejected:
+                self._reject(event)
+            self._flush_outbox()
+        self._stop_reading("moving")
+        self.transport.stopWriting()  # type: ignore[union-attr]
+        for timer in (self._partial_timer, self._stall_timer):
+            cancel_call(timer)
+        self._partial_timer = self._stall_timer = None
+
+    def session_snapshot(self) -> SessionSnapshot:
+        """The session, with the requests held here as its requests in flight."""
+        assert self._nbd is not None
+        in_flight = b"".join(encode_request(cast(Request, event)) for event in self._queue)
+        return self._nbd.snapshot(in_flight)
+
+    def unsent(self) -> bytes:
+        """Replies written but still in this process: the move carries them."""
+        return b"" if self._outbox is None else self._outbox.unsent()
+
+    def resume_after_move(self) -> None:
+        """The move did not happen and the socket is ours again: carry on where we stopped."""
+        if self._lost:
+            return
+        transport = self.transport
+        if self._outbox is not None and self._outbox.held():
+            transport.startWriting()  # type: ignore[union-attr]
+        self._start_reading("moving")
+        self._account_received()
+        self._dispatch()
+
+    def moved(self, where: str) -> None:
+        """The socket was closed in repair mode (the client is elsewhere): forget it quietly.
+
+        What was queued went with the session; nothing is answered here.
+        """
+        log.info("{peer}: connection handed {where}", peer=self.peer_host, where=where)
+        if self._export is not None:
+            self._export.detach(self)
+        self._queue.clear()
+        self._queued_bytes = 0
+        if self._outbox is not None:
+            self._outbox.discard()
+        self._abort()
+
+    def _arrived(self, arrival: Arrival) -> None:
+        """Built from a session that moved here: set up, queue its requests, perform nothing."""
+        self._arrival = None
+        self._server.connection_opened(self)
+        tune(self.transport)
+        self._outbox = Outbox(self.transport)
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        self.last_active = self._server.clock.seconds()
+        self._nbd = arrival.session
+        self._context_id = arrival.context_id
+        self._stop_reading("arriving")
+        if arrival.replies:
+            self._outbox.add(arrival.replies)
+            self._flush_outbox()
+        for event in arrival.requests:  # the requests in flight, judged again here
+            if type(event) is Request:
+                self._queued_bytes += len(event.data)
+                self._queue.append(event)
+            elif type(event) is RejectedRequest:
+                self._queue.append(event)
+
+    def join(self, export: Export) -> None:
+        """The commit landed: this arrival is one of ``export``'s clients from now on."""
+        if self._lost or self._export is not None:
+            return
+        self._export = export
+        export.attach(self)
+        self._start_reading("arriving")
+        self._account_received()
+        self._dispatch()
+
     # -- receiving -------------------------------------------------------------------
 
     def _receive(self, data: bytes) -> None:
@@ -520,7 +711,7 @@ class NBDServerProtocol(Protocol):
             elif kind is HandshakeComplete:
                 if not self._handshake_complete(event):  # type: ignore[arg-type]
                     return  # refused and closing: what followed GO is not performed
-            elif kind is Commit:
+            elif kind is Commit or kind is CarriedConnection:
                 self._queue.append(event)  # type: ignore[arg-type]
             elif kind is Disconnect:
                 self._closing = True
@@ -583,6 +774,7 @@ class NBDServerProtocol(Protocol):
         """Attach to the chosen export; False if refused after all (the connection closes)."""
         self._cancel_handshake_timer()
         export = self._server.export_named(event.export.name)
+        self._context_id = next(iter(event.meta_contexts), 0)  # the sender's too
         if event.migration is not None:
             return self._become_sender(export, event)
         if event.flexnbd:
@@ -598,7 +790,6 @@ class NBDServerProtocol(Protocol):
             self._refuse()
             return False
         self._export = export
-        self._context_id = next(iter(event.meta_contexts), 0)
         export.attach(self)
         return True
 
@@ -736,6 +927,8 @@ class NBDServerProtocol(Protocol):
         """
         queue = self._queue
         export = self._export
+        if export is None:
+            return  # an arrival that has not joined its export: nothing is performed yet
         while queue and not self._paused and not self._lost and self._throttle_timer is None:
             if export is not None and export.clients_held:
                 # A switchover holds client requests: queued, not failed.
@@ -772,6 +965,8 @@ class NBDServerProtocol(Protocol):
                 queue.popleft()
                 if type(event) is Commit:
                     self._commit(event)
+                elif type(event) is CarriedConnection:
+                    self._carried(event)
                 else:
                     self._reject(event)  # type: ignore[arg-type]
         self._flush_outbox()
@@ -918,6 +1113,32 @@ class NBDServerProtocol(Protocol):
         self._in_flight += 1
         settled = receiver.commit(export, self, event.token, source_resource, answer)
         settled.addBoth(self._settle_thread_job)
+
+    def _carried(self, event: CarriedConnection) -> None:
+        """The sender carried one of its clients here: the receiver rebuilds it, and answers."""
+        export = self._export
+        nbd = self._nbd
+        receiver = self._server.receiver
+        assert export is not None and nbd is not None and receiver is not None
+        export.stats.requests["CONNECTION"] += 1
+        if export.sender is not self or export.state != RoleState.RECEIVING:
+            export.stats.errors["EINVAL"] += 1
+            why = f"no connection is taken in {export.state}"
+            self._send(nbd.reply_error(event.handle, Errno.EINVAL, why))
+            return
+        handle = event.handle
+
+        def answer(error: Errno, message: str) -> None:
+            if self._lost or self._nbd is None:
+                return
+            if error is Errno.OK:
+                self._send(self._nbd.reply_ok(handle))
+            else:
+                export.stats.errors[error.name] += 1
+                self._send(self._nbd.reply_error(handle, error, message))
+            self._flush_outbox()
+
+        receiver.carried(self._server, export, event.state, answer)
 
     def _commit_answer(self, handle: int) -> CommitAnswer:
         """How the receiver answers this sender's commit: a reply; after a no, close."""

@@ -26,6 +26,7 @@ owner may finish it.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -36,8 +37,9 @@ from ferry.chartnames import RoleState, RoleTrigger
 from ferry.clock import Clock
 from ferry.nbd.constants import MAX_REQUEST_SIZE, MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE
 from ferry.nbd.events import ExportInfo
+from ferry.nbd.session import SessionSnapshot
 from ferry.ratelimit import RateLimiter
-from ferry.serve.stats import RequestStats
+from ferry.serve.stats import HandoffCounts, RequestStats
 from ferry.status import StatusSnapshot
 from ferry.storage import Image
 
@@ -66,6 +68,27 @@ class Attached(Protocol):
     def hold_reading(self) -> None:
         """Stop reading from the socket while the export holds client requests."""
         ...
+
+    # Moving to another node with the image (``ferry.migrate.carry``; see
+    # ``ferry.serve.connection`` for what each does).
+
+    @property
+    def peer_host(self) -> str: ...
+
+    @property
+    def tcp_socket(self) -> socket.socket: ...
+
+    def why_not_movable(self) -> str | None: ...
+
+    def suspend(self) -> None: ...
+
+    def session_snapshot(self) -> SessionSnapshot: ...
+
+    def unsent(self) -> bytes: ...
+
+    def resume_after_move(self) -> None: ...
+
+    def moved(self, where: str) -> None: ...
 
 
 class LeaseView(Protocol):
@@ -152,6 +175,8 @@ class Export:
         # A listening export's lease (``listen --lockspace``): a commit takes
         # it over by the source's token before it is acknowledged.
         self.incoming_lease: IncomingLease | None = None
+        # The client connections of the last handoff, either way (None: none yet).
+        self.last_handoff: HandoffCounts | None = None
 
     # -- role ---------------------------------------------------------------
 
@@ -235,6 +260,11 @@ class Export:
     @property
     def num_clients(self) -> int:
         return len(self._clients)
+
+    @property
+    def clients(self) -> list[Attached]:
+        """The client connections in transmission, in no particular order."""
+        return list(self._clients)
 
     def disconnect_all(self, reason: str) -> None:
         for client in list(self._clients):
@@ -384,4 +414,6 @@ class Export:
             state=self.state,
             lease_state=None if lease is None else lease.state,
             lease_token=None if lease is None else lease.token,
+            connections_moved=None if self.last_handoff is None else self.last_handoff.moved,
+            connections_aborted=None if self.last_handoff is None else self.last_handoff.aborted,
         )

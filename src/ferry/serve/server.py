@@ -42,7 +42,7 @@ from twisted.logger import Logger
 from ferry.chartnames import RoleState
 from ferry.clock import Clock, DelayedCall, cancel_call
 from ferry.nbd.constants import OptionReply, TLSMode
-from ferry.nbd.events import ExportInfo, MigrationRequest, Refusal
+from ferry.nbd.events import ConnectionLanding, ExportInfo, MigrationRequest, Refusal
 from ferry.serve.acl import Acl
 from ferry.serve.connection import NBDServerProtocol, Receiver
 from ferry.serve.export import RECEIVING_STATES, Export
@@ -245,6 +245,11 @@ class NBDServer(Factory):
         if target is None:
             return Refusal(OptionReply.ERR_UNKNOWN, "this server has no export")
         return _not_listening(target)
+
+    def connection_landing(self) -> ConnectionLanding | Refusal:
+        if self.receiver is None:
+            return Refusal(OptionReply.ERR_POLICY, "this server takes no migrations")
+        return self.receiver.connection_landing()
 
     def lookup_sender(self, name: str) -> ExportInfo | Refusal:
         if self.receiver is None:

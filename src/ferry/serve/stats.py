@@ -67,3 +67,18 @@ class RequestStats:
         if histogram is None:
             histogram = self.latency[command] = Histogram()
         histogram.observe(seconds)
+
+
+@dataclass(slots=True)
+class HandoffCounts:
+    """The client connections of the last handoff: moved with the image, or lost.
+
+    The source counts a connection moved once the destination said it
+    rebuilt it and the commit landed; the destination, once it joined the
+    export.  Either side counts every other one lost (``connections_aborted``):
+    a client that could not move is disconnected, as before connections
+    could move.
+    """
+
+    moved: int = 0
+    aborted: int = 0

@@ -64,7 +64,7 @@ _OPEN_REASONS: Final = {
     errno.EISDIR: "is a directory",
     errno.EACCES: "permission denied",
     errno.EPERM: "permission denied",
-    errno.EROFS: "read-only file system (open the image read-only)",
+    errno.EROFS: "read-only file system",
     errno.ENOTDIR: "a component of the path is not a directory",
     errno.ELOOP: "too many levels of symbolic links",
     errno.ENXIO: "no such device",
@@ -196,6 +196,8 @@ class Image:
             fd = os.open(path, flags)
         except OSError as e:
             reason = _OPEN_REASONS.get(e.errno or 0) or (e.strerror or str(e)).lower()
+            if not read_only and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                reason += ": to serve it without writing, use --read-only"
             raise ImageError(path, reason) from e
         try:
             st = os.fstat(fd)

@@ -1,0 +1,67 @@
+"""The service address a node's clients use, which moves with the image at the handoff.
+
+``--service-address IP/PREFIX@DEV`` (:class:`~ferry.handoff.address.ServiceAddress`).
+The source holds it from the start (``hold``: added to DEV if missing) and,
+when its clients move to another host, gives it up just before the commit
+goes (``give_up``: removed, so nothing on this host answers for it while the
+destination takes it); a commit that does not land takes it back.  The
+destination takes it once the commit has landed and before it acknowledges
+(``take``: added, then announced with a gratuitous ARP so the clients'
+next packets reach it).  The announcer's packet socket is opened ahead of
+time: binding one takes tens of milliseconds, too long for the hold.
+
+Trouble with the address is logged and never fails the handoff: the image
+is safe either way, and only the clients' connections depend on it.
+"""
+
+from __future__ import annotations
+
+from twisted.logger import Logger
+
+from ferry.handoff import address
+from ferry.handoff.address import AddressError, Announcer, ServiceAddress
+
+__all__ = ["ServiceAddressHolder"]
+
+_log = Logger()
+
+#: Gratuitous ARPs sent on taking the address: one may be lost on a busy link.
+ANNOUNCEMENTS = 2
+
+
+class ServiceAddressHolder:
+    """Adds, gives up, takes back and announces one service address; see the module doc."""
+
+    def __init__(self, service: ServiceAddress) -> None:
+        self.address = service
+        # Raises AddressError (no such device, no CAP_NET_RAW): a start-up error.
+        self._announcer = Announcer(service) if service.ip.version == 4 else None
+
+    def hold(self) -> bool:
+        """At start: the address is on its device (added if it was missing); True if added."""
+        return address.add(self.address)
+
+    def give_up(self) -> bool:
+        """The clients are moving to another host: remove the address; False if that failed."""
+        try:
+            address.remove(self.address)
+        except AddressError as error:
+            _log.error("cannot give up the service address: {error}", error=error)
+            return False
+        _log.info("gave up the service address {address}", address=str(self.address))
+        return True
+
+    def take(self) -> None:
+        """This node has the image now: add the address and announce it."""
+        try:
+            address.add(self.address)
+            if self._announcer is not None:
+                self._announcer.announce(ANNOUNCEMENTS)
+        except AddressError as error:
+            _log.error("cannot take the service address: {error}", error=error)
+            return
+        _log.info("took the service address {address}", address=str(self.address))
+
+    def close(self) -> None:
+        if self._announcer is not None:
+            self._announcer.close()
