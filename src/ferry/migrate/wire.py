@@ -51,6 +51,7 @@ from ferry.nbd.constants import (
 )
 from ferry.nbd.events import Event, ProtocolError, StartTLS
 from ferry.outbox import Outbox, tune
+from ferry.tls import describe_error
 
 __all__ = [
     "Connector",
@@ -149,7 +150,9 @@ class MirrorProtocol(Protocol):
             if events:
                 self.handler.wire_events(self, events)
         self.closing = True
-        self.handler.wire_lost(self, reason.getErrorMessage())
+        # OpenSSL's errors are lists of (library, function, reason): keep the reasons.
+        why = reason.getErrorMessage() if reason.value is None else describe_error(reason.value)
+        self.handler.wire_lost(self, why)
         self.closed.callback(None)
 
     def _start_tls(self) -> None:
