@@ -15,8 +15,11 @@ on Twisted's ``StringTransport`` and a ``task.Clock``.  Checked:
    then no more than ``MAX_COMMAND_BYTES`` (and one) of the command is held.
 3. The same bytes split differently get the same reply.
 4. Options that reach the ``MirrorManager`` are ones a migration can run
-   with (finite, positive numbers): a bad argument is the command's
-   answer, not an exception somewhere below it.
+   with (finite, positive numbers, an export name NBD can carry): a bad
+   argument is the command's answer, not an exception somewhere below it.
+5. So are the settings ``export.add`` hands the node (``CheckedHost``), and
+   ``export.remove`` and a ``subscribe`` to one export reach the node's
+   answers, as a daemon's do.
 
 ``MAX_COMMAND_BYTES`` is lowered to ``COMMAND_LIMIT`` while a check runs,
 so the over-long answer is within reach of a fuzzer's inputs.
@@ -45,9 +48,17 @@ from ferry.control import server as control_server
 from ferry.control.commands import Commands
 from ferry.control.events import EventHub
 from ferry.control.server import ControlProtocol
-from ferry.exports import ExportConfig, ExportRegistry, ExportUnit
+from ferry.exports import (
+    MAX_NAME_BYTES,
+    ExportBusy,
+    ExportConfig,
+    ExportError,
+    ExportRegistry,
+    ExportUnit,
+)
 from ferry.migrate.manager import MirrorManager
 from ferry.migrate.options import Destination, MirrorOptions, StartOutcome
+from ferry.serve.acl import Acl, AclError
 from ferry.serve.export import Export
 from ferry.serve.server import NBDServer
 from ferry.storage import Image
@@ -96,7 +107,56 @@ class CheckedMirrors(MirrorManager):
             options.max_bps is None or (type(options.max_bps) is int and options.max_bps > 0),
             f"mirror was started with max_bps={options.max_bps!r}",
         )
+        expect(
+            nbd_text(destination.export_name, empty=True),
+            f"mirror was started into export {destination.export_name!r}",
+        )
         return super().mirror(destination, options)
+
+
+def nbd_text(value: object, *, empty: bool = False) -> bool:
+    """Whether ``value`` is a name NBD, a file system and a log can all take: UTF-8 text,
+    without NUL, of at most NBD's 4096 bytes (and not empty unless ``empty``)."""
+    if not isinstance(value, str) or "\x00" in value or not (value or empty):
+        return False
+    try:
+        return len(value.encode("utf-8")) <= MAX_NAME_BYTES
+    except UnicodeEncodeError:
+        return False
+
+
+class CheckedHost:
+    """The node's side of ``export.add`` and ``export.remove``, checking what the commands
+    hand it (invariant 5).
+
+    It opens no file a fuzzer names: every add is refused, as an image that
+    cannot be opened is, and every remove as that of an export that migrates.
+    """
+
+    def __init__(self, exports: ExportRegistry) -> None:
+        self._exports = exports
+
+    def add_export(self, config: ExportConfig) -> defer.Deferred[ExportUnit]:
+        for key in ("name", "file", "resource"):
+            value = getattr(config, key)
+            expect(
+                (key == "resource" and value is None) or nbd_text(value),
+                f"export.add handed the node {key}={value!r:.200}",
+            )
+        try:
+            Acl.parse(config.acl)
+        except AclError as error:
+            raise Violation(f"export.add handed the node a bad acl: {error}") from None
+        expect(
+            config.max_downtime is None
+            or (math.isfinite(config.max_downtime) and config.max_downtime > 0),
+            f"export.add handed the node max_downtime={config.max_downtime!r}",
+        )
+        return defer.fail(ExportError(f"image {config.file}: not opened while fuzzing"))
+
+    def remove_export(self, name: str, *, force: bool = False) -> defer.Deferred[None]:
+        unit = self._exports.get(name)  # UnknownExport, as the node's
+        return defer.fail(ExportBusy(f"export {unit.name!r} is not removed while fuzzing"))
 
 
 def _refused(destination: Destination, factory: Any, timeout: float) -> defer.Deferred[Any]:
@@ -104,13 +164,15 @@ def _refused(destination: Destination, factory: Any, timeout: float) -> defer.De
 
 
 class Node:
-    """The control side of one ``ferry serve``: a fresh one per run, so runs can be compared."""
+    """The control side of one ``ferry serve`` (a node of one export, which ``export.add``
+    could add to, as a daemon's): a fresh one per run, so runs can be compared."""
 
     def __init__(self) -> None:
         self.reactor = task.Clock()
         clock = ReactorClock(self.reactor)
         tracer = Tracer()
-        self.hub = EventHub(tracer, clock)
+        exports = ExportRegistry()
+        self.hub = EventHub(tracer, clock, scope=lambda name: exports.get(name).owns)
         export = Export("disk", image(), clock=clock, tracer=tracer)
         export.trigger("serve")
         server = NBDServer(
@@ -124,9 +186,8 @@ class Node:
             tracer=tracer,
             stop_process=lambda: None,
         )
-        exports = ExportRegistry()
         exports.add(ExportUnit(ExportConfig(str(export.image.path)), export, self.mirrors))
-        self.commands = Commands(server, exports, default_deny=False)
+        self.commands = Commands(server, exports, host=CheckedHost(exports), default_deny=False)
 
     def converse(self, pieces: list[bytes]) -> StringTransport:
         """One connection: each piece as one read, then the client's half-close; its transport.

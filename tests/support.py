@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 DEADLINE = 30.0
 FERRY = [sys.executable, "-m", "ferry"]
@@ -53,7 +53,15 @@ def read_line(stream: IO[bytes], deadline: Deadline) -> bytes:
 
 
 class FerryProcess:
-    """``ferry serve`` in a child process; knows its port once it says it serves."""
+    """``ferry serve`` in a child process; knows its port once it says it serves.
+
+    Every one started is remembered until :meth:`reap` (the integration
+    tests' conftest calls it after each test, for the processes that test
+    started), so a test that fails before it stops its processes does not
+    leave them running into the next.
+    """
+
+    started: ClassVar[list[FerryProcess]] = []
 
     SERVING = re.compile(
         rb"(?:serving|listening for a migration of) .* on (?P<addr>\S+):(?P<port>\d+)"
@@ -65,9 +73,12 @@ class FerryProcess:
         *,
         env: dict[str, str] | None = None,
         netns: str | None = None,
+        wrap: Sequence[str] = (),
     ) -> None:
+        """``netns``: run it in that network namespace; ``wrap``: a command that runs it
+        (``setpriv ... --``)."""
         prefix = ["ip", "netns", "exec", netns] if netns else []
-        self.args = [*prefix, *FERRY, *args]
+        self.args = [*prefix, *wrap, *FERRY, *args]
         self.proc = subprocess.Popen(
             self.args,
             stdin=subprocess.DEVNULL,
@@ -77,6 +88,20 @@ class FerryProcess:
         )
         self.log: list[str] = []
         self.port = 0
+        FerryProcess.started.append(self)
+
+    @classmethod
+    def reap(cls, since: int = 0) -> list[str]:
+        """Kill every process started since the ``since``-th that still runs; the command
+        line of each one killed.  The earlier ones (a module's fixture) are kept."""
+        killed = []
+        for process in cls.started[since:]:
+            if process.proc.poll() is None:
+                process.proc.kill()
+                process.proc.wait(timeout=DEADLINE)
+                killed.append(" ".join(process.args))
+        del cls.started[since:]
+        return killed
 
     def wait_serving(self, deadline: Deadline | None = None) -> FerryProcess:
         deadline = deadline or Deadline()
@@ -301,6 +326,64 @@ def stop_peer(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+# -- a daemon and its writers -------------------------------------------------------
+
+
+def daemon(config: Path, *, env: dict[str, str] | None = None) -> FerryProcess:
+    """``ferry daemon --config CONFIG``, once it logs that every export serves.
+
+    Its port is the one the ``ready: N exports on ADDR:PORT`` line names.
+    """
+    process = FerryProcess(["daemon", "--config", str(config)], env=env)
+    line = process.wait_for_log("ready: ")
+    match = re.search(r" on \S+:(\d+)", line)
+    assert match, line
+    process.port = int(match.group(1))
+    return process
+
+
+WORKLOAD = Path(__file__).resolve().parent / "workload.py"
+
+
+class Writers:
+    """libnbd clients writing the checkable workload (``workload.py``) until stopped.
+
+    Each URI gets one client that owns every block of its export.
+    """
+
+    def __init__(self, uris: dict[str, str], blocks: int, stop_file: Path) -> None:
+        self.stop_file = stop_file
+        self.clients = {
+            name: subprocess.Popen(
+                ["/usr/bin/python3", str(WORKLOAD), uri, "0", "1", str(blocks), str(stop_file)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for name, uri in uris.items()
+        }
+
+    def stop(self) -> dict[str, dict[str, Any]]:
+        """Stop every client; each one's report (``ended``, ``writes``, ``acked``...)."""
+        import json
+
+        self.stop_file.touch()
+        reports = {}
+        for name, client in self.clients.items():
+            stdout, stderr = client.communicate(timeout=DEADLINE)
+            assert client.returncode == 0, f"{name}: {stderr.decode()}"
+            reports[name] = json.loads(stdout)
+        return reports
+
+
+def check_acked(report: dict[str, Any], image: bytes) -> None:
+    """Every write ``report`` says was acknowledged is in ``image`` (or a later one of it),
+    and there was one."""
+    from workload import lost_writes
+
+    assert report["acked"], f"client {report['client']} had no write acknowledged"
+    assert lost_writes(image, report) == []
 
 
 def wait_until(what: str, check: Callable[[], bool], deadline: Deadline | None = None) -> None:

@@ -8,7 +8,13 @@ A node has one NBD port, one control socket, one /metrics, one trace and
 one lockspace, and its exports in an :class:`~ferry.exports.ExportRegistry`:
 :meth:`Node.add_export` takes an export's lease and puts it on the port,
 :meth:`Node.remove_export` takes it off.  ``ferry serve`` and ``ferry
-listen`` run a node with one export.
+listen`` run a node with one export; ``ferry daemon`` (:mod:`ferry.daemon`)
+runs one with the exports of its file, and the control socket's
+``export.add`` and ``export.remove`` change them while it runs.
+
+What a node's settings (:class:`NodeConfig`) choose is fixed while it runs;
+what belongs to one export (:class:`~ferry.exports.ExportConfig`) comes and
+goes with it.
 """
 
 from __future__ import annotations
@@ -16,9 +22,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred
@@ -29,10 +35,17 @@ from twisted.web.server import Site
 
 from ferry.chartnames import RoleTrigger
 from ferry.clock import ReactorClock
-from ferry.control.commands import Commands
+from ferry.control.commands import Command, Commands
 from ferry.control.events import EventHub
 from ferry.control.server import listen_control
-from ferry.exports import ExportConfig, ExportRegistry, ExportUnit
+from ferry.exports import (
+    ExportBusy,
+    ExportConfig,
+    ExportError,
+    ExportRegistry,
+    ExportUnit,
+    export_of,
+)
 from ferry.handoff.address import AddressError, ServiceAddress, listen_freebind
 from ferry.lease.backend import LeaseBackend, LeaseConflict, LeaseError, LeaseMode
 from ferry.lease.incoming import IncomingLease
@@ -51,23 +64,59 @@ from ferry.migrate.manager import MirrorManager
 from ferry.migrate.service import ServiceAddressHolder
 from ferry.migrate.wire import tcp_connector
 from ferry.safepath import UnsafePath
-from ferry.serve.acl import Acl, is_loopback
+from ferry.serve.acl import Acl, AclError, is_loopback
 from ferry.serve.export import Export
+from ferry.serve.lanes import JOBS_PER_EXPORT
 from ferry.serve.server import NBDServer
 from ferry.storage import Image
 from ferry.tls import Credentials, ServerTLS, TLSError, TLSMode, load_credentials, read_subjects
-from ferry.trace import TraceFile, Tracer, log_transitions
+from ferry.trace import TraceFile, Tracer, TraceRecord, log_transitions
 
-__all__ = ["NO_LOCKSPACE", "Node", "ServeConfig", "StartupError"]
+__all__ = ["NO_LOCKSPACE", "Node", "NodeConfig", "ServeConfig", "StartupError"]
 
 log = Logger()
 
 #: ``--lockspace none``: serve without a lease (nothing fences this node).
 NO_LOCKSPACE = "none"
 
+#: The worker threads every export's fdatasync shares: room for three
+#: exports whose disks hang, each holding its lane's share
+#: (:mod:`ferry.serve.lanes`), and a lane's worth for all the others.
+WORKER_THREADS: Final = 4 * JOBS_PER_EXPORT
 
-class StartupError(Exception):
-    """A problem the operator must fix before the node can run; one clear line."""
+
+class StartupError(ExportError):
+    """A problem the operator must fix before the node (or an export) can run; one clear line."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What a node is, whatever it serves: fixed while it runs."""
+
+    addr: str = "0.0.0.0"
+    port: int = 10809
+    sock: str | None = None
+    # The listener's ACL, checked at connect (each export may have its own).
+    acl: tuple[str, ...] = ()
+    default_deny: bool = False
+    oldstyle: bool = False
+    metrics: tuple[str, int] | None = None
+    trace: str | None = None
+    # --lockspace SPEC: where the images' leases are held; None is the
+    # embedded default (a local directory), NO_LOCKSPACE is no lease at all.
+    lockspace: str | None = None
+    # What a migration's ``exit`` action ends once the image is handed over:
+    # the process (``ferry serve``), or only the export (a daemon).
+    exit_stops_node: bool = True
+    # --tls, --tls-certificates, --tls-verify-peer, --tls-allowed-subjects (see ferry.tls).
+    # With certificates, this node's migrations go out over TLS too.
+    tls: TLSMode = TLSMode.OFF
+    tls_certificates: str | None = None
+    tls_verify_peer: bool = False
+    tls_allowed_subjects: str | None = None
+    # --service-address IP/PREFIX@DEV: the address clients use, which moves
+    # with the image (``ferry serve`` and ``listen``; a daemon has none).
+    service_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,19 +165,52 @@ class ServeConfig:
             description=self.description,
         )
 
+    def node(self) -> NodeConfig:
+        """The node this command runs."""
+        return NodeConfig(
+            addr=self.addr,
+            port=self.port,
+            sock=self.sock,
+            acl=self.acl,
+            default_deny=self.default_deny,
+            oldstyle=self.oldstyle,
+            metrics=self.metrics,
+            trace=self.trace,
+            lockspace=self.lockspace,
+            tls=self.tls,
+            tls_certificates=self.tls_certificates,
+            tls_verify_peer=self.tls_verify_peer,
+            tls_allowed_subjects=self.tls_allowed_subjects,
+            service_address=self.service_address,
+        )
+
 
 class Node:
     """Exports served on one port, with a control socket, metrics, a trace and a lockspace."""
 
-    def __init__(self, reactor: Any, config: ServeConfig) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        config: NodeConfig,
+        exports: Sequence[ExportConfig] = (),
+        *,
+        commands: Mapping[str, Command] | None = None,
+        open_image: Callable[..., Image] = Image.open,
+    ) -> None:
+        """``exports`` are served from the start, the first as the default export;
+        ``commands`` are control commands beside the node's own (a daemon's reload);
+        ``open_image`` opens an export's file (``Image.open``; a test's disk double)."""
         self.reactor = reactor
+        self._open_image = open_image
         self.config = config
+        self._initial = tuple(exports)
+        self._extra_commands = dict(commands or {})
         self.clock = ReactorClock(reactor)
         self.tracer = Tracer()
         # Both see every machine from its first record: the hub knows where
         # each stands for a late subscriber, the log carries each transition.
-        self.events = EventHub(self.tracer, self.clock)
-        self.tracer.subscribe(log_transitions(config.export_name))
+        self.events = EventHub(self.tracer, self.clock, scope=self._scope)
+        self.tracer.subscribe(log_transitions(self._export_of))
         self.exports = ExportRegistry()
         self._trace_file: TraceFile | None = None
         self._ports: list[IListeningPort] = []
@@ -138,6 +220,12 @@ class Node:
         self._lockspace: LeaseBackend | None = None
         # The --tls-certificates directory, checked: the client side of migrations.
         self.credentials: Credentials | None = None
+        # Exports whose lease is being taken: not served yet, but their
+        # machines already run (and are logged under their name).
+        self._adding: dict[str, ExportUnit] = {}
+        # Called after an export was added or removed (a daemon's STATUS).
+        self.exports_changed: list[Callable[[], None]] = []
+        self._running = False  # every export of the start serves
         # How client connections move at a handoff (opened with the node).
         self.carrier: Carrier | None = None
         self._stopped = False
@@ -145,28 +233,62 @@ class Node:
     def run_blocking(self, work: Callable[[], object]) -> Deferred[Any]:
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
 
+    def _export_of(self, record: TraceRecord) -> str:
+        """The name of the export a transition belongs to ("" for none), for the log."""
+        name = export_of(record)
+        if name is not None:
+            return name
+        units: list[ExportUnit] = [*self.exports, *self._adding.values()]
+        return next((unit.name for unit in units if unit.owns(record)), "")
+
+    def _scope(self, name: str) -> Callable[[TraceRecord], bool]:
+        """Which records belong to export ``name`` (``subscribe``'s ``export``)."""
+        unit = self.exports.get(name)  # UnknownExport, a LookupError, says which
+        return unit.owns
+
     # -- starting ---------------------------------------------------------------------
 
     def start(self) -> Deferred[None]:
         """Open everything, in an order that leaves nothing half-open on failure.
 
-        The answer fires once the export serves (or listens); it fails with
-        :class:`StartupError`.  Every address and port is bound first, so a
-        port in use is said before anything else is tried; the export's lease
-        is taken before the export is put on the port, so no client is ever
-        served without it (one that comes sooner is told there is no such
-        export).  Without a lockspace (or with a local one, whose answers are
-        immediate) the answer has fired when this returns.
+        The answer fires once every export serves (or listens); it fails
+        with :class:`StartupError`.  Every address and port is bound first,
+        so a port in use is said before anything else is tried; each export's
+        lease is taken before the export is put on the port, so no client is
+        ever served without one (one that comes sooner is told there is no
+        such export).  Without a lockspace (or with a local one, whose
+        answers are immediate) the answer has fired when this returns.
         """
+        self.reactor.suggestThreadPoolSize(WORKER_THREADS)
         try:
             self._open(self.config)
             self._open_nbd(self.config)
         except Exception:
             self._failed_start(None)
             return defer.fail()
-        d = self.add_export(self.config.export())
-        started = d.addCallback(lambda _: self._announce(self.config))
+        started = self._add_all(self._initial)
+        started.addCallback(self._started)
         return started.addErrback(self._failed_start)
+
+    def _started(self, _: object) -> None:
+        """Every export of the start serves: say so, one line each (later ones as they come)."""
+        self._running = True
+        for unit in self.exports:
+            self._announce(unit)
+
+    @defer.inlineCallbacks
+    def _add_all(self, configs: Sequence[ExportConfig]) -> Any:
+        """Add the exports one after the other, so the first is the default one.
+
+        With more than one, a refusal names the export it is about.
+        """
+        for config in configs:
+            try:
+                yield self.add_export(config)
+            except StartupError as error:
+                if len(configs) == 1:
+                    raise
+                raise StartupError(f"export {config.export_name!r}: {error}") from None
 
     def _failed_start(self, failure: Any) -> Any:
         """Undo a start that failed (``failure`` is passed on; None: raised in ``start``)."""
@@ -175,7 +297,7 @@ class Node:
         self._stopped = True
         for unit in self.exports:
             if unit.lease is not None:
-                unit.lease.shutdown()  # taken, then the port was in use: give it back
+                unit.lease.shutdown()  # taken, then another export was refused: give it back
         self.clock.cancel_all()
         for port in self._ports:
             port.stopListening()
@@ -183,16 +305,12 @@ class Node:
         self._close_now()
         return failure
 
-    def _open(self, config: ServeConfig) -> None:
-        from ferry.serve.acl import AclError
-
+    def _open(self, config: NodeConfig) -> None:
         try:
             acl = Acl.parse(config.acl, default_deny=config.default_deny)
         except AclError as error:
             raise StartupError(str(error)) from None
         tls = self._open_tls(config)
-        if config.listen:
-            _check_senders_are_named(config, acl, tls)
         if config.trace:
             try:
                 self._trace_file = TraceFile(config.trace)
@@ -218,7 +336,11 @@ class Node:
         if config.sock:
             from ferry.control.server import ControlSocketError
 
-            commands = Commands(self.server, self.exports, default_deny=config.default_deny)
+            commands = Commands(
+                self.server, self.exports, host=self, default_deny=config.default_deny
+            )
+            for name, command in self._extra_commands.items():
+                commands.table[name] = command
             try:
                 self._ports.append(listen_control(self.reactor, config.sock, commands, self.events))
             except ControlSocketError as error:
@@ -249,7 +371,7 @@ class Node:
                     ) from None
                 raise StartupError(f"--lockspace {config.lockspace}: {error}") from None
 
-    def _open_tls(self, config: ServeConfig) -> ServerTLS:
+    def _open_tls(self, config: NodeConfig) -> ServerTLS:
         """Check the TLS options and read the certificates, before anything opens."""
         mode = config.tls
         if config.oldstyle and mode is not TLSMode.OFF:
@@ -294,16 +416,25 @@ class Node:
         """Open ``config``'s image, take its lease (or get ready for one), and serve it.
 
         Fails with :class:`StartupError`: a missing or unreadable file, a
-        name in use, a lease someone else holds.  On failure nothing of the
-        export is left open.
+        name in use, a bad ACL, a lease someone else holds.  On failure
+        nothing of the export is left open.
         """
         from ferry.storage import ImageError
 
         assert self.server is not None
-        if config.export_name in self.exports.names():
+        if config.export_name in self.exports.names() or config.export_name in self._adding:
             return defer.fail(StartupError(f"an export named {config.export_name!r} exists"))
         try:
-            image = Image.open(config.file, read_only=config.read_only)
+            acl = Acl.parse(config.acl, default_deny=config.default_deny)
+        except AclError as error:
+            return defer.fail(StartupError(f"export {config.export_name!r}: {error}"))
+        if config.listen:
+            try:
+                self._check_senders_are_named(acl)
+            except StartupError as error:
+                return defer.fail(error)
+        try:
+            image = self._open_image(config.file, read_only=config.read_only)
         except ImageError as error:
             return defer.fail(StartupError(str(error)))
         mode = os.stat(config.file).st_mode
@@ -322,18 +453,21 @@ class Node:
             tracer=self.tracer,
             description=config.description,
         )
+        export.acl = acl
+        name = export.name
         mirrors = MirrorManager(
             export,
             gate=export,
             clock=self.clock,
             connector=tcp_connector(self.reactor),
             tracer=self.tracer,
-            stop_process=self._stop_after_handoff,
+            stop_process=lambda: self._after_handoff(name),
             tls=None if self.credentials is None else self.credentials.client_creator,
             carrier=self.carrier,
         )
         unit = ExportUnit(config, export, mirrors)
         unit.can_move_connections = self.carrier is not None and self.carrier.can_move
+        self._adding[name] = unit
         d = self._take_lease(unit)
 
         def serve(_: object) -> ExportUnit:
@@ -344,21 +478,49 @@ class Node:
             self.exports.add(unit)
             self.server.add_export(export)
             export.trigger(RoleTrigger.LISTEN if config.listen else RoleTrigger.SERVE)
+            if self._running:
+                self._announce(unit)
+                self._changed()
             return unit
 
         def failed(failure: Any) -> Any:
             image.close()
             return failure
 
-        return d.addCallback(serve).addErrback(failed)
+        def settled(result: Any) -> Any:
+            self._adding.pop(name, None)
+            return result
 
-    def remove_export(self, name: str) -> Deferred[None]:
+        return d.addCallback(serve).addErrback(failed).addBoth(settled)
+
+    def remove_export(self, name: str, *, force: bool = False) -> Deferred[None]:
         """Take an export off the port: its migration broken, its clients drained, its lease
-        released, its image flushed and closed."""
-        unit = self.exports.remove(name)
+        released, its image flushed and closed.
+
+        Refused with :class:`ExportBusy` while the export migrates (out, or
+        a migration coming in), unless ``force``: then the migration is
+        broken as at shutdown.  :class:`~ferry.exports.UnknownExport` if
+        there is no such export.
+        """
+        unit = self.exports.get(name)
+        direction = unit.migrating
+        if direction is not None and not force:
+            return defer.fail(
+                ExportBusy(
+                    f"export {unit.name!r} is migrating {direction}: "
+                    "break the migration first, or remove it with force"
+                )
+            )
+        self.exports.remove(unit.name)
         assert self.server is not None
         self.server.remove_export(unit.name)
-        return self._stop_unit(unit)
+        log.info("removing export {name!r}: draining its clients", name=unit.name)
+        stopped: Deferred[None] = self._stop_unit(unit)
+        return stopped.addCallback(lambda _: self._changed())
+
+    def _changed(self) -> None:
+        for callback in list(self.exports_changed):
+            callback()
 
     def _take_lease(self, unit: ExportUnit) -> Deferred[None]:
         """Acquire the export's lease; a refusal is a StartupError.
@@ -370,6 +532,7 @@ class Node:
         if self._lockspace is None:
             return defer.succeed(None)
         own = config.resource or default_resource(config.file)
+        unit.resource = config.resource if config.listen else own
         if config.listen:
             incoming = IncomingLease(
                 lambda name: self._make_lease(unit, name),
@@ -419,15 +582,49 @@ class Node:
             space=self._lockspace.spec,
         )
 
+    def _check_senders_are_named(self, export_acl: Acl) -> None:
+        """A listening export must say who may hand it an image (``Acl.admits_sender``).
+
+        A sender must be named by the listener's ACL or the export's own; with
+        neither naming anyone, senders are admitted only from loopback: on
+        any other address that would be no sender at all, which is a mistake
+        worth one line now rather than a refused migration later -- unless
+        senders can prove who they are with a certificate
+        (``--tls-verify-peer``), which needs no address.  flexnbd's stream
+        (``--oldstyle``) cannot be told apart from a client's, so it needs an
+        ACL whatever the address.
+        """
+        assert self.server is not None
+        if self.server.acl.networks or export_acl.networks or self.server.tls.verify_peer:
+            return
+        # ``ferry listen`` names senders as ACL entries; a daemon in its export's acl.
+        # Each asks for certificates in its own words.
+        if self.config.exit_stops_node:
+            hint = "name the source hosts as ACL entries (ferry listen ... ADDRESS ...)"
+            by_certificate = "--tls require --tls-verify-peer"
+        else:
+            hint = "name the source hosts in the export's acl"
+            by_certificate = 'tls = "require" and tls_verify_peer = true'
+        if self.config.oldstyle:
+            raise StartupError(
+                f"listen --oldstyle takes flexnbd's migration, which cannot authenticate: {hint}"
+            )
+        if not is_loopback(self.config.addr):
+            raise StartupError(
+                f"listen on {self.config.addr} admits migration senders only from the addresses "
+                f"its ACL names: {hint}, or authenticate them by certificate ({by_certificate})"
+            )
+
     # -- the port ----------------------------------------------------------------------
 
-    def _open_nbd(self, config: ServeConfig) -> None:
+    def _open_nbd(self, config: NodeConfig) -> None:
         assert self.server is not None and self.carrier is not None
         self.nbd_port = self._listen_tcp(config.port, self.server, config.addr, "NBD")
         service = self.carrier.service
         if service is None:
             return
-        if not config.listen:
+        # Held now if an image is served from the start; a listener takes it at the commit.
+        if any(not export.listen for export in self._initial):
             try:
                 if service.hold():
                     log.info("added the service address {address}", address=str(service.address))
@@ -454,34 +651,48 @@ class Node:
         host = self.nbd_port.getHost()
         return str(host.host), int(host.port)  # type: ignore[attr-defined]
 
-    def _announce(self, config: ServeConfig) -> None:
-        assert self.nbd_address is not None
-        port = self.nbd_address[1]
-        unit = self.exports.get()
-        # Said once the reactor runs, and so once SIGTERM is ferry's to handle:
-        # whoever waits for this line may stop the node at once.
+    @property
+    def port(self) -> int:
+        """The NBD port the node listens on (0 before it does)."""
+        address = self.nbd_address
+        return 0 if address is None else address[1]
+
+    def _announce(self, unit: ExportUnit) -> None:
+        """Log that ``unit`` is on the port.
+
+        Said once the reactor runs, and so once SIGTERM is ferry's to handle:
+        whoever waits for this line may stop the node at once.
+        """
         self.reactor.callWhenRunning(
             log.info,
             "{doing} {file} ({size} bytes) as {name!r} on {addr}:{port}",
-            doing="listening for a migration of" if config.listen else "serving",
-            file=config.file,
+            doing="listening for a migration of" if unit.config.listen else "serving",
+            file=unit.config.file,
             size=unit.image.size,
             name=unit.name,
-            addr=config.addr,
-            port=port,
+            addr=self.config.addr,
+            port=self.port,
         )
 
-    def _stop_after_handoff(self) -> None:
-        """The ``exit`` action: stop once the mirror's end has been reported.
+    def _after_handoff(self, name: str) -> None:
+        """The ``exit`` action of export ``name``'s migration: it is handed over.
 
-        Called inside the handoff; the process stops on a later turn of the
-        reactor, after waiters on the control socket have had their answer.
-        A job whose chart has ended may not have *finished* yet: its socket
-        is still closing (TLS trades close_notify first), and ``ferry mirror
-        --wait`` is answered only then.
+        Called inside the handoff; once the mirror's end has been reported
+        (so waiters on the control socket have had their answer) the process
+        stops on a later turn of the reactor, or, in a daemon, the export is
+        removed and the others go on.
         """
-        finished = [unit.mirrors.finished() for unit in self.exports]
-        defer.DeferredList(finished).addBoth(lambda _: self.reactor.callLater(0, self.reactor.stop))
+
+        def done(_: object) -> None:
+            if self.config.exit_stops_node:
+                self.reactor.callLater(0, self.reactor.stop)
+            elif name in self.exports.names():
+                self.reactor.callLater(0, self.remove_export, name)
+
+        if name in self.exports.names():
+            self.exports.get(name).mirrors.finished().addBoth(done)
+        else:  # removed with force meanwhile
+            done(None)
 
     def _listen_tcp(self, port: int, factory: Any, host: str, what: str) -> IListeningPort:
         try:
@@ -536,6 +747,8 @@ class Node:
             yield self.run_blocking(image.flush)
         yield unit.stop()
         image.close()
+        if self.server is not None:
+            self.server.forget_lane(unit.name)
 
     def _close_now(self) -> None:
         if self.carrier is not None:
@@ -548,35 +761,10 @@ class Node:
             self._trace_file = None
 
 
-def _service_address(config: ServeConfig) -> ServiceAddressHolder | None:
+def _service_address(config: NodeConfig) -> ServiceAddressHolder | None:
     if not config.service_address:
         return None
     try:
         return ServiceAddressHolder(ServiceAddress.parse(config.service_address))
     except AddressError as error:
         raise StartupError(f"--service-address {config.service_address}: {error}") from None
-
-
-def _check_senders_are_named(config: ServeConfig, acl: Acl, tls: ServerTLS) -> None:
-    """A listener must say who may hand it an image (``Acl.admits_sender``).
-
-    An empty ACL admits senders only from loopback: on any other address
-    that would be no sender at all, which is a mistake worth one line now
-    rather than a refused migration later -- unless senders can prove who
-    they are with a certificate (``--tls-verify-peer``), which needs no
-    address.  flexnbd's stream (``--oldstyle``) cannot be told apart from a
-    client's, so it needs the ACL whatever the address.
-    """
-    if acl.networks or tls.verify_peer:
-        return
-    if config.oldstyle:
-        raise StartupError(
-            "listen --oldstyle takes flexnbd's migration, which cannot authenticate: "
-            "name the source hosts as ACL entries (ferry listen ... ADDRESS ...)"
-        )
-    if not is_loopback(config.addr):
-        raise StartupError(
-            f"listen on {config.addr} admits migration senders only from the addresses its "
-            "ACL names: name the source hosts as ACL entries (ferry listen ... ADDRESS ...), "
-            "or authenticate them by certificate (--tls require --tls-verify-peer)"
-        )

@@ -202,8 +202,9 @@ class TraceFile:
         self.close()
 
 
-def log_transitions(export: str) -> Sink:
-    """A sink that logs each record as an event with the record's own fields, plus ``export``.
+def log_transitions(export: str | Callable[[TraceRecord], str]) -> Sink:
+    """A sink that logs each record as an event with the record's own fields, plus ``export``
+    (a name, or how to find the name of the export a record belongs to).
 
     So a JSON log (``--log``) and a trace join on ``machine``, ``instance``,
     ``event`` and ``time``.  Transitions are debug events (``-v`` shows
@@ -214,10 +215,11 @@ def log_transitions(export: str) -> Sink:
 
     def sink(rec: TraceRecord) -> None:
         fields = rec.to_dict()
+        name = export if isinstance(export, str) else export(rec)
         if rec.ok:
-            _log.debug(_TRANSITION_FORMAT, export=export, **fields)
+            _log.debug(_TRANSITION_FORMAT, export=name, **fields)
         else:
-            _log.warn(_TRANSITION_FORMAT + " failed: {error}", export=export, **fields)
+            _log.warn(_TRANSITION_FORMAT + " failed: {error}", export=name, **fields)
 
     return sink
 

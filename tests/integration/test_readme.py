@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -179,22 +180,90 @@ def test_the_metrics_section_names_every_migration_failure_reason() -> None:
     assert re.findall(r"`(\w+)`", paragraph) == [reason.value for reason in FailureReason]
 
 
+def run_script(script: str, cwd: Path, timeout: float = 120) -> tuple[int, str, str]:
+    """Run ``script`` in bash; its exit status, stdout and stderr.
+
+    Into files, not pipes: a job it leaves in the background (a server whose
+    sibling failed, so ``set -e`` ended the script early) would hold a pipe
+    open until the timeout.  Whatever it leaves is killed.
+    """
+    import signal
+
+    with (cwd / ".stdout").open("wb") as out, (cwd / ".stderr").open("wb") as err:
+        shell = subprocess.Popen(
+            ["bash", "-c", script], cwd=cwd, stdout=out, stderr=err, start_new_session=True
+        )
+        try:
+            code = shell.wait(timeout=timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(shell.pid, signal.SIGKILL)
+            shell.wait()
+    return code, (cwd / ".stdout").read_text(), (cwd / ".stderr").read_text()
+
+
 def test_the_tls_session_runs_as_written(tmp_path: Path) -> None:
     from tls_support import make_pki
 
     pki = make_pki(tmp_path / "made")
     (pki.node).rename(tmp_path / "pki")  # the five files of a test CA, as the README says
     lines = [line[2:] for line in fenced_block("TLS", "console").splitlines()]
-    script = "set -euo pipefail\n" + "\n".join(lines) + "\n"
-    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, timeout=120)
-    out = result.stdout.decode()
+    code, out, err = run_script("set -euo pipefail\n" + "\n".join(lines) + "\n", tmp_path)
     logs = "".join((tmp_path / name).read_text() for name in ("src.log", "dst.log"))
-    assert result.returncode == 0, out + result.stderr.decode() + logs
+    assert code == 0, out + err + logs
     assert (tmp_path / "senders").read_text() == "CN=source,O=ferry tests\n"
-    assert "server requires TLS encryption first" in result.stderr.decode()
+    assert "server requires TLS encryption first" in err
     assert "refused: 1" in out
     assert str(64 << 20) in out  # nbdinfo over TLS sees the export
     assert "migration completed: 127.0.0.1:10816 has control of the image" in out
     assert out.rstrip().endswith("ab ab ab ab")
     assert "TLS with 127.0.0.1: CN=source,O=ferry tests" in (tmp_path / "dst.log").read_text()
     assert (tmp_path / "copy.img").read_bytes() == (tmp_path / "disk.img").read_bytes()
+
+
+def test_the_daemon_session_runs_as_written(tmp_path: Path) -> None:
+    """The daemon's file as the README shows it, then its console block as one script."""
+    import signal
+
+    (tmp_path / "ferry.toml").write_text(fenced_block("A daemon of many exports", "toml"))
+    lines = [line[2:] for line in fenced_block("A daemon of many exports", "console").splitlines()]
+    script = "set -euo pipefail\n" + "\n".join(lines) + "\n"
+    output = tmp_path / "output"
+    with output.open("wb") as out_file:
+        # Not a pipe: the daemon the script starts in the background would hold it open.
+        shell = subprocess.Popen(
+            ["bash", "-c", script],
+            cwd=tmp_path,
+            stdout=out_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            code = shell.wait(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(shell.pid, signal.SIGKILL)  # whatever it left behind
+    out = output.read_text()
+    log = (tmp_path / "daemon.log").read_text()
+    assert code == 0, out + log
+    assert "state=serving" in out
+    assert 'export="vm1":\n' in out and 'export="vm2":\n' in out, out  # nbdinfo --list
+    assert 'export="vm3":\n' not in out  # listening: no client could use it yet
+    listed = [line.split()[0] for line in out.splitlines() if " state=" in line and "mode=" in line]
+    assert listed == ["vm2", "vm3", "vm4"], out
+    assert 'ferry_state{export="vm4",machine="role",state="serving"} 1.0' in out
+    assert "ready: 3 exports on 127.0.0.1:10819" in log
+    assert (tmp_path / "vm1.img").read_bytes()[: 1 << 20] == b"\xcd" * (1 << 20)
+
+
+def test_the_isolation_figures_are_the_code_s() -> None:
+    from ferry.node import WORKER_THREADS
+    from ferry.serve.lanes import JOBS_PER_EXPORT
+    from ferry.serve.limits import MAX_CLIENTS, MAX_CONNECTIONS_PER_ADDRESS
+
+    section = README.split("## A daemon of many exports\n", 1)[1].split("\n## ", 1)[0]
+    assert f"each export\ngets at most {JOBS_PER_EXPORT} of them" in section
+    assert f"holds {JOBS_PER_EXPORT} threads" in section
+    assert f"(the node has {WORKER_THREADS})" in section
+    limits = f"limits on connections, {MAX_CLIENTS} in all and {MAX_CONNECTIONS_PER_ADDRESS}\n"
+    assert limits + "from one address" in section

@@ -47,6 +47,21 @@ def test_a_migration_sender_must_be_named_or_on_loopback_while_the_acl_is_empty(
     assert not named.admits_sender("not-an-address")
 
 
+def test_with_an_export_s_acl_a_sender_must_pass_both_and_be_named_by_one() -> None:
+    """A daemon's export has its own ACL beside the listener's (which is often empty)."""
+    everyone, nobody = Acl.parse([]), Acl.parse([], default_deny=True)
+    sources = Acl.parse(["192.0.2.0/24"])
+    assert everyone.admits_sender("192.0.2.7", sources)  # the export's names it
+    assert not everyone.admits_sender("198.51.100.9", sources)  # ... and only what it names
+    assert not everyone.admits_sender("192.0.2.7", everyone)  # neither names anyone
+    assert everyone.admits_sender("127.0.0.1", everyone)  # ... so loopback only
+    assert not everyone.admits_sender("127.0.0.1", sources)  # the export's list is the list
+    assert not everyone.admits_sender("127.0.0.1", nobody)  # the export admits no one
+    assert sources.admits_sender("192.0.2.7", everyone)  # the listener's names it
+    assert not sources.admits_sender("192.0.2.7", Acl.parse(["10.0.0.0/8"]))  # one refuses
+    assert not nobody.admits_sender("192.0.2.7", sources)
+
+
 def test_the_line_keeps_flexnbd_order_and_leaves_out_absent_fields() -> None:
     snapshot = StatusSnapshot(
         export="disk",

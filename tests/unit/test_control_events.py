@@ -20,7 +20,7 @@ from ferry.control.commands import Commands
 from ferry.control.events import EventHub, MachineBoard
 from ferry.control.jsonlines import CLOSE_GRACE, MAX_BACKLOG_BYTES, JsonLines
 from ferry.control.server import ControlProtocol
-from ferry.exports import ExportConfig, ExportRegistry, ExportUnit
+from ferry.exports import ExportConfig, ExportRegistry, ExportUnit, export_of
 from ferry.migrate.manager import MirrorManager
 from ferry.serve.export import Export
 from ferry.serve.server import NBDServer
@@ -51,7 +51,8 @@ class Node:
         mirrors = MirrorManager(
             self.export, gate=self.export, clock=self.clock, connector=refuse_to_connect
         )
-        exports.add(ExportUnit(ExportConfig(str(path)), self.export, mirrors))
+        self.unit = ExportUnit(ExportConfig(str(path)), self.export, mirrors)
+        exports.add(self.unit)
         self.commands = Commands(server, exports, default_deny=False)
 
     def connect(self) -> Client:
@@ -329,3 +330,14 @@ def test_a_created_machine_shows_in_current_from_its_first_record(node: Node) ->
     (answer,) = client.received()
     states = {(r["machine"], r["dest"]) for r in answer["result"]["current"]}
     assert states == {("role", "serving"), ("migration", "connecting")}
+
+
+def test_an_export_owns_the_records_of_its_connections_moving(node: Node) -> None:
+    """A moving connection's machine is ``EXPORT/HOST:PORT`` (ferry.migrate.carry), so a
+    subscription to one export, and the log's ``export``, see its clients move too."""
+    mine = record(1, machine="connection", instance="disk/192.0.2.7:40000")
+    assert export_of(mine) == "disk" and node.unit.owns(mine)
+    theirs = record(2, machine="connection", instance="disk/b/[2001:db8::7]:40000")
+    assert export_of(theirs) == "disk/b" and not node.unit.owns(theirs)
+    assert node.unit.owns(record(3)) and not node.unit.owns(record(4, instance="disk/b"))
+    assert export_of(record(5, machine="lease", instance="/images/disk.img")) is None

@@ -21,7 +21,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 
 from ferry.control.commands import Commands, Reply
 from ferry.control.server import MAX_COMMAND_BYTES
-from ferry.exports import ExportConfig, ExportRegistry, ExportUnit
+from ferry.exports import ExportConfig, ExportError, ExportRegistry, ExportUnit
 from ferry.migrate.manager import MirrorManager
 from ferry.migrate.options import Destination
 from ferry.serve.server import NBDServer
@@ -47,11 +47,21 @@ class MirroringNode(Node):
         server = NBDServer([self.export], clock=self.clock, run_blocking=Blocking())
         exports = ExportRegistry()
         exports.add(ExportUnit(ExportConfig(str(tmp_path / "disk.img")), self.export, self.mirrors))
-        self.commands = Commands(server, exports, default_deny=False)
+        self.added: list[ExportConfig] = []
+        self.commands = Commands(server, exports, host=self, default_deny=False)
 
     def refuse(self, destination: Destination, factory: Any, timeout: float) -> Any:
         self.destinations.append(destination)
         return defer.fail(ConnectionRefusedError("refused"))
+
+    # -- ExportHost: what export.add hands the node, which refuses it ----------------------
+
+    def add_export(self, config: ExportConfig) -> defer.Deferred[ExportUnit]:
+        self.added.append(config)
+        return defer.fail(ExportError("not added here"))
+
+    def remove_export(self, name: str, *, force: bool = False) -> defer.Deferred[None]:
+        return defer.fail(ExportError("not removed here"))
 
 
 @pytest.fixture
@@ -235,6 +245,61 @@ def test_good_mirror_parameters_start_a_mirror(node: MirroringNode) -> None:
     assert node.mirrors.current is not None
     options = node.mirrors.current.options
     assert (options.max_downtime, options.max_passes, options.reply_timeout) == (2.0, 10**30, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("dest_export", "message"),
+    [
+        ("\ud800", "not UTF-8 text (a lone surrogate)"),
+        ("vm\x00", "contains a NUL character"),
+        ("x" * 4097, "longer than NBD's 4096 bytes"),
+        (7, "must be an export's name"),
+    ],
+    ids=["lone surrogate", "NUL", "too long", "a number"],
+)
+def test_a_destination_export_nbd_cannot_carry_is_refused_before_a_mirror_starts(
+    node: MirroringNode, dest_export: Any, message: str
+) -> None:
+    request_ = {
+        "id": 1,
+        "method": "mirror",
+        "params": {"args": MIRROR_ARGS, "dest_export": dest_export},
+    }
+    answer_id, code, text = only_error(json_answers(node, json.dumps(request_).encode() + b"\n"))
+    assert (answer_id, code, text) == (1, 1, f"bad dest_export: {message}")
+    assert node.destinations == [] and node.mirrors.current is None
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"name": "\ud800", "file": "/a"}, "name: not UTF-8 text (a lone surrogate)"),
+        ({"name": "x" * 4097, "file": "/a"}, "name: longer than NBD's 4096 bytes"),
+        ({"name": "vm\x00", "file": "/a"}, "name: contains a NUL character"),
+        ({"name": "vm", "file": "/a\x00b"}, "file: contains a NUL character"),
+        ({"name": "vm", "file": "/a", "resource": "\udfff"}, "resource: not UTF-8 text"),
+        ({"name": "vm", "file": "/a", "max_downtime": 10**400}, "max_downtime: must be a "),
+    ],
+    ids=["surrogate name", "long name", "NUL name", "NUL file", "surrogate resource", "10**400"],
+)
+def test_export_settings_no_file_or_nbd_can_take_are_refused_before_the_node_sees_them(
+    node: MirroringNode, settings: dict[str, Any], message: str
+) -> None:
+    request_ = {"id": 1, "method": "export.add", "params": settings}
+    answer_id, code, text = only_error(json_answers(node, json.dumps(request_).encode() + b"\n"))
+    assert (answer_id, code) == (1, 1)
+    assert text.startswith(f"export.add: {message}"), text
+    assert node.added == []
+
+
+def test_good_export_settings_reach_the_node(node: MirroringNode) -> None:
+    settings = {"name": "vm", "file": "/a", "mode": "listen", "acl": ["192.0.2.1"]}
+    request_ = {"id": 1, "method": "export.add", "params": {**settings, "max_downtime": 10**3}}
+    answer_id, code, text = only_error(json_answers(node, json.dumps(request_).encode() + b"\n"))
+    assert (answer_id, code, text) == (1, 1, "not added here")
+    [config] = node.added
+    assert (config.export_name, config.listen, config.acl) == ("vm", True, ("192.0.2.1",))
+    assert config.max_downtime == 1000.0 and isinstance(config.max_downtime, float)
 
 
 # -- how long a request may be ----------------------------------------------------------

@@ -23,6 +23,7 @@ from ferry.nbd.events import NegotiationFailed, Reply
 from ferry.outbox import Outbox
 from ferry.serve.connection import NBDServerProtocol
 from ferry.serve.export import Export
+from ferry.serve.lanes import JOBS_PER_EXPORT
 from ferry.serve.limits import (
     MAX_JOBS_PER_CONNECTION,
     MAX_QUEUED_REQUESTS,
@@ -129,7 +130,9 @@ def test_pipelined_flushes_run_a_few_jobs_at_a_time_and_stop_the_reading(node: N
     client = node.client()
     handles = [client.nbd.request(Command.FLUSH) for _ in range(3000)]
     client.exchange()
-    assert len(node.blocking.jobs) == MAX_JOBS_PER_CONNECTION
+    # So many in flight; of those, the export's lane lets a few reach a thread at once.
+    assert client.protocol._in_flight == MAX_JOBS_PER_CONNECTION
+    assert len(node.blocking.jobs) == JOBS_PER_EXPORT
     assert client.transport.producerState == "paused"  # it reads no more while it waits
     # What it holds: the queue's limit, and what the one read that crossed it brought.
     per_read = 64 * KiB // len(f.request(Command.FLUSH))
@@ -141,7 +144,8 @@ def test_pipelined_flushes_run_a_few_jobs_at_a_time_and_stop_the_reading(node: N
         if backlog:
             client.backlog = backlog[client.feed(backlog) :]
         answered |= set(client.replies())
-        assert len(node.blocking.jobs) <= MAX_JOBS_PER_CONNECTION
+        assert client.protocol._in_flight <= MAX_JOBS_PER_CONNECTION
+        assert len(node.blocking.jobs) <= JOBS_PER_EXPORT
         if len(answered) == len(handles):
             break
     assert answered == set(handles)
@@ -291,10 +295,13 @@ def test_fua_writes_count_as_jobs_too(node: Node) -> None:
     for i in range(MAX_JOBS_PER_CONNECTION + 5):
         client.nbd.request(Command.WRITE, i * 4096, data=b"f" * 4096, flags=CommandFlag.FUA)
     client.exchange()
-    assert len(node.blocking.jobs) == MAX_JOBS_PER_CONNECTION
+    assert client.protocol._in_flight == MAX_JOBS_PER_CONNECTION
+    assert len(client.protocol._queue) == 5  # they wait for a job to end
+    assert len(node.blocking.jobs) == JOBS_PER_EXPORT  # the export's lane's share
     node.blocking.release_all()
     client.exchange()
-    assert len(node.blocking.jobs) == 5
+    assert client.protocol._in_flight == MAX_JOBS_PER_CONNECTION
+    assert len(client.protocol._queue) == 5 - JOBS_PER_EXPORT
 
 
 def test_a_waiter_that_still_finds_no_room_waits_again_without_spinning() -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ferry import __version__
+from ferry.cli.daemon import add_daemon_commands, json_request
 from ferry.cli.errors import UserError
 from ferry.cli.lock import add_lock_commands
 
@@ -198,21 +199,31 @@ def build_parser() -> Parser:
     mirror.add_argument(
         "-w", "--wait", action="store_true", help="show progress until the end; exit 0 on success"
     )
+    _export(mirror)
+    mirror.add_argument(
+        "--dest-export",
+        metavar="NAME",
+        help="the destination's export to migrate into (default: the same name as --export, "
+        "or the destination's default export)",
+    )
     mirror.set_defaults(run=run_mirror)
 
     breaker = modes.add_parser("break", help="stop a running migration; the source keeps serving")
     _control_sock(breaker, required=True)
+    _export(breaker)
     breaker.set_defaults(run=lambda args: run_simple(args, ["break"]))
 
     max_bps = modes.add_parser(
         "mirror-max-bps", help="change a running migration's bandwidth limit"
     )
     _control_sock(max_bps, required=True)
+    _export(max_bps)
     max_bps.add_argument("bps", metavar="N", help="bytes per second (0: no limit)")
     max_bps.set_defaults(run=lambda args: run_simple(args, ["mirror_max_bps", args.bps]))
 
     status = modes.add_parser("status", help="print a server's status line")
     _control_sock(status, required=True)
+    _export(status)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.add_argument(
         "--wait",
@@ -233,10 +244,12 @@ def build_parser() -> Parser:
         action="store_false",
         help="do not print first the last record of every machine (where each stands now)",
     )
+    _export(events)
     events.set_defaults(run=run_events)
 
     acl = modes.add_parser("acl", help="replace a server's access control list")
     _control_sock(acl, required=True)
+    _export(acl)
     acl.add_argument("acl", nargs="*", metavar="ACL_ENTRY")
     acl.set_defaults(run=run_acl)
 
@@ -266,6 +279,7 @@ def build_parser() -> Parser:
     show.set_defaults(run=run_trace_show)
 
     add_lock_commands(modes)
+    add_daemon_commands(modes)
 
     charts = modes.add_parser("statecharts", help="work with the statechart files")
     chart_modes = charts.add_subparsers(dest="chart_mode", metavar="ACTION", parser_class=Parser)
@@ -322,6 +336,12 @@ def _tls_certificates(parser: argparse.ArgumentParser, helptext: str) -> None:
     parser.add_argument("--tls-certificates", metavar="DIR", help=helptext)
 
 
+def _export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-e", "--export", metavar="NAME", help="which export of a daemon (default: its first)"
+    )
+
+
 def _verbosity(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("-v", "--verbose", action="store_true", help="log every connection")
@@ -334,8 +354,9 @@ def _verbosity(parser: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
 
+    from ferry.cli.running import run_until_stopped
     from ferry.logs import LogFileError, open_log_file, start_logging
-    from ferry.node import Node, ServeConfig, StartupError
+    from ferry.node import Node, ServeConfig
     from ferry.tls import TLSMode
 
     config = ServeConfig(
@@ -369,22 +390,8 @@ def run_serve(args: argparse.Namespace) -> int:
         json_file=log_file,
         fields={"export": config.export_name},
     )
-    node = Node(reactor, config)
-    refusal: list[BaseException] = []
-
-    def refused(failure: Any) -> None:
-        refusal.append(failure.value)
-        if reactor.running:
-            reactor.stop()
-
-    node.start().addErrback(refused)
-    if not refusal:
-        reactor.addSystemEventTrigger("before", "shutdown", node.shutdown)
-        reactor.run()
-    if refusal:
-        if isinstance(refusal[0], StartupError):
-            raise UserError(str(refusal[0])) from None
-        raise refusal[0]
+    node = Node(reactor, config.node(), [config.export()])
+    run_until_stopped(reactor, node.start(), node.shutdown)
     return 0
 
 
@@ -402,7 +409,7 @@ def run_status(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.wait
     while True:
         try:
-            status, text = control_request(args.sock, ["status"])
+            status, text = _status(args)
             break
         except UserError:
             if time.monotonic() >= deadline:
@@ -412,27 +419,28 @@ def run_status(args: argparse.Namespace) -> int:
         raise UserError(text)
     if args.json:
         # Asked again, as JSON: numbers as numbers, booleans as booleans.
-        print(json.dumps(json_call(args.sock, "status"), indent=2))
+        params = None if args.export is None else {"export": args.export}
+        print(json.dumps(json_request(args.sock, "status", params), indent=2))
     else:
         print(text)
     return 0
 
 
-def json_call(path: str, method: str, params: dict[str, Any] | None = None) -> Any:
-    """One JSON-lines request; its result, or a UserError with the server's message."""
-    from ferry.control.client import ControlError, JsonControl
+def _status(args: argparse.Namespace) -> tuple[int, str]:
+    """The status line: flexnbd's form, or JSON for one export of a daemon."""
+    if args.export is None:
+        return control_request(args.sock, ["status"])
+    from ferry.status import render_value
 
-    try:
-        with JsonControl(path) as control:
-            answer = control.call(method, params)
-    except ControlError as error:
-        raise UserError(str(error)) from None
-    if "error" in answer:
-        raise UserError(answer["error"]["message"])
-    return answer["result"]
+    fields = json_request(args.sock, "status", {"export": args.export})
+    line = " ".join(f"{k}={render_value(v)}" for k, v in fields.items() if k != "export")
+    return 0, line
 
 
 def run_acl(args: argparse.Namespace) -> int:
+    if args.export is not None:
+        json_request(args.sock, "acl", {"args": args.acl, "export": args.export})
+        return 0
     status, text = control_request(args.sock, ["acl", *args.acl])
     if status != 0:
         raise UserError(text)
@@ -442,12 +450,16 @@ def run_acl(args: argparse.Namespace) -> int:
 def run_simple(args: argparse.Namespace, lines: list[str]) -> int:
     """A control command whose answer is printed as it comes (``break``, ...).
 
-    A refusal is an error like any other: one line on stderr, exit 1.
+    With ``--export``, the same command in JSON, about that export.  A
+    refusal is an error like any other: one line on stderr, exit 1.
     """
-    status, text = control_request(args.sock, lines)
-    if status != 0:
-        raise UserError(text)
-    print(text)
+    if args.export is None:
+        status, text = control_request(args.sock, lines)
+        if status != 0:
+            raise UserError(text)
+        print(text)
+        return 0
+    print(json_request(args.sock, lines[0], {"args": lines[1:], "export": args.export}))
     return 0
 
 
@@ -473,6 +485,10 @@ def _mirror(args: argparse.Namespace) -> int:
         params["max_passes"] = args.max_passes
     if args.flexnbd:
         params["flexnbd"] = True
+    if args.export is not None:
+        params["export"] = args.export
+    if args.dest_export is not None:
+        params["dest_export"] = args.dest_export
     with JsonControl(args.sock) as control:
         answer = control.call("mirror", params)
         if "error" in answer:
@@ -480,7 +496,7 @@ def _mirror(args: argparse.Namespace) -> int:
         print(answer["result"]["message"], flush=True)
         if not args.wait:
             return 0
-        result = control.follow(lambda line: print(line, flush=True))
+        result = control.follow(lambda line: print(line, flush=True), export=args.export)
     if result is None:
         raise UserError("lost contact with the source before the migration ended")
     state = result.get("state")
@@ -620,7 +636,7 @@ def run_events(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     try:
         with JsonControl(args.sock) as control:
-            for fields in control.subscribe(current=args.current):
+            for fields in control.subscribe(current=args.current, export=args.export):
                 show(fields)
             print(f"ferry events: following {args.sock}", file=sys.stderr, flush=True)
             end = control.follow_events(show)

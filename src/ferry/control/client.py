@@ -136,16 +136,19 @@ class JsonControl:
             if answer.get("id") == request_id:
                 return answer
 
-    def follow(self, show: Callable[[str], None]) -> dict[str, Any] | None:
-        """Show progress lines until the migration ends; return how it ended.
+    def follow(
+        self, show: Callable[[str], None], *, export: str | None = None
+    ) -> dict[str, Any] | None:
+        """Show progress lines until the migration (of ``export``) ends; return how it ended.
 
         None if the server went away first (a source that exits after a
         handoff answers ``wait`` before it stops, so None means trouble).
         """
-        self._send("wait", "wait", None)
+        params = None if export is None else {"export": export}
+        self._send("wait", "wait", params)
         last = ""
         while True:
-            self._send(next(self._ids), "migration", None)
+            self._send(next(self._ids), "migration", params)
             deadline = time.monotonic() + PROGRESS_INTERVAL
             while (left := deadline - time.monotonic()) > 0:
                 try:
@@ -165,12 +168,16 @@ class JsonControl:
                     show(line)
                     last = line
 
-    def subscribe(self, *, current: bool = True) -> list[dict[str, Any]]:
-        """Subscribe to the server's transitions; return where every machine stands now.
+    def subscribe(self, *, current: bool = True, export: str | None = None) -> list[dict[str, Any]]:
+        """Subscribe to the server's transitions (of ``export``'s machines only, if given);
+        return where every machine stands now.
 
         With ``current`` false the list is empty.  A refusal is a ControlError.
         """
-        answer = self.call("subscribe", {"current": current})
+        params: dict[str, Any] = {"current": current}
+        if export is not None:
+            params["export"] = export
+        answer = self.call("subscribe", params)
         if "error" in answer:
             message = answer["error"].get("message", answer["error"])
             raise ControlError(f"control socket {self._path}: subscribe: {message}")

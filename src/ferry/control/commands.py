@@ -11,19 +11,37 @@ A command about one export finds it in the node's
 :class:`~ferry.exports.ExportRegistry` by the JSON parameter ``export``;
 without one (and always in flexnbd's line form, which has no place for it)
 it is the node's default export.
+
+The exports themselves are commands too, named after QMP's
+``block-export-add``, ``block-export-del`` and ``query-block-exports``:
+``export.add`` (the settings of a daemon's ``[[export]]`` table as params),
+``export.remove`` (``name``, and ``force`` to break a migration of it), and
+``export.list``.  The node adds and removes them (:class:`ExportHost`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
-from ferry.exports import ExportRegistry, ExportUnit, UnknownExport
+from ferry.exports import (
+    BadExportConfig,
+    ExportBusy,
+    ExportConfig,
+    ExportError,
+    ExportRegistry,
+    ExportUnit,
+    UnknownExport,
+    name_problem,
+    parse_export,
+)
 from ferry.migrate.manager import CannotBreak, MirrorBusy, NotMirroring
 from ferry.migrate.options import (
     Destination,
@@ -51,13 +69,34 @@ class Reply:
 Command = Callable[[Sequence[str], Params], "Reply | Deferred[Reply]"]
 
 
+class ExportHost(Protocol):
+    """What adds and removes a node's exports (``ferry.node.Node``)."""
+
+    def add_export(self, config: ExportConfig) -> Deferred[ExportUnit]:
+        """Serve ``config``; fails with :class:`~ferry.exports.ExportError` saying why not."""
+        ...
+
+    def remove_export(self, name: str, *, force: bool = False) -> Deferred[None]:
+        """Stop serving ``name`` once its clients are drained; fails with ExportBusy while
+        it migrates (unless ``force``)."""
+        ...
+
+
 class Commands:
     """The commands a running ferry node accepts, by name."""
 
-    def __init__(self, server: NBDServer, exports: ExportRegistry, *, default_deny: bool) -> None:
+    def __init__(
+        self,
+        server: NBDServer,
+        exports: ExportRegistry,
+        *,
+        default_deny: bool,
+        host: ExportHost | None = None,
+    ) -> None:
         self._server = server
         self._exports = exports
         self._default_deny = default_deny
+        self._host = host
         self.table: dict[str, Command] = {
             "status": self.status,
             "acl": self.acl,
@@ -66,6 +105,9 @@ class Commands:
             "mirror_max_bps": self.mirror_max_bps,
             "migration": self.migration,
             "wait": self.wait,
+            "export.add": self.export_add,
+            "export.remove": self.export_remove,
+            "export.list": self.export_list,
         }
 
     def run(
@@ -95,28 +137,95 @@ class Commands:
         return Reply(0, snapshot.to_line(), snapshot.to_dict())
 
     def acl(self, args: Sequence[str], params: Params) -> Reply:
+        """flexnbd's: replace the listener's ACL; JSON with ``export``: that export's."""
         for entry in args:
             try:
                 Acl.parse([entry])
             except AclError:
                 return Reply(1, f"bad spec: {entry}")
-        acl = Acl.parse(args, default_deny=self._default_deny)
-        disconnected = self._server.replace_acl(acl)
-        return Reply(0, "updated", {"acl": acl.entries(), "disconnected": disconnected})
+        if params.get("export") is None:
+            acl = Acl.parse(args, default_deny=self._default_deny)
+            disconnected = self._server.replace_acl(acl)
+            return Reply(0, "updated", {"acl": acl.entries(), "disconnected": disconnected})
+        try:
+            unit = self._unit(params)
+        except UnknownExport as error:
+            return Reply(1, str(error))
+        acl = Acl.parse(args, default_deny=unit.export.acl.default_deny)
+        disconnected = self._server.replace_export_acl(unit.name, acl)
+        value = {"export": unit.name, "acl": acl.entries(), "disconnected": disconnected}
+        return Reply(0, "updated", value)
+
+    # -- the exports ------------------------------------------------------------------
+
+    def export_add(self, args: Sequence[str], params: Params) -> Reply | Deferred[Reply]:
+        """JSON: serve a new export; params are its settings (``ferry.exports.EXPORT_KEYS``)."""
+        if self._host is None:
+            return Reply(1, "this node cannot add exports")
+        if args:
+            return Reply(1, "export.add takes its settings as params, not args")
+        try:
+            config = parse_export({k: v for k, v in params.items() if k != "args"})
+        except BadExportConfig as error:
+            return Reply(1, f"export.add: {error}")
+
+        def added(unit: ExportUnit) -> Reply:
+            return Reply(0, f"export {unit.name!r} added", unit.describe())
+
+        return self._host.add_export(config).addCallbacks(added, _refused)
+
+    def export_remove(self, args: Sequence[str], params: Params) -> Reply | Deferred[Reply]:
+        """JSON: ``name`` (and ``force``): stop serving it once its clients are drained."""
+        if self._host is None:
+            return Reply(1, "this node cannot remove exports")
+        unknown = sorted(set(params) - {"name", "force", "args"})
+        if unknown or args:
+            return Reply(1, "export.remove takes only the params 'name' and 'force'")
+        name = params.get("name")
+        force = params.get("force", False)
+        if not isinstance(name, str) or not name:
+            return Reply(1, "export.remove: name must be an export's name")
+        if not isinstance(force, bool):
+            return Reply(1, "export.remove: force must be true or false")
+        try:
+            removing = self._host.remove_export(name, force=force)
+        except UnknownExport as error:
+            return Reply(1, str(error))
+        return removing.addCallbacks(
+            lambda _: Reply(0, f"export {name!r} removed", {"removed": name}), _refused
+        )
+
+    def export_list(self, args: Sequence[str], params: Params) -> Reply:
+        """Every export: name, file, mode, role state, clients, migration, lease."""
+        rows = [unit.describe() for unit in self._exports]
+        line = " ".join(f"{row['name']}={row['state']}" for row in rows) or "no exports"
+        return Reply(0, line, rows)
 
     # -- migration ----------------------------------------------------------------------
 
     def mirror(self, args: Sequence[str], params: Params) -> Reply | Deferred[Reply]:
         """``mirror IP PORT [exit|unlink|nothing] [BIND] [MAX_BPS]``; JSON may add
-        ``max_downtime`` (seconds) and ``max_passes``."""
+        ``max_downtime`` (seconds), ``max_passes`` and ``dest_export``: the name of the
+        export to migrate into (default: the destination's default export, or, when the
+        command names an ``export``, an export of the same name)."""
         try:
-            mirrors = self._unit(params).mirrors
+            unit = self._unit(params)
         except UnknownExport as error:
             return Reply(1, str(error))
+        mirrors = unit.mirrors
+        if unit.config.max_downtime is not None and "max_downtime" not in params:
+            params = {**params, "max_downtime": unit.config.max_downtime}
         parsed = _parse_mirror(args, params)
         if isinstance(parsed, Reply):
             return parsed
         destination, options = parsed
+        dest_export = params.get("dest_export", unit.name if params.get("export") else "")
+        if not isinstance(dest_export, str):
+            return Reply(1, "bad dest_export: must be an export's name")
+        problem = name_problem(dest_export)
+        if problem is not None:
+            return Reply(1, f"bad dest_export: {problem}")
+        destination = dataclasses.replace(destination, export_name=dest_export)
         try:
             started = mirrors.mirror(destination, options)
         except MirrorBusy:
@@ -177,6 +286,13 @@ class Commands:
         except UnknownExport as error:
             return Reply(1, str(error))
         return mirrors.finished().addCallback(lambda _: self.migration(args, params))
+
+
+def _refused(failure: Failure) -> Reply | Failure:
+    """An export the node would not add or remove: the one line that says why."""
+    if not isinstance(failure.value, ExportError | ExportBusy | UnknownExport):
+        return failure  # a fault of ours: the caller logs it and answers "internal error"
+    return Reply(1, str(failure.value))
 
 
 def _parse_mirror(args: Sequence[str], params: Params) -> Reply | tuple[Destination, MirrorOptions]:

@@ -10,6 +10,10 @@ as a notification (a JSON-RPC request without an id)::
     -> {"id": 2, "method": "unsubscribe"}
     <- {"id": 2, "result": {"subscribed": false}}     no event follows this answer
 
+``{"params": {"export": NAME}}`` narrows the subscription to one export's
+machines (its role, its migrations, its lease), for a node with many; an
+unknown name is refused.
+
 ``current`` is where every machine instance stands at the moment of the
 subscription: the last record each one wrote (its ``dest`` is the state,
 ``time`` says since when, ``event`` by what), oldest first.  A subscriber
@@ -29,7 +33,7 @@ connection from the client side unsubscribes too.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -46,6 +50,12 @@ STREAM_METHODS: Final = frozenset({"subscribe", "unsubscribe"})
 
 #: JSON-RPC's "invalid params"; the other codes are the control protocol's.
 _BAD_PARAMS: Final = -32602
+
+RecordFilter = Callable[[TraceRecord], bool]
+"""Whether a subscriber wants a record (the records of one export)."""
+
+Scope = Callable[[str], RecordFilter]
+"""The filter of export ``name``'s records; LookupError, saying so, if there is none."""
 
 
 class MachineBoard:
@@ -72,10 +82,11 @@ class MachineBoard:
 class EventHub:
     """One node's live subscribers, fed by its tracer."""
 
-    def __init__(self, tracer: Tracer, clock: Clock) -> None:
+    def __init__(self, tracer: Tracer, clock: Clock, *, scope: Scope | None = None) -> None:
         self.clock = clock
         self.board = MachineBoard()
-        self._subscribers: list[JsonLines] = []
+        self.scope = scope
+        self._subscribers: list[tuple[JsonLines, RecordFilter | None]] = []
         self._closing: str | None = None
         tracer.subscribe(self.record)
 
@@ -90,25 +101,29 @@ class EventHub:
             return
         # Encoded once for everyone, from the very text the trace file gets.
         line = b'{"method": "event", "params": ' + rec.to_json().encode("utf-8") + b"}\n"
-        for out in tuple(self._subscribers):
+        for out, only in tuple(self._subscribers):
+            if only is not None and not only(rec):
+                continue
             out.send_line(line)
             if out.ended:  # dropped for being slow
                 self.unsubscribe(out)
 
-    def subscribe(self, out: JsonLines) -> list[TraceRecord]:
-        """Add ``out``; return where every machine stands now.
+    def subscribe(self, out: JsonLines, only: RecordFilter | None = None) -> list[TraceRecord]:
+        """Add ``out`` (for the records ``only`` takes, or all); return where every
+        machine it follows stands now.
 
         Refused (``ValueError``) once the hub is closing: the server is
         going away and will send nothing more.
         """
         if self._closing is not None:
             raise ValueError(self._closing)
-        self._subscribers.append(out)
-        return self.board.current()
+        self._subscribers.append((out, only))
+        current = self.board.current()
+        return current if only is None else [rec for rec in current if only(rec)]
 
     def unsubscribe(self, out: JsonLines) -> bool:
         """Remove ``out``; False if it was not subscribed."""
-        for i, existing in enumerate(self._subscribers):
+        for i, (existing, _) in enumerate(self._subscribers):
             if existing is out:
                 del self._subscribers[i]
                 return True
@@ -122,7 +137,8 @@ class EventHub:
         take them is aborted after the grace period, so this always fires.
         """
         self._closing = reason
-        subscribers, self._subscribers = self._subscribers, []
+        subscribers = [out for out, _ in self._subscribers]
+        self._subscribers = []
         for out in subscribers:
             out.end(reason)
         gone = DeferredList([out.when_lost() for out in subscribers])
@@ -148,21 +164,32 @@ class EventStream:
         return self._unsubscribe(request_id, params)
 
     def _subscribe(self, request_id: Any, params: Mapping[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(params) - {"current"})
+        unknown = sorted(set(params) - {"current", "export"})
         if unknown:
             return _error(
                 request_id,
                 _BAD_PARAMS,
                 f"subscribe: unknown params {', '.join(map(repr, unknown))}; "
-                "it takes only 'current'",
+                "it takes only 'current' and 'export'",
             )
         current = params.get("current", True)
         if not isinstance(current, bool):
             return _error(request_id, _BAD_PARAMS, "subscribe: current must be true or false")
+        only = None
+        name = params.get("export")
+        if name is not None:
+            if not isinstance(name, str) or not name:
+                return _error(request_id, _BAD_PARAMS, "subscribe: export must be a name")
+            if self._hub.scope is None:
+                return _error(request_id, 1, "subscribe: this server has no exports by name")
+            try:
+                only = self._hub.scope(name)
+            except LookupError as unknown_export:
+                return _error(request_id, 1, f"subscribe: {unknown_export}")
         if self._subscribed:
             return _error(request_id, 1, "already subscribed on this connection")
         try:
-            records = self._hub.subscribe(self._out)
+            records = self._hub.subscribe(self._out, only)
         except ValueError as closing:
             return _error(request_id, 1, str(closing))
         self._subscribed = True

@@ -101,6 +101,10 @@ class Arrivals:
             why = f"{peer} is not admitted by this node's ACL"
             self._lost(export, counts, answer, Errno.EPERM, why)
             return
+        if not export.acl.allows(peer):
+            why = f"{peer} is not admitted by the ACL of export {export.name!r}"
+            self._lost(export, counts, answer, Errno.EPERM, why)
+            return
         try:
             session, requests = ServerConnection.restore(carried.session, host)
         except SnapshotError as error:

@@ -10,7 +10,9 @@ A migration sender is held to more: it hands this node an image and the
 control of it, so an empty ACL does not admit it from anywhere.  Without
 TLS (which authenticates it by certificate) a sender must come from an
 address the ACL names, or, while the ACL is empty, from a loopback address
-(:meth:`Acl.admits_sender`).
+(:meth:`Acl.admits_sender`).  A daemon's export has an ACL of its own
+beside the listener's: a sender must be admitted by both, and named by
+one of them (or, neither naming anyone, come from loopback).
 """
 
 from __future__ import annotations
@@ -50,18 +52,22 @@ class Acl:
             return False
         return any(address in network for network in self.networks)
 
-    def admits_sender(self, host: str) -> bool:
+    def admits_sender(self, host: str, export: Acl | None = None) -> bool:
         """Whether a migration sender at ``host`` may hand this node an image.
 
         Only an address the ACL names, or loopback while the ACL is empty:
-        "everyone" is never who may take over a disk.
+        "everyone" is never who may take over a disk.  With ``export`` (the
+        ACL of the export it would send to), both must allow ``host`` and
+        one of them must name it, or, neither naming anyone, it is loopback.
         """
         address = _address(host)
         if address is None:
             return False
-        if not self.networks:
-            return address.is_loopback and not self.default_deny
-        return any(address in network for network in self.networks)
+        acls = (self,) if export is None else (self, export)
+        if not all(acl.allows(host) for acl in acls):
+            return False
+        # Allowed by an ACL that names addresses is named by it.
+        return any(acl.networks for acl in acls) or address.is_loopback
 
     def entries(self) -> list[str]:
         return [str(network) for network in self.networks]

@@ -73,16 +73,15 @@ peer has then shown a certificate from the CA, and its subject
 (``tls_subject``) authenticates it.  A failed handshake (no certificate,
 another CA's, a bad one) closes the connection and is logged with the reason.
 
+Once the handshake has verified a certificate the connection sees the
+catalogs as that subject's (``catalog_for``): who may send a migration is
+the server's rule (see :mod:`ferry.serve.server`).
+
 A TLS client does not move at a handoff (``why_not_movable``): its session
 lives in this process's OpenSSL, which no socket checkpoint carries; it is
 disconnected like any client that cannot move.  And a node that requires
-TLS takes no moved connections (``connection_landing`` refuses
+TLS takes no moved connections (the server's ``connection_landing`` refuses
 FERRY_OPT_CONNECTIONS): those are all plaintext.
-
-Who may send a migration (``_sender_refusal``): a peer authenticated by its
-certificate, if ``--tls-allowed-subjects`` lists its subject or there is no
-such list; any other peer only if the ACL admits it as a sender
-(``Acl.admits_sender``), and not at all when there is such a list.
 """
 
 from __future__ import annotations
@@ -113,8 +112,6 @@ from ferry.nbd.constants import (
     Command,
     CommandFlag,
     Errno,
-    OptionReply,
-    TLSMode,
 )
 from ferry.nbd.events import (
     CarriedConnection,
@@ -233,6 +230,10 @@ class Receiver(TypingProtocol):
         ...
 
 
+class PeerCatalogs(ExportCatalog, MigrationCatalog, TypingProtocol):
+    """The catalogs one connection's handshake consults: its peer's view of the exports."""
+
+
 class ConnectionHost(ExportCatalog, MigrationCatalog, TypingProtocol):
     """What a connection needs of the listener that made it (``NBDServer`` is one).
 
@@ -256,6 +257,14 @@ class ConnectionHost(ExportCatalog, MigrationCatalog, TypingProtocol):
         ...
 
     def run_blocking(self, work: Callable[[], object]) -> defer.Deferred[Any]: ...
+
+    def run_blocking_for(
+        self, export: Export, work: Callable[[], object]
+    ) -> defer.Deferred[Any]: ...
+
+    def catalog_for(self, peer_host: str, subject: x509.Name | None = None) -> PeerCatalogs:
+        """The catalogs as ``peer_host`` sees them (``subject``: its verified certificate's)."""
+        ...
 
     def connection_opened(self, connection: NBDServerProtocol) -> None: ...
 
@@ -318,11 +327,15 @@ class NBDServerProtocol(Protocol):
         #: The subject of the peer's verified certificate (``--tls-verify-peer``), else None.
         self.tls_subject: x509.Name | None = None
         self._tls_handshaking = False  # STARTTLS acknowledged, the TLS handshake not done
+        # The exports as this peer sees them (their ACLs and the sender rule
+        # applied); set once the connection is made and its peer known.
+        self._catalogs: PeerCatalogs | None = None
 
     # -- Twisted protocol -------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.peer_host = getattr(self.transport.getPeer(), "host", "")  # type: ignore[union-attr]
+        self._catalogs = self._server.catalog_for(self.peer_host)
         if self._arrival is not None:
             self._arrived(self._arrival)
             return
@@ -384,58 +397,28 @@ class NBDServerProtocol(Protocol):
         self._server.connection_closed(self)
         self._fire_drained()
 
-    # -- ExportCatalog: the server's, unless this connection is refused ----------------
+    # -- the catalogs: the server's as this peer sees them, unless it is refused ----------
+
+    @property
+    def _peer_catalogs(self) -> PeerCatalogs:
+        catalogs = self._catalogs
+        assert catalogs is not None, "a handshake before the connection was made"
+        return catalogs
 
     def lookup(self, name: str) -> ExportInfo | Refusal:
-        return self.refusal or self._server.lookup(name)
+        return self.refusal or self._peer_catalogs.lookup(name)
 
     def listing(self) -> Sequence[ExportInfo]:
-        return () if self.refusal is not None else self._server.listing()
-
-    # -- MigrationCatalog: the server's, for a peer the ACL lets send -------------------
+        return () if self.refusal is not None else self._peer_catalogs.listing()
 
     def admit_migration(self, request: MigrationRequest) -> Refusal | None:
-        return self.refusal or self._sender_refusal() or self._server.admit_migration(request)
+        return self.refusal or self._peer_catalogs.admit_migration(request)
 
     def lookup_sender(self, name: str) -> ExportInfo | Refusal:
-        return self.refusal or self._sender_refusal() or self._server.lookup_sender(name)
+        return self.refusal or self._peer_catalogs.lookup_sender(name)
 
     def connection_landing(self) -> ConnectionLanding | Refusal:
-        receiver = self._server.receiver
-        if receiver is None:
-            return Refusal(OptionReply.ERR_POLICY, "this server takes no migrations")
-        return (
-            self.refusal
-            or self._sender_refusal()
-            or self._plaintext_refusal()
-            or receiver.connection_landing()
-        )
-
-    def _plaintext_refusal(self) -> Refusal | None:
-        """Under --tls require no client may skip TLS, a moved one neither.
-
-        Only plaintext connections can move (``why_not_movable``): a sender
-        that carried them here would serve clients this node must not.
-        """
-        if self._server.tls.mode is not TLSMode.REQUIRE:
-            return None
-        return Refusal(
-            OptionReply.ERR_POLICY,
-            "this node requires TLS, and a client connection that moves is never TLS",
-        )
-
-    def _sender_refusal(self) -> Refusal | None:
-        """Why this peer may not send a migration here (see the module doc)."""
-        subject = self.tls_subject
-        why = self._server.tls.sender_refusal(subject)
-        if why is None and subject is not None:
-            return None  # authenticated by its certificate
-        if why is None:
-            if self._server.acl.admits_sender(self.peer_host):
-                return None
-            why = f"{self.peer_host} may not send a migration here: its ACL does not name it"
-        log.warn("refused {peer} as a migration sender: {why}", peer=self.peer_host, why=why)
-        return Refusal(OptionReply.ERR_POLICY, why)
+        return self.refusal or self._peer_catalogs.connection_landing()
 
     # -- TLS ---------------------------------------------------------------------------
 
@@ -457,6 +440,8 @@ class NBDServerProtocol(Protocol):
         self._tls_handshaking = False
         if self._server.tls.verify_peer:
             self.tls_subject = peer_subject(self.transport)
+            # Its certificate may make it a migration sender (see NBDServer).
+            self._catalogs = self._server.catalog_for(self.peer_host, self.tls_subject)
         if self.tls_subject is None:
             log.debug("TLS with {peer}", peer=self.peer_host)
         else:
@@ -1184,8 +1169,9 @@ class NBDServerProtocol(Protocol):
 
     def _later(self, request: Request, started: float, work: Callable[[], None]) -> None:
         """Finish ``request`` on a worker thread (fsync): later requests go on meanwhile."""
+        assert self._export is not None
         self._in_flight += 1
-        d = self._server.run_blocking(work)
+        d = self._server.run_blocking_for(self._export, work)
 
         def done(_: object) -> None:
             assert self._nbd is not None and self._export is not None

@@ -39,6 +39,7 @@ from ferry.nbd.constants import MAX_REQUEST_SIZE, MIN_BLOCK_SIZE, PREFERRED_BLOC
 from ferry.nbd.events import ExportInfo
 from ferry.nbd.session import SessionSnapshot
 from ferry.ratelimit import RateLimiter
+from ferry.serve.acl import Acl
 from ferry.serve.stats import HandoffCounts, RequestStats
 from ferry.status import StatusSnapshot
 from ferry.storage import Image
@@ -175,6 +176,10 @@ class Export:
         # A listening export's lease (``listen --lockspace``): a commit takes
         # it over by the source's token before it is acknowledged.
         self.incoming_lease: IncomingLease | None = None
+        # Who may reach this export by name, beside the listener's own ACL
+        # (which decides who may connect at all): a daemon's exports each
+        # have one; ``ferry serve``'s admits everyone its listener admits.
+        self.acl = Acl()
         # The client connections of the last handoff, either way (None: none yet).
         self.last_handoff: HandoffCounts | None = None
 

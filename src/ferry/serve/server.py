@@ -27,6 +27,28 @@ through ``lookup_sender`` when ``lookup`` refuses it, and the connection is
 mirror-only (see ``ferry.nbd.server`` and ``ferry.serve.connection``): the
 first to send a write whose handle is ``FLEXNBD_MIRROR_HANDLE`` becomes the
 sender, and its NBD_CMD_DISC is the commit.
+
+Two ACLs decide who gets in.  The listener's (``ferry serve``'s ``ACL_ENTRY``
+arguments and its ``acl`` command) is checked when a connection is
+accepted: a peer it refuses is closed at once, as flexnbd does.  Each
+export's own (a daemon's ``acl`` per export) is checked by name in the
+handshake: every connection sees the catalogs through a
+:class:`PeerCatalog` for its peer, in which an export whose ACL refuses
+the peer is not listed, and asking for it is answered ERR_POLICY with the
+reason.  Changing an export's ACL closes its clients the new one refuses.
+A migration sender must be let in by both and named by one of them (or,
+neither naming anyone, come from loopback: ``Acl.admits_sender``) --
+unless TLS has verified its certificate (``--tls-verify-peer``): then the
+certificate is the proof, and no ACL need name it.  With
+``--tls-allowed-subjects`` only a certificate whose subject is listed may
+send, and no sender without one.  A connection's catalogs refuse any other
+with ERR_POLICY, and the reason.
+NBD_OPT_LIST shows only the exports a client may use now: not one that is
+listening for its migration, or that has lost control.
+
+Each export's blocking jobs (fdatasync) reach the worker threads through a
+:class:`~ferry.serve.lanes.Lane` of its own, so an export whose disk hangs
+holds only its share of them.
 """
 
 from __future__ import annotations
@@ -34,6 +56,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from cryptography import x509
 from twisted.internet import defer
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory
@@ -46,6 +69,7 @@ from ferry.nbd.events import ConnectionLanding, ExportInfo, MigrationRequest, Re
 from ferry.serve.acl import Acl
 from ferry.serve.connection import NBDServerProtocol, Receiver
 from ferry.serve.export import RECEIVING_STATES, Export
+from ferry.serve.lanes import Lane
 from ferry.serve.limits import (
     DRAIN_TIMEOUT,
     HANDSHAKE_TIMEOUT,
@@ -86,11 +110,12 @@ class NBDServer(Factory):
     ) -> None:
         if oldstyle and tls is not None and tls.mode is not TLSMode.OFF:
             raise ValueError("oldstyle negotiation cannot use TLS")
-        self.exports: dict[str, Export] = {}
-        for export in exports:
-            self.add_export(export)
         self.clock = clock
         self.run_blocking = run_blocking
+        self.exports: dict[str, Export] = {}
+        self._lanes: dict[str, Lane] = {}
+        for export in exports:
+            self.add_export(export)
         self.acl = acl or Acl()
         self.oldstyle = oldstyle
         # --tls, its certificates, and who may send a migration by certificate.
@@ -180,10 +205,29 @@ class NBDServer(Factory):
         if export.name in self.exports:
             raise ValueError(f"an export named {export.name!r} is served already")
         self.exports[export.name] = export
+        self._lanes[export.name] = Lane(self.run_blocking)
 
     def remove_export(self, name: str) -> Export:
         """Stop handing ``name`` to new clients (see :meth:`drain_export` for its clients)."""
+        # The lane stays while the export's clients drain: their last flushes use it.
         return self.exports.pop(name)
+
+    def run_blocking_for(self, export: Export, work: Callable[[], object]) -> defer.Deferred[Any]:
+        """Run ``work`` on a worker thread in ``export``'s lane (see the module doc)."""
+        lane = self._lanes.get(export.name)
+        if lane is None:
+            lane = self._lanes[export.name] = Lane(self.run_blocking)
+        return lane(work)
+
+    def forget_lane(self, name: str) -> None:
+        """The export ``name`` is gone and drained: its lane goes too."""
+        if name not in self.exports:
+            self._lanes.pop(name, None)
+
+    def catalog_for(self, peer_host: str, subject: x509.Name | None = None) -> PeerCatalog:
+        """The catalogs as a client at ``peer_host`` sees them (see the module doc);
+        ``subject`` names the certificate it showed, if TLS verified one."""
+        return PeerCatalog(self, peer_host, subject)
 
     @property
     def default_export(self) -> Export | None:
@@ -221,17 +265,35 @@ class NBDServer(Factory):
         return export.info()
 
     def listing(self) -> Sequence[ExportInfo]:
-        return [export.info() for export in self.exports.values()]
+        """The exports a client may use now: one that listens for its migration (or has
+        lost control) is left out, as a client asking for it would be refused."""
+        return [export.info() for export in self.exports.values() if export.clients_allowed]
 
     # -- MigrationCatalog ------------------------------------------------------------
 
-    def admit_migration(self, request: MigrationRequest) -> Refusal | None:
+    def admit_migration(
+        self,
+        request: MigrationRequest,
+        *,
+        peer_host: str | None = None,
+        subject: x509.Name | None = None,
+    ) -> Refusal | None:
+        """Whether a sender may start a migration here (``peer_host``: the sender rule applies,
+        ``subject``: of its verified certificate).
+
+        The option names no export (GO does): any listening one will do,
+        among those this sender may send into (:meth:`_sender_refusal`).
+        """
+        exports = list(self.exports.values())
+        if peer_host is not None:
+            named = self._sender_exports(peer_host, subject)
+            if isinstance(named, Refusal):
+                return named
+            exports = named
         if not self.accepting:
             return Refusal(OptionReply.ERR_SHUTDOWN, "server is shutting down")
         if self.receiver is None:
             return Refusal(OptionReply.ERR_POLICY, "this server takes no migrations")
-        # The option names no export (GO does): any listening one will do here.
-        exports = list(self.exports.values())
         listening = [export for export in exports if export.state == RoleState.LISTENING]
         for export in listening:
             incoming = export.incoming_lease
@@ -246,15 +308,79 @@ class NBDServer(Factory):
             return Refusal(OptionReply.ERR_UNKNOWN, "this server has no export")
         return _not_listening(target)
 
-    def connection_landing(self) -> ConnectionLanding | Refusal:
+    def connection_landing(
+        self, *, peer_host: str | None = None, subject: x509.Name | None = None
+    ) -> ConnectionLanding | Refusal:
+        """Whether a sender's client connections may come along (``peer_host``,
+        ``subject``: the sender rule applies, as to its migration).
+
+        Not into a node that requires TLS: a connection that moves is never
+        TLS (``NBDServerProtocol.why_not_movable``), and this node must not
+        serve a client in the clear.
+        """
+        if peer_host is not None:
+            exports = self._sender_exports(peer_host, subject)
+            if isinstance(exports, Refusal):
+                return exports
         if self.receiver is None:
             return Refusal(OptionReply.ERR_POLICY, "this server takes no migrations")
+        if self.tls.mode is TLSMode.REQUIRE:
+            return Refusal(
+                OptionReply.ERR_POLICY,
+                "this node requires TLS, and a client connection that moves is never TLS",
+            )
         return self.receiver.connection_landing()
 
-    def lookup_sender(self, name: str) -> ExportInfo | Refusal:
+    def _sender_exports(self, peer_host: str, subject: x509.Name | None) -> list[Export] | Refusal:
+        """The exports a migration sender may send into (:meth:`_sender_refusal`), or why none.
+
+        With no export, the listener's rule alone decides.
+        """
+        exports = list(self.exports.values())
+        if not exports:
+            why = self._sender_refusal(peer_host, subject, None)
+            return [] if why is None else _sender_refused(peer_host, why)
+        reasons = [(e, self._sender_refusal(peer_host, subject, e)) for e in exports]
+        named = [export for export, why in reasons if why is None]
+        if named:
+            return named
+        return _sender_refused(peer_host, next(why for _, why in reasons if why is not None))
+
+    def _sender_refusal(
+        self, peer_host: str, subject: x509.Name | None, export: Export | None
+    ) -> str | None:
+        """Why a sender at ``peer_host`` may not send into ``export`` (None: it may).
+
+        ``subject`` is its certificate's, verified by TLS (``--tls-verify-peer``),
+        or None.  ``--tls-allowed-subjects`` admits only the subjects it lists
+        (``ServerTLS.sender_refusal``).  A sender so authenticated needs no ACL
+        to name it, only the export's to let it in; any other must be named by
+        an ACL (``Acl.admits_sender``).
+        """
+        why = self.tls.sender_refusal(subject)
+        if why is not None:
+            return why
+        export_acl = None if export is None else export.acl
+        if subject is not None:
+            if export is None or export.acl.allows(peer_host):
+                return None
+            return f"export {export.name!r} does not admit {peer_host}"
+        if self.acl.admits_sender(peer_host, export_acl):
+            return None
+        return f"{peer_host} may not send a migration here: its ACL does not name it"
+
+    def lookup_sender(
+        self, name: str, *, peer_host: str | None = None, subject: x509.Name | None = None
+    ) -> ExportInfo | Refusal:
+        """The export a flexnbd sender names, if it listens (``peer_host``, ``subject``: the
+        sender rule applies)."""
+        export = self.export_named(name)
+        if peer_host is not None:
+            why = self._sender_refusal(peer_host, subject, export)
+            if why is not None:
+                return _sender_refused(peer_host, why)
         if self.receiver is None:
             return Refusal(OptionReply.ERR_POLICY, "this server takes no migrations")
-        export = self.export_named(name)
         if export is None:
             return Refusal(OptionReply.ERR_UNKNOWN, f"no export named {name!r}")
         if not self.accepting:
@@ -271,6 +397,17 @@ class NBDServer(Factory):
         refused = [c for c in self.connections if not acl.allows(c.peer_host)]
         for connection in refused:
             connection.disconnect("no longer allowed by the ACL")
+        return len(refused)
+
+    def replace_export_acl(self, name: str, acl: Acl) -> int:
+        """Give export ``name`` the ACL ``acl``; disconnect its clients it no longer admits."""
+        export = self.exports[name]
+        export.acl = acl
+        refused = [
+            c for c in self.connections if c.export_name == name and not acl.allows(c.peer_host)
+        ]
+        for connection in refused:
+            connection.disconnect(f"no longer allowed by the ACL of export {name!r}")
         return len(refused)
 
     def drain(self) -> defer.Deferred[Any]:
@@ -301,6 +438,61 @@ class NBDServer(Factory):
         for connection in connections:
             if connection in self.connections:
                 connection.disconnect(f"not drained within {DRAIN_TIMEOUT:g} s")
+
+
+class PeerCatalog:
+    """The export and migration catalogs as one peer sees them: its exports' ACLs applied.
+
+    An export whose ACL refuses the peer is left out of the list and
+    refused by name with ERR_POLICY; everything else is the server's answer.
+    """
+
+    def __init__(self, server: NBDServer, peer_host: str, subject: x509.Name | None = None) -> None:
+        self._server = server
+        self._peer_host = peer_host
+        self._subject = subject  # of its certificate, once TLS has verified one
+
+    def _refused(self, name: str) -> Refusal | None:
+        export = self._server.export_named(name)
+        if export is None or export.acl.allows(self._peer_host):
+            return None
+        return Refusal(
+            OptionReply.ERR_POLICY,
+            f"export {export.name!r} does not admit {self._peer_host or 'this client'}",
+        )
+
+    # -- ExportCatalog --------------------------------------------------------------
+
+    def lookup(self, name: str) -> ExportInfo | Refusal:
+        return self._refused(name) or self._server.lookup(name)
+
+    def listing(self) -> Sequence[ExportInfo]:
+        return [
+            info
+            for info in self._server.listing()
+            if self._server.exports[info.name].acl.allows(self._peer_host)
+        ]
+
+    # -- MigrationCatalog ------------------------------------------------------------
+
+    def admit_migration(self, request: MigrationRequest) -> Refusal | None:
+        return self._server.admit_migration(
+            request, peer_host=self._peer_host, subject=self._subject
+        )
+
+    def lookup_sender(self, name: str) -> ExportInfo | Refusal:
+        return self._refused(name) or self._server.lookup_sender(
+            name, peer_host=self._peer_host, subject=self._subject
+        )
+
+    def connection_landing(self) -> ConnectionLanding | Refusal:
+        return self._server.connection_landing(peer_host=self._peer_host, subject=self._subject)
+
+
+def _sender_refused(peer_host: str, why: str) -> Refusal:
+    """A sender at ``peer_host`` may not hand this node an image, for reason ``why``."""
+    log.warn("refused {peer} as a migration sender: {why}", peer=peer_host, why=why)
+    return Refusal(OptionReply.ERR_POLICY, why)
 
 
 def _not_listening(export: Export) -> Refusal:

@@ -1,0 +1,180 @@
+"""A daemon's file: TOML, read with the standard library, checked whole before anything runs.
+
+The top-level keys are named like ``ferry serve``'s options (``addr``,
+``port``, ``sock``, ``metrics``, ``lockspace``, ``trace``, ``log``); each
+``[[export]]`` table is one export, with the settings ``export.add`` takes
+(:data:`ferry.exports.EXPORT_KEYS`)::
+
+    addr = "127.0.0.1"
+    port = 10809
+    sock = "/run/ferry/ferry.sock"
+
+    [[export]]
+    name = "vm1"
+    file = "/srv/disks/vm1.img"
+
+A file that is wrong in any way -- not TOML, a key nobody knows, a value of
+the wrong type, two exports of one name -- is refused whole with one line
+saying which file, which table and which key (:class:`ConfigError`), and
+nothing of it is used: not at start, not at a reload.
+
+Relative paths (``file``, ``sock``, ``trace``, ``log``, a ``local:``
+lockspace) are taken from the file's own directory, so the file means the
+same whatever directory the daemon was started in.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Final
+
+from ferry.exports import BadExportConfig, ExportConfig, parse_export
+from ferry.lease.spec import parse_lockspace
+from ferry.node import NO_LOCKSPACE, NodeConfig
+
+__all__ = ["NODE_KEYS", "ConfigError", "DaemonConfig", "load_config", "parse_config"]
+
+#: The top-level keys, in the order ``ferry serve`` lists its options.
+NODE_KEYS: Final = ("addr", "port", "sock", "metrics", "lockspace", "trace", "log")
+
+
+class ConfigError(ValueError):
+    """The daemon's file cannot be used; ``str`` is one line: the file, where, and why."""
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """What a daemon's file says: the node, its exports, and the JSON log's path."""
+
+    path: str
+    node: NodeConfig
+    exports: tuple[ExportConfig, ...]
+    log: str | None = None
+
+    def by_name(self) -> dict[str, ExportConfig]:
+        """The exports by name, in the file's order."""
+        return {export.export_name: export for export in self.exports}
+
+
+def load_config(path: str) -> DaemonConfig:
+    """Read and check the file at ``path``; :class:`ConfigError` says what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as error:
+        raise ConfigError(f"{path}: {error.strerror or error}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 (byte {error.start})") from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: str) -> DaemonConfig:
+    """The configuration ``text`` (the contents of ``path``) describes."""
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not TOML: {error}") from None
+    base = os.path.dirname(os.path.abspath(path))
+    return _Reader(path, base).daemon(table)
+
+
+class _Reader:
+    """Reads one file's tables; every error names ``path`` and the key."""
+
+    def __init__(self, path: str, base: str) -> None:
+        self.path = path
+        self.base = base
+
+    def fail(self, where: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {where}: {message}")
+
+    def daemon(self, table: Mapping[str, Any]) -> DaemonConfig:
+        for key in table:
+            if key not in (*NODE_KEYS, "export"):
+                known = ", ".join((*NODE_KEYS, "[[export]]"))
+                raise self.fail(key, f"unknown setting (the file takes {known})")
+        node = NodeConfig(
+            addr=self.text(table, "addr") or NodeConfig.addr,
+            port=self.port(table),
+            sock=self.path_of(table, "sock"),
+            metrics=self.metrics(table),
+            trace=self.path_of(table, "trace"),
+            lockspace=self.lockspace(table),
+            exit_stops_node=False,
+        )
+        return DaemonConfig(
+            path=self.path,
+            node=node,
+            exports=self.exports(table.get("export", [])),
+            log=self.path_of(table, "log"),
+        )
+
+    def exports(self, tables: object) -> tuple[ExportConfig, ...]:
+        if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+            raise self.fail("export", "must be [[export]] tables")
+        exports: list[ExportConfig] = []
+        seen: dict[str, int] = {}
+        for number, table in enumerate(tables, start=1):
+            name = table.get("name")
+            where = f"[[export]] #{number}" + (f' "{name}"' if isinstance(name, str) else "")
+            try:
+                export = parse_export(table)
+            except BadExportConfig as error:
+                raise self.fail(f"{where}: {error.key}", error.message) from None
+            if export.export_name in seen:
+                raise self.fail(
+                    f"{where}: name", f"also the name of [[export]] #{seen[export.export_name]}"
+                )
+            seen[export.export_name] = number
+            exports.append(replace(export, file=self.resolve(export.file)))
+        return tuple(exports)
+
+    # -- values ---------------------------------------------------------------------
+
+    def text(self, table: Mapping[str, Any], key: str) -> str | None:
+        value = table.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self.fail(key, f"must be a non-empty string, not {value!r}")
+        return value
+
+    def path_of(self, table: Mapping[str, Any], key: str) -> str | None:
+        value = self.text(table, key)
+        return None if value is None else self.resolve(value)
+
+    def resolve(self, path: str) -> str:
+        return os.path.normpath(os.path.join(self.base, os.path.expanduser(path)))
+
+    def port(self, table: Mapping[str, Any]) -> int:
+        value = table.get("port", NodeConfig.port)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+            raise self.fail("port", f"must be a port number (0 to 65535), not {value!r}")
+        return value
+
+    def metrics(self, table: Mapping[str, Any]) -> tuple[str, int] | None:
+        value = self.text(table, "metrics")
+        if value is None:
+            return None
+        host, colon, port = value.rpartition(":")
+        if not colon or not host or not port.isdigit() or int(port) > 65535:
+            raise self.fail("metrics", f'must be "ADDR:PORT", not {value!r}')
+        return host.strip("[]"), int(port)
+
+    def lockspace(self, table: Mapping[str, Any]) -> str | None:
+        value = self.text(table, "lockspace")
+        if value is None or value == NO_LOCKSPACE:
+            return value
+        scheme, _, rest = value.partition(":")
+        if scheme == "local" and rest.strip():
+            value = f"local:{self.resolve(rest.strip())}"
+        try:
+            parse_lockspace(value)
+        except ValueError as error:
+            raise self.fail("lockspace", str(error)) from None
+        return value
