@@ -25,6 +25,7 @@ from ferry.status import parse_line
 from support import (
     FERRY,
     FerryProcess,
+    check_acked,
     mirror_command,
     random_file,
     run,
@@ -33,6 +34,7 @@ from support import (
     sparse_file,
     start_peer,
     stop_peer,
+    wait_until,
 )
 from tls_support import PKI, pki_fixture
 from workload import BLOCK, decode
@@ -72,9 +74,7 @@ def listener(tmp_path: Path, pki: PKI, image: Path, lockspace: str) -> FerryProc
     )
 
 
-def source(
-    tmp_path: Path, image: Path, lockspace: str, sock: str, *tls: str
-) -> FerryProcess:
+def source(tmp_path: Path, image: Path, lockspace: str, sock: str, *tls: str) -> FerryProcess:
     return serve(
         image,
         "--name",
@@ -157,6 +157,103 @@ def test_a_live_migration_over_mutual_tls_hands_over_image_and_lease(
     finally:
         assert dest.stop() == 0
         assert src.stop() == 0
+
+
+def differs(a: Path, b: Path) -> bool:
+    """Some block of ``a`` is not ``b``'s."""
+    with a.open("rb") as first, b.open("rb") as second:
+        while chunk := first.read(16 * MiB):
+            if chunk != second.read(len(chunk)):
+                return True
+    return False
+
+
+def test_a_tls_client_is_disconnected_at_the_handoff_while_a_plaintext_one_moves(
+    tmp_path: Path, pki: PKI
+) -> None:
+    """Under ``--tls on`` two libnbd clients write, one over TLS and one in the clear.
+
+    At the handoff the plaintext connection moves with the image (TCP_REPAIR,
+    one host) and writes on at the destination; the TLS one cannot (its
+    session lives in the source's OpenSSL): it is disconnected and counted
+    in ``connections_aborted``, and the migration completes all the same.
+    Every write either client had acknowledged is on the destination, and
+    every block neither wrote is the source's.
+    """
+    source_image = random_file(tmp_path / "source.img", SIZE, seed=37)
+    original = source_image.read_bytes()
+    dest_image = sparse_file(tmp_path / "dest.img", SIZE)
+    tls_on = ["--tls", "on", "--tls-certificates", str(pki.node)]
+    src = source(tmp_path, source_image, "none", "serve.sock", *tls_on)
+    senders = tmp_path / "senders"
+    senders.write_text(f"{pki.node_subject}\n")
+    dest = serve(
+        dest_image,
+        "--name",
+        "disk",
+        "--sock",
+        str(tmp_path / "listen.sock"),
+        "--lockspace",
+        "none",
+        *tls_on,
+        "--tls-verify-peer",
+        "--tls-allowed-subjects",
+        str(senders),
+        mode="listen",
+    )
+    stop_file = tmp_path / "stop"
+    uris = [src.uri("disk"), f"nbds://127.0.0.1:{src.port}/disk?tls-certificates={pki.node}"]
+    blocks = str(SIZE // BLOCK)
+    clients = [
+        subprocess.Popen(
+            ["/usr/bin/python3", str(WORKLOAD), uri, str(k), "2", blocks, str(stop_file)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for k, uri in enumerate(uris)
+    ]
+    try:
+        serving = tmp_path / "serve.sock"
+        wait_until("both clients are connected", lambda: status(serving)["num_clients"] == "2")
+        mirror = run(
+            mirror_command(dest.port, tmp_path / "serve.sock", "--action", "nothing", "--wait"),
+            timeout=300,
+        )
+        out = mirror.stdout.decode()
+        assert out.rstrip().endswith("has control of the image"), out
+        # The moved client writes on, now to the destination.
+        wait_until("a write after the handoff", lambda: differs(dest_image, source_image))
+    finally:
+        stop_file.touch()
+        reports = []
+        for client in clients:
+            stdout, stderr = client.communicate(timeout=60)
+            assert client.returncode == 0, stderr.decode()
+            reports.append(json.loads(stdout))
+    try:
+        why = src.wait_for_log("cannot move")
+        assert why.rstrip().endswith("cannot move: its TLS session cannot move"), why
+        assert "negotiated (ferry listener, TLS)" in "".join(src.log)  # the sender's own TLS
+        plain, secure = reports
+        assert (plain["ended"], plain["error"]) == ("stopped", ""), plain
+        assert plain["local_start"] == plain["local_end"]  # one TCP connection throughout
+        assert secure["ended"] == "error", secure  # disconnected at the handoff
+        src_status = status(tmp_path / "serve.sock")
+        dest_status = status(tmp_path / "listen.sock")
+        assert src_status["state"] == "handed_off" and dest_status["state"] == "serving"
+        assert (src_status["connections_moved"], src_status["connections_aborted"]) == ("1", "1")
+        assert (dest_status["connections_moved"], dest_status["connections_aborted"]) == ("1", "0")
+    finally:
+        assert dest.stop() == 0
+        assert src.stop() == 0
+    moved = dest_image.read_bytes()
+    written = set()
+    for report in reports:
+        check_acked(report, moved)
+        written |= {int(o) for part in ("acked", "unanswered") for o in report[part]}
+    for offset in range(0, SIZE, BLOCK):
+        if offset not in written:
+            assert moved[offset : offset + BLOCK] == original[offset : offset + BLOCK], offset
 
 
 def test_senders_the_listener_cannot_authenticate_are_refused_and_change_nothing(
@@ -264,9 +361,7 @@ def test_a_mirror_over_tls_into_nbdkit_is_byte_identical(tmp_path: Path, pki: PK
     assert sha256(target) == sha256(image)
 
 
-def test_a_source_with_certificates_never_falls_back_to_plaintext(
-    tmp_path: Path, pki: PKI
-) -> None:
+def test_a_source_with_certificates_never_falls_back_to_plaintext(tmp_path: Path, pki: PKI) -> None:
     image = random_file(tmp_path / "source.img", 8 * MiB, seed=35)
     plain_image = random_file(tmp_path / "plain.img", 8 * MiB, seed=36)
     untouched = sha256(plain_image)
