@@ -137,5 +137,9 @@ def _node_settings(config: DaemonConfig) -> dict[str, object]:
         node.lockspace,
         node.trace,
         config.log,
+        node.tls,
+        node.tls_certificates,
+        node.tls_verify_peer,
+        node.tls_allowed_subjects,
     )
     return dict(zip(NODE_KEYS, values, strict=True))
