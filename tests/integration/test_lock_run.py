@@ -209,7 +209,7 @@ def test_shared_runs_coexist_and_exclude_an_exclusive_one(
 TRAPPER = """
 for sig in INT HUP USR1 USR2; do trap "echo $sig" $sig; done
 trap 'echo TERM; kill $pid; exit 42' TERM
-sleep 60 > /dev/null & pid=$!  # not holding stdout: dash now and then leaves it running
+sleep 60 > /dev/null 2>&1 & pid=$!  # off the pipes: dash now and then leaves it running
 echo ready
 while :; do wait $pid; done
 """
