@@ -103,6 +103,8 @@ def test_the_lease_moves_with_control_on_a_local_lockspace(tmp_path: Path) -> No
         )
         assert third.returncode == 1
         assert f":{dest.proc.pid}:" in third.stderr.decode()
+    # Both stopped: the last holder (the destination) removed the lock file.
+    assert list(locks.glob("*.lock")) == []
 
 
 def test_the_lease_moves_with_control_on_etcd(tmp_path: Path, etcd: EtcdServer) -> None:
@@ -283,4 +285,5 @@ def test_sigterm_to_a_source_mid_migration_stops_it_cleanly(tmp_path: Path) -> N
         # Nobody holds vm1 any more: the next server takes it at once.
         lease = ["--lockspace", f"local:{locks}", "--resource", "vm1"]
         third = serve(tmp_path / "source.img", *lease)
-        third.stop()
+        assert third.stop() == 0
+    assert list(locks.glob("*.lock")) == []
