@@ -87,7 +87,8 @@ def _status_metrics(snapshots: list[StatusSnapshot]) -> Iterator[Metric]:
                 family = gauges[name] = GaugeMetricFamily(
                     PREFIX + spec.metric, spec.help, labels=["export"]
                 )
-            family.add_metric([snapshot.export], float(value) * spec.scale)
+            count = len(value) if spec.kind == "list" else value
+            family.add_metric([snapshot.export], float(count) * spec.scale)
     yield from gauges.values()
     yield states
 

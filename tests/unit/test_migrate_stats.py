@@ -131,7 +131,12 @@ async def test_the_counters_outlive_each_job_and_export_every_reason(
         for s in family.samples
         if s.name.startswith(("ferry_migration_", "ferry_migrations_"))
     }
-    expected = {("ferry_migrations_completed_total", None): 1.0}
+    expected = {
+        ("ferry_migrations_completed_total", None): 1.0,
+        # Status fields, not counters: no blocker, and the last job's last attempt did not fail.
+        ("ferry_migration_blockers", None): 0.0,
+        ("ferry_migration_last_failure_info", None): 1.0,
+    }
     for reason in FailureReason:
         expected["ferry_migration_retries_total", reason.value] = 0.0
         expected["ferry_migration_failures_total", reason.value] = 2.0 if reason is R.CONNECT else 0

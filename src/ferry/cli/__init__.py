@@ -211,6 +211,20 @@ def build_parser() -> Parser:
     _export(breaker)
     breaker.set_defaults(run=lambda args: run_simple(args, ["break"]))
 
+    block = modes.add_parser(
+        "block", help="refuse to migrate an export until unblocked, and say why"
+    )
+    _control_sock(block, required=True)
+    _export(block)
+    block.add_argument("reason", nargs="+", metavar="REASON", help="why (words are joined)")
+    block.set_defaults(run=run_block)
+
+    unblock = modes.add_parser("unblock", help="remove a blocker (without REASON: every one)")
+    _control_sock(unblock, required=True)
+    _export(unblock)
+    unblock.add_argument("reason", nargs="*", metavar="REASON", help="the blocker's reason")
+    unblock.set_defaults(run=run_block)
+
     max_bps = modes.add_parser(
         "mirror-max-bps", help="change a running migration's bandwidth limit"
     )
@@ -421,6 +435,22 @@ def run_simple(args: argparse.Namespace, lines: list[str]) -> int:
         print(text)
         return 0
     print(json_request(args.sock, lines[0], {"args": lines[1:], "export": args.export}))
+    return 0
+
+
+def run_block(args: argparse.Namespace) -> int:
+    """``ferry block`` / ``ferry unblock``: one line saying what blocks the export now."""
+    params: dict[str, Any] = {}
+    if args.reason:
+        params["reason"] = " ".join(args.reason)
+    if args.export is not None:
+        params["export"] = args.export
+    result = json_request(args.sock, args.mode, params)
+    blockers = result.get("blockers", [])
+    if args.mode == "unblock":
+        removed = result.get("removed", [])
+        print(f"unblocked: {'; '.join(removed)}" if removed else "nothing was blocked")
+    print(f"blocked: {'; '.join(blockers)}" if blockers else "not blocked")
     return 0
 
 

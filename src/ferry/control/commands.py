@@ -42,7 +42,8 @@ from ferry.exports import (
     name_problem,
     parse_export,
 )
-from ferry.migrate.manager import CannotBreak, MirrorBusy, NotMirroring
+from ferry.migrate.blockers import BadBlocker
+from ferry.migrate.manager import CannotBreak, MigrationBlocked, MirrorBusy, NotMirroring
 from ferry.migrate.options import (
     Destination,
     FinishAction,
@@ -105,6 +106,8 @@ class Commands:
             "mirror_max_bps": self.mirror_max_bps,
             "migration": self.migration,
             "wait": self.wait,
+            "block": self.block,
+            "unblock": self.unblock,
             "export.add": self.export_add,
             "export.remove": self.export_remove,
             "export.list": self.export_list,
@@ -230,6 +233,8 @@ class Commands:
             started = mirrors.mirror(destination, options)
         except MirrorBusy:
             return Reply(1, "mirror already running")
+        except MigrationBlocked as error:
+            return Reply(1, str(error), {"ok": False, "message": str(error), "detail": ""})
         except MirrorError as error:
             return Reply(1, str(error))
 
@@ -241,6 +246,40 @@ class Commands:
             return Reply(1, f"{outcome.message}: {outcome.detail}", value)
 
         return started.addCallback(answer)
+
+    def block(self, args: Sequence[str], params: Params) -> Reply:
+        """``block REASON`` (JSON: ``reason``): refuse ``mirror`` of the export until unblocked."""
+        try:
+            unit = self._unit(params)
+        except UnknownExport as error:
+            return Reply(1, str(error))
+        reason = _reason(args, params)
+        if reason is None:
+            return Reply(1, "block takes one reason")
+        try:
+            added = unit.mirrors.blockers.add(reason)
+        except BadBlocker as error:
+            return Reply(1, str(error))
+        blockers = unit.mirrors.blocked_by()
+        if not added:
+            return Reply(0, f"already blocked: {reason}", {"blockers": blockers})
+        return Reply(0, f"blocked: {reason}", {"blockers": blockers})
+
+    def unblock(self, args: Sequence[str], params: Params) -> Reply:
+        """``unblock REASON`` removes that blocker; ``unblock`` alone, every one set by hand."""
+        try:
+            unit = self._unit(params)
+        except UnknownExport as error:
+            return Reply(1, str(error))
+        reason = _reason(args, params)
+        if reason is None and (args or params.get("reason") is not None):
+            return Reply(1, "unblock takes one reason, or none for all")
+        removed = unit.mirrors.blockers.remove(reason)
+        value = {"removed": removed, "blockers": unit.mirrors.blocked_by()}
+        if reason is not None and not removed:
+            return Reply(1, f"not blocked: {reason}", value)
+        text = "; ".join(removed) if removed else "nothing was blocked"
+        return Reply(0, f"unblocked: {text}" if removed else text, value)
 
     def break_mirror(self, args: Sequence[str], params: Params) -> Reply:
         try:
@@ -293,6 +332,16 @@ def _refused(failure: Failure) -> Reply | Failure:
     if not isinstance(failure.value, ExportError | ExportBusy | UnknownExport):
         return failure  # a fault of ours: the caller logs it and answers "internal error"
     return Reply(1, str(failure.value))
+
+
+def _reason(args: Sequence[str], params: Params) -> str | None:
+    """A blocker's reason: one line's argument (the line form), or ``reason`` (JSON)."""
+    reason = params.get("reason")
+    if reason is not None:
+        return reason if isinstance(reason, str) and not args else None
+    if len(args) == 1:
+        return args[0]
+    return None
 
 
 def _parse_mirror(args: Sequence[str], params: Params) -> Reply | tuple[Destination, MirrorOptions]:

@@ -161,6 +161,9 @@ class MirrorSource:
         self.result: MirrorResult | None = None
         self._counters = AttemptCounters()
         self.last_error = ""
+        # Why the last attempt failed (a FailureReason's value): the status's
+        # migration_last_failure; None while none has.
+        self.last_failure: str | None = None
         self._attempt = Attempt(0)
         self._unobserve: list[Callable[[], None]] = []
         self._write_cap: int | None = None
@@ -312,6 +315,7 @@ class MirrorSource:
         else:
             self.last_error = f"the lease was lost: {reason}"
             self._stats.failures[FailureReason.LEASE] += 1
+        self.last_failure = FailureReason.LEASE.value
         job.fire(MigrationTrigger.LEASE_LOST)
         self.end(MirrorResult("failed", False, self.last_error), LEASE_LOST, self.last_error)
 
@@ -469,6 +473,7 @@ class MirrorSource:
             why=detail,
         )
         counted = reason if reason is not None else REASON_OF_REPLY[message or REJECTED]
+        self.last_failure = counted.value
         if state == MigrationState.COMMITTING:
             # The commit may have landed: neither serve nor hand over.
             job.fire(MigrationTrigger.FAIL)
