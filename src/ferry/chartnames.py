@@ -113,6 +113,7 @@ class MigrationTrigger(StrEnum):
     COMMITTED = "committed"
     CONNECTED = "connected"
     FAIL = "fail"
+    GIVE_UP = "give_up"
     LEASE_LOST = "lease_lost"
     MIRRORED = "mirrored"
     NEXT_PASS = "next_pass"
@@ -125,6 +126,7 @@ class MigrationTrigger(StrEnum):
     RESOLVE_COMMITTED = "resolve_committed"
     RETRY = "retry"
     STOP = "stop"
+    VETO = "veto"
 
 
 class RoleState(StrEnum):

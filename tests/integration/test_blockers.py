@@ -61,9 +61,7 @@ def test_a_blocked_export_refuses_mirror_and_migrates_once_unblocked(
     dest_image = sparse_file(tmp_path / "dest.img", SIZE)
     source_sock, dest_sock = tmp_path / "source.sock", tmp_path / "dest.sock"
     space = f"local:{locks}"
-    source = serve(
-        source_image, "--name", "disk", "--sock", str(source_sock), "--lockspace", space
-    )
+    source = serve(source_image, "--name", "disk", "--sock", str(source_sock), "--lockspace", space)
     dest = serve(
         dest_image,
         "--name",
@@ -104,6 +102,7 @@ def test_a_blocked_export_refuses_mirror_and_migrates_once_unblocked(
         assert status(source_sock)["blockers"] == ""
 
         writers = Writers({"disk": source.uri("disk")}, 2048, tmp_path / "stop")
+        wait_until("the writer connected", lambda: status(source_sock)["num_clients"] == "1")
         migrated = run(
             mirror_command(dest.port, source_sock, "--action", "nothing", "--wait"), timeout=300
         )
@@ -159,9 +158,7 @@ def test_a_shared_lease_blocks_the_migration_of_a_read_only_export(
     try:
         assert backup.stdout is not None and backup.stdout.readline() == b"holding\n"
         reason = "the lease on the image is shared with backup-job (shared)"
-        answer = line_command(
-            str(sock), ["mirror", "127.0.0.1", str(plain_port), "nothing"]
-        )
+        answer = line_command(str(sock), ["mirror", "127.0.0.1", str(plain_port), "nothing"])
         assert answer == (1, f"migration blocked: {reason}")
         assert parse_list(status(sock)["blockers"]) == [reason]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import sys
 import time
@@ -67,6 +68,21 @@ def _service_address_text(text: str) -> str:
     except AddressError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return text
+
+
+def _hook_text(text: str) -> tuple[str, str]:
+    """``--hook STAGE=PATH``: the stage known and PATH an executable (else exit 2)."""
+    from ferry.hooks import parse_hooks
+
+    stage, sep, path = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected STAGE=PATH, got {text!r}")
+    path = os.path.abspath(path) if path else path
+    try:
+        parse_hooks({stage: path})
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return stage, path
 
 
 def host_and_port(text: str) -> tuple[str, int]:
@@ -155,6 +171,22 @@ def build_parser() -> Parser:
                 else "the address this node takes over at the commit: added to DEV once "
                 "the source has dropped it, announced (gratuitous ARP), listened on from now"
             ),
+        )
+        serve.add_argument(
+            "--hook",
+            action="append",
+            default=[],
+            type=_hook_text,
+            metavar="STAGE=PATH",
+            help="run the executable PATH at STAGE (pre-migrate, pre-switchover, post-handoff, "
+            "post-takeover, lease-lost, fenced); a non-zero exit at pre-migrate or "
+            "pre-switchover cancels the migration (repeatable)",
+        )
+        serve.add_argument(
+            "--hook-timeout",
+            type=float,
+            metavar="SECONDS",
+            help="kill a hook that runs longer (default 30); at a vetoing stage that is a veto",
         )
         _verbosity(serve)
         serve.add_argument("acl", nargs="*", metavar="ACL_ENTRY", help="address or CIDR allowed in")
@@ -354,6 +386,7 @@ def run_serve(args: argparse.Namespace) -> int:
         lockspace=getattr(args, "lockspace", None),
         resource=getattr(args, "resource", None),
         service_address=args.service_address,
+        hooks=_hooks(args),
     )
     try:
         log_file = open_log_file(args.log) if args.log else None
@@ -368,6 +401,26 @@ def run_serve(args: argparse.Namespace) -> int:
     node = Node(reactor, config.node(), [config.export()])
     run_until_stopped(reactor, node.start(), node.shutdown)
     return 0
+
+
+def _hooks(args: argparse.Namespace) -> Any:
+    """``--hook`` and ``--hook-timeout`` as a HookConfig (checked: a usage error exits 2)."""
+    from ferry.hooks import parse_hooks
+
+    stages = [stage for stage, _ in args.hook]
+    twice = sorted({stage for stage in stages if stages.count(stage) > 1})
+    if twice:
+        _usage(args, f"--hook: {twice[0]} given more than once")
+    try:
+        return parse_hooks(dict(args.hook), args.hook_timeout)
+    except ValueError as error:
+        _usage(args, str(error).replace("hook_timeout", "--hook-timeout"))
+
+
+def _usage(args: argparse.Namespace, message: str) -> NoReturn:
+    """A problem with the command line found after parsing: one line, exit 2."""
+    print(f"ferry {args.mode}: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def control_request(path: str, lines: Sequence[str]) -> tuple[int, str]:

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ferry.clock import Clock
+from ferry.hooks import Hooks
 from ferry.migrate.blockers import Blockers, MigrationBlocked, blocked_message, lease_blockers
 from ferry.migrate.carry import Carrier
 from ferry.migrate.core.stats import MigrationStats
@@ -62,8 +63,10 @@ class MirrorManager:
         tracer: Tracer | None = None,
         stop_process: Callable[[], None] | None = None,
         carrier: Carrier | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         self.export = export
+        self.hooks = hooks
         self._carrier = carrier
         self._gate = gate
         self._clock = clock
@@ -144,6 +147,7 @@ class MirrorManager:
             lease=self.lease,
             stats=self.stats,
             carrier=self._carrier,
+            hooks=self.hooks,
         )
         self.current = source
         return source.start()

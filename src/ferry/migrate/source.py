@@ -32,12 +32,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ferry.chartnames import MigrationState, MigrationTrigger, RoleState, RoleTrigger
 from ferry.clock import Clock, cancel_call
+from ferry.hooks import HookOutcome, Hooks, Stage
 from ferry.migrate.attempt import Attempt, AttemptCounters
 from ferry.migrate.carry import Carriage, Carrier
 from ferry.migrate.copier import PassCopier
@@ -119,9 +120,12 @@ class MirrorSource:
         lease: OutgoingLease | None = None,
         stats: MigrationStats | None = None,
         carrier: Carrier | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         self._export = export
         self._tracer = tracer
+        # The export's hooks: pre-migrate and pre-switchover may veto.
+        self._hooks = hooks
         # How client connections move with the image (None: they are disconnected).
         self._carrier = carrier
         # The connections of the commit in progress, until it is decided.
@@ -254,8 +258,56 @@ class MirrorSource:
         self._unobserve.append(export.observe_writes(self.dirty.mark))
         self._unobserve.append(export.observe_role(self._role_changed))
         export.trigger(RoleTrigger.MIGRATE)
-        self._connect()
+        if self.wants_approval(Stage.PRE_MIGRATE):
+            self.approve(Stage.PRE_MIGRATE).addCallback(self._pre_migrate_answered)
+        else:
+            self._connect()
         return self.started
+
+    def _pre_migrate_answered(self, outcome: HookOutcome) -> None:
+        if self._job.state != MigrationState.CONNECTING or self._attempt.number != 0:
+            return  # broken off (or stopped) while the hook ran
+        if outcome.ok:
+            self._connect()
+        else:
+            self.veto(outcome.reason)
+
+    # -- hooks (ferry.hooks) ------------------------------------------------------------
+
+    def wants_approval(self, stage: Stage) -> bool:
+        """Whether a hook must approve ``stage`` before the job goes on."""
+        return self._hooks is not None and self._hooks.configured(stage)
+
+    def approve(self, stage: Stage) -> Deferred[HookOutcome]:
+        """Run ``stage``'s hook; its outcome says whether the step may go on."""
+        if self._hooks is None:
+            return succeed(HookOutcome(True))
+        return self._hooks.run(stage, peer=str(self.destination))
+
+    def veto(self, reason: str) -> None:
+        """A hook said no: cancel the job (``veto``), release the clients, serve on.
+
+        Only where the chart takes ``veto``: before the first connect, or
+        quiesced and flushed but before the lease is offered.  The
+        destination, if connected, loses the connection and listens again.
+        """
+        job = self._job
+        if job.final or not job.can(MigrationTrigger.VETO):
+            return
+        self.abandon_attempt()
+        detail = f"hook: {reason}"
+        self.last_error = detail
+        self.last_failure = FailureReason.HOOK.value
+        self._stats.failures[FailureReason.HOOK] += 1
+        _log.warn(
+            "mirror of {export} to {dest}: cancelled in {state}: {why}",
+            export=self._export.name,
+            dest=str(self.destination),
+            state=job.state,
+            why=reason,
+        )
+        job.fire(MigrationTrigger.VETO)
+        self.end(MirrorResult("cancelled", False, detail), CANCELLED, detail)
 
     def cancel(self) -> None:
         """``break``: stop the job and keep serving; refused once the commit may have landed."""

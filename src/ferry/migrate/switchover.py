@@ -9,7 +9,9 @@ role's triggers:
    last pass is planned from the dirty map and sent; then FLUSH.
 2. flushed, to a plain NBD server (qemu-nbd, nbdkit): ``mirrored``; the copy
    is complete and this node serves on.
-3. flushed, with a lease: ``offering``; the lease is offered and its answer
+   With a ``pre-switchover`` hook (:mod:`ferry.hooks`), it runs here, clients
+   still held: its no is ``veto`` (cancelled, clients released).
+3. flushed (and approved), with a lease: ``offering``; the lease is offered and its answer
    is the token the commit carries (``offer_failed``: not offered, held
    again, the attempt is lost).  Without one: straight to the commit.
 4. ``committing`` (role ``handing_off``): FERRY_CMD_COMMIT with the token;
@@ -35,6 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ferry.chartnames import LeaseState, MigrationState, MigrationTrigger, RoleTrigger
+from ferry.hooks import HookOutcome, Stage
 from ferry.migrate.attempt import Attempt, Driver
 from ferry.migrate.core.stats import FailureReason
 from ferry.migrate.lease import InDoubtOutcome
@@ -65,6 +68,12 @@ class SwitchoverDriver(Driver, Protocol):
     def lease_lost(self, reason: str) -> None: ...
 
     def stop_process(self) -> None: ...
+
+    def wants_approval(self, stage: Stage) -> bool: ...
+
+    def approve(self, stage: Stage) -> Deferred[HookOutcome]: ...
+
+    def veto(self, reason: str) -> None: ...
 
     def note_error(self, error: str) -> None: ...
 
@@ -142,6 +151,26 @@ class Switchover:
             driver.close_attempt(attempt)
             driver.end(MirrorResult("completed", False, "mirrored to a plain NBD server"))
             return
+        if driver.wants_approval(Stage.PRE_SWITCHOVER):
+            # Clients held, the last pass flushed, nothing offered or promised yet.
+            approval = driver.approve(Stage.PRE_SWITCHOVER)
+            approval.addCallback(lambda outcome: self._approved(attempt, outcome))
+            approval.addErrback(self._internal_error, "running the pre-switchover hook")
+            return
+        self._switch(attempt)
+
+    def _approved(self, attempt: Attempt, outcome: HookOutcome) -> None:
+        driver = self._driver
+        if not driver.current(attempt) or driver.job.state != MigrationState.QUIESCING:
+            return  # broken off, lost or stopped while the hook ran
+        if outcome.ok:
+            self._switch(attempt)
+        else:
+            driver.veto(outcome.reason)
+
+    def _switch(self, attempt: Attempt) -> None:
+        """Approved: offer the lease (its answer is the commit's token), or commit."""
+        driver = self._driver
         lease = driver.lease
         if lease is not None and not driver.options.flexnbd:
             driver.job.fire(MigrationTrigger.OFFER)

@@ -38,6 +38,7 @@ class FailureReason(enum.StrEnum):
     LEASE = "lease"  # the lease could not be offered for the handover
     COMMIT_REJECTED = "commit_rejected"  # the destination answered the commit with an error
     IN_DOUBT = "in_doubt"  # the commit's ack was lost and the destination did not commit
+    HOOK = "hook"  # a hook (or the approver) vetoed a step: the job was cancelled
 
 
 @dataclass(slots=True)
