@@ -19,6 +19,8 @@ extras=""
 if [[ "${1:-}" == "--test" ]]; then
     debian+=(qemu-utils nbdkit nbd-server prometheus fio curl etcd-server systemd)
     extras="[test,lint,fuzz]"
+    # The kernel's NBD client across a handoff, where the nbd module loads.
+    debian+=(kmod nbd-client)
 fi
 
 missing=()

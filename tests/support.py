@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 DEADLINE = 30.0
 FERRY = [sys.executable, "-m", "ferry"]
@@ -53,7 +53,15 @@ def read_line(stream: IO[bytes], deadline: Deadline) -> bytes:
 
 
 class FerryProcess:
-    """``ferry serve`` in a child process; knows its port once it says it serves."""
+    """``ferry serve`` in a child process; knows its port once it says it serves.
+
+    Every one started is remembered until :meth:`reap` (the integration
+    tests' conftest calls it after each test, for the processes that test
+    started), so a test that fails before it stops its processes does not
+    leave them running into the next.
+    """
+
+    started: ClassVar[list[FerryProcess]] = []
 
     SERVING = re.compile(
         rb"(?:serving|listening for a migration of) .* on (?P<addr>\S+):(?P<port>\d+)"
@@ -65,9 +73,12 @@ class FerryProcess:
         *,
         env: dict[str, str] | None = None,
         netns: str | None = None,
+        wrap: Sequence[str] = (),
     ) -> None:
+        """``netns``: run it in that network namespace; ``wrap``: a command that runs it
+        (``setpriv ... --``)."""
         prefix = ["ip", "netns", "exec", netns] if netns else []
-        self.args = [*prefix, *FERRY, *args]
+        self.args = [*prefix, *wrap, *FERRY, *args]
         self.proc = subprocess.Popen(
             self.args,
             stdin=subprocess.DEVNULL,
@@ -77,6 +88,20 @@ class FerryProcess:
         )
         self.log: list[str] = []
         self.port = 0
+        FerryProcess.started.append(self)
+
+    @classmethod
+    def reap(cls, since: int = 0) -> list[str]:
+        """Kill every process started since the ``since``-th that still runs; the command
+        line of each one killed.  The earlier ones (a module's fixture) are kept."""
+        killed = []
+        for process in cls.started[since:]:
+            if process.proc.poll() is None:
+                process.proc.kill()
+                process.proc.wait(timeout=DEADLINE)
+                killed.append(" ".join(process.args))
+        del cls.started[since:]
+        return killed
 
     def wait_serving(self, deadline: Deadline | None = None) -> FerryProcess:
         deadline = deadline or Deadline()

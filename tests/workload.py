@@ -10,6 +10,16 @@ so a reader can tell, for each block, which write it holds.  The client
 writes until the stop file appears or the server goes away, then prints one
 JSON object: the last acknowledged counter of each block it wrote, the
 counters it sent without an answer, and how it ended.
+
+An optional sixth argument, DEPTH, keeps that many writes in flight at once
+(libnbd's aio calls), never two to the same block, so a block still holds
+the last acknowledged write or a later unanswered one.  The report then
+also has ``max_latency``: the longest any write took, in seconds.
+
+Both reports carry ``local_start`` and ``local_end``, the client socket's own
+address when it connected and when it stopped: equal, the writes went over
+one TCP connection from start to end (a connection carried at a handoff
+keeps its address; a reconnect would not).
 """
 
 from __future__ import annotations
@@ -17,9 +27,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import struct
 import sys
 import time
+from typing import Any
 
 RECORD = struct.Struct(">8sQII")  # magic, offset, client, counter (24 bytes)
 MAGIC = b"FERRYWL1"
@@ -89,6 +101,16 @@ def check(image_path: str, report_path: str, original_path: str | None = None) -
     return 1 if lost or differ or len(image) != len(original) else 0
 
 
+def local_address(handle: Any) -> str | None:
+    """The client socket's own address (host:port), None once libnbd has no socket."""
+    try:
+        with socket.socket(fileno=os.dup(handle.aio_get_fd())) as sock:
+            host, port = sock.getsockname()[:2]
+    except Exception:  # libnbd's error once closed, or an OSError
+        return None
+    return f"{host}:{port}"
+
+
 def main() -> int:
     if sys.argv[1] == "check":
         return check(*sys.argv[2:5])
@@ -99,12 +121,16 @@ def main() -> int:
         int(sys.argv[4]),
         sys.argv[5],
     )
+    depth = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     import nbd  # Debian's libnbd bindings: imported here so the checker side needs none
 
+    if depth > 1:
+        return pipelined(nbd, uri, client, clients, blocks, stop_file, depth)
     rng = random.Random(client)
     mine = list(range(client, blocks, clients))
     handle = nbd.NBD()
     handle.connect_uri(uri)
+    local_start = local_address(handle)
     acked: dict[int, int] = {}
     unanswered: dict[int, int] = {}
     counter = 0
@@ -134,6 +160,81 @@ def main() -> int:
                 "ended_at": time.time(),
                 "acked": acked,
                 "unanswered": unanswered,
+                "local_start": local_start,
+                "local_end": local_address(handle),
+            }
+        )
+    )
+    return 0
+
+
+def pipelined(
+    nbd: Any, uri: str, client: int, clients: int, blocks: int, stop_file: str, depth: int
+) -> int:
+    """The same writes, ``depth`` of them in flight, each to a block no other in flight has."""
+    rng = random.Random(client)
+    mine = list(range(client, blocks, clients))
+    handle = nbd.NBD()
+    handle.connect_uri(uri)
+    local_start = local_address(handle)
+    acked: dict[int, int] = {}
+    unanswered: dict[int, int] = {}  # block offset -> counter in flight
+    started: dict[int, float] = {}
+    failures: list[str] = []
+    counter = 0
+    writes = 0
+    max_latency = 0.0
+
+    def done(offset: int, sent: int, error: Any) -> int:
+        nonlocal writes, max_latency
+        max_latency = max(max_latency, time.monotonic() - started.pop(offset))
+        if error.value:
+            # Failed with the connection, it may still have been written: it
+            # stays unanswered, and the block may hold it.
+            failures.append(f"write of counter {sent} at {offset}: errno {error.value}")
+        else:
+            del unanswered[offset]
+            acked[offset] = sent
+            writes += 1
+        return 1  # retire the command
+
+    ended = "stopped"
+    while not os.path.exists(stop_file) and not failures:
+        while handle.aio_in_flight() < depth and len(unanswered) < len(mine):
+            offset = rng.choice(mine) * BLOCK
+            if offset in unanswered:
+                continue
+            counter += 1
+            unanswered[offset] = counter
+            started[offset] = time.monotonic()
+            buffer = nbd.Buffer.from_bytearray(bytearray(block_bytes(offset, client, counter)))
+            handle.aio_pwrite(
+                buffer, offset, completion=lambda error, o=offset, c=counter: done(o, c, error)
+            )
+        try:
+            handle.poll(1000)
+        except nbd.Error as exc:
+            failures.append(str(exc))
+    while handle.aio_in_flight() and not failures:
+        try:
+            handle.poll(1000)
+        except nbd.Error as exc:
+            failures.append(str(exc))
+    if failures:
+        ended = "error"
+    print(
+        json.dumps(
+            {
+                "client": client,
+                "writes": writes,
+                "ended": ended,
+                "error": "; ".join(failures[:5]),
+                "ended_at": time.time(),
+                "acked": acked,
+                "unanswered": unanswered,
+                "max_latency": max_latency,
+                "local_start": local_start,
+                "local_end": local_address(handle),
             }
         )
     )

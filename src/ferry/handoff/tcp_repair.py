@@ -31,11 +31,13 @@ Restore, on a new socket (:func:`restore`):
    without it the first segments are 524 bytes), buffers large enough for the
    queues, then ``TCP_REPAIR=1`` -- before ``bind``, and no ``SO_REUSEADDR``
    after it (that breaks the forced port reuse repair mode does).
-2. ``bind`` the original local address (``IP_FREEBIND`` when asked, for an
-   address not yet local), set each queue's sequence number (only possible
-   before ``connect``), ``connect`` the peer: no SYN goes out, the socket is
-   ESTABLISHED.  In the same network namespace this fails with
-   EADDRNOTAVAIL while the old socket exists: release it first.
+2. ``bind`` the original local address (when asked, for an address not yet
+   local: ``IP_FREEBIND`` for the bind and ``IP_TRANSPARENT`` for the route
+   ``connect`` looks up, which otherwise fails with ENETUNREACH), set each
+   queue's sequence number (only possible before ``connect``), ``connect``
+   the peer: no SYN goes out, the socket is ESTABLISHED.  In the same
+   network namespace this fails with EADDRNOTAVAIL while the old socket
+   exists: release it first.
 3. ``TCP_REPAIR_OPTIONS`` (SACK, window scales, timestamps, MSS), then
    ``TCP_TIMESTAMP`` -- without it the peer's PAWS check drops our segments
    and the connection hangs.
@@ -102,6 +104,8 @@ SIOCOUTQ: Final = 0x5411
 SIOCOUTQNSD: Final = 0x894B
 IP_FREEBIND: Final = 15
 IPV6_FREEBIND: Final = 78
+IP_TRANSPARENT: Final = 19
+IPV6_TRANSPARENT: Final = 75
 SO_SNDBUFFORCE: Final = 32
 SO_RCVBUFFORCE: Final = 33
 
@@ -348,8 +352,8 @@ def restore(state: SocketState, *, freebind: bool = False) -> socket.socket:
     The old socket must be gone (:func:`release`) if it lived in this
     network namespace, and the peer's packets frozen until this returns.
     ``freebind`` lets the local address be one this host does not have
-    yet (``IP_FREEBIND``), for a destination that adds the service address
-    after restoring.  Raises :class:`RepairNotPermitted`,
+    yet (``IP_FREEBIND`` and ``IP_TRANSPARENT``), for a destination that
+    adds the service address after restoring.  Raises :class:`RepairNotPermitted`,
     :class:`RepairUnsupported` or :class:`RestoreFailed`; on any failure
     the new socket is closed in repair mode, so the peer sees nothing.
     """
@@ -403,12 +407,16 @@ def _size_buffers(sock: socket.socket, state: SocketState) -> None:
 
 def _restore_connection(sock: socket.socket, state: SocketState, freebind: bool) -> None:
     if freebind:
-        level, option = (
-            (socket.IPPROTO_IP, IP_FREEBIND)
+        # FREEBIND lets the bind take an address that is not local; the
+        # route lookup in connect still checks the source address unless the
+        # socket is also TRANSPARENT (CAP_NET_ADMIN, which repair needs too).
+        level, foreign = (
+            (socket.IPPROTO_IP, (IP_FREEBIND, IP_TRANSPARENT))
             if state.family == socket.AF_INET
-            else (socket.IPPROTO_IPV6, IPV6_FREEBIND)
+            else (socket.IPPROTO_IPV6, (IPV6_FREEBIND, IPV6_TRANSPARENT))
         )
-        _setopt(sock, option, 1, "freebind", level=level)
+        for option in foreign:
+            _setopt(sock, option, 1, "freebind", level=level)
     _call(RestoreFailed, "bind", lambda: sock.bind(state.local))
     mask = 0xFFFFFFFF
     for queue, seq, name in (

@@ -134,7 +134,7 @@ class Carriage:
     tracer: Tracer | None = None
     moves: list[_Move] = field(default_factory=list)
     counts: HandoffCounts = field(default_factory=HandoffCounts)
-    gave_up_address: bool = False
+    address_moves: bool = False
 
     def __post_init__(self) -> None:
         chart = statecharts.load("connection")
@@ -176,10 +176,10 @@ class Carriage:
         for move in movable:
             self._checkpoint(move, wire, same_stack)
         carried = [move for move in movable if move.state == ConnectionState.SENT]
-        if carried and not same_stack and carrier.service is not None:
-            # Nothing on this host may answer the clients while the destination
-            # takes their address (a reset from here would end them).
-            self.gave_up_address = carrier.service.give_up()
+        # The destination takes the address at the commit; this node lets it go
+        # once the outcome is known (handed_over), not before: the clients that
+        # do not move must still hear their goodbye from it.
+        self.address_moves = bool(carried) and not same_stack
         if carried:
             _log.info(
                 "{name}: carrying {n} of {total} client connection(s) to the destination",
@@ -262,9 +262,15 @@ class Carriage:
                     # performed here any more.
                     self._resume(move, serve=False)
                 self._abort(move)
-        self._unfreeze()
-        # Every client still here could not move: held requests dropped, disconnected.
+        # Every client still here could not move: held requests dropped, disconnected
+        # while this node still has their address, so the goodbye reaches them.
         self.gate.disconnect_all(f"the image was handed over to {destination}")
+        carrier = self.carrier
+        if self.address_moves and carrier is not None and carrier.service is not None:
+            # Before the unfreeze: a moved client's packet that still reaches
+            # this host finds no address here, rather than a reset.
+            carrier.service.give_up()
+        self._unfreeze()
         self._log_counts()
 
     def taken_back(self) -> None:
@@ -277,10 +283,6 @@ class Carriage:
             else:
                 self._abort(move)  # gone from here, not kept there: lost
         self._unfreeze()
-        carrier = self.carrier
-        if self.gave_up_address and carrier is not None and carrier.service is not None:
-            carrier.service.take()
-            self.gave_up_address = False
 
     @property
     def pending(self) -> bool:

@@ -1,13 +1,15 @@
 """The service address a node's clients use, which moves with the image at the handoff.
 
 ``--service-address IP/PREFIX@DEV`` (:class:`~ferry.handoff.address.ServiceAddress`).
-The source holds it from the start (``hold``: added to DEV if missing) and,
-when its clients move to another host, gives it up just before the commit
-goes (``give_up``: removed, so nothing on this host answers for it while the
-destination takes it); a commit that does not land takes it back.  The
+The source holds it from the start (``hold``: added to DEV if missing).  The
 destination takes it once the commit has landed and before it acknowledges
 (``take``: added, then announced with a gratuitous ARP so the clients'
-next packets reach it).  The announcer's packet socket is opened ahead of
+next packets reach it).  The source gives it up when it learns the commit
+landed (``give_up``: removed), after the clients that did not move have
+been told goodbye from it and before its frozen connections are let go, so
+a late packet of a moved client finds no address here rather than a reset.
+Until then both hosts have it for a moment; the destination's announcement
+is what the clients follow.  The announcer's packet socket is opened ahead of
 time: binding one takes tens of milliseconds, too long for the hold.
 
 Trouble with the address is logged and never fails the handoff: the image

@@ -14,12 +14,15 @@ role's triggers:
 3. flushed (and approved), with a lease: ``offering``; the lease is offered and its answer
    is the token the commit carries (``offer_failed``: not offered, held
    again, the attempt is lost).  Without one: straight to the commit.
-4. ``committing`` (role ``handing_off``): FERRY_CMD_COMMIT with the token;
-   for flexnbd, DISC, which nothing answers.  An OK reply is the handoff
-   (``completed``, role ``handed_off``): the lease is handed on, the clients
-   disconnected, the finish action run.  An error reply is a definite no:
-   ``commit_rejected`` to the retry, or with a lease ``reclaim``, which takes
-   the lease back before any client goes on.  A lost connection or no reply
+4. ``committing`` (role ``handing_off``): the clients that can move are
+   carried to the destination first (:mod:`ferry.migrate.carry`), then
+   FERRY_CMD_COMMIT with the token; for flexnbd, DISC, which nothing
+   answers.  An OK reply is the handoff (``completed``, role
+   ``handed_off``): the lease is handed on, the moved clients released and
+   the others disconnected, the finish action run.  An error reply is a
+   definite no: the clients still here are taken back, then
+   ``commit_rejected`` to the retry, or with a lease ``reclaim``, which
+   takes the lease back before any client goes on.  A lost connection or no reply
    is ``in_doubt``, settled by asking the lockspace (:meth:`resolve_from_lease`).
 5. ``reclaiming`` / ``cancelling``: the offered lease is taken back (after
    the offer's own answer, if it is still out); taken back, the job retries
