@@ -215,6 +215,20 @@ def build_parser() -> Parser:
         help="passes before client writes are throttled (default 30)",
     )
     mirror.add_argument(
+        "--max-retries",
+        type=int,
+        default=None,
+        metavar="N",
+        help="give up after N lost attempts (default: retry for ever)",
+    )
+    mirror.add_argument(
+        "--retry-for",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="give up once attempts have been lost for this long",
+    )
+    mirror.add_argument(
         "--action",
         choices=["exit", "unlink", "nothing"],
         default=None,
@@ -527,6 +541,10 @@ def _mirror(args: argparse.Namespace) -> int:
         params["max_downtime"] = args.max_downtime
     if args.max_passes is not None:
         params["max_passes"] = args.max_passes
+    if args.max_retries is not None:
+        params["max_retries"] = args.max_retries
+    if args.retry_for is not None:
+        params["retry_for"] = args.retry_for
     if args.flexnbd:
         params["flexnbd"] = True
     if args.export is not None:

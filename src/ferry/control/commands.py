@@ -381,6 +381,16 @@ def _parse_mirror(args: Sequence[str], params: Params) -> Reply | tuple[Destinat
                 kind = "a whole number" if whole else "a number of seconds"
                 return Reply(1, f"bad {key}: must be {kind} greater than 0")
             extra[key] = value
+    if "retry_for" in params:
+        seconds = _positive(params["retry_for"], whole=False)
+        if seconds is None:
+            return Reply(1, "bad retry_for: must be a number of seconds greater than 0")
+        extra["retry_for"] = seconds
+    if "max_retries" in params:
+        retries = params["max_retries"]
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            return Reply(1, "bad max_retries: must be a whole number, 0 or more")
+        extra["max_retries"] = retries
     if "flexnbd" in params:
         if not isinstance(params["flexnbd"], bool):
             return Reply(1, "bad flexnbd: must be true or false")

@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ferry.chartnames import MigrationState
 from ferry.clock import Clock
 from ferry.hooks import Hooks
 from ferry.migrate.blockers import Blockers, MigrationBlocked, blocked_message, lease_blockers
@@ -214,12 +215,18 @@ class MirrorManager:
         """What ``ferry mirror --wait`` shows, and how the job ended once it has."""
         if self.current is None:
             return {"running": False, "phase": None, "line": "not migrating"}
-        progress = self.current.progress()
+        current = self.current
+        progress = current.progress()
+        line = progress.render()
+        if current.state == MigrationState.RETRY_WAIT and current.last_error:
+            line = f"{line} (retrying: {current.last_error})"
         answer: dict[str, Any] = {
             "running": self.running,
-            "phase": self.current.state,
-            "line": progress.render(),
+            "phase": current.state,
+            "line": line,
             **progress.status_fields(),
+            "last_failure": current.last_failure,
+            "last_error": current.last_error or None,
         }
         result = self.current.result
         if result is not None:

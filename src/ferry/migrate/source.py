@@ -46,7 +46,7 @@ from ferry.migrate.core.backoff import Backoff
 from ferry.migrate.core.convergence import ConvergencePolicy
 from ferry.migrate.core.job import MigrationJob
 from ferry.migrate.core.progress import MigrationProgress
-from ferry.migrate.core.stats import FailureReason, MigrationStats
+from ferry.migrate.core.stats import PERMANENT, FailureReason, MigrationStats
 from ferry.migrate.gate import ClientGate
 from ferry.migrate.lease import OutgoingLease
 from ferry.migrate.negotiation import Negotiation
@@ -87,12 +87,19 @@ DIRTY_GRANULARITY = 4096
 class _Job(MigrationJob):
     """The job, telling the source when its retry timer has fired."""
 
-    def __init__(self, on_reconnect: Callable[[], None], **kwargs: Any) -> None:
+    def __init__(
+        self, on_reconnect: Callable[[], None], on_retry_wait: Callable[[], None], **kwargs: Any
+    ) -> None:
         self._on_reconnect = on_reconnect
+        self._on_retry_wait = on_retry_wait
         super().__init__(**kwargs)
 
     def on_enter_reconnecting(self, event: object) -> None:
         self._on_reconnect()
+
+    def on_enter_retry_wait(self, event: object) -> None:
+        super().on_enter_retry_wait(event)
+        self._on_retry_wait()
 
 
 class MirrorSource:
@@ -145,6 +152,7 @@ class MirrorSource:
         self.dirty = DirtyMap(self._image.size, DIRTY_GRANULARITY)
         self._job = _Job(
             self._reconnect_soon,
+            self._retry_wait_entered,
             image=self._image,
             dirty=self.dirty,
             clock=clock,
@@ -168,6 +176,10 @@ class MirrorSource:
         # Why the last attempt failed (a FailureReason's value): the status's
         # migration_last_failure; None while none has.
         self.last_failure: str | None = None
+        # The retry policy's count: attempts lost, since when, and why it gave up.
+        self._lost = 0
+        self._first_lost_at: float | None = None
+        self._giving_up: str | None = None
         self._attempt = Attempt(0)
         self._unobserve: list[Callable[[], None]] = []
         self._write_cap: int | None = None
@@ -306,7 +318,7 @@ class MirrorSource:
             state=job.state,
             why=reason,
         )
-        job.fire(MigrationTrigger.VETO)
+        job.fire(MigrationTrigger.VETO, detail)
         self.end(MirrorResult("cancelled", False, detail), CANCELLED, detail)
 
     def cancel(self) -> None:
@@ -528,18 +540,67 @@ class MirrorSource:
         self.last_failure = counted.value
         if state == MigrationState.COMMITTING:
             # The commit may have landed: neither serve nor hand over.
-            job.fire(MigrationTrigger.FAIL)
+            job.fire(MigrationTrigger.FAIL, detail)
             self._switchover.resolve_from_lease()
             return
         if not job.negotiated:
             self._stats.failures[counted] += 1
-            job.fire(MigrationTrigger.FAIL)
+            job.fire(MigrationTrigger.FAIL, detail)
             self.end(MirrorResult("failed", False, detail), message or REJECTED, detail)
             return
-        self._stats.retries[counted] += 1
-        job.fire(MigrationTrigger.FAIL)
+        self.lost_attempt(counted, detail)
+        job.fire(MigrationTrigger.FAIL, detail)
         if job.state == MigrationState.RECLAIMING:
             self._switchover.reclaim()  # the lease was being offered: it comes back first
+
+    # -- the retry policy --------------------------------------------------------------
+
+    def lost_attempt(self, reason: FailureReason, detail: str) -> None:
+        """An attempt after a good negotiation is lost: count it, and decide whether to retry.
+
+        An error no retry heals (:data:`PERMANENT`), or the policy's budget
+        spent (``max_retries`` lost attempts, or ``retry_for`` seconds since
+        the first), makes the job give up once it is in ``retry_wait``
+        (where every lost attempt goes, after the lease is back): it ends
+        ``failed`` with this reason.  Otherwise it is counted as a retry.
+        """
+        self.last_failure = reason.value
+        self.last_error = detail
+        options = self._options
+        now = self._clock.seconds()
+        if self._first_lost_at is None:
+            self._first_lost_at = now
+        self._lost += 1
+        why = None
+        if reason in PERMANENT:
+            why = f"{reason.value}: {detail}"
+        elif options.max_retries is not None and self._lost > options.max_retries:
+            why = f"{reason.value}: {detail} (retried {options.max_retries} times)"
+        elif options.retry_for is not None and now - self._first_lost_at >= options.retry_for:
+            why = f"{reason.value}: {detail} (retried for {options.retry_for:g} s)"
+        if why is None:
+            self._stats.retries[reason] += 1
+            return
+        self._stats.failures[reason] += 1
+        self._giving_up = why
+
+    def _retry_wait_entered(self) -> None:
+        # Called inside the transition: decide after it, not in it.
+        if self._giving_up is not None:
+            self._clock.call_later(0, self._give_up)
+
+    def _give_up(self) -> None:
+        why = self._giving_up
+        if why is None or self._job.state != MigrationState.RETRY_WAIT:
+            return
+        _log.warn(
+            "mirror of {export} to {dest}: giving up: {why}",
+            export=self._export.name,
+            dest=str(self.destination),
+            why=why,
+        )
+        self._job.fire(MigrationTrigger.GIVE_UP, why)
+        self.end(MirrorResult("failed", False, why), REJECTED, why)
 
     def abandon_attempt(self) -> None:
         """Stop everything of the current attempt; callbacks of it become no-ops."""

@@ -42,10 +42,10 @@ from twisted.python.failure import Failure
 from ferry.chartnames import LeaseState, MigrationState, MigrationTrigger, RoleTrigger
 from ferry.hooks import HookOutcome, Stage
 from ferry.migrate.attempt import Attempt, Driver
-from ferry.migrate.core.stats import FailureReason
+from ferry.migrate.core.stats import FailureReason, failure_of_reply
 from ferry.migrate.lease import InDoubtOutcome
 from ferry.migrate.options import FinishAction, MirrorResult
-from ferry.nbd.constants import Command, TransmissionFlag
+from ferry.nbd.constants import Command, Errno, TransmissionFlag
 from ferry.nbd.events import Reply
 
 __all__ = ["RESOLVE_RETRY", "Switchover"]
@@ -79,6 +79,8 @@ class SwitchoverDriver(Driver, Protocol):
     def veto(self, reason: str) -> None: ...
 
     def note_error(self, error: str) -> None: ...
+
+    def lost_attempt(self, reason: FailureReason, detail: str) -> None: ...
 
     def carry(self, attempt: Attempt) -> None: ...
 
@@ -137,7 +139,7 @@ class Switchover:
                 attempt,
                 "",
                 f"FLUSH failed: {reply.error.name} {reply.message}",
-                FailureReason.FLUSH_ERROR,
+                failure_of_reply(reply.error, FailureReason.FLUSH_ERROR),
             )
             return
         self._flushed(attempt)
@@ -202,11 +204,10 @@ class Switchover:
         if driver.job.state == MigrationState.OFFERING and driver.current(attempt):
             # Not offered: the lease is held again (or fenced, and lease_lost
             # has ended the job already).  The attempt is lost.
-            driver.note_error(why)
-            driver.stats.retries[FailureReason.LEASE] += 1
+            driver.lost_attempt(FailureReason.LEASE, why)
             _log.warn("mirror of {export}: {why}", export=driver.export.name, why=why)
             driver.abandon_attempt()
-            driver.job.fire(MigrationTrigger.OFFER_FAILED)
+            driver.job.fire(MigrationTrigger.OFFER_FAILED, why)
         elif driver.job.state in (MigrationState.RECLAIMING, MigrationState.CANCELLING):
             self.reclaim()
 
@@ -240,14 +241,19 @@ class Switchover:
             # once it is this node's again.
             why = f"commit refused: {reply.error.name} {reply.message}"
             driver.clients_taken_back()
-            driver.note_error(why)
-            driver.stats.retries[FailureReason.COMMIT_REJECTED] += 1
+            # EPERM: the destination cannot take the lease, which no retry changes.
+            refused = (
+                FailureReason.LEASE_REFUSED
+                if reply.error == Errno.EPERM
+                else FailureReason.COMMIT_REJECTED
+            )
+            driver.lost_attempt(refused, why)
             _log.warn("mirror of {export}: {why}", export=driver.export.name, why=why)
             driver.abandon_attempt()
             if driver.lease is None:
-                driver.job.fire(MigrationTrigger.COMMIT_REJECTED)
+                driver.job.fire(MigrationTrigger.COMMIT_REJECTED, why)
             else:
-                driver.job.fire(MigrationTrigger.RECLAIM)
+                driver.job.fire(MigrationTrigger.RECLAIM, why)
                 self.reclaim()
             return
         driver.job.fire(MigrationTrigger.COMMITTED)
