@@ -335,6 +335,23 @@ def build_parser() -> Parser:
     show.add_argument("--svg", metavar="OUT", help="also draw the timeline into this SVG file")
     show.set_defaults(run=run_trace_show)
 
+    check = modes.add_parser(
+        "check", help="say, one line each, which capabilities ferry needs this host has"
+    )
+    check.add_argument("--file", metavar="PATH", help="also check the image and its file system")
+    check.add_argument(
+        "--lockspace",
+        type=_lockspace_text,
+        metavar="SPEC",
+        help="also check that this lockspace is reachable and takes a lease",
+    )
+    check.add_argument(
+        "--move-connections",
+        action="store_true",
+        help="client connections must move at a handoff (TCP_REPAIR, nftables are needed)",
+    )
+    check.set_defaults(run=run_check)
+
     add_lock_commands(modes)
     add_daemon_commands(modes)
 
@@ -645,6 +662,34 @@ def _check_range(args: argparse.Namespace, size: int) -> None:
         raise UserError(
             f"range {args.offset}+{args.size} is past the end of the export ({size} bytes)"
         )
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """``ferry check``: one line per capability; exit 0 when every needed one is there."""
+    import tempfile
+
+    from ferry.check import file_probes, host_probes, lockspace_dir, lockspace_probe, render
+
+    spec = args.lockspace
+    local = lockspace_dir(spec)
+    ofd_dir = local or (os.path.dirname(os.path.abspath(args.file)) if args.file else None)
+    probes = host_probes(
+        move_connections=args.move_connections,
+        ofd_dir=ofd_dir if ofd_dir and os.path.isdir(ofd_dir) else tempfile.gettempdir(),
+        ofd_needed=local is not None,
+    )
+    if args.file:
+        probes += file_probes(args.file)
+    if spec is not None and spec != "none":
+        from twisted.internet import reactor
+
+        from ferry.cli.lock import settle
+
+        probes.append(lockspace_probe(spec, reactor, settle))
+    lines, status = render(probes)
+    for line in lines:
+        print(line)
+    return status
 
 
 def run_trace_replay(args: argparse.Namespace) -> int:
