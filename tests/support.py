@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
+from ferry.status import parse_line
+
 DEADLINE = 30.0
 FERRY = [sys.executable, "-m", "ferry"]
 # nbdsh is a Debian script that runs `python3 -m nbd`; the libnbd bindings
@@ -157,6 +159,33 @@ class FerryProcess:
             self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else ""
         )
         return "".join(self.log) + rest
+
+
+class ProxyProcess(FerryProcess):
+    """``ferry proxy`` in a child process; knows its port once it says it is proxying."""
+
+    SERVING = re.compile(rb"proxying .* on (?P<addr>\S+):(?P<port>\d+) to ")
+
+    def status(self, sock: Path) -> dict[str, str]:
+        return parse_line(run([*FERRY, "status", "--sock", str(sock)]).stdout.decode())
+
+    def wait_status(
+        self, sock: Path, check: Callable[[dict[str, str]], bool], deadline: float = 60
+    ) -> dict[str, str]:
+        """The status line once ``check`` holds, polled until ``deadline``: each poll asks anew."""
+        until = Deadline(deadline)
+        while True:
+            status = self.status(sock)
+            if check(status):
+                return status
+            if until.expired():
+                self.stop(signal.SIGKILL)
+                raise TimeoutError(f"status never matched: {status}\n{self.stderr_text()}")
+            try:
+                self.proc.wait(timeout=0.05)  # a pause that notices the proxy dying
+            except subprocess.TimeoutExpired:
+                continue
+            raise RuntimeError(f"the proxy exited: {self.stderr_text()}")
 
 
 def serve_args(image: Path, *extra: str, mode: str = "serve") -> list[str]:

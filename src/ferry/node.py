@@ -515,7 +515,7 @@ class Node:
     def _make_lease(self, unit: ExportUnit, resource: str) -> LeaseManager:
         """The one way this node builds a lease: its lockspace, its identity, its clock."""
         assert self._lockspace is not None
-        return LeaseManager(
+        lease = LeaseManager(
             self._lockspace,
             resource=resource,
             owner=f"{socket.gethostname()}:{os.getpid()}:{unit.name}",
@@ -524,6 +524,22 @@ class Node:
             tracer=self.tracer,
             on_fenced=unit.fenced,
         )
+        # Published with every grant it holds, for a ferry proxy looking for
+        # the image (the port is open before any export is added: ``start``).
+        lease.serving_address = self._serving_address()
+        return lease
+
+    def _serving_address(self) -> str | None:
+        """HOST:PORT where this node's NBD port is, once open: what a ferry proxy is told.
+
+        A wildcard address (all interfaces) is published as the host's name.
+        """
+        if self.nbd_address is None:
+            return None
+        host, port = self.nbd_address
+        if host in ("", "0.0.0.0", "::"):
+            host = socket.gethostname()
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def _took(self, unit: ExportUnit, lease: LeaseManager) -> None:
         """``unit`` holds ``lease`` now: released at shutdown, handed on by a migration out."""

@@ -252,6 +252,49 @@ def build_parser() -> Parser:
     )
     mirror.set_defaults(run=run_mirror)
 
+    proxy = modes.add_parser(
+        "proxy",
+        help="a local NBD endpoint that follows the image across migrations and restarts",
+        description="Serve NBD clients on --addr/--port (or --sock) and pass their requests, "
+        "as many in flight as they send, to the server at --conn-addr/--conn-port, one server "
+        "connection per client.  When the server goes away the requests wait, the proxy "
+        "reconnects (following a ferry source that says where the image went), and every "
+        "request without an answer is sent again; after --max-wait they get EIO.",
+    )
+    proxy.add_argument("-l", "--addr", help="IP address to serve clients on (with --port)")
+    proxy.add_argument("-p", "--port", type=port_number, help="TCP port to serve clients on")
+    proxy.add_argument("-s", "--sock", help="Unix socket to serve clients on, instead")
+    proxy.add_argument("-C", "--conn-addr", required=True, help="the server's address or name")
+    proxy.add_argument(
+        "-P", "--conn-port", type=port_number, required=True, help="the server's port"
+    )
+    proxy.add_argument("-b", "--bind", help="local address to connect to the server from")
+    proxy.add_argument(
+        "-n", "--name", default="", help="the export to ask the server for (default: its default)"
+    )
+    proxy.add_argument(
+        "--max-wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long requests wait for a lost server before they get EIO (default 60)",
+    )
+    proxy.add_argument(
+        "--metrics", type=host_and_port, metavar="ADDR:PORT", help="serve Prometheus /metrics"
+    )
+    proxy.add_argument(
+        "--lockspace",
+        metavar="SPEC",
+        help="find the image where its lease holder serves it (etcd:http://HOST:PORT[,...]), "
+        "then at --conn-addr",
+    )
+    proxy.add_argument("--resource", metavar="NAME", help="the image's lease (with --lockspace)")
+    proxy.add_argument("--control-sock", metavar="PATH", help="control socket (status)")
+    proxy.add_argument("--trace", metavar="FILE", help="append every state transition as JSON")
+    proxy.add_argument("--log", metavar="FILE", help="also append every log event as JSON lines")
+    _verbosity(proxy)
+    proxy.set_defaults(run=lambda args: run_proxy(proxy, args))
+
     breaker = modes.add_parser("break", help="stop a running migration; the source keeps serving")
     _control_sock(breaker, required=True)
     _export(breaker)
@@ -452,6 +495,52 @@ def _usage(args: argparse.Namespace, message: str) -> NoReturn:
     """A problem with the command line found after parsing: one line, exit 2."""
     print(f"ferry {args.mode}: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def run_proxy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``ferry proxy``; what argparse cannot check is a usage error all the same (exit 2)."""
+    from twisted.internet import reactor
+
+    from ferry.logs import LogFileError, open_log_file, start_logging
+    from ferry.proxy.runner import ProxyConfig, ProxyNode, StartupError
+
+    if args.sock is not None and (args.addr is not None or args.port is not None):
+        parser.error("listen on --addr and --port, or on --sock, not both")
+    if args.sock is None and (args.addr is None or args.port is None):
+        parser.error("--addr and --port (or --sock) are required")
+    try:
+        config = ProxyConfig(
+            conn_addr=args.conn_addr,
+            conn_port=args.conn_port,
+            addr=args.addr,
+            port=args.port,
+            sock=args.sock,
+            bind=args.bind,
+            name=args.name,
+            max_wait=args.max_wait,
+            metrics=args.metrics,
+            control_sock=args.control_sock,
+            trace=args.trace,
+            lockspace=args.lockspace,
+            resource=args.resource,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        log_file = open_log_file(args.log) if args.log else None
+    except LogFileError as error:
+        raise UserError(str(error)) from None
+    start_logging(
+        verbose=args.verbose, quiet=args.quiet, json_file=log_file, fields={"export": args.name}
+    )
+    try:
+        node = ProxyNode(reactor, config)
+        node.start()
+    except StartupError as error:
+        raise UserError(str(error)) from None
+    reactor.addSystemEventTrigger("before", "shutdown", node.shutdown)
+    reactor.run()
+    return 0
 
 
 def control_request(path: str, lines: Sequence[str]) -> tuple[int, str]:

@@ -70,6 +70,31 @@ class Reply:
 Command = Callable[[Sequence[str], Params], "Reply | Deferred[Reply]"]
 
 
+class CommandTable(Protocol):
+    """What the control socket runs commands on: a node's :class:`Commands`, or a proxy's."""
+
+    @property
+    def table(self) -> Mapping[str, Command]:
+        """The commands by name (an unknown JSON method is answered without running any)."""
+        ...
+
+    def run(
+        self, name: str, args: Sequence[str], params: Params | None = None
+    ) -> Reply | Deferred[Reply]: ...
+
+
+def dispatch(
+    table: Mapping[str, Command], name: str, args: Sequence[str], params: Params | None
+) -> Reply | Deferred[Reply]:
+    """Run the command ``name`` of ``table``; a missing or unknown one is an error reply."""
+    if not name:
+        return Reply(9, "missing command")
+    command = table.get(name)
+    if command is None:
+        return Reply(10, "unknown command")
+    return command(args, params or {})
+
+
 class ExportHost(Protocol):
     """What adds and removes a node's exports (``ferry.node.Node``)."""
 
@@ -116,12 +141,7 @@ class Commands:
     def run(
         self, name: str, args: Sequence[str], params: Params | None = None
     ) -> Reply | Deferred[Reply]:
-        if not name:
-            return Reply(9, "missing command")
-        command = self.table.get(name)
-        if command is None:
-            return Reply(10, "unknown command")
-        return command(args, params or {})
+        return dispatch(self.table, name, args, params)
 
     def _unit(self, params: Params) -> ExportUnit:
         """The export a command is about: ``params["export"]``, or the default one."""

@@ -112,7 +112,7 @@ from typing import Any, Final, TypeVar
 
 from twisted.internet import defer
 from twisted.internet import inotify as _inotify
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
@@ -468,6 +468,13 @@ class LocalLockspace:
 
     def take_over(self, resource: str, owner: str, token: int) -> Deferred[Grant]:
         return _answer(self._take_over, resource, owner, token)
+
+    def publish(self, grant: Grant, address: str) -> Deferred[None]:
+        """Nothing is recorded: a local lockspace is one host's, and so are its servers."""
+        return succeed(None)
+
+    def where(self, resource: str) -> Deferred[list[str]]:
+        return succeed([])
 
     def inquire_all(self) -> Deferred[dict[str, tuple[Holder, ...]]]:
         """Every lock file that has a live holder, with its holders (``ferry lock status``).

@@ -68,7 +68,15 @@ from ferry.migrate.options import (
 )
 from ferry.migrate.switchover import Switchover
 from ferry.migrate.wire import Connector, MirrorProtocol, MirrorProtocolFactory
-from ferry.nbd.events import Event, Negotiated, NegotiationFailed, OptionAnswered, Reply
+from ferry.nbd.events import (
+    Event,
+    Negotiated,
+    NegotiationFailed,
+    OptionAnswered,
+    OptionData,
+    Reply,
+)
+from ferry.nbd.locate import Location
 from ferry.serve.export import Export
 from ferry.storage import Image
 from ferry.storage.dirtymap import DirtyMap
@@ -237,6 +245,11 @@ class MirrorSource:
     @property
     def destination_name(self) -> str:
         return str(self.destination)
+
+    @property
+    def destination_location(self) -> Location:
+        destination = self.destination
+        return Location(destination.host, destination.port, destination.export_name)
 
     def current(self, attempt: Attempt) -> bool:
         return attempt is self._attempt
@@ -457,6 +470,8 @@ class MirrorSource:
                 return  # given up while handling an earlier event
             if isinstance(event, Reply):
                 self._reply(attempt, event)
+            elif isinstance(event, OptionData):
+                self._negotiation.option_data(attempt, event)
             elif isinstance(event, OptionAnswered):
                 self._negotiation.option_answered(attempt, event)
             elif isinstance(event, Negotiated):

@@ -47,6 +47,7 @@ from ferry.migrate.lease import InDoubtOutcome
 from ferry.migrate.options import FinishAction, MirrorResult
 from ferry.nbd.constants import Command, Errno, TransmissionFlag
 from ferry.nbd.events import Reply
+from ferry.nbd.locate import Location
 
 __all__ = ["RESOLVE_RETRY", "Switchover"]
 
@@ -90,6 +91,11 @@ class SwitchoverDriver(Driver, Protocol):
 
     @property
     def destination_name(self) -> str: ...
+
+    @property
+    def destination_location(self) -> Location:
+        """Where the image goes: what FERRY_OPT_LOCATE answers once it is there."""
+        ...
 
 
 class Switchover:
@@ -292,6 +298,9 @@ class Switchover:
             # flexnbd's listener takes no lease: ours goes with the image.
             lease.release().addErrback(self._lease_trouble, "release")
         driver.job.note_hold(driver.gate.longest_hold)
+        # Before the clients go: a proxy among them whose connection did not
+        # move asks where the image went.
+        driver.export.handed_to = driver.destination_location
         driver.clients_handed_over()
         action = driver.options.action
         if action is FinishAction.UNLINK:
