@@ -28,6 +28,7 @@ from support import (
     serve,
     serve_args,
     sparse_file,
+    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -151,9 +152,14 @@ def test_a_destination_that_cannot_take_the_lease_leaves_it_with_the_source(
         assert "lease" in source.wait_for_log("commit refused")
         during = status(tmp_path / "serve.sock")
         assert during["lease_state"] == "held" and during["has_control"] == "true"
-        run([*FERRY, "break", "--sock", str(tmp_path / "serve.sock")])
+        # No retry can give the destination the lease: the migration ends failed.
+        wait_until(
+            "the migration ended",
+            lambda: status(tmp_path / "serve.sock")["is_migrating"] == "false",
+        )
         after = status(tmp_path / "serve.sock")
         assert (after["state"], after["lease_state"]) == ("serving", "held")
+        assert after["migration_last_failure"] == "lease_refused"
         assert status(tmp_path / "listen.sock")["has_control"] == "false"
 
 
