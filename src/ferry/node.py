@@ -47,6 +47,7 @@ from ferry.exports import (
     export_of,
 )
 from ferry.handoff.address import AddressError, ServiceAddress, listen_freebind
+from ferry.hooks import NO_HOOKS, HookConfig, HookContext, Hooks
 from ferry.lease.backend import LeaseBackend, LeaseConflict, LeaseError, LeaseMode
 from ferry.lease.incoming import IncomingLease
 from ferry.lease.manager import LeaseManager
@@ -117,6 +118,8 @@ class NodeConfig:
     # --service-address IP/PREFIX@DEV: the address clients use, which moves
     # with the image (``ferry serve`` and ``listen``; a daemon has none).
     service_address: str | None = None
+    # A daemon's hooks (ferry.hooks): every export's, under its own.
+    hooks: HookConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,7 @@ class ServeConfig:
     tls_allowed_subjects: str | None = None
     # --service-address IP/PREFIX@DEV: the address clients use, which moves with the image.
     service_address: str | None = None
+    hooks: HookConfig = NO_HOOKS  # --hook STAGE=PATH, --hook-timeout
 
     @property
     def export_name(self) -> str:
@@ -163,6 +167,7 @@ class ServeConfig:
             listen=self.listen,
             resource=self.resource,
             description=self.description,
+            hooks=self.hooks,
         )
 
     def node(self) -> NodeConfig:
@@ -455,6 +460,7 @@ class Node:
         )
         export.acl = acl
         name = export.name
+        hooks = self._hooks_of(config, lambda: None if unit.lease is None else unit.lease.token)
         mirrors = MirrorManager(
             export,
             gate=export,
@@ -464,6 +470,7 @@ class Node:
             stop_process=lambda: self._after_handoff(name),
             tls=None if self.credentials is None else self.credentials.client_creator,
             carrier=self.carrier,
+            hooks=hooks,
         )
         unit = ExportUnit(config, export, mirrors)
         unit.can_move_connections = self.carrier is not None and self.carrier.can_move
@@ -492,6 +499,14 @@ class Node:
             return result
 
         return d.addCallback(serve).addErrback(failed).addBoth(settled)
+
+    def _hooks_of(self, config: ExportConfig, token: Callable[[], int | None]) -> Hooks | None:
+        """The export's hooks over the node's; None if it has none at all."""
+        merged = config.hooks.under(self.config.hooks)
+        if not merged.scripts:
+            return None
+        context = HookContext(config.export_name, config.file, lease_token=token)
+        return Hooks(merged, context, reactor=self.reactor, clock=self.clock)
 
     def remove_export(self, name: str, *, force: bool = False) -> Deferred[None]:
         """Take an export off the port: its migration broken, its clients drained, its lease

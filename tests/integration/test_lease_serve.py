@@ -44,12 +44,15 @@ def test_a_second_server_for_a_leased_image_is_refused_naming_the_holder(
         assert f":{first.proc.pid}:disk.img (exclusive, token {token})" in message
     finally:
         assert first.stop() == 0
-    # Stopping released it: the next server takes it with a larger token.
+    # Stopping released it, and removed its lock file: nobody holds the lease.
+    assert list(locks.glob("*.lock")) == []
+    # The next server takes it with a larger token all the same.
     third = serve(image, "--lockspace", space, "--sock", str(tmp_path / "third.sock"))
     try:
         assert int(status(tmp_path / "third.sock")["lease_token"]) > token
     finally:
         assert third.stop() == 0
+    assert sorted(path.name for path in locks.iterdir()) == ["tokens"]
 
 
 def test_a_bad_lockspace_is_one_line_and_nothing_is_served(tmp_path: Path) -> None:

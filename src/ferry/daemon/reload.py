@@ -137,6 +137,8 @@ def _node_settings(config: DaemonConfig) -> dict[str, object]:
         node.lockspace,
         node.trace,
         config.log,
+        None if node.hooks is None else node.hooks.settings(),
+        None if node.hooks is None else node.hooks.timeout,
         node.tls,
         node.tls_certificates,
         node.tls_verify_peer,
