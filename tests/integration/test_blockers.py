@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ferry.control.client import line_command
-from ferry.status import parse_line, parse_list
+from ferry.status import parse_list
 from support import (
     FERRY,
     Deadline,
@@ -31,6 +31,7 @@ from support import (
     serve,
     sparse_file,
     start_peer,
+    status,
     stop_peer,
     wait_until,
 )
@@ -41,9 +42,6 @@ pytestmark = pytest.mark.integration
 MiB = 1 << 20
 SIZE = 32 * MiB
 
-
-def status(sock: Path) -> dict[str, str]:
-    return parse_line(run([*FERRY, "status", "--sock", str(sock)]).stdout.decode())
 
 
 @pytest.fixture

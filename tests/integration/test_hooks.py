@@ -31,6 +31,7 @@ from support import (
     run,
     serve,
     sparse_file,
+    status,
     wait_until,
 )
 from workload import BLOCK
@@ -41,9 +42,6 @@ MiB = 1 << 20
 SIZE = 32 * MiB
 BLOCKS = 2048
 
-
-def status(sock: Path) -> dict[str, str]:
-    return parse_line(run([*FERRY, "status", "--sock", str(sock)]).stdout.decode())
 
 
 def hook(path: Path, body: str) -> Path:

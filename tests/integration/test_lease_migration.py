@@ -28,6 +28,7 @@ from support import (
     serve,
     serve_args,
     sparse_file,
+    status,
     wait_until,
 )
 
@@ -37,10 +38,6 @@ __all__ = ["etcd_fixture"]  # the fixture, for pytest
 
 SIZE = 8 << 20
 
-
-def status(sock: Path) -> dict[str, str]:
-    line = run([*FERRY, "status", "--sock", str(sock)]).stdout.decode().split()
-    return dict(field.split("=", 1) for field in line)
 
 
 @contextlib.contextmanager

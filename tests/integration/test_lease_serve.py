@@ -11,14 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from support import FERRY, FerryProcess, free_port, run, serve
+from support import FERRY, FerryProcess, free_port, run, serve, status
 
 pytestmark = pytest.mark.integration
 
-
-def status(sock: Path) -> dict[str, str]:
-    line = run([*FERRY, "status", "--sock", str(sock)]).stdout.decode().split()
-    return dict(field.split("=", 1) for field in line)
 
 
 def test_a_second_server_for_a_leased_image_is_refused_naming_the_holder(
@@ -58,7 +54,7 @@ def test_a_second_server_for_a_leased_image_is_refused_naming_the_holder(
 def test_a_bad_lockspace_is_one_line_and_nothing_is_served(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(4096))
-    for spec, words, status in (
+    for spec, words, exit_status in (
         ("nowhere:x", "unknown scheme", 2),  # the command line is wrong: a usage error
         (f"local:{tmp_path / 'missing'}", "does not exist", 1),
         # Refused after the reactor started: its shutdown must not flush a closed image.
@@ -68,7 +64,7 @@ def test_a_bad_lockspace_is_one_line_and_nothing_is_served(tmp_path: Path) -> No
             [*FERRY, "serve", "-l", "127.0.0.1", "-p", "0", "-f", str(image), "--lockspace", spec],
             check=False,
         )
-        assert result.returncode == status
+        assert result.returncode == exit_status
         lines = result.stderr.decode().splitlines()
         assert len(lines) == 1 and words in lines[0] and lines[0].startswith("ferry")
         assert "Traceback" not in result.stderr.decode()

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from ferry.status import parse_line
 from support import (
     FERRY,
     Writers,
@@ -28,6 +27,7 @@ from support import (
     run,
     serve,
     sparse_file,
+    status,
     wait_until,
 )
 from workload import BLOCK
@@ -37,9 +37,6 @@ pytestmark = pytest.mark.integration
 MiB = 1 << 20
 SIZE = 32 * MiB
 
-
-def status(sock: Path) -> dict[str, str]:
-    return parse_line(run([*FERRY, "status", "--sock", str(sock)]).stdout.decode())
 
 
 @pytest.fixture
