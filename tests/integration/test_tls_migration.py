@@ -21,7 +21,6 @@ import pytest
 
 from fakes.forged_sender import ForgedSender
 from ferry.nbd.constants import OptionReply
-from ferry.status import parse_line
 from support import (
     FERRY,
     FerryProcess,
@@ -33,6 +32,7 @@ from support import (
     sha256,
     sparse_file,
     start_peer,
+    status,
     stop_peer,
     wait_until,
 )
@@ -46,10 +46,6 @@ __all__ = ["pki_fixture"]
 MiB = 1 << 20
 SIZE = 64 * MiB
 WORKLOAD = Path(__file__).resolve().parents[1] / "workload.py"
-
-
-def status(sock: Path) -> dict[str, str]:
-    return parse_line(run([*FERRY, "status", "--sock", str(sock)]).stdout.decode())
 
 
 def listener(tmp_path: Path, pki: PKI, image: Path, lockspace: str) -> FerryProcess:
