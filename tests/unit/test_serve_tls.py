@@ -1,17 +1,20 @@
-"""A TLS client's connection cannot move with the image: the connection says so.
+"""A TLS connection in the serve layer: it cannot move with the image, and its TLS
+handshake is timed like any handshake.
 
-Its TLS session (keys, sequence numbers, buffered records) lives in this
-process's OpenSSL, which a TCP_REPAIR checkpoint of the socket does not
+A TLS client's session (keys, sequence numbers, buffered records) lives in
+this process's OpenSSL, which a TCP_REPAIR checkpoint of the socket does not
 carry, so ``why_not_movable`` must name TLS and ``session_snapshot`` must
 refuse; the handoff then disconnects the client like any that cannot move
 (``tests/integration/test_tls_migration.py`` shows that with real clients).
+And a client that sends STARTTLS and then nothing holds a connection no
+longer than one that never finishes its handshake in the clear.
 
 Each connection here is Twisted's own ``tcp.Server`` on one end of a
 loopback connection (``why_not_movable`` asks for a real TCP socket), with a
 ``MemoryReactorClock`` as its reactor.  The client's bytes are fed to the
 protocol directly: after STARTTLS that is what the TLS layer would hand it
 once decrypted.  The TLS handshake itself never runs; ``transport.TLS``
-is what says TLS has started, and that is all the check may rely on.
+is what says TLS has started, and that is all the checks may rely on.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from ferry.nbd.constants import TLSMode
 from ferry.nbd.session import SnapshotError
 from ferry.serve.connection import NBDServerProtocol
 from ferry.serve.export import Export
+from ferry.serve.limits import HANDSHAKE_TIMEOUT
 from ferry.serve.server import NBDServer
 from ferry.storage import Image
 from ferry.tls import ServerTLS, load_credentials
@@ -55,7 +59,8 @@ class Served:
         with open(path, "wb") as f:
             f.truncate(SIZE)
         self.image = Image.open(path)
-        clock = ReactorClock(task.Clock())
+        self.clock = task.Clock()  # the server's: its timers
+        clock = ReactorClock(self.clock)
         self.export = Export("disk", self.image, clock=clock)
         self.export.trigger("serve")
         self.server = NBDServer(
@@ -113,3 +118,17 @@ def test_a_tls_client_in_transmission_cannot_and_says_why(served: Served) -> Non
     assert protocol.why_not_movable() == "its TLS session cannot move"
     with pytest.raises(SnapshotError, match="its TLS session cannot move"):
         protocol.session_snapshot()
+
+
+def test_a_client_silent_after_starttls_is_closed_at_the_handshake_time_out(
+    served: Served,
+) -> None:
+    protocol = served.connect()
+    protocol.dataReceived(client_flags() + option(OPT_STARTTLS))
+    transport = protocol.transport
+    assert transport is not None and transport.TLS  # type: ignore[attr-defined]
+    served.clock.advance(HANDSHAKE_TIMEOUT - 0.1)
+    assert not transport.disconnecting  # type: ignore[attr-defined]
+    served.clock.advance(0.1)
+    served.reactor.advance(0)  # the transport's connectionLost, scheduled by the abort
+    assert transport.disconnected  # type: ignore[attr-defined]
