@@ -201,6 +201,13 @@ def serve(
     return FerryProcess(serve_args(image, *extra, mode=mode), env=env).wait_serving()
 
 
+def status(sock: Path) -> dict[str, str]:
+    """The status line of the ferry at control socket ``sock``, field by field."""
+    from ferry.status import parse_line
+
+    return parse_line(run([*FERRY, "status", "--sock", str(sock)]).stdout.decode())
+
+
 def mirror_command(port: int, sock: Path, *extra: str) -> list[str]:
     """``ferry mirror`` of the server at control socket ``sock`` to ``127.0.0.1:port``."""
     return [

@@ -122,6 +122,7 @@ class MigrationTrigger(StrEnum):
     COMMITTED = "committed"
     CONNECTED = "connected"
     FAIL = "fail"
+    GIVE_UP = "give_up"
     LEASE_LOST = "lease_lost"
     MIRRORED = "mirrored"
     NEXT_PASS = "next_pass"
@@ -134,6 +135,7 @@ class MigrationTrigger(StrEnum):
     RESOLVE_COMMITTED = "resolve_committed"
     RETRY = "retry"
     STOP = "stop"
+    VETO = "veto"
 
 
 class ProxyState(StrEnum):

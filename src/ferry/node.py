@@ -54,6 +54,7 @@ from ferry.exports import (
     export_of,
 )
 from ferry.handoff.address import AddressError, ServiceAddress, listen_freebind
+from ferry.hooks import NO_HOOKS, HookConfig, HookContext, Hooks, parse_hooks
 from ferry.lease.backend import (
     Grant,
     LeaseBackend,
@@ -94,6 +95,7 @@ from ferry.takeover.give import Giver
 from ferry.takeover.options import served_exports
 from ferry.takeover.state import ExportDescriptors, ExportState, TakeoverStateError
 from ferry.takeover.take import Taken, TakeoverError, ask
+from ferry.tls import Credentials, ServerTLS, TLSError, TLSMode, load_credentials, read_subjects
 from ferry.trace import TraceFile, Tracer, TraceRecord, log_transitions
 
 __all__ = ["NO_LOCKSPACE", "Node", "NodeConfig", "ServeConfig", "StartupError"]
@@ -132,9 +134,17 @@ class NodeConfig:
     # What a migration's ``exit`` action ends once the image is handed over:
     # the process (``ferry serve``), or only the export (a daemon).
     exit_stops_node: bool = True
+    # --tls, --tls-certificates, --tls-verify-peer, --tls-allowed-subjects (see ferry.tls).
+    # With certificates, this node's migrations go out over TLS too.
+    tls: TLSMode = TLSMode.OFF
+    tls_certificates: str | None = None
+    tls_verify_peer: bool = False
+    tls_allowed_subjects: str | None = None
     # --service-address IP/PREFIX@DEV: the address clients use, which moves
     # with the image (``ferry serve`` and ``listen``; a daemon has none).
     service_address: str | None = None
+    # A daemon's hooks (ferry.hooks): every export's, under its own.
+    hooks: HookConfig | None = None
 
     @classmethod
     def from_served(
@@ -149,6 +159,7 @@ class NodeConfig:
         try:
             node = served["node"]
             metrics = node.get("metrics")
+            hooks = node.get("hooks")
             return cls(
                 addr=_typed(node, "addr", str),
                 port=_typed(node, "port", int),
@@ -161,6 +172,11 @@ class NodeConfig:
                 lockspace=_typed(node, "lockspace", str),
                 exit_stops_node=exit_stops_node,
                 service_address=_typed(node, "service_address", str, optional=True),
+                tls=TLSMode(node["tls"]),
+                tls_certificates=_typed(node, "tls_certificates", str, optional=True),
+                tls_verify_peer=_typed(node, "tls_verify_peer", bool),
+                tls_allowed_subjects=_typed(node, "tls_allowed_subjects", str, optional=True),
+                hooks=None if hooks is None else parse_hooks(hooks, node["hook_timeout"]),
             )
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise StartupError(f"the old process's options cannot be read: {error}") from None
@@ -187,8 +203,15 @@ class ServeConfig:
     # default (a local directory), NO_LOCKSPACE is no lease at all.
     lockspace: str | None = None
     resource: str | None = None  # the lease's name (default: the image's real path)
+    # --tls, --tls-certificates, --tls-verify-peer, --tls-allowed-subjects (see ferry.tls).
+    # With certificates, this node's migrations go out over TLS too.
+    tls: TLSMode = TLSMode.OFF
+    tls_certificates: str | None = None
+    tls_verify_peer: bool = False
+    tls_allowed_subjects: str | None = None
     # --service-address IP/PREFIX@DEV: the address clients use, which moves with the image.
     service_address: str | None = None
+    hooks: HookConfig = NO_HOOKS  # --hook STAGE=PATH, --hook-timeout
 
     @property
     def export_name(self) -> str:
@@ -204,6 +227,7 @@ class ServeConfig:
             listen=self.listen,
             resource=self.resource,
             description=self.description,
+            hooks=self.hooks,
         )
 
     def node(self) -> NodeConfig:
@@ -218,6 +242,10 @@ class ServeConfig:
             metrics=self.metrics,
             trace=self.trace,
             lockspace=self.lockspace,
+            tls=self.tls,
+            tls_certificates=self.tls_certificates,
+            tls_verify_peer=self.tls_verify_peer,
+            tls_allowed_subjects=self.tls_allowed_subjects,
             service_address=self.service_address,
         )
 
@@ -255,6 +283,8 @@ class Node:
         self.nbd_port: IListeningPort | None = None
         self.metrics_port: IListeningPort | None = None
         self._lockspace: LeaseBackend | None = None
+        # The --tls-certificates directory, checked: the client side of migrations.
+        self.credentials: Credentials | None = None
         # Exports whose lease is being taken: not served yet, but their
         # machines already run (and are logged under their name).
         self._adding: dict[str, ExportUnit] = {}
@@ -352,6 +382,7 @@ class Node:
             acl = Acl.parse(config.acl, default_deny=config.default_deny)
         except AclError as error:
             raise StartupError(str(error)) from None
+        tls = self._open_tls(config)
         if config.trace:
             try:
                 self._trace_file = TraceFile(config.trace)
@@ -372,6 +403,7 @@ class Node:
                 clock=self.clock,
                 arrivals=Arrivals(self.reactor, self.carrier),
             ),
+            tls=tls,
         )
         if config.sock:
             from ferry.control.server import ControlSocketError
@@ -419,6 +451,45 @@ class Node:
         assert self.metrics_port is not None
         host = self.metrics_port.getHost()
         log.info("metrics at http://{host}:{port}/metrics", host=host.host, port=host.port)  # type: ignore[attr-defined]
+
+    def _open_tls(self, config: NodeConfig) -> ServerTLS:
+        """Check the TLS options and read the certificates, before anything opens."""
+        mode = config.tls
+        if config.oldstyle and mode is not TLSMode.OFF:
+            raise StartupError(
+                f"--oldstyle cannot be combined with --tls {mode.value}: "
+                "oldstyle negotiation has no NBD_OPT_STARTTLS"
+            )
+        if mode is not TLSMode.OFF and config.tls_certificates is None:
+            raise StartupError(
+                f"--tls {mode.value} needs --tls-certificates DIR "
+                "(with ca-cert.pem, server-cert.pem and server-key.pem)"
+            )
+        if config.tls_verify_peer and mode is TLSMode.OFF:
+            raise StartupError("--tls-verify-peer needs --tls on or --tls require")
+        if config.tls_allowed_subjects is not None and not config.tls_verify_peer:
+            raise StartupError(
+                "--tls-allowed-subjects needs --tls-verify-peer: without it no subject is verified"
+            )
+        if config.tls_certificates is None:
+            return ServerTLS(TLSMode.OFF)
+        try:
+            self.credentials = load_credentials(
+                config.tls_certificates, server=mode is not TLSMode.OFF
+            )
+            allowed = None
+            if config.tls_allowed_subjects is not None:
+                allowed = read_subjects(config.tls_allowed_subjects)
+        except TLSError as error:
+            raise StartupError(str(error)) from None
+        if mode is TLSMode.OFF:
+            return ServerTLS(TLSMode.OFF)
+        return ServerTLS(
+            mode,
+            self.credentials.server_options(verify_peer=config.tls_verify_peer),
+            verify_peer=config.tls_verify_peer,
+            allowed_senders=allowed,
+        )
 
     # -- exports ------------------------------------------------------------------------
 
@@ -489,7 +560,7 @@ class Node:
         return d.addCallback(serve).addErrback(failed).addBoth(settled)
 
     def _unit(self, config: ExportConfig, image: Image, acl: Acl) -> ExportUnit:
-        """An export of ``image``, with its migrations; not served yet, no lease yet."""
+        """An export of ``image``, with its migrations and hooks; not served yet, no lease yet."""
         export = Export(
             config.export_name,
             image,
@@ -499,6 +570,7 @@ class Node:
         )
         export.acl = acl
         name = export.name
+        hooks = self._hooks_of(config, lambda: None if unit.lease is None else unit.lease.token)
         mirrors = MirrorManager(
             export,
             gate=export,
@@ -506,11 +578,21 @@ class Node:
             connector=tcp_connector(self.reactor),
             tracer=self.tracer,
             stop_process=lambda: self._after_handoff(name),
+            tls=None if self.credentials is None else self.credentials.client_creator,
             carrier=self.carrier,
+            hooks=hooks,
         )
         unit = ExportUnit(config, export, mirrors)
         unit.can_move_connections = self.carrier is not None and self.carrier.can_move
         return unit
+
+    def _hooks_of(self, config: ExportConfig, token: Callable[[], int | None]) -> Hooks | None:
+        """The export's hooks over the node's; None if it has none at all."""
+        merged = config.hooks.under(self.config.hooks)
+        if not merged.scripts:
+            return None
+        context = HookContext(config.export_name, config.file, lease_token=token)
+        return Hooks(merged, context, reactor=self.reactor, clock=self.clock)
 
     def remove_export(self, name: str, *, force: bool = False) -> Deferred[None]:
         """Take an export off the port: its migration broken, its clients drained, its lease
@@ -633,19 +715,23 @@ class Node:
         A sender must be named by the listener's ACL or the export's own; with
         neither naming anyone, senders are admitted only from loopback: on
         any other address that would be no sender at all, which is a mistake
-        worth one line now rather than a refused migration later.  flexnbd's
-        stream (``--oldstyle``) cannot be told apart from a client's, so it
-        needs an ACL whatever the address.
+        worth one line now rather than a refused migration later -- unless
+        senders can prove who they are with a certificate
+        (``--tls-verify-peer``), which needs no address.  flexnbd's stream
+        (``--oldstyle``) cannot be told apart from a client's, so it needs an
+        ACL whatever the address.
         """
         assert self.server is not None
-        if self.server.acl.networks or export_acl.networks:
+        if self.server.acl.networks or export_acl.networks or self.server.tls.verify_peer:
             return
         # ``ferry listen`` names senders as ACL entries; a daemon in its export's acl.
-        hint = (
-            "name the source hosts as ACL entries (ferry listen ... ADDRESS ...)"
-            if self.config.exit_stops_node
-            else "name the source hosts in the export's acl"
-        )
+        # Each asks for certificates in its own words.
+        if self.config.exit_stops_node:
+            hint = "name the source hosts as ACL entries (ferry listen ... ADDRESS ...)"
+            by_certificate = "--tls require --tls-verify-peer"
+        else:
+            hint = "name the source hosts in the export's acl"
+            by_certificate = 'tls = "require" and tls_verify_peer = true'
         if self.config.oldstyle:
             raise StartupError(
                 f"listen --oldstyle takes flexnbd's migration, which cannot authenticate: {hint}"
@@ -653,7 +739,7 @@ class Node:
         if not is_loopback(self.config.addr):
             raise StartupError(
                 f"listen on {self.config.addr} admits migration senders only from the addresses "
-                f"its ACL names: {hint}"
+                f"its ACL names: {hint}, or authenticate them by certificate ({by_certificate})"
             )
 
     # -- the port ----------------------------------------------------------------------
@@ -738,6 +824,12 @@ class Node:
             "metrics": metrics,
             "lockspace": NO_LOCKSPACE if self._lockspace is None else self._lockspace.spec,
             "service_address": config.service_address,
+            "tls": config.tls.value,
+            "tls_certificates": _absolute(config.tls_certificates),
+            "tls_verify_peer": config.tls_verify_peer,
+            "tls_allowed_subjects": _absolute(config.tls_allowed_subjects),
+            "hooks": None if config.hooks is None else _hook_settings(config.hooks),
+            "hook_timeout": None if config.hooks is None else config.hooks.timeout,
         }
         exports = []
         for unit in self.exports:
@@ -752,6 +844,8 @@ class Node:
                     "default_deny": unit.export.acl.default_deny,
                     "resource": unit.config.resource if lease is None else lease.resource,
                     "max_downtime": unit.config.max_downtime,
+                    "hooks": _hook_settings(unit.config.hooks),
+                    "hook_timeout": unit.config.hooks.timeout,
                     "lease_owner": None if lease is None else lease.owner,
                 }
             )
@@ -1125,6 +1219,15 @@ class _Prepared:
             if one.unit.export.can(RoleTrigger.SHUTDOWN):
                 one.unit.export.trigger(RoleTrigger.SHUTDOWN)
             one.image.close()
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else os.path.abspath(path)
+
+
+def _hook_settings(hooks: HookConfig) -> dict[str, str]:
+    """A node's or an export's hooks, their paths absolute (the taker's directory is its own)."""
+    return {stage: os.path.abspath(path) for stage, path in hooks.settings().items()}
 
 
 def _typed(served: Mapping[str, Any], key: str, kind: type, *, optional: bool = False) -> Any:

@@ -55,6 +55,25 @@ SIZE = 16 * MiB
 DEPTH = 16
 WRITER = Path(__file__).resolve().parents[1] / "takeover_writer.py"
 
+# A libnbd client over TLS (argv[1], an nbds:// URI): reads until the stop file (argv[2])
+# appears or the connection fails; says how it ended.
+TLS_READER = """
+import json, os, sys
+import nbd
+handle = nbd.NBD()
+handle.set_uri_allow_local_file(True)
+handle.connect_uri(sys.argv[1])
+reads, ended = 0, "stopped"
+while not os.path.exists(sys.argv[2]):
+    try:
+        handle.pread(4096, (reads % 256) * 4096)
+    except nbd.Error as error:
+        ended = "error"
+        break
+    reads += 1
+print(json.dumps({"reads": reads, "ended": ended}))
+"""
+
 
 class Writer:
     """The libnbd writer in a child process, driven by its stdin, heard on its stdout."""
@@ -127,7 +146,12 @@ class Rig:
     """An image, the ferry serving it, and its writer; the processes a test starts."""
 
     def __init__(
-        self, tmp_path: Path, lockspace: str, sock: Path | None = None, span: int = SIZE
+        self,
+        tmp_path: Path,
+        lockspace: str,
+        sock: Path | None = None,
+        span: int = SIZE,
+        serve_args: tuple[str, ...] = (),
     ) -> None:
         self.tmp = tmp_path
         self.lockspace = lockspace
@@ -136,7 +160,7 @@ class Rig:
         self.original.write_bytes(self.image.read_bytes())
         self.sock = sock or tmp_path / "ctl.sock"
         self.processes: list[FerryProcess] = []
-        self.old = self.serve()
+        self.old = self.serve(*serve_args)
         self.writer = Writer(self.old.uri("disk"), span)
 
     def serve(self, *extra: str, env: dict[str, str] | None = None) -> FerryProcess:
@@ -358,6 +382,50 @@ def test_the_old_and_the_new_process_never_both_serve(rig: Rig) -> None:
     assert [state for _, state in new_role] == ["starting", "serving", "stopped"]
     left_serving, began_serving = old[2][0], new_role[1][0]
     assert left_serving <= began_serving, (old, new_role)
+
+
+def test_a_tls_client_is_disconnected_the_others_move_and_tls_is_served_as_before(
+    tmp_path: Path,
+) -> None:
+    """A TLS session lives in the old process's memory, not in the kernel's socket: its
+    client cannot move (it is disconnected, and may reconnect to the new process, which
+    serves TLS with the old one's certificates); a plaintext client beside it moves."""
+    from tls_support import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o700)
+    rig = Rig(
+        tmp_path, f"local:{locks}", serve_args=("--tls", "on", "--tls-certificates", str(pki.node))
+    )
+    stop = tmp_path / "stop"
+    tls_uri = f"nbds://127.0.0.1:{rig.old.port}/disk?tls-certificates={pki.node}"
+    try:
+        rig.writer.expect("started")
+        tls_reader = subprocess.Popen(
+            ["/usr/bin/python3", "-c", TLS_READER, tls_uri, str(stop)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        wait_until("two clients", lambda: rig.status()["num_clients"] == "2")
+        new = rig.take_over().wait_serving()
+        assert rig.old.proc.wait(timeout=30) == 0
+        out, _ = tls_reader.communicate(timeout=60)  # it ends: its connection was closed
+        tls_report = json.loads(out)
+        assert tls_report["ended"] == "error" and tls_report["reads"] > 0, tls_report
+        status = rig.status()
+        assert (status["num_clients"], status["connections_moved"]) == ("1", "1"), status
+        # The new process serves TLS as the old one did: a TLS client connects and reads.
+        info = run(["nbdinfo", "--size", tls_uri])
+        assert info.stdout.strip() == str(SIZE).encode()
+        rig.writer.writes_on(500)
+        done = rig.writer.stop()
+        assert done["ended"] == "stopped" and done["local_at_start"] == done["local_at_end"]
+        assert new.stop() == 0
+    finally:
+        stop.touch()
+        rig.close()
+    rig.check_image(done)
 
 
 # -- a daemon: every export at once ---------------------------------------------------------

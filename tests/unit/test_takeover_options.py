@@ -26,6 +26,12 @@ def served(tmp_path: Path, **node: Any) -> dict[str, Any]:
             "metrics": ["127.0.0.1", 9100],
             "lockspace": f"local:{tmp_path}/locks",
             "service_address": None,
+            "tls": "off",
+            "tls_certificates": None,
+            "tls_verify_peer": False,
+            "tls_allowed_subjects": None,
+            "hooks": None,
+            "hook_timeout": None,
             **node,
         },
         "exports": [
@@ -38,6 +44,8 @@ def served(tmp_path: Path, **node: Any) -> dict[str, Any]:
                 "default_deny": False,
                 "resource": "vm1",
                 "max_downtime": 2.5,
+                "hooks": {"post-takeover": "/bin/true"},
+                "hook_timeout": 5.0,
                 "lease_owner": "host:41:disk",
             },
             {
@@ -49,6 +57,8 @@ def served(tmp_path: Path, **node: Any) -> dict[str, Any]:
                 "default_deny": True,
                 "resource": None,
                 "max_downtime": None,
+                "hooks": {},
+                "hook_timeout": None,
                 "lease_owner": None,
             },
         ],
@@ -97,6 +107,8 @@ def test_the_exports_are_the_old_process_s_as_they_run_in_its_order(tmp_path: Pa
         2.5,
     )
     assert (spare.read_only, spare.acl, spare.default_deny) == (True, ("192.0.2.0/24",), True)
+    assert disk.hooks.settings() == {"post-takeover": "/bin/true"} and disk.hooks.timeout == 5.0
+    assert not spare.hooks.scripts
     assert not disk.listen and not spare.listen
 
 
@@ -108,6 +120,7 @@ def test_the_exports_are_the_old_process_s_as_they_run_in_its_order(tmp_path: Pa
         (lambda e: e.update(read_only="yes"), "read_only"),
         (lambda e: e.update(description=7), "description"),
         (lambda e: e.pop("resource"), "resource"),
+        (lambda e: e.update(hooks={"post-takeover": "/no/such/hook"}), "hooks"),
     ],
 )
 def test_an_export_that_cannot_be_read_is_refused_naming_it(
@@ -123,6 +136,8 @@ def test_the_node_is_the_old_one_s_with_this_process_s_trace(tmp_path: Path) -> 
     node = NodeConfig.from_served(served(tmp_path), trace="mine.jsonl", exit_stops_node=False)
     assert (node.addr, node.port, node.metrics) == ("127.0.0.1", 10900, ("127.0.0.1", 9100))
     assert node.acl == ("10.0.0.0/8", "192.0.2.1/32") and node.trace == "mine.jsonl"
-    assert not node.exit_stops_node
+    assert not node.exit_stops_node and node.tls.value == "off" and node.hooks is None
+    with pytest.raises(StartupError, match="'sometimes' is not a valid TLSMode"):
+        NodeConfig.from_served(served(tmp_path, tls="sometimes"), trace=None, exit_stops_node=True)
     with pytest.raises(StartupError, match="port is '10900', not a int"):
         NodeConfig.from_served(served(tmp_path, port="10900"), trace=None, exit_stops_node=True)

@@ -62,6 +62,26 @@ While the export's role holds clients (a switchover), and while a write
 waits for the auto-converge cap, the connection stops reading its socket as
 well as dispatching: however long the hold, it queues no more than what it
 had already read.
+
+TLS (``--tls``, see :mod:`ferry.tls`): the parser says when a client's
+NBD_OPT_STARTTLS is acknowledged (``StartTLS``); the ACK is already flushed
+in the clear, so the connection starts TLS on its transport as the server
+and tells the parser, and everything after goes through Twisted's TLS layer
+(the outbox sees ``transport.TLS`` and stops writing to the socket itself).
+The TLS layer calls ``handshakeCompleted``; with ``--tls-verify-peer`` the
+peer has then shown a certificate from the CA, and its subject
+(``tls_subject``) authenticates it.  A failed handshake (no certificate,
+another CA's, a bad one) closes the connection and is logged with the reason.
+
+Once the handshake has verified a certificate the connection sees the
+catalogs as that subject's (``catalog_for``): who may send a migration is
+the server's rule (see :mod:`ferry.serve.server`).
+
+A TLS client does not move at a handoff (``why_not_movable``): its session
+lives in this process's OpenSSL, which no socket checkpoint carries; it is
+disconnected like any client that cannot move.  And a node that requires
+TLS takes no moved connections (the server's ``connection_landing`` refuses
+FERRY_OPT_CONNECTIONS): those are all plaintext.
 """
 
 from __future__ import annotations
@@ -76,9 +96,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 from typing import Protocol as TypingProtocol
 
+from cryptography import x509
 from twisted.internet import defer, tcp
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IAddress, IPushProducer
+from twisted.internet.interfaces import IAddress, IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -109,6 +130,7 @@ from ferry.nbd.events import (
     Refusal,
     RejectedRequest,
     Request,
+    StartTLS,
 )
 from ferry.nbd.locate import Location
 from ferry.nbd.server import ExportCatalog, Locator, MigrationCatalog, ServerConnection
@@ -124,6 +146,7 @@ from ferry.serve.limits import (
     Budget,
 )
 from ferry.storage import ZeroingNotFast
+from ferry.tls import ServerTLS, describe_error, peer_subject
 
 if TYPE_CHECKING:
     from ferry.serve.acl import Acl
@@ -227,6 +250,7 @@ class ConnectionHost(ExportCatalog, MigrationCatalog, Locator, TypingProtocol):
     acl: Acl
     clock: Clock
     oldstyle: bool
+    tls: ServerTLS
     handshake_timeout: float
     sender_timeout: float
     receiver: Receiver | None
@@ -243,7 +267,9 @@ class ConnectionHost(ExportCatalog, MigrationCatalog, Locator, TypingProtocol):
         self, export: Export, work: Callable[[], object]
     ) -> defer.Deferred[Any]: ...
 
-    def catalog_for(self, peer_host: str) -> PeerCatalogs: ...
+    def catalog_for(self, peer_host: str, subject: x509.Name | None = None) -> PeerCatalogs:
+        """The catalogs as ``peer_host`` sees them (``subject``: its verified certificate's)."""
+        ...
 
     def connection_opened(self, connection: NBDServerProtocol) -> None: ...
 
@@ -267,7 +293,7 @@ class Arrival:
     replies: bytes = b""
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class NBDServerProtocol(Protocol):
     def __init__(self, server: ConnectionHost, *, arrival: Arrival | None = None) -> None:
         self._server = server
@@ -304,6 +330,9 @@ class NBDServerProtocol(Protocol):
         #: The clock's time of the last request received or reply sent.
         self.last_active = 0.0
         self.peer_host = ""
+        #: The subject of the peer's verified certificate (``--tls-verify-peer``), else None.
+        self.tls_subject: x509.Name | None = None
+        self._tls_handshaking = False  # STARTTLS acknowledged, the TLS handshake not done
         # The exports as this peer sees them (their ACLs and the sender rule
         # applied); set once the connection is made and its peer known.
         self._catalogs: PeerCatalogs | None = None
@@ -329,7 +358,11 @@ class NBDServerProtocol(Protocol):
         )
         self.last_active = self._server.clock.seconds()
         self._nbd = ServerConnection(
-            self, migration=self, locator=self, oldstyle=self._server.oldstyle
+            self,
+            migration=self,
+            locator=self,
+            oldstyle=self._server.oldstyle,
+            tls=self._server.tls.mode,
         )
         # An oldstyle server has chosen its export before the client speaks.
         self._receive(b"")
@@ -338,6 +371,12 @@ class NBDServerProtocol(Protocol):
         self._receive(data)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._tls_handshaking:
+            log.warn(
+                "closing {peer}: TLS handshake failed: {why}",
+                peer=self.peer_host,
+                why=_tls_failure(reason),
+            )
         self._lost = True
         self._queue.clear()
         if self._outbox is not None:
@@ -394,6 +433,34 @@ class NBDServerProtocol(Protocol):
 
     def connection_landing(self) -> ConnectionLanding | Refusal:
         return self.refusal or self._peer_catalogs.connection_landing()
+
+    # -- TLS ---------------------------------------------------------------------------
+
+    def _start_tls(self) -> None:
+        """STARTTLS was acknowledged (the ACK is out): TLS from here on, as the server."""
+        assert self._nbd is not None and self.transport is not None
+        options = self._server.tls.options
+        assert options is not None  # the parser acknowledges STARTTLS only with TLS on
+        self._tls_handshaking = True
+        self.transport.startTLS(options)  # type: ignore[attr-defined]
+        self._nbd.tls_started()
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: TLS is up; with --tls-verify-peer, the peer's certificate checked.
+
+        A verified peer is logged (who connected is worth keeping); any other
+        TLS client only with -v.
+        """
+        self._tls_handshaking = False
+        if self._server.tls.verify_peer:
+            self.tls_subject = peer_subject(self.transport)
+            # Its certificate may make it a migration sender (see NBDServer).
+            self._catalogs = self._server.catalog_for(self.peer_host, self.tls_subject)
+        if self.tls_subject is None:
+            log.debug("TLS with {peer}", peer=self.peer_host)
+        else:
+            subject = self.tls_subject.rfc4514_string()
+            log.info("TLS with {peer}: {subject}", peer=self.peer_host, subject=subject)
 
     # -- IPushProducer -----------------------------------------------------------
 
@@ -691,6 +758,8 @@ class NBDServerProtocol(Protocol):
                 self._flush_handshake()
                 self._lose()
                 return
+            elif kind is StartTLS:
+                self._start_tls()
         self._dispatch()
         self._account_received()
 
@@ -1206,6 +1275,10 @@ class NBDServerProtocol(Protocol):
 
     def _lose(self) -> None:
         if self.transport is not None:
+            if getattr(self.transport, "TLS", False):
+                # Twisted's TLS layer sends its close_notify, and closes, only
+                # once no producer is registered.
+                self.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.transport.loseConnection()
 
     def _abort(self) -> None:
@@ -1221,6 +1294,13 @@ class NBDServerProtocol(Protocol):
         settled, self._settled = self._settled, []
         for d in settled:
             d.callback(None)
+
+
+def _tls_failure(reason: Failure | None) -> str:
+    """One line for why a TLS handshake ended."""
+    if reason is None or reason.value is None:
+        return "the connection closed"
+    return describe_error(reason.value)
 
 
 def _command_name(command: int) -> str:

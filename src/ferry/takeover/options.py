@@ -42,6 +42,10 @@ NODE_OPTIONS: Final = {
     "metrics": "--metrics",
     "lockspace": "--lockspace",
     "service_address": "--service-address",
+    "tls": "--tls",
+    "tls_certificates": "--tls-certificates",
+    "tls_verify_peer": "--tls-verify-peer",
+    "tls_allowed_subjects": "--tls-allowed-subjects",
 }
 #: ``ferry serve``'s options about its one export, by ServeConfig's names.
 EXPORT_OPTIONS: Final = {
@@ -49,6 +53,8 @@ EXPORT_OPTIONS: Final = {
     "name": "--name",
     "read_only": "--read-only",
     "resource": "--resource",
+    "hooks": "--hook",
+    "hook_timeout": "--hook-timeout",
 }
 
 
@@ -89,7 +95,10 @@ def served_exports(served: Mapping[str, Any]) -> tuple[ExportConfig, ...]:
         if not isinstance(entry, dict):
             raise ValueError(f"an export is {entry!r:.80}, not an object")
         settings = {key: entry.get(key) for key in ("name", "file", "read_only", "acl")}
-        settings |= {key: entry[key] for key in ("default_deny", "resource", "max_downtime")}
+        settings |= {
+            key: entry[key]
+            for key in ("default_deny", "resource", "max_downtime", "hooks", "hook_timeout")
+        }
         settings["mode"] = "serve"
         settings = {key: value for key, value in settings.items() if value is not None}
         try:
@@ -108,8 +117,12 @@ def _same(key: str, mine: Any, theirs: Any) -> bool:
         return bool(mine == 0 or mine == theirs)
     if key == "file":
         return _same_file(mine, theirs)
-    if key == "sock":
-        return theirs is not None and os.path.realpath(mine) == os.path.realpath(theirs)
+    if key in ("sock", "tls_certificates", "tls_allowed_subjects"):
+        return bool(theirs is not None and os.path.realpath(mine) == os.path.realpath(theirs))
+    if key == "tls":
+        return bool(str(getattr(mine, "value", mine)) == theirs)
+    if key == "hooks":
+        return _hooks(mine) == _hooks(theirs)
     if key == "addr":
         return _same_address(mine, theirs)
     if key == "acl":
@@ -123,6 +136,13 @@ def _same(key: str, mine: Any, theirs: Any) -> bool:
     if key == "service_address":
         return _service(mine) == _service(theirs)
     return bool(mine == theirs)
+
+
+def _hooks(table: Any) -> dict[str, str] | None:
+    """A hooks table with its paths resolved (None: not a table)."""
+    if not isinstance(table, dict):
+        return None
+    return {str(stage): os.path.realpath(str(path)) for stage, path in table.items()}
 
 
 def _same_file(mine: Any, theirs: Any) -> bool:
@@ -172,6 +192,8 @@ def _show(key: str, value: Any) -> str:
         return " ".join(value) or "(empty)"
     if key == "metrics":
         return f"{value[0]}:{value[1]}"
+    if key == "hooks":
+        return " ".join(f"{stage}={path}" for stage, path in value.items()) or "(none)"
     if isinstance(value, bool):
         return "on" if value else "off"
     return str(value)
