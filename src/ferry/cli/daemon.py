@@ -34,8 +34,8 @@ def add_daemon_commands(modes: argparse._SubParsersAction[Any]) -> None:
         help="take every export over from the ferry whose control socket is SOCK, on this "
         "host, with its listening sockets, leases and client connections (an upgrade: "
         "clients see a pause, not a disconnect); the old process exits 0. The exports are "
-        "the old process's as it serves them; the file's addr, port, sock, metrics and "
-        "lockspace must be its",
+        "the old process's as it serves them; the file's addr, port, sock, metrics, "
+        "lockspace and TLS keys must be its",
     )
     daemon.add_argument("--takeover-format", type=int, action="append", help=argparse.SUPPRESS)
     group = daemon.add_mutually_exclusive_group()
@@ -154,6 +154,10 @@ def _take_over(args: argparse.Namespace, config: Any) -> int:
         "sock": node.sock,
         "metrics": node.metrics,
         "lockspace": node.lockspace,
+        "tls": node.tls,
+        "tls_certificates": node.tls_certificates,
+        "tls_verify_peer": node.tls_verify_peer,
+        "tls_allowed_subjects": node.tls_allowed_subjects,
     }
     given = {key: value for key, value in given.items() if value is not None}
     wrong = differences(given, served)
