@@ -15,9 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ferry.status import parse_line
 from handoff_support import SERVICE, SERVICE_IP, SERVICE_PORT, Lan
-from support import FERRY, FerryProcess, random_file, run, sparse_file
+from support import FERRY, FerryProcess, random_file, run, sparse_file, status
 from workload import BLOCK
 
 MiB = 1 << 20
@@ -47,7 +46,7 @@ class Hosts:
         return self.tmp / "dest.sock"
 
     def status(self, sock: Path) -> dict[str, str]:
-        return parse_line(run([*FERRY, "status", "--sock", str(sock)]).stdout.decode())
+        return status(sock)
 
     def writer(
         self, client: int, clients: int, stop: Path, depth: int = 16, span: int | None = None

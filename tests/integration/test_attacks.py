@@ -24,17 +24,22 @@ from fakes.commit_cutter import CommitCutter, Cut
 from fakes.forged_sender import ForgedSender
 from ferry.lease.local import lock_file_name
 from ferry.nbd.constants import Errno, OptionReply
-from support import FERRY, FerryProcess, mirror_command, random_file, run, serve, sparse_file
+from support import (
+    FERRY,
+    FerryProcess,
+    mirror_command,
+    random_file,
+    run,
+    serve,
+    sparse_file,
+    status,
+)
 
 pytestmark = pytest.mark.integration
 
 SIZE = 8 << 20
 F_OFD_SETLK = 37
 
-
-def status(sock: Path) -> dict[str, str]:
-    line = run([*FERRY, "status", "--sock", str(sock)]).stdout.decode().split()
-    return dict(field.split("=", 1) for field in line)
 
 
 @contextlib.contextmanager
@@ -157,7 +162,8 @@ def test_a_lease_kept_from_the_source_at_the_commit_fences_it(tmp_path: Path) ->
         (
             ["--addr", "0.0.0.0"],
             "ferry: listen on 0.0.0.0 admits migration senders only from the addresses its ACL "
-            "names: name the source hosts as ACL entries (ferry listen ... ADDRESS ...)\n",
+            "names: name the source hosts as ACL entries (ferry listen ... ADDRESS ...), or "
+            "authenticate them by certificate (--tls require --tls-verify-peer)\n",
         ),
         (
             ["--addr", "127.0.0.1", "--oldstyle"],

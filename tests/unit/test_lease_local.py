@@ -9,6 +9,7 @@ its output and its exit, never on a sleep.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import os
@@ -43,6 +44,7 @@ from ferry.lease.backend import (
 from ferry.lease.local import (
     LEDGER_COPY_SIZE,
     MAX_HOLDERS,
+    TOKENS_FILE,
     LocalLockspace,
     lock_file_name,
 )
@@ -158,8 +160,11 @@ def test_tokens_strictly_increase_and_survive_a_new_lockspace_object(
         grant = acquire(space, "x")
         tokens.append(grant.token)
         result(space.release(grant))
+    assert not a.path_for(IMAGE).exists()  # each release removed the file: the mark kept count
     shared = acquire(b, "reader", SHARED)
-    assert shared.token == 3  # shared holders see the current token; they do not bump it
+    # Shared holders see the token of the file's ledger (a new file's: none yet); they
+    # never move it.
+    assert shared.token == 0
     result(b.release(shared))
     fresh = LocalLockspace(tmp_path)
     grant = acquire(fresh, "fresh")
@@ -286,6 +291,7 @@ def test_close_releases_every_grant(lockspaces: Any) -> None:
     acquire(a, "a", SHARED)
     result(a.acquire("/srv/images/other.img", "a", EXCLUSIVE))
     result(a.close())
+    assert lock_files(a) == []  # both were a's alone: both went
     acquire(b, "b")
     assert result(b.acquire("/srv/images/other.img", "b", EXCLUSIVE)).token == 2
 
@@ -322,11 +328,223 @@ def test_slots_are_reused(lockspaces: Any) -> None:
 
 def test_a_torn_ledger_copy_is_ignored(lockspaces: Any) -> None:
     a, b, _ = lockspaces
-    result(a.release(acquire(a, "a")))  # ledger generation 1 (token 1), then 2 (released)
+    # Ledger generation 1 (token 1), then 2 (offered): a released offer keeps its file.
+    result(a.release(result(a.offer(acquire(a, "a")))))
     with a.path_for(IMAGE).open("r+b") as f:  # tear generation 2, as a power cut might
         f.seek(0)
         f.write(b'0000beef {"gener')
     assert acquire(b, "b").token == 2  # generation 1's token, plus one
+
+
+# -- the files go with their last holder ------------------------------------------------
+
+
+def lock_files(space: LocalLockspace) -> list[str]:
+    return sorted(path.name for path in space.directory.glob("*.lock"))
+
+
+def test_the_last_release_removes_the_file_and_tokens_go_on_growing(lockspaces: Any) -> None:
+    a, b, c = lockspaces
+    first = acquire(a, "a")
+    assert lock_files(c) == [lock_file_name(IMAGE)]
+    result(a.release(first))
+    assert lock_files(c) == []
+    assert holders(c) == [] and result(c.inquire_all()) == {}  # a missing file: nobody
+    mark = c.directory / TOKENS_FILE
+    assert mark.stat().st_mode & 0o777 == 0o600
+    second = acquire(b, "b")  # a new file, but not a token that went back
+    assert second.token == 2
+    result(b.release(second))
+    third = result(c.take_over(IMAGE, "c", 0))  # even by a take-over of a new file's token
+    assert third.token == 3
+    result(c.release(third))
+    assert sorted(p.name for p in c.directory.iterdir()) == [TOKENS_FILE]
+
+
+def test_the_mark_is_shared_by_resources_and_each_ones_tokens_grow(lockspaces: Any) -> None:
+    a, b, _ = lockspaces
+    held = acquire(a, "a")  # token 1, and its file stays
+    for _ in range(3):  # another resource's files come and go: tokens 1, 2, 3
+        result(b.release(result(b.acquire("other", "b", EXCLUSIVE))))
+    result(a.release(held))
+    assert acquire(b, "b").token == 4  # above the mark (3), so above its own 1 too
+
+
+def test_a_release_during_an_offer_keeps_the_file_for_the_take_over(lockspaces: Any) -> None:
+    source, destination, other = lockspaces
+    offered = result(source.offer(acquire(source, "src")))
+    result(source.release(offered))  # a source released after sending its commit
+    assert lock_files(other) == [lock_file_name(IMAGE)]
+    taken = result(destination.take_over(IMAGE, "dst", offered.token))
+    assert taken.token == 2
+    result(destination.release(taken))
+    assert lock_files(other) == []
+    assert acquire(other, "other").token == 3
+
+
+def test_a_source_taken_over_keeps_the_file_until_it_releases(lockspaces: Any) -> None:
+    source, destination, other = lockspaces
+    offered = result(source.offer(acquire(source, "src")))
+    taken = result(destination.take_over(IMAGE, "dst", offered.token))
+    result(destination.release(taken))  # the source has not noticed yet: its slot is live
+    assert lock_files(other) == [lock_file_name(IMAGE)]
+    failure_of(source.renew(offered), LeaseLost)
+    result(source.release(offered))  # now nobody is left: the source removes it
+    assert lock_files(other) == []
+    assert acquire(other, "other").token == 3
+
+
+def test_a_readers_release_keeps_the_file_while_another_reader_holds_it(lockspaces: Any) -> None:
+    a, b, c = lockspaces
+    first, second = acquire(a, "a", SHARED), acquire(b, "b", READONLY)
+    result(a.release(first))
+    assert lock_files(c) == [lock_file_name(IMAGE)]
+    assert holders(c) == [("b", "readonly", 0, False)]
+    result(b.release(second))
+    assert lock_files(c) == []
+    assert not (c.directory / TOKENS_FILE).exists()  # no token to keep: no mark yet
+
+
+def test_a_readers_release_keeps_the_file_while_a_locker_is_between_lock_and_slot(
+    lockspaces: Any,
+) -> None:
+    """A reader that has the hold byte but no slot yet is seen by the failed upgrade alone."""
+    a, b, _ = lockspaces
+    reader = acquire(a, "a", SHARED)
+    checker = _check_in_progress(a.path_for(IMAGE))
+    try:
+        result(a.release(reader))
+        assert lock_files(b) == [lock_file_name(IMAGE)]
+    finally:
+        os.close(checker)
+    result(b.release(acquire(b, "b", SHARED)))
+    assert lock_files(b) == []
+
+
+def test_a_release_that_finds_the_mark_busy_keeps_its_file(lockspaces: Any) -> None:
+    a, b, _ = lockspaces
+    result(a.release(acquire(a, "a")))  # creates the mark (1)
+    busy = os.open(a.directory / TOKENS_FILE, os.O_RDWR)  # another release, raising it now
+    try:
+        fcntl.fcntl(busy, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 1, 0))
+        held = acquire(b, "b")
+        assert held.token == 2
+        result(b.release(held))
+        assert lock_files(a) == [lock_file_name(IMAGE)]  # left for a later holder
+    finally:
+        os.close(busy)
+    assert acquire(a, "a").token == 3
+    result(a.close())
+    assert lock_files(a) == []
+
+
+def test_a_symlink_at_the_mark_is_refused_not_followed(lockspaces: Any, tmp_path: Path) -> None:
+    a, b, _ = lockspaces
+    held = acquire(a, "a")
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"precious")
+    (tmp_path / TOKENS_FILE).symlink_to(target)
+    result(a.release(held))  # cannot raise the mark through a symlink: keeps its file
+    assert lock_files(a) == [lock_file_name(IMAGE)]
+    error = failure_of(b.acquire(IMAGE, "b", EXCLUSIVE), LockspaceUnavailable)
+    assert str(error) == (
+        f"token file {tmp_path / TOKENS_FILE} is a symbolic link: refusing to follow it"
+    )
+    assert target.read_bytes() == b"precious"
+
+
+def test_a_refused_take_over_leaves_no_file_behind(lockspaces: Any) -> None:
+    a, _, _ = lockspaces
+    conflict = failure_of(a.take_over(IMAGE, "dst", 7), LeaseConflict)
+    assert "has token 0, not 7" in str(conflict)
+    assert list(a.directory.iterdir()) == []
+
+
+def _release_when_opened(
+    space: LocalLockspace, monkeypatch: pytest.MonkeyPatch, release: Any, times: int = 1
+) -> list[int]:
+    """Make ``release`` happen right after ``space`` opens a lock file, ``times`` times."""
+    opened = space._opened
+    removed: list[bool] = []  # at each open: whether the file was gone once it was opened
+
+    def open_then_release(resource: str) -> Any:
+        opening = opened(resource)
+        if len(removed) < times:
+            release()
+        removed.append(not space.path_for(resource).exists())
+        return opening
+
+    monkeypatch.setattr(space, "_opened", open_then_release)
+    return removed
+
+
+@pytest.mark.parametrize("mode", [EXCLUSIVE, SHARED])
+def test_a_locker_whose_file_was_removed_under_it_opens_it_again(
+    lockspaces: Any, monkeypatch: pytest.MonkeyPatch, mode: LeaseMode
+) -> None:
+    """B opens the file, A (its last holder) releases and removes it, B locks the old file."""
+    a, b, c = lockspaces
+    held = acquire(a, "a")
+    removed = _release_when_opened(b, monkeypatch, lambda: result(a.release(held)))
+    grant = acquire(b, "b", mode)
+    assert removed == [True, False]  # it locked the old file, saw it gone, and opened the new
+    assert grant.token == (2 if mode is EXCLUSIVE else 0)
+    # Its lock is on the file everyone else finds: nobody gets the lease beside it.
+    assert holders(c) == [("b", mode.value, grant.token, False)]
+    conflict = failure_of(c.acquire(IMAGE, "c", EXCLUSIVE), LeaseConflict)
+    assert [h.owner for h in conflict.holders] == ["b"]
+    result(b.renew(grant))
+
+
+def test_a_take_over_whose_file_was_removed_under_it_opens_it_again(
+    lockspaces: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source, destination, other = lockspaces
+    offered = result(source.offer(acquire(source, "src")))
+    taken = result(destination.take_over(IMAGE, "dst", offered.token))
+    result(source.release(offered))
+    removed = _release_when_opened(other, monkeypatch, lambda: result(destination.release(taken)))
+    # The token it names was in the old file: the new file has none, so it is refused.
+    failure_of(other.take_over(IMAGE, "other", taken.token), LeaseConflict)
+    assert removed == [True, False]
+    assert acquire(other, "other").token == 3
+
+
+def test_a_file_removed_at_every_open_is_unavailable_and_leaks_nothing(
+    lockspaces: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, _, _ = lockspaces
+    path = a.path_for(IMAGE)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    _release_when_opened(a, monkeypatch, path.unlink, times=1000)
+    error = failure_of(a.acquire(IMAGE, "a", EXCLUSIVE), LockspaceUnavailable)
+    assert str(error) == (
+        f"lock file {path} was removed or replaced 20 times while it was being locked: "
+        f"is something else removing files in {a.directory}?"
+    )
+    assert len(os.listdir("/proc/self/fd")) == descriptors
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_watch_fences_nobody_for_a_last_holders_removal(tmp_path: Path) -> None:
+    space, other = LocalLockspace(tmp_path, reactor=_reactor), LocalLockspace(tmp_path)
+    reports: list[str] = []
+    mine, leaving = acquire(space, "a", SHARED), result(space.acquire("gone", "a", EXCLUSIVE))
+    space.watch(mine, reports.append)
+    space.watch(leaving, reports.append)
+    alongside = acquire(other, "b", SHARED)
+    result(other.release(alongside))  # a reader leaves; the file stays (mine is live)
+    result(space.release(leaving))  # the last holder of "gone": the file goes
+    assert lock_files(space) == [lock_file_name(IMAGE)]
+    # Directory events arrive in order: once this one's loss is seen, so were the above.
+    sentinel = result(space.acquire("sentinel", "a", EXCLUSIVE))
+    seen: Deferred[str] = Deferred()
+    space.watch(sentinel, seen.callback)
+    space.path_for("sentinel").unlink()
+    assert "was removed" in await seen.addTimeout(10.0, _reactor)
+    assert reports == []
+    result(space.renew(mine))
+    result(space.close())
 
 
 # -- inquire and the errors --------------------------------------------------------------
@@ -429,10 +647,10 @@ def test_a_directory_of_another_user_is_refused(tmp_path: Path) -> None:
 def test_lock_files_are_private(lockspaces: Any, tmp_path: Path) -> None:
     a, b, _ = lockspaces
     path = a.path_for(IMAGE)
-    result(a.release(acquire(a, "a")))
+    acquire(a, "a", SHARED)  # a holder keeps the file
     assert path.stat().st_mode & 0o777 == 0o600
     path.chmod(0o644)  # as ferry before 0.2 made them
-    acquire(b, "b")
+    acquire(b, "b", SHARED)
     assert path.stat().st_mode & 0o777 == 0o600
 
 
@@ -451,7 +669,7 @@ def test_a_symlink_at_a_lock_file_is_refused_not_followed(lockspaces: Any, tmp_p
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file away")
 def test_a_lock_file_of_another_user_is_refused(lockspaces: Any) -> None:
     a, b, _ = lockspaces
-    result(a.release(acquire(a, "a")))
+    acquire(a, "a", SHARED)  # a holder keeps the file
     os.chown(a.path_for(IMAGE), NOBODY, NOBODY)
     error = failure_of(b.acquire(IMAGE, "b", EXCLUSIVE), LockspaceUnavailable)
     assert str(error) == (
@@ -485,7 +703,7 @@ def test_another_user_cannot_lock_anyone_out() -> None:
         locks = top / "locks"
         locks.mkdir(mode=0o700)
         a, b = LocalLockspace(locks), LocalLockspace(locks)
-        result(a.release(acquire(a, "a")))
+        held = acquire(a, "a")  # a holder keeps the file
         assert a.path_for(IMAGE).stat().st_mode & 0o777 == 0o600
         attack = subprocess.run(
             ["/usr/bin/python3", "-c", READ_LOCK, str(a.path_for(IMAGE))],
@@ -505,6 +723,7 @@ def test_another_user_cannot_lock_anyone_out() -> None:
         )
         assert attack.stdout == b"cannot open: Permission denied\n"
         locks.chmod(0o700)
+        result(a.release(held))
         assert acquire(b, "b").token == 2
         result(b.close())
     finally:
@@ -597,6 +816,7 @@ def test_a_holder_that_is_killed_frees_the_lease(tmp_path: Path) -> None:
     assert result(space.inquire(IMAGE)) == ()
     assert acquire(space, "parent").token == 2
     result(space.close())
+    assert lock_files(space) == []  # the file a killed holder left goes with the next one
 
 
 def test_an_offer_whose_offerer_died_is_stale(tmp_path: Path) -> None:
@@ -723,6 +943,24 @@ def test_etcd_specs() -> None:
     assert str(spec) == "etcd:http://10.0.0.1:2379,http://10.0.0.2:2379,http://[::1]:2380"
 
 
+def test_etcd_specs_with_tls_and_a_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = parse_lockspace(
+        "etcd:https://e1:2379,e2:2379?cacert=ca.pem&cert=/etc/ferry/c.pem&key=/etc/ferry/k.pem"
+        "&user=ferry&password-file=secret"
+    )
+    assert spec == EtcdSpec(
+        ("https://e1:2379", "https://e2:2379"),  # the second takes the first one's scheme
+        cacert=tmp_path / "ca.pem",  # made absolute now, as a local directory is
+        cert=Path("/etc/ferry/c.pem"),
+        key=Path("/etc/ferry/k.pem"),
+        user="ferry",
+        password_file=tmp_path / "secret",
+    )
+    assert spec.tls
+    assert str(spec) == "etcd:https://e1:2379,https://e2:2379"  # no file, no user
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -736,7 +974,15 @@ def test_etcd_specs() -> None:
         ("etcd:host:0", "names no port"),
         ("etcd:http://host:99999", "bad port"),
         ("etcd:http://host:port", "bad port"),
-        ("etcd:https://host:2379", "only http://"),
+        ("etcd:ftp://host:2379", "only http:// and https://"),
+        ("etcd:https://a:1,http://b:2", "every endpoint must use https://"),
+        ("etcd:http://a:1?cacert=/ca.pem", "cacert, cert and key are for https://"),
+        ("etcd:https://a:1?cert=/c.pem", "cert and key come together"),
+        ("etcd:https://a:1?user=ferry", "user and password-file come together"),
+        ("etcd:https://a:1?password=hunter2", "unknown option 'password'"),
+        ("etcd:https://a:1?user=a&user=b&password-file=/p", "'user' is given twice"),
+        ("etcd:https://a:1?user=&password-file=/p", "'user' is empty"),
+        ("etcd:https://a:1?user", "NAME=VALUE"),
         ("etcd:http://host:2379/v3", "nothing more"),
         ("etcd:http://:2379", "names no host"),
         ("etcd:a:1,a:1", "twice"),
@@ -802,3 +1048,87 @@ def test_the_default_lockspace_is_created(tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(LockspaceUnavailable, match="cannot create lockspace directory"):
         default_lockspace(tmp_path / "file" / "locks")
+
+
+# -- a takeover on one host: the grant's descriptor moves -----------------------------
+
+
+def test_a_passed_descriptor_keeps_the_lease_held_throughout(lockspaces: Any) -> None:
+    """The successor adopts the very grant; the old holder lets go without a gap."""
+    old, new, other = lockspaces
+    grant = acquire(old, "old")
+    passed = old.pass_on(grant)
+    assert passed.fd is not None and passed.grant == grant
+    # SCM_RIGHTS gives the new process a descriptor of the same open file description.
+    adopted = new.adopt(dataclasses.replace(passed, fd=os.dup(passed.fd)))
+    assert adopted.holder == grant.holder  # the same grant: owner and token unchanged
+    failure_of(other.acquire(IMAGE, "third", EXCLUSIVE), LeaseConflict)
+    old.let_go(grant)
+    assert holders(other) == [("old", "exclusive", 1, False)]
+    failure_of(other.acquire(IMAGE, "third", EXCLUSIVE), LeaseConflict)
+    result(new.renew(adopted))
+    result(new.release(adopted))
+    assert holders(other) == []
+    assert acquire(other, "third").token == 2
+
+
+def test_letting_go_tidies_nothing(lockspaces: Any) -> None:
+    """Had the old holder released, the successor's adopted grant would be gone."""
+    old, new, _ = lockspaces
+    grant = acquire(old, "old")
+    passed = old.pass_on(grant)
+    adopted = new.adopt(dataclasses.replace(passed, fd=os.dup(passed.fd)))  # type: ignore[arg-type]
+    old.let_go(grant)
+    result(old.close())  # closing the lockspace must not touch a grant let go
+    result(new.renew(adopted))
+
+
+def test_adopt_refuses_a_descriptor_that_is_not_the_lock_file(
+    lockspaces: Any, tmp_path: Path
+) -> None:
+    old, new, _ = lockspaces
+    grant = acquire(old, "old")
+    passed = old.pass_on(grant)
+    stranger = os.open(tmp_path / "stranger", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(LeaseLost, match="not the lock file"):
+            new.adopt(dataclasses.replace(passed, fd=stranger))
+    finally:
+        os.close(stranger)
+    with pytest.raises(LeaseError, match="no lock file descriptor"):
+        new.adopt(dataclasses.replace(passed, fd=None))
+
+
+def test_adopt_refuses_a_grant_whose_record_is_not_the_files(lockspaces: Any) -> None:
+    old, new, _ = lockspaces
+    grant = acquire(old, "old")
+    passed = old.pass_on(grant)
+    fd = os.dup(passed.fd)  # type: ignore[arg-type]
+    try:
+        wrong_id = dict(passed.detail, grant_id="0" * 16)
+        with pytest.raises(LeaseLost, match="overwritten"):
+            new.adopt(dataclasses.replace(passed, fd=fd, detail=wrong_id))
+        forged = dataclasses.replace(grant, holder=Holder("old", EXCLUSIVE, 7))
+        with pytest.raises(LeaseLost, match="token 7"):
+            new.adopt(dataclasses.replace(passed, fd=fd, grant=forged))
+        with pytest.raises(LeaseError, match="incomplete"):
+            new.adopt(dataclasses.replace(passed, fd=fd, detail={}))
+    finally:
+        os.close(fd)
+
+
+def test_adopt_refuses_a_descriptor_that_does_not_hold_the_locks(lockspaces: Any) -> None:
+    """The lock file opened afresh is the right file, but its locks are someone else's."""
+    old, new, _ = lockspaces
+    grant = acquire(old, "old")
+    passed = old.pass_on(grant)
+    fd = os.open(old.path_for(IMAGE), os.O_RDWR)  # the file, not the locked open file
+    try:
+        with pytest.raises(LeaseLost, match="does not hold the grant"):
+            new.adopt(dataclasses.replace(passed, fd=fd))
+        result(old.renew(grant))  # the failed adoption took nothing from the holder
+        old.let_go(grant)  # ... which lets go: nobody holds the slot or the hold byte now
+        with pytest.raises(LeaseLost, match="not locked any more"):
+            new.adopt(dataclasses.replace(passed, fd=fd))
+    finally:
+        os.close(fd)

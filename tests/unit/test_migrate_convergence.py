@@ -19,7 +19,7 @@ from ferry.migrate.core.convergence import (
 
 from .migrate_support import MIB
 
-NEXT, SWITCH, GIVE_UP = Action.NEXT_PASS, Action.SWITCH_OVER, Action.GIVE_UP
+NEXT, SWITCH, GIVE_UP = Action.NEXT_PASS, Action.SWITCH_OVER, Action.NOT_CONVERGED
 
 # bytes_left, rate (B/s), passes_done -> action, expected downtime, throttle
 DECISIONS = [
@@ -84,7 +84,7 @@ def test_the_limit_and_the_pass_count_are_settable() -> None:
 def test_actions_name_the_chart_triggers() -> None:
     assert NEXT.trigger == "next_pass"
     assert SWITCH.trigger == "quiesce"
-    assert GIVE_UP.trigger == "give_up"
+    assert GIVE_UP.trigger == "not_converged"
 
 
 def test_auto_converge_tightens_each_pass_like_qemu() -> None:

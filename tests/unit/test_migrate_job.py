@@ -200,9 +200,9 @@ def test_a_job_that_never_converges_gives_up(tmp_path: Path) -> None:
             rig.write(0, G)
         decisions.append(job.end_of_pass())
     assert len(decisions) == policy.give_up_after == 2 + 8 + 10
-    assert decisions[-1].action is Action.GIVE_UP
+    assert decisions[-1].action is Action.NOT_CONVERGED
     assert "did not converge in 20 passes" in decisions[-1].reason
-    assert [r.event for r in rig.records][-1] == "give_up"
+    assert [r.event for r in rig.records][-1] == "not_converged"
 
 
 def test_failure_after_negotiation_retries_with_backoff_and_fresh_counters(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import sys
 import time
@@ -69,6 +70,21 @@ def _service_address_text(text: str) -> str:
     return text
 
 
+def _hook_text(text: str) -> tuple[str, str]:
+    """``--hook STAGE=PATH``: the stage known and PATH an executable (else exit 2)."""
+    from ferry.hooks import parse_hooks
+
+    stage, sep, path = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected STAGE=PATH, got {text!r}")
+    path = os.path.abspath(path) if path else path
+    try:
+        parse_hooks({stage: path})
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return stage, path
+
+
 def host_and_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host:
@@ -98,27 +114,49 @@ def build_parser() -> Parser:
         ("listen", "wait for a migration of an image, then serve it on the same port"),
     ):
         serve = modes.add_parser(name, help=helptext)
-        _network(serve, required=True)
-        serve.add_argument("-f", "--file", required=True, help="the image file (or block device)")
+        # serve --takeover takes these from the old process: not required there.
+        _network(serve, required=name == "listen")
+        serve.add_argument(
+            "-f", "--file", required=name == "listen", help="the image file (or block device)"
+        )
         _control_sock(serve, required=False)
         serve.add_argument(
             "-d",
             "--default-deny",
             action="store_true",
+            default=None,
             help="an empty ACL admits no one (without it, an empty ACL admits everyone)",
         )
         serve.add_argument(
             "--oldstyle",
             action="store_true",
+            default=None,
             help="speak the oldstyle handshake"
             + (" (a migration from flexnbd mirror)" if name == "listen" else ""),
         )
         if name == "serve":
             serve.add_argument(
-                "-r", "--read-only", action="store_true", help="refuse writes (EPERM)"
+                "-r", "--read-only", action="store_true", default=None, help="refuse writes (EPERM)"
+            )
+            serve.add_argument(
+                "--takeover",
+                metavar="SOCK",
+                help="take the export over from the ferry whose control socket is SOCK, on this "
+                "host, with its listening sockets, lease and every client connection (an "
+                "upgrade: clients see a pause, not a disconnect); the old process exits 0. "
+                "What is served and where comes from the old process: an option given too "
+                "must match it",
+            )
+            serve.add_argument(
+                # A test hook: the takeover state formats this process reads, as a ferry
+                # of another version would; the old one's offer in any other is refused.
+                "--takeover-format",
+                type=int,
+                action="append",
+                help=argparse.SUPPRESS,
             )
         serve.add_argument(
-            "-n", "--name", default="", help="export name (default: the file's name)"
+            "-n", "--name", default=None, help="export name (default: the file's name)"
         )
         serve.add_argument(
             "--metrics", type=host_and_port, metavar="ADDR:PORT", help="serve Prometheus /metrics"
@@ -135,7 +173,8 @@ def build_parser() -> Parser:
             type=_lockspace_text,
             metavar="SPEC",
             help="where the image's lease is held while serving (listen: taken over with the "
-            "migration): local:DIR or etcd:http://HOST:PORT[,HOST:PORT...], or none; "
+            "migration): local:DIR or etcd:http[s]://HOST:PORT[,HOST:PORT...][?cacert=FILE&"
+            "cert=FILE&key=FILE&user=NAME&password-file=FILE], or none; "
             "default: a local directory (/var/lib/ferry/locks for root); lose it and I/O stops",
         )
         serve.add_argument(
@@ -156,9 +195,26 @@ def build_parser() -> Parser:
                 "the source has dropped it, announced (gratuitous ARP), listened on from now"
             ),
         )
+        serve.add_argument(
+            "--hook",
+            action="append",
+            default=[],
+            type=_hook_text,
+            metavar="STAGE=PATH",
+            help="run the executable PATH at STAGE (pre-migrate, pre-switchover, post-handoff, "
+            "post-takeover, lease-lost, fenced); a non-zero exit at pre-migrate or "
+            "pre-switchover cancels the migration (repeatable)",
+        )
+        serve.add_argument(
+            "--hook-timeout",
+            type=float,
+            metavar="SECONDS",
+            help="kill a hook that runs longer (default 30); at a vetoing stage that is a veto",
+        )
+        _tls_server(serve, listen=name == "listen")
         _verbosity(serve)
         serve.add_argument("acl", nargs="*", metavar="ACL_ENTRY", help="address or CIDR allowed in")
-        serve.set_defaults(run=run_serve, listen=name == "listen")
+        serve.set_defaults(run=run_serve, listen=name == "listen", usage_error=serve.error)
 
     mirror = modes.add_parser(
         "mirror", help="migrate a running server's image to a listener (or any NBD server)"
@@ -181,6 +237,20 @@ def build_parser() -> Parser:
         type=int,
         default=None,
         help="passes before client writes are throttled (default 30)",
+    )
+    mirror.add_argument(
+        "--max-retries",
+        type=int,
+        default=None,
+        metavar="N",
+        help="give up after N lost attempts (default: retry for ever)",
+    )
+    mirror.add_argument(
+        "--retry-for",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="give up once attempts have been lost for this long",
     )
     mirror.add_argument(
         "--action",
@@ -254,6 +324,20 @@ def build_parser() -> Parser:
     _export(breaker)
     breaker.set_defaults(run=lambda args: run_simple(args, ["break"]))
 
+    block = modes.add_parser(
+        "block", help="refuse to migrate an export until unblocked, and say why"
+    )
+    _control_sock(block, required=True)
+    _export(block)
+    block.add_argument("reason", nargs="+", metavar="REASON", help="why (words are joined)")
+    block.set_defaults(run=run_block)
+
+    unblock = modes.add_parser("unblock", help="remove a blocker (without REASON: every one)")
+    _control_sock(unblock, required=True)
+    _export(unblock)
+    unblock.add_argument("reason", nargs="*", metavar="REASON", help="the blocker's reason")
+    unblock.set_defaults(run=run_block)
+
     max_bps = modes.add_parser(
         "mirror-max-bps", help="change a running migration's bandwidth limit"
     )
@@ -304,6 +388,7 @@ def build_parser() -> Parser:
         mode.add_argument("-S", "--size", type=byte_count, required=True)
         mode.add_argument("-b", "--bind", help="local address to connect from")
         mode.add_argument("-n", "--name", default="", help="export name (default export if empty)")
+        _tls_certificates(mode, "connect with TLS, verifying the server against DIR's CA")
         mode.set_defaults(run=run_read if name == "read" else run_write)
 
     trace = modes.add_parser("trace", help="work with transition traces")
@@ -317,6 +402,23 @@ def build_parser() -> Parser:
     show.add_argument("files", nargs="+", metavar="FILE")
     show.add_argument("--svg", metavar="OUT", help="also draw the timeline into this SVG file")
     show.set_defaults(run=run_trace_show)
+
+    check = modes.add_parser(
+        "check", help="say, one line each, which capabilities ferry needs this host has"
+    )
+    check.add_argument("--file", metavar="PATH", help="also check the image and its file system")
+    check.add_argument(
+        "--lockspace",
+        type=_lockspace_text,
+        metavar="SPEC",
+        help="also check that this lockspace is reachable and takes a lease",
+    )
+    check.add_argument(
+        "--move-connections",
+        action="store_true",
+        help="client connections must move at a handoff (TCP_REPAIR, nftables are needed)",
+    )
+    check.set_defaults(run=run_check)
 
     add_lock_commands(modes)
     add_daemon_commands(modes)
@@ -345,6 +447,38 @@ def _control_sock(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument("-s", "--sock", required=required, help="control socket path")
 
 
+def _tls_server(parser: argparse.ArgumentParser, *, listen: bool) -> None:
+    parser.add_argument(
+        "--tls",
+        choices=["off", "on", "require"],
+        default=None,  # off; None: not given (serve --takeover takes the old process's)
+        help="TLS for NBD clients: off (default), on (a client may upgrade with STARTTLS), "
+        "require (every client must)",
+    )
+    _tls_certificates(
+        parser,
+        "the certificate directory: ca-cert.pem, server-cert.pem, server-key.pem (and "
+        "client-cert.pem, client-key.pem: migrations from this node use TLS with them)",
+    )
+    parser.add_argument(
+        "--tls-verify-peer",
+        action="store_true",
+        default=None,
+        help="require a client certificate issued by the directory's CA",
+    )
+    if listen:
+        parser.add_argument(
+            "--tls-allowed-subjects",
+            metavar="FILE",
+            help="the certificate subjects that may send a migration, one RFC 4514 name a "
+            "line (needs --tls-verify-peer)",
+        )
+
+
+def _tls_certificates(parser: argparse.ArgumentParser, helptext: str) -> None:
+    parser.add_argument("--tls-certificates", metavar="DIR", help=helptext)
+
+
 def _export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-e", "--export", metavar="NAME", help="which export of a daemon (default: its first)"
@@ -360,30 +494,74 @@ def _verbosity(parser: argparse.ArgumentParser) -> None:
 # -- modes ----------------------------------------------------------------------
 
 
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of ``serve`` the operator wrote, by ServeConfig's names (for --takeover)."""
+    given = {
+        "file": args.file,
+        "name": args.name,
+        "addr": args.addr,
+        "port": args.port,
+        "sock": args.sock,
+        "default_deny": args.default_deny,
+        "oldstyle": args.oldstyle,
+        "read_only": getattr(args, "read_only", None),
+        "metrics": args.metrics,
+        "lockspace": getattr(args, "lockspace", None),
+        "resource": getattr(args, "resource", None),
+        "service_address": args.service_address,
+        "acl": list(args.acl) or None,
+        "tls": args.tls,
+        "tls_certificates": args.tls_certificates,
+        "tls_verify_peer": args.tls_verify_peer,
+        "tls_allowed_subjects": getattr(args, "tls_allowed_subjects", None),
+        "hooks": dict(args.hook) or None,
+        "hook_timeout": args.hook_timeout,
+    }
+    return {key: value for key, value in given.items() if value is not None}
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    from twisted.internet import reactor
+    from twisted.internet import defer, reactor
 
     from ferry.cli.running import run_until_stopped
+    from ferry.cli.takeover import take_over, takeover_described
     from ferry.logs import LogFileError, open_log_file, start_logging
     from ferry.node import Node, ServeConfig
+    from ferry.tls import TLSMode
 
-    config = ServeConfig(
-        file=args.file,
-        addr=args.addr,
-        port=args.port,
-        name=args.name,
-        sock=args.sock,
-        acl=tuple(args.acl),
-        default_deny=args.default_deny,
-        oldstyle=args.oldstyle,
-        read_only=getattr(args, "read_only", False),
-        metrics=args.metrics,
-        trace=args.trace,
-        listen=args.listen,
-        lockspace=getattr(args, "lockspace", None),
-        resource=getattr(args, "resource", None),
-        service_address=args.service_address,
-    )
+    served: dict[str, Any] = {}
+    takeover = getattr(args, "takeover", None)
+    if takeover is None:
+        required = (("-l/--addr", args.addr), ("-p/--port", args.port), ("-f/--file", args.file))
+        missing = [flag for flag, value in required if value is None]
+        if missing:
+            args.usage_error(f"the following arguments are required: {', '.join(missing)}")
+        config = ServeConfig(
+            file=args.file,
+            addr=args.addr,
+            port=args.port,
+            name=args.name or "",
+            sock=args.sock,
+            acl=tuple(args.acl),
+            default_deny=bool(args.default_deny),
+            oldstyle=bool(args.oldstyle),
+            read_only=bool(getattr(args, "read_only", False)),
+            metrics=args.metrics,
+            trace=args.trace,
+            listen=args.listen,
+            lockspace=getattr(args, "lockspace", None),
+            resource=getattr(args, "resource", None),
+            tls=TLSMode(args.tls or "off"),
+            tls_certificates=args.tls_certificates,
+            tls_verify_peer=bool(args.tls_verify_peer),
+            tls_allowed_subjects=getattr(args, "tls_allowed_subjects", None),
+            service_address=args.service_address,
+            hooks=_hooks(args),
+        )
+        node_config, exports = config.node(), (config.export(),)
+    else:
+        served = takeover_described(takeover)
+        node_config, exports = _serve_takeover_config(args, takeover, served)
     try:
         log_file = open_log_file(args.log) if args.log else None
     except LogFileError as error:
@@ -392,11 +570,36 @@ def run_serve(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         quiet=args.quiet,
         json_file=log_file,
-        fields={"export": config.export_name},
+        fields={"export": exports[0].export_name},
     )
-    node = Node(reactor, config.node(), [config.export()])
-    run_until_stopped(reactor, node.start(), node.shutdown)
+    if takeover is None:
+        node = Node(reactor, node_config, exports)
+        run_until_stopped(reactor, node.start(), node.shutdown)
+        return 0
+    node = Node(reactor, node_config)
+    take_over(node, takeover, served, _given(args), args.takeover_format)
+    run_until_stopped(reactor, defer.succeed(None), node.shutdown)
     return 0
+
+
+def _hooks(args: argparse.Namespace) -> Any:
+    """``--hook`` and ``--hook-timeout`` as a HookConfig (checked: a usage error exits 2)."""
+    from ferry.hooks import parse_hooks
+
+    stages = [stage for stage, _ in args.hook]
+    twice = sorted({stage for stage in stages if stages.count(stage) > 1})
+    if twice:
+        _usage(args, f"--hook: {twice[0]} given more than once")
+    try:
+        return parse_hooks(dict(args.hook), args.hook_timeout)
+    except ValueError as error:
+        _usage(args, str(error).replace("hook_timeout", "--hook-timeout"))
+
+
+def _usage(args: argparse.Namespace, message: str) -> NoReturn:
+    """A problem with the command line found after parsing: one line, exit 2."""
+    print(f"ferry {args.mode}: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def run_proxy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -443,6 +646,31 @@ def run_proxy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", node.shutdown)
     reactor.run()
     return 0
+
+
+def _serve_takeover_config(
+    args: argparse.Namespace, path: str, served: dict[str, Any]
+) -> tuple[Any, tuple[Any, ...]]:
+    """``serve --takeover``: the node and the one export the old process serves, checked
+    against what was given."""
+    from ferry.node import NodeConfig, StartupError
+    from ferry.takeover.options import differences, served_exports
+
+    exports = served.get("exports")
+    if not isinstance(exports, list) or len(exports) != 1:
+        count = len(exports) if isinstance(exports, list) else "no"
+        raise UserError(
+            f"--takeover {path}: the old process serves {count} exports: take a daemon over "
+            f"with ferry daemon --config FILE --takeover {path}"
+        )
+    wrong = differences(_given(args), served)
+    if wrong:
+        raise UserError(f"--takeover {path}: " + "; ".join(wrong))
+    try:
+        node = NodeConfig.from_served(served, trace=args.trace, exit_stops_node=True)
+        return node, served_exports(served)
+    except (StartupError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"--takeover {path}: the old process's options: {error}") from None
 
 
 def control_request(path: str, lines: Sequence[str]) -> tuple[int, str]:
@@ -513,6 +741,22 @@ def run_simple(args: argparse.Namespace, lines: list[str]) -> int:
     return 0
 
 
+def run_block(args: argparse.Namespace) -> int:
+    """``ferry block`` / ``ferry unblock``: one line saying what blocks the export now."""
+    params: dict[str, Any] = {}
+    if args.reason:
+        params["reason"] = " ".join(args.reason)
+    if args.export is not None:
+        params["export"] = args.export
+    result = json_request(args.sock, args.mode, params)
+    blockers = result.get("blockers", [])
+    if args.mode == "unblock":
+        removed = result.get("removed", [])
+        print(f"unblocked: {'; '.join(removed)}" if removed else "nothing was blocked")
+    print(f"blocked: {'; '.join(blockers)}" if blockers else "not blocked")
+    return 0
+
+
 def run_mirror(args: argparse.Namespace) -> int:
     from ferry.control.client import ControlError
 
@@ -533,6 +777,10 @@ def _mirror(args: argparse.Namespace) -> int:
         params["max_downtime"] = args.max_downtime
     if args.max_passes is not None:
         params["max_passes"] = args.max_passes
+    if args.max_retries is not None:
+        params["max_retries"] = args.max_retries
+    if args.retry_for is not None:
+        params["retry_for"] = args.retry_for
     if args.flexnbd:
         params["flexnbd"] = True
     if args.export is not None:
@@ -590,10 +838,19 @@ def run_write(args: argparse.Namespace) -> int:
 
 def _remote(args: argparse.Namespace, remote_type: Any) -> Any:
     from ferry.remote import NegotiationError, RemoteError
+    from ferry.tls import TLSError, load_credentials
 
+    tls = None
+    if args.tls_certificates is not None:
+        try:
+            tls = load_credentials(args.tls_certificates, server=False).client_context()
+        except TLSError as error:
+            raise UserError(str(error)) from None
     try:
         return _Guarded(
-            remote_type.connect(args.addr, args.port, export_name=args.name, bind=args.bind),
+            remote_type.connect(
+                args.addr, args.port, export_name=args.name, bind=args.bind, tls=tls
+            ),
             (RemoteError, NegotiationError),
         )
     except NegotiationError as error:
@@ -633,6 +890,34 @@ def _check_range(args: argparse.Namespace, size: int) -> None:
         raise UserError(
             f"range {args.offset}+{args.size} is past the end of the export ({size} bytes)"
         )
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """``ferry check``: one line per capability; exit 0 when every needed one is there."""
+    import tempfile
+
+    from ferry.check import file_probes, host_probes, lockspace_dir, lockspace_probe, render
+
+    spec = args.lockspace
+    local = lockspace_dir(spec)
+    ofd_dir = local or (os.path.dirname(os.path.abspath(args.file)) if args.file else None)
+    probes = host_probes(
+        move_connections=args.move_connections,
+        ofd_dir=ofd_dir if ofd_dir and os.path.isdir(ofd_dir) else tempfile.gettempdir(),
+        ofd_needed=local is not None,
+    )
+    if args.file:
+        probes += file_probes(args.file)
+    if spec is not None and spec != "none":
+        from twisted.internet import reactor
+
+        from ferry.cli.lock import settle
+
+        probes.append(lockspace_probe(spec, reactor, settle))
+    lines, status = render(probes)
+    for line in lines:
+        print(line)
+    return status
 
 
 def run_trace_replay(args: argparse.Namespace) -> int:
@@ -763,7 +1048,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except UserError as error:
-        print(f"ferry: {error}", file=sys.stderr)
+        for line in str(error).splitlines() or [""]:  # a line per problem
+            print(f"ferry: {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -32,11 +32,11 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from ferry.lease.backend import Grant, Holder, LeaseBackend, LeaseConflict, LeaseMode
-from ferry.lease.manager import InDoubtOutcome, LeaseManager
+from ferry.lease.manager import LeaseManager
 from ferry.migrate.lease import OutgoingLease
-from ferry.migrate.manager import MirrorManager
 from ferry.migrate.options import Destination, MirrorOptions, StartOutcome
 from ferry.serve.export import RECEIVING_STATES, Export
+from ferry.sim.mirrors import WatchedMirrors
 
 __all__ = ["BUGS", "backend", "mirror_manager", "outgoing_lease", "run_blocking"]
 
@@ -61,11 +61,11 @@ def run_blocking(bug: str | None, export: Export, real: RunBlocking) -> RunBlock
     return answer_first
 
 
-class _SkipsLastPass(MirrorManager):
+class _SkipsLastPass(WatchedMirrors):
     """``skip-last-pass``: the final pass is planned from a dirty map cleared first."""
 
-    def mirror(self, destination: Destination, options: MirrorOptions) -> Deferred[StartOutcome]:
-        started = super().mirror(destination, options)
+    def _start(self, destination: Destination, options: MirrorOptions) -> Deferred[StartOutcome]:
+        started = super()._start(destination, options)
         assert self.current is not None
         job = self.current.job
         plan_final_pass = job.start_final_pass
@@ -78,8 +78,8 @@ class _SkipsLastPass(MirrorManager):
         return started
 
 
-def mirror_manager(bug: str | None) -> type[MirrorManager]:
-    return _SkipsLastPass if bug == "skip-last-pass" else MirrorManager
+def mirror_manager(bug: str | None) -> type[WatchedMirrors]:
+    return _SkipsLastPass if bug == "skip-last-pass" else WatchedMirrors
 
 
 class _ReleasesBeforeAck:
@@ -88,13 +88,8 @@ class _ReleasesBeforeAck:
     def __init__(self, lease: LeaseManager) -> None:
         self._lease = lease
 
-    @property
-    def resource(self) -> str:
-        return self._lease.resource
-
-    @property
-    def state(self) -> str:
-        return self._lease.state
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lease, name)  # all but prepare_migrate, as they are
 
     def prepare_migrate(self) -> Deferred[int]:
         def release_now(token: int) -> int:
@@ -103,22 +98,12 @@ class _ReleasesBeforeAck:
 
         return self._lease.prepare_migrate().addCallback(release_now)
 
-    def cancel_migrate_out(self) -> Deferred[Any]:
-        return self._lease.cancel_migrate_out()
-
-    def complete_migrate_out(self) -> Deferred[None]:
-        return self._lease.complete_migrate_out()
-
-    def resolve_in_doubt(self) -> Deferred[InDoubtOutcome]:
-        return self._lease.resolve_in_doubt()
-
-    def release(self) -> Deferred[None]:
-        return self._lease.release()
-
 
 def outgoing_lease(bug: str | None, lease: LeaseManager) -> OutgoingLease:
     """The lease a migration of this process hands over."""
-    return _ReleasesBeforeAck(lease) if bug == "release-before-ack" else lease
+    if bug == "release-before-ack":
+        return cast(OutgoingLease, _ReleasesBeforeAck(lease))
+    return lease
 
 
 class _IgnoresToken:

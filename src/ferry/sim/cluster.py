@@ -94,6 +94,7 @@ class Cluster:
             lockspace=self.lockspace,
             bug=self.bug,
             observe=self._observed,
+            on_mirror=self.mirror_started,
         )
         self.processes.append(process)
         process.start()
@@ -105,10 +106,9 @@ class Cluster:
     def host_at(self, address: str) -> Host:
         return next(h for h in self.hosts if h.address == address)
 
-    def mirror_started(self, process: FerryProcess) -> None:
-        source = process.mirrors.current
-        if source is not None and (process, source) not in self.migrations:
-            self.migrations.append((process, source))
+    def mirror_started(self, process: FerryProcess, source: MirrorSource) -> None:
+        """``process`` started a migration (perhaps a while after ``mirror`` was asked)."""
+        self.migrations.append((process, source))
 
     # -- what happens -------------------------------------------------------------------
 

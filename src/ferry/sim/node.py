@@ -39,6 +39,7 @@ from ferry.lease.incoming import IncomingLease
 from ferry.lease.manager import LeaseManager
 from ferry.migrate.destination import Receiver
 from ferry.migrate.options import Destination, MirrorOptions, StartOutcome
+from ferry.migrate.source import MirrorSource
 from ferry.serve.acl import Acl
 from ferry.serve.export import Export
 from ferry.serve.server import NBDServer
@@ -61,6 +62,7 @@ ACL: Final = ("10.0.0.0/24",)
 SHUTDOWN_DEADLINE: Final = 30.0
 
 Observer = Callable[["FerryProcess", TraceRecord], None]
+MirrorObserver = Callable[["FerryProcess", MirrorSource], None]
 
 
 class Host:
@@ -109,6 +111,7 @@ class FerryProcess:
         lockspace: Lockspace,
         bug: str | None,
         observe: Observer,
+        on_mirror: MirrorObserver,
     ) -> None:
         if mode not in ("serve", "listen"):
             raise ValueError(f"no mode {mode!r}")
@@ -138,6 +141,7 @@ class FerryProcess:
             tracer=self.tracer,
             stop_process=self._exit_after_handoff,
         )
+        self.mirrors.on_start = lambda source: on_mirror(self, source)
         config = ExportConfig(file=str(self.image.path), name=EXPORT, listen=mode == "listen")
         self.unit = ExportUnit(config, self.export, self.mirrors)
         self.unit.resource = RESOURCE

@@ -53,6 +53,7 @@ class Operators:
         self.world = cluster.world
         self.rng = cluster.world.stream("operators")
         self.chaos = True
+        self.last_reply: str | None = None  # what the last mirror started answered
 
     def start(self) -> None:
         self.world.call_later(self.rng.uniform(0.5, 3.0), "operator", self._act)
@@ -139,7 +140,6 @@ class Operators:
         except MirrorError as refused:
             self.world.log("operator", f"mirror {source.name} -> {target.name}: {refused}")
             return False
-        self.cluster.mirror_started(source)
         self.world.log(
             "operator",
             f"mirror {source.name} -> {target.name} max_bps={options.max_bps} "
@@ -147,6 +147,7 @@ class Operators:
         )
 
         def answered(outcome: StartOutcome) -> None:
+            self.last_reply = outcome.reply
             self.world.log("operator", f"mirror answered: {outcome.reply}")
 
         def failed(failure: Failure) -> None:

@@ -32,6 +32,7 @@ from zope.interface import provider
 
 from ferry.chartnames import MigrationState, RoleState
 from ferry.migrate.options import FinishAction, MirrorOptions
+from ferry.migrate.source import MirrorSource
 from ferry.sim.cluster import Cluster
 from ferry.sim.faults import FAULTS, Faults
 from ferry.sim.invariants import Invariants
@@ -180,13 +181,29 @@ def _last_migration(world: World, cluster: Cluster, operators: Operators) -> Non
     world.log("phase", "last migration")
     options = MirrorOptions(action=FinishAction.NOTHING, reply_timeout=30.0, retry_max=2.0)
     source = cluster.owner.running
+    before = len(cluster.migrations)
+    operators.last_reply = None
     if source is None or not operators.mirror(options):
         world.violate("a migration completes", "the last mirror could not be started")
         return
-    job = source.mirrors.current
-    assert job is not None
-    world.run(world.now() + LAST_MIGRATION, stop=lambda: job.job.final)
-    if world.violation is None and job.state != MigrationState.COMPLETED:
+
+    def started() -> MirrorSource | None:
+        # mirror asks the lockspace first: the job may start a moment later.
+        return next((s for p, s in cluster.migrations[before:] if p is source), None)
+
+    def ended() -> bool:
+        job = started()
+        return job.job.final if job is not None else operators.last_reply is not None
+
+    world.run(world.now() + LAST_MIGRATION, stop=ended)
+    job = started()
+    if world.violation is None and job is None:
+        world.violate(
+            "a migration completes",
+            f"the last mirror from {source.name} never started: {operators.last_reply}",
+        )
+        return
+    if world.violation is None and job is not None and job.state != MigrationState.COMPLETED:
         world.violate(
             "a migration completes",
             f"without faults, the last mirror from {source.name} ended {job.state}: "

@@ -82,7 +82,7 @@ class Action(enum.Enum):
 
     NEXT_PASS = "next_pass"
     SWITCH_OVER = "quiesce"
-    GIVE_UP = "give_up"
+    NOT_CONVERGED = "not_converged"
 
     @property
     def trigger(self) -> str:
@@ -175,7 +175,7 @@ class ConvergencePolicy:
                 f"client writes throttled {throttle:.0%}: {why}, max_downtime "
                 f"{self.max_downtime}s; raise max_downtime or max_bps"
             )
-            return Decision(Action.GIVE_UP, downtime, throttle, why)
+            return Decision(Action.NOT_CONVERGED, downtime, throttle, why)
         if throttle:
             why += f"; pass {passes_done} >= {self.max_passes}: throttle writes {throttle:.0%}"
         return Decision(Action.NEXT_PASS, downtime, throttle, why)

@@ -116,10 +116,16 @@ class MigrationJob:
     def __repr__(self) -> str:
         return f"<MigrationJob {self.state} plan={self.plan!r}>"
 
-    def fire(self, trigger: MigrationTrigger) -> None:
-        """Take ``trigger``; an illegal one raises ``transitions.MachineError``."""
+    def fire(self, trigger: MigrationTrigger, reason: str | None = None) -> None:
+        """Take ``trigger``; an illegal one raises ``transitions.MachineError``.
+
+        ``reason`` (why: a failure's detail, a veto's) goes into the trace record.
+        """
         model: Any = self
-        model.trigger(trigger)
+        if reason is None:
+            model.trigger(trigger)
+        else:
+            model.trigger(trigger, reason=reason)
 
     def can(self, trigger: MigrationTrigger) -> bool:
         """Whether ``trigger`` is legal in the current state."""
@@ -242,7 +248,7 @@ class MigrationJob:
     def end_of_pass(self) -> Decision:
         """The current pass is done (every request acknowledged): decide, and move on.
 
-        Fires ``quiesce``, ``next_pass`` or ``give_up``; on entering the next
+        Fires ``quiesce``, ``next_pass`` or ``not_converged``; on entering the next
         state the new plan is in :attr:`plan`.  Only for bulk and dirty passes: the end of
         the last pass (in ``quiescing``) is the flush, then ``commit``.
         """
@@ -260,8 +266,8 @@ class MigrationJob:
         self.last_decision = decision
         if decision.action is Action.SWITCH_OVER:
             self.fire(MigrationTrigger.QUIESCE)
-        elif decision.action is Action.GIVE_UP:
-            self.fire(MigrationTrigger.GIVE_UP)
+        elif decision.action is Action.NOT_CONVERGED:
+            self.fire(MigrationTrigger.NOT_CONVERGED)
         else:
             self.fire(MigrationTrigger.NEXT_PASS)
         return decision
