@@ -64,6 +64,16 @@ class SeedResult:
 
 @contextmanager
 def _internal_errors(world: World) -> Iterator[None]:
+    """Failures ferry logs break the run, and so does an unhandled error in a Deferred.
+
+    The latter is logged when its Deferred is collected, so the garbage
+    collector runs at the end of the seed, once the seed's objects are
+    unreachable, and not during it (a collection at a random moment would
+    log at a random moment).  What lived before the seed (modules, cached
+    charts) is frozen meanwhile: the collection looks at this seed's
+    objects only.
+    """
+
     @provider(ILogObserver)
     def observe(event: dict[str, Any]) -> None:
         failure = event.get("log_failure")
@@ -71,19 +81,19 @@ def _internal_errors(world: World) -> Iterator[None]:
             what = f"{formatEvent(event)}: {failure.getErrorMessage()}"
             world.violate("no internal error", what)
 
-    globalLogPublisher.addObserver(cast(ILogObserver, observe))
     collecting = gc.isenabled()
-    # What lives already (modules, cached charts) is left out of the
-    # collection at the end, which then looks at this seed's objects only.
+    gc.collect()  # what an earlier seed left, before it is frozen with the rest
     gc.freeze()
     gc.disable()
+    globalLogPublisher.addObserver(cast(ILogObserver, observe))
     try:
         yield
-        gc.collect()  # an unhandled error in a Deferred is logged when it is collected
+        gc.collect()
     finally:
+        globalLogPublisher.removeObserver(cast(ILogObserver, observe))
+        gc.unfreeze()
         if collecting:
             gc.enable()
-        globalLogPublisher.removeObserver(cast(ILogObserver, observe))
 
 
 def run_seed(
@@ -95,45 +105,52 @@ def run_seed(
 ) -> SeedResult:
     """Run one seed; the result says which invariant broke first, if one did."""
     world = World(seed, keep_trace=keep_trace)
-    cluster = Cluster(world, bug=bug)
-    try:
-        with _internal_errors(world):
-            invariants = Invariants(cluster)
-            injector = Faults(cluster, faults)
-            operators = Operators(cluster)
-            first, second = cluster.hosts
-            cluster.start(first, "serve")
-            cluster.start(second, "listen")
-            for client in cluster.clients:
-                client.start()
-            operators.start()
-            injector.start()
-            chaos = world.stream("phases").uniform(10.0, 30.0)
-            world.run(chaos)
-            world.log("phase", "heal")
-            injector.heal()
-            operators.chaos = False
-            _settle(world, cluster, operators)
-            _last_migration(world, cluster, operators)
-            _drain(world, cluster)
-            if world.violation is None:
-                invariants.at_end()
-    finally:
-        cluster.lockspace.close()  # the local one's lock directory
-    summary = (
-        f"{cluster.describe()} steps={world.steps} faults={injector.injected} "
-        f"migrations={len(cluster.migrations)} owner={cluster.owner.name}"
-    )
+    with _internal_errors(world):
+        summary = _run(world, faults, bug)
+        seconds = world.now()
+        world.forget()  # nothing of the run is reachable now: the collection finds it all
     return SeedResult(
         seed,
         world.violation,
         world.trace.digest(),
         world.steps,
-        world.now(),
+        seconds,
         summary,
         tuple(world.trace.lines if keep_trace else world.trace.tail())
         if world.violation is not None or keep_trace
         else (),
+    )
+
+
+def _run(world: World, faults: frozenset[str], bug: str | None) -> str:
+    """The four phases (see the module doc); a line that sums the run up."""
+    cluster = Cluster(world, bug=bug)
+    try:
+        invariants = Invariants(cluster)
+        injector = Faults(cluster, faults)
+        operators = Operators(cluster)
+        first, second = cluster.hosts
+        cluster.start(first, "serve")
+        cluster.start(second, "listen")
+        for client in cluster.clients:
+            client.start()
+        operators.start()
+        injector.start()
+        chaos = world.stream("phases").uniform(10.0, 30.0)
+        world.run(chaos)
+        world.log("phase", "heal")
+        injector.heal()
+        operators.chaos = False
+        _settle(world, cluster, operators)
+        _last_migration(world, cluster, operators)
+        _drain(world, cluster)
+        if world.violation is None:
+            invariants.at_end()
+    finally:
+        cluster.lockspace.close()  # the local one's lock directory
+    return (
+        f"{cluster.describe()} steps={world.steps} faults={injector.injected} "
+        f"migrations={len(cluster.migrations)} owner={cluster.owner.name}"
     )
 
 

@@ -192,6 +192,11 @@ class World:
         for check in self._step_checks:
             check()
 
+    def forget(self) -> None:
+        """The run is over: drop what would keep its objects alive (pending calls, checks)."""
+        self.clock = SimClock()
+        self._step_checks.clear()
+
     def run(self, until: float, stop: Callable[[], bool] | None = None) -> None:
         """Run scheduled calls up to time ``until`` (or until ``stop()``, or a violation)."""
         clock = self.clock
