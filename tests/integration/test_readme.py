@@ -310,7 +310,7 @@ def test_the_simulation_session_runs_as_written(tmp_path: Path) -> None:
     assert fenced_block(section, "text").strip() in out
     failed = (tmp_path / "failed.txt").read_text()
     assert "replays identically" in failed and "DOES NOT REPLAY" not in failed
-    assert "replay: python -m ferry.sim --seeds 1 --from 2 --bug skip-last-pass" in failed
+    assert "replay: python -m ferry.sim --seeds 1 --from 4 --bug skip-last-pass" in failed
     trace = (tmp_path / "trace.txt").read_text().splitlines()
     assert trace[0].startswith("0.000000 cluster lockspace ")
     assert len(trace) > 100

@@ -77,7 +77,7 @@ INVARIANTS = {
 PLANTED = {
     "ack-before-fsync": (27, "durable writes survive a crash where control is"),
     "release-before-ack": (0, "a migration completes"),
-    "skip-last-pass": (2, "acknowledged writes are where control is"),
+    "skip-last-pass": (4, "acknowledged writes are where control is"),
     "ignore-token": (88, "a writer holds its lease"),
 }
 
@@ -136,7 +136,7 @@ class Regression:
 
 REGRESSIONS = (
     Regression(
-        21,
+        82,
         "a FLUSH after a failed one succeeded (storage/image.py)",
         "durable writes survive a crash where control is",
         _flush_forgets_a_failure,
