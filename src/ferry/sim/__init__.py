@@ -27,7 +27,8 @@ The parts, one job each:
   TCP a Twisted client needs of a process's reactor;
 * :mod:`~ferry.sim.node`: a host (its disk outlives processes) and the
   ferry process on it, built from the same parts as ``ferry serve`` and
-  ``ferry listen``;
+  ``ferry listen``; :mod:`~ferry.sim.mirrors`: its mirror manager, which
+  tells the simulator of each migration it starts;
 * :mod:`~ferry.sim.pattern`, :mod:`~ferry.sim.clients`: NBD clients writing
   blocks a reader can date, and the ledger of what was acknowledged;
 * :mod:`~ferry.sim.operators`: ``mirror``, ``break``, ``mirror_max_bps``, a
