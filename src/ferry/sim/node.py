@@ -229,6 +229,13 @@ class FerryProcess:
         destination = Destination(target.address, PORT, export_name=EXPORT)
         return self.mirrors.mirror(destination, options)
 
+    def control(self, command: Callable[[], object]) -> None:
+        """A command on the control socket: performed when the process next runs.
+
+        Now, unless it is paused (then when it resumes) or dead (never).
+        """
+        self.time.run(command)
+
     @property
     def lease(self) -> LeaseManager | None:
         return self.unit.lease

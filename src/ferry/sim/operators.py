@@ -27,6 +27,7 @@ so only a reboot (or rewriting the image) makes its flushes true again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 from twisted.python.failure import Failure
@@ -90,16 +91,20 @@ class Operators:
             max_in_flight=rng.choice((1, 4, 64)),
         )
 
-    def _on_owner(self, what: str, command: object) -> None:
+    def _on_owner(self, what: str, command: Callable[[FerryProcess], object]) -> None:
         process = self.cluster.owner.running
         if process is None:
             return
-        try:
-            command(process)  # type: ignore[operator]
-        except MirrorError as refused:
-            self.world.log("operator", f"{what} on {process.name}: refused: {refused}")
-            return
-        self.world.log("operator", f"{what} on {process.name}")
+
+        def perform() -> None:
+            try:
+                command(process)
+            except MirrorError as refused:
+                self.world.log("operator", f"{what} on {process.name}: refused: {refused}")
+                return
+            self.world.log("operator", f"{what} on {process.name}")
+
+        process.control(perform)
 
     # -- mirroring ----------------------------------------------------------------------------
 
@@ -121,30 +126,28 @@ class Operators:
         source = self.cluster.owner.running
         if source is None or not source.mirrors.running:
             return
-        first = source.mirrors.current
         target = self.cluster.other(self.cluster.owner)
-        try:
-            source.mirror(target, self._random_options())
-        except MirrorBusy as refused:
-            self.world.log("operator", f"second mirror {source.name}: refused: {refused}")
-            if source.mirrors.current is not first:
-                self.world.violate("a second mirror is refused", "the first one was replaced")
-            return
-        self.world.violate(
-            "a second mirror is refused", f"{source.name} started one beside {first!r}"
-        )
+        options = self._random_options()
+
+        def ask() -> None:
+            if not source.mirrors.running:
+                return  # it ended while the command waited for the process
+            first = source.mirrors.current
+            try:
+                source.mirror(target, options)
+            except MirrorBusy as refused:
+                self.world.log("operator", f"second mirror {source.name}: refused: {refused}")
+                if source.mirrors.current is not first:
+                    self.world.violate("a second mirror is refused", "the first one was replaced")
+                return
+            self.world.violate(
+                "a second mirror is refused", f"{source.name} started one beside {first!r}"
+            )
+
+        source.control(ask)
 
     def _send_mirror(self, source: FerryProcess, target: Host, options: MirrorOptions) -> bool:
-        try:
-            started = source.mirror(target, options)
-        except MirrorError as refused:
-            self.world.log("operator", f"mirror {source.name} -> {target.name}: {refused}")
-            return False
-        self.world.log(
-            "operator",
-            f"mirror {source.name} -> {target.name} max_bps={options.max_bps} "
-            f"action={options.action.value} reply_timeout={options.reply_timeout}",
-        )
+        """Ask ``source`` to mirror to ``target`` (when it next runs: it may be paused)."""
 
         def answered(outcome: StartOutcome) -> None:
             self.last_reply = outcome.reply
@@ -153,7 +156,21 @@ class Operators:
         def failed(failure: Failure) -> None:
             self.world.violate("mirror is answered", f"{source.name}: {failure.getErrorMessage()}")
 
-        started.addCallbacks(answered, failed)
+        def ask() -> None:
+            try:
+                started = source.mirror(target, options)
+            except MirrorError as refused:
+                self.last_reply = f"refused: {refused}"
+                self.world.log("operator", f"mirror {source.name} -> {target.name}: {refused}")
+                return
+            self.world.log(
+                "operator",
+                f"mirror {source.name} -> {target.name} max_bps={options.max_bps} "
+                f"action={options.action.value} reply_timeout={options.reply_timeout}",
+            )
+            started.addCallbacks(answered, failed)
+
+        source.control(ask)
         return True
 
     # -- restarting what stopped -----------------------------------------------------------------
@@ -200,4 +217,4 @@ class Operators:
 
     def _restart(self, process: FerryProcess, why: str) -> None:
         self.world.log("operator", f"restart {process.host.name}: {why}")
-        process.shutdown(why)
+        process.control(lambda: process.shutdown(why))  # SIGTERM: handled when it runs
