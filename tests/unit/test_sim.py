@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from twisted.internet.defer import Deferred
 
 from ferry.chartnames import RoleTrigger
 from ferry.clock import ReactorClock
@@ -35,6 +36,9 @@ from ferry.lease.backend import Grant
 from ferry.lease.manager import LeaseManager
 from ferry.migrate import carry
 from ferry.migrate.core.convergence import ConvergencePolicy
+from ferry.migrate.manager import MirrorManager
+from ferry.migrate.options import Destination, MirrorError, MirrorOptions, StartOutcome
+from ferry.migrate.source import MirrorSource
 from ferry.serve.export import RECEIVING_STATES, Export
 from ferry.sim.bugs import BUGS
 from ferry.sim.faults import parse_faults
@@ -119,6 +123,27 @@ def _connection_machines_share_names(patch: pytest.MonkeyPatch) -> None:
     patch.setattr(carry, "_unique", lambda name, named: name)
 
 
+def _refused_start_stays_current(patch: pytest.MonkeyPatch) -> None:
+    fixed_start, fixed = MirrorSource.start, MirrorManager._start
+    tried: list[MirrorSource] = []
+
+    def start(source: MirrorSource) -> Deferred[StartOutcome]:
+        tried.append(source)
+        return fixed_start(source)
+
+    def as_before(
+        manager: MirrorManager, destination: Destination, options: MirrorOptions
+    ) -> Deferred[StartOutcome]:
+        try:
+            return fixed(manager, destination, options)
+        except MirrorError:
+            manager.current = tried[-1]  # the job that never started stays current
+            raise
+
+    patch.setattr(MirrorSource, "start", start)
+    patch.setattr(MirrorManager, "_start", as_before)
+
+
 def _never_give_up(patch: pytest.MonkeyPatch) -> None:
     patch.setattr(ConvergencePolicy, "give_up_after", property(lambda policy: 10**9))
 
@@ -165,6 +190,12 @@ REGRESSIONS = (
         "two clients of one host shared a connection machine's name (migrate/carry.py)",
         "every trace replays",
         _connection_machines_share_names,
+    ),
+    Regression(
+        9,
+        "a mirror refused while the lockspace was asked stayed 'running' (migrate/manager.py)",
+        "the cluster settles",
+        _refused_start_stays_current,
     ),
     Regression(
         428,

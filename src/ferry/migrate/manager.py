@@ -154,8 +154,16 @@ class MirrorManager:
             carrier=self._carrier,
             hooks=self.hooks,
         )
-        self.current = source
-        return source.start()
+        previous, self.current = self.current, source
+        try:
+            return source.start()
+        except MirrorError:
+            # Refused before it began (the export is no longer serving: say,
+            # fenced while the lockspace was asked who shares the lease). A
+            # job that never started must not stay current: it would be
+            # "running" for good, and every later mirror refused.
+            self.current = previous
+            raise
 
     def cancel(self) -> None:
         """``break``: raises NotMirroring or CannotBreak with flexnbd-style reasons."""
