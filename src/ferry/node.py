@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
@@ -70,6 +70,7 @@ from ferry.serve.lanes import JOBS_PER_EXPORT
 from ferry.serve.server import NBDServer
 from ferry.storage import Image
 from ferry.trace import TraceFile, Tracer, TraceRecord, log_transitions
+from ferry.workers import WorkerPool
 
 __all__ = ["NO_LOCKSPACE", "Node", "NodeConfig", "ServeConfig", "StartupError"]
 
@@ -78,7 +79,7 @@ log = Logger()
 #: ``--lockspace none``: serve without a lease (nothing fences this node).
 NO_LOCKSPACE = "none"
 
-#: The worker threads every export's fdatasync shares: room for three
+#: The worker threads every export's disk calls share: room for three
 #: exports whose disks hang, each holding its lane's share
 #: (:mod:`ferry.serve.lanes`), and a lane's worth for all the others.
 WORKER_THREADS: Final = 4 * JOBS_PER_EXPORT
@@ -210,9 +211,11 @@ class Node:
         # How client connections move at a handoff (opened with the node).
         self.carrier: Carrier | None = None
         self._stopped = False
+        self._workers = WorkerPool(reactor, WORKER_THREADS)
 
     def run_blocking(self, work: Callable[[], object]) -> Deferred[Any]:
-        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
+        """Run ``work`` on one of the node's worker threads (every export's disk calls)."""
+        return self._workers(work)
 
     def _export_of(self, record: TraceRecord) -> str:
         """The name of the export a transition belongs to ("" for none), for the log."""
@@ -240,7 +243,6 @@ class Node:
         such export).  Without a lockspace (or with a local one, whose
         answers are immediate) the answer has fired when this returns.
         """
-        self.reactor.suggestThreadPoolSize(WORKER_THREADS)
         try:
             self._open(self.config)
             self._open_nbd(self.config)
@@ -686,6 +688,7 @@ class Node:
             self.server.forget_lane(unit.name)
 
     def _close_now(self) -> None:
+        self._workers.stop()
         if self.carrier is not None:
             self.carrier.close()
             self.carrier = None
