@@ -231,6 +231,31 @@ def test_a_hold_queues_requests_and_release_answers_them(harness: Harness) -> No
     assert not peer.transport.disconnecting
 
 
+def test_the_hold_waits_for_the_writes_already_on_threads(harness: Harness) -> None:
+    """The last pass is planned from the dirty map: every write before the hold is in it."""
+    harness.blocking.hold_all = True
+    marked: list[tuple[int, int]] = []
+    harness.export.observe_writes(lambda offset, length: marked.append((offset, length)))
+    peer = harness.connect()
+    peer.negotiate()
+    write = peer.client.request(Command.WRITE, 8192, 4, data=b"late")
+    zero = peer.client.request(Command.WRITE_ZEROES, 0, 512)
+    assert peer.replies() == {} and len(harness.blocking.jobs) == 2
+    hold(harness.export)
+    landed = harness.export.writes_landed()
+    queued = peer.client.request(Command.WRITE, 0, 4, data=b"held")  # held: not waited for
+    peer.pump()
+    harness.blocking.release(1)
+    assert not landed.called and marked == [(0, 512)]
+    harness.blocking.release(0)
+    assert landed.called and marked == [(0, 512), (8192, 4)]
+    assert harness.image.pread(8192, 4) == b"late"
+    assert set(peer.replies()) == {write, zero}
+    release(harness.export)
+    harness.blocking.release_all()
+    assert set(peer.replies()) == {write, zero, queued}
+
+
 def test_a_held_connection_stops_reading_until_released(harness: Harness) -> None:
     """However long a hold lasts, a client that pipelines on costs no more memory."""
     peer = harness.connect()

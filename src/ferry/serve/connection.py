@@ -73,6 +73,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final, cast
 from typing import Protocol as TypingProtocol
 
@@ -120,6 +121,8 @@ from ferry.serve.limits import (
     REPLY_STALL_TIMEOUT,
     Budget,
 )
+from ferry.serve.ordering import Access, Job
+from ferry.storage import Extent as StorageExtent
 from ferry.storage import ZeroingNotFast
 
 if TYPE_CHECKING:
@@ -131,6 +134,12 @@ log = Logger()
 # Most extents one BLOCK_STATUS reply describes; a fragmented file could
 # otherwise make one reply enormous.  Clients ask again from where it ends.
 MAX_EXTENTS_PER_REPLY: Final = 1024
+
+# The longest step of a WRITE_ZEROES or TRIM on a worker thread.  A request
+# may cover the whole image, and where the file system cannot punch or
+# zero a range its zeroes are written (a megabyte at a time): in steps, the
+# export's other requests get their turn in its lane between them.
+ZERO_STEP: Final = 64 * 1024 * 1024
 
 # How an operating-system error becomes an NBD error.  Anything unlisted is
 # reported as EIO: the client must not mistake it for a usage error.
@@ -290,6 +299,10 @@ class NBDServerProtocol(Protocol):
         # "throttled", "queue", "budget"; it is read again once every reason is gone.
         self._not_reading: set[str] = set()
         self._queued_bytes = 0  # WRITE payload held in the queue (MAX_QUEUED_BYTES)
+        self._dispatching = False  # inside _dispatch (a job may end within it)
+        self._jobs = 0  # requests of it in the export's order (admitted, not finished)
+        self._writing = 0  # WRITE payload of jobs in flight (RECEIVE_BUDGET)
+        self._reading = 0  # READ bytes of jobs in flight (REPLY_BUDGET)
         self._partial_timer: Any = None  # a request received in part (PARTIAL_REQUEST_TIMEOUT)
         self._stall_timer: Any = None  # replies unread while paused (REPLY_STALL_TIMEOUT)
         #: Why handshakes on this connection are refused (too many connections
@@ -491,7 +504,7 @@ class NBDServerProtocol(Protocol):
         if self._nbd is None or export is None or self._flexnbd or export.sender is self:
             return "it is not a client in transmission"
         if self._in_flight:
-            return "a FLUSH or FUA write of it is still running"
+            return "a request of it is still running"
         if not isinstance(transport, tcp.Connection) or not isinstance(
             transport.socket, socket.socket
         ):
@@ -647,16 +660,16 @@ class NBDServerProtocol(Protocol):
         nbd = self._nbd
         if nbd is None or self._lost:
             return
-        partial = nbd.buffered
-        if partial and self._partial_timer is None:
+        incomplete = nbd.buffered
+        if incomplete and self._partial_timer is None:
             self._partial_timer = self._server.clock.call_later(
                 PARTIAL_REQUEST_TIMEOUT, self._partial_expired
             )
-        elif not partial and self._partial_timer is not None:
+        elif not incomplete and self._partial_timer is not None:
             cancel_call(self._partial_timer)
             self._partial_timer = None
         budget = self._server.receive_budget
-        held = partial + self._queued_bytes
+        held = incomplete + self._queued_bytes + self._writing
         budget.hold(self, held)
         if len(self._queue) >= MAX_QUEUED_REQUESTS or self._queued_bytes >= MAX_QUEUED_BYTES:
             self._stop_reading("queue")
@@ -667,6 +680,10 @@ class NBDServerProtocol(Protocol):
         if held and not budget.fits() and not budget.exempt(self):
             self._stop_reading("budget")
             budget.wait(self, self._room_to_receive)
+        elif not held and "budget" in self._not_reading:
+            # What it held went to the disk (its writes ran on threads): it
+            # holds nothing now, and may read again like any that holds nothing.
+            self._start_reading("budget")
 
     def _room_to_receive(self) -> None:
         self._start_reading("budget")
@@ -847,6 +864,20 @@ class NBDServerProtocol(Protocol):
         export = self._export
         if export is None:
             return  # an arrival that has not joined its export: nothing is performed yet
+        if self._dispatching:
+            return  # a job answered at once, inside this loop: the loop goes on
+        self._dispatching = True
+        try:
+            self._dispatch_queued(queue, export)
+        finally:
+            self._dispatching = False
+        self._flush_outbox()
+        self._account_received()
+        self._maybe_close()
+
+    def _dispatch_queued(
+        self, queue: deque[Request | RejectedRequest | Commit | CarriedConnection], export: Export
+    ) -> None:
         while queue and not self._paused and not self._lost and self._throttle_timer is None:
             if export is not None and export.clients_held:
                 # A switchover holds client requests: queued, not failed.
@@ -859,9 +890,7 @@ class NBDServerProtocol(Protocol):
                     # Replies already waiting for their clients fill the budget.
                     self._server.reply_budget.wait(self, self._dispatch)
                     break
-                if self._in_flight >= MAX_JOBS_PER_CONNECTION and (
-                    command is _FLUSH or int(event.flags) & _FUA
-                ):
+                if self._in_flight >= MAX_JOBS_PER_CONNECTION:
                     break  # a job ends first (_settle_thread_job dispatches again)
                 if (
                     command is _WRITE
@@ -880,6 +909,8 @@ class NBDServerProtocol(Protocol):
                 self._queued_bytes -= len(event.data)
                 self._perform(event)
             else:
+                if type(event) is Commit and self._jobs:
+                    break  # the commit follows every write before it: they end first
                 queue.popleft()
                 if type(event) is Commit:
                     self._commit(event)
@@ -887,9 +918,6 @@ class NBDServerProtocol(Protocol):
                     self._carried(event)
                 else:
                     self._reject(event)  # type: ignore[arg-type]
-        self._flush_outbox()
-        self._account_received()
-        self._maybe_close()
 
     def _unthrottle(self) -> None:
         self._throttle_timer = None
@@ -927,82 +955,168 @@ class NBDServerProtocol(Protocol):
         nbd = self._nbd
         outbox = self._outbox
         assert export is not None and nbd is not None and outbox is not None
+        refusal = self._refusal(export)
+        if refusal is not None:
+            self._fail(request, *refusal)
+            return
+        command = request.command
+        started = time.perf_counter()  # latency is observed, never used for decisions
+        image = export.image
+        offset = request.offset
+        length = request.length
+        if command is _READ:
+            if not export.order.conflicts(Access.READ, offset, length):
+                # What the page cache holds is answered here and now: no disk
+                # call, so no thread (and no round trip to one) is needed.
+                try:
+                    cached = image.read_cached(offset, length)
+                except OSError as error:
+                    self._fail(request, *_os_failure(request, error))
+                    return
+                if cached is not None:
+                    export.stats.bytes_read += length
+                    outbox.add_all(nbd.reply_read(request.handle, offset, cached))
+                    export.stats.observe(_NAMES[command], time.perf_counter() - started)
+                    return
+            self._reading += length
+            self._run(request, Access.READ, (lambda: image.pread(offset, length),), started)
+        elif command is _WRITE:
+            data = request.data
+            self._writing += len(data)
+            self._run(request, Access.WRITE, (lambda: image.pwrite(data, offset),), started)
+        elif command is _FLUSH:
+            self._run(request, Access.FLUSH, (image.flush,), started)
+        elif command is _TRIM:
+            steps = [
+                partial(image.punch_hole, at, n) for at, n in _zero_steps(offset, length)
+            ]
+            self._run(request, Access.WRITE, steps, started)
+        elif command is _WRITE_ZEROES:
+            flags = int(request.flags)
+            may_trim = not flags & _NO_HOLE
+            fast_only = bool(flags & _FAST_ZERO)
+            steps = [
+                partial(image.write_zeroes, at, n, may_trim=may_trim, fast_only=fast_only)
+                for at, n in _zero_steps(offset, length)
+            ]
+            self._run(request, Access.WRITE, steps, started)
+        elif command is _CACHE:
+            fd = image.fileno()
+            advise = partial(os.posix_fadvise, fd, offset, length, os.POSIX_FADV_WILLNEED)
+            self._run(request, Access.READ, (advise,), started)
+        elif command is _BLOCK_STATUS:
+            most = 1 if request.flags & CommandFlag.REQ_ONE else MAX_EXTENTS_PER_REPLY
+            extents = partial(image.extents, offset, length, most)
+            self._run(request, Access.READ, (extents,), started)
+        else:  # the parser only emits known commands; DISC is an event of its own
+            self._fail(request, Errno.EINVAL, "unsupported command")
+
+    def _refusal(self, export: Export) -> tuple[Errno, str] | None:
+        """Why nothing of this connection's may touch the image now (None: it may)."""
         lease = export.lease
         if lease is not None and not lease.may_write():
-            self._fail(request, Errno.EIO, "the image's lease is lost: this node may not touch it")
-            return
+            return Errno.EIO, "the image's lease is lost: this node may not touch it"
         if not export.clients_allowed and export.sender is not self:
             # Let go by a role that serves no one (stopped, or no control any
             # more): nothing is performed, and the client is told why.
             if export.state == RoleState.STOPPED:
-                self._fail(request, Errno.ESHUTDOWN, "the server is shutting down")
+                return Errno.ESHUTDOWN, "the server is shutting down"
+            return Errno.EIO, f"this node is {export.state}: it has no control"
+        return None
+
+    def _run(
+        self,
+        request: Request,
+        access: Access,
+        steps: Sequence[Callable[[], object]],
+        started: float,
+    ) -> None:
+        """Perform ``request`` on worker threads, in the export's order; answer when done.
+
+        ``steps`` run one after the other, each on its own turn in the
+        export's lane (a long zeroing lets the export's other requests
+        through between its steps); the answer is built from the last
+        one's result.  A write is reported to the export (the dirty map)
+        once it has landed, before anything that waited for it starts; a
+        FUA write is answered after a FLUSH of its own.
+        """
+        export = self._export
+        assert export is not None
+        order = export.order
+        self._in_flight += 1
+        self._jobs += 1
+        remaining = list(steps)
+        job = Job(access, request.offset, request.length, lambda: step())
+
+        def step() -> None:
+            refusal = self._refusal(export)
+            if refusal is not None:
+                end(refusal)
+                return
+            d = self._server.run_blocking_for(export, remaining.pop(0))
+            d.addCallbacks(stepped, failed)
+            d.addErrback(self._internal_error, request)
+
+        def stepped(result: object) -> None:
+            if remaining:
+                step()
             else:
-                self._fail(request, Errno.EIO, f"this node is {export.state}: it has no control")
-            return
+                end(result)
+
+        def failed(failure: Failure) -> None:
+            error = failure.value
+            if isinstance(error, ZeroingNotFast):
+                end((Errno.ENOTSUP, "zeroing would not be fast"))
+            elif isinstance(error, OSError):
+                end(_os_failure(request, error))
+            else:
+                log.failure("{command} failed", failure, command=request.command.name)
+                end((Errno.EIO, "internal error"))
+
+        def end(result: object) -> None:
+            if access is Access.WRITE:
+                # Even a failed write may have changed part of its range.
+                export.note_write(request.offset, request.length)
+            order.finish(job)
+            self._finished(request, result, started)
+
+        if order.admit(job):
+            step()
+
+    def _finished(self, request: Request, result: object, started: float) -> None:
+        """A job of this connection ended with ``result`` (an (Errno, message) on failure)."""
+        export, nbd, outbox = self._export, self._nbd, self._outbox
+        assert export is not None and nbd is not None and outbox is not None
         command = request.command
-        fua = int(request.flags) & _FUA
-        started = time.perf_counter()  # latency is observed, never used for decisions
-        image = export.image
-        try:
-            if command is _READ:
-                data = image.pread(request.offset, request.length)
-                export.stats.bytes_read += request.length
-                outbox.add_all(nbd.reply_read(request.handle, request.offset, data))
-            elif command is _WRITE:
-                image.pwrite(request.data, request.offset)
+        self._jobs -= 1
+        if command is _READ:
+            self._reading -= request.length
+        elif command is _WRITE:
+            self._writing -= len(request.data)
+        if type(result) is tuple:
+            error, message = result
+            self._fail(request, error, message)
+        elif command is not _FLUSH and int(request.flags) & _FUA:
+            if command is _WRITE:
                 export.stats.bytes_written += request.length
-                export.note_write(request.offset, request.length)
-                if fua:
-                    self._later(request, started, image.flush)
-                    return
-                outbox.add(nbd.reply_ok(request.handle))
-            elif command is _FLUSH:
-                self._later(request, started, image.flush)
-                return
-            elif command is _TRIM:
-                image.punch_hole(request.offset, request.length)
-                export.note_write(request.offset, request.length)
-                if fua:
-                    self._later(request, started, image.flush)
-                    return
-                outbox.add(nbd.reply_ok(request.handle))
-            elif command is _WRITE_ZEROES:
-                flags = int(request.flags)
-                image.write_zeroes(
-                    request.offset,
-                    request.length,
-                    may_trim=not flags & _NO_HOLE,
-                    fast_only=bool(flags & _FAST_ZERO),
-                )
-                export.note_write(request.offset, request.length)
-                if fua:
-                    self._later(request, started, image.flush)
-                    return
-                outbox.add(nbd.reply_ok(request.handle))
-            elif command is _CACHE:
-                os.posix_fadvise(
-                    image.fileno(), request.offset, request.length, os.POSIX_FADV_WILLNEED
-                )
-                outbox.add(nbd.reply_ok(request.handle))
+            self._later(request, started, export.image.flush)
+        elif not self._lost:
+            if command is _READ:
+                export.stats.bytes_read += request.length
+                outbox.add_all(nbd.reply_read(request.handle, request.offset, result))  # type: ignore[arg-type]
             elif command is _BLOCK_STATUS:
-                outbox.add(self._block_status(request))
-            else:  # the parser only emits known commands; DISC is an event of its own
-                self._fail(request, Errno.EINVAL, "unsupported command")
-                return
-        except ZeroingNotFast:
-            self._fail(request, Errno.ENOTSUP, "zeroing would not be fast")
-            return
-        except OSError as error:
-            log.warn(
-                "{command} at {offset}+{length} failed: {error}",
-                command=command.name,
-                offset=request.offset,
-                length=request.length,
-                error=error,
-            )
-            self._fail(request, nbd_errno(error), os.strerror(error.errno or os_errno.EIO))
-            return
-        export.stats.observe(_NAMES[command], time.perf_counter() - started)
+                outbox.add(self._block_status(request, result))  # type: ignore[arg-type]
+            else:
+                if command is _WRITE:
+                    export.stats.bytes_written += request.length
+                outbox.add(nbd.reply_ok(request.handle))
+            export.stats.observe(_NAMES[command], time.perf_counter() - started)
+        self._settle_thread_job(None)
+
+    def _internal_error(self, failure: Failure, request: Request) -> None:
+        """A bug in answering ``request``: logged whole; the connection goes, nothing hangs."""
+        log.failure("answering {command}", failure, command=request.command.name)
+        self._abort()
 
     def _commit(self, event: Commit) -> None:
         """The sender's commit (ferry's FERRY_CMD_COMMIT, or flexnbd's DISC): the receiver's."""
@@ -1077,14 +1191,11 @@ class NBDServerProtocol(Protocol):
 
         return answer
 
-    def _block_status(self, request: Request) -> bytes:
-        assert self._nbd is not None and self._export is not None
-        found = self._export.image.extents(request.offset, request.length)
-        if request.flags & CommandFlag.REQ_ONE:
-            found = found[:1]
+    def _block_status(self, request: Request, found: list[StorageExtent]) -> bytes:
+        assert self._nbd is not None
         extents = [
             Extent(e.length, BlockState.HOLE | BlockState.ZERO if e.hole else BlockState.DATA)
-            for e in found[:MAX_EXTENTS_PER_REPLY]
+            for e in found
         ]
         return self._nbd.reply_block_status(request.handle, self._context_id, extents)
 
@@ -1142,7 +1253,7 @@ class NBDServerProtocol(Protocol):
     def account_replies(self) -> None:
         """Count the reply bytes this connection's transport still holds (REPLY_BUDGET)."""
         if self._outbox is not None and not self._lost:
-            self._server.reply_budget.hold(self, self._outbox.held())
+            self._server.reply_budget.hold(self, self._outbox.held() + self._reading)
 
     # -- closing ------------------------------------------------------------------------
 
@@ -1162,6 +1273,26 @@ class NBDServerProtocol(Protocol):
         drained, self._drained = self._drained, []
         for d in drained:
             d.callback(None)
+
+
+def _zero_steps(offset: int, length: int) -> list[tuple[int, int]]:
+    """A zeroing or trim of ``[offset, offset + length)`` as steps of at most ZERO_STEP."""
+    if length <= ZERO_STEP:
+        return [(offset, length)]
+    end = offset + length
+    return [(at, min(ZERO_STEP, end - at)) for at in range(offset, end, ZERO_STEP)]
+
+
+def _os_failure(request: Request, error: OSError) -> tuple[Errno, str]:
+    """What a client is told of a disk call that failed (and the log line that says so)."""
+    log.warn(
+        "{command} at {offset}+{length} failed: {error}",
+        command=request.command.name,
+        offset=request.offset,
+        length=request.length,
+        error=error,
+    )
+    return nbd_errno(error), os.strerror(error.errno or os_errno.EIO)
 
 
 def _command_name(command: int) -> str:
