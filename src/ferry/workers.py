@@ -10,7 +10,15 @@ here, on 2 cores; this one about 18 us, for three reasons:
 * results are handed back in batches: a thread appends to a list and wakes
   the reactor (``callFromThread``) only when the list was empty, so under
   load one wake-up delivers many results;
-* threads are started only when every started one is busy.
+* threads are started only when every started one is busy;
+* work on the reactor thread happens in *turns* (:func:`turn`): the
+  delivery of a batch of results is one, and so is a connection's
+  dispatch of what it received.  What is put off to the end of the turn
+  (:func:`at_end_of_turn`) happens once for all of it: a connection whose
+  jobs end together sends their replies in one ``sendmsg`` instead of
+  one each (on loopback a send costs about 45 us, more than the write),
+  and a lane hands the requests that became ready together to one thread
+  (``ferry.serve.lanes``).
 
 The threads are daemon threads: a disk that never answers keeps its
 thread, and must not keep the process from exiting.  ``stop`` ends the
@@ -21,14 +29,55 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Final
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
-__all__ = ["WorkerPool"]
+__all__ = ["WorkerPool", "at_end_of_turn", "turn"]
 
 _STOP: Final = None
+_log = Logger()
+
+# What waits for the end of the turn under way (None: no turn is under way).
+# Only the reactor thread touches it.
+_after: list[Callable[[], object]] | None = None
+
+
+@contextmanager
+def turn() -> Iterator[None]:
+    """A turn of the reactor thread's work: what is put off to its end happens on leaving.
+
+    Inside another turn it adds nothing: the outer one's end is this one's.
+    """
+    global _after
+    if _after is not None:
+        yield
+        return
+    _after = []
+    try:
+        yield
+    finally:
+        after, _after = _after, None
+        for callback in after:
+            try:
+                callback()
+            except Exception:
+                _log.failure("at the end of a turn")
+
+
+def at_end_of_turn(callback: Callable[[], object]) -> bool:
+    """Call ``callback()`` at the end of the turn under way.
+
+    False (and nothing is kept) when no turn is under way: the caller then
+    does it at once itself.
+    """
+    if _after is None:
+        return False
+    _after.append(callback)
+    return True
 
 
 class WorkerPool:
@@ -112,8 +161,9 @@ class WorkerPool:
     def _deliver(self) -> None:
         with self._lock:
             done, self._done = self._done, []
-        for d, ok, value in done:
-            if ok:
-                d.callback(value)
-            else:
-                d.errback(value)  # a Failure of the exception, with its traceback
+        with turn():
+            for d, ok, value in done:
+                if ok:
+                    d.callback(value)
+                else:
+                    d.errback(value)  # a Failure of the exception, with its traceback

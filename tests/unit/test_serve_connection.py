@@ -238,22 +238,24 @@ def test_the_hold_waits_for_the_writes_already_on_threads(harness: Harness) -> N
     harness.export.observe_writes(lambda offset, length: marked.append((offset, length)))
     peer = harness.connect()
     peer.negotiate()
-    write = peer.client.request(Command.WRITE, 8192, 4, data=b"late")
-    zero = peer.client.request(Command.WRITE_ZEROES, 0, 512)
-    assert peer.replies() == {} and len(harness.blocking.jobs) == 2
+    write = peer.client.request(Command.WRITE, 0, 4, data=b"late")
+    zero = peer.client.request(Command.WRITE_ZEROES, 0, 512)  # after the write: it waits
+    assert peer.replies() == {} and len(harness.blocking.jobs) == 1
     hold(harness.export)
     landed = harness.export.writes_landed()
-    queued = peer.client.request(Command.WRITE, 0, 4, data=b"held")  # held: not waited for
+    queued = peer.client.request(Command.WRITE, 8192, 4, data=b"held")  # held: not waited for
     peer.pump()
-    harness.blocking.release(1)
-    assert not landed.called and marked == [(0, 512)]
+    harness.blocking.release(0)  # the write lands; the zeroing may start now
+    assert not landed.called and marked == [(0, 4)]
+    assert len(harness.blocking.jobs) == 1
     harness.blocking.release(0)
-    assert landed.called and marked == [(0, 512), (8192, 4)]
-    assert harness.image.pread(8192, 4) == b"late"
+    assert landed.called and marked == [(0, 4), (0, 512)]
+    assert harness.image.pread(0, 4) == bytes(4)
     assert set(peer.replies()) == {write, zero}
     release(harness.export)
     harness.blocking.release_all()
     assert set(peer.replies()) == {write, zero, queued}
+    assert harness.image.pread(8192, 4) == b"held"
 
 
 def test_a_held_connection_stops_reading_until_released(harness: Harness) -> None:

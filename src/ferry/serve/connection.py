@@ -124,6 +124,7 @@ from ferry.serve.limits import (
 from ferry.serve.ordering import Access, Job
 from ferry.storage import Extent as StorageExtent
 from ferry.storage import ZeroingNotFast
+from ferry.workers import at_end_of_turn, turn
 
 if TYPE_CHECKING:
     from ferry.serve.acl import Acl
@@ -244,7 +245,7 @@ class ConnectionHost(ExportCatalog, MigrationCatalog, TypingProtocol):
     def run_blocking(self, work: Callable[[], object]) -> defer.Deferred[Any]: ...
 
     def run_blocking_for(
-        self, export: Export, work: Callable[[], object]
+        self, export: Export, work: Callable[[], object], *, short: bool = False
     ) -> defer.Deferred[Any]: ...
 
     def catalog_for(self, peer_host: str) -> PeerCatalogs: ...
@@ -300,6 +301,8 @@ class NBDServerProtocol(Protocol):
         self._not_reading: set[str] = set()
         self._queued_bytes = 0  # WRITE payload held in the queue (MAX_QUEUED_BYTES)
         self._dispatching = False  # inside _dispatch (a job may end within it)
+        self._dispatch_again = False  # ... and one did: dispatch again before leaving
+        self._settling = False  # replies wait for the end of a batch of results
         self._jobs = 0  # requests of it in the export's order (admitted, not finished)
         self._writing = 0  # WRITE payload of jobs in flight (RECEIVE_BUDGET)
         self._reading = 0  # READ bytes of jobs in flight (REPLY_BUDGET)
@@ -865,10 +868,16 @@ class NBDServerProtocol(Protocol):
         if export is None:
             return  # an arrival that has not joined its export: nothing is performed yet
         if self._dispatching:
-            return  # a job answered at once, inside this loop: the loop goes on
+            self._dispatch_again = True  # a job ended inside this loop: it goes round again
+            return
         self._dispatching = True
         try:
-            self._dispatch_queued(queue, export)
+            again = True
+            while again:
+                self._dispatch_again = False
+                with turn():  # the requests that are ready together go to a thread together
+                    self._dispatch_queued(queue, export)
+                again = self._dispatch_again
         finally:
             self._dispatching = False
         self._flush_outbox()
@@ -1011,12 +1020,18 @@ class NBDServerProtocol(Protocol):
         else:  # the parser only emits known commands; DISC is an event of its own
             self._fail(request, Errno.EINVAL, "unsupported command")
 
-    def _refusal(self, export: Export) -> tuple[Errno, str] | None:
-        """Why nothing of this connection's may touch the image now (None: it may)."""
+    def _refusal(self, export: Export, *, admitted: bool = False) -> tuple[Errno, str] | None:
+        """Why nothing of this connection's may touch the image now (None: it may).
+
+        A request ``admitted`` before a switchover's hold (one waiting in the
+        export's order) still runs while clients are held: it is only
+        refused once the node has no control at all.
+        """
         lease = export.lease
         if lease is not None and not lease.may_write():
             return Errno.EIO, "the image's lease is lost: this node may not touch it"
-        if not export.clients_allowed and export.sender is not self:
+        allowed = export.has_control if admitted else export.clients_allowed
+        if not allowed and export.sender is not self:
             # Let go by a role that serves no one (stopped, or no control any
             # more): nothing is performed, and the client is told why.
             if export.state == RoleState.STOPPED:
@@ -1043,17 +1058,18 @@ class NBDServerProtocol(Protocol):
         export = self._export
         assert export is not None
         order = export.order
+        short = access is not Access.FLUSH
         self._in_flight += 1
         self._jobs += 1
         remaining = list(steps)
         job = Job(access, request.offset, request.length, lambda: step())
 
         def step() -> None:
-            refusal = self._refusal(export)
+            refusal = self._refusal(export, admitted=True)
             if refusal is not None:
                 end(refusal)
                 return
-            d = self._server.run_blocking_for(export, remaining.pop(0))
+            d = self._server.run_blocking_for(export, remaining.pop(0), short=short)
             d.addCallbacks(stepped, failed)
             d.addErrback(self._internal_error, request)
 
@@ -1235,8 +1251,21 @@ class NBDServerProtocol(Protocol):
         d.addBoth(self._settle_thread_job)
 
     def _settle_thread_job(self, result: object) -> None:
-        """A job on the worker thread has answered: send its reply now, then go on."""
+        """A job on the worker thread has answered: send its reply, then go on.
+
+        When other jobs' results are being delivered in the same batch,
+        the sending waits for the end of it: their replies leave together.
+        """
         self._in_flight -= 1
+        if self._settling:
+            return
+        if at_end_of_turn(self._settled):
+            self._settling = True
+        else:
+            self._settled()
+
+    def _settled(self) -> None:
+        self._settling = False
         self._flush_outbox()
         self._dispatch()
 

@@ -201,12 +201,17 @@ class NBDServer(Factory):
         # The lane stays while the export's clients drain: their last flushes use it.
         return self.exports.pop(name)
 
-    def run_blocking_for(self, export: Export, work: Callable[[], object]) -> defer.Deferred[Any]:
-        """Run ``work`` on a worker thread in ``export``'s lane (see the module doc)."""
+    def run_blocking_for(
+        self, export: Export, work: Callable[[], object], *, short: bool = False
+    ) -> defer.Deferred[Any]:
+        """Run ``work`` on a worker thread in ``export``'s lane (see the module doc).
+
+        ``short``: a data-plane read or write, which may share its turn with others.
+        """
         lane = self._lanes.get(export.name)
         if lane is None:
             lane = self._lanes[export.name] = Lane(self.run_blocking)
-        return lane(work)
+        return lane(work, short=short)
 
     def forget_lane(self, name: str) -> None:
         """The export ``name`` is gone and drained: its lane goes too."""
