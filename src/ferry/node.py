@@ -24,6 +24,7 @@ import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final
 
 from twisted.internet import defer
@@ -217,6 +218,11 @@ class Node:
         """Run ``work`` on one of the node's worker threads (every export's disk calls)."""
         return self._workers(work)
 
+    def _read_image(self, export: Export, offset: int, length: int) -> Deferred[bytes]:
+        """A migration pass's read of ``export``'s image, on a thread in the export's lane."""
+        assert self.server is not None
+        return self.server.run_blocking_for(export, partial(export.image.pread, offset, length))
+
     def _export_of(self, record: TraceRecord) -> str:
         """The name of the export a transition belongs to ("" for none), for the log."""
         name = export_of(record)
@@ -240,8 +246,9 @@ class Node:
         so a port in use is said before anything else is tried; each export's
         lease is taken before the export is put on the port, so no client is
         ever served without one (one that comes sooner is told there is no
-        such export).  Without a lockspace (or with a local one, whose
-        answers are immediate) the answer has fired when this returns.
+        such export).  Without a lockspace the answer has fired when this
+        returns (a local lockspace answers from its own thread, etcd over
+        the network).
         """
         try:
             self._open(self.config)
@@ -405,6 +412,7 @@ class Node:
             tracer=self.tracer,
             stop_process=lambda: self._after_handoff(name),
             carrier=self.carrier,
+            read=lambda offset, length: self._read_image(export, offset, length),
         )
         unit = ExportUnit(config, export, mirrors)
         unit.can_move_connections = self.carrier is not None and self.carrier.can_move

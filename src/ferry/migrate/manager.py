@@ -29,7 +29,7 @@ from ferry.migrate.options import (
     NotMirroring,
     StartOutcome,
 )
-from ferry.migrate.source import MirrorSource
+from ferry.migrate.source import ImageReader, MirrorSource
 from ferry.migrate.wire import Connector
 from ferry.serve.export import Export
 from ferry.status import StatusSnapshot
@@ -51,8 +51,10 @@ class MirrorManager:
         tracer: Tracer | None = None,
         stop_process: Callable[[], None] | None = None,
         carrier: Carrier | None = None,
+        read: ImageReader | None = None,
     ) -> None:
         self.export = export
+        self._read = read
         self._carrier = carrier
         self._gate = gate
         self._clock = clock
@@ -85,6 +87,7 @@ class MirrorManager:
             lease=self.lease,
             stats=self.stats,
             carrier=self._carrier,
+            read=self._read,
         )
         self.current = source
         return source.start()

@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -73,7 +73,10 @@ from ferry.storage import Image
 from ferry.storage.dirtymap import DirtyMap
 from ferry.trace import Tracer
 
-__all__ = ["MirrorSource"]
+__all__ = ["ImageReader", "MirrorSource"]
+
+ImageReader = Callable[[int, int], "Deferred[bytes]"]
+"""Reads ``(offset, length)`` of the image on a worker thread (the export's lane)."""
 
 _log = Logger()
 
@@ -119,8 +122,11 @@ class MirrorSource:
         lease: OutgoingLease | None = None,
         stats: MigrationStats | None = None,
         carrier: Carrier | None = None,
+        read: ImageReader | None = None,
     ) -> None:
         self._export = export
+        # How the passes read the image off the reactor thread (None: inline, for tests).
+        self._read = read
         self._tracer = tracer
         # How client connections move with the image (None: they are disconnected).
         self._carrier = carrier
@@ -221,6 +227,11 @@ class MirrorSource:
 
     def current(self, attempt: Attempt) -> bool:
         return attempt is self._attempt
+
+    def read_image(self, offset: int, length: int) -> Deferred[bytes]:
+        if self._read is not None:
+            return self._read(offset, length)
+        return maybeDeferred(self._image.pread, offset, length)
 
     def pump(self, attempt: Attempt) -> None:
         self.copier.pump(attempt)
