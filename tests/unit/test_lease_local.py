@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -517,7 +518,7 @@ async def test_the_watch_reports_a_removed_or_replaced_lock_file_at_once(
     tmp_path: Path, how: str
 ) -> None:
     space = LocalLockspace(tmp_path, reactor=_reactor)
-    grant = acquire(space, "a")
+    grant = await space.acquire(IMAGE, "a", EXCLUSIVE)  # on the lockspace's thread
     lost: Deferred[str] = Deferred()
     space.watch(grant, lost.callback)
     path = space.path_for(IMAGE)
@@ -530,13 +531,14 @@ async def test_the_watch_reports_a_removed_or_replaced_lock_file_at_once(
         os.replace(replacement, path)
         expected = f"lock file {path} was replaced by another file"
     assert await lost.addTimeout(10.0, _reactor) == expected
-    result(space.close())
+    await space.close()
 
 
 @pytest_twisted.ensureDeferred
 async def test_an_unwatched_grant_is_not_reported(tmp_path: Path) -> None:
     space = LocalLockspace(tmp_path, reactor=_reactor)
-    first, second = acquire(space, "a"), result(space.acquire("other", "a", EXCLUSIVE))
+    first = await space.acquire(IMAGE, "a", EXCLUSIVE)
+    second = await space.acquire("other", "a", EXCLUSIVE)
     reports: list[str] = []
     stop = space.watch(first, reports.append)
     watched: Deferred[str] = Deferred()
@@ -546,7 +548,32 @@ async def test_an_unwatched_grant_is_not_reported(tmp_path: Path) -> None:
     space.path_for("other").unlink()
     await watched.addTimeout(10.0, _reactor)
     assert reports == []
-    result(space.close())
+    await space.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_a_reactor_the_operations_run_on_a_thread_of_their_own(
+    tmp_path: Path,
+) -> None:
+    """A lockspace that hangs (an NFS server gone) must not hold up the reactor thread."""
+    space = LocalLockspace(tmp_path, reactor=_reactor)
+    threads: list[str] = []
+    sync = os.fdatasync
+
+    def recording_sync(fd: int) -> None:
+        threads.append(threading.current_thread().name)
+        sync(fd)
+
+    os.fdatasync = recording_sync  # type: ignore[assignment]
+    try:
+        asked = space.acquire(IMAGE, "a", EXCLUSIVE)
+        assert not asked.called  # answered later, on the reactor thread
+        grant = await asked
+    finally:
+        os.fdatasync = sync
+    assert threads and all(name.startswith("ferry-lockspace") for name in threads)
+    assert grant.holder.token == 1
+    await space.close()
 
 
 # -- a holder that dies ------------------------------------------------------------------------
