@@ -4,10 +4,10 @@
 Two ferry nodes on two hosts (network namespaces on a bridge, as in
 ``tests/integration/test_connections_move.py``), the service address on
 both, and N libnbd clients (``benchmarks/writer.py``: 4 KiB writes on a
-fixed schedule, latency measured from when each was due) in a third host.
-For N in 1, 16 and 32 (``--counts``; 32 is what one client address may
-open, ``ferry.serve.limits.MAX_CONNECTIONS_PER_ADDRESS``), ``ferry mirror --wait`` moves a
-64 MiB image twice:
+fixed schedule, latency measured from when each was due) in a third host
+(and a fourth past 32, what one client address may open:
+``ferry.serve.limits.MAX_CONNECTIONS_PER_ADDRESS``).  For N in 1, 16 and
+64 (``--counts``), ``ferry mirror --wait`` moves a 64 MiB image twice:
 
 - ``moved``: both nodes can move connections; every client keeps its
   connection and writes on to the destination;
@@ -22,7 +22,7 @@ rebuilds them); ``added`` is the moved run's hold less the baseline's.  From
 the clients: the longest stall any write saw (``moved`` only: the baseline's
 clients are cut off).  Needs root, nftables and ``ip``.
 
-    python benchmarks/connections.py [--counts 1,16,32] [--rate 65536] [--json OUT]
+    python benchmarks/connections.py [--counts 1,16,64] [--rate 65536] [--json OUT]
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from ferry.serve.limits import MAX_CONNECTIONS_PER_ADDRESS
 from handoff_support import Lan
 from moving_support import URI, start_hosts
 from support import Deadline, wait_until
@@ -54,14 +55,18 @@ def log(message: str) -> None:
 
 def one_run(count: int, rate: int, moved: bool) -> dict[str, Any]:
     """One handoff of ``count`` clients; the source's hold and the clients' longest stall."""
-    lan = Lan.make(["source", "destination", "client"])
+    # One client address may open MAX_CONNECTIONS_PER_ADDRESS connections: more
+    # clients come from more hosts.
+    client_hosts = [f"client{n}" for n in range(-(-count // MAX_CONNECTIONS_PER_ADDRESS))]
+    lan = Lan.make(["source", "destination", *client_hosts])
     try:
         with tempfile.TemporaryDirectory(prefix="ferry-bench-") as tmp:
             hosts = start_hosts(lan, Path(tmp), dest_wrap=() if moved else DROP_NET_ADMIN)
             stop = Path(tmp) / "stop"
             try:
-                for _ in range(count):
-                    hosts.client([str(WRITER), URI, str(rate), "120", str(stop)])
+                for k in range(count):
+                    host = client_hosts[k % len(client_hosts)]
+                    hosts.client([str(WRITER), URI, str(rate), "120", str(stop)], host)
                 wait_until(
                     f"{count} clients",
                     lambda: hosts.status(hosts.source_sock)["num_clients"] == str(count),
@@ -94,7 +99,7 @@ def one_run(count: int, rate: int, moved: bool) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--counts", default="1,16,32")
+    parser.add_argument("--counts", default="1,16,64")
     parser.add_argument("--rate", type=int, default=65536, help="bytes/s each client writes")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()

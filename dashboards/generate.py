@@ -268,6 +268,12 @@ MIGRATIONS = Dashboard(
             boolean=True,
         ),
         Panel(
+            "Migration blockers",
+            "Reasons the export may not migrate now (ferry block, or another holder sharing "
+            "its lease); the status line names them. A mirror is refused while there is one.",
+            (gauge("ferry_migration_blockers", "blockers"),),
+        ),
+        Panel(
             "Retries by reason",
             "Attempts lost after a good negotiation (the job retries with backoff), by reason.",
             (

@@ -15,7 +15,10 @@ the stream.  The module docstring's promises are checked:
    negotiated contexts only, extents of non-zero length that describe at
    most the range asked (one with REQ_ONE); an error is an ``Errno``.
    ``Negotiated`` comes once, before any reply; ``OptionAnswered`` only for
-   the option the caller added; nothing follows ``NegotiationFailed``.
+   the option the caller added, and ``OptionData`` only for the one being
+   answered, before its ``OptionAnswered``, neither an ACK nor an error, its
+   payload within ``MAX_OPTION_REPLY_LENGTH``; nothing follows
+   ``NegotiationFailed``.
 3. What the client holds after a call is less than one frame it accepts:
    the oldstyle greeting, an option reply of ``MAX_OPTION_REPLY_LENGTH``, a
    structured chunk of ``max_reply_size``.
@@ -26,7 +29,8 @@ the stream.  The module docstring's promises are checked:
 Input: ``[config][split seed][u16 n][n handshake bytes][u8 k][k script bytes][reply bytes]``.
 Config bits: 0 ask for structured replies, 1 ask for ``base:allocation``,
 2 send ``FERRY_OPT_MIGRATE`` first, 3 a 4096-byte ``max_reply_size``, 4 the
-export name "disk" (else "").  Each script byte is one request: the low
+export name "disk" (else ""), 5 send ``FERRY_OPT_LOCATE`` (after the
+migration option, if both), as ``ferry proxy`` does.  Each script byte is one request: the low
 nibble its kind, the high nibble its length (from ``LENGTHS``); the offset
 is 512 times its place in the script.
 """
@@ -48,15 +52,18 @@ from ferry.nbd.constants import (
     Command,
     CommandFlag,
     Errno,
+    OptionReply,
 )
 from ferry.nbd.events import (
     Event,
     Negotiated,
     NegotiationFailed,
     OptionAnswered,
+    OptionData,
     ProtocolError,
     Reply,
 )
+from ferry.nbd.locate import locate_option
 from fuzzing import Violation, chunks, expect, run, same_session, stays_broken
 
 LENGTHS: Final = (0, 1, 2, 7, 8, 511, 512, 513, 1024, 4088, 4096, 4097, 65536, 1 << 20, 3, 9)
@@ -80,12 +87,16 @@ class Setup:
     @classmethod
     def from_byte(cls, config: int) -> Setup:
         migrate = FERRY_MIGRATE_REQUEST.pack(1, 1 << 20) + b"vm1"
+        export_name = "disk" if config & 16 else ""
+        extra = ((FERRY_OPT_MIGRATE, migrate),) if config & 4 else ()
+        if config & 32:
+            extra += (locate_option(export_name),)
         return cls(
             structured=bool(config & 1),
             contexts=(BASE_ALLOCATION,) if config & 2 else (),
-            extra=((FERRY_OPT_MIGRATE, migrate),) if config & 4 else (),
+            extra=extra,
             max_reply_size=SMALL_REPLY if config & 8 else MAX_REQUEST_SIZE + 4096,
-            export_name="disk" if config & 16 else "",
+            export_name=export_name,
         )
 
     def connect(self) -> ClientConnection:
@@ -234,6 +245,16 @@ def check_events(outcome: Outcome, setup: Setup) -> None:
             expect(event.option in [o for o, _ in setup.extra], f"answer to {event.option:#x}")
             answered += 1
             expect(answered <= len(setup.extra), "an option answered twice")
+        elif isinstance(event, OptionData):
+            expect(not negotiated, "OptionData after Negotiated")
+            expect(answered < len(setup.extra), f"data for {event.option:#x}, not asked")
+            expect(event.option == setup.extra[answered][0], f"data for {event.option:#x}")
+            expect(
+                event.reply != OptionReply.ACK and event.reply < 1 << 31,
+                f"OptionData of reply type {event.reply:#x}",
+            )
+            expect(type(event.payload) is bytes, "OptionData's payload is not bytes")
+            expect(len(event.payload) <= MAX_OPTION_REPLY_LENGTH, "OptionData past the limit")
         elif isinstance(event, NegotiationFailed):
             expect(not negotiated, "NegotiationFailed after Negotiated")
             failed = True

@@ -3,7 +3,8 @@
 
 Client bytes go in, from the client flags through option haggling
 (including ferry's ``FERRY_OPT_MIGRATE`` with a ``MigrationCatalog`` that
-admits or refuses) into transmission (including ``FERRY_CMD_COMMIT``).  What
+admits or refuses, and ``FERRY_OPT_LOCATE`` with a ``Locator``) into
+transmission (including ``FERRY_CMD_COMMIT``).  What
 is checked is what the module docstring promises, not only that nothing
 crashes:
 
@@ -26,11 +27,18 @@ crashes:
    output, and the output is well-framed: the greeting, option replies with
    known types, UTF-8 messages within the protocol's 4096 bytes, consistent
    block sizes, and at most one EXPORT_NAME answer carrying the export's size.
+   A FERRY_REP_LOCATION answers only ``FERRY_OPT_LOCATE``, only with a
+   locator, and carries the place the locator named; a FERRY_REP_LANDING
+   answers only ``FERRY_OPT_CONNECTIONS``, only with a migration catalog,
+   and carries the catalog's landing; no flag outside an export's
+   ``advertise`` cap is advertised.
 
 Input: ``[config][split seed][client bytes]``.  The config byte picks the
 export (size, minimum block size, read-only), whether there is a migration
-catalog and whether it admits the sender, and a small ``max_request_size``
-so that limit is reachable by a fuzzer's short inputs.  The seed picks
+catalog and whether it admits the sender, a small ``max_request_size``
+so that limit is reachable by a fuzzer's short inputs, and ferry's
+extras: a locator ("disk" has moved, "" is here) and the disk's flags
+capped as a ``ferry proxy`` caps them.  The seed picks
 where the stream is cut; each input runs whole, cut by the seed, and --
 when short enough to afford it -- byte by byte.
 """
@@ -46,6 +54,8 @@ from typing import Final
 from ferry.nbd.constants import (
     FERRY_CMD_CONNECTION,
     FERRY_MAX_CONNECTION,
+    FERRY_OPT_CONNECTIONS,
+    FERRY_REP_LANDING,
     FLEXNBD_MIRROR_HANDLE,
     MAX_OPTION_LENGTH,
     MAX_REQUEST_SIZE,
@@ -72,6 +82,7 @@ from ferry.nbd.events import (
     RejectedRequest,
     Request,
 )
+from ferry.nbd.locate import FERRY_OPT_LOCATE, FERRY_REP_LOCATION, Location, decode_location
 from ferry.nbd.server import ServerConnection
 from fuzzing import Violation, bytewise, chunks, expect, run, same_session, stays_broken
 
@@ -91,6 +102,12 @@ _SIMPLE_REPLY_MAGIC: Final = 0x67446698
 _STRUCTURED_REPLY_MAGIC: Final = 0x668E33EF
 _KNOWN_REPLIES: Final = frozenset(int(r) for r in OptionReply)
 _HEADER: Final = 28  # an NBD request header
+# Where the locator says "disk" went; and the flags a capped export may offer
+# (a proxy in front of a server without WRITE_ZEROES, CACHE or structured replies).
+HANDED_TO: Final = Location("fe80::2", 10809, "disk")
+LANDING: Final = ConnectionLanding("boot/net:1", "10.0.0.5/24@eth0")
+CAP: Final = TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA | TransmissionFlag.SEND_TRIM
+_ALWAYS_ADVERTISED: Final = TransmissionFlag.HAS_FLAGS | TransmissionFlag.READ_ONLY
 _OPTION_HEADER: Final = 16
 
 
@@ -104,6 +121,7 @@ class Setup:
     migration: bool  # a MigrationCatalog is given
     admits: bool  # ... and it admits the sender
     max_request_size: int
+    extras: bool  # a Locator, and the disk's flags capped to CAP
 
     @classmethod
     def from_byte(cls, config: int) -> Setup:
@@ -114,6 +132,7 @@ class Setup:
             migration=bool(config & 16),
             admits=bool(config & 32),
             max_request_size=SMALL_MAX_REQUEST if config & 64 else MAX_REQUEST_SIZE,
+            extras=bool(config & 128),
         )
 
     def disk(self) -> ExportInfo:
@@ -123,6 +142,7 @@ class Setup:
             read_only=self.read_only,
             description=DESCRIPTION,
             min_block_size=self.min_block,
+            advertise=CAP if self.extras else None,
         )
 
     def listening(self) -> ExportInfo:
@@ -147,6 +167,17 @@ class Catalog:
         return [self.disk]
 
 
+class Locations:
+    """A Locator: "disk" was handed off to HANDED_TO, "" is here, other names are unknown."""
+
+    def locate(self, name: str) -> Sequence[Location] | Refusal:
+        if name == "disk":
+            return [HANDED_TO]
+        if name == "":
+            return []
+        return Refusal(OptionReply.ERR_UNKNOWN, f"no export named {name!r}")
+
+
 @dataclass
 class Migrations:
     """A MigrationCatalog that admits (or refuses) every sender, and remembers whom.
@@ -168,7 +199,7 @@ class Migrations:
     def connection_landing(self) -> ConnectionLanding | Refusal:
         if not self.listening:
             return Refusal(OptionReply.ERR_UNSUP, "this node takes no client connections")
-        return ConnectionLanding("boot/net:1", "10.0.0.5/24@eth0")
+        return LANDING
 
     def lookup_sender(self, name: str) -> ExportInfo | Refusal:
         if name in ("", "listening") and self.listening:
@@ -192,7 +223,10 @@ class Outcome:
 def newstyle(setup: Setup) -> tuple[ServerConnection, Migrations | None]:
     migrations = Migrations(setup, setup.admits) if setup.migration else None
     conn = ServerConnection(
-        Catalog(setup), migration=migrations, max_request_size=setup.max_request_size
+        Catalog(setup),
+        migration=migrations,
+        locator=Locations() if setup.extras else None,
+        max_request_size=setup.max_request_size,
     )
     return conn, migrations
 
@@ -325,6 +359,10 @@ def check_events(outcome: Outcome, setup: Setup) -> None:
                 event.export in (setup.disk(), setup.listening()),
                 f"handshake to {event.export!r}",
             )
+            cap = event.export.advertise
+            if cap is not None:
+                over = outcome.advertised & ~(cap | _ALWAYS_ADVERTISED)
+                expect(not over, f"advertised {over!r}, outside the export's cap")
             if event.export.name == "listening":
                 expect(
                     event.migration is not None or event.flexnbd,
@@ -401,6 +439,24 @@ def check_output(outcome: Outcome, setup: Setup, *, oldstyle: bool = False) -> N
 
 
 def check_option_reply(option: int, reply: int, payload: bytes, setup: Setup) -> None:
+    if option == FERRY_OPT_LOCATE and not setup.extras:
+        expect(bool(reply & (1 << 31)), f"FERRY_OPT_LOCATE without a locator answered {reply:#x}")
+    if reply == FERRY_REP_LOCATION:
+        expect(setup.extras and option == FERRY_OPT_LOCATE, f"a LOCATION for {option:#x}")
+        try:
+            location = decode_location(payload)
+        except ValueError as error:
+            raise Violation(f"a LOCATION that does not parse: {error}") from None
+        expect(location == HANDED_TO, f"LOCATION {location}, which the locator never named")
+        return
+    if reply == FERRY_REP_LANDING:
+        expect(setup.migration and option == FERRY_OPT_CONNECTIONS, f"a LANDING for {option:#x}")
+        try:
+            landing = ConnectionLanding.from_bytes(payload)
+        except ValueError as error:
+            raise Violation(f"a LANDING that does not parse: {error}") from None
+        expect(landing == LANDING, f"LANDING {landing}, which the catalog never named")
+        return
     expect(reply in _KNOWN_REPLIES, f"option reply type {reply:#x}")
     if reply & (1 << 31) or (reply == OptionReply.INFO and payload[:2] == b"\0\2"):
         text = payload if reply & (1 << 31) else payload[2:]

@@ -6,14 +6,17 @@ written in its target's input format as ``fuzz/corpus/TARGET/seed-NAME``
 findings, are left alone):
 
 * nbd_server: what nbdinfo, qemu-img, qemu-io, nbdsh (libnbd) and ferry's
-  own clients (``ferry read``/``write``, and ``ferry mirror``'s migration
-  stream with ``FERRY_OPT_MIGRATE`` and ``FERRY_CMD_COMMIT``) send to ``ferry
+  own clients (``ferry read``/``write``, ``ferry mirror``'s migration
+  stream with ``FERRY_OPT_MIGRATE`` and ``FERRY_CMD_COMMIT``, and ``ferry
+  proxy``'s upstream connection with ``FERRY_OPT_LOCATE``) send to ``ferry
   serve`` and ``ferry listen``, through a recording proxy.
 * nbd_oldstyle: nbdinfo, qemu-io and nbdsh against ``ferry serve
   --oldstyle``, and ``ferry mirror --flexnbd`` into ``ferry listen --oldstyle``.
 * nbd_client: what ``ferry serve`` (newstyle and oldstyle), ``ferry listen``,
   nbdkit (newstyle and oldstyle), qemu-nbd and nbd-server answer to the
-  request script of fuzz/nbd_client.py, sent by ferry's ``ClientConnection``.
+  request script of fuzz/nbd_client.py, sent by ferry's ``ClientConnection``;
+  and what a ``ferry serve`` that handed its image off answers
+  ``FERRY_OPT_LOCATE`` (where the image went).
 * control_lines, control_json: what ``ferry status``, ``acl``, ``break``,
   ``mirror-max-bps``, ``mirror --wait`` and ``JsonControl.subscribe`` send to
   a control socket, through a recording Unix-socket proxy.
@@ -48,6 +51,7 @@ from fuzzing import TARGETS  # noqa: E402
 from support import (  # noqa: E402
     FERRY,
     FerryProcess,
+    ProxyProcess,
     mirror_command,
     run,
     serve,
@@ -65,6 +69,7 @@ TIMEOUT: Final = 30.0
 # Config bytes (see each target's docstring).
 SERVER_PLAIN: Final = 0x01  # a 1 MiB export, no migration catalog
 SERVER_MIGRATION: Final = 0x31  # ... with a migration catalog that admits the sender
+SERVER_EXTRAS: Final = 0x81  # ... with a locator and the disk's flags capped
 OLDSTYLE_SERVED: Final = 0x01
 OLDSTYLE_MIRROR_ONLY: Final = 0x11
 
@@ -81,6 +86,7 @@ CLIENT_CONFIGS: Final = {
     "small-replies": 0x0B,
     "migrate": 0x07,  # FERRY_OPT_MIGRATE first
 }
+CLIENT_LOCATE: Final = 0x23  # structured, base:allocation, FERRY_OPT_LOCATE first
 
 
 # -- recording ---------------------------------------------------------------------------
@@ -268,6 +274,29 @@ def nbd_server_seeds(corpus: Corpus, work: Path) -> None:
         source.stop()
     migration = migrate(work, flexnbd=False)
     corpus.write("nbd_server", "ferry-mirror", bytes([SERVER_MIGRATION, 0]) + migration.sent)
+    corpus.write("nbd_server", "ferry-proxy", bytes([SERVER_EXTRAS, 0]) + proxied(work).sent)
+
+
+def proxied(work: Path) -> Session:
+    """What ``ferry proxy`` sends a ``ferry serve`` while nbdinfo asks through it, recorded.
+
+    The export is "disk", which nbd_server's locator says has moved.
+    """
+    source = serve(image(work, "proxied.img"), "--name", "disk", "--lockspace", "none")
+
+    def through_proxy(address: str) -> None:
+        upstream = ["--conn-addr", HOST, "--conn-port", port_of(address), "--name", "disk"]
+        front = ProxyProcess(["proxy", "-l", HOST, "-p", "0", *upstream]).wait_serving()
+        try:
+            run(["nbdinfo", front.uri()], timeout=TIMEOUT)
+        finally:
+            front.stop()
+
+    try:
+        (session, *_) = recorded(source.port, work, through_proxy)
+        return session
+    finally:
+        source.stop()
 
 
 def migrate(work: Path, *, flexnbd: bool) -> Session:
@@ -406,6 +435,25 @@ def nbd_client_seeds(corpus: Corpus, work: Path) -> None:
         seed = drive_client(dest.port, CLIENT_CONFIGS["migrate"], CLIENT_SCRIPT)
         corpus.write("nbd_client", "ferry-listen-migrate", seed)
     finally:
+        dest.stop()
+    for name, port in handed_off(work):
+        corpus.write("nbd_client", name, drive_client(port, CLIENT_LOCATE, CLIENT_SCRIPT))
+
+
+def handed_off(work: Path) -> Iterator[tuple[str, int]]:
+    """A ``ferry serve`` before and after it handed its image off (``--action nothing``)."""
+    target = sparse_file(work / "located-target.img", SIZE)
+    dest = FerryProcess(
+        ["listen", "-l", HOST, "-p", "0", "-f", str(target), "--lockspace", "none"]
+    ).wait_serving()
+    sock = work / "located.sock"
+    source = serve(image(work, "located.img"), "--sock", str(sock), "--lockspace", "none")
+    try:
+        yield "ferry-serve-locate", source.port
+        run(mirror_command(dest.port, sock, "--action", "nothing", "--wait"), timeout=120)
+        yield "ferry-handed-off-locate", source.port
+    finally:
+        source.stop()
         dest.stop()
 
 

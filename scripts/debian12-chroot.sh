@@ -45,6 +45,12 @@ cp /etc/resolv.conf "$root/etc/resolv.conf"
 
 echo "== git clone into the chroot (git is the README's one prerequisite)"
 chroot "$root" /bin/bash -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq git ca-certificates > /dev/null'
+# This site's own trust anchors (a TLS-inspecting proxy in front of PyPI, say),
+# as a stock system at the same site would have them.
+if compgen -G "/usr/local/share/ca-certificates/*.crt" > /dev/null; then
+    cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+    chroot "$root" update-ca-certificates > /dev/null
+fi
 rm -rf "$root/root/ferry"
 git clone -q "$repo" "$root/root/ferry"
 

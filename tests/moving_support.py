@@ -3,8 +3,8 @@
 :func:`start_hosts` starts ``ferry serve`` on the source host and ``ferry
 listen`` on the destination host of a :class:`~handoff_support.Lan`, both
 with the service address (``handoff_support.SERVICE``) and a local
-lockspace of the test's own; clients run in the LAN's third host and reach
-the image at ``URI``, wherever it is served from.
+lockspace of the test's own; clients run in the LAN's hosts named
+``client…`` and reach the image at ``URI``, wherever it is served from.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ferry.status import parse_line
 from handoff_support import SERVICE, SERVICE_IP, SERVICE_PORT, Lan
-from support import FERRY, FerryProcess, random_file, run, sparse_file
+from support import FERRY, FerryProcess, random_file, run, sparse_file, status
 from workload import BLOCK
 
 MiB = 1 << 20
@@ -47,7 +46,7 @@ class Hosts:
         return self.tmp / "dest.sock"
 
     def status(self, sock: Path) -> dict[str, str]:
-        return parse_line(run([*FERRY, "status", "--sock", str(sock)]).stdout.decode())
+        return status(sock)
 
     def writer(
         self, client: int, clients: int, stop: Path, depth: int = 16, span: int | None = None
@@ -58,18 +57,18 @@ class Hosts:
         args = [str(WORKLOAD), URI, str(client), str(clients), str(blocks), str(stop), str(depth)]
         self.client(args)
 
-    def client(self, args: Sequence[str]) -> None:
-        """A script run by Debian's Python (libnbd's bindings) in the clients' host."""
+    def client(self, args: Sequence[str], host: str = "client") -> None:
+        """A script run by Debian's Python (libnbd's bindings) in a clients' host."""
         self.clients.append(
             subprocess.Popen(
-                [*self.in_client_host(), "/usr/bin/python3", *args],
+                [*self.in_client_host(host), "/usr/bin/python3", *args],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
             )
         )
 
-    def in_client_host(self) -> list[str]:
-        return ["ip", "netns", "exec", self.lan["client"].netns]
+    def in_client_host(self, host: str = "client") -> list[str]:
+        return ["ip", "netns", "exec", self.lan[host].netns]
 
     def mirror_command(self) -> list[str]:
         """``ferry mirror --wait`` to the destination host, from the source's control socket."""
@@ -161,7 +160,7 @@ def start_hosts(
                 *common,
                 # Who may talk to it: the source (as the sender) and the clients.
                 lan["source"].address,
-                lan["client"].address,
+                *(host.address for name, host in lan.hosts.items() if name.startswith("client")),
             ],
             netns=lan["destination"].netns,
             wrap=dest_wrap,

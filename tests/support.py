@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
+from ferry.status import parse_line
+
 DEADLINE = 30.0
 FERRY = [sys.executable, "-m", "ferry"]
 # nbdsh is a Debian script that runs `python3 -m nbd`; the libnbd bindings
@@ -56,8 +58,9 @@ class FerryProcess:
     """``ferry serve`` in a child process; knows its port once it says it serves.
 
     Every one started is remembered until :meth:`reap` (the integration
-    tests' conftest calls it after each test), so a test that fails before
-    it stops its processes does not leave them running into the next.
+    tests' conftest calls it after each test, for the processes that test
+    started), so a test that fails before it stops its processes does not
+    leave them running into the next.
     """
 
     started: ClassVar[list[FerryProcess]] = []
@@ -90,15 +93,16 @@ class FerryProcess:
         FerryProcess.started.append(self)
 
     @classmethod
-    def reap(cls) -> list[str]:
-        """Kill every process still running; the command line of each one killed."""
+    def reap(cls, since: int = 0) -> list[str]:
+        """Kill every process started since the ``since``-th that still runs; the command
+        line of each one killed.  The earlier ones (a module's fixture) are kept."""
         killed = []
-        for process in cls.started:
+        for process in cls.started[since:]:
             if process.proc.poll() is None:
                 process.proc.kill()
                 process.proc.wait(timeout=DEADLINE)
                 killed.append(" ".join(process.args))
-        cls.started.clear()
+        del cls.started[since:]
         return killed
 
     def wait_serving(self, deadline: Deadline | None = None) -> FerryProcess:
@@ -157,6 +161,33 @@ class FerryProcess:
         return "".join(self.log) + rest
 
 
+class ProxyProcess(FerryProcess):
+    """``ferry proxy`` in a child process; knows its port once it says it is proxying."""
+
+    SERVING = re.compile(rb"proxying .* on (?P<addr>\S+):(?P<port>\d+) to ")
+
+    def status(self, sock: Path) -> dict[str, str]:
+        return parse_line(run([*FERRY, "status", "--sock", str(sock)]).stdout.decode())
+
+    def wait_status(
+        self, sock: Path, check: Callable[[dict[str, str]], bool], deadline: float = 60
+    ) -> dict[str, str]:
+        """The status line once ``check`` holds, polled until ``deadline``: each poll asks anew."""
+        until = Deadline(deadline)
+        while True:
+            status = self.status(sock)
+            if check(status):
+                return status
+            if until.expired():
+                self.stop(signal.SIGKILL)
+                raise TimeoutError(f"status never matched: {status}\n{self.stderr_text()}")
+            try:
+                self.proc.wait(timeout=0.05)  # a pause that notices the proxy dying
+            except subprocess.TimeoutExpired:
+                continue
+            raise RuntimeError(f"the proxy exited: {self.stderr_text()}")
+
+
 def serve_args(image: Path, *extra: str, mode: str = "serve") -> list[str]:
     """The arguments of ``ferry serve`` (or ``listen``) of ``image`` on a free loopback port."""
     return [mode, "--addr", "127.0.0.1", "--port", "0", "--file", str(image), *extra]
@@ -167,6 +198,13 @@ def serve(
 ) -> FerryProcess:
     """``ferry serve`` (or ``mode``: ``listen``) of ``image`` on a free loopback port."""
     return FerryProcess(serve_args(image, *extra, mode=mode), env=env).wait_serving()
+
+
+def status(sock: Path) -> dict[str, str]:
+    """The status line of the ferry at control socket ``sock``, field by field."""
+    from ferry.status import parse_line
+
+    return parse_line(run([*FERRY, "status", "--sock", str(sock)]).stdout.decode())
 
 
 def mirror_command(port: int, sock: Path, *extra: str) -> list[str]:

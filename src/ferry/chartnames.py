@@ -13,6 +13,8 @@ __all__ = [
     "LeaseTrigger",
     "MigrationState",
     "MigrationTrigger",
+    "ProxyState",
+    "ProxyTrigger",
     "RoleState",
     "RoleTrigger",
 ]
@@ -113,6 +115,7 @@ class MigrationTrigger(StrEnum):
     COMMITTED = "committed"
     CONNECTED = "connected"
     FAIL = "fail"
+    GIVE_UP = "give_up"
     LEASE_LOST = "lease_lost"
     MIRRORED = "mirrored"
     NEXT_PASS = "next_pass"
@@ -125,6 +128,37 @@ class MigrationTrigger(StrEnum):
     RESOLVE_COMMITTED = "resolve_committed"
     RETRY = "retry"
     STOP = "stop"
+    VETO = "veto"
+
+
+class ProxyState(StrEnum):
+    """The states of statecharts/proxy.yaml."""
+
+    ACCEPTED = "accepted"
+    CONNECTED = "connected"
+    UPSTREAM_LOST = "upstream_lost"
+    RECONNECTING = "reconnecting"
+    NEGOTIATING = "negotiating"
+    REPLAYING = "replaying"
+    FAILED = "failed"
+    RETRYING = "retrying"
+    CLOSED = "closed"
+
+
+class ProxyTrigger(StrEnum):
+    """The triggers of statecharts/proxy.yaml."""
+
+    ATTEMPT_FAILED = "attempt_failed"
+    CLOSE = "close"
+    DIALED = "dialed"
+    GIVE_UP = "give_up"
+    LOST = "lost"
+    MISMATCH = "mismatch"
+    NEGOTIATED = "negotiated"
+    RECONNECT = "reconnect"
+    REDIRECTED = "redirected"
+    REPLAYED = "replayed"
+    RETRY = "retry"
 
 
 class RoleState(StrEnum):

@@ -32,7 +32,8 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from ferry.chartnames import RoleTrigger
+from ferry.chartnames import RoleState, RoleTrigger
+from ferry.hooks import NO_HOOKS, HookConfig, HookStats, Stage, parse_hooks
 from ferry.lease.incoming import IncomingLease
 from ferry.lease.manager import LeaseManager
 from ferry.migrate.core.stats import MigrationStats
@@ -77,6 +78,8 @@ class ExportConfig:
     default_deny: bool = False
     # A migration's max_downtime when its ``mirror`` names none (seconds).
     max_downtime: float | None = None
+    # Executables run at a migration's stages (ferry.hooks); a daemon's own come under them.
+    hooks: HookConfig = NO_HOOKS
 
     @property
     def export_name(self) -> str:
@@ -99,6 +102,8 @@ class ExportConfig:
             "default_deny": self.default_deny,
             "resource": self.resource,
             "max_downtime": self.max_downtime,
+            "hooks": self.hooks.settings(),
+            "hook_timeout": self.hooks.timeout,
         }
 
 
@@ -113,6 +118,8 @@ EXPORT_KEYS: Final = (
     "default_deny",
     "resource",
     "max_downtime",
+    "hooks",
+    "hook_timeout",
 )
 
 #: NBD's limit on an export name, in bytes of UTF-8.
@@ -160,6 +167,11 @@ def parse_export(table: Mapping[str, Any]) -> ExportConfig:
     except AclError as error:
         raise BadExportConfig("acl", str(error)) from None
     max_downtime = _seconds(table, "max_downtime")
+    try:
+        hooks = parse_hooks(table.get("hooks"), table.get("hook_timeout"))
+    except ValueError as error:
+        key = "hook_timeout" if str(error).startswith("hook_timeout") else "hooks"
+        raise BadExportConfig(key, str(error)) from None
     return ExportConfig(
         file=file,
         name=name,
@@ -169,6 +181,7 @@ def parse_export(table: Mapping[str, Any]) -> ExportConfig:
         acl=tuple(acl),
         default_deny=_flag(table, "default_deny"),
         max_downtime=max_downtime,
+        hooks=hooks,
     )
 
 
@@ -268,6 +281,26 @@ class ExportUnit:
         self.address: str | None = None
         #: Whether its clients can move with it at a handoff (this host's capability).
         self.can_move_connections: bool | None = None
+        if mirrors.hooks is not None:
+            export.observe_role(self._tell_hooks)
+
+    def _tell_hooks(self, trigger: str, source: str, dest: str) -> None:
+        """The hooks that only tell: the image handed off, taken over, or fenced."""
+        hooks = self.mirrors.hooks
+        if hooks is None or source == dest:
+            return
+        if dest == RoleState.HANDED_OFF:
+            current = self.mirrors.current
+            hooks.notify(Stage.POST_HANDOFF, "" if current is None else str(current.destination))
+        elif dest == RoleState.SERVING and trigger == RoleTrigger.COMMITTED:
+            hooks.notify(Stage.POST_TAKEOVER)
+        elif dest == RoleState.FENCED:
+            hooks.notify(Stage.FENCED)
+
+    @property
+    def hook_stats(self) -> HookStats | None:
+        hooks = self.mirrors.hooks
+        return None if hooks is None else hooks.stats
 
     @property
     def name(self) -> str:
@@ -353,6 +386,8 @@ class ExportUnit:
         log.error(
             "{name}: lease lost: {reason}; fenced, no further I/O", name=self.name, reason=reason
         )
+        if self.mirrors.hooks is not None:
+            self.mirrors.hooks.notify(Stage.LEASE_LOST)
         # lease_lost leaves exactly the states with control (role.yaml).
         if self.export.has_control:
             self.export.trigger(RoleTrigger.LEASE_LOST)

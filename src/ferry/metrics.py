@@ -26,6 +26,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from ferry import statecharts
+from ferry.hooks import OUTCOMES, HookStats, Stage
 from ferry.migrate.core.stats import FailureReason, MigrationStats
 from ferry.serve.stats import LATENCY_BUCKETS, RequestStats
 from ferry.status import StatusSnapshot
@@ -45,6 +46,11 @@ class Observable(Protocol):
     @property
     def migration_stats(self) -> MigrationStats: ...
 
+    @property
+    def hook_stats(self) -> HookStats | None:
+        """Its hooks' runs (None: it has no hooks)."""
+        ...
+
     def snapshot(self) -> StatusSnapshot: ...
 
 
@@ -57,6 +63,7 @@ class FerryCollector(Collector):
         yield from _status_metrics([e.snapshot() for e in exports])
         yield from _request_metrics(exports)
         yield from _migration_metrics(exports)
+        yield from _hook_metrics(exports)
 
 
 def _status_metrics(snapshots: list[StatusSnapshot]) -> Iterator[Metric]:
@@ -87,7 +94,8 @@ def _status_metrics(snapshots: list[StatusSnapshot]) -> Iterator[Metric]:
                 family = gauges[name] = GaugeMetricFamily(
                     PREFIX + spec.metric, spec.help, labels=["export"]
                 )
-            family.add_metric([snapshot.export], float(value) * spec.scale)
+            count = len(value) if spec.kind == "list" else value
+            family.add_metric([snapshot.export], float(count) * spec.scale)
     yield from gauges.values()
     yield states
 
@@ -173,6 +181,23 @@ def _migration_metrics(exports: list[Observable]) -> Iterator[Metric]:
             failures.add_metric([export.name, reason.value], stats.failures[reason])
         completed.add_metric([export.name], stats.completed)
     yield from (retries, failures, completed)
+
+
+def _hook_metrics(exports: list[Observable]) -> Iterator[Metric]:
+    """Runs of the exports that have hooks, every stage and outcome from 0."""
+    runs = CounterMetricFamily(
+        PREFIX + "hook_runs",
+        "Hook runs by stage and outcome (ok, failed: a non-zero exit, timeout: killed)",
+        labels=["export", "stage", "outcome"],
+    )
+    for export in exports:
+        stats = export.hook_stats
+        if stats is None:
+            continue
+        for stage in Stage:
+            for outcome in OUTCOMES:
+                runs.add_metric([export.name, stage.value, outcome], stats.runs[stage, outcome])
+    yield runs
 
 
 def _bucket_label(bound: float) -> str:

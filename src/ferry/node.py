@@ -48,6 +48,7 @@ from ferry.exports import (
     export_of,
 )
 from ferry.handoff.address import AddressError, ServiceAddress, listen_freebind
+from ferry.hooks import NO_HOOKS, HookConfig, HookContext, Hooks
 from ferry.lease.backend import LeaseBackend, LeaseConflict, LeaseError, LeaseMode
 from ferry.lease.incoming import IncomingLease
 from ferry.lease.manager import LeaseManager
@@ -112,6 +113,8 @@ class NodeConfig:
     # --service-address IP/PREFIX@DEV: the address clients use, which moves
     # with the image (``ferry serve`` and ``listen``; a daemon has none).
     service_address: str | None = None
+    # A daemon's hooks (ferry.hooks): every export's, under its own.
+    hooks: HookConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,7 @@ class ServeConfig:
     resource: str | None = None  # the lease's name (default: the image's real path)
     # --service-address IP/PREFIX@DEV: the address clients use, which moves with the image.
     service_address: str | None = None
+    hooks: HookConfig = NO_HOOKS  # --hook STAGE=PATH, --hook-timeout
 
     @property
     def export_name(self) -> str:
@@ -152,6 +156,7 @@ class ServeConfig:
             listen=self.listen,
             resource=self.resource,
             description=self.description,
+            hooks=self.hooks,
         )
 
     def node(self) -> NodeConfig:
@@ -404,6 +409,7 @@ class Node:
         )
         export.acl = acl
         name = export.name
+        hooks = self._hooks_of(config, lambda: None if unit.lease is None else unit.lease.token)
         mirrors = MirrorManager(
             export,
             gate=export,
@@ -412,6 +418,7 @@ class Node:
             tracer=self.tracer,
             stop_process=lambda: self._after_handoff(name),
             carrier=self.carrier,
+            hooks=hooks,
             read=lambda offset, length: self._read_image(export, offset, length),
         )
         unit = ExportUnit(config, export, mirrors)
@@ -441,6 +448,14 @@ class Node:
             return result
 
         return d.addCallback(serve).addErrback(failed).addBoth(settled)
+
+    def _hooks_of(self, config: ExportConfig, token: Callable[[], int | None]) -> Hooks | None:
+        """The export's hooks over the node's; None if it has none at all."""
+        merged = config.hooks.under(self.config.hooks)
+        if not merged.scripts:
+            return None
+        context = HookContext(config.export_name, config.file, lease_token=token)
+        return Hooks(merged, context, reactor=self.reactor, clock=self.clock)
 
     def remove_export(self, name: str, *, force: bool = False) -> Deferred[None]:
         """Take an export off the port: its migration broken, its clients drained, its lease
@@ -510,7 +525,7 @@ class Node:
     def _make_lease(self, unit: ExportUnit, resource: str) -> LeaseManager:
         """The one way this node builds a lease: its lockspace, its identity, its clock."""
         assert self._lockspace is not None
-        return LeaseManager(
+        lease = LeaseManager(
             self._lockspace,
             resource=resource,
             owner=f"{socket.gethostname()}:{os.getpid()}:{unit.name}",
@@ -519,6 +534,22 @@ class Node:
             tracer=self.tracer,
             on_fenced=unit.fenced,
         )
+        # Published with every grant it holds, for a ferry proxy looking for
+        # the image (the port is open before any export is added: ``start``).
+        lease.serving_address = self._serving_address()
+        return lease
+
+    def _serving_address(self) -> str | None:
+        """HOST:PORT where this node's NBD port is, once open: what a ferry proxy is told.
+
+        A wildcard address (all interfaces) is published as the host's name.
+        """
+        if self.nbd_address is None:
+            return None
+        host, port = self.nbd_address
+        if host in ("", "0.0.0.0", "::"):
+            host = socket.gethostname()
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def _took(self, unit: ExportUnit, lease: LeaseManager) -> None:
         """``unit`` holds ``lease`` now: released at shutdown, handed on by a migration out."""

@@ -492,9 +492,18 @@ def build(
             error = _describe(event.error)
         elif not event.result:
             error = "no transition taken"
+        reason = event.kwargs.get("reason")
         tracer.record(
             TraceRecord(
-                now, chart.name, instance, event.event.name, source, dest, error is None, error
+                now,
+                chart.name,
+                instance,
+                event.event.name,
+                source,
+                dest,
+                error is None,
+                error,
+                reason if isinstance(reason, str) else None,
             )
         )
         if event.error is not None:

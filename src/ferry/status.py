@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
+from urllib.parse import quote, unquote
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,8 +23,10 @@ class FieldSpec:
     ``metric`` is the Prometheus name without the ``ferry_`` prefix (for a
     state field: the machine's name); ``scale`` turns the line's unit into
     the metric's base unit (milliseconds to seconds); ``kind`` is ``gauge``,
-    ``state`` (a state set) or ``info`` (a text value, carried as a label of
-    a series whose value is 1: ``ferry_<metric>_info{<field>="..."}``).
+    ``state`` (a state set), ``info`` (a text value, carried as a label of
+    a series whose value is 1: ``ferry_<metric>_info{<field>="..."}``) or
+    ``list`` (texts: the line joins them with commas, each percent-encoded,
+    JSON has the list, and the series ``ferry_<metric>`` counts them).
     """
 
     metric: str
@@ -39,6 +42,11 @@ def _spec(metric: str, help: str, *, scale: float = 1.0, kind: str = "gauge") ->
 def _info(metric: str, help: str) -> Any:
     """A text field: exported as ``ferry_<metric>_info{export, <field>=value} 1``."""
     return _spec(metric, help, kind="info")
+
+
+def _list(metric: str, help: str) -> Any:
+    """A list of texts: one field on the line, a list in JSON, their number as a gauge."""
+    return _spec(metric, help, kind="list")
 
 
 def _state(machine: str, help: str) -> Any:
@@ -112,6 +120,14 @@ class StatusSnapshot:
         "Whether this host can move client connections at a handoff (TCP_REPAIR, nftables)",
     )
 
+    blockers: tuple[str, ...] | None = _list(
+        "migration_blockers", "Reasons that keep the export from migrating (their number)"
+    )
+    migration_last_failure: str | None = _info(
+        "migration_last_failure",
+        "Why the last attempt of the current (or last) migration failed; none if it did not",
+    )
+
     def fields(self) -> Iterator[tuple[str, Any, FieldSpec]]:
         """The present fields in line order, with their export specs."""
         for f in dataclasses.fields(self):
@@ -129,7 +145,10 @@ class StatusSnapshot:
     def to_dict(self) -> dict[str, Any]:
         """The present fields as JSON-ready values (the RPC's ``status`` answer)."""
         result: dict[str, Any] = {"export": self.export}
-        result.update((name, value) for name, value, _ in self.fields())
+        result.update(
+            (name, list(value) if isinstance(value, tuple) else value)
+            for name, value, _ in self.fields()
+        )
         return result
 
 
@@ -148,10 +167,18 @@ def render_value(value: object) -> str:
     if isinstance(value, float):
         text = f"{value:.3f}".rstrip("0").rstrip(".")
         return text or "0"
+    if isinstance(value, tuple):
+        # Each item percent-encoded (a space is %20), so none holds a space, ``=`` or ``,``.
+        return ",".join(quote(str(item), safe="") for item in value)
     text = str(value)
     if " " in text or "=" in text:
         raise ValueError(f"status value {text!r} contains a space or '='")
     return text
+
+
+def parse_list(value: str) -> list[str]:
+    """The items of a list field's value on the line (``blockers=a%20b,c``)."""
+    return [unquote(item) for item in value.split(",")] if value else []
 
 
 def parse_line(line: str) -> dict[str, str]:

@@ -60,7 +60,9 @@ Not a valid trigger name (the loader refuses triggers that start with ``_``),
 so it cannot be confused with a real event.
 """
 
-_FIELDS = ("time", "machine", "instance", "event", "source", "dest", "ok", "error")
+_FIELDS = ("time", "machine", "instance", "event", "source", "dest", "ok", "error", "reason")
+#: The fields every record has; ``error`` and ``reason`` may be left out.
+_REQUIRED = _FIELDS[:7]
 
 
 class TraceFormatError(ValueError):
@@ -85,6 +87,9 @@ class TraceRecord:
     dest: str
     ok: bool
     error: str | None = None
+    # Why the event happened, where the code that fired it said so (a
+    # migration attempt's failure, a hook's veto); left out of the JSON when None.
+    reason: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.time, bool) or not isinstance(self.time, int | float):
@@ -101,10 +106,15 @@ class TraceRecord:
             raise TraceFormatError("a record with ok=true carries no error")
         if not self.ok and not (isinstance(self.error, str) and self.error):
             raise TraceFormatError("a record with ok=false must say what the error was")
+        if self.reason is not None and not isinstance(self.reason, str):
+            raise TraceFormatError(f"reason must be a string, not {self.reason!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The record as a JSON object, keys in field order (what the control socket streams)."""
-        return {name: getattr(self, name) for name in _FIELDS}
+        fields = {name: getattr(self, name) for name in _FIELDS}
+        if self.reason is None:
+            del fields["reason"]
+        return fields
 
     def to_json(self) -> str:
         """One line of JSON, keys in field order, so traces diff and grep well."""
@@ -118,7 +128,7 @@ class TraceRecord:
             raise TraceFormatError(f"not JSON: {err}") from None
         if not isinstance(obj, dict):
             raise TraceFormatError(f"expected a JSON object, not {type(obj).__name__}")
-        missing = [name for name in _FIELDS[:-1] if name not in obj]
+        missing = [name for name in _REQUIRED if name not in obj]
         if missing:
             raise TraceFormatError(f"missing {', '.join(missing)}")
         unknown = sorted(set(obj) - set(_FIELDS))

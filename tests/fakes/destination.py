@@ -68,7 +68,8 @@ class Migrate(enum.Enum):
 
 class Commit(enum.Enum):
     ACK = "ack"
-    REJECT = "reject"  # an error reply: it did not take control
+    REJECT = "reject"  # EPERM: it cannot take the lease (retrying will not change that)
+    REFUSE = "refuse"  # EIO: it did not take control (the sync failed); worth a retry
     CLOSE = "close"  # close without an answer: the outcome is unknown
     HANG = "hang"  # never answer
 
@@ -81,6 +82,7 @@ class Script:
     migrate: Migrate = Migrate.ACK
     size: int | None = None  # None: the destination's own size
     error_on_write: int | None = None  # answer EIO to this write (1 is the first)
+    write_errno: Errno = Errno.EIO  # what error_on_write answers (ENOSPC: a full disk)
     hang_from_write: int | None = None  # never answer this write or any later request
     close_on_write: int | None = None  # close when this write arrives, before answering
     error_on_flush: int | None = None  # answer EIO to this FLUSH (1 is the first)
@@ -261,7 +263,8 @@ class _DestinationProtocol(Protocol):
                 self._hang(f"hung on write {n}")
                 return
             if n == script.error_on_write:
-                self._send(self.server.reply_error(request.handle, Errno.EIO, "scripted failure"))
+                error = script.write_errno
+                self._send(self.server.reply_error(request.handle, error, "scripted failure"))
                 return
         start, end = request.offset, request.offset + request.length
         if command is Command.WRITE:
@@ -291,6 +294,8 @@ class _DestinationProtocol(Protocol):
             self._send(self.server.reply_ok(event.handle))
         elif commit is Commit.REJECT:
             self._send(self.server.reply_error(event.handle, Errno.EPERM, "no lease for you"))
+        elif commit is Commit.REFUSE:
+            self._send(self.server.reply_error(event.handle, Errno.EIO, "scripted sync failure"))
         elif commit is Commit.CLOSE:
             self._hang("closed on the commit")
             self.transport.abortConnection()  # type: ignore[union-attr]

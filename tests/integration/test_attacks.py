@@ -24,17 +24,22 @@ from fakes.commit_cutter import CommitCutter, Cut
 from fakes.forged_sender import ForgedSender
 from ferry.lease.local import lock_file_name
 from ferry.nbd.constants import Errno, OptionReply
-from support import FERRY, FerryProcess, mirror_command, random_file, run, serve, sparse_file
+from support import (
+    FERRY,
+    FerryProcess,
+    mirror_command,
+    random_file,
+    run,
+    serve,
+    sparse_file,
+    status,
+)
 
 pytestmark = pytest.mark.integration
 
 SIZE = 8 << 20
 F_OFD_SETLK = 37
 
-
-def status(sock: Path) -> dict[str, str]:
-    line = run([*FERRY, "status", "--sock", str(sock)]).stdout.decode().split()
-    return dict(field.split("=", 1) for field in line)
 
 
 @contextlib.contextmanager

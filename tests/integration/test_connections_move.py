@@ -43,6 +43,7 @@ from support import (
     FERRY,
     Deadline,
     FerryProcess,
+    mirror_command,
     random_file,
     run,
     sparse_file,
@@ -271,22 +272,7 @@ def test_a_request_half_sent_at_the_freeze_is_finished_on_the_destination(tmp_pa
         payload = bytes(range(256)) * 32  # 8 KiB
         header = REQUEST.pack(REQUEST_MAGIC, 0, Command.WRITE, 77, 4096, len(payload))
         sock.sendall(header + payload[:3000])  # the rest waits until the image has moved
-        mirror = run(
-            [
-                *FERRY,
-                "mirror",
-                "--sock",
-                str(source_sock),
-                "--addr",
-                "127.0.0.1",
-                "--port",
-                str(dest.port),
-                "--action",
-                "nothing",
-                "--wait",
-            ],
-            timeout=120,
-        )
+        mirror = run(mirror_command(dest.port, source_sock, "--action", "nothing", "--wait"))
         assert b"has control of the image" in mirror.stdout
         sock.sendall(payload[3000:])
         reply = STRUCTURED_REPLY.unpack(recv_exactly(sock, STRUCTURED_REPLY.size))
@@ -349,22 +335,7 @@ def test_the_kernels_nbd_client_keeps_its_device_across_a_handoff(tmp_path: Path
         with open(device, "r+b", buffering=0) as disk:
             disk.write(pattern)
             os.fsync(disk.fileno())
-            run(
-                [
-                    *FERRY,
-                    "mirror",
-                    "--sock",
-                    str(source_sock),
-                    "--addr",
-                    "127.0.0.1",
-                    "--port",
-                    str(dest.port),
-                    "--action",
-                    "nothing",
-                    "--wait",
-                ],
-                timeout=120,
-            )
+            run(mirror_command(dest.port, source_sock, "--action", "nothing", "--wait"))
             disk.seek(MiB)
             disk.write(pattern)  # to the destination, through the same device
             os.fsync(disk.fileno())

@@ -17,7 +17,6 @@ import pytest
 
 from fakes.flexnbd import FlexnbdSender
 from ferry.nbd.constants import Errno
-from ferry.status import parse_line
 from support import (
     FERRY,
     Deadline,
@@ -28,6 +27,7 @@ from support import (
     run,
     serve,
     sparse_file,
+    status,
 )
 
 pytestmark = pytest.mark.integration
@@ -60,9 +60,6 @@ def listener(tmp_path: Path) -> Iterator[tuple[FerryProcess, Path, Path]]:
     yield proc, target, sock
     proc.stop()
 
-
-def status(sock: Path) -> dict[str, str]:
-    return parse_line(run([*FERRY, "status", "--sock", str(sock)]).stdout.decode())
 
 
 def wait_for_log(proc: FerryProcess, pattern: re.Pattern[bytes]) -> None:

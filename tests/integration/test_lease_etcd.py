@@ -251,6 +251,31 @@ async def test_the_source_cancels_an_offer_by_taking_it_back(
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_holder_publishes_where_it_serves_and_only_the_current_one_is_named(
+    lockspace: EtcdLockspace, resource: str
+) -> None:
+    assert await within(lockspace.where(resource)) == []
+    grant = await within(lockspace.acquire(resource, "a:1:src", EXCLUSIVE))
+    assert await within(lockspace.where(resource)) == []  # held, nothing published yet
+    await within(lockspace.publish(grant, "10.0.0.1:10809"))
+    assert await within(lockspace.where(resource)) == ["10.0.0.1:10809"]
+    # Offered for a migration: the source is not where the image is any more.
+    offered = await within(lockspace.offer(grant))
+    assert await within(lockspace.where(resource)) == []
+    new = await within(lockspace.take_over(resource, "b:2:dst", offered.token))
+    assert await within(lockspace.where(resource)) == []
+    stale = await failure_of(lockspace.publish(offered, "10.0.0.1:10809"))
+    assert isinstance(stale, LeaseLost)
+    await within(lockspace.publish(new, "[fe80::2]:10810"))
+    # The source lets its lease go: the record, the destination's now, stays.
+    await within(lockspace.release(offered))
+    assert await within(lockspace.where(resource)) == ["[fe80::2]:10810"]
+    assert await within(lockspace.inquire(resource)) == (new.holder,)  # not a holder
+    await within(lockspace.release(new))
+    assert await within(lockspace.where(resource)) == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_releasing_twice_succeeds(lockspace: EtcdLockspace, resource: str) -> None:
     grant = await within(lockspace.acquire(resource, "a:1:src", SHARED))
     await within(lockspace.release(grant))

@@ -150,6 +150,23 @@ def test_a_lease_handed_over_between_processes(holders: list[Holder]) -> None:
     assert other.ask("acquire other exclusive") == "ok 3"
 
 
+def test_the_last_holder_to_leave_removes_the_file_and_tokens_go_on(
+    holders: list[Holder], tmp_path: Path
+) -> None:
+    a, b, observer = holders
+    assert a.ask("acquire node-a shared") == "ok 0"
+    assert b.ask("acquire node-b shared") == "ok 0"
+    assert a.ask("release") == "ok"
+    assert len(list(tmp_path.glob("*.lock"))) == 1  # node-b still reads it
+    assert b.ask("release") == "ok"
+    assert list(tmp_path.glob("*.lock")) == []
+    assert a.ask("acquire node-a exclusive") == "ok 1"
+    assert a.ask("release") == "ok"
+    assert list(tmp_path.glob("*.lock")) == []
+    assert observer.ask("inquire") == "holders -"
+    assert b.ask("acquire node-b exclusive") == "ok 2"  # a new file, a larger token
+
+
 def test_an_offerer_that_dies_leaves_a_stale_offer(holders: list[Holder]) -> None:
     source, destination, _ = holders
     assert source.ask("acquire src exclusive") == "ok 1"

@@ -28,6 +28,8 @@ from support import (
     serve,
     serve_args,
     sparse_file,
+    status,
+    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -36,10 +38,6 @@ __all__ = ["etcd_fixture"]  # the fixture, for pytest
 
 SIZE = 8 << 20
 
-
-def status(sock: Path) -> dict[str, str]:
-    line = run([*FERRY, "status", "--sock", str(sock)]).stdout.decode().split()
-    return dict(field.split("=", 1) for field in line)
 
 
 @contextlib.contextmanager
@@ -103,6 +101,8 @@ def test_the_lease_moves_with_control_on_a_local_lockspace(tmp_path: Path) -> No
         )
         assert third.returncode == 1
         assert f":{dest.proc.pid}:" in third.stderr.decode()
+    # Both stopped: the last holder (the destination) removed the lock file.
+    assert list(locks.glob("*.lock")) == []
 
 
 def test_the_lease_moves_with_control_on_etcd(tmp_path: Path, etcd: EtcdServer) -> None:
@@ -149,9 +149,14 @@ def test_a_destination_that_cannot_take_the_lease_leaves_it_with_the_source(
         assert "lease" in source.wait_for_log("commit refused")
         during = status(tmp_path / "serve.sock")
         assert during["lease_state"] == "held" and during["has_control"] == "true"
-        run([*FERRY, "break", "--sock", str(tmp_path / "serve.sock")])
+        # No retry can give the destination the lease: the migration ends failed.
+        wait_until(
+            "the migration ended",
+            lambda: status(tmp_path / "serve.sock")["is_migrating"] == "false",
+        )
         after = status(tmp_path / "serve.sock")
         assert (after["state"], after["lease_state"]) == ("serving", "held")
+        assert after["migration_last_failure"] == "lease_refused"
         assert status(tmp_path / "listen.sock")["has_control"] == "false"
 
 
@@ -283,4 +288,5 @@ def test_sigterm_to_a_source_mid_migration_stops_it_cleanly(tmp_path: Path) -> N
         # Nobody holds vm1 any more: the next server takes it at once.
         lease = ["--lockspace", f"local:{locks}", "--resource", "vm1"]
         third = serve(tmp_path / "source.img", *lease)
-        third.stop()
+        assert third.stop() == 0
+    assert list(locks.glob("*.lock")) == []

@@ -11,14 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from support import FERRY, FerryProcess, free_port, run, serve
+from support import FERRY, FerryProcess, free_port, run, serve, status
 
 pytestmark = pytest.mark.integration
 
-
-def status(sock: Path) -> dict[str, str]:
-    line = run([*FERRY, "status", "--sock", str(sock)]).stdout.decode().split()
-    return dict(field.split("=", 1) for field in line)
 
 
 def test_a_second_server_for_a_leased_image_is_refused_naming_the_holder(
@@ -44,18 +40,21 @@ def test_a_second_server_for_a_leased_image_is_refused_naming_the_holder(
         assert f":{first.proc.pid}:disk.img (exclusive, token {token})" in message
     finally:
         assert first.stop() == 0
-    # Stopping released it: the next server takes it with a larger token.
+    # Stopping released it, and removed its lock file: nobody holds the lease.
+    assert list(locks.glob("*.lock")) == []
+    # The next server takes it with a larger token all the same.
     third = serve(image, "--lockspace", space, "--sock", str(tmp_path / "third.sock"))
     try:
         assert int(status(tmp_path / "third.sock")["lease_token"]) > token
     finally:
         assert third.stop() == 0
+    assert sorted(path.name for path in locks.iterdir()) == ["tokens"]
 
 
 def test_a_bad_lockspace_is_one_line_and_nothing_is_served(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(4096))
-    for spec, words, status in (
+    for spec, words, exit_status in (
         ("nowhere:x", "unknown scheme", 2),  # the command line is wrong: a usage error
         (f"local:{tmp_path / 'missing'}", "does not exist", 1),
         # Refused after the reactor started: its shutdown must not flush a closed image.
@@ -65,7 +64,7 @@ def test_a_bad_lockspace_is_one_line_and_nothing_is_served(tmp_path: Path) -> No
             [*FERRY, "serve", "-l", "127.0.0.1", "-p", "0", "-f", str(image), "--lockspace", spec],
             check=False,
         )
-        assert result.returncode == status
+        assert result.returncode == exit_status
         lines = result.stderr.decode().splitlines()
         assert len(lines) == 1 and words in lines[0] and lines[0].startswith("ferry")
         assert "Traceback" not in result.stderr.decode()

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from ferry.status import parse_line
 from support import (
     FERRY,
     FerryProcess,
@@ -29,6 +28,7 @@ from support import (
     random_file,
     run,
     sparse_file,
+    status,
     wait_until,
 )
 from workload import BLOCK
@@ -39,9 +39,6 @@ MiB = 1 << 20
 SIZE = 256 * MiB
 WORKLOAD = Path(__file__).resolve().parents[1] / "workload.py"
 
-
-def status(sock: Path) -> dict[str, str]:
-    return parse_line(run([*FERRY, "status", "--sock", str(sock)]).stdout.decode())
 
 
 def start(mode: str, image: Path, sock: Path, trace: Path) -> FerryProcess:

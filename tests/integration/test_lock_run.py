@@ -152,6 +152,7 @@ def test_the_commands_exit_status_is_ferrys(
     run.ready()
     assert run.finish() == (expected, "")
     assert status(space, "job") == ["nobody holds job"]  # released on the way out
+    assert list(Path(space.removeprefix("local:")).glob("*.lock")) == []  # and no file left
 
 
 # -- exclusion -----------------------------------------------------------------------
@@ -209,7 +210,7 @@ def test_shared_runs_coexist_and_exclude_an_exclusive_one(
 TRAPPER = """
 for sig in INT HUP USR1 USR2; do trap "echo $sig" $sig; done
 trap 'echo TERM; kill $pid; exit 42' TERM
-sleep 60 & pid=$!
+sleep 60 > /dev/null 2>&1 & pid=$!  # off the pipes: dash now and then leaves it running
 echo ready
 while :; do wait $pid; done
 """
@@ -304,6 +305,8 @@ def test_status_names_holders_modes_and_tokens_on_a_local_lockspace(
         run.send("done\n")
         assert run.finish() == (0, "")
     assert status(space) == [f"nobody holds a lease in {space}"]
+    # The last holder of each removed its file; the token mark stays.
+    assert sorted(path.name for path in Path(directory).iterdir()) == ["tokens"]
 
 
 # -- on etcd -------------------------------------------------------------------------

@@ -74,6 +74,7 @@ def test_status_line_fields_and_values(server: FerryProcess, sock: Path) -> None
         "lease_token": fields["lease_token"],
         "address": f"127.0.0.1:{server.port}",  # where clients reach it, port 0 or not
         "can_move_connections": "true",  # root, with nftables: TCP_REPAIR works here
+        "blockers": "",  # nothing keeps it from migrating
     }
     assert int(fields["lease_token"]) >= 1
     with RemoteExport.connect("127.0.0.1", server.port) as remote:

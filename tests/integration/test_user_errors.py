@@ -38,8 +38,8 @@ def test_the_version() -> None:
 
 def test_usage_errors_exit_2_with_one_line(image: Path) -> None:
     modes = (
-        "serve, listen, mirror, break, mirror-max-bps, status, events, acl, read, write, "
-        "trace, lock, daemon, export, reload, statecharts, help"
+        "serve, listen, mirror, proxy, break, block, unblock, mirror-max-bps, status, events, "
+        "acl, read, write, trace, check, lock, daemon, export, reload, statecharts, help"
     )
     one_line(
         run([*FERRY, "help", "nosuch"], check=False),

@@ -265,3 +265,52 @@ def test_a_value_is_one_line() -> None:
 
 def test_a_gone_systemd_loses_the_notice_not_the_service(tmp_path: Path) -> None:
     Notifier(str(tmp_path / "nobody")).ready("up")  # logged, not raised
+
+
+def test_hooks_are_the_daemon_s_under_each_export_s_own(tmp_path: Path) -> None:
+    from ferry.hooks import HookConfig, Stage
+
+    (tmp_path / "hooks").mkdir()
+    for name in ("all.sh", "vm1.sh"):
+        script = tmp_path / "hooks" / name
+        script.write_text("#!/bin/sh\n")
+        script.chmod(0o755)
+    config = parse(
+        'hook_timeout = 5\nhooks = { pre-switchover = "hooks/all.sh", fenced = "hooks/all.sh" }\n'
+        '[[export]]\nname = "vm1"\nfile = "vm1.img"\n'
+        'hooks = { pre-switchover = "hooks/vm1.sh" }\nhook_timeout = 2.5\n'
+        '[[export]]\nname = "vm2"\nfile = "vm2.img"\n',
+        str(tmp_path / "ferry.toml"),
+    )
+    everyone = config.node.hooks
+    assert everyone == HookConfig(
+        (
+            (Stage.PRE_SWITCHOVER, f"{tmp_path}/hooks/all.sh"),
+            (Stage.FENCED, f"{tmp_path}/hooks/all.sh"),
+        ),
+        5,
+    )
+    vm1, vm2 = config.exports
+    merged = vm1.hooks.under(everyone)
+    assert merged.script(Stage.PRE_SWITCHOVER) == f"{tmp_path}/hooks/vm1.sh"  # its own first
+    assert merged.script(Stage.FENCED) == f"{tmp_path}/hooks/all.sh"
+    assert merged.seconds == 2.5
+    assert vm2.hooks.under(everyone).seconds == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ('hooks = { preflight = "/bin/true" }', "hooks: no stage 'preflight'"),
+        ('hooks = { pre-migrate = "nope.sh" }', "no such file"),
+        ("hook_timeout = 0", "hook_timeout: hook_timeout must be a positive number"),
+        (
+            '[[export]]\nname = "a"\nfile = "a.img"\nhooks = ["x"]',
+            '[[export]] #1 "a": hooks: hooks must be a table of STAGE = PATH',
+        ),
+    ],
+)
+def test_a_bad_hook_is_one_line(text: str, line: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse(text)
+    assert line in str(error.value)

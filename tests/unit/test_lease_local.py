@@ -44,6 +44,7 @@ from ferry.lease.backend import (
 from ferry.lease.local import (
     LEDGER_COPY_SIZE,
     MAX_HOLDERS,
+    TOKENS_FILE,
     LocalLockspace,
     lock_file_name,
 )
@@ -159,8 +160,11 @@ def test_tokens_strictly_increase_and_survive_a_new_lockspace_object(
         grant = acquire(space, "x")
         tokens.append(grant.token)
         result(space.release(grant))
+    assert not a.path_for(IMAGE).exists()  # each release removed the file: the mark kept count
     shared = acquire(b, "reader", SHARED)
-    assert shared.token == 3  # shared holders see the current token; they do not bump it
+    # Shared holders see the token of the file's ledger (a new file's: none yet); they
+    # never move it.
+    assert shared.token == 0
     result(b.release(shared))
     fresh = LocalLockspace(tmp_path)
     grant = acquire(fresh, "fresh")
@@ -287,6 +291,7 @@ def test_close_releases_every_grant(lockspaces: Any) -> None:
     acquire(a, "a", SHARED)
     result(a.acquire("/srv/images/other.img", "a", EXCLUSIVE))
     result(a.close())
+    assert lock_files(a) == []  # both were a's alone: both went
     acquire(b, "b")
     assert result(b.acquire("/srv/images/other.img", "b", EXCLUSIVE)).token == 2
 
@@ -323,11 +328,225 @@ def test_slots_are_reused(lockspaces: Any) -> None:
 
 def test_a_torn_ledger_copy_is_ignored(lockspaces: Any) -> None:
     a, b, _ = lockspaces
-    result(a.release(acquire(a, "a")))  # ledger generation 1 (token 1), then 2 (released)
+    # Ledger generation 1 (token 1), then 2 (offered): a released offer keeps its file.
+    result(a.release(result(a.offer(acquire(a, "a")))))
     with a.path_for(IMAGE).open("r+b") as f:  # tear generation 2, as a power cut might
         f.seek(0)
         f.write(b'0000beef {"gener')
     assert acquire(b, "b").token == 2  # generation 1's token, plus one
+
+
+# -- the files go with their last holder ------------------------------------------------
+
+
+def lock_files(space: LocalLockspace) -> list[str]:
+    return sorted(path.name for path in space.directory.glob("*.lock"))
+
+
+def test_the_last_release_removes_the_file_and_tokens_go_on_growing(lockspaces: Any) -> None:
+    a, b, c = lockspaces
+    first = acquire(a, "a")
+    assert lock_files(c) == [lock_file_name(IMAGE)]
+    result(a.release(first))
+    assert lock_files(c) == []
+    assert holders(c) == [] and result(c.inquire_all()) == {}  # a missing file: nobody
+    mark = c.directory / TOKENS_FILE
+    assert mark.stat().st_mode & 0o777 == 0o600
+    second = acquire(b, "b")  # a new file, but not a token that went back
+    assert second.token == 2
+    result(b.release(second))
+    third = result(c.take_over(IMAGE, "c", 0))  # even by a take-over of a new file's token
+    assert third.token == 3
+    result(c.release(third))
+    assert sorted(p.name for p in c.directory.iterdir()) == [TOKENS_FILE]
+
+
+def test_the_mark_is_shared_by_resources_and_each_ones_tokens_grow(lockspaces: Any) -> None:
+    a, b, _ = lockspaces
+    held = acquire(a, "a")  # token 1, and its file stays
+    for _ in range(3):  # another resource's files come and go: tokens 1, 2, 3
+        result(b.release(result(b.acquire("other", "b", EXCLUSIVE))))
+    result(a.release(held))
+    assert acquire(b, "b").token == 4  # above the mark (3), so above its own 1 too
+
+
+def test_a_release_during_an_offer_keeps_the_file_for_the_take_over(lockspaces: Any) -> None:
+    source, destination, other = lockspaces
+    offered = result(source.offer(acquire(source, "src")))
+    result(source.release(offered))  # a source released after sending its commit
+    assert lock_files(other) == [lock_file_name(IMAGE)]
+    taken = result(destination.take_over(IMAGE, "dst", offered.token))
+    assert taken.token == 2
+    result(destination.release(taken))
+    assert lock_files(other) == []
+    assert acquire(other, "other").token == 3
+
+
+def test_a_source_taken_over_keeps_the_file_until_it_releases(lockspaces: Any) -> None:
+    source, destination, other = lockspaces
+    offered = result(source.offer(acquire(source, "src")))
+    taken = result(destination.take_over(IMAGE, "dst", offered.token))
+    result(destination.release(taken))  # the source has not noticed yet: its slot is live
+    assert lock_files(other) == [lock_file_name(IMAGE)]
+    failure_of(source.renew(offered), LeaseLost)
+    result(source.release(offered))  # now nobody is left: the source removes it
+    assert lock_files(other) == []
+    assert acquire(other, "other").token == 3
+
+
+def test_a_readers_release_keeps_the_file_while_another_reader_holds_it(lockspaces: Any) -> None:
+    a, b, c = lockspaces
+    first, second = acquire(a, "a", SHARED), acquire(b, "b", READONLY)
+    result(a.release(first))
+    assert lock_files(c) == [lock_file_name(IMAGE)]
+    assert holders(c) == [("b", "readonly", 0, False)]
+    result(b.release(second))
+    assert lock_files(c) == []
+    assert not (c.directory / TOKENS_FILE).exists()  # no token to keep: no mark yet
+
+
+def test_a_readers_release_keeps_the_file_while_a_locker_is_between_lock_and_slot(
+    lockspaces: Any,
+) -> None:
+    """A reader that has the hold byte but no slot yet is seen by the failed upgrade alone."""
+    a, b, _ = lockspaces
+    reader = acquire(a, "a", SHARED)
+    checker = _check_in_progress(a.path_for(IMAGE))
+    try:
+        result(a.release(reader))
+        assert lock_files(b) == [lock_file_name(IMAGE)]
+    finally:
+        os.close(checker)
+    result(b.release(acquire(b, "b", SHARED)))
+    assert lock_files(b) == []
+
+
+def test_a_release_that_finds_the_mark_busy_keeps_its_file(lockspaces: Any) -> None:
+    a, b, _ = lockspaces
+    result(a.release(acquire(a, "a")))  # creates the mark (1)
+    busy = os.open(a.directory / TOKENS_FILE, os.O_RDWR)  # another release, raising it now
+    try:
+        fcntl.fcntl(busy, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 1, 0))
+        held = acquire(b, "b")
+        assert held.token == 2
+        result(b.release(held))
+        assert lock_files(a) == [lock_file_name(IMAGE)]  # left for a later holder
+    finally:
+        os.close(busy)
+    assert acquire(a, "a").token == 3
+    result(a.close())
+    assert lock_files(a) == []
+
+
+def test_a_symlink_at_the_mark_is_refused_not_followed(lockspaces: Any, tmp_path: Path) -> None:
+    a, b, _ = lockspaces
+    held = acquire(a, "a")
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"precious")
+    (tmp_path / TOKENS_FILE).symlink_to(target)
+    result(a.release(held))  # cannot raise the mark through a symlink: keeps its file
+    assert lock_files(a) == [lock_file_name(IMAGE)]
+    error = failure_of(b.acquire(IMAGE, "b", EXCLUSIVE), LockspaceUnavailable)
+    assert str(error) == (
+        f"token file {tmp_path / TOKENS_FILE} is a symbolic link: refusing to follow it"
+    )
+    assert target.read_bytes() == b"precious"
+
+
+def test_a_refused_take_over_leaves_no_file_behind(lockspaces: Any) -> None:
+    a, _, _ = lockspaces
+    conflict = failure_of(a.take_over(IMAGE, "dst", 7), LeaseConflict)
+    assert "has token 0, not 7" in str(conflict)
+    assert list(a.directory.iterdir()) == []
+
+
+def _release_when_opened(
+    space: LocalLockspace, monkeypatch: pytest.MonkeyPatch, release: Any, times: int = 1
+) -> list[int]:
+    """Make ``release`` happen right after ``space`` opens a lock file, ``times`` times."""
+    opened = space._opened
+    removed: list[bool] = []  # at each open: whether the file was gone once it was opened
+
+    def open_then_release(resource: str) -> Any:
+        opening = opened(resource)
+        if len(removed) < times:
+            release()
+        removed.append(not space.path_for(resource).exists())
+        return opening
+
+    monkeypatch.setattr(space, "_opened", open_then_release)
+    return removed
+
+
+@pytest.mark.parametrize("mode", [EXCLUSIVE, SHARED])
+def test_a_locker_whose_file_was_removed_under_it_opens_it_again(
+    lockspaces: Any, monkeypatch: pytest.MonkeyPatch, mode: LeaseMode
+) -> None:
+    """B opens the file, A (its last holder) releases and removes it, B locks the old file."""
+    a, b, c = lockspaces
+    held = acquire(a, "a")
+    removed = _release_when_opened(b, monkeypatch, lambda: result(a.release(held)))
+    grant = acquire(b, "b", mode)
+    assert removed == [True, False]  # it locked the old file, saw it gone, and opened the new
+    assert grant.token == (2 if mode is EXCLUSIVE else 0)
+    # Its lock is on the file everyone else finds: nobody gets the lease beside it.
+    assert holders(c) == [("b", mode.value, grant.token, False)]
+    conflict = failure_of(c.acquire(IMAGE, "c", EXCLUSIVE), LeaseConflict)
+    assert [h.owner for h in conflict.holders] == ["b"]
+    result(b.renew(grant))
+
+
+def test_a_take_over_whose_file_was_removed_under_it_opens_it_again(
+    lockspaces: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source, destination, other = lockspaces
+    offered = result(source.offer(acquire(source, "src")))
+    taken = result(destination.take_over(IMAGE, "dst", offered.token))
+    result(source.release(offered))
+    removed = _release_when_opened(other, monkeypatch, lambda: result(destination.release(taken)))
+    # The token it names was in the old file: the new file has none, so it is refused.
+    failure_of(other.take_over(IMAGE, "other", taken.token), LeaseConflict)
+    assert removed == [True, False]
+    assert acquire(other, "other").token == 3
+
+
+def test_a_file_removed_at_every_open_is_unavailable_and_leaks_nothing(
+    lockspaces: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, _, _ = lockspaces
+    path = a.path_for(IMAGE)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    _release_when_opened(a, monkeypatch, path.unlink, times=1000)
+    error = failure_of(a.acquire(IMAGE, "a", EXCLUSIVE), LockspaceUnavailable)
+    assert str(error) == (
+        f"lock file {path} was removed or replaced 20 times while it was being locked: "
+        f"is something else removing files in {a.directory}?"
+    )
+    assert len(os.listdir("/proc/self/fd")) == descriptors
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_watch_fences_nobody_for_a_last_holders_removal(tmp_path: Path) -> None:
+    space, other = LocalLockspace(tmp_path, reactor=_reactor), LocalLockspace(tmp_path)
+    reports: list[str] = []
+    # (With a reactor, the lockspace answers from its own thread: awaited.)
+    mine = await space.acquire(IMAGE, "a", SHARED)
+    leaving = await space.acquire("gone", "a", EXCLUSIVE)
+    space.watch(mine, reports.append)
+    space.watch(leaving, reports.append)
+    alongside = acquire(other, "b", SHARED)
+    result(other.release(alongside))  # a reader leaves; the file stays (mine is live)
+    await space.release(leaving)  # the last holder of "gone": the file goes
+    assert lock_files(space) == [lock_file_name(IMAGE)]
+    # Directory events arrive in order: once this one's loss is seen, so were the above.
+    sentinel = await space.acquire("sentinel", "a", EXCLUSIVE)
+    seen: Deferred[str] = Deferred()
+    space.watch(sentinel, seen.callback)
+    space.path_for("sentinel").unlink()
+    assert "was removed" in await seen.addTimeout(10.0, _reactor)
+    assert reports == []
+    await space.renew(mine)
+    await space.close()
 
 
 # -- inquire and the errors --------------------------------------------------------------
@@ -430,10 +649,10 @@ def test_a_directory_of_another_user_is_refused(tmp_path: Path) -> None:
 def test_lock_files_are_private(lockspaces: Any, tmp_path: Path) -> None:
     a, b, _ = lockspaces
     path = a.path_for(IMAGE)
-    result(a.release(acquire(a, "a")))
+    acquire(a, "a", SHARED)  # a holder keeps the file
     assert path.stat().st_mode & 0o777 == 0o600
     path.chmod(0o644)  # as ferry before 0.2 made them
-    acquire(b, "b")
+    acquire(b, "b", SHARED)
     assert path.stat().st_mode & 0o777 == 0o600
 
 
@@ -452,7 +671,7 @@ def test_a_symlink_at_a_lock_file_is_refused_not_followed(lockspaces: Any, tmp_p
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file away")
 def test_a_lock_file_of_another_user_is_refused(lockspaces: Any) -> None:
     a, b, _ = lockspaces
-    result(a.release(acquire(a, "a")))
+    acquire(a, "a", SHARED)  # a holder keeps the file
     os.chown(a.path_for(IMAGE), NOBODY, NOBODY)
     error = failure_of(b.acquire(IMAGE, "b", EXCLUSIVE), LockspaceUnavailable)
     assert str(error) == (
@@ -486,7 +705,7 @@ def test_another_user_cannot_lock_anyone_out() -> None:
         locks = top / "locks"
         locks.mkdir(mode=0o700)
         a, b = LocalLockspace(locks), LocalLockspace(locks)
-        result(a.release(acquire(a, "a")))
+        held = acquire(a, "a")  # a holder keeps the file
         assert a.path_for(IMAGE).stat().st_mode & 0o777 == 0o600
         attack = subprocess.run(
             ["/usr/bin/python3", "-c", READ_LOCK, str(a.path_for(IMAGE))],
@@ -506,6 +725,7 @@ def test_another_user_cannot_lock_anyone_out() -> None:
         )
         assert attack.stdout == b"cannot open: Permission denied\n"
         locks.chmod(0o700)
+        result(a.release(held))
         assert acquire(b, "b").token == 2
         result(b.close())
     finally:
@@ -624,6 +844,7 @@ def test_a_holder_that_is_killed_frees_the_lease(tmp_path: Path) -> None:
     assert result(space.inquire(IMAGE)) == ()
     assert acquire(space, "parent").token == 2
     result(space.close())
+    assert lock_files(space) == []  # the file a killed holder left goes with the next one
 
 
 def test_an_offer_whose_offerer_died_is_stale(tmp_path: Path) -> None:

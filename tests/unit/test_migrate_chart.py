@@ -72,11 +72,14 @@ TRANSITIONS = {
     ("resolve_committed", "in_doubt", "completed", "resolve_handed_off"),
     ("resolve_aborted", "in_doubt", "failed", "resolve_serving"),
     ("retry", "retry_wait", "reconnecting", None),
+    ("give_up", "retry_wait", "failed", "migration_failed"),
     ("connected", "reconnecting", "renegotiating", None),
     ("accepted", "renegotiating", "bulk_pass", None),
     *(("break_migration", s, "cancelled", "break_migration") for s in BREAKABLE),
     ("break_migration", "offering", "cancelling", None),
     ("reclaimed", "cancelling", "cancelled", "break_migration"),
+    ("veto", "connecting", "cancelled", "break_migration"),
+    ("veto", "quiescing", "cancelled", "break_migration"),
     *(("lease_lost", s, "failed", None) for s in LEASE_LOSABLE),
     ("lease_lost", "in_doubt", "failed", "resolve_fenced"),
     *(("stop", s, "failed", None) for s in ("committing", "reclaiming", "cancelling", "in_doubt")),
@@ -147,6 +150,15 @@ def test_break_works_wherever_no_commit_may_have_landed(chart: Statechart) -> No
         breakable = state not in FINAL and state not in sent
         breakable = breakable and state not in ("reclaiming", "cancelling")
         assert dest == ("cancelled" if breakable else None), state
+
+
+def test_a_veto_comes_only_before_anything_is_connected_or_offered(chart: Statechart) -> None:
+    vetoable = {state for state in STATES if chart.next_state(state, "veto") is not None}
+    assert vetoable == {"connecting", "quiescing"}
+    assert not prop(chart, "commit_sent") & vetoable
+    # The policy gives up only where a lost attempt waits, never with clients held.
+    assert {s for s in STATES if chart.next_state(s, "give_up")} == {"retry_wait"}
+    assert not chart.property("retry_wait", "clients_held")
 
 
 def test_commit_outcomes(chart: Statechart) -> None:

@@ -121,7 +121,7 @@ async def test_the_ack_hands_the_lease_over(tmp_path: Path, listen: Any) -> None
 async def test_a_refused_commit_takes_the_lease_back_before_clients_go_on(
     tmp_path: Path, listen: Any
 ) -> None:
-    scripts = [Script(commit=Commit.REJECT), Script()]
+    scripts = [Script(commit=Commit.REFUSE), Script()]
     fake = FakeDestination(SIZE, scripts)
     rig = LeasedRig(tmp_path, listen(fake), scripts)
     scripts[1].take_lease = rig.take_over
@@ -145,6 +145,31 @@ async def test_a_refused_commit_takes_the_lease_back_before_clients_go_on(
     first, second = (s.commit_token for s in fake.sessions)
     assert first is not None and second is not None and second > first
     assert rig.holder() == "destination"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lease_the_destination_cannot_take_fails_the_migration_at_once(
+    tmp_path: Path, listen: Any
+) -> None:
+    """EPERM to the commit: the lease comes back first, then no retry can change it."""
+    scripts = [Script(commit=Commit.REJECT), Script()]
+    fake = FakeDestination(SIZE, scripts)
+    rig = LeasedRig(tmp_path, listen(fake), scripts)
+    await within(rig.source.start())
+    await rig.reached("migration", "retry_wait")
+    rig.clock.advance(0)  # the policy decides after the transition, on the clock
+    result = await within(rig.source.finished)
+    assert (result.state, result.handed_off) == ("failed", False)
+    assert result.reason.startswith("lease_refused: commit refused: EPERM no lease for you")
+    assert rig.states("migration")[-3:] == ["reclaiming", "retry_wait", "failed"]
+    assert rig.export.state == "serving" and rig.lease.state == "held"
+    assert rig.holder() == "source" and rig.lease_at_release[0] == "held"
+    assert len(fake.sessions) == 1  # nothing retried
+    assert dict(rig.source.stats.failures) == {FailureReason.LEASE_REFUSED: 1}
+    assert rig.source.last_failure == "lease_refused"
+    give_up = [r for r in rig.records if r.machine == "migration" and r.event == "give_up"]
+    assert give_up and give_up[0].reason == result.reason  # the events say why
+    rig.replays()
 
 
 @pytest.mark.parametrize("taken", [True, False], ids=["taken-over", "not-taken"])

@@ -367,7 +367,7 @@ async def fail_then_retry(rig: Rig, fake: FakeDestination, trigger: Any = None) 
         Script(close_on_write=2),
         Script(error_on_flush=1),
         Script(error_on_flush=2),
-        Script(commit=Commit.REJECT),
+        Script(commit=Commit.REFUSE),
     ],
     ids=["error-reply", "close-before-reply", "preflush-error", "flush-error", "commit-rejected"],
 )
@@ -378,7 +378,7 @@ async def test_a_failed_attempt_retries_then_succeeds(
     fake = FakeDestination(SIZE, [script, Script()])
     rig = Rig(tmp_path, listen(fake))
     await fail_then_retry(rig, fake)
-    if script.error_on_flush == 2 or script.commit is Commit.REJECT:
+    if script.error_on_flush == 2 or script.commit is Commit.REFUSE:
         # The switchover had begun: clients were held, then released, then held again.
         assert rig.gate.holds == 2 and rig.gate.releases == 1
         assert "retry_migration" in [r.event for r in rig.records if r.machine == "role"]
@@ -386,7 +386,7 @@ async def test_a_failed_attempt_retries_then_succeeds(
         # The FLUSH after the bulk pass, before any switchover: nothing was held.
         assert rig.gate.holds == 1 and rig.gate.releases == 0
         assert fake.sessions[0].commands.count("FLUSH") == 1
-    if script.commit is Commit.REJECT:
+    if script.commit is Commit.REFUSE:
         assert rig.states("role")[:5] == [
             "serving",
             "migrating",

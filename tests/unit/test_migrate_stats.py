@@ -23,6 +23,7 @@ from ferry.migrate.core.stats import FailureReason
 from ferry.migrate.manager import MirrorManager
 from ferry.migrate.options import Destination, FinishAction, MirrorOptions
 from ferry.migrate.wire import tcp_connector
+from ferry.nbd.constants import Errno
 
 from .test_migrate_source import SIZE, Rig, free_port, reactor, succeed, within
 from .test_migrate_source import listen as listen  # the fixture
@@ -65,7 +66,7 @@ async def test_a_failed_first_negotiation_is_a_failure_by_reason(
         (Script(error_on_write=2), R.WRITE_ERROR),
         (Script(close_on_write=2), R.CONNECTION_LOST),
         (Script(error_on_flush=1), R.FLUSH_ERROR),
-        (Script(commit=Commit.REJECT), R.COMMIT_REJECTED),
+        (Script(commit=Commit.REFUSE), R.COMMIT_REJECTED),
         (Script(hang_from_write=2), R.REPLY_TIMEOUT),
     ],
     ids=["write-error", "closed", "flush-error", "commit-rejected", "hang"],
@@ -131,8 +132,52 @@ async def test_the_counters_outlive_each_job_and_export_every_reason(
         for s in family.samples
         if s.name.startswith(("ferry_migration_", "ferry_migrations_"))
     }
-    expected = {("ferry_migrations_completed_total", None): 1.0}
+    expected = {
+        ("ferry_migrations_completed_total", None): 1.0,
+        # Status fields, not counters: no blocker, and the last job's last attempt did not fail.
+        ("ferry_migration_blockers", None): 0.0,
+        ("ferry_migration_last_failure_info", None): 1.0,
+    }
     for reason in FailureReason:
         expected["ferry_migration_retries_total", reason.value] = 0.0
         expected["ferry_migration_failures_total", reason.value] = 2.0 if reason is R.CONNECT else 0
     assert samples == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_space_at_the_destination_fails_at_once(tmp_path: Path, listen: Any) -> None:
+    fake = FakeDestination(SIZE, [Script(error_on_write=2, write_errno=Errno.ENOSPC), Script()])
+    rig = Rig(tmp_path, listen(fake))
+    assert (await within(rig.source.start())).ok
+    await rig.reached("migration", "retry_wait")
+    rig.clock.advance(0)  # the policy decides after the transition
+    result = await within(rig.source.finished)
+    assert result.state == "failed" and result.reason.startswith("no_space: ")
+    assert "failed: ENOSPC" in result.reason
+    assert dict(rig.source.stats.failures) == {R.NO_SPACE: 1}
+    assert not rig.source.stats.retries and len(fake.sessions) == 1
+    assert rig.export.state == "serving"
+
+
+@pytest.mark.parametrize(
+    ("policy", "lost"), [({"max_retries": 2}, 3), ({"retry_for": 2.5}, 3)], ids=["count", "time"]
+)
+@pytest_twisted.ensureDeferred
+async def test_the_retry_policy_gives_up_with_the_last_reason(
+    tmp_path: Path, listen: Any, policy: dict[str, Any], lost: int
+) -> None:
+    scripts = [Script(close_on_write=2) for _ in range(5)]
+    fake = FakeDestination(SIZE, scripts)
+    rig = Rig(tmp_path, listen(fake), **policy)
+    assert (await within(rig.source.start())).ok
+    while not rig.source.job.final:
+        await rig.reached("migration", "retry_wait")
+        rig.clock.advance(1.0)  # the backoff (1 s, 2 s, ...), or the policy's decision
+        rig.clock.advance(1.0)
+    result = await within(rig.source.finished)
+    assert result.state == "failed" and result.reason.startswith("connection_lost: ")
+    assert len(fake.sessions) == lost
+    stats = rig.source.stats
+    assert dict(stats.retries) == {R.CONNECTION_LOST: lost - 1}
+    assert dict(stats.failures) == {R.CONNECTION_LOST: 1}
+    assert rig.source.last_failure == "connection_lost"

@@ -22,6 +22,7 @@ from ferry.nbd.events import (
     Negotiated,
     NegotiationFailed,
     OptionAnswered,
+    OptionData,
     ProtocolError,
     Reply,
 )
@@ -227,22 +228,36 @@ def test_two_extra_options_one_at_a_time() -> None:
     assert conn.data_to_send() == opt(OPT_GO, go_payload(b""))
 
 
-def test_extra_option_shutdown_fails_and_odd_replies_break() -> None:
+def test_extra_option_shutdown_fails_the_negotiation() -> None:
+    # Any other reply to an extra option is the caller's (OptionData, below).
     conn = ClientConnection("", extra_options=[(0x1000, b"")])
     conn.receive_data(greeting(3))
     events = conn.receive_data(rep(0x1000, REP_ERR_SHUTDOWN))
     assert events == [NegotiationFailed(OptionReply.ERR_SHUTDOWN, "ERR_SHUTDOWN")]
-    conn = ClientConnection("", extra_options=[(0x1000, b"")])
-    conn.receive_data(greeting(3))
-    with pytest.raises(ProtocolError, match="unexpected reply"):
-        conn.receive_data(rep(0x1000, REP_INFO, b"\x00\x00"))
 
 
-def test_an_ack_to_an_extra_option_carries_its_payload_to_the_caller() -> None:
+def test_an_ack_with_data_to_an_extra_option_is_a_protocol_error() -> None:
+    # An answer's data comes in replies of its own before the ACK (OptionData, below).
     conn = ClientConnection("", extra_options=[(0x1000, b"")])
     conn.receive_data(greeting(3))
-    events = conn.receive_data(rep(0x1000, REP_ACK, b"x"))
-    assert events == [OptionAnswered(0x1000, OptionReply.ACK, payload=b"x")]
+    with pytest.raises(ProtocolError, match="ACK to option 0x1000 with 1 bytes of data"):
+        conn.receive_data(rep(0x1000, REP_ACK, b"x"))
+
+
+def test_replies_with_data_to_an_extra_option_come_before_its_answer() -> None:
+    # An extension answers with its own reply types (ferry's LOCATION is
+    # 0x46455201), then ACK; the handshake goes on only after the ACK.
+    conn = ClientConnection("", structured_replies=False, extra_options=[(0x1000, b"")])
+    conn.receive_data(greeting(3))
+    conn.data_to_send()
+    events = conn.receive_data(rep(0x1000, 0x46455201, b"where") + rep(0x1000, REP_INFO, b"\0\0"))
+    assert events == [
+        OptionData(0x1000, 0x46455201, b"where"),
+        OptionData(0x1000, REP_INFO, b"\0\0"),
+    ]
+    assert conn.data_to_send() == b""  # still waiting for the option's end
+    assert conn.receive_data(rep(0x1000, REP_ACK)) == [OptionAnswered(0x1000, OptionReply.ACK)]
+    assert conn.data_to_send() == opt(OPT_GO, go_payload(b""))
 
 
 def test_extra_options_must_be_non_standard() -> None:

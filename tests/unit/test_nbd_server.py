@@ -44,6 +44,7 @@ from ferry.nbd.events import (
     RejectedRequest,
     Request,
 )
+from ferry.nbd.locate import Location
 from ferry.nbd.server import ServerConnection, transmission_flags
 
 from . import nbd_frames as f
@@ -581,6 +582,23 @@ def test_transmission_flags(read_only: bool, structured: bool, expected: int) ->
     flags = transmission_flags(ExportInfo("x", 1, read_only=read_only), structured)
     assert isinstance(flags, TransmissionFlag)
     assert flags == expected
+
+
+def test_advertise_caps_the_flags_and_the_command_flags_accepted() -> None:
+    # A proxy's export: the server behind it has no FUA, no FAST_ZERO, no CACHE.
+    behind = f.HAS_FLAGS | f.SEND_FLUSH | f.SEND_TRIM | f.SEND_WRITE_ZEROES | 1 << 4  # ROTATIONAL
+    info = ExportInfo("disk", SIZE, advertise=TransmissionFlag(behind))
+    flags = transmission_flags(info, structured=True)
+    assert flags == f.HAS_FLAGS | f.SEND_FLUSH | f.SEND_TRIM | f.SEND_WRITE_ZEROES
+    conn = transmitting(catalog=Catalog(exports={"disk": info}))
+    fua, fast_zero = 1, 16
+    events = conn.receive_data(
+        f.request(W, 1, 0, 4, fua, b"data") + f.request(WZ, 2, 0, 4096, fast_zero)
+    )
+    assert [(type(e), e.handle) for e in events] == [(RejectedRequest, 1), (RejectedRequest, 2)]
+    # ... and a read-only one advertises READ_ONLY whatever the cap says.
+    read_only = ExportInfo("ro", SIZE, read_only=True, advertise=TransmissionFlag(f.HAS_FLAGS))
+    assert transmission_flags(read_only, structured=False) == f.HAS_FLAGS | f.READ_ONLY
 
 
 # -- oldstyle ---------------------------------------------------------------------------------
@@ -1642,9 +1660,87 @@ def test_a_mirror_write_split_across_chunks_is_joined() -> None:
     assert len(events) == 2
 
 
+# -- ferry's FERRY_OPT_LOCATE: where a handed-off export went --------------------------------
+
+OPT_LOCATE = 0x46455203  # b"FER\x03", spelled out: see ferry.nbd.constants
+REP_LOCATION = 0x46455201
+
+
+def locate_data(name: str) -> bytes:
+    return f.string(name)
+
+
+def location_data(host: str, port: int, name: str = "") -> bytes:
+    return struct.pack(">HH", port, len(host)) + host.encode() + name.encode()
+
+
+@dataclass
+class Locator:
+    moved: dict[str, list[Location]] = field(default_factory=dict)
+
+    def locate(self, name: str) -> Sequence[Location] | Refusal:
+        if name not in ("", "disk"):
+            return Refusal(OptionReply.ERR_UNKNOWN, f"no export {name!r}")
+        return self.moved.get(name or "disk", [])
+
+
+def test_locate_names_each_place_the_export_went_then_acks() -> None:
+    locator = Locator({"disk": [Location("10.0.0.2", 10809), Location("fe80::1", 20, "d2")]})
+    conn = ServerConnection(Catalog(), locator=locator)
+    conn.data_to_send()
+    events = negotiate(conn, f.option(OPT_LOCATE, locate_data("disk")))
+    assert events == []
+    assert replies(conn) == [
+        rep(OPT_LOCATE, REP_LOCATION, location_data("10.0.0.2", 10809)),
+        rep(OPT_LOCATE, REP_LOCATION, location_data("fe80::1", 20, "d2")),
+        rep(OPT_LOCATE, f.REP_ACK),
+    ]
+
+
+def test_locate_of_an_export_still_here_is_a_bare_ack_and_negotiation_goes_on() -> None:
+    conn = ServerConnection(Catalog(), locator=Locator())
+    conn.data_to_send()
+    events = negotiate(
+        conn, f.option(OPT_LOCATE, locate_data("")), f.option(f.OPT_GO, f.info_data(""))
+    )
+    out = replies(conn)
+    assert out[0] == rep(OPT_LOCATE, f.REP_ACK)
+    assert [type(e) for e in events] == [HandshakeComplete]
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (locate_data("nope"), f.REP_ERR_UNKNOWN),
+        (b"\x00\x00", f.REP_ERR_INVALID),
+        (struct.pack(">I", 10) + b"disk", f.REP_ERR_INVALID),
+        (locate_data("disk") + b"x", f.REP_ERR_INVALID),
+        (struct.pack(">I", 2) + b"\xff\xfe", f.REP_ERR_INVALID),
+    ],
+    ids=["unknown", "short", "name-runs-past", "trailing", "not-utf8"],
+)
+def test_locate_refusals_and_bad_requests_are_errors_and_negotiation_goes_on(
+    data: bytes, kind: int
+) -> None:
+    conn = ServerConnection(Catalog(), locator=Locator())
+    conn.data_to_send()
+    events = negotiate(conn, f.option(OPT_LOCATE, data), f.option(f.OPT_GO, f.info_data("")))
+    out = replies(conn)
+    assert (out[0].option, out[0].type) == (OPT_LOCATE, kind) and out[0].data
+    assert [type(e) for e in events] == [HandshakeComplete]
+
+
+def test_without_a_locator_locate_is_unsupported() -> None:
+    conn = connect()
+    negotiate(conn, f.option(OPT_LOCATE, locate_data("disk")))
+    (out,) = replies(conn)
+    assert (out.option, out.type) == (OPT_LOCATE, f.REP_ERR_UNSUP)
+
+
 # -- client connections carried with the commit: FERRY_OPT_CONNECTIONS, FERRY_CMD_CONNECTION ----
 
 OPT_CONNECTIONS = 0x46455202  # b"FER\x02"
+REP_LANDING = 0x46455202  # b"FER\x02", a reply type
 CMD_CONNECTION = 0xF002
 MAX_CONNECTION = 128 * 1024 * 1024
 
@@ -1669,12 +1765,14 @@ def landing_bytes(host: str, service: str) -> bytes:
     )
 
 
-def test_connections_are_acked_with_who_the_destination_is() -> None:
+def test_connections_are_answered_with_who_the_destination_is_then_acked() -> None:
+    # As NBD_OPT_GO's NBD_REP_INFO: the data in a reply of its own, then a plain ACK.
     conn = sender()
     negotiate(conn, f.option(OPT_MIGRATE, migrate_data()), f.option(OPT_CONNECTIONS))
     assert replies(conn) == [
         rep(OPT_MIGRATE, f.REP_ACK),
-        rep(OPT_CONNECTIONS, f.REP_ACK, landing_bytes("boot/net:7", "10.0.0.5/24@eth0")),
+        rep(OPT_CONNECTIONS, REP_LANDING, landing_bytes("boot/net:7", "10.0.0.5/24@eth0")),
+        rep(OPT_CONNECTIONS, f.REP_ACK),
     ]
     landing = ConnectionLanding.from_bytes(landing_bytes("boot/net:7", "10.0.0.5/24@eth0"))
     assert landing == ConnectionLanding("boot/net:7", "10.0.0.5/24@eth0")

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ferry.nbd.constants import Command, Errno
+from ferry.nbd.constants import Command, Errno, TransmissionFlag
 from ferry.nbd.events import (
     Disconnect,
     Event,
@@ -244,6 +244,16 @@ def test_a_disconnected_or_broken_session_is_refused() -> None:
 def test_a_migration_senders_session_does_not_move() -> None:
     with pytest.raises(SnapshotError, match="sender"):
         sending(Listener()).snapshot()
+
+
+def test_a_session_of_an_export_with_capped_flags_does_not_move() -> None:
+    capped = ExportInfo("disk", SIZE, advertise=TransmissionFlag.SEND_FLUSH)
+    conn = ServerConnection(Catalog(exports={"disk": capped}))
+    conn.data_to_send()
+    assert [type(e) for e in conn.receive_data(HANDSHAKES["simple"])] == [HandshakeComplete]
+    conn.data_to_send()
+    with pytest.raises(SnapshotError, match="capped flags"):
+        conn.snapshot()
 
 
 def test_a_mirror_only_connection_does_not_move() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import sys
 import time
@@ -67,6 +68,21 @@ def _service_address_text(text: str) -> str:
     except AddressError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return text
+
+
+def _hook_text(text: str) -> tuple[str, str]:
+    """``--hook STAGE=PATH``: the stage known and PATH an executable (else exit 2)."""
+    from ferry.hooks import parse_hooks
+
+    stage, sep, path = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected STAGE=PATH, got {text!r}")
+    path = os.path.abspath(path) if path else path
+    try:
+        parse_hooks({stage: path})
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return stage, path
 
 
 def host_and_port(text: str) -> tuple[str, int]:
@@ -156,6 +172,22 @@ def build_parser() -> Parser:
                 "the source has dropped it, announced (gratuitous ARP), listened on from now"
             ),
         )
+        serve.add_argument(
+            "--hook",
+            action="append",
+            default=[],
+            type=_hook_text,
+            metavar="STAGE=PATH",
+            help="run the executable PATH at STAGE (pre-migrate, pre-switchover, post-handoff, "
+            "post-takeover, lease-lost, fenced); a non-zero exit at pre-migrate or "
+            "pre-switchover cancels the migration (repeatable)",
+        )
+        serve.add_argument(
+            "--hook-timeout",
+            type=float,
+            metavar="SECONDS",
+            help="kill a hook that runs longer (default 30); at a vetoing stage that is a veto",
+        )
         _verbosity(serve)
         serve.add_argument("acl", nargs="*", metavar="ACL_ENTRY", help="address or CIDR allowed in")
         serve.set_defaults(run=run_serve, listen=name == "listen")
@@ -183,6 +215,20 @@ def build_parser() -> Parser:
         help="passes before client writes are throttled (default 30)",
     )
     mirror.add_argument(
+        "--max-retries",
+        type=int,
+        default=None,
+        metavar="N",
+        help="give up after N lost attempts (default: retry for ever)",
+    )
+    mirror.add_argument(
+        "--retry-for",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="give up once attempts have been lost for this long",
+    )
+    mirror.add_argument(
         "--action",
         choices=["exit", "unlink", "nothing"],
         default=None,
@@ -206,10 +252,67 @@ def build_parser() -> Parser:
     )
     mirror.set_defaults(run=run_mirror)
 
+    proxy = modes.add_parser(
+        "proxy",
+        help="a local NBD endpoint that follows the image across migrations and restarts",
+        description="Serve NBD clients on --addr/--port (or --sock) and pass their requests, "
+        "as many in flight as they send, to the server at --conn-addr/--conn-port, one server "
+        "connection per client.  When the server goes away the requests wait, the proxy "
+        "reconnects (following a ferry source that says where the image went), and every "
+        "request without an answer is sent again; after --max-wait they get EIO.",
+    )
+    proxy.add_argument("-l", "--addr", help="IP address to serve clients on (with --port)")
+    proxy.add_argument("-p", "--port", type=port_number, help="TCP port to serve clients on")
+    proxy.add_argument("-s", "--sock", help="Unix socket to serve clients on, instead")
+    proxy.add_argument("-C", "--conn-addr", required=True, help="the server's address or name")
+    proxy.add_argument(
+        "-P", "--conn-port", type=port_number, required=True, help="the server's port"
+    )
+    proxy.add_argument("-b", "--bind", help="local address to connect to the server from")
+    proxy.add_argument(
+        "-n", "--name", default="", help="the export to ask the server for (default: its default)"
+    )
+    proxy.add_argument(
+        "--max-wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long requests wait for a lost server before they get EIO (default 60)",
+    )
+    proxy.add_argument(
+        "--metrics", type=host_and_port, metavar="ADDR:PORT", help="serve Prometheus /metrics"
+    )
+    proxy.add_argument(
+        "--lockspace",
+        metavar="SPEC",
+        help="find the image where its lease holder serves it (etcd:http://HOST:PORT[,...]), "
+        "then at --conn-addr",
+    )
+    proxy.add_argument("--resource", metavar="NAME", help="the image's lease (with --lockspace)")
+    proxy.add_argument("--control-sock", metavar="PATH", help="control socket (status)")
+    proxy.add_argument("--trace", metavar="FILE", help="append every state transition as JSON")
+    proxy.add_argument("--log", metavar="FILE", help="also append every log event as JSON lines")
+    _verbosity(proxy)
+    proxy.set_defaults(run=lambda args: run_proxy(proxy, args))
+
     breaker = modes.add_parser("break", help="stop a running migration; the source keeps serving")
     _control_sock(breaker, required=True)
     _export(breaker)
     breaker.set_defaults(run=lambda args: run_simple(args, ["break"]))
+
+    block = modes.add_parser(
+        "block", help="refuse to migrate an export until unblocked, and say why"
+    )
+    _control_sock(block, required=True)
+    _export(block)
+    block.add_argument("reason", nargs="+", metavar="REASON", help="why (words are joined)")
+    block.set_defaults(run=run_block)
+
+    unblock = modes.add_parser("unblock", help="remove a blocker (without REASON: every one)")
+    _control_sock(unblock, required=True)
+    _export(unblock)
+    unblock.add_argument("reason", nargs="*", metavar="REASON", help="the blocker's reason")
+    unblock.set_defaults(run=run_block)
 
     max_bps = modes.add_parser(
         "mirror-max-bps", help="change a running migration's bandwidth limit"
@@ -274,6 +377,23 @@ def build_parser() -> Parser:
     show.add_argument("files", nargs="+", metavar="FILE")
     show.add_argument("--svg", metavar="OUT", help="also draw the timeline into this SVG file")
     show.set_defaults(run=run_trace_show)
+
+    check = modes.add_parser(
+        "check", help="say, one line each, which capabilities ferry needs this host has"
+    )
+    check.add_argument("--file", metavar="PATH", help="also check the image and its file system")
+    check.add_argument(
+        "--lockspace",
+        type=_lockspace_text,
+        metavar="SPEC",
+        help="also check that this lockspace is reachable and takes a lease",
+    )
+    check.add_argument(
+        "--move-connections",
+        action="store_true",
+        help="client connections must move at a handoff (TCP_REPAIR, nftables are needed)",
+    )
+    check.set_defaults(run=run_check)
 
     add_lock_commands(modes)
     add_daemon_commands(modes)
@@ -340,6 +460,7 @@ def run_serve(args: argparse.Namespace) -> int:
         lockspace=getattr(args, "lockspace", None),
         resource=getattr(args, "resource", None),
         service_address=args.service_address,
+        hooks=_hooks(args),
     )
     try:
         log_file = open_log_file(args.log) if args.log else None
@@ -353,6 +474,72 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     node = Node(reactor, config.node(), [config.export()])
     run_until_stopped(reactor, node.start(), node.shutdown)
+    return 0
+
+
+def _hooks(args: argparse.Namespace) -> Any:
+    """``--hook`` and ``--hook-timeout`` as a HookConfig (checked: a usage error exits 2)."""
+    from ferry.hooks import parse_hooks
+
+    stages = [stage for stage, _ in args.hook]
+    twice = sorted({stage for stage in stages if stages.count(stage) > 1})
+    if twice:
+        _usage(args, f"--hook: {twice[0]} given more than once")
+    try:
+        return parse_hooks(dict(args.hook), args.hook_timeout)
+    except ValueError as error:
+        _usage(args, str(error).replace("hook_timeout", "--hook-timeout"))
+
+
+def _usage(args: argparse.Namespace, message: str) -> NoReturn:
+    """A problem with the command line found after parsing: one line, exit 2."""
+    print(f"ferry {args.mode}: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def run_proxy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``ferry proxy``; what argparse cannot check is a usage error all the same (exit 2)."""
+    from twisted.internet import reactor
+
+    from ferry.logs import LogFileError, open_log_file, start_logging
+    from ferry.proxy.runner import ProxyConfig, ProxyNode, StartupError
+
+    if args.sock is not None and (args.addr is not None or args.port is not None):
+        parser.error("listen on --addr and --port, or on --sock, not both")
+    if args.sock is None and (args.addr is None or args.port is None):
+        parser.error("--addr and --port (or --sock) are required")
+    try:
+        config = ProxyConfig(
+            conn_addr=args.conn_addr,
+            conn_port=args.conn_port,
+            addr=args.addr,
+            port=args.port,
+            sock=args.sock,
+            bind=args.bind,
+            name=args.name,
+            max_wait=args.max_wait,
+            metrics=args.metrics,
+            control_sock=args.control_sock,
+            trace=args.trace,
+            lockspace=args.lockspace,
+            resource=args.resource,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        log_file = open_log_file(args.log) if args.log else None
+    except LogFileError as error:
+        raise UserError(str(error)) from None
+    start_logging(
+        verbose=args.verbose, quiet=args.quiet, json_file=log_file, fields={"export": args.name}
+    )
+    try:
+        node = ProxyNode(reactor, config)
+        node.start()
+    except StartupError as error:
+        raise UserError(str(error)) from None
+    reactor.addSystemEventTrigger("before", "shutdown", node.shutdown)
+    reactor.run()
     return 0
 
 
@@ -424,6 +611,22 @@ def run_simple(args: argparse.Namespace, lines: list[str]) -> int:
     return 0
 
 
+def run_block(args: argparse.Namespace) -> int:
+    """``ferry block`` / ``ferry unblock``: one line saying what blocks the export now."""
+    params: dict[str, Any] = {}
+    if args.reason:
+        params["reason"] = " ".join(args.reason)
+    if args.export is not None:
+        params["export"] = args.export
+    result = json_request(args.sock, args.mode, params)
+    blockers = result.get("blockers", [])
+    if args.mode == "unblock":
+        removed = result.get("removed", [])
+        print(f"unblocked: {'; '.join(removed)}" if removed else "nothing was blocked")
+    print(f"blocked: {'; '.join(blockers)}" if blockers else "not blocked")
+    return 0
+
+
 def run_mirror(args: argparse.Namespace) -> int:
     from ferry.control.client import ControlError
 
@@ -444,6 +647,10 @@ def _mirror(args: argparse.Namespace) -> int:
         params["max_downtime"] = args.max_downtime
     if args.max_passes is not None:
         params["max_passes"] = args.max_passes
+    if args.max_retries is not None:
+        params["max_retries"] = args.max_retries
+    if args.retry_for is not None:
+        params["retry_for"] = args.retry_for
     if args.flexnbd:
         params["flexnbd"] = True
     if args.export is not None:
@@ -544,6 +751,34 @@ def _check_range(args: argparse.Namespace, size: int) -> None:
         raise UserError(
             f"range {args.offset}+{args.size} is past the end of the export ({size} bytes)"
         )
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """``ferry check``: one line per capability; exit 0 when every needed one is there."""
+    import tempfile
+
+    from ferry.check import file_probes, host_probes, lockspace_dir, lockspace_probe, render
+
+    spec = args.lockspace
+    local = lockspace_dir(spec)
+    ofd_dir = local or (os.path.dirname(os.path.abspath(args.file)) if args.file else None)
+    probes = host_probes(
+        move_connections=args.move_connections,
+        ofd_dir=ofd_dir if ofd_dir and os.path.isdir(ofd_dir) else tempfile.gettempdir(),
+        ofd_needed=local is not None,
+    )
+    if args.file:
+        probes += file_probes(args.file)
+    if spec is not None and spec != "none":
+        from twisted.internet import reactor
+
+        from ferry.cli.lock import settle
+
+        probes.append(lockspace_probe(spec, reactor, settle))
+    lines, status = render(probes)
+    for line in lines:
+        print(line)
+    return status
 
 
 def run_trace_replay(args: argparse.Namespace) -> int:

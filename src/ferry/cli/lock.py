@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ferry.lease.backend import Holder, LeaseBackend
     from ferry.lease.spec import LockspaceSpec
 
-__all__ = ["ListingLockspace", "add_lock_commands", "format_holders"]
+__all__ = ["ListingLockspace", "add_lock_commands", "format_holders", "settle"]
 
 _T = TypeVar("_T")
 
@@ -204,7 +204,7 @@ def run_status(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     if args.resource is None and not isinstance(backend, ListingLockspace):
         _usage(parser, f"{spec} cannot list its leases: name one with --resource")
     try:
-        held = _settle(reactor, lambda: Deferred.fromCoroutine(_ask(backend, args.resource)))
+        held = settle(reactor, lambda: Deferred.fromCoroutine(_ask(backend, args.resource)))
     except LeaseError as error:
         raise UserError(f"{spec}: {error}") from None
     for line in format_holders(held, args.resource, str(spec)):
@@ -235,7 +235,7 @@ def format_holders(
     return [f"nobody holds a lease in {spec}"]
 
 
-def _settle(reactor: Any, start: Callable[[], Deferred[_T]]) -> _T:
+def settle(reactor: Any, start: Callable[[], Deferred[_T]]) -> _T:
     """Run the reactor until the Deferred ``start`` makes has fired; its result (or raise)."""
     from twisted.python.failure import Failure
 

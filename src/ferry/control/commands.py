@@ -42,7 +42,8 @@ from ferry.exports import (
     name_problem,
     parse_export,
 )
-from ferry.migrate.manager import CannotBreak, MirrorBusy, NotMirroring
+from ferry.migrate.blockers import BadBlocker
+from ferry.migrate.manager import CannotBreak, MigrationBlocked, MirrorBusy, NotMirroring
 from ferry.migrate.options import (
     Destination,
     FinishAction,
@@ -67,6 +68,31 @@ class Reply:
 
 
 Command = Callable[[Sequence[str], Params], "Reply | Deferred[Reply]"]
+
+
+class CommandTable(Protocol):
+    """What the control socket runs commands on: a node's :class:`Commands`, or a proxy's."""
+
+    @property
+    def table(self) -> Mapping[str, Command]:
+        """The commands by name (an unknown JSON method is answered without running any)."""
+        ...
+
+    def run(
+        self, name: str, args: Sequence[str], params: Params | None = None
+    ) -> Reply | Deferred[Reply]: ...
+
+
+def dispatch(
+    table: Mapping[str, Command], name: str, args: Sequence[str], params: Params | None
+) -> Reply | Deferred[Reply]:
+    """Run the command ``name`` of ``table``; a missing or unknown one is an error reply."""
+    if not name:
+        return Reply(9, "missing command")
+    command = table.get(name)
+    if command is None:
+        return Reply(10, "unknown command")
+    return command(args, params or {})
 
 
 class ExportHost(Protocol):
@@ -105,6 +131,8 @@ class Commands:
             "mirror_max_bps": self.mirror_max_bps,
             "migration": self.migration,
             "wait": self.wait,
+            "block": self.block,
+            "unblock": self.unblock,
             "export.add": self.export_add,
             "export.remove": self.export_remove,
             "export.list": self.export_list,
@@ -113,12 +141,7 @@ class Commands:
     def run(
         self, name: str, args: Sequence[str], params: Params | None = None
     ) -> Reply | Deferred[Reply]:
-        if not name:
-            return Reply(9, "missing command")
-        command = self.table.get(name)
-        if command is None:
-            return Reply(10, "unknown command")
-        return command(args, params or {})
+        return dispatch(self.table, name, args, params)
 
     def _unit(self, params: Params) -> ExportUnit:
         """The export a command is about: ``params["export"]``, or the default one."""
@@ -230,6 +253,8 @@ class Commands:
             started = mirrors.mirror(destination, options)
         except MirrorBusy:
             return Reply(1, "mirror already running")
+        except MigrationBlocked as error:
+            return Reply(1, str(error), {"ok": False, "message": str(error), "detail": ""})
         except MirrorError as error:
             return Reply(1, str(error))
 
@@ -241,6 +266,40 @@ class Commands:
             return Reply(1, f"{outcome.message}: {outcome.detail}", value)
 
         return started.addCallback(answer)
+
+    def block(self, args: Sequence[str], params: Params) -> Reply:
+        """``block REASON`` (JSON: ``reason``): refuse ``mirror`` of the export until unblocked."""
+        try:
+            unit = self._unit(params)
+        except UnknownExport as error:
+            return Reply(1, str(error))
+        reason = _reason(args, params)
+        if reason is None:
+            return Reply(1, "block takes one reason")
+        try:
+            added = unit.mirrors.blockers.add(reason)
+        except BadBlocker as error:
+            return Reply(1, str(error))
+        blockers = unit.mirrors.blocked_by()
+        if not added:
+            return Reply(0, f"already blocked: {reason}", {"blockers": blockers})
+        return Reply(0, f"blocked: {reason}", {"blockers": blockers})
+
+    def unblock(self, args: Sequence[str], params: Params) -> Reply:
+        """``unblock REASON`` removes that blocker; ``unblock`` alone, every one set by hand."""
+        try:
+            unit = self._unit(params)
+        except UnknownExport as error:
+            return Reply(1, str(error))
+        reason = _reason(args, params)
+        if reason is None and (args or params.get("reason") is not None):
+            return Reply(1, "unblock takes one reason, or none for all")
+        removed = unit.mirrors.blockers.remove(reason)
+        value = {"removed": removed, "blockers": unit.mirrors.blocked_by()}
+        if reason is not None and not removed:
+            return Reply(1, f"not blocked: {reason}", value)
+        text = "; ".join(removed) if removed else "nothing was blocked"
+        return Reply(0, f"unblocked: {text}" if removed else text, value)
 
     def break_mirror(self, args: Sequence[str], params: Params) -> Reply:
         try:
@@ -295,6 +354,16 @@ def _refused(failure: Failure) -> Reply | Failure:
     return Reply(1, str(failure.value))
 
 
+def _reason(args: Sequence[str], params: Params) -> str | None:
+    """A blocker's reason: one line's argument (the line form), or ``reason`` (JSON)."""
+    reason = params.get("reason")
+    if reason is not None:
+        return reason if isinstance(reason, str) and not args else None
+    if len(args) == 1:
+        return args[0]
+    return None
+
+
 def _parse_mirror(args: Sequence[str], params: Params) -> Reply | tuple[Destination, MirrorOptions]:
     if len(args) < 2:
         return Reply(1, "mirror takes at least two parameters")
@@ -332,6 +401,16 @@ def _parse_mirror(args: Sequence[str], params: Params) -> Reply | tuple[Destinat
                 kind = "a whole number" if whole else "a number of seconds"
                 return Reply(1, f"bad {key}: must be {kind} greater than 0")
             extra[key] = value
+    if "retry_for" in params:
+        seconds = _positive(params["retry_for"], whole=False)
+        if seconds is None:
+            return Reply(1, "bad retry_for: must be a number of seconds greater than 0")
+        extra["retry_for"] = seconds
+    if "max_retries" in params:
+        retries = params["max_retries"]
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            return Reply(1, "bad max_retries: must be a whole number, 0 or more")
+        extra["max_retries"] = retries
     if "flexnbd" in params:
         if not isinstance(params["flexnbd"], bool):
             return Reply(1, "bad flexnbd: must be true or false")

@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ferry.control.commands import Commands, Reply
+from ferry.control.commands import CommandTable, Reply
 from ferry.control.events import STREAM_METHODS, EventHub, EventStream
 from ferry.control.jsonlines import JsonLines
 from ferry.safepath import UnsafePath, check_parent_directory
@@ -57,7 +57,7 @@ class ControlSocketError(Exception):
 
 @implementer(IHalfCloseableProtocol)
 class ControlProtocol(Protocol):
-    def __init__(self, commands: Commands, events: EventHub) -> None:
+    def __init__(self, commands: CommandTable, events: EventHub) -> None:
         self._commands = commands
         self._events = events
         self._lines: list[bytes] = []  # a flexnbd command's lines so far
@@ -306,7 +306,7 @@ def _error(request_id: Any, code: int, message: str) -> dict[str, Any]:
 
 
 class ControlFactory(Factory):
-    def __init__(self, commands: Commands, events: EventHub) -> None:
+    def __init__(self, commands: CommandTable, events: EventHub) -> None:
         self.commands = commands
         self.events = events
 
@@ -351,7 +351,7 @@ def claim_socket_path(path: str) -> None:
 
 
 def listen_control(
-    reactor: IReactorUNIX, path: str, commands: Commands, events: EventHub
+    reactor: IReactorUNIX, path: str, commands: CommandTable, events: EventHub
 ) -> IListeningPort:
     claim_socket_path(path)
     old_umask = os.umask(0o177)

@@ -32,13 +32,24 @@ from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from ferry.exports import BadExportConfig, ExportConfig, parse_export
+from ferry.hooks import HookConfig, parse_hooks
 from ferry.lease.spec import parse_lockspace
 from ferry.node import NO_LOCKSPACE, NodeConfig
 
 __all__ = ["NODE_KEYS", "ConfigError", "DaemonConfig", "load_config", "parse_config"]
 
 #: The top-level keys, in the order ``ferry serve`` lists its options.
-NODE_KEYS: Final = ("addr", "port", "sock", "metrics", "lockspace", "trace", "log")
+NODE_KEYS: Final = (
+    "addr",
+    "port",
+    "sock",
+    "metrics",
+    "lockspace",
+    "trace",
+    "log",
+    "hooks",
+    "hook_timeout",
+)
 
 
 class ConfigError(ValueError):
@@ -106,6 +117,7 @@ class _Reader:
             trace=self.path_of(table, "trace"),
             lockspace=self.lockspace(table),
             exit_stops_node=False,
+            hooks=self.hooks(table, "hooks"),
         )
         return DaemonConfig(
             path=self.path,
@@ -123,7 +135,7 @@ class _Reader:
             name = table.get("name")
             where = f"[[export]] #{number}" + (f' "{name}"' if isinstance(name, str) else "")
             try:
-                export = parse_export(table)
+                export = parse_export(self.with_hook_paths(table))
             except BadExportConfig as error:
                 raise self.fail(f"{where}: {error.key}", error.message) from None
             if export.export_name in seen:
@@ -147,6 +159,24 @@ class _Reader:
     def path_of(self, table: Mapping[str, Any], key: str) -> str | None:
         value = self.text(table, key)
         return None if value is None else self.resolve(value)
+
+    def with_hook_paths(self, table: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``table`` with its hooks' relative paths taken from the file's directory."""
+        hooks = table.get("hooks")
+        if not isinstance(hooks, dict):
+            return table
+        paths = {k: self.resolve(v) if isinstance(v, str) and v else v for k, v in hooks.items()}
+        return {**table, "hooks": paths}
+
+    def hooks(self, table: Mapping[str, Any], where: str) -> HookConfig | None:
+        """The daemon's own hooks (each export's come over them), or None."""
+        if "hooks" not in table and "hook_timeout" not in table:
+            return None
+        try:
+            return parse_hooks(self.with_hook_paths(table).get("hooks"), table.get("hook_timeout"))
+        except ValueError as error:
+            key = "hook_timeout" if str(error).startswith("hook_timeout") else where
+            raise self.fail(key, str(error)) from None
 
     def resolve(self, path: str) -> str:
         return os.path.normpath(os.path.join(self.base, os.path.expanduser(path)))

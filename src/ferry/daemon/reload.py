@@ -137,5 +137,7 @@ def _node_settings(config: DaemonConfig) -> dict[str, object]:
         node.lockspace,
         node.trace,
         config.log,
+        None if node.hooks is None else node.hooks.settings(),
+        None if node.hooks is None else node.hooks.timeout,
     )
     return dict(zip(NODE_KEYS, values, strict=True))

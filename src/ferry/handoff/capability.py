@@ -29,18 +29,19 @@ from ferry.handoff.tcp_repair import (
     enter_repair,
 )
 
-__all__ = ["can_move_connections"]
+__all__ = ["can_move_connections", "repair_reason"]
 
 
 def can_move_connections(*, freeze_table: str | None = None) -> tuple[bool, str]:
     """(True, "") if this host can move connections; else (False, one line saying why not)."""
-    reason = _repair_reason() or freeze.probe(freeze_table)
+    reason = repair_reason() or freeze.probe(freeze_table)
     if reason is None:
         return True, ""
     return False, reason
 
 
-def _repair_reason() -> str | None:
+def repair_reason() -> str | None:
+    """None if TCP_REPAIR (and TCP_REPAIR_WINDOW) works here; else one line saying why not."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             enter_repair(sock, "probe")

@@ -189,6 +189,19 @@ class LeaseBackend(Protocol):
         """
         ...
 
+    def publish(self, grant: Grant, address: str) -> Deferred[None]:
+        """Record that the holder of ``grant`` serves the resource at ``address`` (HOST:PORT).
+
+        Only while ``grant`` is the resource's current exclusive grant (else
+        :class:`LeaseLost`); the record goes with the grant.  A ``ferry
+        proxy`` finds a migrated image by it (:meth:`where`).
+        """
+        ...
+
+    def where(self, resource: str) -> Deferred[list[str]]:
+        """The address the resource's current exclusive holder published (empty: none)."""
+        ...
+
     def watch(self, grant: Grant, on_lost: Callable[[str], None]) -> Callable[[], None]:
         """Call ``on_lost(reason)`` once if the backend sees the grant go.
 

@@ -105,6 +105,9 @@ _log = Logger()
 _T = TypeVar("_T")
 
 DEFAULT_PREFIX = "/ferry/leases/"
+# Where holders publish the address they serve a resource at (publish, where):
+# beside the leases, not under them, so a record is never taken for a holder.
+DEFAULT_SERVING_PREFIX = "/ferry/serving/"
 # A watch stream that breaks (etcd restarted, endpoint gone) is reopened
 # after this long, from the revision after the last event it saw.
 WATCH_RETRY_DELAY = 1.0
@@ -767,6 +770,7 @@ class EtcdLockspace:
         reactor: Any,
         ttl: float = 10.0,
         prefix: str = DEFAULT_PREFIX,
+        serving_prefix: str = DEFAULT_SERVING_PREFIX,
         request_timeout: float = 5.0,
         clock: ReactorClock | None = None,
     ) -> None:
@@ -781,6 +785,7 @@ class EtcdLockspace:
         self._gateway = _Gateway(endpoints, reactor, self._clock, request_timeout)
         self._ttl = max(1, math.ceil(ttl))
         self._prefix = prefix
+        self._serving_prefix = serving_prefix
         self._watches: set[_Watch] = set()
 
     @property
@@ -816,6 +821,20 @@ class EtcdLockspace:
 
     def take_over(self, resource: str, owner: str, token: int) -> Deferred[Grant]:
         return Deferred.fromCoroutine(self._take_over(resource, owner, token))
+
+    def publish(self, grant: Grant, address: str) -> Deferred[None]:
+        """Record ``address`` for the resource, if ``grant`` is still its exclusive grant.
+
+        The record (``<serving prefix><sha256>``: resource, owner, address,
+        token) is attached to the grant's etcd lease, so it goes with it.  It
+        counts only while its token is the exclusive key's revision: a
+        holder that offered, lost or handed the lease over is never named.
+        """
+        return Deferred.fromCoroutine(self._publish(grant, address))
+
+    def where(self, resource: str) -> Deferred[list[str]]:
+        """The current exclusive holder's published address, read with its key in one txn."""
+        return Deferred.fromCoroutine(self._where(resource))
 
     def watch(self, grant: Grant, on_lost: Callable[[str], None]) -> Callable[[], None]:
         keys = _Keys.of(self._prefix, grant.resource)
@@ -950,6 +969,44 @@ class EtcdLockspace:
             )
         new_token = int(answer["header"]["revision"])
         return Grant(resource, Holder(owner, LeaseMode.EXCLUSIVE, new_token), ttl=ttl, handle=lease)
+
+    async def _publish(self, grant: Grant, address: str) -> None:
+        exclusive = _Keys.of(self._prefix, grant.resource).exclusive
+        record = {
+            "resource": grant.resource,
+            "owner": grant.holder.owner,
+            "address": address,
+            "token": grant.token,
+        }
+        value = _b64(json.dumps(record, sort_keys=True).encode())
+        answer = await self._txn(
+            compare=[_compare(exclusive, "MOD", grant.token)],
+            success=[_put_op(self._serving_key(grant.resource), value, grant.handle)],
+            failure=[],
+        )
+        if not answer.get("succeeded"):
+            raise LeaseLost(f"cannot publish where {grant.resource} is served: no longer held")
+
+    async def _where(self, resource: str) -> list[str]:
+        exclusive = _Keys.of(self._prefix, resource).exclusive
+        # Read-only, so safe to send again; one txn, so the two reads agree.
+        answer = await self._gateway.call(
+            "/v3/kv/txn",
+            {"success": [_range_op(exclusive), _range_op(self._serving_key(resource))]},
+            replayable=True,
+        )
+        found = [r.get("response_range", {}).get("kvs", []) for r in answer.get("responses", [])]
+        if len(found) != 2 or not found[0] or not found[1]:
+            return []
+        held, serving = found
+        record = _record(serving[0])
+        address = record.get("address")
+        if record.get("token") != int(held[0]["mod_revision"]) or not isinstance(address, str):
+            return []  # the record of an earlier holder, or of an offered grant
+        return [address]
+
+    def _serving_key(self, resource: str) -> bytes:
+        return (self._serving_prefix + hashlib.sha256(resource.encode()).hexdigest()).encode()
 
     # -- etcd primitives -------------------------------------------------------------------
 

@@ -40,6 +40,43 @@ ranges, independent of the bytes stored at the same offsets:
 Records are one line, ``<crc32> <json>``, NUL-padded; a torn read fails the
 checksum and is treated as no record.
 
+Removing the files, and the tokens that must survive it
+-------------------------------------------------------
+A lock file nobody holds is removed by its last holder, so a lockspace
+does not fill up with one file per image ever served.  The token lives in
+the file, though, and a token that starts again at 1 after the file goes
+would defeat fencing.  So the lockspace keeps one more file,
+``DIR/tokens``: a token *mark* in the ledger's own two-copy format (no
+holder), created like the lock files.  The invariant is that, for every
+resource, its lock file's ledger or else the mark is at least the largest
+token the resource ever had; every exclusive acquire and take-over issues
+``max(ledger token, mark) + 1``, so per resource tokens still only grow.
+
+* The last holder removes the file.  At its release it takes the hold
+  byte's write lock (an exclusive holder has it; a shared one tries to
+  upgrade its read lock, which fails while another reader holds one; an
+  offerer tries to take it back), and only then, with no other slot locked
+  and no ``offered`` holder in the ledger (a source that releases after
+  sending its commit leaves the ledger to the destination's take-over),
+  raises the mark to the ledger's token (``fdatasync``\\ ed before the
+  file goes), clears its records, and unlinks the path, if the path still
+  names its file.  Anything in the way (the mark's lock busy with another
+  release, an error) leaves the file for a later holder: removal is
+  tidying, never needed for correctness.
+* Every locker checks, once it has the hold byte, that the path still
+  names the file it opened; if the last holder removed it in between, it
+  closes and opens again.  Nobody removes a file whose hold byte someone
+  else has locked, so from then on the file is the resource's.
+* The mark is raised only at a removal, under an OFD write lock of its own
+  that nobody waits for (a release that finds it busy keeps its file), and
+  is read without a lock: a new file is created after the removal that
+  raised the mark, so its first acquire sees the raised mark.  The mark
+  grows only, so sharing one between resources is harmless: a resource's
+  tokens grow, perhaps by more than one.
+
+The inotify watch below does not fence anyone for such a removal: a file
+is removed only when no grant is left on it.
+
 Who else may touch the files
 ----------------------------
 Locks are advisory: anyone who can open a lock file can lock its bytes, and
@@ -55,7 +92,10 @@ refused with one line saying how to fix it, never used.
 Even so, the owner (or root) can still remove or replace a file by hand.
 With a reactor, :meth:`LocalLockspace.watch` sees that at once through
 inotify on the directory, and the holder is fenced; without one (the unit
-tests) the manager's periodic ``renew`` is the only check.
+tests) the manager's periodic ``renew`` is the only check.  (The next
+holder of a file removed by hand gets a token above the mark, which may be
+below the removed file's: its fenced holder cannot use it, but downstream
+checks may refuse the newcomer until the token passes the old one again.)
 
 Migration: offer and take-over across processes
 -----------------------------------------------
@@ -118,7 +158,7 @@ from typing import Any, Final, TypeVar
 
 from twisted.internet import defer
 from twisted.internet import inotify as _inotify
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -166,6 +206,11 @@ MAX_OWNER_BYTES: Final = 256
 _BUSY_RETRIES: Final = 50
 # A lock-free reader retries a ledger it caught mid-write this many times.
 _READ_RETRIES: Final = 5
+# A locker whose file was removed (by its last holder) between its open and
+# its lock opens it again, this many times at most.
+_REOPEN_RETRIES: Final = 20
+TOKENS_FILE: Final = "tokens"
+"""The lockspace's token mark, in its directory beside the lock files."""
 # Twisted's inotify module has no annotations: use it as Any.
 inotify: Any = _inotify
 # What in the directory may mean a lock file was removed or replaced.
@@ -331,9 +376,10 @@ class _Hold:
 class _LockFile:
     """Reads and writes of one open lock file; every method is a few syscalls."""
 
-    def __init__(self, fd: int, path: Path) -> None:
+    def __init__(self, fd: int, path: Path, what: str = "lock file") -> None:
         self.fd = fd
         self.path = path
+        self.what = what  # names the file in errors: the token mark is kept as a ledger too
 
     def read_ledger(self) -> _Ledger:
         """The newest whole ledger copy.  A reader without the hold byte retries a torn one."""
@@ -355,14 +401,14 @@ class _LockFile:
             if not torn:
                 return _Ledger()
             os.sched_yield()  # let the writer finish
-        raise LockspaceUnavailable(f"lock file {self.path} has no readable ledger")
+        raise LockspaceUnavailable(f"{self.what} {self.path} has no readable ledger")
 
     def _parse_ledger(self, obj: Any) -> _Ledger:
         try:
             return _Ledger.from_dict(obj)
         except (KeyError, TypeError, ValueError):
             raise LockspaceUnavailable(
-                f"lock file {self.path} has a ledger ferry cannot read"
+                f"{self.what} {self.path} has a ledger ferry cannot read"
             ) from None
 
     def write_ledger(self, ledger: _Ledger, *, durable: bool) -> None:
@@ -405,6 +451,23 @@ class _LockFile:
             return False
         current = self.read_slot(record.slot)
         return current is not None and current.grant_id == record.grant_id
+
+    def others_keep_slots(self) -> bool:
+        """Whether anyone else keeps a holder slot locked: a holder, an offerer, a stale source.
+
+        Every slot is asked, not only those the file has grown to: a slot is
+        locked before its record is written.
+        """
+        return any(_locked_by_another(self.fd, _slot_offset(slot)) for slot in range(MAX_HOLDERS))
+
+    def is_at_path(self) -> bool:
+        """Whether the path still names this open file (not removed, not replaced)."""
+        try:
+            named = os.stat(self.path, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        mine = os.fstat(self.fd)
+        return (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino)
 
     def live_holders(self) -> tuple[Holder, ...]:
         """Who holds the resource: live slots, exclusive ones only if the ledger names them."""
@@ -481,6 +544,13 @@ class LocalLockspace:
 
     def take_over(self, resource: str, owner: str, token: int) -> Deferred[Grant]:
         return self._answer(self._take_over, resource, owner, token)
+
+    def publish(self, grant: Grant, address: str) -> Deferred[None]:
+        """Nothing is recorded: a local lockspace is one host's, and so are its servers."""
+        return succeed(None)
+
+    def where(self, resource: str) -> Deferred[list[str]]:
+        return succeed([])
 
     def inquire_all(self) -> Deferred[dict[str, tuple[Holder, ...]]]:
         """Every lock file that has a live holder, with its holders (``ferry lock status``).
@@ -559,29 +629,31 @@ class LocalLockspace:
         _check_owner(owner)
         exclusive = mode is LeaseMode.EXCLUSIVE
         kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
-        with self._opened(resource) as lock:
-            self._take_hold_byte(lock, resource, kind)
+        with self._held(resource, kind) as lock:
             ledger = lock.read_ledger()
             if ledger.holder is not None and lock.is_live(ledger.holder):
                 raise _held_by(resource, ledger.holder)
-            token = ledger.token + 1 if exclusive else ledger.token
+            token = self._next_token(ledger) if exclusive else ledger.token
             record = self._write_holder(lock, ledger, owner, mode, token)
             return self._keep(resource, lock, record)
 
     def _take_over(self, resource: str, owner: str, token: int) -> Grant:
         _check_owner(owner)
-        with self._opened(resource) as lock:
-            self._take_hold_byte(lock, resource, fcntl.F_WRLCK)
+        with self._held(resource, fcntl.F_WRLCK) as lock:
             ledger = lock.read_ledger()
             if ledger.token != token:
                 holders = lock.live_holders()
+                # One that found no file (another lockspace, say) leaves none behind.
+                if self._may_remove(resource, lock, has_write_lock=True):
+                    self._tidy(resource, lock, _remove, lock)
                 raise LeaseConflict(
                     resource,
                     holders,
                     f"lease on {resource} has token {ledger.token}, not {token}: "
                     "it was taken back or taken first",
                 )
-            record = self._write_holder(lock, ledger, owner, LeaseMode.EXCLUSIVE, token + 1)
+            new_token = self._next_token(ledger)
+            record = self._write_holder(lock, ledger, owner, LeaseMode.EXCLUSIVE, new_token)
             return self._keep(resource, lock, record)
 
     def _renew(self, grant: Grant) -> None:
@@ -611,24 +683,54 @@ class LocalLockspace:
             self._drop(hold)
 
     def _drop(self, hold: _Hold) -> None:
-        """Clear this grant's records (best effort), then close: the close is the release."""
+        """Tidy up (the records, and the file if this was its last holder), then close.
+
+        The tidying is best effort; the close is the release.
+        """
         lock = _LockFile(hold.fd, hold.path)
+        has_write_lock = hold.holds_byte and hold.record.mode is LeaseMode.EXCLUSIVE
         try:
-            if hold.holds_byte and hold.record.mode is LeaseMode.EXCLUSIVE:
-                ledger = lock.read_ledger()
-                if ledger.holder is not None and ledger.holder.grant_id == hold.record.grant_id:
-                    lock.write_ledger(ledger.successor(holder=None), durable=False)
-            lock.clear_slot(hold.record.slot)
-        except (OSError, LeaseError) as err:
-            # Tidying only: closing the descriptor below is what releases.
-            _log.info(
-                "lease on {resource}: could not tidy {path}: {err}",
-                resource=hold.resource,
-                path=hold.path,
-                err=err,
-            )
+            # Decided first, while this grant's record still shows: a locker that
+            # comes meanwhile is told who has the lease, not "nobody".
+            last = self._may_remove(hold.resource, lock, has_write_lock=has_write_lock)
+            self._tidy(hold.resource, lock, _clear_records, lock, hold.record, has_write_lock)
+            if last:
+                self._tidy(hold.resource, lock, _remove, lock)
         finally:
             os.close(hold.fd)
+
+    def _may_remove(self, resource: str, lock: _LockFile, *, has_write_lock: bool) -> bool:
+        """Whether the file may go once this caller is done with it; if so, the mark covers it.
+
+        It takes the hold byte's write lock first (a shared holder upgrades
+        its read lock; that fails while another reader holds one).  Not while
+        anyone else keeps a slot (a holder, an offerer, a source taken over
+        that has not released yet), and never while the ledger names an
+        offered holder: the destination's take-over needs this ledger and its
+        token, even after the source has released.  Trouble is logged and
+        keeps the file.
+        """
+        try:
+            if not has_write_lock and not _try_lock(lock.fd, fcntl.F_WRLCK, HOLD_BYTE):
+                return False
+            ledger = lock.read_ledger()
+            if ledger.holder is not None and ledger.holder.offered:
+                return False
+            if lock.others_keep_slots():
+                return False
+            return ledger.token == 0 or self._raise_mark(ledger.token)
+        except (OSError, LeaseError) as err:
+            _log_untidy(resource, lock.path, err)
+            return False
+
+    def _tidy(
+        self, resource: str, lock: _LockFile, tidy: Callable[..., object], *args: Any
+    ) -> None:
+        """Run ``tidy(*args)``; trouble is logged, never raised: nothing depends on it."""
+        try:
+            tidy(*args)
+        except (OSError, LeaseError) as err:
+            _log_untidy(resource, lock.path, err)
 
     def _inquire(self, resource: str) -> tuple[Holder, ...]:
         return self._holders_in(self.path_for(resource))
@@ -642,13 +744,9 @@ class LocalLockspace:
         """The live holders recorded in the lock file at ``path``; none if it does not exist."""
         self._check_directory()
         try:
-            fd = open_private_file(path, os.O_RDONLY, "lock file")
+            fd = self._open(path, os.O_RDONLY, "lock file")
         except FileNotFoundError:
             return ()
-        except UnsafePath as unsafe:
-            raise LockspaceUnavailable(str(unsafe)) from None
-        except OSError as err:
-            raise self._unavailable(path, err) from None
         try:
             return _guarded(path, _LockFile(fd, path).live_holders)
         finally:
@@ -686,23 +784,112 @@ class LocalLockspace:
         except OSError as err:
             raise self._unavailable(self.directory, err) from None
 
+    def _held(self, resource: str, kind: int) -> _Opening:
+        """The resource's lock file, its hold byte locked (``kind``), and still at its path.
+
+        A last holder removes the file at its release (see the module doc),
+        so the file opened may be gone by the time its hold byte is had; then
+        the lock is on a file nobody else will ever look at, and it is opened
+        again.  Once the hold byte is had, nobody else removes the file.
+        """
+        path = self.path_for(resource)
+        for _ in range(_REOPEN_RETRIES):
+            opening = self._opened(resource)
+            lock = opening.lock
+            try:
+                self._take_hold_byte(lock, resource, kind)
+                current = _guarded(path, lock.is_at_path)
+            except BaseException:
+                os.close(lock.fd)
+                raise
+            if current:
+                return opening
+            os.close(lock.fd)
+        raise LockspaceUnavailable(
+            f"lock file {path} was removed or replaced {_REOPEN_RETRIES} times while it was "
+            f"being locked: is something else removing files in {self.directory}?"
+        )
+
     def _opened(self, resource: str) -> _Opening:
         self._check_directory()
         path = self.path_for(resource)
-        try:
-            fd = open_private_file(path, os.O_RDWR | os.O_CREAT, "lock file")
-        except UnsafePath as unsafe:
-            raise LockspaceUnavailable(str(unsafe)) from None
-        except OSError as err:
-            raise self._unavailable(path, err) from None
+        fd = self._open(path, os.O_RDWR | os.O_CREAT, "lock file", missing_is_unavailable=True)
         return _Opening(fd, path)
 
-    def _unavailable(self, path: Path, err: OSError) -> LockspaceUnavailable:
+    def _open(
+        self, path: Path, flags: int, what: str, *, missing_is_unavailable: bool = False
+    ) -> int:
+        """A private file of the lockspace, opened; trouble is :class:`LockspaceUnavailable`.
+
+        A missing file (``FileNotFoundError``) is the caller's business
+        unless ``missing_is_unavailable`` (with ``O_CREAT``, only a missing
+        directory makes it so).
+        """
+        try:
+            return open_private_file(path, flags, what)
+        except UnsafePath as unsafe:
+            raise LockspaceUnavailable(str(unsafe)) from None
+        except FileNotFoundError as err:
+            if missing_is_unavailable:
+                raise self._unavailable(path, err, what) from None
+            raise
+        except OSError as err:
+            raise self._unavailable(path, err, what) from None
+
+    def _unavailable(
+        self, path: Path, err: OSError, what: str = "lock file"
+    ) -> LockspaceUnavailable:
         if isinstance(err, FileNotFoundError | NotADirectoryError):
             return LockspaceUnavailable(
                 f"lockspace directory {self.directory} does not exist (or is not a directory)"
             )
-        return LockspaceUnavailable(f"cannot use lock file {path}: {err.strerror or err}")
+        return LockspaceUnavailable(f"cannot use {what} {path}: {err.strerror or err}")
+
+    # -- the token mark ------------------------------------------------------------------
+
+    def _next_token(self, ledger: _Ledger) -> int:
+        """The token of a new exclusive holder: above the ledger's, and above the mark."""
+        return max(ledger.token, self._mark()) + 1
+
+    def _mark(self) -> int:
+        """The lockspace's token mark: 0 until a lock file with a token has been removed.
+
+        Read without a lock: the copy being written is the older one, and
+        whatever a removal raised it to was durable before the file went.
+        """
+        path = self.directory / TOKENS_FILE
+        try:
+            fd = self._open(path, os.O_RDONLY, "token file")
+        except FileNotFoundError:
+            return 0
+        try:
+            return _guarded(path, _LockFile(fd, path, "token file").read_ledger).token
+        finally:
+            os.close(fd)
+
+    def _raise_mark(self, token: int) -> bool:
+        """Make the mark at least ``token``, durably; False if another removal is raising it now.
+
+        Its own write lock makes the read-and-raise of two removals one
+        after the other; it is never waited for: a removal that finds it
+        busy keeps its file for a later holder to remove.
+        """
+        self._check_directory()  # it may be created: only in a directory others cannot touch
+        path = self.directory / TOKENS_FILE
+        fd = self._open(path, os.O_RDWR | os.O_CREAT, "token file", missing_is_unavailable=True)
+        try:
+            if not _guarded(path, _try_lock, fd, fcntl.F_WRLCK, HOLD_BYTE):
+                return False
+            marks = _LockFile(fd, path, "token file")
+            mark = marks.read_ledger()
+            if mark.token < token:
+                created = os.fstat(fd).st_size == 0
+                _guarded(path, marks.write_ledger, mark.successor(token=token), durable=True)
+                if created:  # the file's name must be as durable as its mark
+                    _guarded(self.directory, _sync_directory, self.directory)
+            return True
+        finally:
+            os.close(fd)
 
     def _take_hold_byte(self, lock: _LockFile, resource: str, kind: int) -> None:
         """Lock the hold byte or raise :class:`LeaseConflict` naming who has it.
@@ -796,6 +983,41 @@ class _Opening:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
             os.close(self.lock.fd)
+
+
+def _clear_records(lock: _LockFile, record: _Record, exclusive_holder: bool) -> None:
+    """Blank a departing grant's slot and, if the ledger names it as holder, the ledger's record."""
+    if exclusive_holder:
+        ledger = lock.read_ledger()
+        if ledger.holder is not None and ledger.holder.grant_id == record.grant_id:
+            lock.write_ledger(ledger.successor(holder=None), durable=False)
+    lock.clear_slot(record.slot)
+
+
+def _log_untidy(resource: str, path: Path, err: Exception) -> None:
+    # Tidying only: whatever it left, closing the descriptor is what releases.
+    _log.info(
+        "lease on {resource}: could not tidy {path}: {err}", resource=resource, path=path, err=err
+    )
+
+
+def _remove(lock: _LockFile) -> None:
+    """Unlink the lock file's path if it still names this file.
+
+    Only a holder of the hold byte's write lock calls this, and ferry
+    itself only ever creates lock files, never renames one over another, so
+    the path cannot change between the check and the unlink.
+    """
+    if lock.is_at_path():
+        os.unlink(lock.path)
+
+
+def _sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _held_by(resource: str, holder: _Record) -> LeaseConflict:

@@ -187,6 +187,9 @@ class LeaseManager:
         self._loss_while_reclaiming: str | None = None
         self._handed_over = False  # released because the destination has it
         self._holders: tuple[Holder, ...] = ()
+        # Where this node serves the resource (HOST:PORT), published with
+        # every grant it holds, for a ferry proxy to find (see _publish).
+        self.serving_address: str | None = None
         self.last_error: str | None = None
         """The last thing that went wrong with the lockspace (for status and logs)."""
         self.reason: str | None = None
@@ -475,6 +478,13 @@ class LeaseManager:
         self._keepalive = self._clock.looping_call(interval, self._renew_now)
         epoch = self._epoch
         self._unwatch = self._backend.watch(grant, lambda reason: self._lose(epoch, reason))
+        self._publish(grant)
+
+    def _publish(self, grant: Grant) -> None:
+        address = self.serving_address
+        if address is not None:
+            d = self._backend.publish(grant, address)
+            d.addErrback(self._log_failure, f"publishing {address}")
 
     # -- keeping it --------------------------------------------------------------------------
 

@@ -54,7 +54,9 @@ class Attempt:
     number: int
     wire: MirrorProtocol | None = None
     plain: bool | None = None  # learned from the answer to FERRY_OPT_MIGRATE
-    # What the destination said to FERRY_OPT_CONNECTIONS (None: it takes none).
+    # What the destination said to FERRY_OPT_CONNECTIONS (None: it takes none):
+    # its FERRY_REP_LANDING, offered, then the landing once the ACK followed it.
+    offered_landing: ConnectionLanding | None = None
     landing: ConnectionLanding | None = None
     negotiated: Negotiated | None = None
     hello_timer: DelayedCall | None = None

@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from ferry.chartnames import MigrationState
 from ferry.migrate.attempt import Attempt, Driver
 from ferry.migrate.core.passes import CopyOp, OpKind
-from ferry.migrate.core.stats import FailureReason
+from ferry.migrate.core.stats import FailureReason, failure_of_reply
 from ferry.nbd.constants import Command, TransmissionFlag
 from ferry.nbd.events import Reply
 
@@ -252,7 +252,7 @@ class PassCopier:
                 attempt,
                 "",
                 f"{what} of [{op.offset}, {op.end}) failed: {reply.error.name} {reply.message}",
-                FailureReason.WRITE_ERROR,
+                failure_of_reply(reply.error, FailureReason.WRITE_ERROR),
             )
             return
         driver.job.sent(op)
@@ -268,7 +268,7 @@ class PassCopier:
                 attempt,
                 "",
                 f"FLUSH failed: {reply.error.name} {reply.message}",
-                FailureReason.FLUSH_ERROR,
+                failure_of_reply(reply.error, FailureReason.FLUSH_ERROR),
             )
             return
         flushed, sent_at, measurable = attempt.preflush

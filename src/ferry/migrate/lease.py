@@ -6,6 +6,8 @@ the commit carries), completes the hand-over when the destination
 acknowledges, takes the lease back when the destination refuses, and, when
 the acknowledgement is lost, asks the lockspace who owns the image
 (``resolve_in_doubt``): the lease, not a guess, settles ``in_doubt``.
+Before a migration starts, whoever else holds the lease (``inquire``) may
+block it (:mod:`ferry.migrate.blockers`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 
+from ferry.lease.backend import Holder
 from ferry.lease.manager import InDoubtOutcome
 
 __all__ = ["InDoubtOutcome", "OutgoingLease"]
@@ -27,6 +30,23 @@ class OutgoingLease(Protocol):
 
     @property
     def state(self) -> str: ...
+
+    @property
+    def owner(self) -> str:
+        """Who this holder is (``HOST:PID:EXPORT``): any other holder is someone else."""
+        ...
+
+    @property
+    def holds(self) -> bool: ...
+
+    @property
+    def holders(self) -> tuple[Holder, ...]:
+        """The holders the lockspace named last (see ``inquire``)."""
+        ...
+
+    def inquire(self) -> Deferred[tuple[Holder, ...]]:
+        """Ask the lockspace who holds the lease now (a shared holder blocks a migration)."""
+        ...
 
     def prepare_migrate(self) -> Deferred[int]: ...
 

@@ -5,17 +5,25 @@ snapshot and ``ferry mirror --wait`` all go through one
 :class:`MirrorManager` per export, so "is a mirror running" has one answer.
 The last finished job is kept: its ``last_downtime_ms`` stays in the status
 after the migration, and a waiter that asks late still learns how it ended.
+It also keeps the export's blockers (:mod:`ferry.migrate.blockers`): a
+``mirror`` is refused while there is one, and the lockspace is asked first
+whether anyone shares the lease.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from ferry.chartnames import MigrationState
 from ferry.clock import Clock
+from ferry.hooks import Hooks
+from ferry.migrate.blockers import Blockers, MigrationBlocked, blocked_message, lease_blockers
 from ferry.migrate.carry import Carrier
 from ferry.migrate.core.stats import MigrationStats
 from ferry.migrate.gate import ClientGate
@@ -35,6 +43,11 @@ from ferry.serve.export import Export
 from ferry.status import StatusSnapshot
 from ferry.trace import Tracer
 
+_log = Logger()
+
+#: How often (at most) the status asks the lockspace who shares the lease, in seconds.
+HOLDERS_REFRESH: Final = 5.0
+
 
 class MirrorBusy(MirrorError):
     """A mirror is already running for this export (flexnbd: "mirror already running")."""
@@ -51,9 +64,11 @@ class MirrorManager:
         tracer: Tracer | None = None,
         stop_process: Callable[[], None] | None = None,
         carrier: Carrier | None = None,
+        hooks: Hooks | None = None,
         read: ImageReader | None = None,
     ) -> None:
         self.export = export
+        self.hooks = hooks
         self._read = read
         self._carrier = carrier
         self._gate = gate
@@ -66,15 +81,63 @@ class MirrorManager:
         self.lease: OutgoingLease | None = None
         # Retries, failures and completions of every job of this export.
         self.stats = MigrationStats()
+        # Reasons set by hand not to migrate the export (``block``).
+        self.blockers = Blockers()
+        self._holders_asked = float("-inf")  # when the status last asked the lockspace
+        self._judging = False  # a ``mirror`` is asking the lockspace before it starts
 
     @property
     def running(self) -> bool:
         return self.current is not None and not self.current.job.final
 
+    def blocked_by(self) -> list[str]:
+        """Every reason the export may not migrate now: the blockers set by hand, then
+        every other holder of its lease the lockspace named last."""
+        reasons = list(self.blockers.reasons)
+        lease = self.lease
+        if lease is not None and lease.holds:
+            reasons.extend(lease_blockers(lease.holders, lease.owner))
+        return reasons
+
     def mirror(self, destination: Destination, options: MirrorOptions) -> Deferred[StartOutcome]:
-        """Start a mirror; fires with the outcome of the first negotiation."""
-        if self.running:
+        """Start a mirror; fires with the outcome of the first negotiation.
+
+        Raises :class:`MirrorBusy` while one runs, :class:`MigrationBlocked`
+        while a blocker is set by hand.  With a lease, the lockspace is asked
+        first who else holds it: a holder sharing it makes the answer a
+        refusal, ``migration blocked: ...``, and nothing starts.  A lockspace
+        that cannot answer blocks nothing (the commit needs it anyway).
+        """
+        if self.running or self._judging:
             raise MirrorBusy("mirror already running")
+        if self.blockers.reasons:
+            raise MigrationBlocked(blocked_message(self.blockers.reasons))
+        lease = self.lease
+        if lease is None or not lease.holds:
+            return self._start(destination, options)
+        self._judging = True
+
+        def judged(_: object) -> Deferred[StartOutcome]:
+            self._judging = False
+            reasons = self.blocked_by()
+            if reasons:
+                return succeed(StartOutcome(False, blocked_message(reasons)))
+            try:
+                return self._start(destination, options)
+            except MirrorError as error:
+                return succeed(StartOutcome(False, str(error)))
+
+        def unknown(failure: Failure) -> None:
+            _log.warn(
+                "{export}: cannot ask the lockspace who shares the lease: {why}",
+                export=self.export.name,
+                why=failure.getErrorMessage(),
+            )
+
+        asked: Deferred[Any] = maybeDeferred(lease.inquire)
+        return asked.addErrback(unknown).addCallback(judged)
+
+    def _start(self, destination: Destination, options: MirrorOptions) -> Deferred[StartOutcome]:
         source = MirrorSource(
             self.export,
             destination,
@@ -87,6 +150,7 @@ class MirrorManager:
             lease=self.lease,
             stats=self.stats,
             carrier=self._carrier,
+            hooks=self.hooks,
             read=self._read,
         )
         self.current = source
@@ -129,23 +193,43 @@ class MirrorManager:
         return done
 
     def snapshot(self) -> StatusSnapshot:
-        """The export's status with the migration's fields filled in."""
-        snapshot = self.export.snapshot()
+        """The export's status with the migration's fields (and the blockers) filled in."""
+        self._refresh_holders()
+        snapshot = dataclasses.replace(self.export.snapshot(), blockers=tuple(self.blocked_by()))
         if self.current is None:
             return snapshot
         fields = self.current.progress().status_fields()
-        return dataclasses.replace(snapshot, **fields)
+        failure = self.current.last_failure
+        return dataclasses.replace(
+            snapshot, **fields, migration_last_failure="none" if failure is None else failure
+        )
+
+    def _refresh_holders(self) -> None:
+        """Ask the lockspace who holds the lease, at most every HOLDERS_REFRESH seconds;
+        the answer shows in the next status (at once, from a local lockspace)."""
+        lease = self.lease
+        now = self._clock.seconds()
+        if lease is None or not lease.holds or now - self._holders_asked < HOLDERS_REFRESH:
+            return
+        self._holders_asked = now
+        maybeDeferred(lease.inquire).addErrback(lambda _: None)
 
     def progress(self) -> dict[str, Any]:
         """What ``ferry mirror --wait`` shows, and how the job ended once it has."""
         if self.current is None:
             return {"running": False, "phase": None, "line": "not migrating"}
-        progress = self.current.progress()
+        current = self.current
+        progress = current.progress()
+        line = progress.render()
+        if current.state == MigrationState.RETRY_WAIT and current.last_error:
+            line = f"{line} (retrying: {current.last_error})"
         answer: dict[str, Any] = {
             "running": self.running,
-            "phase": self.current.state,
-            "line": progress.render(),
+            "phase": current.state,
+            "line": line,
             **progress.status_fields(),
+            "last_failure": current.last_failure,
+            "last_error": current.last_error or None,
         }
         result = self.current.result
         if result is not None:
@@ -153,4 +237,4 @@ class MirrorManager:
         return answer
 
 
-__all__ = ["CannotBreak", "MirrorBusy", "MirrorManager", "NotMirroring"]
+__all__ = ["CannotBreak", "MigrationBlocked", "MirrorBusy", "MirrorManager", "NotMirroring"]

@@ -28,10 +28,11 @@ from ferry.migrate.options import (
 from ferry.nbd.constants import (
     FERRY_OPT_CONNECTIONS,
     FERRY_OPT_MIGRATE,
+    FERRY_REP_LANDING,
     OptionReply,
     TransmissionFlag,
 )
-from ferry.nbd.events import ConnectionLanding, Negotiated, OptionAnswered
+from ferry.nbd.events import ConnectionLanding, Negotiated, OptionAnswered, OptionData
 from ferry.storage import Image
 
 __all__ = ["Negotiation", "refusal_of"]
@@ -79,6 +80,20 @@ class Negotiation:
             why = f"the destination refused the migration: {detail}"
             self._driver.fail(attempt, REJECTED, why)
 
+    def option_data(self, attempt: Attempt, event: OptionData) -> None:
+        """A reply with data before an option's answer: FERRY_OPT_CONNECTIONS' landing."""
+        if event.option != FERRY_OPT_CONNECTIONS or event.reply != FERRY_REP_LANDING:
+            return  # a reply type this source does not know: ignored, as NBD_REP_INFO's are
+        try:
+            attempt.offered_landing = ConnectionLanding.from_bytes(event.payload)
+        except ValueError as error:
+            _log.warn(
+                "mirror of {export}: cannot read the destination's FERRY_REP_LANDING "
+                "({error}): its clients will be disconnected",
+                export=self._driver.export.name,
+                error=error,
+            )
+
     def _landing(self, attempt: Attempt, event: OptionAnswered) -> None:
         """The destination's answer to FERRY_OPT_CONNECTIONS: may the clients come along?"""
         name = self._driver.export.name
@@ -89,14 +104,12 @@ class Negotiation:
                 why=event.message or event.reply.name,
             )
             return
-        try:
-            attempt.landing = ConnectionLanding.from_bytes(event.payload)
-        except ValueError as error:
+        attempt.landing = attempt.offered_landing
+        if attempt.landing is None:
             _log.warn(
-                "mirror of {export}: cannot read the destination's FERRY_OPT_CONNECTIONS "
-                "answer ({error}): its clients will be disconnected",
+                "mirror of {export}: the destination acknowledged FERRY_OPT_CONNECTIONS "
+                "without a readable FERRY_REP_LANDING: its clients will be disconnected",
                 export=name,
-                error=error,
             )
 
     def negotiated(self, attempt: Attempt, negotiated: Negotiated) -> None:

@@ -115,11 +115,19 @@ class MirrorOptions:
     retry_max: float = MAX_DELAY
     destination_empty: bool = False
     flexnbd: bool = False  # the destination is a flexnbd listener: its stream and handoff
+    # The retry policy: give up after this many lost attempts, or once attempts
+    # have been lost for this long (seconds); None: retry for ever.
+    max_retries: int | None = None
+    retry_for: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("connect_timeout", "hello_timeout", "reply_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
+        if self.max_retries is not None and self.max_retries < 0:
+            raise ValueError("max_retries must be 0 or more")
+        if self.retry_for is not None and not self.retry_for > 0:
+            raise ValueError("retry_for must be positive")
         if self.max_in_flight < 1 or self.max_bytes_in_flight < 1 or self.max_data_length < 1:
             raise ValueError("in-flight limits and max_data_length must be positive")
 

@@ -32,12 +32,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ferry.chartnames import MigrationState, MigrationTrigger, RoleState, RoleTrigger
 from ferry.clock import Clock, cancel_call
+from ferry.hooks import HookOutcome, Hooks, Stage
 from ferry.migrate.attempt import Attempt, AttemptCounters
 from ferry.migrate.carry import Carriage, Carrier
 from ferry.migrate.copier import PassCopier
@@ -45,7 +46,7 @@ from ferry.migrate.core.backoff import Backoff
 from ferry.migrate.core.convergence import ConvergencePolicy
 from ferry.migrate.core.job import MigrationJob
 from ferry.migrate.core.progress import MigrationProgress
-from ferry.migrate.core.stats import FailureReason, MigrationStats
+from ferry.migrate.core.stats import PERMANENT, FailureReason, MigrationStats
 from ferry.migrate.gate import ClientGate
 from ferry.migrate.lease import OutgoingLease
 from ferry.migrate.negotiation import Negotiation
@@ -67,7 +68,15 @@ from ferry.migrate.options import (
 )
 from ferry.migrate.switchover import Switchover
 from ferry.migrate.wire import Connector, MirrorProtocol, MirrorProtocolFactory
-from ferry.nbd.events import Event, Negotiated, NegotiationFailed, OptionAnswered, Reply
+from ferry.nbd.events import (
+    Event,
+    Negotiated,
+    NegotiationFailed,
+    OptionAnswered,
+    OptionData,
+    Reply,
+)
+from ferry.nbd.locate import Location
 from ferry.serve.export import Export
 from ferry.storage import Image
 from ferry.storage.dirtymap import DirtyMap
@@ -89,12 +98,19 @@ DIRTY_GRANULARITY = 4096
 class _Job(MigrationJob):
     """The job, telling the source when its retry timer has fired."""
 
-    def __init__(self, on_reconnect: Callable[[], None], **kwargs: Any) -> None:
+    def __init__(
+        self, on_reconnect: Callable[[], None], on_retry_wait: Callable[[], None], **kwargs: Any
+    ) -> None:
         self._on_reconnect = on_reconnect
+        self._on_retry_wait = on_retry_wait
         super().__init__(**kwargs)
 
     def on_enter_reconnecting(self, event: object) -> None:
         self._on_reconnect()
+
+    def on_enter_retry_wait(self, event: object) -> None:
+        super().on_enter_retry_wait(event)
+        self._on_retry_wait()
 
 
 class MirrorSource:
@@ -122,12 +138,15 @@ class MirrorSource:
         lease: OutgoingLease | None = None,
         stats: MigrationStats | None = None,
         carrier: Carrier | None = None,
+        hooks: Hooks | None = None,
         read: ImageReader | None = None,
     ) -> None:
         self._export = export
         # How the passes read the image off the reactor thread (None: inline, for tests).
         self._read = read
         self._tracer = tracer
+        # The export's hooks: pre-migrate and pre-switchover may veto.
+        self._hooks = hooks
         # How client connections move with the image (None: they are disconnected).
         self._carrier = carrier
         # The connections of the commit in progress, until it is decided.
@@ -147,6 +166,7 @@ class MirrorSource:
         self.dirty = DirtyMap(self._image.size, DIRTY_GRANULARITY)
         self._job = _Job(
             self._reconnect_soon,
+            self._retry_wait_entered,
             image=self._image,
             dirty=self.dirty,
             clock=clock,
@@ -167,6 +187,13 @@ class MirrorSource:
         self.result: MirrorResult | None = None
         self._counters = AttemptCounters()
         self.last_error = ""
+        # Why the last attempt failed (a FailureReason's value): the status's
+        # migration_last_failure; None while none has.
+        self.last_failure: str | None = None
+        # The retry policy's count: attempts lost, since when, and why it gave up.
+        self._lost = 0
+        self._first_lost_at: float | None = None
+        self._giving_up: str | None = None
         self._attempt = Attempt(0)
         self._unobserve: list[Callable[[], None]] = []
         self._write_cap: int | None = None
@@ -225,6 +252,11 @@ class MirrorSource:
     def destination_name(self) -> str:
         return str(self.destination)
 
+    @property
+    def destination_location(self) -> Location:
+        destination = self.destination
+        return Location(destination.host, destination.port, destination.export_name)
+
     def current(self, attempt: Attempt) -> bool:
         return attempt is self._attempt
 
@@ -262,8 +294,56 @@ class MirrorSource:
         self._unobserve.append(export.observe_writes(self.dirty.mark))
         self._unobserve.append(export.observe_role(self._role_changed))
         export.trigger(RoleTrigger.MIGRATE)
-        self._connect()
+        if self.wants_approval(Stage.PRE_MIGRATE):
+            self.approve(Stage.PRE_MIGRATE).addCallback(self._pre_migrate_answered)
+        else:
+            self._connect()
         return self.started
+
+    def _pre_migrate_answered(self, outcome: HookOutcome) -> None:
+        if self._job.state != MigrationState.CONNECTING or self._attempt.number != 0:
+            return  # broken off (or stopped) while the hook ran
+        if outcome.ok:
+            self._connect()
+        else:
+            self.veto(outcome.reason)
+
+    # -- hooks (ferry.hooks) ------------------------------------------------------------
+
+    def wants_approval(self, stage: Stage) -> bool:
+        """Whether a hook must approve ``stage`` before the job goes on."""
+        return self._hooks is not None and self._hooks.configured(stage)
+
+    def approve(self, stage: Stage) -> Deferred[HookOutcome]:
+        """Run ``stage``'s hook; its outcome says whether the step may go on."""
+        if self._hooks is None:
+            return succeed(HookOutcome(True))
+        return self._hooks.run(stage, peer=str(self.destination))
+
+    def veto(self, reason: str) -> None:
+        """A hook said no: cancel the job (``veto``), release the clients, serve on.
+
+        Only where the chart takes ``veto``: before the first connect, or
+        quiesced and flushed but before the lease is offered.  The
+        destination, if connected, loses the connection and listens again.
+        """
+        job = self._job
+        if job.final or not job.can(MigrationTrigger.VETO):
+            return
+        self.abandon_attempt()
+        detail = f"hook: {reason}"
+        self.last_error = detail
+        self.last_failure = FailureReason.HOOK.value
+        self._stats.failures[FailureReason.HOOK] += 1
+        _log.warn(
+            "mirror of {export} to {dest}: cancelled in {state}: {why}",
+            export=self._export.name,
+            dest=str(self.destination),
+            state=job.state,
+            why=reason,
+        )
+        job.fire(MigrationTrigger.VETO, detail)
+        self.end(MirrorResult("cancelled", False, detail), CANCELLED, detail)
 
     def cancel(self) -> None:
         """``break``: stop the job and keep serving; refused once the commit may have landed."""
@@ -323,6 +403,7 @@ class MirrorSource:
         else:
             self.last_error = f"the lease was lost: {reason}"
             self._stats.failures[FailureReason.LEASE] += 1
+        self.last_failure = FailureReason.LEASE.value
         job.fire(MigrationTrigger.LEASE_LOST)
         self.end(MirrorResult("failed", False, self.last_error), LEASE_LOST, self.last_error)
 
@@ -400,6 +481,8 @@ class MirrorSource:
                 return  # given up while handling an earlier event
             if isinstance(event, Reply):
                 self._reply(attempt, event)
+            elif isinstance(event, OptionData):
+                self._negotiation.option_data(attempt, event)
             elif isinstance(event, OptionAnswered):
                 self._negotiation.option_answered(attempt, event)
             elif isinstance(event, Negotiated):
@@ -480,20 +563,70 @@ class MirrorSource:
             why=detail,
         )
         counted = reason if reason is not None else REASON_OF_REPLY[message or REJECTED]
+        self.last_failure = counted.value
         if state == MigrationState.COMMITTING:
             # The commit may have landed: neither serve nor hand over.
-            job.fire(MigrationTrigger.FAIL)
+            job.fire(MigrationTrigger.FAIL, detail)
             self._switchover.resolve_from_lease()
             return
         if not job.negotiated:
             self._stats.failures[counted] += 1
-            job.fire(MigrationTrigger.FAIL)
+            job.fire(MigrationTrigger.FAIL, detail)
             self.end(MirrorResult("failed", False, detail), message or REJECTED, detail)
             return
-        self._stats.retries[counted] += 1
-        job.fire(MigrationTrigger.FAIL)
+        self.lost_attempt(counted, detail)
+        job.fire(MigrationTrigger.FAIL, detail)
         if job.state == MigrationState.RECLAIMING:
             self._switchover.reclaim()  # the lease was being offered: it comes back first
+
+    # -- the retry policy --------------------------------------------------------------
+
+    def lost_attempt(self, reason: FailureReason, detail: str) -> None:
+        """An attempt after a good negotiation is lost: count it, and decide whether to retry.
+
+        An error no retry heals (:data:`PERMANENT`), or the policy's budget
+        spent (``max_retries`` lost attempts, or ``retry_for`` seconds since
+        the first), makes the job give up once it is in ``retry_wait``
+        (where every lost attempt goes, after the lease is back): it ends
+        ``failed`` with this reason.  Otherwise it is counted as a retry.
+        """
+        self.last_failure = reason.value
+        self.last_error = detail
+        options = self._options
+        now = self._clock.seconds()
+        if self._first_lost_at is None:
+            self._first_lost_at = now
+        self._lost += 1
+        why = None
+        if reason in PERMANENT:
+            why = f"{reason.value}: {detail}"
+        elif options.max_retries is not None and self._lost > options.max_retries:
+            why = f"{reason.value}: {detail} (retried {options.max_retries} times)"
+        elif options.retry_for is not None and now - self._first_lost_at >= options.retry_for:
+            why = f"{reason.value}: {detail} (retried for {options.retry_for:g} s)"
+        if why is None:
+            self._stats.retries[reason] += 1
+            return
+        self._stats.failures[reason] += 1
+        self._giving_up = why
+
+    def _retry_wait_entered(self) -> None:
+        # Called inside the transition: decide after it, not in it.
+        if self._giving_up is not None:
+            self._clock.call_later(0, self._give_up)
+
+    def _give_up(self) -> None:
+        why = self._giving_up
+        if why is None or self._job.state != MigrationState.RETRY_WAIT:
+            return
+        _log.warn(
+            "mirror of {export} to {dest}: giving up: {why}",
+            export=self._export.name,
+            dest=str(self.destination),
+            why=why,
+        )
+        self._job.fire(MigrationTrigger.GIVE_UP, why)
+        self.end(MirrorResult("failed", False, why), REJECTED, why)
 
     def abandon_attempt(self) -> None:
         """Stop everything of the current attempt; callbacks of it become no-ops."""

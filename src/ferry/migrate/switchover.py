@@ -9,7 +9,9 @@ role's triggers:
    last pass is planned from the dirty map and sent; then FLUSH.
 2. flushed, to a plain NBD server (qemu-nbd, nbdkit): ``mirrored``; the copy
    is complete and this node serves on.
-3. flushed, with a lease: ``offering``; the lease is offered and its answer
+   With a ``pre-switchover`` hook (:mod:`ferry.hooks`), it runs here, clients
+   still held: its no is ``veto`` (cancelled, clients released).
+3. flushed (and approved), with a lease: ``offering``; the lease is offered and its answer
    is the token the commit carries (``offer_failed``: not offered, held
    again, the attempt is lost).  Without one: straight to the commit.
 4. ``committing`` (role ``handing_off``): the clients that can move are
@@ -38,12 +40,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ferry.chartnames import LeaseState, MigrationState, MigrationTrigger, RoleTrigger
+from ferry.hooks import HookOutcome, Stage
 from ferry.migrate.attempt import Attempt, Driver
-from ferry.migrate.core.stats import FailureReason
+from ferry.migrate.core.stats import FailureReason, failure_of_reply
 from ferry.migrate.lease import InDoubtOutcome
 from ferry.migrate.options import FinishAction, MirrorResult
-from ferry.nbd.constants import Command, TransmissionFlag
+from ferry.nbd.constants import Command, Errno, TransmissionFlag
 from ferry.nbd.events import Reply
+from ferry.nbd.locate import Location
 
 __all__ = ["RESOLVE_RETRY", "Switchover"]
 
@@ -69,7 +73,15 @@ class SwitchoverDriver(Driver, Protocol):
 
     def stop_process(self) -> None: ...
 
+    def wants_approval(self, stage: Stage) -> bool: ...
+
+    def approve(self, stage: Stage) -> Deferred[HookOutcome]: ...
+
+    def veto(self, reason: str) -> None: ...
+
     def note_error(self, error: str) -> None: ...
+
+    def lost_attempt(self, reason: FailureReason, detail: str) -> None: ...
 
     def carry(self, attempt: Attempt) -> None: ...
 
@@ -79,6 +91,11 @@ class SwitchoverDriver(Driver, Protocol):
 
     @property
     def destination_name(self) -> str: ...
+
+    @property
+    def destination_location(self) -> Location:
+        """Where the image goes: what FERRY_OPT_LOCATE answers once it is there."""
+        ...
 
 
 class Switchover:
@@ -128,7 +145,7 @@ class Switchover:
                 attempt,
                 "",
                 f"FLUSH failed: {reply.error.name} {reply.message}",
-                FailureReason.FLUSH_ERROR,
+                failure_of_reply(reply.error, FailureReason.FLUSH_ERROR),
             )
             return
         self._flushed(attempt)
@@ -145,6 +162,26 @@ class Switchover:
             driver.close_attempt(attempt)
             driver.end(MirrorResult("completed", False, "mirrored to a plain NBD server"))
             return
+        if driver.wants_approval(Stage.PRE_SWITCHOVER):
+            # Clients held, the last pass flushed, nothing offered or promised yet.
+            approval = driver.approve(Stage.PRE_SWITCHOVER)
+            approval.addCallback(lambda outcome: self._approved(attempt, outcome))
+            approval.addErrback(self._internal_error, "running the pre-switchover hook")
+            return
+        self._switch(attempt)
+
+    def _approved(self, attempt: Attempt, outcome: HookOutcome) -> None:
+        driver = self._driver
+        if not driver.current(attempt) or driver.job.state != MigrationState.QUIESCING:
+            return  # broken off, lost or stopped while the hook ran
+        if outcome.ok:
+            self._switch(attempt)
+        else:
+            driver.veto(outcome.reason)
+
+    def _switch(self, attempt: Attempt) -> None:
+        """Approved: offer the lease (its answer is the commit's token), or commit."""
+        driver = self._driver
         lease = driver.lease
         if lease is not None and not driver.options.flexnbd:
             driver.job.fire(MigrationTrigger.OFFER)
@@ -173,11 +210,10 @@ class Switchover:
         if driver.job.state == MigrationState.OFFERING and driver.current(attempt):
             # Not offered: the lease is held again (or fenced, and lease_lost
             # has ended the job already).  The attempt is lost.
-            driver.note_error(why)
-            driver.stats.retries[FailureReason.LEASE] += 1
+            driver.lost_attempt(FailureReason.LEASE, why)
             _log.warn("mirror of {export}: {why}", export=driver.export.name, why=why)
             driver.abandon_attempt()
-            driver.job.fire(MigrationTrigger.OFFER_FAILED)
+            driver.job.fire(MigrationTrigger.OFFER_FAILED, why)
         elif driver.job.state in (MigrationState.RECLAIMING, MigrationState.CANCELLING):
             self.reclaim()
 
@@ -211,14 +247,19 @@ class Switchover:
             # once it is this node's again.
             why = f"commit refused: {reply.error.name} {reply.message}"
             driver.clients_taken_back()
-            driver.note_error(why)
-            driver.stats.retries[FailureReason.COMMIT_REJECTED] += 1
+            # EPERM: the destination cannot take the lease, which no retry changes.
+            refused = (
+                FailureReason.LEASE_REFUSED
+                if reply.error == Errno.EPERM
+                else FailureReason.COMMIT_REJECTED
+            )
+            driver.lost_attempt(refused, why)
             _log.warn("mirror of {export}: {why}", export=driver.export.name, why=why)
             driver.abandon_attempt()
             if driver.lease is None:
-                driver.job.fire(MigrationTrigger.COMMIT_REJECTED)
+                driver.job.fire(MigrationTrigger.COMMIT_REJECTED, why)
             else:
-                driver.job.fire(MigrationTrigger.RECLAIM)
+                driver.job.fire(MigrationTrigger.RECLAIM, why)
                 self.reclaim()
             return
         driver.job.fire(MigrationTrigger.COMMITTED)
@@ -257,6 +298,9 @@ class Switchover:
             # flexnbd's listener takes no lease: ours goes with the image.
             lease.release().addErrback(self._lease_trouble, "release")
         driver.job.note_hold(driver.gate.longest_hold)
+        # Before the clients go: a proxy among them whose connection did not
+        # move asks where the image went.
+        driver.export.handed_to = driver.destination_location
         driver.clients_handed_over()
         action = driver.options.action
         if action is FinishAction.UNLINK:

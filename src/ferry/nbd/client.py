@@ -41,6 +41,9 @@ OPTION GO          other error                     FAILED (NegotiationFailed)
 OPTION extra       ACK / any other error           OPTION (next extra, else as
                                                    after the greeting)
                                                    (OptionAnswered)
+OPTION extra       any other reply (with data)     same (OptionData)
+OPTION extra       ACK with data                   ProtocolError (data has
+                                                   replies of its own)
 OPTION any         ERR_SHUTDOWN / ERR_TLS_REQD     FAILED (NegotiationFailed)
 EXPORT_NAME        size + flags                    TRANSMISSION (Negotiated)
 EXPORT_NAME        end of stream                   FAILED (NegotiationFailed)
@@ -48,7 +51,8 @@ TRANSMISSION       end of stream, nothing pending  CLOSED
 =================  ==============================  ===========================
 
 ``extra_options`` are sent first, after the client flags, one at a time;
-each answer (ACK or error) becomes an ``OptionAnswered`` event and the
+each answer (ACK or error) becomes an ``OptionAnswered`` event, after an
+``OptionData`` for each reply with data that came before it, and the
 handshake goes on either way: the caller decides what a refusal means
 (ferry's migration source sends ``FERRY_OPT_MIGRATE`` this way; ERR_UNSUP
 says the server is a plain NBD server).  An oldstyle server cannot be asked
@@ -111,6 +115,7 @@ from ferry.nbd.events import (
     Negotiated,
     NegotiationFailed,
     OptionAnswered,
+    OptionData,
     ProtocolError,
     Reply,
 )
@@ -146,6 +151,10 @@ _OPTION_ERROR_BIT: Final = 1 << 31
 _KNOWN_ERRNOS: Final = frozenset(e.value for e in Errno)
 _KNOWN_OPTION_REPLIES: Final = frozenset(r.value for r in OptionReply)
 _NO_FLAGS: Final = CommandFlag(0)
+# Plain ints for the reply path: ``int & IntFlag`` goes through enum's operators.
+_DONE: Final = int(ReplyFlag.DONE)
+_OFFSET_DATA: Final = int(ReplyType.OFFSET_DATA)
+_READ: Final = int(Command.READ)
 
 
 def handle_from_bytes(raw: bytes) -> int:
@@ -227,7 +236,7 @@ class _Pending:
     length: int
     chunked: bool = False  # a structured chunk without DONE has arrived
     buffer: bytearray | None = None
-    coverage: _Coverage = field(default_factory=_Coverage)
+    coverage: _Coverage | None = None  # made for the first chunk that needs it
     error: Errno = Errno.OK
     message: str = ""
     extents: dict[int, tuple[Extent, ...]] = field(default_factory=dict)
@@ -397,7 +406,9 @@ class ClientConnection:
         if command == Command.DISC:
             self._disc_sent = True  # no reply will come
         else:
-            self._pending[handle] = _Pending(int(command), CommandFlag(flags), offset, length)
+            if type(flags) is not CommandFlag:
+                flags = CommandFlag(flags)
+            self._pending[handle] = _Pending(int(command), flags, offset, length)
         return handle
 
     def commit(self, token: int) -> int:
@@ -626,8 +637,10 @@ class ClientConnection:
 
     def _extra_reply(self, events: list[Event], option: int, rtype: int, payload: bytes) -> None:
         if rtype == OptionReply.ACK:
-            # The caller judges the payload: an option of its own says what it holds.
-            events.append(OptionAnswered(option, OptionReply.ACK, payload=payload))
+            # An answer's data comes in replies of its own, before the ACK.
+            if payload:
+                raise ProtocolError(f"ACK to option {option:#x} with {len(payload)} bytes of data")
+            events.append(OptionAnswered(option, OptionReply.ACK))
         elif rtype & _OPTION_ERROR_BIT:
             message = _text(payload)
             if rtype in _KNOWN_OPTION_REPLIES:
@@ -640,7 +653,10 @@ class ClientConnection:
                 return
             events.append(OptionAnswered(option, error, message))
         else:
-            raise ProtocolError(f"unexpected reply {rtype:#x} to option {option:#x}")
+            # An extension's reply with data (a ferry LOCATION or LANDING,
+            # say): the option goes on until its ACK or error.
+            events.append(OptionData(option, rtype, bytes(payload)))
+            return
         self._next_option()
 
     def _after_structured_reply(self) -> None:
@@ -801,8 +817,22 @@ class ClientConnection:
         self._pos += header.size
         start = self._pos
         self._pos += length
+        if (
+            flags & _DONE
+            and kind == _OFFSET_DATA
+            and pending.command == _READ
+            and not pending.chunked
+            and length == pending.length + 8
+            and pending.length
+            and _U64.unpack_from(self._buf, start)[0] == pending.offset
+        ):
+            # The usual answer to a READ: all of it in one chunk, nothing to gather.
+            del self._pending[handle]
+            with memoryview(self._buf) as view:
+                events.append(Reply(handle, Errno.OK, bytes(view[start + 8 : start + length])))
+            return True
         self._chunk(pending, kind, start, length)
-        if flags & ReplyFlag.DONE:
+        if flags & _DONE:
             del self._pending[handle]
             events.append(self._complete(handle, pending))
         else:
@@ -849,6 +879,8 @@ class ClientConnection:
                 f"chunk [{offset}, {offset + count}) outside the request "
                 f"[{pending.offset}, {pending.offset + pending.length})"
             )
+        if pending.coverage is None:
+            pending.coverage = _Coverage()
         pending.coverage.add(rel, rel + count)
         return rel
 
@@ -902,10 +934,10 @@ class ClientConnection:
         if pending.error != Errno.OK:
             return Reply(handle, pending.error, message=pending.message)
         if pending.command == Command.READ:
-            if pending.coverage.total != pending.length:
+            covered = 0 if pending.coverage is None else pending.coverage.total
+            if covered != pending.length:
                 raise ProtocolError(
-                    f"READ claimed done with {pending.coverage.total} of "
-                    f"{pending.length} bytes sent"
+                    f"READ claimed done with {covered} of {pending.length} bytes sent"
                 )
             data = bytes(pending.buffer) if pending.buffer is not None else b""
             return Reply(handle, Errno.OK, data)

@@ -198,15 +198,16 @@ FERRY_CMD_COMMIT: Final = 0xF001
 # Client connections travel with the commit (ferry.migrate.carry).
 #
 # FERRY_OPT_CONNECTIONS, after FERRY_OPT_MIGRATE's ACK: "can you take my
-# clients' live connections?"  No payload.  ACK when the listener can
-# restore TCP connections (TCP_REPAIR, CAP_NET_ADMIN); its payload is
-# FERRY_CONNECTIONS_INFO: who the destination is on the network -- its host
-# (the kernel's boot id and its network namespace: on the same host and in
-# the same namespace, the source must close a socket before the destination
-# can rebuild it) and its service address ("IP/PREFIX@DEV", empty: none),
-# each a u16 length then UTF-8.  ERR_UNSUP with the reason when it cannot
-# (the source then disconnects its clients at the handoff, as a plain
-# listener's would be).
+# clients' live connections?"  No payload.  When the listener can restore
+# TCP connections (TCP_REPAIR, CAP_NET_ADMIN) it answers as NBD_OPT_GO
+# answers with NBD_REP_INFO: one FERRY_REP_LANDING reply, then a plain ACK.
+# The reply's data is FERRY_CONNECTIONS_INFO: who the destination is on the
+# network -- its host (the kernel's boot id and its network namespace: on the
+# same host and in the same namespace, the source must close a socket before
+# the destination can rebuild it) and its service address ("IP/PREFIX@DEV",
+# empty: none), each a u16 length then UTF-8.  ERR_UNSUP with the reason
+# when it cannot (the source then disconnects its clients at the handoff, as
+# a plain listener's would be).
 #
 # FERRY_CMD_CONNECTION, a transmission command of the sender's, after that
 # ACK and before the commit: one client connection's checkpoint (the socket's
@@ -216,9 +217,16 @@ FERRY_CMD_COMMIT: Final = 0xF001
 # migration goes on).  A rebuilt connection's requests wait until the commit
 # lands; a refused commit closes it without a packet.
 FERRY_OPT_CONNECTIONS: Final = 0x46455202  # b"FER\x02"
+FERRY_REP_LANDING: Final = 0x46455202  # b"FER\x02", a reply type (see FERRY_REP_LOCATION)
 FERRY_CMD_CONNECTION: Final = 0xF002
 FERRY_MAX_CONNECTION: Final = 128 * 1024 * 1024
 FERRY_MAX_CONNECTIONS_FIELD: Final = 512  # bytes of each FERRY_CONNECTIONS_INFO string
+
+# Where an export went (ferry.nbd.locate, for ferry proxy): FERRY_OPT_LOCATE
+# asks, FERRY_REP_LOCATION replies (a reply type, not an option: its number
+# may repeat an option's).
+FERRY_OPT_LOCATE: Final = 0x46455203  # b"FER\x03"
+FERRY_REP_LOCATION: Final = 0x46455201  # b"FER\x01"
 
 # flexnbd-compatible mirroring: oldstyle hello, every write carries this
 # handle, and NBD_CMD_DISC after the last write means "take control".

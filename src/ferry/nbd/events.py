@@ -17,6 +17,7 @@ from ferry.nbd.constants import (
     CommandFlag,
     Errno,
     OptionReply,
+    TransmissionFlag,
 )
 
 
@@ -42,6 +43,10 @@ class ExportInfo:
     min_block_size: int = 1
     preferred_block_size: int = 4096
     max_block_size: int = 32 * 1024 * 1024
+    # At most these transmission flags are advertised (None: all that ferry
+    # performs).  A proxy passes on what the server behind it offers, so a
+    # client is never told of a command or a flag that server lacks.
+    advertise: TransmissionFlag | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +146,9 @@ class Commit:
 class ConnectionLanding:
     """What a listener that can take client connections says about itself.
 
-    The answer to ``FERRY_OPT_CONNECTIONS`` (see ``constants.py``): ``host``
-    names this host and network namespace, ``service_address`` is the
+    The data of the ``FERRY_REP_LANDING`` reply that comes before
+    ``FERRY_OPT_CONNECTIONS``' ACK (see ``constants.py``): ``host`` names
+    this host and network namespace, ``service_address`` is the
     client-facing address it takes over at the commit ("" for none).
     """
 
@@ -232,7 +238,20 @@ class OptionAnswered:
     option: int
     reply: OptionReply
     message: str = ""
-    payload: bytes = b""  # what an ACK carried (ferry's FERRY_OPT_CONNECTIONS has one)
+
+
+@dataclass(frozen=True, slots=True)
+class OptionData:
+    """A reply with data to one of the caller's ``extra_options``, before its ACK or error.
+
+    ``reply`` is the reply type as sent: an extension's own types (below
+    2**31, so not errors) are not members of ``OptionReply``.  More may
+    follow; the option ends with its ``OptionAnswered``.
+    """
+
+    option: int
+    reply: int
+    payload: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,5 +286,6 @@ Event = (
     | Negotiated
     | NegotiationFailed
     | OptionAnswered
+    | OptionData
     | Reply
 )

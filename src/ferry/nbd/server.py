@@ -75,14 +75,20 @@ ferry's migration extension (``constants.py``), with a ``MigrationCatalog``:
     before MIGRATE's ACK   ERR_INVALID                as before
     with data, or twice    ERR_INVALID                as before
     catalog refuses        its error and message      as before
-    catalog can            ACK, ConnectionLanding     FERRY_CMD_CONNECTION is a
-                           as its payload             ``CarriedConnection``
+    catalog can            FERRY_REP_LANDING with     FERRY_CMD_CONNECTION is a
+                           its ConnectionLanding,     ``CarriedConnection``
+                           then ACK
 
 Elsewhere (no catalog, or no ACK) FERRY_OPT_MIGRATE is ERR_UNSUP and
 FERRY_CMD_COMMIT a ``RejectedRequest`` with EINVAL, as is
 FERRY_CMD_CONNECTION (its payload counted off unread) without the
 connections' ACK.  The commit never takes
 the fast path of READ and WRITE: it is tested only after that path missed.
+
+With a ``Locator`` the connection answers ``FERRY_OPT_LOCATE`` (see
+``ferry.nbd.locate``): a FERRY_REP_LOCATION for each place the locator
+names, then ACK; the locator's refusal as an error; ERR_INVALID for a
+request that does not parse.  Without one it is ERR_UNSUP.
 
 An oldstyle connection starts in TRANSMISSION (or, when the default export is
 refused, in CLOSED) and has its ``HandshakeComplete`` (or ``HandshakeAborted``)
@@ -125,6 +131,7 @@ from ferry.nbd.constants import (
     FERRY_MIGRATE_VERSION,
     FERRY_OPT_CONNECTIONS,
     FERRY_OPT_MIGRATE,
+    FERRY_REP_LANDING,
     FLEXNBD_MIRROR_HANDLE,
     GREETING_NEWSTYLE,
     GREETING_OLDSTYLE,
@@ -171,11 +178,19 @@ from ferry.nbd.events import (
     RejectedRequest,
     Request,
 )
+from ferry.nbd.locate import (
+    FERRY_OPT_LOCATE,
+    FERRY_REP_LOCATION,
+    Location,
+    decode_locate_request,
+    encode_location,
+)
 from ferry.nbd.session import SessionSnapshot, SnapshotError
 
 __all__ = [
     "BASE_ALLOCATION_ID",
     "ExportCatalog",
+    "Locator",
     "MigrationCatalog",
     "ServerConnection",
     "transmission_flags",
@@ -274,16 +289,31 @@ class MigrationCatalog(Protocol):
         ...
 
 
+class Locator(Protocol):
+    """Where an export has gone: a connection given one answers ``FERRY_OPT_LOCATE``.
+
+    Without one the option is ERR_UNSUP, as on any NBD server.
+    """
+
+    def locate(self, name: str) -> Sequence[Location] | Refusal:
+        """Where the export under ``name`` is served now, best first; empty: here."""
+        ...
+
+
 def transmission_flags(export: ExportInfo, structured: bool) -> TransmissionFlag:
     """The flags that advertise exactly what ferry performs on ``export``.
 
     DF is only meaningful with structured replies (the spec forbids it
     otherwise); a read-only export advertises no write-ish command, so a
-    well-behaved client never sends one.
+    well-behaved client never sends one.  An export with ``advertise`` (a
+    proxy's) offers no flag outside it, and so accepts no command flag the
+    server behind it would not.
     """
     flags = _ALWAYS | (TransmissionFlag.READ_ONLY if export.read_only else _WRITABLE)
     if structured:
         flags |= TransmissionFlag.SEND_DF
+    if export.advertise is not None:
+        flags &= export.advertise | TransmissionFlag.HAS_FLAGS | TransmissionFlag.READ_ONLY
     return flags
 
 
@@ -387,6 +417,8 @@ class _Reader:
 def _option_name(option: int) -> str:
     if option == FERRY_OPT_MIGRATE:
         return "FERRY_OPT_MIGRATE"
+    if option == FERRY_OPT_LOCATE:
+        return "FERRY_OPT_LOCATE"
     try:
         return f"NBD_OPT_{Option(option).name}"
     except ValueError:
@@ -432,6 +464,7 @@ class ServerConnection:
         catalog: ExportCatalog,
         *,
         migration: MigrationCatalog | None = None,
+        locator: Locator | None = None,
         oldstyle: bool = False,
         max_request_size: int = MAX_REQUEST_SIZE,
     ) -> None:
@@ -439,6 +472,7 @@ class ServerConnection:
             raise ValueError(f"max_request_size must be in 1..2**32-1, not {max_request_size}")
         self._catalog = catalog
         self._migration_catalog = migration
+        self._locator = locator
         # The FERRY_OPT_MIGRATE request acknowledged on this connection: from
         # then on it is the migration sender.
         self._sender: MigrationRequest | None = None
@@ -707,7 +741,7 @@ class ServerConnection:
         self._no_zeroes = bool(flags & ClientFlag.NO_ZEROES)
         self._state = _State.OPTIONS
 
-    def _reply(self, option: int, reply: OptionReply, payload: bytes = b"") -> None:
+    def _reply(self, option: int, reply: OptionReply | int, payload: bytes = b"") -> None:
         self._out += OPTION_REPLY_HEADER.pack(OPTION_REPLY_MAGIC, option, reply, len(payload))
         self._out += payload
 
@@ -738,6 +772,8 @@ class ServerConnection:
                 self._migrate(payload)
             elif option == FERRY_OPT_CONNECTIONS and self._migration_catalog is not None:
                 self._connections(payload)
+            elif option == FERRY_OPT_LOCATE and self._locator is not None:
+                self._locate(payload)
             else:
                 # STARTTLS, EXTENDED_HEADERS and numbers we have never heard of.
                 self._error(
@@ -768,6 +804,21 @@ class ServerConnection:
         if self._sender is not None and self._migration_catalog is not None:
             return self._migration_catalog.lookup_sender(name)
         return self._catalog.lookup(name)
+
+    def _locate(self, payload: bytes) -> None:
+        """``FERRY_OPT_LOCATE``: where the export is now (see ``ferry.nbd.locate``)."""
+        try:
+            name = decode_locate_request(payload)
+        except ValueError as error:
+            raise _Invalid(str(error)) from None
+        assert self._locator is not None
+        found = self._locator.locate(name)
+        if isinstance(found, Refusal):
+            self._error(FERRY_OPT_LOCATE, found.error, found.message)
+            return
+        for location in found:
+            self._reply(FERRY_OPT_LOCATE, FERRY_REP_LOCATION, encode_location(location))
+        self._reply(FERRY_OPT_LOCATE, OptionReply.ACK)
 
     def _migrate(self, payload: bytes) -> None:
         """``FERRY_OPT_MIGRATE``: validate, then let the catalog admit or refuse the sender."""
@@ -816,7 +867,8 @@ class ServerConnection:
             self._error(FERRY_OPT_CONNECTIONS, landing.error, landing.message)
             return
         self._carries = True
-        self._reply(FERRY_OPT_CONNECTIONS, OptionReply.ACK, landing.to_bytes())
+        self._reply(FERRY_OPT_CONNECTIONS, FERRY_REP_LANDING, landing.to_bytes())
+        self._reply(FERRY_OPT_CONNECTIONS, OptionReply.ACK)
 
     def _abort_handshake(self, reason: str, events: list[Event]) -> None:
         self._state = _State.CLOSED

@@ -27,7 +27,10 @@ What it holds:
   be counted off.
 
 Only a client's session in transmission moves: not one mid-handshake, not
-a closed or broken one, not a migration sender's or a flexnbd mirror's.
+a closed or broken one, not a migration sender's or a flexnbd mirror's, and
+not one of an export whose flags are capped (``ExportInfo.advertise``, a
+``ferry proxy``'s: the format does not carry the cap, and a restored
+connection without it would accept flags the server behind it lacks).
 ``ServerConnection.snapshot`` refuses those with :class:`SnapshotError`.
 
 The wire format is versioned (a magic, then a version refused by name if
@@ -106,6 +109,8 @@ class SessionSnapshot:
                 raise SnapshotError(f"{label} is over {MAX_STRING_LENGTH} bytes")
         if not 0 <= export.size < 1 << 64:
             raise SnapshotError(f"export size {export.size} is not a u64")
+        if export.advertise is not None:
+            raise SnapshotError("an export with capped flags (a proxy's) does not move")
         for label, value in (
             ("minimum block size", export.min_block_size),
             ("preferred block size", export.preferred_block_size),

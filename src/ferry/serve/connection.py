@@ -109,7 +109,8 @@ from ferry.nbd.events import (
     RejectedRequest,
     Request,
 )
-from ferry.nbd.server import ExportCatalog, MigrationCatalog, ServerConnection
+from ferry.nbd.locate import Location
+from ferry.nbd.server import ExportCatalog, Locator, MigrationCatalog, ServerConnection
 from ferry.nbd.session import SessionSnapshot, encode_request
 from ferry.outbox import Outbox, tune
 from ferry.serve.export import RECEIVING_STATES
@@ -217,14 +218,16 @@ class Receiver(TypingProtocol):
         ...
 
 
-class PeerCatalogs(ExportCatalog, MigrationCatalog, TypingProtocol):
-    """The catalogs one connection's handshake consults: its peer's view of the exports."""
+class PeerCatalogs(ExportCatalog, MigrationCatalog, Locator, TypingProtocol):
+    """The catalogs one connection's handshake consults: its peer's view of the exports
+    (and of where a handed-off one went)."""
 
 
-class ConnectionHost(ExportCatalog, MigrationCatalog, TypingProtocol):
+class ConnectionHost(ExportCatalog, MigrationCatalog, Locator, TypingProtocol):
     """What a connection needs of the listener that made it (``NBDServer`` is one).
 
-    The handshake asks it for exports (it is both catalogs); the connection
+    The handshake asks it for exports (it is both catalogs) and where a
+    handed-off export went (it is the locator); the connection
     reports itself opened and closed, reads the limits, and runs blocking
     work through it.
     """
@@ -338,7 +341,9 @@ class NBDServerProtocol(Protocol):
             self._server.handshake_timeout, self._handshake_expired
         )
         self.last_active = self._server.clock.seconds()
-        self._nbd = ServerConnection(self, migration=self, oldstyle=self._server.oldstyle)
+        self._nbd = ServerConnection(
+            self, migration=self, locator=self, oldstyle=self._server.oldstyle
+        )
         # An oldstyle server has chosen its export before the client speaks.
         self._receive(b"")
 
@@ -389,6 +394,9 @@ class NBDServerProtocol(Protocol):
 
     def listing(self) -> Sequence[ExportInfo]:
         return () if self.refusal is not None else self._peer_catalogs.listing()
+
+    def locate(self, name: str) -> Sequence[Location] | Refusal:
+        return self.refusal or self._peer_catalogs.locate(name)
 
     def admit_migration(self, request: MigrationRequest) -> Refusal | None:
         return self.refusal or self._peer_catalogs.admit_migration(request)

@@ -37,6 +37,7 @@ from ferry.chartnames import RoleState, RoleTrigger
 from ferry.clock import Clock
 from ferry.nbd.constants import MAX_REQUEST_SIZE, MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE
 from ferry.nbd.events import ExportInfo
+from ferry.nbd.locate import Location
 from ferry.nbd.session import SessionSnapshot
 from ferry.ratelimit import RateLimiter
 from ferry.serve.acl import Acl
@@ -180,6 +181,8 @@ class Export:
         # A listening export's lease (``listen --lockspace``): a commit takes
         # it over by the source's token before it is acknowledged.
         self.incoming_lease: IncomingLease | None = None
+        # Where the image went, once handed off: FERRY_OPT_LOCATE answers it.
+        self.handed_to: Location | None = None
         # Who may reach this export by name, beside the listener's own ACL
         # (which decides who may connect at all): a daemon's exports each
         # have one; ``ferry serve``'s admits everyone its listener admits.

@@ -6,7 +6,11 @@ admit clients (a listener waiting for a migration, an export being handed
 off) with an NBD error *and a message*, so a client sees why, instead of a
 bare disconnect.
 
-It is also the migration catalog (``ferry.nbd.server.MigrationCatalog``):
+It is also the locator (``ferry.nbd.server.Locator``): once an export has
+been handed off, ``FERRY_OPT_LOCATE`` answers where it went, so a ``ferry
+proxy`` that lost this server finds the new one without an operator.
+
+And it is the migration catalog (``ferry.nbd.server.MigrationCatalog``):
 ``FERRY_OPT_MIGRATE`` is acknowledged while an export is ``listening``, and
 the acknowledged connection then finds that export although it refuses
 ordinary clients.  One sender at a time: once a sender's handshake has made
@@ -61,6 +65,7 @@ from ferry.chartnames import RoleState
 from ferry.clock import Clock, DelayedCall, cancel_call
 from ferry.nbd.constants import OptionReply
 from ferry.nbd.events import ConnectionLanding, ExportInfo, MigrationRequest, Refusal
+from ferry.nbd.locate import Location
 from ferry.serve.acl import Acl
 from ferry.serve.connection import NBDServerProtocol, Receiver
 from ferry.serve.export import RECEIVING_STATES, Export
@@ -337,6 +342,17 @@ class NBDServer(Factory):
             return _not_listening(export)
         return export.info()
 
+    # -- Locator ---------------------------------------------------------------------
+
+    def locate(self, name: str) -> Sequence[Location] | Refusal:
+        """``FERRY_OPT_LOCATE``: where a handed-off export went; here (empty) otherwise."""
+        export = self.export_named(name)
+        if export is None:
+            return Refusal(OptionReply.ERR_UNKNOWN, f"no export named {name!r}")
+        if export.state == RoleState.HANDED_OFF and export.handed_to is not None:
+            return [export.handed_to]
+        return []
+
     # -- the control plane's handles -------------------------------------------------
 
     def replace_acl(self, acl: Acl) -> int:
@@ -430,6 +446,11 @@ class PeerCatalog:
 
     def connection_landing(self) -> ConnectionLanding | Refusal:
         return self._server.connection_landing(peer_host=self._peer_host)
+
+    # -- Locator ---------------------------------------------------------------------
+
+    def locate(self, name: str) -> Sequence[Location] | Refusal:
+        return self._refused(name) or self._server.locate(name)
 
 
 def _sender_refused(peer_host: str) -> Refusal:

@@ -107,6 +107,16 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
             raise OSError(err, os.strerror(err))
 
 
+def punch_supported(fd: int, offset: int, length: int) -> str | None:
+    """Punch a hole in ``fd`` (a scratch file: its data goes); None if the file system
+    can, else why not (``ferry check``)."""
+    try:
+        _fallocate(fd, _PUNCH, offset, length)
+    except OSError as error:
+        return f"fallocate(PUNCH_HOLE) failed: {error.strerror}"
+    return None
+
+
 class ImageError(Exception):
     """The image cannot be opened; ``str()`` is one line fit for a user."""
 

@@ -116,10 +116,16 @@ class MigrationJob:
     def __repr__(self) -> str:
         return f"<MigrationJob {self.state} plan={self.plan!r}>"
 
-    def fire(self, trigger: MigrationTrigger) -> None:
-        """Take ``trigger``; an illegal one raises ``transitions.MachineError``."""
+    def fire(self, trigger: MigrationTrigger, reason: str | None = None) -> None:
+        """Take ``trigger``; an illegal one raises ``transitions.MachineError``.
+
+        ``reason`` (why: a failure's detail, a veto's) goes into the trace record.
+        """
         model: Any = self
-        model.trigger(trigger)
+        if reason is None:
+            model.trigger(trigger)
+        else:
+            model.trigger(trigger, reason=reason)
 
     def can(self, trigger: MigrationTrigger) -> bool:
         """Whether ``trigger`` is legal in the current state."""

@@ -19,8 +19,11 @@ from __future__ import annotations
 import enum
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Final
 
-__all__ = ["FailureReason", "MigrationStats"]
+from ferry.nbd.constants import Errno
+
+__all__ = ["PERMANENT", "FailureReason", "MigrationStats", "failure_of_reply"]
 
 
 class FailureReason(enum.StrEnum):
@@ -39,6 +42,15 @@ class FailureReason(enum.StrEnum):
     LEASE = "lease"  # the lease could not be offered for the handover
     COMMIT_REJECTED = "commit_rejected"  # the destination answered the commit with an error
     IN_DOUBT = "in_doubt"  # the commit's ack was lost and the destination did not commit
+    HOOK = "hook"  # a hook (or the approver) vetoed a step: the job was cancelled
+    NO_SPACE = "no_space"  # the destination answered ENOSPC: its disk is full
+    LEASE_REFUSED = "lease_refused"  # the destination refused the commit: it cannot take the lease
+
+
+#: What retrying cannot heal: a migration lost to one of these ends ``failed`` at once.
+PERMANENT: Final = frozenset(
+    {FailureReason.NO_SPACE, FailureReason.SIZE_MISMATCH, FailureReason.LEASE_REFUSED}
+)
 
 
 @dataclass(slots=True)
@@ -46,3 +58,9 @@ class MigrationStats:
     retries: Counter[FailureReason] = field(default_factory=Counter)
     failures: Counter[FailureReason] = field(default_factory=Counter)
     completed: int = 0
+
+
+def failure_of_reply(error: Errno, otherwise: FailureReason) -> FailureReason:
+    """The reason of an error reply from the destination: ENOSPC is a full disk, which
+    no retry heals; any other error is ``otherwise`` (a write's, a flush's)."""
+    return FailureReason.NO_SPACE if error == Errno.ENOSPC else otherwise
