@@ -331,7 +331,7 @@ def build_parser() -> Parser:
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="if the server is not up yet, keep trying this long (for scripts)",
+        help="if the server (or the export) is not up yet, keep trying this long (for scripts)",
     )
     status.set_defaults(run=run_status)
 
@@ -558,11 +558,15 @@ def run_status(args: argparse.Namespace) -> int:
     while True:
         try:
             status, text = _status(args)
-            break
         except UserError:
             if time.monotonic() >= deadline:
                 raise
-            time.sleep(0.05)  # polling a server that is still starting
+        else:
+            # An export not there yet (its lease still being taken: a local
+            # lockspace answers from its own thread) is a server still starting.
+            if status == 0 or time.monotonic() >= deadline:
+                break
+        time.sleep(0.05)  # polling a server that is still starting
     if status != 0:
         raise UserError(text)
     if args.json:
