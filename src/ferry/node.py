@@ -24,7 +24,6 @@ import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Final
 
 from twisted.internet import defer
@@ -223,10 +222,10 @@ class Node:
         """Run ``work`` on one of the node's worker threads (every export's disk calls)."""
         return self._workers(work)
 
-    def _read_image(self, export: Export, offset: int, length: int) -> Deferred[bytes]:
-        """A migration pass's read of ``export``'s image, on a thread in the export's lane."""
+    def _image_call(self, export: Export, work: Callable[[], Any]) -> Deferred[Any]:
+        """A migration's call on ``export``'s image (a read, an extent scan), in its lane."""
         assert self.server is not None
-        return self.server.run_blocking_for(export, partial(export.image.pread, offset, length))
+        return self.server.run_blocking_for(export, work)
 
     def _export_of(self, record: TraceRecord) -> str:
         """The name of the export a transition belongs to ("" for none), for the log."""
@@ -419,7 +418,7 @@ class Node:
             stop_process=lambda: self._after_handoff(name),
             carrier=self.carrier,
             hooks=hooks,
-            read=lambda offset, length: self._read_image(export, offset, length),
+            image_calls=lambda work: self._image_call(export, work),
         )
         unit = ExportUnit(config, export, mirrors)
         unit.can_move_connections = self.carrier is not None and self.carrier.can_move

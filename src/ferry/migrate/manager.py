@@ -37,7 +37,7 @@ from ferry.migrate.options import (
     NotMirroring,
     StartOutcome,
 )
-from ferry.migrate.source import ImageReader, MirrorSource
+from ferry.migrate.source import ImageCalls, MirrorSource
 from ferry.migrate.wire import Connector
 from ferry.serve.export import Export
 from ferry.status import StatusSnapshot
@@ -65,11 +65,11 @@ class MirrorManager:
         stop_process: Callable[[], None] | None = None,
         carrier: Carrier | None = None,
         hooks: Hooks | None = None,
-        read: ImageReader | None = None,
+        image_calls: ImageCalls | None = None,
     ) -> None:
         self.export = export
         self.hooks = hooks
-        self._read = read
+        self._image_calls = image_calls
         self._carrier = carrier
         self._gate = gate
         self._clock = clock
@@ -151,7 +151,7 @@ class MirrorManager:
             stats=self.stats,
             carrier=self._carrier,
             hooks=self.hooks,
-            read=self._read,
+            image_calls=self._image_calls,
         )
         self.current = source
         return source.start()

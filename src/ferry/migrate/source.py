@@ -30,6 +30,7 @@ checks that its attempt is still the current one, so a late reply, timer or
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
@@ -78,14 +79,14 @@ from ferry.nbd.events import (
 )
 from ferry.nbd.locate import Location
 from ferry.serve.export import Export
-from ferry.storage import Image
+from ferry.storage import Extent, Image
 from ferry.storage.dirtymap import DirtyMap
 from ferry.trace import Tracer
 
-__all__ = ["ImageReader", "MirrorSource"]
+__all__ = ["ImageCalls", "MirrorSource"]
 
-ImageReader = Callable[[int, int], "Deferred[bytes]"]
-"""Reads ``(offset, length)`` of the image on a worker thread (the export's lane)."""
+ImageCalls = Callable[[Callable[[], Any]], "Deferred[Any]"]
+"""Runs a call on the image (a read, an extent scan) on a worker thread, in the export's lane."""
 
 _log = Logger()
 
@@ -139,11 +140,11 @@ class MirrorSource:
         stats: MigrationStats | None = None,
         carrier: Carrier | None = None,
         hooks: Hooks | None = None,
-        read: ImageReader | None = None,
+        image_calls: ImageCalls | None = None,
     ) -> None:
         self._export = export
         # How the passes read the image off the reactor thread (None: inline, for tests).
-        self._read = read
+        self._image_calls = image_calls
         self._tracer = tracer
         # The export's hooks: pre-migrate and pre-switchover may veto.
         self._hooks = hooks
@@ -181,6 +182,8 @@ class MirrorSource:
             destination_empty=options.destination_empty,
             followers={"role": export.trigger},
         )
+        if image_calls is not None:
+            self._job.scan_extents = self._scan_extents
         self.started: Deferred[StartOutcome] = Deferred()
         self.finished: Deferred[MirrorResult] = Deferred()
         self.outcome: StartOutcome | None = None
@@ -261,9 +264,32 @@ class MirrorSource:
         return attempt is self._attempt
 
     def read_image(self, offset: int, length: int) -> Deferred[bytes]:
-        if self._read is not None:
-            return self._read(offset, length)
+        if self._image_calls is not None:
+            return self._image_calls(partial(self._image.pread, offset, length))
         return maybeDeferred(self._image.pread, offset, length)
+
+    def _scan_extents(self, then: Callable[[list[Extent]], None]) -> None:
+        """The bulk pass's extent scan, on a worker thread; then its pass, and pump."""
+        assert self._image_calls is not None
+        attempt = self._attempt
+        image = self._image
+
+        def scanned(extents: list[Extent]) -> None:
+            then(extents)
+            if self.current(attempt):
+                self.pump(attempt)
+
+        def failed(failure: Failure) -> None:
+            self.fail(
+                attempt,
+                "",
+                f"reading the image's extents failed: {failure.getErrorMessage()}",
+                FailureReason.READ_ERROR,
+            )
+
+        d = self._image_calls(partial(image.extents, 0, image.size))
+        d.addCallbacks(scanned, failed)
+        d.addErrback(lambda failure: _log.failure("after the extent scan", failure))
 
     def pump(self, attempt: Attempt) -> None:
         self.copier.pump(attempt)
