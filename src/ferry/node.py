@@ -217,6 +217,7 @@ class Node:
         self.carrier: Carrier | None = None
         self._stopped = False
         self._workers = WorkerPool(reactor, WORKER_THREADS)
+        self._not_accepting: list[IListeningPort] = []  # NBD ports held until the start is done
 
     def run_blocking(self, work: Callable[[], object]) -> Deferred[Any]:
         """Run ``work`` on one of the node's worker threads (every export's disk calls)."""
@@ -249,14 +250,19 @@ class Node:
         with :class:`StartupError`.  Every address and port is bound first,
         so a port in use is said before anything else is tried; each export's
         lease is taken before the export is put on the port, so no client is
-        ever served without one (one that comes sooner is told there is no
-        such export).  Without a lockspace the answer has fired when this
-        returns (a local lockspace answers from its own thread, etcd over
-        the network).
+        ever served without one (one that comes sooner waits in the listen
+        backlog until every export of the start serves).  Without a
+        lockspace the answer has fired when this returns (a local lockspace
+        answers from its own thread, etcd over the network).
         """
         try:
             self._open(self.config)
             self._open_nbd(self.config)
+            # Bound (a port in use is said at once) but not accepting until every
+            # export of the start serves: a client that comes sooner waits in the
+            # listen backlog rather than being told there is no such export.
+            for port in self._not_accepting:
+                port.stopReading()  # type: ignore[attr-defined]
         except Exception:
             self._failed_start(None)
             return defer.fail()
@@ -267,6 +273,9 @@ class Node:
     def _started(self, _: object) -> None:
         """Every export of the start serves: say so, one line each (later ones as they come)."""
         self._running = True
+        ports, self._not_accepting = self._not_accepting, []
+        for port in ports:
+            port.startReading()  # type: ignore[attr-defined]
         for unit in self.exports:
             self._announce(unit)
 
@@ -595,6 +604,7 @@ class Node:
     def _open_nbd(self, config: NodeConfig) -> None:
         assert self.server is not None and self.carrier is not None
         self.nbd_port = self._listen_tcp(config.port, self.server, config.addr, "NBD")
+        self._not_accepting.append(self.nbd_port)
         service = self.carrier.service
         if service is None:
             return
@@ -617,6 +627,7 @@ class Node:
         with listening:
             port = self.reactor.adoptStreamPort(listening.fileno(), listening.family, self.server)
         self._ports.append(port)
+        self._not_accepting.append(port)
 
     @property
     def nbd_address(self) -> tuple[str, int] | None:

@@ -6,9 +6,17 @@ moves bytes between it, the socket and the image.
 Invariants:
 
 * Every parsed request gets exactly one reply, unless the connection is lost.
-* Requests are *performed* in the order they arrive; replies may complete
-  out of order (a FLUSH or FUA write waits on a thread while later reads are
-  answered).
+* No disk call runs on the reactor thread.  Requests are dispatched in the
+  order they arrive and performed on worker threads (the export's lane,
+  :mod:`ferry.serve.lanes`), in the order :mod:`ferry.serve.ordering` keeps:
+  overlapping requests where one writes run in arrival order, a FLUSH after
+  every write before it.  A READ the page cache can answer at once
+  (``Image.read_cached``) is answered on the spot.  Replies leave as jobs
+  finish, so they may come out of order, as NBD allows.
+* A write is reported to the export (the dirty map) once it has landed and
+  before anything that waited for it starts; a switchover's hold waits for
+  the writes in flight (``Export.writes_landed``), and a sender's commit for
+  its own.
 * The connection is a push producer for its transport.  When the transport
   says "pause" (its write buffer is full), the connection stops reading from
   the socket *and* stops dispatching requests it has already parsed, so a
@@ -21,7 +29,8 @@ Invariants:
   those of one batch of requests leave together (one ``sendmsg``, without a
   copy, when the transport holds nothing), and the outbox is flushed before
   control returns to the reactor -- at the end of ``_dispatch``, after a
-  thread's result, after handshake output.
+  batch of threads' results (:func:`ferry.workers.at_end_of_turn`), after
+  handshake output.
 
 The migration sender (a connection whose ``FERRY_OPT_MIGRATE`` was
 acknowledged, see ``ferry.serve.server``) is served like any client -- its

@@ -46,7 +46,8 @@ connection's catalogs refuse any other with ERR_POLICY.
 NBD_OPT_LIST shows only the exports a client may use now: not one that is
 listening for its migration, or that has lost control.
 
-Each export's blocking jobs (fdatasync) reach the worker threads through a
+Each export's blocking jobs (every disk call of its requests, and its
+migration's reads) reach the worker threads through a
 :class:`~ferry.serve.lanes.Lane` of its own, so an export whose disk hangs
 holds only its share of them.
 """
