@@ -7,6 +7,10 @@ schedule (so a stalled write does not lower the rate afterwards: the backlog goe
 once, up to ``QUEUE_DEPTH`` requests in flight), until the stop file appears, the run
 has lasted SECONDS, or the server goes away.
 
+An optional fifth argument, BIND, is the client's own address: any of loopback's
+127.0.0.0/8 will do, so that more clients than ferry admits from one address
+(``MAX_CONNECTIONS_PER_ADDRESS``) can run on one host (``benchmarks/takeover.py``).
+
 Every write's latency is measured from the moment it was due (not from when it could be
 issued), so a server that holds requests shows up as a long latency even when the queue is
 full.  It prints one JSON object: writes, bytes, the longest and the 99th-percentile
@@ -30,7 +34,10 @@ def main() -> int:
     import nbd  # Debian's libnbd bindings
 
     handle = nbd.NBD()
-    handle.connect_uri(uri)
+    if len(sys.argv) > 5:
+        connect_from(handle, uri, sys.argv[5])
+    else:
+        handle.connect_uri(uri)
     blocks = handle.get_size() // BLOCK
     rng = random.Random(2026)
     pool = [nbd.Buffer.from_bytearray(bytearray(os.urandom(BLOCK))) for _ in range(64)]
@@ -114,6 +121,17 @@ def main() -> int:
         )
     )
     return 0
+
+
+def connect_from(handle: object, uri: str, bind: str) -> None:
+    """Connect ``handle`` to the nbd:// ``uri`` from the local address ``bind``."""
+    import socket
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(uri)
+    sock = socket.create_connection((parts.hostname, parts.port or 10809), source_address=(bind, 0))
+    handle.set_export_name(urllib.parse.unquote(parts.path[1:]))  # type: ignore[attr-defined]
+    handle.connect_socket(sock.detach())  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

@@ -25,14 +25,24 @@ the stream.  The module docstring's promises are checked:
 4. The end of the stream with requests unanswered is a ``ProtocolError``.
 5. The same bytes split differently give the same events and the same
    bytes sent to the server.
+6. A client that insists on TLS (``tls=True``) never negotiates without
+   it: ``StartTLS`` comes once, before any ``OptionAnswered``, and before
+   ``Negotiated`` (never an oldstyle one); without ``tls`` it never comes.
 
 Input: ``[config][split seed][u16 n][n handshake bytes][u8 k][k script bytes][reply bytes]``.
 Config bits: 0 ask for structured replies, 1 ask for ``base:allocation``,
 2 send ``FERRY_OPT_MIGRATE`` first, 3 a 4096-byte ``max_reply_size``, 4 the
 export name "disk" (else ""), 5 send ``FERRY_OPT_LOCATE`` (after the
-migration option, if both), as ``ferry proxy`` does.  Each script byte is one request: the low
+migration option, if both), as ``ferry proxy`` does, 6 insist on TLS.  Each
+script byte is one request: the low
 nibble its kind, the high nibble its length (from ``LENGTHS``); the offset
 is 512 times its place in the script.
+
+With TLS the harness plays the caller's part: once ``StartTLS`` comes it
+calls ``tls_started`` and feeds the rest of the handshake as what TLS
+decrypted.  A real server sends nothing after its ACK to STARTTLS until
+the client's TLS hello, so every split of the handshake is also cut where
+the server's first option reply ends (``tls_boundary``).
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from ferry.nbd.constants import (
     FERRY_MIGRATE_REQUEST,
     FERRY_OPT_MIGRATE,
     FLEXNBD_MIRROR_HANDLE,
+    GREETING_NEWSTYLE,
     MAX_REQUEST_SIZE,
     Command,
     CommandFlag,
@@ -62,6 +73,7 @@ from ferry.nbd.events import (
     OptionData,
     ProtocolError,
     Reply,
+    StartTLS,
 )
 from ferry.nbd.locate import locate_option
 from fuzzing import Violation, chunks, expect, run, same_session, stays_broken
@@ -74,6 +86,7 @@ _STRUCTURED_HEADER: Final = 20
 _OLDSTYLE_GREETING: Final = 152
 _EXPORT_NAME_REPLY: Final = 134
 _OPTION_REPLY_HEADER: Final = 20
+_OPTION_REPLY: Final = struct.Struct(">QIII")  # magic, option, reply type, length
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,7 @@ class Setup:
     extra: tuple[tuple[int, bytes], ...]
     max_reply_size: int
     export_name: str
+    tls: bool = False
 
     @classmethod
     def from_byte(cls, config: int) -> Setup:
@@ -97,6 +111,7 @@ class Setup:
             extra=extra,
             max_reply_size=SMALL_REPLY if config & 8 else MAX_REQUEST_SIZE + 4096,
             export_name=export_name,
+            tls=bool(config & 64),
         )
 
     def connect(self) -> ClientConnection:
@@ -106,6 +121,7 @@ class Setup:
             meta_contexts=self.contexts,
             max_reply_size=self.max_reply_size,
             extra_options=self.extra,
+            tls=self.tls,
         )
 
 
@@ -198,6 +214,11 @@ def feed(conn: ClientConnection, setup: Setup, outcome: Outcome, pieces: list[by
             if isinstance(event, Negotiated):
                 outcome.contexts = dict(event.meta_contexts)
         check_held(conn, setup)
+        if any(type(event) is StartTLS for event in got):
+            expect(type(got[-1]) is StartTLS, "events after StartTLS in the same call")
+            # The caller's part: TLS is up, and the rest is what it decrypts.
+            conn.tls_started()
+            outcome.output += conn.data_to_send()
 
 
 def check_held(conn: ClientConnection, setup: Setup) -> None:
@@ -234,13 +255,18 @@ def session(setup: Setup, handshake: list[bytes], script: bytes, replies: list[b
 
 def check_events(outcome: Outcome, setup: Setup) -> None:
     """Invariant 2."""
-    negotiated = failed = False
+    negotiated = failed = tls = False
     answered = 0
     waiting = dict(outcome.requests)
     context_ids = set(outcome.contexts.values())
     for event in outcome.events:
         expect(not failed, f"{event!r:.200} after NegotiationFailed")
-        if isinstance(event, OptionAnswered):
+        if isinstance(event, StartTLS):
+            expect(setup.tls, "StartTLS from a client that did not ask for TLS")
+            expect(not tls, "a second StartTLS")
+            expect(not negotiated and not answered, "StartTLS after another option's answer")
+            tls = True
+        elif isinstance(event, OptionAnswered):
             expect(not negotiated, "OptionAnswered after Negotiated")
             expect(event.option in [o for o, _ in setup.extra], f"answer to {event.option:#x}")
             answered += 1
@@ -261,6 +287,7 @@ def check_events(outcome: Outcome, setup: Setup) -> None:
         elif isinstance(event, Negotiated):
             expect(not negotiated, "a second Negotiated")
             negotiated = True
+            expect(tls or not setup.tls, "negotiated without TLS, which the client insists on")
             check_negotiated(event, setup)
         elif isinstance(event, Reply):
             expect(negotiated, "a Reply before Negotiated")
@@ -312,14 +339,26 @@ def check_reply(reply: Reply, sent: Sent, context_ids: set[int]) -> None:
             expect(len(extents) == 1, f"{len(extents)} extents for REQ_ONE: {what}")
 
 
+def tls_boundary(handshake: bytes) -> int | None:
+    """Where the server's answer to STARTTLS, its first option reply, ends (None: no cut)."""
+    pos = GREETING_NEWSTYLE.size
+    if len(handshake) < pos + _OPTION_REPLY.size or handshake[8:16] != b"IHAVEOPT":
+        return None  # too short for the cut to matter, or an oldstyle hello (no options)
+    *_, length = _OPTION_REPLY.unpack_from(handshake, pos)
+    end = pos + _OPTION_REPLY.size + length
+    return end if end < len(handshake) else None
+
+
 def check(data: bytes) -> None:
     parsed = parse(data)
     if parsed is None:
         return
     setup, seed, handshake, script, replies = parsed
-    whole = session(setup, [handshake], script, [replies] if replies else [])
+    boundary = tls_boundary(handshake) if setup.tls else None
+    parts = [handshake] if boundary is None else [handshake[:boundary], handshake[boundary:]]
+    whole = session(setup, parts, script, [replies] if replies else [])
     pieces = chunks(replies, seed) if replies else []
-    split = session(setup, chunks(handshake, seed), script, pieces)
+    split = session(setup, [p for part in parts for p in chunks(part, seed)], script, pieces)
     for outcome in (whole, split):
         check_events(outcome, setup)
     same_session(whole, split, f"whole vs split {seed}")

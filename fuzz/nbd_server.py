@@ -3,7 +3,8 @@
 
 Client bytes go in, from the client flags through option haggling
 (including ferry's ``FERRY_OPT_MIGRATE`` with a ``MigrationCatalog`` that
-admits or refuses, and ``FERRY_OPT_LOCATE`` with a ``Locator``) into
+admits or refuses, ``FERRY_OPT_LOCATE`` with a ``Locator``, and
+``NBD_OPT_STARTTLS`` under each ``TLSMode``) into
 transmission (including ``FERRY_CMD_COMMIT``).  What
 is checked is what the module docstring promises, not only that nothing
 crashes:
@@ -18,6 +19,10 @@ crashes:
    (whose state is at most ``FERRY_MAX_CONNECTION`` bytes) only on the
    connection whose ``FERRY_OPT_MIGRATE`` the catalog admitted; nothing before
    ``HandshakeComplete`` or after ``Disconnect``/``HandshakeAborted``.
+   ``StartTLS`` at most once, before ``HandshakeComplete``, never with TLS
+   off; with TLS required, no ``HandshakeComplete`` without it; and a sender
+   admitted before it is forgotten (``HandshakeComplete.migration`` is one
+   admitted after it).
 3. What the connection holds between calls stays in its bounds: less than
    a client-flags word, one option header plus ``MAX_OPTION_LENGTH``, less
    than one request header, or one WRITE payload of at most
@@ -39,8 +44,17 @@ catalog and whether it admits the sender, a small ``max_request_size``
 so that limit is reachable by a fuzzer's short inputs, and ferry's
 extras: a locator ("disk" has moved, "" is here) and the disk's flags
 capped as a ``ferry proxy`` caps them.  The seed picks
-where the stream is cut; each input runs whole, cut by the seed, and --
+where the stream is cut, and its two high bits the TLS mode (the config
+byte has no bit left): 1 on, 2 required, else off; each input runs whole,
+cut by the seed, and --
 when short enough to afford it -- byte by byte.
+
+The harness plays the caller's part in STARTTLS: once ``StartTLS`` comes
+it calls ``tls_started`` and feeds the rest of the stream as what TLS
+decrypted.  A real client sends nothing after STARTTLS until the ACK, so
+every split is also cut where the first STARTTLS option without data ends
+(``tls_boundary``): what the parser does with plaintext that follows the
+option in the same call (it breaks) is a unit test's, not a split's.
 """
 
 from __future__ import annotations
@@ -57,14 +71,18 @@ from ferry.nbd.constants import (
     FERRY_OPT_CONNECTIONS,
     FERRY_REP_LANDING,
     FLEXNBD_MIRROR_HANDLE,
+    IHAVEOPT,
     MAX_OPTION_LENGTH,
     MAX_REQUEST_SIZE,
     MAX_STRING_LENGTH,
+    OPTION_HEADER,
     Command,
     CommandFlag,
     Errno,
     Info,
+    Option,
     OptionReply,
+    TLSMode,
     TransmissionFlag,
 )
 from ferry.nbd.events import (
@@ -81,6 +99,7 @@ from ferry.nbd.events import (
     Refusal,
     RejectedRequest,
     Request,
+    StartTLS,
 )
 from ferry.nbd.locate import FERRY_OPT_LOCATE, FERRY_REP_LOCATION, Location, decode_location
 from ferry.nbd.server import ServerConnection
@@ -122,9 +141,14 @@ class Setup:
     admits: bool  # ... and it admits the sender
     max_request_size: int
     extras: bool  # a Locator, and the disk's flags capped to CAP
+    tls: TLSMode = TLSMode.OFF
 
     @classmethod
-    def from_byte(cls, config: int) -> Setup:
+    def from_byte(cls, config: int, seed: int | None = None) -> Setup:
+        """The setup ``config`` picks; TLS from the ``seed``'s high bits (None: off, oldstyle)."""
+        tls = TLSMode.OFF
+        if seed is not None:
+            tls = {1: TLSMode.ON, 2: TLSMode.REQUIRE}.get(seed >> 6, TLSMode.OFF)
         return cls(
             size=SIZES[config & 3],
             min_block=512 if config & 4 else 1,
@@ -133,6 +157,7 @@ class Setup:
             admits=bool(config & 32),
             max_request_size=SMALL_MAX_REQUEST if config & 64 else MAX_REQUEST_SIZE,
             extras=bool(config & 128),
+            tls=tls,
         )
 
     def disk(self) -> ExportInfo:
@@ -218,6 +243,8 @@ class Outcome:
     error: str | None
     advertised: TransmissionFlag
     admitted: list[MigrationRequest]
+    # How many senders were admitted when TLS started (None: it did not).
+    admitted_before_tls: int | None = None
 
 
 def newstyle(setup: Setup) -> tuple[ServerConnection, Migrations | None]:
@@ -227,6 +254,7 @@ def newstyle(setup: Setup) -> tuple[ServerConnection, Migrations | None]:
         migration=migrations,
         locator=Locations() if setup.extras else None,
         max_request_size=setup.max_request_size,
+        tls=setup.tls,
     )
     return conn, migrations
 
@@ -238,6 +266,7 @@ def session(
     events: list[Event] = []
     output = bytearray(conn.data_to_send())
     error = None
+    admitted_before_tls = None
     for piece in pieces:
         try:
             got = conn.receive_data(piece)
@@ -250,12 +279,18 @@ def session(
         output += conn.data_to_send()
         events += got
         check_held(conn, setup)
+        if any(type(event) is StartTLS for event in got):
+            expect(type(got[-1]) is StartTLS, "events after StartTLS in the same call")
+            expect(not conn.tls, "StartTLS once TLS is on")
+            # The caller's part: TLS is up, and the rest is what it decrypts.
+            conn.tls_started()
+            admitted_before_tls = len(migrations.admitted) if migrations is not None else 0
     else:
         if conn.closed:
             # After an abort or DISC, stray bytes are ignored, not an error.
             expect(conn.receive_data(b"\0" * _HEADER) == [], "input after the end made events")
     admitted = list(migrations.admitted) if migrations is not None else []
-    return Outcome(events, bytes(output), error, conn.flags, admitted)
+    return Outcome(events, bytes(output), error, conn.flags, admitted, admitted_before_tls)
 
 
 def check_held(conn: ServerConnection, setup: Setup) -> None:
@@ -350,8 +385,15 @@ def check_events(outcome: Outcome, setup: Setup) -> None:
     """Invariant 2: events in a possible order, each acceptable as it stands."""
     complete: HandshakeComplete | None = None
     ended = False
+    tls = False
     for event in outcome.events:
         expect(not ended, f"{event!r:.200} after the session ended")
+        if isinstance(event, StartTLS):
+            expect(setup.tls is not TLSMode.OFF, "StartTLS with TLS off")
+            expect(not tls, "a second StartTLS")
+            expect(complete is None, "StartTLS after the handshake")
+            tls = True
+            continue
         if isinstance(event, HandshakeComplete):
             expect(complete is None, "a second HandshakeComplete")
             complete = event
@@ -368,10 +410,16 @@ def check_events(outcome: Outcome, setup: Setup) -> None:
                     event.migration is not None or event.flexnbd,
                     "a plain client reached the listening export",
                 )
+            expect(
+                tls or setup.tls is not TLSMode.REQUIRE,
+                "the handshake completed without TLS, which is required",
+            )
             if event.migration is not None:
+                since = (outcome.admitted_before_tls or 0) if tls else 0
                 expect(
-                    any(event.migration is m for m in outcome.admitted),
-                    "HandshakeComplete names a sender the catalog did not admit",
+                    any(event.migration is m for m in outcome.admitted[since:]),
+                    "HandshakeComplete names a sender the catalog did not admit"
+                    + (" since TLS started" if tls else ""),
                 )
             expect(
                 set(event.meta_contexts.items()) <= {(1, "base:allocation")},
@@ -489,7 +537,12 @@ def check_splits(
 ) -> None:
     """Run ``stream`` whole, cut by ``seed`` and (short ones) bytewise; check and compare."""
     prefix = [b""] if oldstyle else []  # oldstyle: the events waiting from __init__
-    splits = [("whole", [stream]), (f"split {seed}", chunks(stream, seed))]
+    boundary = tls_boundary(stream) if setup.tls is not TLSMode.OFF else None
+    parts = [stream] if boundary is None else [stream[:boundary], stream[boundary:]]
+    splits = [
+        ("whole", parts),
+        (f"split {seed}", [piece for part in parts for piece in chunks(part, seed)]),
+    ]
     if len(stream) <= BYTEWISE_LIMIT:
         splits.append(("bytewise", bytewise(stream)))
     outcomes = []
@@ -504,10 +557,30 @@ def check_splits(
         same_session(reference, outcome, f"{reference_how} vs {how}")
 
 
+def tls_boundary(stream: bytes) -> int | None:
+    """Where the first STARTTLS option without data ends in ``stream``, if it comes at all.
+
+    The walk reads option frames after the client flags and stops at the
+    first that is not one (transmission begins with a request's magic, never
+    IHAVEOPT): the cut is where a real client's plaintext would end.  A cut
+    anywhere else in a stream is harmless (invariant 4), so a STARTTLS that
+    turns out to be refused costs nothing.
+    """
+    pos = 4
+    while len(stream) - pos >= OPTION_HEADER.size:
+        magic, option, length = OPTION_HEADER.unpack_from(stream, pos)
+        if magic != IHAVEOPT or length > MAX_OPTION_LENGTH:
+            return None
+        pos += OPTION_HEADER.size + length
+        if option == Option.STARTTLS and length == 0:
+            return pos if pos < len(stream) else None
+    return None
+
+
 def check(data: bytes) -> None:
     if len(data) < 2:
         return
-    setup = Setup.from_byte(data[0])
+    setup = Setup.from_byte(data[0], data[1])
     check_splits(setup, data[2:], data[1], connect=newstyle)
 
 

@@ -54,9 +54,25 @@ fi
 rm -rf "$root/root/ferry"
 git clone -q "$repo" "$root/root/ferry"
 
+# Not a plain chroot: in a mount namespace of its own, the new root becomes
+# the namespace's root (pivot_root), as on a booted system.  A chrooted
+# process may not create a user namespace (unshare -Ur), and `ip -n` cannot
+# make "/" a slave mount when "/" is no mount at all.
+enter() {
+    unshare --mount --propagation slave -- /bin/bash -c '
+        set -e
+        root=$1; shift
+        mount --rbind "$root" "$root"
+        cd "$root"
+        mkdir -p .oldroot
+        pivot_root . .oldroot
+        umount -l /.oldroot
+        exec /usr/bin/env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin TERM=dumb "$@"
+    ' enter "$root" "$@"
+}
+
 for command in "bash scripts/demo.sh" "bash scripts/test.sh"; do
     echo "== $command"
-    chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin TERM=dumb \
-        /bin/bash -c "cd /root/ferry && $command"
+    enter /bin/bash -c "cd /root/ferry && $command"
 done
 echo "== both quick-start commands passed on a minimal Debian 12"

@@ -17,7 +17,7 @@ venv=${FERRY_VENV:-.venv}
 debian=(python3 python3-venv file libnbd-bin python3-libnbd nftables)
 extras=""
 if [[ "${1:-}" == "--test" ]]; then
-    debian+=(qemu-utils nbdkit nbd-server prometheus fio curl etcd-server iproute2 systemd)
+    debian+=(qemu-utils nbdkit nbd-server prometheus fio curl etcd-server iproute2 systemd procps openssl)
     extras="[test,lint,fuzz]"
     # The kernel's NBD client across a handoff, where the nbd module loads.
     debian+=(kmod nbd-client)

@@ -9,15 +9,24 @@ The member runs with a 10 ms heartbeat and a 100 ms election timeout.  etcd
 derives its minimum lease TTL from those (1.5 election timeouts, rounded up
 to a whole second): 1 s here instead of the default 2 s, which keeps the
 expiry tests short.
+
+With ``tls`` (a certificate directory from ``tls_support``) the member
+serves ``https://`` only and requires a client certificate from the
+directory's CA (``--client-cert-auth``); the harness uses the directory's
+client pair itself.  :meth:`EtcdServer.enable_auth` turns etcd's
+authentication on, with a root user for the harness and a user that may
+read and write ferry's prefix only.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import urllib.error
 import urllib.request
@@ -36,11 +45,16 @@ FAST_RAFT = ["--heartbeat-interval", "10", "--election-timeout", "100"]
 MIN_TTL = 1  # seconds, with FAST_RAFT (2 with etcd's defaults)
 
 
+ROOT_PASSWORD = "root-secret"  # the harness's own etcd user (a test etcd, never a real one)
+
+
 class EtcdServer:
     """One etcd member in a child process, on ports it keeps across restarts."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, tls: Path | None = None) -> None:
         self.root = root
+        self.tls = tls
+        self._token: str | None = None  # the root user's, once auth is enabled
         self.data_dir = root / "data"
         self.log = root / "etcd.log"
         self.client_port = 0
@@ -51,7 +65,15 @@ class EtcdServer:
     @property
     def url(self) -> str:
         """The client URL, as an ``EtcdLockspace`` endpoint."""
-        return f"http://{HOST}:{self.client_port}"
+        scheme = "http" if self.tls is None else "https"
+        return f"{scheme}://{HOST}:{self.client_port}"
+
+    def _context(self) -> ssl.SSLContext | None:
+        if self.tls is None:
+            return None
+        context = ssl.create_default_context(cafile=str(self.tls / "ca-cert.pem"))
+        context.load_cert_chain(self.tls / "client-cert.pem", self.tls / "client-key.pem")
+        return context
 
     def argv(self) -> list[str]:
         peer = f"http://{HOST}:{self.peer_port}"
@@ -66,7 +88,50 @@ class EtcdServer:
             f"--initial-cluster=ferry-test={peer}",
             "--initial-cluster-state=new",
             *FAST_RAFT,
+            *self._tls_args(),
         ]
+
+    def _tls_args(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return [
+            f"--cert-file={self.tls / 'server-cert.pem'}",
+            f"--key-file={self.tls / 'server-key.pem'}",
+            f"--trusted-ca-file={self.tls / 'ca-cert.pem'}",
+            "--client-cert-auth",
+        ]
+
+    def enable_auth(self, user: str, password: str, prefix: str = "/ferry/leases/") -> None:
+        """Turn authentication on: ``user`` may read and write ``prefix``, nothing else."""
+        key = prefix.encode()
+        end = key[:-1] + bytes([key[-1] + 1])
+        for path, payload in (
+            ("/v3/auth/user/add", {"name": "root", "password": ROOT_PASSWORD}),
+            ("/v3/auth/user/grant", {"user": "root", "role": "root"}),
+            ("/v3/auth/role/add", {"name": "ferry"}),
+            (
+                "/v3/auth/role/grant",
+                {
+                    "name": "ferry",
+                    "perm": {
+                        "permType": "READWRITE",
+                        "key": base64.b64encode(key).decode(),
+                        "range_end": base64.b64encode(end).decode(),
+                    },
+                },
+            ),
+            ("/v3/auth/user/add", {"name": user, "password": password}),
+            ("/v3/auth/user/grant", {"user": user, "role": "ferry"}),
+            ("/v3/auth/enable", {}),
+        ):
+            self._post(path, payload)
+        self._token = self._post(
+            "/v3/auth/authenticate", {"name": "root", "password": ROOT_PASSWORD}
+        )["token"]
+
+    def change_password(self, user: str, password: str) -> None:
+        """Set ``user``'s password (etcd then forgets every token it gave that user)."""
+        self._post("/v3/auth/user/changepw", {"name": user, "password": password})
 
     def start(self, deadline: float = DEADLINE) -> EtcdServer:
         """Start on new free ports (a few tries: another process may take a port first)."""
@@ -125,7 +190,8 @@ class EtcdServer:
 
     def watchers(self) -> int:
         """How many watchers etcd has now (its ``etcd_debugging_mvcc_watcher_total`` gauge)."""
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=DEADLINE) as answer:
+        metrics = f"{self.url}/metrics"
+        with urllib.request.urlopen(metrics, timeout=DEADLINE, context=self._context()) as answer:
             for line in answer.read().decode().splitlines():
                 if line.startswith("etcd_debugging_mvcc_watcher_total "):
                     return int(float(line.split()[1]))
@@ -143,13 +209,16 @@ class EtcdServer:
 
     def _post(self, path: str, payload: dict[str, object]) -> dict[str, Any]:
         request = urllib.request.Request(f"{self.url}{path}", data=json.dumps(payload).encode())
-        with urllib.request.urlopen(request, timeout=DEADLINE) as answer:
+        if self._token is not None:
+            request.add_header("Authorization", self._token)
+        with urllib.request.urlopen(request, timeout=DEADLINE, context=self._context()) as answer:
             result: dict[str, Any] = json.load(answer)
             return result
 
     def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=1) as answer:
+            health = f"{self.url}/health"
+            with urllib.request.urlopen(health, timeout=1, context=self._context()) as answer:
                 return bool(json.load(answer).get("health") == "true")
         except (OSError, urllib.error.URLError, ValueError):
             return False

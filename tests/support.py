@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -429,3 +430,70 @@ def wait_until(what: str, check: Callable[[], bool], deadline: Deadline | None =
         if deadline.expired():
             raise AssertionError(f"not in time: {what}")
         time.sleep(0.02)  # polling the condition itself, not waiting in its place
+
+
+class QemuIo:
+    """``qemu-io`` on one NBD connection, fed write-then-verify pairs until told to stop."""
+
+    SLOTS = 64
+    SLOT = 65536
+
+    def __init__(self, prefix: list[str], uri: str, offset: int) -> None:
+        """``prefix`` runs it elsewhere (``ip netns exec HOST``); it works on the 64
+        slots of 64 KiB from ``offset``, a pattern byte each pair."""
+        self.proc = subprocess.Popen(
+            [*prefix, "qemu-io", "-f", "raw", uri],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self.offset = offset
+        self.pairs = 0
+        self._stop = threading.Event()
+        self._output: list[bytes] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._writer = threading.Thread(target=self._feed, daemon=True)
+        self._writer.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._output.append(line)
+
+    def _feed(self) -> None:
+        assert self.proc.stdin is not None
+        try:
+            while not self._stop.is_set():
+                pattern = self.pattern(self.pairs)
+                at = self.offset + (self.pairs % self.SLOTS) * self.SLOT
+                self.proc.stdin.write(
+                    f"write -P {pattern} {at} 64k\nread -P {pattern} {at} 64k\n".encode()
+                )
+                self.proc.stdin.flush()
+                self.pairs += 1
+                # One pair at a time: qemu-io reads its commands as it runs them.
+                self._stop.wait(0.005)
+            self.proc.stdin.write(b"quit\n")
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+
+    @staticmethod
+    def pattern(pair: int) -> int:
+        return pair % 251 + 1
+
+    def last_written(self) -> dict[int, bytes]:
+        """What each slot it wrote holds last, by offset (once it has finished)."""
+        last = {}
+        for pair in range(max(0, self.pairs - self.SLOTS), self.pairs):
+            at = self.offset + (pair % self.SLOTS) * self.SLOT
+            last[at] = bytes([self.pattern(pair)]) * self.SLOT
+        return last
+
+    def finish(self) -> str:
+        self._stop.set()
+        self._writer.join(30)
+        self.proc.wait(60)
+        self._reader.join(30)
+        return b"".join(self._output).decode(errors="replace")

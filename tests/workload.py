@@ -129,6 +129,7 @@ def main() -> int:
     rng = random.Random(client)
     mine = list(range(client, blocks, clients))
     handle = nbd.NBD()
+    handle.set_uri_allow_local_file(True)  # nbds://...?tls-certificates=DIR reads DIR
     handle.connect_uri(uri)
     local_start = local_address(handle)
     acked: dict[int, int] = {}

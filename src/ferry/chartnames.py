@@ -17,6 +17,8 @@ __all__ = [
     "ProxyTrigger",
     "RoleState",
     "RoleTrigger",
+    "TakeoverState",
+    "TakeoverTrigger",
 ]
 
 
@@ -55,6 +57,7 @@ class LeaseState(StrEnum):
     HELD = "held"
     RENEW_FAILED = "renew_failed"
     TRANSFERRING = "transferring"
+    PASSING = "passing"
     RELEASED = "released"
     FENCED = "fenced"
     STOPPED = "stopped"
@@ -66,11 +69,15 @@ class LeaseTrigger(StrEnum):
     ACQUIRE = "acquire"
     ACQUIRE_FAILED = "acquire_failed"
     ACQUIRED = "acquired"
+    ADOPTED = "adopted"
     CANCEL_INCOMING = "cancel_incoming"
     EXPIRED = "expired"
+    KEPT = "kept"
     LOST = "lost"
     MIGRATED_OUT = "migrated_out"
     OFFER_FAILED = "offer_failed"
+    PASS_ON = "pass_on"
+    PASSED_ON = "passed_on"
     PREPARE_MIGRATE = "prepare_migrate"
     RECLAIMED = "reclaimed"
     REGISTER = "register"
@@ -172,6 +179,7 @@ class RoleState(StrEnum):
     MIGRATING = "migrating"
     QUIESCING = "quiescing"
     HANDING_OFF = "handing_off"
+    PASSING_ON = "passing_on"
     HANDED_OFF = "handed_off"
     IN_DOUBT = "in_doubt"
     FENCED = "fenced"
@@ -187,11 +195,14 @@ class RoleTrigger(StrEnum):
     COMMITTED = "committed"
     HAND_OFF = "hand_off"
     HANDED_OFF = "handed_off"
+    KEPT = "kept"
     LEASE_LOST = "lease_lost"
     LISTEN = "listen"
     MIGRATE = "migrate"
     MIGRATION_FAILED = "migration_failed"
     MIRRORED = "mirrored"
+    PASS_ON = "pass_on"
+    PASSED_ON = "passed_on"
     QUIESCE = "quiesce"
     RESOLVE_FENCED = "resolve_fenced"
     RESOLVE_HANDED_OFF = "resolve_handed_off"
@@ -201,3 +212,26 @@ class RoleTrigger(StrEnum):
     SENDER_LOST = "sender_lost"
     SERVE = "serve"
     SHUTDOWN = "shutdown"
+    TAKEN_OVER = "taken_over"
+
+
+class TakeoverState(StrEnum):
+    """The states of statecharts/takeover.yaml."""
+
+    HOLDING = "holding"
+    OFFERED = "offered"
+    SENT = "sent"
+    COMMITTED = "committed"
+    HANDED_OVER = "handed_over"
+    RESUMED = "resumed"
+
+
+class TakeoverTrigger(StrEnum):
+    """The triggers of statecharts/takeover.yaml."""
+
+    ACCEPTED = "accepted"
+    COMMIT = "commit"
+    CONFIRMED = "confirmed"
+    OFFER = "offer"
+    RESUME = "resume"
+    UNCONFIRMED = "unconfirmed"

@@ -242,13 +242,16 @@ def _flag(table: Mapping[str, Any], key: str) -> bool:
 
 def export_of(record: TraceRecord) -> str | None:
     """The name of the export a role's, a migration's or a moving connection's record is
-    about; None for a lease's, which names its resource (:meth:`ExportUnit.owns` knows).
+    about; None for a lease's, which names its resource (:meth:`ExportUnit.owns` knows);
+    "" for a takeover's, which is about the whole node.
 
     A connection machine's instance is ``EXPORT/HOST:PORT`` (``ferry.migrate.carry``),
     and an export's name may hold a ``/`` itself.
     """
     if record.machine == "lease":
         return None
+    if record.machine == "takeover":  # the whole node's (ferry.takeover.give)
+        return ""
     if record.machine == "connection":
         return record.instance.rpartition("/")[0]
     return record.instance

@@ -9,8 +9,14 @@ NAME`` and sends itself SIGSTOP.  The test waits for that line, then does
 what it came to do (SIGKILL, SIGCONT).  Without the variable a pause point
 costs one dictionary lookup; nothing else in ferry reads it.
 
-Points: ``restored`` -- the destination has rebuilt the first connection a
-sender carried, and has not answered it yet.
+Points:
+
+* ``restored`` -- the destination has rebuilt the first connection a
+  sender carried, and has not answered it yet.
+* ``takeover_received`` -- ``serve --takeover``: the new process holds the
+  old one's descriptors and state, and has said nothing yet ("ready").
+* ``takeover_committed`` -- ``serve --takeover``: the old process has said
+  "yours", and the new one has not said "serving" yet.
 """
 
 from __future__ import annotations

@@ -15,10 +15,17 @@ runs one with the exports of its file, and the control socket's
 What a node's settings (:class:`NodeConfig`) choose is fixed while it runs;
 what belongs to one export (:class:`~ferry.exports.ExportConfig`) comes and
 goes with it.
+
+``ferry serve --takeover SOCK`` (and ``ferry daemon --takeover SOCK``)
+starts a node from another one on this host (:meth:`Node.take_over`,
+:mod:`ferry.takeover`): its listening sockets, and every export's image,
+lease and clients, are adopted rather than opened, and any node can hand
+its own on the same way (its control socket's ``takeover``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -37,7 +44,7 @@ from ferry.chartnames import RoleTrigger
 from ferry.clock import ReactorClock
 from ferry.control.commands import Command, Commands
 from ferry.control.events import EventHub
-from ferry.control.server import listen_control
+from ferry.control.server import ControlFactory, listen_control
 from ferry.exports import (
     ExportBusy,
     ExportConfig,
@@ -47,8 +54,15 @@ from ferry.exports import (
     export_of,
 )
 from ferry.handoff.address import AddressError, ServiceAddress, listen_freebind
-from ferry.hooks import NO_HOOKS, HookConfig, HookContext, Hooks
-from ferry.lease.backend import LeaseBackend, LeaseConflict, LeaseError, LeaseMode
+from ferry.hooks import NO_HOOKS, HookConfig, HookContext, Hooks, parse_hooks
+from ferry.lease.backend import (
+    Grant,
+    LeaseBackend,
+    LeaseConflict,
+    LeaseError,
+    LeaseMode,
+    PassingBackend,
+)
 from ferry.lease.incoming import IncomingLease
 from ferry.lease.manager import LeaseManager
 from ferry.lease.spec import (
@@ -57,6 +71,7 @@ from ferry.lease.spec import (
     open_lockspace,
     parse_lockspace,
 )
+from ferry.letgo import let_go
 from ferry.metrics import make_registry, metrics_root
 from ferry.migrate.arrivals import Arrivals
 from ferry.migrate.carry import Carrier
@@ -64,12 +79,23 @@ from ferry.migrate.destination import Receiver
 from ferry.migrate.manager import MirrorManager
 from ferry.migrate.service import ServiceAddressHolder
 from ferry.migrate.wire import tcp_connector
+from ferry.nbd.events import Event
+from ferry.nbd.server import ServerConnection
+from ferry.nbd.session import SnapshotError
 from ferry.safepath import UnsafePath
 from ferry.serve.acl import Acl, AclError, is_loopback
+from ferry.serve.connection import Arrival, Given, NBDServerProtocol
 from ferry.serve.export import Export
 from ferry.serve.lanes import JOBS_PER_EXPORT
 from ferry.serve.server import NBDServer
+from ferry.serve.stats import HandoffCounts
 from ferry.storage import Image
+from ferry.takeover import notes
+from ferry.takeover.give import Giver
+from ferry.takeover.options import served_exports
+from ferry.takeover.state import ExportDescriptors, ExportState, TakeoverStateError
+from ferry.takeover.take import Taken, TakeoverError, ask
+from ferry.tls import Credentials, ServerTLS, TLSError, TLSMode, load_credentials, read_subjects
 from ferry.trace import TraceFile, Tracer, TraceRecord, log_transitions
 from ferry.workers import WorkerPool
 
@@ -109,11 +135,52 @@ class NodeConfig:
     # What a migration's ``exit`` action ends once the image is handed over:
     # the process (``ferry serve``), or only the export (a daemon).
     exit_stops_node: bool = True
+    # --tls, --tls-certificates, --tls-verify-peer, --tls-allowed-subjects (see ferry.tls).
+    # With certificates, this node's migrations go out over TLS too.
+    tls: TLSMode = TLSMode.OFF
+    tls_certificates: str | None = None
+    tls_verify_peer: bool = False
+    tls_allowed_subjects: str | None = None
     # --service-address IP/PREFIX@DEV: the address clients use, which moves
     # with the image (``ferry serve`` and ``listen``; a daemon has none).
     service_address: str | None = None
     # A daemon's hooks (ferry.hooks): every export's, under its own.
     hooks: HookConfig | None = None
+
+    @classmethod
+    def from_served(
+        cls, served: Mapping[str, Any], *, trace: str | None, exit_stops_node: bool
+    ) -> NodeConfig:
+        """The node an old process runs (its ``served`` answer's ``node``), for a takeover.
+
+        ``trace`` and ``exit_stops_node`` are this process's own.  A value of
+        the wrong kind is a :class:`StartupError`: the old process is not a
+        ferry this one understands.
+        """
+        try:
+            node = served["node"]
+            metrics = node.get("metrics")
+            hooks = node.get("hooks")
+            return cls(
+                addr=_typed(node, "addr", str),
+                port=_typed(node, "port", int),
+                sock=_typed(node, "sock", str, optional=True),
+                acl=tuple(_of_kind(entry, "an ACL entry", str) for entry in node["acl"]),
+                default_deny=_typed(node, "default_deny", bool),
+                oldstyle=_typed(node, "oldstyle", bool),
+                metrics=None if metrics is None else (str(metrics[0]), int(metrics[1])),
+                trace=trace,
+                lockspace=_typed(node, "lockspace", str),
+                exit_stops_node=exit_stops_node,
+                service_address=_typed(node, "service_address", str, optional=True),
+                tls=TLSMode(node["tls"]),
+                tls_certificates=_typed(node, "tls_certificates", str, optional=True),
+                tls_verify_peer=_typed(node, "tls_verify_peer", bool),
+                tls_allowed_subjects=_typed(node, "tls_allowed_subjects", str, optional=True),
+                hooks=None if hooks is None else parse_hooks(hooks, node["hook_timeout"]),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise StartupError(f"the old process's options cannot be read: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -137,6 +204,12 @@ class ServeConfig:
     # default (a local directory), NO_LOCKSPACE is no lease at all.
     lockspace: str | None = None
     resource: str | None = None  # the lease's name (default: the image's real path)
+    # --tls, --tls-certificates, --tls-verify-peer, --tls-allowed-subjects (see ferry.tls).
+    # With certificates, this node's migrations go out over TLS too.
+    tls: TLSMode = TLSMode.OFF
+    tls_certificates: str | None = None
+    tls_verify_peer: bool = False
+    tls_allowed_subjects: str | None = None
     # --service-address IP/PREFIX@DEV: the address clients use, which moves with the image.
     service_address: str | None = None
     hooks: HookConfig = NO_HOOKS  # --hook STAGE=PATH, --hook-timeout
@@ -170,6 +243,10 @@ class ServeConfig:
             metrics=self.metrics,
             trace=self.trace,
             lockspace=self.lockspace,
+            tls=self.tls,
+            tls_certificates=self.tls_certificates,
+            tls_verify_peer=self.tls_verify_peer,
+            tls_allowed_subjects=self.tls_allowed_subjects,
             service_address=self.service_address,
         )
 
@@ -207,6 +284,8 @@ class Node:
         self.nbd_port: IListeningPort | None = None
         self.metrics_port: IListeningPort | None = None
         self._lockspace: LeaseBackend | None = None
+        # The --tls-certificates directory, checked: the client side of migrations.
+        self.credentials: Credentials | None = None
         # Exports whose lease is being taken: not served yet, but their
         # machines already run (and are logged under their name).
         self._adding: dict[str, ExportUnit] = {}
@@ -218,6 +297,11 @@ class Node:
         self._stopped = False
         self._workers = WorkerPool(reactor, WORKER_THREADS)
         self._not_accepting: list[IListeningPort] = []  # NBD ports held until the start is done
+        # The listening sockets a takeover hands on, by kind (ferry.takeover.state).
+        self._handed: list[tuple[str, IListeningPort]] = []
+        self._metrics_site: Site | None = None
+        self._commands: Commands | None = None
+        self._giver = Giver(self)
 
     def run_blocking(self, work: Callable[[], object]) -> Deferred[Any]:
         """Run ``work`` on one of the node's worker threads (every export's disk calls)."""
@@ -308,11 +392,14 @@ class Node:
         self._close_now()
         return failure
 
-    def _open(self, config: NodeConfig) -> None:
+    def _open(self, config: NodeConfig, *, adopting: bool = False) -> None:
+        """Everything but the NBD port and the exports; ``adopting``: no socket is
+        listened on either (a takeover adopts the old process's)."""
         try:
             acl = Acl.parse(config.acl, default_deny=config.default_deny)
         except AclError as error:
             raise StartupError(str(error)) from None
+        tls = self._open_tls(config)
         if config.trace:
             try:
                 self._trace_file = TraceFile(config.trace)
@@ -333,6 +420,7 @@ class Node:
                 clock=self.clock,
                 arrivals=Arrivals(self.reactor, self.carrier),
             ),
+            tls=tls,
         )
         if config.sock:
             from ferry.control.server import ControlSocketError
@@ -342,20 +430,24 @@ class Node:
             )
             for name, command in self._extra_commands.items():
                 commands.table[name] = command
-            try:
-                self._ports.append(listen_control(self.reactor, config.sock, commands, self.events))
-            except ControlSocketError as error:
-                raise StartupError(str(error)) from None
+            commands.table[notes.DESCRIBE] = self._giver.describe
+            commands.upgrades[notes.REQUEST] = self._giver.request
+            self._commands = commands
+            if not adopting:
+                try:
+                    control = listen_control(self.reactor, config.sock, commands, self.events)
+                except ControlSocketError as error:
+                    raise StartupError(str(error)) from None
+                self._ports.append(control)
+                self._handed.append(("control", control))
         if config.metrics:
-            host, port = config.metrics
             registry = make_registry(lambda: list(self.exports))
-            site = Site(metrics_root(registry))  # type: ignore[no-untyped-call]
-            self.metrics_port = self._listen_tcp(port, site, host, "metrics")
-            log.info(
-                "metrics at http://{host}:{port}/metrics",
-                host=host,
-                port=self.metrics_port.getHost().port,  # type: ignore[attr-defined]
-            )
+            self._metrics_site = Site(metrics_root(registry))  # type: ignore[no-untyped-call]
+            if not adopting:
+                host, port = config.metrics
+                self.metrics_port = self._listen_tcp(port, self._metrics_site, host, "metrics")
+                self._handed.append(("metrics", self.metrics_port))
+                self._log_metrics()
         if config.lockspace != NO_LOCKSPACE:
             try:
                 spec = (
@@ -372,6 +464,50 @@ class Node:
                     ) from None
                 raise StartupError(f"--lockspace {config.lockspace}: {error}") from None
 
+    def _log_metrics(self) -> None:
+        assert self.metrics_port is not None
+        host = self.metrics_port.getHost()
+        log.info("metrics at http://{host}:{port}/metrics", host=host.host, port=host.port)  # type: ignore[attr-defined]
+
+    def _open_tls(self, config: NodeConfig) -> ServerTLS:
+        """Check the TLS options and read the certificates, before anything opens."""
+        mode = config.tls
+        if config.oldstyle and mode is not TLSMode.OFF:
+            raise StartupError(
+                f"--oldstyle cannot be combined with --tls {mode.value}: "
+                "oldstyle negotiation has no NBD_OPT_STARTTLS"
+            )
+        if mode is not TLSMode.OFF and config.tls_certificates is None:
+            raise StartupError(
+                f"--tls {mode.value} needs --tls-certificates DIR "
+                "(with ca-cert.pem, server-cert.pem and server-key.pem)"
+            )
+        if config.tls_verify_peer and mode is TLSMode.OFF:
+            raise StartupError("--tls-verify-peer needs --tls on or --tls require")
+        if config.tls_allowed_subjects is not None and not config.tls_verify_peer:
+            raise StartupError(
+                "--tls-allowed-subjects needs --tls-verify-peer: without it no subject is verified"
+            )
+        if config.tls_certificates is None:
+            return ServerTLS(TLSMode.OFF)
+        try:
+            self.credentials = load_credentials(
+                config.tls_certificates, server=mode is not TLSMode.OFF
+            )
+            allowed = None
+            if config.tls_allowed_subjects is not None:
+                allowed = read_subjects(config.tls_allowed_subjects)
+        except TLSError as error:
+            raise StartupError(str(error)) from None
+        if mode is TLSMode.OFF:
+            return ServerTLS(TLSMode.OFF)
+        return ServerTLS(
+            mode,
+            self.credentials.server_options(verify_peer=config.tls_verify_peer),
+            verify_peer=config.tls_verify_peer,
+            allowed_senders=allowed,
+        )
+
     # -- exports ------------------------------------------------------------------------
 
     def add_export(self, config: ExportConfig) -> Deferred[ExportUnit]:
@@ -384,6 +520,10 @@ class Node:
         from ferry.storage import ImageError
 
         assert self.server is not None
+        if self._giver.running:
+            return defer.fail(
+                StartupError("a takeover of this node is under way: add it to the new process")
+            )
         if config.export_name in self.exports.names() or config.export_name in self._adding:
             return defer.fail(StartupError(f"an export named {config.export_name!r} exists"))
         try:
@@ -408,29 +548,8 @@ class Node:
                 file=config.file,
                 mode=mode & 0o7777,
             )
-        export = Export(
-            config.export_name,
-            image,
-            clock=self.clock,
-            tracer=self.tracer,
-            description=config.description,
-        )
-        export.acl = acl
-        name = export.name
-        hooks = self._hooks_of(config, lambda: None if unit.lease is None else unit.lease.token)
-        mirrors = MirrorManager(
-            export,
-            gate=export,
-            clock=self.clock,
-            connector=tcp_connector(self.reactor),
-            tracer=self.tracer,
-            stop_process=lambda: self._after_handoff(name),
-            carrier=self.carrier,
-            hooks=hooks,
-            image_calls=lambda work: self._image_call(export, work),
-        )
-        unit = ExportUnit(config, export, mirrors)
-        unit.can_move_connections = self.carrier is not None and self.carrier.can_move
+        unit = self._unit(config, image, acl)
+        export, name = unit.export, unit.name
         self._adding[name] = unit
         d = self._take_lease(unit)
 
@@ -457,6 +576,34 @@ class Node:
 
         return d.addCallback(serve).addErrback(failed).addBoth(settled)
 
+    def _unit(self, config: ExportConfig, image: Image, acl: Acl) -> ExportUnit:
+        """An export of ``image``, with its migrations and hooks; not served yet, no lease yet."""
+        export = Export(
+            config.export_name,
+            image,
+            clock=self.clock,
+            tracer=self.tracer,
+            description=config.description,
+        )
+        export.acl = acl
+        name = export.name
+        hooks = self._hooks_of(config, lambda: None if unit.lease is None else unit.lease.token)
+        mirrors = MirrorManager(
+            export,
+            gate=export,
+            clock=self.clock,
+            connector=tcp_connector(self.reactor),
+            tracer=self.tracer,
+            stop_process=lambda: self._after_handoff(name),
+            tls=None if self.credentials is None else self.credentials.client_creator,
+            carrier=self.carrier,
+            hooks=hooks,
+            image_calls=lambda work: self._image_call(export, work),
+        )
+        unit = ExportUnit(config, export, mirrors)
+        unit.can_move_connections = self.carrier is not None and self.carrier.can_move
+        return unit
+
     def _hooks_of(self, config: ExportConfig, token: Callable[[], int | None]) -> Hooks | None:
         """The export's hooks over the node's; None if it has none at all."""
         merged = config.hooks.under(self.config.hooks)
@@ -475,6 +622,10 @@ class Node:
         there is no such export.
         """
         unit = self.exports.get(name)
+        if self._giver.running:
+            return defer.fail(
+                ExportBusy("a takeover of this node is under way: remove it from the new process")
+            )
         direction = unit.migrating
         if direction is not None and not force:
             return defer.fail(
@@ -530,13 +681,19 @@ class Node:
 
         return lease.acquire().addCallbacks(held, refused)
 
-    def _make_lease(self, unit: ExportUnit, resource: str) -> LeaseManager:
-        """The one way this node builds a lease: its lockspace, its identity, its clock."""
+    def _make_lease(
+        self, unit: ExportUnit, resource: str, *, owner: str | None = None
+    ) -> LeaseManager:
+        """The one way this node builds a lease: its lockspace, its identity, its clock.
+
+        ``owner``: a grant taken over from another process on this host keeps
+        the name it was granted under.
+        """
         assert self._lockspace is not None
         lease = LeaseManager(
             self._lockspace,
             resource=resource,
-            owner=f"{socket.gethostname()}:{os.getpid()}:{unit.name}",
+            owner=owner or f"{socket.gethostname()}:{os.getpid()}:{unit.name}",
             mode=LeaseMode.READONLY if unit.image.read_only else LeaseMode.EXCLUSIVE,
             clock=self.clock,
             tracer=self.tracer,
@@ -576,19 +733,23 @@ class Node:
         A sender must be named by the listener's ACL or the export's own; with
         neither naming anyone, senders are admitted only from loopback: on
         any other address that would be no sender at all, which is a mistake
-        worth one line now rather than a refused migration later.  flexnbd's
-        stream (``--oldstyle``) cannot be told apart from a client's, so it
-        needs an ACL whatever the address.
+        worth one line now rather than a refused migration later -- unless
+        senders can prove who they are with a certificate
+        (``--tls-verify-peer``), which needs no address.  flexnbd's stream
+        (``--oldstyle``) cannot be told apart from a client's, so it needs an
+        ACL whatever the address.
         """
         assert self.server is not None
-        if self.server.acl.networks or export_acl.networks:
+        if self.server.acl.networks or export_acl.networks or self.server.tls.verify_peer:
             return
         # ``ferry listen`` names senders as ACL entries; a daemon in its export's acl.
-        hint = (
-            "name the source hosts as ACL entries (ferry listen ... ADDRESS ...)"
-            if self.config.exit_stops_node
-            else "name the source hosts in the export's acl"
-        )
+        # Each asks for certificates in its own words.
+        if self.config.exit_stops_node:
+            hint = "name the source hosts as ACL entries (ferry listen ... ADDRESS ...)"
+            by_certificate = "--tls require --tls-verify-peer"
+        else:
+            hint = "name the source hosts in the export's acl"
+            by_certificate = 'tls = "require" and tls_verify_peer = true'
         if self.config.oldstyle:
             raise StartupError(
                 f"listen --oldstyle takes flexnbd's migration, which cannot authenticate: {hint}"
@@ -596,7 +757,7 @@ class Node:
         if not is_loopback(self.config.addr):
             raise StartupError(
                 f"listen on {self.config.addr} admits migration senders only from the addresses "
-                f"its ACL names: {hint}"
+                f"its ACL names: {hint}, or authenticate them by certificate ({by_certificate})"
             )
 
     # -- the port ----------------------------------------------------------------------
@@ -605,6 +766,7 @@ class Node:
         assert self.server is not None and self.carrier is not None
         self.nbd_port = self._listen_tcp(config.port, self.server, config.addr, "NBD")
         self._not_accepting.append(self.nbd_port)
+        self._handed.append(("nbd", self.nbd_port))
         service = self.carrier.service
         if service is None:
             return
@@ -628,6 +790,7 @@ class Node:
             port = self.reactor.adoptStreamPort(listening.fileno(), listening.family, self.server)
         self._ports.append(port)
         self._not_accepting.append(port)
+        self._handed.append(("nbd", port))
 
     @property
     def nbd_address(self) -> tuple[str, int] | None:
@@ -659,6 +822,305 @@ class Node:
             addr=self.config.addr,
             port=self.port,
         )
+
+    # -- handing the node on to a new process (ferry.takeover.give) --------------------
+
+    def served(self) -> dict[str, Any]:
+        """What this node serves now, and how, as a takeover's taker takes it
+        (:mod:`ferry.takeover.options`; the ACLs as they are now)."""
+        config = self.config
+        assert self.server is not None and self.nbd_address is not None
+        metrics = None
+        if self.metrics_port is not None:
+            host = self.metrics_port.getHost()
+            metrics = [str(host.host), int(host.port)]  # type: ignore[attr-defined]
+        node = {
+            "addr": config.addr,
+            "port": self.nbd_address[1],
+            "sock": None if config.sock is None else os.path.abspath(config.sock),
+            "acl": self.server.acl.entries(),
+            "default_deny": self.server.acl.default_deny,
+            "oldstyle": config.oldstyle,
+            "metrics": metrics,
+            "lockspace": NO_LOCKSPACE if self._lockspace is None else self._lockspace.spec,
+            "service_address": config.service_address,
+            "tls": config.tls.value,
+            "tls_certificates": _absolute(config.tls_certificates),
+            "tls_verify_peer": config.tls_verify_peer,
+            "tls_allowed_subjects": _absolute(config.tls_allowed_subjects),
+            "hooks": None if config.hooks is None else _hook_settings(config.hooks),
+            "hook_timeout": None if config.hooks is None else config.hooks.timeout,
+        }
+        exports = []
+        for unit in self.exports:
+            lease = unit.lease
+            exports.append(
+                {
+                    "name": unit.name,
+                    "file": os.path.abspath(unit.config.file),
+                    "description": unit.export.description,
+                    "read_only": unit.image.read_only,
+                    "acl": unit.export.acl.entries(),
+                    "default_deny": unit.export.acl.default_deny,
+                    "resource": unit.config.resource if lease is None else lease.resource,
+                    "max_downtime": unit.config.max_downtime,
+                    "hooks": _hook_settings(unit.config.hooks),
+                    "hook_timeout": unit.config.hooks.timeout,
+                    "lease_owner": None if lease is None else lease.owner,
+                }
+            )
+        return {"node": node, "exports": exports}
+
+    def handed_ports(self) -> list[tuple[str, IListeningPort]]:
+        return list(self._handed)
+
+    def let_go_ports(self) -> None:
+        """The new process listens on them now: drop ours without closing them."""
+        for _, port in self._handed:
+            let_go(port)
+            if port in self._ports:
+                self._ports.remove(port)
+        self._handed.clear()
+
+    def stop_after_takeover(self) -> None:
+        """Stop on a later turn (unless a shutdown is under way already: it waited for this)."""
+        if not self._stopped:
+            self.reactor.callLater(0, self.reactor.stop)
+
+    # -- taking a node over from another process (ferry.takeover.take) -----------------
+
+    def take_over(
+        self,
+        path: str,
+        *,
+        served: Mapping[str, Any],
+        given: Mapping[str, Any] | None = None,
+        formats: frozenset[int],
+    ) -> None:
+        """Take every export of the ferry at control socket ``path`` over, with its clients.
+
+        Blocking, before the reactor runs.  ``self.config`` is the node the
+        old process said it runs (its ``served`` answer, checked against
+        ``given``, the options the operator wrote); its exports are those of
+        ``served``.  Everything that needs no socket of the old process's --
+        the images, opened by their paths; the exports' and the leases'
+        machines; the trace, the freeze table -- is made before the old
+        process is asked, so its clients wait only for the exchange itself.
+        Raises :class:`StartupError` (the old process serves on) unless this
+        node serves every export when it returns.
+        """
+        self.reactor.suggestThreadPoolSize(WORKER_THREADS)
+        try:
+            self._open(self.config, adopting=True)
+            prepared = self._prepare_takeover(served)
+        except Exception:
+            self._failed_start(None)
+            raise
+        try:
+            taken = ask(path, now=self.clock.seconds, formats=formats)
+        except TakeoverError as error:
+            prepared.undo(self._lockspace)
+            self._failed_start(None)
+            raise StartupError(str(error)) from None
+        try:
+            self._check_takeover(taken, prepared, given or {})
+        except (StartupError, LeaseError, SnapshotError, TakeoverStateError, OSError) as error:
+            why = str(error) or type(error).__name__
+            taken.refuse(why)
+            prepared.undo(self._lockspace)
+            self._failed_start(None)
+            raise StartupError(f"cannot take the node over: {why}") from None
+        try:
+            taken.commit()
+        except TakeoverError as error:
+            prepared.undo(self._lockspace)
+            taken.close()
+            self._failed_start(None)
+            raise StartupError(str(error)) from None
+        try:
+            self._adopt(taken, prepared)
+        finally:
+            taken.close()
+
+    def _prepare_takeover(self, served: Mapping[str, Any]) -> _Prepared:
+        """The exports as the old process says it serves them, not serving; no lease held."""
+        from ferry.storage import ImageError
+
+        try:
+            configs = served_exports(served)
+            owners = [entry.get("lease_owner") for entry in served["exports"]]
+        except (ValueError, KeyError, TypeError) as error:
+            raise StartupError(f"the old process's exports cannot be read: {error}") from None
+        prepared = _Prepared()
+        try:
+            for config, owner in zip(configs, owners, strict=True):
+                try:
+                    image = self._open_image(config.file, read_only=config.read_only)
+                except ImageError as error:
+                    raise StartupError(f"export {config.export_name!r}: {error}") from None
+                try:
+                    acl = Acl.parse(config.acl, default_deny=config.default_deny)
+                    one = _PreparedExport(image, self._unit(config, image, acl))
+                except BaseException:
+                    image.close()
+                    raise
+                prepared.exports.append(one)
+                if self._lockspace is not None and owner is not None:
+                    resource = config.resource or default_resource(config.file)
+                    one.lease = self._make_lease(one.unit, resource, owner=str(owner))
+                    one.lease.register()
+                    one.unit.resource = resource
+        except BaseException:
+            prepared.undo(self._lockspace)
+            raise
+        return prepared
+
+    def _check_takeover(self, taken: Taken, prepared: _Prepared, given: Mapping[str, Any]) -> None:
+        """Check what arrived and rebuild the sessions; touch no socket and no lockspace."""
+        from ferry.takeover.options import differences
+
+        state = taken.state
+        wrong = differences(given, state.served)
+        if wrong:
+            raise StartupError("; ".join(wrong))
+        names = [export.name for export in state.exports]
+        if names != [one.unit.name for one in prepared.exports]:
+            raise StartupError(f"the old process serves {names} now, not what it described")
+        assert self.server is not None
+        # The ACLs as they are now in the old process (`ferry acl` may have changed them).
+        node = NodeConfig.from_served(state.served, trace=None, exit_stops_node=True)
+        self.server.acl = Acl.parse(node.acl, default_deny=node.default_deny)
+        try:
+            configs = served_exports(state.served)
+        except (ValueError, KeyError, TypeError) as error:
+            raise StartupError(f"the old process's exports cannot be read: {error}") from None
+        for config, one, export, fds in zip(
+            configs, prepared.exports, state.exports, taken.fds.exports, strict=True
+        ):
+            one.unit.config = config
+            one.unit.export.acl = Acl.parse(config.acl, default_deny=config.default_deny)
+            self._check_export(one, export, fds)
+            if one.lease is not None and export.lease is not None:
+                one.grant = self._adopt_grant(export, fds)
+
+    def _check_export(
+        self, one: _PreparedExport, export: ExportState, fds: ExportDescriptors
+    ) -> None:
+        """One export: the very file, its sessions rebuilt, the lease it described."""
+        assert self.server is not None
+        # This process opened the image by its path: it must be the very file.
+        mine, theirs = os.fstat(one.image.fileno()), os.fstat(fds.image)
+        if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
+            raise StartupError(
+                f"{export.image.path} is not the file the old process serves (replaced since?)"
+            )
+        one.sessions = [
+            ServerConnection.restore(client.session, self.server) for client in export.clients
+        ]
+        lease, passed = one.lease, export.lease
+        if (lease is None) != (passed is None):
+            raise StartupError(f"export {export.name!r}: its lease is not the one described")
+        if (
+            lease is not None
+            and passed is not None
+            and (passed.grant.resource, passed.grant.holder.owner) != (lease.resource, lease.owner)
+        ):
+            raise StartupError(
+                f"the old process holds the lease on {passed.grant.resource} as "
+                f"{passed.grant.holder.owner}, not on {lease.resource} as {lease.owner}"
+            )
+
+    def _adopt_grant(self, export: ExportState, fds: ExportDescriptors) -> Grant:
+        passed = export.lease
+        assert passed is not None
+        backend = self._lockspace
+        if not isinstance(backend, PassingBackend):
+            spec = "no lockspace" if backend is None else backend.spec
+            raise StartupError(f"the old process holds a lease, and {spec} cannot keep it")
+        lock = None if fds.lock is None else os.dup(fds.lock)
+        try:
+            return backend.adopt(dataclasses.replace(passed, fd=lock))
+        except BaseException:
+            if lock is not None:
+                os.close(lock)
+            raise
+
+    def _adopt(self, taken: Taken, prepared: _Prepared) -> None:
+        """The old process let go: adopt its sockets, hold its leases, serve its clients."""
+        state = taken.state
+        assert self.server is not None and self._commands is not None
+        factories = {
+            "nbd": self.server,
+            "control": ControlFactory(self._commands, self.events),
+            "metrics": self._metrics_site,
+        }
+        for port_state, fd in zip(state.ports, taken.fds.ports, strict=True):
+            port = self.reactor.adoptStreamPort(fd, port_state.family, factories[port_state.kind])
+            self._ports.append(port)
+            self._handed.append((port_state.kind, port))
+            if port_state.kind == "nbd" and self.nbd_port is None:
+                self.nbd_port = port
+            elif port_state.kind == "metrics":
+                self.metrics_port = port
+                self._log_metrics()
+        moved = 0
+        for one, export, fds in zip(
+            prepared.exports, state.exports, taken.fds.exports, strict=True
+        ):
+            moved += self._adopt_export(one, export, fds, taken.asked_at).moved
+        log.info(
+            "took {what} over from process {pid}: {moved} client connection(s), "
+            "{ports} listening socket(s), {leases} lease(s), {ms:.1f} ms after asking",
+            what=f"{len(state.exports)} exports"
+            if len(state.exports) != 1
+            else state.exports[0].name,
+            pid=state.pid,
+            moved=moved,
+            ports=len(state.ports),
+            leases=sum(one.unit.lease is not None for one in prepared.exports),
+            ms=(self.clock.seconds() - taken.asked_at) * 1000,
+        )
+        self._running = True
+        for one in prepared.exports:
+            self._announce(one.unit)
+
+    def _adopt_export(
+        self, one: _PreparedExport, export: ExportState, fds: ExportDescriptors, asked_at: float
+    ) -> HandoffCounts:
+        """One export: its lease held, served, its clients joined and answered."""
+        assert self.server is not None
+        unit = one.unit
+        if self.nbd_address is not None:
+            host, port_number = self.nbd_address
+            unit.address = f"[{host}]:{port_number}" if ":" in host else f"{host}:{port_number}"
+        lease, passed = one.lease, export.lease
+        if lease is not None and passed is not None and one.grant is not None:
+            valid_until = None
+            if passed.valid_for is not None:
+                valid_until = asked_at + passed.valid_for
+            lease.adopt(one.grant, valid_until=valid_until)
+            one.grant = None
+            self._took(unit, lease)
+        self.exports.add(unit)
+        self.server.add_export(unit.export)
+        unit.export.trigger(RoleTrigger.TAKEN_OVER)
+        counts = unit.export.last_handoff = HandoffCounts()
+        for client, fd, (session, requests) in zip(
+            export.clients, fds.clients, one.sessions, strict=True
+        ):
+            context_id = next((i for i, _ in client.session.meta_contexts), 0)
+            protocol = NBDServerProtocol(
+                self.server, arrival=Arrival(session, requests, context_id, client.replies)
+            )
+            try:
+                self.reactor.adoptStreamConnection(fd, client.family, Given(protocol))
+            except OSError as error:
+                log.warn("a client connection cannot be adopted: {error}", error=error)
+                counts.aborted += 1
+                continue
+            protocol.join(unit.export)
+            counts.moved += 1
+        return counts
 
     def _after_handoff(self, name: str) -> None:
         """The ``exit`` action of export ``name``'s migration: it is handed over.
@@ -704,6 +1166,8 @@ class Node:
         if self._stopped:
             return
         self._stopped = True
+        # A takeover under way ends first, one way or the other.
+        yield self._giver.ended()
         log.info("shutting down: finishing requests in flight")
         if self.server is not None:
             self.server.accepting = False
@@ -747,6 +1211,56 @@ class Node:
             self._trace_file.close()
             self._trace_file = None
 
+
+@dataclass
+class _PreparedExport:
+    """One export a takeover built before the old process let go."""
+
+    image: Image
+    unit: ExportUnit
+    lease: LeaseManager | None = None  # registered: nothing asked of the lockspace
+    sessions: list[tuple[ServerConnection, list[Event]]] = field(default_factory=list)
+    grant: Grant | None = None  # kept by the backend, not held by the manager yet
+
+
+@dataclass
+class _Prepared:
+    """What a takeover built before the old process let go; ``undo`` if it never does."""
+
+    exports: list[_PreparedExport] = field(default_factory=list)
+
+    def undo(self, lockspace: LeaseBackend | None) -> None:
+        """Close this process's copies; the old process holds (and serves) it all."""
+        for one in self.exports:
+            if one.grant is not None and isinstance(lockspace, PassingBackend):
+                lockspace.let_go(one.grant)
+            one.grant = None
+            if one.lease is not None:
+                one.lease.shutdown()  # registered -> stopped: no lockspace call
+            if one.unit.export.can(RoleTrigger.SHUTDOWN):
+                one.unit.export.trigger(RoleTrigger.SHUTDOWN)
+            one.image.close()
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else os.path.abspath(path)
+
+
+def _hook_settings(hooks: HookConfig) -> dict[str, str]:
+    """A node's or an export's hooks, their paths absolute (the taker's directory is its own)."""
+    return {stage: os.path.abspath(path) for stage, path in hooks.settings().items()}
+
+
+def _typed(served: Mapping[str, Any], key: str, kind: type, *, optional: bool = False) -> Any:
+    """``served[key]`` if it is a ``kind`` (or None, if ``optional``); TypeError if not."""
+    value = served[key]
+    return None if value is None and optional else _of_kind(value, key, kind)
+
+
+def _of_kind(value: Any, what: str, kind: type) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"{what} is {value!r}, not a {kind.__name__}")
+    return value
 
 
 def _service_address(config: NodeConfig) -> ServiceAddressHolder | None:

@@ -12,6 +12,7 @@ Not thread-safe: one ``RemoteExport`` per thread.
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -27,7 +28,15 @@ from ferry.nbd.constants import (
     OptionReply,
     TransmissionFlag,
 )
-from ferry.nbd.events import Event, Extent, Negotiated, NegotiationFailed, ProtocolError, Reply
+from ferry.nbd.events import (
+    Event,
+    Extent,
+    Negotiated,
+    NegotiationFailed,
+    ProtocolError,
+    Reply,
+    StartTLS,
+)
 
 __all__ = [
     "NegotiationError",
@@ -146,6 +155,20 @@ class _Channel:
                 self.abandon()
                 raise ConnectionError(f"{self.peer} closed the connection")
 
+    def start_tls(self, context: ssl.SSLContext, host: str) -> None:
+        """STARTTLS was acknowledged: the TLS handshake (``host`` must be in the server's
+        certificate), then the rest of the negotiation over it."""
+        try:
+            self.sock = context.wrap_socket(self.sock, server_hostname=host)
+        except TimeoutError as exc:
+            self.abandon()
+            raise TimeoutError(f"{self.peer}: no TLS handshake in time") from exc
+        except OSError as exc:  # ssl.SSLError and its certificate errors are OSErrors
+            self.abandon()
+            raise ConnectionError(f"TLS with {self.peer} failed: {exc}") from exc
+        self.conn.tls_started()
+        self.send()
+
     def abandon(self) -> None:
         self.closed = True
         self.sock.close()
@@ -178,11 +201,14 @@ class RemoteExport:
         export_name: str = "",
         bind: str | tuple[str, int] | None = None,
         timeout: float = 30.0,
+        tls: ssl.SSLContext | None = None,
     ) -> RemoteExport:
         """Connect, negotiate and return the export ready for requests.
 
         ``bind`` is the local address to connect from (flexnbd's mirror BIND).
         ``timeout`` bounds each blocking step (connect, one send, one receive).
+        ``tls``: insist on TLS (STARTTLS first), checking the server's
+        certificate against ``host``.
         """
         source = (bind, 0) if isinstance(bind, str) else bind
         peer = f"{host}:{port}"
@@ -190,7 +216,9 @@ class RemoteExport:
             sock = socket.create_connection((host, port), timeout=timeout, source_address=source)
         except OSError as exc:
             raise ConnectionError(f"cannot connect to NBD server {peer}: {exc}") from exc
-        return cls.from_socket(sock, export_name=export_name, timeout=timeout, peer=peer)
+        return cls.from_socket(
+            sock, export_name=export_name, timeout=timeout, peer=peer, tls=tls, host=host
+        )
 
     @classmethod
     def from_socket(
@@ -201,12 +229,16 @@ class RemoteExport:
         timeout: float | None = 30.0,
         peer: str | None = None,
         meta_contexts: Sequence[str] = (BASE_ALLOCATION,),
+        tls: ssl.SSLContext | None = None,
+        host: str = "",
     ) -> RemoteExport:
         """Negotiate over a socket already connected (a socketpair, a Unix socket...).
 
         The socket is owned by the result, and closed if negotiation fails.
+        With ``tls``, ``host`` is the name the server's certificate must carry.
         """
-        channel = _Channel(sock, ClientConnection(export_name, meta_contexts=meta_contexts), "")
+        conn = ClientConnection(export_name, meta_contexts=meta_contexts, tls=tls is not None)
+        channel = _Channel(sock, conn, "")
         try:
             sock.settimeout(timeout)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -214,6 +246,9 @@ class RemoteExport:
             channel.peer = peer or str(sock.getpeername() or "NBD server")
             while True:
                 for event in channel.events():
+                    if isinstance(event, StartTLS):
+                        assert tls is not None  # only a client that asked is told to start
+                        channel.start_tls(tls, host or channel.peer.rpartition(":")[0])
                     if isinstance(event, NegotiationFailed):
                         channel.send()  # the ABORT that ends the session politely
                         raise NegotiationError(event.error, event.message)

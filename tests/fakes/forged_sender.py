@@ -5,17 +5,27 @@ a blocking socket: ``FERRY_OPT_MIGRATE`` naming whatever lease it likes
 (or none), GO, a few WRITEs, then ``FERRY_CMD_COMMIT`` with any token.  A
 real source (``ferry mirror``) does the same in order; this one lies.
 Every step has a deadline: a listener that stops answering fails the test
-with ``TimeoutError`` instead of hanging it.
+with ``TimeoutError`` instead of hanging it.  With ``tls`` (an
+``ssl.SSLContext``, whatever certificate the attacker has) it asks for
+STARTTLS first and carries on over TLS.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 
 from ferry.migrate.wire import migrate_option
 from ferry.nbd.client import ClientConnection
 from ferry.nbd.constants import Command
-from ferry.nbd.events import Event, Negotiated, NegotiationFailed, OptionAnswered, Reply
+from ferry.nbd.events import (
+    Event,
+    Negotiated,
+    NegotiationFailed,
+    OptionAnswered,
+    Reply,
+    StartTLS,
+)
 
 __all__ = ["ForgedSender"]
 
@@ -24,11 +34,18 @@ class ForgedSender:
     """One connection to a ``ferry listen`` that claims to be a migration source."""
 
     def __init__(
-        self, port: int, size: int, *, resource: str = "", timeout: float = 30.0
+        self,
+        port: int,
+        size: int,
+        *,
+        resource: str = "",
+        timeout: float = 30.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock: socket.socket = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.tls = tls
         self.conn = ClientConnection(
-            "", meta_contexts=(), extra_options=[migrate_option(size, resource)]
+            "", meta_contexts=(), extra_options=[migrate_option(size, resource)], tls=bool(tls)
         )
         self.option: OptionAnswered | None = None
         self.negotiated: Negotiated | None = None
@@ -62,7 +79,11 @@ class ForgedSender:
             self._note(event)
 
     def _note(self, event: Event) -> None:
-        if isinstance(event, OptionAnswered):
+        if isinstance(event, StartTLS):
+            assert self.tls is not None
+            self.sock = self.tls.wrap_socket(self.sock, server_hostname="127.0.0.1")
+            self.conn.tls_started()
+        elif isinstance(event, OptionAnswered):
             self.option = event
         elif isinstance(event, Negotiated):
             self.negotiated = event

@@ -19,6 +19,9 @@ Faults the test can script:
   operator's ``etcdctl del``, a removed lock file); watchers are told.
 * ``watching``: whether watchers are told at all (False: a backend that
   notices loss only on renewal, like the local one).
+
+Grants pass to another manager as they are (``pass_on``/``adopt``, like
+etcd's: the same handle and token), and ``let_go`` only records the call.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from ferry.lease.backend import (
     LeaseLost,
     LeaseMode,
     LockspaceUnavailable,
+    PassedGrant,
 )
 
 _T = TypeVar("_T")
@@ -157,6 +161,23 @@ class FakeLockspace:
     def close(self) -> Deferred[None]:
         self._resources.clear()
         return defer.succeed(None)
+
+    # -- PassingBackend --------------------------------------------------------------
+
+    def pass_on(self, grant: Grant) -> PassedGrant:
+        self._entry(grant)
+        self.calls.append((self.clock.seconds(), "pass_on", grant.resource))
+        return PassedGrant(grant)
+
+    def let_go(self, grant: Grant) -> None:
+        self.calls.append((self.clock.seconds(), "let_go", grant.resource))
+
+    def adopt(self, passed: PassedGrant) -> Grant:
+        self.calls.append((self.clock.seconds(), "adopt", passed.grant.resource))
+        entry = self._entry(passed.grant)
+        if entry.holder() != passed.grant.holder:
+            raise LeaseLost(f"lease on {passed.grant.resource} is not the grant passed on")
+        return passed.grant
 
     # -- the semantics ---------------------------------------------------------------------
 

@@ -162,7 +162,8 @@ def test_a_lease_kept_from_the_source_at_the_commit_fences_it(tmp_path: Path) ->
         (
             ["--addr", "0.0.0.0"],
             "ferry: listen on 0.0.0.0 admits migration senders only from the addresses its ACL "
-            "names: name the source hosts as ACL entries (ferry listen ... ADDRESS ...)\n",
+            "names: name the source hosts as ACL entries (ferry listen ... ADDRESS ...), or "
+            "authenticate them by certificate (--tls require --tls-verify-peer)\n",
         ),
         (
             ["--addr", "127.0.0.1", "--oldstyle"],

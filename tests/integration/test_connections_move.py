@@ -28,7 +28,6 @@ import signal
 import socket
 import struct
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from support import (
     FERRY,
     Deadline,
     FerryProcess,
+    QemuIo,
     mirror_command,
     random_file,
     run,
@@ -71,56 +71,6 @@ def check_acked(image: Path, reports: list[dict[str, object]]) -> None:
     for report in reports:
         assert report["acked"], report
         assert lost_writes(data, report) == [], report
-
-
-class QemuIo:
-    """``qemu-io`` on one NBD connection, fed write-then-verify pairs until told to stop."""
-
-    def __init__(self, prefix: list[str], uri: str, offset: int) -> None:
-        self.proc = subprocess.Popen(
-            [*prefix, "qemu-io", "-f", "raw", uri],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        self.offset = offset
-        self.pairs = 0
-        self._stop = threading.Event()
-        self._output: list[bytes] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self._writer = threading.Thread(target=self._feed, daemon=True)
-        self._writer.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._output.append(line)
-
-    def _feed(self) -> None:
-        assert self.proc.stdin is not None
-        try:
-            while not self._stop.is_set():
-                pattern = self.pairs % 251 + 1
-                at = self.offset + (self.pairs % 64) * 65536
-                self.proc.stdin.write(
-                    f"write -P {pattern} {at} 64k\nread -P {pattern} {at} 64k\n".encode()
-                )
-                self.proc.stdin.flush()
-                self.pairs += 1
-                # One pair at a time: qemu-io reads its commands as it runs them.
-                self._stop.wait(0.005)
-            self.proc.stdin.write(b"quit\n")
-            self.proc.stdin.close()
-        except BrokenPipeError:
-            pass
-
-    def finish(self) -> str:
-        self._stop.set()
-        self._writer.join(30)
-        self.proc.wait(60)
-        self._reader.join(30)
-        return b"".join(self._output).decode(errors="replace")
 
 
 def test_clients_move_to_another_host_with_the_image(lan: Lan, tmp_path: Path) -> None:

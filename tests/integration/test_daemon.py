@@ -36,9 +36,12 @@ from support import (
     sparse_file,
     wait_until,
 )
+from tls_support import PKI, pki_fixture
 from workload import BLOCK
 
 pytestmark = pytest.mark.integration
+
+__all__ = ["pki_fixture"]  # the certificates: pytest finds the fixture by its name
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -487,6 +490,22 @@ def test_the_sample_file_is_a_good_file() -> None:
         ("vm3", "listen"),
     ]
     assert config.node.sock == "/run/ferry/ferry.sock"
+    # Its TLS lines, uncommented, are good too.
+    from ferry.daemon.config import parse_config
+    from ferry.nbd.constants import TLSMode
+
+    sample = (REPO / "contrib" / "ferry.toml").read_text()
+    with_tls = "\n".join(
+        line.removeprefix("# ") if line.startswith("# tls") else line
+        for line in sample.splitlines()
+    )
+    node = parse_config(with_tls, "/etc/ferry/ferry.toml").node
+    assert (node.tls, node.tls_certificates, node.tls_verify_peer) == (
+        TLSMode.REQUIRE,
+        "/etc/ferry/pki",
+        True,
+    )
+    assert node.tls_allowed_subjects == "/etc/ferry/senders"
 
 
 def test_the_unit_file_is_one_systemd_accepts(tmp_path: Path) -> None:
@@ -529,7 +548,8 @@ def test_a_listen_export_off_loopback_must_name_who_may_send_it_its_image(host: 
     assert refused.returncode == 1
     assert refused.stderr.decode().splitlines()[-1] == (
         f"ferry: {host.config}: export 'b': listen on 0.0.0.0 admits migration senders only "
-        "from the addresses its ACL names: name the source hosts in the export's acl"
+        "from the addresses its ACL names: name the source hosts in the export's acl, or "
+        'authenticate them by certificate (tls = "require" and tls_verify_peer = true)'
     )
     assert "Traceback" not in refused.stderr.decode()
     host.write([export_table("a")], addr="0.0.0.0")
@@ -541,7 +561,8 @@ def test_a_listen_export_off_loopback_must_name_who_may_send_it_its_image(host: 
         assert (unnamed.returncode, unnamed.stderr.decode()) == (
             1,
             "ferry: listen on 0.0.0.0 admits migration senders only from the addresses its ACL "
-            "names: name the source hosts in the export's acl\n",
+            "names: name the source hosts in the export's acl, or authenticate them by "
+            'certificate (tls = "require" and tls_verify_peer = true)\n',
         )
         assert set(exports(host.sock)) == {"a"}
         named = run([*add, "--acl", "192.0.2.1"])
@@ -549,3 +570,57 @@ def test_a_listen_export_off_loopback_must_name_who_may_send_it_its_image(host: 
         assert exports(host.sock)["b"]["state"] == "listening"
     finally:
         assert process.stop() == 0
+
+
+def test_a_daemon_over_mutual_tls_serves_and_migrates_by_certificate(
+    tmp_path: Path, pki: PKI
+) -> None:
+    """The file's TLS keys are serve's options: every client must use TLS with a
+    certificate of the CA, and x moves into the other daemon's listening export over
+    mutually authenticated TLS, its sender admitted by its certificate's subject
+    (``tls_allowed_subjects``), byte for byte, while y stays."""
+    source_host, dest_host = Host(tmp_path, "source"), Host(tmp_path, "dest")
+    locks = f"local:{tmp_path / 'locks'}"  # both daemons on one host: one lockspace
+    (tmp_path / "locks").mkdir(mode=0o700)
+    source_host.image("x", seed=1)
+    source_host.image("y", seed=2)
+    dest_host.image("x")
+    (dest_host.root / "senders").write_text(f"{pki.node_subject}\n")
+    tls = {
+        "tls": "require",
+        "tls_certificates": str(pki.node),
+        "tls_verify_peer": True,
+    }
+    source_host.write([export_table("x"), export_table("y")], lockspace=locks, **tls)
+    dest_host.write(
+        [export_table("x", mode="listen")],
+        lockspace=locks,
+        tls_allowed_subjects="senders",  # relative: the file's directory
+        **tls,
+    )
+    source = daemon(source_host.config)
+    dest = daemon(dest_host.config)
+    secure = f"nbds://127.0.0.1:{source.port}?tls-certificates={pki.node}"
+    try:
+        # Every client must use TLS, with a certificate of the CA.
+        out = run(["nbdinfo", "--list", "--json", secure]).stdout
+        assert [e["export-name"] for e in json.loads(out)["exports"]] == ["x", "y"]
+        plain = run(["nbdinfo", "--size", f"nbd://127.0.0.1:{source.port}/y"], check=False)
+        assert plain.returncode != 0
+        assert "server requires TLS encryption first" in plain.stderr.decode()
+        without_certificate = secure.replace(str(pki.node), str(pki.ca_only))
+        assert run(["nbdinfo", "--list", without_certificate], check=False).returncode != 0
+        migrated = run(
+            mirror_command(dest.port, source_host.sock, "--export", "x", "--wait"), timeout=120
+        ).stdout.decode()
+        assert migrated.rstrip().endswith("has control of the image"), migrated
+        dest.wait_for_log("receiving x from")
+        assert "TLS with 127.0.0.1: CN=source,O=ferry tests" in "".join(dest.log)
+        wait_until("x left the source", lambda: "x" not in exports(source_host.sock))
+        into = f"nbds://127.0.0.1:{dest.port}/x?tls-certificates={pki.node}"
+        assert json.loads(run(["nbdinfo", "--json", into]).stdout)["TLS"] is True
+    finally:
+        assert dest.stop() == 0
+        assert source.stop() == 0
+    moved = (dest_host.root / "x.img").read_bytes()
+    assert moved == (source_host.root / "x.img").read_bytes()

@@ -45,8 +45,15 @@ BLOCKS = 2048
 
 
 def hook(path: Path, body: str) -> Path:
-    """An executable shell script that first records its environment and what it was told."""
-    path.write_text(f"#!/bin/sh\nenv | grep '^FERRY_' | sort > {path}.env\n{body}\n")
+    """An executable shell script that first records its environment and what it was told.
+
+    The record appears whole (written aside, then renamed), so a test that
+    waits for it never reads half of it."""
+    path.write_text(
+        "#!/bin/sh\n"
+        f"env | grep '^FERRY_' | sort > {path}.env.part && mv {path}.env.part {path}.env\n"
+        f"{body}\n"
+    )
     path.chmod(0o755)
     return path
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -67,7 +68,6 @@ def test_the_watching_session_runs_as_written(tmp_path: Path) -> None:
     before typing the migration.  Each line must succeed.
     """
     import json
-    import signal
     import xml.etree.ElementTree as ET
 
     from support import Deadline, read_line
@@ -180,10 +180,79 @@ def test_the_metrics_section_names_every_migration_failure_reason() -> None:
     assert re.findall(r"`(\w+)`", paragraph) == [reason.value for reason in FailureReason]
 
 
+def run_script(
+    script: str, cwd: Path, timeout: float = 120, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """Run ``script`` in bash (in ``env``, if given); its exit status, stdout and stderr.
+
+    Into files, not pipes: a job it leaves in the background (a server whose
+    sibling failed, so ``set -e`` ended the script early) would hold a pipe
+    open until the timeout.  Whatever it leaves is killed.
+    """
+
+    with (cwd / ".stdout").open("wb") as out, (cwd / ".stderr").open("wb") as err:
+        shell = subprocess.Popen(
+            ["bash", "-c", script],
+            cwd=cwd,
+            stdout=out,
+            stderr=err,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            code = shell.wait(timeout=timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(shell.pid, signal.SIGKILL)
+            shell.wait()
+    return code, (cwd / ".stdout").read_text(), (cwd / ".stderr").read_text()
+
+
+def test_the_tls_session_runs_as_written(tmp_path: Path) -> None:
+    from tls_support import make_pki
+
+    pki = make_pki(tmp_path / "made")
+    (pki.node).rename(tmp_path / "pki")  # the five files of a test CA, as the README says
+    lines = [line[2:] for line in fenced_block("TLS", "console").splitlines()]
+    code, out, err = run_script("set -euo pipefail\n" + "\n".join(lines) + "\n", tmp_path)
+    logs = "".join((tmp_path / name).read_text() for name in ("src.log", "dst.log"))
+    assert code == 0, out + err + logs
+    assert (tmp_path / "senders").read_text() == "CN=source,O=ferry tests\n"
+    assert "server requires TLS encryption first" in err
+    assert "refused: 1" in out
+    assert str(64 << 20) in out  # nbdinfo over TLS sees the export
+    assert "migration completed: 127.0.0.1:10816 has control of the image" in out
+    assert out.rstrip().endswith("ab ab ab ab")
+    assert "TLS with 127.0.0.1: CN=source,O=ferry tests" in (tmp_path / "dst.log").read_text()
+    assert (tmp_path / "copy.img").read_bytes() == (tmp_path / "disk.img").read_bytes()
+
+
+def test_the_takeover_session_runs_as_written(tmp_path: Path) -> None:
+    lines = [
+        line[2:] for line in fenced_block("Upgrading in place (--takeover)", "console").splitlines()
+    ]
+    # nbdsh runs `python3 -m nbd`: here that must be Debian's Python, which has the bindings
+    # (on a stock Debian it is the first python3 on PATH anyway).
+    debian = tmp_path / "debian-python"
+    debian.mkdir()
+    (debian / "python3").symlink_to("/usr/bin/python3")
+    env = dict(os.environ, PATH=f"{debian}:{os.environ['PATH']}")
+    code, out, err = run_script("set -euo pipefail\n" + "\n".join(lines) + "\n", tmp_path, env=env)
+    logs = [tmp_path / name for name in ("old.log", "new.log")]
+    old_log, new_log = (log.read_text() if log.exists() else "" for log in logs)
+    assert code == 0, out + err + old_log + new_log
+    assert "the old ferry exited 0" in out
+    before, status = (line for line in out.splitlines() if line.startswith("pid="))
+    assert before.split()[0] != status.split()[0]  # another process answers on ctl.sock
+    assert "state=serving" in status and "num_clients=1" in status, status
+    assert "connections_moved=1" in status, status  # the client's connection moved
+    assert "the client was never disconnected" in out
+    assert "handed export 'disk' over (confirmed)" in old_log
+    assert "took disk over from process" in new_log
+
+
 def test_the_daemon_session_runs_as_written(tmp_path: Path) -> None:
     """The daemon's file as the README shows it, then its console block as one script."""
-    import signal
-
     (tmp_path / "ferry.toml").write_text(fenced_block("A daemon of many exports", "toml"))
     lines = [line[2:] for line in fenced_block("A daemon of many exports", "console").splitlines()]
     script = "set -euo pipefail\n" + "\n".join(lines) + "\n"

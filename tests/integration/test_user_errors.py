@@ -67,7 +67,7 @@ def test_usage_errors_exit_2_with_one_line(image: Path) -> None:
         ),
         2,
         "ferry serve: argument --lockspace: lockspace 'bogus' has no scheme: expected local:DIR "
-        "or etcd:http://HOST:PORT[,HOST:PORT...]",
+        "or etcd:http[s]://HOST:PORT[,HOST:PORT...][?OPTION=VALUE&...]",
     )
 
 

@@ -17,6 +17,7 @@ from ferry.daemon.config import ConfigError, DaemonConfig, load_config, parse_co
 from ferry.daemon.notify import Notifier, notice
 from ferry.daemon.reload import plan_reload
 from ferry.exports import ExportConfig
+from ferry.nbd.constants import TLSMode
 
 GOOD = """
 addr = "127.0.0.1"
@@ -67,6 +68,23 @@ def test_the_file_means_what_it_says() -> None:
         default_deny=True,
         max_downtime=0.5,
     )
+
+
+def test_the_tls_keys_are_serve_s_options() -> None:
+    config = parse(
+        'tls = "require"\ntls_certificates = "pki"\ntls_verify_peer = true\n'
+        'tls_allowed_subjects = "/etc/ferry/senders"\n'
+    )
+    node = config.node
+    assert node.tls is TLSMode.REQUIRE
+    assert node.tls_certificates == "/etc/ferry/pki"  # the file's directory's
+    assert node.tls_verify_peer
+    assert node.tls_allowed_subjects == "/etc/ferry/senders"
+    plain = parse("").node
+    assert (plain.tls, plain.tls_certificates, plain.tls_verify_peer) == (TLSMode.OFF, None, False)
+    assert plain.tls_allowed_subjects is None
+    # Certificates without TLS for clients: this node's migrations still go over TLS.
+    assert parse('tls_certificates = "pki"').node.tls is TLSMode.OFF
 
 
 def test_a_file_of_only_exports_takes_serve_s_defaults() -> None:
@@ -123,6 +141,27 @@ def test_a_file_of_only_exports_takes_serve_s_defaults() -> None:
         (
             f'[[export]]\nname = "{"x" * 4097}"\nfile = "/a"',
             "name: longer than NBD's 4096 bytes",
+        ),
+        ('tls = "yes"', 'f.toml: tls: must be one of "off", "on", "require", not \'yes\''),
+        ("tls = true", 'f.toml: tls: must be one of "off", "on", "require", not True'),
+        (
+            'tls = "require"',
+            'f.toml: tls: "require" needs tls_certificates, a directory with ca-cert.pem, '
+            "server-cert.pem and server-key.pem",
+        ),
+        ('tls_certificates = ""', "f.toml: tls_certificates: must be a non-empty string"),
+        (
+            'tls_certificates = "pki"\ntls_verify_peer = "yes"',
+            "f.toml: tls_verify_peer: must be true or false, not 'yes'",
+        ),
+        (
+            'tls_certificates = "pki"\ntls_verify_peer = true',
+            'f.toml: tls_verify_peer: needs tls = "on" or "require"',
+        ),
+        (
+            'tls = "on"\ntls_certificates = "pki"\ntls_allowed_subjects = "senders"',
+            "f.toml: tls_allowed_subjects: needs tls_verify_peer = true: without it no subject "
+            "is verified",
         ),
     ],
 )
@@ -215,6 +254,20 @@ def test_a_node_key_is_named_until_the_daemon_restarts() -> None:
     first = plan_reload(started, started, edited, running(started, "vm1", "vm2", "vm3"))
     again = plan_reload(started, edited, edited, running(started, "vm1", "vm2", "vm3"))
     assert first.node_keys == again.node_keys == ("port", "sock")
+
+
+def test_tls_settings_are_node_keys_a_reload_names() -> None:
+    """The certificates are read at start: new ones (or a new mode) need a restart."""
+    started = parse(BASE)
+    edited = parse(
+        'tls = "on"\ntls_certificates = "/etc/ferry/pki"\ntls_verify_peer = true\n' + BASE
+    )
+    plan = plan_reload(started, started, edited, running(started, "vm1", "vm2", "vm3"))
+    assert plan.node_keys == ("tls", "tls_certificates", "tls_verify_peer")
+    assert plan.summary() == (
+        "no change; not applied while running: tls, tls_certificates, tls_verify_peer "
+        "(restart the daemon)"
+    )
 
 
 # -- sd_notify -----------------------------------------------------------------------

@@ -178,3 +178,24 @@ def test_the_sender_checks_its_own_arguments(
     with pytest.raises(FdPassError, match="not a u16"):
         send_descriptors(pair[0], [pipes[0][0]], b"", format=1 << 16, timeout=TIMEOUT)
     assert fdpass.MAX_FDS == 253
+
+
+def test_notes_follow_an_exchange_both_ways(pair: tuple[socket.socket, socket.socket]) -> None:
+    fdpass.send_note(pair[0], b"r", timeout=TIMEOUT)
+    fdpass.send_note(pair[1], b"n", "a reason: " + "é" * 10, timeout=TIMEOUT)
+    assert fdpass.receive_note(pair[1], timeout=TIMEOUT) == (b"r", "")
+    assert fdpass.receive_note(pair[0], timeout=TIMEOUT) == (b"n", "a reason: " + "é" * 10)
+    with pytest.raises(ValueError, match="one byte"):
+        fdpass.send_note(pair[0], b"rr", timeout=TIMEOUT)
+
+
+def test_a_quiet_peer_is_a_timeout_and_a_gone_one_is_not(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A takeover tells the two apart: silence may mean the peer is busy; a close is an end."""
+    with pytest.raises(fdpass.FdPassTimeout, match="timed out"):
+        fdpass.receive_note(pair[1], timeout=0.1)
+    pair[0].close()
+    with pytest.raises(FdPassError, match="closed the connection") as info:
+        fdpass.receive_note(pair[1], timeout=TIMEOUT)
+    assert not isinstance(info.value, fdpass.FdPassTimeout)

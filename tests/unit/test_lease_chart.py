@@ -24,11 +24,12 @@ STATES = [
     "held",
     "renew_failed",
     "transferring",
+    "passing",
     "released",
     "fenced",
     "stopped",
 ]
-OURS = ["held", "renew_failed", "transferring"]
+OURS = ["held", "renew_failed", "transferring", "passing"]
 ENDED = {"released", "fenced", "stopped"}
 
 # Written out from DESIGN.md and issue 4, independently of the YAML.
@@ -49,6 +50,12 @@ TRANSITIONS = {
     ("reclaimed", "transferring", "held"),
     ("migrated_out", "transferring", "released"),
     ("taken_over", "transferring", "released"),
+    # a takeover on one host (issue 11): passed to a new process as it is
+    ("pass_on", "held", "passing"),
+    ("pass_on", "renew_failed", "passing"),
+    ("kept", "passing", "held"),
+    ("passed_on", "passing", "released"),
+    ("adopted", "registered", "held"),
     *(("release", s, "released") for s in OURS),
     *(("expired", s, "fenced") for s in OURS),
     *(("lost", s, "fenced") for s in OURS),
@@ -120,13 +127,14 @@ def test_a_loss_or_an_expiry_can_happen_wherever_the_grant_is_ours(chart: Statec
 
 
 def test_writes_start_only_on_getting_the_grant(chart: Statechart) -> None:
-    """Entering a writable state from a non-writable one happens only by acquired or by
-    a migration out that did not happen (offer_failed, reclaimed)."""
+    """Entering a writable state from a non-writable one happens only by getting the grant
+    (acquired, or adopted from a predecessor on this host) or by a hand-over that did not
+    happen (offer_failed, reclaimed, kept)."""
     writable = prop(chart, "may_write")
     starts = {
         t.trigger for t in chart.transitions if t.dest in writable and t.source not in writable
     }
-    assert starts == {"acquired", "offer_failed", "reclaimed"}
+    assert starts == {"acquired", "adopted", "offer_failed", "reclaimed", "kept"}
 
 
 def _strings(node: ast.AST) -> set[str]:

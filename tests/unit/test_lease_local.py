@@ -9,6 +9,7 @@ its output and its exit, never on a sleep.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import os
@@ -971,6 +972,24 @@ def test_etcd_specs() -> None:
     assert str(spec) == "etcd:http://10.0.0.1:2379,http://10.0.0.2:2379,http://[::1]:2380"
 
 
+def test_etcd_specs_with_tls_and_a_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = parse_lockspace(
+        "etcd:https://e1:2379,e2:2379?cacert=ca.pem&cert=/etc/ferry/c.pem&key=/etc/ferry/k.pem"
+        "&user=ferry&password-file=secret"
+    )
+    assert spec == EtcdSpec(
+        ("https://e1:2379", "https://e2:2379"),  # the second takes the first one's scheme
+        cacert=tmp_path / "ca.pem",  # made absolute now, as a local directory is
+        cert=Path("/etc/ferry/c.pem"),
+        key=Path("/etc/ferry/k.pem"),
+        user="ferry",
+        password_file=tmp_path / "secret",
+    )
+    assert spec.tls
+    assert str(spec) == "etcd:https://e1:2379,https://e2:2379"  # no file, no user
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -984,7 +1003,15 @@ def test_etcd_specs() -> None:
         ("etcd:host:0", "names no port"),
         ("etcd:http://host:99999", "bad port"),
         ("etcd:http://host:port", "bad port"),
-        ("etcd:https://host:2379", "only http://"),
+        ("etcd:ftp://host:2379", "only http:// and https://"),
+        ("etcd:https://a:1,http://b:2", "every endpoint must use https://"),
+        ("etcd:http://a:1?cacert=/ca.pem", "cacert, cert and key are for https://"),
+        ("etcd:https://a:1?cert=/c.pem", "cert and key come together"),
+        ("etcd:https://a:1?user=ferry", "user and password-file come together"),
+        ("etcd:https://a:1?password=hunter2", "unknown option 'password'"),
+        ("etcd:https://a:1?user=a&user=b&password-file=/p", "'user' is given twice"),
+        ("etcd:https://a:1?user=&password-file=/p", "'user' is empty"),
+        ("etcd:https://a:1?user", "NAME=VALUE"),
         ("etcd:http://host:2379/v3", "nothing more"),
         ("etcd:http://:2379", "names no host"),
         ("etcd:a:1,a:1", "twice"),
@@ -1050,3 +1077,87 @@ def test_the_default_lockspace_is_created(tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(LockspaceUnavailable, match="cannot create lockspace directory"):
         default_lockspace(tmp_path / "file" / "locks")
+
+
+# -- a takeover on one host: the grant's descriptor moves -----------------------------
+
+
+def test_a_passed_descriptor_keeps_the_lease_held_throughout(lockspaces: Any) -> None:
+    """The successor adopts the very grant; the old holder lets go without a gap."""
+    old, new, other = lockspaces
+    grant = acquire(old, "old")
+    passed = old.pass_on(grant)
+    assert passed.fd is not None and passed.grant == grant
+    # SCM_RIGHTS gives the new process a descriptor of the same open file description.
+    adopted = new.adopt(dataclasses.replace(passed, fd=os.dup(passed.fd)))
+    assert adopted.holder == grant.holder  # the same grant: owner and token unchanged
+    failure_of(other.acquire(IMAGE, "third", EXCLUSIVE), LeaseConflict)
+    old.let_go(grant)
+    assert holders(other) == [("old", "exclusive", 1, False)]
+    failure_of(other.acquire(IMAGE, "third", EXCLUSIVE), LeaseConflict)
+    result(new.renew(adopted))
+    result(new.release(adopted))
+    assert holders(other) == []
+    assert acquire(other, "third").token == 2
+
+
+def test_letting_go_tidies_nothing(lockspaces: Any) -> None:
+    """Had the old holder released, the successor's adopted grant would be gone."""
+    old, new, _ = lockspaces
+    grant = acquire(old, "old")
+    passed = old.pass_on(grant)
+    adopted = new.adopt(dataclasses.replace(passed, fd=os.dup(passed.fd)))  # type: ignore[arg-type]
+    old.let_go(grant)
+    result(old.close())  # closing the lockspace must not touch a grant let go
+    result(new.renew(adopted))
+
+
+def test_adopt_refuses_a_descriptor_that_is_not_the_lock_file(
+    lockspaces: Any, tmp_path: Path
+) -> None:
+    old, new, _ = lockspaces
+    grant = acquire(old, "old")
+    passed = old.pass_on(grant)
+    stranger = os.open(tmp_path / "stranger", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(LeaseLost, match="not the lock file"):
+            new.adopt(dataclasses.replace(passed, fd=stranger))
+    finally:
+        os.close(stranger)
+    with pytest.raises(LeaseError, match="no lock file descriptor"):
+        new.adopt(dataclasses.replace(passed, fd=None))
+
+
+def test_adopt_refuses_a_grant_whose_record_is_not_the_files(lockspaces: Any) -> None:
+    old, new, _ = lockspaces
+    grant = acquire(old, "old")
+    passed = old.pass_on(grant)
+    fd = os.dup(passed.fd)  # type: ignore[arg-type]
+    try:
+        wrong_id = dict(passed.detail, grant_id="0" * 16)
+        with pytest.raises(LeaseLost, match="overwritten"):
+            new.adopt(dataclasses.replace(passed, fd=fd, detail=wrong_id))
+        forged = dataclasses.replace(grant, holder=Holder("old", EXCLUSIVE, 7))
+        with pytest.raises(LeaseLost, match="token 7"):
+            new.adopt(dataclasses.replace(passed, fd=fd, grant=forged))
+        with pytest.raises(LeaseError, match="incomplete"):
+            new.adopt(dataclasses.replace(passed, fd=fd, detail={}))
+    finally:
+        os.close(fd)
+
+
+def test_adopt_refuses_a_descriptor_that_does_not_hold_the_locks(lockspaces: Any) -> None:
+    """The lock file opened afresh is the right file, but its locks are someone else's."""
+    old, new, _ = lockspaces
+    grant = acquire(old, "old")
+    passed = old.pass_on(grant)
+    fd = os.open(old.path_for(IMAGE), os.O_RDWR)  # the file, not the locked open file
+    try:
+        with pytest.raises(LeaseLost, match="does not hold the grant"):
+            new.adopt(dataclasses.replace(passed, fd=fd))
+        result(old.renew(grant))  # the failed adoption took nothing from the holder
+        old.let_go(grant)  # ... which lets go: nobody holds the slot or the hold byte now
+        with pytest.raises(LeaseLost, match="not locked any more"):
+            new.adopt(dataclasses.replace(passed, fd=fd))
+    finally:
+        os.close(fd)

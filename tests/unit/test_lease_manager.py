@@ -609,3 +609,111 @@ def test_every_transition_is_traced_and_replays(rig: Rig) -> None:
         ("prepare_migrate", "held", "transferring"),
         ("taken_over", "transferring", "released"),
     ]
+
+
+# -- passing it on to a new process on this host (--takeover) -------------------------
+
+
+def successor(rig: Rig, owner: str = "src") -> LeaseManager:
+    """The new process's manager: the same owner (the grant is the same), its own machine."""
+    manager = LeaseManager(
+        rig.lockspace,
+        resource=RESOURCE,
+        owner=owner,
+        clock=rig.clock,
+        tracer=rig.tracer,
+        on_fenced=lambda reason: rig.fenced.append(("new", reason)),
+        instance="new",
+    )
+    manager.register()
+    return manager
+
+
+def test_handing_on_stops_writes_and_says_how_long_the_grant_is_good_for(rig: Rig) -> None:
+    old = rig.holding()
+    rig.advance(4.0)
+    passed = old.hand_on()
+    assert old.state == "passing" and old.holds and not old.may_write()
+    assert passed.grant == old.grant
+    assert passed.valid_for == DEADLINE_AFTER - 4.0
+    old.keep()
+    assert old.state == "held" and old.may_write()
+    assert rig.steps("src")[-2:] == [("pass_on", "held", "passing"), ("kept", "passing", "held")]
+
+
+def test_the_successor_adopts_the_same_grant_and_the_lockspace_sees_one_holder(rig: Rig) -> None:
+    old = rig.holding()
+    rig.advance(4.0)
+    asked_at = rig.clock.seconds()
+    passed = old.hand_on()
+    new = successor(rig)
+    grant = rig.lockspace.adopt(passed)
+    assert passed.valid_for is not None
+    new.adopt(grant, valid_until=asked_at + passed.valid_for)
+    old.passed_on()
+    assert (old.state, old.may_write(), old.reason) == (
+        "released",
+        False,
+        "handed on to a new process on this host",
+    )
+    assert new.state == "held" and new.may_write() and new.token == passed.grant.token
+    assert rig.lockspace.holders_now(RESOURCE) == (Holder("src", LeaseMode.EXCLUSIVE, 1),)
+    ops = [op for _, op, _ in rig.lockspace.calls]
+    assert "release" not in ops
+    assert ops[-4:] == ["pass_on", "adopt", "renew", "let_go"]
+    # It renewed at once: its deadline rests on its own renewal now, not the old one's.
+    assert new.deadline == asked_at + DEADLINE_AFTER
+    rig.advance(30.0)
+    assert new.may_write() and rig.fenced == []
+    assert rig.steps("new") == [
+        ("register", "unregistered", "registered"),
+        ("adopted", "registered", "held"),
+    ]
+
+
+def test_an_adopted_grant_is_good_only_until_the_predecessors_deadline(rig: Rig) -> None:
+    old = rig.holding()
+    rig.advance(4.0)
+    passed = old.hand_on()
+    new = successor(rig)
+    rig.lockspace.renewals_hang = True  # the successor's own renewal never answers
+    new.adopt(rig.lockspace.adopt(passed), valid_until=rig.clock.seconds() + 8.0)
+    assert new.deadline == rig.clock.seconds() + 8.0
+    rig.advance(7.9)
+    assert new.may_write()
+    rig.advance(0.2)
+    assert not new.may_write() and new.state == "fenced"
+
+
+def test_a_loss_while_passing_fences(rig: Rig) -> None:
+    old = rig.holding()
+    old.hand_on()
+    rig.lockspace.lose(RESOURCE)
+    assert old.state == "fenced" and rig.fenced[0][0] == "src"
+
+
+def test_passing_on_needs_a_lockspace_that_can(rig: Rig) -> None:
+    class Plain:
+        """A lockspace without pass_on/let_go/adopt."""
+
+        def __getattr__(self, name: str) -> Any:
+            if name in ("pass_on", "let_go", "adopt"):
+                raise AttributeError(name)
+            return getattr(rig.lockspace, name)
+
+    manager = LeaseManager(Plain(), resource=RESOURCE, owner="x", clock=rig.clock)  # type: ignore[arg-type]
+    manager.register()
+    result(manager.acquire())
+    assert not manager.can_pass_on
+    with pytest.raises(LeaseStateError, match="cannot pass a grant"):
+        manager.hand_on()
+    assert manager.state == "held"
+
+
+def test_adopt_refuses_someone_elses_grant(rig: Rig) -> None:
+    old = rig.holding("src")
+    passed = old.hand_on()
+    new = successor(rig, owner="someone-else")
+    with pytest.raises(LeaseStateError, match="not someone-else's"):
+        new.adopt(passed.grant, valid_until=None)
+    assert new.state == "registered"

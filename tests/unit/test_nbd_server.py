@@ -286,8 +286,8 @@ def test_list_with_data_is_invalid_and_negotiation_goes_on() -> None:
 
 @pytest.mark.parametrize(
     "opt",
-    [f.OPT_STARTTLS, f.OPT_EXTENDED_HEADERS, 4, 12, 0x7FFFFFFF, 0xFFFFFFFF],
-    ids=["starttls", "extended-headers", "peek-export", "12", "big", "max"],
+    [f.OPT_EXTENDED_HEADERS, 4, 12, 0x7FFFFFFF, 0xFFFFFFFF],
+    ids=["extended-headers", "peek-export", "12", "big", "max"],
 )
 def test_unsupported_options_are_answered_err_unsup(opt: int) -> None:
     conn = connect()

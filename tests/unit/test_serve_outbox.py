@@ -13,6 +13,7 @@ import os
 import select
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from twisted.internet import tcp
@@ -212,3 +213,25 @@ def test_a_send_error_is_left_to_the_transport(link: Link) -> None:
     assert outbox.direct_bytes == 0
     assert link.writing()  # the transport has the bytes and will meet the error itself
     assert link.transport._tempDataLen == 4
+
+
+def test_once_tls_has_started_nothing_goes_to_the_socket_directly(
+    link: Link, tmp_path: Path
+) -> None:
+    from ferry.tls import load_credentials
+    from tls_support import make_pki
+
+    pki = make_pki(tmp_path)
+    options = load_credentials(pki.node, server=True).server_options(verify_peer=False)
+    outbox = Outbox(link.transport)
+    outbox.add(b"in the clear")
+    outbox.flush()
+    assert outbox.direct_bytes == len(b"in the clear")
+    link.transport.startTLS(options)  # what a connection does after STARTTLS's ACK
+    outbox.add(b"a secret reply")
+    outbox.flush()
+    assert outbox.direct_bytes == len(b"in the clear")  # unchanged: TLS had it
+    link.drain()
+    # The handshake has not happened, so the reply waits inside TLS; it never
+    # reaches the socket as it was written.
+    assert bytes(link.received) == b"in the clear"

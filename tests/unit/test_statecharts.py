@@ -41,6 +41,7 @@ ROLE_STATES = [
     "migrating",
     "quiescing",
     "handing_off",
+    "passing_on",
     "handed_off",
     "in_doubt",
     "fenced",
@@ -71,7 +72,15 @@ ROLE_TRANSITIONS = {
     ("mirrored", "quiescing", "serving"),
     ("break_migration", "migrating", "serving"),
     ("break_migration", "quiescing", "serving"),
-    *(("lease_lost", s, "fenced") for s in ("serving", "migrating", "quiescing", "handing_off")),
+    # a takeover on one host (issue 11): the old process's export, then the new one's
+    ("pass_on", "serving", "passing_on"),
+    ("kept", "passing_on", "serving"),
+    ("passed_on", "passing_on", "handed_off"),
+    ("taken_over", "starting", "serving"),
+    *(
+        ("lease_lost", s, "fenced")
+        for s in ("serving", "migrating", "quiescing", "handing_off", "passing_on")
+    ),
     *(("shutdown", s, "stopped") for s in ROLE_STATES if s != "stopped"),
 }
 
@@ -84,6 +93,7 @@ HAS_CONTROL = {
     "migrating": True,
     "quiescing": True,
     "handing_off": True,
+    "passing_on": True,
     "handed_off": False,
     "in_doubt": False,
     "fenced": False,
@@ -99,6 +109,7 @@ CLIENTS_ALLOWED = {
     "migrating": True,
     "quiescing": False,
     "handing_off": False,
+    "passing_on": False,
     "handed_off": False,
     "in_doubt": False,
     "fenced": False,
@@ -575,7 +586,7 @@ def test_diagrams_are_deterministic_and_mark_control(role: Statechart) -> None:
     mermaid = render_mermaid(role)
     assert mermaid == render_mermaid(load_file(REPO / "statecharts" / "role.yaml"))
     assert mermaid.splitlines()[3] == "stateDiagram-v2"
-    assert "    class serving,migrating,quiescing,handing_off control" in mermaid
+    assert "    class serving,migrating,quiescing,handing_off,passing_on control" in mermaid
     assert "    [*] --> starting" in mermaid
 
 

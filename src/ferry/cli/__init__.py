@@ -114,27 +114,49 @@ def build_parser() -> Parser:
         ("listen", "wait for a migration of an image, then serve it on the same port"),
     ):
         serve = modes.add_parser(name, help=helptext)
-        _network(serve, required=True)
-        serve.add_argument("-f", "--file", required=True, help="the image file (or block device)")
+        # serve --takeover takes these from the old process: not required there.
+        _network(serve, required=name == "listen")
+        serve.add_argument(
+            "-f", "--file", required=name == "listen", help="the image file (or block device)"
+        )
         _control_sock(serve, required=False)
         serve.add_argument(
             "-d",
             "--default-deny",
             action="store_true",
+            default=None,
             help="an empty ACL admits no one (without it, an empty ACL admits everyone)",
         )
         serve.add_argument(
             "--oldstyle",
             action="store_true",
+            default=None,
             help="speak the oldstyle handshake"
             + (" (a migration from flexnbd mirror)" if name == "listen" else ""),
         )
         if name == "serve":
             serve.add_argument(
-                "-r", "--read-only", action="store_true", help="refuse writes (EPERM)"
+                "-r", "--read-only", action="store_true", default=None, help="refuse writes (EPERM)"
+            )
+            serve.add_argument(
+                "--takeover",
+                metavar="SOCK",
+                help="take the export over from the ferry whose control socket is SOCK, on this "
+                "host, with its listening sockets, lease and every client connection (an "
+                "upgrade: clients see a pause, not a disconnect); the old process exits 0. "
+                "What is served and where comes from the old process: an option given too "
+                "must match it",
+            )
+            serve.add_argument(
+                # A test hook: the takeover state formats this process reads, as a ferry
+                # of another version would; the old one's offer in any other is refused.
+                "--takeover-format",
+                type=int,
+                action="append",
+                help=argparse.SUPPRESS,
             )
         serve.add_argument(
-            "-n", "--name", default="", help="export name (default: the file's name)"
+            "-n", "--name", default=None, help="export name (default: the file's name)"
         )
         serve.add_argument(
             "--metrics", type=host_and_port, metavar="ADDR:PORT", help="serve Prometheus /metrics"
@@ -151,7 +173,8 @@ def build_parser() -> Parser:
             type=_lockspace_text,
             metavar="SPEC",
             help="where the image's lease is held while serving (listen: taken over with the "
-            "migration): local:DIR or etcd:http://HOST:PORT[,HOST:PORT...], or none; "
+            "migration): local:DIR or etcd:http[s]://HOST:PORT[,HOST:PORT...][?cacert=FILE&"
+            "cert=FILE&key=FILE&user=NAME&password-file=FILE], or none; "
             "default: a local directory (/var/lib/ferry/locks for root); lose it and I/O stops",
         )
         serve.add_argument(
@@ -188,9 +211,10 @@ def build_parser() -> Parser:
             metavar="SECONDS",
             help="kill a hook that runs longer (default 30); at a vetoing stage that is a veto",
         )
+        _tls_server(serve, listen=name == "listen")
         _verbosity(serve)
         serve.add_argument("acl", nargs="*", metavar="ACL_ENTRY", help="address or CIDR allowed in")
-        serve.set_defaults(run=run_serve, listen=name == "listen")
+        serve.set_defaults(run=run_serve, listen=name == "listen", usage_error=serve.error)
 
     mirror = modes.add_parser(
         "mirror", help="migrate a running server's image to a listener (or any NBD server)"
@@ -364,6 +388,7 @@ def build_parser() -> Parser:
         mode.add_argument("-S", "--size", type=byte_count, required=True)
         mode.add_argument("-b", "--bind", help="local address to connect from")
         mode.add_argument("-n", "--name", default="", help="export name (default export if empty)")
+        _tls_certificates(mode, "connect with TLS, verifying the server against DIR's CA")
         mode.set_defaults(run=run_read if name == "read" else run_write)
 
     trace = modes.add_parser("trace", help="work with transition traces")
@@ -422,6 +447,38 @@ def _control_sock(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument("-s", "--sock", required=required, help="control socket path")
 
 
+def _tls_server(parser: argparse.ArgumentParser, *, listen: bool) -> None:
+    parser.add_argument(
+        "--tls",
+        choices=["off", "on", "require"],
+        default=None,  # off; None: not given (serve --takeover takes the old process's)
+        help="TLS for NBD clients: off (default), on (a client may upgrade with STARTTLS), "
+        "require (every client must)",
+    )
+    _tls_certificates(
+        parser,
+        "the certificate directory: ca-cert.pem, server-cert.pem, server-key.pem (and "
+        "client-cert.pem, client-key.pem: migrations from this node use TLS with them)",
+    )
+    parser.add_argument(
+        "--tls-verify-peer",
+        action="store_true",
+        default=None,
+        help="require a client certificate issued by the directory's CA",
+    )
+    if listen:
+        parser.add_argument(
+            "--tls-allowed-subjects",
+            metavar="FILE",
+            help="the certificate subjects that may send a migration, one RFC 4514 name a "
+            "line (needs --tls-verify-peer)",
+        )
+
+
+def _tls_certificates(parser: argparse.ArgumentParser, helptext: str) -> None:
+    parser.add_argument("--tls-certificates", metavar="DIR", help=helptext)
+
+
 def _export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-e", "--export", metavar="NAME", help="which export of a daemon (default: its first)"
@@ -437,31 +494,74 @@ def _verbosity(parser: argparse.ArgumentParser) -> None:
 # -- modes ----------------------------------------------------------------------
 
 
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of ``serve`` the operator wrote, by ServeConfig's names (for --takeover)."""
+    given = {
+        "file": args.file,
+        "name": args.name,
+        "addr": args.addr,
+        "port": args.port,
+        "sock": args.sock,
+        "default_deny": args.default_deny,
+        "oldstyle": args.oldstyle,
+        "read_only": getattr(args, "read_only", None),
+        "metrics": args.metrics,
+        "lockspace": getattr(args, "lockspace", None),
+        "resource": getattr(args, "resource", None),
+        "service_address": args.service_address,
+        "acl": list(args.acl) or None,
+        "tls": args.tls,
+        "tls_certificates": args.tls_certificates,
+        "tls_verify_peer": args.tls_verify_peer,
+        "tls_allowed_subjects": getattr(args, "tls_allowed_subjects", None),
+        "hooks": dict(args.hook) or None,
+        "hook_timeout": args.hook_timeout,
+    }
+    return {key: value for key, value in given.items() if value is not None}
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    from twisted.internet import reactor
+    from twisted.internet import defer, reactor
 
     from ferry.cli.running import run_until_stopped
+    from ferry.cli.takeover import take_over, takeover_described
     from ferry.logs import LogFileError, open_log_file, start_logging
     from ferry.node import Node, ServeConfig
+    from ferry.tls import TLSMode
 
-    config = ServeConfig(
-        file=args.file,
-        addr=args.addr,
-        port=args.port,
-        name=args.name,
-        sock=args.sock,
-        acl=tuple(args.acl),
-        default_deny=args.default_deny,
-        oldstyle=args.oldstyle,
-        read_only=getattr(args, "read_only", False),
-        metrics=args.metrics,
-        trace=args.trace,
-        listen=args.listen,
-        lockspace=getattr(args, "lockspace", None),
-        resource=getattr(args, "resource", None),
-        service_address=args.service_address,
-        hooks=_hooks(args),
-    )
+    served: dict[str, Any] = {}
+    takeover = getattr(args, "takeover", None)
+    if takeover is None:
+        required = (("-l/--addr", args.addr), ("-p/--port", args.port), ("-f/--file", args.file))
+        missing = [flag for flag, value in required if value is None]
+        if missing:
+            args.usage_error(f"the following arguments are required: {', '.join(missing)}")
+        config = ServeConfig(
+            file=args.file,
+            addr=args.addr,
+            port=args.port,
+            name=args.name or "",
+            sock=args.sock,
+            acl=tuple(args.acl),
+            default_deny=bool(args.default_deny),
+            oldstyle=bool(args.oldstyle),
+            read_only=bool(getattr(args, "read_only", False)),
+            metrics=args.metrics,
+            trace=args.trace,
+            listen=args.listen,
+            lockspace=getattr(args, "lockspace", None),
+            resource=getattr(args, "resource", None),
+            tls=TLSMode(args.tls or "off"),
+            tls_certificates=args.tls_certificates,
+            tls_verify_peer=bool(args.tls_verify_peer),
+            tls_allowed_subjects=getattr(args, "tls_allowed_subjects", None),
+            service_address=args.service_address,
+            hooks=_hooks(args),
+        )
+        node_config, exports = config.node(), (config.export(),)
+    else:
+        served = takeover_described(takeover)
+        node_config, exports = _serve_takeover_config(args, takeover, served)
     try:
         log_file = open_log_file(args.log) if args.log else None
     except LogFileError as error:
@@ -470,10 +570,15 @@ def run_serve(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         quiet=args.quiet,
         json_file=log_file,
-        fields={"export": config.export_name},
+        fields={"export": exports[0].export_name},
     )
-    node = Node(reactor, config.node(), [config.export()])
-    run_until_stopped(reactor, node.start(), node.shutdown)
+    if takeover is None:
+        node = Node(reactor, node_config, exports)
+        run_until_stopped(reactor, node.start(), node.shutdown)
+        return 0
+    node = Node(reactor, node_config)
+    take_over(node, takeover, served, _given(args), args.takeover_format)
+    run_until_stopped(reactor, defer.succeed(None), node.shutdown)
     return 0
 
 
@@ -541,6 +646,31 @@ def run_proxy(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", node.shutdown)
     reactor.run()
     return 0
+
+
+def _serve_takeover_config(
+    args: argparse.Namespace, path: str, served: dict[str, Any]
+) -> tuple[Any, tuple[Any, ...]]:
+    """``serve --takeover``: the node and the one export the old process serves, checked
+    against what was given."""
+    from ferry.node import NodeConfig, StartupError
+    from ferry.takeover.options import differences, served_exports
+
+    exports = served.get("exports")
+    if not isinstance(exports, list) or len(exports) != 1:
+        count = len(exports) if isinstance(exports, list) else "no"
+        raise UserError(
+            f"--takeover {path}: the old process serves {count} exports: take a daemon over "
+            f"with ferry daemon --config FILE --takeover {path}"
+        )
+    wrong = differences(_given(args), served)
+    if wrong:
+        raise UserError(f"--takeover {path}: " + "; ".join(wrong))
+    try:
+        node = NodeConfig.from_served(served, trace=args.trace, exit_stops_node=True)
+        return node, served_exports(served)
+    except (StartupError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"--takeover {path}: the old process's options: {error}") from None
 
 
 def control_request(path: str, lines: Sequence[str]) -> tuple[int, str]:
@@ -712,10 +842,19 @@ def run_write(args: argparse.Namespace) -> int:
 
 def _remote(args: argparse.Namespace, remote_type: Any) -> Any:
     from ferry.remote import NegotiationError, RemoteError
+    from ferry.tls import TLSError, load_credentials
 
+    tls = None
+    if args.tls_certificates is not None:
+        try:
+            tls = load_credentials(args.tls_certificates, server=False).client_context()
+        except TLSError as error:
+            raise UserError(str(error)) from None
     try:
         return _Guarded(
-            remote_type.connect(args.addr, args.port, export_name=args.name, bind=args.bind),
+            remote_type.connect(
+                args.addr, args.port, export_name=args.name, bind=args.bind, tls=tls
+            ),
             (RemoteError, NegotiationError),
         )
     except NegotiationError as error:
@@ -913,7 +1052,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except UserError as error:
-        print(f"ferry: {error}", file=sys.stderr)
+        for line in str(error).splitlines() or [""]:  # a line per problem
+            print(f"ferry: {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -28,6 +28,16 @@ def add_daemon_commands(modes: argparse._SubParsersAction[Any]) -> None:
         "daemon", help="serve the exports a TOML file describes, on one port (systemd-ready)"
     )
     daemon.add_argument("-c", "--config", required=True, metavar="FILE", help="the daemon's file")
+    daemon.add_argument(
+        "--takeover",
+        metavar="SOCK",
+        help="take every export over from the ferry whose control socket is SOCK, on this "
+        "host, with its listening sockets, leases and client connections (an upgrade: "
+        "clients see a pause, not a disconnect); the old process exits 0. The exports are "
+        "the old process's as it serves them; the file's addr, port, sock, metrics, "
+        "lockspace and TLS keys must be its",
+    )
+    daemon.add_argument("--takeover-format", type=int, action="append", help=argparse.SUPPRESS)
     group = daemon.add_mutually_exclusive_group()
     group.add_argument("-v", "--verbose", action="store_true", help="log every connection")
     group.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
@@ -110,6 +120,8 @@ def run_daemon(args: argparse.Namespace) -> int:
         config = load_config(args.config)
     except ConfigError as error:
         raise UserError(str(error)) from None
+    if args.takeover is not None:
+        return _take_over(args, config)
     try:
         log_file = open_log_file(config.log) if config.log else None
     except LogFileError as error:
@@ -118,6 +130,53 @@ def run_daemon(args: argparse.Namespace) -> int:
     daemon = Daemon(reactor, config)
     daemon.listen_for_hangup()
     run_until_stopped(reactor, daemon.start(), daemon.shutdown, prefix=f"{args.config}: ")
+    return 0
+
+
+def _take_over(args: argparse.Namespace, config: Any) -> int:
+    """``ferry daemon --config FILE --takeover SOCK``: the old node's exports, this file's
+    node (which must be the old one's: ``differences``), reloaded from this file later."""
+    from twisted.internet import defer, reactor
+
+    from ferry.cli.running import run_until_stopped
+    from ferry.cli.takeover import take_over, takeover_described
+    from ferry.daemon.service import Daemon
+    from ferry.logs import LogFileError, open_log_file, start_logging
+    from ferry.node import NodeConfig, StartupError
+    from ferry.takeover.options import differences
+
+    path = args.takeover
+    served = takeover_described(path)
+    node = config.node
+    given = {
+        "addr": node.addr,
+        "port": node.port,
+        "sock": node.sock,
+        "metrics": node.metrics,
+        "lockspace": node.lockspace,
+        "tls": node.tls,
+        "tls_certificates": node.tls_certificates,
+        "tls_verify_peer": node.tls_verify_peer,
+        "tls_allowed_subjects": node.tls_allowed_subjects,
+    }
+    given = {key: value for key, value in given.items() if value is not None}
+    wrong = differences(given, served)
+    if wrong:
+        raise UserError(f"{args.config}: --takeover {path}: " + "; ".join(wrong))
+    try:
+        taken = NodeConfig.from_served(served, trace=node.trace, exit_stops_node=False)
+    except StartupError as error:
+        raise UserError(f"--takeover {path}: {error}") from None
+    try:
+        log_file = open_log_file(config.log) if config.log else None
+    except LogFileError as error:
+        raise UserError(str(error)) from None
+    start_logging(verbose=args.verbose, quiet=args.quiet, json_file=log_file)
+    daemon = Daemon(reactor, config, node=taken)
+    take_over(daemon.node, path, served, given, args.takeover_format)
+    daemon.listen_for_hangup()
+    reactor.callWhenRunning(daemon.up)
+    run_until_stopped(reactor, defer.succeed(None), daemon.shutdown, prefix=f"{args.config}: ")
     return 0
 
 

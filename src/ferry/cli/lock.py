@@ -29,7 +29,7 @@ __all__ = ["ListingLockspace", "add_lock_commands", "format_holders", "settle"]
 _T = TypeVar("_T")
 
 _SPEC_HELP = (
-    "the lockspace: local:DIR or etcd:http://HOST:PORT[,HOST:PORT...] "
+    "the lockspace: local:DIR or etcd:http[s]://HOST:PORT[,HOST:PORT...][?OPTIONS] "
     "(default: the embedded local lockspace)"
 )
 

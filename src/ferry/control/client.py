@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
 
+from ferry.safepath import UnsafePath, open_trusted_path
+
 # How often ``follow`` asks for progress: often enough to watch, rarely
 # enough not to matter to the server.
 PROGRESS_INTERVAL: Final = 0.5
@@ -61,26 +63,41 @@ def check_server(conn: socket.socket, path: str) -> None:
         )
 
 
-def connect(path: str, timeout: float | None) -> socket.socket:
+def connect(path: str, timeout: float | None, *, trusted: bool = False) -> socket.socket:
     """A connection to the control socket at ``path``, its server checked (:func:`check_server`).
 
     A path that is something other than a socket is said to be so, rather
-    than "Connection refused".
+    than "Connection refused".  ``trusted``: the path is resolved without
+    following anyone else's symlink, and connected to through the socket
+    file's own descriptor (:func:`ferry.safepath.open_trusted_path`), for a
+    takeover, which hands the server's every descriptor over.
     """
+    found: int | None = None
     try:
-        info = os.stat(path)
+        if trusted:
+            found = open_trusted_path(path, "control socket")
+            info = os.fstat(found)
+        else:
+            info = os.stat(path)
+    except UnsafePath as unsafe:
+        raise ControlError(str(unsafe)) from None
     except FileNotFoundError:
         raise ControlError(f"control socket {path}: no such file") from None
-    if not stat.S_ISSOCK(info.st_mode):
-        raise ControlError(f"control socket {path}: not a socket (is --sock the right path?)")
+    except OSError as error:
+        raise ControlError(f"control socket {path}: {error.strerror or error}") from None
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        if not stat.S_ISSOCK(info.st_mode):
+            raise ControlError(f"control socket {path}: not a socket (is --sock the right path?)")
         conn.settimeout(timeout)
-        conn.connect(path)
+        conn.connect(path if found is None else f"/proc/self/fd/{found}")
         check_server(conn, path)
     except BaseException:
         conn.close()
         raise
+    finally:
+        if found is not None:
+            os.close(found)
     return conn
 
 
@@ -103,13 +120,13 @@ def line_command(path: str, lines: list[str], *, timeout: float = 30.0) -> tuple
 
 
 class JsonControl:
-    def __init__(self, path: str, *, timeout: float = 60.0) -> None:
+    def __init__(self, path: str, *, timeout: float = 60.0, trusted: bool = False) -> None:
         self._path = path
         self._timeout = timeout
         self._ids = itertools.count(1)
         self._buffer = b""
         try:
-            self._sock = connect(path, None)
+            self._sock = connect(path, None, trusted=trusted)
         except OSError as error:
             raise ControlError(f"control socket {path}: {error.strerror or error}") from None
 

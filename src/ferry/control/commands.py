@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -69,6 +70,17 @@ class Reply:
 
 Command = Callable[[Sequence[str], Params], "Reply | Deferred[Reply]"]
 
+TakeConnection = Callable[[socket.socket], object]
+Upgrade = Callable[[Params], "str | TakeConnection"]
+"""A JSON method that takes the control connection itself (``takeover``).
+
+Called with the request's params on the reactor: a str is a refusal
+(answered as error 1, and the connection goes on); a function is given
+the connection's socket (blocking, this process's own duplicate), and the
+control server forgets the connection: what follows on it is the
+function's business.
+"""
+
 
 class CommandTable(Protocol):
     """What the control socket runs commands on: a node's :class:`Commands`, or a proxy's."""
@@ -76,6 +88,11 @@ class CommandTable(Protocol):
     @property
     def table(self) -> Mapping[str, Command]:
         """The commands by name (an unknown JSON method is answered without running any)."""
+        ...
+
+    @property
+    def upgrades(self) -> Mapping[str, Upgrade]:
+        """The JSON methods that take the connection itself (none but a node's)."""
         ...
 
     def run(
@@ -137,6 +154,9 @@ class Commands:
             "export.remove": self.export_remove,
             "export.list": self.export_list,
         }
+        #: JSON methods that take the connection itself, by name (the node adds
+        #: ``takeover``); see :data:`Upgrade`.
+        self.upgrades: dict[str, Upgrade] = {}
 
     def run(
         self, name: str, args: Sequence[str], params: Params | None = None

@@ -9,6 +9,13 @@ every transition of every machine (:mod:`ferry.control.events`), and what
 the server sends waits within a cap while the client is slow
 (:mod:`ferry.control.jsonlines`).
 
+A JSON method in :attr:`Commands.upgrades` (``takeover``) takes the
+connection itself, if it is the first request on it: the server hands a
+duplicate of the socket to the method and forgets the connection.  Such a
+method hands out the node's descriptors, so only a client running as this
+server's user or as root may call it (the kernel says who, SO_PEERCRED),
+whatever the socket file's mode has been changed to.
+
 A request -- a flexnbd command up to its blank line, or one JSON line --
 may be at most ``MAX_COMMAND_BYTES``.  A longer command is answered ``1:
 command longer than ...``; a longer JSON line gets the error -32600 and is
@@ -28,6 +35,7 @@ import math
 import os
 import socket
 import stat
+import struct
 from collections.abc import Callable
 from typing import Any, Final, NoReturn
 
@@ -70,6 +78,8 @@ class ControlProtocol(Protocol):
         self._lost = False
         self._out: JsonLines | None = None  # a JSON connection's outgoing lines
         self._stream: EventStream | None = None
+        self._requests = 0  # JSON requests read on this connection
+        self._upgraded = False  # the connection was given away (Commands.upgrades)
 
     def dataReceived(self, data: bytes) -> None:
         if self._answered:
@@ -173,6 +183,8 @@ class ControlProtocol(Protocol):
         """
         *complete, rest = data.split(b"\n")
         for piece in complete:
+            if self._upgraded:
+                return  # the connection is someone else's now
             if self._skipping:
                 self._skipping = False  # the end of a line already answered
                 continue
@@ -182,7 +194,7 @@ class ControlProtocol(Protocol):
                 self._json_too_long()
             elif line.strip():
                 self._json_request(line)
-        if not self._skipping:
+        if not self._skipping and not self._upgraded:
             self._partial += rest
             if len(self._partial) > MAX_COMMAND_BYTES:
                 self._partial.clear()
@@ -208,6 +220,10 @@ class ControlProtocol(Protocol):
             self._send_json(_error(None, -32600, "the id must be a string, a number or null"))
             return
         method = request["method"]
+        self._requests += 1
+        if method in self._commands.upgrades:
+            self._upgrade(request_id, method, request.get("params"))
+            return
         if method not in self._commands.table and method not in STREAM_METHODS:
             self._send_json(_error(request_id, -32601, "unknown command"))
             return
@@ -232,6 +248,48 @@ class ControlProtocol(Protocol):
             lambda reply: self._send_json(_json_answer(request_id, reply)),
         )
 
+    def _upgrade(self, request_id: Any, method: str, params: Any) -> None:
+        """Give the connection to ``method`` (see :data:`ferry.control.commands.Upgrade`)."""
+        if params is not None and not isinstance(params, dict):
+            self._send_json(_error(request_id, -32602, "params must be an object"))
+            return
+        if self._requests != 1:
+            why = f"{method} must be the first request on its connection"
+            self._send_json(_error(request_id, 1, why))
+            return
+        transport = self.transport
+        assert transport is not None
+        uid = _peer_uid(transport.socket)  # type: ignore[attr-defined]
+        if uid not in (os.geteuid(), 0):
+            log.warn("refused {method} to a client running as uid {uid}", method=method, uid=uid)
+            why = f"{method}: uid {uid} may not; only this server's user or root"
+            self._send_json(_error(request_id, 1, why))
+            return
+        try:
+            outcome = self._commands.upgrades[method](params or {})
+        except Exception:
+            log.failure("control command {method} failed", method=method)
+            self._send_json(_error(request_id, 1, f"internal error in {method}"))
+            return
+        if isinstance(outcome, str):
+            self._send_json(_error(request_id, 1, outcome))
+            return
+        # Our own descriptor of the connection for the method; Twisted's goes
+        # with an abort (a Unix socket's close sends nothing while ours lives).
+        sock = transport.socket.dup()  # type: ignore[attr-defined]
+        sock.setblocking(True)
+        self._upgraded = self._answered = True
+        self._partial.clear()
+        if self._out is not None:
+            self._out.stopProducing()
+        transport.unregisterProducer()  # type: ignore[attr-defined]
+        transport.abortConnection()  # type: ignore[attr-defined]
+        try:
+            outcome(sock)
+        except Exception:
+            log.failure("control command {method} failed with the connection", method=method)
+            sock.close()
+
     def _send_json(self, answer: dict[str, Any]) -> None:
         if self._out is None or self._lost:
             return
@@ -241,6 +299,17 @@ class ControlProtocol(Protocol):
             log.failure("control answer {answer!r:.200} is not JSON", answer=answer)
             error = "internal error: the answer cannot be written as JSON"
             self._out.send(_error(answer.get("id"), 1, error))
+
+
+def _peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end of a Unix socket (None: not one)."""
+    if sock.family != socket.AF_UNIX:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    return int(_PEERCRED.unpack(raw)[1])
+
+
+_PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def _strict_json(raw: bytes) -> Any:

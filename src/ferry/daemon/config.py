@@ -1,9 +1,10 @@
 """A daemon's file: TOML, read with the standard library, checked whole before anything runs.
 
 The top-level keys are named like ``ferry serve``'s options (``addr``,
-``port``, ``sock``, ``metrics``, ``lockspace``, ``trace``, ``log``); each
-``[[export]]`` table is one export, with the settings ``export.add`` takes
-(:data:`ferry.exports.EXPORT_KEYS`)::
+``port``, ``sock``, ``metrics``, ``lockspace``, ``trace``, ``log``,
+``hooks``, ``hook_timeout``, and TLS's: ``tls``, ``tls_certificates``,
+``tls_verify_peer``, ``tls_allowed_subjects``); each ``[[export]]`` table is one export, with the
+settings ``export.add`` takes (:data:`ferry.exports.EXPORT_KEYS`)::
 
     addr = "127.0.0.1"
     port = 10809
@@ -19,8 +20,13 @@ saying which file, which table and which key (:class:`ConfigError`), and
 nothing of it is used: not at start, not at a reload.
 
 Relative paths (``file``, ``sock``, ``trace``, ``log``, a ``local:``
-lockspace) are taken from the file's own directory, so the file means the
-same whatever directory the daemon was started in.
+lockspace, ``tls_certificates``, ``tls_allowed_subjects``) are taken from
+the file's own directory, so the file means the same whatever directory the
+daemon was started in.  The TLS keys are checked together, as ``ferry
+serve`` checks its options: ``tls = "on"`` or ``"require"`` needs
+``tls_certificates``, ``tls_verify_peer`` needs TLS on, and
+``tls_allowed_subjects`` needs ``tls_verify_peer``.  The certificates
+themselves are read when the daemon starts.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Any, Final
 from ferry.exports import BadExportConfig, ExportConfig, parse_export
 from ferry.hooks import HookConfig, parse_hooks
 from ferry.lease.spec import parse_lockspace
+from ferry.nbd.constants import TLSMode
 from ferry.node import NO_LOCKSPACE, NodeConfig
 
 __all__ = ["NODE_KEYS", "ConfigError", "DaemonConfig", "load_config", "parse_config"]
@@ -49,6 +56,10 @@ NODE_KEYS: Final = (
     "log",
     "hooks",
     "hook_timeout",
+    "tls",
+    "tls_certificates",
+    "tls_verify_peer",
+    "tls_allowed_subjects",
 )
 
 
@@ -109,6 +120,7 @@ class _Reader:
             if key not in (*NODE_KEYS, "export"):
                 known = ", ".join((*NODE_KEYS, "[[export]]"))
                 raise self.fail(key, f"unknown setting (the file takes {known})")
+        tls, tls_certificates, tls_verify_peer, tls_allowed_subjects = self.tls(table)
         node = NodeConfig(
             addr=self.text(table, "addr") or NodeConfig.addr,
             port=self.port(table),
@@ -118,6 +130,10 @@ class _Reader:
             lockspace=self.lockspace(table),
             exit_stops_node=False,
             hooks=self.hooks(table, "hooks"),
+            tls=tls,
+            tls_certificates=tls_certificates,
+            tls_verify_peer=tls_verify_peer,
+            tls_allowed_subjects=tls_allowed_subjects,
         )
         return DaemonConfig(
             path=self.path,
@@ -195,6 +211,35 @@ class _Reader:
         if not colon or not host or not port.isdigit() or int(port) > 65535:
             raise self.fail("metrics", f'must be "ADDR:PORT", not {value!r}')
         return host.strip("[]"), int(port)
+
+    def tls(self, table: Mapping[str, Any]) -> tuple[TLSMode, str | None, bool, str | None]:
+        """``tls``, ``tls_certificates``, ``tls_verify_peer``, ``tls_allowed_subjects``;
+        each needs the others as ``ferry serve``'s options do."""
+        value = table.get("tls", TLSMode.OFF.value)
+        modes = [mode.value for mode in TLSMode]
+        if value not in modes:
+            allowed = ", ".join(f'"{mode}"' for mode in modes)
+            raise self.fail("tls", f"must be one of {allowed}, not {value!r}")
+        mode = TLSMode(value)
+        certificates = self.path_of(table, "tls_certificates")
+        verify_peer = table.get("tls_verify_peer", False)
+        if not isinstance(verify_peer, bool):
+            raise self.fail("tls_verify_peer", f"must be true or false, not {verify_peer!r}")
+        allowed_subjects = self.path_of(table, "tls_allowed_subjects")
+        if mode is not TLSMode.OFF and certificates is None:
+            raise self.fail(
+                "tls",
+                f'"{mode.value}" needs tls_certificates, a directory with ca-cert.pem, '
+                "server-cert.pem and server-key.pem",
+            )
+        if verify_peer and mode is TLSMode.OFF:
+            raise self.fail("tls_verify_peer", 'needs tls = "on" or "require"')
+        if allowed_subjects is not None and not verify_peer:
+            raise self.fail(
+                "tls_allowed_subjects",
+                "needs tls_verify_peer = true: without it no subject is verified",
+            )
+        return mode, certificates, verify_peer, allowed_subjects
 
     def lockspace(self, table: Mapping[str, Any]) -> str | None:
         value = self.text(table, "lockspace")

@@ -139,5 +139,9 @@ def _node_settings(config: DaemonConfig) -> dict[str, object]:
         config.log,
         None if node.hooks is None else node.hooks.settings(),
         None if node.hooks is None else node.hooks.timeout,
+        node.tls,
+        node.tls_certificates,
+        node.tls_verify_peer,
+        node.tls_allowed_subjects,
     )
     return dict(zip(NODE_KEYS, values, strict=True))

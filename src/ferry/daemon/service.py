@@ -32,7 +32,7 @@ from ferry.daemon.config import ConfigError, DaemonConfig, load_config
 from ferry.daemon.notify import Notifier
 from ferry.daemon.reload import ExportChange, ReloadPlan, plan_reload
 from ferry.exports import ExportError
-from ferry.node import Node
+from ferry.node import Node, NodeConfig
 from ferry.serve.acl import Acl
 
 __all__ = ["Daemon", "ReloadRefused"]
@@ -47,13 +47,25 @@ class ReloadRefused(Exception):
 class Daemon:
     """A node serving the exports of a daemon's file; see the module doc."""
 
-    def __init__(self, reactor: Any, config: DaemonConfig, *, notifier: Notifier | None = None):
+    def __init__(
+        self,
+        reactor: Any,
+        config: DaemonConfig,
+        *,
+        notifier: Notifier | None = None,
+        node: NodeConfig | None = None,
+    ):
+        """``node``: a takeover's (:meth:`Node.take_over`), the old process's node with no
+        export yet; it must agree with the file's, which later reloads are read against."""
         self.reactor = reactor
         self.running_node = config  # the file the node started with: its keys are fixed
         self.last_read = config  # the file as the last reload (or the start) read it
         self.notifier = notifier or Notifier()
         self.node = Node(
-            reactor, config.node, config.exports, commands={"config.reload": self._reload_command}
+            reactor,
+            config.node if node is None else node,
+            config.exports if node is None else (),
+            commands={"config.reload": self._reload_command},
         )
         self.node.exports_changed.append(self._tell_status)
         self._reloading = False
@@ -67,9 +79,10 @@ class Daemon:
 
     def start(self) -> Deferred[None]:
         """Start the node with every export of the file; ``READY=1`` once all serve."""
-        return self.node.start().addCallback(lambda _: self.reactor.callWhenRunning(self._up))
+        return self.node.start().addCallback(lambda _: self.reactor.callWhenRunning(self.up))
 
-    def _up(self) -> None:
+    def up(self) -> None:
+        """Every export serves (started, or taken over): ``READY=1``."""
         self._ready = True
         log.info("ready: {summary}", summary=self.summary())
         self.notifier.ready(self.summary())

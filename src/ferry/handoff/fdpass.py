@@ -22,7 +22,12 @@ knows when it may close its own copies; a refusal raises :class:`Refused`
 with the receiver's reason, and nothing was sent.  :func:`receive_descriptors`
 refuses a format it does not read, too many descriptors, or too much state,
 before accepting.  The fds arrive close-on-exec.  Every wait has a
-deadline; a peer that goes quiet is an :class:`FdPassError`, not a hang.
+deadline; a peer that goes quiet is an :class:`FdPassTimeout` (an
+:class:`FdPassError`), not a hang.
+
+When the two have more to settle after the exchange (a takeover's "ready",
+"yours", "serving"), they trade *notes* on the same socket
+(:func:`send_note`, :func:`receive_note`): a kind byte and a short text.
 """
 
 from __future__ import annotations
@@ -40,11 +45,14 @@ from ferry.handoff.errors import HandoffError
 
 __all__ = [
     "FdPassError",
+    "FdPassTimeout",
     "Offer",
     "Received",
     "Refused",
     "receive_descriptors",
+    "receive_note",
     "send_descriptors",
+    "send_note",
 ]
 
 #: The version of the exchange itself (not of the state it carries).
@@ -61,6 +69,7 @@ _RECEIPT: Final = b"\x00"
 _ACCEPT: Final = 0
 _REFUSE: Final = 1
 _CHUNK: Final = 1 << 20
+_NOTE: Final = struct.Struct(">cH")  # kind, text length
 
 
 class FdPassError(HandoffError):
@@ -69,6 +78,10 @@ class FdPassError(HandoffError):
 
 class Refused(FdPassError):
     """The receiver refused the offer (its reason is the message); nothing was sent."""
+
+
+class FdPassTimeout(FdPassError):
+    """The peer said nothing before the deadline: it may be slow, stopped or gone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +192,26 @@ def receive_descriptors(
     return Received(format, state, list(fds))
 
 
+def send_note(sock: socket.socket, kind: bytes, text: str = "", *, timeout: float) -> None:
+    """Send one note: ``kind`` (one byte) and ``text`` (at most 65535 bytes of UTF-8)."""
+    if len(kind) != 1:
+        raise ValueError(f"a note's kind is one byte, not {kind!r}")
+    raw = text.encode()[:0xFFFF]
+    _send(sock, _NOTE.pack(kind, len(raw)) + raw, time.monotonic() + timeout)
+
+
+def receive_note(sock: socket.socket, *, timeout: float) -> tuple[bytes, str]:
+    """The next note: its kind and its text.
+
+    :class:`FdPassTimeout` if none came in time; :class:`FdPassError` if
+    the peer closed the connection (or it broke) instead.
+    """
+    deadline = time.monotonic() + timeout
+    kind, length = _NOTE.unpack(_recv_exactly(sock, _NOTE.size, deadline))
+    text = _recv_exactly(sock, length, deadline).decode(errors="replace")
+    return kind, text
+
+
 def _recv_with_fds(sock: socket.socket, size: int, count: int) -> tuple[bytes, list[int], int]:
     """``recvmsg`` with room for ``count`` descriptors, which arrive close-on-exec.
 
@@ -216,7 +249,7 @@ def _judge(
 def _settimeout(sock: socket.socket, deadline: float) -> None:
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        raise FdPassError("the descriptor exchange ran out of time")
+        raise FdPassTimeout("the descriptor exchange ran out of time")
     sock.settimeout(remaining)
 
 
@@ -224,6 +257,8 @@ def _send(sock: socket.socket, data: bytes, deadline: float) -> None:
     _settimeout(sock, deadline)
     try:
         sock.sendall(data)
+    except TimeoutError:
+        raise FdPassTimeout("timed out: the peer took nothing before the deadline") from None
     except OSError as error:
         raise FdPassError(f"the descriptor exchange failed while sending: {error}") from error
 
@@ -234,6 +269,8 @@ def _recv_exactly(sock: socket.socket, size: int, deadline: float) -> bytes:
         _settimeout(sock, deadline)
         try:
             chunk = sock.recv(min(size - len(buffer), _CHUNK))
+        except TimeoutError:
+            raise FdPassTimeout("timed out: the peer said nothing before the deadline") from None
         except OSError as error:
             raise FdPassError(f"the descriptor exchange failed while receiving: {error}") from error
         if not chunk:

@@ -25,14 +25,25 @@ Migration needs two operations an ordinary lock does not have:
   longer matches and the destination gets :class:`LeaseConflict`, so the two
   can never both end up holding it.  The source uses the same call with its
   own offered token to cancel an offer.
+
+A takeover on one host (``ferry serve --takeover``: an upgrade) needs a third
+way, :class:`PassingBackend`: the grant does not change hands in the
+lockspace at all.  The old process describes it (:meth:`~PassingBackend.pass_on`:
+for a local lock file, the descriptor whose open file description holds the
+locks; for etcd, the lease ID and token), the new one keeps it
+(:meth:`~PassingBackend.adopt`: the same grant, the same token) and the old
+one forgets it without releasing it (:meth:`~PassingBackend.let_go`).  To the
+lockspace there is one holder throughout, never two and never none, so no
+third party can slip in between; which of the two processes may write is
+settled between them (``ferry.takeover``).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 from twisted.internet.defer import Deferred
 
@@ -45,6 +56,8 @@ __all__ = [
     "LeaseLost",
     "LeaseMode",
     "LockspaceUnavailable",
+    "PassedGrant",
+    "PassingBackend",
     "in_holder_order",
 ]
 
@@ -213,4 +226,52 @@ class LeaseBackend(Protocol):
 
     def close(self) -> Deferred[None]:
         """Drop connections and files; grants still held are released by the backend's rules."""
+        ...
+
+
+@dataclass(frozen=True)
+class PassedGrant:
+    """A grant on its way to a successor process on this host (``ferry serve --takeover``).
+
+    ``grant`` is the grant as its holder knows it; ``detail`` is what the
+    backend needs besides to recognise it (a local lock file's grant id and
+    slot; nothing for etcd, whose grant is its lease ID and token); ``fd``
+    is the descriptor that holds it, for a backend whose grant lives in
+    one (a local lock file's), or None.  ``valid_for`` is how many seconds
+    the grant was still good for when it was described (None: no TTL): the
+    successor counts them from *before* it asked, so its deadline is never
+    later than the predecessor's.
+    """
+
+    grant: Grant
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    fd: int | None = None
+    valid_for: float | None = None
+
+
+@runtime_checkable
+class PassingBackend(Protocol):
+    """A lockspace whose grants can be handed to another process on this host as they are.
+
+    None of these asks the lockspace anything: the grant stays exactly what
+    it is, under the same token, so the lockspace sees one holder throughout.
+    """
+
+    def pass_on(self, grant: Grant) -> PassedGrant:
+        """Describe ``grant`` for a successor; nothing changes (it is still held here)."""
+        ...
+
+    def let_go(self, grant: Grant) -> None:
+        """Forget ``grant`` without releasing it: the successor holds it now."""
+        ...
+
+    def adopt(self, passed: PassedGrant) -> Grant:
+        """Keep a grant a predecessor passed on (this process's grant from now on).
+
+        Raises :class:`LeaseLost` if it is not the grant it says it is (a
+        local lock file replaced, its record overwritten), or
+        :class:`LeaseError` if this backend cannot keep it.  On success a
+        descriptor in ``passed`` belongs to the backend; on failure it is
+        still the caller's.
+        """
         ...

@@ -37,6 +37,22 @@ key under the *taker's* new etcd lease, so the previous holder's lease no
 longer carries it: revoking that lease (its ``release``) cannot delete the
 taker's key, and its ``renew`` sees a revision that is not its token.
 
+**A takeover on one host** (``ferry serve --takeover``) passes the grant
+as it is: its etcd lease ID and token (:meth:`EtcdLockspace.pass_on`).  The
+new process renews the same etcd lease and its key keeps its revision, so
+etcd sees one holder throughout; the old process forgets the grant without
+revoking anything (:meth:`~EtcdLockspace.let_go`).
+
+**TLS and users.**  ``https://`` endpoints are reached over TLS
+(:class:`~ferry.tls.ClientTLS`: etcd's certificate checked against the given
+CA, or the system's, and the address dialled; ferry's own certificate for
+``--client-cert-auth``).  With a ``user``, ferry logs in at
+``/v3/auth/authenticate`` before its first request and sends the token it
+gets in the ``Authorization`` header of every request and watch; a request
+etcd refuses for its token (expired, or the auth store moved on) logs in
+again and is sent once more -- etcd refused it before applying it, so this
+holds for a ``txn`` too.  Concurrent requests share one login.
+
 **Endpoints and time-outs.**  Each HTTP request has ``request_timeout``
 seconds, shared by all endpoints it tries.  A request that could not have
 reached etcd (connection refused, not sent) moves on to the next endpoint; a
@@ -65,7 +81,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamClientEndpoint
@@ -96,8 +117,10 @@ from ferry.lease.backend import (
     LeaseLost,
     LeaseMode,
     LockspaceUnavailable,
+    PassedGrant,
     in_holder_order,
 )
+from ferry.tls import ClientTLS, describe_error
 
 __all__ = ["EtcdLockspace"]
 
@@ -121,7 +144,9 @@ MAX_ANSWER = 16 * 1024 * 1024
 _GRPC_NOT_FOUND = 5
 # ... and for a member that cannot serve now ("no leader", shutting down).
 _GRPC_UNAVAILABLE = 14
-_JSON = Headers({b"content-type": [b"application/json"]})
+# ... for a request without a valid token (expired, or never given).
+_GRPC_UNAUTHENTICATED = 16
+_AUTHENTICATE = "/v3/auth/authenticate"
 
 # Failures that prove the request never reached etcd: safe to send elsewhere.
 _NOT_SENT: tuple[type[Exception], ...] = (
@@ -322,15 +347,27 @@ class _Gateway:
     """
 
     def __init__(
-        self, endpoints: Sequence[str], reactor: Any, clock: ReactorClock, timeout: float
+        self,
+        endpoints: Sequence[str],
+        reactor: Any,
+        clock: ReactorClock,
+        timeout: float,
+        *,
+        tls: ClientTLS | None = None,
+        login: tuple[str, str] | None = None,
     ) -> None:
         self.endpoints = tuple(e.rstrip("/") for e in endpoints)
         self._clock = clock
         self._timeout = timeout
         self._reactor = reactor
-        self._pool, self._agent = _agent(reactor, persistent=True, timeout=timeout)
-        self._fresh_pool, self._fresh_agent = _agent(reactor, persistent=False, timeout=timeout)
+        self._pool, self._agent = _agent(reactor, persistent=True, timeout=timeout, tls=tls)
+        self._fresh_pool, self._fresh_agent = _agent(
+            reactor, persistent=False, timeout=timeout, tls=tls
+        )
         self._preferred = 0
+        self._login = login  # (user, password), kept for logging in again
+        self._token: str | None = None
+        self._waiting: list[Deferred[str]] = []  # requests waiting for the login in flight
 
     def call(
         self, path: str, payload: dict[str, Any], *, replayable: bool
@@ -343,11 +380,63 @@ class _Gateway:
         return Deferred.fromCoroutine(self._call(path, payload, replayable))
 
     async def _call(self, path: str, payload: dict[str, Any], replayable: bool) -> dict[str, Any]:
+        if self._login is None:
+            return await self._call_with(path, payload, replayable, None)
+        token = await self._token_now()
+        try:
+            return await self._call_with(path, payload, replayable, token)
+        except _EtcdError as exc:
+            if not _token_refused(exc):
+                raise
+        self.forget_token(token)
+        return await self._call_with(path, payload, replayable, await self._token_now())
+
+    def forget_token(self, token: str | None) -> None:
+        """etcd refused ``token``: the next request logs in again."""
+        if token is not None and token == self._token:
+            self._token = None
+
+    async def _token_now(self) -> str:
+        """The token to send: the one we have, or a new login (shared by concurrent calls)."""
+        if self._token is not None:
+            return self._token
+        waiter: Deferred[str] = Deferred()
+        self._waiting.append(waiter)
+        if len(self._waiting) == 1:
+            Deferred.fromCoroutine(self._log_in()).addBoth(self._logged_in)
+        return await waiter
+
+    async def _log_in(self) -> str:
+        assert self._login is not None
+        user, password = self._login
+        answer = await self._call_with(
+            _AUTHENTICATE, {"name": user, "password": password}, True, None
+        )
+        token = answer.get("token")
+        if not isinstance(token, str) or not token:
+            raise LockspaceUnavailable(f"etcd answered {_AUTHENTICATE} without a token")
+        self._token = token
+        return token
+
+    def _logged_in(self, result: str | Failure) -> None:
+        """Hand the login's token (or its failure) to every request that waited for it."""
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            if waiter.called:  # given up on (a watch stopped meanwhile)
+                continue
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+    async def _call_with(
+        self, path: str, payload: dict[str, Any], replayable: bool, token: str | None
+    ) -> dict[str, Any]:
         body = json.dumps(payload).encode()
         deadline = self._clock.seconds() + self._timeout
         failures: list[str] = []
         for index in self._order():
-            outcome = await self._attempt(index, path, body, deadline, replayable)
+            outcome = await self._attempt(index, path, body, deadline, replayable, token)
             if isinstance(outcome, str):
                 failures.append(outcome)
                 continue
@@ -356,7 +445,13 @@ class _Gateway:
         raise LockspaceUnavailable(f"no etcd endpoint answered {path}: {'; '.join(failures)}")
 
     async def _attempt(
-        self, index: int, path: str, body: bytes, deadline: float, replayable: bool
+        self,
+        index: int,
+        path: str,
+        body: bytes,
+        deadline: float,
+        replayable: bool,
+        token: str | None,
     ) -> dict[str, Any] | str:
         """One endpoint's answer, or why to ask the next; raises when no other may be asked."""
         endpoint = self.endpoints[index]
@@ -364,7 +459,7 @@ class _Gateway:
         why = ""
         for _ in range(2 if replayable else 1):  # again: a pooled connection may be stale
             try:
-                code, data = await self._post(agent, endpoint + path, body, deadline)
+                code, data = await self._post(agent, endpoint + path, body, deadline, token)
             except _Expired:
                 self._demote(index)
                 raise LockspaceUnavailable(
@@ -391,24 +486,33 @@ class _Gateway:
         """Start a streaming POST on the preferred endpoint; its response, body unread.
 
         The deadline covers the answer's headers only: the body goes on for
-        as long as the stream lives.
+        as long as the stream lives.  With a user, the login comes first.
         """
+        return Deferred.fromCoroutine(self._open_stream(path, payload))
+
+    async def _open_stream(self, path: str, payload: dict[str, Any]) -> IResponse:
+        token = None if self._login is None else await self._token_now()
         index = self._preferred
         url = (self.endpoints[index] + path).encode()
         body = _Body(json.dumps(payload).encode())
-        d = self._fresh_agent.request(b"POST", url, _JSON, body)
-
-        def failed(failure: Failure) -> Failure:
+        d = self._fresh_agent.request(b"POST", url, _headers(token), body)
+        try:
+            response: IResponse = await d.addTimeout(self._timeout, self._reactor)
+        except Exception:
             self._demote(index)
-            return failure
+            raise
+        return response
 
-        return d.addTimeout(self._timeout, self._reactor).addErrback(failed)
+    @property
+    def token(self) -> str | None:
+        """The login token requests carry now (None: none yet, or no user)."""
+        return self._token
 
     async def _post(
-        self, agent: Agent, url: str, body: bytes, deadline: float
+        self, agent: Agent, url: str, body: bytes, deadline: float, token: str | None
     ) -> tuple[int, bytes]:
         response = await self._within(
-            agent.request(b"POST", url.encode(), _JSON, _Body(body)), deadline
+            agent.request(b"POST", url.encode(), _headers(token), _Body(body)), deadline
         )
         data = await self._within(_read_body(response), deadline)
         return response.code, data
@@ -464,24 +568,33 @@ class _Endpoints:
     endpoint would wait that long.
     """
 
-    def __init__(self, reactor: Any, timeout: float) -> None:
+    def __init__(self, reactor: Any, timeout: float, tls: ClientTLS | None = None) -> None:
         self._reactor = reactor
         self._timeout = timeout
+        self._tls = tls
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii")
+        endpoint: IStreamClientEndpoint
         try:
             address = ipaddress.ip_address(host.strip("[]"))
         except ValueError:
-            return HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout)
-        tcp = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
-        return tcp(self._reactor, str(address), uri.port, timeout=self._timeout)
+            endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout)
+        else:
+            tcp = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
+            endpoint = tcp(self._reactor, str(address), uri.port, timeout=self._timeout)
+        if uri.scheme == b"https":
+            tls = self._tls or ClientTLS()
+            endpoint = wrapClientTLS(tls.creator(host), endpoint)
+        return endpoint
 
 
-def _agent(reactor: Any, *, persistent: bool, timeout: float) -> tuple[HTTPConnectionPool, Agent]:
+def _agent(
+    reactor: Any, *, persistent: bool, timeout: float, tls: ClientTLS | None = None
+) -> tuple[HTTPConnectionPool, Agent]:
     """An HTTP client with its own connection pool (``twisted.web.client`` is not annotated)."""
     pool = HTTPConnectionPool(reactor, persistent=persistent)  # type: ignore[no-untyped-call]
-    endpoints = _Endpoints(reactor, timeout)
+    endpoints = _Endpoints(reactor, timeout, tls)
     agent = Agent.usingEndpointFactory(reactor, endpoints, pool)  # type: ignore[no-untyped-call]
     return pool, agent
 
@@ -537,12 +650,27 @@ def _stop_transport(protocol: Protocol) -> None:
         IPushProducer(transport).stopProducing()
 
 
+def _headers(token: str | None) -> Headers:
+    headers = Headers({b"content-type": [b"application/json"]})
+    if token is not None:
+        headers.setRawHeaders(b"authorization", [token.encode("ascii", "replace")])
+    return headers
+
+
+def _token_refused(error: _EtcdError) -> bool:
+    """Whether etcd refused a request for its login token (log in again and resend)."""
+    message = str(error)
+    return error.code == _GRPC_UNAUTHENTICATED or (
+        "auth token" in message or "revision of auth store is old" in message
+    )
+
+
 def _why(exc: BaseException) -> str:
     """One line for a Twisted client failure (they often wrap the real reason)."""
     reasons = getattr(exc, "reasons", None)
     if reasons:
-        return "; ".join(str(r.value) for r in reasons)
-    return str(exc) or type(exc).__name__
+        return "; ".join(describe_error(r.value) for r in reasons)
+    return describe_error(exc)
 
 
 def _answer(endpoint: str, path: str, code: int, data: bytes) -> dict[str, Any]:
@@ -690,6 +818,8 @@ class _Watch:
         if "error" in message or not isinstance(result, dict):
             error = message.get("error")
             detail = error.get("message") if isinstance(error, dict) else None
+            if "auth token" in str(detail):
+                self._gateway.forget_token(self._gateway.token)  # log in again to reopen
             self._reopen(f"etcd said {detail or message}")
             return
         if int(result.get("compact_revision", 0)):
@@ -757,9 +887,12 @@ class _Watch:
 class EtcdLockspace:
     """A :class:`~ferry.lease.backend.LeaseBackend` on an etcd v3 cluster.
 
-    ``endpoints`` are ``http://host:port`` client URLs of the cluster's
-    members.  ``ttl`` (seconds, rounded up to whole seconds; etcd may raise
-    it to its minimum) is how long a grant outlives its last renewal.  The
+    ``endpoints`` are ``http://host:port`` (or all ``https://``) client URLs
+    of the cluster's members; ``tls`` is how an https endpoint is trusted and
+    who ferry is to it (default: the system's CAs, no client certificate);
+    ``user`` and ``password`` log in to an etcd with auth enabled.  ``ttl``
+    (seconds, rounded up to whole seconds; etcd may raise it to its minimum)
+    is how long a grant outlives its last renewal.  The
     ``reactor`` must provide ``IReactorTCP`` and ``IReactorTime``.
     """
 
@@ -773,16 +906,29 @@ class EtcdLockspace:
         serving_prefix: str = DEFAULT_SERVING_PREFIX,
         request_timeout: float = 5.0,
         clock: ReactorClock | None = None,
+        tls: ClientTLS | None = None,
+        user: str | None = None,
+        password: str = "",
     ) -> None:
         if not endpoints:
             raise ValueError("an etcd lockspace needs at least one endpoint")
+        scheme = "https://" if endpoints[0].startswith("https://") else "http://"
         for endpoint in endpoints:
-            if not endpoint.startswith("http://"):
-                raise ValueError(f"etcd endpoint {endpoint!r} is not an http://host:port URL")
+            if not endpoint.startswith(scheme):
+                raise ValueError(f"etcd endpoint {endpoint!r} is not a {scheme}host:port URL")
+        if tls is not None and scheme == "http://":
+            raise ValueError("TLS settings for http:// etcd endpoints: use https://")
         self._endpoints = tuple(endpoints)
         # The node's clock, so its shutdown cancels this lockspace's timers too.
         self._clock = clock if clock is not None else ReactorClock(reactor)
-        self._gateway = _Gateway(endpoints, reactor, self._clock, request_timeout)
+        self._gateway = _Gateway(
+            endpoints,
+            reactor,
+            self._clock,
+            request_timeout,
+            tls=tls,
+            login=None if user is None else (user, password),
+        )
         self._ttl = max(1, math.ceil(ttl))
         self._prefix = prefix
         self._serving_prefix = serving_prefix
@@ -860,6 +1006,23 @@ class EtcdLockspace:
             watch.stop()
         self._watches.clear()
         return self._gateway.close()
+
+    # -- a takeover on this host (PassingBackend) ------------------------------------
+
+    def pass_on(self, grant: Grant) -> PassedGrant:
+        """The grant as it is: its etcd lease ID and token are all a successor needs."""
+        return PassedGrant(grant)
+
+    def let_go(self, grant: Grant) -> None:
+        """Nothing to revoke: the successor renews the same etcd lease from now on."""
+
+    def adopt(self, passed: PassedGrant) -> Grant:
+        """The same grant, renewed from here on; its first renewal says whether etcd agrees."""
+        if passed.fd is not None:
+            raise LeaseError("an etcd grant is not held by a descriptor")
+        if passed.grant.ttl is None:
+            raise LeaseError("an etcd grant has a TTL")
+        return passed.grant
 
     # -- the operations, one coroutine each ------------------------------------------
 

@@ -123,6 +123,21 @@ a matching token proves nobody has held the resource exclusively since
 the offer, and it is what lets a commit complete when the source dies
 right after sending it.
 
+Takeover on one host: the descriptor moves
+--------------------------------------------
+An OFD lock belongs to an open file description, not to a descriptor or a
+process, so it stays held as long as *any* descriptor of that description
+is open, in any process.  ``ferry serve --takeover`` passes the grant's
+descriptor itself to the new process (SCM_RIGHTS): :meth:`~LocalLockspace.pass_on`
+names it, :meth:`~LocalLockspace.adopt` checks in the new process that it
+is the lock file and the record it claims (and that the hold byte and slot
+are locked, as seen from a descriptor of its own), and
+:meth:`~LocalLockspace.let_go` closes the old process's copy *without*
+tidying the records, since they are the successor's now.  The locks never
+drop for an instant, nothing in the file changes (same grant id, same
+token, the old owner's label), and a holder that dies in between frees
+nothing while the other still has its copy.
+
 Deferreds
 ---------
 Every operation is a handful of small syscalls on a local (or NFS) file,
@@ -171,6 +186,7 @@ from ferry.lease.backend import (
     LeaseLost,
     LeaseMode,
     LockspaceUnavailable,
+    PassedGrant,
     in_holder_order,
 )
 from ferry.safepath import UnsafePath, check_private_directory, open_private_file
@@ -622,6 +638,101 @@ class LocalLockspace:
         if self._thread is None:
             return defer.maybeDeferred(fn, *args)
         return self._thread(partial(fn, *args))
+
+    # -- a takeover on this host (PassingBackend) --------------------------------
+
+    def pass_on(self, grant: Grant) -> PassedGrant:
+        """The grant's descriptor and record, for a successor process; nothing changes."""
+        hold = self._hold_of(grant)
+        detail = {
+            "grant_id": hold.record.grant_id,
+            "slot": hold.record.slot,
+            "holds_byte": hold.holds_byte,
+        }
+        return PassedGrant(grant, detail, hold.fd)
+
+    def let_go(self, grant: Grant) -> None:
+        """Close this process's copy of the descriptor, records untouched: the successor's now."""
+        self._watchers.pop(grant.handle, None)
+        hold = self._holds.pop(grant.handle, None)
+        if hold is not None:
+            os.close(hold.fd)
+
+    def adopt(self, passed: PassedGrant) -> Grant:
+        """Keep the grant whose descriptor a predecessor passed on; see the module doc."""
+        grant, fd = passed.grant, passed.fd
+        if fd is None:
+            raise LeaseError(f"lease on {grant.resource}: no lock file descriptor came with it")
+        try:
+            grant_id = str(passed.detail["grant_id"])
+            slot = int(passed.detail["slot"])
+            holds_byte = bool(passed.detail["holds_byte"])
+        except (KeyError, TypeError, ValueError):
+            raise LeaseError(
+                f"lease on {grant.resource}: the grant's record is incomplete"
+            ) from None
+        self._check_directory()
+        path = self.path_for(grant.resource)
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            raise LeaseLost(f"lock file {path} was removed") from None
+        except OSError as err:
+            raise self._unavailable(path, err) from None
+        mine = _guarded(path, os.fstat, fd)
+        if (stat.st_dev, stat.st_ino) != (mine.st_dev, mine.st_ino):
+            raise LeaseLost(f"the descriptor passed on is not the lock file {path}")
+        lock = _LockFile(fd, path)
+        record = _guarded(path, lock.read_slot, slot)
+        if record is None or record.grant_id != grant_id:
+            raise LeaseLost(f"lease on {grant.resource}: its holder record was overwritten")
+        if record.holder() != grant.holder:
+            raise LeaseLost(
+                f"lease on {grant.resource}: the record names {record.holder().describe()}, "
+                f"not {grant.holder.describe()}"
+            )
+        self._check_still_locked(fd, path, record, holds_byte)
+        handle = next(_handles)
+        self._holds[handle] = _Hold(
+            resource=grant.resource,
+            path=path,
+            fd=fd,
+            identity=(stat.st_dev, stat.st_ino),
+            record=record,
+            holds_byte=holds_byte,
+        )
+        hold = self._holds[handle]
+        try:
+            self._check(hold)
+        except BaseException:
+            del self._holds[handle]
+            raise
+        return Grant(grant.resource, record.holder(), ttl=None, handle=handle)
+
+    def _check_still_locked(self, fd: int, path: Path, record: _Record, holds_byte: bool) -> None:
+        """The passed descriptor's open file holds the grant's locks, not some other one.
+
+        Seen from a descriptor of our own, the slot (and the hold byte) must
+        be locked by someone; and locking the slot again through the passed
+        descriptor must succeed, which it does only if that someone is the
+        passed descriptor's open file (any other holder's lock would refuse it).
+        """
+        try:
+            probe = open_private_file(path, os.O_RDONLY, "lock file")
+        except UnsafePath as unsafe:
+            raise LockspaceUnavailable(str(unsafe)) from None
+        except OSError as err:
+            raise self._unavailable(path, err) from None
+        slot = _slot_offset(record.slot)
+        try:
+            if not _guarded(path, _locked_by_another, probe, slot):
+                raise LeaseLost(f"lock file {path}: the grant's slot is not locked any more")
+            if holds_byte and not _guarded(path, _locked_by_another, probe, HOLD_BYTE):
+                raise LeaseLost(f"lock file {path}: the grant's hold byte is not locked any more")
+        finally:
+            os.close(probe)
+        if not _guarded(path, _try_lock, fd, fcntl.F_WRLCK, slot):
+            raise LeaseLost(f"lock file {path}: the descriptor passed on does not hold the grant")
 
     # -- the operations, synchronously -------------------------------------------
 

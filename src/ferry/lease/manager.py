@@ -49,6 +49,13 @@ that token) or, when the acknowledgement was lost,
 with the commit's token, and :meth:`~LeaseManager.may_write` once more
 before it acknowledges.
 
+Passing it on (``ferry serve --takeover``): the old process calls
+:meth:`~LeaseManager.hand_on` (writes stop; the answer describes the grant
+for the new process, with how long it is still good for), then
+:meth:`~LeaseManager.keep` or :meth:`~LeaseManager.passed_on`; the new
+process's manager takes the grant its backend kept with
+:meth:`~LeaseManager.adopt`.  The lockspace is not asked: see ``lease.yaml``.
+
 A loss of the grant while it is offered is judged rather than assumed: the
 destination's take-over *is* a loss of the source's grant.  If an exclusive
 holder now has a larger token and the local deadline has not passed, the
@@ -81,6 +88,8 @@ from ferry.lease.backend import (
     LeaseError,
     LeaseLost,
     LeaseMode,
+    PassedGrant,
+    PassingBackend,
 )
 
 if TYPE_CHECKING:
@@ -425,6 +434,70 @@ class LeaseManager:
 
         return d.addCallback(judge)
 
+    # -- a takeover on this host ---------------------------------------------------
+
+    @property
+    def can_pass_on(self) -> bool:
+        """Whether this lease's lockspace can hand its grant to another process as it is."""
+        return isinstance(self._backend, PassingBackend)
+
+    def hand_on(self) -> PassedGrant:
+        """Stop writing, and describe the grant for a new process on this host.
+
+        held or renew_failed -> passing.  Nothing is asked of the lockspace:
+        the grant stays ours (and renewed) until :meth:`passed_on` or
+        :meth:`keep`.  ``valid_for`` in the answer is how long the grant is
+        good for from now (None without a TTL).
+        """
+        backend = self._backend
+        if not isinstance(backend, PassingBackend):
+            raise LeaseStateError(f"{backend.spec} cannot pass a grant to another process")
+        if not self._can(LeaseTrigger.PASS_ON):
+            raise LeaseStateError(f"cannot pass on a lease that is {self.state}")
+        grant, _ = self._current()
+        passed = backend.pass_on(grant)
+        self._fire(LeaseTrigger.PASS_ON)
+        valid_for = None
+        if grant.ttl is not None:
+            valid_for = max(0.0, self._deadline - self._clock.seconds())
+        return PassedGrant(passed.grant, passed.detail, passed.fd, valid_for)
+
+    def keep(self) -> None:
+        """The new process did not take it: this holder writes under it again (passing -> held)."""
+        if self._can(LeaseTrigger.KEPT):
+            self._fire(LeaseTrigger.KEPT)
+
+    def passed_on(self) -> None:
+        """The new process holds the grant: forget it here, never write under it again.
+
+        passing -> released, without releasing anything in the lockspace.
+        """
+        backend = self._backend
+        assert isinstance(backend, PassingBackend)
+        grant, _ = self._current()
+        self._fire(LeaseTrigger.PASSED_ON)
+        self._end("handed on to a new process on this host")
+        self._handed_over = True
+        backend.let_go(grant)
+
+    def adopt(self, grant: Grant, *, valid_until: float | None) -> None:
+        """Hold the grant a predecessor passed on, which the backend has kept (``adopt``).
+
+        registered -> held, at once: no lockspace call.  ``valid_until`` is the
+        clock time its predecessor's deadline allows (None without a TTL);
+        a renewal is sent now, so the deadline soon rests on this
+        process's own.
+        """
+        if grant.resource != self.resource or grant.holder.owner != self.owner:
+            raise LeaseStateError(
+                f"the grant is {grant.holder.owner}'s on {grant.resource}, "
+                f"not {self.owner}'s on {self.resource}"
+            )
+        self._fire(LeaseTrigger.ADOPTED)
+        self._hold(grant, -math.inf, deadline=-math.inf if valid_until is None else valid_until)
+        if grant.ttl is not None:
+            self._renew_now()
+
     # -- ending it -----------------------------------------------------------------
 
     def release(self) -> Deferred[None]:
@@ -468,11 +541,11 @@ class LeaseManager:
             self._fire(trigger)
         return failure
 
-    def _hold(self, grant: Grant, sent_at: float) -> None:
-        """Start keeping ``grant``: deadline, keep-alive, watch."""
+    def _hold(self, grant: Grant, sent_at: float, *, deadline: float = -math.inf) -> None:
+        """Start keeping ``grant``: deadline (at least ``deadline``), keep-alive, watch."""
         self._epoch += 1
         self._grant = grant
-        self._deadline = -math.inf
+        self._deadline = deadline
         self._extend(grant, sent_at)
         interval = CHECK_INTERVAL if grant.ttl is None else grant.ttl / 3
         self._keepalive = self._clock.looping_call(interval, self._renew_now)

@@ -5,7 +5,15 @@ Two kinds of lockspace exist:
 * ``local:DIR`` -- :class:`~ferry.lease.local.LocalLockspace`, lock files
   in a directory; the embedded default (:func:`default_lockspace`).
 * ``etcd:http://HOST:PORT[,HOST:PORT...]`` -- an etcd v3 cluster through
-  its HTTP/JSON gateway.  Later endpoints may leave out ``http://``.
+  its HTTP/JSON gateway.  Later endpoints may leave out the scheme, and
+  take the first one's.  ``https://`` endpoints speak TLS, and options
+  after a ``?`` say how ferry gets in (``&`` between them; every file's path
+  is made absolute)::
+
+      cacert=FILE         the CA that issued etcd's certificates (default: the system's)
+      cert=FILE, key=FILE ferry's client certificate and key (etcd --client-cert-auth)
+      user=NAME           an etcd user (etcd auth enable) ...
+      password-file=FILE  ... and the file holding its password (never the command line)
 
 :func:`parse_lockspace` only reads text (so a typo is reported before
 anything starts); :func:`open_lockspace` makes the backend.
@@ -19,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from ferry.lease.backend import LeaseBackend, LockspaceUnavailable
 
@@ -38,7 +46,10 @@ __all__ = [
 ROOT_LOCK_DIR: Final = Path("/var/lib/ferry/locks")
 """The default lockspace of a ferry run as root (where virtlockd keeps its own)."""
 
-_USAGE: Final = "expected local:DIR or etcd:http://HOST:PORT[,HOST:PORT...]"
+_USAGE: Final = "expected local:DIR or etcd:http[s]://HOST:PORT[,HOST:PORT...][?OPTION=VALUE&...]"
+#: The options of an etcd lockspace (after ``?``): what each names.
+ETCD_OPTIONS: Final = ("cacert", "cert", "key", "user", "password-file")
+_MAX_PASSWORD: Final = 4096
 
 
 @dataclass(frozen=True)
@@ -53,9 +64,23 @@ class LocalSpec:
 
 @dataclass(frozen=True)
 class EtcdSpec:
-    """``etcd:...``; ``endpoints`` are normalised to ``http://host:port``."""
+    """``etcd:...``; ``endpoints`` are normalised to ``http[s]://host:port``.
+
+    ``cacert``, ``cert``, ``key`` (absolute paths; https only), ``user`` and
+    ``password_file`` say how ferry gets in; the password itself is read by
+    :func:`open_lockspace`, never kept here.
+    """
 
     endpoints: tuple[str, ...]
+    cacert: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    user: str | None = None
+    password_file: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.endpoints[0].startswith("https://")
 
     def __str__(self) -> str:
         return "etcd:" + ",".join(self.endpoints)
@@ -79,30 +104,69 @@ def parse_lockspace(text: str) -> LockspaceSpec:
             raise ValueError(f"lockspace {text!r} names no directory: {_USAGE}")
         return LocalSpec(Path(rest).absolute())
     if scheme == "etcd":
-        return EtcdSpec(_parse_endpoints(text, rest))
+        return _parse_etcd(text, rest)
     raise ValueError(f"lockspace {text!r} has unknown scheme {scheme!r}: {_USAGE}")
+
+
+def _parse_etcd(text: str, rest: str) -> EtcdSpec:
+    where, _, query = rest.partition("?")
+    endpoints = _parse_endpoints(text, where)
+    options: dict[str, str] = {}
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise ValueError(f"lockspace {text!r}: options are NAME=VALUE joined by &") from None
+    for name, value in pairs:
+        if name not in ETCD_OPTIONS:
+            known = ", ".join(ETCD_OPTIONS)
+            raise ValueError(f"lockspace {text!r}: unknown option {name!r} (known: {known})")
+        if name in options:
+            raise ValueError(f"lockspace {text!r}: option {name!r} is given twice")
+        if not value:
+            raise ValueError(f"lockspace {text!r}: option {name!r} is empty")
+        options[name] = value
+    tls = endpoints[0].startswith("https://")
+    files = {name: Path(value).absolute() for name, value in options.items() if name != "user"}
+    if not tls and {"cacert", "cert", "key"} & options.keys():
+        raise ValueError(f"lockspace {text!r}: cacert, cert and key are for https:// endpoints")
+    if ("cert" in options) != ("key" in options):
+        raise ValueError(f"lockspace {text!r}: cert and key come together")
+    if ("user" in options) != ("password-file" in options):
+        raise ValueError(f"lockspace {text!r}: user and password-file come together")
+    return EtcdSpec(
+        endpoints,
+        cacert=files.get("cacert"),
+        cert=files.get("cert"),
+        key=files.get("key"),
+        user=options.get("user"),
+        password_file=files.get("password-file"),
+    )
 
 
 def _parse_endpoints(text: str, rest: str) -> tuple[str, ...]:
     items = [item.strip() for item in rest.split(",")]
     if not rest.strip() or not all(items):
         raise ValueError(f"lockspace {text!r}: an etcd endpoint is empty: {_USAGE}")
-    endpoints = tuple(_parse_endpoint(text, item) for item in items)
+    first = items[0].split("://", 1)[0] if "://" in items[0] else "http"
+    endpoints = tuple(_parse_endpoint(text, item, first) for item in items)
     if len(set(endpoints)) != len(endpoints):
         raise ValueError(f"lockspace {text!r} lists an endpoint twice")
     return endpoints
 
 
-def _parse_endpoint(text: str, item: str) -> str:
-    url = item if "://" in item else f"http://{item}"
+def _parse_endpoint(text: str, item: str, scheme: str) -> str:
+    url = item if "://" in item else f"{scheme}://{item}"
     where = f"lockspace {text!r}: endpoint {item!r}"
     parts = urlsplit(url)
-    if parts.scheme != "http":
+    if parts.scheme not in ("http", "https"):
         raise ValueError(
-            f"{where}: only http:// is supported (the etcd gateway), not {parts.scheme}"
+            f"{where}: only http:// and https:// are supported (the etcd gateway), "
+            f"not {parts.scheme}"
         )
+    if parts.scheme != scheme:
+        raise ValueError(f"{where}: every endpoint must use {scheme}://, as the first does")
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise ValueError(f"{where}: expected http://HOST:PORT and nothing more")
+        raise ValueError(f"{where}: expected {scheme}://HOST:PORT and nothing more")
     if not parts.hostname:
         raise ValueError(f"{where} names no host")
     try:
@@ -112,7 +176,7 @@ def _parse_endpoint(text: str, item: str) -> str:
     if port is None or port == 0:
         raise ValueError(f"{where} names no port (etcd's is usually 2379)")
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"http://{host}:{port}"
+    return f"{scheme}://{host}:{port}"
 
 
 def open_lockspace(
@@ -141,8 +205,50 @@ def open_lockspace(
     options: dict[str, Any] = {} if ttl is None else {"ttl": ttl}
     if clock is not None:
         options["clock"] = clock
+    options.update(_etcd_access(spec))
     backend: LeaseBackend = etcd.EtcdLockspace(list(spec.endpoints), reactor=reactor, **options)
     return backend
+
+
+def _etcd_access(spec: EtcdSpec) -> dict[str, Any]:
+    """The TLS settings and the user an etcd lockspace logs in with, read from their files.
+
+    Raises :class:`LockspaceUnavailable` with one line per problem.
+    """
+    from ferry.tls import TLSError, load_client_tls
+
+    access: dict[str, Any] = {}
+    if spec.tls:
+
+        def path(name: Path | None) -> str | None:
+            return None if name is None else str(name)
+
+        try:
+            access["tls"] = load_client_tls(path(spec.cacert), path(spec.cert), path(spec.key))
+        except TLSError as error:
+            raise LockspaceUnavailable(str(error)) from None
+    if spec.user is not None and spec.password_file is not None:
+        access["user"] = spec.user
+        access["password"] = _read_password(spec.password_file)
+    return access
+
+
+def _read_password(path: Path) -> str:
+    """The first line of ``path``: an etcd password, kept out of argv and the environment."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(_MAX_PASSWORD + 1)
+    except OSError as error:
+        raise LockspaceUnavailable(f"password-file {path}: {error.strerror}") from None
+    if len(raw) > _MAX_PASSWORD:
+        raise LockspaceUnavailable(f"password-file {path}: over {_MAX_PASSWORD} bytes")
+    try:
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise LockspaceUnavailable(f"password-file {path}: not UTF-8 text") from None
+    if not lines or not lines[0]:
+        raise LockspaceUnavailable(f"password-file {path}: the first line is empty")
+    return lines[0]
 
 
 def default_resource(image_path: str | os.PathLike[str]) -> str:

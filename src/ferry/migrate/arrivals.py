@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from typing import Any
 
-from twisted.internet.interfaces import IAddress, IReactorSocket
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.interfaces import IReactorSocket
 from twisted.logger import Logger
 
 from ferry.chartnames import RoleState
@@ -52,7 +50,13 @@ from ferry.nbd.constants import Errno, OptionReply
 from ferry.nbd.events import ConnectionLanding, Refusal
 from ferry.nbd.server import ServerConnection
 from ferry.nbd.session import SnapshotError
-from ferry.serve.connection import Arrival, CommitAnswer, ConnectionHost, NBDServerProtocol
+from ferry.serve.connection import (
+    Arrival,
+    CommitAnswer,
+    ConnectionHost,
+    Given,
+    NBDServerProtocol,
+)
 from ferry.serve.export import RECEIVING_STATES, Export
 from ferry.serve.stats import HandoffCounts
 
@@ -123,7 +127,7 @@ class Arrivals:
             sock.setblocking(False)
             # Twisted takes a duplicate of the descriptor; ours goes.  The
             # socket lives on in the duplicate, so closing ours sends nothing.
-            self._reactor.adoptStreamConnection(sock.fileno(), sock.family, _Given(protocol))
+            self._reactor.adoptStreamConnection(sock.fileno(), sock.family, Given(protocol))
         except OSError as error:
             _release(sock)
             why = f"cannot adopt the socket: {error.strerror}"
@@ -204,13 +208,3 @@ def _release(sock: socket.socket) -> None:
     with contextlib.suppress(OSError, HandoffError):
         tcp_repair.enter_repair(sock, "give back")
     tcp_repair.release(sock)
-
-
-class _Given(ServerFactory):
-    """Builds exactly the protocol it was given: for ``adoptStreamConnection``."""
-
-    def __init__(self, protocol: NBDServerProtocol) -> None:
-        self._protocol = protocol
-
-    def buildProtocol(self, addr: IAddress | None) -> Any:
-        return self._protocol

@@ -38,7 +38,7 @@ from ferry.migrate.options import (
     StartOutcome,
 )
 from ferry.migrate.source import ImageCalls, MirrorSource
-from ferry.migrate.wire import Connector
+from ferry.migrate.wire import Connector, TLSForHost
 from ferry.serve.export import Export
 from ferry.status import StatusSnapshot
 from ferry.trace import Tracer
@@ -63,6 +63,7 @@ class MirrorManager:
         connector: Connector,
         tracer: Tracer | None = None,
         stop_process: Callable[[], None] | None = None,
+        tls: TLSForHost | None = None,
         carrier: Carrier | None = None,
         hooks: Hooks | None = None,
         image_calls: ImageCalls | None = None,
@@ -70,6 +71,8 @@ class MirrorManager:
         self.export = export
         self.hooks = hooks
         self._image_calls = image_calls
+        # This node's client TLS (--tls-certificates): every migration uses it.
+        self._tls = tls
         self._carrier = carrier
         self._gate = gate
         self._clock = clock
@@ -149,6 +152,7 @@ class MirrorManager:
             stop_process=self._stop_process,
             lease=self.lease,
             stats=self.stats,
+            tls=self._tls,
             carrier=self._carrier,
             hooks=self.hooks,
             image_calls=self._image_calls,

@@ -68,7 +68,7 @@ from ferry.migrate.options import (
     StartOutcome,
 )
 from ferry.migrate.switchover import Switchover
-from ferry.migrate.wire import Connector, MirrorProtocol, MirrorProtocolFactory
+from ferry.migrate.wire import Connector, MirrorProtocol, MirrorProtocolFactory, TLSForHost
 from ferry.nbd.events import (
     Event,
     Negotiated,
@@ -138,6 +138,7 @@ class MirrorSource:
         stop_process: Callable[[], None] | None = None,
         lease: OutgoingLease | None = None,
         stats: MigrationStats | None = None,
+        tls: TLSForHost | None = None,
         carrier: Carrier | None = None,
         hooks: Hooks | None = None,
         image_calls: ImageCalls | None = None,
@@ -145,6 +146,7 @@ class MirrorSource:
         self._export = export
         # How the passes read the image off the reactor thread (None: inline, for tests).
         self._image_calls = image_calls
+        self._tls = tls  # TLS with this node's certificate, verifying the destination
         self._tracer = tracer
         # The export's hooks: pre-migrate and pre-switchover may veto.
         self._hooks = hooks
@@ -466,6 +468,7 @@ class MirrorSource:
             self.destination.export_name,
             flexnbd=self._options.flexnbd,
             resource="" if self._lease is None else self._lease.resource,
+            tls=None if self._tls is None else self._tls(self.destination.host),
             carries=self._carrier is not None and self._carrier.can_move,
         )
         try:
@@ -552,11 +555,12 @@ class MirrorSource:
         self._job.fire(MigrationTrigger.ACCEPTED)
         kind = "plain NBD target" if attempt.plain else "ferry listener"
         _log.info(
-            "mirror of {export} to {dest}: attempt {n} negotiated ({kind})",
+            "mirror of {export} to {dest}: attempt {n} negotiated ({kind}{tls})",
             export=self._export.name,
             dest=str(self.destination),
             n=attempt.number,
             kind="flexnbd listener" if self._options.flexnbd else kind,
+            tls=", TLS" if attempt.wire is not None and attempt.wire.client.tls else "",
         )
         self.copier.pump(attempt)
         if self.outcome is None:

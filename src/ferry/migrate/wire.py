@@ -14,7 +14,12 @@ out at once.  Timeouts, the job and every decision live in
 
 The source asks for ``FERRY_OPT_MIGRATE`` (payload: protocol version and
 image size) before anything else; a ferry listener answers ACK, any other
-NBD server ERR_UNSUP.  In flexnbd mode it asks nothing (a flexnbd listener's
+NBD server ERR_UNSUP.  A node with TLS certificates (``tls``) asks for
+NBD_OPT_STARTTLS even before that and goes no further without it: the
+destination's ACK is the last byte in the clear, the protocol then starts
+TLS on the transport as the client (this node's certificate, the
+destination checked against the CA and the address dialled), and the
+handshake goes on encrypted.  In flexnbd mode it asks nothing (a flexnbd listener's
 hello is oldstyle) and every request carries the handle ``.MIRROR.``, so
 only one may be unanswered at a time.
 """
@@ -28,7 +33,7 @@ from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IReactorTCP
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTCP
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
@@ -44,19 +49,24 @@ from ferry.nbd.constants import (
     Command,
     CommandFlag,
 )
-from ferry.nbd.events import Event, ProtocolError
+from ferry.nbd.events import Event, ProtocolError, StartTLS
 from ferry.outbox import Outbox, tune
+from ferry.tls import describe_error
 
 __all__ = [
     "Connector",
     "MirrorProtocol",
     "MirrorProtocolFactory",
+    "TLSForHost",
     "WireHandler",
     "migrate_option",
     "tcp_connector",
 ]
 
 _NO_FLAGS = CommandFlag(0)
+
+TLSForHost = Callable[[str], IOpenSSLClientConnectionCreator]
+"""The TLS client settings for a destination host (``Credentials.client_creator``)."""
 
 
 def migrate_option(size: int, resource: str = "") -> tuple[int, bytes]:
@@ -87,10 +97,15 @@ class MirrorProtocol(Protocol):
     """One connection to the destination; see the module doc."""
 
     def __init__(
-        self, handler: WireHandler, client: ClientConnection, fixed_handle: int | None = None
+        self,
+        handler: WireHandler,
+        client: ClientConnection,
+        fixed_handle: int | None = None,
+        tls: IOpenSSLClientConnectionCreator | None = None,
     ) -> None:
         self.handler = handler
         self.client = client
+        self._tls = tls
         # flexnbd's stream: every request carries this one handle.
         self.fixed_handle = fixed_handle
         self.closing = False
@@ -112,6 +127,9 @@ class MirrorProtocol(Protocol):
         except ProtocolError as exc:
             self._broken(str(exc))
             return
+        if events and type(events[-1]) is StartTLS:  # nothing follows it
+            events.pop()
+            self._start_tls()
         if events:
             self._receiving = True
             try:
@@ -132,8 +150,16 @@ class MirrorProtocol(Protocol):
             if events:
                 self.handler.wire_events(self, events)
         self.closing = True
-        self.handler.wire_lost(self, reason.getErrorMessage())
+        # OpenSSL's errors are lists of (library, function, reason): keep the reasons.
+        why = reason.getErrorMessage() if reason.value is None else describe_error(reason.value)
+        self.handler.wire_lost(self, why)
         self.closed.callback(None)
+
+    def _start_tls(self) -> None:
+        """STARTTLS was acknowledged: TLS from here on, as the client."""
+        assert self._tls is not None and self.transport is not None
+        self.transport.startTLS(self._tls)  # type: ignore[attr-defined]
+        self.client.tls_started()
 
     def _broken(self, reason: str) -> None:
         self.handler.wire_broken(self, reason)
@@ -202,9 +228,11 @@ class MirrorProtocolFactory(Factory):
         *,
         flexnbd: bool = False,
         resource: str = "",
+        tls: IOpenSSLClientConnectionCreator | None = None,
         carries: bool = False,
     ) -> None:
         self.handler = handler
+        self.tls = tls
         self.size = size
         self.export_name = export_name
         self.flexnbd = flexnbd
@@ -213,15 +241,19 @@ class MirrorProtocolFactory(Factory):
         self.carries = carries
 
     def buildProtocol(self, addr: object) -> MirrorProtocol:
+        tls = self.tls is not None
         if self.flexnbd:
-            client = ClientConnection(self.export_name, meta_contexts=())
-            protocol = MirrorProtocol(self.handler, client, FLEXNBD_MIRROR_HANDLE)
+            # With TLS this fails at flexnbd's oldstyle hello, as it must: no plaintext.
+            client = ClientConnection(self.export_name, meta_contexts=(), tls=tls)
+            protocol = MirrorProtocol(self.handler, client, FLEXNBD_MIRROR_HANDLE, self.tls)
         else:
             options = [migrate_option(self.size, self.resource)]
             if self.carries:
                 options.append((FERRY_OPT_CONNECTIONS, b""))
-            client = ClientConnection(self.export_name, meta_contexts=(), extra_options=options)
-            protocol = MirrorProtocol(self.handler, client)
+            client = ClientConnection(
+                self.export_name, meta_contexts=(), extra_options=options, tls=tls
+            )
+            protocol = MirrorProtocol(self.handler, client, tls=self.tls)
         protocol.factory = self
         return protocol
 

@@ -27,9 +27,15 @@ The handshake, one option in flight at a time (the spec forbids more):
 state              on                              next
 =================  ==============================  ===========================
 GREETING           oldstyle greeting               TRANSMISSION (Negotiated)
+GREETING           oldstyle greeting, with tls     FAILED (NegotiationFailed)
 GREETING           fixed newstyle greeting         OPTION (STRUCTURED_REPLY,
                                                    else GO)
+GREETING           fixed newstyle, with tls        OPTION (STARTTLS)
 GREETING           newstyle without FIXED          FAILED (NegotiationFailed)
+OPTION STARTTLS    ACK                             STARTING_TLS (StartTLS)
+OPTION STARTTLS    any error                       FAILED (NegotiationFailed)
+STARTING_TLS       the caller's ``tls_started()``  OPTION (as after the greeting)
+STARTING_TLS       any byte                        BROKEN (ProtocolError)
 OPTION SR          ACK / any error                 OPTION (SET_META_CONTEXT if
                                                    acked and wanted, else GO)
 OPTION SET_META    META_CONTEXT                    same (remember the id)
@@ -57,6 +63,13 @@ handshake goes on either way: the caller decides what a refusal means
 (ferry's migration source sends ``FERRY_OPT_MIGRATE`` this way; ERR_UNSUP
 says the server is a plain NBD server).  An oldstyle server cannot be asked
 anything, so then no ``OptionAnswered`` comes before ``Negotiated``.
+
+With ``tls=True`` the client insists on TLS, as the spec advises a client
+that only wants TLS: STARTTLS is its first option, and a server that refuses
+it (or cannot be asked: an oldstyle hello) ends the handshake, so a man in
+the middle cannot talk it down to plaintext.  ``StartTLS`` tells the caller
+to start TLS on its transport (as the TLS client) and then call
+``tls_started``; the server may send nothing in between.
 
 Entering FAILED from an option queues ``NBD_OPT_ABORT`` (the soft disconnect
 the spec asks of a client that gives up); whatever the server sends after
@@ -118,6 +131,7 @@ from ferry.nbd.events import (
     OptionData,
     ProtocolError,
     Reply,
+    StartTLS,
 )
 
 __all__ = [
@@ -187,6 +201,7 @@ def _string(raw: bytes, what: str) -> str:
 class _State(enum.Enum):
     GREETING = enum.auto()
     OPTION = enum.auto()
+    STARTING_TLS = enum.auto()
     EXPORT_NAME = enum.auto()
     TRANSMISSION = enum.auto()
     FAILED = enum.auto()
@@ -253,6 +268,8 @@ class ClientConnection:
     refused locally.
 
     ``receive_data(b"")`` means the server closed the stream (as in h11).
+
+    ``tls``: ask for TLS first and give up without it (see the module doc).
     """
 
     def __init__(
@@ -263,6 +280,7 @@ class ClientConnection:
         meta_contexts: Sequence[str] = (BASE_ALLOCATION,),
         max_reply_size: int = MAX_REQUEST_SIZE + 4096,
         extra_options: Sequence[tuple[int, bytes]] = (),
+        tls: bool = False,
     ) -> None:
         if isinstance(meta_contexts, str):
             raise TypeError("meta_contexts is a sequence of names, not one name")
@@ -284,6 +302,8 @@ class ClientConnection:
         self.export_name = export_name
         self.want_structured_replies = structured_replies
         self.max_reply_size = max_reply_size
+        self.want_tls = tls
+        self._tls = False  # TLS is on: the caller said so with tls_started()
 
         self._state = _State.GREETING
         self._buf = bytearray()
@@ -316,6 +336,18 @@ class ClientConnection:
 
     def in_flight(self) -> int:
         return len(self._pending)
+
+    @property
+    def tls(self) -> bool:
+        """True once the caller has started TLS (``tls_started``) after ``StartTLS``."""
+        return self._tls
+
+    def tls_started(self) -> None:
+        """The caller has started TLS on its transport: the handshake goes on, encrypted."""
+        if self._state is not _State.STARTING_TLS:
+            raise RuntimeError(f"no TLS upgrade is pending (state: {self._state.name})")
+        self._tls = True
+        self._next_option()
 
     def data_to_send(self) -> bytes:
         """Everything queued for the server so far; the caller must write all of it."""
@@ -509,6 +541,13 @@ class ClientConnection:
         if state is _State.FAILED:
             self._pos = len(self._buf)
             return False
+        if state is _State.STARTING_TLS:
+            if not self._available():
+                return False
+            raise self._break(
+                f"server sent {self._available()} bytes in the clear after acknowledging "
+                "NBD_OPT_STARTTLS"
+            )
         raise self._break(f"server sent data in state {state.name}")
 
     # -- handshake -------------------------------------------------------------
@@ -524,6 +563,15 @@ class ClientConnection:
                 return False
             _, _, size, flags = GREETING_OLDSTYLE.unpack_from(self._buf, self._pos)
             self._pos += GREETING_OLDSTYLE.size
+            if self.want_tls:
+                self._state = _State.FAILED
+                events.append(
+                    NegotiationFailed(
+                        OptionReply.ERR_UNSUP,
+                        "the server's hello is oldstyle, which cannot start TLS; TLS is required",
+                    )
+                )
+                return True
             # The 32-bit oldstyle field is handshake flags (high half, always
             # zero) and transmission flags (low half).
             self._finish(events, Negotiated("", size, flags & 0xFFFF, False, {}, oldstyle=True))
@@ -549,7 +597,10 @@ class ClientConnection:
             client_flags |= ClientFlag.NO_ZEROES
             self._no_zeroes = True
         self._out.append(CLIENT_FLAGS.pack(client_flags))
-        self._next_option()
+        if self.want_tls:
+            self._send_option(Option.STARTTLS)
+        else:
+            self._next_option()
         return True
 
     def _next_option(self) -> None:
@@ -620,7 +671,9 @@ class ClientConnection:
             return False
         self._pos += header.size
         payload = self._take(length)
-        if self._is_extra(option):
+        if option == Option.STARTTLS:
+            self._starttls_reply(events, rtype, payload)
+        elif self._is_extra(option):
             self._extra_reply(events, option, rtype, payload)
         elif rtype & _OPTION_ERROR_BIT:
             self._option_error(events, option, rtype, payload)
@@ -658,6 +711,20 @@ class ClientConnection:
             events.append(OptionData(option, rtype, bytes(payload)))
             return
         self._next_option()
+
+    def _starttls_reply(self, events: list[Event], rtype: int, payload: bytes) -> None:
+        if rtype == OptionReply.ACK:
+            if payload:
+                raise ProtocolError("ACK to NBD_OPT_STARTTLS with a payload")
+            self._option = None
+            self._state = _State.STARTING_TLS
+            events.append(StartTLS())
+            return
+        if not rtype & _OPTION_ERROR_BIT:
+            raise ProtocolError(f"unexpected reply {rtype:#x} to STARTTLS")
+        error = OptionReply(rtype) if rtype in _KNOWN_OPTION_REPLIES else OptionReply.ERR_INVALID
+        said = _text(payload) or error.name
+        self._fail(events, error, f"the server refused TLS, which is required: {said}")
 
     def _after_structured_reply(self) -> None:
         if self._structured and self._queries:

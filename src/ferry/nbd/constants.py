@@ -47,6 +47,20 @@ MIN_BLOCK_SIZE: Final = 1
 PREFERRED_BLOCK_SIZE: Final = 4096
 
 
+class TLSMode(enum.Enum):
+    """How a server treats TLS (``--tls``), the spec's three modes.
+
+    ``OFF`` is NOTLS: NBD_OPT_STARTTLS is refused (ERR_POLICY).  ``ON`` is
+    SELECTIVETLS with no TLS-only export: a client may upgrade, or not.
+    ``REQUIRE`` is FORCEDTLS: every option but STARTTLS and ABORT is
+    ERR_TLS_REQD until TLS is on.
+    """
+
+    OFF = "off"
+    ON = "on"
+    REQUIRE = "require"
+
+
 class HandshakeFlag(enum.IntFlag):
     FIXED_NEWSTYLE = 1 << 0
     NO_ZEROES = 1 << 1

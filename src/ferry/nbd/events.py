@@ -200,6 +200,21 @@ class Disconnect:
     """NBD_CMD_DISC: the client will send nothing more."""
 
 
+# -- both sides -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """NBD_OPT_STARTTLS was acknowledged: the caller starts TLS on its transport now.
+
+    The reply that acknowledged it is the last byte in the clear.  The
+    caller starts TLS (a server as the TLS server, a client as the client),
+    then calls the connection's ``tls_started``; until then the connection
+    takes no more bytes: a peer that sends any is breaking the protocol (and
+    may be trying to slip plaintext past the upgrade).
+    """
+
+
 # -- the client's side --------------------------------------------------------
 
 
@@ -283,6 +298,7 @@ Event = (
     | Commit
     | CarriedConnection
     | Disconnect
+    | StartTLS
     | Negotiated
     | NegotiationFailed
     | OptionAnswered

@@ -46,7 +46,10 @@ States, and what moves the connection between them::
     CLIENT_FLAGS  known flags with FIXED_NEWSTYLE      -> OPTIONS
     OPTIONS       EXPORT_NAME / GO of a served export  -> TRANSMISSION  HandshakeComplete
                   EXPORT_NAME we cannot serve, ABORT   -> CLOSED        HandshakeAborted
+                  STARTTLS, acknowledged               -> STARTING_TLS  StartTLS
                   any other option (answered)          -> OPTIONS
+    STARTING_TLS  the caller's ``tls_started()``       -> OPTIONS
+                  any byte                             -> BROKEN        ProtocolError
     TRANSMISSION  a request, or a WRITE with payload   -> TRANSMISSION  Request|Rejected
                   FERRY_CMD_COMMIT from the sender     -> TRANSMISSION  Commit|Rejected
                   FERRY_CMD_CONNECTION, payload here   -> TRANSMISSION  CarriedConnection
@@ -78,6 +81,27 @@ ferry's migration extension (``constants.py``), with a ``MigrationCatalog``:
     catalog can            FERRY_REP_LANDING with     FERRY_CMD_CONNECTION is a
                            its ConnectionLanding,     ``CarriedConnection``
                            then ACK
+
+TLS (``tls``, the spec's modes as ``TLSMode``):
+
+    option, before TLS is on      OFF            ON             REQUIRE
+    ----------------------------  -------------  -------------  ---------------------
+    STARTTLS (no data)            ERR_POLICY     ACK, StartTLS  ACK, StartTLS
+    STARTTLS with data            ERR_INVALID    ERR_INVALID    ERR_INVALID
+    ABORT                         as usual       as usual       as usual
+    EXPORT_NAME                   as usual       as usual       CLOSED, HandshakeAborted
+    any other                     as usual       as usual       ERR_TLS_REQD
+
+Once TLS is on, a second STARTTLS is ERR_INVALID and every other option is
+answered as usual.  The ACK forgets what was negotiated in the clear
+(structured replies, metadata contexts, an acknowledged FERRY_OPT_MIGRATE
+and FERRY_OPT_CONNECTIONS),
+as the spec asks: a man in the middle could have chosen it.  Bytes that come
+after STARTTLS and before ``tls_started()`` -- in the same chunk or a later
+one -- break the connection: the caller runs TLS from the ACK on, so they
+can only be plaintext the client had no right to send.  Who the peer is
+(its certificate) is the caller's business; the parser only knows that TLS
+is on.  Oldstyle has no options, so it cannot be combined with TLS.
 
 Elsewhere (no catalog, or no ACK) FERRY_OPT_MIGRATE is ERR_UNSUP and
 FERRY_CMD_COMMIT a ``RejectedRequest`` with EINVAL, as is
@@ -160,6 +184,7 @@ from ferry.nbd.constants import (
     OptionReply,
     ReplyFlag,
     ReplyType,
+    TLSMode,
     TransmissionFlag,
 )
 from ferry.nbd.events import (
@@ -177,6 +202,7 @@ from ferry.nbd.events import (
     Refusal,
     RejectedRequest,
     Request,
+    StartTLS,
 )
 from ferry.nbd.locate import (
     FERRY_OPT_LOCATE,
@@ -362,6 +388,7 @@ _build_request: Final = _request_builder()
 class _State(enum.Enum):
     CLIENT_FLAGS = "client flags"
     OPTIONS = "options"
+    STARTING_TLS = "starting TLS"
     TRANSMISSION = "transmission"
     PAYLOAD = "write payload"
     CLOSED = "closed"
@@ -457,6 +484,9 @@ class ServerConnection:
     ``HandshakeComplete.migration``, and turns ``FERRY_CMD_COMMIT`` into a
     ``Commit`` event.  Without one, the option is ERR_UNSUP and the command
     an unknown one, as on any NBD server.
+
+    ``tls`` is the server's TLS mode (see the module doc); after a
+    ``StartTLS`` event the caller starts TLS and calls ``tls_started``.
     """
 
     def __init__(
@@ -467,9 +497,14 @@ class ServerConnection:
         locator: Locator | None = None,
         oldstyle: bool = False,
         max_request_size: int = MAX_REQUEST_SIZE,
+        tls: TLSMode = TLSMode.OFF,
     ) -> None:
         if not 0 < max_request_size < 1 << 32:
             raise ValueError(f"max_request_size must be in 1..2**32-1, not {max_request_size}")
+        if oldstyle and tls is not TLSMode.OFF:
+            raise ValueError("oldstyle negotiation has no NBD_OPT_STARTTLS: it cannot use TLS")
+        self._tls_mode = tls
+        self._tls = False  # TLS is on: STARTTLS was acknowledged and the caller started it
         self._catalog = catalog
         self._migration_catalog = migration
         self._locator = locator
@@ -572,6 +607,18 @@ class ServerConnection:
         """The transmission flags sent to the client (0 before the handshake is done)."""
         return self._flags
 
+    @property
+    def tls(self) -> bool:
+        """True once TLS is on (``tls_started`` was called after a ``StartTLS`` event)."""
+        return self._tls
+
+    def tls_started(self) -> None:
+        """The caller has started TLS on its transport: option haggling goes on, encrypted."""
+        if self._state is not _State.STARTING_TLS:
+            raise RuntimeError(f"no TLS upgrade is pending (state: {self._state.value})")
+        self._tls = True
+        self._state = _State.OPTIONS
+
     # -- bytes in, events out --------------------------------------------------------
 
     def receive_data(self, data: bytes) -> list[Event]:
@@ -623,6 +670,10 @@ class ServerConnection:
                 (flags,) = CLIENT_FLAGS.unpack_from(data, pos)
                 pos += CLIENT_FLAGS.size
                 self._client_flags(flags)
+            elif state is _State.STARTING_TLS:
+                self._fail(
+                    f"{end - pos} bytes in the clear after NBD_OPT_STARTTLS, before TLS started"
+                )
             else:  # CLOSED: what follows an abort or a DISC is ignored
                 pos = end
             state = self._state
@@ -752,6 +803,22 @@ class ServerConnection:
         self._options += 1
         if self._options > MAX_HANDSHAKE_OPTIONS:
             self._fail(f"more than {MAX_HANDSHAKE_OPTIONS} options in one handshake")
+        if (
+            self._tls_mode is TLSMode.REQUIRE
+            and not self._tls
+            and option != Option.STARTTLS
+            and option != Option.ABORT
+        ):
+            if option == Option.EXPORT_NAME:
+                # No error reply exists for EXPORT_NAME: the spec says close.
+                self._abort_handshake("NBD_OPT_EXPORT_NAME before TLS: TLS is required", events)
+            else:
+                self._error(
+                    option,
+                    OptionReply.ERR_TLS_REQD,
+                    f"{_option_name(option)}: TLS is required: send NBD_OPT_STARTTLS first",
+                )
+            return
         try:
             if option == Option.EXPORT_NAME:
                 self._export_name(payload, events)
@@ -774,13 +841,33 @@ class ServerConnection:
                 self._connections(payload)
             elif option == FERRY_OPT_LOCATE and self._locator is not None:
                 self._locate(payload)
+            elif option == Option.STARTTLS:
+                self._starttls(payload, events)
             else:
-                # STARTTLS, EXTENDED_HEADERS and numbers we have never heard of.
+                # EXTENDED_HEADERS and numbers we have never heard of.
                 self._error(
                     option, OptionReply.ERR_UNSUP, f"{_option_name(option)} is not supported"
                 )
         except _Invalid as invalid:
             self._error(option, OptionReply.ERR_INVALID, f"{_option_name(option)}: {invalid}")
+
+    def _starttls(self, payload: bytes, events: list[Event]) -> None:
+        if payload:
+            raise _Invalid("NBD_OPT_STARTTLS takes no data")
+        if self._tls_mode is TLSMode.OFF:
+            self._error(Option.STARTTLS, OptionReply.ERR_POLICY, "TLS is off on this server")
+            return
+        if self._tls:
+            raise _Invalid("TLS is already on")
+        self._reply(Option.STARTTLS, OptionReply.ACK)
+        # Nothing chosen in the clear survives the upgrade (the spec's rule).
+        self._structured = False
+        self._meta_contexts = {}
+        self._meta_export = None
+        self._sender = None
+        self._carries = False
+        self._state = _State.STARTING_TLS
+        events.append(StartTLS())
 
     def _export_name(self, payload: bytes, events: list[Event]) -> None:
         # EXPORT_NAME has no error reply: all we can do with a bad one is close.
@@ -1246,13 +1333,16 @@ class ServerConnection:
         re-encoded (it does not keep the flags that condemned it): answer
         those before taking the snapshot; it needs no I/O but a write.
         Refuses, with :class:`SnapshotError`, a connection that is not a
-        client's in transmission, or whose handshake output or events the
-        caller has not collected yet.
+        client's in transmission, one that runs TLS (its session is the
+        caller's TLS layer's, not this parser's), or whose handshake output
+        or events the caller has not collected yet.
         """
         if self._state is not _State.TRANSMISSION and self._state is not _State.PAYLOAD:
             raise SnapshotError(f"the connection is in {self._state.value}, not in transmission")
         if self._sender is not None or self._mirror_only:
             raise SnapshotError("a migration sender's connection does not move")
+        if self._tls:
+            raise SnapshotError("its TLS session cannot move")
         if self._out or self._pending:
             raise SnapshotError("handshake output or events not yet collected by the caller")
         export = self._export

@@ -31,7 +31,7 @@ from twisted.internet.defer import Deferred
 
 from ferry import statecharts
 from ferry.chartnames import ProxyState
-from ferry.control.commands import Command, Params, Reply, dispatch
+from ferry.control.commands import Command, Params, Reply, Upgrade, dispatch
 from ferry.proxy.listener import ProxyServer
 from ferry.status import FieldSpec, render_value
 
@@ -171,6 +171,7 @@ class ProxyCommands:
     def __init__(self, server: ProxyServer) -> None:
         self._server = server
         self.table: dict[str, Command] = {"status": self.status}
+        self.upgrades: dict[str, Upgrade] = {}  # none: a proxy is not taken over
 
     def run(
         self, name: str, args: Sequence[str], params: Params | None = None

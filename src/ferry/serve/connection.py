@@ -71,6 +71,26 @@ While the export's role holds clients (a switchover), and while a write
 waits for the auto-converge cap, the connection stops reading its socket as
 well as dispatching: however long the hold, it queues no more than what it
 had already read.
+
+TLS (``--tls``, see :mod:`ferry.tls`): the parser says when a client's
+NBD_OPT_STARTTLS is acknowledged (``StartTLS``); the ACK is already flushed
+in the clear, so the connection starts TLS on its transport as the server
+and tells the parser, and everything after goes through Twisted's TLS layer
+(the outbox sees ``transport.TLS`` and stops writing to the socket itself).
+The TLS layer calls ``handshakeCompleted``; with ``--tls-verify-peer`` the
+peer has then shown a certificate from the CA, and its subject
+(``tls_subject``) authenticates it.  A failed handshake (no certificate,
+another CA's, a bad one) closes the connection and is logged with the reason.
+
+Once the handshake has verified a certificate the connection sees the
+catalogs as that subject's (``catalog_for``): who may send a migration is
+the server's rule (see :mod:`ferry.serve.server`).
+
+A TLS client does not move at a handoff (``why_not_movable``): its session
+lives in this process's OpenSSL, which no socket checkpoint carries; it is
+disconnected like any client that cannot move.  And a node that requires
+TLS takes no moved connections (the server's ``connection_landing`` refuses
+FERRY_OPT_CONNECTIONS): those are all plaintext.
 """
 
 from __future__ import annotations
@@ -86,15 +106,18 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Final, cast
 from typing import Protocol as TypingProtocol
 
+from cryptography import x509
 from twisted.internet import defer, tcp
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IAddress, IHandshakeListener, IPushProducer
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ferry.chartnames import RoleState
 from ferry.clock import Clock, cancel_call
+from ferry.letgo import let_go
 from ferry.nbd.constants import (
     FLEXNBD_MIRROR_HANDLE,
     BlockState,
@@ -117,6 +140,7 @@ from ferry.nbd.events import (
     Refusal,
     RejectedRequest,
     Request,
+    StartTLS,
 )
 from ferry.nbd.locate import Location
 from ferry.nbd.server import ExportCatalog, Locator, MigrationCatalog, ServerConnection
@@ -134,6 +158,7 @@ from ferry.serve.limits import (
 from ferry.serve.ordering import Access, Job
 from ferry.storage import Extent as StorageExtent
 from ferry.storage import ZeroingNotFast
+from ferry.tls import ServerTLS, describe_error, peer_subject
 from ferry.workers import at_end_of_turn, turn
 
 if TYPE_CHECKING:
@@ -244,6 +269,7 @@ class ConnectionHost(ExportCatalog, MigrationCatalog, Locator, TypingProtocol):
     acl: Acl
     clock: Clock
     oldstyle: bool
+    tls: ServerTLS
     handshake_timeout: float
     sender_timeout: float
     receiver: Receiver | None
@@ -260,7 +286,9 @@ class ConnectionHost(ExportCatalog, MigrationCatalog, Locator, TypingProtocol):
         self, export: Export, work: Callable[[], object], *, short: bool = False
     ) -> defer.Deferred[Any]: ...
 
-    def catalog_for(self, peer_host: str) -> PeerCatalogs: ...
+    def catalog_for(self, peer_host: str, subject: x509.Name | None = None) -> PeerCatalogs:
+        """The catalogs as ``peer_host`` sees them (``subject``: its verified certificate's)."""
+        ...
 
     def connection_opened(self, connection: NBDServerProtocol) -> None: ...
 
@@ -284,7 +312,7 @@ class Arrival:
     replies: bytes = b""
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class NBDServerProtocol(Protocol):
     def __init__(self, server: ConnectionHost, *, arrival: Arrival | None = None) -> None:
         self._server = server
@@ -301,6 +329,7 @@ class NBDServerProtocol(Protocol):
         self._refused = False  # refused after GO: nothing more it sends is looked at
         self._lost = False
         self._drained: list[defer.Deferred[None]] = []
+        self._settled: list[defer.Deferred[None]] = []  # waiting for _in_flight == 0
         self._handshake_timer: Any = None
         self._sender_timer: Any = None  # a sender's time without a request (SENDER_TIMEOUT)
         self._throttle_timer: Any = None  # a write waiting for the auto-converge cap
@@ -326,6 +355,9 @@ class NBDServerProtocol(Protocol):
         #: The clock's time of the last request received or reply sent.
         self.last_active = 0.0
         self.peer_host = ""
+        #: The subject of the peer's verified certificate (``--tls-verify-peer``), else None.
+        self.tls_subject: x509.Name | None = None
+        self._tls_handshaking = False  # STARTTLS acknowledged, the TLS handshake not done
         # The exports as this peer sees them (their ACLs and the sender rule
         # applied); set once the connection is made and its peer known.
         self._catalogs: PeerCatalogs | None = None
@@ -351,7 +383,11 @@ class NBDServerProtocol(Protocol):
         )
         self.last_active = self._server.clock.seconds()
         self._nbd = ServerConnection(
-            self, migration=self, locator=self, oldstyle=self._server.oldstyle
+            self,
+            migration=self,
+            locator=self,
+            oldstyle=self._server.oldstyle,
+            tls=self._server.tls.mode,
         )
         # An oldstyle server has chosen its export before the client speaks.
         self._receive(b"")
@@ -360,6 +396,12 @@ class NBDServerProtocol(Protocol):
         self._receive(data)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._tls_handshaking:
+            log.warn(
+                "closing {peer}: TLS handshake failed: {why}",
+                peer=self.peer_host,
+                why=_tls_failure(reason),
+            )
         self._lost = True
         self._queue.clear()
         if self._outbox is not None:
@@ -389,6 +431,7 @@ class NBDServerProtocol(Protocol):
                 )
         self._server.connection_closed(self)
         self._fire_drained()
+        self._fire_settled()
 
     # -- the catalogs: the server's as this peer sees them, unless it is refused ----------
 
@@ -415,6 +458,34 @@ class NBDServerProtocol(Protocol):
 
     def connection_landing(self) -> ConnectionLanding | Refusal:
         return self.refusal or self._peer_catalogs.connection_landing()
+
+    # -- TLS ---------------------------------------------------------------------------
+
+    def _start_tls(self) -> None:
+        """STARTTLS was acknowledged (the ACK is out): TLS from here on, as the server."""
+        assert self._nbd is not None and self.transport is not None
+        options = self._server.tls.options
+        assert options is not None  # the parser acknowledges STARTTLS only with TLS on
+        self._tls_handshaking = True
+        self.transport.startTLS(options)  # type: ignore[attr-defined]
+        self._nbd.tls_started()
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: TLS is up; with --tls-verify-peer, the peer's certificate checked.
+
+        A verified peer is logged (who connected is worth keeping); any other
+        TLS client only with -v.
+        """
+        self._tls_handshaking = False
+        if self._server.tls.verify_peer:
+            self.tls_subject = peer_subject(self.transport)
+            # Its certificate may make it a migration sender (see NBDServer).
+            self._catalogs = self._server.catalog_for(self.peer_host, self.tls_subject)
+        if self.tls_subject is None:
+            log.debug("TLS with {peer}", peer=self.peer_host)
+        else:
+            subject = self.tls_subject.rfc4514_string()
+            log.info("TLS with {peer}: {subject}", peer=self.peer_host, subject=subject)
 
     # -- IPushProducer -----------------------------------------------------------
 
@@ -504,7 +575,7 @@ class NBDServerProtocol(Protocol):
         self._maybe_close()
         return d
 
-    # -- moving to another socket (ferry.migrate.carry) -------------------------------
+    # -- moving to another socket (ferry.migrate.carry, ferry.takeover) ---------------
     #
     # At a handoff the source suspends each client connection, checkpoints its
     # socket and this session, and either lets it go (``moved``: the socket was
@@ -514,6 +585,13 @@ class NBDServerProtocol(Protocol):
     # (``arrival=``): it performs nothing until ``join`` gives it its export,
     # once the commit has landed; a commit that does not land closes it
     # without a packet (``moved`` again).
+    #
+    # A takeover on one host is the same dance with the socket itself: the old
+    # process waits until the connection has no job on a thread (``settled``),
+    # suspends it, passes the very socket on by SCM_RIGHTS with this session,
+    # and once the new process serves, drops its own descriptor without a
+    # packet (``handed_on``); the new process rebuilds the connection with
+    # ``arrival=`` around the same kernel socket.
 
     def why_not_movable(self) -> str | None:
         """Why this connection cannot move now; None if it can."""
@@ -581,6 +659,39 @@ class NBDServerProtocol(Protocol):
         self._start_reading("moving")
         self._account_received()
         self._dispatch()
+
+    def settled(self) -> defer.Deferred[None]:
+        """Fires once no job of this connection runs on a thread (any request now).
+
+        Only then can its session move: such a job's reply is this process's
+        to send.  With requests held, no new job starts meanwhile.
+        """
+        d: defer.Deferred[None] = defer.Deferred()
+        if self._in_flight == 0 or self._lost:
+            d.callback(None)
+        else:
+            self._settled.append(d)
+        return d
+
+    def handed_on(self, where: str) -> None:
+        """Another process holds this very socket now (SCM_RIGHTS): forget it without a packet.
+
+        What was queued went with the session and the unsent replies with
+        it; nothing is answered here, and nothing is done to the socket but
+        dropping this process's descriptor (:func:`ferry.letgo.let_go`).
+        """
+        log.info("{peer}: connection handed {where}", peer=self.peer_host, where=where)
+        self._queue.clear()
+        self._queued_bytes = 0
+        if self._outbox is not None:
+            self._outbox.discard()
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        transport.unregisterProducer()  # type: ignore[attr-defined]
+        let_go(transport)
+        gone = Failure(ConnectionDone(f"handed {where}"))  # type: ignore[no-untyped-call]
+        transport.connectionLost(gone)  # type: ignore[attr-defined]
 
     def moved(self, where: str) -> None:
         """The socket was closed in repair mode (the client is elsewhere): forget it quietly.
@@ -672,6 +783,8 @@ class NBDServerProtocol(Protocol):
                 self._flush_handshake()
                 self._lose()
                 return
+            elif kind is StartTLS:
+                self._start_tls()
         self._dispatch()
         self._account_received()
 
@@ -1276,14 +1389,16 @@ class NBDServerProtocol(Protocol):
         self._in_flight -= 1
         if self._settling:
             return
-        if at_end_of_turn(self._settled):
+        if at_end_of_turn(self._jobs_answered):
             self._settling = True
         else:
-            self._settled()
+            self._jobs_answered()
 
-    def _settled(self) -> None:
+    def _jobs_answered(self) -> None:
         self._settling = False
         self._flush_outbox()
+        if self._in_flight == 0:
+            self._fire_settled()
         self._dispatch()
 
     def _flush_outbox(self) -> None:
@@ -1309,6 +1424,10 @@ class NBDServerProtocol(Protocol):
 
     def _lose(self) -> None:
         if self.transport is not None:
+            if getattr(self.transport, "TLS", False):
+                # Twisted's TLS layer sends its close_notify, and closes, only
+                # once no producer is registered.
+                self.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.transport.loseConnection()
 
     def _abort(self) -> None:
@@ -1319,6 +1438,18 @@ class NBDServerProtocol(Protocol):
         drained, self._drained = self._drained, []
         for d in drained:
             d.callback(None)
+
+    def _fire_settled(self) -> None:
+        settled, self._settled = self._settled, []
+        for d in settled:
+            d.callback(None)
+
+
+def _tls_failure(reason: Failure | None) -> str:
+    """One line for why a TLS handshake ended."""
+    if reason is None or reason.value is None:
+        return "the connection closed"
+    return describe_error(reason.value)
 
 
 def _zero_steps(offset: int, length: int) -> list[tuple[int, int]]:
@@ -1346,3 +1477,13 @@ def _command_name(command: int) -> str:
         return Command(command).name
     except ValueError:
         return "UNKNOWN"
+
+
+class Given(ServerFactory):
+    """Builds exactly the protocol it was given: for ``adoptStreamConnection``."""
+
+    def __init__(self, protocol: NBDServerProtocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        return self._protocol

@@ -93,6 +93,12 @@ class Attached(Protocol):
 
     def moved(self, where: str) -> None: ...
 
+    # Passing to a new process on this host (``ferry.takeover``).
+
+    def settled(self) -> defer.Deferred[None]: ...
+
+    def handed_on(self, where: str) -> None: ...
+
 
 class LeaseView(Protocol):
     """What an export needs of the lease on its image (``ferry.lease.LeaseManager`` is one)."""

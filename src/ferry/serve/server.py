@@ -41,8 +41,12 @@ handshake: every connection sees the catalogs through a
 the peer is not listed, and asking for it is answered ERR_POLICY with the
 reason.  Changing an export's ACL closes its clients the new one refuses.
 A migration sender must be let in by both and named by one of them (or,
-neither naming anyone, come from loopback: ``Acl.admits_sender``); a
-connection's catalogs refuse any other with ERR_POLICY.
+neither naming anyone, come from loopback: ``Acl.admits_sender``) --
+unless TLS has verified its certificate (``--tls-verify-peer``): then the
+certificate is the proof, and no ACL need name it.  With
+``--tls-allowed-subjects`` only a certificate whose subject is listed may
+send, and no sender without one.  A connection's catalogs refuse any other
+with ERR_POLICY, and the reason.
 NBD_OPT_LIST shows only the exports a client may use now: not one that is
 listening for its migration, or that has lost control.
 
@@ -57,6 +61,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from cryptography import x509
 from twisted.internet import defer
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory
@@ -64,7 +69,7 @@ from twisted.logger import Logger
 
 from ferry.chartnames import RoleState
 from ferry.clock import Clock, DelayedCall, cancel_call
-from ferry.nbd.constants import OptionReply
+from ferry.nbd.constants import OptionReply, TLSMode
 from ferry.nbd.events import ConnectionLanding, ExportInfo, MigrationRequest, Refusal
 from ferry.nbd.locate import Location
 from ferry.serve.acl import Acl
@@ -82,6 +87,7 @@ from ferry.serve.limits import (
     SENDER_TIMEOUT,
     Budget,
 )
+from ferry.tls import ServerTLS
 
 log = Logger()
 
@@ -106,7 +112,10 @@ class NBDServer(Factory):
         receiver: Receiver | None = None,
         receive_budget: int = RECEIVE_BUDGET,
         reply_budget: int = REPLY_BUDGET,
+        tls: ServerTLS | None = None,
     ) -> None:
+        if oldstyle and tls is not None and tls.mode is not TLSMode.OFF:
+            raise ValueError("oldstyle negotiation cannot use TLS")
         self.clock = clock
         self.run_blocking = run_blocking
         self.exports: dict[str, Export] = {}
@@ -115,6 +124,8 @@ class NBDServer(Factory):
             self.add_export(export)
         self.acl = acl or Acl()
         self.oldstyle = oldstyle
+        # --tls, its certificates, and who may send a migration by certificate.
+        self.tls = tls or ServerTLS(TLSMode.OFF)
         self.max_clients = max_clients
         self.max_per_address = max_per_address
         self.receive_budget = Budget(receive_budget)
@@ -224,9 +235,10 @@ class NBDServer(Factory):
         if name not in self.exports:
             self._lanes.pop(name, None)
 
-    def catalog_for(self, peer_host: str) -> PeerCatalog:
-        """The catalogs as a client at ``peer_host`` sees them (see the module doc)."""
-        return PeerCatalog(self, peer_host)
+    def catalog_for(self, peer_host: str, subject: x509.Name | None = None) -> PeerCatalog:
+        """The catalogs as a client at ``peer_host`` sees them (see the module doc);
+        ``subject`` names the certificate it showed, if TLS verified one."""
+        return PeerCatalog(self, peer_host, subject)
 
     @property
     def default_export(self) -> Export | None:
@@ -271,17 +283,21 @@ class NBDServer(Factory):
     # -- MigrationCatalog ------------------------------------------------------------
 
     def admit_migration(
-        self, request: MigrationRequest, *, peer_host: str | None = None
+        self,
+        request: MigrationRequest,
+        *,
+        peer_host: str | None = None,
+        subject: x509.Name | None = None,
     ) -> Refusal | None:
-        """Whether a sender may start a migration here (``peer_host``: the ACLs apply).
+        """Whether a sender may start a migration here (``peer_host``: the sender rule applies,
+        ``subject``: of its verified certificate).
 
         The option names no export (GO does): any listening one will do,
-        among those whose ACLs, the listener's and the export's, let
-        ``peer_host`` send (``Acl.admits_sender``).
+        among those this sender may send into (:meth:`_sender_refusal`).
         """
         exports = list(self.exports.values())
         if peer_host is not None:
-            named = self._sender_exports(peer_host)
+            named = self._sender_exports(peer_host, subject)
             if isinstance(named, Refusal):
                 return named
             exports = named
@@ -303,36 +319,77 @@ class NBDServer(Factory):
             return Refusal(OptionReply.ERR_UNKNOWN, "this server has no export")
         return _not_listening(target)
 
-    def connection_landing(self, *, peer_host: str | None = None) -> ConnectionLanding | Refusal:
-        """Whether a sender's client connections may come along (``peer_host``: the ACLs
-        apply, as to its migration)."""
+    def connection_landing(
+        self, *, peer_host: str | None = None, subject: x509.Name | None = None
+    ) -> ConnectionLanding | Refusal:
+        """Whether a sender's client connections may come along (``peer_host``,
+        ``subject``: the sender rule applies, as to its migration).
+
+        Not into a node that requires TLS: a connection that moves is never
+        TLS (``NBDServerProtocol.why_not_movable``), and this node must not
+        serve a client in the clear.
+        """
         if peer_host is not None:
-            exports = self._sender_exports(peer_host)
+            exports = self._sender_exports(peer_host, subject)
             if isinstance(exports, Refusal):
                 return exports
         if self.receiver is None:
             return Refusal(OptionReply.ERR_POLICY, "this server takes no migrations")
+        if self.tls.mode is TLSMode.REQUIRE:
+            return Refusal(
+                OptionReply.ERR_POLICY,
+                "this node requires TLS, and a client connection that moves is never TLS",
+            )
         return self.receiver.connection_landing()
 
-    def _sender_exports(self, peer_host: str) -> list[Export] | Refusal:
-        """The exports a migration sender at ``peer_host`` may send into, or why none.
+    def _sender_exports(self, peer_host: str, subject: x509.Name | None) -> list[Export] | Refusal:
+        """The exports a migration sender may send into (:meth:`_sender_refusal`), or why none.
 
-        Those whose ACLs, the listener's and the export's, let it send
-        (``Acl.admits_sender``); with no export, the listener's alone decides.
+        With no export, the listener's rule alone decides.
         """
         exports = list(self.exports.values())
-        named = [e for e in exports if self.acl.admits_sender(peer_host, e.acl)]
-        if not (named if exports else self.acl.admits_sender(peer_host)):
-            return _sender_refused(peer_host)
-        return named
+        if not exports:
+            why = self._sender_refusal(peer_host, subject, None)
+            return [] if why is None else _sender_refused(peer_host, why)
+        reasons = [(e, self._sender_refusal(peer_host, subject, e)) for e in exports]
+        named = [export for export, why in reasons if why is None]
+        if named:
+            return named
+        return _sender_refused(peer_host, next(why for _, why in reasons if why is not None))
 
-    def lookup_sender(self, name: str, *, peer_host: str | None = None) -> ExportInfo | Refusal:
-        """The export a flexnbd sender names, if it listens (``peer_host``: the ACLs apply)."""
+    def _sender_refusal(
+        self, peer_host: str, subject: x509.Name | None, export: Export | None
+    ) -> str | None:
+        """Why a sender at ``peer_host`` may not send into ``export`` (None: it may).
+
+        ``subject`` is its certificate's, verified by TLS (``--tls-verify-peer``),
+        or None.  ``--tls-allowed-subjects`` admits only the subjects it lists
+        (``ServerTLS.sender_refusal``).  A sender so authenticated needs no ACL
+        to name it, only the export's to let it in; any other must be named by
+        an ACL (``Acl.admits_sender``).
+        """
+        why = self.tls.sender_refusal(subject)
+        if why is not None:
+            return why
+        export_acl = None if export is None else export.acl
+        if subject is not None:
+            if export is None or export.acl.allows(peer_host):
+                return None
+            return f"export {export.name!r} does not admit {peer_host}"
+        if self.acl.admits_sender(peer_host, export_acl):
+            return None
+        return f"{peer_host} may not send a migration here: its ACL does not name it"
+
+    def lookup_sender(
+        self, name: str, *, peer_host: str | None = None, subject: x509.Name | None = None
+    ) -> ExportInfo | Refusal:
+        """The export a flexnbd sender names, if it listens (``peer_host``, ``subject``: the
+        sender rule applies)."""
         export = self.export_named(name)
-        if peer_host is not None and not self.acl.admits_sender(
-            peer_host, None if export is None else export.acl
-        ):
-            return _sender_refused(peer_host)
+        if peer_host is not None:
+            why = self._sender_refusal(peer_host, subject, export)
+            if why is not None:
+                return _sender_refused(peer_host, why)
         if self.receiver is None:
             return Refusal(OptionReply.ERR_POLICY, "this server takes no migrations")
         if export is None:
@@ -412,9 +469,10 @@ class PeerCatalog:
     refused by name with ERR_POLICY; everything else is the server's answer.
     """
 
-    def __init__(self, server: NBDServer, peer_host: str) -> None:
+    def __init__(self, server: NBDServer, peer_host: str, subject: x509.Name | None = None) -> None:
         self._server = server
         self._peer_host = peer_host
+        self._subject = subject  # of its certificate, once TLS has verified one
 
     def _refused(self, name: str) -> Refusal | None:
         export = self._server.export_named(name)
@@ -440,13 +498,17 @@ class PeerCatalog:
     # -- MigrationCatalog ------------------------------------------------------------
 
     def admit_migration(self, request: MigrationRequest) -> Refusal | None:
-        return self._server.admit_migration(request, peer_host=self._peer_host)
+        return self._server.admit_migration(
+            request, peer_host=self._peer_host, subject=self._subject
+        )
 
     def lookup_sender(self, name: str) -> ExportInfo | Refusal:
-        return self._refused(name) or self._server.lookup_sender(name, peer_host=self._peer_host)
+        return self._refused(name) or self._server.lookup_sender(
+            name, peer_host=self._peer_host, subject=self._subject
+        )
 
     def connection_landing(self) -> ConnectionLanding | Refusal:
-        return self._server.connection_landing(peer_host=self._peer_host)
+        return self._server.connection_landing(peer_host=self._peer_host, subject=self._subject)
 
     # -- Locator ---------------------------------------------------------------------
 
@@ -454,13 +516,10 @@ class PeerCatalog:
         return self._refused(name) or self._server.locate(name)
 
 
-def _sender_refused(peer_host: str) -> Refusal:
-    """Why a sender at ``peer_host`` may not hand this node an image: no ACL names it."""
-    log.warn("refused {peer} as a migration sender: not named by the ACL", peer=peer_host)
-    return Refusal(
-        OptionReply.ERR_POLICY,
-        f"{peer_host} may not send a migration here: its ACL does not name it",
-    )
+def _sender_refused(peer_host: str, why: str) -> Refusal:
+    """A sender at ``peer_host`` may not hand this node an image, for reason ``why``."""
+    log.warn("refused {peer} as a migration sender: {why}", peer=peer_host, why=why)
+    return Refusal(OptionReply.ERR_POLICY, why)
 
 
 def _not_listening(export: Export) -> Refusal:
