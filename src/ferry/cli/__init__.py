@@ -188,6 +188,20 @@ def build_parser() -> Parser:
             metavar="SECONDS",
             help="kill a hook that runs longer (default 30); at a vetoing stage that is a veto",
         )
+        serve.add_argument(
+            "--nbd-sock",
+            metavar="PATH",
+            help="also serve NBD on this Unix socket (mode 0600; the ACL does not apply to it)"
+            + ("; a source mirrors to it with unix:PATH" if name == "listen" else ""),
+        )
+        if name == "listen":
+            serve.add_argument(
+                "--stdio",
+                action="store_true",
+                help="take the migration on stdin and stdout (a source's exec:COMMAND; "
+                "whoever starts this is trusted as the sender), then serve on --addr/--port; "
+                "exit 1 if stdin closes before the image is received",
+            )
         _verbosity(serve)
         serve.add_argument("acl", nargs="*", metavar="ACL_ENTRY", help="address or CIDR allowed in")
         serve.set_defaults(run=run_serve, listen=name == "listen")
@@ -195,7 +209,14 @@ def build_parser() -> Parser:
     mirror = modes.add_parser(
         "mirror", help="migrate a running server's image to a listener (or any NBD server)"
     )
-    _network(mirror, required=True)
+    _network(mirror, required=False)
+    mirror.add_argument(
+        "--to",
+        metavar="URI",
+        help="the destination instead of --addr/--port: tcp:HOST:PORT, unix:PATH (a listener's "
+        "--nbd-sock) or exec:COMMAND (the stream over the command's stdin and stdout, "
+        "e.g. exec:'ssh HOST ferry listen --stdio ...')",
+    )
     _control_sock(mirror, required=True)
     mirror.add_argument("-b", "--bind", help="local address to connect from")
     mirror.add_argument(
@@ -461,6 +482,8 @@ def run_serve(args: argparse.Namespace) -> int:
         resource=getattr(args, "resource", None),
         service_address=args.service_address,
         hooks=_hooks(args),
+        nbd_sock=args.nbd_sock,
+        stdio=getattr(args, "stdio", False),
     )
     try:
         log_file = open_log_file(args.log) if args.log else None
@@ -474,6 +497,8 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     node = Node(reactor, config.node(), [config.export()])
     run_until_stopped(reactor, node.start(), node.shutdown)
+    if node.stdio_failure is not None:
+        raise UserError(node.stdio_failure)
     return 0
 
 
@@ -640,9 +665,8 @@ def _mirror(args: argparse.Namespace) -> int:
     from ferry.control.client import JsonControl
 
     action = "unlink" if args.unlink else (args.action or "exit")
-    params: dict[str, Any] = {
-        "args": [args.addr, str(args.port), action, args.bind or "", str(args.max_bps)]
-    }
+    target = _mirror_destination(args)
+    params: dict[str, Any] = {"args": [*target, action, args.bind or "", str(args.max_bps)]}
     if args.max_downtime is not None:
         params["max_downtime"] = args.max_downtime
     if args.max_passes is not None:
@@ -669,13 +693,32 @@ def _mirror(args: argparse.Namespace) -> int:
         raise UserError("lost contact with the source before the migration ended")
     state = result.get("state")
     if state == "completed":
-        where = f"{args.addr}:{args.port}"
+        where = args.to or f"{args.addr}:{args.port}"
         if result.get("handed_off"):
             print(f"migration completed: {where} has control of the image")
         else:
             print(f"mirror completed: {where} holds a flushed copy")
         return 0
     raise UserError(f"migration ended {state}: {result.get('reason') or 'no reason given'}")
+
+
+def _mirror_destination(args: argparse.Namespace) -> list[str]:
+    """``mirror``'s first arguments: ``IP PORT``, or ``--to``'s URI (checked: a usage error)."""
+    from ferry.migrate.options import parse_destination
+
+    if args.to is None:
+        if args.addr is None or args.port is None:
+            _usage(args, "--addr and --port (or --to URI) are required")
+        return [args.addr, str(args.port)]
+    if args.addr is not None or args.port is not None:
+        _usage(args, "--to or --addr/--port, not both")
+    try:
+        destination = parse_destination(args.to)
+    except ValueError as error:
+        _usage(args, f"--to: {error}")
+    if args.bind and destination.transport != "tcp":
+        _usage(args, f"--bind is for TCP, not {destination.transport}:")
+    return [args.to]
 
 
 def run_read(args: argparse.Namespace) -> int:

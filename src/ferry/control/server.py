@@ -314,27 +314,27 @@ class ControlFactory(Factory):
         return ControlProtocol(self.commands, self.events)
 
 
-def claim_socket_path(path: str) -> None:
-    """Make ``path`` free for a new control socket, or say why it cannot be.
+def claim_socket_path(path: str, what: str = "control socket") -> None:
+    """Make ``path`` free for a new socket (``what``: a control socket), or say why it cannot be.
 
     A leftover socket that refuses connections belonged to a dead process
     and is removed; one that accepts them belongs to a live server.
     """
     try:
-        check_parent_directory(path, "control socket")
+        check_parent_directory(path, what)
     except UnsafePath as unsafe:
         raise ControlSocketError(str(unsafe)) from None
     except OSError as error:
-        raise ControlSocketError(f"control socket {path}: {error.strerror or error}") from None
+        raise ControlSocketError(f"{what} {path}: {error.strerror or error}") from None
     try:
         info = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(info.st_mode):
-        raise ControlSocketError(f"control socket {path}: exists and is not a socket")
+        raise ControlSocketError(f"{what} {path}: exists and is not a socket")
     if info.st_uid != os.geteuid():
         raise ControlSocketError(
-            f"control socket {path}: belongs to uid {info.st_uid}, not to this user: "
+            f"{what} {path}: belongs to uid {info.st_uid}, not to this user: "
             "refusing to replace or use it"
         )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -344,10 +344,10 @@ def claim_socket_path(path: str) -> None:
         os.unlink(path)
         return
     except OSError as error:
-        raise ControlSocketError(f"control socket {path}: {error.strerror}") from None
+        raise ControlSocketError(f"{what} {path}: {error.strerror}") from None
     finally:
         probe.close()
-    raise ControlSocketError(f"control socket {path}: in use by a running server")
+    raise ControlSocketError(f"{what} {path}: in use by a running server")
 
 
 def listen_control(

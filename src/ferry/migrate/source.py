@@ -247,8 +247,10 @@ class MirrorSource:
         return str(self.destination)
 
     @property
-    def destination_location(self) -> Location:
+    def destination_location(self) -> Location | None:
         destination = self.destination
+        if destination.transport != "tcp":
+            return None
         return Location(destination.host, destination.port, destination.export_name)
 
     def current(self, attempt: Attempt) -> bool:
