@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 from ferry import __version__
 from ferry.cli.daemon import add_daemon_commands, json_request
+from ferry.cli.drain import add_drain_command
 from ferry.cli.errors import UserError
 from ferry.cli.lock import add_lock_commands
 
@@ -418,6 +419,7 @@ def build_parser() -> Parser:
 
     add_lock_commands(modes)
     add_daemon_commands(modes)
+    add_drain_command(modes)
 
     charts = modes.add_parser("statecharts", help="work with the statechart files")
     chart_modes = charts.add_subparsers(dest="chart_mode", metavar="ACTION", parser_class=Parser)
