@@ -43,7 +43,13 @@ from ferry.exports import (
     parse_export,
 )
 from ferry.migrate.blockers import BadBlocker
-from ferry.migrate.manager import CannotBreak, MigrationBlocked, MirrorBusy, NotMirroring
+from ferry.migrate.manager import (
+    CannotBreak,
+    MigrationBlocked,
+    MirrorBusy,
+    MirrorManager,
+    NotMirroring,
+)
 from ferry.migrate.options import (
     Destination,
     FinishAction,
@@ -150,6 +156,11 @@ class Commands:
         if name is not None and not isinstance(name, str):
             raise UnknownExport(f"export must be a name, not {name!r}")
         return self._exports.get(name)
+
+    def mirrors_of(self, name: str | None) -> MirrorManager:
+        """Export ``name``'s (or the default one's) migrations: for its approver
+        (``ferry.control.approvals``); UnknownExport, a LookupError, if there is none."""
+        return self._exports.get(name).mirrors
 
     # -- always ---------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ferry.control.approvals import APPROVAL_METHODS, Approvals
 from ferry.control.commands import CommandTable, Reply
 from ferry.control.events import STREAM_METHODS, EventHub, EventStream
 from ferry.control.jsonlines import JsonLines
@@ -70,6 +71,7 @@ class ControlProtocol(Protocol):
         self._lost = False
         self._out: JsonLines | None = None  # a JSON connection's outgoing lines
         self._stream: EventStream | None = None
+        self._approvals: Approvals | None = None
 
     def dataReceived(self, data: bytes) -> None:
         if self._answered:
@@ -79,6 +81,9 @@ class ControlProtocol(Protocol):
             if self._json and self.transport is not None:
                 self._out = JsonLines(self.transport, self._events.clock)
                 self._stream = EventStream(self._events, self._out)
+                find = getattr(self._commands, "mirrors_of", None)
+                if find is not None:
+                    self._approvals = Approvals(self._out, self._events.clock, find)
         if self._json:
             self._json_lines(data)
         else:
@@ -158,6 +163,8 @@ class ControlProtocol(Protocol):
         self._lost = True
         if self._stream is not None:
             self._stream.stop()
+        if self._approvals is not None:
+            self._approvals.stop()
         if self._out is not None:
             self._out.connection_lost()
 
@@ -208,6 +215,12 @@ class ControlProtocol(Protocol):
             self._send_json(_error(None, -32600, "the id must be a string, a number or null"))
             return
         method = request["method"]
+        if method in APPROVAL_METHODS:
+            if self._approvals is None:
+                self._send_json(_error(request_id, 1, "this server has no exports to approve"))
+            else:
+                self._send_json(self._approvals.request(request_id, method, request.get("params")))
+            return
         if method not in self._commands.table and method not in STREAM_METHODS:
             self._send_json(_error(request_id, -32601, "unknown command"))
             return

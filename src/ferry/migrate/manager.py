@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from ferry.chartnames import MigrationState
 from ferry.clock import Clock
-from ferry.hooks import Hooks
+from ferry.hooks import Approver, Hooks
 from ferry.migrate.blockers import Blockers, MigrationBlocked, blocked_message, lease_blockers
 from ferry.migrate.carry import Carrier
 from ferry.migrate.core.stats import MigrationStats
@@ -68,6 +68,8 @@ class MirrorManager:
     ) -> None:
         self.export = export
         self.hooks = hooks
+        # A control connection that approves this export's veto-able steps (or None).
+        self.approver: Approver | None = None
         self._carrier = carrier
         self._gate = gate
         self._clock = clock
@@ -149,6 +151,7 @@ class MirrorManager:
             stats=self.stats,
             carrier=self._carrier,
             hooks=self.hooks,
+            approver=lambda: self.approver,
         )
         self.current = source
         return source.start()
