@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from ferry.chartnames import MigrationState
 from ferry.clock import Clock
-from ferry.hooks import Hooks
+from ferry.hooks import Approver, Hooks
 from ferry.migrate.blockers import Blockers, MigrationBlocked, blocked_message, lease_blockers
 from ferry.migrate.carry import Carrier
 from ferry.migrate.core.stats import MigrationStats
@@ -71,6 +71,8 @@ class MirrorManager:
         self.hooks = hooks
         # This node's client TLS (--tls-certificates): every migration uses it.
         self._tls = tls
+        # A control connection that approves this export's veto-able steps (or None).
+        self.approver: Approver | None = None
         self._carrier = carrier
         self._gate = gate
         self._clock = clock
@@ -153,6 +155,7 @@ class MirrorManager:
             tls=self._tls,
             carrier=self._carrier,
             hooks=self.hooks,
+            approver=lambda: self.approver,
         )
         self.current = source
         return source.start()
