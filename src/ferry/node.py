@@ -40,7 +40,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.web.server import Site
 
-from ferry.chartnames import RoleTrigger
+from ferry.chartnames import RoleState, RoleTrigger
 from ferry.clock import ReactorClock
 from ferry.control.commands import Command, Commands
 from ferry.control.events import EventHub
@@ -78,7 +78,7 @@ from ferry.migrate.carry import Carrier
 from ferry.migrate.destination import Receiver
 from ferry.migrate.manager import MirrorManager
 from ferry.migrate.service import ServiceAddressHolder
-from ferry.migrate.wire import tcp_connector
+from ferry.migrate.transport import connector
 from ferry.nbd.events import Event
 from ferry.nbd.server import ServerConnection
 from ferry.nbd.session import SnapshotError
@@ -146,6 +146,10 @@ class NodeConfig:
     service_address: str | None = None
     # A daemon's hooks (ferry.hooks): every export's, under its own.
     hooks: HookConfig | None = None
+    # --nbd-sock PATH: NBD on a Unix socket too (0600: this user's peers only).
+    nbd_sock: str | None = None
+    # --stdio (listen): one connection, the migration's, over stdin and stdout.
+    stdio: bool = False
 
     @classmethod
     def from_served(
@@ -213,6 +217,8 @@ class ServeConfig:
     # --service-address IP/PREFIX@DEV: the address clients use, which moves with the image.
     service_address: str | None = None
     hooks: HookConfig = NO_HOOKS  # --hook STAGE=PATH, --hook-timeout
+    nbd_sock: str | None = None  # --nbd-sock PATH
+    stdio: bool = False  # --stdio (listen)
 
     @property
     def export_name(self) -> str:
@@ -248,6 +254,8 @@ class ServeConfig:
             tls_verify_peer=self.tls_verify_peer,
             tls_allowed_subjects=self.tls_allowed_subjects,
             service_address=self.service_address,
+            nbd_sock=self.nbd_sock,
+            stdio=self.stdio,
         )
 
 
@@ -302,6 +310,8 @@ class Node:
         self._metrics_site: Site | None = None
         self._commands: Commands | None = None
         self._giver = Giver(self)
+        # Why ``listen --stdio`` stopped without the image (None: it did not).
+        self.stdio_failure: str | None = None
 
     def run_blocking(self, work: Callable[[], object]) -> Deferred[Any]:
         """Run ``work`` on one of the node's worker threads (every export's disk calls)."""
@@ -362,6 +372,8 @@ class Node:
             port.startReading()  # type: ignore[attr-defined]
         for unit in self.exports:
             self._announce(unit)
+        if self.config.stdio:
+            self._serve_stdio()
 
     @defer.inlineCallbacks
     def _add_all(self, configs: Sequence[ExportConfig]) -> Any:
@@ -592,7 +604,7 @@ class Node:
             export,
             gate=export,
             clock=self.clock,
-            connector=tcp_connector(self.reactor),
+            connector=connector(self.reactor),
             tracer=self.tracer,
             stop_process=lambda: self._after_handoff(name),
             tls=None if self.credentials is None else self.credentials.client_creator,
@@ -767,6 +779,8 @@ class Node:
         self.nbd_port = self._listen_tcp(config.port, self.server, config.addr, "NBD")
         self._not_accepting.append(self.nbd_port)
         self._handed.append(("nbd", self.nbd_port))
+        if config.nbd_sock:
+            self._listen_unix(config.nbd_sock)
         service = self.carrier.service
         if service is None:
             return
@@ -1150,6 +1164,46 @@ class Node:
             raise StartupError(f"cannot listen for {what} on {host}:{port}: {reason}") from None
         self._ports.append(listening)
         return listening
+
+    def _listen_unix(self, path: str) -> None:
+        """NBD on the Unix socket ``path`` too, mode 0600: only this user's processes connect
+        (and so the ACL does not apply to them: ``ferry.serve.acl.LOCAL_PEER``)."""
+        from ferry.control.server import ControlSocketError, claim_socket_path
+
+        assert self.server is not None
+        old_umask = os.umask(0o177)
+        try:
+            claim_socket_path(path, "NBD socket")
+            port = self.reactor.listenUNIX(path, self.server, mode=0o600)
+            self._ports.append(port)
+            self._not_accepting.append(port)  # (see start: accepting once the start is done)
+        except ControlSocketError as error:
+            raise StartupError(str(error)) from None
+        except CannotListenError as error:
+            reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
+            raise StartupError(f"cannot listen for NBD on {path}: {reason}") from None
+        finally:
+            os.umask(old_umask)
+
+    # -- the stream of listen --stdio ----------------------------------------------------
+
+    def _serve_stdio(self) -> None:
+        """Take the one migration of ``listen --stdio`` on stdin and stdout."""
+        from ferry.serve.stdio import serve_stdio
+
+        assert self.server is not None
+        serve_stdio(self.server, self._stdio_ended, self.reactor)
+
+    def _stdio_ended(self) -> None:
+        """stdin closed: with the image received, serve on; without it, there is nothing to
+        serve and no one can send it again (a new ``exec:`` starts a new listener): stop."""
+        unfinished = (RoleState.LISTENING, RoleState.RECEIVING)
+        if self._stopped or not any(unit.export.state in unfinished for unit in self.exports):
+            return
+        self.stdio_failure = "the migration over stdin and stdout ended before it completed"
+        log.error("{why}: stopping", why=self.stdio_failure)
+        if self.reactor.running:
+            self.reactor.stop()
 
     # -- stopping ----------------------------------------------------------------------
 

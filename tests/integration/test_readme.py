@@ -295,3 +295,65 @@ def test_the_isolation_figures_are_the_code_s() -> None:
     assert f"(the node has {WORKER_THREADS})" in section
     limits = f"limits on connections, {MAX_CLIENTS} in all and {MAX_CONNECTIONS_PER_ADDRESS}\n"
     assert limits + "from one address" in section
+
+
+def test_the_transports_session_runs_as_written(tmp_path: Path) -> None:
+    """unix: then exec:, as the README shows them; the image arrives whole at the third node."""
+    import signal
+
+    lines = [
+        line[2:] for line in fenced_block("Transports: unix: and exec:", "console").splitlines()
+    ]
+    script = "set -euo pipefail\n" + "\n".join(lines) + "\n"
+    output = tmp_path / "output"
+    with output.open("wb") as out_file:
+        # Not a pipe, and a session of its own: the servers it starts (and the listener
+        # exec: starts) are killed with it.
+        shell = subprocess.Popen(
+            ["bash", "-c", script],
+            cwd=tmp_path,
+            stdout=out_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            code = shell.wait(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(shell.pid, signal.SIGKILL)
+    out = output.read_text()
+    assert code == 0, out + (tmp_path / "a.log").read_text() + (tmp_path / "b.log").read_text()
+    assert "migration completed: unix:b.nbd has control of the image" in out, out
+    assert "migration completed: exec:ferry listen " in out, out
+    last = out.rstrip().splitlines()[-1]
+    assert "state=serving" in last and "has_control=true" in last, out
+
+
+def test_the_drain_session_runs_as_written(tmp_path: Path) -> None:
+    """Blocked, vm2 stays and the first drain says so; unblocked, the second moves it."""
+    import signal
+
+    lines = [line[2:] for line in fenced_block("Draining a daemon", "console").splitlines()]
+    script = "set -euo pipefail\n" + "\n".join(lines) + "\n"
+    output = tmp_path / "output"
+    with output.open("wb") as out_file:
+        shell = subprocess.Popen(
+            ["bash", "-c", script],
+            cwd=tmp_path,
+            stdout=out_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            code = shell.wait(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(shell.pid, signal.SIGKILL)
+    out = output.read_text()
+    assert code == 0, out + (tmp_path / "old.log").read_text()
+    assert "vm2: blocked: nightly backup; left serving here" in out, out
+    assert "drain: 1 of 2 exports moved; left serving here: vm2 (blocked: nightly backup)" in out
+    assert "something was left" in out
+    assert "drain: 1 of 1 exports moved" in out, out
+    listed = [line.split()[0] for line in out.splitlines() if " state=" in line and "mode=" in line]
+    assert sorted(listed) == ["spare", "vm1", "vm2"], out

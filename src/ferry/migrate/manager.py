@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from ferry.chartnames import MigrationState
 from ferry.clock import Clock
-from ferry.hooks import Hooks
+from ferry.hooks import Approver, Hooks
 from ferry.migrate.blockers import Blockers, MigrationBlocked, blocked_message, lease_blockers
 from ferry.migrate.carry import Carrier
 from ferry.migrate.core.stats import MigrationStats
@@ -73,6 +73,8 @@ class MirrorManager:
         self._image_calls = image_calls
         # This node's client TLS (--tls-certificates): every migration uses it.
         self._tls = tls
+        # A control connection that approves this export's veto-able steps (or None).
+        self.approver: Approver | None = None
         self._carrier = carrier
         self._gate = gate
         self._clock = clock
@@ -156,6 +158,7 @@ class MirrorManager:
             carrier=self._carrier,
             hooks=self.hooks,
             image_calls=self._image_calls,
+            approver=lambda: self.approver,
         )
         self.current = source
         return source.start()

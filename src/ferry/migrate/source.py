@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 
 from ferry.chartnames import MigrationState, MigrationTrigger, RoleState, RoleTrigger
 from ferry.clock import Clock, cancel_call
-from ferry.hooks import HookOutcome, Hooks, Stage
+from ferry.hooks import VETOING, Approver, HookOutcome, Hooks, Stage
 from ferry.migrate.attempt import Attempt, AttemptCounters
 from ferry.migrate.carry import Carriage, Carrier
 from ferry.migrate.copier import PassCopier
@@ -142,6 +142,7 @@ class MirrorSource:
         carrier: Carrier | None = None,
         hooks: Hooks | None = None,
         image_calls: ImageCalls | None = None,
+        approver: Callable[[], Approver | None] = lambda: None,
     ) -> None:
         self._export = export
         # How the passes read the image off the reactor thread (None: inline, for tests).
@@ -150,6 +151,8 @@ class MirrorSource:
         self._tracer = tracer
         # The export's hooks: pre-migrate and pre-switchover may veto.
         self._hooks = hooks
+        # ... and the export's approver, if a control connection registered one now.
+        self._approver = approver
         # How client connections move with the image (None: they are disconnected).
         self._carrier = carrier
         # The connections of the commit in progress, until it is decided.
@@ -258,8 +261,10 @@ class MirrorSource:
         return str(self.destination)
 
     @property
-    def destination_location(self) -> Location:
+    def destination_location(self) -> Location | None:
         destination = self.destination
+        if destination.transport != "tcp":
+            return None
         return Location(destination.host, destination.port, destination.export_name)
 
     def current(self, attempt: Attempt) -> bool:
@@ -339,14 +344,25 @@ class MirrorSource:
     # -- hooks (ferry.hooks) ------------------------------------------------------------
 
     def wants_approval(self, stage: Stage) -> bool:
-        """Whether a hook must approve ``stage`` before the job goes on."""
+        """Whether a hook, or the export's approver, must approve ``stage`` before the job
+        goes on."""
+        if stage in VETOING and self._approver() is not None:
+            return True
         return self._hooks is not None and self._hooks.configured(stage)
 
     def approve(self, stage: Stage) -> Deferred[HookOutcome]:
-        """Run ``stage``'s hook; its outcome says whether the step may go on."""
-        if self._hooks is None:
-            return succeed(HookOutcome(True))
-        return self._hooks.run(stage, peer=str(self.destination))
+        """Run ``stage``'s hook, then ask the approver; the outcome says whether the step may
+        go on (the first no decides)."""
+        peer = str(self.destination)
+        ran = succeed(HookOutcome(True)) if self._hooks is None else self._hooks.run(stage, peer)
+
+        def ask(outcome: HookOutcome) -> HookOutcome | Deferred[HookOutcome]:
+            approver = self._approver()
+            if not outcome.ok or approver is None or stage not in VETOING:
+                return outcome
+            return approver.ask(stage, peer)
+
+        return ran.addCallback(ask)
 
     def veto(self, reason: str) -> None:
         """A hook said no: cancel the job (``veto``), release the clients, serve on.

@@ -146,6 +146,7 @@ from ferry.nbd.locate import Location
 from ferry.nbd.server import ExportCatalog, Locator, MigrationCatalog, ServerConnection
 from ferry.nbd.session import SessionSnapshot, encode_request
 from ferry.outbox import Outbox, tune
+from ferry.serve.acl import peer_host_of
 from ferry.serve.export import RECEIVING_STATES
 from ferry.serve.limits import (
     MAX_JOBS_PER_CONNECTION,
@@ -365,7 +366,7 @@ class NBDServerProtocol(Protocol):
     # -- Twisted protocol -------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.peer_host = getattr(self.transport.getPeer(), "host", "")  # type: ignore[union-attr]
+        self.peer_host = peer_host_of(self.transport.getPeer())  # type: ignore[union-attr]
         self._catalogs = self._server.catalog_for(self.peer_host)
         if self._arrival is not None:
             self._arrived(self._arrival)

@@ -72,7 +72,7 @@ from ferry.clock import Clock, DelayedCall, cancel_call
 from ferry.nbd.constants import OptionReply, TLSMode
 from ferry.nbd.events import ConnectionLanding, ExportInfo, MigrationRequest, Refusal
 from ferry.nbd.locate import Location
-from ferry.serve.acl import Acl
+from ferry.serve.acl import Acl, peer_host_of
 from ferry.serve.connection import NBDServerProtocol, Receiver
 from ferry.serve.export import RECEIVING_STATES, Export
 from ferry.serve.lanes import Lane
@@ -143,7 +143,7 @@ class NBDServer(Factory):
     def buildProtocol(self, addr: IAddress | None) -> NBDServerProtocol | None:
         if not self.accepting:
             return None
-        host = getattr(addr, "host", "")
+        host = "" if addr is None else peer_host_of(addr)
         if len(self.connections) >= self.max_clients and not self._make_room(host):
             log.warn("refusing {host}: {n} clients already", host=host, n=len(self.connections))
             return None
