@@ -883,6 +883,30 @@ def print_report(summary: dict[str, Any], reports: dict[str, ServerReport], out:
         print("\n".join(problems), file=out)
 
 
+def conclude(
+    summary: dict[str, Any],
+    reports: dict[str, ServerReport],
+    json_path: Path | None,
+    *,
+    report: Callable[[dict[str, Any], dict[str, ServerReport], TextIO], None] | None = None,
+    to_json: Callable[[dict[str, Any], dict[str, ServerReport]], dict[str, Any]] | None = None,
+) -> int:
+    """Print the table, write the JSON (``--json``), and the exit status: 1 if a run failed.
+
+    ``report`` and ``to_json`` are another benchmark's own (tls.py); by default this one's.
+    """
+    (report or print_report)(summary, reports, sys.stdout)
+    if json_path is not None:
+        figures = (to_json or summary_json)(summary, reports)
+        json_path.write_text(json.dumps(figures, indent=2) + "\n")
+        log(f"wrote {json_path}")
+    failed = any(
+        server.error or any(result.error for result in server.results.values())
+        for server in reports.values()
+    )
+    return 1 if failed else 0
+
+
 def summary_json(summary: dict[str, Any], reports: dict[str, ServerReport]) -> dict[str, Any]:
     workloads = []
     for work in WORKLOADS:
@@ -1003,15 +1027,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
         reap_orphans()
-    print_report(summary, reports, sys.stdout)
-    if args.json is not None:
-        args.json.write_text(json.dumps(summary_json(summary, reports), indent=2) + "\n")
-        log(f"wrote {args.json}")
-    failed = any(
-        report.error or any(result.error for result in report.results.values())
-        for report in reports.values()
-    )
-    return 1 if failed else 0
+    return conclude(summary, reports, args.json)
 
 
 if __name__ == "__main__":

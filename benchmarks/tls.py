@@ -22,7 +22,6 @@ benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -47,6 +46,7 @@ from run import (
     ServerSetup,
     become_subreaper,
     check_clients,
+    conclude,
     create_image,
     format_value,
     free_port,
@@ -289,15 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
         reap_orphans()
-    print_report(summary, reports, sys.stdout)
-    if args.json is not None:
-        args.json.write_text(json.dumps(summary_json(summary, reports), indent=2) + "\n")
-        log(f"wrote {args.json}")
-    failed = any(
-        report.error or any(result.error for result in report.results.values())
-        for report in reports.values()
-    )
-    return 1 if failed else 0
+    return conclude(summary, reports, args.json, report=print_report, to_json=summary_json)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Test doubles for the Twisted data plane, shared by its unit tests.
 
-``Blocking`` stands in for the worker thread pool (fsync, FUA) so a test
-decides when a job finishes; ``Peer`` wires ferry's sans-IO NBD client to
-a protocol under test through a ``StringTransport``.
+``Blocking`` stands in for the worker thread pool so a test decides when a
+job finishes; ``Peer`` wires ferry's sans-IO NBD client to a protocol under
+test through a ``StringTransport``.
 """
 
 from __future__ import annotations
@@ -19,15 +19,37 @@ from ferry.nbd.client import ClientConnection
 
 
 class Blocking:
-    """A run_blocking that holds each job until the test releases or fails it."""
+    """A run_blocking that holds jobs until the test releases or fails them.
 
-    def __init__(self) -> None:
+    By default it holds only fsyncs (an image's ``flush``: FLUSH, FUA, a
+    commit), and runs every other disk call at once, as if a thread had
+    done it in no time: the tests about what waits for an fsync.  With
+    ``hold_all`` it holds every job (reads, writes, extents too).
+    """
+
+    def __init__(self, *, hold_all: bool = False) -> None:
         self.jobs: list[tuple[Callable[[], object], defer.Deferred[Any]]] = []
+        self.hold_all = hold_all
 
     def __call__(self, work: Callable[[], object]) -> defer.Deferred[Any]:
+        if not self.hold_all and getattr(work, "__name__", "") != "flush":
+            try:
+                return defer.succeed(work())
+            except Exception as error:
+                return defer.fail(error)
         d: defer.Deferred[Any] = defer.Deferred()
         self.jobs.append((work, d))
         return d
+
+    def release(self, index: int) -> None:
+        """Let the job at ``index`` (in the order they came) run and finish now."""
+        work, d = self.jobs.pop(index)
+        try:
+            result = work()
+        except Exception as error:
+            d.errback(Failure(error))
+        else:
+            d.callback(result)
 
     def release_all(self) -> None:
         jobs, self.jobs = self.jobs, []

@@ -39,6 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, succeed
@@ -52,6 +53,7 @@ __all__ = [
     "NO_HOOKS",
     "OUTCOMES",
     "VETOING",
+    "Approver",
     "HookConfig",
     "HookOutcome",
     "HookStats",
@@ -167,6 +169,14 @@ class HookOutcome:
 
     ok: bool
     reason: str = ""
+
+
+class Approver(TypingProtocol):
+    """Who else decides a veto-able step: a control connection registered as the export's
+    approver (``ferry.control.approvals``).  Asked after the stage's hook approved, if any;
+    its answer is a :class:`HookOutcome`, as a hook's is (a timeout is a veto)."""
+
+    def ask(self, stage: Stage, peer: str) -> Deferred[HookOutcome]: ...
 
 
 @dataclass

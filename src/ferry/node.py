@@ -34,14 +34,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.web.server import Site
 
-from ferry.chartnames import RoleTrigger
+from ferry.chartnames import RoleState, RoleTrigger
 from ferry.clock import ReactorClock
 from ferry.control.commands import Command, Commands
 from ferry.control.events import EventHub
@@ -79,7 +79,7 @@ from ferry.migrate.carry import Carrier
 from ferry.migrate.destination import Receiver
 from ferry.migrate.manager import MirrorManager
 from ferry.migrate.service import ServiceAddressHolder
-from ferry.migrate.wire import tcp_connector
+from ferry.migrate.transport import connector
 from ferry.nbd.events import Event
 from ferry.nbd.server import ServerConnection
 from ferry.nbd.session import SnapshotError
@@ -98,6 +98,7 @@ from ferry.takeover.state import ExportDescriptors, ExportState, TakeoverStateEr
 from ferry.takeover.take import Taken, TakeoverError, ask
 from ferry.tls import Credentials, ServerTLS, TLSError, TLSMode, load_credentials, read_subjects
 from ferry.trace import TraceFile, Tracer, TraceRecord, log_transitions
+from ferry.workers import WorkerPool
 
 __all__ = ["NO_LOCKSPACE", "Node", "NodeConfig", "ServeConfig", "StartupError"]
 
@@ -106,7 +107,7 @@ log = Logger()
 #: ``--lockspace none``: serve without a lease (nothing fences this node).
 NO_LOCKSPACE = "none"
 
-#: The worker threads every export's fdatasync shares: room for three
+#: The worker threads every export's disk calls share: room for three
 #: exports whose disks hang, each holding its lane's share
 #: (:mod:`ferry.serve.lanes`), and a lane's worth for all the others.
 WORKER_THREADS: Final = 4 * JOBS_PER_EXPORT
@@ -146,6 +147,10 @@ class NodeConfig:
     service_address: str | None = None
     # A daemon's hooks (ferry.hooks): every export's, under its own.
     hooks: HookConfig | None = None
+    # --nbd-sock PATH: NBD on a Unix socket too (0600: this user's peers only).
+    nbd_sock: str | None = None
+    # --stdio (listen): one connection, the migration's, over stdin and stdout.
+    stdio: bool = False
 
     @classmethod
     def from_served(
@@ -213,6 +218,8 @@ class ServeConfig:
     # --service-address IP/PREFIX@DEV: the address clients use, which moves with the image.
     service_address: str | None = None
     hooks: HookConfig = NO_HOOKS  # --hook STAGE=PATH, --hook-timeout
+    nbd_sock: str | None = None  # --nbd-sock PATH
+    stdio: bool = False  # --stdio (listen)
 
     @property
     def export_name(self) -> str:
@@ -248,6 +255,8 @@ class ServeConfig:
             tls_verify_peer=self.tls_verify_peer,
             tls_allowed_subjects=self.tls_allowed_subjects,
             service_address=self.service_address,
+            nbd_sock=self.nbd_sock,
+            stdio=self.stdio,
         )
 
 
@@ -295,14 +304,24 @@ class Node:
         # How client connections move at a handoff (opened with the node).
         self.carrier: Carrier | None = None
         self._stopped = False
+        self._workers = WorkerPool(reactor, WORKER_THREADS)
+        self._not_accepting: list[IListeningPort] = []  # NBD ports held until the start is done
         # The listening sockets a takeover hands on, by kind (ferry.takeover.state).
         self._handed: list[tuple[str, IListeningPort]] = []
         self._metrics_site: Site | None = None
         self._commands: Commands | None = None
         self._giver = Giver(self)
+        # Why ``listen --stdio`` stopped without the image (None: it did not).
+        self.stdio_failure: str | None = None
 
     def run_blocking(self, work: Callable[[], object]) -> Deferred[Any]:
-        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
+        """Run ``work`` on one of the node's worker threads (every export's disk calls)."""
+        return self._workers(work)
+
+    def _image_call(self, export: Export, work: Callable[[], Any]) -> Deferred[Any]:
+        """A migration's call on ``export``'s image (a read, an extent scan), in its lane."""
+        assert self.server is not None
+        return self.server.run_blocking_for(export, work)
 
     def _export_of(self, record: TraceRecord) -> str:
         """The name of the export a transition belongs to ("" for none), for the log."""
@@ -326,14 +345,19 @@ class Node:
         with :class:`StartupError`.  Every address and port is bound first,
         so a port in use is said before anything else is tried; each export's
         lease is taken before the export is put on the port, so no client is
-        ever served without one (one that comes sooner is told there is no
-        such export).  Without a lockspace (or with a local one, whose
-        answers are immediate) the answer has fired when this returns.
+        ever served without one (one that comes sooner waits in the listen
+        backlog until every export of the start serves).  Without a
+        lockspace the answer has fired when this returns (a local lockspace
+        answers from its own thread, etcd over the network).
         """
-        self.reactor.suggestThreadPoolSize(WORKER_THREADS)
         try:
             self._open(self.config)
             self._open_nbd(self.config)
+            # Bound (a port in use is said at once) but not accepting until every
+            # export of the start serves: a client that comes sooner waits in the
+            # listen backlog rather than being told there is no such export.
+            for port in self._not_accepting:
+                port.stopReading()  # type: ignore[attr-defined]
         except Exception:
             self._failed_start(None)
             return defer.fail()
@@ -344,8 +368,13 @@ class Node:
     def _started(self, _: object) -> None:
         """Every export of the start serves: say so, one line each (later ones as they come)."""
         self._running = True
+        ports, self._not_accepting = self._not_accepting, []
+        for port in ports:
+            port.startReading()  # type: ignore[attr-defined]
         for unit in self.exports:
             self._announce(unit)
+        if self.config.stdio:
+            self._serve_stdio()
 
     @defer.inlineCallbacks
     def _add_all(self, configs: Sequence[ExportConfig]) -> Any:
@@ -576,12 +605,13 @@ class Node:
             export,
             gate=export,
             clock=self.clock,
-            connector=tcp_connector(self.reactor),
+            connector=connector(self.reactor),
             tracer=self.tracer,
             stop_process=lambda: self._after_handoff(name),
             tls=None if self.credentials is None else self.credentials.client_creator,
             carrier=self.carrier,
             hooks=hooks,
+            image_calls=lambda work: self._image_call(export, work),
         )
         unit = ExportUnit(config, export, mirrors)
         unit.can_move_connections = self.carrier is not None and self.carrier.can_move
@@ -748,7 +778,10 @@ class Node:
     def _open_nbd(self, config: NodeConfig) -> None:
         assert self.server is not None and self.carrier is not None
         self.nbd_port = self._listen_tcp(config.port, self.server, config.addr, "NBD")
+        self._not_accepting.append(self.nbd_port)
         self._handed.append(("nbd", self.nbd_port))
+        if config.nbd_sock:
+            self._listen_unix(config.nbd_sock)
         service = self.carrier.service
         if service is None:
             return
@@ -771,6 +804,7 @@ class Node:
         with listening:
             port = self.reactor.adoptStreamPort(listening.fileno(), listening.family, self.server)
         self._ports.append(port)
+        self._not_accepting.append(port)
         self._handed.append(("nbd", port))
 
     @property
@@ -1132,6 +1166,46 @@ class Node:
         self._ports.append(listening)
         return listening
 
+    def _listen_unix(self, path: str) -> None:
+        """NBD on the Unix socket ``path`` too, mode 0600: only this user's processes connect
+        (and so the ACL does not apply to them: ``ferry.serve.acl.LOCAL_PEER``)."""
+        from ferry.control.server import ControlSocketError, claim_socket_path
+
+        assert self.server is not None
+        old_umask = os.umask(0o177)
+        try:
+            claim_socket_path(path, "NBD socket")
+            port = self.reactor.listenUNIX(path, self.server, mode=0o600)
+            self._ports.append(port)
+            self._not_accepting.append(port)  # (see start: accepting once the start is done)
+        except ControlSocketError as error:
+            raise StartupError(str(error)) from None
+        except CannotListenError as error:
+            reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
+            raise StartupError(f"cannot listen for NBD on {path}: {reason}") from None
+        finally:
+            os.umask(old_umask)
+
+    # -- the stream of listen --stdio ----------------------------------------------------
+
+    def _serve_stdio(self) -> None:
+        """Take the one migration of ``listen --stdio`` on stdin and stdout."""
+        from ferry.serve.stdio import serve_stdio
+
+        assert self.server is not None
+        serve_stdio(self.server, self._stdio_ended, self.reactor)
+
+    def _stdio_ended(self) -> None:
+        """stdin closed: with the image received, serve on; without it, there is nothing to
+        serve and no one can send it again (a new ``exec:`` starts a new listener): stop."""
+        unfinished = (RoleState.LISTENING, RoleState.RECEIVING)
+        if self._stopped or not any(unit.export.state in unfinished for unit in self.exports):
+            return
+        self.stdio_failure = "the migration over stdin and stdout ended before it completed"
+        log.error("{why}: stopping", why=self.stdio_failure)
+        if self.reactor.running:
+            self.reactor.stop()
+
     # -- stopping ----------------------------------------------------------------------
 
     @defer.inlineCallbacks
@@ -1182,6 +1256,7 @@ class Node:
             self.server.forget_lane(unit.name)
 
     def _close_now(self) -> None:
+        self._workers.stop()
         if self.carrier is not None:
             self.carrier.close()
             self.carrier = None

@@ -51,9 +51,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
+from collections.abc import Sequence
 from typing import Any, Final
 
 from twisted.internet import tcp
+
+#: What a reply is made of: a READ's data may be the bytearray it was read into.
+Buffer = bytes | bytearray
 
 #: Flush the batch once it holds this many bytes: large enough for a batch of
 #: 256 KiB reads to go in one system call, small enough to be no memory worry.
@@ -108,7 +112,7 @@ class Outbox:
     def __init__(self, transport: Any) -> None:
         self._transport = transport
         self._socket = _direct_socket(transport)
-        self._buffers: list[bytes] = []
+        self._buffers: list[Buffer] = []
         self._bytes = 0
         #: Bytes that went straight to the socket (observed by tests, never used).
         self.direct_bytes = 0
@@ -157,7 +161,7 @@ class Outbox:
         if self._bytes >= MAX_BATCH_BYTES or len(self._buffers) >= MAX_BATCH_BUFFERS:
             self.flush()
 
-    def add_all(self, parts: list[bytes]) -> None:
+    def add_all(self, parts: Sequence[Buffer]) -> None:
         buffers = self._buffers
         for data in parts:
             if data:
@@ -187,14 +191,15 @@ class Outbox:
                 if error.errno not in _RETRY:
                     # Let the transport meet this error in doWrite and close
                     # the connection the usual way.
-                    transport.writeSequence(buffers)
+                    transport.writeSequence([bytes(b) for b in buffers])
                     return
                 sent = 0
             self.direct_bytes += sent
             if sent == total:
                 return
             buffers = _rest(buffers, sent)
-        transport.writeSequence(buffers)
+        # Twisted takes bytes only: a READ's bytearray is copied on this path.
+        transport.writeSequence([b if type(b) is bytes else bytes(b) for b in buffers])
 
     @staticmethod
     def _idle(transport: Any) -> bool:
@@ -209,7 +214,7 @@ class Outbox:
         )
 
 
-def _rest(buffers: list[bytes], sent: int) -> list[bytes]:
+def _rest(buffers: list[Buffer], sent: int) -> list[Buffer]:
     """What is left of ``buffers`` after the first ``sent`` bytes went out."""
     for index, data in enumerate(buffers):
         size = len(data)

@@ -1,19 +1,18 @@
 """One export's trouble is its own: a daemon's other exports keep serving their clients.
 
 A node serves ``sick``, whose disk is a double that can hang (``fdatasync``
-never returns until the test lets it) or fail (EIO), beside ``well``, an
-ordinary file.  The node runs in this process on the real reactor (so the
-double can stand in for the disk), and every client is libnbd's, in a
-process of its own.  Each test makes ``sick`` misbehave -- its disk hangs
-or fails, its lease is taken away, a client of it turns hostile -- and
-checks that a client of ``well`` writes, flushes and reads back meanwhile.
+or ``pwrite`` never returns until the test lets it) or fail (EIO), beside
+``well``, an ordinary file.  The node runs in this process on the real
+reactor (so the double can stand in for the disk), and every client is
+libnbd's, in a process of its own.  Each test makes ``sick`` misbehave --
+its disk hangs or fails, its lease is taken away, a client of it turns
+hostile -- and checks that a client of ``well`` writes, flushes and reads
+back meanwhile.
 
-What is *not* isolated yet, and so not tested here: a disk that hangs on
-a read or on a write without FUA.  Those are performed on the reactor
-thread (``ferry.serve.connection``), so until they move to worker threads
-such a disk stalls every export of the node.  Flushes and FUA writes do run
-on worker threads, and each export gets at most its lane's share of them
-(``ferry.serve.lanes``): that is what the hung-disk test shows.
+Every disk call of a request runs on a worker thread, and each export gets
+at most its lane's share of them (``ferry.serve.lanes``): a disk that hangs
+holds that share, and the reactor -- every other export, the lease
+keep-alive, even the reads of ``sick`` the page cache can answer -- goes on.
 """
 
 from __future__ import annotations
@@ -66,6 +65,9 @@ class DiskDouble(Image):
         self.hung = False
         self.released = threading.Event()
         self.flushing = 0  # fdatasync calls inside the disk now
+        self.writes_hang = False
+        self.writing = 0  # pwrite calls that have entered the hung disk
+        self._writers: list[Deferred[None]] = []
         self._lock = threading.Lock()
         self._waiting: list[tuple[int, Deferred[None]]] = []
 
@@ -77,6 +79,11 @@ class DiskDouble(Image):
     def pwrite(self, data: Any, offset: int) -> None:
         if self.failing:
             raise OSError(errno.EIO, "the disk double fails")
+        if self.writes_hang:  # on a worker thread: it stays here until released
+            with self._lock:
+                self.writing += 1
+            reactor.callFromThread(self._tell)
+            self.released.wait()
         super().pwrite(data, offset)
 
     def flush(self) -> None:
@@ -89,6 +96,13 @@ class DiskDouble(Image):
                 self.flushing -= 1
         super().flush()
 
+    def when_writing(self) -> Deferred[None]:
+        """Fires on the reactor once a write is inside the hung disk."""
+        d: Deferred[None] = Deferred()
+        self._writers.append(d)
+        self._tell()
+        return d
+
     def when_flushing(self, count: int) -> Deferred[None]:
         """Fires on the reactor once ``count`` flushes are inside the hung disk."""
         d: Deferred[None] = Deferred()
@@ -97,6 +111,10 @@ class DiskDouble(Image):
         return d
 
     def _tell(self) -> None:
+        if self.writing:
+            writers, self._writers = self._writers, []
+            for d in writers:
+                d.callback(None)
         for entry in list(self._waiting):
             count, d = entry
             if self.flushing >= count:
@@ -202,7 +220,7 @@ class Daemon:
     @defer.inlineCallbacks
     def stop(self) -> Any:
         if self.sick is not None:
-            self.sick.hung = self.sick.failing = False
+            self.sick.hung = self.sick.failing = self.sick.writes_hang = False
             self.sick.released.set()
         yield self.node.shutdown()
 
@@ -242,6 +260,76 @@ print("all answered")
     daemon.sick.released.set()
     code, out = yield hostile.done.addTimeout(DEADLINE, reactor)
     assert (code, out) == (0, "all answered\n")
+
+
+class Renewals:
+    """Counts the lockspace's answered renewals, per resource (a spy on the real lockspace)."""
+
+    def __init__(self, lockspace: Any) -> None:
+        self.done: dict[str, int] = {}
+        self._waiting: list[tuple[str, int, Deferred[None]]] = []
+        renew = lockspace.renew
+
+        def counted(grant: Any) -> Deferred[None]:
+            def answered(result: object) -> object:
+                self.done[grant.resource] = self.done.get(grant.resource, 0) + 1
+                for entry in list(self._waiting):
+                    if self.done[entry[0]] >= entry[1]:
+                        self._waiting.remove(entry)
+                        entry[2].callback(None)
+                return result
+
+            d: Deferred[None] = renew(grant)
+            return d.addCallback(answered)
+
+        lockspace.renew = counted
+
+    def when(self, resource: str, count: int) -> Deferred[None]:
+        """Fires once ``count`` renewals of ``resource`` have been answered in all."""
+        d: Deferred[None] = Deferred()
+        if self.done.get(resource, 0) >= count:
+            d.callback(None)
+        else:
+            self._waiting.append((resource, count, d))
+        return d
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_disk_that_hangs_on_a_write_stalls_that_write_only(
+    daemon: Daemon, clients: Clients
+) -> Any:
+    yield daemon.node.start()
+    assert daemon.sick is not None
+    renewals = Renewals(daemon.node._lockspace)
+    daemon.sick.writes_hang = True
+    stalled = clients.start(
+        daemon.uri("sick"),
+        """
+h.pwrite(b"w" * 4096, 0)
+print("written")
+""",
+    )
+    yield daemon.sick.when_writing().addTimeout(DEADLINE, reactor)
+    # The other export is served: a write, a flush, a read back.
+    code, out = yield clients.run(daemon.uri("well"), WELL)
+    assert (code, out) == (0, "ok\n")
+    # Another client of the sick export reads what the page cache holds.
+    expected = daemon.sick_file.read_bytes()[1 << 20 : (1 << 20) + 4096]
+    code, out = yield clients.run(
+        daemon.uri("sick"), f"print(h.pread(4096, 1 << 20) == {expected!r})"
+    )
+    assert (code, out) == (0, "True\n")
+    # Both leases are renewed by the reactor meanwhile, the sick export's too.
+    sick_resource = default_resource(daemon.sick_file)
+    well_resource = default_resource(daemon.well_file)
+    yield renewals.when(sick_resource, 1).addTimeout(DEADLINE, reactor)
+    yield renewals.when(well_resource, 1).addTimeout(DEADLINE, reactor)
+    assert not stalled.ended and daemon.sick.writing == 1
+    assert daemon.state("sick") == "serving"
+    daemon.sick.released.set()
+    code, out = yield stalled.done.addTimeout(DEADLINE, reactor)
+    assert (code, out) == (0, "written\n")
+    assert daemon.sick_file.read_bytes()[:4096] == b"w" * 4096
 
 
 @pytest_twisted.inlineCallbacks

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,8 +131,10 @@ def check_kept(image: bytes, original: bytes, report: dict[str, object]) -> None
             assert image[offset : offset + BLOCK] == original[offset : offset + BLOCK], offset
 
 
-def assert_cancelled_and_serving_on(pair: Pair, stderr: str, why: str) -> None:
-    assert "migration ended cancelled: hook: hook pre-switchover" in stderr, stderr
+def assert_cancelled_and_serving_on(
+    pair: Pair, stderr: str, why: str, by: str = "hook: hook pre-switchover"
+) -> None:
+    assert f"migration ended cancelled: {by}" in stderr, stderr
     assert why in stderr, stderr
     source = status(pair.source_sock)
     assert (source["state"], source["has_control"], source["is_migrating"]) == (
@@ -295,3 +298,92 @@ def test_a_bad_hook_is_a_usage_error(tmp_path: Path) -> None:
         )
         assert result.returncode == 2, result
         assert words in result.stderr.decode()
+
+
+class ApproverClient:
+    """A JSON-lines client registered as the approver of ``disk``: answers each question
+    with ``policy(stage)`` (True, False, or None: no answer), in a thread of its own."""
+
+    def __init__(self, sock: Path, policy: Any, timeout: float = 30.0) -> None:
+        import json
+        import socket
+        import threading
+
+        self.stages: list[str] = []
+        self._json = json
+        self._policy = policy
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._socket.connect(str(sock))
+        self._file = self._socket.makefile("rwb")
+        register = {"id": 1, "method": "approver", "params": {"export": "disk", "timeout": timeout}}
+        self._send(register)
+        self.registered = json.loads(self._file.readline())
+        self._thread = threading.Thread(target=self._answer_all, daemon=True)
+        self._thread.start()
+
+    def _send(self, message: dict[str, Any]) -> None:
+        self._file.write(self._json.dumps(message).encode() + b"\n")
+        self._file.flush()
+
+    def _answer_all(self) -> None:
+        for line in self._file:
+            message = self._json.loads(line)
+            question = message.get("approve")
+            if question is None:
+                continue
+            self.stages.append(question["stage"])
+            verdict = self._policy(question["stage"])
+            if verdict is not None:
+                params = {"id": question["id"], "approve": verdict, "reason": "change freeze"}
+                self._send({"id": 2, "method": "approval", "params": params})
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+def test_an_approver_that_vetoes_the_switchover_cancels_with_clients_held(
+    tmp_path: Path,
+) -> None:
+    pair = Pair(tmp_path)
+    approver = ApproverClient(pair.source_sock, lambda stage: stage == "pre-migrate")
+    try:
+        assert approver.registered["result"] == {"approver": "disk", "timeout": 30.0}
+        code, _, stderr = pair.mirror("--wait", check=False)
+        assert code == 1
+        assert approver.stages == ["pre-migrate", "pre-switchover"]
+        assert "hook: approver vetoed pre-switchover: change freeze" in stderr, stderr
+        assert_cancelled_and_serving_on(pair, stderr, "change freeze", by="hook: approver vetoed")
+    finally:
+        approver.close()
+        pair.stop()
+
+
+def test_an_approver_that_does_not_answer_in_time_vetoes(tmp_path: Path) -> None:
+    pair = Pair(tmp_path)
+    approver = ApproverClient(
+        pair.source_sock, lambda stage: True if stage == "pre-migrate" else None, timeout=1
+    )
+    try:
+        code, _, stderr = pair.mirror("--wait", check=False)
+        assert code == 1
+        assert "approver gave no answer to pre-switchover in 1 s" in stderr, stderr
+        assert_cancelled_and_serving_on(pair, stderr, "no answer", by="hook: approver gave")
+    finally:
+        approver.close()
+        pair.stop()
+
+
+def test_an_approver_that_approves_lets_the_migration_complete(tmp_path: Path) -> None:
+    pair = Pair(tmp_path)
+    approver = ApproverClient(pair.source_sock, lambda stage: True)
+    try:
+        code, out, stderr = pair.mirror("--wait", check=False)
+        assert code == 0, stderr
+        assert out.rstrip().endswith("has control of the image"), out
+        assert approver.stages == ["pre-migrate", "pre-switchover"]
+        report = pair.stop_writers()
+        assert report["ended"] == "stopped", report
+    finally:
+        approver.close()
+        pair.stop()
+    check_kept(pair.dest_image.read_bytes(), pair.original, report)

@@ -180,10 +180,22 @@ def test_the_metrics_section_names_every_migration_failure_reason() -> None:
     assert re.findall(r"`(\w+)`", paragraph) == [reason.value for reason in FailureReason]
 
 
+def session_script(heading: str) -> str:
+    """The README's console block under ``heading`` as one bash script that stops at a failure."""
+    lines = [line[2:] for line in fenced_block(heading, "console").splitlines()]
+    return "set -euo pipefail\n" + "\n".join(lines) + "\n"
+
+
 def run_script(
-    script: str, cwd: Path, timeout: float = 120, env: dict[str, str] | None = None
+    script: str,
+    cwd: Path,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+    *,
+    merged: bool = False,
 ) -> tuple[int, str, str]:
-    """Run ``script`` in bash (in ``env``, if given); its exit status, stdout and stderr.
+    """Run ``script`` in bash (in ``env``, if given); its exit status, stdout and stderr
+    (``merged``: stderr interleaved into stdout, as a terminal shows them; then "").
 
     Into files, not pipes: a job it leaves in the background (a server whose
     sibling failed, so ``set -e`` ended the script early) would hold a pipe
@@ -195,7 +207,7 @@ def run_script(
             ["bash", "-c", script],
             cwd=cwd,
             stdout=out,
-            stderr=err,
+            stderr=out if merged else err,
             env=env,
             start_new_session=True,
         )
@@ -213,8 +225,7 @@ def test_the_tls_session_runs_as_written(tmp_path: Path) -> None:
 
     pki = make_pki(tmp_path / "made")
     (pki.node).rename(tmp_path / "pki")  # the five files of a test CA, as the README says
-    lines = [line[2:] for line in fenced_block("TLS", "console").splitlines()]
-    code, out, err = run_script("set -euo pipefail\n" + "\n".join(lines) + "\n", tmp_path)
+    code, out, err = run_script(session_script("TLS"), tmp_path)
     logs = "".join((tmp_path / name).read_text() for name in ("src.log", "dst.log"))
     assert code == 0, out + err + logs
     assert (tmp_path / "senders").read_text() == "CN=source,O=ferry tests\n"
@@ -228,16 +239,14 @@ def test_the_tls_session_runs_as_written(tmp_path: Path) -> None:
 
 
 def test_the_takeover_session_runs_as_written(tmp_path: Path) -> None:
-    lines = [
-        line[2:] for line in fenced_block("Upgrading in place (--takeover)", "console").splitlines()
-    ]
     # nbdsh runs `python3 -m nbd`: here that must be Debian's Python, which has the bindings
     # (on a stock Debian it is the first python3 on PATH anyway).
     debian = tmp_path / "debian-python"
     debian.mkdir()
     (debian / "python3").symlink_to("/usr/bin/python3")
     env = dict(os.environ, PATH=f"{debian}:{os.environ['PATH']}")
-    code, out, err = run_script("set -euo pipefail\n" + "\n".join(lines) + "\n", tmp_path, env=env)
+    script = session_script("Upgrading in place (--takeover)")
+    code, out, err = run_script(script, tmp_path, env=env)
     logs = [tmp_path / name for name in ("old.log", "new.log")]
     old_log, new_log = (log.read_text() if log.exists() else "" for log in logs)
     assert code == 0, out + err + old_log + new_log
@@ -254,24 +263,7 @@ def test_the_takeover_session_runs_as_written(tmp_path: Path) -> None:
 def test_the_daemon_session_runs_as_written(tmp_path: Path) -> None:
     """The daemon's file as the README shows it, then its console block as one script."""
     (tmp_path / "ferry.toml").write_text(fenced_block("A daemon of many exports", "toml"))
-    lines = [line[2:] for line in fenced_block("A daemon of many exports", "console").splitlines()]
-    script = "set -euo pipefail\n" + "\n".join(lines) + "\n"
-    output = tmp_path / "output"
-    with output.open("wb") as out_file:
-        # Not a pipe: the daemon the script starts in the background would hold it open.
-        shell = subprocess.Popen(
-            ["bash", "-c", script],
-            cwd=tmp_path,
-            stdout=out_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            code = shell.wait(timeout=120)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(shell.pid, signal.SIGKILL)  # whatever it left behind
-    out = output.read_text()
+    code, out, _ = run_script(session_script("A daemon of many exports"), tmp_path, merged=True)
     log = (tmp_path / "daemon.log").read_text()
     assert code == 0, out + log
     assert "state=serving" in out
@@ -326,3 +318,26 @@ def test_the_simulation_section_names_every_fault_and_bug() -> None:
         FAULTS
     )
     assert re.findall(r"`([a-z-]+)`", rows["`--bug NAME`"].split(":", 1)[1]) == list(BUGS)
+
+
+def test_the_transports_session_runs_as_written(tmp_path: Path) -> None:
+    """unix: then exec:, as the README shows them; the image arrives whole at the third node."""
+    # exec: starts a listener in the script's session: it is killed with it.
+    code, out, _ = run_script(session_script("Transports: unix: and exec:"), tmp_path, merged=True)
+    assert code == 0, out + (tmp_path / "a.log").read_text() + (tmp_path / "b.log").read_text()
+    assert "migration completed: unix:b.nbd has control of the image" in out, out
+    assert "migration completed: exec:ferry listen " in out, out
+    last = out.rstrip().splitlines()[-1]
+    assert "state=serving" in last and "has_control=true" in last, out
+
+
+def test_the_drain_session_runs_as_written(tmp_path: Path) -> None:
+    """Blocked, vm2 stays and the first drain says so; unblocked, the second moves it."""
+    code, out, _ = run_script(session_script("Draining a daemon"), tmp_path, merged=True)
+    assert code == 0, out + (tmp_path / "old.log").read_text()
+    assert "vm2: blocked: nightly backup; left serving here" in out, out
+    assert "drain: 1 of 2 exports moved; left serving here: vm2 (blocked: nightly backup)" in out
+    assert "something was left" in out
+    assert "drain: 1 of 1 exports moved" in out, out
+    listed = [line.split()[0] for line in out.splitlines() if " state=" in line and "mode=" in line]
+    assert sorted(listed) == ["spare", "vm1", "vm2"], out

@@ -39,7 +39,7 @@ def test_the_version() -> None:
 def test_usage_errors_exit_2_with_one_line(image: Path) -> None:
     modes = (
         "serve, listen, mirror, proxy, break, block, unblock, mirror-max-bps, status, events, "
-        "acl, read, write, trace, check, lock, daemon, export, reload, statecharts, help"
+        "acl, read, write, trace, check, lock, daemon, export, reload, drain, statecharts, help"
     )
     one_line(
         run([*FERRY, "help", "nosuch"], check=False),

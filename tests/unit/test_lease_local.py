@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -529,22 +530,24 @@ def test_a_file_removed_at_every_open_is_unavailable_and_leaks_nothing(
 async def test_the_watch_fences_nobody_for_a_last_holders_removal(tmp_path: Path) -> None:
     space, other = LocalLockspace(tmp_path, reactor=_reactor), LocalLockspace(tmp_path)
     reports: list[str] = []
-    mine, leaving = acquire(space, "a", SHARED), result(space.acquire("gone", "a", EXCLUSIVE))
+    # (With a reactor, the lockspace answers from its own thread: awaited.)
+    mine = await space.acquire(IMAGE, "a", SHARED)
+    leaving = await space.acquire("gone", "a", EXCLUSIVE)
     space.watch(mine, reports.append)
     space.watch(leaving, reports.append)
     alongside = acquire(other, "b", SHARED)
     result(other.release(alongside))  # a reader leaves; the file stays (mine is live)
-    result(space.release(leaving))  # the last holder of "gone": the file goes
+    await space.release(leaving)  # the last holder of "gone": the file goes
     assert lock_files(space) == [lock_file_name(IMAGE)]
     # Directory events arrive in order: once this one's loss is seen, so were the above.
-    sentinel = result(space.acquire("sentinel", "a", EXCLUSIVE))
+    sentinel = await space.acquire("sentinel", "a", EXCLUSIVE)
     seen: Deferred[str] = Deferred()
     space.watch(sentinel, seen.callback)
     space.path_for("sentinel").unlink()
     assert "was removed" in await seen.addTimeout(10.0, _reactor)
     assert reports == []
-    result(space.renew(mine))
-    result(space.close())
+    await space.renew(mine)
+    await space.close()
 
 
 # -- inquire and the errors --------------------------------------------------------------
@@ -736,7 +739,7 @@ async def test_the_watch_reports_a_removed_or_replaced_lock_file_at_once(
     tmp_path: Path, how: str
 ) -> None:
     space = LocalLockspace(tmp_path, reactor=_reactor)
-    grant = acquire(space, "a")
+    grant = await space.acquire(IMAGE, "a", EXCLUSIVE)  # on the lockspace's thread
     lost: Deferred[str] = Deferred()
     space.watch(grant, lost.callback)
     path = space.path_for(IMAGE)
@@ -749,13 +752,14 @@ async def test_the_watch_reports_a_removed_or_replaced_lock_file_at_once(
         os.replace(replacement, path)
         expected = f"lock file {path} was replaced by another file"
     assert await lost.addTimeout(10.0, _reactor) == expected
-    result(space.close())
+    await space.close()
 
 
 @pytest_twisted.ensureDeferred
 async def test_an_unwatched_grant_is_not_reported(tmp_path: Path) -> None:
     space = LocalLockspace(tmp_path, reactor=_reactor)
-    first, second = acquire(space, "a"), result(space.acquire("other", "a", EXCLUSIVE))
+    first = await space.acquire(IMAGE, "a", EXCLUSIVE)
+    second = await space.acquire("other", "a", EXCLUSIVE)
     reports: list[str] = []
     stop = space.watch(first, reports.append)
     watched: Deferred[str] = Deferred()
@@ -765,7 +769,32 @@ async def test_an_unwatched_grant_is_not_reported(tmp_path: Path) -> None:
     space.path_for("other").unlink()
     await watched.addTimeout(10.0, _reactor)
     assert reports == []
-    result(space.close())
+    await space.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_a_reactor_the_operations_run_on_a_thread_of_their_own(
+    tmp_path: Path,
+) -> None:
+    """A lockspace that hangs (an NFS server gone) must not hold up the reactor thread."""
+    space = LocalLockspace(tmp_path, reactor=_reactor)
+    threads: list[str] = []
+    sync = os.fdatasync
+
+    def recording_sync(fd: int) -> None:
+        threads.append(threading.current_thread().name)
+        sync(fd)
+
+    os.fdatasync = recording_sync  # type: ignore[assignment]
+    try:
+        asked = space.acquire(IMAGE, "a", EXCLUSIVE)
+        assert not asked.called  # answered later, on the reactor thread
+        grant = await asked
+    finally:
+        os.fdatasync = sync
+    assert threads and all(name.startswith("ferry-lockspace") for name in threads)
+    assert grant.holder.token == 1
+    await space.close()
 
 
 # -- a holder that dies ------------------------------------------------------------------------

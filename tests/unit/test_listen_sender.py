@@ -408,6 +408,23 @@ def test_a_sender_that_disconnects_politely_also_ends_its_migration(listener: Li
 # -- the commit -----------------------------------------------------------------------------
 
 
+def test_the_commit_waits_for_the_senders_writes_still_on_threads(listener: Listener) -> None:
+    listener.blocking.hold_all = True
+    export = listener.export
+    sender = receiving(listener)
+    write = sender.client.request(Command.WRITE, 0, 7, data=b"payload")
+    commit = sender.client.commit(TOKEN)
+    sender.pump()
+    assert export.state == "receiving"  # the write is not done: the commit waits behind it
+    assert len(listener.blocking.jobs) == 1
+    listener.blocking.release(0)  # the write lands; now the commit's fsync
+    assert export.state == "committing" and listener.image.pread(0, 7) == b"payload"
+    listener.blocking.release_all()
+    replies = sender.replies()
+    assert replies[write].error == Errno.OK and replies[commit].error == Errno.OK
+    assert export.state == "serving"
+
+
 def test_commit_takes_control_before_the_ack_and_then_serves_clients(listener: Listener) -> None:
     export = listener.export
     sender = receiving(listener)

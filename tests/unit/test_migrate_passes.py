@@ -115,6 +115,28 @@ def test_bulk_pass_sends_nothing_for_holes_into_an_empty_destination(image: Imag
     assert bytes(dest.data) == image.pread(0, SIZE)
 
 
+def test_a_bulk_pass_on_extents_read_elsewhere_keeps_the_writes_after_the_clear(
+    image: Image,
+) -> None:
+    """The scan runs on a thread: a write between the clear and the scan is the next pass's."""
+    dirty = DirtyMap(SIZE, G)
+    planner = PassPlanner(image, dirty, max_data_length=MAX)
+    with pytest.raises(RuntimeError, match="before the dirty map was cleared"):
+        planner.bulk_pass(image.extents(0, SIZE))
+    dirty.mark(0, SIZE)  # before the migration: forgotten
+    planner.begin_bulk_pass()
+    assert dirty.dirty_bytes == 0
+    extents = image.extents(0, SIZE)  # the scan, on its thread
+    hole = next(e for e in extents if e.hole)
+    client_write(image, dirty, hole.offset, b"y" * 10)  # lands after it: the scan says hole
+    plan = planner.bulk_pass(extents)
+    dest = Destination(SIZE, empty=False)
+    run(plan, image, dest)
+    assert dirty.dirty_bytes == G  # zeroed by this pass, still marked: the next one sends it
+    run(planner.dirty_pass(), image, dest)
+    assert bytes(dest.data) == image.pread(0, SIZE)
+
+
 def test_zero_ops_do_not_count_in_the_bulk_pass_but_do_in_dirty_passes(image: Image) -> None:
     dirty = DirtyMap(SIZE, G)
     planner = PassPlanner(image, dirty, max_data_length=MAX)

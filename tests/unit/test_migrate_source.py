@@ -9,6 +9,7 @@ Every wait is on a Deferred with a deadline.
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor as _reactor
-from twisted.internet import task
+from twisted.internet import task, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
@@ -61,7 +62,15 @@ def within(d: Deferred[Any]) -> Deferred[Any]:
 class Rig:
     """An export serving a sparse image, a fake gate, and a source aimed at ``port``."""
 
-    def __init__(self, tmp_path: Path, port: int, *, connector: Any = None, **options: Any) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        port: int,
+        *,
+        connector: Any = None,
+        image_calls: Any = None,
+        **options: Any,
+    ) -> None:
         self.path = tmp_path / "src.img"
         self.image = sparse_image(self.path, SIZE, DATA)
         self.original = self.path.read_bytes()
@@ -83,6 +92,7 @@ class Rig:
             options=MirrorOptions(**options),
             tracer=self.tracer,
             stop_process=self._stop,
+            image_calls=image_calls,
         )
 
     def _stop(self) -> None:
@@ -194,6 +204,33 @@ async def test_a_full_migration_while_a_client_writes(tmp_path: Path, listen: An
     rig.replays()
     with pytest.raises(NotMirroring):
         rig.source.cancel()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_passes_read_the_image_on_threads(tmp_path: Path, listen: Any) -> None:
+    """The extent scan and each data request's bytes are read off the reactor."""
+    readers: list[str] = []
+    rig: Rig
+
+    def on_a_thread(work: Any) -> Deferred[Any]:
+        def call() -> Any:
+            readers.append(threading.current_thread().name)
+            return work()
+
+        return threads.deferToThread(call)
+
+    fake = FakeDestination(SIZE)
+    rig = Rig(tmp_path, listen(fake), image_calls=on_a_thread, max_in_flight=3)
+    assert (await within(rig.source.start())).ok
+    assert rig.gate.write(3 * MIB, b"w" * 4096)
+    result = await within(rig.source.finished)
+    assert result.handed_off
+    expected = bytearray(rig.original)
+    expected[3 * MIB : 3 * MIB + 4096] = b"w" * 4096
+    assert fake.disk == expected
+    assert readers and threading.main_thread().name not in readers
+    # Every data request's read, and the bulk pass's extent scan.
+    assert rig.source.counters.data_requests + 1 == len(readers)
 
 
 @pytest_twisted.ensureDeferred

@@ -180,9 +180,9 @@ class Wire:
             del self.outgoing[:sent]
             moved |= sent > 0
         if self.transport in self.reactor.getReaders():
-            before = self.export.stats.bytes_read
+            before = self._progress()
             self.transport.doRead()
-            moved |= self.export.stats.bytes_read != before
+            moved |= self._progress() != before
         if self.transport in self.reactor.getWriters():
             before_offset = self.transport.offset
             self.transport.doWrite()
@@ -198,6 +198,12 @@ class Wire:
                     if isinstance(event, Reply):
                         self.replies[event.handle] = event
         return moved
+
+    def _progress(self) -> tuple[int, int, int]:
+        """What reading moves: replies read, writes done, part of a request received."""
+        nbd = self.protocol._nbd
+        stats = self.export.stats
+        return stats.bytes_read, stats.bytes_written, 0 if nbd is None else nbd.buffered
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """Step until ``until()`` holds, or until nothing has moved for a while."""

@@ -19,6 +19,7 @@ from ferry.clock import ReactorClock
 from ferry.nbd.client import ClientConnection
 from ferry.nbd.constants import Command, CommandFlag, Errno, OptionReply
 from ferry.nbd.events import Negotiated, NegotiationFailed, Reply
+from ferry.serve import connection as connection_module
 from ferry.serve.acl import Acl
 from ferry.serve.connection import NBDServerProtocol
 from ferry.serve.export import Export
@@ -231,6 +232,33 @@ def test_a_hold_queues_requests_and_release_answers_them(harness: Harness) -> No
     assert not peer.transport.disconnecting
 
 
+def test_the_hold_waits_for_the_writes_already_on_threads(harness: Harness) -> None:
+    """The last pass is planned from the dirty map: every write before the hold is in it."""
+    harness.blocking.hold_all = True
+    marked: list[tuple[int, int]] = []
+    harness.export.observe_writes(lambda offset, length: marked.append((offset, length)))
+    peer = harness.connect()
+    peer.negotiate()
+    write = peer.client.request(Command.WRITE, 0, 4, data=b"late")
+    zero = peer.client.request(Command.WRITE_ZEROES, 0, 512)  # after the write: it waits
+    assert peer.replies() == {} and len(harness.blocking.jobs) == 1
+    hold(harness.export)
+    landed = harness.export.writes_landed()
+    queued = peer.client.request(Command.WRITE, 8192, 4, data=b"held")  # held: not waited for
+    peer.pump()
+    harness.blocking.release(0)  # the write lands; the zeroing may start now
+    assert not landed.called and marked == [(0, 4)]
+    assert len(harness.blocking.jobs) == 1
+    harness.blocking.release(0)
+    assert landed.called and marked == [(0, 4), (0, 512)]
+    assert harness.image.pread(0, 4) == bytes(4)
+    assert set(peer.replies()) == {write, zero}
+    release(harness.export)
+    harness.blocking.release_all()
+    assert set(peer.replies()) == {write, zero, queued}
+    assert harness.image.pread(8192, 4) == b"held"
+
+
 def test_a_held_connection_stops_reading_until_released(harness: Harness) -> None:
     """However long a hold lasts, a client that pipelines on costs no more memory."""
     peer = harness.connect()
@@ -298,3 +326,48 @@ def test_a_request_still_held_counts_towards_the_longest_hold(harness: Harness) 
     peer.protocol.disconnect("handed off")
     peer.protocol.connectionLost(None)
     release(harness.export)
+
+
+def test_a_long_zeroing_runs_in_steps_and_is_answered_after_the_last(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A WRITE_ZEROES may cover the whole image: the export's other requests get turns."""
+    monkeypatch.setattr(connection_module, "ZERO_STEP", 64 * 1024)
+    harness.image.pwrite(b"\xff" * (256 * 1024), 0)
+    harness.blocking.hold_all = True
+    peer = harness.connect()
+    peer.negotiate()
+    zero = peer.client.request(Command.WRITE_ZEROES, 0, 256 * 1024, flags=CommandFlag.NO_HOLE)
+    peer.pump()
+    for step in range(4):
+        assert len(harness.blocking.jobs) == 1, step  # one step at a time, in order
+        assert peer.replies() == {}
+        harness.blocking.release(0)
+    assert peer.replies()[zero].error == Errno.OK
+    assert harness.image.pread(0, 256 * 1024) == bytes(256 * 1024)
+
+
+def test_block_status_builds_no_more_extents_than_one_reply_holds(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connection_module, "MAX_EXTENTS_PER_REPLY", 4)
+    asked: list[int | None] = []
+    extents = Image.extents
+
+    def counting(image: Image, offset: int, length: int, max_extents: int | None = None) -> Any:
+        asked.append(max_extents)
+        return extents(image, offset, length, max_extents)
+
+    monkeypatch.setattr(Image, "extents", counting)
+    for block in range(0, 16, 2):  # data, hole, data, hole...
+        harness.image.pwrite(b"d" * 4096, block * 4096)
+    peer = harness.connect()
+    peer.negotiate()
+    whole = peer.client.request(Command.BLOCK_STATUS, 0, 16 * 4096)
+    one = peer.client.request(Command.BLOCK_STATUS, 0, 16 * 4096, flags=CommandFlag.REQ_ONE)
+    replies = peer.replies()
+    (found,) = replies[whole].extents.values()
+    assert len(found) == 4 and sum(e.length for e in found) == 4 * 4096
+    (first,) = replies[one].extents.values()
+    assert len(first) == 1
+    assert asked == [4, 1]  # the lookups stopped there: nothing was built to be cut

@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 from ferry import __version__
 from ferry.cli.daemon import add_daemon_commands, json_request
+from ferry.cli.drain import add_drain_command
 from ferry.cli.errors import UserError
 from ferry.cli.lock import add_lock_commands
 
@@ -212,6 +213,20 @@ def build_parser() -> Parser:
             help="kill a hook that runs longer (default 30); at a vetoing stage that is a veto",
         )
         _tls_server(serve, listen=name == "listen")
+        serve.add_argument(
+            "--nbd-sock",
+            metavar="PATH",
+            help="also serve NBD on this Unix socket (mode 0600; the ACL does not apply to it)"
+            + ("; a source mirrors to it with unix:PATH" if name == "listen" else ""),
+        )
+        if name == "listen":
+            serve.add_argument(
+                "--stdio",
+                action="store_true",
+                help="take the migration on stdin and stdout (a source's exec:COMMAND; "
+                "whoever starts this is trusted as the sender), then serve on --addr/--port; "
+                "exit 1 if stdin closes before the image is received",
+            )
         _verbosity(serve)
         serve.add_argument("acl", nargs="*", metavar="ACL_ENTRY", help="address or CIDR allowed in")
         serve.set_defaults(run=run_serve, listen=name == "listen", usage_error=serve.error)
@@ -219,7 +234,14 @@ def build_parser() -> Parser:
     mirror = modes.add_parser(
         "mirror", help="migrate a running server's image to a listener (or any NBD server)"
     )
-    _network(mirror, required=True)
+    _network(mirror, required=False)
+    mirror.add_argument(
+        "--to",
+        metavar="URI",
+        help="the destination instead of --addr/--port: tcp:HOST:PORT, unix:PATH (a listener's "
+        "--nbd-sock) or exec:COMMAND (the stream over the command's stdin and stdout, "
+        "e.g. exec:'ssh HOST ferry listen --stdio ...')",
+    )
     _control_sock(mirror, required=True)
     mirror.add_argument("-b", "--bind", help="local address to connect from")
     mirror.add_argument(
@@ -355,7 +377,7 @@ def build_parser() -> Parser:
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="if the server is not up yet, keep trying this long (for scripts)",
+        help="if the server (or the export) is not up yet, keep trying this long (for scripts)",
     )
     status.set_defaults(run=run_status)
 
@@ -422,6 +444,7 @@ def build_parser() -> Parser:
 
     add_lock_commands(modes)
     add_daemon_commands(modes)
+    add_drain_command(modes)
 
     charts = modes.add_parser("statecharts", help="work with the statechart files")
     chart_modes = charts.add_subparsers(dest="chart_mode", metavar="ACTION", parser_class=Parser)
@@ -557,6 +580,8 @@ def run_serve(args: argparse.Namespace) -> int:
             tls_allowed_subjects=getattr(args, "tls_allowed_subjects", None),
             service_address=args.service_address,
             hooks=_hooks(args),
+            nbd_sock=args.nbd_sock,
+            stdio=bool(getattr(args, "stdio", False)),
         )
         node_config, exports = config.node(), (config.export(),)
     else:
@@ -575,6 +600,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if takeover is None:
         node = Node(reactor, node_config, exports)
         run_until_stopped(reactor, node.start(), node.shutdown)
+        if node.stdio_failure is not None:
+            raise UserError(node.stdio_failure)
         return 0
     node = Node(reactor, node_config)
     take_over(node, takeover, served, _given(args), args.takeover_format)
@@ -688,11 +715,15 @@ def run_status(args: argparse.Namespace) -> int:
     while True:
         try:
             status, text = _status(args)
-            break
         except UserError:
             if time.monotonic() >= deadline:
                 raise
-            time.sleep(0.05)  # polling a server that is still starting
+        else:
+            # An export not there yet (its lease still being taken: a local
+            # lockspace answers from its own thread) is a server still starting.
+            if status == 0 or time.monotonic() >= deadline:
+                break
+        time.sleep(0.05)  # polling a server that is still starting
     if status != 0:
         raise UserError(text)
     if args.json:
@@ -770,9 +801,8 @@ def _mirror(args: argparse.Namespace) -> int:
     from ferry.control.client import JsonControl
 
     action = "unlink" if args.unlink else (args.action or "exit")
-    params: dict[str, Any] = {
-        "args": [args.addr, str(args.port), action, args.bind or "", str(args.max_bps)]
-    }
+    target = _mirror_destination(args)
+    params: dict[str, Any] = {"args": [*target, action, args.bind or "", str(args.max_bps)]}
     if args.max_downtime is not None:
         params["max_downtime"] = args.max_downtime
     if args.max_passes is not None:
@@ -799,13 +829,32 @@ def _mirror(args: argparse.Namespace) -> int:
         raise UserError("lost contact with the source before the migration ended")
     state = result.get("state")
     if state == "completed":
-        where = f"{args.addr}:{args.port}"
+        where = args.to or f"{args.addr}:{args.port}"
         if result.get("handed_off"):
             print(f"migration completed: {where} has control of the image")
         else:
             print(f"mirror completed: {where} holds a flushed copy")
         return 0
     raise UserError(f"migration ended {state}: {result.get('reason') or 'no reason given'}")
+
+
+def _mirror_destination(args: argparse.Namespace) -> list[str]:
+    """``mirror``'s first arguments: ``IP PORT``, or ``--to``'s URI (checked: a usage error)."""
+    from ferry.migrate.options import parse_destination
+
+    if args.to is None:
+        if args.addr is None or args.port is None:
+            _usage(args, "--addr and --port (or --to URI) are required")
+        return [args.addr, str(args.port)]
+    if args.addr is not None or args.port is not None:
+        _usage(args, "--to or --addr/--port, not both")
+    try:
+        destination = parse_destination(args.to)
+    except ValueError as error:
+        _usage(args, f"--to: {error}")
+    if args.bind and destination.transport != "tcp":
+        _usage(args, f"--bind is for TCP, not {destination.transport}:")
+    return [args.to]
 
 
 def run_read(args: argparse.Namespace) -> int:

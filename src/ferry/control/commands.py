@@ -44,13 +44,20 @@ from ferry.exports import (
     parse_export,
 )
 from ferry.migrate.blockers import BadBlocker
-from ferry.migrate.manager import CannotBreak, MigrationBlocked, MirrorBusy, NotMirroring
+from ferry.migrate.manager import (
+    CannotBreak,
+    MigrationBlocked,
+    MirrorBusy,
+    MirrorManager,
+    NotMirroring,
+)
 from ferry.migrate.options import (
     Destination,
     FinishAction,
     MirrorError,
     MirrorOptions,
     StartOutcome,
+    parse_destination,
 )
 from ferry.serve.acl import Acl, AclError
 from ferry.serve.server import NBDServer
@@ -170,6 +177,11 @@ class Commands:
             raise UnknownExport(f"export must be a name, not {name!r}")
         return self._exports.get(name)
 
+    def mirrors_of(self, name: str | None) -> MirrorManager:
+        """Export ``name``'s (or the default one's) migrations: for its approver
+        (``ferry.control.approvals``); UnknownExport, a LookupError, if there is none."""
+        return self._exports.get(name).mirrors
+
     # -- always ---------------------------------------------------------------------
 
     def status(self, args: Sequence[str], params: Params) -> Reply:
@@ -247,7 +259,8 @@ class Commands:
     # -- migration ----------------------------------------------------------------------
 
     def mirror(self, args: Sequence[str], params: Params) -> Reply | Deferred[Reply]:
-        """``mirror IP PORT [exit|unlink|nothing] [BIND] [MAX_BPS]``; JSON may add
+        """``mirror IP PORT [exit|unlink|nothing] [BIND] [MAX_BPS]`` (or ``mirror URI ...``:
+        ``tcp:HOST:PORT``, ``unix:PATH``, ``exec:COMMAND``); JSON may add
         ``max_downtime`` (seconds), ``max_passes`` and ``dest_export``: the name of the
         export to migrate into (default: the destination's default export, or, when the
         command names an ``export``, an export of the same name)."""
@@ -385,32 +398,47 @@ def _reason(args: Sequence[str], params: Params) -> str | None:
 
 
 def _parse_mirror(args: Sequence[str], params: Params) -> Reply | tuple[Destination, MirrorOptions]:
-    if len(args) < 2:
-        return Reply(1, "mirror takes at least two parameters")
-    if len(args) > 5:
-        return Reply(1, "unrecognised parameters to mirror")
-    if not _is_ip(args[0]):
-        return Reply(1, "bad IP address")
-    try:
-        port = int(args[1])
-    except ValueError:
-        return Reply(1, "bad IP port number")
-    if not 0 < port <= 65535:
-        return Reply(1, "bad IP port number")
-    action = FinishAction.EXIT
-    if len(args) > 2:
+    """``IP PORT [ACTION] [BIND] [MAX_BPS]`` (flexnbd's), or ``URI [ACTION] [BIND] [MAX_BPS]``
+    with URI ``tcp:HOST:PORT``, ``unix:PATH`` or ``exec:COMMAND`` (QEMU's)."""
+    if args and args[0].partition(":")[0] in ("tcp", "unix", "exec"):
         try:
-            action = FinishAction(args[2])
+            destination = parse_destination(args[0])
+        except ValueError as error:
+            return Reply(1, str(error))
+        rest = list(args[1:])
+        if len(rest) > 3:
+            return Reply(1, "unrecognised parameters to mirror")
+    else:
+        if len(args) < 2:
+            return Reply(1, "mirror takes at least two parameters")
+        if len(args) > 5:
+            return Reply(1, "unrecognised parameters to mirror")
+        if not _is_ip(args[0]):
+            return Reply(1, "bad IP address")
+        try:
+            port = int(args[1])
+        except ValueError:
+            return Reply(1, "bad IP port number")
+        if not 0 < port <= 65535:
+            return Reply(1, "bad IP port number")
+        destination = Destination(args[0], port)
+        rest = list(args[2:])
+    action = FinishAction.EXIT
+    if rest:
+        try:
+            action = FinishAction(rest[0])
         except ValueError:
             return Reply(1, "action must be 'exit', 'unlink' or 'nothing'")
     bind = None
-    if len(args) > 3 and args[3]:
-        if not _is_ip(args[3]):
+    if len(rest) > 1 and rest[1]:
+        if not _is_ip(rest[1]):
             return Reply(1, "bad bind address")
-        bind = args[3]
+        if destination.transport != "tcp":
+            return Reply(1, f"a bind address is for TCP, not {destination.transport}:")
+        bind = rest[1]
     max_bps = None
-    if len(args) > 4:
-        max_bps = _byte_rate(args[4])
+    if len(rest) > 2:
+        max_bps = _byte_rate(rest[2])
         if max_bps is None:
             return Reply(1, "max_bps couldn't be parsed")
     extra: dict[str, Any] = {}
@@ -439,7 +467,7 @@ def _parse_mirror(args: Sequence[str], params: Params) -> Reply | tuple[Destinat
         options = MirrorOptions(max_bps=max_bps or None, action=action, **extra)
     except ValueError as error:
         return Reply(1, str(error))
-    return Destination(args[0], port, bind=bind), options
+    return dataclasses.replace(destination, bind=bind), options
 
 
 def _positive(value: object, *, whole: bool) -> int | float | None:

@@ -46,6 +46,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ferry.control.approvals import APPROVAL_METHODS, Approvals
 from ferry.control.commands import CommandTable, Reply
 from ferry.control.events import STREAM_METHODS, EventHub, EventStream
 from ferry.control.jsonlines import JsonLines
@@ -80,6 +81,7 @@ class ControlProtocol(Protocol):
         self._stream: EventStream | None = None
         self._requests = 0  # JSON requests read on this connection
         self._upgraded = False  # the connection was given away (Commands.upgrades)
+        self._approvals: Approvals | None = None
 
     def dataReceived(self, data: bytes) -> None:
         if self._answered:
@@ -89,6 +91,9 @@ class ControlProtocol(Protocol):
             if self._json and self.transport is not None:
                 self._out = JsonLines(self.transport, self._events.clock)
                 self._stream = EventStream(self._events, self._out)
+                find = getattr(self._commands, "mirrors_of", None)
+                if find is not None:
+                    self._approvals = Approvals(self._out, self._events.clock, find)
         if self._json:
             self._json_lines(data)
         else:
@@ -168,6 +173,8 @@ class ControlProtocol(Protocol):
         self._lost = True
         if self._stream is not None:
             self._stream.stop()
+        if self._approvals is not None:
+            self._approvals.stop()
         if self._out is not None:
             self._out.connection_lost()
 
@@ -223,6 +230,12 @@ class ControlProtocol(Protocol):
         self._requests += 1
         if method in self._commands.upgrades:
             self._upgrade(request_id, method, request.get("params"))
+            return
+        if method in APPROVAL_METHODS:
+            if self._approvals is None:
+                self._send_json(_error(request_id, 1, "this server has no exports to approve"))
+            else:
+                self._send_json(self._approvals.request(request_id, method, request.get("params")))
             return
         if method not in self._commands.table and method not in STREAM_METHODS:
             self._send_json(_error(request_id, -32601, "unknown command"))
@@ -383,27 +396,27 @@ class ControlFactory(Factory):
         return ControlProtocol(self.commands, self.events)
 
 
-def claim_socket_path(path: str) -> None:
-    """Make ``path`` free for a new control socket, or say why it cannot be.
+def claim_socket_path(path: str, what: str = "control socket") -> None:
+    """Make ``path`` free for a new socket (``what``: a control socket), or say why it cannot be.
 
     A leftover socket that refuses connections belonged to a dead process
     and is removed; one that accepts them belongs to a live server.
     """
     try:
-        check_parent_directory(path, "control socket")
+        check_parent_directory(path, what)
     except UnsafePath as unsafe:
         raise ControlSocketError(str(unsafe)) from None
     except OSError as error:
-        raise ControlSocketError(f"control socket {path}: {error.strerror or error}") from None
+        raise ControlSocketError(f"{what} {path}: {error.strerror or error}") from None
     try:
         info = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(info.st_mode):
-        raise ControlSocketError(f"control socket {path}: exists and is not a socket")
+        raise ControlSocketError(f"{what} {path}: exists and is not a socket")
     if info.st_uid != os.geteuid():
         raise ControlSocketError(
-            f"control socket {path}: belongs to uid {info.st_uid}, not to this user: "
+            f"{what} {path}: belongs to uid {info.st_uid}, not to this user: "
             "refusing to replace or use it"
         )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -413,10 +426,10 @@ def claim_socket_path(path: str) -> None:
         os.unlink(path)
         return
     except OSError as error:
-        raise ControlSocketError(f"control socket {path}: {error.strerror}") from None
+        raise ControlSocketError(f"{what} {path}: {error.strerror}") from None
     finally:
         probe.close()
-    raise ControlSocketError(f"control socket {path}: in use by a running server")
+    raise ControlSocketError(f"{what} {path}: in use by a running server")
 
 
 def listen_control(

@@ -142,10 +142,15 @@ Deferreds
 ---------
 Every operation is a handful of small syscalls on a local (or NFS) file,
 microseconds, except the ``fdatasync`` after a token change, which happens
-once per acquire or take-over.  They run on the calling thread and answer
-with an already-fired ``Deferred``: a thread pool would add a hop and a
-lock-ordering problem (the lock must be taken by the descriptor the grant
-keeps) for no measurable gain.
+once per acquire or take-over -- and any of them can hang for as long as
+the file system does (an NFS server that went away).  With a reactor they
+run on a thread of the lockspace's own, one operation at a time in the
+order they were asked (so no two ever race on a lock file or on the
+holds kept here), and answer on the reactor thread: a lockspace that hangs
+holds up the leases, never every client of the node.  The inotify watch
+is the reactor's; the checks it starts go to that thread too.  Without a
+reactor (the unit tests, ``ferry lock``) they run on the calling thread
+and answer with an already-fired ``Deferred``.
 """
 
 from __future__ import annotations
@@ -162,6 +167,7 @@ import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -169,6 +175,7 @@ from twisted.internet import defer
 from twisted.internet import inotify as _inotify
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from ferry.lease.backend import (
@@ -183,6 +190,7 @@ from ferry.lease.backend import (
     in_holder_order,
 )
 from ferry.safepath import UnsafePath, check_private_directory, open_private_file
+from ferry.workers import WorkerPool
 
 __all__ = ["MAX_HOLDERS", "MAX_OWNER_BYTES", "LocalLockspace", "lock_file_name"]
 
@@ -517,6 +525,11 @@ class LocalLockspace:
         self.directory = Path(directory)
         self._holds: dict[int, _Hold] = {}
         self._reactor = reactor  # for the inotify watch; None: renewals are the only check
+        # Where the operations run: a thread of their own, one at a time (see
+        # "Deferreds" above); None without a reactor: the calling thread.
+        self._thread = (
+            None if reactor is None else WorkerPool(reactor, 1, name="ferry-lockspace")
+        )
         self._notifier: Any = None  # twisted.internet.inotify.INotify, once watching
         self._watchers: dict[int, Callable[[], None]] = {}  # grant handle -> its check
 
@@ -531,22 +544,22 @@ class LocalLockspace:
     # -- the LeaseBackend interface --------------------------------------------
 
     def acquire(self, resource: str, owner: str, mode: LeaseMode) -> Deferred[Grant]:
-        return _answer(self._acquire, resource, owner, mode)
+        return self._answer(self._acquire, resource, owner, mode)
 
     def renew(self, grant: Grant) -> Deferred[None]:
-        return _answer(self._renew, grant)
+        return self._answer(self._renew, grant)
 
     def release(self, grant: Grant) -> Deferred[None]:
-        return _answer(self._release, grant)
+        return self._answer(self._release, grant)
 
     def inquire(self, resource: str) -> Deferred[tuple[Holder, ...]]:
-        return _answer(self._inquire, resource)
+        return self._answer(self._inquire, resource)
 
     def offer(self, grant: Grant) -> Deferred[Grant]:
-        return _answer(self._offer, grant)
+        return self._answer(self._offer, grant)
 
     def take_over(self, resource: str, owner: str, token: int) -> Deferred[Grant]:
-        return _answer(self._take_over, resource, owner, token)
+        return self._answer(self._take_over, resource, owner, token)
 
     def publish(self, grant: Grant, address: str) -> Deferred[None]:
         """Nothing is recorded: a local lockspace is one host's, and so are its servers."""
@@ -562,7 +575,7 @@ class LocalLockspace:
         no resource name, so the keys are lock file paths: to ask about a
         resource by name, use :meth:`inquire`.
         """
-        return _answer(self._inquire_all)
+        return self._answer(self._inquire_all)
 
     def watch(self, grant: Grant, on_lost: Callable[[str], None]) -> Callable[[], None]:
         """Call ``on_lost`` as soon as the grant's lock file is removed or replaced.
@@ -580,13 +593,14 @@ class LocalLockspace:
             hold = self._holds.get(handle)
             if hold is None:
                 return
-            try:
-                self._check(hold)
-            except LeaseLost as lost:
-                self._watchers.pop(handle, None)
-                on_lost(str(lost))
-            except LeaseError:
-                pass  # cannot tell now; the next renewal asks again
+            self._answer(self._check, hold).addErrback(judge)
+
+        def judge(failure: Failure) -> None:
+            if isinstance(failure.value, LeaseLost):
+                if self._watchers.pop(handle, None) is not None:
+                    on_lost(failure.getErrorMessage())
+            elif not isinstance(failure.value, LeaseError):  # cannot tell now; renewals ask
+                _log.failure("checking {path}", failure, path=str(self.directory))
 
         self._watchers[handle] = check
         try:
@@ -605,7 +619,25 @@ class LocalLockspace:
         return unwatch
 
     def close(self) -> Deferred[None]:
-        return _answer(self._close)
+        self._watchers.clear()
+        if self._notifier is not None:
+            self._notifier.loseConnection()
+            self._notifier = None
+        closed = self._answer(self._close)
+        if self._thread is not None:
+            closed.addBoth(self._stop_thread)
+        return closed
+
+    def _stop_thread(self, result: object) -> object:
+        if self._thread is not None:
+            self._thread.stop()
+        return result
+
+    def _answer(self, fn: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        """Run an operation where operations run (see "Deferreds" in the module doc)."""
+        if self._thread is None:
+            return defer.maybeDeferred(fn, *args)
+        return self._thread(partial(fn, *args))
 
     # -- a takeover on this host (PassingBackend) --------------------------------
 
@@ -833,10 +865,6 @@ class LocalLockspace:
 
     def _close(self) -> None:
         holds, self._holds = list(self._holds.values()), {}
-        self._watchers.clear()
-        if self._notifier is not None:
-            self._notifier.loseConnection()
-            self._notifier = None
         for hold in holds:
             self._drop(hold)
 
@@ -1131,11 +1159,6 @@ def _guarded(path: Path, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T
         return fn(*args, **kwargs)
     except OSError as err:
         raise LockspaceUnavailable(f"lock file {path}: {err.strerror or err}") from None
-
-
-def _answer(fn: Callable[..., _T], *args: Any) -> Deferred[_T]:
-    """Run a synchronous operation and hand its outcome back as a fired Deferred."""
-    return defer.maybeDeferred(fn, *args)
 
 
 def _no_op() -> None:

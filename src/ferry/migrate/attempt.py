@@ -25,6 +25,8 @@ from ferry.nbd.constants import TransmissionFlag
 from ferry.nbd.events import ConnectionLanding, Negotiated
 
 if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
     from ferry.migrate.core.job import MigrationJob
     from ferry.migrate.gate import ClientGate
     from ferry.migrate.lease import OutgoingLease
@@ -65,7 +67,8 @@ class Attempt:
     queue: deque[CopyOp] = field(default_factory=deque)
     exhausted: bool = False
     in_flight: dict[int, CopyOp] = field(default_factory=dict)
-    bytes_in_flight: int = 0
+    bytes_in_flight: int = 0  # data being read from the image or sent, not yet answered
+    reading: int = 0  # data requests whose bytes are being read from the image
     paced: CopyOp | None = None  # reserved with the limiter, waiting to go
     pace_timer: DelayedCall | None = None
     flush_handle: int | None = None
@@ -123,6 +126,10 @@ class Driver(Protocol):
 
     @property
     def counters(self) -> AttemptCounters: ...
+
+    def read_image(self, offset: int, length: int) -> Deferred[bytes]:
+        """The image's bytes ``[offset, offset + length)``, read off the reactor thread."""
+        ...
 
     def current(self, attempt: Attempt) -> bool:
         """Whether ``attempt`` is still the one the source is making."""

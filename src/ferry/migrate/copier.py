@@ -4,8 +4,15 @@ The job (:mod:`ferry.migrate.core.job`) says what each pass copies; the
 :class:`PassCopier` sends it over the current attempt's connection:
 
 * at most ``max_in_flight`` requests and ``max_bytes_in_flight`` data bytes
-  unanswered at once, paced by the job's rate limiter (a data request is at
-  most a second's worth of the limit, so the source is never long silent);
+  unanswered at once (a data request counts from when its bytes are being
+  read), paced by the job's rate limiter (a data request is at most a
+  second's worth of the limit, so the source is never long silent);
+* a data request's bytes are read from the image on a worker thread
+  (:meth:`Driver.read_image`), and the request goes out when they are
+  there: requests may leave in another order than the plan's, which NBD
+  allows (a pass's requests never overlap).  The read starts after the
+  plan cleared the chunks it covers, so it sees every write that marked
+  them (see :mod:`ferry.migrate.core.passes`);
 * holes as WRITE_ZEROES where the destination has it, else as zero WRITEs;
 * each good reply reported to the job (:meth:`~MigrationJob.sent`); an error
   reply fails the attempt;
@@ -22,6 +29,7 @@ from collections.abc import Callable
 from typing import Final
 
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ferry.chartnames import MigrationState
 from ferry.migrate.attempt import Attempt, Driver
@@ -75,9 +83,25 @@ class PassCopier:
         # flexnbd's requests all carry one handle: one unanswered at a time.
         options = driver.options
         self.max_in_flight = 1 if options.flexnbd else options.max_in_flight
+        self._pumping = False  # inside pump (a read may be answered within it)
+        self._pump_again: Attempt | None = None
 
     def pump(self, attempt: Attempt) -> None:
         """Send what the plan, the limiter and the in-flight bounds allow now."""
+        if self._pumping:
+            self._pump_again = attempt  # asked from inside: the loop below goes round again
+            return
+        self._pumping = True
+        try:
+            again: Attempt | None = attempt
+            while again is not None:
+                self._pump_again = None
+                self._pump(again)
+                again = self._pump_again
+        finally:
+            self._pumping = False
+
+    def _pump(self, attempt: Attempt) -> None:
         driver = self._driver
         options = driver.options
         while driver.current(attempt) and attempt.pace_timer is None:
@@ -90,11 +114,11 @@ class PassCopier:
                 attempt.queue.clear()
                 attempt.exhausted = False
             if attempt.exhausted:
-                if not attempt.in_flight:
+                if not attempt.in_flight and not attempt.reading:
                     self._pass_done(attempt)
                 return
             if (
-                len(attempt.in_flight) >= self.max_in_flight
+                len(attempt.in_flight) + attempt.reading >= self.max_in_flight
                 or attempt.bytes_in_flight >= options.max_bytes_in_flight
             ):
                 return
@@ -159,16 +183,21 @@ class PassCopier:
         return step
 
     def _send_op(self, attempt: Attempt, op: CopyOp) -> None:
+        if op.kind is OpKind.DATA:
+            attempt.reading += 1
+            attempt.bytes_in_flight += op.length
+            read = self._driver.read_image(op.offset, op.length)
+            read.addCallbacks(
+                self._read,
+                self._read_failed,
+                callbackArgs=(attempt, op),
+                errbackArgs=(attempt, op),
+            )
+            return
         wire = attempt.wire
         assert wire is not None
         counters = self._driver.counters
-        if op.kind is OpKind.DATA:
-            data = self._driver.image.pread(op.offset, op.length)
-            handle = wire.request(Command.WRITE, op.offset, data=data)
-            counters.data_requests += 1
-            counters.data_bytes += op.length
-            attempt.bytes_in_flight += op.length
-        elif attempt.can(TransmissionFlag.SEND_WRITE_ZEROES):
+        if attempt.can(TransmissionFlag.SEND_WRITE_ZEROES):
             handle = wire.request(Command.WRITE_ZEROES, op.offset, op.length)
             counters.zero_requests += 1
             counters.zero_bytes += op.length
@@ -177,6 +206,34 @@ class PassCopier:
             counters.data_requests += 1
             counters.data_bytes += op.length
             attempt.bytes_in_flight += op.length
+        self._sent(attempt, op, handle)
+
+    def _read(self, data: bytes, attempt: Attempt, op: CopyOp) -> None:
+        """``op``'s bytes are read: send them (unless the attempt ended meanwhile)."""
+        attempt.reading -= 1
+        wire = attempt.wire
+        if not self._driver.current(attempt) or wire is None:
+            return
+        handle = wire.request(Command.WRITE, op.offset, data=data)
+        counters = self._driver.counters
+        counters.data_requests += 1
+        counters.data_bytes += op.length
+        self._sent(attempt, op, handle)
+        self.pump(attempt)
+
+    def _read_failed(self, failure: Failure, attempt: Attempt, op: CopyOp) -> None:
+        attempt.reading -= 1
+        attempt.bytes_in_flight -= op.length
+        if not self._driver.current(attempt):
+            return
+        self._driver.fail(
+            attempt,
+            "",
+            f"reading [{op.offset}, {op.end}) of the image failed: {failure.getErrorMessage()}",
+            FailureReason.READ_ERROR,
+        )
+
+    def _sent(self, attempt: Attempt, op: CopyOp, handle: int) -> None:
         attempt.in_flight[handle] = op
         attempt.unflushed_bytes += op.length
         if attempt.preflush_handle is not None:

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from ferry.chartnames import MigrationState
 from ferry.clock import Clock
-from ferry.hooks import Hooks
+from ferry.hooks import Approver, Hooks
 from ferry.migrate.blockers import Blockers, MigrationBlocked, blocked_message, lease_blockers
 from ferry.migrate.carry import Carrier
 from ferry.migrate.core.stats import MigrationStats
@@ -37,7 +37,7 @@ from ferry.migrate.options import (
     NotMirroring,
     StartOutcome,
 )
-from ferry.migrate.source import MirrorSource
+from ferry.migrate.source import ImageCalls, MirrorSource
 from ferry.migrate.wire import Connector, TLSForHost
 from ferry.serve.export import Export
 from ferry.status import StatusSnapshot
@@ -66,11 +66,15 @@ class MirrorManager:
         tls: TLSForHost | None = None,
         carrier: Carrier | None = None,
         hooks: Hooks | None = None,
+        image_calls: ImageCalls | None = None,
     ) -> None:
         self.export = export
         self.hooks = hooks
+        self._image_calls = image_calls
         # This node's client TLS (--tls-certificates): every migration uses it.
         self._tls = tls
+        # A control connection that approves this export's veto-able steps (or None).
+        self.approver: Approver | None = None
         self._carrier = carrier
         self._gate = gate
         self._clock = clock
@@ -153,6 +157,8 @@ class MirrorManager:
             tls=self._tls,
             carrier=self._carrier,
             hooks=self.hooks,
+            image_calls=self._image_calls,
+            approver=lambda: self.approver,
         )
         previous, self.current = self.current, source
         try:

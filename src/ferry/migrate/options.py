@@ -8,6 +8,7 @@ options carry ferry's defaults.  Nothing here does anything: the driver is
 from __future__ import annotations
 
 import enum
+import shlex
 from dataclasses import dataclass
 from typing import Final
 
@@ -33,6 +34,7 @@ __all__ = [
     "MirrorResult",
     "NotMirroring",
     "StartOutcome",
+    "parse_destination",
 ]
 
 # flexnbd's replies to `mirror`, word for word (the control command prints them).
@@ -85,15 +87,76 @@ class FinishAction(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Destination:
-    """Where to mirror to: ``host`` (a name or an address), ``port``, optional ``bind`` address."""
+    """Where to mirror to, over one of three transports (QEMU's names):
 
-    host: str
-    port: int
+    * TCP: ``host`` (a name or an address) and ``port``, from ``bind`` if given;
+    * ``unix:PATH``: the listener's Unix socket ``path`` (``ferry listen --nbd-sock``);
+    * ``exec:COMMAND``: the stream over the stdin and stdout of ``command``
+      (an argv), typically ``ssh HOST ferry listen --stdio ...``.
+
+    The protocol, the two-phase commit and the lease's hand-over are the
+    same on each; only how the connection is made differs
+    (:mod:`ferry.migrate.transport`).
+    """
+
+    host: str = ""
+    port: int = 0
     bind: str | None = None
     export_name: str = ""
+    path: str | None = None
+    command: tuple[str, ...] = ()
+
+    @property
+    def transport(self) -> str:
+        """``tcp``, ``unix`` or ``exec``."""
+        if self.path is not None:
+            return "unix"
+        return "exec" if self.command else "tcp"
 
     def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        if self.command:
+            return f"exec:{shlex.join(self.command)}"
         return f"{self.host}:{self.port}"
+
+
+#: What ``parse_destination`` takes, for its error messages.
+DESTINATION_FORMS: Final = "tcp:HOST:PORT, unix:PATH or exec:COMMAND"
+#: The longest Unix socket path the kernel takes (``sun_path`` less its NUL).
+MAX_UNIX_PATH: Final = 107
+
+
+def parse_destination(text: str) -> Destination:
+    """``tcp:HOST:PORT``, ``unix:PATH`` or ``exec:COMMAND`` as a :class:`Destination`.
+
+    ``COMMAND`` is split as a shell would split it, but no shell runs it.
+    Raises ``ValueError`` with one line saying what is wrong.
+    """
+    scheme, colon, rest = text.partition(":")
+    if not colon or scheme not in ("tcp", "unix", "exec"):
+        raise ValueError(f"bad destination {text!r}: expected {DESTINATION_FORMS}")
+    if scheme == "unix":
+        if not rest or "\0" in rest:
+            raise ValueError(f"bad destination {text!r}: unix: needs a socket path")
+        if len(rest.encode()) > MAX_UNIX_PATH:
+            raise ValueError(
+                f"bad destination {text!r}: a Unix socket path has at most {MAX_UNIX_PATH} bytes"
+            )
+        return Destination(path=rest)
+    if scheme == "exec":
+        try:
+            argv = tuple(shlex.split(rest))
+        except ValueError as error:
+            raise ValueError(f"bad destination {text!r}: {error}") from None
+        if not argv:
+            raise ValueError(f"bad destination {text!r}: exec: needs a command")
+        return Destination(command=argv)
+    host, colon, port = rest.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad destination {text!r}: tcp: needs HOST:PORT, PORT in 1..65535")
+    return Destination(host, int(port))
 
 
 @dataclass(frozen=True, slots=True)

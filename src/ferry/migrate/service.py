@@ -43,15 +43,14 @@ class ServiceAddressHolder:
         """At start: the address is on its device (added if it was missing); True if added."""
         return address.add(self.address)
 
-    def give_up(self) -> bool:
-        """The clients are moving to another host: remove the address; False if that failed."""
+    def give_up(self) -> None:
+        """The image has moved to another host: remove the address (trouble is logged)."""
         try:
             address.remove(self.address)
         except AddressError as error:
             _log.error("cannot give up the service address: {error}", error=error)
-            return False
+            return
         _log.info("gave up the service address {address}", address=str(self.address))
-        return True
 
     def take(self) -> None:
         """This node has the image now: add the address and announce it."""

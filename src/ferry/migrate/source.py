@@ -30,15 +30,16 @@ checks that its attempt is still the current one, so a late reply, timer or
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ferry.chartnames import MigrationState, MigrationTrigger, RoleState, RoleTrigger
 from ferry.clock import Clock, cancel_call
-from ferry.hooks import HookOutcome, Hooks, Stage
+from ferry.hooks import VETOING, Approver, HookOutcome, Hooks, Stage
 from ferry.migrate.attempt import Attempt, AttemptCounters
 from ferry.migrate.carry import Carriage, Carrier
 from ferry.migrate.copier import PassCopier
@@ -78,11 +79,14 @@ from ferry.nbd.events import (
 )
 from ferry.nbd.locate import Location
 from ferry.serve.export import Export
-from ferry.storage import Image
+from ferry.storage import Extent, Image
 from ferry.storage.dirtymap import DirtyMap
 from ferry.trace import Tracer
 
-__all__ = ["MirrorSource"]
+__all__ = ["ImageCalls", "MirrorSource"]
+
+ImageCalls = Callable[[Callable[[], Any]], "Deferred[Any]"]
+"""Runs a call on the image (a read, an extent scan) on a worker thread, in the export's lane."""
 
 _log = Logger()
 
@@ -137,12 +141,18 @@ class MirrorSource:
         tls: TLSForHost | None = None,
         carrier: Carrier | None = None,
         hooks: Hooks | None = None,
+        image_calls: ImageCalls | None = None,
+        approver: Callable[[], Approver | None] = lambda: None,
     ) -> None:
         self._export = export
+        # How the passes read the image off the reactor thread (None: inline, for tests).
+        self._image_calls = image_calls
         self._tls = tls  # TLS with this node's certificate, verifying the destination
         self._tracer = tracer
         # The export's hooks: pre-migrate and pre-switchover may veto.
         self._hooks = hooks
+        # ... and the export's approver, if a control connection registered one now.
+        self._approver = approver
         # How client connections move with the image (None: they are disconnected).
         self._carrier = carrier
         # The connections of the commit in progress, until it is decided.
@@ -177,6 +187,8 @@ class MirrorSource:
             destination_empty=options.destination_empty,
             followers={"role": export.trigger},
         )
+        if image_calls is not None:
+            self._job.scan_extents = self._scan_extents
         self.started: Deferred[StartOutcome] = Deferred()
         self.finished: Deferred[MirrorResult] = Deferred()
         self.outcome: StartOutcome | None = None
@@ -250,12 +262,42 @@ class MirrorSource:
         return str(self.destination)
 
     @property
-    def destination_location(self) -> Location:
+    def destination_location(self) -> Location | None:
         destination = self.destination
+        if destination.transport != "tcp":
+            return None
         return Location(destination.host, destination.port, destination.export_name)
 
     def current(self, attempt: Attempt) -> bool:
         return attempt is self._attempt
+
+    def read_image(self, offset: int, length: int) -> Deferred[bytes]:
+        if self._image_calls is not None:
+            return self._image_calls(partial(self._image.pread, offset, length))
+        return maybeDeferred(self._image.pread, offset, length)
+
+    def _scan_extents(self, then: Callable[[list[Extent]], None]) -> None:
+        """The bulk pass's extent scan, on a worker thread; then its pass, and pump."""
+        assert self._image_calls is not None
+        attempt = self._attempt
+        image = self._image
+
+        def scanned(extents: list[Extent]) -> None:
+            then(extents)
+            if self.current(attempt):
+                self.pump(attempt)
+
+        def failed(failure: Failure) -> None:
+            self.fail(
+                attempt,
+                "",
+                f"reading the image's extents failed: {failure.getErrorMessage()}",
+                FailureReason.READ_ERROR,
+            )
+
+        d = self._image_calls(partial(image.extents, 0, image.size))
+        d.addCallbacks(scanned, failed)
+        d.addErrback(lambda failure: _log.failure("after the extent scan", failure))
 
     def pump(self, attempt: Attempt) -> None:
         self.copier.pump(attempt)
@@ -303,14 +345,25 @@ class MirrorSource:
     # -- hooks (ferry.hooks) ------------------------------------------------------------
 
     def wants_approval(self, stage: Stage) -> bool:
-        """Whether a hook must approve ``stage`` before the job goes on."""
+        """Whether a hook, or the export's approver, must approve ``stage`` before the job
+        goes on."""
+        if stage in VETOING and self._approver() is not None:
+            return True
         return self._hooks is not None and self._hooks.configured(stage)
 
     def approve(self, stage: Stage) -> Deferred[HookOutcome]:
-        """Run ``stage``'s hook; its outcome says whether the step may go on."""
-        if self._hooks is None:
-            return succeed(HookOutcome(True))
-        return self._hooks.run(stage, peer=str(self.destination))
+        """Run ``stage``'s hook, then ask the approver; the outcome says whether the step may
+        go on (the first no decides)."""
+        peer = str(self.destination)
+        ran = succeed(HookOutcome(True)) if self._hooks is None else self._hooks.run(stage, peer)
+
+        def ask(outcome: HookOutcome) -> HookOutcome | Deferred[HookOutcome]:
+            approver = self._approver()
+            if not outcome.ok or approver is None or stage not in VETOING:
+                return outcome
+            return approver.ask(stage, peer)
+
+        return ran.addCallback(ask)
 
     def veto(self, reason: str) -> None:
         """A hook said no: cancel the job (``veto``), release the clients, serve on.

@@ -93,8 +93,9 @@ class SwitchoverDriver(Driver, Protocol):
     def destination_name(self) -> str: ...
 
     @property
-    def destination_location(self) -> Location:
-        """Where the image goes: what FERRY_OPT_LOCATE answers once it is there."""
+    def destination_location(self) -> Location | None:
+        """Where the image goes: what FERRY_OPT_LOCATE answers once it is there
+        (None: a ``unix:`` or ``exec:`` destination, which has no address to give)."""
         ...
 
 

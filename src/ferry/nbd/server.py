@@ -716,7 +716,9 @@ class ServerConnection:
             + text
         )
 
-    def reply_read(self, handle: int, offset: int, data: bytes) -> list[bytes]:
+    def reply_read(
+        self, handle: int, offset: int, data: bytes | bytearray
+    ) -> list[bytes | bytearray]:
         """A successful READ as ``[header, data]``, for ``writeSequence`` without a copy.
 
         With structured replies it is one OFFSET_DATA chunk marked DONE: the

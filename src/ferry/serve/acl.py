@@ -13,6 +13,13 @@ address the ACL names, or, while the ACL is empty, from a loopback address
 (:meth:`Acl.admits_sender`).  A daemon's export has an ACL of its own
 beside the listener's: a sender must be admitted by both, and named by
 one of them (or, neither naming anyone, come from loopback).
+
+A peer with no IP address -- on the node's Unix socket (``--nbd-sock``,
+mode 0600: this user's processes only) or on stdin and stdout
+(``listen --stdio``: whoever started the process) -- is
+:data:`LOCAL_PEER`.  The ACL, which names addresses, does not apply to it:
+the file's mode or the parent process has already decided who it is, so
+it is admitted, as a client and as a sender.
 """
 
 from __future__ import annotations
@@ -22,6 +29,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: The "address" of a peer on a Unix socket or on stdio (see the module doc).
+LOCAL_PEER = "local"
+
+
+def peer_host_of(address: object) -> str:
+    """A connection's peer as the ACL sees it: its IP address, or :data:`LOCAL_PEER`."""
+    host = getattr(address, "host", None)
+    return host if isinstance(host, str) else LOCAL_PEER
 
 
 class AclError(ValueError):
@@ -44,7 +60,10 @@ class Acl:
         return cls(tuple(networks), default_deny)
 
     def allows(self, host: str) -> bool:
-        """Whether a client at ``host`` may connect (a non-IP host is refused)."""
+        """Whether a client at ``host`` may connect (a non-IP host is refused, but for
+        :data:`LOCAL_PEER`)."""
+        if host == LOCAL_PEER:
+            return True
         if not self.networks:
             return not self.default_deny
         address = _address(host)
@@ -59,7 +78,10 @@ class Acl:
         "everyone" is never who may take over a disk.  With ``export`` (the
         ACL of the export it would send to), both must allow ``host`` and
         one of them must name it, or, neither naming anyone, it is loopback.
+        :data:`LOCAL_PEER` is admitted.
         """
+        if host == LOCAL_PEER:
+            return True
         address = _address(host)
         if address is None:
             return False

@@ -6,9 +6,17 @@ moves bytes between it, the socket and the image.
 Invariants:
 
 * Every parsed request gets exactly one reply, unless the connection is lost.
-* Requests are *performed* in the order they arrive; replies may complete
-  out of order (a FLUSH or FUA write waits on a thread while later reads are
-  answered).
+* No disk call runs on the reactor thread.  Requests are dispatched in the
+  order they arrive and performed on worker threads (the export's lane,
+  :mod:`ferry.serve.lanes`), in the order :mod:`ferry.serve.ordering` keeps:
+  overlapping requests where one writes run in arrival order, a FLUSH after
+  every write before it.  A READ the page cache can answer at once
+  (``Image.read_cached``) is answered on the spot.  Replies leave as jobs
+  finish, so they may come out of order, as NBD allows.
+* A write is reported to the export (the dirty map) once it has landed and
+  before anything that waited for it starts; a switchover's hold waits for
+  the writes in flight (``Export.writes_landed``), and a sender's commit for
+  its own.
 * The connection is a push producer for its transport.  When the transport
   says "pause" (its write buffer is full), the connection stops reading from
   the socket *and* stops dispatching requests it has already parsed, so a
@@ -21,7 +29,8 @@ Invariants:
   those of one batch of requests leave together (one ``sendmsg``, without a
   copy, when the transport holds nothing), and the outbox is flushed before
   control returns to the reactor -- at the end of ``_dispatch``, after a
-  thread's result, after handshake output.
+  batch of threads' results (:func:`ferry.workers.at_end_of_turn`), after
+  handshake output.
 
 The migration sender (a connection whose ``FERRY_OPT_MIGRATE`` was
 acknowledged, see ``ferry.serve.server``) is served like any client -- its
@@ -93,6 +102,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final, cast
 from typing import Protocol as TypingProtocol
 
@@ -136,6 +146,7 @@ from ferry.nbd.locate import Location
 from ferry.nbd.server import ExportCatalog, Locator, MigrationCatalog, ServerConnection
 from ferry.nbd.session import SessionSnapshot, encode_request
 from ferry.outbox import Outbox, tune
+from ferry.serve.acl import peer_host_of
 from ferry.serve.export import RECEIVING_STATES
 from ferry.serve.limits import (
     MAX_JOBS_PER_CONNECTION,
@@ -145,8 +156,11 @@ from ferry.serve.limits import (
     REPLY_STALL_TIMEOUT,
     Budget,
 )
+from ferry.serve.ordering import Access, Job
+from ferry.storage import Extent as StorageExtent
 from ferry.storage import ZeroingNotFast
 from ferry.tls import ServerTLS, describe_error, peer_subject
+from ferry.workers import at_end_of_turn, turn
 
 if TYPE_CHECKING:
     from ferry.serve.acl import Acl
@@ -157,6 +171,12 @@ log = Logger()
 # Most extents one BLOCK_STATUS reply describes; a fragmented file could
 # otherwise make one reply enormous.  Clients ask again from where it ends.
 MAX_EXTENTS_PER_REPLY: Final = 1024
+
+# The longest step of a WRITE_ZEROES or TRIM on a worker thread.  A request
+# may cover the whole image, and where the file system cannot punch or
+# zero a range its zeroes are written (a megabyte at a time): in steps, the
+# export's other requests get their turn in its lane between them.
+ZERO_STEP: Final = 64 * 1024 * 1024
 
 # How an operating-system error becomes an NBD error.  Anything unlisted is
 # reported as EIO: the client must not mistake it for a usage error.
@@ -264,7 +284,7 @@ class ConnectionHost(ExportCatalog, MigrationCatalog, Locator, TypingProtocol):
     def run_blocking(self, work: Callable[[], object]) -> defer.Deferred[Any]: ...
 
     def run_blocking_for(
-        self, export: Export, work: Callable[[], object]
+        self, export: Export, work: Callable[[], object], *, short: bool = False
     ) -> defer.Deferred[Any]: ...
 
     def catalog_for(self, peer_host: str, subject: x509.Name | None = None) -> PeerCatalogs:
@@ -322,6 +342,12 @@ class NBDServerProtocol(Protocol):
         # "throttled", "queue", "budget"; it is read again once every reason is gone.
         self._not_reading: set[str] = set()
         self._queued_bytes = 0  # WRITE payload held in the queue (MAX_QUEUED_BYTES)
+        self._dispatching = False  # inside _dispatch (a job may end within it)
+        self._dispatch_again = False  # ... and one did: dispatch again before leaving
+        self._settling = False  # replies wait for the end of a batch of results
+        self._jobs = 0  # requests of it in the export's order (admitted, not finished)
+        self._writing = 0  # WRITE payload of jobs in flight (RECEIVE_BUDGET)
+        self._reading = 0  # READ bytes of jobs in flight (REPLY_BUDGET)
         self._partial_timer: Any = None  # a request received in part (PARTIAL_REQUEST_TIMEOUT)
         self._stall_timer: Any = None  # replies unread while paused (REPLY_STALL_TIMEOUT)
         #: Why handshakes on this connection are refused (too many connections
@@ -340,7 +366,7 @@ class NBDServerProtocol(Protocol):
     # -- Twisted protocol -------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.peer_host = getattr(self.transport.getPeer(), "host", "")  # type: ignore[union-attr]
+        self.peer_host = peer_host_of(self.transport.getPeer())  # type: ignore[union-attr]
         self._catalogs = self._server.catalog_for(self.peer_host)
         if self._arrival is not None:
             self._arrived(self._arrival)
@@ -577,7 +603,7 @@ class NBDServerProtocol(Protocol):
         if self._nbd is None or export is None or self._flexnbd or export.sender is self:
             return "it is not a client in transmission"
         if self._in_flight:
-            return "a FLUSH or FUA write of it is still running"
+            return "a request of it is still running"
         if not isinstance(transport, tcp.Connection) or not isinstance(
             transport.socket, socket.socket
         ):
@@ -636,7 +662,7 @@ class NBDServerProtocol(Protocol):
         self._dispatch()
 
     def settled(self) -> defer.Deferred[None]:
-        """Fires once no job of this connection runs on a thread (a FLUSH, a FUA write).
+        """Fires once no job of this connection runs on a thread (any request now).
 
         Only then can its session move: such a job's reply is this process's
         to send.  With requests held, no new job starts meanwhile.
@@ -768,16 +794,16 @@ class NBDServerProtocol(Protocol):
         nbd = self._nbd
         if nbd is None or self._lost:
             return
-        partial = nbd.buffered
-        if partial and self._partial_timer is None:
+        incomplete = nbd.buffered
+        if incomplete and self._partial_timer is None:
             self._partial_timer = self._server.clock.call_later(
                 PARTIAL_REQUEST_TIMEOUT, self._partial_expired
             )
-        elif not partial and self._partial_timer is not None:
+        elif not incomplete and self._partial_timer is not None:
             cancel_call(self._partial_timer)
             self._partial_timer = None
         budget = self._server.receive_budget
-        held = partial + self._queued_bytes
+        held = incomplete + self._queued_bytes + self._writing
         budget.hold(self, held)
         if len(self._queue) >= MAX_QUEUED_REQUESTS or self._queued_bytes >= MAX_QUEUED_BYTES:
             self._stop_reading("queue")
@@ -788,6 +814,10 @@ class NBDServerProtocol(Protocol):
         if held and not budget.fits() and not budget.exempt(self):
             self._stop_reading("budget")
             budget.wait(self, self._room_to_receive)
+        elif not held and "budget" in self._not_reading:
+            # What it held went to the disk (its writes ran on threads): it
+            # holds nothing now, and may read again like any that holds nothing.
+            self._start_reading("budget")
 
     def _room_to_receive(self) -> None:
         self._start_reading("budget")
@@ -968,6 +998,26 @@ class NBDServerProtocol(Protocol):
         export = self._export
         if export is None:
             return  # an arrival that has not joined its export: nothing is performed yet
+        if self._dispatching:
+            self._dispatch_again = True  # a job ended inside this loop: it goes round again
+            return
+        self._dispatching = True
+        try:
+            again = True
+            while again:
+                self._dispatch_again = False
+                with turn():  # the requests that are ready together go to a thread together
+                    self._dispatch_queued(queue, export)
+                again = self._dispatch_again
+        finally:
+            self._dispatching = False
+        self._flush_outbox()
+        self._account_received()
+        self._maybe_close()
+
+    def _dispatch_queued(
+        self, queue: deque[Request | RejectedRequest | Commit | CarriedConnection], export: Export
+    ) -> None:
         while queue and not self._paused and not self._lost and self._throttle_timer is None:
             if export is not None and export.clients_held:
                 # A switchover holds client requests: queued, not failed.
@@ -980,9 +1030,7 @@ class NBDServerProtocol(Protocol):
                     # Replies already waiting for their clients fill the budget.
                     self._server.reply_budget.wait(self, self._dispatch)
                     break
-                if self._in_flight >= MAX_JOBS_PER_CONNECTION and (
-                    command is _FLUSH or int(event.flags) & _FUA
-                ):
+                if self._in_flight >= MAX_JOBS_PER_CONNECTION:
                     break  # a job ends first (_settle_thread_job dispatches again)
                 if (
                     command is _WRITE
@@ -1001,6 +1049,8 @@ class NBDServerProtocol(Protocol):
                 self._queued_bytes -= len(event.data)
                 self._perform(event)
             else:
+                if type(event) is Commit and self._jobs:
+                    break  # the commit follows every write before it: they end first
                 queue.popleft()
                 if type(event) is Commit:
                     self._commit(event)
@@ -1008,9 +1058,6 @@ class NBDServerProtocol(Protocol):
                     self._carried(event)
                 else:
                     self._reject(event)  # type: ignore[arg-type]
-        self._flush_outbox()
-        self._account_received()
-        self._maybe_close()
 
     def _unthrottle(self) -> None:
         self._throttle_timer = None
@@ -1048,82 +1095,175 @@ class NBDServerProtocol(Protocol):
         nbd = self._nbd
         outbox = self._outbox
         assert export is not None and nbd is not None and outbox is not None
+        refusal = self._refusal(export)
+        if refusal is not None:
+            self._fail(request, *refusal)
+            return
+        command = request.command
+        started = time.perf_counter()  # latency is observed, never used for decisions
+        image = export.image
+        offset = request.offset
+        length = request.length
+        if command is _READ:
+            if not export.order.conflicts(Access.READ, offset, length):
+                # What the page cache holds is answered here and now: no disk
+                # call, so no thread (and no round trip to one) is needed.
+                try:
+                    cached = image.read_cached(offset, length)
+                except OSError as error:
+                    self._fail(request, *_os_failure(request, error))
+                    return
+                if cached is not None:
+                    export.stats.bytes_read += length
+                    outbox.add_all(nbd.reply_read(request.handle, offset, cached))
+                    export.stats.observe(_NAMES[command], time.perf_counter() - started)
+                    return
+            self._reading += length
+            self._run(request, Access.READ, (lambda: image.pread(offset, length),), started)
+        elif command is _WRITE:
+            data = request.data
+            self._writing += len(data)
+            self._run(request, Access.WRITE, (lambda: image.pwrite(data, offset),), started)
+        elif command is _FLUSH:
+            self._run(request, Access.FLUSH, (image.flush,), started)
+        elif command is _TRIM:
+            steps = [
+                partial(image.punch_hole, at, n) for at, n in _zero_steps(offset, length)
+            ]
+            self._run(request, Access.WRITE, steps, started)
+        elif command is _WRITE_ZEROES:
+            flags = int(request.flags)
+            may_trim = not flags & _NO_HOLE
+            fast_only = bool(flags & _FAST_ZERO)
+            steps = [
+                partial(image.write_zeroes, at, n, may_trim=may_trim, fast_only=fast_only)
+                for at, n in _zero_steps(offset, length)
+            ]
+            self._run(request, Access.WRITE, steps, started)
+        elif command is _CACHE:
+            fd = image.fileno()
+            advise = partial(os.posix_fadvise, fd, offset, length, os.POSIX_FADV_WILLNEED)
+            self._run(request, Access.READ, (advise,), started)
+        elif command is _BLOCK_STATUS:
+            most = 1 if request.flags & CommandFlag.REQ_ONE else MAX_EXTENTS_PER_REPLY
+            extents = partial(image.extents, offset, length, most)
+            self._run(request, Access.READ, (extents,), started)
+        else:  # the parser only emits known commands; DISC is an event of its own
+            self._fail(request, Errno.EINVAL, "unsupported command")
+
+    def _refusal(self, export: Export, *, admitted: bool = False) -> tuple[Errno, str] | None:
+        """Why nothing of this connection's may touch the image now (None: it may).
+
+        A request ``admitted`` before a switchover's hold (one waiting in the
+        export's order) still runs while clients are held: it is only
+        refused once the node has no control at all.
+        """
         lease = export.lease
         if lease is not None and not lease.may_write():
-            self._fail(request, Errno.EIO, "the image's lease is lost: this node may not touch it")
-            return
-        if not export.clients_allowed and export.sender is not self:
+            return Errno.EIO, "the image's lease is lost: this node may not touch it"
+        allowed = export.has_control if admitted else export.clients_allowed
+        if not allowed and export.sender is not self:
             # Let go by a role that serves no one (stopped, or no control any
             # more): nothing is performed, and the client is told why.
             if export.state == RoleState.STOPPED:
-                self._fail(request, Errno.ESHUTDOWN, "the server is shutting down")
+                return Errno.ESHUTDOWN, "the server is shutting down"
+            return Errno.EIO, f"this node is {export.state}: it has no control"
+        return None
+
+    def _run(
+        self,
+        request: Request,
+        access: Access,
+        steps: Sequence[Callable[[], object]],
+        started: float,
+    ) -> None:
+        """Perform ``request`` on worker threads, in the export's order; answer when done.
+
+        ``steps`` run one after the other, each on its own turn in the
+        export's lane (a long zeroing lets the export's other requests
+        through between its steps); the answer is built from the last
+        one's result.  A write is reported to the export (the dirty map)
+        once it has landed, before anything that waited for it starts; a
+        FUA write is answered after a FLUSH of its own.
+        """
+        export = self._export
+        assert export is not None
+        order = export.order
+        short = access is not Access.FLUSH
+        self._in_flight += 1
+        self._jobs += 1
+        remaining = list(steps)
+        job = Job(access, request.offset, request.length, lambda: step())
+
+        def step() -> None:
+            refusal = self._refusal(export, admitted=True)
+            if refusal is not None:
+                end(refusal)
+                return
+            d = self._server.run_blocking_for(export, remaining.pop(0), short=short)
+            d.addCallbacks(stepped, failed)
+            d.addErrback(self._internal_error, request)
+
+        def stepped(result: object) -> None:
+            if remaining:
+                step()
             else:
-                self._fail(request, Errno.EIO, f"this node is {export.state}: it has no control")
-            return
+                end(result)
+
+        def failed(failure: Failure) -> None:
+            error = failure.value
+            if isinstance(error, ZeroingNotFast):
+                end((Errno.ENOTSUP, "zeroing would not be fast"))
+            elif isinstance(error, OSError):
+                end(_os_failure(request, error))
+            else:
+                log.failure("{command} failed", failure, command=request.command.name)
+                end((Errno.EIO, "internal error"))
+
+        def end(result: object) -> None:
+            if access is Access.WRITE:
+                # Even a failed write may have changed part of its range.
+                export.note_write(request.offset, request.length)
+            order.finish(job)
+            self._finished(request, result, started)
+
+        if order.admit(job):
+            step()
+
+    def _finished(self, request: Request, result: object, started: float) -> None:
+        """A job of this connection ended with ``result`` (an (Errno, message) on failure)."""
+        export, nbd, outbox = self._export, self._nbd, self._outbox
+        assert export is not None and nbd is not None and outbox is not None
         command = request.command
-        fua = int(request.flags) & _FUA
-        started = time.perf_counter()  # latency is observed, never used for decisions
-        image = export.image
-        try:
-            if command is _READ:
-                data = image.pread(request.offset, request.length)
-                export.stats.bytes_read += request.length
-                outbox.add_all(nbd.reply_read(request.handle, request.offset, data))
-            elif command is _WRITE:
-                image.pwrite(request.data, request.offset)
+        self._jobs -= 1
+        if command is _READ:
+            self._reading -= request.length
+        elif command is _WRITE:
+            self._writing -= len(request.data)
+        if type(result) is tuple:
+            error, message = result
+            self._fail(request, error, message)
+        elif command is not _FLUSH and int(request.flags) & _FUA:
+            if command is _WRITE:
                 export.stats.bytes_written += request.length
-                export.note_write(request.offset, request.length)
-                if fua:
-                    self._later(request, started, image.flush)
-                    return
-                outbox.add(nbd.reply_ok(request.handle))
-            elif command is _FLUSH:
-                self._later(request, started, image.flush)
-                return
-            elif command is _TRIM:
-                image.punch_hole(request.offset, request.length)
-                export.note_write(request.offset, request.length)
-                if fua:
-                    self._later(request, started, image.flush)
-                    return
-                outbox.add(nbd.reply_ok(request.handle))
-            elif command is _WRITE_ZEROES:
-                flags = int(request.flags)
-                image.write_zeroes(
-                    request.offset,
-                    request.length,
-                    may_trim=not flags & _NO_HOLE,
-                    fast_only=bool(flags & _FAST_ZERO),
-                )
-                export.note_write(request.offset, request.length)
-                if fua:
-                    self._later(request, started, image.flush)
-                    return
-                outbox.add(nbd.reply_ok(request.handle))
-            elif command is _CACHE:
-                os.posix_fadvise(
-                    image.fileno(), request.offset, request.length, os.POSIX_FADV_WILLNEED
-                )
-                outbox.add(nbd.reply_ok(request.handle))
+            self._later(request, started, export.image.flush)
+        elif not self._lost:
+            if command is _READ:
+                export.stats.bytes_read += request.length
+                outbox.add_all(nbd.reply_read(request.handle, request.offset, result))  # type: ignore[arg-type]
             elif command is _BLOCK_STATUS:
-                outbox.add(self._block_status(request))
-            else:  # the parser only emits known commands; DISC is an event of its own
-                self._fail(request, Errno.EINVAL, "unsupported command")
-                return
-        except ZeroingNotFast:
-            self._fail(request, Errno.ENOTSUP, "zeroing would not be fast")
-            return
-        except OSError as error:
-            log.warn(
-                "{command} at {offset}+{length} failed: {error}",
-                command=command.name,
-                offset=request.offset,
-                length=request.length,
-                error=error,
-            )
-            self._fail(request, nbd_errno(error), os.strerror(error.errno or os_errno.EIO))
-            return
-        export.stats.observe(_NAMES[command], time.perf_counter() - started)
+                outbox.add(self._block_status(request, result))  # type: ignore[arg-type]
+            else:
+                if command is _WRITE:
+                    export.stats.bytes_written += request.length
+                outbox.add(nbd.reply_ok(request.handle))
+            export.stats.observe(_NAMES[command], time.perf_counter() - started)
+        self._settle_thread_job(None)
+
+    def _internal_error(self, failure: Failure, request: Request) -> None:
+        """A bug in answering ``request``: logged whole; the connection goes, nothing hangs."""
+        log.failure("answering {command}", failure, command=request.command.name)
+        self._abort()
 
     def _commit(self, event: Commit) -> None:
         """The sender's commit (ferry's FERRY_CMD_COMMIT, or flexnbd's DISC): the receiver's."""
@@ -1198,14 +1338,11 @@ class NBDServerProtocol(Protocol):
 
         return answer
 
-    def _block_status(self, request: Request) -> bytes:
-        assert self._nbd is not None and self._export is not None
-        found = self._export.image.extents(request.offset, request.length)
-        if request.flags & CommandFlag.REQ_ONE:
-            found = found[:1]
+    def _block_status(self, request: Request, found: list[StorageExtent]) -> bytes:
+        assert self._nbd is not None
         extents = [
             Extent(e.length, BlockState.HOLE | BlockState.ZERO if e.hole else BlockState.DATA)
-            for e in found[:MAX_EXTENTS_PER_REPLY]
+            for e in found
         ]
         return self._nbd.reply_block_status(request.handle, self._context_id, extents)
 
@@ -1245,8 +1382,21 @@ class NBDServerProtocol(Protocol):
         d.addBoth(self._settle_thread_job)
 
     def _settle_thread_job(self, result: object) -> None:
-        """A job on the worker thread has answered: send its reply now, then go on."""
+        """A job on the worker thread has answered: send its reply, then go on.
+
+        When other jobs' results are being delivered in the same batch,
+        the sending waits for the end of it: their replies leave together.
+        """
         self._in_flight -= 1
+        if self._settling:
+            return
+        if at_end_of_turn(self._jobs_answered):
+            self._settling = True
+        else:
+            self._jobs_answered()
+
+    def _jobs_answered(self) -> None:
+        self._settling = False
         self._flush_outbox()
         if self._in_flight == 0:
             self._fire_settled()
@@ -1265,7 +1415,7 @@ class NBDServerProtocol(Protocol):
     def account_replies(self) -> None:
         """Count the reply bytes this connection's transport still holds (REPLY_BUDGET)."""
         if self._outbox is not None and not self._lost:
-            self._server.reply_budget.hold(self, self._outbox.held())
+            self._server.reply_budget.hold(self, self._outbox.held() + self._reading)
 
     # -- closing ------------------------------------------------------------------------
 
@@ -1301,6 +1451,26 @@ def _tls_failure(reason: Failure | None) -> str:
     if reason is None or reason.value is None:
         return "the connection closed"
     return describe_error(reason.value)
+
+
+def _zero_steps(offset: int, length: int) -> list[tuple[int, int]]:
+    """A zeroing or trim of ``[offset, offset + length)`` as steps of at most ZERO_STEP."""
+    if length <= ZERO_STEP:
+        return [(offset, length)]
+    end = offset + length
+    return [(at, min(ZERO_STEP, end - at)) for at in range(offset, end, ZERO_STEP)]
+
+
+def _os_failure(request: Request, error: OSError) -> tuple[Errno, str]:
+    """What a client is told of a disk call that failed (and the log line that says so)."""
+    log.warn(
+        "{command} at {offset}+{length} failed: {error}",
+        command=request.command.name,
+        offset=request.offset,
+        length=request.length,
+        error=error,
+    )
+    return nbd_errno(error), os.strerror(error.errno or os_errno.EIO)
 
 
 def _command_name(command: int) -> str:

@@ -41,6 +41,7 @@ from ferry.nbd.locate import Location
 from ferry.nbd.session import SessionSnapshot
 from ferry.ratelimit import RateLimiter
 from ferry.serve.acl import Acl
+from ferry.serve.ordering import RequestOrder
 from ferry.serve.stats import HandoffCounts, RequestStats
 from ferry.status import StatusSnapshot
 from ferry.storage import Image
@@ -172,6 +173,9 @@ class Export:
             on_change=self._role_changed,
         )
         self._clients: dict[Attached, None] = {}  # in the order they came: see NBDServer
+        # The requests in flight on worker threads, over every connection,
+        # and the order they must keep (``ferry.serve.ordering``).
+        self.order = RequestOrder()
         self._write_observers: list[WriteObserver] = []
         self._clock = clock
         self._longest_hold = 0.0
@@ -375,13 +379,16 @@ class Export:
     def writes_landed(self) -> defer.Deferred[None]:
         """Fires once every client write dispatched so far has landed in the image.
 
-        The role holds new requests from the moment it is ``quiescing``;
-        writes are performed on the reactor thread before their reply is
-        queued, so by the time this runs they all have: it fires at once.
-        (A write still waiting on FUA's fsync has reached the page cache,
-        which is what the last pass reads.)
+        The role holds new requests from the moment it is ``quiescing``, but
+        writes dispatched before may still be running on worker threads (or
+        waiting in the export's order): this fires once the last of them
+        has landed and been reported to the write observers (the dirty
+        map).  A write whose FUA fsync still runs has reached the page
+        cache, which is what the last pass reads: that is enough.
         """
-        return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self.order.when_writes_done(lambda: d.callback(None))
+        return d
 
     def note_hold(self, seconds: float) -> None:
         """A client request waited ``seconds`` behind a hold: keep the longest."""

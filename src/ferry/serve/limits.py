@@ -14,10 +14,13 @@ on loopback):
   migration sender that completes no request for ``SENDER_TIMEOUT`` is
   closed.
 * requests: a connection queues at most ``MAX_QUEUED_REQUESTS`` parsed
-  requests, holding ``MAX_QUEUED_BYTES`` of payload, and runs at most
-  ``MAX_JOBS_PER_CONNECTION`` FLUSH or FUA jobs on the thread pool at once;
-  past either it stops reading (300,000 pipelined FLUSHes took 276 MB that
-  were never returned, and a legitimate FLUSH waited 33 s behind them).
+  requests, holding ``MAX_QUEUED_BYTES`` of payload, and has at most
+  ``MAX_JOBS_PER_CONNECTION`` requests on the worker threads (or waiting in
+  its export's order for one) at once; past either it stops reading
+  (300,000 pipelined FLUSHes took 276 MB that were never returned, and a
+  legitimate FLUSH waited 33 s behind them).  The payload of its WRITEs on
+  threads counts against ``RECEIVE_BUDGET`` until they land, and the bytes
+  of its READs on threads against ``REPLY_BUDGET``.
 * memory, for the whole process: the bytes of requests received but not yet
   performed (``RECEIVE_BUDGET``) and of replies written but not yet taken
   by their clients (``REPLY_BUDGET``).  A connection that would go over

@@ -50,7 +50,8 @@ with ERR_POLICY, and the reason.
 NBD_OPT_LIST shows only the exports a client may use now: not one that is
 listening for its migration, or that has lost control.
 
-Each export's blocking jobs (fdatasync) reach the worker threads through a
+Each export's blocking jobs (every disk call of its requests, and its
+migration's reads) reach the worker threads through a
 :class:`~ferry.serve.lanes.Lane` of its own, so an export whose disk hangs
 holds only its share of them.
 """
@@ -71,7 +72,7 @@ from ferry.clock import Clock, DelayedCall, cancel_call
 from ferry.nbd.constants import OptionReply, TLSMode
 from ferry.nbd.events import ConnectionLanding, ExportInfo, MigrationRequest, Refusal
 from ferry.nbd.locate import Location
-from ferry.serve.acl import Acl
+from ferry.serve.acl import Acl, peer_host_of
 from ferry.serve.connection import NBDServerProtocol, Receiver
 from ferry.serve.export import RECEIVING_STATES, Export
 from ferry.serve.lanes import Lane
@@ -144,7 +145,7 @@ class NBDServer(Factory):
     def buildProtocol(self, addr: IAddress | None) -> NBDServerProtocol | None:
         if not self.accepting:
             return None
-        host = getattr(addr, "host", "")
+        host = "" if addr is None else peer_host_of(addr)
         if len(self.connections) >= self.max_clients and not self._make_room(host):
             log.warn("refusing {host}: {n} clients already", host=host, n=len(self.connections))
             return None
@@ -219,12 +220,17 @@ class NBDServer(Factory):
         # The lane stays while the export's clients drain: their last flushes use it.
         return self.exports.pop(name)
 
-    def run_blocking_for(self, export: Export, work: Callable[[], object]) -> defer.Deferred[Any]:
-        """Run ``work`` on a worker thread in ``export``'s lane (see the module doc)."""
+    def run_blocking_for(
+        self, export: Export, work: Callable[[], object], *, short: bool = False
+    ) -> defer.Deferred[Any]:
+        """Run ``work`` on a worker thread in ``export``'s lane (see the module doc).
+
+        ``short``: a data-plane read or write, which may share its turn with others.
+        """
         lane = self._lanes.get(export.name)
         if lane is None:
             lane = self._lanes[export.name] = Lane(self.run_blocking)
-        return lane(work)
+        return lane(work, short=short)
 
     def forget_lane(self, name: str) -> None:
         """The export ``name`` is gone and drained: its lane goes too."""

@@ -52,6 +52,9 @@ _ALLOCATE: Final = FALLOC_FL_KEEP_SIZE
 ZERO_CHUNK_SIZE: Final = 1024 * 1024
 _ZEROES: Final = bytes(ZERO_CHUNK_SIZE)
 
+#: ``preadv2``'s "do not wait for the disk" flag (Linux 4.14), where Python has it.
+_RWF_NOWAIT: Final[int | None] = getattr(os, "RWF_NOWAIT", None)
+
 #: fallocate errors that mean "this file (system) cannot do that mode".
 #: EINVAL is not among them: block devices return it for a range that is not
 #: aligned to the logical block size, which says nothing about other ranges.
@@ -170,6 +173,7 @@ class Image:
     __slots__ = (
         "_can_allocate",
         "_can_punch",
+        "_can_read_nowait",
         "_can_seek",
         "_can_zero_range",
         "_fd",
@@ -194,6 +198,7 @@ class Image:
         self._can_allocate = True
         self._can_seek = True
         self._flush_failure: int | None = None  # the errno of the first flush that failed
+        self._can_read_nowait = _RWF_NOWAIT is not None
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, read_only: bool = False) -> Image:
@@ -304,6 +309,31 @@ class Image:
             parts.append(more)
             done += len(more)
         return b"".join(parts)
+
+    def read_cached(self, offset: int, length: int) -> bytearray | None:
+        """Read exactly ``length`` bytes if that needs no disk I/O; None if it would.
+
+        ``preadv2(RWF_NOWAIT)`` answers from the page cache or says EAGAIN
+        instead of waiting for the disk, so a caller on an event loop can
+        read what is cached without a thread and leave the rest to one.  A
+        short answer (part of the range cached, or the end of the file)
+        is None too: :meth:`pread` reads it again, whole or with its error.
+        Where the kernel or the file does not support it, always None.
+        """
+        self._check(offset, length)
+        if not self._can_read_nowait or _RWF_NOWAIT is None:
+            return None
+        buffer = bytearray(length)
+        try:
+            n = os.preadv(self._fd, (buffer,), offset, _RWF_NOWAIT)
+        except OSError as e:
+            if e.errno == errno.EAGAIN:
+                return None
+            if e.errno in _UNSUPPORTED or e.errno == errno.EINVAL:
+                self._can_read_nowait = False
+                return None
+            raise
+        return buffer if n == length else None
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         """Write all of ``data``; errors (ENOSPC, EIO, EBADF) propagate as ``OSError``.

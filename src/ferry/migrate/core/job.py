@@ -43,6 +43,7 @@ from ferry.migrate.core.progress import MigrationProgress, estimate_seconds_left
 from ferry.migrate.core.speed import SpeedMeter
 from ferry.ratelimit import RateLimiter
 from ferry.storage.dirtymap import DirtyMap
+from ferry.storage.image import Extent
 from ferry.trace import Tracer
 
 __all__ = ["CHART", "RATES_KEPT", "MigrationJob"]
@@ -108,6 +109,10 @@ class MigrationJob:
         self._last_ack_at = self.started_at
         self._retry_call: DelayedCall | None = None
         self._longest_hold: float | None = None
+        #: How the bulk pass reads the whole image's extents off the caller's
+        #: thread: called with what to do with them once read (None: read at
+        #: once, in the pass's transition).  The data plane sets it.
+        self.scan_extents: Callable[[Callable[[list[Extent]], None]], None] | None = None
         self.chart = statecharts.load(CHART)
         statecharts.build(
             self.chart, self, instance=instance, tracer=tracer, clock=clock, followers=followers
@@ -175,7 +180,22 @@ class MigrationJob:
         self.throttle = 0.0
         self._throttle_base = None
         self.last_decision = None
-        self._start_pass(self.planner.bulk_pass())
+        if self.scan_extents is None:
+            self._start_pass(self.planner.bulk_pass())
+            return
+        # The scan of a whole image may take long (and hang with its disk): it
+        # runs elsewhere, after the map is cleared; the pass starts once it is done.
+        planner = self.planner
+        self.plan = None
+        planner.begin_bulk_pass()
+        self.scan_extents(lambda extents: self._bulk_scanned(planner, extents))
+
+    def _bulk_scanned(self, planner: PassPlanner, extents: list[Extent]) -> None:
+        """The bulk pass's extents are read: it starts, unless its attempt is over."""
+        if planner is not self.planner or self.state != MigrationState.BULK_PASS:
+            return
+        if self.plan is None:
+            self._start_pass(planner.bulk_pass(extents))
 
     def on_enter_dirty_pass(self, event: object) -> None:
         self._start_pass(self._planner().dirty_pass())

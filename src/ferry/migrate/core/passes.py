@@ -312,17 +312,35 @@ class PassPlanner:
         self.max_zero_length = max_zero_length
         self.destination_empty = destination_empty
         self.passes = 0
+        self._begun = False  # begin_bulk_pass cleared the map for extents read elsewhere
 
     def _max(self, kind: OpKind) -> int:
         return self.max_data_length if kind is OpKind.DATA else self.max_zero_length
 
-    def bulk_pass(self) -> PassPlan:
-        """Pass 1: every allocated extent; clears the dirty map first (see the module doc)."""
+    def begin_bulk_pass(self) -> None:
+        """Clear the dirty map, before the image's extents are read elsewhere (a thread).
+
+        Then :meth:`bulk_pass` takes the extents that were read *after* this.
+        """
         if self.passes:
             raise RuntimeError("the bulk pass is the first pass of an attempt")
         self.dirty.snapshot_and_clear()
+        self._begun = True
+
+    def bulk_pass(self, extents: list[Extent] | None = None) -> PassPlan:
+        """Pass 1: every allocated extent; clears the dirty map first (see the module doc).
+
+        ``extents``: the whole image's, read after :meth:`begin_bulk_pass`
+        cleared the map (None: cleared and read here and now).
+        """
+        if self.passes:
+            raise RuntimeError("the bulk pass is the first pass of an attempt")
         size = self.image.size
-        extents = self.image.extents(0, size)
+        if extents is None:
+            self.dirty.snapshot_and_clear()
+            extents = self.image.extents(0, size)
+        elif not self._begun:
+            raise RuntimeError("extents read before the dirty map was cleared")
         data = sum(e.length for e in extents if not e.hole)
         self.passes = 1
         return PassPlan(1, size, lambda plan: self._bulk_ops(plan, extents), total_bytes=data)

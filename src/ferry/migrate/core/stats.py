@@ -36,6 +36,7 @@ class FailureReason(enum.StrEnum):
     CONNECTION_LOST = "connection_lost"  # the connection closed under the stream
     PROTOCOL_ERROR = "protocol_error"  # the destination broke the NBD protocol
     WRITE_ERROR = "write_error"  # an error reply to a WRITE or WRITE_ZEROES
+    READ_ERROR = "read_error"  # the source's own image could not be read
     FLUSH_ERROR = "flush_error"  # an error reply to a FLUSH
     REPLY_TIMEOUT = "reply_timeout"  # no reply within the reply timeout
     LEASE = "lease"  # the lease could not be offered for the handover
