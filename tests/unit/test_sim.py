@@ -79,10 +79,10 @@ INVARIANTS = {
 #: Each planted bug's own seed, and the invariant that seed breaks with the bug (and
 #: not without it): found with ``python -m ferry.sim --seeds 120 --bug NAME``.
 PLANTED = {
-    "ack-before-fsync": (27, "durable writes survive a crash where control is"),
+    "ack-before-fsync": (28, "durable writes survive a crash where control is"),
     "release-before-ack": (0, "a migration completes"),
     "skip-last-pass": (4, "acknowledged writes are where control is"),
-    "ignore-token": (88, "a writer holds its lease"),
+    "ignore-token": (77, "a writer holds its lease"),
 }
 
 
@@ -161,19 +161,19 @@ class Regression:
 
 REGRESSIONS = (
     Regression(
-        82,
+        425,
         "a FLUSH after a failed one succeeded (storage/image.py)",
         "durable writes survive a crash where control is",
         _flush_forgets_a_failure,
     ),
     Regression(
-        19,
+        23,
         "the lease deadline was kept on the wall clock (lease/manager.py)",
         "a writer holds its lease",
         _deadline_on_the_wall_clock,
     ),
     Regression(
-        88,
+        560,
         "a renewal refused for the token the holder's own offer moved was a loss",
         "a migration completes",
         _renewal_of_the_old_token_is_a_loss,

@@ -9,8 +9,8 @@ number of seeds.
 
 * ``ack-before-fsync``: the destination answers its migration sender's
   FLUSH and commit as soon as it is asked, and syncs afterwards (its
-  ``run_blocking`` answers at once while the role is receiving or
-  committing, and runs the job later);
+  ``run_blocking`` answers a flush of the image at once while the role
+  is receiving or committing, and runs it later);
 * ``release-before-ack``: the source releases its lease as soon as it has
   offered it, before the destination's acknowledgement (a wrapper around
   the lease the migration hands over);
@@ -51,7 +51,8 @@ def run_blocking(bug: str | None, export: Export, real: RunBlocking) -> RunBlock
         return real
 
     def answer_first(work: Callable[[], object]) -> Deferred[Any]:
-        if export.state not in RECEIVING_STATES:
+        # Only the flush: the data plane's batches of writes need their results.
+        if export.state not in RECEIVING_STATES or work != export.image.flush:
             return real(work)
         real(work).addErrback(lambda _: None)  # the sync happens, later, whatever it says
         done: Deferred[Any] = Deferred()
