@@ -88,6 +88,7 @@ from ferry.serve.acl import Acl, AclError, is_loopback
 from ferry.serve.connection import Arrival, Given, NBDServerProtocol
 from ferry.serve.export import Export
 from ferry.serve.lanes import JOBS_PER_EXPORT
+from ferry.serve.limits import MAX_CLIENTS, MAX_CONNECTIONS_PER_ADDRESS
 from ferry.serve.server import NBDServer
 from ferry.serve.stats import HandoffCounts
 from ferry.storage import Image
@@ -151,6 +152,10 @@ class NodeConfig:
     nbd_sock: str | None = None
     # --stdio (listen): one connection, the migration's, over stdin and stdout.
     stdio: bool = False
+    # --max-clients, --max-connections-per-address (ferry.serve.limits): a
+    # hypervisor that runs many guests from one address needs more than 32.
+    max_clients: int = MAX_CLIENTS
+    max_connections_per_address: int = MAX_CONNECTIONS_PER_ADDRESS
 
     @classmethod
     def from_served(
@@ -183,6 +188,11 @@ class NodeConfig:
                 tls_verify_peer=_typed(node, "tls_verify_peer", bool),
                 tls_allowed_subjects=_typed(node, "tls_allowed_subjects", str, optional=True),
                 hooks=None if hooks is None else parse_hooks(hooks, node["hook_timeout"]),
+                # A giver from before these options served the defaults.
+                max_clients=_count(node, "max_clients", MAX_CLIENTS),
+                max_connections_per_address=_count(
+                    node, "max_connections_per_address", MAX_CONNECTIONS_PER_ADDRESS
+                ),
             )
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise StartupError(f"the old process's options cannot be read: {error}") from None
@@ -220,6 +230,8 @@ class ServeConfig:
     hooks: HookConfig = NO_HOOKS  # --hook STAGE=PATH, --hook-timeout
     nbd_sock: str | None = None  # --nbd-sock PATH
     stdio: bool = False  # --stdio (listen)
+    max_clients: int = MAX_CLIENTS  # --max-clients
+    max_connections_per_address: int = MAX_CONNECTIONS_PER_ADDRESS
 
     @property
     def export_name(self) -> str:
@@ -257,6 +269,8 @@ class ServeConfig:
             service_address=self.service_address,
             nbd_sock=self.nbd_sock,
             stdio=self.stdio,
+            max_clients=self.max_clients,
+            max_connections_per_address=self.max_connections_per_address,
         )
 
 
@@ -428,6 +442,8 @@ class Node:
             run_blocking=self.run_blocking,
             acl=acl,
             oldstyle=config.oldstyle,
+            max_clients=config.max_clients,
+            max_per_address=config.max_connections_per_address,
             receiver=Receiver(
                 run_blocking=self.run_blocking,
                 clock=self.clock,
@@ -865,6 +881,8 @@ class Node:
             "tls_allowed_subjects": _absolute(config.tls_allowed_subjects),
             "hooks": None if config.hooks is None else _hook_settings(config.hooks),
             "hook_timeout": None if config.hooks is None else config.hooks.timeout,
+            "max_clients": config.max_clients,
+            "max_connections_per_address": config.max_connections_per_address,
         }
         exports = []
         for unit in self.exports:
@@ -1310,6 +1328,14 @@ def _typed(served: Mapping[str, Any], key: str, kind: type, *, optional: bool = 
     """``served[key]`` if it is a ``kind`` (or None, if ``optional``); TypeError if not."""
     value = served[key]
     return None if value is None and optional else _of_kind(value, key, kind)
+
+
+def _count(served: Mapping[str, Any], key: str, default: int) -> int:
+    """``served[key]``, a count of at least one; ``default`` if missing (an older giver)."""
+    value: int = _of_kind(served.get(key, default), key, int)
+    if value < 1:
+        raise ValueError(f"{key} is {value}, not 1 or more")
+    return value
 
 
 def _of_kind(value: Any, what: str, kind: type) -> Any:

@@ -20,7 +20,7 @@ import pytest
 from ferry.nbd.constants import Command
 from ferry.remote import NegotiationError, RemoteExport
 from ferry.serve.limits import MAX_CONNECTIONS_PER_ADDRESS, RECEIVE_BUDGET, REPLY_BUDGET
-from support import Deadline, FerryProcess, serve, sparse_file
+from support import FERRY, Deadline, FerryProcess, run, serve, sparse_file
 
 pytestmark = pytest.mark.integration
 
@@ -86,6 +86,39 @@ def test_idle_connections_from_one_address_lock_nobody_else_out(server: FerryPro
     finally:
         for client in held:
             client.close()
+
+
+def test_a_hypervisor_s_address_may_be_given_more_connections(tmp_path: Path) -> None:
+    """One address running many guests: --max-connections-per-address raises its share."""
+    image = sparse_file(tmp_path / "many.img", SIZE)
+    raised = MAX_CONNECTIONS_PER_ADDRESS + 8
+    proc = serve(image, "--lockspace", "none", "--max-connections-per-address", str(raised))
+    held: list[RemoteExport] = []
+    try:
+        for _ in range(raised):
+            held.append(connect(proc.port, "127.0.0.5"))
+        with pytest.raises(
+            NegotiationError, match=f"too many connections from 127.0.0.5: {raised} at most"
+        ):
+            connect(proc.port, "127.0.0.5")
+        held[-1].pwrite(b"guest", 0)
+        assert held[0].pread(0, 5) == b"guest"
+        still_served(proc.port, "127.0.0.6")
+    finally:
+        for client in held:
+            client.close()
+        proc.stop()
+
+
+def test_a_limit_of_no_connections_is_a_usage_error(tmp_path: Path) -> None:
+    image = sparse_file(tmp_path / "none.img", MiB)
+    for option in ("--max-clients", "--max-connections-per-address"):
+        result = run(
+            [*FERRY, "serve", "-l", "127.0.0.1", "-p", "0", "-f", str(image), option, "0"],
+            check=False,
+        )
+        assert result.returncode == 2
+        assert f"argument {option}: must be 1 or more, not 0" in result.stderr.decode()
 
 
 def test_half_sent_writes_cost_no_more_than_the_receive_budget(server: FerryProcess) -> None:

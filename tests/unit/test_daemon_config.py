@@ -87,6 +87,13 @@ def test_the_tls_keys_are_serve_s_options() -> None:
     assert parse('tls_certificates = "pki"').node.tls is TLSMode.OFF
 
 
+def test_the_connection_limits_are_serve_s_options() -> None:
+    node = parse("max_clients = 1024\nmax_connections_per_address = 200\n").node
+    assert (node.max_clients, node.max_connections_per_address) == (1024, 200)
+    plain = parse("").node
+    assert (plain.max_clients, plain.max_connections_per_address) == (256, 32)
+
+
 def test_a_file_of_only_exports_takes_serve_s_defaults() -> None:
     config = parse('[[export]]\nname = "a"\nfile = "/a"\n')
     assert (config.node.addr, config.node.port, config.node.sock) == ("0.0.0.0", 10809, None)
@@ -141,6 +148,14 @@ def test_a_file_of_only_exports_takes_serve_s_defaults() -> None:
         (
             f'[[export]]\nname = "{"x" * 4097}"\nfile = "/a"',
             "name: longer than NBD's 4096 bytes",
+        ),
+        (
+            "max_clients = 0",
+            "f.toml: max_clients: must be a whole number, 1 or more, not 0",
+        ),
+        (
+            'max_connections_per_address = "64"',
+            "f.toml: max_connections_per_address: must be a whole number, 1 or more, not '64'",
         ),
         ('tls = "yes"', 'f.toml: tls: must be one of "off", "on", "require", not \'yes\''),
         ("tls = true", 'f.toml: tls: must be one of "off", "on", "require", not True'),

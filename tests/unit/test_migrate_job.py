@@ -86,6 +86,9 @@ def test_an_idle_image_goes_over_in_one_pass(rig: Rig) -> None:
     assert events == ["connected", "accepted", "quiesce", "commit", "committed"]
     result = replay([r.to_json() for r in rig.records], statecharts.load_all())
     assert result.final_states == {("migration", "export0"): "completed"}
+    # What ``ferry mirror --wait`` prints last, however fast the job was.
+    rig.clock.advance(1)  # after the end: not counted
+    assert job.summary() == "completed after 2 passes: 1.5 MiB in 0.0 s (100 MiB/s)"
 
 
 def test_passes_count_and_the_decision_uses_the_slower_of_two_dirty_passes(

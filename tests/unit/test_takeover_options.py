@@ -141,3 +141,22 @@ def test_the_node_is_the_old_one_s_with_this_process_s_trace(tmp_path: Path) -> 
         NodeConfig.from_served(served(tmp_path, tls="sometimes"), trace=None, exit_stops_node=True)
     with pytest.raises(StartupError, match="port is '10900', not a int"):
         NodeConfig.from_served(served(tmp_path, port="10900"), trace=None, exit_stops_node=True)
+
+
+def test_the_connection_limits_are_the_old_process_s(tmp_path: Path) -> None:
+    node = NodeConfig.from_served(
+        served(tmp_path, max_clients=512, max_connections_per_address=100),
+        trace=None,
+        exit_stops_node=True,
+    )
+    assert (node.max_clients, node.max_connections_per_address) == (512, 100)
+    # A giver from before the options existed served the defaults.
+    older = NodeConfig.from_served(served(tmp_path), trace=None, exit_stops_node=True)
+    assert (older.max_clients, older.max_connections_per_address) == (256, 32)
+    with pytest.raises(StartupError, match="max_clients is 0, not 1 or more"):
+        NodeConfig.from_served(served(tmp_path, max_clients=0), trace=None, exit_stops_node=True)
+    answer = served(tmp_path, max_connections_per_address=100)
+    assert differences({"max_connections_per_address": 64}, answer) == [
+        "--max-connections-per-address 64 is not the old process's 100: "
+        "leave it out to take the old process's"
+    ]

@@ -25,6 +25,7 @@ from ferry.cli.daemon import add_daemon_commands, json_request
 from ferry.cli.drain import add_drain_command
 from ferry.cli.errors import UserError
 from ferry.cli.lock import add_lock_commands
+from ferry.serve.limits import MAX_CLIENTS, MAX_CONNECTIONS_PER_ADDRESS
 
 SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -35,6 +36,17 @@ def byte_count(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"not a byte count: {text!r}")
     return int(match.group(1)) * SIZE_SUFFIXES[match.group(2).lower()]
+
+
+def positive_count(text: str) -> int:
+    """A count of something there must be at least one of (connections, exports)."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {count}")
+    return count
 
 
 def port_number(text: str) -> int:
@@ -211,6 +223,20 @@ def build_parser() -> Parser:
             type=float,
             metavar="SECONDS",
             help="kill a hook that runs longer (default 30); at a vetoing stage that is a veto",
+        )
+        serve.add_argument(
+            "--max-clients",
+            type=positive_count,
+            metavar="N",
+            help=f"NBD connections at once (default {MAX_CLIENTS}); when full, the longest "
+            "idle connection of the address holding the most makes room",
+        )
+        serve.add_argument(
+            "--max-connections-per-address",
+            type=positive_count,
+            metavar="N",
+            help=f"NBD connections from one address (default {MAX_CONNECTIONS_PER_ADDRESS}); "
+            "the next is refused in its handshake",
         )
         _tls_server(serve, listen=name == "listen")
         serve.add_argument(
@@ -539,6 +565,8 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
         "tls_allowed_subjects": getattr(args, "tls_allowed_subjects", None),
         "hooks": dict(args.hook) or None,
         "hook_timeout": args.hook_timeout,
+        "max_clients": args.max_clients,
+        "max_connections_per_address": args.max_connections_per_address,
     }
     return {key: value for key, value in given.items() if value is not None}
 
@@ -582,6 +610,10 @@ def run_serve(args: argparse.Namespace) -> int:
             hooks=_hooks(args),
             nbd_sock=args.nbd_sock,
             stdio=bool(getattr(args, "stdio", False)),
+            max_clients=args.max_clients or MAX_CLIENTS,
+            max_connections_per_address=(
+                args.max_connections_per_address or MAX_CONNECTIONS_PER_ADDRESS
+            ),
         )
         node_config, exports = config.node(), (config.export(),)
     else:

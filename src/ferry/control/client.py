@@ -177,13 +177,13 @@ class JsonControl:
                 result = answer.get("result")
                 if not isinstance(result, dict):
                     continue
+                line = str(result.get("line", ""))
+                if line and line != last:
+                    show(line)  # the wait's answer too: a short job ends between two asks
+                    last = line
                 if answer.get("id") == "wait":
                     final = result.get("result")
                     return final if isinstance(final, dict) else {"state": result.get("phase")}
-                line = str(result.get("line", ""))
-                if line and line != last:
-                    show(line)
-                    last = line
 
     def subscribe(self, *, current: bool = True, export: str | None = None) -> list[dict[str, Any]]:
         """Subscribe to the server's transitions (of ``export``'s machines only, if given);

@@ -3,8 +3,9 @@
 The top-level keys are named like ``ferry serve``'s options (``addr``,
 ``port``, ``sock``, ``metrics``, ``lockspace``, ``trace``, ``log``,
 ``hooks``, ``hook_timeout``, and TLS's: ``tls``, ``tls_certificates``,
-``tls_verify_peer``, ``tls_allowed_subjects``); each ``[[export]]`` table is one export, with the
-settings ``export.add`` takes (:data:`ferry.exports.EXPORT_KEYS`)::
+``tls_verify_peer``, ``tls_allowed_subjects``, and the connection limits
+``max_clients`` and ``max_connections_per_address``); each ``[[export]]``
+table is one export, with the settings ``export.add`` takes (:data:`ferry.exports.EXPORT_KEYS`)::
 
     addr = "127.0.0.1"
     port = 10809
@@ -60,6 +61,8 @@ NODE_KEYS: Final = (
     "tls_certificates",
     "tls_verify_peer",
     "tls_allowed_subjects",
+    "max_clients",
+    "max_connections_per_address",
 )
 
 
@@ -134,6 +137,10 @@ class _Reader:
             tls_certificates=tls_certificates,
             tls_verify_peer=tls_verify_peer,
             tls_allowed_subjects=tls_allowed_subjects,
+            max_clients=self.count(table, "max_clients", NodeConfig.max_clients),
+            max_connections_per_address=self.count(
+                table, "max_connections_per_address", NodeConfig.max_connections_per_address
+            ),
         )
         return DaemonConfig(
             path=self.path,
@@ -196,6 +203,12 @@ class _Reader:
 
     def resolve(self, path: str) -> str:
         return os.path.normpath(os.path.join(self.base, os.path.expanduser(path)))
+
+    def count(self, table: Mapping[str, Any], key: str, default: int) -> int:
+        value = table.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise self.fail(key, f"must be a whole number, 1 or more, not {value!r}")
+        return value
 
     def port(self, table: Mapping[str, Any]) -> int:
         value = table.get("port", NodeConfig.port)

@@ -143,5 +143,7 @@ def _node_settings(config: DaemonConfig) -> dict[str, object]:
         node.tls_certificates,
         node.tls_verify_peer,
         node.tls_allowed_subjects,
+        node.max_clients,
+        node.max_connections_per_address,
     )
     return dict(zip(NODE_KEYS, values, strict=True))

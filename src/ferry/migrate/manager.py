@@ -235,7 +235,7 @@ class MirrorManager:
             return {"running": False, "phase": None, "line": "not migrating"}
         current = self.current
         progress = current.progress()
-        line = progress.render()
+        line = progress.render() if current.result is None else current.summary()
         if current.state == MigrationState.RETRY_WAIT and current.last_error:
             line = f"{line} (retrying: {current.last_error})"
         answer: dict[str, Any] = {

@@ -463,6 +463,10 @@ class MirrorSource:
         """The migration status fields now."""
         return self._job.progress()
 
+    def summary(self) -> str:
+        """The job summed up in one line, once it has ended."""
+        return self._job.summary()
+
     def resolve(self, *, handed_off: bool) -> None:
         """Settle ``in_doubt`` once someone (the lease, an operator) knows who owns the image."""
         if self._job.state != MigrationState.IN_DOUBT:

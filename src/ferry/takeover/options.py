@@ -46,6 +46,8 @@ NODE_OPTIONS: Final = {
     "tls_certificates": "--tls-certificates",
     "tls_verify_peer": "--tls-verify-peer",
     "tls_allowed_subjects": "--tls-allowed-subjects",
+    "max_clients": "--max-clients",
+    "max_connections_per_address": "--max-connections-per-address",
 }
 #: ``ferry serve``'s options about its one export, by ServeConfig's names.
 EXPORT_OPTIONS: Final = {

@@ -39,7 +39,12 @@ from ferry.migrate.core.passes import (
     PassPlan,
     PassPlanner,
 )
-from ferry.migrate.core.progress import MigrationProgress, estimate_seconds_left
+from ferry.migrate.core.progress import (
+    MigrationProgress,
+    estimate_seconds_left,
+    format_bytes,
+    format_seconds,
+)
 from ferry.migrate.core.speed import SpeedMeter
 from ferry.ratelimit import RateLimiter
 from ferry.storage.dirtymap import DirtyMap
@@ -103,6 +108,10 @@ class MigrationJob:
         self.throttle = 0.0
         self._throttle_base: float | None = None
         self.pass_started_at = self.started_at  # when the current pass began (its rate)
+        # For the line that sums the job up once it has ended (:meth:`summary`).
+        self.passes = 0
+        self.bytes_copied = 0
+        self.ended_at: float | None = None
         # The last dirty passes' sending rates and their FLUSHes' rates (see _switchover_rate).
         self._data_rates: deque[float] = deque(maxlen=RATES_KEPT)
         self._flush_rates: deque[float] = deque(maxlen=RATES_KEPT)
@@ -239,12 +248,15 @@ class MigrationJob:
 
     def on_enter_completed(self, event: object) -> None:
         self.plan = None
+        self.ended_at = self.clock.seconds()
 
     def on_enter_failed(self, event: object) -> None:
         self.plan = None
+        self.ended_at = self.clock.seconds()
 
     def on_enter_cancelled(self, event: object) -> None:
         self.plan = None
+        self.ended_at = self.clock.seconds()
 
     def _planner(self) -> PassPlanner:
         assert self.planner is not None, "a dirty pass without a bulk pass"
@@ -252,6 +264,7 @@ class MigrationJob:
 
     def _start_pass(self, plan: PassPlan) -> None:
         self.plan = plan
+        self.passes = plan.number
         self.pass_started_at = self.clock.seconds()
 
     # -- what the data plane reports ---------------------------------------------
@@ -264,6 +277,7 @@ class MigrationJob:
         self._last_ack_at = self.clock.seconds()
         if op.kind is OpKind.DATA:
             self.speed.record(op.length)
+            self.bytes_copied += op.length
 
     def end_of_pass(self) -> Decision:
         """The current pass is done (every request acknowledged): decide, and move on.
@@ -404,6 +418,16 @@ class MigrationJob:
         if self.plan is None:
             return self.dirty.dirty_bytes
         return self.plan.bytes_left(self.dirty)
+
+    def summary(self) -> str:
+        """One line for a job that has ended: ``completed after 3 passes: 1.0 GiB in 4.2 s
+        (244 MiB/s)``; a job that ends faster than ``ferry mirror --wait`` asks shows this."""
+        end = self.clock.seconds() if self.ended_at is None else self.ended_at
+        took = max(end - self.started_at, 0.0)
+        copied = format_bytes(self.bytes_copied)
+        passes = f"{self.passes} pass" + ("" if self.passes == 1 else "es")
+        rate = f" ({format_bytes(self.bytes_copied / took)}/s)" if took > 0 else ""
+        return f"{self.state} after {passes}: {copied} in {format_seconds(took)}{rate}"
 
     def progress(self) -> MigrationProgress:
         """Every migration status field now; the live ones only while copying."""
