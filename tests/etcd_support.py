@@ -28,6 +28,7 @@ import shutil
 import signal
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -163,10 +164,21 @@ class EtcdServer:
         self.proc = None
 
     def pause(self) -> None:
-        """SIGSTOP: the kernel still accepts connections, but nobody answers."""
+        """SIGSTOP: the kernel still accepts connections, but nobody answers.
+
+        Returns once every thread of etcd has stopped: ``kill`` returns
+        before a thread running on another core has, and under load a
+        request sent at once was answered in that window.
+        """
         assert self.proc is not None
         self.proc.send_signal(signal.SIGSTOP)
         self._paused = True
+        tasks = f"/proc/{self.proc.pid}/task"
+        deadline = time.monotonic() + 30
+        while not all(_stopped(f"{tasks}/{tid}/stat") for tid in os.listdir(tasks)):
+            if time.monotonic() > deadline:
+                raise AssertionError("etcd did not stop within 30 s of SIGSTOP")
+            time.sleep(0.001)  # polling the threads' state itself
 
     def resume(self) -> None:
         assert self.proc is not None
@@ -257,3 +269,13 @@ def etcd_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServe
         yield server
     finally:
         server.stop()
+
+
+def _stopped(stat: str) -> bool:
+    """The thread whose ``/proc/.../stat`` this is has stopped (or is gone)."""
+    try:
+        with open(stat) as file:
+            text = file.read()
+    except FileNotFoundError:
+        return True
+    return text.rsplit(")", 1)[1].split()[0] in ("T", "t")
