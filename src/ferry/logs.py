@@ -32,6 +32,7 @@ from twisted.logger import (
 )
 from zope.interface import provider
 
+from ferry.appender import Appender
 from ferry.safepath import UnsafePath, open_append
 
 __all__ = ["LogFileError", "open_log_file", "start_logging", "with_fields"]
@@ -48,7 +49,8 @@ def open_log_file(path: str) -> IO[str]:
     others could swap it in (:func:`ferry.safepath.open_append`).
     """
     try:
-        return open_append(path, "log file")
+        # Written by a thread of its own: the reactor logs, it does not wait on the disk.
+        return cast(IO[str], Appender(open_append(path, "log file"), what="log file"))
     except UnsafePath as unsafe:
         raise LogFileError(str(unsafe)) from None
     except OSError as error:

@@ -33,10 +33,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
 from twisted.logger import Logger
 
+from ferry.appender import Appender
 from ferry.safepath import open_append
 
 __all__ = [
@@ -179,13 +180,17 @@ class Tracer:
 class TraceFile:
     """A trace sink appending JSON lines to a file.
 
-    Each line is flushed as it is written, so a process that crashes leaves
-    a trace that ends at its last transition, which is when it is wanted.
+    Each line is written and flushed by the file's own thread
+    (:class:`ferry.appender.Appender`), so the reactor never waits on the
+    disk, and a process that crashes leaves a trace that ends at one of its
+    last transitions, which is when it is wanted.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._file: IO[str] | None = open_append(self.path, "trace file")
+        self._file: Appender | None = Appender(
+            open_append(self.path, "trace file"), what="trace file"
+        )
 
     def write(self, rec: TraceRecord) -> None:
         if self._file is None:

@@ -9,9 +9,13 @@ served, correctly.
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
+import os
 import socket
 import struct
+import termios
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +32,7 @@ MiB = 1 << 20
 SIZE = 64 * MiB
 REQUEST = struct.Struct(">IHHQQI")
 REQUEST_MAGIC = 0x25609513
+F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, from Python 3.10 on Linux
 #: What the process may hold beyond its budgets: the interpreter, Twisted,
 #: the pieces of requests in flight, the kernel's view of the heap.
 SLACK = 160 * MiB
@@ -119,6 +124,31 @@ def test_a_limit_of_no_connections_is_a_usage_error(tmp_path: Path) -> None:
         )
         assert result.returncode == 2
         assert f"argument {option}: must be 1 or more, not 0" in result.stderr.decode()
+
+
+def test_garbage_into_a_log_nobody_reads_stalls_nobody(tmp_path: Path) -> None:
+    """Each client that sends garbage is a warning in --log; with the log's reader
+    stuck (a pipe of one page nobody reads), the fifth once froze the whole server."""
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo, 0o600)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # opened, never read
+    try:
+        fcntl.fcntl(reader, F_SETPIPE_SZ, 4096)
+        image = sparse_file(tmp_path / "disk.img", SIZE, data_at=[(0, MiB)])
+        proc = serve(image, "--lockspace", "none", "--log", str(fifo))
+        for _ in range(40):  # about 550 bytes of warning each: the pipe is full after 8
+            with socket.create_connection(("127.0.0.1", proc.port), timeout=30) as garbage:
+                garbage.recv(18)
+                garbage.sendall(b"\0\0\0\0 not NBD at all")
+                with contextlib.suppress(ConnectionResetError):  # closed for it, either way
+                    assert garbage.recv(1) == b""
+        still_served(proc.port, "127.0.0.7")
+        available = array.array("i", [0])
+        fcntl.ioctl(reader, termios.FIONREAD, available)
+        assert available[0] > 3000  # the log was written, up to what the pipe holds
+        proc.stop()
+    finally:
+        os.close(reader)
 
 
 def test_half_sent_writes_cost_no_more_than_the_receive_budget(server: FerryProcess) -> None:

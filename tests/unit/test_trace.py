@@ -23,6 +23,7 @@ from ferry.trace import (
     Tracer,
     TraceRecord,
 )
+from support import wait_until
 
 
 class Model:
@@ -175,8 +176,9 @@ def test_a_trace_file_appends_and_flushes_each_line(tmp_path: Path) -> None:
     path = tmp_path / "trace.jsonl"
     trace_file = TraceFile(path)
     trace_file.write(record(time=1))
-    # Readable before close: a crash right now would keep it.
-    assert path.read_text() == record(time=1).to_json() + "\n"
+    # Written and flushed before close, by the file's thread: a crash then would keep it.
+    first = record(time=1).to_json() + "\n"
+    wait_until("the first line on the file", lambda: path.read_text() == first)
     trace_file(record(time=2))
     trace_file.close()
     trace_file.close()
