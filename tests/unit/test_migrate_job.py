@@ -388,3 +388,15 @@ def test_seconds_left_accounts_for_clients_dirtying_again() -> None:
     # last 30 fit in 0.3 s, so 970 / 50 + 0.3.
     assert estimate_seconds_left(1000, 100.0, 50.0, 0.3) == pytest.approx(19.7)
     assert estimate_seconds_left(1000, 100.0, 100.0, 0.3) is None  # not converging
+
+
+def test_before_a_pass_runs_the_status_shows_the_limit_and_the_time(tmp_path: Path) -> None:
+    """Connecting or scanning: ``migration_speed_limit`` was missing until the bulk pass."""
+    rig = Rig(tmp_path, max_bps=MIB)
+    rig.clock.advance(2)
+    early = rig.job.progress()
+    assert (early.phase, early.migration_pass) == ("connecting", None)
+    assert early.migration_speed_limit == MIB and early.migration_duration == 2
+    rig.job.connected()  # type: ignore[attr-defined]
+    rig.job.accepted()  # type: ignore[attr-defined]
+    assert rig.job.progress().migration_speed_limit == MIB

@@ -432,11 +432,17 @@ class MigrationJob:
     def progress(self) -> MigrationProgress:
         """Every migration status field now; the live ones only while copying."""
         last = None if self._longest_hold is None else round(self._longest_hold * 1000)
-        if not self.copying or self.plan is None:
-            return MigrationProgress(
-                is_migrating=self.is_migrating, phase=self.state, last_downtime_ms=last
-            )
         now = self.clock.seconds()
+        if not self.copying or self.plan is None:
+            # Connecting, scanning, waiting to retry: what is known before a pass runs.
+            migrating = self.is_migrating
+            return MigrationProgress(
+                is_migrating=migrating,
+                phase=self.state,
+                migration_duration=now - self.started_at if migrating else None,
+                migration_speed_limit=self.limiter.limit if migrating else None,
+                last_downtime_ms=last,
+            )
         rate = self.speed.rate()
         left = self.bytes_left()
         downtime = expected_downtime(left, self._switchover_rate(self._pass_rate(self.plan)))
