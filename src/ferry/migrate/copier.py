@@ -14,6 +14,10 @@ The job (:mod:`ferry.migrate.core.job`) says what each pass copies; the
   plan cleared the chunks it covers, so it sees every write that marked
   them (see :mod:`ferry.migrate.core.passes`);
 * holes as WRITE_ZEROES where the destination has it, else as zero WRITEs;
+* in a write-blocking migration (:mod:`ferry.migrate.mirroring`), every
+  request is in the attempt's ``in_hand`` ranges from when it is taken from
+  the plan until it is answered, and one whose range a mirrored client
+  write is being sent to goes only after that write's answer;
 * each good reply reported to the job (:meth:`~MigrationJob.sent`); an error
   reply fails the attempt;
 * when a bulk or dirty pass is exhausted and answered, the job decides
@@ -34,6 +38,7 @@ from ferry.chartnames import MigrationState
 from ferry.migrate.attempt import Attempt, Driver
 from ferry.migrate.core.passes import CopyOp, OpKind
 from ferry.migrate.core.stats import FailureReason, failure_of_reply
+from ferry.migrate.options import CopyMode
 from ferry.nbd.constants import Command, TransmissionFlag
 from ferry.nbd.events import Reply
 
@@ -80,6 +85,8 @@ class PassCopier:
         # flexnbd's requests all carry one handle: one unanswered at a time.
         options = driver.options
         self.max_in_flight = 1 if options.flexnbd else options.max_in_flight
+        # Write-blocking: the ranges in hand are kept for the mirror (see the module doc).
+        self._tracks_ranges = options.copy_mode is CopyMode.WRITE_BLOCKING
         self._pumping = False  # inside pump (a read may be answered within it)
         self._pump_again: Attempt | None = None
 
@@ -154,9 +161,15 @@ class PassCopier:
             return None
         step = self._longest_request(attempt, op)
         if op.length <= step:
-            return op
-        pieces = [CopyOp(o, min(step, op.end - o), op.kind) for o in range(op.offset, op.end, step)]
-        attempt.queue.extend(pieces[1:])
+            pieces = [op]
+        else:
+            pieces = [
+                CopyOp(o, min(step, op.end - o), op.kind) for o in range(op.offset, op.end, step)
+            ]
+            attempt.queue.extend(pieces[1:])
+        if self._tracks_ranges:
+            for piece in pieces:
+                attempt.in_hand.add(piece.offset, piece.end, None)
         return pieces[0]
 
     def _longest_request(self, attempt: Attempt, op: CopyOp) -> int:
@@ -179,7 +192,32 @@ class PassCopier:
             step = min(step, paced)
         return step
 
+    def _after_mirrors(self, attempt: Attempt, op: CopyOp, then: Callable[[], None]) -> bool:
+        """Whether ``op`` must wait for a mirrored client write of its range to be answered.
+
+        If so, ``then`` is called once it is (and the pass pumped), and the
+        op counts as being read meanwhile, so the pass does not end
+        without it.  See :mod:`ferry.migrate.mirroring`.
+        """
+        blocking = next(attempt.mirrors.overlapping(op.offset, op.end), None)
+        if blocking is None:
+            return False
+        attempt.reading += 1
+
+        def answered() -> None:
+            attempt.reading -= 1
+            if self._driver.current(attempt):
+                then()
+                self.pump(attempt)
+
+        blocking.waiters.append(answered)
+        return True
+
     def _send_op(self, attempt: Attempt, op: CopyOp) -> None:
+        if op.kind is not OpKind.DATA and self._after_mirrors(
+            attempt, op, lambda: self._send_op(attempt, op)
+        ):
+            return
         if op.kind is OpKind.DATA:
             attempt.reading += 1
             attempt.bytes_in_flight += op.length
@@ -208,8 +246,13 @@ class PassCopier:
     def _read(self, data: bytes, attempt: Attempt, op: CopyOp) -> None:
         """``op``'s bytes are read: send them (unless the attempt ended meanwhile)."""
         attempt.reading -= 1
+        self._send_read(data, attempt, op)
+
+    def _send_read(self, data: bytes, attempt: Attempt, op: CopyOp) -> None:
         wire = attempt.wire
         if not self._driver.current(attempt) or wire is None:
+            return
+        if self._after_mirrors(attempt, op, lambda: self._send_read(data, attempt, op)):
             return
         handle = wire.request(Command.WRITE, op.offset, data=data)
         counters = self._driver.counters
@@ -243,6 +286,8 @@ class PassCopier:
         """The reply to one of the pass's WRITE / WRITE_ZEROES requests."""
         driver = self._driver
         op = attempt.in_flight.pop(reply.handle)
+        if self._tracks_ranges:
+            attempt.in_hand.remove(op.offset)
         if op.kind is OpKind.DATA or not attempt.can(TransmissionFlag.SEND_WRITE_ZEROES):
             attempt.bytes_in_flight -= op.length
         driver.settle_reply_timer(attempt)

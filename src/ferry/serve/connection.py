@@ -1221,11 +1221,18 @@ class NBDServerProtocol(Protocol):
                 end((Errno.EIO, "internal error"))
 
         def end(result: object) -> None:
+            mirrored = None
             if access is Access.WRITE:
                 # Even a failed write may have changed part of its range.
-                export.note_write(request.offset, request.length)
+                landed = None if type(result) is tuple else request
+                mirrored = export.note_write(request.offset, request.length, landed)
             order.finish(job)
-            self._finished(request, result, started)
+            if mirrored is None:
+                self._finished(request, result, started)
+            else:
+                # A write-blocking migration: answered once the destination has it too.
+                mirrored.addCallback(lambda _: self._finished(request, result, started))
+                mirrored.addErrback(self._internal_error, request)
 
         if order.admit(job):
             step()
