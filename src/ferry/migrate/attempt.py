@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from ferry.serve.export import Export
     from ferry.storage import Image
 
-__all__ = ["Attempt", "AttemptCounters", "Driver", "MirroredWrite"]
+__all__ = ["Attempt", "AttemptCounters", "Driver", "InHand", "MirroredWrite"]
 
 
 @dataclass(slots=True)
@@ -46,6 +46,19 @@ class AttemptCounters:
     data_bytes: int = 0
     zero_requests: int = 0
     zero_bytes: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class InHand:
+    """A pass's request, from when it is taken from the plan until it is answered.
+
+    ``read``: its bytes are being read (or were): a client write landing on
+    its range now may or may not be in them.  Until then the read will see
+    the write; a zero request never reads, and sends zeroes whatever lands.
+    """
+
+    op: CopyOp
+    read: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -109,7 +122,7 @@ class Attempt:
     # A write-blocking migration's (ferry.migrate.mirroring): the ranges the
     # passes have in hand (taken from the plan, not yet answered), and the
     # mirrored client writes not yet answered, by range and by handle.
-    in_hand: RangeMap[None] = field(default_factory=RangeMap)
+    in_hand: RangeMap[InHand] = field(default_factory=RangeMap)
     mirrors: RangeMap[MirroredWrite] = field(default_factory=RangeMap)
     mirrored: dict[int, MirroredWrite] = field(default_factory=dict)
 

@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ferry.chartnames import MigrationState
-from ferry.migrate.attempt import Attempt, Driver
+from ferry.migrate.attempt import Attempt, Driver, InHand
 from ferry.migrate.core.passes import CopyOp, OpKind
 from ferry.migrate.core.stats import FailureReason, failure_of_reply
 from ferry.migrate.options import CopyMode
@@ -169,7 +169,7 @@ class PassCopier:
             attempt.queue.extend(pieces[1:])
         if self._tracks_ranges:
             for piece in pieces:
-                attempt.in_hand.add(piece.offset, piece.end, None)
+                attempt.in_hand.add(piece.offset, piece.end, InHand(piece))
         return pieces[0]
 
     def _longest_request(self, attempt: Attempt, op: CopyOp) -> int:
@@ -221,6 +221,9 @@ class PassCopier:
         if op.kind is OpKind.DATA:
             attempt.reading += 1
             attempt.bytes_in_flight += op.length
+            if self._tracks_ranges:
+                for in_hand in attempt.in_hand.overlapping(op.offset, op.end):
+                    in_hand.read = True
             read = self._driver.read_image(op.offset, op.length)
             read.addCallbacks(
                 self._read,

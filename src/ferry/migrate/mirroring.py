@@ -16,6 +16,9 @@ write that has landed here to :meth:`WriteMirror.client_wrote`:
   destination's answer.  It is not marked dirty: the dirty set only
   shrinks, and the migration converges whatever the write rate, at the
   cost of one round trip to the destination for each such write.
+* A write to a range the passes hold in data requests whose bytes are
+  not yet being read needs nothing: those reads start after it landed, and
+  carry it.
 * Anything else is marked dirty as in the background mode: a range ahead of
   the bulk pass (the pass will read it), a failed write, a write longer than
   the destination takes, a zeroing the destination cannot do, no
@@ -24,8 +27,9 @@ write that has landed here to :meth:`WriteMirror.client_wrote`:
 
 Ordering.  No two overlapping writes are on the wire at once (see
 :mod:`ferry.migrate.core.ranges`): a client write overlapping a range a
-pass has in hand (taken from the plan, read or not, unanswered) or another
-mirrored write not yet answered is marked dirty instead.  A pass's request
+pass has in hand (taken from the plan, unanswered) whose bytes may have
+been read before it landed, or a zero request's, or another mirrored
+write not yet answered, is marked dirty instead.  A pass's request
 taken while a mirrored write of its range is on the wire goes only after
 that write's answer (:class:`~ferry.migrate.copier.PassCopier`); its bytes
 were read after the client's write landed, so it carries that write or a
@@ -64,6 +68,7 @@ from typing import Protocol
 from twisted.internet.defer import Deferred, DeferredList, succeed
 
 from ferry.migrate.attempt import Attempt, Driver, MirroredWrite
+from ferry.migrate.core.passes import OpKind
 from ferry.migrate.core.stats import FailureReason, MigrationStats, failure_of_reply
 from ferry.nbd.constants import Command, TransmissionFlag
 from ferry.nbd.events import Reply, Request
@@ -102,10 +107,16 @@ class WriteMirror:
             or wire is None
             or attempt.negotiated is None
             or not driver.job.copied(offset, end)
-            or attempt.in_hand.overlaps(offset, end)
             or attempt.mirrors.overlaps(offset, end)
         ):
             self._dirty.mark(offset, length)
+            return None
+        in_hand = list(attempt.in_hand.overlapping(offset, end))
+        if in_hand:
+            if not all(piece.op.kind is OpKind.DATA and not piece.read for piece in in_hand):
+                self._dirty.mark(offset, length)
+            # else: the pass's reads of the range start after this write landed,
+            # and carry it.
             return None
         if request.command is Command.WRITE:
             if length > driver.job.max_data_length:
