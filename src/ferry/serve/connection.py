@@ -16,7 +16,8 @@ Invariants:
 * A write is reported to the export (the dirty map) once it has landed and
   before anything that waited for it starts; a switchover's hold waits for
   the writes in flight (``Export.writes_landed``), and a sender's commit for
-  its own.
+  its own.  Its reply waits for what the export's write gate returns (a
+  write-blocking migration's mirrored write, :mod:`ferry.migrate.mirroring`).
 * The connection is a push producer for its transport.  When the transport
   says "pause" (its write buffer is full), the connection stops reading from
   the socket *and* stops dispatching requests it has already parsed, so a
