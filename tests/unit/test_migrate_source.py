@@ -44,6 +44,8 @@ from ferry.migrate.options import (
 )
 from ferry.migrate.source import MirrorSource
 from ferry.migrate.wire import tcp_connector
+from ferry.nbd.constants import Command, CommandFlag
+from ferry.nbd.events import Request
 from ferry.replay import replay
 from ferry.serve.export import Export
 from ferry.trace import CREATED, Tracer, TraceRecord
@@ -763,6 +765,14 @@ async def test_write_blocking_mirrors_what_is_copied_and_marks_the_rest(
     assert fake.disk[4096 : 2 * 4096] == b"m" * 4096  # there before the pass could bring it
     assert rig.source.stats.mirrored_writes == 1
     assert rig.source.stats.mirrored_bytes == 4096
+    # A TRIM behind the pass: ferry's image reads zeroes there, so WRITE_ZEROES goes too.
+    rig.image.punch_hole(MIB - 8192, 8192)
+    trim = Request(0, Command.TRIM, CommandFlag(0), MIB - 8192, 8192)
+    trimmed = rig.export.note_write(MIB - 8192, 8192, trim)
+    assert trimmed is not None and not trimmed.called
+    await within(trimmed)
+    assert fake.disk[MIB - 8192 : MIB] == bytes(8192)
+    assert session.commands.count("WRITE_ZEROES") == 2  # the hole's, and the TRIM's
     assert rig.gate.write(3 * MIB, b"p" * 4096)  # in the paced request, not yet read
     assert rig.gate.write(SIZE - 4096, b"t" * 4096)  # past the cursor, a hole
     assert not rig.gate.held_replies  # both answered at once
@@ -773,8 +783,9 @@ async def test_write_blocking_mirrors_what_is_copied_and_marks_the_rest(
     expected = bytearray(rig.original)
     for offset, data in [(4096, b"m"), (3 * MIB, b"p"), (SIZE - 4096, b"t")]:
         expected[offset : offset + 4096] = data * 4096
+    expected[MIB - 8192 : MIB] = bytes(8192)
     assert fake.disk == expected
-    assert rig.source.stats.mirrored_writes == 1
+    assert rig.source.stats.mirrored_writes == 2
     rig.replays()
 
 
