@@ -790,6 +790,41 @@ async def test_write_blocking_mirrors_what_is_copied_and_marks_the_rest(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_pass_request_waits_for_the_mirrored_write_of_its_range(
+    tmp_path: Path, listen: Any
+) -> None:
+    """Two overlapping writes are never on the wire at once: the dirty pass takes a block a
+    mirrored write is on its way to, reads it, and sends it only after that write's answer."""
+    # Data-carrying requests: 1 the first MiB, 2 the hole, 3 the mirrored write (held).
+    fake = FakeDestination(SIZE, [Script(hold_write=3)])
+    rig = Rig(tmp_path, listen(fake), max_bps=MIB, copy_mode=CopyMode.WRITE_BLOCKING)
+    assert (await within(rig.source.start())).ok
+    session = fake.sessions[-1]
+    rig.clock.advance(1)
+    await within(session.arrived("WRITE_ZEROES"))
+    attempt = rig.source.attempt
+    await until(lambda: not attempt.in_flight)
+    rig.export.note_write(8192, 4096)  # a write that failed here: marked dirty, not mirrored
+    assert rig.gate.write(8192, b"m" * 4096)
+    mirrored = rig.gate.held_replies.pop(8192)
+    await until(lambda: session.held_write is not None)
+    assert not mirrored.called
+    rig.clock.advance(1)  # the paced request goes, the bulk pass ends, the dirty pass takes 8192
+    await until(lambda: rig.source.state == "dirty_pass" and attempt.reading == 1)
+    (waiting,) = attempt.mirrors.values()
+    assert (waiting.offset, len(waiting.waiters)) == (8192, 1)  # the pass's request, parked
+    writes = session.commands.count("WRITE")
+    session.release_write()
+    await within(mirrored)
+    await within(session.arrived("WRITE", writes + 1))  # now it goes
+    result = await within(rig.source.finished)
+    assert result.handed_off
+    expected = bytearray(rig.original)
+    expected[8192 : 8192 + 4096] = b"m" * 4096
+    assert fake.disk == expected
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_failed_mirrored_write_is_answered_marked_and_the_attempt_retried(
     tmp_path: Path, listen: Any
 ) -> None:
