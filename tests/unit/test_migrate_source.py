@@ -825,6 +825,36 @@ async def test_a_pass_request_waits_for_the_mirrored_write_of_its_range(
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_switchover_waits_for_the_mirrored_writes(tmp_path: Path, listen: Any) -> None:
+    """Clients held, the last pass starts only once every mirrored write is answered, so
+    it and its FLUSH cover them all."""
+    fake = FakeDestination(SIZE, [Script(hold_write=3)])
+    rig = Rig(tmp_path, listen(fake), max_bps=MIB, copy_mode=CopyMode.WRITE_BLOCKING)
+    assert (await within(rig.source.start())).ok
+    session = fake.sessions[-1]
+    rig.clock.advance(1)
+    await within(session.arrived("WRITE_ZEROES"))
+    attempt = rig.source.attempt
+    await until(lambda: not attempt.in_flight)
+    assert rig.gate.write(8192, b"m" * 4096)
+    mirrored = rig.gate.held_replies.pop(8192)
+    await until(lambda: session.held_write is not None)
+    rig.clock.advance(1)  # the paced request goes; nothing is dirty: switch over
+    await rig.reached("role", "quiescing")
+    await until(lambda: "FLUSH" in session.commands)  # the FLUSH before the decision
+    assert rig.source.state == "quiescing" and rig.source.job.plan is None  # no last pass yet
+    assert not mirrored.called
+    session.release_write()
+    await within(mirrored)
+    result = await within(rig.source.finished)
+    assert result.handed_off
+    assert session.commands[-3:] == ["FLUSH", "COMMIT", "DISC"]
+    expected = bytearray(rig.original)
+    expected[8192 : 8192 + 4096] = b"m" * 4096
+    assert fake.disk == expected
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_failed_mirrored_write_is_answered_marked_and_the_attempt_retried(
     tmp_path: Path, listen: Any
 ) -> None:
