@@ -56,7 +56,10 @@ image can observe, so the mirrored write goes without FUA.
 The switchover waits, after the client writes in flight have landed,
 until no mirrored write is on the wire (:meth:`WriteMirror.drained`), so
 the last pass and its FLUSH cover every one of them.  ``--max-bps`` paces
-the passes only: a mirrored write goes at its client's pace.
+the passes only: a mirrored write goes at its client's pace, though
+behind whatever the passes have on the one connection, which is why they
+keep less in flight in this mode
+(:data:`~ferry.migrate.copier.WRITE_BLOCKING_BYTES_IN_FLIGHT`).
 """
 
 from __future__ import annotations
