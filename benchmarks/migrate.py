@@ -7,6 +7,8 @@ One random image is created once (like run.py's).  Three scenarios run on it:
   on an empty (sparse) destination file, no client.
 - ``writer``: the same while benchmarks/writer.py (a libnbd client under /usr/bin/python3)
   writes 4 KiB random blocks at ``--write-rate`` to the source and times each write.
+- ``writeblock`` (only when asked for): ``writer``'s migration with ``--copy-mode
+  write-blocking``, under a ``--writeblock-rate`` writer (default 100 MB/s).
 - ``copy limit``: ``nbdcopy`` of the same image between two qemu-nbd servers, plain and with
   ``--flush`` (ferry's handoff fsyncs the destination, so ``--flush`` is the fair limit).
 
@@ -168,7 +170,13 @@ def cpu_of(server: ServerProcess) -> float:
 
 
 def migrate_once(
-    name: str, image: Path, size: int, tmp: Path, adopted: bool, write_rate: int | None
+    name: str,
+    image: Path,
+    size: int,
+    tmp: Path,
+    adopted: bool,
+    write_rate: int | None,
+    mirror_args: Sequence[str] = (),
 ) -> Run:
     """One ferry migration: serve, listen, (writer), mirror --wait, compare."""
     run = Run(name)
@@ -210,6 +218,7 @@ def migrate_once(
             str(tmp / "source.sock"),
             "--action",
             "nothing",
+            *mirror_args,
             "--wait",
         ]
         done, elapsed = timed(run, source, dest)
@@ -257,6 +266,16 @@ def migrate_once(
             f"dest log: {tail(dest.setup.log)}"
         )
     return run
+
+
+def migrate_writeblock(image: Path, size: int, tmp: Path, adopted: bool, write_rate: int) -> Run:
+    """``ferry mirror --copy-mode write-blocking`` under a writer (default 100 MB/s): each
+    write to what is copied waits for the destination, so it completes however fast the
+    writer goes; what it costs shows in the writer's latency."""
+    name = f"write-blocking + {write_rate / 1e6:g} MB/s writer"
+    return migrate_once(
+        name, image, size, tmp, adopted, write_rate, ("--copy-mode", "write-blocking")
+    )
 
 
 def copy_limit(name: str, image: Path, size: int, tmp: Path, adopted: bool, flush: bool) -> Run:
@@ -374,6 +393,42 @@ def print_report(summary: dict[str, Any], runs: list[Run], limit: Run | None) ->
         print("\n".join(failed))
 
 
+def print_writer_latency(runs: list[Run]) -> None:
+    """What the writer saw of each run with one: from each write's due time (the schedule's
+    backlog included) and from when it was sent (the server's own time)."""
+    rows = [
+        [
+            "run",
+            "writer MB/s",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "sent→answered p50 ms",
+            "p99 ms",
+            "max ms",
+        ]
+    ]
+    for run in runs:
+        writer = run.writer
+        if not writer:
+            continue
+        rows.append(
+            [
+                run.name,
+                cell(writer.get("rate_mb_s")),
+                cell(writer.get("p50_ms")),
+                cell(writer.get("p99_ms")),
+                cell(writer.get("longest_stall_ms")),
+                cell(writer.get("service_p50_ms")),
+                cell(writer.get("service_p99_ms")),
+                cell(writer.get("service_max_ms")),
+            ]
+        )
+    if len(rows) > 1:
+        print("\nwrite latency:")
+        render_table(rows, sys.stdout)
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -401,7 +456,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--runs",
         default="idle,writer,copy",
-        help="which of idle,writer,copy to run (default all)",
+        help="which of idle,writer,copy,writeblock to run (default idle,writer,copy)",
+    )
+    parser.add_argument(
+        "--writeblock-rate",
+        type=parse_rate,
+        default=100 * 10**6,
+        help="the writer's rate in the writeblock run, bytes/s (default 100M = 100 MB/s)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     return parser.parse_args(argv)
@@ -410,9 +471,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     wanted = {name.strip() for name in args.runs.split(",")}
-    unknown = wanted - {"idle", "writer", "copy"}
+    unknown = wanted - {"idle", "writer", "copy", "writeblock"}
     if unknown:
-        log(f"migrate.py: unknown run(s) {', '.join(sorted(unknown))}: use idle, writer, copy")
+        names = "idle, writer, copy, writeblock"
+        log(f"migrate.py: unknown run(s) {', '.join(sorted(unknown))}: use {names}")
         return 2
     for tool in ("nbdcopy", "qemu-nbd"):
         if shutil.which(tool) is None and "copy" in wanted:
@@ -446,6 +508,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs.append(
                 migrate_once("ferry + writer", image, args.size, tmp, adopted, args.write_rate)
             )
+        if "writeblock" in wanted:
+            log("[write-blocking migration with a writer]")
+            runs.append(migrate_writeblock(image, args.size, tmp, adopted, args.writeblock_rate))
         if "copy" in wanted:
             log("[copy limit]")
             runs.append(copy_limit("nbdcopy qemu→qemu", image, args.size, tmp, adopted, False))
@@ -461,6 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
         reap_orphans()
     print_report(summary, runs, limit)
+    print_writer_latency(runs)
     if args.json is not None:
         result = {
             **summary,

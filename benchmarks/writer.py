@@ -13,8 +13,10 @@ An optional fifth argument, BIND, is the client's own address: any of loopback's
 
 Every write's latency is measured from the moment it was due (not from when it could be
 issued), so a server that holds requests shows up as a long latency even when the queue is
-full.  It prints one JSON object: writes, bytes, the longest and the 99th-percentile
-latency, when the longest one started, and the first error with its wall-clock time.
+full.  It prints one JSON object: writes, bytes, the longest, the median and the
+99th-percentile latency, when the longest one started, and the first error with its
+wall-clock time; and the ``service_`` latencies, from when each write was sent (what the
+server took, without the schedule's backlog).
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ def main() -> int:
     started = time.monotonic()
     due_next = started
     in_flight: dict[int, float] = {}  # cookie -> when the write was due
+    issued_at: dict[int, float] = {}  # cookie -> when it was sent
     latencies: list[float] = []
+    service: list[float] = []  # sent to answered: what the server (and a mirror) took
     longest = 0.0
     longest_at = 0.0
     error = ""
@@ -67,6 +71,7 @@ def main() -> int:
                 error, error_at = str(exc), time.time()
                 break
             in_flight[cookie] = due_next
+            issued_at[cookie] = time.monotonic()
             issued += 1
             due_next += interval
         if error:
@@ -91,6 +96,7 @@ def main() -> int:
             if finished:
                 latency = done_at - in_flight.pop(cookie)
                 latencies.append(latency)
+                service.append(done_at - issued_at.pop(cookie))
                 if latency > longest:
                     longest, longest_at = latency, time.time() - latency
         if error:
@@ -100,6 +106,7 @@ def main() -> int:
     # the switchover and disconnects its clients after the handoff) stalled at least this long.
     held = (time.monotonic() - min(in_flight.values())) if error and in_flight else 0.0
     latencies.sort()
+    service.sort()
     p99 = latencies[int(len(latencies) * 0.99)] if latencies else None
     print(
         json.dumps(
@@ -113,6 +120,10 @@ def main() -> int:
                 "held_at_error_ms": round(held * 1000, 1),
                 "longest_stall_started_at": longest_at,
                 "p99_ms": None if p99 is None else round(p99 * 1000, 2),
+                "p50_ms": quantile_ms(latencies, 0.5),
+                "service_p50_ms": quantile_ms(service, 0.5),
+                "service_p99_ms": quantile_ms(service, 0.99),
+                "service_max_ms": quantile_ms(service, 1.0),
                 "unanswered": len(in_flight),
                 "ended": ended,
                 "error": error,
@@ -121,6 +132,13 @@ def main() -> int:
         )
     )
     return 0
+
+
+def quantile_ms(ordered: list[float], q: float) -> float | None:
+    """The ``q`` quantile of sorted seconds, in milliseconds (None: no sample)."""
+    if not ordered:
+        return None
+    return round(ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1000, 2)
 
 
 def connect_from(handle: object, uri: str, bind: str) -> None:

@@ -241,6 +241,44 @@ MIGRATIONS = Dashboard(
             unit="s",
         ),
         Panel(
+            "Copy mode",
+            "How the migration copies client writes: background (marked dirty, copied by a "
+            "later pass; auto-converge throttles writers the passes cannot keep up with) or "
+            "write-blocking (a write to what is copied is answered once the destination has it).",
+            (
+                Query(
+                    f"{series('ferry_copy_mode_info')} == 1",
+                    WHO_LEGEND + " {{copy_mode}}",
+                ),
+            ),
+            kind="state-timeline",
+        ),
+        Panel(
+            "Mirrored writes (write-blocking)",
+            "Client writes a write-blocking migration sent to the destination and had "
+            "answered, per second, and their bytes per second.",
+            (
+                Query(rate("ferry_mirrored_writes_total", WHO), f"{WHO_LEGEND} writes"),
+                Query(rate("ferry_mirrored_bytes_total", WHO), f"{WHO_LEGEND} bytes"),
+            ),
+        ),
+        Panel(
+            "Mirrored write round trip",
+            "What write-blocking adds to a client's write: the destination's round trip, "
+            "median and 99th percentile.",
+            (
+                Query(
+                    quantile(0.5, "ferry_mirrored_write_duration_seconds", WHO),
+                    f"{WHO_LEGEND} p50",
+                ),
+                Query(
+                    quantile(0.99, "ferry_mirrored_write_duration_seconds", WHO),
+                    f"{WHO_LEGEND} p99",
+                ),
+            ),
+            unit="s",
+        ),
+        Panel(
             "Downtime: expected against last",
             "Expected client stall if the switchover happened now, and the longest stall of "
             "the last switchover.",

@@ -28,7 +28,7 @@ from twisted.web.server import Request
 from ferry import statecharts
 from ferry.hooks import OUTCOMES, HookStats, Stage
 from ferry.migrate.core.stats import FailureReason, MigrationStats
-from ferry.serve.stats import LATENCY_BUCKETS, RequestStats
+from ferry.serve.stats import LATENCY_BUCKETS, Histogram, RequestStats
 from ferry.status import StatusSnapshot
 
 PREFIX: Final = "ferry_"
@@ -146,14 +146,7 @@ def _request_metrics(exports: list[Observable]) -> Iterator[Metric]:
         connections.add_metric([export.name], stats.connections)
         protocol_errors.add_metric([export.name], stats.protocol_errors)
         for command, histogram in sorted(stats.latency.items()):
-            cumulative = 0
-            buckets = []
-            for bound, count in zip(
-                [*LATENCY_BUCKETS, float("inf")], histogram.counts, strict=True
-            ):
-                cumulative += count
-                buckets.append((_bucket_label(bound), float(cumulative)))
-            latency.add_metric([export.name, command], buckets, histogram.total)
+            latency.add_metric([export.name, command], _buckets(histogram), histogram.total)
     yield from (requests, errors, read, written, connections, protocol_errors, latency)
 
 
@@ -174,13 +167,32 @@ def _migration_metrics(exports: list[Observable]) -> Iterator[Metric]:
         "Migrations that completed: handed over, or mirrored to a plain NBD server",
         labels=["export"],
     )
+    mirrored = CounterMetricFamily(
+        PREFIX + "mirrored_writes",
+        "Client writes a write-blocking migration sent to the destination and had answered",
+        labels=["export"],
+    )
+    mirrored_bytes = CounterMetricFamily(
+        PREFIX + "mirrored_bytes",
+        "Bytes of the client writes a write-blocking migration sent to the destination",
+        labels=["export"],
+    )
+    mirrored_latency = HistogramMetricFamily(
+        PREFIX + "mirrored_write_duration_seconds",
+        "Round trip of a mirrored client write to the destination (what write-blocking adds)",
+        labels=["export"],
+    )
     for export in exports:
         stats = export.migration_stats
         for reason in FailureReason:
             retries.add_metric([export.name, reason.value], stats.retries[reason])
             failures.add_metric([export.name, reason.value], stats.failures[reason])
         completed.add_metric([export.name], stats.completed)
-    yield from (retries, failures, completed)
+        mirrored.add_metric([export.name], stats.mirrored_writes)
+        mirrored_bytes.add_metric([export.name], stats.mirrored_bytes)
+        histogram = stats.mirrored_latency
+        mirrored_latency.add_metric([export.name], _buckets(histogram), histogram.total)
+    yield from (retries, failures, completed, mirrored, mirrored_bytes, mirrored_latency)
 
 
 def _hook_metrics(exports: list[Observable]) -> Iterator[Metric]:
@@ -198,6 +210,16 @@ def _hook_metrics(exports: list[Observable]) -> Iterator[Metric]:
             for outcome in OUTCOMES:
                 runs.add_metric([export.name, stage.value, outcome], stats.runs[stage, outcome])
     yield runs
+
+
+def _buckets(histogram: Histogram) -> list[tuple[str, float]]:
+    """A histogram's buckets as Prometheus wants them: cumulative, labelled by bound."""
+    cumulative = 0
+    buckets = []
+    for bound, count in zip([*LATENCY_BUCKETS, float("inf")], histogram.counts, strict=True):
+        cumulative += count
+        buckets.append((_bucket_label(bound), float(cumulative)))
+    return buckets
 
 
 def _bucket_label(bound: float) -> str:

@@ -127,6 +127,11 @@ class StatusSnapshot:
         "migration_last_failure",
         "Why the last attempt of the current (or last) migration failed; none if it did not",
     )
+    copy_mode: str | None = _info(
+        "copy_mode",
+        "How the current (or last) migration copies client writes: background (marked "
+        "dirty, copied by a later pass) or write-blocking (sent to the destination at once)",
+    )
 
     def fields(self) -> Iterator[tuple[str, Any, FieldSpec]]:
         """The present fields in line order, with their export specs."""

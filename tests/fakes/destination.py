@@ -87,6 +87,7 @@ class Script:
     close_on_write: int | None = None  # close when this write arrives, before answering
     error_on_flush: int | None = None  # answer EIO to this FLUSH (1 is the first)
     hold_flush: int | None = None  # answer this FLUSH only on Session.release_flush()
+    hold_write: int | None = None  # write this write at once, answer it on Session.release_write()
     commit: Commit = Commit.ACK
     # Called with the commit's token before it is answered: a destination
     # taking the lease over (a test wires it to a lockspace).
@@ -109,6 +110,7 @@ class Session:
     lost: Deferred[None] = field(default_factory=Deferred)
     hung: Deferred[str] = field(default_factory=Deferred)  # fires when it stops answering
     held_flush: Callable[[], None] | None = None  # answers the held FLUSH
+    held_write: Callable[[], None] | None = None  # answers the held write
     _arrivals: list[tuple[str, int, Deferred[None]]] = field(default_factory=list)
 
     def arrived(self, command: str, count: int = 1) -> Deferred[None]:
@@ -124,6 +126,12 @@ class Session:
         """Answer the FLUSH that ``Script.hold_flush`` keeps waiting."""
         release, self.held_flush = self.held_flush, None
         assert release is not None, "no FLUSH is held"
+        release()
+
+    def release_write(self) -> None:
+        """Answer the write that ``Script.hold_write`` keeps waiting."""
+        release, self.held_write = self.held_write, None
+        assert release is not None, "no write is held"
         release()
 
     def note(self, command: str) -> None:
@@ -277,7 +285,11 @@ class _DestinationProtocol(Protocol):
         elif command is Command.FLUSH and session.commands.count("FLUSH") == script.error_on_flush:
             self._send(self.server.reply_error(request.handle, Errno.EIO, "scripted flush failure"))
             return
-        elif command is Command.FLUSH and session.commands.count("FLUSH") == script.hold_flush:
+        if command in (Command.WRITE, Command.WRITE_ZEROES) and session.writes == script.hold_write:
+            reply = self.server.reply_ok(request.handle)
+            session.held_write = lambda: self._send(reply)
+            return
+        if command is Command.FLUSH and session.commands.count("FLUSH") == script.hold_flush:
             reply = self.server.reply_ok(request.handle)
             session.held_flush = lambda: self._send(reply)
             return

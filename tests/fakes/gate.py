@@ -17,6 +17,8 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred
 
 from ferry.clock import Clock
+from ferry.nbd.constants import Command, CommandFlag
+from ferry.nbd.events import Request
 from ferry.serve.export import Attached, Export
 
 
@@ -34,6 +36,9 @@ class FakeGate:
         self._next = 0
         self._waiters: list[Deferred[None]] = []
         self._longest = 0.0
+        # The replies a write-blocking migration holds until the destination has the write,
+        # by offset (a write answered at once has none).
+        self.held_replies: dict[int, Deferred[None]] = {}
         export.observe_role(self._role_changed)
 
     @property
@@ -107,7 +112,10 @@ class FakeGate:
 
     def _perform(self, offset: int, data: bytes) -> None:
         self.export.image.pwrite(data, offset)
-        self.export.note_write(offset, len(data))
+        request = Request(0, Command.WRITE, CommandFlag(0), offset, len(data), data)
+        reply = self.export.note_write(offset, len(data), request)
+        if reply is not None:
+            self.held_replies[offset] = reply
 
     def _end_hold(self) -> None:
         if self.queued:

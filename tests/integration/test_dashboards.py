@@ -51,6 +51,10 @@ SHOWS = {
         "ferry_migration_failures_total",
         'ferry_state{machine="lease"}',
         "ferry_lease_token",
+        # Issue 17: the copy mode, and what write-blocking costs.
+        "ferry_copy_mode_info",
+        "ferry_mirrored_writes_total",
+        "ferry_mirrored_write_duration_seconds_bucket",
         "ferry_connections_moved",
         "ferry_connections_aborted",
         "ferry_can_move_connections",

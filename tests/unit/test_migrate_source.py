@@ -34,6 +34,7 @@ from ferry.migrate.options import (
     REJECTED,
     SIZE_MISMATCH,
     CannotBreak,
+    CopyMode,
     Destination,
     FinishAction,
     MirrorOptions,
@@ -43,6 +44,8 @@ from ferry.migrate.options import (
 )
 from ferry.migrate.source import MirrorSource
 from ferry.migrate.wire import tcp_connector
+from ferry.nbd.constants import Command, CommandFlag
+from ferry.nbd.events import Request
 from ferry.replay import replay
 from ferry.serve.export import Export
 from ferry.trace import CREATED, Tracer, TraceRecord
@@ -724,3 +727,186 @@ async def test_flexnbd_mirror_retries_after_a_close_mid_stream(tmp_path: Path, l
     assert bytes(fake.disk) == rig.original
     assert rig.export.state == "handed_off"
     rig.replays()
+
+
+# -- write-blocking (ferry.migrate.mirroring) ---------------------------------------
+
+
+async def until(condition: Any) -> None:
+    """Let the reactor run until ``condition()`` holds (TimeoutError past the deadline)."""
+    deadline = reactor.seconds() + DEADLINE
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise TimeoutError("the condition never held")
+        await task.deferLater(reactor, 0.001, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_blocking_mirrors_what_is_copied_and_marks_the_rest(
+    tmp_path: Path, listen: Any
+) -> None:
+    """A limit of 1 MiB/s on the test's clock stops the bulk pass after its first MiB: behind
+    it a client write waits for the destination's answer; in the range of a request not yet
+    read it is the pass's; past the pass's cursor it is marked for the next pass."""
+    fake = FakeDestination(SIZE)
+    rig = Rig(tmp_path, listen(fake), max_bps=MIB, copy_mode=CopyMode.WRITE_BLOCKING)
+    assert (await within(rig.source.start())).ok
+    session = fake.sessions[-1]
+    rig.clock.advance(1)  # past the limiter's burst: the first MiB goes, then the hole
+    await within(session.arrived("WRITE_ZEROES"))
+    attempt = rig.source.attempt
+    plan = rig.source.job.plan
+    assert plan is not None and plan.cursor == 3 * MIB + 512 * KIB  # [3, 3.5) MiB: paced
+    await until(lambda: not attempt.in_flight)  # the first MiB and the hole answered
+    assert rig.gate.write(4096, b"m" * 4096)
+    mirrored = rig.gate.held_replies.pop(4096)
+    assert not mirrored.called  # the destination has not answered yet
+    await within(mirrored)
+    assert fake.disk[4096 : 2 * 4096] == b"m" * 4096  # there before the pass could bring it
+    assert rig.source.stats.mirrored_writes == 1
+    assert rig.source.stats.mirrored_bytes == 4096
+    # A TRIM behind the pass: ferry's image reads zeroes there, so WRITE_ZEROES goes too.
+    rig.image.punch_hole(MIB - 8192, 8192)
+    trim = Request(0, Command.TRIM, CommandFlag(0), MIB - 8192, 8192)
+    trimmed = rig.export.note_write(MIB - 8192, 8192, trim)
+    assert trimmed is not None and not trimmed.called
+    await within(trimmed)
+    assert fake.disk[MIB - 8192 : MIB] == bytes(8192)
+    assert session.commands.count("WRITE_ZEROES") == 2  # the hole's, and the TRIM's
+    assert rig.gate.write(3 * MIB, b"p" * 4096)  # in the paced request, not yet read
+    assert rig.gate.write(SIZE - 4096, b"t" * 4096)  # past the cursor, a hole
+    assert not rig.gate.held_replies  # both answered at once
+    assert rig.source.dirty.dirty_bytes == 4096  # only the one past the cursor
+    rig.clock.advance(1)  # the paced request goes
+    result = await within(rig.source.finished)
+    assert result.handed_off
+    expected = bytearray(rig.original)
+    for offset, data in [(4096, b"m"), (3 * MIB, b"p"), (SIZE - 4096, b"t")]:
+        expected[offset : offset + 4096] = data * 4096
+    expected[MIB - 8192 : MIB] = bytes(8192)
+    assert fake.disk == expected
+    assert rig.source.stats.mirrored_writes == 2
+    rig.replays()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pass_request_waits_for_the_mirrored_write_of_its_range(
+    tmp_path: Path, listen: Any
+) -> None:
+    """Two overlapping writes are never on the wire at once: the dirty pass takes a block a
+    mirrored write is on its way to, reads it, and sends it only after that write's answer."""
+    # Data-carrying requests: 1 the first MiB, 2 the hole, 3 the mirrored write (held).
+    fake = FakeDestination(SIZE, [Script(hold_write=3)])
+    rig = Rig(tmp_path, listen(fake), max_bps=MIB, copy_mode=CopyMode.WRITE_BLOCKING)
+    assert (await within(rig.source.start())).ok
+    session = fake.sessions[-1]
+    rig.clock.advance(1)
+    await within(session.arrived("WRITE_ZEROES"))
+    attempt = rig.source.attempt
+    await until(lambda: not attempt.in_flight)
+    rig.export.note_write(8192, 4096)  # a write that failed here: marked dirty, not mirrored
+    assert rig.gate.write(8192, b"m" * 4096)
+    mirrored = rig.gate.held_replies.pop(8192)
+    await until(lambda: session.held_write is not None)
+    assert not mirrored.called
+    rig.clock.advance(1)  # the paced request goes, the bulk pass ends, the dirty pass takes 8192
+    await until(lambda: rig.source.state == "dirty_pass" and attempt.reading == 1)
+    (waiting,) = attempt.mirrors.values()
+    assert (waiting.offset, len(waiting.waiters)) == (8192, 1)  # the pass's request, parked
+    writes = session.commands.count("WRITE")
+    session.release_write()
+    await within(mirrored)
+    await within(session.arrived("WRITE", writes + 1))  # now it goes
+    result = await within(rig.source.finished)
+    assert result.handed_off
+    expected = bytearray(rig.original)
+    expected[8192 : 8192 + 4096] = b"m" * 4096
+    assert fake.disk == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_switchover_waits_for_the_mirrored_writes(tmp_path: Path, listen: Any) -> None:
+    """Clients held, the last pass starts only once every mirrored write is answered, so
+    it and its FLUSH cover them all."""
+    fake = FakeDestination(SIZE, [Script(hold_write=3)])
+    rig = Rig(tmp_path, listen(fake), max_bps=MIB, copy_mode=CopyMode.WRITE_BLOCKING)
+    assert (await within(rig.source.start())).ok
+    session = fake.sessions[-1]
+    rig.clock.advance(1)
+    await within(session.arrived("WRITE_ZEROES"))
+    attempt = rig.source.attempt
+    await until(lambda: not attempt.in_flight)
+    assert rig.gate.write(8192, b"m" * 4096)
+    mirrored = rig.gate.held_replies.pop(8192)
+    await until(lambda: session.held_write is not None)
+    rig.clock.advance(1)  # the paced request goes; nothing is dirty: switch over
+    await rig.reached("role", "quiescing")
+    await until(lambda: "FLUSH" in session.commands)  # the FLUSH before the decision
+    assert rig.source.state == "quiescing" and rig.source.job.plan is None  # no last pass yet
+    assert not mirrored.called
+    session.release_write()
+    await within(mirrored)
+    result = await within(rig.source.finished)
+    assert result.handed_off
+    assert session.commands[-3:] == ["FLUSH", "COMMIT", "DISC"]
+    expected = bytearray(rig.original)
+    expected[8192 : 8192 + 4096] = b"m" * 4096
+    assert fake.disk == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_mirrored_write_is_answered_marked_and_the_attempt_retried(
+    tmp_path: Path, listen: Any
+) -> None:
+    """The destination answers the mirrored write EIO: the client's write is answered (it
+    is on the source), the attempt is lost, and the retry brings the write over."""
+    # Data-carrying requests: 1 the first MiB, 2 the hole, 3 the mirrored write.
+    fake = FakeDestination(SIZE, [Script(error_on_write=3), Script()])
+    rig = Rig(tmp_path, listen(fake), max_bps=MIB, copy_mode=CopyMode.WRITE_BLOCKING)
+    assert (await within(rig.source.start())).ok
+    session = fake.sessions[-1]
+    rig.clock.advance(1)
+    await within(session.arrived("WRITE_ZEROES"))
+    attempt = rig.source.attempt
+    await until(lambda: not attempt.in_flight)
+    assert rig.gate.write(8192, b"x" * 4096)
+    await within(rig.gate.held_replies.pop(8192))  # answered, not failed
+    await rig.reached("migration", "retry_wait")
+    assert rig.source.last_failure == "write_error"
+    assert "mirrored write of [8192, 12288) failed: EIO" in rig.source.last_error
+    assert rig.source.stats.mirrored_writes == 0
+    assert rig.export.state == "migrating" and rig.export.has_control
+    # The retry's backoff, then its pacing: the test's clock moves on while the wire works.
+    await until(lambda: rig.clock.advance(0.5) or rig.source.finished.called)
+    result = await within(rig.source.finished)
+    assert result.handed_off and len(fake.sessions) == 2
+    expected = bytearray(rig.original)
+    expected[8192 : 8192 + 4096] = b"x" * 4096
+    assert fake.disk == expected
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lost_destination_answers_every_mirrored_write(tmp_path: Path, listen: Any) -> None:
+    """The destination hangs: the reply timeout gives the attempt up, and with it every
+    mirrored write on its wire is marked dirty and its client answered."""
+    fake = FakeDestination(SIZE, [Script(hang_from_write=3), Script()])
+    rig = Rig(tmp_path, listen(fake), max_bps=MIB, copy_mode=CopyMode.WRITE_BLOCKING)
+    assert (await within(rig.source.start())).ok
+    session = fake.sessions[-1]
+    rig.clock.advance(1)
+    await within(session.arrived("WRITE_ZEROES"))
+    attempt = rig.source.attempt
+    await until(lambda: not attempt.in_flight)
+    for offset in (0, 65536):
+        assert rig.gate.write(offset, b"h" * 4096)
+    await within(session.hung)
+    replies = [rig.gate.held_replies.pop(0), rig.gate.held_replies.pop(65536)]
+    assert not any(reply.called for reply in replies)  # waiting for the destination
+    rig.clock.advance(60)  # the reply timeout
+    for reply in replies:
+        await within(reply)
+    assert rig.source.last_failure == "reply_timeout"
+    assert rig.source.dirty.dirty_bytes == 2 * 4096  # marked for the retry (and it copies all)
+    rig.source.cancel()
+    result = await within(rig.source.finished)
+    assert result.state == "cancelled" and rig.export.state == "serving"

@@ -313,6 +313,14 @@ def build_parser() -> Parser:
         help="the destination is a flexnbd listener: send flexnbd's stream, DISC hands over",
     )
     mirror.add_argument(
+        "--copy-mode",
+        choices=["background", "write-blocking"],
+        default=None,
+        help="background (the default): client writes mark the image dirty for a later "
+        "pass; write-blocking: a write to what is already copied is answered once the "
+        "destination has it too, so the migration converges under any write rate",
+    )
+    mirror.add_argument(
         "-w", "--wait", action="store_true", help="show progress until the end; exit 0 on success"
     )
     _export(mirror)
@@ -845,6 +853,8 @@ def _mirror(args: argparse.Namespace) -> int:
         params["retry_for"] = args.retry_for
     if args.flexnbd:
         params["flexnbd"] = True
+    if args.copy_mode is not None:
+        params["copy_mode"] = args.copy_mode
     if args.export is not None:
         params["export"] = args.export
     if args.dest_export is not None:

@@ -52,6 +52,8 @@ from ferry.migrate.manager import (
     NotMirroring,
 )
 from ferry.migrate.options import (
+    COPY_MODES,
+    CopyMode,
     Destination,
     FinishAction,
     MirrorError,
@@ -261,7 +263,8 @@ class Commands:
     def mirror(self, args: Sequence[str], params: Params) -> Reply | Deferred[Reply]:
         """``mirror IP PORT [exit|unlink|nothing] [BIND] [MAX_BPS]`` (or ``mirror URI ...``:
         ``tcp:HOST:PORT``, ``unix:PATH``, ``exec:COMMAND``); JSON may add
-        ``max_downtime`` (seconds), ``max_passes`` and ``dest_export``: the name of the
+        ``max_downtime`` (seconds), ``max_passes``, ``copy_mode`` (``background`` or
+        ``write-blocking``) and ``dest_export``: the name of the
         export to migrate into (default: the destination's default export, or, when the
         command names an ``export``, an export of the same name)."""
         try:
@@ -463,6 +466,11 @@ def _parse_mirror(args: Sequence[str], params: Params) -> Reply | tuple[Destinat
         if not isinstance(params["flexnbd"], bool):
             return Reply(1, "bad flexnbd: must be true or false")
         extra["flexnbd"] = params["flexnbd"]
+    if "copy_mode" in params:
+        mode = params["copy_mode"]
+        if not isinstance(mode, str) or mode not in {m.value for m in CopyMode}:
+            return Reply(1, f"bad copy_mode: must be {COPY_MODES}")
+        extra["copy_mode"] = CopyMode(mode)
     try:
         options = MirrorOptions(max_bps=max_bps or None, action=action, **extra)
     except ValueError as error:

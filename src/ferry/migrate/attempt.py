@@ -13,12 +13,13 @@ need of the :class:`~ferry.migrate.source.MirrorSource` that owns them.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from ferry.clock import Clock, DelayedCall
 from ferry.migrate.core.passes import CopyOp, PassPlan
+from ferry.migrate.core.ranges import RangeMap
 from ferry.migrate.core.stats import FailureReason, MigrationStats
 from ferry.migrate.wire import MirrorProtocol
 from ferry.nbd.constants import TransmissionFlag
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from ferry.serve.export import Export
     from ferry.storage import Image
 
-__all__ = ["Attempt", "AttemptCounters", "Driver"]
+__all__ = ["Attempt", "AttemptCounters", "Driver", "InHand", "MirroredWrite"]
 
 
 @dataclass(slots=True)
@@ -45,6 +46,42 @@ class AttemptCounters:
     data_bytes: int = 0
     zero_requests: int = 0
     zero_bytes: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class InHand:
+    """A pass's request, from when it is taken from the plan until it is answered.
+
+    ``read``: its bytes are being read (or were): a client write landing on
+    its range now may or may not be in them.  Until then the read will see
+    the write; a zero request never reads, and sends zeroes whatever lands.
+    """
+
+    op: CopyOp
+    read: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class MirroredWrite:
+    """A client write sent to the destination by a write-blocking migration, until answered.
+
+    ``reply`` fires (with None) when it is settled -- answered, or given up
+    with its attempt and marked dirty instead -- and the client's reply
+    goes; ``waiters`` are called then too (a pass's request for the same
+    range, which goes on the wire only after it, see :mod:`~ferry.migrate.core.ranges`).
+    """
+
+    offset: int
+    end: int
+    sent_at: float  # time.perf_counter(), for the latency histogram only
+    reply: Deferred[None]
+    waiters: list[Callable[[], None]] = field(default_factory=list)
+
+    def settle(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        self.reply.callback(None)
+        for waiter in waiters:
+            waiter()
 
 
 @dataclass(slots=True)
@@ -82,6 +119,12 @@ class Attempt:
     # When the switchover's steps ended: clients held, last pass sent, FLUSHed (for the log).
     switchover: list[float] = field(default_factory=list)
     last_pass_bytes: int = 0
+    # A write-blocking migration's (ferry.migrate.mirroring): the ranges the
+    # passes have in hand (taken from the plan, not yet answered), and the
+    # mirrored client writes not yet answered, by range and by handle.
+    in_hand: RangeMap[InHand] = field(default_factory=RangeMap)
+    mirrors: RangeMap[MirroredWrite] = field(default_factory=RangeMap)
+    mirrored: dict[int, MirroredWrite] = field(default_factory=dict)
 
     def timers(self) -> tuple[DelayedCall | None, ...]:
         return (self.hello_timer, self.reply_timer, self.pace_timer)
@@ -89,7 +132,7 @@ class Attempt:
     def awaiting_reply(self) -> bool:
         """Whether any request of this attempt is still unanswered."""
         handles = (self.flush_handle, self.commit_handle, self.preflush_handle)
-        return bool(self.in_flight) or any(h is not None for h in handles)
+        return bool(self.in_flight) or bool(self.mirrored) or any(h is not None for h in handles)
 
     def can(self, flag: TransmissionFlag) -> bool:
         """Whether the destination's hello advertised ``flag``."""

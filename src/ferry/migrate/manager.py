@@ -216,7 +216,10 @@ class MirrorManager:
         fields = self.current.progress().status_fields()
         failure = self.current.last_failure
         return dataclasses.replace(
-            snapshot, **fields, migration_last_failure="none" if failure is None else failure
+            snapshot,
+            **fields,
+            migration_last_failure="none" if failure is None else failure,
+            copy_mode=self.current.options.copy_mode.value,
         )
 
     def _refresh_holders(self) -> None:

@@ -19,6 +19,7 @@ from ferry.migrate.core.stats import FailureReason
 
 __all__ = [
     "CANCELLED",
+    "COPY_MODES",
     "FAILED_TO_CONNECT",
     "LEASE_LOST",
     "MIRROR_STARTED",
@@ -27,6 +28,7 @@ __all__ = [
     "REJECTED",
     "SIZE_MISMATCH",
     "CannotBreak",
+    "CopyMode",
     "Destination",
     "FinishAction",
     "MirrorError",
@@ -83,6 +85,25 @@ class FinishAction(enum.Enum):
     EXIT = "exit"
     UNLINK = "unlink"
     NOTHING = "nothing"
+
+
+class CopyMode(enum.Enum):
+    """How client writes reach the destination while a migration runs (QEMU's ``copy-mode``).
+
+    ``background``: a write marks the dirty map and a later pass copies it;
+    under writes faster than the stream the passes only converge with
+    auto-converge's throttle.  ``write-blocking``: a write to a region the
+    migration has already copied is acknowledged only once it is on the
+    destination too (:mod:`ferry.migrate.mirroring`), so the dirty set only
+    shrinks, at the cost of each such write's round trip.
+    """
+
+    BACKGROUND = "background"
+    WRITE_BLOCKING = "write-blocking"
+
+
+#: What ``--copy-mode`` and the ``copy_mode`` param take, for their error messages.
+COPY_MODES: Final = " or ".join(f"'{mode.value}'" for mode in CopyMode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,8 +203,14 @@ class MirrorOptions:
     # have been lost for this long (seconds); None: retry for ever.
     max_retries: int | None = None
     retry_for: float | None = None
+    copy_mode: CopyMode = CopyMode.BACKGROUND
 
     def __post_init__(self) -> None:
+        if self.copy_mode is CopyMode.WRITE_BLOCKING and self.flexnbd:
+            raise ValueError(
+                "copy mode write-blocking needs a ferry or NBD destination: flexnbd's stream "
+                "has one request in flight at a time"
+            )
         for name in ("connect_timeout", "hello_timeout", "reply_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")

@@ -50,6 +50,7 @@ from ferry.migrate.core.progress import MigrationProgress
 from ferry.migrate.core.stats import PERMANENT, FailureReason, MigrationStats
 from ferry.migrate.gate import ClientGate
 from ferry.migrate.lease import OutgoingLease
+from ferry.migrate.mirroring import WriteMirror
 from ferry.migrate.negotiation import Negotiation
 from ferry.migrate.options import (
     CANCELLED,
@@ -59,6 +60,7 @@ from ferry.migrate.options import (
     REASON_OF_REPLY,
     REJECTED,
     CannotBreak,
+    CopyMode,
     Destination,
     FinishAction,
     MirrorError,
@@ -206,6 +208,10 @@ class MirrorSource:
         self._unobserve: list[Callable[[], None]] = []
         self._write_cap: int | None = None
         self._closing: list[Deferred[None]] = []  # connections given up, not yet closed
+        # Write-blocking: client writes to what is copied go to the destination too.
+        self.mirror: WriteMirror | None = None
+        if options.copy_mode is CopyMode.WRITE_BLOCKING:
+            self.mirror = WriteMirror(self, self.dirty, self._stats)
         self._switchover = Switchover(self)
         self._negotiation = Negotiation(self)
         self.copier = PassCopier(
@@ -302,6 +308,13 @@ class MirrorSource:
     def pump(self, attempt: Attempt) -> None:
         self.copier.pump(attempt)
 
+    def mirrors_drained(self, attempt: Attempt) -> Deferred[None]:
+        """Fires once no mirrored client write of ``attempt`` is on the wire (at once
+        in the background mode)."""
+        if self.mirror is None:
+            return succeed(None)
+        return self.mirror.drained(attempt)
+
     def note_error(self, error: str) -> None:
         self.last_error = error
 
@@ -324,8 +337,11 @@ class MirrorSource:
         if export.state != RoleState.SERVING:
             raise MirrorError(f"export {export.name} is {export.state}, not serving")
         # Observe before the bulk pass clears the map: nothing written from
-        # now on can be missed.
-        self._unobserve.append(export.observe_writes(self.dirty.mark))
+        # now on can be missed.  Write-blocking, the mirror marks what it does not send.
+        if self.mirror is None:
+            self._unobserve.append(export.observe_writes(self.dirty.mark))
+        else:
+            self._unobserve.append(export.gate_writes(self.mirror.client_wrote))
         self._unobserve.append(export.observe_role(self._role_changed))
         export.trigger(RoleTrigger.MIGRATE)
         if self.wants_approval(Stage.PRE_MIGRATE):
@@ -563,6 +579,8 @@ class MirrorSource:
             self._switchover.commit_answered(attempt, reply)
         elif self.carriage is not None and self.carriage.owns(handle):
             self.carriage.answered(reply)
+        elif self.mirror is not None and self.mirror.owns(attempt, handle):
+            self.mirror.answered(attempt, reply)
         else:
             self.copier.data_answered(attempt, reply)
 
@@ -697,6 +715,8 @@ class MirrorSource:
         if wire is not None:
             self._closing.append(wire.closed)
             wire.abort()
+        if self.mirror is not None:
+            self.mirror.release(attempt)
 
     def close_attempt(self, attempt: Attempt) -> None:
         """The attempt is done with: DISC and a clean close."""
@@ -707,6 +727,8 @@ class MirrorSource:
         if wire is not None:
             self._closing.append(wire.closed)
             wire.disconnect()
+        if self.mirror is not None:
+            self.mirror.release(attempt)
 
     def arm_reply_timer(self, attempt: Attempt) -> None:
         if attempt.reply_timer is None:
@@ -783,6 +805,8 @@ class MirrorSource:
         """The job has ended (its chart is final): report it, once the sockets are closed."""
         self.clients_taken_back()  # a job that ends here keeps its clients (none, if handed over)
         self.set_write_cap(None)
+        if self.mirror is not None:
+            self.mirror.release(self._attempt)  # none is left on a wire that is gone
         for undo in self._unobserve:
             undo()
         self._unobserve = []

@@ -5,8 +5,10 @@ whose effects move the export's role in step; nothing here touches the
 role's triggers:
 
 1. ``quiescing`` (role ``quiescing``: clients held).  Once the client writes
-   already dispatched have landed (:meth:`ClientGate.writes_landed`), the
-   last pass is planned from the dirty map and sent; then FLUSH.
+   already dispatched have landed (:meth:`ClientGate.writes_landed`), and,
+   in a write-blocking migration, the destination has answered those it
+   was sent (:mod:`ferry.migrate.mirroring`), the last pass is planned
+   from the dirty map and sent; then FLUSH.
 2. flushed, to a plain NBD server (qemu-nbd, nbdkit): ``mirrored``; the copy
    is complete and this node serves on.
    With a ``pre-switchover`` hook (:mod:`ferry.hooks`), it runs here, clients
@@ -67,6 +69,10 @@ class SwitchoverDriver(Driver, Protocol):
 
     def pump(self, attempt: Attempt) -> None: ...
 
+    def mirrors_drained(self, attempt: Attempt) -> Deferred[None]:
+        """Fires once no mirrored client write of ``attempt`` is on the wire."""
+        ...
+
     def end(self, result: MirrorResult, start_message: str = "", detail: str = "") -> None: ...
 
     def lease_lost(self, reason: str) -> None: ...
@@ -113,7 +119,11 @@ class Switchover:
         """The job switched over (role quiescing): the last pass, once writes have landed."""
         driver = self._driver
         driver.set_write_cap(None)
-        driver.gate.writes_landed().addCallback(lambda _: self._held(attempt))
+        landed = driver.gate.writes_landed()
+        # Write-blocking: the writes that landed may still be on their way to
+        # the destination; the last pass and its FLUSH go after their answers.
+        landed.addCallback(lambda _: driver.mirrors_drained(attempt))
+        landed.addCallback(lambda _: self._held(attempt))
 
     def _held(self, attempt: Attempt) -> None:
         driver = self._driver

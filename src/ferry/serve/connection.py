@@ -16,7 +16,8 @@ Invariants:
 * A write is reported to the export (the dirty map) once it has landed and
   before anything that waited for it starts; a switchover's hold waits for
   the writes in flight (``Export.writes_landed``), and a sender's commit for
-  its own.
+  its own.  Its reply waits for what the export's write gate returns (a
+  write-blocking migration's mirrored write, :mod:`ferry.migrate.mirroring`).
 * The connection is a push producer for its transport.  When the transport
   says "pause" (its write buffer is full), the connection stops reading from
   the socket *and* stops dispatching requests it has already parsed, so a
@@ -1221,11 +1222,18 @@ class NBDServerProtocol(Protocol):
                 end((Errno.EIO, "internal error"))
 
         def end(result: object) -> None:
+            mirrored = None
             if access is Access.WRITE:
                 # Even a failed write may have changed part of its range.
-                export.note_write(request.offset, request.length)
+                landed = None if type(result) is tuple else request
+                mirrored = export.note_write(request.offset, request.length, landed)
             order.finish(job)
-            self._finished(request, result, started)
+            if mirrored is None:
+                self._finished(request, result, started)
+            else:
+                # A write-blocking migration: answered once the destination has it too.
+                mirrored.addCallback(lambda _: self._finished(request, result, started))
+                mirrored.addErrback(self._internal_error, request)
 
         if order.admit(job):
             step()

@@ -47,9 +47,15 @@ from ferry.status import StatusSnapshot
 from ferry.storage import Image
 
 if TYPE_CHECKING:
+    from ferry.nbd.events import Request
     from ferry.trace import Tracer
 
 WriteObserver = Callable[[int, int], None]
+WriteGate = Callable[[int, int, "Request | None"], "defer.Deferred[None] | None"]
+"""Called with ``(offset, length, request)`` once a client write has landed (``request``
+None: it failed, and may have changed part of its range).  A Deferred holds the
+write's reply until it fires (a write-blocking migration's mirrored write);
+None lets the reply go at once."""
 RoleObserver = Callable[[str, str, str], None]
 """Called with ``(trigger, source, dest)`` after every role transition."""
 
@@ -177,6 +183,7 @@ class Export:
         # and the order they must keep (``ferry.serve.ordering``).
         self.order = RequestOrder()
         self._write_observers: list[WriteObserver] = []
+        self._write_gate: WriteGate | None = None
         self._clock = clock
         self._longest_hold = 0.0
         self.write_limiter: RateLimiter | None = None
@@ -430,9 +437,34 @@ class Export:
         self._write_observers.append(observer)
         return lambda: self._write_observers.remove(observer)
 
-    def note_write(self, offset: int, length: int) -> None:
+    def gate_writes(self, gate: WriteGate) -> Callable[[], None]:
+        """Let ``gate`` see every client write once it has landed, and hold its reply.
+
+        A write-blocking migration (:mod:`ferry.migrate.mirroring`) takes the
+        dirty map's place here: it mirrors a write to what it has already
+        copied, and the reply waits for the destination's; anything else it
+        marks dirty.  One gate at a time; returns the undo.
+        """
+        if self._write_gate is not None:
+            raise RuntimeError(f"export {self.name}'s writes are gated already")
+        self._write_gate = gate
+
+        def undo() -> None:
+            if self._write_gate is gate:
+                self._write_gate = None
+
+        return undo
+
+    def note_write(
+        self, offset: int, length: int, request: Request | None = None
+    ) -> defer.Deferred[None] | None:
+        """A client write to ``[offset, offset + length)`` has landed (``request``:
+        the write, if it succeeded).  Returns what its reply must wait for (None:
+        nothing), see :meth:`gate_writes`."""
         for observer in self._write_observers:
             observer(offset, length)
+        gate = self._write_gate
+        return None if gate is None else gate(offset, length, request)
 
     # -- status -----------------------------------------------------------------
 

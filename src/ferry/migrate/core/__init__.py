@@ -5,7 +5,8 @@ recent window), :mod:`~ferry.migrate.core.convergence` (when to switch
 over; auto-converge), :mod:`~ferry.migrate.core.backoff` (retry delays),
 :mod:`~ferry.migrate.core.passes` (what each pass sends),
 :mod:`~ferry.migrate.core.progress` (the status fields and the ``--wait``
-line), :mod:`~ferry.migrate.core.stats` (the counters by reason), and
+line), :mod:`~ferry.migrate.core.stats` (the counters by reason),
+:mod:`~ferry.migrate.core.ranges` (what is on the wire, for write-blocking), and
 :mod:`~ferry.migrate.core.job`, which ties them to the ``migration``
 statechart.  The bandwidth limit is :mod:`ferry.ratelimit`, shared with the
 data plane's auto-converge throttle.  The Twisted side (the rest of

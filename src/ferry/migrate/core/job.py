@@ -399,6 +399,23 @@ class MigrationJob:
         """``mirror_max_bps``: takes effect for the next request; re-ask the limiter's delay."""
         self.limiter.set_limit(limit)
 
+    def copied(self, offset: int, end: int) -> bool:
+        """Whether this attempt's passes have been over ``[offset, end)`` already.
+
+        A write-blocking migration mirrors a client write there (the passes
+        will not come back for it unless it is marked dirty) and leaves
+        the rest to the passes: in the bulk pass, what lies ahead of its
+        cursor (or all of it, while its extents are being read); after
+        the bulk pass, every range is behind one.  Whether a request of a
+        pass still has the range in hand is the data plane's to check.
+        """
+        if not self.copying:
+            return False
+        if self.state != MigrationState.BULK_PASS:
+            return True
+        plan = self.plan
+        return plan is not None and plan.bulk and end <= plan.cursor
+
     # -- what the job reports ---------------------------------------------------
 
     def dirty_rate(self) -> float:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from ferry.nbd.constants import Errno
+from ferry.serve.stats import Histogram
 
 __all__ = ["PERMANENT", "FailureReason", "MigrationStats", "failure_of_reply"]
 
@@ -59,6 +60,11 @@ class MigrationStats:
     retries: Counter[FailureReason] = field(default_factory=Counter)
     failures: Counter[FailureReason] = field(default_factory=Counter)
     completed: int = 0
+    # A write-blocking migration's client writes answered by the destination
+    # (ferry.migrate.mirroring), their bytes, and their round trips.
+    mirrored_writes: int = 0
+    mirrored_bytes: int = 0
+    mirrored_latency: Histogram = field(default_factory=Histogram)
 
 
 def failure_of_reply(error: Errno, otherwise: FailureReason) -> FailureReason:
