@@ -7,9 +7,11 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pytest
+from twisted.python.failure import Failure
 
 from ferry.workers import WorkerPool
 
@@ -22,12 +24,16 @@ class ThreadCalls:
     def __init__(self) -> None:
         self.calls: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
 
-    def callFromThread(self, f: Callable[..., object], *args: Any) -> None:  # noqa: N802
+    def callFromThread(self, f: Callable[..., object], *args: Any) -> None:
         self.calls.put(lambda: f(*args))
 
     def run_until(self, done: Callable[[], bool]) -> None:
         while not done():
             self.calls.get(timeout=DEADLINE)()
+
+
+def has_length(items: list[str], n: int) -> bool:
+    return len(items) == n
 
 
 def test_every_job_answers_with_its_result_or_its_exception() -> None:
@@ -40,16 +46,16 @@ def test_every_job_answers_with_its_result_or_its_exception() -> None:
             raise ValueError(n)
         return n * n
 
+    def answered(n: int, value: object) -> None:
+        results[n] = value.value if isinstance(value, Failure) else value
+
     for n in range(200):
-        d = pool(lambda n=n: job(n))
-        d.addCallbacks(
-            lambda value, n=n: results.__setitem__(n, value),
-            lambda failure, n=n: results.__setitem__(n, failure.value),
-        )
+        pool(partial(job, n)).addBoth(partial(answered, n))
     reactor.run_until(lambda: len(results) == 200)
     for n in range(200):
         if n % 7 == 0:
-            assert isinstance(results[n], ValueError) and results[n].args == (n,)
+            error = results[n]
+            assert isinstance(error, ValueError) and error.args == (n,)
         else:
             assert results[n] == n * n
     assert 1 <= pool.threads <= 3
@@ -60,10 +66,10 @@ def test_jobs_one_after_another_reuse_one_thread() -> None:
     reactor = ThreadCalls()
     pool = WorkerPool(reactor, 8)
     names: list[str] = []
-    for _ in range(50):
+    for n in range(1, 51):
         d = pool(lambda: threading.current_thread().name)
         d.addCallback(names.append)
-        reactor.run_until(lambda: len(names) == _ + 1)
+        reactor.run_until(partial(has_length, names, n))
     assert pool.threads == 1
     assert set(names) == {"ferry-worker-0"}
     pool.stop()
@@ -87,15 +93,20 @@ def test_stop_runs_what_was_queued_then_ends_the_threads() -> None:
     reactor = ThreadCalls()
     pool = WorkerPool(reactor, 2)
     release = threading.Event()
-    answered: list[object] = []
+    answered: list[int] = []
+
+    def job(n: int) -> int:
+        release.wait(DEADLINE)
+        return n
+
     for n in range(5):
-        pool(lambda n=n: release.wait(DEADLINE) and n).addCallback(answered.append)
+        pool(partial(job, n)).addCallback(answered.append)
     pool.stop()
     with pytest.raises(RuntimeError):
         pool(lambda: None)
     release.set()
     reactor.run_until(lambda: len(answered) == 5)
-    assert sorted(answered) == [0, 1, 2, 3, 4]  # type: ignore[type-var]
+    assert sorted(answered) == [0, 1, 2, 3, 4]
     for thread in threading.enumerate():
         if thread.name.startswith("ferry-worker-"):
             thread.join(DEADLINE)
