@@ -15,10 +15,17 @@ Every write's latency is measured from the moment it was due (not from when it c
 issued), so a server that holds requests shows up as a long latency even when the queue is
 full.  It prints one JSON object: writes, bytes, the longest and the 99th-percentile
 latency, when the longest one started, and the first error with its wall-clock time.
+
+With ``WRITER_RECORD=PATH`` in its environment it also records what it wrote, for a check
+of the image afterwards (``benchmarks/migrate.py``): once stopped it waits for the writes in
+flight to be answered, then writes the blocks it wrote from to ``PATH.pool`` and one JSON
+line per write, in the order they were issued, to ``PATH``: offset, block of the pool, and
+the wall-clock times it was issued and answered (null: never answered).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -45,6 +52,9 @@ def main() -> int:
     started = time.monotonic()
     due_next = started
     in_flight: dict[int, float] = {}  # cookie -> when the write was due
+    record_path = os.environ.get("WRITER_RECORD")
+    written: dict[int, list[object]] = {}  # cookie -> [offset, pool block, issued, answered]
+    record: list[list[object]] = []
     latencies: list[float] = []
     longest = 0.0
     longest_at = 0.0
@@ -67,6 +77,9 @@ def main() -> int:
                 error, error_at = str(exc), time.time()
                 break
             in_flight[cookie] = due_next
+            if record_path:
+                written[cookie] = [offset, issued % len(pool), time.time(), None]
+                record.append(written[cookie])
             issued += 1
             due_next += interval
         if error:
@@ -89,6 +102,8 @@ def main() -> int:
                 error, error_at, ended = str(exc), time.time(), "error"
                 break
             if finished:
+                if record_path:
+                    written.pop(cookie)[3] = time.time()
                 latency = done_at - in_flight.pop(cookie)
                 latencies.append(latency)
                 if latency > longest:
@@ -96,6 +111,11 @@ def main() -> int:
         if error:
             break
     elapsed = time.monotonic() - started
+    if record_path:
+        if not error:
+            with contextlib.suppress(nbd.Error):  # what is unanswered is recorded so
+                settle(handle, in_flight, written)
+        save_record(record_path, pool, record)
     # Writes still unanswered when the connection dropped (the source holds requests during
     # the switchover and disconnects its clients after the handoff) stalled at least this long.
     held = (time.monotonic() - min(in_flight.values())) if error and in_flight else 0.0
@@ -121,6 +141,27 @@ def main() -> int:
         )
     )
     return 0
+
+
+def settle(handle: object, in_flight: dict[int, float], written: dict[int, list[object]]) -> None:
+    """Wait (30 s at most) for the writes in flight: each is then known to have landed."""
+    deadline = time.monotonic() + 30
+    while in_flight and time.monotonic() < deadline:
+        handle.poll(50)  # type: ignore[attr-defined]
+        for cookie in list(in_flight):
+            if handle.aio_command_completed(cookie):  # type: ignore[attr-defined]
+                in_flight.pop(cookie)
+                written.pop(cookie)[3] = time.time()
+
+
+def save_record(path: str, pool: list[object], record: list[list[object]]) -> None:
+    with open(path + ".pool", "wb") as blocks:
+        for buffer in pool:
+            blocks.write(buffer.to_bytearray())  # type: ignore[attr-defined]
+    with open(path, "w") as lines:
+        for offset, block, issued, answered in record:
+            line = {"offset": offset, "block": block, "issued": issued, "answered": answered}
+            lines.write(json.dumps(line) + "\n")
 
 
 def connect_from(handle: object, uri: str, bind: str) -> None:
