@@ -734,7 +734,8 @@ def open_idle_connections(setup: ServerSetup, count: int) -> list[socket.socket]
     except (OSError, BenchError) as exc:
         close_all(opened)
         raise BenchError(f"idle connection {len(opened)} of {count}: {exc}") from exc
-    log(f"  {count} idle connections open")
+    if count:
+        log(f"  {count} idle connections open")
     return opened
 
 
