@@ -12,8 +12,8 @@ here, on 2 cores; this one about 18 us, because:
   the queue's lock, released by the thread that got the job, wakes the
   next waiter, which finds nothing and sleeps again -- and the second
   wanted the GIL too.  With this and the next point, the server's
-  threads went from 8.3 to about 4 voluntary context switches per 4 KiB
-  write at queue depth 1, and from 3.6 to under 1 at depth 16;
+  threads went from 7.3-8.6 to 3.7-5.8 voluntary context switches per
+  4 KiB write at queue depth 1 (benchmarks/README.md);
 * a thread that finishes a job takes the next one without sleeping while
   there is one, and wakes the reactor only once it has taken it or is
   about to sleep, so that the reactor thread, once awake, does not find
