@@ -12,7 +12,12 @@ One random image is created once (like run.py's).  Three scenarios run on it:
 - ``copy limit``: ``nbdcopy`` of the same image between two qemu-nbd servers, plain and with
   ``--flush`` (ferry's handoff fsyncs the destination, so ``--flush`` is the fair limit).
 
-After each run the source and destination files are compared byte for byte.  See
+After each run the source and destination files are compared byte for byte.  With a
+writer, whose connection moves with the image at the handoff and goes on writing to the
+destination, the comparison is against what was written: the writer records every write
+(``WRITER_RECORD``) and every block it wrote must hold its last acknowledged write on the
+destination; every other block must be the source's (see :func:`check_writes`).  Each
+run also reports the source's and destination's peak RSS (``VmHWM``).  See
 benchmarks/README.md.
 
     python benchmarks/migrate.py [--size 1G] [--write-rate 20M] [--json OUT]
@@ -24,6 +29,7 @@ import argparse
 import contextlib
 import filecmp
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -35,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon import memory_mib
 from run import (
     DEFAULT_WORKDIR,
     HOST,
@@ -86,6 +93,9 @@ class Run:
     writer: dict[str, Any] | None = None
     error_before_handoff: bool | None = None
     identical: bool | None = None
+    writes_checked: dict[str, Any] | None = None  # with a writer: check_writes' figures
+    source_rss_mib: float | None = None  # peak (VmHWM), read just before it is stopped
+    dest_rss_mib: float | None = None
     source_cpu_percent: float | None = None
     dest_cpu_percent: float | None = None
     machine_busy_percent: float | None = None
@@ -190,8 +200,10 @@ def migrate_once(
             trace.unlink()
     writer: subprocess.Popen[str] | None = None
     stop_file = tmp / "writer.stop"
+    record = tmp / "writer.record"
     with contextlib.suppress(FileNotFoundError):
         stop_file.unlink()
+    handed_off = None
     try:
         for server in (source, dest):
             log(f"  $ {shell_join(server.setup.argv)}")
@@ -201,7 +213,11 @@ def migrate_once(
             argv += [str(MIGRATE_TIMEOUT), str(stop_file)]
             log(f"  $ {shell_join(argv)}")
             writer = subprocess.Popen(
-                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "WRITER_RECORD": str(record)},
             )
             time.sleep(WRITER_WARMUP)
             if writer.poll() is not None:
@@ -254,12 +270,27 @@ def migrate_once(
         if writer is not None:
             writer.kill()
             writer.communicate()
+        run.source_rss_mib = memory_mib(source.pid, "VmHWM")
+        run.dest_rss_mib = memory_mib(dest.pid, "VmHWM")
         for server in (source, dest):
             server.stop()
-    if run.error is None:
+    if run.error is None and write_rate is None:
         run.identical = filecmp.cmp(image, dest_image, shallow=False)
         if not run.identical:
             run.error = "source and destination differ"
+    elif run.error is None:
+        run.writes_checked = check_writes(image, dest_image, record, handed_off)
+        run.writes_checked["connection_kept"] = bool(
+            run.writer is not None
+            and not run.writer.get("error")
+            and run.writes_checked["answered_after_handoff"]
+        )
+        run.identical = not run.writes_checked["wrong_blocks"]
+        if not run.identical:
+            run.error = (
+                f"{run.writes_checked['wrong_blocks']} blocks of the destination are neither "
+                "the source's nor what the writer last wrote there"
+            )
     if run.error:
         log(
             f"  error: {run.error}; source log: {tail(source.setup.log)}; "
@@ -276,6 +307,77 @@ def migrate_writeblock(image: Path, size: int, tmp: Path, adopted: bool, write_r
     return migrate_once(
         name, image, size, tmp, adopted, write_rate, ("--copy-mode", "write-blocking")
     )
+def check_writes(
+    source: Path, dest: Path, record: Path, handed_off: float | None
+) -> dict[str, Any]:
+    """The destination against the source and the writer's record, 4 KiB block by block.
+
+    A block the writer wrote must hold the last write issued to it if that write was
+    acknowledged and issued after every earlier one to the block was answered: the client
+    was told it is there.  Where writes to one block overlapped in time or one was never
+    answered, any of them, or the source's block, is allowed (NBD orders no concurrent
+    writes), and the block is counted as ``ambiguous_blocks``.  Every block the writer did
+    not write must equal the source's: the source file holds the original image and the
+    writes before the handoff, the destination the image and every write.
+    """
+    block_size = 4096
+    pool_bytes = Path(f"{record}.pool").read_bytes()
+    writes: dict[int, list[dict[str, Any]]] = {}
+    total = answered = after = 0
+    for line in record.read_text().splitlines():
+        write = json.loads(line)
+        writes.setdefault(write["offset"], []).append(write)
+        total += 1
+        if write["answered"] is not None:
+            answered += 1
+            if handed_off is not None and write["answered"] > handed_off:
+                after += 1
+
+    def data(write: dict[str, Any]) -> bytes:
+        return pool_bytes[write["block"] * block_size : (write["block"] + 1) * block_size]
+
+    wrong = ambiguous = 0
+    chunk_size = 1 << 20
+    with source.open("rb") as src, dest.open("rb") as dst:
+        base = 0
+        while True:
+            theirs = src.read(chunk_size)
+            ours = dst.read(chunk_size)
+            if not theirs and not ours:
+                break
+            expected = bytearray(theirs)
+            for at in range(0, len(ours), block_size):
+                history = writes.get(base + at)
+                if history is None:
+                    continue
+                found = ours[at : at + block_size]
+                last = history[-1]
+                settled = last["answered"] is not None and all(
+                    w["answered"] is not None and w["answered"] <= last["issued"]
+                    for w in history[:-1]
+                )
+                if settled:
+                    allowed = [data(last)]
+                else:
+                    ambiguous += 1
+                    allowed = [data(w) for w in history] + [theirs[at : at + block_size]]
+                wrong += found not in allowed
+                expected[at : at + block_size] = found  # counted here, if wrong, and only here
+            if bytes(expected) != ours:
+                # Blocks the writer never touched differ from the source's.
+                wrong += sum(
+                    expected[at : at + block_size] != ours[at : at + block_size]
+                    for at in range(0, len(ours), block_size)
+                )
+            base += len(ours)
+    return {
+        "writes": total,
+        "answered": answered,
+        "answered_after_handoff": after,
+        "blocks_written": len(writes),
+        "ambiguous_blocks": ambiguous,
+        "wrong_blocks": wrong,
+    }
 
 
 def copy_limit(name: str, image: Path, size: int, tmp: Path, adopted: bool, flush: bool) -> Run:
@@ -357,6 +459,7 @@ def print_report(summary: dict[str, Any], runs: list[Run], limit: Run | None) ->
         "error before handoff",
         "identical",
         "CPU src/dst/all %",
+        "peak RSS src/dst MiB",
     ]
     rows = [header]
     for run in runs:
@@ -379,9 +482,20 @@ def print_report(summary: dict[str, Any], runs: list[Run], limit: Run | None) ->
                 cell(run.identical) if run.error is None else "error",
                 f"{cell(run.source_cpu_percent)}/{cell(run.dest_cpu_percent)}"
                 f"/{cell(run.machine_busy_percent)}",
+                f"{cell(run.source_rss_mib)}/{cell(run.dest_rss_mib)}",
             ]
         )
     render_table(rows, sys.stdout)
+    for run in runs:
+        checked = run.writes_checked
+        if checked is not None:
+            print(
+                f"\n{run.name}: {checked['answered']} of {checked['writes']} writes answered "
+                f"({checked['answered_after_handoff']} after the handoff, by the destination), "
+                f"{checked['blocks_written']} blocks written, {checked['wrong_blocks']} wrong "
+                f"({checked['ambiguous_blocks']} written concurrently or unanswered); "
+                f"the writer's connection was {'kept' if checked['connection_kept'] else 'lost'}"
+            )
     if limit is not None:
         print(
             f"\ncopy limit: {limit.name} ({limit.seconds} s); targets: migration time "

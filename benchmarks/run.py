@@ -3,10 +3,12 @@
 
 One random image file is created once; each server in turn serves that same file on a free
 loopback port and the same workloads run against it (nbdcopy sequential read and write, fio
-4 KiB random read and write at iodepth 16 and 1). The result is a table with one row per
-workload, one column per server and ferry's ratio to the best peer. See benchmarks/README.md.
+4 KiB random read and write at iodepth 16 and 1, and from four clients at once). The result is a
+table with one row per workload, one column per server and ferry's ratio to the best peer. See
+benchmarks/README.md.
 
     python benchmarks/run.py [--size 1G] [--runtime 10] [--servers ferry,qemu-nbd,...] [--json OUT]
+                             [--idle-connections N]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -494,6 +497,7 @@ class Workload:
     tool: str  # "nbdcopy" or "fio"
     direction: str  # "read" or "write"
     iodepth: int = 0
+    clients: int = 1  # fio jobs, each its own NBD connection (multi-conn), reported together
 
 
 WORKLOADS = (
@@ -503,6 +507,8 @@ WORKLOADS = (
     Workload("randwrite-4k-qd16", "4K rand write, fio QD16", "kIOPS", "fio", "write", 16),
     Workload("randread-4k-qd1", "4K rand read, fio QD1", "kIOPS", "fio", "read", 1),
     Workload("randwrite-4k-qd1", "4K rand write, fio QD1", "kIOPS", "fio", "write", 1),
+    Workload("randread-4k-4x16", "4K rand read, 4 clients QD16", "kIOPS", "fio", "read", 16, 4),
+    Workload("randwrite-4k-4x16", "4K rand write, 4 clients QD16", "kIOPS", "fio", "write", 16, 4),
 )
 
 
@@ -535,6 +541,7 @@ class Bench:
     runtime: int
     copy_timeout: float
     tmp: Path
+    idle_connections: int = 0  # NBD connections opened before the workloads and left idle
 
 
 def workload_argv(work: Workload, bench: Bench, uri: str, server: str) -> list[str]:
@@ -553,7 +560,8 @@ def workload_argv(work: Workload, bench: Bench, uri: str, server: str) -> list[s
         f"--rw=rand{work.direction}",
         "--bs=4k",
         f"--iodepth={work.iodepth}",
-        "--numjobs=1",  # one job = one NBD connection
+        f"--numjobs={work.clients}",  # one job = one NBD connection
+        "--group_reporting",  # the clients' sum
         "--norandommap",
         "--randrepeat=0",
         "--time_based",
@@ -672,6 +680,7 @@ def bench_server(name: str, bench: Bench, adopted: bool) -> ServerReport:
     report.command, report.uri, report.config = shell_join(setup.argv), setup.uri, setup.config
     server = ServerProcess(setup, adopted)
     log(f"  $ {report.command}")
+    stack = contextlib.ExitStack()
     try:
         try:
             report.startup_seconds = round(server.start(), 3)
@@ -680,6 +689,8 @@ def bench_server(name: str, bench: Bench, adopted: bool) -> ServerReport:
             return report
         report.export = probe_export(setup.uri, bench.size)
         log(f"  serving {setup.uri} after {report.startup_seconds} s, {report.export}")
+        idle = open_idle_connections(setup, bench.idle_connections)
+        stack.callback(close_all, idle)
         for work in WORKLOADS:
             result = run_workload(work, bench, server)
             report.results[work.key] = result
@@ -697,11 +708,62 @@ def bench_server(name: str, bench: Bench, adopted: bool) -> ServerReport:
     except BenchError as exc:
         report.error = str(exc)
     finally:
+        stack.close()
         report.stop = server.stop()
         if report.error:
             log(f"  error: {report.error}")
         log(f"  {report.stop}")
     return report
+
+
+def open_idle_connections(setup: ServerSetup, count: int) -> list[socket.socket]:
+    """``count`` NBD connections through the handshake (NBD_OPT_EXPORT_NAME), then idle.
+
+    They come from 127.0.0.2, 127.0.0.3, ... 32 from each: a server may limit the connections
+    from one address (ferry: ``MAX_CONNECTIONS_PER_ADDRESS``, 32).
+    """
+    opened: list[socket.socket] = []
+    try:
+        for n in range(count):
+            source = (f"127.0.0.{2 + n // 32}", 0)
+            sock = socket.create_connection(
+                (HOST, setup.port), timeout=READY_TIMEOUT, source_address=source
+            )
+            opened.append(sock)
+            nbd_export_name(sock, setup.export)
+    except (OSError, BenchError) as exc:
+        close_all(opened)
+        raise BenchError(f"idle connection {len(opened)} of {count}: {exc}") from exc
+    if count:
+        log(f"  {count} idle connections open")
+    return opened
+
+
+def nbd_export_name(sock: socket.socket, export: str) -> None:
+    """The fixed-newstyle handshake up to transmission, the oldest way: NBD_OPT_EXPORT_NAME."""
+    greeting = receive_exactly(sock, 18)  # NBDMAGIC, IHAVEOPT, handshake flags
+    if greeting[:16] != NBD_MAGIC + b"IHAVEOPT":
+        raise BenchError(f"not a newstyle NBD greeting: {greeting!r}")
+    name = export.encode()
+    flags = 3  # NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES
+    sock.sendall(struct.pack(">I", flags) + b"IHAVEOPT" + struct.pack(">II", 1, len(name)) + name)
+    no_zeroes = struct.unpack(">H", greeting[16:])[0] & 2
+    receive_exactly(sock, 10 if no_zeroes else 134)  # export size, transmission flags[, zeroes]
+
+
+def receive_exactly(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise BenchError("the server closed the connection in the handshake")
+        data += chunk
+    return data
+
+
+def close_all(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
 
 
 # ---------------------------------------------------------------------------- report
@@ -826,7 +888,12 @@ def print_report(summary: dict[str, Any], reports: dict[str, ServerReport], out:
     config = summary["config"]
     print(
         f"image: {human_size(config['size'])} of random data, page cache warm; "
-        f"fio runtime {config['runtime']} s per job",
+        f"fio runtime {config['runtime']} s per job"
+        + (
+            f"; {config['idle_connections']} idle connections open"
+            if config.get("idle_connections")
+            else ""
+        ),
         file=out,
     )
     print(file=out)
@@ -965,6 +1032,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--keep", action="store_true", help="keep the image, logs and fio output after the run"
     )
+    parser.add_argument(
+        "--idle-connections",
+        type=int,
+        default=0,
+        metavar="N",
+        help="open N NBD connections to each server before its workloads and leave them idle",
+    )
     args = parser.parse_args(argv)
     if args.runtime < 1:
         parser.error("--runtime must be at least 1")
@@ -1005,6 +1079,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "size": args.size,
             "runtime": args.runtime,
             "servers": args.servers,
+            "idle_connections": args.idle_connections,
             "page_cache": "warm (nothing dropped; the image is fsynced before each workload)",
         },
         "machine": machine(args.workdir),
@@ -1014,7 +1089,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         log(f"creating {human_size(args.size)} of random data in {image}")
         summary["config"]["image_create_seconds"] = round(create_image(image, args.size), 2)
-        bench = Bench(image, args.size, args.runtime, args.copy_timeout, tmp)
+        bench = Bench(image, args.size, args.runtime, args.copy_timeout, tmp, args.idle_connections)
         for name in args.servers:
             reports[name] = bench_server(name, bench, adopted)
             reap_orphans()

@@ -17,10 +17,17 @@ full.  It prints one JSON object: writes, bytes, the longest, the median and the
 99th-percentile latency, when the longest one started, and the first error with its
 wall-clock time; and the ``service_`` latencies, from when each write was sent (what the
 server took, without the schedule's backlog).
+
+With ``WRITER_RECORD=PATH`` in its environment it also records what it wrote, for a check
+of the image afterwards (``benchmarks/migrate.py``): once stopped it waits for the writes in
+flight to be answered, then writes the blocks it wrote from to ``PATH.pool`` and one JSON
+line per write, in the order they were issued, to ``PATH``: offset, block of the pool, and
+the wall-clock times it was issued and answered (null: never answered).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -48,6 +55,9 @@ def main() -> int:
     due_next = started
     in_flight: dict[int, float] = {}  # cookie -> when the write was due
     issued_at: dict[int, float] = {}  # cookie -> when it was sent
+    record_path = os.environ.get("WRITER_RECORD")
+    written: dict[int, list[object]] = {}  # cookie -> [offset, pool block, issued, answered]
+    record: list[list[object]] = []
     latencies: list[float] = []
     service: list[float] = []  # sent to answered: what the server (and a mirror) took
     longest = 0.0
@@ -72,6 +82,9 @@ def main() -> int:
                 break
             in_flight[cookie] = due_next
             issued_at[cookie] = time.monotonic()
+            if record_path:
+                written[cookie] = [offset, issued % len(pool), time.time(), None]
+                record.append(written[cookie])
             issued += 1
             due_next += interval
         if error:
@@ -94,6 +107,8 @@ def main() -> int:
                 error, error_at, ended = str(exc), time.time(), "error"
                 break
             if finished:
+                if record_path:
+                    written.pop(cookie)[3] = time.time()
                 latency = done_at - in_flight.pop(cookie)
                 latencies.append(latency)
                 service.append(done_at - issued_at.pop(cookie))
@@ -102,6 +117,11 @@ def main() -> int:
         if error:
             break
     elapsed = time.monotonic() - started
+    if record_path:
+        if not error:
+            with contextlib.suppress(nbd.Error):  # what is unanswered is recorded so
+                settle(handle, in_flight, written)
+        save_record(record_path, pool, record)
     # Writes still unanswered when the connection dropped (the source holds requests during
     # the switchover and disconnects its clients after the handoff) stalled at least this long.
     held = (time.monotonic() - min(in_flight.values())) if error and in_flight else 0.0
@@ -139,6 +159,27 @@ def quantile_ms(ordered: list[float], q: float) -> float | None:
     if not ordered:
         return None
     return round(ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1000, 2)
+
+
+def settle(handle: object, in_flight: dict[int, float], written: dict[int, list[object]]) -> None:
+    """Wait (30 s at most) for the writes in flight: each is then known to have landed."""
+    deadline = time.monotonic() + 30
+    while in_flight and time.monotonic() < deadline:
+        handle.poll(50)  # type: ignore[attr-defined]
+        for cookie in list(in_flight):
+            if handle.aio_command_completed(cookie):  # type: ignore[attr-defined]
+                in_flight.pop(cookie)
+                written.pop(cookie)[3] = time.time()
+
+
+def save_record(path: str, pool: list[object], record: list[list[object]]) -> None:
+    with open(path + ".pool", "wb") as blocks:
+        for buffer in pool:
+            blocks.write(buffer.to_bytearray())  # type: ignore[attr-defined]
+    with open(path, "w") as lines:
+        for offset, block, issued, answered in record:
+            line = {"offset": offset, "block": block, "issued": issued, "answered": answered}
+            lines.write(json.dumps(line) + "\n")
 
 
 def connect_from(handle: object, uri: str, bind: str) -> None:
