@@ -88,6 +88,8 @@ def test_drain_moves_what_it_may_two_at_a_time_and_reports_what_stays(tmp_path: 
                     str(targets),
                     "--parallel",
                     "2",
+                    "--copy-mode",
+                    "write-blocking",
                 ],
                 timeout=300,
                 check=False,
@@ -115,6 +117,8 @@ def test_drain_moves_what_it_may_two_at_a_time_and_reports_what_stays(tmp_path: 
     finally:
         for process in (source, one, two):
             assert process.stop() == 0
+    negotiated = source.stderr_text().count("negotiated (ferry listener, write-blocking)")
+    assert negotiated == 3, source.stderr_text()
 
     for name in NAMES:
         report = reports[name]
@@ -179,6 +183,12 @@ def test_a_drain_of_no_one_at_a_time_is_a_usage_error(tmp_path: Path) -> None:
     result = run([*FERRY, "drain", "--sock", sock, "--to", sock, "--parallel", "0"], check=False)
     assert result.returncode == 2
     assert result.stderr.decode() == "ferry drain: --parallel must be 1 or more\n"
+    bogus = run(
+        [*FERRY, "drain", "--sock", sock, "--to", sock, "--copy-mode", "eager"], check=False
+    )
+    assert bogus.returncode == 2 and "argument --copy-mode: invalid choice: 'eager'" in (
+        bogus.stderr.decode()
+    )
     gone = run([*FERRY, "drain", "--sock", sock, "--to", sock], check=False)
     assert gone.returncode == 1
     assert gone.stderr.decode().count("\n") == 1 and sock in gone.stderr.decode()

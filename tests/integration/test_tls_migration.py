@@ -126,7 +126,7 @@ def test_a_live_migration_over_mutual_tls_hands_over_image_and_lease(
         # The sender was known by its certificate, and the stream was TLS.
         dest.wait_for_log("receiving disk from")
         assert "TLS with 127.0.0.1: CN=source,O=ferry tests" in "".join(dest.log)
-        assert "negotiated (ferry listener, TLS)" in src.wait_for_log("negotiated")
+        assert "negotiated (ferry listener, TLS, background)" in src.wait_for_log("negotiated")
 
         src_status, dest_status = status(tmp_path / "serve.sock"), status(tmp_path / "listen.sock")
         assert (src_status["state"], src_status["lease_state"]) == ("handed_off", "released")
@@ -229,7 +229,8 @@ def test_a_tls_client_is_disconnected_at_the_handoff_while_a_plaintext_one_moves
     try:
         why = src.wait_for_log("cannot move")
         assert why.rstrip().endswith("cannot move: its TLS session cannot move"), why
-        assert "negotiated (ferry listener, TLS)" in "".join(src.log)  # the sender's own TLS
+        # the sender's own TLS
+        assert "negotiated (ferry listener, TLS, background)" in "".join(src.log)
         plain, secure = reports
         assert (plain["ended"], plain["error"]) == ("stopped", ""), plain
         assert plain["local_start"] == plain["local_end"]  # one TCP connection throughout
@@ -350,7 +351,7 @@ def test_a_mirror_over_tls_into_nbdkit_is_byte_identical(tmp_path: Path, pki: PK
             mirror_command(port, tmp_path / "serve.sock", "--action", "nothing", "--wait")
         ).stdout.decode()
         assert out.rstrip().endswith("holds a flushed copy"), out
-        assert "negotiated (plain NBD target, TLS)" in src.wait_for_log("negotiated")
+        assert "negotiated (plain NBD target, TLS, background)" in src.wait_for_log("negotiated")
     finally:
         src.stop()
         stop_peer(nbdkit)

@@ -25,6 +25,7 @@ from ferry.cli.daemon import add_daemon_commands, json_request
 from ferry.cli.drain import add_drain_command
 from ferry.cli.errors import UserError
 from ferry.cli.lock import add_lock_commands
+from ferry.migrate.options import CopyMode
 from ferry.serve.limits import MAX_CLIENTS, MAX_CONNECTIONS_PER_ADDRESS
 
 SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -314,7 +315,7 @@ def build_parser() -> Parser:
     )
     mirror.add_argument(
         "--copy-mode",
-        choices=["background", "write-blocking"],
+        choices=[mode.value for mode in CopyMode],
         default=None,
         help="background (the default): client writes mark the image dirty for a later "
         "pass; write-blocking: a write to what is already copied is answered once the "

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ferry.cli.errors import UserError
+from ferry.migrate.options import CopyMode
 
 __all__ = ["add_drain_command"]
 
@@ -57,6 +58,12 @@ def add_drain_command(modes: Any) -> None:
     )
     drain.add_argument(
         "--parallel", type=int, default=1, metavar="N", help="exports moving at once (default 1)"
+    )
+    drain.add_argument(
+        "--copy-mode",
+        choices=[mode.value for mode in CopyMode],
+        default=None,
+        help="each migration's copy mode (as ferry mirror's; default background)",
     )
     drain.add_argument(
         "--timeout",
@@ -165,11 +172,14 @@ def _try_move(args: argparse.Namespace, row: dict[str, Any], target: str) -> Out
         return left(f"{target} gave no address: {error}")
     started = time.monotonic()
     try:
-        answer = _call(
-            args.sock,
-            "mirror",
-            {"args": [f"tcp:{address}", "exit"], "export": name, "dest_export": name},
-        )
+        params: dict[str, Any] = {
+            "args": [f"tcp:{address}", "exit"],
+            "export": name,
+            "dest_export": name,
+        }
+        if args.copy_mode is not None:
+            params["copy_mode"] = args.copy_mode
+        answer = _call(args.sock, "mirror", params)
         if not answer.get("ok", True):
             raise Refused(answer.get("message", "mirror refused"))
         ended = _call(args.sock, "wait", {"export": name}, timeout=args.timeout)

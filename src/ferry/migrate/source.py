@@ -594,12 +594,13 @@ class MirrorSource:
         self._job.fire(MigrationTrigger.ACCEPTED)
         kind = "plain NBD target" if attempt.plain else "ferry listener"
         _log.info(
-            "mirror of {export} to {dest}: attempt {n} negotiated ({kind}{tls})",
+            "mirror of {export} to {dest}: attempt {n} negotiated ({kind}{tls}, {mode})",
             export=self._export.name,
             dest=str(self.destination),
             n=attempt.number,
             kind="flexnbd listener" if self._options.flexnbd else kind,
             tls=", TLS" if attempt.wire is not None and attempt.wire.client.tls else "",
+            mode=self._options.copy_mode.value,
         )
         self.copier.pump(attempt)
         if self.outcome is None:
