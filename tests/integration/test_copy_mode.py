@@ -34,6 +34,7 @@ from support import (
     mirror_command,
     random_file,
     run,
+    serve,
     sparse_file,
     status,
     wait_until,
@@ -49,25 +50,20 @@ LINK = "4M"
 WORKLOAD = Path(__file__).resolve().parents[1] / "workload.py"
 
 
-def start(mode: str, image: Path, sock: Path, *extra: str) -> FerryProcess:
-    return FerryProcess(
-        [
-            mode,
-            "--addr",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--file",
-            str(image),
-            "--name",
-            "disk",
-            "--sock",
-            str(sock),
-            "--metrics",
-            "127.0.0.1:0",
-            *extra,
-        ]
-    ).wait_serving()
+def start(mode: str, image: Path, sock: Path) -> FerryProcess:
+    """``ferry serve`` or ``listen`` of ``image`` as the export ``disk``, with /metrics."""
+    return serve(
+        image, "--name", "disk", "--sock", str(sock), "--metrics", "127.0.0.1:0", mode=mode
+    )
+
+
+def pair(tmp_path: Path, seed: int) -> tuple[FerryProcess, Path, FerryProcess, Path]:
+    """A source serving a random image and a destination listening for it: each's image."""
+    source_image = random_file(tmp_path / "source.img", SIZE, seed=seed)
+    dest_image = sparse_file(tmp_path / "dest.img", SIZE)
+    source = start("serve", source_image, tmp_path / "source.sock")
+    dest = start("listen", dest_image, tmp_path / "dest.sock")
+    return source, source_image, dest, dest_image
 
 
 def writer(uri: str, stop_file: Path) -> subprocess.Popen[bytes]:
@@ -97,11 +93,8 @@ def metric(process: FerryProcess, name: str) -> float:
 
 @pytest.mark.parametrize("mode", ["background", "write-blocking"])
 def test_a_writer_faster_than_the_link(tmp_path: Path, mode: str) -> None:
-    source_image = random_file(tmp_path / "source.img", SIZE, seed=5)
-    dest_image = sparse_file(tmp_path / "dest.img", SIZE)
+    source, _, dest, dest_image = pair(tmp_path, seed=5)
     source_sock, dest_sock = tmp_path / "source.sock", tmp_path / "dest.sock"
-    source = start("serve", source_image, source_sock)
-    dest = start("listen", dest_image, dest_sock)
     stop_file = tmp_path / "stop"
     client = writer(source.uri("disk"), stop_file)
     try:
@@ -149,11 +142,8 @@ def test_a_writer_faster_than_the_link(tmp_path: Path, mode: str) -> None:
 
 
 def test_a_destination_that_dies_under_mirrored_writes(tmp_path: Path) -> None:
-    source_image = random_file(tmp_path / "source.img", SIZE, seed=6)
-    dest_image = sparse_file(tmp_path / "dest.img", SIZE)
-    source_sock, dest_sock = tmp_path / "source.sock", tmp_path / "dest.sock"
-    source = start("serve", source_image, source_sock)
-    dest = start("listen", dest_image, dest_sock)
+    source, source_image, dest, _ = pair(tmp_path, seed=6)
+    source_sock = tmp_path / "source.sock"
     stop_file = tmp_path / "stop"
     client = writer(source.uri("disk"), stop_file)
     try:
