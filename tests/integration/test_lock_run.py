@@ -15,6 +15,7 @@ tests at the end run ``python -m ferry lock`` itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -68,6 +69,7 @@ class LockRun:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            start_new_session=True,  # its command is in its process group: close() ends both
         )
 
     @property
@@ -94,9 +96,14 @@ class LockRun:
         return self.proc.returncode, err.decode()
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.communicate()
+        """Kill the supervisor and whatever its command left, then read the pipes to their end.
+
+        A command that outlived its supervisor (a test that failed half-way)
+        holds the pipes open: it must go too, or this waits for ever.
+        """
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.communicate(timeout=DEADLINE)
 
 
 @pytest.fixture
@@ -212,7 +219,7 @@ for sig in INT HUP USR1 USR2; do trap "echo $sig" $sig; done
 trap 'echo TERM; kill $pid; exit 42' TERM
 sleep 60 > /dev/null 2>&1 & pid=$!  # off the pipes: dash now and then leaves it running
 echo ready
-while :; do wait $pid; done
+while kill -0 $pid 2>/dev/null; do wait $pid; done  # not a busy loop once sleep ends
 """
 
 
