@@ -1051,6 +1051,9 @@ def run_events(args: argparse.Namespace) -> int:
     def interrupted(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
+    # SIGINT too: one started in the background by a shell without job
+    # control inherits it ignored, and Python then leaves it so.
+    signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
     try:
         with JsonControl(args.sock) as control:
