@@ -773,6 +773,9 @@ class MirrorSource:
 
     def carry(self, attempt: Attempt) -> None:
         """The commit goes next: take the clients along, those that can come."""
+        # Their requests held so far were held by this node; the clients that
+        # move are never released here, so their wait counts now or never.
+        self._job.note_hold(self._gate.longest_hold)
         self.carriage = Carriage(
             self._export.name,
             self._gate,

@@ -97,8 +97,10 @@ FERRY_OPT_CONNECTIONS): those are all plaintext.
 from __future__ import annotations
 
 import errno as os_errno
+import fcntl
 import os
 import socket
+import termios
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -337,6 +339,7 @@ class NBDServerProtocol(Protocol):
         self._throttle_timer: Any = None  # a write waiting for the auto-converge cap
         self._write_charged = False  # the head write has already paid the cap
         self._held_since: float | None = None  # first request queued behind a hold
+        self._hold_began: float | None = None  # when the export's hold stopped our reading
         self._context_id = 0
         self._flexnbd = False  # a mirror-only oldstyle connection: see the module doc
         # Why the socket is not read now: "backpressure", "closing", "held",
@@ -1067,21 +1070,44 @@ class NBDServerProtocol(Protocol):
 
     @property
     def held_since(self) -> float | None:
+        """Since when the hold has stalled this client; None if it has not.
+
+        A client whose requests were queued or running when the hold began
+        was stalled from then on; so was one whose next request is still
+        unread in the socket, sent during the hold (at the latest).
+        """
+        if self._held_since is None and self._hold_began is not None and self._unread():
+            return self._hold_began
         return self._held_since
+
+    def _unread(self) -> bool:
+        """Bytes wait in the socket, unread (FIONREAD; False where it cannot be asked)."""
+        handle = getattr(self.transport, "socket", None)
+        if not isinstance(handle, socket.socket):
+            return False
+        try:
+            waiting = fcntl.ioctl(handle.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return False
+        return int.from_bytes(waiting, "little") > 0
 
     def hold_reading(self) -> None:
         """The export holds client requests: from now on, neither dispatch nor read."""
         if self._export is None or not self._export.clients_held:
             return
-        if self._held_since is None and self._queue:
-            self._held_since = self._export.clock.seconds()
+        now = self._export.clock.seconds()
+        if self._hold_began is None:
+            self._hold_began = now
+        if self._held_since is None and (self._queue or self._in_flight):
+            self._held_since = now
         self._stop_reading("held")
 
     def resume_dispatch(self) -> None:
         """The export released its hold: account for the wait, then go on."""
-        if self._held_since is not None and self._export is not None:
-            self._export.note_hold(self._export.clock.seconds() - self._held_since)
-            self._held_since = None
+        held_since = self.held_since
+        if held_since is not None and self._export is not None:
+            self._export.note_hold(self._export.clock.seconds() - held_since)
+        self._held_since = self._hold_began = None
         self._start_reading("held")
         self._dispatch()
 
