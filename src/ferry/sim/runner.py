@@ -70,11 +70,8 @@ def _internal_errors(world: World) -> Iterator[None]:
     collector runs at the end of the seed, once the seed's objects are
     unreachable, and not during it (a collection at a random moment would
     log at a random moment).  What lived before the seed (modules, cached
-    charts) is frozen, and so is what outlives each seed: the collection
-    looks at this seed's objects only.  They stay frozen after the seed
-    (a full collection of the process took half of each seed's CPU); they
-    are alive, so only garbage made later by others is left to reference
-    counting.
+    charts) is frozen meanwhile: the collection looks at this seed's
+    objects only.
     """
 
     @provider(ILogObserver)
@@ -85,16 +82,16 @@ def _internal_errors(world: World) -> Iterator[None]:
             world.violate("no internal error", what)
 
     collecting = gc.isenabled()
-    gc.disable()
-    gc.collect()  # the garbage made since the last seed froze what was alive
+    gc.collect()  # what an earlier seed left, before it is frozen with the rest
     gc.freeze()
+    gc.disable()
     globalLogPublisher.addObserver(cast(ILogObserver, observe))
     try:
         yield
         gc.collect()
     finally:
         globalLogPublisher.removeObserver(cast(ILogObserver, observe))
-        gc.freeze()  # what outlives the seed, for the next one's collections
+        gc.unfreeze()
         if collecting:
             gc.enable()
 
