@@ -62,7 +62,9 @@ def _results(
         return
     import multiprocessing
 
-    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+    # A worker lives for 64 chunks (512 seeds): a process running seeds grows
+    # slowly (tens of MB a hundred seeds), and a long run must not.
+    with multiprocessing.get_context("fork").Pool(jobs, maxtasksperchild=64) as pool:
         yield from pool.imap(work, seeds, chunksize=8)
 
 
