@@ -27,6 +27,7 @@ from fakes.flexnbd import MIRROR, FakeFlexnbdListener, ListenerScript
 from fakes.gate import FakeGate
 from ferry import statecharts
 from ferry.clock import ReactorClock
+from ferry.migrate.attempt import Attempt
 from ferry.migrate.options import (
     FAILED_TO_CONNECT,
     MIRROR_STARTED,
@@ -741,6 +742,22 @@ async def until(condition: Any) -> None:
         await task.deferLater(reactor, 0.001, lambda: None)
 
 
+async def past_the_first_mib(
+    tmp_path: Path, listen: Any, fake: FakeDestination
+) -> tuple[Rig, Any, Attempt]:
+    """A write-blocking migration at 1 MiB/s on the test's clock, stopped by its limiter after
+    its first MiB and the hole, both answered: behind the bulk pass's cursor lies what is
+    copied."""
+    rig = Rig(tmp_path, listen(fake), max_bps=MIB, copy_mode=CopyMode.WRITE_BLOCKING)
+    assert (await within(rig.source.start())).ok
+    session = fake.sessions[-1]
+    rig.clock.advance(1)  # past the limiter's burst: the first MiB goes, then the hole
+    await within(session.arrived("WRITE_ZEROES"))
+    attempt = rig.source.attempt
+    await until(lambda: not attempt.in_flight)  # the first MiB and the hole answered
+    return rig, session, attempt
+
+
 @pytest_twisted.ensureDeferred
 async def test_write_blocking_mirrors_what_is_copied_and_marks_the_rest(
     tmp_path: Path, listen: Any
@@ -749,15 +766,9 @@ async def test_write_blocking_mirrors_what_is_copied_and_marks_the_rest(
     it a client write waits for the destination's answer; in the range of a request not yet
     read it is the pass's; past the pass's cursor it is marked for the next pass."""
     fake = FakeDestination(SIZE)
-    rig = Rig(tmp_path, listen(fake), max_bps=MIB, copy_mode=CopyMode.WRITE_BLOCKING)
-    assert (await within(rig.source.start())).ok
-    session = fake.sessions[-1]
-    rig.clock.advance(1)  # past the limiter's burst: the first MiB goes, then the hole
-    await within(session.arrived("WRITE_ZEROES"))
-    attempt = rig.source.attempt
+    rig, session, _attempt = await past_the_first_mib(tmp_path, listen, fake)
     plan = rig.source.job.plan
     assert plan is not None and plan.cursor == 3 * MIB + 512 * KIB  # [3, 3.5) MiB: paced
-    await until(lambda: not attempt.in_flight)  # the first MiB and the hole answered
     assert rig.gate.write(4096, b"m" * 4096)
     mirrored = rig.gate.held_replies.pop(4096)
     assert not mirrored.called  # the destination has not answered yet
@@ -797,13 +808,7 @@ async def test_a_pass_request_waits_for_the_mirrored_write_of_its_range(
     mirrored write is on its way to, reads it, and sends it only after that write's answer."""
     # Data-carrying requests: 1 the first MiB, 2 the hole, 3 the mirrored write (held).
     fake = FakeDestination(SIZE, [Script(hold_write=3)])
-    rig = Rig(tmp_path, listen(fake), max_bps=MIB, copy_mode=CopyMode.WRITE_BLOCKING)
-    assert (await within(rig.source.start())).ok
-    session = fake.sessions[-1]
-    rig.clock.advance(1)
-    await within(session.arrived("WRITE_ZEROES"))
-    attempt = rig.source.attempt
-    await until(lambda: not attempt.in_flight)
+    rig, session, attempt = await past_the_first_mib(tmp_path, listen, fake)
     rig.export.note_write(8192, 4096)  # a write that failed here: marked dirty, not mirrored
     assert rig.gate.write(8192, b"m" * 4096)
     mirrored = rig.gate.held_replies.pop(8192)
@@ -829,13 +834,7 @@ async def test_the_switchover_waits_for_the_mirrored_writes(tmp_path: Path, list
     """Clients held, the last pass starts only once every mirrored write is answered, so
     it and its FLUSH cover them all."""
     fake = FakeDestination(SIZE, [Script(hold_write=3)])
-    rig = Rig(tmp_path, listen(fake), max_bps=MIB, copy_mode=CopyMode.WRITE_BLOCKING)
-    assert (await within(rig.source.start())).ok
-    session = fake.sessions[-1]
-    rig.clock.advance(1)
-    await within(session.arrived("WRITE_ZEROES"))
-    attempt = rig.source.attempt
-    await until(lambda: not attempt.in_flight)
+    rig, session, _attempt = await past_the_first_mib(tmp_path, listen, fake)
     assert rig.gate.write(8192, b"m" * 4096)
     mirrored = rig.gate.held_replies.pop(8192)
     await until(lambda: session.held_write is not None)
@@ -862,13 +861,7 @@ async def test_a_failed_mirrored_write_is_answered_marked_and_the_attempt_retrie
     is on the source), the attempt is lost, and the retry brings the write over."""
     # Data-carrying requests: 1 the first MiB, 2 the hole, 3 the mirrored write.
     fake = FakeDestination(SIZE, [Script(error_on_write=3), Script()])
-    rig = Rig(tmp_path, listen(fake), max_bps=MIB, copy_mode=CopyMode.WRITE_BLOCKING)
-    assert (await within(rig.source.start())).ok
-    session = fake.sessions[-1]
-    rig.clock.advance(1)
-    await within(session.arrived("WRITE_ZEROES"))
-    attempt = rig.source.attempt
-    await until(lambda: not attempt.in_flight)
+    rig, _session, _attempt = await past_the_first_mib(tmp_path, listen, fake)
     assert rig.gate.write(8192, b"x" * 4096)
     await within(rig.gate.held_replies.pop(8192))  # answered, not failed
     await rig.reached("migration", "retry_wait")
@@ -890,13 +883,7 @@ async def test_a_lost_destination_answers_every_mirrored_write(tmp_path: Path, l
     """The destination hangs: the reply timeout gives the attempt up, and with it every
     mirrored write on its wire is marked dirty and its client answered."""
     fake = FakeDestination(SIZE, [Script(hang_from_write=3), Script()])
-    rig = Rig(tmp_path, listen(fake), max_bps=MIB, copy_mode=CopyMode.WRITE_BLOCKING)
-    assert (await within(rig.source.start())).ok
-    session = fake.sessions[-1]
-    rig.clock.advance(1)
-    await within(session.arrived("WRITE_ZEROES"))
-    attempt = rig.source.attempt
-    await until(lambda: not attempt.in_flight)
+    rig, session, _attempt = await past_the_first_mib(tmp_path, listen, fake)
     for offset in (0, 65536):
         assert rig.gate.write(offset, b"h" * 4096)
     await within(session.hung)
