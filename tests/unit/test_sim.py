@@ -42,6 +42,7 @@ from ferry.migrate.source import MirrorSource
 from ferry.serve.export import RECEIVING_STATES, Export
 from ferry.sim.bugs import BUGS
 from ferry.sim.faults import parse_faults
+from ferry.sim.pattern import Ledger, Verdict
 from ferry.sim.runner import run_seed
 from ferry.storage.image import Image
 
@@ -211,6 +212,22 @@ def test_a_few_seeds_break_nothing() -> None:
         result = run_seed(seed)
         assert result.ok, f"seed {seed}: {result.violation}"
         assert result.steps > 100
+
+
+def test_the_clients_reads_are_answered_and_judged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read that fails is never judged: a simulator whose reads all fail checks none."""
+    judged: list[int] = []
+    judge = Ledger.judge
+
+    def counting(ledger: Ledger, block: int, data: bytes, floor: int) -> Verdict:
+        if sys._getframe(1).f_code.co_name != "judge_image":  # a client's read, not the end
+            judged.append(block)
+        return judge(ledger, block, data, floor)
+
+    monkeypatch.setattr(Ledger, "judge", counting)
+    for seed in range(3):
+        assert run_seed(seed).ok
+    assert len(judged) > 50
 
 
 def test_a_seed_replays_byte_for_byte() -> None:

@@ -21,7 +21,9 @@ them, and a power cut drops them.
 :class:`SimImage` is an :class:`~ferry.storage.Image` whose system calls are
 this disk's methods, so the data plane and the migration cannot tell it
 from a file; ``run_blocking`` (:mod:`ferry.sim.node`) runs its flushes after
-the disk's latency, as a thread would.
+the disk's latency, as a thread would.  Which reads the page cache answers
+at once is the seed's choice too: the data plane's path on the reactor
+thread (``Image.read_cached``) and the one on the threads are both taken.
 """
 
 from __future__ import annotations
@@ -134,6 +136,10 @@ class SimDisk:
         """Pages a failed sync marked clean: they read back but a crash takes them."""
         return len(self._lost)
 
+    def cached(self) -> bool:
+        """Whether a read finds its pages in the page cache: the reactor reads it at once."""
+        return self._rng.random() < 0.5
+
     def latency(self) -> float:
         low, high = self.faults.latency
         return self._rng.uniform(low, high)
@@ -187,6 +193,18 @@ class SimImage(Image):
             raise OSError(errno.EBADF, "read-only image")
         if length:
             self.disk.write(offset, data)
+
+    def read_cached(self, offset: int, length: int) -> bytearray | None:
+        """By the seed, the page cache answers at once (the reactor reads) or not (a thread does).
+
+        (The real method asked the kernel about descriptor -1: until this was
+        here, every READ a simulated client sent failed with EBADF, and no
+        read was ever checked.)
+        """
+        self._check(offset, length)
+        if not self.disk.cached():
+            return None
+        return bytearray(self.disk.read(offset, length))
 
     def _fdatasync(self) -> None:
         self.disk.sync()
