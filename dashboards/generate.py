@@ -139,8 +139,16 @@ EXPORTS = Dashboard(
         ),
         Panel(
             "Requests by command",
-            "NBD requests answered per second, by command.",
-            (Query(rate("ferry_requests_total", WHO + ", command"), WHO_LEGEND + " {{command}}"),),
+            "NBD requests answered per second, by command; and of those, the ones performed on "
+            "the event loop with no worker thread (reads the page cache answered, writes the "
+            "kernel took without waiting: XFS and btrfs do, ext4 does not).",
+            (
+                Query(rate("ferry_requests_total", WHO + ", command"), WHO_LEGEND + " {{command}}"),
+                Query(
+                    rate("ferry_requests_at_once_total", WHO + ", command"),
+                    WHO_LEGEND + " {{command}} at once",
+                ),
+            ),
             unit="reqps",
         ),
         Panel(

@@ -18,6 +18,8 @@ debian=(python3 python3-venv file libnbd-bin python3-libnbd nftables)
 extras=""
 if [[ "${1:-}" == "--test" ]]; then
     debian+=(qemu-utils nbdkit nbd-server prometheus fio curl etcd-server iproute2 systemd procps openssl)
+    # xfsprogs: an XFS file system, loop-mounted, where writes go on the event loop (RWF_NOWAIT).
+    debian+=(xfsprogs)
     extras="[test,lint,fuzz]"
     # The kernel's NBD client across a handoff, where the nbd module loads.
     debian+=(kmod nbd-client)

@@ -113,6 +113,12 @@ def _request_metrics(exports: list[Observable]) -> Iterator[Metric]:
     requests = CounterMetricFamily(
         PREFIX + "requests", "NBD requests answered, by command", labels=["export", "command"]
     )
+    at_once = CounterMetricFamily(
+        PREFIX + "requests_at_once",
+        "NBD requests performed on the event loop, with no worker thread: "
+        "reads the page cache answered, writes the kernel took without waiting",
+        labels=["export", "command"],
+    )
     errors = CounterMetricFamily(
         PREFIX + "request_errors",
         "NBD requests answered with an error, by NBD errno",
@@ -139,6 +145,8 @@ def _request_metrics(exports: list[Observable]) -> Iterator[Metric]:
         stats = export.stats
         for command, count in sorted(stats.requests.items()):
             requests.add_metric([export.name, command], count)
+            # Zero too: "none of them", where ext4 takes no write at once.
+            at_once.add_metric([export.name, command], stats.at_once[command])
         for errno, count in sorted(stats.errors.items()):
             errors.add_metric([export.name, errno], count)
         read.add_metric([export.name], stats.bytes_read)
@@ -147,7 +155,7 @@ def _request_metrics(exports: list[Observable]) -> Iterator[Metric]:
         protocol_errors.add_metric([export.name], stats.protocol_errors)
         for command, histogram in sorted(stats.latency.items()):
             latency.add_metric([export.name, command], _buckets(histogram), histogram.total)
-    yield from (requests, errors, read, written, connections, protocol_errors, latency)
+    yield from (requests, at_once, errors, read, written, connections, protocol_errors, latency)
 
 
 def _migration_metrics(exports: list[Observable]) -> Iterator[Metric]:

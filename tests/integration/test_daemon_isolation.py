@@ -86,6 +86,9 @@ class DiskDouble(Image):
             self.released.wait()
         super().pwrite(data, offset)
 
+    def write_nowait(self, data: Any, offset: int) -> int:
+        return 0  # every write goes to pwrite, on a thread, where the double may hang it
+
     def flush(self) -> None:
         if self.hung:  # on a worker thread: it stays here until released
             with self._lock:

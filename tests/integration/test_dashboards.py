@@ -32,6 +32,7 @@ SHOWS = {
         "ferry_num_clients",
         "ferry_clients_allowed",
         "ferry_requests_total",
+        "ferry_requests_at_once_total",
         "ferry_request_duration_seconds_bucket",
         "ferry_read_bytes_total",
         "ferry_written_bytes_total",

@@ -626,3 +626,64 @@ def test_a_failed_flush_fails_every_later_flush(
         assert len(syncs) == 1
         image.clear_flush_failure()  # everything is about to be written anew
         image.flush()
+
+
+# -- writing without waiting (RWF_NOWAIT) -----------------------------------------------
+
+
+def test_write_nowait_writes_at_once_on_xfs(xfs_dir: Path) -> None:
+    with Image.open(sparse_file(xfs_dir / "disk.img", MIB)) as image:
+        # A write that must also change the file's timestamps needs a transaction, and
+        # would wait: it is refused (0) and written the usual way, as the data plane
+        # does on a thread.  The writes after it in the same clock tick are taken.
+        taken = []
+        for n in range(1, 65):
+            data = bytes([n]) * 4 * KIB
+            taken.append(image.write_nowait(data, n * 4 * KIB))
+            if not taken[-1]:
+                image.pwrite(data, n * 4 * KIB)
+        assert taken.count(4 * KIB) > 32
+        assert set(taken) <= {0, 4 * KIB}
+        for n in range(1, 65):
+            assert image.pread(n * 4 * KIB, 4 * KIB) == bytes([n]) * 4 * KIB
+
+
+def test_write_nowait_asks_a_kernel_that_refuses_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ext4, tmpfs and block devices say EOPNOTSUPP: the image stops asking, the write waits."""
+    calls: list[int] = []
+
+    def refusing(fd: int, buffers: object, offset: int, flags: int = 0) -> int:
+        calls.append(offset)
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    with Image.open(sparse_file(tmp_path / "disk.img", MIB)) as image:
+        monkeypatch.setattr(image_mod.os, "pwritev", refusing)
+        assert image.write_nowait(b"x" * 512, 0) == 0
+        assert image.write_nowait(b"x" * 512, 512) == 0
+        assert calls == [0]
+        assert image.pread(0, 1024) == bytes(1024)
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC])
+def test_write_nowait_fails_as_a_write_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    def failing(fd: int, buffers: object, offset: int, flags: int = 0) -> int:
+        raise OSError(code, os.strerror(code))
+
+    with Image.open(sparse_file(tmp_path / "disk.img", MIB)) as image:
+        monkeypatch.setattr(image_mod.os, "pwritev", failing)
+        with pytest.raises(OSError) as raised:
+            image.write_nowait(b"x" * 512, 0)
+        assert raised.value.errno == code
+
+
+def test_write_nowait_checks_its_range_and_a_read_only_image(tmp_path: Path) -> None:
+    path = sparse_file(tmp_path / "disk.img", MIB)
+    with Image.open(path) as image, pytest.raises(ValueError):
+        image.write_nowait(b"x" * 512, MIB - 256)
+    with Image.open(path, read_only=True) as image, pytest.raises(OSError) as raised:
+        image.write_nowait(b"x" * 512, 0)
+    assert raised.value.errno == errno.EBADF

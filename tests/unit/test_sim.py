@@ -164,7 +164,7 @@ REGRESSIONS = (
     Regression(
         425,
         "a FLUSH after a failed one succeeded (storage/image.py)",
-        "durable writes survive a crash where control is",
+        "acknowledged writes are where control is",
         _flush_forgets_a_failure,
     ),
     Regression(

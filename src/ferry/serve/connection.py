@@ -6,13 +6,16 @@ moves bytes between it, the socket and the image.
 Invariants:
 
 * Every parsed request gets exactly one reply, unless the connection is lost.
-* No disk call runs on the reactor thread.  Requests are dispatched in the
-  order they arrive and performed on worker threads (the export's lane,
-  :mod:`ferry.serve.lanes`), in the order :mod:`ferry.serve.ordering` keeps:
-  overlapping requests where one writes run in arrival order, a FLUSH after
-  every write before it.  A READ the page cache can answer at once
-  (``Image.read_cached``) is answered on the spot.  Replies leave as jobs
-  finish, so they may come out of order, as NBD allows.
+* No disk call that may wait runs on the reactor thread.  Requests are
+  dispatched in the order they arrive and performed on worker threads (the
+  export's lane, :mod:`ferry.serve.lanes`), in the order
+  :mod:`ferry.serve.ordering` keeps: overlapping requests where one writes
+  run in arrival order, a FLUSH after every write before it.  A READ the
+  page cache can answer at once (``Image.read_cached``) is answered on the
+  spot, and so is a WRITE that overlaps nothing in flight and that the
+  kernel takes without waiting (``Image.write_nowait``: XFS and btrfs do,
+  ext4 does not); what the kernel did not take goes to a thread.  Replies
+  leave as jobs finish, so they may come out of order, as NBD allows.
 * A write is reported to the export (the dirty map) once it has landed and
   before anything that waited for it starts; a switchover's hold waits for
   the writes in flight (``Export.writes_landed``), and a sender's commit for
@@ -1141,6 +1144,7 @@ class NBDServerProtocol(Protocol):
                     self._fail(request, *_os_failure(request, error))
                     return
                 if cached is not None:
+                    export.stats.at_once[_NAMES[command]] += 1
                     export.stats.bytes_read += length
                     outbox.add_all(nbd.reply_read(request.handle, offset, cached))
                     export.stats.observe(_NAMES[command], time.perf_counter() - started)
@@ -1149,8 +1153,24 @@ class NBDServerProtocol(Protocol):
             self._run(request, Access.READ, (lambda: image.pread(offset, length),), started)
         elif command is _WRITE:
             data = request.data
+            written = 0
+            if not export.order.conflicts(Access.WRITE, offset, length):
+                # What the kernel takes without waiting (XFS, btrfs) is written
+                # here and now, like a cached read; the rest goes to a thread.
+                try:
+                    written = image.write_nowait(data, offset)
+                except OSError as error:
+                    self._wrote_here(request, _os_failure(request, error), started)
+                    return
+                if written == length:
+                    export.stats.at_once[_NAMES[command]] += 1
+                    self._wrote_here(request, None, started)
+                    return
+            rest = memoryview(data)[written:] if written else data
             self._writing += len(data)
-            self._run(request, Access.WRITE, (lambda: image.pwrite(data, offset),), started)
+            self._run(
+                request, Access.WRITE, (lambda: image.pwrite(rest, offset + written),), started
+            )
         elif command is _FLUSH:
             self._run(request, Access.FLUSH, (image.flush,), started)
         elif command is _TRIM:
@@ -1248,21 +1268,41 @@ class NBDServerProtocol(Protocol):
                 end((Errno.EIO, "internal error"))
 
         def end(result: object) -> None:
-            mirrored = None
             if access is Access.WRITE:
-                # Even a failed write may have changed part of its range.
-                landed = None if type(result) is tuple else request
-                mirrored = export.note_write(request.offset, request.length, landed)
-            order.finish(job)
-            if mirrored is None:
-                self._finished(request, result, started)
+                self._landed(request, result, started, job)
             else:
-                # A write-blocking migration: answered once the destination has it too.
-                mirrored.addCallback(lambda _: self._finished(request, result, started))
-                mirrored.addErrback(self._internal_error, request)
+                order.finish(job)
+                self._finished(request, result, started)
 
         if order.admit(job):
             step()
+
+    def _wrote_here(self, request: Request, result: object, started: float) -> None:
+        """A WRITE performed on the reactor thread: reported and answered as a thread's is."""
+        self._in_flight += 1
+        self._jobs += 1
+        self._writing += len(request.data)
+        self._landed(request, result, started)
+
+    def _landed(
+        self, request: Request, result: object, started: float, job: Job | None = None
+    ) -> None:
+        """A write ended with ``result``: the dirty map hears of it before anything waiting starts.
+
+        Even a failed write may have changed part of its range.  In a
+        write-blocking migration the reply waits for the destination too.
+        """
+        export = self._export
+        assert export is not None
+        landed = None if type(result) is tuple else request
+        mirrored = export.note_write(request.offset, request.length, landed)
+        if job is not None:
+            export.order.finish(job)
+        if mirrored is None:
+            self._finished(request, result, started)
+        else:
+            mirrored.addCallback(lambda _: self._finished(request, result, started))
+            mirrored.addErrback(self._internal_error, request)
 
     def _finished(self, request: Request, result: object, started: float) -> None:
         """A job of this connection ended with ``result`` (an (Errno, message) on failure)."""

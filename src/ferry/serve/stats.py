@@ -54,6 +54,9 @@ class Histogram:
 @dataclass(slots=True)
 class RequestStats:
     requests: Counter[str] = field(default_factory=Counter)
+    #: Of those, performed on the reactor thread with no worker thread: READs
+    #: the page cache answered, WRITEs the kernel took whole without waiting.
+    at_once: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     latency: dict[str, Histogram] = field(default_factory=dict)
     bytes_read: int = 0

@@ -22,8 +22,10 @@ them, and a power cut drops them.
 this disk's methods, so the data plane and the migration cannot tell it
 from a file; ``run_blocking`` (:mod:`ferry.sim.node`) runs its flushes after
 the disk's latency, as a thread would.  Which reads the page cache answers
-at once is the seed's choice too: the data plane's path on the reactor
-thread (``Image.read_cached``) and the one on the threads are both taken.
+at once, and how much of a write the kernel takes at once, is the seed's
+choice too: the data plane's paths on the reactor thread
+(``Image.read_cached``, ``Image.write_nowait``) and on the threads are
+both taken.
 """
 
 from __future__ import annotations
@@ -140,6 +142,15 @@ class SimDisk:
         """Whether a read finds its pages in the page cache: the reactor reads it at once."""
         return self._rng.random() < 0.5
 
+    def takes_at_once(self, length: int) -> int:
+        """How much of a write ``pwritev2(RWF_NOWAIT)`` takes: all, some whole pages, or none."""
+        draw = self._rng.random()
+        if draw < 0.4:
+            return length
+        if draw < 0.5 and length > PAGE:
+            return PAGE * self._rng.randrange(1, (length + PAGE - 1) // PAGE)
+        return 0
+
     def latency(self) -> float:
         low, high = self.faults.latency
         return self._rng.uniform(low, high)
@@ -205,6 +216,17 @@ class SimImage(Image):
         if not self.disk.cached():
             return None
         return bytearray(self.disk.read(offset, length))
+
+    def write_nowait(self, data: bytes | bytearray | memoryview, offset: int) -> int:
+        """By the seed, the kernel takes all of a write at once, its first pages, or none of it."""
+        view = memoryview(data).cast("B")
+        self._check(offset, view.nbytes)
+        if self.read_only:
+            raise OSError(errno.EBADF, "read-only image")
+        taken = self.disk.takes_at_once(view.nbytes)
+        if taken:
+            self.disk.write(offset, view[:taken])
+        return taken
 
     def _fdatasync(self) -> None:
         self.disk.sync()

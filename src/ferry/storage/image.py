@@ -52,7 +52,7 @@ _ALLOCATE: Final = FALLOC_FL_KEEP_SIZE
 ZERO_CHUNK_SIZE: Final = 1024 * 1024
 _ZEROES: Final = bytes(ZERO_CHUNK_SIZE)
 
-#: ``preadv2``'s "do not wait for the disk" flag (Linux 4.14), where Python has it.
+#: ``preadv2``/``pwritev2``'s "do not wait" flag (Linux 4.14), where Python has it.
 _RWF_NOWAIT: Final[int | None] = getattr(os, "RWF_NOWAIT", None)
 
 #: fallocate errors that mean "this file (system) cannot do that mode".
@@ -175,6 +175,7 @@ class Image:
         "_can_punch",
         "_can_read_nowait",
         "_can_seek",
+        "_can_write_nowait",
         "_can_zero_range",
         "_fd",
         "_flush_failure",
@@ -199,6 +200,7 @@ class Image:
         self._can_seek = True
         self._flush_failure: int | None = None  # the errno of the first flush that failed
         self._can_read_nowait = _RWF_NOWAIT is not None
+        self._can_write_nowait = _RWF_NOWAIT is not None
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, read_only: bool = False) -> Image:
@@ -348,6 +350,32 @@ class Image:
         n = os.pwrite(self._fd, data, offset)
         if n != length:
             self._pwrite_rest(memoryview(data).cast("B"), n, offset)
+
+    def write_nowait(self, data: bytes | bytearray | memoryview, offset: int) -> int:
+        """Write what of ``data`` needs no waiting; returns how many bytes that was.
+
+        ``pwritev2(RWF_NOWAIT)`` copies into the page cache or says EAGAIN
+        where it would wait (a page to read or allocate, dirty pages to
+        throttle, a lock), so a caller on an event loop writes there what
+        it can and leaves the rest (``data[n:]``) to a thread.  XFS and
+        btrfs take buffered writes this way since Linux 6.0/6.1; ext4,
+        tmpfs and block devices refuse (EOPNOTSUPP), and from then on this
+        image answers 0 without asking.  Other errors (ENOSPC, EIO, EBADF
+        on a read-only image) propagate as from :meth:`pwrite`.
+        """
+        length = memoryview(data).nbytes if isinstance(data, memoryview) else len(data)
+        self._check(offset, length)
+        if not self._can_write_nowait or _RWF_NOWAIT is None or length == 0:
+            return 0
+        try:
+            return os.pwritev(self._fd, (data,), offset, _RWF_NOWAIT)
+        except OSError as e:
+            if e.errno == errno.EAGAIN:
+                return 0
+            if e.errno in _UNSUPPORTED or e.errno == errno.EINVAL:
+                self._can_write_nowait = False
+                return 0
+            raise
 
     def _pwrite_rest(self, view: memoryview, done: int, offset: int) -> None:
         while done < view.nbytes:
