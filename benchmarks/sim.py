@@ -33,11 +33,23 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 
 @dataclass
 class Tally:
+    below: int  # every seed from --from up to this one (excluded) has been checked
     seeds: int = 0
     steps: int = 0
     simulated: float = 0.0
     cpu: float = 0.0
     failed: list[tuple[int, str]] = field(default_factory=list)
+    ahead: set[int] = field(default_factory=set)  # checked, with an unchecked seed below
+
+    def checked(self, seed: int) -> None:
+        """Seeds finish out of order (several processes): keep the unbroken run from --from.
+
+        A run stopped on the way resumes, without a gap, from ``--from below``.
+        """
+        self.ahead.add(seed)
+        while self.below in self.ahead:
+            self.ahead.remove(self.below)
+            self.below += 1
 
 
 def _quiet_logs() -> None:
@@ -63,7 +75,7 @@ def _line(tally: Tally, elapsed: float) -> str:
     return (
         f"{tally.seeds} seeds, {len(tally.failed)} failed, {elapsed:.0f} s: "
         f"{rate:.1f} seeds/s, {per_seed * 1000:.0f} ms CPU per seed, "
-        f"{steps:,.0f} steps per CPU second"
+        f"{steps:,.0f} steps per CPU second; every seed below {tally.below} checked"
     )
 
 
@@ -78,7 +90,7 @@ def main() -> int:
     sys.path.insert(0, str(SRC))
     _quiet_logs()
     seeds = range(args.first, args.first + args.seeds)
-    tally = Tally()
+    tally = Tally(below=args.first)
     started = time.monotonic()
     context = multiprocessing.get_context("fork")
     # A worker lives for 32 chunks (512 seeds): a process running seeds grows slowly (tens
@@ -89,6 +101,7 @@ def main() -> int:
             tally.steps += steps
             tally.simulated += simulated
             tally.cpu += cpu
+            tally.checked(seed)
             if broken is not None:
                 tally.failed.append((seed, broken))
                 print(f"seed {seed}: {broken}", file=sys.stderr, flush=True)
@@ -101,6 +114,7 @@ def main() -> int:
         figures: dict[str, Any] = {
             "first": args.first,
             "seeds": tally.seeds,
+            "every_seed_below_checked": tally.below,
             "jobs": args.jobs,
             "failed": tally.failed,
             "wall_seconds": elapsed,
