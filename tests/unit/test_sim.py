@@ -41,7 +41,7 @@ from ferry.migrate.options import Destination, MirrorError, MirrorOptions, Start
 from ferry.migrate.source import MirrorSource
 from ferry.serve.export import RECEIVING_STATES, Export
 from ferry.sim.bugs import BUGS
-from ferry.sim.faults import parse_faults
+from ferry.sim.faults import Faults, parse_faults
 from ferry.sim.pattern import Ledger, Verdict
 from ferry.sim.runner import run_seed
 from ferry.storage.image import Image
@@ -149,6 +149,18 @@ def _never_give_up(patch: pytest.MonkeyPatch) -> None:
     patch.setattr(ConvergencePolicy, "give_up_after", property(lambda policy: 10**9))
 
 
+def _stalls_outlast_the_chaos(patch: pytest.MonkeyPatch) -> None:
+    fixed = Faults._for
+
+    def as_before(faults: Faults, seconds: float, what: str, undo: Callable[[], None]) -> None:
+        if what.startswith("stall"):
+            faults.world.call_later(seconds, "faults", undo)  # ends on its own, never at heal
+            return
+        fixed(faults, seconds, what, undo)
+
+    patch.setattr(Faults, "_for", as_before)
+
+
 @dataclass(frozen=True)
 class Regression:
     """A seed that broke an invariant in ferry's code, the fix, and the fix undone."""
@@ -197,6 +209,12 @@ REGRESSIONS = (
         "a mirror refused while the lockspace was asked stayed 'running' (migrate/manager.py)",
         "the cluster settles",
         _refused_start_stays_current,
+    ),
+    Regression(
+        45730,
+        "a stall begun late in the chaos outlasted it into the last migration (sim/faults.py)",
+        "a migration completes",
+        _stalls_outlast_the_chaos,
     ),
     Regression(
         428,

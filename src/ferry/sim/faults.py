@@ -211,7 +211,10 @@ class Faults:
                 end = rng.choice(link.ends)
                 seconds = rng.uniform(0.1, 15.0)
                 self.world.log("fault", f"stall {end.host} end of {link.name} for {seconds:.3f}s")
-                end.stall(seconds)
+                end.stall()
+                # Undone at heal too: a stall begun late in the chaos must not
+                # outlast it into the runs that are checked "without faults".
+                self._for(seconds, f"stall {end.host} end of {link.name} over", end.unstall)
         elif kind == "partition" and host.powered and network.up(host.address):
             self._partition(host, process, rng.uniform(0.5, 2.5 * ttl))
         elif kind == "kill" and process is not None:

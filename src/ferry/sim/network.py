@@ -141,13 +141,11 @@ class SimTransport:
 
     # -- what the link does to this end --------------------------------------------------
 
-    def stall(self, seconds: float) -> None:
-        """Stop reading for ``seconds`` (the peer's writes pile up): a fault."""
+    def stall(self) -> None:
+        """Stop reading until :meth:`unstall` (the peer's writes pile up): a fault."""
         self._stalled = True
-        world = self.link.network.world
-        world.call_later(seconds, f"net {self.host}", self._unstall)
 
-    def _unstall(self) -> None:
+    def unstall(self) -> None:
         self._stalled = False
         self.process.run(self._drain)
 
