@@ -64,6 +64,16 @@ _UNSUPPORTED: Final = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, 
 #: devices answer EINVAL; some network and FUSE file systems answer the rest.
 _SEEK_UNSUPPORTED: Final = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
 
+def _nbytes(data: bytes | bytearray | memoryview) -> int:
+    """How many bytes a write of ``data`` writes (a memoryview's items may be wider)."""
+    return memoryview(data).nbytes if isinstance(data, memoryview) else len(data)
+
+
+def _nowait_unsupported(error: OSError) -> bool:
+    """Whether an ``RWF_NOWAIT`` call failed because this file or kernel cannot do it at all."""
+    return error.errno in _UNSUPPORTED or error.errno == errno.EINVAL
+
+
 _OPEN_REASONS: Final = {
     errno.ENOENT: "no such file",
     errno.EISDIR: "is a directory",
@@ -329,12 +339,11 @@ class Image:
         try:
             n = os.preadv(self._fd, (buffer,), offset, _RWF_NOWAIT)
         except OSError as e:
-            if e.errno == errno.EAGAIN:
-                return None
-            if e.errno in _UNSUPPORTED or e.errno == errno.EINVAL:
+            if _nowait_unsupported(e):
                 self._can_read_nowait = False
-                return None
-            raise
+            elif e.errno != errno.EAGAIN:
+                raise
+            return None
         return buffer if n == length else None
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -343,7 +352,7 @@ class Image:
         A read-only image refuses with the kernel's EBADF (the descriptor is
         O_RDONLY); callers that serve read-only exports check before calling.
         """
-        length = memoryview(data).nbytes if isinstance(data, memoryview) else len(data)
+        length = _nbytes(data)
         self._check(offset, length)
         if length == 0:
             return
@@ -363,19 +372,18 @@ class Image:
         image answers 0 without asking.  Other errors (ENOSPC, EIO, EBADF
         on a read-only image) propagate as from :meth:`pwrite`.
         """
-        length = memoryview(data).nbytes if isinstance(data, memoryview) else len(data)
+        length = _nbytes(data)
         self._check(offset, length)
         if not self._can_write_nowait or _RWF_NOWAIT is None or length == 0:
             return 0
         try:
             return os.pwritev(self._fd, (data,), offset, _RWF_NOWAIT)
         except OSError as e:
-            if e.errno == errno.EAGAIN:
-                return 0
-            if e.errno in _UNSUPPORTED or e.errno == errno.EINVAL:
+            if _nowait_unsupported(e):
                 self._can_write_nowait = False
-                return 0
-            raise
+            elif e.errno != errno.EAGAIN:
+                raise
+            return 0
 
     def _pwrite_rest(self, view: memoryview, done: int, offset: int) -> None:
         while done < view.nbytes:
